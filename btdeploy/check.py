@@ -1,0 +1,45 @@
+"""`btdeploy check`: rebuild each head's reference from its manifest and hold the runtime to its tolerances."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .fileio import write_json
+from .heads import get_head
+from .manifest import head_folders, read_manifest
+from .parity import ParityRow, check_head, parse_shapes
+from .progress import step
+from .runtime import BACKENDS
+from .runtime.torch_backend import TorchBackend
+
+
+def check_export(
+    root: Path,
+    heads: list[str] | None = None,
+    batch_sizes: tuple[int, ...] = (1, 3),
+    text_lengths: tuple[int, ...] = (5, 40),
+    backend: str = "onnxruntime",
+    providers: list[str] | None = None,
+    report: Path | None = None,
+) -> list[ParityRow]:
+    rows: list[ParityRow] = []
+    for folder in head_folders(Path(root), heads):
+        manifest = read_manifest(folder)
+        head = get_head(manifest.head)
+        config = manifest.config
+        shapes = parse_shapes(list(batch_sizes), list(text_lengths), config)
+        with step(f"check {head.name}: rebuilding the PyTorch reference"):
+            reference = TorchBackend.from_manifest(manifest)
+        candidate = BACKENDS[backend](manifest, providers=providers)
+        shape_text = ", ".join(f"{b}x{n}" for b, n in shapes)
+        with step(f"check {head.name}: {candidate.description} vs reference at batch x length {shape_text}"):
+            rows += check_head(head, config, reference, candidate, shapes)
+        del reference
+    if report is not None:
+        write_json(Path(report), report_data(rows, backend))
+    return rows
+
+
+def report_data(rows: list[ParityRow], backend: str) -> dict[str, Any]:
+    return {"backend": backend, "passed": all(r.passed for r in rows), "rows": [r.to_json() for r in rows]}

@@ -1,0 +1,123 @@
+"""The `btdeploy` command line: export, check, run, pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import BtDeployError
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_heads
+    from .heads import parse_heads
+    from .models import resolve_model
+
+    export_heads(resolve_model(args.model, args.seed), parse_heads(args.heads), Path(args.out), args.opset)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import check_export
+    from .heads import parse_heads
+    from .parity import format_rows
+
+    heads = parse_heads(args.heads) if args.heads else None
+    rows = check_export(
+        Path(args.dir), heads, args.batch_sizes, args.seq_lens, args.backend, args.providers, args.report
+    )
+    print(format_rows(rows))
+    passed = all(row.passed for row in rows)
+    print("parity PASSED" if passed else "parity FAILED")
+    return 0 if passed else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runtime import load
+    from .scoring import score
+
+    runtime = load(args.dir, head=args.head, providers=args.providers)
+    answers = score(runtime, Path(args.image), args.text)
+    width = max(len(text) for text, _ in answers)
+    print(f"{args.head} on {args.image}:")
+    for text, answer in answers:
+        print(f"  {text:<{width}}  {answer}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from .heads import parse_heads
+    from .pipeline import run_pipeline
+
+    out = Path(args.out or f"btdeploy-out/{Path(args.model).name}")
+    return 0 if run_pipeline(args.model, out, args.seed, parse_heads(args.heads)) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .export import DEFAULT_OPSET
+
+    parser = argparse.ArgumentParser(prog="btdeploy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    export = add("export", cmd_export, "export heads to ONNX with dynamic batch and text length")
+    export.add_argument("--model", default="base", help="preset (tiny, base, large) or checkpoint folder")
+    export.add_argument("--heads", default="all", help="all, or a comma list of base,itm,itc,mlm")
+    export.add_argument("--out", required=True, help="output folder; each head goes to OUT/<head>/")
+    export.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    export.add_argument("--seed", type=int, default=0, help="seed for preset weights and missing head weights")
+
+    check = add("check", cmd_check, "parity of exported heads against the PyTorch reference")
+    check.add_argument("dir", help="export folder or one head folder")
+    check.add_argument("--heads", default=None, help="comma list (default: every exported head)")
+    check.add_argument("--batch-sizes", type=_int_list, default=(1, 3))
+    check.add_argument("--seq-lens", type=_int_list, default=(5, 40))
+    check.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    check.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
+    check.add_argument("--report", type=Path, default=None, help="write the rows as JSON")
+
+    run = add("run", cmd_run, "score texts against an image with an exported head")
+    run.add_argument("dir", help="export folder or one head folder")
+    run.add_argument("--head", required=True, choices=["base", "itm", "itc", "mlm"])
+    run.add_argument("--image", required=True)
+    run.add_argument("--text", action="append", required=True, help="repeat for several texts")
+    run.add_argument("--providers", nargs="*", default=None)
+
+    pipeline = add("pipeline", cmd_pipeline, "the main job: export and check every head")
+    pipeline.add_argument("--model", default="base", help="preset or checkpoint folder (default: base)")
+    pipeline.add_argument("--heads", default="all")
+    pipeline.add_argument("--out", default=None, help="default: btdeploy-out/<model>")
+    pipeline.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except BtDeployError as error:
+        print(f"btdeploy: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("btdeploy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Each head described once: class, outputs, axes, export shape and tolerances. Everything else reads this."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .configs import num_image_tokens
+from .errors import BtDeployError
+from .inputs import BATCH, MODEL_INPUTS, TEXT_LENGTH, InputSpec
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A parity bound for one output at one precision."""
+
+    max_abs: float
+    min_cosine: float
+    min_argmax_agreement: float = 1.0  # fraction of positions whose top-2 margin is clear
+
+    @property
+    def argmax_margin(self) -> float:
+        """A position counts for argmax agreement only when the reference's top-2 margin exceeds this.
+
+        Two outputs within `max_abs` of the reference can swap a top-2 pair whose margin is
+        at most 2 * max_abs, so only clearer margins can be held to agreement.
+        """
+        return 2.0 * self.max_abs
+
+
+FP32 = Tolerance(max_abs=1e-4, min_cosine=0.99999, min_argmax_agreement=1.0)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    dims: Callable[[Any], list[int | str]]  # config -> shape with symbolic axis names
+    is_logits: bool = False  # argmax over the last axis is meaningful
+    tolerances: dict[str, Tolerance] = field(default_factory=lambda: {"fp32": FP32})
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    name: str
+    model_class: str  # transformers class name
+    description: str
+    outputs: tuple[OutputSpec, ...]
+    # Parameter-name prefixes that belong to this head alone; a checkpoint without them
+    # gets them randomly initialised (with a loud warning).
+    head_weight_prefixes: tuple[str, ...]
+    inputs: tuple[InputSpec, ...] = MODEL_INPUTS
+    export_batch: int = 2
+    export_text_length: int = 16
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+    def output(self, name: str) -> OutputSpec:
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def dynamic_axes(self, config: Any) -> dict[str, dict[int, str]]:
+        """torch.onnx dynamic_axes for every input and output, from the symbolic dims."""
+        axes: dict[str, dict[int, str]] = {}
+        shapes = [(s.name, s.shape(config)) for s in self.inputs] + [(s.name, s.dims(config)) for s in self.outputs]
+        for name, shape in shapes:
+            axes[name] = {index: dim for index, dim in enumerate(shape) if isinstance(dim, str)}
+        return axes
+
+    def model_class_object(self) -> Any:
+        import transformers
+
+        return getattr(transformers, self.model_class)
+
+
+def _hidden(config: Any) -> int:
+    return int(config.hidden_size)
+
+
+def _vocab(config: Any) -> int:
+    return int(config.text_config.vocab_size)
+
+
+def _contrastive(config: Any) -> int:
+    return int(config.contrastive_hidden_size)
+
+
+HEADS: dict[str, HeadSpec] = {
+    "base": HeadSpec(
+        name="base",
+        model_class="BridgeTowerModel",
+        description="cross-modal features and pooled [text CLS; image CLS]",
+        outputs=(
+            OutputSpec("text_features", lambda c: [BATCH, TEXT_LENGTH, _hidden(c)]),
+            OutputSpec("image_features", lambda c: [BATCH, num_image_tokens(c), _hidden(c)]),
+            OutputSpec("pooler_output", lambda c: [BATCH, 2 * _hidden(c)]),
+        ),
+        head_weight_prefixes=(),
+    ),
+    "itm": HeadSpec(
+        name="itm",
+        model_class="BridgeTowerForImageAndTextRetrieval",
+        description="image-text matching logits (index 1 = match)",
+        outputs=(OutputSpec("logits", lambda c: [BATCH, 2], is_logits=True),),
+        head_weight_prefixes=("itm_score.",),
+    ),
+    "itc": HeadSpec(
+        name="itc",
+        model_class="BridgeTowerForContrastiveLearning",
+        description="L2-normalised text, image and cross embeddings",
+        outputs=(
+            OutputSpec("text_embeds", lambda c: [BATCH, _contrastive(c)]),
+            OutputSpec("image_embeds", lambda c: [BATCH, _contrastive(c)]),
+            OutputSpec("cross_embeds", lambda c: [BATCH, _contrastive(c)]),
+            OutputSpec("logits", lambda c: [BATCH, 3, _contrastive(c)]),
+        ),
+        head_weight_prefixes=("itc_text_head.", "itc_image_head.", "itc_cross_modal_head.", "logit_scale"),
+    ),
+    "mlm": HeadSpec(
+        name="mlm",
+        model_class="BridgeTowerForMaskedLM",
+        description="masked-word logits over the vocabulary",
+        outputs=(OutputSpec("logits", lambda c: [BATCH, TEXT_LENGTH, _vocab(c)], is_logits=True),),
+        head_weight_prefixes=("mlm_score.",),
+    ),
+}
+
+
+def get_head(name: str) -> HeadSpec:
+    if name not in HEADS:
+        raise BtDeployError(f"unknown head {name!r}: choose from {', '.join(HEADS)}")
+    return HEADS[name]
+
+
+def parse_heads(text: str) -> list[str]:
+    """'all' or a comma list of head names, validated, in declaration order."""
+    if text.strip() == "all":
+        return list(HEADS)
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise BtDeployError("--heads is empty: give 'all' or a comma list such as itm,mlm")
+    for name in names:
+        get_head(name)
+    return [name for name in HEADS if name in names]

@@ -1,0 +1,92 @@
+"""The manifest beside each exported head: what it is, where it came from, how to rebuild its reference."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BtDeployError
+from .fileio import write_json
+
+MANIFEST_NAME = "manifest.json"
+MODEL_NAME = "model.onnx"
+PROCESSOR_DIR = "processor"
+
+
+def tool_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("btdeploy", "torch", "transformers", "onnx", "onnxruntime-gpu", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+@dataclass
+class Manifest:
+    """A thin view over manifest.json with the fields the rest of btdeploy reads."""
+
+    folder: Path
+    data: dict[str, Any]
+
+    @property
+    def head(self) -> str:
+        return str(self.data["head"])
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / MODEL_NAME
+
+    @property
+    def processor_dir(self) -> Path:
+        return self.folder / PROCESSOR_DIR
+
+    @property
+    def config(self) -> Any:
+        from transformers import BridgeTowerConfig
+
+        return BridgeTowerConfig.from_dict(self.data["model"]["config"])
+
+    def write(self) -> None:
+        write_json(self.folder / MANIFEST_NAME, self.data)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise BtDeployError(f"{folder} has no {MANIFEST_NAME}: export the head first (btdeploy export)")
+    try:
+        data = json.loads(path.read_text())
+        _ = data["head"], data["model"]["config"], data["inputs"], data["outputs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise BtDeployError(f"{path} is damaged ({error}); export the head again") from None
+    return Manifest(folder, data)
+
+
+def head_folders(root: Path, heads: list[str] | None = None) -> list[Path]:
+    """The exported head folders under an export folder (or the folder itself if it is one)."""
+    root = Path(root)
+    if (root / MANIFEST_NAME).is_file():
+        folders = [root]
+    elif root.is_dir():
+        folders = sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file())
+    else:
+        raise BtDeployError(f"{root} does not exist: pass the --out folder of btdeploy export")
+    if heads is not None:
+        found = {read_manifest(f).head: f for f in folders}
+        missing = [h for h in heads if h not in found]
+        if missing:
+            raise BtDeployError(
+                f"{root} has no exported head(s) {', '.join(missing)} (found: {', '.join(found) or 'none'}); "
+                "export them with btdeploy export --heads"
+            )
+        folders = [found[h] for h in heads]
+    if not folders:
+        raise BtDeployError(f"{root} holds no exported heads: run btdeploy export --out {root}")
+    return folders

@@ -1,0 +1,81 @@
+"""`btdeploy.load`: an exported head behind the transformers calling convention."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import BtDeployError
+from ..heads import HeadSpec, get_head
+from ..manifest import Manifest, head_folders, read_manifest
+from .backend import Backend
+from .outputs import HeadOutput
+from .validation import prepare_inputs
+
+
+class Runtime:
+    """Callable like the transformers model: `runtime(**processor(image, text, return_tensors="pt"))`."""
+
+    def __init__(self, manifest: Manifest, backend: Backend) -> None:
+        self.manifest = manifest
+        self.head: HeadSpec = get_head(manifest.head)
+        self.config = manifest.config
+        self.backend = backend
+
+    def __call__(self, encoding: Mapping[str, Any] | None = None, /, **inputs: Any) -> HeadOutput:
+        if encoding is not None:
+            inputs = {**dict(encoding), **inputs}
+        prepared = prepare_inputs(self.head, self.config, inputs)
+        values = self.backend.run(prepared.feeds)
+        if prepared.torch_device is not None:
+            import torch
+
+            values = {k: torch.from_numpy(v).to(prepared.torch_device) for k, v in values.items()}
+        return HeadOutput(self.head.name, {name: values[name] for name in self.head.output_names})
+
+    def __repr__(self) -> str:
+        return f"btdeploy.Runtime(head={self.head.name}, backend={self.backend.description})"
+
+
+def _onnxruntime(manifest: Manifest, **options: Any) -> Backend:
+    from .onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(
+        manifest.model_path, get_head(manifest.head).output_names, options.get("providers"), options.get("threads")
+    )
+
+
+def _torch(manifest: Manifest, **options: Any) -> Backend:
+    from .torch_backend import TorchBackend
+
+    return TorchBackend.from_manifest(manifest, options.get("device") or "cpu")
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"onnxruntime": _onnxruntime, "torch": _torch}
+
+
+def find_head(path: str | Path, head: str | None = None) -> Manifest:
+    """The manifest of one head, from an export folder plus a head name, or from a head folder."""
+    folders = head_folders(Path(path), [head] if head else None)
+    if len(folders) > 1:
+        names = ", ".join(read_manifest(f).head for f in folders)
+        raise BtDeployError(f"{path} holds several heads ({names}): pass head=...")
+    return read_manifest(folders[0])
+
+
+def load(
+    path: str | Path,
+    head: str | None = None,
+    backend: str = "onnxruntime",
+    providers: list[str] | None = None,
+    **options: Any,
+) -> Runtime:
+    """Load an exported head. `backend`: onnxruntime (default) or torch (the reference)."""
+    if backend not in BACKENDS:
+        raise BtDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    manifest = find_head(path, head)
+    return Runtime(manifest, BACKENDS[backend](manifest, providers=providers, **options))
+
+
+__all__ = ["load", "Runtime", "HeadOutput", "BACKENDS", "find_head"]

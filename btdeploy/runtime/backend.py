@@ -1,0 +1,16 @@
+"""The one interface every backend implements: numpy feeds in, numpy outputs out, by name."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    name: str  # "onnxruntime", "torch", ...
+    description: str  # what exactly runs: file, providers, device
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch. Feeds are validated and in the graph's dtypes; returns every declared output."""
+        ...

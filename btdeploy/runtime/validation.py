@@ -1,0 +1,106 @@
+"""Input checks before anything runs: each failure is one line that says what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..configs import max_text_length
+from ..errors import BtDeployError
+from ..heads import HeadSpec
+from ..inputs import IGNORED_INPUTS
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    feeds: dict[str, np.ndarray]  # what the backend gets, in the graph's dtypes
+    torch_device: Any | None  # set when the caller passed torch tensors: outputs go back as torch
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _to_numpy(name: str, value: Any) -> np.ndarray:
+    if _is_torch_tensor(value):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)):
+        try:
+            return np.asarray(value)
+        except ValueError:
+            raise BtDeployError(
+                f"{name} is a ragged list: pad it to one length (processor(..., padding=True))"
+            ) from None
+    raise BtDeployError(f"{name} must be a numpy array or torch tensor, got {type(value).__name__}")
+
+
+def prepare_inputs(head: HeadSpec, config: Any, inputs: Mapping[str, Any]) -> PreparedInputs:
+    expected = head.input_names
+    unknown = [name for name in inputs if name not in expected and name not in IGNORED_INPUTS]
+    if unknown:
+        raise BtDeployError(
+            f"unknown input(s) {', '.join(map(repr, unknown))}: the {head.name} head takes "
+            f"{', '.join(expected)} ({', '.join(IGNORED_INPUTS)} accepted and ignored)"
+        )
+    missing = [name for name in expected if inputs.get(name) is None]
+    if missing:
+        raise BtDeployError(
+            f"missing input(s) {', '.join(missing)}: the {head.name} head needs {', '.join(expected)} "
+            "(pass processor(images, texts, return_tensors='pt') as **encoding)"
+        )
+    device = next((v.device for v in inputs.values() if _is_torch_tensor(v)), None)
+    arrays = {name: _to_numpy(name, inputs[name]) for name in expected}
+    ids, mask, pixels = arrays["input_ids"], arrays["attention_mask"], arrays["pixel_values"]
+
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise BtDeployError(f"input_ids must be a 2-D integer array [batch, text_length], got {_describe(ids)}")
+    if mask.shape != ids.shape or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
+        raise BtDeployError(
+            f"attention_mask must be an integer or bool array shaped like input_ids {list(ids.shape)}, "
+            f"got {_describe(mask)}"
+        )
+    size, channels = int(config.vision_config.image_size), int(config.vision_config.num_channels)
+    if pixels.ndim != 4 or not np.issubdtype(pixels.dtype, np.floating):
+        raise BtDeployError(
+            f"pixel_values must be a 4-D float array [batch, {channels}, {size}, {size}], got {_describe(pixels)}"
+        )
+    if tuple(pixels.shape[1:]) != (channels, size, size):
+        raise BtDeployError(
+            f"pixel_values has images of {list(pixels.shape[1:])}, the model takes [{channels}, {size}, {size}]: "
+            "use this checkpoint's processor (it resizes and center-crops to the model's image size)"
+        )
+    if ids.shape[0] != pixels.shape[0]:
+        raise BtDeployError(
+            f"batch sizes disagree: {ids.shape[0]} text(s) in input_ids but {pixels.shape[0]} image(s) "
+            "in pixel_values; pass one image per text"
+        )
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise BtDeployError(f"input_ids is empty ({list(ids.shape)}): pass at least one text of at least one token")
+    limit = max_text_length(config)
+    if ids.shape[1] > limit:
+        raise BtDeployError(
+            f"text of {ids.shape[1]} tokens is longer than the model's {limit} positions: "
+            f"truncate it (processor(..., truncation=True, max_length={limit}))"
+        )
+    vocab = int(config.text_config.vocab_size)
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise BtDeployError(
+            f"input_ids has ids outside the vocabulary 0..{vocab - 1} (min {ids.min()}, max {ids.max()})"
+        )
+    if mask.dtype != np.bool_ and not np.isin(mask, (0, 1)).all():
+        raise BtDeployError("attention_mask must hold only 0 and 1")
+    feeds = {
+        "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
+        "attention_mask": np.ascontiguousarray(mask, dtype=np.int64),
+        "pixel_values": np.ascontiguousarray(pixels, dtype=np.float32),
+    }
+    return PreparedInputs(feeds=feeds, torch_device=device)
+
+
+def _describe(array: np.ndarray) -> str:
+    return f"{array.ndim}-D {array.dtype} {list(array.shape)}"

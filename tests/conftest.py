@@ -1,0 +1,73 @@
+"""Shared fixtures: a private cache for preset checkpoints, and tiny exports built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Preset checkpoints go to a per-session folder, so tests never read a user's cache.
+_CACHE_SET_BY_TESTS = "BTDEPLOY_CACHE" not in os.environ
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("btdeploy-cache")
+    previous = os.environ.get("BTDEPLOY_CACHE")
+    os.environ["BTDEPLOY_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("BTDEPLOY_CACHE", None)
+    else:
+        os.environ["BTDEPLOY_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Path:
+    """All four heads of the tiny preset, exported once."""
+    from btdeploy.export import export_heads
+    from btdeploy.heads import HEADS
+    from btdeploy.models import resolve_model
+
+    out = tmp_path_factory.mktemp("tiny-export")
+    export_heads(resolve_model("tiny"), list(HEADS), out)
+    return out
+
+
+# A config unlike every preset: scaled_add link towers, a single vision attention head
+# (vision hidden 64), 48 px images in 12 px patches, 4 text layers of which 2 are cross-modal,
+# more vision layers than text layers.
+NON_DEFAULT_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+    "link_tower_type": "scaled_add",
+    "contrastive_hidden_size": 24,
+    "logit_scale_init_value": 2.6592,
+    "text_config": {
+        "hidden_size": 64,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 4,
+        "intermediate_size": 96,
+        "vocab_size": 1200,
+    },
+    "vision_config": {"hidden_size": 64, "num_hidden_layers": 5, "image_size": 48, "patch_size": 12},
+}
+
+
+def make_checkpoint(
+    folder: Path, values: dict[str, Any], seed: int = 3, heads: tuple[str, ...] = ("itm", "mlm", "itc")
+) -> Path:
+    from btdeploy.configs import build_config
+    from btdeploy.models import write_random_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_random_checkpoint(build_config(values), folder, seed, heads)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def non_default_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("nondefault") / "ckpt", NON_DEFAULT_CONFIG)

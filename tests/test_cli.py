@@ -1,0 +1,98 @@
+"""The command line end to end on the tiny preset: export, check (pass and fail), run, pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from PIL import Image
+
+from btdeploy.cli import main
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "cat.png"
+    pixels = (np.random.default_rng(0).random((90, 130, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_export_then_check_then_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["export", "--model", "tiny", "--heads", "itm,mlm", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["itm", "mlm"]
+    capsys.readouterr()
+    report = tmp_path / "parity.json"
+    code = main(["check", str(out), "--batch-sizes", "1,2", "--seq-lens", "3,17", "--report", str(report)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "itm   logits" in printed and "mlm   logits" in printed and "parity PASSED" in printed
+    data = json.loads(report.read_text())
+    assert data["passed"] is True and len(data["rows"]) == 2
+    assert all(len(row["per_shape"]) == 4 for row in data["rows"])
+
+
+def test_check_fails_with_exit_1_when_the_graph_is_wrong(
+    tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Plant a bug an optimizer could make: the ITM classifier bias changed by 1e-3.
+    import shutil
+
+    folder = tmp_path / "itm"
+    shutil.copytree(tiny_export / "itm", folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    bias = next(t for t in model.graph.initializer if numpy_helper.to_array(t).shape == (2,))
+    tampered = numpy_helper.to_array(bias) + np.float32(1e-3)
+    bias.CopyFrom(numpy_helper.from_array(tampered.astype(np.float32), bias.name))
+    onnx.save(model, str(folder / "model.onnx"))
+    assert main(["check", str(folder), "--batch-sizes", "2", "--seq-lens", "6"]) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL" in printed and "parity FAILED" in printed
+
+
+def test_run_prints_one_answer_per_text(tiny_export: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    texts = ["a cat looking out of the window", "a <mask> sitting on a couch"]
+    for head, marker in (("itm", "match probability"), ("itc", "text-image cosine"), ("mlm", "mask(s) ->")):
+        args = ["run", str(tiny_export), "--head", head, "--image", str(image)]
+        for text in texts:
+            args += ["--text", text]
+        assert main(args) == 0
+        printed = capsys.readouterr().out
+        assert printed.count(marker) == 2, printed
+    assert "1 mask(s) ->" in printed and "0 mask(s) ->" in printed
+
+
+def test_run_on_a_missing_image_is_one_line(
+    tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["run", str(tiny_export), "--head", "itm", "--image", str(tmp_path / "none.png"), "--text", "hi"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith("none.png does not exist")
+
+
+def test_pipeline_exports_checks_and_summarises(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pipe"
+    assert main(["pipeline", "--model", "tiny", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "pipeline PASSED" in printed
+    for head in ("base", "itm", "itc", "mlm"):
+        assert (out / head / "model.onnx").is_file()
+    assert json.loads((out / "parity.json").read_text())["passed"] is True
+
+
+def test_console_script_reports_errors_without_a_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "btdeploy.cli", "export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "is neither a preset (tiny, base, large) nor a checkpoint folder" in result.stderr

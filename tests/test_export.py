@@ -1,0 +1,124 @@
+"""Export of every head: files, manifest, dynamic axes, parity off the export shape, failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import btdeploy
+from btdeploy.check import check_export
+from btdeploy.errors import BtDeployError
+from btdeploy.export import export_head
+from btdeploy.heads import HEADS
+from btdeploy.inputs import sample_inputs
+from btdeploy.models import resolve_model
+
+
+def test_every_head_is_exported_with_a_manifest(tiny_export: Path) -> None:
+    for name, head in HEADS.items():
+        folder = tiny_export / name
+        model = onnx.load(str(folder / "model.onnx"))
+        onnx.checker.check_model(model)
+        assert [i.name for i in model.graph.input] == head.input_names
+        assert [o.name for o in model.graph.output] == head.output_names
+        dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+        assert dims["input_ids"] == ["batch", "text_length"]
+        assert dims["pixel_values"] == ["batch", 3, 64, 64]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["head"] == name and manifest["onnx"]["opset"] == 17
+        assert manifest["model"]["source"] == "tiny" and manifest["model"]["missing_weights"] == []
+        assert len(manifest["model"]["config_sha256"]) == 64
+        assert [o["name"] for o in manifest["outputs"]] == head.output_names
+        assert manifest["inputs"][0]["shape"] == ["batch", "text_length"]
+        assert {"torch", "transformers", "onnx", "onnxruntime-gpu"} <= set(manifest["versions"])
+        assert (folder / "processor" / "tokenizer.json").is_file()
+    assert not [p for p in tiny_export.iterdir() if p.name.startswith(".")], "staging folders left behind"
+
+
+def test_parity_at_shapes_other_than_the_export_shape(tiny_export: Path) -> None:
+    # Export shape is batch 2, length 16; check 1, 3 and 5 rows at lengths 1, 9 and 40, with padding.
+    rows = check_export(tiny_export, batch_sizes=(1, 3, 5), text_lengths=(1, 9, 40))
+    assert len(rows) == sum(len(h.outputs) for h in HEADS.values())
+    for row in rows:
+        assert len(row.per_shape) == 9
+        assert row.passed, f"{row.head}.{row.output}: max_abs {row.stats.max_abs:.2e} cosine {row.stats.cosine}"
+        assert row.stats.max_abs <= 1e-4 and row.stats.cosine >= 0.99999
+    mlm = next(r for r in rows if r.head == "mlm")
+    assert mlm.stats.argmax_counted > 0.9 * mlm.stats.argmax_total
+    assert mlm.stats.argmax_agree == mlm.stats.argmax_counted
+
+
+def test_the_extremes_of_the_dynamic_axes_run(tiny_export: Path) -> None:
+    runtime = btdeploy.load(tiny_export, head="itm")
+    reference = btdeploy.load(tiny_export, head="itm", backend="torch")
+    for batch, length in ((64, 6), (2, 512)):
+        feeds = sample_inputs(runtime.config, batch, length, seed=9)
+        got, expected = runtime(**feeds).logits, reference(**feeds).logits
+        assert got.shape == (batch, 2)
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("link_tower_type", ["scaled_add", "interpolate"])
+def test_non_default_config_exports_and_matches(
+    non_default_checkpoint: Path, tmp_path: Path, link_tower_type: str
+) -> None:
+    folder = non_default_checkpoint
+    if link_tower_type != "scaled_add":
+        config = json.loads((folder / "config.json").read_text())
+        config["link_tower_type"] = link_tower_type
+        folder = tmp_path / "ckpt"
+        folder.mkdir()
+        for item in non_default_checkpoint.iterdir():
+            (folder / item.name).symlink_to(item)
+        (folder / "config.json").unlink()
+        (folder / "config.json").write_text(json.dumps(config))
+    source = resolve_model(str(folder), seed=3)
+    out = tmp_path / "export"
+    heads = ["itm", "itc", "mlm", "base"] if link_tower_type == "scaled_add" else ["itm"]
+    for head in heads:
+        manifest = export_head(source, head, out)
+        # scaled_add / interpolate parameters were missing from the scaled_add checkpoint for interpolate
+        assert manifest.data["model"]["config"]["link_tower_type"] == link_tower_type
+    rows = check_export(out, batch_sizes=(1, 4), text_lengths=(3, 21))
+    assert rows and all(row.passed for row in rows), [(r.head, r.output, r.stats.max_abs) for r in rows]
+    runtime = btdeploy.load(out, head="itm")
+    assert runtime.config.vision_config.image_size == 48
+    assert runtime(**sample_inputs(runtime.config, 2, 5)).logits.shape == (2, 2)
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    def broken_export(*args: object, **kwargs: object) -> None:
+        Path(str(args[2])).write_bytes(b"half a model")
+        raise RuntimeError("simulated exporter crash")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    with pytest.raises(BtDeployError, match="torch.onnx.export failed for the itm head: simulated exporter crash"):
+        export_head(resolve_model("tiny"), "itm", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_opset_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BtDeployError, match="--opset 9 is not supported: use 14..20"):
+        export_head(resolve_model("tiny"), "itm", tmp_path, opset=9)
+
+
+def test_a_model_past_the_protobuf_limit_goes_to_one_external_data_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import btdeploy.export as export_module
+
+    # Pretend the 2 GB limit is 1 MB, so the tiny model takes the large-model path.
+    monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", 1_000_000)
+    manifest = export_head(resolve_model("tiny"), "itm", tmp_path)
+    folder = tmp_path / "itm"
+    assert sorted(p.name for p in folder.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]
+    assert manifest.data["onnx"]["external_data"] == "model.onnx.data"
+    assert (folder / "model.onnx").stat().st_size < 1_000_000 < (folder / "model.onnx.data").stat().st_size
+    rows = check_export(tmp_path, batch_sizes=(2,), text_lengths=(11,))
+    assert all(row.passed for row in rows)

@@ -1,0 +1,126 @@
+"""Presets, seeded random weights, config refusals and checkpoint loading."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import NON_DEFAULT_CONFIG, make_checkpoint
+
+from btdeploy.configs import build_config, max_text_length, num_image_tokens
+from btdeploy.errors import BtDeployError
+from btdeploy.heads import HEADS
+from btdeploy.models import load_head_model, randomize_, resolve_model
+
+
+def _tiny_model(seed: int) -> torch.nn.Module:
+    model = HEADS["itm"].model_class_object()(build_config("tiny"))
+    randomize_(model, seed)
+    return model
+
+
+def test_random_weights_are_non_trivial_for_every_bias_and_layernorm() -> None:
+    model = _tiny_model(0)
+    layer_norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(layer_norms) > 10
+    for norm in layer_norms:
+        assert (norm.weight - 1).abs().max() > 0.05, "LayerNorm weight left at 1"
+        assert norm.bias.abs().max() > 0.05, "LayerNorm bias left at 0"
+    biases = [(n, p) for n, p in model.named_parameters() if n.endswith("bias")]
+    assert len(biases) > 20
+    for name, bias in biases:
+        assert bias.abs().max() > 0.01, f"{name} left at 0"
+
+
+def test_random_weights_depend_on_the_seed_only() -> None:
+    first, again, other = (dict(_tiny_model(s).named_parameters()) for s in (0, 0, 1))
+    for name in first:
+        assert torch.equal(first[name], again[name]), name
+    assert not torch.equal(first["itm_score.fc.bias"], other["itm_score.fc.bias"])
+
+
+def test_preset_checkpoint_loads_every_head_with_no_missing_weights() -> None:
+    source = resolve_model("tiny")
+    shared = None
+    for head in HEADS.values():
+        loaded = load_head_model(source, head)
+        assert loaded.missing_weights == []
+        assert loaded.model.config._attn_implementation == "eager"
+        weight = dict(loaded.model.named_parameters())
+        key = next(k for k in weight if k.endswith("embeddings.word_embeddings.weight"))
+        if shared is None:
+            shared = weight[key].detach().clone()
+        assert torch.equal(shared, weight[key]), "shared weights differ between heads"
+
+
+def test_preset_checkpoint_has_a_working_processor() -> None:
+    from PIL import Image
+    from transformers import BridgeTowerProcessor
+
+    folder = resolve_model("tiny").checkpoint
+    processor = BridgeTowerProcessor.from_pretrained(folder)
+    image = Image.new("RGB", (150, 90), (200, 30, 40))
+    encoding = processor(image, "a <mask> looking out of the window", return_tensors="np")
+    assert encoding["pixel_values"].shape == (1, 3, 64, 64)
+    ids = encoding["input_ids"][0].tolist()
+    assert ids[0] == 0 and ids[-1] == 2, "RoBERTa framing <s> ... </s>"
+    assert processor.tokenizer.mask_token_id == 4 and 4 in ids
+    assert processor.tokenizer.pad_token_id == 1
+
+
+def test_sizes_of_the_presets() -> None:
+    base = build_config("base")
+    assert num_image_tokens(base) == 325 and max_text_length(base) == 512
+    assert num_image_tokens(build_config("large")) == 442
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"share_cross_modal_transformer_layers": False}, "share_cross_modal_transformer_layers=False is broken"),
+        ({"share_link_tower_layers": True}, "share_link_tower_layers=True is broken"),
+        ({"link_tower_type": "concat"}, "link_tower_type 'concat' is not supported"),
+        ({"vision_config": {**NON_DEFAULT_CONFIG["vision_config"], "hidden_size": 96}}, "positive multiple of 64"),
+        ({"vision_config": {**NON_DEFAULT_CONFIG["vision_config"], "num_hidden_layers": 3}}, "at least as many"),
+        ({"vision_config": {**NON_DEFAULT_CONFIG["vision_config"], "patch_size": 10}}, "not a multiple of patch_size"),
+        ({"num_hidden_layers": 9}, "must be between 1 and the text layer count"),
+    ],
+)
+def test_configs_transformers_cannot_run_are_refused(change: dict, message: str) -> None:
+    values = {**copy.deepcopy(NON_DEFAULT_CONFIG), **change}
+    with pytest.raises(BtDeployError, match=message):
+        build_config(values)
+
+
+def test_itc_refuses_a_vision_width_unlike_the_hidden_size(tmp_path: Path) -> None:
+    values = copy.deepcopy(NON_DEFAULT_CONFIG)
+    values["vision_config"]["hidden_size"] = 128
+    folder = make_checkpoint(tmp_path / "wide-vision", values, heads=("itm",))
+    source = resolve_model(str(folder))
+    assert load_head_model(source, HEADS["itm"]).missing_weights == []
+    with pytest.raises(BtDeployError, match="itc head .* needs vision hidden_size \\(128\\) == hidden_size \\(64\\)"):
+        load_head_model(source, HEADS["itc"])
+
+
+def test_model_argument_that_is_neither_preset_nor_folder(tmp_path: Path) -> None:
+    with pytest.raises(BtDeployError, match="neither a preset .* nor a checkpoint folder"):
+        resolve_model(str(tmp_path / "nowhere"))
+    with pytest.raises(BtDeployError, match="has no config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_missing_head_weights_are_drawn_from_the_seed_with_a_loud_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = make_checkpoint(tmp_path / "itm-mlm-only", NON_DEFAULT_CONFIG, heads=("itm", "mlm"))
+    source = resolve_model(str(folder), seed=7)
+    first = load_head_model(source, HEADS["itc"])
+    warning = capsys.readouterr().err
+    assert "WARNING" in warning and "itc_text_head.fc.weight" in warning and "RANDOM (seed 7)" in warning
+    assert "logit_scale" in first.missing_weights and "itc_image_head.fc.bias" in first.missing_weights
+    again = load_head_model(source, HEADS["itc"])
+    for name in first.missing_weights:
+        assert torch.equal(first.model.get_parameter(name), again.model.get_parameter(name)), name
+    assert first.model.itc_text_head.fc.bias.abs().max() > 0.01

@@ -1,0 +1,56 @@
+"""The parity arithmetic itself: tolerances, NaN/Inf, argmax only where the margin is clear."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from btdeploy.heads import FP32, HEADS
+from btdeploy.parity import compare, passes
+
+LOGITS = HEADS["itm"].output("logits")
+EMBEDS = HEADS["itc"].output("text_embeds")
+
+
+def test_identical_outputs_pass() -> None:
+    ref = np.random.default_rng(0).standard_normal((4, 2)).astype(np.float32)
+    stats = compare(ref, ref.copy(), LOGITS, FP32)
+    assert stats.max_abs == 0 and stats.cosine > 0.9999999 and passes(stats, FP32)
+
+
+def test_an_error_above_the_bound_fails() -> None:
+    ref = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    got = ref.copy()
+    got[2, 3] += 3e-4
+    stats = compare(ref, got, EMBEDS, FP32)
+    assert np.isclose(stats.max_abs, 3e-4, rtol=1e-3)
+    assert not passes(stats, FP32)
+
+
+def test_nan_or_inf_fails_whatever_else() -> None:
+    ref = np.ones((2, 2), dtype=np.float32)
+    got = ref.copy()
+    got[0, 0] = np.nan
+    stats = compare(ref, got, LOGITS, FP32)
+    assert stats.non_finite == 1 and not passes(stats, FP32)
+    got[0, 0] = np.inf
+    assert not passes(compare(ref, got, LOGITS, FP32), FP32)
+
+
+def test_argmax_counts_only_clear_margins() -> None:
+    ref = np.array([[0.0, 1.0], [0.0, 0.0001], [2.0, 0.0]], dtype=np.float32)
+    # Row 1 is a near-tie (margin 1e-4 < 2e-4): its flip is not counted. Rows 0 and 2 agree.
+    got = np.array([[0.0, 1.0], [0.0001, 0.0], [2.0, 0.0]], dtype=np.float32)
+    stats = compare(ref, got, LOGITS, FP32)
+    assert (stats.argmax_total, stats.argmax_counted, stats.argmax_agree) == (3, 2, 2)
+    # A clear flip is counted and fails agreement.
+    got[2] = [0.0, 2.0]
+    stats = compare(ref, got, LOGITS, FP32)
+    assert (stats.argmax_counted, stats.argmax_agree) == (2, 1)
+    assert stats.argmax_agreement == 0.5 and not passes(stats, FP32)
+
+
+def test_cosine_sees_a_sign_flip_that_small_values_hide() -> None:
+    ref = np.full((1, 16), 1e-6, dtype=np.float32)
+    stats = compare(ref, -ref, EMBEDS, FP32)
+    assert stats.max_abs < FP32.max_abs
+    assert stats.cosine < 0 and not passes(stats, FP32)

@@ -1,4 +1,4 @@
-"""The `btdeploy` command line: export, check, run, pipeline."""
+"""The `btdeploy` command line: export, check, run, bench, pipeline."""
 
 from __future__ import annotations
 
@@ -65,6 +65,40 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0 if run_pipeline(args.model, out, args.seed, parse_heads(args.heads)) else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+
+    from .bench.report import write_reports
+    from .bench.runner import BenchSettings, run_bench
+    from .heads import parse_heads
+    from .progress import say
+
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = BenchSettings(
+        batch_sizes=args.batch_sizes,
+        text_lengths=args.seq_lens,
+        warmup=args.warmup,
+        iters=None if args.seconds else args.iters,
+        seconds=args.seconds,
+        threads=args.threads or os.cpu_count() or 1,
+        device=device,
+    )
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    heads = parse_heads(args.heads) if args.heads else None
+    run = run_bench(Path(args.dir), heads, variants, settings)
+    run.command = "btdeploy bench " + " ".join(shlex.quote(a) for a in args.argv)
+    out = Path(args.out or Path(args.dir) / "bench")
+    for path in write_reports(run, out):
+        say(f"wrote {path}")
+    print((out / "results.md").read_text())
+    return 130 if run.interrupted else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .export import DEFAULT_OPSET
 
@@ -99,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--text", action="append", required=True, help="repeat for several texts")
     run.add_argument("--providers", nargs="*", default=None)
 
+    bench = add("bench", cmd_bench, "time every variant of each head side by side, interleaved")
+    bench.add_argument("dir", help="export folder")
+    bench.add_argument("--heads", default=None, help="comma list (default: every exported head)")
+    bench.add_argument("--variants", default=None, help="comma list (default: all; those that cannot run are skipped)")
+    bench.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 16))
+    bench.add_argument("--seq-lens", type=_int_list, default=(16, 40, 128))
+    bench.add_argument("--threads", type=int, default=0, help="0: every core")
+    bench.add_argument("--warmup", type=int, default=2)
+    amount = bench.add_mutually_exclusive_group()
+    amount.add_argument("--iters", type=int, default=10, help="interleaved rounds per case")
+    amount.add_argument("--seconds", type=float, default=None, help="time per variant and case instead of --iters")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    bench.add_argument("--out", default=None, help="results folder (default: DIR/bench)")
+
     pipeline = add("pipeline", cmd_pipeline, "the main job: export and check every head")
     pipeline.add_argument("--model", default="base", help="preset or checkpoint folder (default: base)")
     pipeline.add_argument("--heads", default="all")
@@ -109,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     try:
         return int(args.handler(args))
     except BtDeployError as error:

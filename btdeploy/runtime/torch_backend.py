@@ -16,16 +16,20 @@ from ..models import ModelSource, load_head_model
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: Any, head: HeadSpec, device: str = "cpu") -> None:
+    def __init__(self, model: Any, head: HeadSpec, device: str = "cpu", dtype: str = "fp32") -> None:
+        import torch
+
         from ..export import head_module
 
-        self.module = head_module(model, head).to(device)
+        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        self.module = head_module(model, head).to(device=device, dtype=torch_dtype)
         self.head = head
         self.device = device
-        self.description = f"transformers {head.model_class} (eager, fp32) on {device}"
+        self.torch_dtype = torch_dtype
+        self.description = f"transformers {head.model_class} (eager, {dtype}) on {device}"
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, device: str = "cpu") -> TorchBackend:
+    def from_manifest(cls, manifest: Manifest, device: str = "cpu", dtype: str = "fp32") -> TorchBackend:
         """Rebuild exactly the model that was exported: same source, same seed for anything random."""
         model_info = manifest.data["model"]
         source = ModelSource(model_info["source"], int(model_info["seed"]))
@@ -39,12 +43,13 @@ class TorchBackend:
             raise BtDeployError(
                 f"the checkpoint at {source.spec} changed since the export (config hash differs): export again"
             )
-        return cls(loaded.model, head, device)
+        return cls(loaded.model, head, device, dtype)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         args = [torch.from_numpy(feeds[name]).to(self.device) for name in self.head.input_names]
+        args = [a.to(self.torch_dtype) if a.is_floating_point() else a for a in args]
         with torch.no_grad():
             values = self.module(*args)
         return {name: value.float().cpu().numpy() for name, value in zip(self.head.output_names, values, strict=True)}

@@ -1,0 +1,209 @@
+"""Benchmark reports: JSON (every sample), CSV (one row per case), Markdown, and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..fileio import write_json
+from .runner import BenchRun
+from .variants import BASELINES, VARIANTS
+
+# The first columns are those of ONNX Runtime's transformers benchmark CSV, where they fit.
+CSV_COLUMNS = [
+    "engine", "version", "providers", "device", "precision", "io_binding", "model_name", "inputs", "threads",
+    "batch_size", "sequence_length", "datetime", "test_times", "latency_variance", "latency_90_percentile",
+    "latency_95_percentile", "latency_99_percentile", "average_latency_ms", "QPS",
+    "variant", "median_ms", "min_ms", "rss_peak_mb", "load_rss_mb", "gpu_peak_mb", "gflop", "gflops_per_s",
+    "pct_matmul_peak", "speedup_vs_torch_eager", "speedup_vs_ort_hf_optimizer",
+]  # fmt: skip
+
+
+def _engine_version(run: BenchRun, engine: str) -> str:
+    versions = run.machine.get("versions", {})
+    return str(versions.get({"onnxruntime": "onnxruntime-gpu"}.get(engine, engine), ""))
+
+
+def csv_rows(run: BenchRun) -> list[dict[str, Any]]:
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for case in run.cases:
+        variant = VARIANTS[case.variant]
+        rows.append(
+            {
+                "engine": variant.engine,
+                "version": _engine_version(run, variant.engine),
+                "providers": "CPUExecutionProvider" if run.settings.device == "cpu" else "CUDAExecutionProvider",
+                "device": run.settings.device,
+                "precision": variant.precision,
+                "io_binding": False,
+                "model_name": f"bridgetower-{case.head}",
+                "inputs": 3,
+                "threads": run.settings.threads,
+                "batch_size": case.batch,
+                "sequence_length": case.text_length,
+                "datetime": stamp,
+                "test_times": case.stats.samples,
+                "latency_variance": round(case.stats.std_ms**2, 4),
+                "latency_90_percentile": round(case.stats.p90_ms, 3),
+                "latency_95_percentile": round(case.stats.p95_ms, 3),
+                "latency_99_percentile": round(case.stats.p99_ms, 3),
+                "average_latency_ms": round(case.stats.mean_ms, 3),
+                "QPS": round(case.stats.throughput, 3),
+                "variant": case.variant,
+                "median_ms": round(case.stats.median_ms, 3),
+                "min_ms": round(case.stats.min_ms, 3),
+                "rss_peak_mb": round(case.rss_peak_mb, 1),
+                "load_rss_mb": round(case.load_rss_mb, 1),
+                "gpu_peak_mb": None if case.gpu_peak_mb is None else round(case.gpu_peak_mb, 1),
+                "gflop": round(case.flops / 1e9, 3),
+                "gflops_per_s": round(case.gflops_per_s, 2),
+                "pct_matmul_peak": round(run.percent_of_peak(case), 1),
+                "speedup_vs_torch_eager": _rounded(case.speedups.get("torch-eager")),
+                "speedup_vs_ort_hf_optimizer": _rounded(case.speedups.get("ort-hf-optimizer")),
+            }
+        )
+    return rows
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def markdown(run: BenchRun) -> str:
+    cpu = run.machine.get("cpu", {})
+    gpu = run.machine.get("gpu")
+    versions = run.machine.get("versions", {})
+    flags = ", ".join(cpu.get("flags", []))
+    lines = [
+        "# btdeploy benchmark",
+        "",
+        f"- command: `{run.command or '(library call)'}`",
+        f"- CPU: {cpu.get('model')} ({cpu.get('logical_cores')} logical cores; flags: {flags}),"
+        f" {run.settings.threads} thread(s) used",
+        f"- GPU: {gpu['name'] if gpu else 'none'}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        f"- FP32 matmul peak measured in this run: {run.matmul_peak_gflops:.1f} GFLOP/s",
+        f"- timing: {run.settings.warmup} warm-up run(s), then "
+        + (
+            f"{run.settings.iters} interleaved rounds"
+            if run.settings.iters
+            else f"{run.settings.seconds} s per variant"
+        )
+        + " (A B C, B C A, ...); speedup = baseline median / variant median, same run",
+        "",
+        "| head | batch | length | variant | median ms | p90 ms | p99 ms | samples/s | GFLOP/s | % peak "
+        "| x torch-eager | x ort-hf-optimizer | RSS MB |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in run.cases:
+        speed = [f"{case.speedups[b]:.2f}" if b in case.speedups else "-" for b in BASELINES]
+        lines.append(
+            f"| {case.head} | {case.batch} | {case.text_length} | {case.variant} | {case.stats.median_ms:.1f} "
+            f"| {case.stats.p90_ms:.1f} | {case.stats.p99_ms:.1f} | {case.stats.throughput:.2f} "
+            f"| {case.gflops_per_s:.1f} | {run.percent_of_peak(case):.0f} | {speed[0]} | {speed[1]} "
+            f"| {case.rss_peak_mb:.0f} |"
+        )
+    if run.skips:
+        lines += ["", "Skipped:", ""]
+        seen = set()
+        for skip in run.skips:
+            if (skip.variant, skip.reason) not in seen:
+                seen.add((skip.variant, skip.reason))
+                lines.append(f"- `{skip.variant}` ({skip.head}): {skip.reason}")
+    if run.interrupted:
+        lines += ["", "**Interrupted**: only the cases above finished."]
+    return "\n".join(lines) + "\n"
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as handle:
+        handle.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def plot(run: BenchRun, path: Path, head: str) -> bool:
+    """Median latency against batch size (one panel) and against text length (the other),
+    one line per variant. Returns False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in run.cases if c.head == head]
+    if not cases:
+        return False
+    variants = list(dict.fromkeys(c.variant for c in cases))
+    lengths = sorted({c.text_length for c in cases})
+    batches = sorted({c.batch for c in cases})
+    styles = ["-", "--", ":", "-."]
+    figure, (by_batch, by_length) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for color, variant in enumerate(variants):
+        for style, length in enumerate(lengths):
+            points = sorted(
+                (c.batch, c.stats.median_ms) for c in cases if c.variant == variant and c.text_length == length
+            )
+            by_batch.plot(*zip(*points, strict=True), marker="o", color=f"C{color}", linestyle=styles[style % 4],
+                          label=f"{variant}, length {length}")  # fmt: skip
+        for style, batch in enumerate(batches):
+            points = sorted(
+                (c.text_length, c.stats.median_ms) for c in cases if c.variant == variant and c.batch == batch
+            )
+            by_length.plot(*zip(*points, strict=True), marker="o", color=f"C{color}", linestyle=styles[style % 4],
+                           label=f"{variant}, batch {batch}")  # fmt: skip
+    for axis, xlabel, ticks in ((by_batch, "batch size", batches), (by_length, "text length (tokens)", lengths)):
+        axis.set_xticks(ticks)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("median latency (ms)")
+        axis.set_yscale("log")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    cpu = run.machine.get("cpu", {}).get("model", "?")
+    figure.suptitle(f"BridgeTower {head}: latency per variant ({cpu}, {run.settings.threads} threads)")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(buffer.getvalue())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return True
+
+
+def write_reports(run: BenchRun, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    data = {
+        "command": run.command,
+        "machine": run.machine,
+        "matmul_peak_gflops": run.matmul_peak_gflops,
+        "settings": asdict(run.settings),
+        "interrupted": run.interrupted,
+        "skips": [asdict(s) for s in run.skips],
+        "cases": [
+            {**asdict(c), "gflops_per_s": c.gflops_per_s, "pct_matmul_peak": run.percent_of_peak(c)} for c in run.cases
+        ],
+    }
+    write_json(out / "results.json", data)
+    written.append(out / "results.json")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(csv_rows(run))
+    _write_text(out / "results.csv", buffer.getvalue())
+    _write_text(out / "results.md", markdown(run))
+    written += [out / "results.csv", out / "results.md"]
+    for head in dict.fromkeys(c.head for c in run.cases):
+        if plot(run, out / f"latency_{head}.png", head):
+            written.append(out / f"latency_{head}.png")
+    return written

@@ -1,0 +1,182 @@
+"""The benchmark loop: every available variant of a head, interleaved, per (batch, text length)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BtDeployError
+from ..heads import get_head
+from ..inputs import sample_inputs
+from ..manifest import head_folders, read_manifest
+from ..progress import say
+from ..runtime.backend import Backend
+from .flops import forward_flops
+from .memory import current_rss_mb, gpu_peak_mb_and_reset
+from .stats import LatencyStats, summarize
+from .variants import VARIANTS, BenchEnv, Variant
+
+
+@dataclass
+class CaseResult:
+    variant: str
+    head: str
+    batch: int
+    text_length: int
+    samples_s: list[float]
+    stats: LatencyStats
+    flops: int
+    rss_peak_mb: float
+    load_rss_mb: float  # how much the process grew when this variant was built
+    gpu_peak_mb: float | None = None
+    speedups: dict[str, float] = field(default_factory=dict)  # baseline name -> baseline median / this median
+
+    @property
+    def gflops_per_s(self) -> float:
+        return self.flops / (self.stats.median_ms / 1e3) / 1e9
+
+
+@dataclass
+class Skip:
+    variant: str
+    head: str
+    reason: str
+
+
+@dataclass
+class BenchSettings:
+    batch_sizes: tuple[int, ...] = (1, 4, 16)
+    text_lengths: tuple[int, ...] = (16, 40, 128)
+    warmup: int = 2
+    iters: int | None = 10
+    seconds: float | None = None  # per variant and case, instead of a fixed count
+    threads: int = 0  # 0: all cores
+    device: str = "cpu"
+
+
+@dataclass
+class BenchRun:
+    settings: BenchSettings
+    cases: list[CaseResult] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
+    interrupted: bool = False
+    machine: dict[str, Any] = field(default_factory=dict)
+    matmul_peak_gflops: float = 0.0
+    command: str = ""
+
+    def percent_of_peak(self, case: CaseResult) -> float:
+        return 100.0 * case.gflops_per_s / self.matmul_peak_gflops if self.matmul_peak_gflops else float("nan")
+
+
+def interleaved_order(variants: list[str], round_index: int) -> list[str]:
+    """A B C, then B C A, ...: each variant takes every position in turn, so slow drift of the
+    machine (thermal, other load) spreads over all variants instead of biasing one."""
+    if not variants:
+        return []
+    shift = round_index % len(variants)
+    return variants[shift:] + variants[:shift]
+
+
+def time_case(
+    backends: dict[str, Backend], feeds: dict[str, Any], warmup: int, iters: int | None, seconds: float | None
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Interleaved timing; returns the samples and the RSS peak (MB) seen after each variant's runs."""
+    names = list(backends)
+    for _ in range(warmup):
+        for name in names:
+            backends[name].run(feeds)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    rss: dict[str, float] = dict.fromkeys(names, 0.0)
+    spent: dict[str, float] = dict.fromkeys(names, 0.0)
+    round_index = 0
+    while True:
+        for name in interleaved_order(names, round_index):
+            started = time.perf_counter()
+            backends[name].run(feeds)
+            elapsed = time.perf_counter() - started
+            samples[name].append(elapsed)
+            spent[name] += elapsed
+            rss[name] = max(rss[name], current_rss_mb())
+        round_index += 1
+        if iters is not None and round_index >= iters:
+            break
+        if seconds is not None and round_index >= 3 and min(spent.values()) >= seconds:
+            break
+    return samples, rss
+
+
+def resolve_variants(names: list[str] | None) -> list[Variant]:
+    if not names:
+        return list(VARIANTS.values())
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise BtDeployError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    return [VARIANTS[n] for n in names]
+
+
+def run_bench(
+    root: Path, heads: list[str] | None, variant_names: list[str] | None, settings: BenchSettings
+) -> BenchRun:
+    import torch
+
+    from .machine import machine_description, matmul_peak_gflops
+    from .variants import BASELINES
+
+    variants = resolve_variants(variant_names)
+    env = BenchEnv(threads=settings.threads, device=settings.device)
+    torch.set_num_threads(settings.threads)
+    run = BenchRun(settings, machine=machine_description(settings.threads))
+    run.matmul_peak_gflops = matmul_peak_gflops(settings.threads)
+    say(f"bench: FP32 matmul peak at {settings.threads} thread(s): {run.matmul_peak_gflops:.1f} GFLOP/s")
+    try:
+        for folder in head_folders(Path(root), heads):
+            manifest = read_manifest(folder)
+            head = get_head(manifest.head)
+            backends: dict[str, Backend] = {}
+            load_rss: dict[str, float] = {}
+            for variant in variants:
+                reason = variant.unavailable(manifest, env)
+                if reason:
+                    run.skips.append(Skip(variant.name, head.name, reason))
+                    say(f"bench {head.name}: skipping {variant.name}: {reason}")
+                    continue
+                before = current_rss_mb()
+                backends[variant.name] = variant.build(manifest, env)
+                load_rss[variant.name] = current_rss_mb() - before
+            config = manifest.config
+            cases = [(b, n) for b in settings.batch_sizes for n in settings.text_lengths]
+            for index, (batch, length) in enumerate(cases, 1):
+                feeds = sample_inputs(config, batch, length, seed=index, pad=False)
+                gpu_peak_mb_and_reset()
+                samples, rss = time_case(backends, feeds, settings.warmup, settings.iters, settings.seconds)
+                gpu_peak = gpu_peak_mb_and_reset()
+                flops = forward_flops(config, head.name, batch, length)
+                results = {
+                    name: CaseResult(
+                        name,
+                        head.name,
+                        batch,
+                        length,
+                        values,
+                        summarize(values, batch),
+                        flops,
+                        rss[name],
+                        load_rss[name],
+                        gpu_peak,
+                    )
+                    for name, values in samples.items()
+                }
+                for result in results.values():
+                    for baseline in BASELINES:
+                        if baseline in results:
+                            result.speedups[baseline] = results[baseline].stats.median_ms / result.stats.median_ms
+                run.cases.extend(results.values())
+                medians = ", ".join(f"{n} {r.stats.median_ms:.1f} ms" for n, r in results.items())
+                say(f"bench {head.name} [{index}/{len(cases)}] batch {batch} length {length}: {medians}")
+            del backends
+    except KeyboardInterrupt:
+        run.interrupted = True
+        say(f"interrupted: keeping the {len(run.cases)} finished case(s)")
+    return run

@@ -1,0 +1,160 @@
+"""Benchmark variants: each says whether it can run here (and why not) and builds a Backend.
+
+Later steps (fused graphs, precision, TensorRT) add their variants to VARIANTS; the
+harness reads nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..fileio import staged_directory
+from ..manifest import Manifest
+from ..progress import step
+from ..runtime.backend import Backend
+
+
+@dataclass(frozen=True)
+class BenchEnv:
+    threads: int
+    device: str  # "cpu" or "cuda"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    engine: str  # for the CSV: torch, onnxruntime, tensorrt
+    precision: str
+    unavailable: Callable[[Manifest, BenchEnv], str | None]  # the reason it cannot run, or None
+    build: Callable[[Manifest, BenchEnv], Backend]
+
+
+def _always(manifest: Manifest, env: BenchEnv) -> str | None:
+    return None
+
+
+def _needs_gpu(manifest: Manifest, env: BenchEnv) -> str | None:
+    return None if env.device == "cuda" else "needs a CUDA GPU for fp16/bf16 PyTorch (none on this machine)"
+
+
+def _torch(dtype: str) -> Callable[[Manifest, BenchEnv], Backend]:
+    def build(manifest: Manifest, env: BenchEnv) -> Backend:
+        from ..runtime.torch_backend import TorchBackend
+
+        return TorchBackend.from_manifest(manifest, env.device, dtype)
+
+    return build
+
+
+def _ort_providers(env: BenchEnv) -> list[str]:
+    return ["cuda", "cpu"] if env.device == "cuda" else ["cpu"]
+
+
+def _ort_file(filename: str) -> Callable[[Manifest, BenchEnv], Backend]:
+    def build(manifest: Manifest, env: BenchEnv) -> Backend:
+        from ..heads import get_head
+        from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(
+            manifest.folder / filename, get_head(manifest.head).output_names, _ort_providers(env), env.threads
+        )
+
+    return build
+
+
+HF_OPTIMIZED = "model.hf-optimizer.onnx"
+
+
+def hf_optimized_path(manifest: Manifest) -> Path:
+    """ONNX Runtime's own transformer optimizer (model_type bert) on the export: the anchor a user
+    would otherwise reach for. Made once and kept beside the export."""
+    target = manifest.folder / "hf-optimizer" / HF_OPTIMIZED
+    if target.is_file():
+        return target
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    config = manifest.config
+    with (
+        step(f"{manifest.head}: ONNX Runtime transformer optimizer (bert, {config.num_attention_heads} heads)"),
+        staged_directory(target.parent) as staging,
+    ):
+        optimized = optimize_model(
+            str(manifest.model_path),
+            model_type="bert",
+            num_heads=int(config.num_attention_heads),
+            hidden_size=int(config.hidden_size),
+        )
+        large = optimized.model.ByteSize() > 2**31 - 1 if hasattr(optimized.model, "ByteSize") else True
+        optimized.save_model_to_file(str(staging / HF_OPTIMIZED), use_external_data_format=large)
+    return target
+
+
+def _build_hf_optimizer(manifest: Manifest, env: BenchEnv) -> Backend:
+    from ..heads import get_head
+    from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(
+        hf_optimized_path(manifest), get_head(manifest.head).output_names, _ort_providers(env), env.threads
+    )
+
+
+def _needs_file(filename: str, how: str) -> Callable[[Manifest, BenchEnv], str | None]:
+    def reason(manifest: Manifest, env: BenchEnv) -> str | None:
+        if (manifest.folder / filename).is_file():
+            return None
+        return f"{manifest.head}/{filename} not found: {how}"
+
+    return reason
+
+
+def _needs_tensorrt(filename: str) -> Callable[[Manifest, BenchEnv], str | None]:
+    def reason(manifest: Manifest, env: BenchEnv) -> str | None:
+        if env.device != "cuda":
+            return "TensorRT needs an NVIDIA GPU (none on this machine)"
+        if importlib.util.find_spec("tensorrt") is None:
+            return "TensorRT is not installed (pip install 'btdeploy[tensorrt]')"
+        return f"{manifest.head}/{filename} not found: TensorRT engine builds are not in this version"
+
+    return reason
+
+
+def _not_buildable(manifest: Manifest, env: BenchEnv) -> Backend:
+    raise RuntimeError("this variant reports itself unavailable and is never built")
+
+
+_NOT_YET = "graph fusion and precision passes are not in this version"
+
+VARIANTS: dict[str, Variant] = {
+    variant.name: variant
+    for variant in (
+        Variant("torch-eager", "torch", "fp32", _always, _torch("fp32")),
+        Variant("torch-eager-fp16", "torch", "fp16", _needs_gpu, _torch("fp16")),
+        Variant("torch-eager-bf16", "torch", "bf16", _needs_gpu, _torch("bf16")),
+        Variant("ort", "onnxruntime", "fp32", _always, _ort_file("model.onnx")),
+        Variant("ort-hf-optimizer", "onnxruntime", "fp32", _always, _build_hf_optimizer),
+        Variant(
+            "ort-fused", "onnxruntime", "fp32", _needs_file("model.ort.onnx", _NOT_YET), _ort_file("model.ort.onnx")
+        ),
+        Variant(
+            "ort-fp16",
+            "onnxruntime",
+            "fp16",
+            _needs_file("model.ort.fp16.onnx", _NOT_YET),
+            _ort_file("model.ort.fp16.onnx"),
+        ),
+        Variant(
+            "ort-int8",
+            "onnxruntime",
+            "int8",
+            _needs_file("model.ort.int8.onnx", _NOT_YET),
+            _ort_file("model.ort.int8.onnx"),
+        ),
+        Variant("trt-fp16", "tensorrt", "fp16", _needs_tensorrt("engine.fp16.plan"), _not_buildable),
+        Variant("trt-int8", "tensorrt", "int8", _needs_tensorrt("engine.int8.plan"), _not_buildable),
+    )
+}
+
+BASELINES = ("torch-eager", "ort-hf-optimizer")  # every ratio is against these, measured in the same run

@@ -22,6 +22,7 @@ def check_export(
     backend: str = "onnxruntime",
     providers: list[str] | None = None,
     report: Path | None = None,
+    flavour: str | None = None,
 ) -> list[ParityRow]:
     rows: list[ParityRow] = []
     for folder in head_folders(Path(root), heads):
@@ -31,15 +32,20 @@ def check_export(
         shapes = parse_shapes(list(batch_sizes), list(text_lengths), config)
         with step(f"check {head.name}: rebuilding the PyTorch reference"):
             reference = TorchBackend.from_manifest(manifest)
-        candidate = BACKENDS[backend](manifest, providers=providers)
+        candidate = BACKENDS[backend](manifest, providers=providers, flavour=flavour)
         shape_text = ", ".join(f"{b}x{n}" for b, n in shapes)
         with step(f"check {head.name}: {candidate.description} vs reference at batch x length {shape_text}"):
             rows += check_head(head, config, reference, candidate, shapes)
         del reference
     if report is not None:
-        write_json(Path(report), report_data(rows, backend))
+        write_json(Path(report), report_data(rows, backend, flavour))
     return rows
 
 
-def report_data(rows: list[ParityRow], backend: str) -> dict[str, Any]:
-    return {"backend": backend, "passed": all(r.passed for r in rows), "rows": [r.to_json() for r in rows]}
+def report_data(rows: list[ParityRow], backend: str, flavour: str | None = None) -> dict[str, Any]:
+    return {
+        "backend": backend,
+        "graph": f"model.{flavour}.onnx" if flavour else "model.onnx",
+        "passed": all(r.passed for r in rows),
+        "rows": [r.to_json() for r in rows],
+    }

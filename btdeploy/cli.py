@@ -1,4 +1,4 @@
-"""The `btdeploy` command line: export, check, run, bench, pipeline."""
+"""The `btdeploy` command line: export, optimize, check, run, bench, pipeline."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     heads = parse_heads(args.heads) if args.heads else None
     rows = check_export(
-        Path(args.dir), heads, args.batch_sizes, args.seq_lens, args.backend, args.providers, args.report
+        Path(args.dir), heads, args.batch_sizes, args.seq_lens, args.backend, args.providers, args.report, args.flavour
     )
     print(format_rows(rows))
     passed = all(row.passed for row in rows)
@@ -54,6 +54,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{args.head} on {args.image}:")
     for text, answer in answers:
         print(f"  {text:<{width}}  {answer}")
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from .heads import parse_heads
+    from .manifest import head_folders
+    from .optimize import optimize_head
+
+    heads = parse_heads(args.heads) if args.heads else None
+    for folder in head_folders(Path(args.dir), heads):
+        optimize_head(folder, args.flavour)
     return 0
 
 
@@ -125,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
     check.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
     check.add_argument("--report", type=Path, default=None, help="write the rows as JSON")
+    check.add_argument("--flavour", choices=["ort", "trt"], default=None, help="check the optimized graph")
+
+    optimize = add("optimize", cmd_optimize, "fuse attention, bridge and residual add+LayerNorm, GELU")
+    optimize.add_argument("dir", help="export folder or one head folder")
+    optimize.add_argument("--flavour", required=True, choices=["ort", "trt"])
+    optimize.add_argument("--heads", default=None, help="comma list (default: every exported head)")
 
     run = add("run", cmd_run, "score texts against an image with an exported head")
     run.add_argument("dir", help="export folder or one head folder")

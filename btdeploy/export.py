@@ -14,6 +14,7 @@ from .heads import HeadSpec, get_head
 from .inputs import sample_inputs
 from .manifest import MANIFEST_NAME, MODEL_NAME, PROCESSOR_DIR, Manifest, tool_versions
 from .models import LoadedModel, ModelSource, load_head_model
+from .patches import fusable_export
 from .progress import say, step, warn
 
 DEFAULT_OPSET = 17
@@ -74,7 +75,7 @@ def _torch_to_onnx(loaded: LoadedModel, head: HeadSpec, path: Path, opset: int) 
     feeds = sample_inputs(config, head.export_batch, head.export_text_length, seed=1234)
     args = tuple(torch.from_numpy(feeds[name]) for name in head.input_names)
     started = time.monotonic()
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), fusable_export():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches, all on static config
         try:
             torch.onnx.export(
@@ -160,7 +161,7 @@ def _manifest_data(
             "external_data": EXTERNAL_DATA_NAME if external else None,
             "sha256": sha256_of(folder / MODEL_NAME),
             "opset": opset,
-            "exporter": "torch.onnx (TorchScript)",
+            "exporter": "torch.onnx (TorchScript), btdeploy.patches.fusable_export",
             "export_shape": {"batch": head.export_batch, "text_length": head.export_text_length},
             "export_seconds": round(seconds, 2),
         },

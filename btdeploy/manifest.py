@@ -43,6 +43,15 @@ class Manifest:
     def model_path(self) -> Path:
         return self.folder / MODEL_NAME
 
+    def graph_path(self, flavour: str | None = None) -> Path:
+        """model.onnx, or the optimized model.<flavour>.onnx (with a clear error when absent)."""
+        if not flavour:
+            return self.model_path
+        path = self.folder / f"model.{flavour}.onnx"
+        if not path.is_file():
+            raise BtDeployError(f"{path} does not exist: run btdeploy optimize {self.folder} --flavour {flavour}")
+        return path
+
     @property
     def processor_dir(self) -> Path:
         return self.folder / PROCESSOR_DIR

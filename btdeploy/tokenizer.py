@@ -108,5 +108,6 @@ def build_tokenizer(vocab_size: int, trained_size: int = 1000) -> Any:
         return RobertaTokenizer(
             vocab=str(Path(folder) / "vocab.json"),
             merges=str(Path(folder) / "merges.txt"),
-            mask_token=AddedToken("<mask>", lstrip=True, rstrip=False),
+            # lstrip: "a <mask> cat" masks the word with its space, as RoBERTa's own tokenizer does
+            mask_token=AddedToken("<mask>", lstrip=True, rstrip=False),  # type: ignore[arg-type]
         )

@@ -71,3 +71,15 @@ def make_checkpoint(
 @pytest.fixture(scope="session")
 def non_default_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("nondefault") / "ckpt", NON_DEFAULT_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def non_default_export(tmp_path_factory: pytest.TempPathFactory, non_default_checkpoint: Path) -> Path:
+    """All four heads of the non-default config, exported once."""
+    from btdeploy.export import export_heads
+    from btdeploy.heads import HEADS
+    from btdeploy.models import resolve_model
+
+    out = tmp_path_factory.mktemp("non-default-export")
+    export_heads(resolve_model(str(non_default_checkpoint), seed=3), list(HEADS), out)
+    return out

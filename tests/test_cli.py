@@ -84,7 +84,9 @@ def test_pipeline_exports_checks_and_summarises(tmp_path: Path, capsys: pytest.C
     assert "pipeline PASSED" in printed
     for head in ("base", "itm", "itc", "mlm"):
         assert (out / head / "model.onnx").is_file()
-    assert json.loads((out / "parity.json").read_text())["passed"] is True
+    for graph in ("plain", "ort", "trt"):
+        assert json.loads((out / f"parity.{graph}.json").read_text())["passed"] is True
+    assert printed.count("14/14 attn, 2/2 bridge") == 6 and printed.count("12/12 attn, 2/2 bridge") == 2
 
 
 def test_console_script_reports_errors_without_a_traceback(tmp_path: Path) -> None:
@@ -96,3 +98,18 @@ def test_console_script_reports_errors_without_a_traceback(tmp_path: Path) -> No
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "is neither a preset (tiny, base, large) nor a checkpoint folder" in result.stderr
+
+
+def test_optimize_check_and_bench_the_flavours(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["export", "--model", "tiny", "--heads", "itm", "--out", str(out)]) == 0
+    for flavour in ("ort", "trt"):
+        assert main(["optimize", str(out), "--flavour", flavour]) == 0
+        assert main(["check", str(out), "--flavour", flavour, "--batch-sizes", "2", "--seq-lens", "9"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("attention blocks fused: 14 of 14, bridge add+LayerNorm: 2 of 2") == 2
+    code = main(["bench", str(out), "--variants", "ort,ort-fused,trt-graph", "--batch-sizes", "1",
+                 "--seq-lens", "8", "--iters", "2", "--warmup", "0", "--out", str(tmp_path / "bench")])  # fmt: skip
+    assert code == 0
+    table = (tmp_path / "bench" / "results.md").read_text()
+    assert "| itm | 1 | 8 | ort-fused |" in table and "| itm | 1 | 8 | trt-graph |" in table

@@ -89,7 +89,9 @@ def markdown(run: BenchRun) -> str:
         f" {run.settings.threads} thread(s) used",
         f"- GPU: {gpu['name'] if gpu else 'none'}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"- FP32 matmul peak measured in this run: {run.matmul_peak_gflops:.1f} GFLOP/s",
+        f"- FP32 matmul peak measured in this run: {run.matmul_peak_gflops:.1f} GFLOP/s (best 2048^3 GEMM of "
+        + ", ".join(f"{k} {v:.1f}" for k, v in run.machine.get("matmul_gflops", {}).items())
+        + "); % peak = model FLOPs / median / peak",
         f"- timing: {run.settings.warmup} warm-up run(s), then "
         + (
             f"{run.settings.iters} interleaved rounds"
@@ -133,8 +135,13 @@ def _write_text(path: Path, text: str) -> None:
 def plot(run: BenchRun, path: Path, head: str) -> bool:
     """Median latency against batch size (one panel) and against text length (the other),
     one line per variant. Returns False when there is nothing to plot."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from ..progress import warn
 
+        warn("matplotlib is not installed: no plots (pip install 'btdeploy[bench]')")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

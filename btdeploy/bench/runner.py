@@ -128,8 +128,14 @@ def run_bench(
     env = BenchEnv(threads=settings.threads, device=settings.device)
     torch.set_num_threads(settings.threads)
     run = BenchRun(settings, machine=machine_description(settings.threads))
-    run.matmul_peak_gflops = matmul_peak_gflops(settings.threads)
-    say(f"bench: FP32 matmul peak at {settings.threads} thread(s): {run.matmul_peak_gflops:.1f} GFLOP/s")
+    rates = matmul_peak_gflops(settings.threads)
+    run.machine["matmul_gflops"] = rates
+    run.matmul_peak_gflops = max(rates.values())
+    say(
+        f"bench: FP32 matmul peak at {settings.threads} thread(s): {run.matmul_peak_gflops:.1f} GFLOP/s ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
+        + ")"
+    )
     try:
         for folder in head_folders(Path(root), heads):
             manifest = read_manifest(folder)

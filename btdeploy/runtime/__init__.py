@@ -27,7 +27,7 @@ class Runtime:
         if encoding is not None:
             inputs = {**dict(encoding), **inputs}
         prepared = prepare_inputs(self.head, self.config, inputs)
-        values = self.backend.run(prepared.feeds)
+        values: dict[str, Any] = self.backend.run(prepared.feeds)
         if prepared.torch_device is not None:
             import torch
 
@@ -41,8 +41,9 @@ class Runtime:
 def _onnxruntime(manifest: Manifest, **options: Any) -> Backend:
     from .onnxruntime_backend import OnnxRuntimeBackend
 
+    path = manifest.graph_path(options.get("flavour"))
     return OnnxRuntimeBackend(
-        manifest.model_path, get_head(manifest.head).output_names, options.get("providers"), options.get("threads")
+        path, get_head(manifest.head).output_names, options.get("providers"), options.get("threads")
     )
 
 
@@ -71,7 +72,10 @@ def load(
     providers: list[str] | None = None,
     **options: Any,
 ) -> Runtime:
-    """Load an exported head. `backend`: onnxruntime (default) or torch (the reference)."""
+    """Load an exported head. `backend`: onnxruntime (default) or torch (the reference).
+
+    With `flavour="ort"` or `"trt"`, ONNX Runtime runs that optimized graph (btdeploy optimize)
+    instead of the plain export."""
     if backend not in BACKENDS:
         raise BtDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     manifest = find_head(path, head)

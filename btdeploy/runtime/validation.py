@@ -94,7 +94,7 @@ def prepare_inputs(head: HeadSpec, config: Any, inputs: Mapping[str, Any]) -> Pr
         )
     if mask.dtype != np.bool_ and not np.isin(mask, (0, 1)).all():
         raise BtDeployError("attention_mask must hold only 0 and 1")
-    feeds = {
+    feeds: dict[str, np.ndarray] = {
         "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
         "attention_mask": np.ascontiguousarray(mask, dtype=np.int64),
         "pixel_values": np.ascontiguousarray(pixels, dtype=np.float32),

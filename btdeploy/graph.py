@@ -1,0 +1,167 @@
+"""A small editable view of an ONNX graph for the passes: who produces and who consumes each tensor."""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+class Graph:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self._ids = itertools.count()
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in self.graph.initializer}
+        for index, node in enumerate(self.graph.node):
+            if not node.name:
+                node.name = f"{node.op_type}_{index}"  # passes track nodes by name
+        self.refresh()
+
+    # --- indexes -----------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for name in node.output:
+                self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+
+    def parent(self, node: onnx.NodeProto, index: int, op_type: str | None = None) -> onnx.NodeProto | None:
+        if index >= len(node.input):
+            return None
+        found = self.producer.get(node.input[index])
+        if found is None or (op_type is not None and found.op_type != op_type):
+            return None
+        return found
+
+    def only_consumer(self, name: str) -> onnx.NodeProto | None:
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and name not in self.output_names else None
+
+    @property
+    def output_names(self) -> set[str]:
+        return {o.name for o in self.graph.output}
+
+    # --- constants -----------------------------------------------------------------------------
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant node output, else None."""
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+        return None
+
+    def add_initializer(self, base: str, value: np.ndarray) -> str:
+        name = self.unique(base)
+        tensor = numpy_helper.from_array(value, name)
+        self.graph.initializer.append(tensor)
+        self.initializers[name] = tensor
+        return name
+
+    def unique(self, base: str) -> str:
+        return f"{base}__bt{next(self._ids)}"
+
+    # --- editing -----------------------------------------------------------------------------
+
+    def make_node(
+        self,
+        op_type: str,
+        inputs: list[str],
+        outputs: list[str] | None = None,
+        name: str = "",
+        domain: str = "",
+        **attrs: Any,
+    ) -> onnx.NodeProto:
+        """A new node (not yet in the graph); outputs get fresh names when not given."""
+        node_name = self.unique(name or op_type)
+        outs = outputs if outputs is not None else [f"{node_name}_out"]
+        return helper.make_node(op_type, inputs, outs, name=node_name, domain=domain or None, **attrs)
+
+    def replace(self, remove: list[onnx.NodeProto], add: list[onnx.NodeProto]) -> None:
+        """Remove nodes and insert new ones where the first removed node stood, then re-index."""
+        remove_ids = {id(n) for n in remove}
+        nodes = list(self.graph.node)
+        position = min((i for i, n in enumerate(nodes) if id(n) in remove_ids), default=len(nodes))
+        kept = [n for n in nodes if id(n) not in remove_ids]
+        position = sum(1 for n in nodes[:position] if id(n) not in remove_ids)
+        kept[position:position] = add
+        del self.graph.node[:]
+        self.graph.node.extend(kept)
+        self.refresh()
+
+    def rename_input_everywhere(self, old: str, new: str) -> None:
+        for node in self.graph.node:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+        for output in self.graph.output:
+            if output.name == old:
+                raise ValueError("cannot rename a graph output")
+        self.refresh()
+
+    def toposort(self) -> None:
+        """Order nodes so every input is produced before it is used (inserted nodes may break it)."""
+        available = {i.name for i in self.graph.input} | set(self.initializers) | {""}
+        pending = list(self.graph.node)
+        ordered: list[onnx.NodeProto] = []
+        while pending:
+            still = []
+            for node in pending:
+                if all(name in available for name in node.input):
+                    ordered.append(node)
+                    available.update(node.output)
+                else:
+                    still.append(node)
+            if len(still) == len(pending):
+                raise ValueError(f"graph has a cycle or a dangling input near {still[0].name}")
+            pending = still
+        del self.graph.node[:]
+        self.graph.node.extend(ordered)
+        self.refresh()
+
+    def remove_dead(self) -> int:
+        """Drop nodes whose outputs nothing uses, and unused initializers; returns nodes removed."""
+        needed = set(self.output_names)
+        kept: list[onnx.NodeProto] = []
+        for node in reversed(list(self.graph.node)):
+            if any(name in needed for name in node.output):
+                kept.append(node)
+                needed.update(name for name in node.input if name)
+        removed = len(self.graph.node) - len(kept)
+        del self.graph.node[:]
+        self.graph.node.extend(reversed(kept))
+        unused = [t for t in self.graph.initializer if t.name not in needed]
+        for tensor in unused:
+            self.graph.initializer.remove(tensor)
+            self.initializers.pop(tensor.name, None)
+        self.refresh()
+        return removed
+
+    def count(self, op_type: str, domain: str = "") -> int:
+        return sum(1 for n in self.graph.node if n.op_type == op_type and (n.domain or "") == domain)
+
+    def set_opset(self, domain: str, version: int) -> None:
+        for opset in self.model.opset_import:
+            if (opset.domain or "") == domain:
+                opset.version = max(opset.version, version)
+                return
+        self.model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default

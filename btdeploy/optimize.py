@@ -1,0 +1,101 @@
+"""`btdeploy optimize`: run the graph passes on an exported head and record what they fused."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .errors import BtDeployError
+from .export import EXTERNAL_DATA_NAME, PROTOBUF_LIMIT
+from .fileio import sha256_of
+from .manifest import Manifest, read_manifest
+from .passes import FLAVOURS, expected_attention_blocks, expected_bridges, optimize_graph
+from .progress import say, step
+from .tensorrt_ops import check_tensorrt_ops
+
+
+def flavour_file(flavour: str) -> str:
+    return f"model.{flavour}.onnx"
+
+
+def save_model_atomically(model: onnx.ModelProto, path: Path) -> None:
+    """Write model (and its external data past 2 GB) under temporary names, then rename."""
+    large = model.ByteSize() > PROTOBUF_LIMIT
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    data_name = path.name.replace(".onnx", "") + "." + EXTERNAL_DATA_NAME.split(".", 1)[1] if large else None
+    try:
+        if large:
+            tmp_data = f".{data_name}.partial"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data)
+            # The model names its data file; point it at the final name before renaming both.
+            saved = onnx.load(tmp, load_external_data=False)
+            for tensor in saved.graph.initializer:
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = str(data_name)
+            onnx.save_model(saved, tmp)
+            os.replace(path.parent / tmp_data, path.parent / str(data_name))
+        else:
+            onnx.save_model(model, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def optimize_head(folder: Path, flavour: str) -> dict[str, Any]:
+    if flavour not in FLAVOURS:
+        raise BtDeployError(f"--flavour {flavour!r}: choose one of {', '.join(FLAVOURS)}")
+    manifest = read_manifest(folder)
+    config = manifest.config
+    if not manifest.model_path.is_file():
+        raise BtDeployError(f"{manifest.model_path} is missing: export the head again")
+    with step(f"optimize {manifest.head} ({flavour}): loading {manifest.model_path.name}"):
+        try:
+            model = onnx.load(str(manifest.model_path))
+        except Exception as error:
+            raise BtDeployError(f"cannot read {manifest.model_path} ({error}): export the head again") from None
+    with step(f"optimize {manifest.head} ({flavour}): running the passes"):
+        model, results = optimize_graph(model, flavour)
+    for result in results:
+        extra = ", ".join(f"{k} {v}" for k, v in result.details.items())
+        say(f"  {result.name:<24} {result.fused:>4} rewritten  nodes {result.nodes_before} -> {result.nodes_after}"
+            + (f"  ({extra})" if extra else ""))  # fmt: skip
+    attention = next(r for r in results if r.name == "attention").fused
+    bridges = next(r for r in results if r.name.startswith("bridge")).fused
+    summary: dict[str, Any] = {
+        "file": flavour_file(flavour),
+        "attention_fused": attention,
+        "attention_expected": expected_attention_blocks(config, manifest.head),
+        "bridges_fused": bridges,
+        "bridges_expected": expected_bridges(config),
+        "passes": [asdict(r) for r in results],
+        "nodes": len(model.graph.node),
+    }
+    if flavour == "trt":
+        ops = check_tensorrt_ops(model)
+        summary["tensorrt_op_check"] = {"passed": ops.passed, "unsupported": ops.unsupported, "opset": ops.opset}
+        if not ops.passed:
+            raise BtDeployError(
+                f"the trt graph of {manifest.head} has operators TensorRT cannot parse: {', '.join(ops.unsupported)}"
+            )
+    target = folder / flavour_file(flavour)
+    save_model_atomically(model, target)
+    summary["sha256"] = sha256_of(target)
+    expected_attention, expected_bridge = summary["attention_expected"], summary["bridges_expected"]
+    say(f"optimize {manifest.head} ({flavour}): attention blocks fused: {attention} of {expected_attention}, "
+        f"bridge add+LayerNorm: {bridges} of {expected_bridge} -> {target}")  # fmt: skip
+    _record(manifest, flavour, summary)
+    return summary
+
+
+def _record(manifest: Manifest, flavour: str, summary: dict[str, Any]) -> None:
+    manifest.data.setdefault("optimized", {})[flavour] = summary
+    manifest.write()

@@ -1,0 +1,199 @@
+"""The benchmark harness: statistics, interleaving, FLOP counting, skip reasons, reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from btdeploy.bench.flops import forward_flops
+from btdeploy.bench.report import CSV_COLUMNS, write_reports
+from btdeploy.bench.runner import BenchSettings, interleaved_order, resolve_variants, run_bench, time_case
+from btdeploy.bench.stats import summarize
+from btdeploy.bench.variants import VARIANTS, BenchEnv, Variant
+from btdeploy.configs import build_config
+from btdeploy.errors import BtDeployError
+from btdeploy.export import head_module
+from btdeploy.heads import HEADS
+from btdeploy.inputs import sample_inputs
+from btdeploy.manifest import read_manifest
+
+
+def test_statistics_of_known_samples() -> None:
+    seconds = [ms / 1000 for ms in range(100, 0, -1)]  # 1..100 ms, unsorted
+    stats = summarize(seconds, batch=4)
+    assert stats.samples == 100
+    assert stats.median_ms == pytest.approx(50.5)
+    assert stats.p90_ms == pytest.approx(90.1)  # linear interpolation between 90 and 91
+    assert stats.p99_ms == pytest.approx(99.01)
+    assert stats.min_ms == pytest.approx(1.0)
+    assert stats.throughput == pytest.approx(4 / 0.0505)
+    with pytest.raises(ValueError):
+        summarize([], batch=1)
+
+
+def test_interleaving_puts_every_variant_in_every_position() -> None:
+    names = ["a", "b", "c"]
+    orders = [interleaved_order(names, r) for r in range(3)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    for position in range(3):
+        assert sorted(order[position] for order in orders) == names
+
+
+class Recorder:
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+        self.description = name
+
+    def run(self, feeds: dict) -> dict:
+        self.log.append(self.name)
+        return {}
+
+
+def test_time_case_interleaves_after_warmup() -> None:
+    log: list[str] = []
+    backends = {n: Recorder(n, log) for n in ("a", "b")}
+    samples, rss = time_case(backends, {}, warmup=1, iters=3, seconds=None)  # type: ignore[arg-type]
+    assert log == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert {n: len(s) for n, s in samples.items()} == {"a": 3, "b": 3}
+    assert all(value > 0 for value in rss.values())
+
+
+def test_time_case_by_seconds_runs_at_least_three_rounds() -> None:
+    log: list[str] = []
+    samples, _ = time_case({"a": Recorder("a", log)}, {}, warmup=0, iters=None, seconds=0.0)  # type: ignore[dict-item]
+    assert len(samples["a"]) == 3
+
+
+SMALL = {
+    "hidden_size": 64,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 1,
+    "contrastive_hidden_size": 16,
+    "logit_scale_init_value": 2.6592,
+    "text_config": {"hidden_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2, "intermediate_size": 96,
+                    "vocab_size": 1000},
+    "vision_config": {"hidden_size": 64, "num_hidden_layers": 2, "image_size": 32, "patch_size": 16},
+}  # fmt: skip
+
+
+def test_flops_match_a_hand_count() -> None:
+    # Batch 1, text length 3, 5 image tokens (4 patches + CLS), width 64, FFN 96 (text and
+    # cross) and 256 (vision), 2 uni-modal layers, 1 cross layer. 2 FLOPs per multiply-add.
+    text_layer = 4 * (2 * 3 * 64 * 64) + 2 * (2 * 3 * 3 * 64) + 2 * (2 * 3 * 64 * 96)
+    vision_layer = 4 * (2 * 5 * 64 * 64) + 2 * (2 * 5 * 5 * 64) + 2 * (2 * 5 * 64 * 256)
+    patches = 2 * 4 * (3 * 16 * 16) * 64
+    text_cross = (
+        (4 * 2 * 3 * 64 * 64 + 2 * 2 * 3 * 3 * 64)
+        + (2 * (2 * 3 * 64 * 64) + 2 * (2 * 5 * 64 * 64) + 2 * (2 * 3 * 5 * 64))
+        + 2 * (2 * 3 * 64 * 96)
+    )
+    image_cross = (
+        (4 * 2 * 5 * 64 * 64 + 2 * 2 * 5 * 5 * 64)
+        + (2 * (2 * 5 * 64 * 64) + 2 * (2 * 3 * 64 * 64) + 2 * (2 * 5 * 3 * 64))
+        + 2 * (2 * 5 * 64 * 96)
+    )
+    transforms = 2 * 3 * 64 * 64 + 2 * 5 * 64 * 64
+    poolers = 2 * (2 * 64 * 64)
+    itm_classifier = 2 * 128 * 2
+    hand = (
+        2 * text_layer + patches + 2 * vision_layer + text_cross + image_cross + transforms + poolers + itm_classifier
+    )
+    config = build_config(SMALL)
+    assert forward_flops(config, "itm", 1, 3) == hand
+    assert forward_flops(config, "itm", 5, 3) == 5 * hand
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_flops_agree_with_torch_flop_counter(head: str) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = build_config(SMALL)
+    config._attn_implementation = "eager"
+    module = head_module(HEADS[head].model_class_object()(config).eval(), HEADS[head])
+    batch, length = 3, 7
+    feeds = sample_inputs(config, batch, length)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(*[torch.from_numpy(feeds[n]) for n in HEADS[head].input_names])
+    # nn.MultiheadAttention runs the vision attention in a fused CPU kernel the counter does
+    # not see: add its two MatMuls (5 tokens, width 64, 2 layers) by hand.
+    unseen = batch * 2 * 2 * (2 * 5 * 5 * 64)
+    assert forward_flops(config, head, batch, length) == counter.get_total_flops() + unseen
+
+
+def test_skip_reasons_say_why() -> None:
+    class FakeManifest:
+        head = "itm"
+        folder = Path("/nonexistent")
+
+    cpu, gpu = BenchEnv(threads=2, device="cpu"), BenchEnv(threads=2, device="cuda")
+    manifest = FakeManifest()
+    assert VARIANTS["torch-eager"].unavailable(manifest, cpu) is None  # type: ignore[arg-type]
+    assert "needs a CUDA GPU" in VARIANTS["torch-eager-fp16"].unavailable(manifest, cpu)  # type: ignore[arg-type, operator]
+    assert VARIANTS["torch-eager-bf16"].unavailable(manifest, gpu) is None  # type: ignore[arg-type]
+    assert "itm/model.ort.onnx not found" in VARIANTS["ort-fused"].unavailable(manifest, cpu)  # type: ignore[arg-type, operator]
+    assert "TensorRT needs an NVIDIA GPU" in VARIANTS["trt-fp16"].unavailable(manifest, cpu)  # type: ignore[arg-type, operator]
+    with pytest.raises(BtDeployError, match="unknown variant\\(s\\) ort-turbo"):
+        resolve_variants(["ort", "ort-turbo"])
+
+
+def test_bench_writes_every_report(tiny_export: Path, tmp_path: Path) -> None:
+    settings = BenchSettings(batch_sizes=(1, 2), text_lengths=(4, 9), warmup=1, iters=3, threads=1)
+    run = run_bench(tiny_export, ["itm"], ["torch-eager", "ort", "ort-hf-optimizer", "ort-fused", "trt-int8"], settings)
+    assert {(c.variant, c.batch, c.text_length) for c in run.cases} == {
+        (v, b, n) for v in ("torch-eager", "ort", "ort-hf-optimizer") for b in (1, 2) for n in (4, 9)
+    }
+    assert sorted(s.variant for s in run.skips) == ["ort-fused", "trt-int8"]
+    assert run.matmul_peak_gflops > 1
+    for case in run.cases:
+        assert len(case.samples_s) == 3 and case.stats.median_ms > 0
+        assert case.speedups["torch-eager"] == pytest.approx(
+            next(
+                c.stats.median_ms
+                for c in run.cases
+                if (c.variant, c.batch, c.text_length) == ("torch-eager", case.batch, case.text_length)
+            )
+            / case.stats.median_ms
+        )
+        assert "ort-hf-optimizer" in case.speedups
+    written = write_reports(run, tmp_path / "results")
+    names = sorted(p.name for p in written)
+    assert names == ["latency_itm.png", "results.csv", "results.json", "results.md"]
+    rows = list(csv.DictReader((tmp_path / "results" / "results.csv").open()))
+    assert len(rows) == 12 and list(rows[0]) == CSV_COLUMNS
+    assert {r["engine"] for r in rows} == {"torch", "onnxruntime"}
+    data = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert len(data["cases"]) == 12 and all(len(c["samples_s"]) == 3 for c in data["cases"])
+    assert data["machine"]["cpu"]["logical_cores"] >= 1 and data["matmul_peak_gflops"] > 1
+    table = (tmp_path / "results" / "results.md").read_text()
+    assert "FP32 matmul peak measured in this run" in table and table.count("| itm |") == 12
+    assert "`ort-fused` (itm): itm/model.ort.onnx not found" in table
+    with Image.open(tmp_path / "results" / "latency_itm.png") as image:
+        assert image.size[0] > 800
+    assert (read_manifest(tiny_export / "itm").folder / "hf-optimizer" / "model.hf-optimizer.onnx").is_file()
+
+
+def test_interrupt_keeps_finished_cases(tiny_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+
+    class Interrupting:
+        description = "interrupting"
+
+        def run(self, feeds: dict) -> dict:
+            calls["n"] += 1
+            if calls["n"] > 2:  # warm-up + one round of the first case, then Ctrl-C
+                raise KeyboardInterrupt
+            return {}
+
+    fake = Variant("fake", "torch", "fp32", lambda m, e: None, lambda m, e: Interrupting())  # type: ignore[arg-type, return-value]
+    monkeypatch.setitem(VARIANTS, "fake", fake)
+    settings = BenchSettings(batch_sizes=(1, 2), text_lengths=(4,), warmup=1, iters=1, threads=1)
+    run = run_bench(tiny_export, ["itm"], ["fake"], settings)
+    assert run.interrupted
+    assert [(c.batch, c.text_length) for c in run.cases] == [(1, 4)]
+    assert np.isfinite(run.cases[0].stats.median_ms)

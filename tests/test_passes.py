@@ -1,0 +1,148 @@
+"""Graph passes: every attention block and bridge fused, in both flavours, at FP32 parity."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import btdeploy
+from btdeploy.check import check_export
+from btdeploy.errors import BtDeployError
+from btdeploy.heads import HEADS
+from btdeploy.inputs import sample_inputs
+from btdeploy.manifest import read_manifest
+from btdeploy.optimize import optimize_head
+from btdeploy.passes import expected_attention_blocks, expected_bridges
+from btdeploy.tensorrt_ops import check_tensorrt_ops
+
+FUSED_ATTENTION_OPS = {"ort": {("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention")},
+                       "trt": {("", "Attention")}}  # fmt: skip
+
+
+def _ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    return [(n.domain or "", n.op_type) for n in model.graph.node]
+
+
+@pytest.fixture(scope="module", params=["tiny", "non-default"])
+def optimized(
+    request: pytest.FixtureRequest,
+    tiny_export: Path,
+    non_default_export: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    source = tiny_export if request.param == "tiny" else non_default_export
+    out = tmp_path_factory.mktemp(f"optimized-{request.param}")
+    for head in HEADS:
+        shutil.copytree(source / head, out / head)
+        for flavour in ("ort", "trt"):
+            optimize_head(out / head, flavour)
+    return out
+
+
+@pytest.mark.parametrize("flavour", ["ort", "trt"])
+@pytest.mark.parametrize("head", list(HEADS))
+def test_every_attention_block_and_bridge_is_fused(optimized: Path, head: str, flavour: str) -> None:
+    manifest = read_manifest(optimized / head)
+    config = manifest.config
+    plain = onnx.load(str(optimized / head / "model.onnx"))
+    fused = onnx.load(str(optimized / head / f"model.{flavour}.onnx"))
+    # M from the config must equal what the plain graph holds: one Softmax per live block.
+    expected = expected_attention_blocks(config, head)
+    assert sum(op == "Softmax" for _, op in _ops(plain)) == expected
+    record = manifest.data["optimized"][flavour]
+    assert record["attention_fused"] == record["attention_expected"] == expected
+    assert sum(op in FUSED_ATTENTION_OPS[flavour] for op in _ops(fused)) == expected
+    assert not any(op == "Softmax" for _, op in _ops(fused)), "an attention block was left unfused"
+    assert record["bridges_fused"] == expected_bridges(config) == 2 * (config.num_hidden_layers - 1)
+    if flavour == "ort":
+        # Cross-attention, plus the last layer's self-attention in both stacks where only the
+        # [CLS] row is read (itm, itc): its query is one row, its keys all tokens.
+        cross = sum(op == ("com.microsoft", "MultiHeadAttention") for op in _ops(fused))
+        one_row = 2 if head in ("itm", "itc") else 0
+        assert cross == 2 * config.num_hidden_layers - (1 if head == "mlm" else 0) + one_row
+        assert sum(op == ("com.microsoft", "SkipLayerNormalization") for op in _ops(fused)) > expected_bridges(config)
+    else:
+        assert check_tensorrt_ops(fused).passed
+        assert record["tensorrt_op_check"]["passed"] and record["tensorrt_op_check"]["opset"] == 23
+        assert all(domain == "" for domain, _ in _ops(fused))
+        assert sum(op == "LayerNormalization" for _, op in _ops(fused)) == sum(
+            op == "LayerNormalization" for _, op in _ops(plain)
+        )
+
+
+@pytest.mark.parametrize("flavour", ["ort", "trt"])
+@pytest.mark.parametrize("head", list(HEADS))
+def test_cls_only_heads_compute_one_row_of_the_last_layer(optimized: Path, head: str, flavour: str) -> None:
+    passes = {p["name"]: p for p in read_manifest(optimized / head).data["optimized"][flavour]["passes"]}
+    cls_rows = passes["[CLS]-only rows"]
+    # itm and itc read the last cross layer of both stacks through the poolers only: all four
+    # of its attention blocks run for one query row. base and mlm read every row.
+    assert cls_rows["fused"] == (4 if head in ("itm", "itc") else 0)
+    assert cls_rows["nodes_after"] <= cls_rows["nodes_before"]
+
+
+@pytest.mark.parametrize("flavour", ["ort", "trt"])
+def test_optimized_graphs_keep_fp32_parity(optimized: Path, flavour: str) -> None:
+    rows = check_export(optimized, batch_sizes=(1, 3), text_lengths=(2, 33), flavour=flavour)
+    assert len(rows) == sum(len(h.outputs) for h in HEADS.values())
+    for row in rows:
+        assert row.passed, (row.head, row.output, row.stats.max_abs, row.stats.cosine)
+
+
+def test_interpolate_bridges_fuse_too(non_default_checkpoint: Path, tmp_path: Path) -> None:
+    import json
+
+    from btdeploy.export import export_head
+    from btdeploy.models import resolve_model
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(non_default_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["link_tower_type"] = "interpolate"
+    (folder / "config.json").write_text(json.dumps(config))
+    export_head(resolve_model(str(folder), seed=3), "itm", tmp_path / "out")
+    for flavour in ("ort", "trt"):
+        summary = optimize_head(tmp_path / "out" / "itm", flavour)
+        assert summary["bridges_fused"] == 2 and summary["attention_fused"] == summary["attention_expected"] == 16
+    rows = check_export(tmp_path / "out", batch_sizes=(2,), text_lengths=(7,), flavour="ort")
+    assert all(row.passed for row in rows)
+
+
+def test_the_operator_check_rejects_contrib_and_unknown_ops(optimized: Path) -> None:
+    ort_graph = onnx.load(str(optimized / "itm" / "model.ort.onnx"))
+    verdict = check_tensorrt_ops(ort_graph)
+    assert not verdict.passed
+    assert any(item.startswith("com.microsoft::Attention") for item in verdict.unsupported)
+    trt_graph = onnx.load(str(optimized / "itm" / "model.trt.onnx"))
+    assert check_tensorrt_ops(trt_graph).passed
+    planted = helper.make_node("FastGelu", [trt_graph.graph.node[0].output[0]], ["planted"], domain="com.microsoft")
+    trt_graph.graph.node.append(planted)
+    assert check_tensorrt_ops(trt_graph).unsupported == ["com.microsoft::FastGelu (1)"]
+    trt_graph.graph.node.append(helper.make_node("StringNormalizer", ["planted"], ["planted2"]))
+    assert "StringNormalizer (1)" in check_tensorrt_ops(trt_graph).unsupported
+
+
+def test_runtime_loads_a_flavour_and_says_how_to_make_a_missing_one(optimized: Path, tmp_path: Path) -> None:
+    runtime = btdeploy.load(optimized, head="itc", flavour="ort")
+    reference = btdeploy.load(optimized, head="itc")
+    feeds = sample_inputs(runtime.config, 2, 6)
+    np.testing.assert_allclose(runtime(**feeds).cross_embeds, reference(**feeds).cross_embeds, atol=1e-5)
+    bare = tmp_path / "itm"
+    shutil.copytree(optimized / "itm", bare)
+    (bare / "model.trt.onnx").unlink()
+    with pytest.raises(BtDeployError, match="model.trt.onnx does not exist: run btdeploy optimize .* --flavour trt"):
+        btdeploy.load(bare, flavour="trt")
+
+
+def test_optimize_refuses_a_damaged_model(tiny_export: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "itm"
+    shutil.copytree(tiny_export / "itm", folder)
+    (folder / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(BtDeployError, match="cannot read .*model.onnx .*export the head again"):
+        optimize_head(folder, "ort")
+    assert not (folder / "model.ort.onnx").exists()

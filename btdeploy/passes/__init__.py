@@ -28,7 +28,7 @@ PASSES: list[tuple[str, Callable[[Graph, str], PassResult]]] = [
     ("cleanup", cleanup),
 ]
 
-TRT_OPSET = 23  # ONNX Attention
+ATTENTION_OPSET = 23  # ONNX Attention
 
 
 def expected_attention_blocks(config: Any, head: str) -> int:
@@ -50,10 +50,10 @@ def expected_bridges(config: Any) -> int:
 def optimize_graph(model: onnx.ModelProto, flavour: str) -> tuple[onnx.ModelProto, list[PassResult]]:
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}")
-    if flavour == "trt":
-        from onnx import version_converter
+    from onnx import version_converter
 
-        model = version_converter.convert_version(model, TRT_OPSET)
+    # Both flavours use the ONNX Attention operator, so both graphs move to its opset.
+    model = version_converter.convert_version(model, ATTENTION_OPSET)
     graph = Graph(model)
     results = []
     for _, run in PASSES:

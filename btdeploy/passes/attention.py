@@ -9,11 +9,13 @@ stacks, the same shape:
     y = Reshape(Transpose(MatMul(Softmax(MatMul(q, k) [+ text mask]), v), (0, 2, 1, 3)), [B, S, W])
 
 x == m is self-attention, otherwise cross-attention (K/V from the other modality).
-- ort: self-attention -> com.microsoft.Attention (one packed QKV GEMM, bias and mask inside);
-  cross-attention -> com.microsoft.MultiHeadAttention (Q, K, V GEMM outputs, packed bias).
-  The mask becomes the raw attention_mask as int32 (key padding).
-- trt: ONNX Attention (opset 23) on the biased Q, K, V with the scale as an attribute and a
-  boolean mask [B, 1, S, L]: standard operators only, cross-attention included.
+Both flavours fuse it into the ONNX Attention operator (opset 23) on the biased Q, K, V, with
+the scale as an attribute and a boolean mask [B, 1, S, L] built once from `attention_mask`:
+standard operators only, cross-attention included, which TensorRT's parser takes (10.14+).
+The `ort` flavour uses it too because it was the faster one on ONNX Runtime's CPU provider:
+on base ITM, batch 4, length 40, com.microsoft.Attention (packed QKV) + MultiHeadAttention
+cost 3.10 s of kernel time per run against 3.01 s for separate Q/K/V MatMuls + ONNX Attention
+(benchmarks/profile_ort.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import onnx
 
 from ..graph import Graph, attribute
-from .base import MS_DOMAIN, PassResult, scalar_operand, split_bias_add
+from .base import PassResult, scalar_operand, split_bias_add
 
 TEXT_MASK_INPUT = "attention_mask"
 
@@ -168,17 +170,7 @@ class _MaskCache:
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self.nodes: list[onnx.NodeProto] = []
-        self._int32: str | None = None
         self._bool4: str | None = None
-
-    def int32(self) -> str:
-        if self._int32 is None:
-            node = self.graph.make_node(
-                "Cast", [TEXT_MASK_INPUT], name="attention_mask_int32", to=onnx.TensorProto.INT32
-            )
-            self.nodes.append(node)
-            self._int32 = node.output[0]
-        return self._int32
 
     def bool_for(self, query: str) -> tuple[str, list[onnx.NodeProto]]:
         """[B, 1, S, L] boolean mask for a query tensor of S tokens (ONNX Runtime wants S explicit)."""
@@ -197,26 +189,7 @@ class _MaskCache:
         return expand.output[0], [shape, target, expand]
 
 
-def _fused_ort(graph: Graph, block: AttentionBlock, masks: _MaskCache) -> list[onnx.NodeProto]:
-    mask = masks.int32() if block.mask is not None else ""
-    bias = graph.add_initializer(
-        "qkv_bias", np.concatenate([block.q.bias, block.k.bias, block.v.bias]).astype(np.float32)
-    )
-    if block.q.source == block.k.source:
-        weight = graph.add_initializer(
-            "qkv_weight", np.concatenate([block.q.weight, block.k.weight, block.v.weight], axis=1).astype(np.float32)
-        )
-        inputs = [block.q.source, weight, bias] + ([mask] if mask else [])
-        return [graph.make_node("Attention", inputs, [block.output], name="Attention", domain=MS_DOMAIN,
-                                num_heads=block.heads, scale=block.scale)]  # fmt: skip
-    matmuls = [block.q.nodes[0], block.k.nodes[0], block.v.nodes[0]]
-    inputs = [block.q.matmul_out, block.k.matmul_out, block.v.matmul_out, bias] + ([mask] if mask else [])
-    mha = graph.make_node("MultiHeadAttention", inputs, [block.output], name="MultiHeadAttention", domain=MS_DOMAIN,
-                          num_heads=block.heads, scale=block.scale)  # fmt: skip
-    return [*matmuls, mha]
-
-
-def _fused_trt(graph: Graph, block: AttentionBlock, masks: _MaskCache) -> list[onnx.NodeProto]:
+def _fused(graph: Graph, block: AttentionBlock, masks: _MaskCache) -> list[onnx.NodeProto]:
     nodes = [*block.q.nodes, *block.k.nodes, *block.v.nodes]
     inputs = [block.q.biased, block.k.biased, block.v.biased]
     if block.mask is not None:
@@ -239,14 +212,12 @@ def fuse_attention(graph: Graph, flavour: str) -> PassResult:
         block = match(graph, softmax)
         if block is None:
             continue
-        fused = _fused_ort(graph, block, masks) if flavour == "ort" else _fused_trt(graph, block, masks)
+        fused = _fused(graph, block, masks)
         graph.replace(block.nodes + block.q.nodes + block.k.nodes + block.v.nodes, fused)
         details["self" if block.q.source == block.k.source else "cross"] += 1
     if masks.nodes:
         graph.graph.node.extend(masks.nodes)
-    if flavour == "ort":
-        graph.set_opset(MS_DOMAIN, 1)
-    elif details["self"] + details["cross"]:
+    if details["self"] + details["cross"]:
         graph.set_opset("", 23)
     graph.toposort()
     result.fused = details["self"] + details["cross"]

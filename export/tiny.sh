@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Export every head of the tiny preset and check it against PyTorch.
+# Export every head of the tiny preset, optimize it in both flavours, and check every graph against PyTorch.
 set -euo pipefail
 out=${1:-btdeploy-out/tiny}
 btdeploy export --model tiny --heads all --out "$out"
-btdeploy check "$out" --batch-sizes 1,3 --seq-lens 5,40 --report "$out/parity.json"
+btdeploy check "$out" --batch-sizes 1,3 --seq-lens 5,40 --report "$out/parity.plain.json"
+for flavour in ort trt; do
+  btdeploy optimize "$out" --flavour "$flavour"
+  btdeploy check "$out" --flavour "$flavour" --batch-sizes 1,3 --seq-lens 5,40 --report "$out/parity.$flavour.json"
+done

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -101,15 +102,16 @@ class Graph:
         self.graph.node.extend(kept)
         self.refresh()
 
-    def rename_input_everywhere(self, old: str, new: str) -> None:
-        for node in self.graph.node:
-            for i, name in enumerate(node.input):
-                if name == old:
-                    node.input[i] = new
-        for output in self.graph.output:
-            if output.name == old:
-                raise ValueError("cannot rename a graph output")
-        self.refresh()
+    def each_once(self, wanted: Callable[[onnx.NodeProto], bool]) -> Iterator[onnx.NodeProto]:
+        """Yield each node `wanted` accepts once, even while the caller rewrites the graph.
+
+        Rewrites replace the graph's node objects, so the scan restarts after every yield and
+        remembers the nodes it gave out by name.
+        """
+        seen: set[str] = set()
+        while node := next((n for n in self.graph.node if n.name not in seen and wanted(n)), None):
+            seen.add(node.name)
+            yield node
 
     def toposort(self) -> None:
         """Order nodes so every input is produced before it is used (inserted nodes may break it)."""

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..fileio import write_json
+from ..fileio import write_bytes, write_json, write_text
 from .runner import BenchRun
 from .variants import BASELINES, VARIANTS
 
@@ -124,14 +122,6 @@ def markdown(run: BenchRun) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def plot(run: BenchRun, path: Path, head: str) -> bool:
     """Median latency against batch size (one panel) and against text length (the other),
     one line per variant. Returns False when there is nothing to plot."""
@@ -179,11 +169,7 @@ def plot(run: BenchRun, path: Path, head: str) -> bool:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(buffer.getvalue())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_bytes(path, buffer.getvalue())
     return True
 
 
@@ -207,8 +193,8 @@ def write_reports(run: BenchRun, out: Path) -> list[Path]:
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(csv_rows(run))
-    _write_text(out / "results.csv", buffer.getvalue())
-    _write_text(out / "results.md", markdown(run))
+    write_text(out / "results.csv", buffer.getvalue())
+    write_text(out / "results.md", markdown(run))
     written += [out / "results.csv", out / "results.md"]
     for head in dict.fromkeys(c.head for c in run.cases):
         if plot(run, out / f"latency_{head}.png", head):

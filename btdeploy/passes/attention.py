@@ -205,10 +205,7 @@ def fuse_attention(graph: Graph, flavour: str) -> PassResult:
     result = PassResult("attention", nodes_before=len(graph.graph.node))
     masks = _MaskCache(graph)
     details = {"self": 0, "cross": 0}
-    seen: set[str] = set()
-    # Re-scan after each rewrite: editing the graph replaces its node objects.
-    while softmax := next((n for n in graph.graph.node if n.op_type == "Softmax" and n.name not in seen), None):
-        seen.add(softmax.name)
+    for softmax in graph.each_once(lambda n: n.op_type == "Softmax"):
         block = match(graph, softmax)
         if block is None:
             continue

@@ -55,9 +55,7 @@ def _match_quick_gelu(graph: Graph, sigmoid: onnx.NodeProto) -> tuple[str, float
 def fuse_gelu(graph: Graph, flavour: str) -> PassResult:
     result = PassResult("GELU/QuickGELU + bias", nodes_before=len(graph.graph.node))
     details = {"gelu": 0, "quick_gelu": 0, "bias_folded": 0}
-    seen: set[str] = set()
-    while erf := next((n for n in graph.graph.node if n.op_type == "Erf" and n.name not in seen), None):
-        seen.add(erf.name)
+    for erf in graph.each_once(lambda n: n.op_type == "Erf"):
         found = _match_gelu(graph, erf)
         if found is None:
             continue
@@ -78,9 +76,7 @@ def fuse_gelu(graph: Graph, flavour: str) -> PassResult:
                 graph.replace(nodes, [graph.make_node("Gelu", [x], [output], name="Gelu", domain=MS_DOMAIN)])
         details["gelu"] += 1
     if flavour == "ort":
-        seen = set()
-        while sigmoid := next((n for n in graph.graph.node if n.op_type == "Sigmoid" and n.name not in seen), None):
-            seen.add(sigmoid.name)
+        for sigmoid in graph.each_once(lambda n: n.op_type == "Sigmoid"):
             quick = _match_quick_gelu(graph, sigmoid)
             if quick is None:
                 continue

@@ -25,18 +25,15 @@ def _is_bridge(node: onnx.NodeProto) -> bool:
     return BRIDGE_SCOPE in node.name
 
 
-def _candidates(graph: Graph, bridges: bool) -> list[onnx.NodeProto]:
-    found = []
-    for node in graph.graph.node:
-        if node.op_type != "LayerNormalization" or _is_bridge(node) != bridges:
-            continue
-        if attribute(node, "axis", -1) != -1 or len(node.input) < 3:
-            continue
-        add = graph.parent(node, 0, "Add")
-        if add is None or any(graph.constant(name) is not None for name in add.input):
-            continue  # a sum with a constant (token-type embedding) is not a skip connection
-        found.append(node)
-    return found
+def _is_candidate(graph: Graph, node: onnx.NodeProto, bridges: bool) -> bool:
+    """LayerNormalization(Add(a, b)) over the last axis, in the bridge scope or outside it."""
+    if node.op_type != "LayerNormalization" or _is_bridge(node) != bridges:
+        return False
+    if attribute(node, "axis", -1) != -1 or len(node.input) < 3:
+        return False
+    add = graph.parent(node, 0, "Add")
+    # A sum with a constant (token-type embedding) is not a skip connection.
+    return add is not None and all(graph.constant(name) is None for name in add.input)
 
 
 def _fuse_one(graph: Graph, layer_norm: onnx.NodeProto) -> bool:
@@ -70,11 +67,9 @@ def _fuse_one(graph: Graph, layer_norm: onnx.NodeProto) -> bool:
 def _run(graph: Graph, flavour: str, bridges: bool, name: str) -> PassResult:
     result = PassResult(name, nodes_before=len(graph.graph.node))
     if flavour == "trt":
-        result.fused = len(_candidates(graph, bridges))
+        result.fused = sum(_is_candidate(graph, n, bridges) for n in graph.graph.node)
     else:
-        seen: set[str] = set()
-        while node := next((n for n in _candidates(graph, bridges) if n.name not in seen), None):
-            seen.add(node.name)
+        for node in graph.each_once(lambda n: _is_candidate(graph, n, bridges)):
             result.fused += int(_fuse_one(graph, node))
         graph.set_opset(MS_DOMAIN, 1)
     result.nodes_after = len(graph.graph.node)

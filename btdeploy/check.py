@@ -7,7 +7,7 @@ from typing import Any
 
 from .fileio import write_json
 from .heads import get_head
-from .manifest import head_folders, read_manifest
+from .manifest import head_folders, precision_file, read_manifest
 from .parity import ParityRow, check_head, parse_shapes
 from .progress import step
 from .runtime import BACKENDS
@@ -23,7 +23,12 @@ def check_export(
     providers: list[str] | None = None,
     report: Path | None = None,
     flavour: str | None = None,
+    precision: str = "fp32",
 ) -> list[ParityRow]:
+    """Reference vs the chosen graph; a reduced `precision` reads model.<flavour>.<precision>.onnx
+    (flavour ort unless given) and is held to that precision's tolerances."""
+    if precision != "fp32" and not flavour:
+        flavour = "ort"
     rows: list[ParityRow] = []
     for folder in head_folders(Path(root), heads):
         manifest = read_manifest(folder)
@@ -32,20 +37,23 @@ def check_export(
         shapes = parse_shapes(list(batch_sizes), list(text_lengths), config)
         with step(f"check {head.name}: rebuilding the PyTorch reference"):
             reference = TorchBackend.from_manifest(manifest)
-        candidate = BACKENDS[backend](manifest, providers=providers, flavour=flavour)
+        candidate = BACKENDS[backend](manifest, providers=providers, flavour=flavour, precision=precision)
         shape_text = ", ".join(f"{b}x{n}" for b, n in shapes)
         with step(f"check {head.name}: {candidate.description} vs reference at batch x length {shape_text}"):
-            rows += check_head(head, config, reference, candidate, shapes)
+            rows += check_head(head, config, reference, candidate, shapes, precision)
         del reference
     if report is not None:
-        write_json(Path(report), report_data(rows, backend, flavour))
+        write_json(Path(report), report_data(rows, backend, flavour, precision))
     return rows
 
 
-def report_data(rows: list[ParityRow], backend: str, flavour: str | None = None) -> dict[str, Any]:
+def report_data(
+    rows: list[ParityRow], backend: str, flavour: str | None = None, precision: str = "fp32"
+) -> dict[str, Any]:
     return {
         "backend": backend,
-        "graph": f"model.{flavour}.onnx" if flavour else "model.onnx",
+        "graph": precision_file(flavour, precision) if flavour else "model.onnx",
+        "precision": precision,
         "passed": all(r.passed for r in rows),
         "rows": [r.to_json() for r in rows],
     }

@@ -1,4 +1,4 @@
-"""The `btdeploy` command line: export, optimize, check, run, bench, pipeline."""
+"""The `btdeploy` command line: export, optimize, quantize, check, run, bench, pipeline."""
 
 from __future__ import annotations
 
@@ -36,7 +36,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     heads = parse_heads(args.heads) if args.heads else None
     rows = check_export(
-        Path(args.dir), heads, args.batch_sizes, args.seq_lens, args.backend, args.providers, args.report, args.flavour
+        Path(args.dir),
+        heads,
+        args.batch_sizes,
+        args.seq_lens,
+        args.backend,
+        args.providers,
+        args.report,
+        args.flavour,
+        args.precision,
     )
     print(format_rows(rows))
     passed = all(row.passed for row in rows)
@@ -65,6 +73,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     heads = parse_heads(args.heads) if args.heads else None
     for folder in head_folders(Path(args.dir), heads):
         optimize_head(folder, args.flavour)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .heads import parse_heads
+    from .manifest import head_folders
+    from .precision import quantize_head
+
+    heads = parse_heads(args.heads) if args.heads else None
+    for folder in head_folders(Path(args.dir), heads):
+        quantize_head(folder, args.precision, args.flavour, args.calib_images, args.calib_texts, args.calib_size)
     return 0
 
 
@@ -111,7 +130,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .calibration import DEFAULT_CALIB_SIZE
     from .export import DEFAULT_OPSET
+    from .heads import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="btdeploy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -137,11 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
     check.add_argument("--report", type=Path, default=None, help="write the rows as JSON")
     check.add_argument("--flavour", choices=["ort", "trt"], default=None, help="check the optimized graph")
+    check.add_argument(
+        "--precision",
+        choices=["fp32", *PRECISIONS],
+        default="fp32",
+        help="check model.<flavour>.<precision>.onnx (flavour ort unless given) at that precision's tolerances",
+    )
 
     optimize = add("optimize", cmd_optimize, "fuse attention, bridge and residual add+LayerNorm, GELU")
     optimize.add_argument("dir", help="export folder or one head folder")
     optimize.add_argument("--flavour", required=True, choices=["ort", "trt"])
     optimize.add_argument("--heads", default=None, help="comma list (default: every exported head)")
+
+    quantize = add("quantize", cmd_quantize, "write FP16 (AutoCast), INT8 (explicit Q/DQ) or dynamic INT8 graphs")
+    quantize.add_argument("dir", help="export folder or one head folder (optimize it first)")
+    quantize.add_argument("--precision", required=True, choices=list(PRECISIONS))
+    quantize.add_argument("--flavour", choices=["ort", "trt"], default="ort")
+    quantize.add_argument("--heads", default=None, help="comma list (default: every exported head)")
+    quantize.add_argument("--calib-images", type=Path, default=None, help="folder of calibration images")
+    quantize.add_argument("--calib-texts", type=Path, default=None, help="text file, one caption per line")
+    quantize.add_argument("--calib-size", type=int, default=DEFAULT_CALIB_SIZE, help="image-caption pairs")
 
     run = add("run", cmd_run, "score texts against an image with an exported head")
     run.add_argument("dir", help="export folder or one head folder")

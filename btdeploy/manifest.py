@@ -28,6 +28,11 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
+def precision_file(flavour: str, precision: str) -> str:
+    """model.<flavour>.onnx for FP32 (what optimize writes), model.<flavour>.<precision>.onnx otherwise."""
+    return f"model.{flavour}.onnx" if precision == "fp32" else f"model.{flavour}.{precision}.onnx"
+
+
 @dataclass
 class Manifest:
     """A thin view over manifest.json with the fields the rest of btdeploy reads."""
@@ -43,11 +48,21 @@ class Manifest:
     def model_path(self) -> Path:
         return self.folder / MODEL_NAME
 
-    def graph_path(self, flavour: str | None = None) -> Path:
-        """model.onnx, or the optimized model.<flavour>.onnx (with a clear error when absent)."""
+    def graph_path(self, flavour: str | None = None, precision: str | None = None) -> Path:
+        """model.onnx, the optimized model.<flavour>.onnx, or its model.<flavour>.<precision>.onnx
+        (with a clear error that names the command which makes it when it is absent)."""
+        if precision and precision != "fp32":
+            flavour = flavour or "ort"
+            path = self.folder / precision_file(flavour, precision)
+            if not path.is_file():
+                raise BtDeployError(
+                    f"{path} does not exist: run btdeploy quantize {self.folder} --flavour {flavour} "
+                    f"--precision {precision}"
+                )
+            return path
         if not flavour:
             return self.model_path
-        path = self.folder / f"model.{flavour}.onnx"
+        path = self.folder / precision_file(flavour, "fp32")
         if not path.is_file():
             raise BtDeployError(f"{path} does not exist: run btdeploy optimize {self.folder} --flavour {flavour}")
         return path

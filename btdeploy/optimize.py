@@ -13,14 +13,10 @@ import onnx
 from .errors import BtDeployError
 from .export import EXTERNAL_DATA_NAME, PROTOBUF_LIMIT
 from .fileio import sha256_of
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, precision_file, read_manifest
 from .passes import FLAVOURS, expected_attention_blocks, expected_bridges, optimize_graph
 from .progress import say, step
 from .tensorrt_ops import check_tensorrt_ops
-
-
-def flavour_file(flavour: str) -> str:
-    return f"model.{flavour}.onnx"
 
 
 def save_model_atomically(model: onnx.ModelProto, path: Path) -> None:
@@ -71,7 +67,7 @@ def optimize_head(folder: Path, flavour: str) -> dict[str, Any]:
     attention = next(r for r in results if r.name == "attention").fused
     bridges = next(r for r in results if r.name.startswith("bridge")).fused
     summary: dict[str, Any] = {
-        "file": flavour_file(flavour),
+        "file": precision_file(flavour, "fp32"),
         "attention_fused": attention,
         "attention_expected": expected_attention_blocks(config, manifest.head),
         "bridges_fused": bridges,
@@ -86,7 +82,7 @@ def optimize_head(folder: Path, flavour: str) -> dict[str, Any]:
             raise BtDeployError(
                 f"the trt graph of {manifest.head} has operators TensorRT cannot parse: {', '.join(ops.unsupported)}"
             )
-    target = folder / flavour_file(flavour)
+    target = folder / precision_file(flavour, "fp32")
     save_model_atomically(model, target)
     summary["sha256"] = sha256_of(target)
     expected_attention, expected_bridge = summary["attention_expected"], summary["bridges_expected"]

@@ -19,7 +19,8 @@ class OutputStats:
     """Errors of one output; merged across shapes by keeping the worst of each."""
 
     max_abs: float = 0.0
-    max_rel: float = 0.0  # max |got - ref| / (|ref| + tolerance.max_abs)
+    max_rel: float = 0.0  # max |got - ref| / (|ref| + the absolute bound)
+    of_range: float = 0.0  # max |got - ref| / max |ref|: what reduced precisions are bounded by
     cosine: float = 1.0
     argmax_agree: int = 0
     argmax_counted: int = 0  # positions whose reference top-2 margin is clear of the tolerance
@@ -29,6 +30,7 @@ class OutputStats:
     def merge(self, other: OutputStats) -> None:
         self.max_abs = max(self.max_abs, other.max_abs)
         self.max_rel = max(self.max_rel, other.max_rel)
+        self.of_range = max(self.of_range, other.of_range)
         self.cosine = min(self.cosine, other.cosine)
         self.argmax_agree += other.argmax_agree
         self.argmax_counted += other.argmax_counted
@@ -47,17 +49,20 @@ def compare(reference: np.ndarray, got: np.ndarray, spec: OutputSpec, tolerance:
     out = got.astype(np.float64)
     stats = OutputStats(non_finite=int(np.size(out) - np.isfinite(out).sum()))
     if stats.non_finite:
-        stats.max_abs = stats.max_rel = float("inf")
+        stats.max_abs = stats.max_rel = stats.of_range = float("inf")
         stats.cosine = float("nan")
         return stats
     diff = np.abs(out - ref)
+    reference_range = float(np.abs(ref).max(initial=0.0))
+    bound = tolerance.bound(reference_range)
     stats.max_abs = float(diff.max(initial=0.0))
-    stats.max_rel = float((diff / (np.abs(ref) + tolerance.max_abs)).max(initial=0.0))
+    stats.max_rel = float((diff / (np.abs(ref) + bound)).max(initial=0.0)) if bound > 0 else 0.0
+    stats.of_range = stats.max_abs / reference_range if reference_range > 0 else 0.0
     norms = np.linalg.norm(ref) * np.linalg.norm(out)
     stats.cosine = float(np.dot(ref.ravel(), out.ravel()) / norms) if norms > 0 else float(np.array_equal(ref, out))
     if spec.is_logits and ref.shape[-1] >= 2:
         top2 = np.sort(ref.reshape(-1, ref.shape[-1]), axis=-1)[:, -2:]
-        clear = (top2[:, 1] - top2[:, 0]) > tolerance.argmax_margin
+        clear = (top2[:, 1] - top2[:, 0]) > tolerance.argmax_margin(reference_range)
         agree = ref.reshape(-1, ref.shape[-1]).argmax(-1) == out.reshape(-1, out.shape[-1]).argmax(-1)
         stats.argmax_total = int(clear.size)
         stats.argmax_counted = int(clear.sum())
@@ -70,7 +75,7 @@ def passes(stats: OutputStats, tolerance: Tolerance) -> bool:
         return False
     agreement = stats.argmax_agreement
     return (
-        stats.max_abs <= tolerance.max_abs
+        (tolerance.of_range or stats.max_abs <= tolerance.max_abs)
         and stats.cosine >= tolerance.min_cosine
         and (agreement is None or agreement >= tolerance.min_argmax_agreement)
     )
@@ -97,7 +102,7 @@ class ParityRow:
             "passed": self.passed,
             **asdict(self.stats),
             "argmax_agreement": self.stats.argmax_agreement,
-            "tolerance": {**asdict(self.tolerance), "argmax_margin": self.tolerance.argmax_margin},
+            "tolerance": {**asdict(self.tolerance), "text": self.tolerance.describe()},
             "per_shape": self.per_shape,
         }
 
@@ -150,11 +155,11 @@ def _argmax_cell(stats: OutputStats) -> str:
     return f"{100 * agreement:.1f}% {stats.argmax_agree}/{stats.argmax_counted}/{stats.argmax_total}"
 
 
-_COLUMNS = "{:<5} {:<15} {:>9} {:>9} {:>10} {:>22}  {:<26} {}"
+_COLUMNS = "{:<5} {:<15} {:>9} {:>9} {:>10} {:>22}  {:<40} {}"
 
 
 def format_rows(rows: list[ParityRow]) -> str:
-    header = _COLUMNS.format("head", "output", "max_abs", "max_rel", "cosine", "argmax", "tolerance", "verdict")
+    header = _COLUMNS.format("head", "output", "max_abs", "of_range", "cosine", "argmax", "tolerance", "verdict")
     lines = [header, "-" * len(header)]
     for row in rows:
         s, t = row.stats, row.tolerance
@@ -164,12 +169,16 @@ def format_rows(rows: list[ParityRow]) -> str:
                 row.head,
                 row.output,
                 f"{s.max_abs:.2e}",
-                f"{s.max_rel:.2e}",
+                f"{s.of_range:.2e}",
                 f"{s.cosine:.7f}",
                 _argmax_cell(s),
-                f"abs<={t.max_abs:g} cos>={t.min_cosine:g}",
+                t.describe(),
                 verdict,
             )
         )
-    lines.append("argmax: agreement, agreeing/clear-margin/all positions (clear: top-2 margin > 2 x the abs bound)")
+    lines.append(
+        "of_range: max_abs / max |reference|.  argmax: agreement, agreeing/clear/all positions "
+        "(clear: the reference's top-2 margin > 2 x the error bound, the bound taken of the batch's range "
+        "where the tolerance says 'of range')"
+    )
     return "\n".join(lines)

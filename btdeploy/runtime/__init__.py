@@ -41,7 +41,7 @@ class Runtime:
 def _onnxruntime(manifest: Manifest, **options: Any) -> Backend:
     from .onnxruntime_backend import OnnxRuntimeBackend
 
-    path = manifest.graph_path(options.get("flavour"))
+    path = manifest.graph_path(options.get("flavour"), options.get("precision"))
     return OnnxRuntimeBackend(
         path, get_head(manifest.head).output_names, options.get("providers"), options.get("threads")
     )
@@ -75,7 +75,8 @@ def load(
     """Load an exported head. `backend`: onnxruntime (default) or torch (the reference).
 
     With `flavour="ort"` or `"trt"`, ONNX Runtime runs that optimized graph (btdeploy optimize)
-    instead of the plain export."""
+    instead of the plain export; with `precision="fp16"`, `"int8"` or `"int8-dynamic"` it runs
+    that flavour's quantized graph (btdeploy quantize)."""
     if backend not in BACKENDS:
         raise BtDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     manifest = find_head(path, head)

@@ -64,6 +64,8 @@ class QdqSummary:
     asymmetric: list[str] = field(default_factory=list)  # non-zero zero points
     not_int8: list[str] = field(default_factory=list)
     quantized_no_qdq_ops: list[str] = field(default_factory=list)  # LayerNorm/Softmax fed by a DQ
+    quantized_matmuls: int = 0  # both inputs dequantized
+    unquantized_matmuls: list[str] = field(default_factory=list)  # left in high precision by the quantizer
 
 
 def _zero_point(model: onnx.ModelProto, node: onnx.NodeProto) -> onnx.TensorProto | None:
@@ -83,6 +85,12 @@ def qdq_summary(model: onnx.ModelProto) -> QdqSummary:
     summary = QdqSummary()
     producers = {out: node for node in model.graph.node for out in node.output}
     for node in model.graph.node:
+        if node.op_type == "MatMul":
+            fed = [producers[i].op_type if i in producers else "" for i in node.input]
+            if fed == ["DequantizeLinear", "DequantizeLinear"]:
+                summary.quantized_matmuls += 1
+            else:
+                summary.unquantized_matmuls.append(node.name)
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             if node.op_type in NO_QDQ_OPS:
                 fed = [i for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]

@@ -13,6 +13,7 @@ import onnx
 from .errors import BtDeployError
 from .export import EXTERNAL_DATA_NAME, PROTOBUF_LIMIT
 from .fileio import sha256_of
+from .graph_checks import require_fp16_safe
 from .manifest import Manifest, precision_file, read_manifest
 from .passes import FLAVOURS, expected_attention_blocks, expected_bridges, optimize_graph
 from .progress import say, step
@@ -82,6 +83,7 @@ def optimize_head(folder: Path, flavour: str) -> dict[str, Any]:
             raise BtDeployError(
                 f"the trt graph of {manifest.head} has operators TensorRT cannot parse: {', '.join(ops.unsupported)}"
             )
+    require_fp16_safe(model, f"the {flavour} graph of {manifest.head}")
     target = folder / precision_file(flavour, "fp32")
     save_model_atomically(model, target)
     summary["sha256"] = sha256_of(target)

@@ -144,13 +144,13 @@ def _dynamic_int8(source: Path, workdir: Path) -> tuple[onnx.ModelProto, dict[st
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     output = workdir / "int8-dynamic.onnx"
-    # MatMul weights per output channel: random and trained projections alike have columns
-    # of very different ranges, and one scale per matrix wastes most of the 8 bits on them.
+    # One scale per weight matrix: on base itm at batch 4, length 40 it ran 2.06 s against
+    # 2.24 s per output channel, with logits as close to FP32 (cosine 0.99990 against 0.99979).
     quantize_dynamic(
         str(source),
         str(output),
         op_types_to_quantize=["MatMul"],
-        per_channel=True,
+        per_channel=False,
         weight_type=QuantType.QInt8,
         use_external_data_format=source.stat().st_size > PROTOBUF_LIMIT,
         # The com.microsoft nodes defeat ONNX shape inference; every tensor here is FP32.
@@ -160,7 +160,7 @@ def _dynamic_int8(source: Path, workdir: Path) -> tuple[onnx.ModelProto, dict[st
     options = {
         "tool": "onnxruntime.quantization.quantize_dynamic",
         "op_types": ["MatMul"],
-        "weights": "int8, per output channel",
+        "weights": "int8, one scale per matrix",
         "activations": "uint8, quantized at run time",
     }
     return model, options
@@ -177,6 +177,10 @@ def _describe(model: onnx.ModelProto, precision: str) -> dict[str, Any]:
         facts.update(
             qdq_pairs=qdq.pairs,
             weights_int8=qdq.dequantize_only,
+            matmuls_int8=qdq.quantized_matmuls,
+            # Model Optimizer leaves matrix-vector products (one [CLS] row) in high precision,
+            # where TensorRT runs them faster than as INT8 GEMMs.
+            matmuls_excluded=qdq.unquantized_matmuls,
             asymmetric=len(qdq.asymmetric),
             not_int8=len(qdq.not_int8),
             layernorm_or_softmax_quantized=qdq.quantized_no_qdq_ops,
@@ -225,6 +229,7 @@ def quantize_head(
     source, why = _source_graph(manifest, precision, flavour)
     target = folder / precision_file(flavour, precision)
     started = time.monotonic()
+    require_fp16_safe(onnx.load(str(source), load_external_data=False), f"{source}")
     calibration = None
     if precision in ("fp16", "int8"):
         calibration = load_calibration(manifest, calib_images, calib_texts, calib_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -82,4 +83,24 @@ def non_default_export(tmp_path_factory: pytest.TempPathFactory, non_default_che
 
     out = tmp_path_factory.mktemp("non-default-export")
     export_heads(resolve_model(str(non_default_checkpoint), seed=3), list(HEADS), out)
+    return out
+
+
+@pytest.fixture(scope="session", params=["tiny", "non-default"])
+def optimized(
+    request: pytest.FixtureRequest,
+    tiny_export: Path,
+    non_default_export: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """Every head of tiny and of the non-default config, optimized in both flavours."""
+    from btdeploy.heads import HEADS
+    from btdeploy.optimize import optimize_head
+
+    source = tiny_export if request.param == "tiny" else non_default_export
+    out = tmp_path_factory.mktemp(f"optimized-{request.param}")
+    for head in HEADS:
+        shutil.copytree(source / head, out / head)
+        for flavour in ("ort", "trt"):
+            optimize_head(out / head, flavour)
     return out

@@ -27,23 +27,6 @@ def _ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
     return [(n.domain or "", n.op_type) for n in model.graph.node]
 
 
-@pytest.fixture(scope="module", params=["tiny", "non-default"])
-def optimized(
-    request: pytest.FixtureRequest,
-    tiny_export: Path,
-    non_default_export: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Path:
-    source = tiny_export if request.param == "tiny" else non_default_export
-    out = tmp_path_factory.mktemp(f"optimized-{request.param}")
-    for head in HEADS:
-        shutil.copytree(source / head, out / head)
-        for flavour in ("ort", "trt"):
-            optimize_head(out / head, flavour)
-    return out
-
-
-@pytest.mark.parametrize("flavour", ["ort", "trt"])
 @pytest.mark.parametrize("head", list(HEADS))
 def test_every_attention_block_and_bridge_is_fused(optimized: Path, head: str, flavour: str) -> None:
     manifest = read_manifest(optimized / head)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..fileio import staged_directory
-from ..manifest import Manifest
+from ..heads import PRECISIONS
+from ..manifest import Manifest, precision_file
 from ..progress import step
 from ..runtime.backend import Backend
 
@@ -125,7 +126,7 @@ def _not_buildable(manifest: Manifest, env: BenchEnv) -> Backend:
     raise RuntimeError("this variant reports itself unavailable and is never built")
 
 
-_NOT_YET = "precision passes are not in this version"
+_QUANTIZE = "run btdeploy quantize DIR --flavour ort --precision {}"
 _OPTIMIZE_ORT = "run btdeploy optimize DIR --flavour ort"
 _OPTIMIZE_TRT = "run btdeploy optimize DIR --flavour trt"
 _OPTIMIZE = "run btdeploy optimize DIR --flavour {}"
@@ -154,19 +155,15 @@ VARIANTS: dict[str, Variant] = {
             _needs_file("model.trt.onnx", _OPTIMIZE_TRT),
             _ort_file("model.trt.onnx"),
         ),
-        Variant(
-            "ort-fp16",
-            "onnxruntime",
-            "fp16",
-            _needs_file("model.ort.fp16.onnx", _NOT_YET),
-            _ort_file("model.ort.fp16.onnx"),
-        ),
-        Variant(
-            "ort-int8",
-            "onnxruntime",
-            "int8",
-            _needs_file("model.ort.int8.onnx", _NOT_YET),
-            _ort_file("model.ort.int8.onnx"),
+        *(
+            Variant(
+                f"ort-{precision}",
+                "onnxruntime",
+                precision,
+                _needs_file(precision_file("ort", precision), _QUANTIZE.format(precision)),
+                _ort_file(precision_file("ort", precision)),
+            )
+            for precision in PRECISIONS
         ),
         Variant("trt-fp16", "tensorrt", "fp16", _needs_tensorrt("engine.fp16.plan"), _not_buildable),
         Variant("trt-int8", "tensorrt", "int8", _needs_tensorrt("engine.int8.plan"), _not_buildable),

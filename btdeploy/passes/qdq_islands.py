@@ -16,13 +16,19 @@ from .base import PassResult
 FULL_PRECISION_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax")
 
 
+def _feeds_layernorm(graph: Graph, name: str) -> bool:
+    """True when `name` reaches a LayerNormalization directly or through Casts (FP16 graphs
+    cast the residual sum back to FP32 before the normalisation)."""
+    user = graph.only_consumer(name)
+    while user is not None and user.op_type == "Cast":
+        user = graph.only_consumer(user.output[0])
+    return user is not None and user.op_type == "LayerNormalization"
+
+
 def _needs_full_precision(graph: Graph, node_op: str, outputs: list[str]) -> bool:
     if node_op in FULL_PRECISION_OPS:
         return True
-    if node_op == "Add":
-        users = [graph.only_consumer(name) for name in outputs]
-        return any(user is not None and user.op_type == "LayerNormalization" for user in users)
-    return False
+    return node_op == "Add" and any(_feeds_layernorm(graph, name) for name in outputs)
 
 
 def keep_full_precision_inputs(graph: Graph) -> PassResult:

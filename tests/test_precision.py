@@ -1,0 +1,227 @@
+"""Precision in the graph: FP16 islands, symmetric INT8 Q/DQ, dynamic INT8, and their parity floors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from btdeploy.check import check_export
+from btdeploy.cli import main
+from btdeploy.errors import BtDeployError
+from btdeploy.graph_checks import fp16_unsafe_constants, layernorm_types, qdq_summary
+from btdeploy.heads import HEADS, PRECISIONS
+from btdeploy.manifest import precision_file, read_manifest
+from btdeploy.precision import quantize_head
+
+CALIB_SIZE = 4  # generated rows: enough for ranges on tiny graphs, quick in CI
+TRT_HEADS = ("itm", "mlm")  # the TensorRT-flavour graphs checked here (one pooled, one per token)
+
+
+@pytest.fixture(scope="module")
+def quantized(optimized: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every head in all three ort precisions; itm and mlm also in the trt precisions."""
+    out = tmp_path_factory.mktemp(f"quantized-{optimized.name}")
+    for head in HEADS:
+        shutil.copytree(optimized / head, out / head)
+        for precision in PRECISIONS:
+            quantize_head(out / head, precision, "ort", calib_size=CALIB_SIZE)
+        if head in TRT_HEADS:
+            for precision in ("fp16", "int8"):
+                quantize_head(out / head, precision, "trt", calib_size=CALIB_SIZE)
+    return out
+
+
+def _graphs(folder: Path, precision: str) -> list[tuple[str, onnx.ModelProto]]:
+    found = []
+    for head in HEADS:
+        for flavour in ("ort", "trt"):
+            path = folder / head / precision_file(flavour, precision)
+            if path.is_file():
+                found.append((f"{head}/{path.name}", onnx.load(str(path))))
+    return found
+
+
+def _reaches_layernorm(users: dict[str, onnx.NodeProto], name: str) -> bool:
+    user = users.get(name)
+    while user is not None and user.op_type == "Cast":
+        user = users.get(user.output[0])
+    return user is not None and user.op_type == "LayerNormalization"
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_head_meets_the_precision_floors(quantized: Path, precision: str) -> None:
+    rows = check_export(quantized, batch_sizes=(1, 3), text_lengths=(5, 40), flavour="ort", precision=precision)
+    assert len(rows) == sum(len(h.outputs) for h in HEADS.values())
+    floor = 0.999 if precision == "fp16" else 0.99
+    for row in rows:
+        assert row.stats.non_finite == 0
+        assert row.stats.cosine >= floor, (row.head, row.output, row.stats.cosine)
+        agreement = row.stats.argmax_agreement
+        if agreement is not None:
+            assert agreement >= (1.0 if precision == "fp16" else 0.99), (row.head, row.output, agreement)
+        assert row.passed, (row.head, row.output, row.stats)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_trt_precision_graphs_meet_the_floors(quantized: Path, precision: str) -> None:
+    rows = check_export(quantized, list(TRT_HEADS), (2,), (7, 40), flavour="trt", precision=precision)
+    assert rows and all(row.passed for row in rows), [(r.head, r.output, r.stats.cosine) for r in rows]
+
+
+def test_int8_qdq_is_symmetric_and_keeps_norms_and_residuals_out(quantized: Path) -> None:
+    graphs = _graphs(quantized, "int8")
+    assert len(graphs) == len(HEADS) + len(TRT_HEADS)
+    for name, model in graphs:
+        summary = qdq_summary(model)
+        matmuls = sum(1 for n in model.graph.node if n.op_type == "MatMul")
+        # Every MatMul is INT8 on both inputs, except the few the quantizer leaves in high
+        # precision (matrix-vector products of one [CLS] row), and those are recorded.
+        assert summary.quantized_matmuls + len(summary.unquantized_matmuls) == matmuls, name
+        assert summary.quantized_matmuls >= 0.9 * matmuls, name
+        assert 0.9 * matmuls <= summary.dequantize_only <= summary.quantized_matmuls, name  # int8 weights on disk
+        head, file = name.split("/")
+        recorded = read_manifest(quantized / head).data["precisions"][file.split(".")[1] + ".int8"]["graph"]
+        assert recorded["matmuls_excluded"] == summary.unquantized_matmuls, name
+        assert summary.asymmetric == [] and summary.not_int8 == [], name
+        assert summary.quantized_no_qdq_ops == [], name
+        producers = {out: node for node in model.graph.node for out in node.output}
+        users = {i: node for node in model.graph.node for i in node.input}
+        for node in model.graph.node:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                zero_point = next(t for t in model.graph.initializer if t.name == node.input[2])
+                assert zero_point.data_type == onnx.TensorProto.INT8
+                assert not numpy_helper.to_array(zero_point).any(), name
+            # The residual Add before a LayerNorm reads full-precision tensors.
+            if node.op_type in ("Softmax", "LayerNormalization", "SkipLayerNormalization", "Add"):
+                fed = [producers[i].op_type for i in node.input if i in producers]
+                if node.op_type != "Add" or _reaches_layernorm(users, node.output[0]):
+                    assert "DequantizeLinear" not in fed, (name, node.name)
+    recorded = read_manifest(quantized / "itm").data["precisions"]["trt.int8"]
+    assert recorded["full_precision_inputs_restored"] > 0  # the quantizer did share DQ outputs
+    assert recorded["graph"]["qdq_pairs"] > 0 and recorded["graph"]["asymmetric"] == 0
+
+
+def test_fp16_keeps_layernorm_and_io_in_fp32(quantized: Path) -> None:
+    for name, model in _graphs(quantized, "fp16"):
+        types = layernorm_types(model)
+        assert types and set(types.values()) == {onnx.TensorProto.FLOAT}, name
+        halves = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+        assert len(halves) > 10, name  # the weights did move to FP16
+        for value in list(model.graph.input) + list(model.graph.output):
+            assert value.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64), name
+        softmax_or_ln = [n for n in model.graph.node if n.op_type in ("Softmax", "LayerNormalization")]
+        assert softmax_or_ln
+
+
+def test_dynamic_int8_quantizes_every_weight_matmul(quantized: Path) -> None:
+    for name, model in _graphs(quantized, "int8-dynamic"):
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("MatMulInteger") > 0 and "DynamicQuantizeLinear" in ops, name
+        float_weight_matmuls = [
+            n
+            for n in model.graph.node
+            if n.op_type == "MatMul" and any(i in {t.name for t in model.graph.initializer} for i in n.input)
+        ]
+        assert float_weight_matmuls == [], name
+
+
+def test_no_written_graph_holds_an_fp16_unsafe_constant(quantized: Path) -> None:
+    paths = sorted(quantized.glob("*/model*.onnx"))
+    assert len(paths) >= len(HEADS) * 6
+    for path in paths:
+        assert fp16_unsafe_constants(onnx.load(str(path))) == [], path
+
+
+def test_a_planted_infinite_mask_is_caught(quantized: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "itm"
+    shutil.copytree(quantized / "itm", folder)
+    model = onnx.load(str(folder / "model.trt.onnx"))
+    mask = numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), "planted_mask_fill")
+    model.graph.initializer.append(mask)
+    # Max(logits, -inf) leaves the logits as they are, as an additive -inf mask does where it is 0.
+    last = next(n for n in model.graph.node if "logits" in n.output)
+    last.output[list(last.output).index("logits")] = "logits_before_mask"
+    model.graph.node.append(onnx.helper.make_node("Max", ["logits_before_mask", "planted_mask_fill"], ["logits"]))
+    assert fp16_unsafe_constants(model) == ["planted_mask_fill"]
+    big = numpy_helper.from_array(np.array([-3.4e38], dtype=np.float32), "float32_min_fill")
+    model.graph.initializer.append(big)
+    assert fp16_unsafe_constants(model) == ["planted_mask_fill", "float32_min_fill"]
+    onnx.save(model, str(folder / "model.trt.onnx"))
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(BtDeployError, match="infinite or overflow FP16.*planted_mask_fill"):
+        quantize_head(folder, "fp16", "trt", calib_size=2)
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing half-written left behind
+
+
+def test_calibration_from_files_is_recorded(optimized: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        pixels = rng.integers(0, 255, size=(40 + 8 * index, 56, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"photo{index}.png")
+    texts = tmp_path / "captions.txt"
+    texts.write_text("a dog on a sofa\n\ntwo cats in the sun\na red car\n")
+    folder = tmp_path / "itm"
+    shutil.copytree(optimized / "itm", folder)
+    quantize_head(folder, "int8", "ort", images, texts, calib_size=5)
+    calibration = read_manifest(folder).data["precisions"]["ort.int8"]["calibration"]
+    assert calibration["kind"] == "files" and calibration["size"] == 5
+    assert calibration["image_files"] == 3 and calibration["captions"] == 3
+    rows = check_export(folder, precision="int8", flavour="ort")
+    assert all(row.passed for row in rows)
+
+
+def test_generated_calibration_is_loud_and_recorded(quantized: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    calibration = read_manifest(quantized / "mlm").data["precisions"]["ort.int8"]["calibration"]
+    assert calibration["kind"] == "generated" and calibration["size"] == CALIB_SIZE
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"precision": "int4"}, "--precision 'int4': choose one of fp16, int8, int8-dynamic"),
+        ({"precision": "int8-dynamic", "flavour": "trt"}, "TensorRT cannot parse: use --flavour ort"),
+        ({"precision": "int8", "calib_images": Path("/nonexistent")}, "give both --calib-images"),
+        ({"precision": "int8", "calib_size": 0}, "--calib-size 0 must be at least 1"),
+    ],
+)
+def test_bad_quantize_requests_say_what_to_do(optimized: Path, arguments: dict[str, object], message: str) -> None:
+    with pytest.raises(BtDeployError, match=message.replace("(", r"\(").replace("'", "'")):
+        quantize_head(optimized / "itm", **arguments)  # type: ignore[arg-type]
+
+
+def test_bad_calibration_files_are_named(optimized: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    texts = tmp_path / "t.txt"
+    texts.write_text("a caption\n")
+    with pytest.raises(BtDeployError, match="holds no images"):
+        quantize_head(optimized / "itm", "int8", "ort", empty, texts)
+    (empty / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(BtDeployError, match="broken.png cannot be read"):
+        quantize_head(optimized / "itm", "int8", "ort", empty, texts, calib_size=1)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n \n")
+    with pytest.raises(BtDeployError, match="has no captions"):
+        quantize_head(optimized / "itm", "int8", "ort", empty, blank)
+
+
+def test_cli_quantize_and_check_precision(optimized: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copytree(optimized / "itc", tmp_path / "itc")
+    assert main(["quantize", str(tmp_path), "--precision", "int8-dynamic"]) == 0
+    report = tmp_path / "parity.json"
+    assert main(["check", str(tmp_path), "--precision", "int8-dynamic", "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["graph"] == "model.ort.int8-dynamic.onnx" and data["passed"]
+    assert {row["tolerance"]["min_cosine"] for row in data["rows"]} == {0.99}
+    assert main(["check", str(tmp_path), "--precision", "fp16"]) == 2
+    assert "btdeploy quantize" in capsys.readouterr().err

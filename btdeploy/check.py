@@ -35,9 +35,10 @@ def check_export(
         head = get_head(manifest.head)
         config = manifest.config
         shapes = parse_shapes(list(batch_sizes), list(text_lengths), config)
+        # The candidate first: a backend that cannot run here fails before the reference is built.
+        candidate = BACKENDS[backend](manifest, providers=providers, flavour=flavour, precision=precision)
         with step(f"check {head.name}: rebuilding the PyTorch reference"):
             reference = TorchBackend.from_manifest(manifest)
-        candidate = BACKENDS[backend](manifest, providers=providers, flavour=flavour, precision=precision)
         shape_text = ", ".join(f"{b}x{n}" for b, n in shapes)
         with step(f"check {head.name}: {candidate.description} vs reference at batch x length {shape_text}"):
             rows += check_head(head, config, reference, candidate, shapes, precision)

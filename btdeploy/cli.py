@@ -1,4 +1,4 @@
-"""The `btdeploy` command line: export, optimize, quantize, check, run, bench, pipeline."""
+"""The `btdeploy` command line: export, optimize, quantize, build, check, run, bench, doctor, pipeline."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .heads import parse_heads
     from .models import resolve_model
 
-    export_heads(resolve_model(args.model, args.seed), parse_heads(args.heads), Path(args.out), args.opset)
+    export_heads(resolve_model(args.model, args.seed), parse_heads(args.heads), Path(args.out), args.opset, args.split)
     return 0
 
 
@@ -87,12 +87,43 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pipeline(args: argparse.Namespace) -> int:
+def cmd_build(args: argparse.Namespace) -> int:
     from .heads import parse_heads
+    from .manifest import head_folders
+    from .tensorrt_build import build_engine
+
+    heads = parse_heads(args.heads) if args.heads else None
+    for folder in head_folders(Path(args.dir), heads):
+        build_engine(folder, args.precision, args.batch, args.seq_len, args.timing_cache, args.workspace)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import doctor_report
+
+    lines, _ = doctor_report(Path(args.dir) if args.dir else None)
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from .heads import PRECISIONS, parse_heads
     from .pipeline import run_pipeline
 
     out = Path(args.out or f"btdeploy-out/{Path(args.model).name}")
-    return 0 if run_pipeline(args.model, out, args.seed, parse_heads(args.heads)) else 1
+    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip() and p.strip() != "none")
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            raise BtDeployError(f"--precisions {precision!r}: choose from {', '.join(PRECISIONS)}, or none")
+    passed = run_pipeline(
+        args.model,
+        out,
+        args.seed,
+        parse_heads(args.heads),
+        precisions=precisions,
+        calibration=(args.calib_images, args.calib_texts),
+    )
+    return 0 if passed else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -148,13 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder; each head goes to OUT/<head>/")
     export.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     export.add_argument("--seed", type=int, default=0, help="seed for preset weights and missing head weights")
+    export.add_argument(
+        "--split", action="store_true", help="also write text.onnx, vision.onnx and fusion.onnx (split towers)"
+    )
 
     check = add("check", cmd_check, "parity of exported heads against the PyTorch reference")
     check.add_argument("dir", help="export folder or one head folder")
     check.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     check.add_argument("--batch-sizes", type=_int_list, default=(1, 3))
     check.add_argument("--seq-lens", type=_int_list, default=(5, 40))
-    check.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    check.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
     check.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
     check.add_argument("--report", type=Path, default=None, help="write the rows as JSON")
     check.add_argument("--flavour", choices=["ort", "trt"], default=None, help="check the optimized graph")
@@ -179,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--calib-texts", type=Path, default=None, help="text file, one caption per line")
     quantize.add_argument("--calib-size", type=int, default=DEFAULT_CALIB_SIZE, help="image-caption pairs")
 
+    build = add("build", cmd_build, "build strongly typed TensorRT engines from the trt precision graphs")
+    build.add_argument("dir", help="export folder or one head folder (quantize --flavour trt first)")
+    build.add_argument("--precision", required=True, choices=["fp16", "int8"])
+    build.add_argument("--heads", default=None, help="comma list (default: every exported head)")
+    build.add_argument("--batch", default=None, help="MIN:OPT:MAX (default: the head's 1:8:32)")
+    build.add_argument("--seq-len", default=None, help="MIN:OPT:MAX text length (default 1:40:512)")
+    build.add_argument("--timing-cache", type=Path, default=None, help="loaded if present, saved after the build")
+    build.add_argument("--workspace", type=float, default=4.0, help="builder scratch memory, GB")
+
+    doctor = add("doctor", cmd_doctor, "what this machine can run, and how to install what it cannot")
+    doctor.add_argument("dir", nargs="?", default=None, help="an export folder to list artifacts of")
+
     run = add("run", cmd_run, "score texts against an image with an exported head")
     run.add_argument("dir", help="export folder or one head folder")
     run.add_argument("--head", required=True, choices=["base", "itm", "itc", "mlm"])
@@ -200,11 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench.add_argument("--out", default=None, help="results folder (default: DIR/bench)")
 
-    pipeline = add("pipeline", cmd_pipeline, "the main job: export and check every head")
+    pipeline = add("pipeline", cmd_pipeline, "the main job: export, optimize, quantize and check every head")
     pipeline.add_argument("--model", default="base", help="preset or checkpoint folder (default: base)")
     pipeline.add_argument("--heads", default="all")
     pipeline.add_argument("--out", default=None, help="default: btdeploy-out/<model>")
     pipeline.add_argument("--seed", type=int, default=0)
+    pipeline.add_argument(
+        "--precisions", default=",".join(PRECISIONS), help="quantized graphs to write and check, or none"
+    )
+    pipeline.add_argument("--calib-images", type=Path, default=None, help="folder of calibration images")
+    pipeline.add_argument("--calib-texts", type=Path, default=None, help="text file, one caption per line")
     return parser
 
 

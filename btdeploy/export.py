@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -39,8 +40,13 @@ def head_module(model: Any, head: HeadSpec) -> Any:
     return HeadModule().eval()
 
 
-def export_head(source: ModelSource, head_name: str, out_dir: Path, opset: int = DEFAULT_OPSET) -> Manifest:
-    """Export one head to out_dir/<head>/model.onnx with its manifest; all-or-nothing."""
+def export_head(
+    source: ModelSource, head_name: str, out_dir: Path, opset: int = DEFAULT_OPSET, split: bool = False
+) -> Manifest:
+    """Export one head to out_dir/<head>/model.onnx with its manifest; all-or-nothing.
+
+    With `split`, the text tower, vision tower and fusion graphs (text.onnx, vision.onnx,
+    fusion.onnx) are written beside it."""
     if opset not in SUPPORTED_OPSETS:
         raise BtDeployError(
             f"--opset {opset} is not supported: use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
@@ -54,10 +60,13 @@ def export_head(source: ModelSource, head_name: str, out_dir: Path, opset: int =
             seconds = _torch_to_onnx(loaded, head, staging / MODEL_NAME, opset)
         with step(f"validating {head.name} with the ONNX checker"):
             external = _store_model(staging)
+        parts = _export_parts(loaded, head, staging, opset) if split else None
         processor_saved = _copy_processor(source, staging / PROCESSOR_DIR)
         manifest = Manifest(
             final, _manifest_data(source, head, loaded, opset, staging, external, seconds, processor_saved)
         )
+        if parts:
+            manifest.data["split"] = parts
         manifest.folder = staging
         manifest.write()
     manifest.folder = final
@@ -66,33 +75,87 @@ def export_head(source: ModelSource, head_name: str, out_dir: Path, opset: int =
 
 
 def _torch_to_onnx(loaded: LoadedModel, head: HeadSpec, path: Path, opset: int) -> float:
+    feeds = sample_inputs(loaded.config, head.export_batch, head.export_text_length, seed=1234)
+    args = tuple(feeds[name] for name in head.input_names)
+    module = head_module(loaded.model, head)
+    return _trace(module, args, path, opset, head.input_names, head.output_names, head.dynamic_axes(loaded.config))
+
+
+def _trace(
+    module: Any,
+    args: tuple[Any, ...],
+    path: Path,
+    opset: int,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> float:
+    """torch.onnx.export under the export patches. Export at batch 2 and a mid text length with
+    padding, so no axis is specialised to 1 and the mask path is traced with zeros in it."""
     import torch
 
-    config = loaded.config
-    module = head_module(loaded.model, head)
-    # Export at batch 2 and a mid text length with padding, so no axis is specialised to 1
-    # and the mask path is traced with zeros in it.
-    feeds = sample_inputs(config, head.export_batch, head.export_text_length, seed=1234)
-    args = tuple(torch.from_numpy(feeds[name]) for name in head.input_names)
+    tensors = tuple(torch.from_numpy(a) if not isinstance(a, torch.Tensor) else a for a in args)
     started = time.monotonic()
     with warnings.catch_warnings(), torch.no_grad(), fusable_export():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches, all on static config
         try:
             torch.onnx.export(
                 module,
-                args,
+                tensors,
                 str(path),
                 dynamo=False,
                 opset_version=opset,
-                input_names=head.input_names,
-                output_names=head.output_names,
-                dynamic_axes=head.dynamic_axes(config),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
             )
         except Exception as error:
-            raise BtDeployError(f"torch.onnx.export failed for the {head.name} head: {error}") from None
+            raise BtDeployError(f"torch.onnx.export failed for {path.name}: {error}") from None
     module.eval()  # the exporter restores the training flag it found; keep eval for any later use
     return time.monotonic() - started
+
+
+def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int) -> dict[str, Any]:
+    """text.onnx, vision.onnx and fusion.onnx; the fusion graph is traced on the towers' outputs."""
+    import onnx
+    import torch
+
+    from .split import part_modules, part_specs
+
+    config = loaded.config
+    specs, modules = part_specs(head), part_modules(loaded.model, head)
+    feeds = sample_inputs(config, head.export_batch, head.export_text_length, seed=1234)
+    with torch.no_grad(), fusable_export():
+        text_states = modules["text"](*(torch.from_numpy(feeds[n]) for n in specs["text"].input_names))[0]
+        image_states = modules["vision"](torch.from_numpy(feeds["pixel_values"]))[0]
+    args = {
+        "text": (feeds["input_ids"], feeds["attention_mask"]),
+        "vision": (feeds["pixel_values"],),
+        "fusion": (text_states, image_states, feeds["attention_mask"]),
+    }
+    parts: dict[str, Any] = {}
+    for name, spec in specs.items():
+        work = staging / f".{name}"
+        work.mkdir()
+        with step(f"exporting the {head.name} {name} graph"):
+            _trace(modules[name], args[name], work / MODEL_NAME, opset, spec.input_names, spec.output_names,
+                   spec.dynamic_axes(config))  # fmt: skip
+            external = _store_model(work)
+        target = staging / f"{name}.onnx"
+        if external:
+            model = onnx.load(str(work / MODEL_NAME))
+            onnx.save_model(model, str(target), save_as_external_data=True, location=f"{name}.onnx.data")
+        else:
+            (work / MODEL_NAME).rename(target)
+        shutil.rmtree(work)
+        parts[name] = {
+            "file": target.name,
+            "sha256": sha256_of(target),
+            "inputs": spec.input_names,
+            "outputs": spec.output_names,
+        }
+    return parts
 
 
 def _store_model(folder: Path) -> bool:
@@ -177,11 +240,13 @@ def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6
 
 
-def export_heads(source: ModelSource, heads: list[str], out_dir: Path, opset: int = DEFAULT_OPSET) -> list[Manifest]:
+def export_heads(
+    source: ModelSource, heads: list[str], out_dir: Path, opset: int = DEFAULT_OPSET, split: bool = False
+) -> list[Manifest]:
     manifests = []
     for index, head in enumerate(heads, 1):
         say(f"head {index}/{len(heads)}: {head}")
-        manifests.append(export_head(source, head, out_dir, opset))
+        manifests.append(export_head(source, head, out_dir, opset, split))
     return manifests
 
 

@@ -77,6 +77,9 @@ class HeadSpec:
     inputs: tuple[InputSpec, ...] = MODEL_INPUTS
     export_batch: int = 2
     export_text_length: int = 16
+    # TensorRT optimization profile (min, opt, max); the image size is fixed by the config.
+    engine_batch: tuple[int, int, int] = (1, 8, 32)
+    engine_text_length: tuple[int, int, int] = (1, 40, 512)
 
     @property
     def input_names(self) -> list[str]:

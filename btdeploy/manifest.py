@@ -28,9 +28,11 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def precision_file(flavour: str, precision: str) -> str:
-    """model.<flavour>.onnx for FP32 (what optimize writes), model.<flavour>.<precision>.onnx otherwise."""
-    return f"model.{flavour}.onnx" if precision == "fp32" else f"model.{flavour}.{precision}.onnx"
+def precision_file(flavour: str, precision: str, stem: str = "model") -> str:
+    """<stem>.<flavour>.onnx for FP32 (what optimize writes), <stem>.<flavour>.<precision>.onnx otherwise.
+
+    The stem is `model` for the whole head, or `text`, `vision`, `fusion` for its split graphs."""
+    return f"{stem}.{flavour}.onnx" if precision == "fp32" else f"{stem}.{flavour}.{precision}.onnx"
 
 
 @dataclass
@@ -48,12 +50,21 @@ class Manifest:
     def model_path(self) -> Path:
         return self.folder / MODEL_NAME
 
-    def graph_path(self, flavour: str | None = None, precision: str | None = None) -> Path:
-        """model.onnx, the optimized model.<flavour>.onnx, or its model.<flavour>.<precision>.onnx
+    @property
+    def stems(self) -> list[str]:
+        """The graphs of this head: `model`, plus `text`, `vision`, `fusion` after export --split."""
+        return ["model", *self.data.get("split", {})]
+
+    def graph_path(self, flavour: str | None = None, precision: str | None = None, stem: str = "model") -> Path:
+        """<stem>.onnx, the optimized <stem>.<flavour>.onnx, or its <stem>.<flavour>.<precision>.onnx
         (with a clear error that names the command which makes it when it is absent)."""
+        if stem not in self.stems:
+            raise BtDeployError(
+                f"{self.folder} has no {stem} graph: export with --split for the text, vision and fusion graphs"
+            )
         if precision and precision != "fp32":
             flavour = flavour or "ort"
-            path = self.folder / precision_file(flavour, precision)
+            path = self.folder / precision_file(flavour, precision, stem)
             if not path.is_file():
                 raise BtDeployError(
                     f"{path} does not exist: run btdeploy quantize {self.folder} --flavour {flavour} "
@@ -61,8 +72,8 @@ class Manifest:
                 )
             return path
         if not flavour:
-            return self.model_path
-        path = self.folder / precision_file(flavour, "fp32")
+            return self.folder / f"{stem}.onnx"
+        path = self.folder / precision_file(flavour, "fp32", stem)
         if not path.is_file():
             raise BtDeployError(f"{path} does not exist: run btdeploy optimize {self.folder} --flavour {flavour}")
         return path

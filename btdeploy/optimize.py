@@ -47,19 +47,41 @@ def save_model_atomically(model: onnx.ModelProto, path: Path) -> None:
         raise
 
 
+def expected_fusions(config: Any, head: str, stem: str) -> tuple[int, int]:
+    """(attention blocks, bridges) a graph holds: the whole head, or one split part of it."""
+    layers = int(config.text_config.num_hidden_layers)
+    if stem in ("text", "vision"):
+        return layers, 0  # every text layer; the vision layers that run in step with them
+    if stem == "fusion":
+        return expected_attention_blocks(config, head) - 2 * layers, expected_bridges(config)
+    return expected_attention_blocks(config, head), expected_bridges(config)
+
+
 def optimize_head(folder: Path, flavour: str) -> dict[str, Any]:
+    """Optimize model.onnx (and the split graphs, where the head has them) in one flavour."""
     if flavour not in FLAVOURS:
         raise BtDeployError(f"--flavour {flavour!r}: choose one of {', '.join(FLAVOURS)}")
     manifest = read_manifest(folder)
+    summary = _optimize_graph(manifest, flavour, "model")
+    parts = {stem: _optimize_graph(manifest, flavour, stem) for stem in manifest.stems if stem != "model"}
+    if parts:
+        summary["parts"] = parts
+    _record(manifest, flavour, summary)
+    return summary
+
+
+def _optimize_graph(manifest: Manifest, flavour: str, stem: str) -> dict[str, Any]:
     config = manifest.config
-    if not manifest.model_path.is_file():
-        raise BtDeployError(f"{manifest.model_path} is missing: export the head again")
-    with step(f"optimize {manifest.head} ({flavour}): loading {manifest.model_path.name}"):
+    source = manifest.graph_path(None, None, stem)
+    label = manifest.head if stem == "model" else f"{manifest.head} {stem}"
+    if not source.is_file():
+        raise BtDeployError(f"{source} is missing: export the head again")
+    with step(f"optimize {label} ({flavour}): loading {source.name}"):
         try:
-            model = onnx.load(str(manifest.model_path))
+            model = onnx.load(str(source))
         except Exception as error:
-            raise BtDeployError(f"cannot read {manifest.model_path} ({error}): export the head again") from None
-    with step(f"optimize {manifest.head} ({flavour}): running the passes"):
+            raise BtDeployError(f"cannot read {source} ({error}): export the head again") from None
+    with step(f"optimize {label} ({flavour}): running the passes"):
         model, results = optimize_graph(model, flavour)
     for result in results:
         extra = ", ".join(f"{k} {v}" for k, v in result.details.items())
@@ -67,12 +89,14 @@ def optimize_head(folder: Path, flavour: str) -> dict[str, Any]:
             + (f"  ({extra})" if extra else ""))  # fmt: skip
     attention = next(r for r in results if r.name == "attention").fused
     bridges = next(r for r in results if r.name.startswith("bridge")).fused
+    expected_attention, expected_bridge = expected_fusions(config, manifest.head, stem)
+    target = manifest.folder / precision_file(flavour, "fp32", stem)
     summary: dict[str, Any] = {
-        "file": precision_file(flavour, "fp32"),
+        "file": target.name,
         "attention_fused": attention,
-        "attention_expected": expected_attention_blocks(config, manifest.head),
+        "attention_expected": expected_attention,
         "bridges_fused": bridges,
-        "bridges_expected": expected_bridges(config),
+        "bridges_expected": expected_bridge,
         "passes": [asdict(r) for r in results],
         "nodes": len(model.graph.node),
     }
@@ -81,16 +105,13 @@ def optimize_head(folder: Path, flavour: str) -> dict[str, Any]:
         summary["tensorrt_op_check"] = {"passed": ops.passed, "unsupported": ops.unsupported, "opset": ops.opset}
         if not ops.passed:
             raise BtDeployError(
-                f"the trt graph of {manifest.head} has operators TensorRT cannot parse: {', '.join(ops.unsupported)}"
+                f"the trt graph of {label} has operators TensorRT cannot parse: {', '.join(ops.unsupported)}"
             )
-    require_fp16_safe(model, f"the {flavour} graph of {manifest.head}")
-    target = folder / precision_file(flavour, "fp32")
+    require_fp16_safe(model, f"the {flavour} graph of {label}")
     save_model_atomically(model, target)
     summary["sha256"] = sha256_of(target)
-    expected_attention, expected_bridge = summary["attention_expected"], summary["bridges_expected"]
-    say(f"optimize {manifest.head} ({flavour}): attention blocks fused: {attention} of {expected_attention}, "
+    say(f"optimize {label} ({flavour}): attention blocks fused: {attention} of {expected_attention}, "
         f"bridge add+LayerNorm: {bridges} of {expected_bridge} -> {target}")  # fmt: skip
-    _record(manifest, flavour, summary)
     return summary
 
 

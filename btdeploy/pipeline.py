@@ -1,5 +1,5 @@
-"""`btdeploy pipeline`: the main job. Per head: export, check, then optimize and check each
-flavour; it ends with a summary table."""
+"""`btdeploy pipeline`: the main job. Per head: export, check, optimize and check each flavour,
+then quantize and check each precision; it ends with a summary table."""
 
 from __future__ import annotations
 
@@ -11,11 +11,24 @@ from .check import check_export, report_data
 from .export import DEFAULT_OPSET, export_head
 from .fileio import write_json
 from .heads import HEADS
+from .manifest import precision_file
 from .models import resolve_model
 from .optimize import optimize_head
 from .parity import ParityRow, format_rows
 from .passes import FLAVOURS
+from .precision import quantize_head
 from .progress import say
+
+# (flavour, precision) graphs the pipeline writes after the FP32 ones: what ONNX Runtime
+# users run (ort) and what TensorRT builds engines from (trt; dynamic INT8 is ORT-only).
+PIPELINE_PRECISIONS = [("ort", "fp16"), ("ort", "int8"), ("ort", "int8-dynamic"), ("trt", "fp16"), ("trt", "int8")]
+
+
+def graph_key(flavour: str | None, precision: str = "fp32") -> str:
+    """plain, ort, trt, ort.int8, ...: how the pipeline names each graph's parity report."""
+    if not flavour:
+        return "plain"
+    return flavour if precision == "fp32" else f"{flavour}.{precision}"
 
 
 @dataclass
@@ -32,10 +45,18 @@ class HeadSummary:
 
 
 def run_pipeline(
-    model: str, out: Path, seed: int = 0, heads: list[str] | None = None, opset: int = DEFAULT_OPSET
+    model: str,
+    out: Path,
+    seed: int = 0,
+    heads: list[str] | None = None,
+    opset: int = DEFAULT_OPSET,
+    precisions: tuple[str, ...] = ("fp16", "int8", "int8-dynamic"),
+    calibration: tuple[Path | None, Path | None] = (None, None),
 ) -> bool:
     source = resolve_model(model, seed)
     heads = heads or list(HEADS)
+    quantized = [(f, p) for f, p in PIPELINE_PRECISIONS if p in precisions]
+    keys = ["plain", *FLAVOURS, *(graph_key(f, p) for f, p in quantized)]
     started = time.monotonic()
     summaries: list[HeadSummary] = []
     for index, head in enumerate(heads, 1):
@@ -53,22 +74,33 @@ def run_pipeline(
                 f"{result['bridges_fused']}/{result['bridges_expected']} bridge"
             )
             summary.rows[flavour] = check_export(out, [head], flavour=flavour)
+        for flavour, precision in quantized:
+            quantize_head(manifest.folder, precision, flavour, *calibration)
+            rows = check_export(out, [head], flavour=flavour, precision=precision)
+            summary.rows[graph_key(flavour, precision)] = rows
         summaries.append(summary)
-    for graph in ("plain", *FLAVOURS):
-        rows = [row for s in summaries for row in s.rows[graph]]
-        write_json(out / f"parity.{graph}.json", report_data(rows, "onnxruntime", None if graph == "plain" else graph))
-        print(f"\n== {graph} graph ({'model.onnx' if graph == 'plain' else f'model.{graph}.onnx'}) ==")
+    for key in keys:
+        flavour, _, precision = key.partition(".")
+        rows = [row for s in summaries for row in s.rows[key]]
+        graph_flavour = None if key == "plain" else flavour
+        write_json(out / f"parity.{key}.json", report_data(rows, "onnxruntime", graph_flavour, precision or "fp32"))
+        name = precision_file(flavour, precision or "fp32") if graph_flavour else "model.onnx"
+        print(f"\n== {key} graph ({name}) ==")
         print(format_rows(rows))
     print()
-    worst_title = "worst max_abs plain/ort/trt"
-    header = f"{'head':<5} {'export':>8} {'onnx MB':>8}  {worst_title:<30} {'ort fused':<26} {'trt fused':<26} verdict"
-    print(header)
+    print(f"{'head':<5} {'export':>8} {'onnx MB':>8}  {'ort fused':<26} {'trt fused':<26} verdict")
     for s in summaries:
-        worst = "/".join(f"{max(r.stats.max_abs for r in s.rows[g]):.1e}" for g in ("plain", *FLAVOURS))
         print(
-            f"{s.head:<5} {s.export_s:>7.1f}s {s.size_mb:>8.1f}  {worst:<30} {s.fused['ort']:<26} {s.fused['trt']:<26} "
+            f"{s.head:<5} {s.export_s:>7.1f}s {s.size_mb:>8.1f}  {s.fused['ort']:<26} {s.fused['trt']:<26} "
             f"{'PASS' if s.passed else 'FAIL'}"
         )
+    print("\nworst row per graph (lowest cosine, then its max_abs):")
+    for s in summaries:
+        cells = []
+        for key in keys:
+            worst = min(s.rows[key], key=lambda r: r.stats.cosine)
+            cells.append(f"{key} {worst.stats.cosine:.5f}/{worst.stats.max_abs:.1e}")
+        print(f"  {s.head:<5} " + "  ".join(cells))
     passed = all(s.passed for s in summaries)
     print(f"pipeline {'PASSED' if passed else 'FAILED'} in {time.monotonic() - started:.0f}s; artifacts in {out}")
     return passed

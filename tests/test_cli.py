@@ -14,6 +14,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from btdeploy.cli import main
+from btdeploy.tensorrt_ops import check_tensorrt_ops
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +85,15 @@ def test_pipeline_exports_checks_and_summarises(tmp_path: Path, capsys: pytest.C
     assert "pipeline PASSED" in printed
     for head in ("base", "itm", "itc", "mlm"):
         assert (out / head / "model.onnx").is_file()
-    for graph in ("plain", "ort", "trt"):
-        assert json.loads((out / f"parity.{graph}.json").read_text())["passed"] is True
+    for graph in ("plain", "ort", "trt", "ort.fp16", "ort.int8", "ort.int8-dynamic", "trt.fp16", "trt.int8"):
+        report = json.loads((out / f"parity.{graph}.json").read_text())
+        assert report["passed"] is True and len(report["rows"]) == 9, graph
+    # Every graph TensorRT will be given passes the operator-support check.
+    trt_graphs = sorted(out.glob("*/model.trt*.onnx"))
+    assert len(trt_graphs) == 4 * 3  # fp32, fp16 and int8 per head
+    for path in trt_graphs:
+        ops = check_tensorrt_ops(onnx.load(str(path)))
+        assert ops.passed and ops.opset == 23, (path, ops.unsupported)
     assert printed.count("14/14 attn, 2/2 bridge") == 6 and printed.count("12/12 attn, 2/2 bridge") == 2
 
 

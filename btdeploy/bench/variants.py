@@ -6,7 +6,6 @@ harness reads nothing else.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,19 +110,33 @@ def _needs_file(filename: str, how: str) -> Callable[[Manifest, BenchEnv], str |
     return reason
 
 
-def _needs_tensorrt(filename: str) -> Callable[[Manifest, BenchEnv], str | None]:
+def _needs_engine(precision: str) -> Callable[[Manifest, BenchEnv], str | None]:
     def reason(manifest: Manifest, env: BenchEnv) -> str | None:
-        if env.device != "cuda":
+        from ..engines import engine_file
+        from ..tensorrt_env import INSTALL_TENSORRT, gpu, tensorrt_version
+
+        found = gpu()
+        if env.device != "cuda" or found is None:
             return "TensorRT needs an NVIDIA GPU (none on this machine)"
-        if importlib.util.find_spec("tensorrt") is None:
-            return "TensorRT is not installed (pip install 'btdeploy[tensorrt]')"
-        return f"{manifest.head}/{filename} not found: TensorRT engine builds are not in this version"
+        version = tensorrt_version()
+        if version is None:
+            return f"TensorRT is not installed ({INSTALL_TENSORRT})"
+        name = engine_file(precision, version, found[1])
+        if not (manifest.folder / name).is_file():
+            return f"{manifest.head}/{name} not found: run btdeploy build DIR --precision {precision}"
+        return None
 
     return reason
 
 
-def _not_buildable(manifest: Manifest, env: BenchEnv) -> Backend:
-    raise RuntimeError("this variant reports itself unavailable and is never built")
+def _tensorrt(precision: str, cuda_graphs: bool) -> Callable[[Manifest, BenchEnv], Backend]:
+    def build(manifest: Manifest, env: BenchEnv) -> Backend:
+        from ..heads import get_head
+        from ..runtime.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(manifest, precision, get_head(manifest.head).output_names, cuda_graphs)
+
+    return build
 
 
 _QUANTIZE = "run btdeploy quantize DIR --flavour ort --precision {}"
@@ -165,8 +178,17 @@ VARIANTS: dict[str, Variant] = {
             )
             for precision in PRECISIONS
         ),
-        Variant("trt-fp16", "tensorrt", "fp16", _needs_tensorrt("engine.fp16.plan"), _not_buildable),
-        Variant("trt-int8", "tensorrt", "int8", _needs_tensorrt("engine.int8.plan"), _not_buildable),
+        *(
+            Variant(
+                f"trt-{precision}{suffix}",
+                "tensorrt",
+                precision,
+                _needs_engine(precision),
+                _tensorrt(precision, graphs),
+            )
+            for precision in ("fp16", "int8")
+            for suffix, graphs in (("", False), ("-cudagraph", True))
+        ),
     )
 }
 

@@ -11,6 +11,7 @@ from ..heads import HeadSpec, get_head
 from ..manifest import Manifest, head_folders, read_manifest
 from .backend import Backend
 from .outputs import HeadOutput
+from .split_runtime import Features, SplitRuntimeMixin, build_split_backend
 from .validation import prepare_inputs
 
 
@@ -53,7 +54,22 @@ def _torch(manifest: Manifest, **options: Any) -> Backend:
     return TorchBackend.from_manifest(manifest, options.get("device") or "cpu")
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {"onnxruntime": _onnxruntime, "torch": _torch}
+def _tensorrt(manifest: Manifest, **options: Any) -> Backend:
+    from ..engines import ENGINE_PRECISIONS
+    from .tensorrt_backend import TensorRTBackend
+
+    precision = options.get("precision") or "fp16"
+    if precision not in ENGINE_PRECISIONS:
+        raise BtDeployError(f"the tensorrt backend runs {', '.join(ENGINE_PRECISIONS)} engines, not {precision}")
+    output_names = get_head(manifest.head).output_names
+    return TensorRTBackend(manifest, precision, output_names, bool(options.get("cuda_graphs")))
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"onnxruntime": _onnxruntime, "torch": _torch, "tensorrt": _tensorrt}
+
+
+class SplitRuntime(SplitRuntimeMixin, Runtime):
+    """A Runtime over the split graphs, with encode_images, encode_texts and score."""
 
 
 def find_head(path: str | Path, head: str | None = None) -> Manifest:
@@ -72,15 +88,21 @@ def load(
     providers: list[str] | None = None,
     **options: Any,
 ) -> Runtime:
-    """Load an exported head. `backend`: onnxruntime (default) or torch (the reference).
+    """Load an exported head. `backend`: onnxruntime (default), torch (the reference) or
+    tensorrt (an engine from btdeploy build; `precision="fp16"|"int8"`, `cuda_graphs=True`).
 
     With `flavour="ort"` or `"trt"`, ONNX Runtime runs that optimized graph (btdeploy optimize)
-    instead of the plain export; with `precision="fp16"`, `"int8"` or `"int8-dynamic"` it runs
-    that flavour's quantized graph (btdeploy quantize)."""
+    instead of the plain export; with `split=True` it runs the text, vision and fusion graphs
+    (export --split) and adds encode_images, encode_texts and score; with `precision="fp16"`,
+    `"int8"` or `"int8-dynamic"` it runs that flavour's quantized graph (btdeploy quantize)."""
     if backend not in BACKENDS:
         raise BtDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     manifest = find_head(path, head)
+    if options.pop("split", False):
+        if backend != "onnxruntime":
+            raise BtDeployError("split=True runs the split graphs on ONNX Runtime: use backend='onnxruntime'")
+        return SplitRuntime(manifest, build_split_backend(manifest, providers=providers, **options))
     return Runtime(manifest, BACKENDS[backend](manifest, providers=providers, **options))
 
 
-__all__ = ["load", "Runtime", "HeadOutput", "BACKENDS", "find_head"]
+__all__ = ["load", "Runtime", "SplitRuntime", "Features", "HeadOutput", "BACKENDS", "find_head"]

@@ -1,0 +1,195 @@
+"""The TensorRT path without TensorRT: profiles, engine names and records, compatibility, and the
+messages a machine without TensorRT or a GPU gets. Engines themselves: tests/test_tensorrt_gpu.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import btdeploy
+from btdeploy import tensorrt_env
+from btdeploy.cli import main
+from btdeploy.configs import max_text_length
+from btdeploy.engine_profile import EngineProfile, ShapeRange, derive_profile
+from btdeploy.engines import EngineRecord, check_compatible, engine_file, find_engine, record_file
+from btdeploy.errors import BtDeployError
+from btdeploy.heads import HEADS
+from btdeploy.manifest import read_manifest
+
+
+@pytest.fixture()
+def no_tensorrt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tensorrt_env, "tensorrt_version", lambda: None)
+
+
+def _profile(tiny_export: Path) -> EngineProfile:
+    manifest = read_manifest(tiny_export / "itm")
+    return derive_profile(HEADS["itm"], manifest.config)
+
+
+def test_default_profile_comes_from_the_head_declaration(tiny_export: Path) -> None:
+    config = read_manifest(tiny_export / "itm").config
+    profile = derive_profile(HEADS["itm"], config)
+    assert profile.batch == ShapeRange(*HEADS["itm"].engine_batch) == ShapeRange(1, 8, 32)
+    limit = max_text_length(config)
+    assert profile.text_length == ShapeRange(1, min(40, limit), min(512, limit))
+    size = config.vision_config.image_size
+    shapes = profile.input_shapes()
+    assert shapes["input_ids"] == ((1, 1), (8, min(40, limit)), (32, min(512, limit)))
+    assert shapes["pixel_values"] == ((1, 3, size, size), (8, 3, size, size), (32, 3, size, size))
+    custom = derive_profile(HEADS["mlm"], config, batch="2:4:6", seq_len="3:5:7")
+    assert custom.batch == ShapeRange(2, 4, 6) and custom.text_length == ShapeRange(3, 5, 7)
+    assert EngineProfile.from_json(custom.to_json()) == custom
+
+
+@pytest.mark.parametrize(
+    ("batch", "seq_len", "message"),
+    [
+        ("4:2:8", None, r"--batch 4:2:8: need MIN <= OPT <= MAX"),
+        ("0:1:2", None, r"--batch 0:1:2: the minimum must be at least 1"),
+        ("1:2", None, r"--batch '1:2': give MIN:OPT:MAX"),
+        ("a:b:c", None, r"--batch 'a:b:c': give MIN:OPT:MAX"),
+        (None, "1:40:9999", r"--seq-len 1:40:9999: the maximum 9999 exceeds this model's limit of \d+"),
+        (None, "8:4:16", r"--seq-len 8:4:16: need MIN <= OPT <= MAX"),
+    ],
+)
+def test_bad_profiles_are_refused(tiny_export: Path, batch: str | None, seq_len: str | None, message: str) -> None:
+    config = read_manifest(tiny_export / "itm").config
+    with pytest.raises(BtDeployError, match=message):
+        derive_profile(HEADS["itm"], config, batch, seq_len)
+
+
+def test_the_base_text_limit_is_512(tiny_export: Path) -> None:
+    from btdeploy.configs import build_config
+
+    config = build_config({})  # the transformers defaults: base size
+    assert max_text_length(config) == 512
+    assert derive_profile(HEADS["itm"], config).text_length == ShapeRange(1, 40, 512)
+    with pytest.raises(BtDeployError, match="exceeds this model's limit of 512"):
+        derive_profile(HEADS["itm"], config, seq_len="1:40:513")
+
+
+def test_shapes_outside_the_profile_are_refused_before_tensorrt(tiny_export: Path) -> None:
+    profile = _profile(tiny_export)
+    size = profile.image_size
+    fine = {"input_ids": (32, 4), "attention_mask": (32, 4), "pixel_values": (32, 3, size, size)}
+    profile.check_feeds(fine)  # the maximum batch is inside
+    with pytest.raises(BtDeployError, match=r"batch 33 is outside the engine's profile 1..32: .* --batch 1:8:33"):
+        profile.check_feeds({**fine, "input_ids": (33, 4), "pixel_values": (33, 3, size, size)})
+    too_long = profile.text_length.max + 1
+    with pytest.raises(BtDeployError, match=f"text length {too_long} is outside the engine's profile"):
+        profile.check_feeds({**fine, "input_ids": (2, too_long)})
+    with pytest.raises(BtDeployError, match=f"this engine takes 3x{size}x{size} images"):
+        profile.check_feeds({**fine, "pixel_values": (32, 3, size + 1, size + 1)})
+
+
+def _record(profile: EngineProfile, version: str = "10.14.1", capability: tuple[int, int] = (9, 0)) -> EngineRecord:
+    return EngineRecord(
+        precision="fp16",
+        tensorrt_version=version,
+        gpu_name="NVIDIA H100 80GB HBM3",
+        compute_capability=capability,
+        onnx_file="model.trt.fp16.onnx",
+        onnx_sha256="0" * 64,
+        profile=profile.to_json(),
+    )
+
+
+def test_engine_names_carry_precision_version_and_architecture() -> None:
+    assert engine_file("fp16", "10.14.1", (9, 0)) == "engine.fp16.10.14.1.sm90.plan"
+    assert engine_file("int8", "11.0.0", (8, 9)) == "engine.int8.11.0.0.sm89.plan"
+    assert record_file(Path("x/engine.int8.11.0.0.sm89.plan")) == Path("x/engine.int8.11.0.0.sm89.json")
+
+
+def test_engine_records_round_trip_and_refuse_other_machines(tiny_export: Path, tmp_path: Path) -> None:
+    profile = _profile(tiny_export)
+    record = _record(profile)
+    path = tmp_path / "engine.fp16.10.14.1.sm90.json"
+    record.write(path)
+    loaded = EngineRecord.read(path)
+    assert loaded == record and loaded.engine_profile == profile
+    check_compatible(loaded, "10.14.1", "NVIDIA H100 PCIe", (9, 0))  # same architecture, other board: fine
+    with pytest.raises(BtDeployError, match="built with TensorRT 10.14.1, this machine runs 11.0.0: rebuild"):
+        check_compatible(loaded, "11.0.0", "NVIDIA H100 PCIe", (9, 0))
+    with pytest.raises(BtDeployError, match=r"built for NVIDIA H100 80GB HBM3 \(sm90\), this GPU is L4 \(sm89\)"):
+        check_compatible(loaded, "10.14.1", "L4", (8, 9))
+    path.write_text("{not json")
+    with pytest.raises(BtDeployError, match="is missing or damaged"):
+        EngineRecord.read(path)
+
+
+def test_find_engine_names_the_build_command_or_the_mismatch(tiny_export: Path, tmp_path: Path) -> None:
+    with pytest.raises(BtDeployError, match=r"engine.fp16.10.14.1.sm90.plan does not exist: run btdeploy build"):
+        find_engine(tmp_path, "fp16", "10.14.1", (9, 0))
+    other = tmp_path / engine_file("fp16", "10.13.0", (9, 0))
+    other.write_bytes(b"engine bytes")
+    _record(_profile(tiny_export), version="10.13.0").write(record_file(other))
+    with pytest.raises(BtDeployError, match="built with TensorRT 10.13.0, this machine runs 10.14.1"):
+        find_engine(tmp_path, "fp16", "10.14.1", (9, 0))
+    assert find_engine(tmp_path, "fp16", "10.13.0", (9, 0)) == other
+
+
+def test_without_tensorrt_build_and_backend_say_what_to_install(
+    tiny_export: Path, no_tensorrt: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from btdeploy.tensorrt_build import build_engine
+
+    with pytest.raises(BtDeployError, match=r"TensorRT is not installed: pip install 'tensorrt>=10.14' on Linux"):
+        build_engine(tiny_export / "itm", "fp16")
+    with pytest.raises(BtDeployError, match="TensorRT is not installed"):
+        btdeploy.load(tiny_export, head="itm", backend="tensorrt", precision="int8")
+    assert main(["build", str(tiny_export), "--precision", "int8", "--heads", "itm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("btdeploy: error: TensorRT is not installed")
+    with pytest.raises(BtDeployError, match="runs fp16, int8 engines, not int8-dynamic"):
+        btdeploy.load(tiny_export, head="itm", backend="tensorrt", precision="int8-dynamic")
+
+
+def test_an_old_or_broken_tensorrt_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tensorrt_env, "tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    with pytest.raises(BtDeployError, match="TensorRT 10.3.0 cannot parse the ONNX Attention operator"):
+        tensorrt_env.require_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # what `import` does with a stub that failed
+    with pytest.raises(BtDeployError, match="TensorRT is installed but does not import"):
+        tensorrt_env.require_tensorrt()
+
+
+def test_without_a_gpu_tensorrt_is_refused_with_the_alternative(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tensorrt_env, "gpu", lambda: None)
+    with pytest.raises(BtDeployError, match="TensorRT needs an NVIDIA GPU .* use ONNX Runtime"):
+        tensorrt_env.require_gpu()
+
+
+def test_build_refuses_bad_arguments_before_anything_else(tiny_export: Path) -> None:
+    from btdeploy.tensorrt_build import build_engine
+
+    with pytest.raises(BtDeployError, match="TensorRT engines are fp16, int8"):
+        build_engine(tiny_export / "itm", "int8-dynamic")
+    with pytest.raises(BtDeployError, match="--workspace 0"):
+        build_engine(tiny_export / "itm", "fp16", workspace_gb=0)
+
+
+def test_doctor_lists_versions_artifacts_and_install_commands(tiny_export: Path, no_tensorrt: None) -> None:
+    from btdeploy.doctor import doctor_report
+
+    lines, can_build = doctor_report(tiny_export)
+    text = "\n".join(lines)
+    assert not can_build
+    assert "tensorrt         not installed -> pip install 'tensorrt>=10.14'" in text
+    assert "onnxruntime-gpu  1." in text and "CPUExecutionProvider" in text
+    assert "TensorRT build and run: no" in text
+    for head in HEADS:
+        assert any(line.split()[0] == head and "model.onnx" in line for line in lines if line.startswith("  "))
+
+
+def test_doctor_runs_from_the_command_line(tiny_export: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "btdeploy.cli", "doctor", str(tiny_export)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "can run here:" in result.stdout and "btdeploy artifacts in" in result.stdout

@@ -1,0 +1,82 @@
+"""TensorRT engines on a GPU: build FP16 and INT8 for tiny and base, run them, hold them to the
+precision floors, and replay CUDA graphs. Marked `gpu`; skipped with the reason where there is
+no NVIDIA GPU or no TensorRT (run: python -m pytest -m gpu)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from btdeploy.check import check_export
+from btdeploy.heads import HEADS
+from btdeploy.inputs import sample_inputs
+from btdeploy.tensorrt_env import gpu, tensorrt_version
+
+pytestmark = pytest.mark.gpu
+
+
+def _skip_reason() -> str | None:
+    if gpu() is None:
+        return "no NVIDIA GPU visible to torch: the TensorRT tests need one"
+    if tensorrt_version() is None:
+        return "TensorRT is not installed (pip install 'tensorrt>=10.14')"
+    return None
+
+
+@pytest.fixture(scope="module")
+def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from btdeploy.export import export_heads
+    from btdeploy.models import resolve_model
+    from btdeploy.optimize import optimize_head
+    from btdeploy.precision import quantize_head
+    from btdeploy.tensorrt_build import build_engine
+
+    preset = request.param
+    out = tmp_path_factory.mktemp(f"engines-{preset}")
+    heads = list(HEADS) if preset == "tiny" else ["itm", "mlm"]
+    export_heads(resolve_model(preset), heads, out)
+    cache = out / "timing.cache"
+    for head in heads:
+        optimize_head(out / head, "trt")
+        for precision in ("fp16", "int8"):
+            quantize_head(out / head, precision, "trt", calib_size=8)
+            build_engine(out / head, precision, batch="1:4:8", seq_len="1:40:128", timing_cache=cache)
+    assert cache.is_file() and cache.stat().st_size > 0
+    return out
+
+
+@pytest.mark.parametrize("engines", ["tiny", "base"], indirect=True)
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_engines_meet_the_precision_floors(engines: Path, precision: str) -> None:
+    rows = check_export(engines, None, (1, 3), (5, 40), backend="tensorrt", precision=precision)
+    assert rows
+    for row in rows:
+        assert row.passed, (row.head, row.output, row.stats)
+
+
+@pytest.mark.parametrize("engines", ["tiny"], indirect=True)
+def test_cuda_graph_replay_matches_a_plain_run(engines: Path) -> None:
+    import btdeploy
+
+    plain = btdeploy.load(engines, head="itm", backend="tensorrt", precision="fp16")
+    graphed = btdeploy.load(engines, head="itm", backend="tensorrt", precision="fp16", cuda_graphs=True)
+    for seed, (batch, length) in enumerate([(2, 7), (2, 7), (4, 33)]):
+        feeds = sample_inputs(plain.config, batch, length, seed=seed)
+        expected = plain(**feeds).logits
+        got = graphed(**feeds).logits
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("engines", ["tiny"], indirect=True)
+def test_a_batch_outside_the_profile_is_refused(engines: Path) -> None:
+    import btdeploy
+    from btdeploy.errors import BtDeployError
+
+    runtime = btdeploy.load(engines, head="itm", backend="tensorrt", precision="int8")
+    with pytest.raises(BtDeployError, match="batch 9 is outside the engine's profile 1..8"):
+        runtime(**sample_inputs(runtime.config, 9, 5))

@@ -45,6 +45,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         args.report,
         args.flavour,
         args.precision,
+        args.split,
     )
     print(format_rows(rows))
     passed = all(row.passed for row in rows)
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
     check.add_argument("--report", type=Path, default=None, help="write the rows as JSON")
     check.add_argument("--flavour", choices=["ort", "trt"], default=None, help="check the optimized graph")
+    check.add_argument("--split", action="store_true", help="check the text, vision and fusion graphs together")
     check.add_argument(
         "--precision",
         choices=["fp32", *PRECISIONS],

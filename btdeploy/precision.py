@@ -195,7 +195,7 @@ def _describe(model: onnx.ModelProto, precision: str) -> dict[str, Any]:
     return facts
 
 
-def _source_graph(manifest: Manifest, precision: str, flavour: str) -> tuple[Path, str]:
+def _source_graph(manifest: Manifest, precision: str, flavour: str, stem: str) -> tuple[Path, str]:
     """The optimized graph a precision starts from, and why where it is not the flavour's own.
 
     Model Optimizer reads standard ONNX only: AutoCast asks TensorRT for the types of other
@@ -204,8 +204,19 @@ def _source_graph(manifest: Manifest, precision: str, flavour: str) -> tuple[Pat
     int8 of both flavours start from the trt graph, which holds the same fusions in standard
     operators; ONNX Runtime fuses its own kernels again when it loads them."""
     if precision in ("fp16", "int8") and flavour == "ort":
-        return manifest.graph_path("trt"), "Model Optimizer needs standard ONNX operators"
-    return manifest.graph_path(flavour), ""
+        return manifest.graph_path("trt", None, stem), "Model Optimizer needs standard ONNX operators"
+    return manifest.graph_path(flavour, None, stem), ""
+
+
+def _fusion_calibration(manifest: Manifest, calibration: CalibrationData) -> CalibrationData:
+    """The fusion graph's inputs: the calibration rows through the FP32 text and vision towers."""
+    from .runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    feeds = calibration.feeds
+    text = OnnxRuntimeBackend(manifest.graph_path("trt", None, "text"), ["text_states"]).run(feeds)
+    vision = OnnxRuntimeBackend(manifest.graph_path("trt", None, "vision"), ["image_states"]).run(feeds)
+    fused = {**text, **vision, "attention_mask": feeds["attention_mask"]}
+    return CalibrationData(fused, {**calibration.source, "through": "text and vision towers (FP32 trt graphs)"})
 
 
 def quantize_head(
@@ -216,6 +227,7 @@ def quantize_head(
     calib_texts: Path | None = None,
     calib_size: int = DEFAULT_CALIB_SIZE,
 ) -> dict[str, Any]:
+    """Quantize model.onnx's optimized graph (and the split graphs, where the head has them)."""
     if precision not in PRECISIONS:
         raise BtDeployError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if flavour not in FLAVOURS:
@@ -226,16 +238,42 @@ def quantize_head(
             "use --flavour ort, or --precision int8 for TensorRT"
         )
     manifest = read_manifest(folder)
-    source, why = _source_graph(manifest, precision, flavour)
-    target = folder / precision_file(flavour, precision)
-    started = time.monotonic()
-    require_fp16_safe(onnx.load(str(source), load_external_data=False), f"{source}")
+    sources = {stem: _source_graph(manifest, precision, flavour, stem) for stem in manifest.stems}
+    for source, _ in sources.values():
+        require_fp16_safe(onnx.load(str(source), load_external_data=False), f"{source}")
     calibration = None
     if precision in ("fp16", "int8"):
         calibration = load_calibration(manifest, calib_images, calib_texts, calib_size)
-    workdir = Path(tempfile.mkdtemp(prefix=".quantize.", dir=folder))
+    summary = _quantize_graph(manifest, precision, flavour, "model", sources["model"], calibration)
+    parts = {}
+    for stem in manifest.stems[1:]:
+        part_calibration = calibration
+        if calibration is not None and stem == "fusion":
+            part_calibration = _fusion_calibration(manifest, calibration)
+        parts[stem] = _quantize_graph(manifest, precision, flavour, stem, sources[stem], part_calibration)
+    if parts:
+        summary["parts"] = parts
+    manifest = read_manifest(folder)  # re-read: another precision may have been recorded meanwhile
+    manifest.data.setdefault("precisions", {})[f"{flavour}.{precision}"] = summary
+    manifest.write()
+    return summary
+
+
+def _quantize_graph(
+    manifest: Manifest,
+    precision: str,
+    flavour: str,
+    stem: str,
+    source_and_reason: tuple[Path, str],
+    calibration: CalibrationData | None,
+) -> dict[str, Any]:
+    source, why = source_and_reason
+    label = manifest.head if stem == "model" else f"{manifest.head} {stem}"
+    target = manifest.folder / precision_file(flavour, precision, stem)
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix=".quantize.", dir=manifest.folder))
     try:
-        with step(f"quantize {manifest.head} ({flavour}, {precision}) from {source.name}"):
+        with step(f"quantize {label} ({flavour}, {precision}) from {source.name}"):
             if precision == "fp16":
                 assert calibration is not None
                 model, options = _autocast_fp16(source, calibration, workdir)
@@ -246,13 +284,13 @@ def quantize_head(
                 model, options = _modelopt_int8(source, calibration, workdir, high)
             else:
                 model, options = _dynamic_int8(source, workdir)
-        require_fp16_safe(model, f"the {precision} graph of {manifest.head}")
+        require_fp16_safe(model, f"the {precision} graph of {label}")
         facts = _describe(model, precision)
         if flavour == "trt":
             ops = check_tensorrt_ops(model)
             if not ops.passed:
                 raise BtDeployError(
-                    f"the {precision} trt graph of {manifest.head} has operators TensorRT cannot parse: "
+                    f"the {precision} trt graph of {label} has operators TensorRT cannot parse: "
                     f"{', '.join(ops.unsupported)}"
                 )
             facts["tensorrt_op_check"] = "passed"
@@ -274,13 +312,10 @@ def quantize_head(
         "versions": _versions("nvidia-modelopt", "onnxruntime-gpu", "onnx"),
     }
     say(
-        f"quantize {manifest.head}: {target} ({summary['bytes'] / 2**20:.1f} MiB; "
+        f"quantize {label}: {target} ({summary['bytes'] / 2**20:.1f} MiB; "
         + ", ".join(f"{k} {v}" for k, v in facts.items() if not isinstance(v, list))
         + ")"
     )
-    manifest = read_manifest(folder)  # re-read: another precision may have been recorded meanwhile
-    manifest.data.setdefault("precisions", {})[f"{flavour}.{precision}"] = summary
-    manifest.write()
     return summary
 
 

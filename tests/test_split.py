@@ -1,0 +1,144 @@
+"""Split towers: text, vision and fusion graphs that together equal the head, cached features,
+and all-pairs scoring that runs each tower once per item."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import btdeploy
+from btdeploy.check import check_export
+from btdeploy.errors import BtDeployError
+from btdeploy.heads import HEADS
+from btdeploy.inputs import sample_inputs
+from btdeploy.optimize import optimize_head
+from btdeploy.precision import quantize_head
+from btdeploy.runtime import Features
+
+
+@pytest.fixture(scope="module", params=["tiny", "non-default"])
+def split_export(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, non_default_checkpoint: Path
+) -> Path:
+    from btdeploy.export import export_heads
+    from btdeploy.models import resolve_model
+
+    source = resolve_model("tiny") if request.param == "tiny" else resolve_model(str(non_default_checkpoint), seed=3)
+    out = tmp_path_factory.mktemp(f"split-{request.param}")
+    export_heads(source, list(HEADS), out, split=True)
+    for head in HEADS:
+        optimize_head(out / head, "ort")
+    return out
+
+
+@pytest.mark.parametrize("flavour", [None, "ort"])
+def test_split_heads_match_the_reference(split_export: Path, flavour: str | None) -> None:
+    rows = check_export(split_export, batch_sizes=(1, 3), text_lengths=(2, 33), flavour=flavour, split=True)
+    assert len(rows) == sum(len(h.outputs) for h in HEADS.values())
+    for row in rows:
+        assert row.passed, (row.head, row.output, row.stats.max_abs)
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_split_equals_the_monolithic_graph(split_export: Path, head: str) -> None:
+    whole = btdeploy.load(split_export, head=head, flavour="ort")
+    split = btdeploy.load(split_export, head=head, flavour="ort", split=True)
+    feeds = sample_inputs(whole.config, 3, 11, seed=5)
+    expected, got = whole(**feeds), split(**feeds)
+    for name in whole.head.output_names:
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-5, rtol=0)
+    assert type(got) is type(expected) and list(got.keys()) == list(expected.keys())
+
+
+def test_split_graphs_fuse_every_block(split_export: Path) -> None:
+    from btdeploy.manifest import read_manifest
+
+    for head in HEADS:
+        summary = read_manifest(split_export / head).data["optimized"]["ort"]
+        parts = summary["parts"]
+        assert set(parts) == {"text", "vision", "fusion"}
+        total = sum(p["attention_fused"] for p in parts.values())
+        assert total == summary["attention_fused"] == summary["attention_expected"], head
+        for part in parts.values():
+            assert (
+                part["attention_fused"] == part["attention_expected"]
+                and part["bridges_fused"] == part["bridges_expected"]
+            )
+
+
+@pytest.mark.parametrize("head", ["itm", "itc", "base"])
+def test_score_over_3x4_equals_the_12_single_runs(split_export: Path, head: str) -> None:
+    split = btdeploy.load(split_export, head=head, split=True)
+    whole = btdeploy.load(split_export, head=head)
+    images = sample_inputs(split.config, 3, 4, seed=6)["pixel_values"]
+    texts = sample_inputs(split.config, 4, 9, seed=7)
+    scores = split.score(
+        split.encode_images(images),
+        split.encode_texts(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"]),
+        batch_size=5,
+    )
+    for name in whole.head.output_names:
+        assert scores[name].shape[:2] == (3, 4)
+    for i in range(3):
+        for j in range(4):
+            single = whole(
+                input_ids=texts["input_ids"][j : j + 1],
+                attention_mask=texts["attention_mask"][j : j + 1],
+                pixel_values=images[i : i + 1],
+            )
+            for name in whole.head.output_names:
+                np.testing.assert_allclose(scores[name][i, j], single[name][0], atol=1e-5, rtol=0)
+
+
+def test_features_round_trip_bit_identical_and_refuse_strangers(
+    split_export: Path, tiny_export: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "itm"
+    shutil.copytree(split_export / "itm", folder)
+    runtime = btdeploy.load(folder, split=True)
+    feeds = sample_inputs(runtime.config, 2, 6, seed=8)
+    images = runtime.encode_images(feeds["pixel_values"])
+    texts = runtime.encode_texts(input_ids=feeds["input_ids"], attention_mask=feeds["attention_mask"])
+    images.save(tmp_path / "images.npz")
+    texts.save(tmp_path / "texts.npz")
+    loaded_images, loaded_texts = Features.load(tmp_path / "images.npz"), Features.load(tmp_path / "texts.npz")
+    for original, loaded in ((images, loaded_images), (texts, loaded_texts)):
+        assert original.kind == loaded.kind and original.origin == loaded.origin
+        assert set(original.arrays) == set(loaded.arrays)
+        for name, values in original.arrays.items():
+            assert values.dtype == loaded.arrays[name].dtype and np.array_equal(values, loaded.arrays[name])
+    np.testing.assert_array_equal(
+        runtime.score(loaded_images, loaded_texts)["logits"], runtime.score(images, texts)["logits"]
+    )
+    # Another precision of the same checkpoint: the tower graphs differ.
+    quantize_head(folder, "int8-dynamic", "ort")
+    dynamic = btdeploy.load(folder, split=True, flavour="ort", precision="int8-dynamic")
+    with pytest.raises(BtDeployError, match="image features were computed by vision.onnx .* vision.ort.int8-dynamic"):
+        dynamic.score(loaded_images, loaded_texts)
+    # Another checkpoint (the other fixture's config or seed): refused even at the same precision.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_export / "itm", other / "itm")
+    with pytest.raises(BtDeployError, match="has no split graphs: export with btdeploy export --split"):
+        btdeploy.load(other, split=True)
+    stranger = Features("image", images.arrays, {**images.origin, "config_sha256": "0" * 64})
+    with pytest.raises(BtDeployError, match="a different checkpoint or precision; encode them again"):
+        runtime.score(stranger, texts)
+    with pytest.raises(BtDeployError, match="expected text features"):
+        runtime.score(images, images)
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(BtDeployError, match="is not a btdeploy features file"):
+        Features.load(tmp_path / "junk.npz")
+
+
+def test_split_graphs_quantize_and_keep_the_floors(split_export: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "itm"
+    shutil.copytree(split_export / "itm", folder)
+    optimize_head(folder, "trt")
+    quantize_head(folder, "int8", "ort", calib_size=4)
+    for stem in ("model", "text", "vision", "fusion"):
+        assert (folder / f"{stem}.ort.int8.onnx").is_file()
+    rows = check_export(folder, precision="int8", flavour="ort", split=True)
+    assert rows and all(row.passed for row in rows), [(r.output, r.stats.cosine) for r in rows]

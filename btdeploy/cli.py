@@ -107,6 +107,28 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rank(args: argparse.Namespace) -> int:
+    from .ranking import format_ranking, image_files, rank
+
+    if bool(args.image) == bool(args.images):
+        raise BtDeployError("give --image IMG with --texts FILE, or --images DIR with --text TEXT")
+    if args.image:
+        if not args.texts:
+            raise BtDeployError("--image needs --texts FILE (one caption per line)")
+        if not Path(args.texts).is_file():
+            raise BtDeployError(f"--texts {args.texts} is not a file: give one caption per line")
+        texts = [line.strip() for line in Path(args.texts).read_text().splitlines() if line.strip()]
+        images = [Path(args.image)]
+    else:
+        if not args.text:
+            raise BtDeployError("--images needs --text TEXT")
+        texts, images = [args.text], image_files(Path(args.images))
+    rows, stages = rank(Path(args.dir), images, texts, args.top_k, args.providers)
+    print(f"{stages}")
+    print(format_ranking(rows))
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from .heads import PRECISIONS, parse_heads
     from .pipeline import run_pipeline
@@ -150,6 +172,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads or os.cpu_count() or 1,
         device=device,
     )
+    if args.workload == "rank":
+        from .bench.rank_workload import run_rank_bench
+
+        out = Path(args.out or Path(args.dir) / "bench")
+        run_rank_bench(Path(args.dir), args.captions, args.seq_lens[0], args.warmup, args.iters, settings.threads, out)
+        print((out / "rank.md").read_text())
+        return 0
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
     heads = parse_heads(args.heads) if args.heads else None
     run = run_bench(Path(args.dir), heads, variants, settings)
@@ -227,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = add("doctor", cmd_doctor, "what this machine can run, and how to install what it cannot")
     doctor.add_argument("dir", nargs="?", default=None, help="an export folder to list artifacts of")
 
+    rank = add("rank", cmd_rank, "rank captions against an image (or images against a caption): ITC, then ITM")
+    rank.add_argument("dir", help="export folder with the itm head (and itc for the first stage; --split helps)")
+    rank.add_argument("--image", default=None, help="one image, ranked against --texts")
+    rank.add_argument("--texts", default=None, help="text file, one caption per line")
+    rank.add_argument("--images", default=None, help="a folder of images, ranked against --text")
+    rank.add_argument("--text", default=None, help="one caption, ranked against --images")
+    rank.add_argument("--top-k", type=int, default=5)
+    rank.add_argument("--providers", nargs="*", default=None)
+
     run = add("run", cmd_run, "score texts against an image with an exported head")
     run.add_argument("dir", help="export folder or one head folder")
     run.add_argument("--head", required=True, choices=["base", "itm", "itc", "mlm"])
@@ -247,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     amount.add_argument("--seconds", type=float, default=None, help="time per variant and case instead of --iters")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench.add_argument("--out", default=None, help="results folder (default: DIR/bench)")
+    bench.add_argument(
+        "--workload",
+        choices=["heads", "rank"],
+        default="heads",
+        help="heads: every variant per shape; rank: one image against --captions captions (length: first --seq-lens)",
+    )
+    bench.add_argument("--captions", type=int, default=16, help="captions per image for --workload rank")
 
     pipeline = add("pipeline", cmd_pipeline, "the main job: export, optimize, quantize and check every head")
     pipeline.add_argument("--model", default="base", help="preset or checkpoint folder (default: base)")

@@ -142,3 +142,75 @@ def test_split_graphs_quantize_and_keep_the_floors(split_export: Path, tmp_path:
         assert (folder / f"{stem}.ort.int8.onnx").is_file()
     rows = check_export(folder, precision="int8", flavour="ort", split=True)
     assert rows and all(row.passed for row in rows), [(r.output, r.stats.cosine) for r in rows]
+
+
+def _rank_inputs(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(3):
+        Image.fromarray(rng.integers(0, 255, size=(60, 70, 3), dtype=np.uint8)).save(images / f"img{index}.png")
+    captions = ["a cat on a sofa", "two dogs in the snow", "a red car", "the sea at night", "a bowl of soup"]
+    texts = tmp_path / "captions.txt"
+    texts.write_text("\n".join(captions) + "\n")
+    return images, texts, captions
+
+
+def test_rank_one_image_against_captions(
+    split_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from btdeploy.cli import main
+    from btdeploy.ranking import rank
+    from btdeploy.scoring import load_image, load_processor
+
+    images, texts, captions = _rank_inputs(tmp_path)
+    image = images / "img0.png"
+    assert main(["rank", str(split_export), "--image", str(image), "--texts", str(texts), "--top-k", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "ITC cosine over 5, top 3 to ITM; ITM on 3 (split graphs)" in printed
+    rows, _ = rank(split_export, [image], captions, top_k=3)
+    table = [line.split(maxsplit=3)[3] for line in printed.splitlines()[3:]]
+    assert len(rows) == 3 and [r.label for r in rows] == table
+    probabilities = [r.itm_probability for r in rows]
+    assert probabilities == sorted(probabilities, reverse=True)
+    # The ITC stage kept the three best cosines; ITM probabilities equal the whole head's.
+    cosines = sorted((r.itc_cosine for r in rows), reverse=True)
+    whole_itc = btdeploy.load(split_export, head="itc")
+    processor = load_processor(whole_itc)
+    encoding = processor([load_image(image)] * 5, captions, padding=True, return_tensors="np")
+    out = whole_itc(**encoding)
+    all_cosines = sorted((out.text_embeds * out.image_embeds).sum(-1).tolist(), reverse=True)
+    np.testing.assert_allclose(cosines, all_cosines[:3], atol=1e-5)
+    whole_itm = btdeploy.load(split_export, head="itm")
+    chosen = [r.label for r in rows]
+    logits = whole_itm(**processor([load_image(image)] * 3, chosen, padding=True, return_tensors="np")).logits
+    expected = np.exp(logits[:, 1]) / np.exp(logits).sum(-1)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+
+
+def test_rank_images_against_one_caption_and_bad_arguments(
+    split_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from btdeploy.cli import main
+
+    images, texts, _ = _rank_inputs(tmp_path)
+    assert main(["rank", str(split_export), "--images", str(images), "--text", "a red car", "--top-k", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(line.split()[-1] for line in printed.splitlines()[3:]) == ["img0.png", "img1.png", "img2.png"]
+    assert main(["rank", str(split_export), "--image", str(images / "img0.png"), "--images", str(images)]) == 2
+    assert "give --image IMG with --texts FILE, or --images DIR with --text TEXT" in capsys.readouterr().err
+    assert main(["rank", str(split_export), "--image", str(images / "img0.png"), "--texts", "/nope.txt"]) == 2
+    assert "--texts /nope.txt is not a file" in capsys.readouterr().err
+
+
+def test_rank_workload_bench_writes_split_and_monolithic(split_export: Path, tmp_path: Path) -> None:
+    from btdeploy.bench.rank_workload import run_rank_bench
+
+    cases = run_rank_bench(split_export, 6, 12, warmup=1, iters=2, threads=1, out=tmp_path)
+    kinds = {(c.graph, c.kind) for c in cases}
+    assert kinds == {(g, k) for g in ("plain fp32", "ort fp32") for k in ("monolithic", "split")}
+    assert all(len(c.samples_s) == 2 and c.median_ms > 0 for c in cases)
+    table = (tmp_path / "rank.md").read_text()
+    assert "| plain fp32 |" in table and "| ort fp32 |" in table and (tmp_path / "rank.png").stat().st_size > 0

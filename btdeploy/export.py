@@ -78,7 +78,8 @@ def _torch_to_onnx(loaded: LoadedModel, head: HeadSpec, path: Path, opset: int) 
     feeds = sample_inputs(loaded.config, head.export_batch, head.export_text_length, seed=1234)
     args = tuple(feeds[name] for name in head.input_names)
     module = head_module(loaded.model, head)
-    return _trace(module, args, path, opset, head.input_names, head.output_names, head.dynamic_axes(loaded.config))
+    axes = head.dynamic_axes(loaded.config)
+    return _trace(module, args, path, opset, head.input_names, head.output_names, axes, f"the {head.name} head")
 
 
 def _trace(
@@ -89,6 +90,7 @@ def _trace(
     input_names: list[str],
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
+    what: str,
 ) -> float:
     """torch.onnx.export under the export patches. Export at batch 2 and a mid text length with
     padding, so no axis is specialised to 1 and the mask path is traced with zeros in it."""
@@ -111,7 +113,7 @@ def _trace(
                 do_constant_folding=True,
             )
         except Exception as error:
-            raise BtDeployError(f"torch.onnx.export failed for {path.name}: {error}") from None
+            raise BtDeployError(f"torch.onnx.export failed for {what}: {error}") from None
     module.eval()  # the exporter restores the training flag it found; keep eval for any later use
     return time.monotonic() - started
 
@@ -140,7 +142,7 @@ def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int
         work.mkdir()
         with step(f"exporting the {head.name} {name} graph"):
             _trace(modules[name], args[name], work / MODEL_NAME, opset, spec.input_names, spec.output_names,
-                   spec.dynamic_axes(config))  # fmt: skip
+                   spec.dynamic_axes(config), f"the {head.name} {name} graph")  # fmt: skip
             external = _store_model(work)
         target = staging / f"{name}.onnx"
         if external:

@@ -27,6 +27,7 @@ def _ops(model: onnx.ModelProto) -> list[tuple[str, str]]:
     return [(n.domain or "", n.op_type) for n in model.graph.node]
 
 
+@pytest.mark.parametrize("flavour", ["ort", "trt"])
 @pytest.mark.parametrize("head", list(HEADS))
 def test_every_attention_block_and_bridge_is_fused(optimized: Path, head: str, flavour: str) -> None:
     manifest = read_manifest(optimized / head)

@@ -1,0 +1,42 @@
+"""Markdown table of the worst parity row per head and precision, with each graph's size on disk.
+
+    python benchmarks/precision_table.py EXPORT_DIR PARITY_JSON... > table.md
+
+Each PARITY_JSON is a `btdeploy check --report` file; sizes come from the head folders."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def size_mib(folder: Path, graph: str) -> float:
+    files = [folder / graph, folder / f"{graph}.data"]
+    return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
+
+
+def main(argv: list[str]) -> int:
+    root, reports = Path(argv[0]), [Path(a) for a in argv[1:]]
+    columns = ["head", "graph", "worst output", "cosine", "max_abs", "of range", "argmax agreed/clear/all", "size MiB"]
+    print("| " + " | ".join(columns) + " | verdict |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+    for report in reports:
+        data = json.loads(report.read_text())
+        for head in sorted({row["head"] for row in data["rows"]}):
+            rows = [row for row in data["rows"] if row["head"] == head]
+            worst = min(rows, key=lambda row: row["cosine"])
+            argmax = [r for r in rows if r["argmax_total"]]
+            counts = ("argmax_agree", "argmax_counted", "argmax_total")
+            agreed = "/".join(str(sum(r[k] for r in argmax)) for k in counts)
+            verdict = "PASS" if all(row["passed"] for row in rows) else "FAIL"
+            print(
+                f"| {head} | {data['graph']} | {worst['output']} | {worst['cosine']:.6f} | {worst['max_abs']:.2e} "
+                f"| {worst['of_range']:.2e} | {agreed if argmax else '-'} | {size_mib(root / head, data['graph']):.1f} "
+                f"| {verdict} |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

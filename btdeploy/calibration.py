@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 
+from . import media
 from .configs import max_text_length
 from .errors import BtDeployError
 from .inputs import sample_inputs
 from .manifest import Manifest
 from .progress import say, warn
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # ONNX Runtime's calibrator keeps every calibrated tensor of every row: on base, 32 rows
 # peaked at 15.8 GB and 6 minutes for one head, 16 rows at about half of that.
 DEFAULT_CALIB_SIZE = 16
@@ -29,34 +29,6 @@ class CalibrationData:
     @property
     def size(self) -> int:
         return int(next(iter(self.feeds.values())).shape[0])
-
-
-def _image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise BtDeployError(f"--calib-images {folder} is not a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise BtDeployError(f"--calib-images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
-
-def _texts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise BtDeployError(f"--calib-texts {path} is not a file: give a text file with one caption per line")
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    if not lines:
-        raise BtDeployError(f"--calib-texts {path} has no captions: put one caption per line")
-    return lines
-
-
-def _open_image(path: Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise BtDeployError(f"calibration image {path} cannot be read ({error}): remove it or replace it") from None
 
 
 def load_calibration(
@@ -79,13 +51,14 @@ def load_calibration(
         )
     if images is None or texts is None:
         raise BtDeployError("give both --calib-images DIR and --calib-texts FILE, or neither")
-    image_files, captions = _image_files(Path(images)), _texts(Path(texts))
+    image_files = media.image_files(Path(images), "--calib-images")
+    captions = media.read_captions(Path(texts), "--calib-texts")
     if not manifest.processor_dir.is_dir():
         raise BtDeployError(f"{manifest.folder} has no processor/ folder: export from a checkpoint that has one")
     from transformers import BridgeTowerProcessor
 
     processor = BridgeTowerProcessor.from_pretrained(manifest.processor_dir)
-    pictures = [_open_image(image_files[i % len(image_files)]) for i in range(size)]
+    pictures = [media.load_image(image_files[i % len(image_files)]) for i in range(size)]
     lines = [captions[i % len(captions)] for i in range(size)]
     say(f"calibration: {size} pairs from {len(image_files)} images and {len(captions)} captions, length {length}")
     encoding = processor(

@@ -10,8 +10,7 @@ from .heads import get_head
 from .manifest import head_folders, precision_file, read_manifest
 from .parity import ParityRow, check_head, parse_shapes
 from .progress import step
-from .runtime import BACKENDS
-from .runtime.backend import Backend
+from .runtime import build_backend
 from .runtime.torch_backend import TorchBackend
 
 
@@ -38,13 +37,7 @@ def check_export(
         config = manifest.config
         shapes = parse_shapes(list(batch_sizes), list(text_lengths), config)
         # The candidate first: a backend that cannot run here fails before the reference is built.
-        candidate: Backend
-        if split:
-            from .runtime.split_runtime import build_split_backend
-
-            candidate = build_split_backend(manifest, providers=providers, flavour=flavour, precision=precision)
-        else:
-            candidate = BACKENDS[backend](manifest, providers=providers, flavour=flavour, precision=precision)
+        candidate = build_backend(manifest, backend, split, providers=providers, flavour=flavour, precision=precision)
         with step(f"check {head.name}: rebuilding the PyTorch reference"):
             reference = TorchBackend.from_manifest(manifest)
         shape_text = ", ".join(f"{b}x{n}" for b, n in shapes)

@@ -108,21 +108,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from .ranking import format_ranking, image_files, rank
+    from .media import image_files, read_captions
+    from .ranking import format_ranking, rank
 
     if bool(args.image) == bool(args.images):
         raise BtDeployError("give --image IMG with --texts FILE, or --images DIR with --text TEXT")
     if args.image:
         if not args.texts:
             raise BtDeployError("--image needs --texts FILE (one caption per line)")
-        if not Path(args.texts).is_file():
-            raise BtDeployError(f"--texts {args.texts} is not a file: give one caption per line")
-        texts = [line.strip() for line in Path(args.texts).read_text().splitlines() if line.strip()]
-        images = [Path(args.image)]
+        texts, images = read_captions(Path(args.texts), "--texts"), [Path(args.image)]
     else:
         if not args.text:
             raise BtDeployError("--images needs --text TEXT")
-        texts, images = [args.text], image_files(Path(args.images))
+        texts, images = [args.text], image_files(Path(args.images), "--images")
     rows, stages = rank(Path(args.dir), images, texts, args.top_k, args.providers)
     print(f"{stages}")
     print(format_ranking(rows))

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import shutil
 import subprocess
 from pathlib import Path
 
-from .manifest import head_folders, read_manifest
-from .tensorrt_env import INSTALL_TENSORRT, WHERE, gpu, tensorrt_version
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+from . import tensorrt_env
+from .manifest import head_folders, package_version, read_manifest
+from .tensorrt_env import INSTALL_TENSORRT, WHERE
 
 
 def _driver() -> str | None:
@@ -46,10 +39,10 @@ def _artifacts(folder: Path) -> list[str]:
 def doctor_report(folder: Path | None = None) -> tuple[list[str], bool]:
     """Lines to print, and whether the TensorRT path can run here."""
     lines: list[str] = []
-    torch_version = _version("torch")
-    found = gpu()
-    ort_version = _version("onnxruntime-gpu")
-    trt = tensorrt_version()
+    torch_version = package_version("torch")
+    found = tensorrt_env.gpu()
+    ort_version = package_version("onnxruntime-gpu")
+    trt = tensorrt_env.tensorrt_version()  # looked up on the module, so tests can stand in for it
     lines.append(f"torch            {torch_version or 'not installed'}")
     if found:
         import torch
@@ -65,7 +58,7 @@ def doctor_report(folder: Path | None = None) -> tuple[list[str], bool]:
         lines.append(f"onnxruntime-gpu  {ort_version}, providers: {', '.join(ort.get_available_providers())}")
     else:
         lines.append("onnxruntime-gpu  not installed -> pip install onnxruntime-gpu (never beside onnxruntime)")
-    modelopt = _version("nvidia-modelopt")
+    modelopt = package_version("nvidia-modelopt")
     modelopt_install = "not installed -> pip install 'nvidia-modelopt[onnx]==0.47.0'"
     lines.append(f"nvidia-modelopt  {modelopt or modelopt_install}")
     lines.append(f"tensorrt         {trt or f'not installed -> {INSTALL_TENSORRT} {WHERE}'}")

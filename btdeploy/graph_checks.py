@@ -18,15 +18,20 @@ NO_QDQ_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax")
 LAYERNORM_OPS = ("LayerNormalization", "SkipLayerNormalization")
 
 
-def _float_constants(model: onnx.ModelProto) -> Iterator[tuple[str, np.ndarray]]:
-    """Every floating-point constant: initializers, Constant and ConstantOfShape values."""
-    tensors = [(t.name, t) for t in model.graph.initializer]
+def _constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Every constant by the name it is read under: initializers, Constant and ConstantOfShape values."""
+    tensors = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type in ("Constant", "ConstantOfShape"):
             for attribute in node.attribute:
                 if attribute.type == onnx.AttributeProto.TENSOR:
-                    tensors.append((node.output[0] or node.name, attribute.t))
-    for name, tensor in tensors:
+                    tensors[node.output[0] or node.name] = attribute.t
+    return tensors
+
+
+def _float_constants(model: onnx.ModelProto) -> Iterator[tuple[str, np.ndarray]]:
+    """Every floating-point constant with its value."""
+    for name, tensor in _constant_tensors(model).items():
         if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
             if tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data:
                 continue  # weights on disk: trained values, not masks
@@ -68,22 +73,11 @@ class QdqSummary:
     unquantized_matmuls: list[str] = field(default_factory=list)  # left in high precision by the quantizer
 
 
-def _zero_point(model: onnx.ModelProto, node: onnx.NodeProto) -> onnx.TensorProto | None:
-    if len(node.input) < 3 or not node.input[2]:
-        return None
-    for tensor in model.graph.initializer:
-        if tensor.name == node.input[2]:
-            return tensor
-    for other in model.graph.node:
-        if other.op_type == "Constant" and other.output[0] == node.input[2]:
-            return other.attribute[0].t
-    return None
-
-
 def qdq_summary(model: onnx.ModelProto) -> QdqSummary:
     """Count Q/DQ and check what TensorRT requires: INT8, symmetric (zero point 0)."""
     summary = QdqSummary()
     producers = {out: node for node in model.graph.node for out in node.output}
+    constants = _constant_tensors(model)
     for node in model.graph.node:
         if node.op_type == "MatMul":
             fed = [producers[i].op_type if i in producers else "" for i in node.input]
@@ -101,7 +95,7 @@ def qdq_summary(model: onnx.ModelProto) -> QdqSummary:
             summary.pairs += 1
         elif node.input[0] not in producers:
             summary.dequantize_only += 1
-        zero_point = _zero_point(model, node)
+        zero_point = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if zero_point is None:
             summary.not_int8.append(node.name)  # no zero point means uint8 output
             continue

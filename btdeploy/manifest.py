@@ -16,15 +16,21 @@ MODEL_NAME = "model.onnx"
 PROCESSOR_DIR = "processor"
 
 
-def tool_versions() -> dict[str, str]:
+def package_version(package: str) -> str | None:
+    """The installed version of a distribution, or None when it is not installed."""
     import importlib.metadata as metadata
 
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def tool_versions(
+    packages: tuple[str, ...] = ("btdeploy", "torch", "transformers", "onnx", "onnxruntime-gpu", "numpy"),
+) -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for package in ("btdeploy", "torch", "transformers", "onnx", "onnxruntime-gpu", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
+    versions.update({package: package_version(package) or "not installed" for package in packages})
     return versions
 
 
@@ -54,6 +60,12 @@ class Manifest:
     def stems(self) -> list[str]:
         """The graphs of this head: `model`, plus `text`, `vision`, `fusion` after export --split."""
         return ["model", *self.data.get("split", {})]
+
+    def input_names(self, stem: str = "model") -> list[str]:
+        """The inputs of one of the head's graphs, as exported (quantizing keeps them)."""
+        if stem == "model":
+            return [entry["name"] for entry in self.data["inputs"]]
+        return list(self.data["split"][stem]["inputs"])
 
     def graph_path(self, flavour: str | None = None, precision: str | None = None, stem: str = "model") -> Path:
         """<stem>.onnx, the optimized <stem>.<flavour>.onnx, or its <stem>.<flavour>.<precision>.onnx

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import logging
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ from .fileio import sha256_of
 from .graph import Graph
 from .graph_checks import NO_QDQ_OPS, layernorm_types, qdq_summary, require_fp16_safe
 from .heads import PRECISIONS
-from .manifest import Manifest, precision_file, read_manifest
+from .manifest import Manifest, precision_file, read_manifest, tool_versions
 from .optimize import save_model_atomically
 from .passes import FLAVOURS
 from .passes.qdq_islands import keep_full_precision_inputs
@@ -41,16 +40,6 @@ FP32_OPS = ["LayerNormalization", "Softmax"]  # kept FP32 in every reduced-preci
 # How many calibration rows AutoCast's range check runs at once: it keeps every
 # intermediate tensor of the batch, which for base is ~1 GB per row.
 FP16_RANGE_ROWS = 4
-
-
-def _versions(*packages: str) -> dict[str, str]:
-    found = {}
-    for package in packages:
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
 
 
 def _require_modelopt() -> None:
@@ -69,20 +58,14 @@ def _quiet_modelopt() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _feeds_for(model_path: Path, calibration: CalibrationData) -> dict[str, np.ndarray]:
-    model = onnx.load(str(model_path), load_external_data=False)
-    return {i.name: calibration.feeds[i.name] for i in model.graph.input}
-
-
-def _autocast_fp16(source: Path, calibration: CalibrationData, workdir: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def _autocast_fp16(source: Path, feeds: dict[str, np.ndarray], workdir: Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
     _require_modelopt()
     _quiet_modelopt()
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
-    rows = min(FP16_RANGE_ROWS, calibration.size)
-    feeds = {name: values[:rows] for name, values in _feeds_for(source, calibration).items()}
+    rows = min(FP16_RANGE_ROWS, len(next(iter(feeds.values()))))
     npz = workdir / "range.npz"
-    np.savez(npz, **feeds)  # type: ignore[arg-type]
+    np.savez(npz, **{name: values[:rows] for name, values in feeds.items()})  # type: ignore[arg-type]
     model = convert_to_mixed_precision(
         str(source),
         low_precision_type="fp16",
@@ -95,7 +78,7 @@ def _autocast_fp16(source: Path, calibration: CalibrationData, workdir: Path) ->
 
 
 def _modelopt_int8(
-    source: Path, calibration: CalibrationData, workdir: Path, high_precision: str
+    source: Path, feeds: dict[str, np.ndarray], workdir: Path, high_precision: str
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     _require_modelopt()
     _quiet_modelopt()
@@ -104,7 +87,6 @@ def _modelopt_int8(
     # Without calibration_shapes Model Optimizer steps through the rows one at a time (the
     # graphs' batch axis is dynamic); with them it runs ONNX shape inference, which stops at
     # the ort graph's com.microsoft operators.
-    feeds = _feeds_for(source, calibration)
     output = workdir / "int8.onnx"
     quantize(
         str(source),
@@ -133,7 +115,7 @@ def _modelopt_int8(
         "full_precision_inputs_restored": restored.fused,
         "mode": "int8 explicit Q/DQ, symmetric",
         "calibration_method": "entropy (Model Optimizer's int8 default)",
-        "calibration_rows": calibration.size,
+        "calibration_rows": len(next(iter(feeds.values()))),
         "op_types_excluded": list(NO_QDQ_OPS),
         "high_precision": high_precision,
     }
@@ -271,17 +253,16 @@ def _quantize_graph(
     label = manifest.head if stem == "model" else f"{manifest.head} {stem}"
     target = manifest.folder / precision_file(flavour, precision, stem)
     started = time.monotonic()
+    feeds = {name: calibration.feeds[name] for name in manifest.input_names(stem)} if calibration else {}
     workdir = Path(tempfile.mkdtemp(prefix=".quantize.", dir=manifest.folder))
     try:
         with step(f"quantize {label} ({flavour}, {precision}) from {source.name}"):
             if precision == "fp16":
-                assert calibration is not None
-                model, options = _autocast_fp16(source, calibration, workdir)
+                model, options = _autocast_fp16(source, feeds, workdir)
             elif precision == "int8":
-                assert calibration is not None
                 # TensorRT runs what is not INT8 in FP16; ONNX Runtime's CPU provider wants FP32.
                 high = "fp16" if flavour == "trt" else "fp32"
-                model, options = _modelopt_int8(source, calibration, workdir, high)
+                model, options = _modelopt_int8(source, feeds, workdir, high)
             else:
                 model, options = _dynamic_int8(source, workdir)
         require_fp16_safe(model, f"the {precision} graph of {label}")
@@ -309,7 +290,7 @@ def _quantize_graph(
         "bytes": _size_on_disk(target),
         "sha256": sha256_of(target),
         "seconds": round(time.monotonic() - started, 1),
-        "versions": _versions("nvidia-modelopt", "onnxruntime-gpu", "onnx"),
+        "versions": tool_versions(("nvidia-modelopt", "onnxruntime-gpu", "onnx")),
     }
     say(
         f"quantize {label}: {target} ({summary['bytes'] / 2**20:.1f} MiB; "

@@ -14,10 +14,9 @@ import numpy as np
 
 from .errors import BtDeployError
 from .manifest import head_folders, read_manifest
+from .media import load_image
 from .runtime import Runtime, SplitRuntime, load
-from .scoring import load_image, load_processor
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+from .scoring import load_processor
 
 
 @dataclass
@@ -122,12 +121,3 @@ def format_ranking(rows: list[RankedItem]) -> str:
         cosine = f"{row.itc_cosine:+.4f}" if row.itc_cosine is not None else "-"
         lines.append(f"{position:>4}  {row.itm_probability:>9.4f}  {cosine:>10}  {row.label}")
     return "\n".join(lines)
-
-
-def image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise BtDeployError(f"--images {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise BtDeployError(f"--images {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BtDeployError
+from .media import load_image
 from .runtime import Runtime
 
 
@@ -19,17 +20,6 @@ def load_processor(runtime: Runtime) -> object:
             f"{runtime.manifest.folder} has no processor/ folder: export from a checkpoint that has one"
         )
     return BridgeTowerProcessor.from_pretrained(folder)
-
-
-def load_image(path: Path) -> object:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        return Image.open(path).convert("RGB")
-    except FileNotFoundError:
-        raise BtDeployError(f"image {path} does not exist") from None
-    except UnidentifiedImageError:
-        raise BtDeployError(f"{path} is not an image PIL can read") from None
 
 
 def score(runtime: Runtime, image_path: Path, texts: list[str]) -> list[tuple[str, str]]:

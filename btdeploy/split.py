@@ -113,14 +113,17 @@ def part_modules(model: Any, head: HeadSpec) -> dict[str, Any]:
             config=config, inputs_embeds=states[:, 0:1, :], attention_mask=attention_mask
         )
 
-    def type_embedding(index: int, device: Any) -> Any:
-        return core.token_type_embeddings(torch.full((1,), index, dtype=torch.long, device=device))
+    class _Part(nn.Module):
+        """Holds the head model, so its weights are the part's parameters when it is exported."""
 
-    class TextTower(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
+    def type_embedding(index: int, device: Any) -> Any:
+        return core.token_type_embeddings(torch.full((1,), index, dtype=torch.long, device=device))
+
+    class TextTower(_Part):
         def forward(self, input_ids: Any, attention_mask: Any) -> tuple[Any, ...]:
             text = core.text_model.embeddings(input_ids=input_ids)
             mask = mask_for(text, attention_mask)
@@ -136,11 +139,7 @@ def part_modules(model: Any, head: HeadSpec) -> dict[str, Any]:
                 outputs.append(nn.functional.normalize(model.itc_text_head(text[:, 0, :]), dim=-1, p=2))
             return tuple(outputs)
 
-    class VisionTower(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
+    class VisionTower(_Part):
         def forward(self, pixel_values: Any) -> tuple[Any, ...]:
             visual = core.vision_model.visual
             image = visual.forward_pre(pixel_values.type(core.vision_model.dtype))
@@ -158,11 +157,7 @@ def part_modules(model: Any, head: HeadSpec) -> dict[str, Any]:
                 outputs.append(nn.functional.normalize(model.itc_image_head(embedded[:, 0, :]), dim=-1, p=2))
             return tuple(outputs)
 
-    class Fusion(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
+    class Fusion(_Part):
         def forward(self, text_states: Any, image_states: Any, attention_mask: Any) -> tuple[Any, ...]:
             mask = mask_for(text_states[:, 0], attention_mask)
             text_in, image_in = text_states[:, 0], image_states[:, 0]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine_profile import EngineProfile, derive_profile
-from .engines import ENGINE_PRECISIONS, EngineRecord, engine_file, record_file
+from .engines import ENGINE_PRECISIONS, EngineRecord, engine_file, parse_version, record_file
 from .errors import BtDeployError
 from .fileio import sha256_of, write_bytes
 from .heads import get_head
@@ -22,7 +22,7 @@ from .tensorrt_env import require_gpu, require_tensorrt
 
 def _network_flags(trt: Any) -> int:
     # TensorRT 11 networks are always strongly typed; 10.x asks for it with a flag.
-    if int(str(trt.__version__).split(".")[0]) >= 11:
+    if parse_version(str(trt.__version__))[0] >= 11:
         return 0
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 

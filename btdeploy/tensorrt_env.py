@@ -5,12 +5,12 @@ stop at once with one line saying what to install and where it can run."""
 
 from __future__ import annotations
 
-import importlib.metadata as metadata
 import importlib.util
 from types import ModuleType
 
 from .engines import MIN_TENSORRT, parse_version
 from .errors import BtDeployError
+from .manifest import package_version
 
 INSTALL_TENSORRT = "pip install 'tensorrt>=10.14'"
 WHERE = "on Linux or Windows with an NVIDIA GPU (it downloads from pypi.nvidia.com)"
@@ -19,10 +19,7 @@ WHERE = "on Linux or Windows with an NVIDIA GPU (it downloads from pypi.nvidia.c
 def tensorrt_version() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
         return None
-    try:
-        return metadata.version("tensorrt")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return package_version("tensorrt") or "unknown"
 
 
 def gpu() -> tuple[str, tuple[int, int]] | None:

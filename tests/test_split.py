@@ -162,8 +162,9 @@ def test_rank_one_image_against_captions(
     split_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from btdeploy.cli import main
+    from btdeploy.media import load_image
     from btdeploy.ranking import rank
-    from btdeploy.scoring import load_image, load_processor
+    from btdeploy.scoring import load_processor
 
     images, texts, captions = _rank_inputs(tmp_path)
     image = images / "img0.png"

@@ -81,6 +81,17 @@ def find_head(path: str | Path, head: str | None = None) -> Manifest:
     return read_manifest(folders[0])
 
 
+def build_backend(manifest: Manifest, backend: str = "onnxruntime", split: bool = False, **options: Any) -> Backend:
+    """The backend that runs one head: by name, or the split graphs (ONNX Runtime only)."""
+    if backend not in BACKENDS:
+        raise BtDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if split:
+        if backend != "onnxruntime":
+            raise BtDeployError("split=True runs the split graphs on ONNX Runtime: use backend='onnxruntime'")
+        return build_split_backend(manifest, **options)
+    return BACKENDS[backend](manifest, **options)
+
+
 def load(
     path: str | Path,
     head: str | None = None,
@@ -98,11 +109,9 @@ def load(
     if backend not in BACKENDS:
         raise BtDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     manifest = find_head(path, head)
-    if options.pop("split", False):
-        if backend != "onnxruntime":
-            raise BtDeployError("split=True runs the split graphs on ONNX Runtime: use backend='onnxruntime'")
-        return SplitRuntime(manifest, build_split_backend(manifest, providers=providers, **options))
-    return Runtime(manifest, BACKENDS[backend](manifest, providers=providers, **options))
+    split = bool(options.pop("split", False))
+    built = build_backend(manifest, backend, split, providers=providers, **options)
+    return SplitRuntime(manifest, built) if split else Runtime(manifest, built)
 
 
-__all__ = ["load", "Runtime", "SplitRuntime", "Features", "HeadOutput", "BACKENDS", "find_head"]
+__all__ = ["load", "build_backend", "Runtime", "SplitRuntime", "Features", "HeadOutput", "BACKENDS", "find_head"]

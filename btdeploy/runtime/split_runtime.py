@@ -68,6 +68,22 @@ class SplitBackend:
         self.parts = parts
         self.paths = paths
         self.description = ", ".join(paths[s].name for s in ("text", "vision", "fusion")) + " (split)"
+        self._origins: dict[str, dict[str, Any]] = {}
+
+    def origin(self, stem: str) -> dict[str, Any]:
+        """What a tower's features come from: checkpoint, graph file and its hash. Hashed once per
+        tower, not on every encode or score (a base tower graph is hundreds of MB)."""
+        if stem not in self._origins:
+            from ..fileio import sha256_of
+
+            path = self.paths[stem]
+            self._origins[stem] = {
+                "config_sha256": self.manifest.data["model"]["config_sha256"],
+                "source": self.manifest.data["model"]["source"],
+                "graph": path.name,
+                "graph_sha256": sha256_of(path),
+            }
+        return self._origins[stem]
 
     def text(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.parts["text"].run({"input_ids": feeds["input_ids"], "attention_mask": feeds["attention_mask"]})
@@ -112,18 +128,6 @@ def build_split_backend(manifest: Manifest, **options: Any) -> SplitBackend:
     return SplitBackend(manifest, parts, paths)
 
 
-def _origin(manifest: Manifest, backend: SplitBackend, stem: str) -> dict[str, Any]:
-    from ..fileio import sha256_of
-
-    path = backend.paths[stem]
-    return {
-        "config_sha256": manifest.data["model"]["config_sha256"],
-        "source": manifest.data["model"]["source"],
-        "graph": path.name,
-        "graph_sha256": sha256_of(path),
-    }
-
-
 def _describe(origin: Mapping[str, Any]) -> str:
     return f"{origin.get('graph')} of {origin.get('source')} (config {str(origin.get('config_sha256'))[:12]})"
 
@@ -139,7 +143,7 @@ class SplitRuntimeMixin:
     def _check(self, features: Features, kind: str, stem: str) -> None:
         if not isinstance(features, Features) or features.kind != kind:
             raise BtDeployError(f"expected {kind} features from encode_{kind}s(...)")
-        expected = _origin(self.manifest, self.backend, stem)
+        expected = self.backend.origin(stem)
         if features.origin != expected:
             raise BtDeployError(
                 f"these {kind} features were computed by {_describe(features.origin)}, this runtime uses "
@@ -162,7 +166,7 @@ class SplitRuntimeMixin:
         }
         prepared = prepare_inputs(self.head, self.config, dummy)
         arrays = self.backend.vision(prepared.feeds)
-        return Features("image", arrays, _origin(self.manifest, self.backend, "vision"))
+        return Features("image", arrays, dict(self.backend.origin("vision")))
 
     def encode_texts(self, encoding: Mapping[str, Any] | None = None, /, **inputs: Any) -> Features:
         """Run the text tower once per text. Takes input_ids and attention_mask (a tokenizer's output)."""
@@ -173,7 +177,7 @@ class SplitRuntimeMixin:
         pixels = np.zeros((ids.shape[0], 3, size, size), dtype=np.float32)
         prepared = prepare_inputs(self.head, self.config, {**inputs, "pixel_values": pixels})
         arrays = self.backend.text(prepared.feeds)
-        return Features("text", arrays, _origin(self.manifest, self.backend, "text"))
+        return Features("text", arrays, dict(self.backend.origin("text")))
 
     def score(self, images: Features, texts: Features, batch_size: int = 16) -> dict[str, np.ndarray]:
         """The head's outputs for every (image, text) pair: arrays shaped [images, texts, ...].

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# The base preset through export/recipe.sh: export (split too), optimize, quantize, check, and
+# build engines where TensorRT runs.
+exec "$(dirname "$0")/recipe.sh" base "$@"

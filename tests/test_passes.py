@@ -15,7 +15,7 @@ from btdeploy.check import check_export
 from btdeploy.errors import BtDeployError
 from btdeploy.heads import HEADS
 from btdeploy.inputs import sample_inputs
-from btdeploy.manifest import read_manifest
+from btdeploy.manifest import precision_file, read_manifest
 from btdeploy.optimize import optimize_head
 from btdeploy.passes import expected_attention_blocks, expected_bridges
 from btdeploy.tensorrt_ops import check_tensorrt_ops
@@ -62,6 +62,21 @@ def test_cls_only_heads_compute_one_row_of_the_last_layer(optimized: Path, head:
     # of its attention blocks run for one query row. base and mlm read every row.
     assert cls_rows["fused"] == (4 if head in ("itm", "itc") else 0)
     assert cls_rows["nodes_after"] <= cls_rows["nodes_before"]
+
+
+@pytest.mark.parametrize("flavour", ["ort", "trt"])
+def test_shared_weights_are_read_without_identity_copies(optimized: Path, flavour: str) -> None:
+    # The cross-modal transforms run once per cross layer with one weight, which the exporter
+    # hands out through Identity copies; quantizers skip a MatMul whose weight is not constant.
+    plain = onnx.load(str(optimized / "itm" / "model.onnx"))
+    initializers = {t.name for t in plain.graph.initializer}
+    copies = [n for n in plain.graph.node if n.op_type == "Identity" and n.input[0] in initializers]
+    assert copies, "the export no longer reads shared weights through Identity: drop this step"
+    model = onnx.load(str(optimized / "itm" / precision_file(flavour, "fp32")))
+    initializers = {t.name for t in model.graph.initializer}
+    assert [n.name for n in model.graph.node if n.op_type == "Identity" and n.input[0] in initializers] == []
+    passes = {p["name"]: p for p in read_manifest(optimized / "itm").data["optimized"][flavour]["passes"]}
+    assert passes["shape/constant cleanup"]["details"]["weight_identities_bypassed"] == len(copies)
 
 
 @pytest.mark.parametrize("flavour", ["ort", "trt"])

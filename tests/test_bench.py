@@ -197,3 +197,23 @@ def test_interrupt_keeps_finished_cases(tiny_export: Path, monkeypatch: pytest.M
     assert run.interrupted
     assert [(c.batch, c.text_length) for c in run.cases] == [(1, 4)]
     assert np.isfinite(run.cases[0].stats.median_ms)
+
+
+def test_speedup_breakdown_finds_each_kind_of_work(optimized: Path, tmp_path: Path) -> None:
+    # The breakdown sorts profiler events by operator name; a renamed GEMM or attention kernel
+    # in either library would silently land in "everything else".
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "benchmarks" / "speedup_breakdown.py"
+    command = [sys.executable, str(script), str(optimized / "itm"), "--batch", "2", "--seq-len", "8"]
+    command += ["--variants", "ort-fused", "--rounds", "2", "--threads", "1", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    record = json.loads((tmp_path / "breakdown.json").read_text())
+    assert set(record["kinds_ms"]) == {"torch-eager", "ort-fused"}
+    for variant, kinds in record["kinds_ms"].items():
+        assert kinds["weight GEMMs"] > 0 and kinds["attention core"] > 0, (variant, kinds)
+        wall_ms = 1e3 * float(np.median(record["wall_s"][variant]))
+        assert sum(kinds.values()) < 1.5 * wall_ms, (variant, kinds, wall_ms)  # per run, not summed over rounds
+    assert len(record["wall_s"]["ort-fused"]) == 2
+    assert "| weight GEMMs |" in (tmp_path / "breakdown.md").read_text()

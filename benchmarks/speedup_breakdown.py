@@ -1,0 +1,174 @@
+"""Where a speedup over torch-eager comes from: both profilers, one shape, time per kind of work.
+
+    python benchmarks/speedup_breakdown.py EXPORT_DIR/itm --batch 4 --seq-len 40 \
+        --variants ort-fused,ort-int8-dynamic [--rounds 5] [--out DIR]
+
+torch-eager and each ONNX Runtime variant run interleaved (A B C, B C A, ...) under their
+profilers. Kernel time is summed into three kinds, so the end-to-end ratio can be read as the
+sum of its parts:
+
+- weight GEMMs: the Linear layers (torch `addmm`/`mm`; ONNX Runtime's MatMul, Gemm and the
+  int8 MatMulInteger family, with the dynamic quantization of their inputs);
+- attention core: scores, softmax and the weighted sum (torch SDPA, `bmm`, `softmax`; the
+  fused Attention operator);
+- everything else (LayerNorm, GELU, adds, copies, the patch convolution).
+
+Writes breakdown.md and breakdown.json to --out (default: the head folder's `bench/`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from btdeploy.bench.machine import cpu_description
+from btdeploy.bench.runner import interleaved_order
+from btdeploy.bench.variants import VARIANTS, BenchEnv
+from btdeploy.inputs import sample_inputs
+from btdeploy.manifest import precision_file, read_manifest
+
+KINDS = ("weight GEMMs", "attention core", "everything else")
+ORT_GEMM_OPS = {
+    "MatMul",
+    "Gemm",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "DynamicQuantizeLinear",
+    "QLinearMatMul",
+    "FusedMatMul",
+}
+ORT_ATTENTION_OPS = {"Attention", "MultiHeadAttention"}
+TORCH_GEMM_OPS = {"aten::addmm", "aten::mm", "aten::linear"}
+TORCH_ATTENTION_PREFIXES = ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_softmax", "aten::bmm")
+
+
+def variant_graph(name: str) -> str:
+    """The graph an ONNX Runtime bench variant runs: ort (the export), ort-fused, ort-<precision>."""
+    if name == "ort":
+        return "model.onnx"
+    precision = name.removeprefix("ort-")
+    return precision_file("ort", "fp32" if precision == "fused" else precision)
+
+
+def ort_kind(op: str) -> str:
+    if op in ORT_GEMM_OPS:
+        return KINDS[0]
+    return KINDS[1] if op in ORT_ATTENTION_OPS else KINDS[2]
+
+
+def torch_kind(op: str) -> str:
+    if op in TORCH_GEMM_OPS:
+        return KINDS[0]
+    return KINDS[1] if op.startswith(TORCH_ATTENTION_PREFIXES) else KINDS[2]
+
+
+class OrtProfiled:
+    def __init__(self, path: Path, threads: int, folder: str) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(folder) / path.stem)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> None:
+        self.session.run(None, {name: feeds[name] for name in self.names})
+
+    def kinds_ms(self, runs: int) -> dict[str, float]:
+        events = json.loads(Path(self.session.end_profiling()).read_text())
+        model_runs = [e for e in events if e.get("name") == "model_run"]
+        warm = model_runs[-runs - 1] if len(model_runs) > runs else None
+        start = warm["ts"] + warm["dur"] if warm else 0
+        totals: dict[str, float] = defaultdict(float)
+        for event in events:
+            if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and event["ts"] > start:
+                totals[ort_kind(event["args"].get("op_name", "?"))] += event["dur"] / 1e3 / runs
+        return dict(totals)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("head_dir", type=Path, help="an exported head folder (with its optimized/quantized graphs)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=40)
+    parser.add_argument("--variants", default="ort-fused,ort-int8-dynamic")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    manifest = read_manifest(args.head_dir)
+    feeds = sample_inputs(manifest.config, args.batch, args.seq_len, seed=1, pad=False)
+    torch.set_num_threads(args.threads)
+    reference = VARIANTS["torch-eager"].build(manifest, BenchEnv(threads=args.threads, device="cpu"))
+    names = ["torch-eager", *args.variants.split(",")]
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as folder:
+        sessions = {n: OrtProfiled(args.head_dir / variant_graph(n), args.threads, folder) for n in names[1:]}
+        runners: dict[str, Any] = {"torch-eager": lambda: reference.run(feeds)}
+        runners.update({n: (lambda s=s: s.run(feeds)) for n, s in sessions.items()})
+        for name in names:
+            runners[name]()  # warm-up, outside the profiles' counted runs
+        torch_kinds: dict[str, float] = defaultdict(float)
+        for index in range(args.rounds):
+            print(f"round {index + 1}/{args.rounds}", flush=True)
+            for name in interleaved_order(names, index):
+                if name == "torch-eager":
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                        started = time.perf_counter()
+                        runners[name]()
+                        wall[name].append(time.perf_counter() - started)
+                    for event in profile.key_averages():
+                        torch_kinds[torch_kind(event.key)] += event.self_cpu_time_total / 1e3 / args.rounds
+                else:
+                    started = time.perf_counter()
+                    runners[name]()
+                    wall[name].append(time.perf_counter() - started)
+        kinds = {"torch-eager": dict(torch_kinds)}
+        kinds.update({n: s.kinds_ms(args.rounds) for n, s in sessions.items()})
+
+    medians = {n: 1e3 * float(np.median(v)) for n, v in wall.items()}
+    cpu = cpu_description()
+    lines = [
+        f"# Speedup by kind of work: {manifest.head}, batch {args.batch}, length {args.seq_len}",
+        "",
+        f"- CPU: {cpu['model']} ({cpu['logical_cores']} logical cores; flags: {', '.join(cpu['flags'])}), "
+        f"{args.threads} thread(s)",
+        f"- {args.rounds} interleaved rounds under the profilers (which add a little time to every variant)",
+        "- kernel ms per run, and the ratio torch-eager / variant for each kind",
+        "",
+        "| kind | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for kind in KINDS:
+        base = kinds["torch-eager"].get(kind, 0.0)
+        cells = [f"{base:.1f}"]
+        for name in names[1:]:
+            value = kinds[name].get(kind, 0.0)
+            cells.append(f"{value:.1f} ({base / value:.2f}x)" if value else "0")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    cells = [f"{medians['torch-eager']:.1f}"]
+    cells += [f"{medians[n]:.1f} ({medians['torch-eager'] / medians[n]:.2f}x)" for n in names[1:]]
+    lines.append("| wall-clock median | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = args.out or args.head_dir / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "breakdown.md").write_text(text)
+    record = {"batch": args.batch, "seq_len": args.seq_len, "rounds": args.rounds, "kinds_ms": kinds, "wall_s": wall}
+    (out / "breakdown.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,10 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def size_mib(folder: Path, graph: str) -> float:
-    files = [folder / graph, folder / f"{graph}.data"]
-    return sum(f.stat().st_size for f in files if f.is_file()) / 2**20
+from btdeploy.fileio import graph_bytes
 
 
 def main(argv: list[str]) -> int:
@@ -29,10 +26,11 @@ def main(argv: list[str]) -> int:
             argmax = [r for r in rows if r["argmax_total"]]
             counts = ("argmax_agree", "argmax_counted", "argmax_total")
             agreed = "/".join(str(sum(r[k] for r in argmax)) for k in counts)
+            mib = graph_bytes(root / head / data["graph"]) / 2**20
             verdict = "PASS" if all(row["passed"] for row in rows) else "FAIL"
             print(
                 f"| {head} | {data['graph']} | {worst['output']} | {worst['cosine']:.6f} | {worst['max_abs']:.2e} "
-                f"| {worst['of_range']:.2e} | {agreed if argmax else '-'} | {size_mib(root / head, data['graph']):.1f} "
+                f"| {worst['of_range']:.2e} | {agreed if argmax else '-'} | {mib:.1f} "
                 f"| {verdict} |"
             )
     return 0

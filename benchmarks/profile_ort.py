@@ -8,14 +8,13 @@ Prints each operator type's share of the kernel time, largest first.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import onnxruntime as ort
 
+from btdeploy.bench.ort_profile import kernel_ms_per_op
 from btdeploy.inputs import sample_inputs
 from btdeploy.manifest import read_manifest
 
@@ -40,13 +39,7 @@ def main() -> None:
         session.run(None, feeds)  # warm-up, excluded below
         for _ in range(args.runs):
             session.run(None, feeds)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    per_op: dict[str, float] = defaultdict(float)
-    runs = [e for e in events if e.get("name") == "model_run"]
-    warmup_end = runs[0]["ts"] + runs[0]["dur"] if runs else 0
-    for event in events:
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and event["ts"] > warmup_end:
-            per_op[event["args"].get("op_name", "?")] += event["dur"] / 1e3 / args.runs
+        per_op = kernel_ms_per_op(session, args.runs)
     total = sum(per_op.values())
     print(f"{args.model} batch {args.batch} length {args.seq_len}: {total:.1f} ms of kernel time per run")
     for op, ms in sorted(per_op.items(), key=lambda item: -item[1]):

@@ -32,10 +32,11 @@ import onnxruntime as ort
 import torch
 
 from btdeploy.bench.machine import cpu_description
+from btdeploy.bench.ort_profile import kernel_ms_per_op
 from btdeploy.bench.runner import interleaved_order
 from btdeploy.bench.variants import VARIANTS, BenchEnv
 from btdeploy.inputs import sample_inputs
-from btdeploy.manifest import precision_file, read_manifest
+from btdeploy.manifest import read_manifest
 
 KINDS = ("weight GEMMs", "attention core", "everything else")
 ORT_GEMM_OPS = {
@@ -53,12 +54,14 @@ TORCH_GEMM_OPS = {"aten::addmm", "aten::mm", "aten::linear"}
 TORCH_ATTENTION_PREFIXES = ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_softmax", "aten::bmm")
 
 
-def variant_graph(name: str) -> str:
-    """The graph an ONNX Runtime bench variant runs: ort (the export), ort-fused, ort-<precision>."""
-    if name == "ort":
-        return "model.onnx"
-    precision = name.removeprefix("ort-")
-    return precision_file("ort", "fp32" if precision == "fused" else precision)
+def ort_graph(variant: str) -> str:
+    graph = VARIANTS[variant].graph if variant in VARIANTS else None
+    if graph is None:
+        runnable = ", ".join(name for name, v in VARIANTS.items() if v.graph)
+        raise SystemExit(
+            f"--variants: {variant} is not an ONNX Runtime graph of the head folder; choose from {runnable}"
+        )
+    return graph
 
 
 def ort_kind(op: str) -> str:
@@ -86,14 +89,9 @@ class OrtProfiled:
         self.session.run(None, {name: feeds[name] for name in self.names})
 
     def kinds_ms(self, runs: int) -> dict[str, float]:
-        events = json.loads(Path(self.session.end_profiling()).read_text())
-        model_runs = [e for e in events if e.get("name") == "model_run"]
-        warm = model_runs[-runs - 1] if len(model_runs) > runs else None
-        start = warm["ts"] + warm["dur"] if warm else 0
         totals: dict[str, float] = defaultdict(float)
-        for event in events:
-            if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and event["ts"] > start:
-                totals[ort_kind(event["args"].get("op_name", "?"))] += event["dur"] / 1e3 / runs
+        for op, ms in kernel_ms_per_op(self.session, runs).items():
+            totals[ort_kind(op)] += ms
         return dict(totals)
 
 
@@ -115,7 +113,7 @@ def main() -> None:
     names = ["torch-eager", *args.variants.split(",")]
     wall: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as folder:
-        sessions = {n: OrtProfiled(args.head_dir / variant_graph(n), args.threads, folder) for n in names[1:]}
+        sessions = {n: OrtProfiled(args.head_dir / ort_graph(n), args.threads, folder) for n in names[1:]}
         runners: dict[str, Any] = {"torch-eager": lambda: reference.run(feeds)}
         runners.update({n: (lambda s=s: s.run(feeds)) for n, s in sessions.items()})
         for name in names:

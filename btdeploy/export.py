@@ -10,7 +10,7 @@ from typing import Any
 
 from .configs import config_fingerprint, max_text_length
 from .errors import BtDeployError
-from .fileio import sha256_of, staged_directory
+from .fileio import graph_bytes, sha256_of, staged_directory
 from .heads import HeadSpec, get_head
 from .inputs import sample_inputs
 from .manifest import MANIFEST_NAME, MODEL_NAME, PROCESSOR_DIR, Manifest, tool_versions
@@ -70,7 +70,7 @@ def export_head(
         manifest.folder = staging
         manifest.write()
     manifest.folder = final
-    say(f"wrote {final / MODEL_NAME} ({_size_mb(final):.1f} MB)")
+    say(f"wrote {final / MODEL_NAME} ({graph_bytes(final / MODEL_NAME) / 1e6:.1f} MB)")
     return manifest
 
 
@@ -236,10 +236,6 @@ def _manifest_data(
         "processor": PROCESSOR_DIR if processor_saved else None,
         "versions": tool_versions(),
     }
-
-
-def _size_mb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6
 
 
 def export_heads(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .check import check_export, report_data
 from .export import DEFAULT_OPSET, export_head
-from .fileio import write_json
+from .fileio import graph_bytes, write_json
 from .heads import HEADS
 from .manifest import precision_file
 from .models import resolve_model
@@ -65,7 +65,7 @@ def run_pipeline(
         head_started = time.monotonic()
         manifest = export_head(source, head, out, opset)
         summary.export_s = time.monotonic() - head_started
-        summary.size_mb = sum(p.stat().st_size for p in manifest.folder.glob("model.onnx*")) / 1e6
+        summary.size_mb = graph_bytes(manifest.model_path) / 1e6
         summary.rows["plain"] = check_export(out, [head])
         for flavour in FLAVOURS:
             result = optimize_head(manifest.folder, flavour)

@@ -25,7 +25,7 @@ import onnx
 from .calibration import DEFAULT_CALIB_SIZE, CalibrationData, load_calibration
 from .errors import BtDeployError
 from .export import PROTOBUF_LIMIT
-from .fileio import sha256_of
+from .fileio import graph_bytes, sha256_of
 from .graph import Graph
 from .graph_checks import NO_QDQ_OPS, layernorm_types, qdq_summary, require_fp16_safe
 from .heads import PRECISIONS
@@ -287,7 +287,7 @@ def _quantize_graph(
         **options,
         "calibration": calibration.source if calibration else None,
         "graph": facts,
-        "bytes": _size_on_disk(target),
+        "bytes": graph_bytes(target),
         "sha256": sha256_of(target),
         "seconds": round(time.monotonic() - started, 1),
         "versions": tool_versions(("nvidia-modelopt", "onnxruntime-gpu", "onnx")),
@@ -298,12 +298,6 @@ def _quantize_graph(
         + ")"
     )
     return summary
-
-
-def _size_on_disk(path: Path) -> int:
-    """The graph plus its external data file, if it has one."""
-    data = path.with_name(path.name + ".data")  # save_model_atomically's name for data past 2 GB
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 __all__ = ["quantize_head", "FP32_OPS"]

@@ -123,12 +123,12 @@ def test_dynamic_int8_quantizes_every_weight_matmul(quantized: Path) -> None:
     for name, model in _graphs(quantized, "int8-dynamic"):
         ops = [n.op_type for n in model.graph.node]
         assert ops.count("MatMulInteger") > 0 and "DynamicQuantizeLinear" in ops, name
-        constant = _constant_tensors(model)
+        constant = _computed_from_constants(model)
         float_weight_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constant]
         assert float_weight_matmuls == [], name
 
 
-def _constant_tensors(model: onnx.ModelProto) -> set[str]:
+def _computed_from_constants(model: onnx.ModelProto) -> set[str]:
     """Initializers and whatever is computed from them alone (a weight read through Identity counts)."""
     constant = {t.name for t in model.graph.initializer}
     for node in model.graph.node:  # graphs are stored in topological order

@@ -30,6 +30,7 @@ class Variant:
     precision: str
     unavailable: Callable[[Manifest, BenchEnv], str | None]  # the reason it cannot run, or None
     build: Callable[[Manifest, BenchEnv], Backend]
+    graph: str | None = None  # the file in the head folder an ONNX Runtime variant runs
 
 
 def _always(manifest: Manifest, env: BenchEnv) -> str | None:
@@ -139,10 +140,14 @@ def _tensorrt(precision: str, cuda_graphs: bool) -> Callable[[Manifest, BenchEnv
     return build
 
 
+def _ort_variant(name: str, precision: str, graph: str, how: str) -> Variant:
+    """An ONNX Runtime variant that runs `graph` from the head folder, unavailable until it exists."""
+    return Variant(name, "onnxruntime", precision, _needs_file(graph, how), _ort_file(graph), graph=graph)
+
+
 _QUANTIZE = "run btdeploy quantize DIR --flavour ort --precision {}"
 _OPTIMIZE_ORT = "run btdeploy optimize DIR --flavour ort"
 _OPTIMIZE_TRT = "run btdeploy optimize DIR --flavour trt"
-_OPTIMIZE = "run btdeploy optimize DIR --flavour {}"
 
 VARIANTS: dict[str, Variant] = {
     variant.name: variant
@@ -150,32 +155,14 @@ VARIANTS: dict[str, Variant] = {
         Variant("torch-eager", "torch", "fp32", _always, _torch("fp32")),
         Variant("torch-eager-fp16", "torch", "fp16", _needs_gpu, _torch("fp16")),
         Variant("torch-eager-bf16", "torch", "bf16", _needs_gpu, _torch("bf16")),
-        Variant("ort", "onnxruntime", "fp32", _always, _ort_file("model.onnx")),
+        Variant("ort", "onnxruntime", "fp32", _always, _ort_file("model.onnx"), graph="model.onnx"),
         Variant("ort-hf-optimizer", "onnxruntime", "fp32", _always, _build_hf_optimizer),
-        Variant(
-            "ort-fused",
-            "onnxruntime",
-            "fp32",
-            _needs_file("model.ort.onnx", _OPTIMIZE_ORT),
-            _ort_file("model.ort.onnx"),
-        ),
+        _ort_variant("ort-fused", "fp32", precision_file("ort", "fp32"), _OPTIMIZE_ORT),
         # The TensorRT-flavour graph (standard ONNX operators only) run by ONNX Runtime: what the
         # trt graph costs before TensorRT compiles it, and proof that it runs.
-        Variant(
-            "trt-graph",
-            "onnxruntime",
-            "fp32",
-            _needs_file("model.trt.onnx", _OPTIMIZE_TRT),
-            _ort_file("model.trt.onnx"),
-        ),
+        _ort_variant("trt-graph", "fp32", precision_file("trt", "fp32"), _OPTIMIZE_TRT),
         *(
-            Variant(
-                f"ort-{precision}",
-                "onnxruntime",
-                precision,
-                _needs_file(precision_file("ort", precision), _QUANTIZE.format(precision)),
-                _ort_file(precision_file("ort", precision)),
-            )
+            _ort_variant(f"ort-{precision}", precision, precision_file("ort", precision), _QUANTIZE.format(precision))
             for precision in PRECISIONS
         ),
         *(

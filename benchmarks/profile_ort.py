@@ -14,9 +14,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.bench.ort_profile import kernel_ms_per_op
-from btdeploy.inputs import sample_inputs
-from btdeploy.manifest import read_manifest
+from btdeploy.model.inputs import sample_inputs
 
 
 def main() -> None:

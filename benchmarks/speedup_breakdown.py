@@ -31,12 +31,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.bench.machine import cpu_description
 from btdeploy.bench.ort_profile import kernel_ms_per_op
 from btdeploy.bench.runner import interleaved_order
 from btdeploy.bench.variants import VARIANTS, BenchEnv
-from btdeploy.inputs import sample_inputs
-from btdeploy.manifest import read_manifest
+from btdeploy.model.inputs import sample_inputs
 
 KINDS = ("weight GEMMs", "attention core", "everything else")
 ORT_GEMM_OPS = {

@@ -1,7 +1,7 @@
 """btdeploy: export, optimize and run BridgeTower per head, with parity checks against PyTorch."""
 
-from .errors import BtDeployError
-from .runtime import Features, HeadOutput, Runtime, SplitRuntime, load
+from btdeploy.errors import BtDeployError
+from btdeploy.runtime.runtime import Features, HeadOutput, Runtime, SplitRuntime, load
 
 __version__ = "0.1.0"
 

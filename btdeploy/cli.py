@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import BtDeployError
+from btdeploy.errors import BtDeployError
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -21,18 +21,18 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_heads
-    from .heads import parse_heads
-    from .models import resolve_model
+    from btdeploy.export.exporter import export_heads
+    from btdeploy.model.checkpoints import resolve_model
+    from btdeploy.model.heads import parse_heads
 
     export_heads(resolve_model(args.model, args.seed), parse_heads(args.heads), Path(args.out), args.opset, args.split)
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import check_export
-    from .heads import parse_heads
-    from .parity import format_rows
+    from btdeploy.model.heads import parse_heads
+    from btdeploy.verify.check import check_export
+    from btdeploy.verify.parity import format_rows
 
     heads = parse_heads(args.heads) if args.heads else None
     rows = check_export(
@@ -54,8 +54,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runtime import load
-    from .scoring import score
+    from btdeploy.apps.run import score
+    from btdeploy.runtime.runtime import load
 
     runtime = load(args.dir, head=args.head, providers=args.providers)
     answers = score(runtime, Path(args.image), args.text)
@@ -67,9 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from .heads import parse_heads
-    from .manifest import head_folders
-    from .optimize import optimize_head
+    from btdeploy.artifacts.manifest import head_folders
+    from btdeploy.model.heads import parse_heads
+    from btdeploy.optimize.optimizer import optimize_head
 
     heads = parse_heads(args.heads) if args.heads else None
     for folder in head_folders(Path(args.dir), heads):
@@ -78,9 +78,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .heads import parse_heads
-    from .manifest import head_folders
-    from .precision import quantize_head
+    from btdeploy.artifacts.manifest import head_folders
+    from btdeploy.model.heads import parse_heads
+    from btdeploy.quantize.quantizer import quantize_head
 
     heads = parse_heads(args.heads) if args.heads else None
     for folder in head_folders(Path(args.dir), heads):
@@ -89,9 +89,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .heads import parse_heads
-    from .manifest import head_folders
-    from .tensorrt_build import build_engine
+    from btdeploy.artifacts.manifest import head_folders
+    from btdeploy.backends.tensorrt.build import build_engine
+    from btdeploy.model.heads import parse_heads
 
     heads = parse_heads(args.heads) if args.heads else None
     for folder in head_folders(Path(args.dir), heads):
@@ -100,7 +100,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import doctor_report
+    from btdeploy.apps.doctor import doctor_report
 
     lines, _ = doctor_report(Path(args.dir) if args.dir else None)
     print("\n".join(lines))
@@ -108,8 +108,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    from .media import image_files, read_captions
-    from .ranking import format_ranking, rank
+    from btdeploy.apps.rank import format_ranking, rank
+    from btdeploy.model.media import image_files, read_captions
 
     if bool(args.image) == bool(args.images):
         raise BtDeployError("give --image IMG with --texts FILE, or --images DIR with --text TEXT")
@@ -128,8 +128,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from .heads import PRECISIONS, parse_heads
-    from .pipeline import run_pipeline
+    from btdeploy.apps.pipeline import run_pipeline
+    from btdeploy.model.heads import PRECISIONS, parse_heads
 
     out = Path(args.out or f"btdeploy-out/{Path(args.model).name}")
     precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip() and p.strip() != "none")
@@ -151,10 +151,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import os
     import shlex
 
-    from .bench.report import write_reports
-    from .bench.runner import BenchSettings, run_bench
-    from .heads import parse_heads
-    from .progress import say
+    from btdeploy.bench.report import write_reports
+    from btdeploy.bench.runner import BenchSettings, run_bench
+    from btdeploy.model.heads import parse_heads
+    from btdeploy.progress import say
 
     device = args.device
     if device == "auto":
@@ -171,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=device,
     )
     if args.workload == "rank":
-        from .bench.rank_workload import run_rank_bench
+        from btdeploy.bench.rank_workload import run_rank_bench
 
         out = Path(args.out or Path(args.dir) / "bench")
         run_rank_bench(Path(args.dir), args.captions, args.seq_lens[0], args.warmup, args.iters, settings.threads, out)
@@ -189,9 +189,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .calibration import DEFAULT_CALIB_SIZE
-    from .export import DEFAULT_OPSET
-    from .heads import PRECISIONS
+    from btdeploy.export.exporter import DEFAULT_OPSET
+    from btdeploy.model.heads import PRECISIONS
+    from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE
 
     parser = argparse.ArgumentParser(prog="btdeploy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)

@@ -28,9 +28,9 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Path:
     """All four heads of the tiny preset, exported once."""
-    from btdeploy.export import export_heads
-    from btdeploy.heads import HEADS
-    from btdeploy.models import resolve_model
+    from btdeploy.export.exporter import export_heads
+    from btdeploy.model.checkpoints import resolve_model
+    from btdeploy.model.heads import HEADS
 
     out = tmp_path_factory.mktemp("tiny-export")
     export_heads(resolve_model("tiny"), list(HEADS), out)
@@ -61,8 +61,8 @@ NON_DEFAULT_CONFIG: dict[str, Any] = {
 def make_checkpoint(
     folder: Path, values: dict[str, Any], seed: int = 3, heads: tuple[str, ...] = ("itm", "mlm", "itc")
 ) -> Path:
-    from btdeploy.configs import build_config
-    from btdeploy.models import write_random_checkpoint
+    from btdeploy.model.checkpoints import write_random_checkpoint
+    from btdeploy.model.configs import build_config
 
     folder.mkdir(parents=True, exist_ok=True)
     write_random_checkpoint(build_config(values), folder, seed, heads)
@@ -77,9 +77,9 @@ def non_default_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def non_default_export(tmp_path_factory: pytest.TempPathFactory, non_default_checkpoint: Path) -> Path:
     """All four heads of the non-default config, exported once."""
-    from btdeploy.export import export_heads
-    from btdeploy.heads import HEADS
-    from btdeploy.models import resolve_model
+    from btdeploy.export.exporter import export_heads
+    from btdeploy.model.checkpoints import resolve_model
+    from btdeploy.model.heads import HEADS
 
     out = tmp_path_factory.mktemp("non-default-export")
     export_heads(resolve_model(str(non_default_checkpoint), seed=3), list(HEADS), out)
@@ -94,8 +94,8 @@ def optimized(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
     """Every head of tiny and of the non-default config, optimized in both flavours."""
-    from btdeploy.heads import HEADS
-    from btdeploy.optimize import optimize_head
+    from btdeploy.model.heads import HEADS
+    from btdeploy.optimize.optimizer import optimize_head
 
     source = tiny_export if request.param == "tiny" else non_default_export
     out = tmp_path_factory.mktemp(f"optimized-{request.param}")

@@ -11,17 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
+from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.bench.flops import forward_flops
 from btdeploy.bench.report import CSV_COLUMNS, write_reports
 from btdeploy.bench.runner import BenchSettings, interleaved_order, resolve_variants, run_bench, time_case
 from btdeploy.bench.stats import summarize
 from btdeploy.bench.variants import VARIANTS, BenchEnv, Variant
-from btdeploy.configs import build_config
 from btdeploy.errors import BtDeployError
-from btdeploy.export import head_module
-from btdeploy.heads import HEADS
-from btdeploy.inputs import sample_inputs
-from btdeploy.manifest import read_manifest
+from btdeploy.export.exporter import head_module
+from btdeploy.model.configs import build_config
+from btdeploy.model.heads import HEADS
+from btdeploy.model.inputs import sample_inputs
 
 
 def test_statistics_of_known_samples() -> None:

@@ -13,8 +13,8 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
+from btdeploy.backends.tensorrt.operators import check_tensorrt_ops
 from btdeploy.cli import main
-from btdeploy.tensorrt_ops import check_tensorrt_ops
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import onnx
 import pytest
 
 import btdeploy
-from btdeploy.check import check_export
 from btdeploy.errors import BtDeployError
-from btdeploy.export import export_head
-from btdeploy.heads import HEADS
-from btdeploy.inputs import sample_inputs
-from btdeploy.models import resolve_model
+from btdeploy.export.exporter import export_head
+from btdeploy.model.checkpoints import resolve_model
+from btdeploy.model.heads import HEADS
+from btdeploy.model.inputs import sample_inputs
+from btdeploy.verify.check import check_export
 
 
 def test_every_head_is_exported_with_a_manifest(tiny_export: Path) -> None:
@@ -112,7 +112,7 @@ def test_unsupported_opset_is_refused(tmp_path: Path) -> None:
 def test_a_model_past_the_protobuf_limit_goes_to_one_external_data_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import btdeploy.export as export_module
+    import btdeploy.export.exporter as export_module
 
     # Pretend the 2 GB limit is 1 MB, so the tiny model takes the large-model path.
     monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", 1_000_000)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import NON_DEFAULT_CONFIG, make_checkpoint
 
-from btdeploy.configs import build_config, max_text_length, num_image_tokens
 from btdeploy.errors import BtDeployError
-from btdeploy.heads import HEADS
-from btdeploy.models import load_head_model, randomize_, resolve_model
+from btdeploy.model.checkpoints import load_head_model, randomize_, resolve_model
+from btdeploy.model.configs import build_config, max_text_length, num_image_tokens
+from btdeploy.model.heads import HEADS
 
 
 def _tiny_model(seed: int) -> torch.nn.Module:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from btdeploy.heads import FP32, HEADS
-from btdeploy.parity import compare, passes
+from btdeploy.model.heads import FP32, HEADS
+from btdeploy.verify.parity import compare, passes
 
 LOGITS = HEADS["itm"].output("logits")
 EMBEDS = HEADS["itc"].output("text_embeds")

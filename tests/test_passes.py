@@ -11,14 +11,14 @@ import pytest
 from onnx import helper
 
 import btdeploy
-from btdeploy.check import check_export
+from btdeploy.artifacts.manifest import precision_file, read_manifest
+from btdeploy.backends.tensorrt.operators import check_tensorrt_ops
 from btdeploy.errors import BtDeployError
-from btdeploy.heads import HEADS
-from btdeploy.inputs import sample_inputs
-from btdeploy.manifest import precision_file, read_manifest
-from btdeploy.optimize import optimize_head
-from btdeploy.passes import expected_attention_blocks, expected_bridges
-from btdeploy.tensorrt_ops import check_tensorrt_ops
+from btdeploy.model.heads import HEADS
+from btdeploy.model.inputs import sample_inputs
+from btdeploy.optimize.optimizer import optimize_head
+from btdeploy.optimize.passes import expected_attention_blocks, expected_bridges
+from btdeploy.verify.check import check_export
 
 FUSED_ATTENTION_OPS = {"ort": {("", "Attention")}, "trt": {("", "Attention")}}
 
@@ -90,8 +90,8 @@ def test_optimized_graphs_keep_fp32_parity(optimized: Path, flavour: str) -> Non
 def test_interpolate_bridges_fuse_too(non_default_checkpoint: Path, tmp_path: Path) -> None:
     import json
 
-    from btdeploy.export import export_head
-    from btdeploy.models import resolve_model
+    from btdeploy.export.exporter import export_head
+    from btdeploy.model.checkpoints import resolve_model
 
     folder = tmp_path / "ckpt"
     shutil.copytree(non_default_checkpoint, folder)

@@ -11,13 +11,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from btdeploy.check import check_export
+from btdeploy.artifacts.manifest import precision_file, read_manifest
 from btdeploy.cli import main
 from btdeploy.errors import BtDeployError
-from btdeploy.graph_checks import fp16_unsafe_constants, layernorm_types, qdq_summary
-from btdeploy.heads import HEADS, PRECISIONS
-from btdeploy.manifest import precision_file, read_manifest
-from btdeploy.precision import quantize_head
+from btdeploy.model.heads import HEADS, PRECISIONS
+from btdeploy.optimize.graph_checks import fp16_unsafe_constants, layernorm_types, qdq_summary
+from btdeploy.quantize.quantizer import quantize_head
+from btdeploy.verify.check import check_export
 
 CALIB_SIZE = 4  # generated rows: enough for ranges on tiny graphs, quick in CI
 TRT_HEADS = ("itm", "mlm")  # the TensorRT-flavour graphs checked here (one pooled, one per token)

@@ -12,7 +12,7 @@ import torch
 
 import btdeploy
 from btdeploy.errors import BtDeployError
-from btdeploy.inputs import sample_inputs
+from btdeploy.model.inputs import sample_inputs
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_a_corrupt_or_missing_model_file_is_a_clear_error(tiny_export: Path, tmp
 def test_torch_backend_is_the_reference(tiny_export: Path, feeds: dict[str, np.ndarray]) -> None:
     from transformers import BridgeTowerForImageAndTextRetrieval
 
-    from btdeploy.models import resolve_model
+    from btdeploy.model.checkpoints import resolve_model
 
     reference = btdeploy.load(tiny_export, head="itm", backend="torch")
     model = BridgeTowerForImageAndTextRetrieval.from_pretrained(resolve_model("tiny").checkpoint).eval()

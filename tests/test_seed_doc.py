@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 import btdeploy
-from btdeploy.export import export_head
-from btdeploy.models import resolve_model
+from btdeploy.export.exporter import export_head
+from btdeploy.model.checkpoints import resolve_model
 
 DOC = Path(__file__).parent / "data" / "bridgetower_doc.md"
 MODEL_LINE = re.compile(r"^model = (BridgeTower\w+)\.from_pretrained\((\"[^\"]+\")\)$", re.M)

@@ -10,21 +10,21 @@ import numpy as np
 import pytest
 
 import btdeploy
-from btdeploy.check import check_export
 from btdeploy.errors import BtDeployError
-from btdeploy.heads import HEADS
-from btdeploy.inputs import sample_inputs
-from btdeploy.optimize import optimize_head
-from btdeploy.precision import quantize_head
-from btdeploy.runtime import Features
+from btdeploy.model.heads import HEADS
+from btdeploy.model.inputs import sample_inputs
+from btdeploy.optimize.optimizer import optimize_head
+from btdeploy.quantize.quantizer import quantize_head
+from btdeploy.runtime.runtime import Features
+from btdeploy.verify.check import check_export
 
 
 @pytest.fixture(scope="module", params=["tiny", "non-default"])
 def split_export(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, non_default_checkpoint: Path
 ) -> Path:
-    from btdeploy.export import export_heads
-    from btdeploy.models import resolve_model
+    from btdeploy.export.exporter import export_heads
+    from btdeploy.model.checkpoints import resolve_model
 
     source = resolve_model("tiny") if request.param == "tiny" else resolve_model(str(non_default_checkpoint), seed=3)
     out = tmp_path_factory.mktemp(f"split-{request.param}")
@@ -54,7 +54,7 @@ def test_split_equals_the_monolithic_graph(split_export: Path, head: str) -> Non
 
 
 def test_split_graphs_fuse_every_block(split_export: Path) -> None:
-    from btdeploy.manifest import read_manifest
+    from btdeploy.artifacts.manifest import read_manifest
 
     for head in HEADS:
         summary = read_manifest(split_export / head).data["optimized"]["ort"]
@@ -161,10 +161,10 @@ def _rank_inputs(tmp_path: Path) -> tuple[Path, Path, list[str]]:
 def test_rank_one_image_against_captions(
     split_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from btdeploy.apps.rank import rank
+    from btdeploy.apps.run import load_processor
     from btdeploy.cli import main
-    from btdeploy.media import load_image
-    from btdeploy.ranking import rank
-    from btdeploy.scoring import load_processor
+    from btdeploy.model.media import load_image
 
     images, texts, captions = _rank_inputs(tmp_path)
     image = images / "img0.png"

@@ -12,13 +12,13 @@ import pytest
 
 import btdeploy
 from btdeploy import tensorrt_env
+from btdeploy.artifacts.manifest import read_manifest
+from btdeploy.backends.tensorrt.engines import EngineRecord, check_compatible, engine_file, find_engine, record_file
+from btdeploy.backends.tensorrt.profiles import EngineProfile, ShapeRange, derive_profile
 from btdeploy.cli import main
-from btdeploy.configs import max_text_length
-from btdeploy.engine_profile import EngineProfile, ShapeRange, derive_profile
-from btdeploy.engines import EngineRecord, check_compatible, engine_file, find_engine, record_file
 from btdeploy.errors import BtDeployError
-from btdeploy.heads import HEADS
-from btdeploy.manifest import read_manifest
+from btdeploy.model.configs import max_text_length
+from btdeploy.model.heads import HEADS
 
 
 @pytest.fixture()
@@ -64,7 +64,7 @@ def test_bad_profiles_are_refused(tiny_export: Path, batch: str | None, seq_len:
 
 
 def test_the_base_text_limit_is_512(tiny_export: Path) -> None:
-    from btdeploy.configs import build_config
+    from btdeploy.model.configs import build_config
 
     config = build_config({})  # the transformers defaults: base size
     assert max_text_length(config) == 512
@@ -136,7 +136,7 @@ def test_find_engine_names_the_build_command_or_the_mismatch(tiny_export: Path, 
 def test_without_tensorrt_build_and_backend_say_what_to_install(
     tiny_export: Path, no_tensorrt: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from btdeploy.tensorrt_build import build_engine
+    from btdeploy.backends.tensorrt.build import build_engine
 
     with pytest.raises(BtDeployError, match=r"TensorRT is not installed: pip install 'tensorrt>=10.14' on Linux"):
         build_engine(tiny_export / "itm", "fp16")
@@ -166,7 +166,7 @@ def test_without_a_gpu_tensorrt_is_refused_with_the_alternative(monkeypatch: pyt
 
 
 def test_build_refuses_bad_arguments_before_anything_else(tiny_export: Path) -> None:
-    from btdeploy.tensorrt_build import build_engine
+    from btdeploy.backends.tensorrt.build import build_engine
 
     with pytest.raises(BtDeployError, match="TensorRT engines are fp16, int8"):
         build_engine(tiny_export / "itm", "int8-dynamic")
@@ -175,7 +175,7 @@ def test_build_refuses_bad_arguments_before_anything_else(tiny_export: Path) -> 
 
 
 def test_doctor_lists_versions_artifacts_and_install_commands(tiny_export: Path, no_tensorrt: None) -> None:
-    from btdeploy.doctor import doctor_report
+    from btdeploy.apps.doctor import doctor_report
 
     lines, can_build = doctor_report(tiny_export)
     text = "\n".join(lines)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from btdeploy.check import check_export
-from btdeploy.heads import HEADS
-from btdeploy.inputs import sample_inputs
-from btdeploy.tensorrt_env import gpu, tensorrt_version
+from btdeploy.backends.tensorrt.environment import gpu, tensorrt_version
+from btdeploy.model.heads import HEADS
+from btdeploy.model.inputs import sample_inputs
+from btdeploy.verify.check import check_export
 
 pytestmark = pytest.mark.gpu
 
@@ -30,11 +30,11 @@ def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    from btdeploy.export import export_heads
-    from btdeploy.models import resolve_model
-    from btdeploy.optimize import optimize_head
-    from btdeploy.precision import quantize_head
-    from btdeploy.tensorrt_build import build_engine
+    from btdeploy.backends.tensorrt.build import build_engine
+    from btdeploy.export.exporter import export_heads
+    from btdeploy.model.checkpoints import resolve_model
+    from btdeploy.optimize.optimizer import optimize_head
+    from btdeploy.quantize.quantizer import quantize_head
 
     preset = request.param
     out = tmp_path_factory.mktemp(f"engines-{preset}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..configs import num_image_tokens
+from btdeploy.model.configs import num_image_tokens
 
 
 def _linear(tokens: int, fan_in: int, fan_out: int) -> int:

@@ -41,7 +41,7 @@ def gpu_description() -> dict[str, Any] | None:
 
 
 def machine_description(threads: int) -> dict[str, Any]:
-    from ..manifest import tool_versions
+    from btdeploy.artifacts.manifest import tool_versions
 
     return {
         "cpu": cpu_description(),

@@ -13,17 +13,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BtDeployError
-from ..fileio import write_bytes, write_json, write_text
-from ..heads import PRECISIONS, get_head
-from ..inputs import sample_inputs
-from ..manifest import Manifest, head_folders, read_manifest
-from ..progress import say
-from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
-from ..runtime.split_runtime import SplitBackend, build_split_backend
-from .machine import machine_description
-from .runner import time_case
-from .stats import summarize
+from btdeploy.artifacts.files import write_bytes, write_json, write_text
+from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
+from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+from btdeploy.bench.machine import machine_description
+from btdeploy.bench.runner import time_case
+from btdeploy.bench.stats import summarize
+from btdeploy.errors import BtDeployError
+from btdeploy.model.heads import PRECISIONS, get_head
+from btdeploy.model.inputs import sample_inputs
+from btdeploy.progress import say
+from btdeploy.runtime.split_runtime import SplitBackend, build_split_backend
 
 GRAPHS = [(None, "fp32"), ("ort", "fp32"), *(("ort", p) for p in PRECISIONS)]
 

@@ -9,9 +9,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..fileio import write_bytes, write_json, write_text
-from .runner import BenchRun
-from .variants import BASELINES, VARIANTS
+from btdeploy.artifacts.files import write_bytes, write_json, write_text
+from btdeploy.bench.runner import BenchRun
+from btdeploy.bench.variants import BASELINES, VARIANTS
 
 # The first columns are those of ONNX Runtime's transformers benchmark CSV, where they fit.
 CSV_COLUMNS = [
@@ -128,7 +128,7 @@ def plot(run: BenchRun, path: Path, head: str) -> bool:
     try:
         import matplotlib
     except ImportError:
-        from ..progress import warn
+        from btdeploy.progress import warn
 
         warn("matplotlib is not installed: no plots (pip install 'btdeploy[bench]')")
         return False

@@ -7,16 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BtDeployError
-from ..heads import get_head
-from ..inputs import sample_inputs
-from ..manifest import head_folders, read_manifest
-from ..progress import say
-from ..runtime.backend import Backend
-from .flops import forward_flops
-from .memory import current_rss_mb, gpu_peak_mb_and_reset
-from .stats import LatencyStats, summarize
-from .variants import VARIANTS, BenchEnv, Variant
+from btdeploy.artifacts.manifest import head_folders, read_manifest
+from btdeploy.backends.base import Backend
+from btdeploy.bench.flops import forward_flops
+from btdeploy.bench.memory import current_rss_mb, gpu_peak_mb_and_reset
+from btdeploy.bench.stats import LatencyStats, summarize
+from btdeploy.bench.variants import VARIANTS, BenchEnv, Variant
+from btdeploy.errors import BtDeployError
+from btdeploy.model.heads import get_head
+from btdeploy.model.inputs import sample_inputs
+from btdeploy.progress import say
 
 
 @dataclass
@@ -121,8 +121,8 @@ def run_bench(
 ) -> BenchRun:
     import torch
 
-    from .machine import machine_description, matmul_peak_gflops
-    from .variants import BASELINES
+    from btdeploy.bench.machine import machine_description, matmul_peak_gflops
+    from btdeploy.bench.variants import BASELINES
 
     variants = resolve_variants(variant_names)
     env = BenchEnv(threads=settings.threads, device=settings.device)

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fileio import staged_directory
-from ..heads import PRECISIONS
-from ..manifest import Manifest, precision_file
-from ..progress import step
-from ..runtime.backend import Backend
+from btdeploy.artifacts.files import staged_directory
+from btdeploy.artifacts.manifest import Manifest, precision_file
+from btdeploy.backends.base import Backend
+from btdeploy.model.heads import PRECISIONS
+from btdeploy.progress import step
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def _needs_gpu(manifest: Manifest, env: BenchEnv) -> str | None:
 
 def _torch(dtype: str) -> Callable[[Manifest, BenchEnv], Backend]:
     def build(manifest: Manifest, env: BenchEnv) -> Backend:
-        from ..runtime.torch_backend import TorchBackend
+        from btdeploy.backends.torch_reference import TorchBackend
 
         return TorchBackend.from_manifest(manifest, env.device, dtype)
 
@@ -56,8 +56,8 @@ def _ort_providers(env: BenchEnv) -> list[str]:
 
 def _ort_file(filename: str) -> Callable[[Manifest, BenchEnv], Backend]:
     def build(manifest: Manifest, env: BenchEnv) -> Backend:
-        from ..heads import get_head
-        from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+        from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+        from btdeploy.model.heads import get_head
 
         return OnnxRuntimeBackend(
             manifest.folder / filename, get_head(manifest.head).output_names, _ort_providers(env), env.threads
@@ -94,8 +94,8 @@ def hf_optimized_path(manifest: Manifest) -> Path:
 
 
 def _build_hf_optimizer(manifest: Manifest, env: BenchEnv) -> Backend:
-    from ..heads import get_head
-    from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+    from btdeploy.model.heads import get_head
 
     return OnnxRuntimeBackend(
         hf_optimized_path(manifest), get_head(manifest.head).output_names, _ort_providers(env), env.threads
@@ -113,8 +113,8 @@ def _needs_file(filename: str, how: str) -> Callable[[Manifest, BenchEnv], str |
 
 def _needs_engine(precision: str) -> Callable[[Manifest, BenchEnv], str | None]:
     def reason(manifest: Manifest, env: BenchEnv) -> str | None:
-        from ..engines import engine_file
-        from ..tensorrt_env import INSTALL_TENSORRT, gpu, tensorrt_version
+        from btdeploy.backends.tensorrt.engines import engine_file
+        from btdeploy.backends.tensorrt.environment import INSTALL_TENSORRT, gpu, tensorrt_version
 
         found = gpu()
         if env.device != "cuda" or found is None:
@@ -132,8 +132,8 @@ def _needs_engine(precision: str) -> Callable[[Manifest, BenchEnv], str | None]:
 
 def _tensorrt(precision: str, cuda_graphs: bool) -> Callable[[Manifest, BenchEnv], Backend]:
     def build(manifest: Manifest, env: BenchEnv) -> Backend:
-        from ..heads import get_head
-        from ..runtime.tensorrt_backend import TensorRTBackend
+        from btdeploy.backends.tensorrt.runner import TensorRTBackend
+        from btdeploy.model.heads import get_head
 
         return TensorRTBackend(manifest, precision, get_head(manifest.head).output_names, cuda_graphs)
 

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BtDeployError
-from ..fileio import write_bytes
-from ..manifest import Manifest
-from ..split import assemble_outputs
-from .backend import Backend
-from .validation import prepare_inputs
+from btdeploy.artifacts.files import write_bytes
+from btdeploy.artifacts.manifest import Manifest
+from btdeploy.backends.base import Backend
+from btdeploy.errors import BtDeployError
+from btdeploy.model.towers import assemble_outputs
+from btdeploy.runtime.validation import prepare_inputs
 
 FEATURES_FORMAT = 1
 
@@ -74,7 +74,7 @@ class SplitBackend:
         """What a tower's features come from: checkpoint, graph file and its hash. Hashed once per
         tower, not on every encode or score (a base tower graph is hundreds of MB)."""
         if stem not in self._origins:
-            from ..fileio import sha256_of
+            from btdeploy.artifacts.files import sha256_of
 
             path = self.paths[stem]
             self._origins[stem] = {
@@ -107,13 +107,13 @@ class SplitBackend:
 
     @property
     def head(self) -> Any:
-        from ..heads import get_head
+        from btdeploy.model.heads import get_head
 
         return get_head(self.manifest.head)
 
 
 def build_split_backend(manifest: Manifest, **options: Any) -> SplitBackend:
-    from .onnxruntime_backend import OnnxRuntimeBackend
+    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
 
     if len(manifest.stems) == 1:
         raise BtDeployError(

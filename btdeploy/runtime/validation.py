@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from ..configs import max_text_length
-from ..errors import BtDeployError
-from ..heads import HeadSpec
-from ..inputs import IGNORED_INPUTS
+from btdeploy.errors import BtDeployError
+from btdeploy.model.configs import max_text_length
+from btdeploy.model.heads import HeadSpec
+from btdeploy.model.inputs import IGNORED_INPUTS
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,80 @@
+"""`btdeploy doctor`: what this machine can run, and the exact command for what it cannot."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from btdeploy.artifacts.manifest import head_folders, package_version, read_manifest
+from btdeploy.backends.tensorrt import environment as tensorrt_env
+from btdeploy.backends.tensorrt.environment import INSTALL_TENSORRT, WHERE
+
+
+def _driver() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
+
+
+def _artifacts(folder: Path) -> list[str]:
+    lines = []
+    for head_folder in head_folders(folder, None):
+        manifest = read_manifest(head_folder)
+        graphs = sorted(p.name for p in head_folder.glob("model*.onnx"))
+        engines = sorted(p.name for p in head_folder.glob("engine.*.plan"))
+        lines.append(f"  {manifest.head:<5} {', '.join(graphs + engines)}")
+    return lines
+
+
+def doctor_report(folder: Path | None = None) -> tuple[list[str], bool]:
+    """Lines to print, and whether the TensorRT path can run here."""
+    lines: list[str] = []
+    torch_version = package_version("torch")
+    found = tensorrt_env.gpu()
+    ort_version = package_version("onnxruntime-gpu")
+    trt = tensorrt_env.tensorrt_version()  # looked up on the module, so tests can stand in for it
+    lines.append(f"torch            {torch_version or 'not installed'}")
+    if found:
+        import torch
+
+        name, (major, minor) = found
+        lines.append(f"GPU              {name} (compute capability {major}.{minor}), CUDA {torch.version.cuda}")
+    else:
+        lines.append("GPU              none visible to torch (torch.cuda.is_available() is False)")
+    lines.append(f"NVIDIA driver    {_driver() or 'none (nvidia-smi not found)'}")
+    if ort_version:
+        import onnxruntime as ort
+
+        lines.append(f"onnxruntime-gpu  {ort_version}, providers: {', '.join(ort.get_available_providers())}")
+    else:
+        lines.append("onnxruntime-gpu  not installed -> pip install onnxruntime-gpu (never beside onnxruntime)")
+    modelopt = package_version("nvidia-modelopt")
+    modelopt_install = "not installed -> pip install 'nvidia-modelopt[onnx]==0.47.0'"
+    lines.append(f"nvidia-modelopt  {modelopt or modelopt_install}")
+    lines.append(f"tensorrt         {trt or f'not installed -> {INSTALL_TENSORRT} {WHERE}'}")
+    can_build = bool(found and trt)
+    lines.append("")
+    lines.append("can run here:")
+    lines.append("  export, optimize, quantize, check and bench on ONNX Runtime CPU: yes")
+    lines.append(f"  ONNX Runtime CUDA: {'yes' if found and ort_version else 'no (needs an NVIDIA GPU)'}")
+    if can_build:
+        lines.append("  TensorRT build and run: yes")
+    elif found:
+        lines.append(f"  TensorRT build and run: no -> {INSTALL_TENSORRT}")
+    else:
+        lines.append("  TensorRT build and run: no -> needs an NVIDIA GPU; there, " + INSTALL_TENSORRT)
+    if folder is not None:
+        lines.append("")
+        lines.append(f"btdeploy artifacts in {folder}:")
+        lines.extend(_artifacts(folder) or ["  none"])
+    return lines, can_build

@@ -1,0 +1,139 @@
+"""The manifest beside each exported head: what it is, where it came from, how to rebuild its reference."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from btdeploy.artifacts.files import write_json
+from btdeploy.errors import BtDeployError
+
+MANIFEST_NAME = "manifest.json"
+MODEL_NAME = "model.onnx"
+PROCESSOR_DIR = "processor"
+
+
+def package_version(package: str) -> str | None:
+    """The installed version of a distribution, or None when it is not installed."""
+    import importlib.metadata as metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def tool_versions(
+    packages: tuple[str, ...] = ("btdeploy", "torch", "transformers", "onnx", "onnxruntime-gpu", "numpy"),
+) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    versions.update({package: package_version(package) or "not installed" for package in packages})
+    return versions
+
+
+def precision_file(flavour: str, precision: str, stem: str = "model") -> str:
+    """<stem>.<flavour>.onnx for FP32 (what optimize writes), <stem>.<flavour>.<precision>.onnx otherwise.
+
+    The stem is `model` for the whole head, or `text`, `vision`, `fusion` for its split graphs."""
+    return f"{stem}.{flavour}.onnx" if precision == "fp32" else f"{stem}.{flavour}.{precision}.onnx"
+
+
+@dataclass
+class Manifest:
+    """A thin view over manifest.json with the fields the rest of btdeploy reads."""
+
+    folder: Path
+    data: dict[str, Any]
+
+    @property
+    def head(self) -> str:
+        return str(self.data["head"])
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / MODEL_NAME
+
+    @property
+    def stems(self) -> list[str]:
+        """The graphs of this head: `model`, plus `text`, `vision`, `fusion` after export --split."""
+        return ["model", *self.data.get("split", {})]
+
+    def input_names(self, stem: str = "model") -> list[str]:
+        """The inputs of one of the head's graphs, as exported (quantizing keeps them)."""
+        if stem == "model":
+            return [entry["name"] for entry in self.data["inputs"]]
+        return list(self.data["split"][stem]["inputs"])
+
+    def graph_path(self, flavour: str | None = None, precision: str | None = None, stem: str = "model") -> Path:
+        """<stem>.onnx, the optimized <stem>.<flavour>.onnx, or its <stem>.<flavour>.<precision>.onnx
+        (with a clear error that names the command which makes it when it is absent)."""
+        if stem not in self.stems:
+            raise BtDeployError(
+                f"{self.folder} has no {stem} graph: export with --split for the text, vision and fusion graphs"
+            )
+        if precision and precision != "fp32":
+            flavour = flavour or "ort"
+            path = self.folder / precision_file(flavour, precision, stem)
+            if not path.is_file():
+                raise BtDeployError(
+                    f"{path} does not exist: run btdeploy quantize {self.folder} --flavour {flavour} "
+                    f"--precision {precision}"
+                )
+            return path
+        if not flavour:
+            return self.folder / f"{stem}.onnx"
+        path = self.folder / precision_file(flavour, "fp32", stem)
+        if not path.is_file():
+            raise BtDeployError(f"{path} does not exist: run btdeploy optimize {self.folder} --flavour {flavour}")
+        return path
+
+    @property
+    def processor_dir(self) -> Path:
+        return self.folder / PROCESSOR_DIR
+
+    @property
+    def config(self) -> Any:
+        from transformers import BridgeTowerConfig
+
+        return BridgeTowerConfig.from_dict(self.data["model"]["config"])
+
+    def write(self) -> None:
+        write_json(self.folder / MANIFEST_NAME, self.data)
+
+
+def read_manifest(folder: Path) -> Manifest:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise BtDeployError(f"{folder} has no {MANIFEST_NAME}: export the head first (btdeploy export)")
+    try:
+        data = json.loads(path.read_text())
+        _ = data["head"], data["model"]["config"], data["inputs"], data["outputs"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise BtDeployError(f"{path} is damaged ({error}); export the head again") from None
+    return Manifest(folder, data)
+
+
+def head_folders(root: Path, heads: list[str] | None = None) -> list[Path]:
+    """The exported head folders under an export folder (or the folder itself if it is one)."""
+    root = Path(root)
+    if (root / MANIFEST_NAME).is_file():
+        folders = [root]
+    elif root.is_dir():
+        folders = sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file())
+    else:
+        raise BtDeployError(f"{root} does not exist: pass the --out folder of btdeploy export")
+    if heads is not None:
+        found = {read_manifest(f).head: f for f in folders}
+        missing = [h for h in heads if h not in found]
+        if missing:
+            raise BtDeployError(
+                f"{root} has no exported head(s) {', '.join(missing)} (found: {', '.join(found) or 'none'}); "
+                "export them with btdeploy export --heads"
+            )
+        folders = [found[h] for h in heads]
+    if not folders:
+        raise BtDeployError(f"{root} holds no exported heads: run btdeploy export --out {root}")
+    return folders

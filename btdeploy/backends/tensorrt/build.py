@@ -1,0 +1,120 @@
+"""`btdeploy build`: a strongly typed TensorRT engine from model.trt.<precision>.onnx.
+
+Precision comes from the graph (Cast nodes, Q/DQ pairs), so no precision builder flags are
+set: TensorRT 11 removed them. TensorRT API used directly; it is thinner than wrapping
+Polygraphy's loaders for one build with a progress monitor and a timing cache."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from btdeploy.artifacts.files import sha256_of, write_bytes
+from btdeploy.artifacts.manifest import read_manifest
+from btdeploy.backends.tensorrt.engines import ENGINE_PRECISIONS, EngineRecord, engine_file, parse_version, record_file
+from btdeploy.backends.tensorrt.environment import require_gpu, require_tensorrt
+from btdeploy.backends.tensorrt.profiles import EngineProfile, derive_profile
+from btdeploy.errors import BtDeployError
+from btdeploy.model.heads import get_head
+from btdeploy.progress import say
+
+
+def _network_flags(trt: Any) -> int:
+    # TensorRT 11 networks are always strongly typed; 10.x asks for it with a flag.
+    if parse_version(str(trt.__version__))[0] >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def _progress_monitor(trt: Any) -> Any:
+    class Monitor(trt.IProgressMonitor):  # type: ignore[misc,name-defined]
+        """Prints each build phase once and its steps now and then."""
+
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.started = time.monotonic()
+
+        def phase_start(self, parent: str | None, name: str, steps: int) -> None:
+            say(f"  build: {name} ({steps} steps)")
+
+        def step_complete(self, name: str, step: int) -> bool:
+            return True  # False would cancel the build
+
+        def phase_finish(self, name: str) -> None:
+            say(f"  build: {name} done ({time.monotonic() - self.started:.0f}s)")
+
+    return Monitor()
+
+
+def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> Any:
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise BtDeployError(f"TensorRT's ONNX parser refused {onnx_path.name}: {'; '.join(errors[:3])}")
+    return network, parser
+
+
+def _add_profile(builder: Any, config: Any, network: Any, profile: EngineProfile) -> None:
+    trt_profile = builder.create_optimization_profile()
+    shapes = profile.input_shapes()
+    for index in range(network.num_inputs):
+        name = network.get_input(index).name
+        low, opt, high = shapes[name]
+        trt_profile.set_shape(name, low, opt, high)
+    config.add_optimization_profile(trt_profile)
+
+
+def build_engine(
+    folder: Path,
+    precision: str,
+    batch: str | None = None,
+    seq_len: str | None = None,
+    timing_cache: Path | None = None,
+    workspace_gb: float = 4.0,
+) -> Path:
+    if precision not in ENGINE_PRECISIONS:
+        raise BtDeployError(f"--precision {precision!r}: TensorRT engines are {', '.join(ENGINE_PRECISIONS)}")
+    if workspace_gb <= 0:
+        raise BtDeployError(f"--workspace {workspace_gb}: give the builder's scratch memory in GB, above 0")
+    trt = require_tensorrt()  # first, so a machine without it is told at once
+    gpu_name, capability = require_gpu()
+    manifest = read_manifest(folder)
+    profile = derive_profile(get_head(manifest.head), manifest.config, batch, seq_len)
+    onnx_path = manifest.graph_path("trt", precision)
+    target = folder / engine_file(precision, str(trt.__version__), capability)
+    say(f"build {manifest.head} {precision}: {onnx_path.name} on {gpu_name}, batch {profile.batch}, "
+        f"text length {profile.text_length} -> {target.name}")  # fmt: skip
+    started = time.monotonic()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network, _parser = _parse(trt, builder, logger, onnx_path)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    config.progress_monitor = _progress_monitor(trt)
+    _add_profile(builder, config, network, profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
+    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BtDeployError(f"TensorRT failed to build {onnx_path.name}: see its log above")
+    write_bytes(target, bytes(memoryview(serialized)))  # temporary name, renamed when complete
+    if timing_cache:
+        write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    record = EngineRecord(
+        precision=precision,
+        tensorrt_version=str(trt.__version__),
+        gpu_name=gpu_name,
+        compute_capability=capability,
+        onnx_file=onnx_path.name,
+        onnx_sha256=sha256_of(onnx_path),
+        profile=profile.to_json(),
+        build_seconds=round(time.monotonic() - started, 1),
+        workspace_gb=workspace_gb,
+        timing_cache=str(timing_cache) if timing_cache else None,
+    )
+    record.write(record_file(target))
+    say(f"build {manifest.head} {precision}: wrote {target} ({target.stat().st_size / 2**20:.1f} MiB) "
+        f"in {record.build_seconds:.0f}s")  # fmt: skip
+    return target

@@ -1,0 +1,61 @@
+"""The PyTorch reference as a backend: the transformers model the ONNX graph was exported from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from btdeploy.artifacts.manifest import Manifest
+from btdeploy.errors import BtDeployError
+from btdeploy.model.checkpoints import ModelSource, load_head_model
+from btdeploy.model.configs import config_fingerprint
+from btdeploy.model.heads import HeadSpec
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: Any, head: HeadSpec, device: str = "cpu", dtype: str = "fp32") -> None:
+        import torch
+
+        from btdeploy.export.exporter import head_module
+
+        torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+        self.module = head_module(model, head).to(device=device, dtype=torch_dtype)
+        self.head = head
+        self.device = device
+        self.torch_dtype = torch_dtype
+        self.description = f"transformers {head.model_class} (eager, {dtype}) on {device}"
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, device: str = "cpu", dtype: str = "fp32") -> TorchBackend:
+        """Rebuild exactly the model that was exported: same source, same seed for anything random."""
+        model_info = manifest.data["model"]
+        source = ModelSource(model_info["source"], int(model_info["seed"]))
+        if not source.is_preset and not source.checkpoint.is_dir():
+            raise BtDeployError(
+                f"the checkpoint {source.spec} this head was exported from is gone: cannot rebuild the reference"
+            )
+        head = _head(manifest.head)
+        loaded = load_head_model(source, head)
+        if config_fingerprint(loaded.config) != model_info["config_sha256"]:
+            raise BtDeployError(
+                f"the checkpoint at {source.spec} changed since the export (config hash differs): export again"
+            )
+        return cls(loaded.model, head, device, dtype)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        args = [torch.from_numpy(feeds[name]).to(self.device) for name in self.head.input_names]
+        args = [a.to(self.torch_dtype) if a.is_floating_point() else a for a in args]
+        with torch.no_grad():
+            values = self.module(*args)
+        return {name: value.float().cpu().numpy() for name, value in zip(self.head.output_names, values, strict=True)}
+
+
+def _head(name: str) -> HeadSpec:
+    from btdeploy.model.heads import get_head
+
+    return get_head(name)

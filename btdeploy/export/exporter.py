@@ -1,0 +1,251 @@
+"""PyTorch -> ONNX, one graph per head, dynamic batch and text length, with a manifest."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from btdeploy.artifacts.files import graph_bytes, sha256_of, staged_directory
+from btdeploy.artifacts.manifest import MANIFEST_NAME, MODEL_NAME, PROCESSOR_DIR, Manifest, tool_versions
+from btdeploy.errors import BtDeployError
+from btdeploy.export.patches import fusable_export
+from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model
+from btdeploy.model.configs import config_fingerprint, max_text_length
+from btdeploy.model.heads import HeadSpec, get_head
+from btdeploy.model.inputs import sample_inputs
+from btdeploy.progress import say, step, warn
+
+DEFAULT_OPSET = 17
+SUPPORTED_OPSETS = range(14, 21)  # what the TorchScript exporter emits
+EXTERNAL_DATA_NAME = "model.onnx.data"
+PROTOBUF_LIMIT = 2**31 - 1  # one ONNX protobuf file cannot exceed 2 GB
+
+
+def head_module(model: Any, head: HeadSpec) -> Any:
+    """Wrap a transformers head so it takes the graph's inputs positionally and returns its outputs as a tuple."""
+    import torch
+
+    class HeadModule(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, pixel_values: Any) -> tuple[Any, ...]:
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+            return tuple(getattr(outputs, name) for name in head.output_names)
+
+    return HeadModule().eval()
+
+
+def export_head(
+    source: ModelSource, head_name: str, out_dir: Path, opset: int = DEFAULT_OPSET, split: bool = False
+) -> Manifest:
+    """Export one head to out_dir/<head>/model.onnx with its manifest; all-or-nothing.
+
+    With `split`, the text tower, vision tower and fusion graphs (text.onnx, vision.onnx,
+    fusion.onnx) are written beside it."""
+    if opset not in SUPPORTED_OPSETS:
+        raise BtDeployError(
+            f"--opset {opset} is not supported: use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
+        )
+    head = get_head(head_name)
+    with step(f"loading the {head.name} reference from {source.spec}"):
+        loaded = load_head_model(source, head)
+    final = Path(out_dir) / head.name
+    with staged_directory(final) as staging:
+        with step(f"exporting {head.name} to ONNX (opset {opset})"):
+            seconds = _torch_to_onnx(loaded, head, staging / MODEL_NAME, opset)
+        with step(f"validating {head.name} with the ONNX checker"):
+            external = _store_model(staging)
+        parts = _export_parts(loaded, head, staging, opset) if split else None
+        processor_saved = _copy_processor(source, staging / PROCESSOR_DIR)
+        manifest = Manifest(
+            final, _manifest_data(source, head, loaded, opset, staging, external, seconds, processor_saved)
+        )
+        if parts:
+            manifest.data["split"] = parts
+        manifest.folder = staging
+        manifest.write()
+    manifest.folder = final
+    say(f"wrote {final / MODEL_NAME} ({graph_bytes(final / MODEL_NAME) / 1e6:.1f} MB)")
+    return manifest
+
+
+def _torch_to_onnx(loaded: LoadedModel, head: HeadSpec, path: Path, opset: int) -> float:
+    feeds = sample_inputs(loaded.config, head.export_batch, head.export_text_length, seed=1234)
+    args = tuple(feeds[name] for name in head.input_names)
+    module = head_module(loaded.model, head)
+    axes = head.dynamic_axes(loaded.config)
+    return _trace(module, args, path, opset, head.input_names, head.output_names, axes, f"the {head.name} head")
+
+
+def _trace(
+    module: Any,
+    args: tuple[Any, ...],
+    path: Path,
+    opset: int,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    what: str,
+) -> float:
+    """torch.onnx.export under the export patches. Export at batch 2 and a mid text length with
+    padding, so no axis is specialised to 1 and the mask path is traced with zeros in it."""
+    import torch
+
+    tensors = tuple(torch.from_numpy(a) if not isinstance(a, torch.Tensor) else a for a in args)
+    started = time.monotonic()
+    with warnings.catch_warnings(), torch.no_grad(), fusable_export():
+        warnings.simplefilter("ignore")  # tracer warnings about Python branches, all on static config
+        try:
+            torch.onnx.export(
+                module,
+                tensors,
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
+        except Exception as error:
+            raise BtDeployError(f"torch.onnx.export failed for {what}: {error}") from None
+    module.eval()  # the exporter restores the training flag it found; keep eval for any later use
+    return time.monotonic() - started
+
+
+def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int) -> dict[str, Any]:
+    """text.onnx, vision.onnx and fusion.onnx; the fusion graph is traced on the towers' outputs."""
+    import onnx
+    import torch
+
+    from btdeploy.model.towers import part_modules, part_specs
+
+    config = loaded.config
+    specs, modules = part_specs(head), part_modules(loaded.model, head)
+    feeds = sample_inputs(config, head.export_batch, head.export_text_length, seed=1234)
+    with torch.no_grad(), fusable_export():
+        text_states = modules["text"](*(torch.from_numpy(feeds[n]) for n in specs["text"].input_names))[0]
+        image_states = modules["vision"](torch.from_numpy(feeds["pixel_values"]))[0]
+    args = {
+        "text": (feeds["input_ids"], feeds["attention_mask"]),
+        "vision": (feeds["pixel_values"],),
+        "fusion": (text_states, image_states, feeds["attention_mask"]),
+    }
+    parts: dict[str, Any] = {}
+    for name, spec in specs.items():
+        work = staging / f".{name}"
+        work.mkdir()
+        with step(f"exporting the {head.name} {name} graph"):
+            _trace(modules[name], args[name], work / MODEL_NAME, opset, spec.input_names, spec.output_names,
+                   spec.dynamic_axes(config), f"the {head.name} {name} graph")  # fmt: skip
+            external = _store_model(work)
+        target = staging / f"{name}.onnx"
+        if external:
+            model = onnx.load(str(work / MODEL_NAME))
+            onnx.save_model(model, str(target), save_as_external_data=True, location=f"{name}.onnx.data")
+        else:
+            (work / MODEL_NAME).rename(target)
+        shutil.rmtree(work)
+        parts[name] = {
+            "file": target.name,
+            "sha256": sha256_of(target),
+            "inputs": spec.input_names,
+            "outputs": spec.output_names,
+        }
+    return parts
+
+
+def _store_model(folder: Path) -> bool:
+    """Check the exported graph and store it as one file, or model + one external-data file past 2 GB."""
+    import onnx
+
+    path = folder / MODEL_NAME
+    scattered = [p for p in folder.iterdir() if p.name != MODEL_NAME]
+    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    external = total > PROTOBUF_LIMIT or bool(scattered)
+    if external:
+        # The exporter writes one file per large tensor; gather them into a single data file.
+        model = onnx.load(str(path), load_external_data=True)
+        for extra in scattered:
+            extra.unlink()
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA_NAME
+        )
+        del model
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as error:
+        raise BtDeployError(f"the exported graph fails the ONNX checker: {error}") from None
+    return external
+
+
+def _copy_processor(source: ModelSource, target: Path) -> bool:
+    """Keep the checkpoint's processor beside the model, so `run` and the seed examples need nothing else."""
+    from transformers import BridgeTowerProcessor
+
+    try:
+        processor = BridgeTowerProcessor.from_pretrained(source.checkpoint)
+    except Exception as error:
+        warn(f"{source.checkpoint} has no usable processor ({error}); btdeploy run will not work on this export")
+        return False
+    processor.save_pretrained(target)
+    return True
+
+
+def _manifest_data(
+    source: ModelSource,
+    head: HeadSpec,
+    loaded: LoadedModel,
+    opset: int,
+    folder: Path,
+    external: bool,
+    seconds: float,
+    processor_saved: bool,
+) -> dict[str, Any]:
+    config = loaded.config
+    return {
+        "format": 1,
+        "head": head.name,
+        "description": head.description,
+        "model": {
+            "source": source.spec,
+            "is_preset": source.is_preset,
+            "seed": source.seed,
+            "class": head.model_class,
+            "config_sha256": config_fingerprint(config),
+            "config": config.to_dict(),
+            "missing_weights": loaded.missing_weights,
+        },
+        "onnx": {
+            "file": MODEL_NAME,
+            "external_data": EXTERNAL_DATA_NAME if external else None,
+            "sha256": sha256_of(folder / MODEL_NAME),
+            "opset": opset,
+            "exporter": "torch.onnx (TorchScript), btdeploy.patches.fusable_export",
+            "export_shape": {"batch": head.export_batch, "text_length": head.export_text_length},
+            "export_seconds": round(seconds, 2),
+        },
+        "limits": {"max_text_length": max_text_length(config), "image_size": config.vision_config.image_size},
+        "inputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape(config)} for s in head.inputs],
+        "outputs": [{"name": s.name, "dtype": "float32", "shape": s.dims(config)} for s in head.outputs],
+        "processor": PROCESSOR_DIR if processor_saved else None,
+        "versions": tool_versions(),
+    }
+
+
+def export_heads(
+    source: ModelSource, heads: list[str], out_dir: Path, opset: int = DEFAULT_OPSET, split: bool = False
+) -> list[Manifest]:
+    manifests = []
+    for index, head in enumerate(heads, 1):
+        say(f"head {index}/{len(heads)}: {head}")
+        manifests.append(export_head(source, head, out_dir, opset, split))
+    return manifests
+
+
+__all__ = ["export_head", "export_heads", "head_module", "DEFAULT_OPSET", "MANIFEST_NAME"]

@@ -1,0 +1,247 @@
+"""Where reference models come from: presets with seeded random weights, or local checkpoints.
+
+A preset is written once as a real checkpoint folder (weights of every head, config,
+tokenizer, processor) in the cache, so the processor and `from_pretrained` work offline
+exactly as on a released checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from btdeploy.artifacts.files import staged_directory
+from btdeploy.errors import BtDeployError
+from btdeploy.model.configs import PRESETS, build_config, validate_config, validate_config_for_head
+from btdeploy.model.heads import HEADS, HeadSpec
+from btdeploy.progress import say, warn
+
+CHECKPOINT_FORMAT = 2  # bump when the preset writer changes what it writes
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BTDEPLOY_CACHE", Path.home() / ".cache" / "btdeploy"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A preset name or a checkpoint folder, with the seed for anything drawn at random."""
+
+    spec: str  # preset name or absolute folder path
+    seed: int = 0
+
+    @property
+    def is_preset(self) -> bool:
+        return self.spec in PRESETS
+
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint folder, written first for a preset."""
+        if self.is_preset:
+            return ensure_preset_checkpoint(self.spec, self.seed)
+        return Path(self.spec)
+
+
+def resolve_model(spec: str, seed: int = 0) -> ModelSource:
+    """Turn a --model argument into a ModelSource, with a clear error for anything else."""
+    if spec in PRESETS:
+        return ModelSource(spec, seed)
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise BtDeployError(
+            f"--model {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder; "
+            "pass a preset name or a folder written by save_pretrained"
+        )
+    if not (path / "config.json").is_file():
+        raise BtDeployError(f"{path} has no config.json: it is not a transformers checkpoint folder")
+    return ModelSource(str(path.resolve()), seed)
+
+
+# --- seeded random weights -------------------------------------------------------------------
+
+
+def _generator(seed: int, name: str) -> Any:
+    import torch
+
+    # One generator per parameter name: a parameter's value does not depend on which other
+    # parameters exist, so a head's missing weights are drawn the same way in every process.
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+
+
+def randomize_(model: Any, seed: int, only: set[str] | None = None) -> None:
+    """Draw every parameter (or those named in `only`) from a seeded, name-keyed generator.
+
+    Unlike transformers' init, biases and LayerNorm weights and biases are drawn away from
+    0 and 1, so a fusion or quantizer that drops a bias or a LayerNorm affine is visible.
+    """
+    import torch
+
+    layer_norm_params = {
+        f"{module_name}.{param_name}" if module_name else param_name
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.LayerNorm)
+        for param_name, _ in module.named_parameters(recurse=False)
+    }
+    config = model.config
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if only is not None and name not in only:
+                continue
+            noise = torch.randn(param.shape, generator=_generator(seed, name))
+            leaf = name.rsplit(".", 1)[-1]
+            if name in layer_norm_params:
+                value = (1.0 + 0.1 * noise) if leaf == "weight" else 0.1 * noise
+            elif leaf == "logit_scale":
+                value = torch.full_like(param, float(getattr(config, "logit_scale_init_value", 2.6592)))
+            elif leaf == "scaled_factor":
+                value = 1.0 + 0.1 * noise
+            elif leaf == "beta":
+                value = 0.5 + 0.1 * noise
+            elif leaf.endswith("bias"):
+                value = 0.05 * noise
+            else:
+                value = 0.02 * noise
+            param.copy_(value.to(param.dtype))
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _with_contrastive_defaults(config: Any) -> Any:
+    from btdeploy.model.configs import CONTRASTIVE_DEFAULTS
+
+    for key, value in CONTRASTIVE_DEFAULTS.items():
+        if getattr(config, key, None) is None:
+            setattr(config, key, value)
+    return config
+
+
+# --- preset checkpoints ---------------------------------------------------------------------
+
+
+def preset_checkpoint_dir(preset: str, seed: int) -> Path:
+    return cache_dir() / "checkpoints" / f"{preset}-seed{seed}-v{CHECKPOINT_FORMAT}"
+
+
+def ensure_preset_checkpoint(preset: str, seed: int) -> Path:
+    """Write the preset's checkpoint folder once; later calls return it."""
+    folder = preset_checkpoint_dir(preset, seed)
+    if (folder / "config.json").is_file():
+        return folder
+    say(f"writing the {preset} preset checkpoint (seed {seed}) to {folder}")
+    with staged_directory(folder) as staging:
+        write_random_checkpoint(build_config(preset), staging, seed)
+    return folder
+
+
+def write_random_checkpoint(
+    config: Any, folder: Path, seed: int, heads: tuple[str, ...] = ("itm", "mlm", "itc")
+) -> None:
+    """A checkpoint with seeded random weights for the given heads, plus tokenizer and processor.
+
+    Shared weights (everything under `bridgetower.`) are identical across heads because
+    each parameter is drawn from a generator keyed by its name.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    _quiet_transformers()
+    state: dict[str, Any] = {}
+    for head in heads:
+        spec = HEADS[head]
+        validate_config_for_head(config, head)
+        torch.manual_seed(seed)
+        model = spec.model_class_object()(config)
+        randomize_(model, seed)
+        for name, tensor in model.state_dict().items():
+            state.setdefault(name, tensor.detach().clone().contiguous())
+        del model
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config.architectures = [HEADS[head].model_class for head in heads]
+    config.save_pretrained(folder)
+    build_processor(config).save_pretrained(folder)
+
+
+def build_processor(config: Any) -> Any:
+    """BridgeTowerProcessor for this config: locally trained tokenizer, image size from the config."""
+    from transformers import BridgeTowerImageProcessor, BridgeTowerProcessor
+
+    from btdeploy.model.tokenizer import build_tokenizer
+
+    size = int(config.vision_config.image_size)
+    patch = int(config.vision_config.patch_size)
+    # The processor rounds the resized image down to a multiple of size_divisor; it must divide
+    # the image size, or the center crop would pad. crop_size needs "shortest_edge" with the
+    # PIL backend that transformers falls back to without torchvision.
+    divisor = 32 if size % 32 == 0 else patch
+    image_processor = BridgeTowerImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"shortest_edge": size},
+        do_center_crop=True,
+        size_divisor=divisor,
+    )
+    tokenizer = build_tokenizer(int(config.text_config.vocab_size))
+    tokenizer.model_max_length = int(config.text_config.max_position_embeddings) - 2
+    return BridgeTowerProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def load_config(source: ModelSource) -> Any:
+    from transformers import BridgeTowerConfig
+
+    try:
+        config = BridgeTowerConfig.from_pretrained(source.checkpoint)
+    except Exception as error:  # transformers raises many types for a bad config.json
+        raise BtDeployError(f"could not read {source.checkpoint / 'config.json'}: {error}") from None
+    if getattr(config, "model_type", None) != "bridgetower":
+        raise BtDeployError(f"{source.checkpoint} holds a {config.model_type!r} model, not BridgeTower")
+    validate_config(config)
+    return config
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # the transformers head model, eval mode, eager attention
+    config: Any
+    missing_weights: list[str]
+
+
+def load_head_model(source: ModelSource, head: HeadSpec) -> LoadedModel:
+    """The transformers model for one head, weights from the checkpoint.
+
+    Weights the checkpoint lacks are drawn with `randomize_` from the source's seed, so the
+    model `check` rebuilds later is exactly the one that was exported.
+    """
+    _quiet_transformers()
+    config = _with_contrastive_defaults(load_config(source))
+    validate_config_for_head(config, head.name)
+    folder = source.checkpoint
+    try:
+        model, info = head.model_class_object().from_pretrained(
+            folder, config=config, attn_implementation="eager", output_loading_info=True
+        )
+    except OSError as error:
+        raise BtDeployError(f"could not load weights from {folder}: {error}") from None
+    except Exception as error:
+        raise BtDeployError(f"the weights in {folder} do not load into {head.model_class}: {error}") from None
+    missing = sorted(info.get("missing_keys", []))
+    if missing:
+        randomize_(model, source.seed, only=set(missing))
+        warn(
+            f"{folder} has no weights for {len(missing)} parameter(s) of the {head.name!r} head; they are "
+            f"RANDOM (seed {source.seed}) and its outputs are meaningless: {', '.join(missing[:8])}"
+            + (" ..." if len(missing) > 8 else "")
+        )
+    model.eval()
+    return LoadedModel(model=model, config=model.config, missing_weights=missing)

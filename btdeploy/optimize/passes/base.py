@@ -1,0 +1,43 @@
+"""What every pass shares: its result, and the helpers to read constants and bias Adds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from btdeploy.optimize.graph import Graph
+
+FLAVOURS = ("ort", "trt")
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class PassResult:
+    name: str
+    fused: int = 0  # patterns rewritten (or, for trt, verified in TensorRT's fusable form)
+    details: dict[str, int] = field(default_factory=dict)  # per kind, e.g. self/cross attention
+    nodes_before: int = 0
+    nodes_after: int = 0
+
+
+def split_bias_add(graph: Graph, name: str) -> tuple[onnx.NodeProto, str, np.ndarray] | None:
+    """If `name` is Add(activation, constant 1-D bias), return (the Add, the activation, the bias)."""
+    node = graph.producer.get(name)
+    if node is None or node.op_type != "Add":
+        return None
+    for index in (0, 1):
+        value = graph.constant(node.input[index])
+        if value is not None and value.ndim == 1:
+            return node, node.input[1 - index], value
+    return None
+
+
+def scalar_operand(graph: Graph, node: onnx.NodeProto) -> tuple[float, str] | None:
+    """For a binary node with one scalar constant operand: (that scalar, the other input)."""
+    for index in (0, 1):
+        value = graph.constant(node.input[index])
+        if value is not None and value.size == 1:
+            return float(value.reshape(())), node.input[1 - index]
+    return None

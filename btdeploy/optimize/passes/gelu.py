@@ -1,0 +1,91 @@
+"""GELU and QuickGELU, with the preceding dense layer's bias folded in (ort flavour).
+
+GELU exports as x * (1 + Erf(x / sqrt 2)) * 0.5. QuickGELU (CLIP's) as x * Sigmoid(1.702 x).
+- ort: com.microsoft.BiasGelu(MatMul output, bias) where x = MatMul + bias, else Gelu;
+  com.microsoft.QuickGelu(alpha) for QuickGELU.
+- trt: ONNX Gelu (opset 20) for the Erf chain; QuickGELU stays Sigmoid * x, which TensorRT
+  fuses as a pointwise block on its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+
+from btdeploy.optimize.graph import Graph
+from btdeploy.optimize.passes.base import MS_DOMAIN, PassResult, scalar_operand, split_bias_add
+
+
+def _user(graph: Graph, name: str, op_type: str) -> onnx.NodeProto | None:
+    node = graph.only_consumer(name)
+    return node if node is not None and node.op_type == op_type else None
+
+
+def _match_gelu(graph: Graph, erf: onnx.NodeProto) -> tuple[str, list[onnx.NodeProto], str] | None:
+    div = graph.parent(erf, 0, "Div")
+    divisor = graph.constant(div.input[1]) if div is not None else None
+    if div is None or divisor is None or divisor.size != 1:
+        return None
+    if not math.isclose(float(divisor.reshape(-1)[0]), math.sqrt(2), rel_tol=1e-4):
+        return None
+    x = div.input[0]
+    plus_one = _user(graph, erf.output[0], "Add")
+    times_x = _user(graph, plus_one.output[0], "Mul") if plus_one else None
+    half = _user(graph, times_x.output[0], "Mul") if times_x else None
+    if half is None or times_x is None or x not in times_x.input:
+        return None
+    one, half_value = scalar_operand(graph, plus_one), scalar_operand(graph, half)  # type: ignore[arg-type]
+    if one is None or half_value is None or one[0] != 1.0 or half_value[0] != 0.5:
+        return None
+    return x, [div, erf, plus_one, times_x, half], half.output[0]  # type: ignore[list-item]
+
+
+def _match_quick_gelu(graph: Graph, sigmoid: onnx.NodeProto) -> tuple[str, float, list[onnx.NodeProto], str] | None:
+    scaled = graph.parent(sigmoid, 0, "Mul")
+    if scaled is None:
+        return None
+    operand = scalar_operand(graph, scaled)
+    gate = _user(graph, sigmoid.output[0], "Mul")
+    if operand is None or gate is None or operand[1] not in gate.input:
+        return None
+    return operand[1], operand[0], [scaled, sigmoid, gate], gate.output[0]
+
+
+def fuse_gelu(graph: Graph, flavour: str) -> PassResult:
+    result = PassResult("GELU/QuickGELU + bias", nodes_before=len(graph.graph.node))
+    details = {"gelu": 0, "quick_gelu": 0, "bias_folded": 0}
+    for erf in graph.each_once(lambda n: n.op_type == "Erf"):
+        found = _match_gelu(graph, erf)
+        if found is None:
+            continue
+        x, nodes, output = found
+        if flavour == "trt":
+            graph.replace(nodes, [graph.make_node("Gelu", [x], [output], name="Gelu")])
+            graph.set_opset("", 20)
+        else:
+            split = split_bias_add(graph, x)
+            users = graph.consumers.get(x, [])
+            if split is not None and all(u in nodes for u in users):
+                add, activation, bias = split
+                name = graph.add_initializer("gelu_bias", bias.astype("float32"))
+                fused = graph.make_node("BiasGelu", [activation, name], [output], name="BiasGelu", domain=MS_DOMAIN)
+                graph.replace([*nodes, add], [fused])
+                details["bias_folded"] += 1
+            else:
+                graph.replace(nodes, [graph.make_node("Gelu", [x], [output], name="Gelu", domain=MS_DOMAIN)])
+        details["gelu"] += 1
+    if flavour == "ort":
+        for sigmoid in graph.each_once(lambda n: n.op_type == "Sigmoid"):
+            quick = _match_quick_gelu(graph, sigmoid)
+            if quick is None:
+                continue
+            x, alpha, nodes, output = quick
+            fused = graph.make_node("QuickGelu", [x], [output], name="QuickGelu", domain=MS_DOMAIN, alpha=alpha)
+            graph.replace(nodes, [fused])
+            details["quick_gelu"] += 1
+        graph.set_opset(MS_DOMAIN, 1)
+    result.fused = details["gelu"] + details["quick_gelu"]
+    result.details = details
+    result.nodes_after = len(graph.graph.node)
+    return result

@@ -1,0 +1,84 @@
+"""Add + LayerNormalization fusions: the bridge (link tower) layers and the residual post-LN.
+
+Both are LayerNormalization(Add(a, b)) over the last axis. In the `ort` flavour they become
+com.microsoft.SkipLayerNormalization(a, b, gamma, beta[, bias]): one kernel instead of two,
+a dense layer's bias folded in, and, where the sum itself is used again (the vision tower's
+pre-LN residual), the sum taken from SkipLayerNormalization's fourth output.
+In the `trt` flavour the pair is already what TensorRT fuses (Add -> native LayerNormalization,
+FP32); the pass checks that form and counts it, rewriting nothing.
+
+The bridge layers are told apart from the residual ones by the exporter's module scope in
+the node name (`..._link_tower.N/LayerNorm`), which the TorchScript exporter always writes.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from btdeploy.optimize.graph import Graph, attribute
+from btdeploy.optimize.passes.base import MS_DOMAIN, PassResult, split_bias_add
+
+BRIDGE_SCOPE = "link_tower"
+
+
+def _is_bridge(node: onnx.NodeProto) -> bool:
+    return BRIDGE_SCOPE in node.name
+
+
+def _is_candidate(graph: Graph, node: onnx.NodeProto, bridges: bool) -> bool:
+    """LayerNormalization(Add(a, b)) over the last axis, in the bridge scope or outside it."""
+    if node.op_type != "LayerNormalization" or _is_bridge(node) != bridges:
+        return False
+    if attribute(node, "axis", -1) != -1 or len(node.input) < 3:
+        return False
+    add = graph.parent(node, 0, "Add")
+    # A sum with a constant (token-type embedding) is not a skip connection.
+    return add is not None and all(graph.constant(name) is None for name in add.input)
+
+
+def _fuse_one(graph: Graph, layer_norm: onnx.NodeProto) -> bool:
+    add = graph.parent(layer_norm, 0, "Add")
+    assert add is not None
+    first, second = add.input[0], add.input[1]
+    bias_name = ""
+    remove = [layer_norm, add]
+    # Fold a dense layer's bias into the fused kernel when that Add feeds only this sum.
+    for index, name in enumerate((first, second)):
+        split = split_bias_add(graph, name)
+        if split is not None and graph.only_consumer(name) is add:
+            bias_add, activation, bias = split
+            bias_name = graph.add_initializer("skip_ln_bias", bias.astype("float32"))
+            remove.append(bias_add)
+            first, second = (activation, second) if index == 0 else (first, activation)
+            break
+    outputs = [layer_norm.output[0], "", ""]
+    sum_users = [u for u in graph.consumers.get(add.output[0], []) if u is not layer_norm]
+    if sum_users or add.output[0] in graph.output_names:
+        outputs.append(add.output[0])  # input + skip + bias, for the later residual
+    inputs = [first, second, layer_norm.input[1], layer_norm.input[2]] + ([bias_name] if bias_name else [])
+    fused = graph.make_node(
+        "SkipLayerNormalization", inputs, outputs, name="SkipLayerNormalization", domain=MS_DOMAIN,
+        epsilon=float(attribute(layer_norm, "epsilon", 1e-5)),
+    )  # fmt: skip
+    graph.replace(remove, [fused])
+    return True
+
+
+def _run(graph: Graph, flavour: str, bridges: bool, name: str) -> PassResult:
+    result = PassResult(name, nodes_before=len(graph.graph.node))
+    if flavour == "trt":
+        result.fused = sum(_is_candidate(graph, n, bridges) for n in graph.graph.node)
+    else:
+        for node in graph.each_once(lambda n: _is_candidate(graph, n, bridges)):
+            result.fused += int(_fuse_one(graph, node))
+        graph.set_opset(MS_DOMAIN, 1)
+    result.nodes_after = len(graph.graph.node)
+    return result
+
+
+def fuse_bridge_layernorm(graph: Graph, flavour: str) -> PassResult:
+    return _run(graph, flavour, bridges=True, name="bridge add+LayerNorm")
+
+
+def fuse_residual_layernorm(graph: Graph, flavour: str) -> PassResult:
+    return _run(graph, flavour, bridges=False, name="residual add+LayerNorm")

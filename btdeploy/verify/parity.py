@@ -1,0 +1,184 @@
+"""Reference vs backend: per-output errors against the head's declared tolerances."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from btdeploy.backends.base import Backend
+from btdeploy.errors import BtDeployError
+from btdeploy.model.configs import max_text_length
+from btdeploy.model.heads import HeadSpec, OutputSpec, Tolerance
+from btdeploy.model.inputs import sample_inputs
+
+
+@dataclass
+class OutputStats:
+    """Errors of one output; merged across shapes by keeping the worst of each."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0  # max |got - ref| / (|ref| + the absolute bound)
+    of_range: float = 0.0  # max |got - ref| / max |ref|: what reduced precisions are bounded by
+    cosine: float = 1.0
+    argmax_agree: int = 0
+    argmax_counted: int = 0  # positions whose reference top-2 margin is clear of the tolerance
+    argmax_total: int = 0
+    non_finite: int = 0  # NaN or Inf values in the backend's output
+
+    def merge(self, other: OutputStats) -> None:
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.max_rel = max(self.max_rel, other.max_rel)
+        self.of_range = max(self.of_range, other.of_range)
+        self.cosine = min(self.cosine, other.cosine)
+        self.argmax_agree += other.argmax_agree
+        self.argmax_counted += other.argmax_counted
+        self.argmax_total += other.argmax_total
+        self.non_finite += other.non_finite
+
+    @property
+    def argmax_agreement(self) -> float | None:
+        return self.argmax_agree / self.argmax_counted if self.argmax_counted else None
+
+
+def compare(reference: np.ndarray, got: np.ndarray, spec: OutputSpec, tolerance: Tolerance) -> OutputStats:
+    if reference.shape != got.shape:
+        raise BtDeployError(f"output {spec.name} has shape {list(got.shape)}, the reference {list(reference.shape)}")
+    ref = reference.astype(np.float64)
+    out = got.astype(np.float64)
+    stats = OutputStats(non_finite=int(np.size(out) - np.isfinite(out).sum()))
+    if stats.non_finite:
+        stats.max_abs = stats.max_rel = stats.of_range = float("inf")
+        stats.cosine = float("nan")
+        return stats
+    diff = np.abs(out - ref)
+    reference_range = float(np.abs(ref).max(initial=0.0))
+    bound = tolerance.bound(reference_range)
+    stats.max_abs = float(diff.max(initial=0.0))
+    stats.max_rel = float((diff / (np.abs(ref) + bound)).max(initial=0.0)) if bound > 0 else 0.0
+    stats.of_range = stats.max_abs / reference_range if reference_range > 0 else 0.0
+    norms = np.linalg.norm(ref) * np.linalg.norm(out)
+    stats.cosine = float(np.dot(ref.ravel(), out.ravel()) / norms) if norms > 0 else float(np.array_equal(ref, out))
+    if spec.is_logits and ref.shape[-1] >= 2:
+        top2 = np.sort(ref.reshape(-1, ref.shape[-1]), axis=-1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) > tolerance.argmax_margin(reference_range)
+        agree = ref.reshape(-1, ref.shape[-1]).argmax(-1) == out.reshape(-1, out.shape[-1]).argmax(-1)
+        stats.argmax_total = int(clear.size)
+        stats.argmax_counted = int(clear.sum())
+        stats.argmax_agree = int((agree & clear).sum())
+    return stats
+
+
+def passes(stats: OutputStats, tolerance: Tolerance) -> bool:
+    if stats.non_finite:
+        return False
+    agreement = stats.argmax_agreement
+    return (
+        (tolerance.of_range or stats.max_abs <= tolerance.max_abs)
+        and stats.cosine >= tolerance.min_cosine
+        and (agreement is None or agreement >= tolerance.min_argmax_agreement)
+    )
+
+
+@dataclass
+class ParityRow:
+    head: str
+    output: str
+    precision: str
+    tolerance: Tolerance
+    stats: OutputStats = field(default_factory=OutputStats)
+    per_shape: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return passes(self.stats, self.tolerance)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "head": self.head,
+            "output": self.output,
+            "precision": self.precision,
+            "passed": self.passed,
+            **asdict(self.stats),
+            "argmax_agreement": self.stats.argmax_agreement,
+            "tolerance": {**asdict(self.tolerance), "text": self.tolerance.describe()},
+            "per_shape": self.per_shape,
+        }
+
+
+def parse_shapes(batch_sizes: list[int], text_lengths: list[int], config: Any) -> list[tuple[int, int]]:
+    limit = max_text_length(config)
+    for length in text_lengths:
+        if not 1 <= length <= limit:
+            raise BtDeployError(f"--seq-lens {length} is outside 1..{limit}")
+    for batch in batch_sizes:
+        if batch < 1:
+            raise BtDeployError(f"--batch-sizes {batch} must be at least 1")
+    return [(b, n) for b in batch_sizes for n in text_lengths]
+
+
+def check_head(
+    head: HeadSpec,
+    config: Any,
+    reference: Backend,
+    candidate: Backend,
+    shapes: list[tuple[int, int]],
+    precision: str = "fp32",
+    seed: int = 0,
+) -> list[ParityRow]:
+    """Run both backends on padded random inputs at every shape; one row per output, worst case kept."""
+    rows = [ParityRow(head.name, spec.name, precision, _tolerance(spec, precision)) for spec in head.outputs]
+    for index, (batch, length) in enumerate(shapes):
+        feeds = sample_inputs(config, batch, length, seed=seed + index)
+        expected = reference.run(feeds)
+        got = candidate.run(feeds)
+        for row, spec in zip(rows, head.outputs, strict=True):
+            stats = compare(expected[spec.name], got[spec.name], spec, row.tolerance)
+            row.stats.merge(stats)
+            row.per_shape.append({"batch": batch, "text_length": length, **asdict(stats)})
+    return rows
+
+
+def _tolerance(spec: OutputSpec, precision: str) -> Tolerance:
+    if precision not in spec.tolerances:
+        raise BtDeployError(f"no {precision} tolerance is declared for output {spec.name}")
+    return spec.tolerances[precision]
+
+
+def _argmax_cell(stats: OutputStats) -> str:
+    if not stats.argmax_total:
+        return "-"
+    agreement = stats.argmax_agreement
+    if agreement is None:
+        return f"0 clear of {stats.argmax_total}"
+    return f"{100 * agreement:.1f}% {stats.argmax_agree}/{stats.argmax_counted}/{stats.argmax_total}"
+
+
+_COLUMNS = "{:<5} {:<15} {:>9} {:>9} {:>10} {:>22}  {:<40} {}"
+
+
+def format_rows(rows: list[ParityRow]) -> str:
+    header = _COLUMNS.format("head", "output", "max_abs", "of_range", "cosine", "argmax", "tolerance", "verdict")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        s, t = row.stats, row.tolerance
+        verdict = "PASS" if row.passed else ("FAIL (NaN/Inf)" if s.non_finite else "FAIL")
+        lines.append(
+            _COLUMNS.format(
+                row.head,
+                row.output,
+                f"{s.max_abs:.2e}",
+                f"{s.of_range:.2e}",
+                f"{s.cosine:.7f}",
+                _argmax_cell(s),
+                t.describe(),
+                verdict,
+            )
+        )
+    lines.append(
+        "of_range: max_abs / max |reference|.  argmax: agreement, agreeing/clear/all positions "
+        "(clear: the reference's top-2 margin > 2 x the error bound, the bound taken of the batch's range "
+        "where the tolerance says 'of range')"
+    )
+    return "\n".join(lines)

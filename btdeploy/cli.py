@@ -73,7 +73,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     heads = parse_heads(args.heads) if args.heads else None
     for folder in head_folders(Path(args.dir), heads):
-        optimize_head(folder, args.flavour)
+        optimize_head(folder, args.flavour, args.allow_partial)
     return 0
 
 
@@ -129,7 +129,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from btdeploy.apps.pipeline import run_pipeline
-    from btdeploy.model.heads import PRECISIONS, parse_heads
+    from btdeploy.model.heads import parse_heads
+    from btdeploy.quantize.methods import PRECISIONS
 
     out = Path(args.out or f"btdeploy-out/{Path(args.model).name}")
     precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip() and p.strip() != "none")
@@ -143,6 +144,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         parse_heads(args.heads),
         precisions=precisions,
         calibration=(args.calib_images, args.calib_texts),
+        split=args.split,
     )
     return 0 if passed else 1
 
@@ -189,9 +191,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from btdeploy.artifacts.graph_names import Flavour, Precision
+    from btdeploy.backends.targets import TARGETS
     from btdeploy.export.exporter import DEFAULT_OPSET
-    from btdeploy.model.heads import PRECISIONS
+    from btdeploy.model.heads import HEADS
     from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE
+    from btdeploy.quantize.methods import PRECISIONS
+
+    flavours = [str(f) for f in Flavour]
+    engine_precisions = [str(p) for p in TARGETS["tensorrt"].precisions]
 
     parser = argparse.ArgumentParser(prog="btdeploy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -203,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = add("export", cmd_export, "export heads to ONNX with dynamic batch and text length")
     export.add_argument("--model", default="base", help="preset (tiny, base, large) or checkpoint folder")
-    export.add_argument("--heads", default="all", help="all, or a comma list of base,itm,itc,mlm")
+    export.add_argument("--heads", default="all", help=f"all, or a comma list of {','.join(HEADS)}")
     export.add_argument("--out", required=True, help="output folder; each head goes to OUT/<head>/")
     export.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     export.add_argument("--seed", type=int, default=0, help="seed for preset weights and missing head weights")
@@ -216,27 +224,32 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     check.add_argument("--batch-sizes", type=_int_list, default=(1, 3))
     check.add_argument("--seq-lens", type=_int_list, default=(5, 40))
-    check.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
+    check.add_argument("--backend", default="onnxruntime", choices=list(TARGETS))
     check.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
     check.add_argument("--report", type=Path, default=None, help="write the rows as JSON")
-    check.add_argument("--flavour", choices=["ort", "trt"], default=None, help="check the optimized graph")
+    check.add_argument("--flavour", choices=flavours, default=None, help="check the optimized graph")
     check.add_argument("--split", action="store_true", help="check the text, vision and fusion graphs together")
     check.add_argument(
         "--precision",
-        choices=["fp32", *PRECISIONS],
+        choices=[str(p) for p in Precision],
         default="fp32",
         help="check model.<flavour>.<precision>.onnx (flavour ort unless given) at that precision's tolerances",
     )
 
     optimize = add("optimize", cmd_optimize, "fuse attention, bridge and residual add+LayerNorm, GELU")
     optimize.add_argument("dir", help="export folder or one head folder")
-    optimize.add_argument("--flavour", required=True, choices=["ort", "trt"])
+    optimize.add_argument("--flavour", required=True, choices=flavours)
+    optimize.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="keep a graph with fewer fused attention blocks or bridges than the head declares (default: error)",
+    )
     optimize.add_argument("--heads", default=None, help="comma list (default: every exported head)")
 
     quantize = add("quantize", cmd_quantize, "write FP16 (AutoCast), INT8 (explicit Q/DQ) or dynamic INT8 graphs")
     quantize.add_argument("dir", help="export folder or one head folder (optimize it first)")
-    quantize.add_argument("--precision", required=True, choices=list(PRECISIONS))
-    quantize.add_argument("--flavour", choices=["ort", "trt"], default="ort")
+    quantize.add_argument("--precision", required=True, choices=[str(p) for p in PRECISIONS])
+    quantize.add_argument("--flavour", choices=flavours, default="ort")
     quantize.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     quantize.add_argument("--calib-images", type=Path, default=None, help="folder of calibration images")
     quantize.add_argument("--calib-texts", type=Path, default=None, help="text file, one caption per line")
@@ -244,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = add("build", cmd_build, "build strongly typed TensorRT engines from the trt precision graphs")
     build.add_argument("dir", help="export folder or one head folder (quantize --flavour trt first)")
-    build.add_argument("--precision", required=True, choices=["fp16", "int8"])
+    build.add_argument("--precision", required=True, choices=engine_precisions)
     build.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     build.add_argument("--batch", default=None, help="MIN:OPT:MAX (default: the head's 1:8:32)")
     build.add_argument("--seq-len", default=None, help="MIN:OPT:MAX text length (default 1:40:512)")
@@ -265,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = add("run", cmd_run, "score texts against an image with an exported head")
     run.add_argument("dir", help="export folder or one head folder")
-    run.add_argument("--head", required=True, choices=["base", "itm", "itc", "mlm"])
+    run.add_argument("--head", required=True, choices=list(HEADS))
     run.add_argument("--image", required=True)
     run.add_argument("--text", action="append", required=True, help="repeat for several texts")
     run.add_argument("--providers", nargs="*", default=None)
@@ -298,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--seed", type=int, default=0)
     pipeline.add_argument(
         "--precisions", default=",".join(PRECISIONS), help="quantized graphs to write and check, or none"
+    )
+    pipeline.add_argument(
+        "--split", action="store_true", help="also export and check the text, vision and fusion graphs"
     )
     pipeline.add_argument("--calib-images", type=Path, default=None, help="folder of calibration images")
     pipeline.add_argument("--calib-texts", type=Path, default=None, help="text file, one caption per line")

@@ -66,13 +66,6 @@ def staged_directory(final: Path) -> Iterator[Path]:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def graph_bytes(path: Path) -> int:
-    """An ONNX graph's size on disk: the file plus `<file>.data`, where its weights are stored
-    once the graph passes protobuf's 2 GB (the name every btdeploy writer uses)."""
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-
-
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

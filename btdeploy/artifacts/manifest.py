@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from btdeploy.artifacts.files import write_json
+from btdeploy.artifacts.graph_names import STEMS, Flavour, Precision, graph_file
 from btdeploy.errors import BtDeployError
 
 MANIFEST_NAME = "manifest.json"
@@ -34,13 +35,6 @@ def tool_versions(
     return versions
 
 
-def precision_file(flavour: str, precision: str, stem: str = "model") -> str:
-    """<stem>.<flavour>.onnx for FP32 (what optimize writes), <stem>.<flavour>.<precision>.onnx otherwise.
-
-    The stem is `model` for the whole head, or `text`, `vision`, `fusion` for its split graphs."""
-    return f"{stem}.{flavour}.onnx" if precision == "fp32" else f"{stem}.{flavour}.{precision}.onnx"
-
-
 @dataclass
 class Manifest:
     """A thin view over manifest.json with the fields the rest of btdeploy reads."""
@@ -59,7 +53,7 @@ class Manifest:
     @property
     def stems(self) -> list[str]:
         """The graphs of this head: `model`, plus `text`, `vision`, `fusion` after export --split."""
-        return ["model", *self.data.get("split", {})]
+        return ["model", *(stem for stem in STEMS if stem in self.data.get("split", {}))]
 
     def input_names(self, stem: str = "model") -> list[str]:
         """The inputs of one of the head's graphs, as exported (quantizing keeps them)."""
@@ -67,28 +61,26 @@ class Manifest:
             return [entry["name"] for entry in self.data["inputs"]]
         return list(self.data["split"][stem]["inputs"])
 
-    def graph_path(self, flavour: str | None = None, precision: str | None = None, stem: str = "model") -> Path:
+    def graph_path(
+        self, flavour: Flavour | None = None, precision: Precision = Precision.FP32, stem: str = "model"
+    ) -> Path:
         """<stem>.onnx, the optimized <stem>.<flavour>.onnx, or its <stem>.<flavour>.<precision>.onnx
         (with a clear error that names the command which makes it when it is absent)."""
         if stem not in self.stems:
             raise BtDeployError(
                 f"{self.folder} has no {stem} graph: export with --split for the text, vision and fusion graphs"
             )
-        if precision and precision != "fp32":
-            flavour = flavour or "ort"
-            path = self.folder / precision_file(flavour, precision, stem)
-            if not path.is_file():
-                raise BtDeployError(
-                    f"{path} does not exist: run btdeploy quantize {self.folder} --flavour {flavour} "
-                    f"--precision {precision}"
-                )
+        path = self.folder / graph_file(flavour, precision, stem)
+        if path.is_file():
             return path
-        if not flavour:
-            return self.folder / f"{stem}.onnx"
-        path = self.folder / precision_file(flavour, "fp32", stem)
-        if not path.is_file():
-            raise BtDeployError(f"{path} does not exist: run btdeploy optimize {self.folder} --flavour {flavour}")
-        return path
+        if flavour is None:
+            raise BtDeployError(f"{path} is missing: export the head again (btdeploy export)")
+        if precision != Precision.FP32:
+            raise BtDeployError(
+                f"{path} does not exist: "
+                f"run btdeploy quantize {self.folder} --flavour {flavour} --precision {precision}"
+            )
+        raise BtDeployError(f"{path} does not exist: run btdeploy optimize {self.folder} --flavour {flavour}")
 
     @property
     def processor_dir(self) -> Path:

@@ -16,26 +16,35 @@ _PROVIDER_ALIASES = {
 }
 
 
-def resolve_providers(providers: list[str] | None) -> list[str]:
+def provider_problem(providers: tuple[str, ...] | list[str] | None) -> str | None:
+    """Why the requested providers cannot run here, or None."""
     import onnxruntime as ort
 
+    available = ort.get_available_providers()
+    for provider in [_PROVIDER_ALIASES.get(p.lower(), p) for p in providers or ()]:
+        if provider not in available:
+            return f"ONNX Runtime provider {provider} is not available here (available: {', '.join(available)})"
+    return None
+
+
+def resolve_providers(providers: tuple[str, ...] | list[str] | None) -> list[str]:
     if not providers:
         return ["CPUExecutionProvider"]
-    available = ort.get_available_providers()
-    resolved = [_PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
-    for provider in resolved:
-        if provider not in available:
-            raise BtDeployError(
-                f"ONNX Runtime provider {provider} is not available here (available: {', '.join(available)})"
-            )
-    return resolved
+    problem = provider_problem(providers)
+    if problem:
+        raise BtDeployError(problem)
+    return [_PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
 
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(
-        self, model_path: Path, output_names: list[str], providers: list[str] | None = None, threads: int | None = None
+        self,
+        model_path: Path,
+        output_names: list[str],
+        providers: tuple[str, ...] | list[str] | None = None,
+        threads: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -62,7 +71,16 @@ class OnnxRuntimeBackend:
                 f"{model_path} lacks output(s) {', '.join(lacking)}: it was not exported by btdeploy for this head"
             )
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.description = f"{Path(model_path).name} on {', '.join(self.providers)}"
+        # What the session really runs on: ONNX Runtime drops a provider that fails to start.
+        running = self.session.get_providers()
+        dropped = [p for p in self.providers if p not in running]
+        if dropped:
+            raise BtDeployError(
+                f"ONNX Runtime could not start {', '.join(dropped)} for {Path(model_path).name} (it runs on "
+                f"{', '.join(running)}): check the GPU and CUDA libraries, or pass providers=['cpu']"
+            )
+        self.providers = running
+        self.description = f"{Path(model_path).name} on {', '.join(running)}"
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session_feeds: dict[str, Any] = {name: feeds[name] for name in self.input_names}

@@ -10,7 +10,8 @@ from btdeploy.artifacts.manifest import Manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.model.checkpoints import ModelSource, load_head_model
 from btdeploy.model.configs import config_fingerprint
-from btdeploy.model.heads import HeadSpec
+from btdeploy.model.heads import HeadSpec, get_head
+from btdeploy.model.towers import head_module
 
 
 class TorchBackend:
@@ -18,8 +19,6 @@ class TorchBackend:
 
     def __init__(self, model: Any, head: HeadSpec, device: str = "cpu", dtype: str = "fp32") -> None:
         import torch
-
-        from btdeploy.export.exporter import head_module
 
         torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
         self.module = head_module(model, head).to(device=device, dtype=torch_dtype)
@@ -37,7 +36,7 @@ class TorchBackend:
             raise BtDeployError(
                 f"the checkpoint {source.spec} this head was exported from is gone: cannot rebuild the reference"
             )
-        head = _head(manifest.head)
+        head = get_head(manifest.head)
         loaded = load_head_model(source, head)
         if config_fingerprint(loaded.config) != model_info["config_sha256"]:
             raise BtDeployError(
@@ -53,9 +52,3 @@ class TorchBackend:
         with torch.no_grad():
             values = self.module(*args)
         return {name: value.float().cpu().numpy() for name, value in zip(self.head.output_names, values, strict=True)}
-
-
-def _head(name: str) -> HeadSpec:
-    from btdeploy.model.heads import get_head
-
-    return get_head(name)

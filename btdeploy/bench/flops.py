@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from btdeploy.model.configs import num_image_tokens
+from btdeploy.model.heads import HeadSpec
 
 
 def _linear(tokens: int, fan_in: int, fan_out: int) -> int:
@@ -26,7 +27,7 @@ def _ffn(tokens: int, width: int, inner: int) -> int:
     return _linear(tokens, width, inner) + _linear(tokens, inner, width)
 
 
-def forward_flops(config: Any, head: str, batch: int, text_length: int) -> int:
+def forward_flops(config: Any, head: HeadSpec, batch: int, text_length: int) -> int:
     text, vision = config.text_config, config.vision_config
     hidden, cross = int(config.hidden_size), int(config.num_hidden_layers)
     tokens_t, tokens_v = text_length, num_image_tokens(config)
@@ -51,15 +52,4 @@ def forward_flops(config: Any, head: str, batch: int, text_length: int) -> int:
     transforms = cross * (_linear(tokens_t, width_t, hidden) + _linear(tokens_v, width_v, hidden))
     poolers = 2 * _linear(1, hidden, hidden)
     total = text_tower + vision_tower + cross_layers + transforms + poolers
-    if head == "itm":
-        total += _linear(1, 2 * hidden, 2)
-    elif head == "mlm":
-        total += _linear(tokens_t, hidden, hidden) + _linear(tokens_t, hidden, int(text.vocab_size))
-    elif head == "itc":
-        embed = int(config.contrastive_hidden_size)
-        # The image embedding re-runs the image transform on the last vision layer's output.
-        total += _linear(tokens_v, width_v, hidden)
-        total += 2 * _linear(1, hidden, embed) + _linear(1, 2 * hidden, embed)
-        # The head also computes three batch x batch similarity matrices (unused by inference).
-        return batch * total + 3 * _linear(batch, embed, batch)
-    return batch * total
+    return batch * total + head.behaviour.extra_flops(config, batch, tokens_t, tokens_v)

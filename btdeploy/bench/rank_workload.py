@@ -14,18 +14,25 @@ from typing import Any
 import numpy as np
 
 from btdeploy.artifacts.files import write_bytes, write_json, write_text
+from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
 from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+from btdeploy.backends.split import SplitBackend, build_split_backend
 from btdeploy.bench.machine import machine_description
 from btdeploy.bench.runner import time_case
 from btdeploy.bench.stats import summarize
 from btdeploy.errors import BtDeployError
-from btdeploy.model.heads import PRECISIONS, get_head
+from btdeploy.model.heads import get_head
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import say
-from btdeploy.runtime.split_runtime import SplitBackend, build_split_backend
+from btdeploy.quantize.methods import quantized_graphs
 
-GRAPHS = [(None, "fp32"), ("ort", "fp32"), *(("ort", p) for p in PRECISIONS)]
+# The whole and split graphs a CPU user runs: plain, ort and each precision of the ort flavour.
+GRAPHS: list[tuple[Flavour | None, Precision]] = [
+    (None, Precision.FP32),
+    (Flavour.ORT, Precision.FP32),
+    *((flavour, precision) for flavour, precision in quantized_graphs() if flavour == Flavour.ORT),
+]
 
 
 class _WholeHead:
@@ -63,7 +70,7 @@ class RankCase:
     median_ms: float
 
 
-def _available(manifest: Manifest, flavour: str | None, precision: str) -> bool:
+def _available(manifest: Manifest, flavour: Flavour | None, precision: Precision) -> bool:
     try:
         for stem in manifest.stems:
             manifest.graph_path(flavour, precision, stem)
@@ -99,7 +106,7 @@ def run_rank_bench(
             continue
         label = f"{flavour or 'plain'} {precision}"
         whole = OnnxRuntimeBackend(manifest.graph_path(flavour, precision), head.output_names, ["cpu"], threads)
-        split = build_split_backend(manifest, flavour=flavour, precision=precision, providers=["cpu"], threads=threads)
+        split = build_split_backend(manifest, flavour, precision, ("cpu",), threads)
         sizes[label] = feature_bytes(split, feeds["pixel_values"])
         runners: dict[str, Any] = {"monolithic": _WholeHead(whole), "split": _SplitTowers(split)}
         expected, got = runners["monolithic"].run(feeds), runners["split"].run(feeds)

@@ -158,7 +158,7 @@ def run_bench(
                 gpu_peak_mb_and_reset()
                 samples, rss = time_case(backends, feeds, settings.warmup, settings.iters, settings.seconds)
                 gpu_peak = gpu_peak_mb_and_reset()
-                flops = forward_flops(config, head.name, batch, length)
+                flops = forward_flops(config, head, batch, length)
                 results = {
                     name: CaseResult(
                         name,

@@ -8,36 +8,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from btdeploy.artifacts.files import graph_bytes, sha256_of, staged_directory
+from btdeploy.artifacts.files import sha256_of, staged_directory
 from btdeploy.artifacts.manifest import MANIFEST_NAME, MODEL_NAME, PROCESSOR_DIR, Manifest, tool_versions
+from btdeploy.artifacts.onnx_files import data_file, gather_external_data, graph_bytes
 from btdeploy.errors import BtDeployError
 from btdeploy.export.patches import fusable_export
 from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model
 from btdeploy.model.configs import config_fingerprint, max_text_length
 from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.model.inputs import sample_inputs
+from btdeploy.model.towers import head_module, part_modules, part_specs
 from btdeploy.progress import say, step, warn
 
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = range(14, 21)  # what the TorchScript exporter emits
-EXTERNAL_DATA_NAME = "model.onnx.data"
-PROTOBUF_LIMIT = 2**31 - 1  # one ONNX protobuf file cannot exceed 2 GB
-
-
-def head_module(model: Any, head: HeadSpec) -> Any:
-    """Wrap a transformers head so it takes the graph's inputs positionally and returns its outputs as a tuple."""
-    import torch
-
-    class HeadModule(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any, attention_mask: Any, pixel_values: Any) -> tuple[Any, ...]:
-            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
-            return tuple(getattr(outputs, name) for name in head.output_names)
-
-    return HeadModule().eval()
 
 
 def export_head(
@@ -123,8 +107,6 @@ def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int
     import onnx
     import torch
 
-    from btdeploy.model.towers import part_modules, part_specs
-
     config = loaded.config
     specs, modules = part_specs(head), part_modules(loaded.model, head)
     feeds = sample_inputs(config, head.export_batch, head.export_text_length, seed=1234)
@@ -147,7 +129,7 @@ def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int
         target = staging / f"{name}.onnx"
         if external:
             model = onnx.load(str(work / MODEL_NAME))
-            onnx.save_model(model, str(target), save_as_external_data=True, location=f"{name}.onnx.data")
+            onnx.save_model(model, str(target), save_as_external_data=True, location=data_file(target).name)
         else:
             (work / MODEL_NAME).rename(target)
         shutil.rmtree(work)
@@ -164,21 +146,9 @@ def _store_model(folder: Path) -> bool:
     """Check the exported graph and store it as one file, or model + one external-data file past 2 GB."""
     import onnx
 
-    path = folder / MODEL_NAME
-    scattered = [p for p in folder.iterdir() if p.name != MODEL_NAME]
-    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    external = total > PROTOBUF_LIMIT or bool(scattered)
-    if external:
-        # The exporter writes one file per large tensor; gather them into a single data file.
-        model = onnx.load(str(path), load_external_data=True)
-        for extra in scattered:
-            extra.unlink()
-        onnx.save_model(
-            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA_NAME
-        )
-        del model
+    external = gather_external_data(folder, MODEL_NAME)
     try:
-        onnx.checker.check_model(str(path), full_check=False)
+        onnx.checker.check_model(str(folder / MODEL_NAME), full_check=False)
     except onnx.checker.ValidationError as error:
         raise BtDeployError(f"the exported graph fails the ONNX checker: {error}") from None
     return external
@@ -223,7 +193,7 @@ def _manifest_data(
         },
         "onnx": {
             "file": MODEL_NAME,
-            "external_data": EXTERNAL_DATA_NAME if external else None,
+            "external_data": data_file(folder / MODEL_NAME).name if external else None,
             "sha256": sha256_of(folder / MODEL_NAME),
             "opset": opset,
             "exporter": "torch.onnx (TorchScript), btdeploy.patches.fusable_export",
@@ -248,4 +218,4 @@ def export_heads(
     return manifests
 
 
-__all__ = ["export_head", "export_heads", "head_module", "DEFAULT_OPSET", "MANIFEST_NAME"]
+__all__ = ["export_head", "export_heads", "DEFAULT_OPSET", "MANIFEST_NAME"]

@@ -16,8 +16,8 @@ from typing import Any
 
 from btdeploy.artifacts.files import staged_directory
 from btdeploy.errors import BtDeployError
-from btdeploy.model.configs import PRESETS, build_config, validate_config, validate_config_for_head
-from btdeploy.model.heads import HEADS, HeadSpec
+from btdeploy.model.configs import PRESETS, build_config, validate_config
+from btdeploy.model.heads import CHECKPOINT_HEADS, HEADS, HeadSpec
 from btdeploy.progress import say, warn
 
 CHECKPOINT_FORMAT = 2  # bump when the preset writer changes what it writes
@@ -143,9 +143,7 @@ def ensure_preset_checkpoint(preset: str, seed: int) -> Path:
     return folder
 
 
-def write_random_checkpoint(
-    config: Any, folder: Path, seed: int, heads: tuple[str, ...] = ("itm", "mlm", "itc")
-) -> None:
+def write_random_checkpoint(config: Any, folder: Path, seed: int, heads: tuple[str, ...] = CHECKPOINT_HEADS) -> None:
     """A checkpoint with seeded random weights for the given heads, plus tokenizer and processor.
 
     Shared weights (everything under `bridgetower.`) are identical across heads because
@@ -158,7 +156,7 @@ def write_random_checkpoint(
     state: dict[str, Any] = {}
     for head in heads:
         spec = HEADS[head]
-        validate_config_for_head(config, head)
+        spec.check_config(config)
         torch.manual_seed(seed)
         model = spec.model_class_object()(config)
         randomize_(model, seed)
@@ -182,7 +180,7 @@ def build_processor(config: Any) -> Any:
     # The processor rounds the resized image down to a multiple of size_divisor; it must divide
     # the image size, or the center crop would pad. crop_size needs "shortest_edge" with the
     # PIL backend that transformers falls back to without torchvision.
-    divisor = 32 if size % 32 == 0 else patch
+    divisor = next(d for d in (32, patch, 1) if size % d == 0)
     image_processor = BridgeTowerImageProcessor(
         size={"shortest_edge": size},
         crop_size={"shortest_edge": size},
@@ -225,7 +223,7 @@ def load_head_model(source: ModelSource, head: HeadSpec) -> LoadedModel:
     """
     _quiet_transformers()
     config = _with_contrastive_defaults(load_config(source))
-    validate_config_for_head(config, head.name)
+    head.check_config(config)
     folder = source.checkpoint
     try:
         model, info = head.model_class_object().from_pretrained(

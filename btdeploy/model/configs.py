@@ -7,12 +7,12 @@ from typing import Any
 from btdeploy.errors import BtDeployError
 
 # Released checkpoints carry these in config.json; transformers 5.x does not declare them,
-# and the contrastive head needs them (DESIGN.md section 1).
+# and the contrastive head needs them.
 CONTRASTIVE_DEFAULTS = {"contrastive_hidden_size": 512, "logit_scale_init_value": 2.6592}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough that a test exports a head in about a second, yet every structural
-    # feature is present: 2 vision heads (vision heads = hidden // 64), 2 cross layers
+    # feature is present: 2 vision heads (CLIP uses hidden // 64 heads), 2 cross layers
     # (so one link tower per modality), an image size the processor must resize to.
     "tiny": {
         "hidden_size": 128,
@@ -105,42 +105,29 @@ def validate_config(config: Any) -> None:
         raise BtDeployError(
             f"text hidden_size {text.hidden_size} is not a multiple of num_attention_heads {text.num_attention_heads}"
         )
-    if vision.hidden_size < 64 or vision.hidden_size % 64:
+    vision_heads = vision.hidden_size // 64  # what transformers' CLIP tower uses
+    if vision_heads < 1 or vision.hidden_size % vision_heads:
         raise BtDeployError(
-            f"vision hidden_size {vision.hidden_size} must be a positive multiple of 64: "
-            "the CLIP vision tower uses hidden_size // 64 attention heads"
+            f"vision hidden_size {vision.hidden_size} does not run in transformers: the CLIP vision tower uses "
+            f"hidden_size // 64 = {vision_heads} attention head(s), so the width must be at least 64 and divide "
+            "evenly into them (96: one head of 96, 130: two heads of 65)"
         )
-    if not 1 <= config.num_hidden_layers <= text.num_hidden_layers:
+    # transformers runs the first text_layers - cross_layers + 1 uni-modal layers alone; a negative
+    # count would index layers from the end and compute something else without an error.
+    if not 1 <= config.num_hidden_layers <= text.num_hidden_layers + 1:
         raise BtDeployError(
             f"num_hidden_layers (cross-modal layers) is {config.num_hidden_layers}; it must be between 1 and "
-            f"the text layer count {text.num_hidden_layers}"
+            f"the text layer count + 1 ({text.num_hidden_layers + 1})"
         )
     if vision.num_hidden_layers < text.num_hidden_layers:
         raise BtDeployError(
             f"the vision tower has {vision.num_hidden_layers} layers but the text tower {text.num_hidden_layers}: "
             "BridgeTower walks both towers in step, so the vision tower needs at least as many"
         )
-    if vision.image_size % vision.patch_size:
-        raise BtDeployError(f"image_size {vision.image_size} is not a multiple of patch_size {vision.patch_size}")
+    if vision.image_size < vision.patch_size:
+        raise BtDeployError(f"image_size {vision.image_size} is smaller than one patch ({vision.patch_size})")
     if text.max_position_embeddings < 3:
         raise BtDeployError("max_position_embeddings must be at least 3 (two are reserved by RoBERTa's padding)")
-
-
-def validate_config_for_head(config: Any, head: str) -> None:
-    """Head-specific config rules."""
-    if head != "itc":
-        return
-    if config.vision_config.hidden_size != config.hidden_size:
-        raise BtDeployError(
-            f"the itc head adds a text-sized token-type embedding to the vision features, so it needs "
-            f"vision hidden_size ({config.vision_config.hidden_size}) == hidden_size ({config.hidden_size}); "
-            "export the other heads with --heads base,itm,mlm"
-        )
-    for key, default in CONTRASTIVE_DEFAULTS.items():
-        if getattr(config, key, None) is None:
-            raise BtDeployError(
-                f"the itc head needs {key} in the config (released checkpoints use {default}); add it to config.json"
-            )
 
 
 def max_text_length(config: Any) -> int:

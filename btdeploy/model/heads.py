@@ -1,4 +1,6 @@
-"""Each head described once: class, outputs, axes, export shape and tolerances. Everything else reads this."""
+"""Each head described once: class, outputs, axes, export shape, tolerances and behaviour.
+
+Everything else reads this; no module outside it branches on a head's name."""
 
 from __future__ import annotations
 
@@ -6,8 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from btdeploy.artifacts.graph_names import Precision
 from btdeploy.errors import BtDeployError
-from btdeploy.model.configs import num_image_tokens
+from btdeploy.model.configs import CONTRASTIVE_DEFAULTS, num_image_tokens
 from btdeploy.model.inputs import BATCH, MODEL_INPUTS, TEXT_LENGTH, InputSpec
 
 
@@ -53,8 +56,12 @@ FP16 = Tolerance(max_abs=2e-2, min_cosine=0.999, min_argmax_agreement=1.0, of_ra
 # INT8 steps are 1/127 of each quantized tensor's range; the floors are cosine 0.99 and 99 %
 # argmax agreement on the positions clear of twice the bound.
 INT8 = Tolerance(max_abs=1e-1, min_cosine=0.99, min_argmax_agreement=0.99, of_range=True)
-PRECISION_TOLERANCES = {"fp32": FP32, "fp16": FP16, "int8": INT8, "int8-dynamic": INT8}
-PRECISIONS = ("fp16", "int8", "int8-dynamic")  # what `btdeploy quantize` makes
+PRECISION_TOLERANCES = {
+    Precision.FP32: FP32,
+    Precision.FP16: FP16,
+    Precision.INT8: INT8,
+    Precision.INT8_DYNAMIC: INT8,
+}
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,164 @@ class OutputSpec:
     name: str
     dims: Callable[[Any], list[int | str]]  # config -> shape with symbolic axis names
     is_logits: bool = False  # argmax over the last axis is meaningful
-    tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(PRECISION_TOLERANCES))
+    tolerances: dict[Precision, Tolerance] = field(default_factory=lambda: dict(PRECISION_TOLERANCES))
+
+
+def _linear_flops(tokens: int, fan_in: int, fan_out: int) -> int:
+    return 2 * tokens * fan_in * fan_out
+
+
+class HeadBehaviour:
+    """What a head does beyond the shared BridgeTowerModel: its torch code paths for the split
+    towers, how its answer is printed, its FLOPs and config rules. One subclass per head."""
+
+    # Head outputs a tower computes on its own, without the other modality.
+    tower_outputs: dict[str, tuple[str, ...]] = {"text": (), "vision": ()}
+    # Outputs assembled at run time from the others (never an output of a split graph).
+    assembled_outputs: tuple[str, ...] = ()
+    # Attention blocks the exporters prune because no output depends on them.
+    dead_attention_blocks: int = 0
+
+    def core(self, model: Any) -> Any:
+        """The BridgeTowerModel inside the head model."""
+        return model.bridgetower
+
+    def text_tower_outputs(self, model: Any, text: Any) -> tuple[Any, ...]:
+        """Extra text-tower outputs from the last text layer's states."""
+        return ()
+
+    def vision_tower_outputs(self, model: Any, image: Any) -> tuple[Any, ...]:
+        """Extra vision-tower outputs; `image` is (the last vision layer after ln_post, the image type embedding)."""
+        return ()
+
+    def fusion_outputs(self, model: Any, text: Any, image: Any, pooled: Any) -> tuple[Any, ...]:
+        """The head's outputs from the last cross-modal states and the pooled [text CLS; image CLS]."""
+        raise NotImplementedError
+
+    def assemble(self, values: dict[str, Any]) -> dict[str, Any]:
+        return values
+
+    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any) -> list[str]:
+        """One human-readable answer per text, for `btdeploy run`."""
+        raise NotImplementedError
+
+    def extra_flops(self, config: Any, batch: int, text_tokens: int, image_tokens: int) -> int:
+        """FLOPs of the head on top of the shared model, for the whole batch."""
+        return 0
+
+    def check_config(self, config: Any) -> None:
+        """Refuse a config this head cannot run, with the reason and the fix."""
+
+
+class BaseBehaviour(HeadBehaviour):
+    def core(self, model: Any) -> Any:
+        return model
+
+    def fusion_outputs(self, model: Any, text: Any, image: Any, pooled: Any) -> tuple[Any, ...]:
+        return text, image, pooled
+
+    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any) -> list[str]:
+        import numpy as np
+
+        return [f"pooler_output norm {np.linalg.norm(p):.4f}" for p in outputs.pooler_output]
+
+
+class ItmBehaviour(HeadBehaviour):
+    def fusion_outputs(self, model: Any, text: Any, image: Any, pooled: Any) -> tuple[Any, ...]:
+        return (model.itm_score(pooled),)
+
+    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any) -> list[str]:
+        import numpy as np
+
+        logits = outputs.logits
+        probability = np.exp(logits - logits.max(-1, keepdims=True))
+        probability /= probability.sum(-1, keepdims=True)
+        pairs = zip(probability[:, 1], logits[:, 1], strict=True)
+        return [f"match probability {p:.4f} (logit {lg:+.4f})" for p, lg in pairs]
+
+    def extra_flops(self, config: Any, batch: int, text_tokens: int, image_tokens: int) -> int:
+        return batch * _linear_flops(1, 2 * int(config.hidden_size), 2)
+
+
+class ItcBehaviour(HeadBehaviour):
+    tower_outputs = {"text": ("text_embeds",), "vision": ("image_embeds",)}
+    assembled_outputs = ("logits",)  # stacks the three embeddings
+
+    def text_tower_outputs(self, model: Any, text: Any) -> tuple[Any, ...]:
+        from torch import nn
+
+        return (nn.functional.normalize(model.itc_text_head(text[:, 0, :]), dim=-1, p=2),)
+
+    def vision_tower_outputs(self, model: Any, image: Any) -> tuple[Any, ...]:
+        from torch import nn
+
+        embedded = model.bridgetower.cross_modal_image_transform(image[0]) + image[1]
+        return (nn.functional.normalize(model.itc_image_head(embedded[:, 0, :]), dim=-1, p=2),)
+
+    def fusion_outputs(self, model: Any, text: Any, image: Any, pooled: Any) -> tuple[Any, ...]:
+        from torch import nn
+
+        return (nn.functional.normalize(model.itc_cross_modal_head(pooled), dim=-1, p=2),)
+
+    def assemble(self, values: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        if "logits" in values:
+            return values
+        stacked = np.stack([values["text_embeds"], values["image_embeds"], values["cross_embeds"]], 1)
+        return {**values, "logits": stacked}
+
+    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any) -> list[str]:
+        similarity = (outputs.text_embeds * outputs.image_embeds).sum(-1)
+        return [f"text-image cosine {s:+.4f}" for s in similarity]
+
+    def extra_flops(self, config: Any, batch: int, text_tokens: int, image_tokens: int) -> int:
+        hidden, embed = int(config.hidden_size), int(config.contrastive_hidden_size)
+        # The image embedding re-runs the image transform on the last vision layer's output.
+        per_row = _linear_flops(image_tokens, int(config.vision_config.hidden_size), hidden)
+        per_row += 2 * _linear_flops(1, hidden, embed) + _linear_flops(1, 2 * hidden, embed)
+        # The head also computes three batch x batch similarity matrices (unused by inference).
+        return batch * per_row + 3 * _linear_flops(batch, embed, batch)
+
+    def check_config(self, config: Any) -> None:
+        if config.vision_config.hidden_size != config.hidden_size:
+            raise BtDeployError(
+                f"the itc head adds a text-sized token-type embedding to the vision features, so it needs "
+                f"vision hidden_size ({config.vision_config.hidden_size}) == hidden_size ({config.hidden_size}); "
+                "export the other heads with --heads base,itm,mlm"
+            )
+        for key, default in CONTRASTIVE_DEFAULTS.items():
+            if getattr(config, key, None) is None:
+                raise BtDeployError(
+                    f"the itc head needs {key} in the config (released checkpoints use {default}): "
+                    "add it to config.json"
+                )
+
+
+class MlmBehaviour(HeadBehaviour):
+    # It reads only text features, so the last image-side cross layer (self + cross attention) is dead.
+    dead_attention_blocks = 2
+
+    def fusion_outputs(self, model: Any, text: Any, image: Any, pooled: Any) -> tuple[Any, ...]:
+        return (model.mlm_score(text),)
+
+    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any) -> list[str]:
+        mask_id = processor.tokenizer.mask_token_id
+        predicted = outputs.logits.argmax(-1)
+        answers = []
+        for row in range(len(texts)):
+            ids = encoding["input_ids"][row].copy()
+            masked = ids == mask_id
+            ids[masked] = predicted[row][masked]
+            keep = encoding["attention_mask"][row].astype(bool)
+            filled = processor.decode(ids[keep].tolist(), skip_special_tokens=True)
+            answers.append(f"{int(masked.sum())} mask(s) -> {filled!r}")
+        return answers
+
+    def extra_flops(self, config: Any, batch: int, text_tokens: int, image_tokens: int) -> int:
+        hidden = int(config.hidden_size)
+        transform = _linear_flops(text_tokens, hidden, hidden)
+        return batch * (transform + _linear_flops(text_tokens, hidden, int(config.text_config.vocab_size)))
 
 
 @dataclass(frozen=True)
@@ -74,6 +238,7 @@ class HeadSpec:
     # Parameter-name prefixes that belong to this head alone; a checkpoint without them
     # gets them randomly initialised (with a loud warning).
     head_weight_prefixes: tuple[str, ...]
+    behaviour: HeadBehaviour
     inputs: tuple[InputSpec, ...] = MODEL_INPUTS
     export_batch: int = 2
     export_text_length: int = 16
@@ -108,6 +273,20 @@ class HeadSpec:
 
         return getattr(transformers, self.model_class)
 
+    def attention_blocks(self, config: Any) -> int:
+        """Every attention block the head's outputs depend on: text tower and vision tower (which
+        run in step, so vision layers past the text layer count are never used) and, per cross
+        layer, self + cross attention in both stacks, less the blocks no output reads."""
+        layers = int(config.text_config.num_hidden_layers)
+        return 2 * layers + 4 * int(config.num_hidden_layers) - self.behaviour.dead_attention_blocks
+
+    def bridges(self, config: Any) -> int:
+        """One link tower per modality between consecutive cross layers."""
+        return 2 * (int(config.num_hidden_layers) - 1)
+
+    def check_config(self, config: Any) -> None:
+        self.behaviour.check_config(config)
+
 
 def _hidden(config: Any) -> int:
     return int(config.hidden_size)
@@ -132,6 +311,7 @@ HEADS: dict[str, HeadSpec] = {
             OutputSpec("pooler_output", lambda c: [BATCH, 2 * _hidden(c)]),
         ),
         head_weight_prefixes=(),
+        behaviour=BaseBehaviour(),
     ),
     "itm": HeadSpec(
         name="itm",
@@ -139,6 +319,7 @@ HEADS: dict[str, HeadSpec] = {
         description="image-text matching logits (index 1 = match)",
         outputs=(OutputSpec("logits", lambda c: [BATCH, 2], is_logits=True),),
         head_weight_prefixes=("itm_score.",),
+        behaviour=ItmBehaviour(),
     ),
     "itc": HeadSpec(
         name="itc",
@@ -151,6 +332,7 @@ HEADS: dict[str, HeadSpec] = {
             OutputSpec("logits", lambda c: [BATCH, 3, _contrastive(c)]),
         ),
         head_weight_prefixes=("itc_text_head.", "itc_image_head.", "itc_cross_modal_head.", "logit_scale"),
+        behaviour=ItcBehaviour(),
     ),
     "mlm": HeadSpec(
         name="mlm",
@@ -158,8 +340,11 @@ HEADS: dict[str, HeadSpec] = {
         description="masked-word logits over the vocabulary",
         outputs=(OutputSpec("logits", lambda c: [BATCH, TEXT_LENGTH, _vocab(c)], is_logits=True),),
         head_weight_prefixes=("mlm_score.",),
+        behaviour=MlmBehaviour(),
     ),
 }
+# The heads that carry weights of their own: what a preset checkpoint holds.
+CHECKPOINT_HEADS = tuple(name for name, spec in HEADS.items() if spec.head_weight_prefixes)
 
 
 def get_head(name: str) -> HeadSpec:

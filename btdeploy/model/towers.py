@@ -1,4 +1,4 @@
-"""Split towers: the text tower, the vision tower and the cross-modal fusion as three graphs.
+"""The torch modules that get exported: the whole head, or its text tower, vision tower and fusion.
 
 BridgeTower's towers never see the other modality; only the cross-modal layers do. The text
 tower emits, per cross layer, what the cross-modal part reads from text (the transformed
@@ -51,19 +51,14 @@ def _hidden(config: Any) -> int:
     return int(config.hidden_size)
 
 
-def tower_outputs(head: HeadSpec) -> dict[str, tuple[str, ...]]:
-    """Head outputs a tower gives on its own (ITC's text and image embeddings)."""
-    return {"text": ("text_embeds",), "vision": ("image_embeds",)} if head.name == "itc" else {"text": (), "vision": ()}
-
-
 def part_specs(head: HeadSpec) -> dict[str, PartSpec]:
     """The three graphs of a head, read from its declaration."""
-    own = tower_outputs(head)
+    own = head.behaviour.tower_outputs
     out_dims = {spec.name: spec.dims for spec in head.outputs}
     text_states = ("text_states", lambda c: [BATCH, _cross(c), TEXT_LENGTH, _hidden(c)])
     image_states = ("image_states", lambda c: [BATCH, _cross(c), num_image_tokens(c), _hidden(c)])
     inputs = {spec.name: spec.shape for spec in head.inputs}
-    assembled = ("logits",) if head.name == "itc" else ()  # stacked from the three embeddings at run time
+    assembled = head.behaviour.assembled_outputs
     fused_outputs = [n for n in head.output_names if n not in own["text"] + own["vision"] + assembled]
     return {
         "text": PartSpec(
@@ -85,15 +80,25 @@ def part_specs(head: HeadSpec) -> dict[str, PartSpec]:
 
 
 def assemble_outputs(head: HeadSpec, values: dict[str, Any]) -> dict[str, Any]:
-    """The head's outputs from the parts' outputs (ITC's logits stack the three embeddings)."""
-    import numpy as np
-
-    if head.name == "itc" and "logits" not in values:
-        values = {
-            **values,
-            "logits": np.stack([values["text_embeds"], values["image_embeds"], values["cross_embeds"]], 1),
-        }
+    """The head's outputs from the parts' outputs."""
+    values = head.behaviour.assemble(values)
     return {name: values[name] for name in head.output_names}
+
+
+def head_module(model: Any, head: HeadSpec) -> Any:
+    """Wrap a transformers head so it takes the graph's inputs positionally and returns its outputs as a tuple."""
+    import torch
+
+    class HeadModule(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any, pixel_values: Any) -> tuple[Any, ...]:
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+            return tuple(getattr(outputs, name) for name in head.output_names)
+
+    return HeadModule().eval()
 
 
 def part_modules(model: Any, head: HeadSpec) -> dict[str, Any]:
@@ -102,7 +107,8 @@ def part_modules(model: Any, head: HeadSpec) -> dict[str, Any]:
     from torch import nn
     from transformers.models.bridgetower import modeling_bridgetower as mb
 
-    core = model if head.name == "base" else model.bridgetower
+    behaviour = head.behaviour
+    core = behaviour.core(model)
     config = core.config
     text_layers = core.text_model.encoder.layer
     split = len(text_layers) - int(config.num_hidden_layers) + 1
@@ -134,10 +140,7 @@ def part_modules(model: Any, head: HeadSpec) -> dict[str, Any]:
             for link, index in enumerate(range(split, len(text_layers)), start=1):
                 text = text_layers[index](text, mask)
                 states.append(core._apply_text_transform(text, link) + text_type)
-            outputs = [torch.stack(states, dim=1)]
-            if head.name == "itc":
-                outputs.append(nn.functional.normalize(model.itc_text_head(text[:, 0, :]), dim=-1, p=2))
-            return tuple(outputs)
+            return (torch.stack(states, dim=1), *behaviour.text_tower_outputs(model, text))
 
     class VisionTower(_Part):
         def forward(self, pixel_values: Any) -> tuple[Any, ...]:
@@ -151,11 +154,8 @@ def part_modules(model: Any, head: HeadSpec) -> dict[str, Any]:
             for link, index in enumerate(range(split, len(text_layers)), start=1):
                 image = visual.transformer.resblocks[index](image)
                 states.append(core._apply_image_transform(visual.forward_post(image), link) + image_type)
-            outputs = [torch.stack(states, dim=1)]
-            if head.name == "itc":
-                embedded = core.cross_modal_image_transform(visual.forward_post(image)) + image_type
-                outputs.append(nn.functional.normalize(model.itc_image_head(embedded[:, 0, :]), dim=-1, p=2))
-            return tuple(outputs)
+            last = (visual.forward_post(image), image_type)
+            return (torch.stack(states, dim=1), *behaviour.vision_tower_outputs(model, last))
 
     class Fusion(_Part):
         def forward(self, text_states: Any, image_states: Any, attention_mask: Any) -> tuple[Any, ...]:
@@ -168,13 +168,6 @@ def part_modules(model: Any, head: HeadSpec) -> dict[str, Any]:
                 image_in = core.cross_modal_image_link_tower[link - 1](image_states[:, link], image, None)
                 text = core.cross_modal_text_layers[link](text_in, image_in, attention_mask=mask)[0]
                 image = core.cross_modal_image_layers[link](image_in, text_in, encoder_attention_mask=mask)[0]
-            pooled = core.get_cls_features(text, image)
-            if head.name == "base":
-                return text, image, pooled
-            if head.name == "itm":
-                return (model.itm_score(pooled),)
-            if head.name == "mlm":
-                return (model.mlm_score(text),)
-            return (nn.functional.normalize(model.itc_cross_modal_head(pooled), dim=-1, p=2),)
+            return behaviour.fusion_outputs(model, text, image, core.get_cls_features(text, image))
 
     return {"text": TextTower().eval(), "vision": VisionTower().eval(), "fusion": Fusion().eval()}

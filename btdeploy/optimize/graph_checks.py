@@ -12,9 +12,10 @@ from onnx import numpy_helper
 from btdeploy.errors import BtDeployError
 
 FP16_MAX = 65504.0
-# Operators whose inputs must never be quantized: normalisation and softmax need the full
-# range of their inputs (a mean/variance or an exponent over them).
-NO_QDQ_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax")
+# Operators that compute in full precision in every reduced-precision graph and whose inputs are
+# never quantized: normalisation and softmax need the full range of their inputs (a mean and
+# variance, or an exponent, over them).
+FULL_PRECISION_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax")
 LAYERNORM_OPS = ("LayerNormalization", "SkipLayerNormalization")
 
 
@@ -86,7 +87,7 @@ def qdq_summary(model: onnx.ModelProto) -> QdqSummary:
             else:
                 summary.unquantized_matmuls.append(node.name)
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            if node.op_type in NO_QDQ_OPS:
+            if node.op_type in FULL_PRECISION_OPS:
                 fed = [i for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]
                 if fed:
                     summary.quantized_no_qdq_ops.append(node.name or node.op_type)

@@ -2,119 +2,95 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from btdeploy.artifacts.files import sha256_of
-from btdeploy.artifacts.manifest import Manifest, precision_file, read_manifest
-from btdeploy.backends.tensorrt.operators import check_tensorrt_ops
+from btdeploy.artifacts.graph_names import Flavour, graph_file, parse_flavour
+from btdeploy.artifacts.manifest import Manifest, read_manifest
+from btdeploy.artifacts.onnx_files import load_graph, save_graph_atomically
+from btdeploy.backends.targets import graph_checks
 from btdeploy.errors import BtDeployError
-from btdeploy.export.exporter import EXTERNAL_DATA_NAME, PROTOBUF_LIMIT
+from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.optimize.graph_checks import require_fp16_safe
-from btdeploy.optimize.passes import FLAVOURS, expected_attention_blocks, expected_bridges, optimize_graph
+from btdeploy.optimize.passes import optimize_graph
 from btdeploy.progress import say, step
 
 
-def save_model_atomically(model: onnx.ModelProto, path: Path) -> None:
-    """Write model (and its external data past 2 GB) under temporary names, then rename."""
-    large = model.ByteSize() > PROTOBUF_LIMIT
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    data_name = path.name.replace(".onnx", "") + "." + EXTERNAL_DATA_NAME.split(".", 1)[1] if large else None
-    try:
-        if large:
-            tmp_data = f".{data_name}.partial"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data)
-            # The model names its data file; point it at the final name before renaming both.
-            saved = onnx.load(tmp, load_external_data=False)
-            for tensor in saved.graph.initializer:
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = str(data_name)
-            onnx.save_model(saved, tmp)
-            os.replace(path.parent / tmp_data, path.parent / str(data_name))
-        else:
-            onnx.save_model(model, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def expected_fusions(config: Any, head: str, stem: str) -> tuple[int, int]:
+def expected_fusions(config: Any, head: HeadSpec, stem: str) -> tuple[int, int]:
     """(attention blocks, bridges) a graph holds: the whole head, or one split part of it."""
     layers = int(config.text_config.num_hidden_layers)
     if stem in ("text", "vision"):
         return layers, 0  # every text layer; the vision layers that run in step with them
     if stem == "fusion":
-        return expected_attention_blocks(config, head) - 2 * layers, expected_bridges(config)
-    return expected_attention_blocks(config, head), expected_bridges(config)
+        return head.attention_blocks(config) - 2 * layers, head.bridges(config)
+    return head.attention_blocks(config), head.bridges(config)
 
 
-def optimize_head(folder: Path, flavour: str) -> dict[str, Any]:
-    """Optimize model.onnx (and the split graphs, where the head has them) in one flavour."""
-    if flavour not in FLAVOURS:
-        raise BtDeployError(f"--flavour {flavour!r}: choose one of {', '.join(FLAVOURS)}")
+def optimize_head(folder: Path, flavour: Flavour | str, allow_partial: bool = False) -> dict[str, Any]:
+    """Optimize model.onnx (and the split graphs, where the head has them) in one flavour.
+
+    Fewer fused attention blocks or bridges than the head declares is an error that says why
+    each block did not match, unless `allow_partial` accepts it."""
+    chosen = parse_flavour(flavour)
+    if chosen is None:
+        raise BtDeployError("--flavour is required: choose one of " + ", ".join(f.value for f in Flavour))
     manifest = read_manifest(folder)
-    summary = _optimize_graph(manifest, flavour, "model")
-    parts = {stem: _optimize_graph(manifest, flavour, stem) for stem in manifest.stems if stem != "model"}
+    summary = _optimize_graph(manifest, chosen, "model", allow_partial)
+    parts = {stem: _optimize_graph(manifest, chosen, stem, allow_partial) for stem in manifest.stems[1:]}
     if parts:
         summary["parts"] = parts
-    _record(manifest, flavour, summary)
+    manifest = read_manifest(folder)  # re-read: another step may have recorded meanwhile
+    manifest.data.setdefault("optimized", {})[str(chosen)] = summary
+    manifest.write()
     return summary
 
 
-def _optimize_graph(manifest: Manifest, flavour: str, stem: str) -> dict[str, Any]:
-    config = manifest.config
-    source = manifest.graph_path(None, None, stem)
+def _optimize_graph(manifest: Manifest, flavour: Flavour, stem: str, allow_partial: bool) -> dict[str, Any]:
+    head = get_head(manifest.head)
+    source = manifest.graph_path(None, stem=stem)
     label = manifest.head if stem == "model" else f"{manifest.head} {stem}"
-    if not source.is_file():
-        raise BtDeployError(f"{source} is missing: export the head again")
     with step(f"optimize {label} ({flavour}): loading {source.name}"):
-        try:
-            model = onnx.load(str(source))
-        except Exception as error:
-            raise BtDeployError(f"cannot read {source} ({error}): export the head again") from None
+        model = load_graph(source, "export the head again")
     with step(f"optimize {label} ({flavour}): running the passes"):
         model, results = optimize_graph(model, flavour)
-    for result in results:
+    for result in results.values():
         extra = ", ".join(f"{k} {v}" for k, v in result.details.items())
         say(f"  {result.name:<24} {result.fused:>4} rewritten  nodes {result.nodes_before} -> {result.nodes_after}"
             + (f"  ({extra})" if extra else ""))  # fmt: skip
-    attention = next(r for r in results if r.name == "attention").fused
-    bridges = next(r for r in results if r.name.startswith("bridge")).fused
-    expected_attention, expected_bridge = expected_fusions(config, manifest.head, stem)
-    target = manifest.folder / precision_file(flavour, "fp32", stem)
+    attention = results["attention"].fused
+    bridges = results["bridge add+LayerNorm"].fused
+    expected_attention, expected_bridge = expected_fusions(manifest.config, head, stem)
+    shortfall = attention < expected_attention or bridges < expected_bridge
+    if shortfall and not allow_partial:
+        reasons = "; ".join(results["attention"].unmatched[:3]) or "no unmatched attention block was reported"
+        raise BtDeployError(
+            f"optimize {label} ({flavour}): fused {attention} of {expected_attention} attention blocks and "
+            f"{bridges} of {expected_bridge} bridges ({reasons}); export again with btdeploy export, or pass "
+            "--allow-partial to keep the partly fused graph"
+        )
+    target = manifest.folder / graph_file(flavour, stem=stem)
     summary: dict[str, Any] = {
         "file": target.name,
         "attention_fused": attention,
         "attention_expected": expected_attention,
         "bridges_fused": bridges,
         "bridges_expected": expected_bridge,
-        "passes": [asdict(r) for r in results],
+        "partial": shortfall,
+        "passes": [asdict(r) for r in results.values()],
         "nodes": len(model.graph.node),
     }
-    if flavour == "trt":
-        ops = check_tensorrt_ops(model)
-        summary["tensorrt_op_check"] = {"passed": ops.passed, "unsupported": ops.unsupported, "opset": ops.opset}
-        if not ops.passed:
+    for target_name, check in graph_checks(flavour).items():
+        problems = check(model)
+        summary[f"{target_name}_op_check"] = {"passed": not problems, "unsupported": problems}
+        if problems:
             raise BtDeployError(
-                f"the trt graph of {label} has operators TensorRT cannot parse: {', '.join(ops.unsupported)}"
+                f"the {flavour} graph of {label} has operators {target_name} cannot parse: {', '.join(problems)}"
             )
     require_fp16_safe(model, f"the {flavour} graph of {label}")
-    save_model_atomically(model, target)
+    save_graph_atomically(model, target)
     summary["sha256"] = sha256_of(target)
     say(f"optimize {label} ({flavour}): attention blocks fused: {attention} of {expected_attention}, "
         f"bridge add+LayerNorm: {bridges} of {expected_bridge} -> {target}")  # fmt: skip
     return summary
-
-
-def _record(manifest: Manifest, flavour: str, summary: dict[str, Any]) -> None:
-    manifest.data.setdefault("optimized", {})[flavour] = summary
-    manifest.write()

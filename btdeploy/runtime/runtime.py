@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
 from btdeploy.backends.base import Backend
+from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.runtime.outputs import HeadOutput
-from btdeploy.runtime.split_runtime import Features, SplitRuntimeMixin, build_split_backend
+from btdeploy.runtime.split_runtime import Features, SplitRuntimeMixin
 from btdeploy.runtime.validation import prepare_inputs
 
 
@@ -39,35 +40,6 @@ class Runtime:
         return f"btdeploy.Runtime(head={self.head.name}, backend={self.backend.description})"
 
 
-def _onnxruntime(manifest: Manifest, **options: Any) -> Backend:
-    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
-
-    path = manifest.graph_path(options.get("flavour"), options.get("precision"))
-    return OnnxRuntimeBackend(
-        path, get_head(manifest.head).output_names, options.get("providers"), options.get("threads")
-    )
-
-
-def _torch(manifest: Manifest, **options: Any) -> Backend:
-    from btdeploy.backends.torch_reference import TorchBackend
-
-    return TorchBackend.from_manifest(manifest, options.get("device") or "cpu")
-
-
-def _tensorrt(manifest: Manifest, **options: Any) -> Backend:
-    from btdeploy.backends.tensorrt.engines import ENGINE_PRECISIONS
-    from btdeploy.backends.tensorrt.runner import TensorRTBackend
-
-    precision = options.get("precision") or "fp16"
-    if precision not in ENGINE_PRECISIONS:
-        raise BtDeployError(f"the tensorrt backend runs {', '.join(ENGINE_PRECISIONS)} engines, not {precision}")
-    output_names = get_head(manifest.head).output_names
-    return TensorRTBackend(manifest, precision, output_names, bool(options.get("cuda_graphs")))
-
-
-BACKENDS: dict[str, Callable[..., Backend]] = {"onnxruntime": _onnxruntime, "torch": _torch, "tensorrt": _tensorrt}
-
-
 class SplitRuntime(SplitRuntimeMixin, Runtime):
     """A Runtime over the split graphs, with encode_images, encode_texts and score."""
 
@@ -81,37 +53,20 @@ def find_head(path: str | Path, head: str | None = None) -> Manifest:
     return read_manifest(folders[0])
 
 
-def build_backend(manifest: Manifest, backend: str = "onnxruntime", split: bool = False, **options: Any) -> Backend:
-    """The backend that runs one head: by name, or the split graphs (ONNX Runtime only)."""
-    if backend not in BACKENDS:
-        raise BtDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if split:
-        if backend != "onnxruntime":
-            raise BtDeployError("split=True runs the split graphs on ONNX Runtime: use backend='onnxruntime'")
-        return build_split_backend(manifest, **options)
-    return BACKENDS[backend](manifest, **options)
-
-
-def load(
-    path: str | Path,
-    head: str | None = None,
-    backend: str = "onnxruntime",
-    providers: list[str] | None = None,
-    **options: Any,
-) -> Runtime:
+def load(path: str | Path, head: str | None = None, backend: str = "onnxruntime", **options: Any) -> Runtime:
     """Load an exported head. `backend`: onnxruntime (default), torch (the reference) or
     tensorrt (an engine from btdeploy build; `precision="fp16"|"int8"`, `cuda_graphs=True`).
 
     With `flavour="ort"` or `"trt"`, ONNX Runtime runs that optimized graph (btdeploy optimize)
     instead of the plain export; with `split=True` it runs the text, vision and fusion graphs
     (export --split) and adds encode_images, encode_texts and score; with `precision="fp16"`,
-    `"int8"` or `"int8-dynamic"` it runs that flavour's quantized graph (btdeploy quantize)."""
-    if backend not in BACKENDS:
-        raise BtDeployError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    `"int8"` or `"int8-dynamic"` it runs that flavour's quantized graph (btdeploy quantize).
+    Options a backend does not take, and graphs it cannot run, are refused with one line."""
+    target = get_target(backend)
+    resolved = target.resolve(options)  # before reading anything, so a typo fails at once
     manifest = find_head(path, head)
-    split = bool(options.pop("split", False))
-    built = build_backend(manifest, backend, split, providers=providers, **options)
-    return SplitRuntime(manifest, built) if split else Runtime(manifest, built)
+    built = target.make(manifest, resolved)
+    return SplitRuntime(manifest, built) if resolved.split else Runtime(manifest, built)
 
 
-__all__ = ["load", "build_backend", "Runtime", "SplitRuntime", "Features", "HeadOutput", "BACKENDS", "find_head"]
+__all__ = ["load", "Runtime", "SplitRuntime", "Features", "HeadOutput", "find_head"]

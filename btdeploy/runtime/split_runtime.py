@@ -17,7 +17,6 @@ import numpy as np
 
 from btdeploy.artifacts.files import write_bytes
 from btdeploy.artifacts.manifest import Manifest
-from btdeploy.backends.base import Backend
 from btdeploy.errors import BtDeployError
 from btdeploy.model.towers import assemble_outputs
 from btdeploy.runtime.validation import prepare_inputs
@@ -56,76 +55,6 @@ class Features:
                 f"{path} has features format {meta.get('format')}, this btdeploy reads {FEATURES_FORMAT}"
             )
         return cls(meta["kind"], arrays, meta["origin"])
-
-
-class SplitBackend:
-    """Backend protocol over the three graphs: text and vision towers, then the fusion graph."""
-
-    name = "onnxruntime-split"
-
-    def __init__(self, manifest: Manifest, parts: dict[str, Backend], paths: dict[str, Path]) -> None:
-        self.manifest = manifest
-        self.parts = parts
-        self.paths = paths
-        self.description = ", ".join(paths[s].name for s in ("text", "vision", "fusion")) + " (split)"
-        self._origins: dict[str, dict[str, Any]] = {}
-
-    def origin(self, stem: str) -> dict[str, Any]:
-        """What a tower's features come from: checkpoint, graph file and its hash. Hashed once per
-        tower, not on every encode or score (a base tower graph is hundreds of MB)."""
-        if stem not in self._origins:
-            from btdeploy.artifacts.files import sha256_of
-
-            path = self.paths[stem]
-            self._origins[stem] = {
-                "config_sha256": self.manifest.data["model"]["config_sha256"],
-                "source": self.manifest.data["model"]["source"],
-                "graph": path.name,
-                "graph_sha256": sha256_of(path),
-            }
-        return self._origins[stem]
-
-    def text(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.parts["text"].run({"input_ids": feeds["input_ids"], "attention_mask": feeds["attention_mask"]})
-        return {**values, "attention_mask": np.asarray(feeds["attention_mask"])}
-
-    def vision(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.parts["vision"].run({"pixel_values": feeds["pixel_values"]})
-
-    def fusion(self, text: Mapping[str, np.ndarray], image: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {
-            "text_states": text["text_states"],
-            "image_states": image["image_states"],
-            "attention_mask": text["attention_mask"],
-        }
-        return self.parts["fusion"].run(feeds)
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        text, image = self.text(feeds), self.vision(feeds)
-        values = {**text, **image, **self.fusion(text, image)}
-        return assemble_outputs(self.head, values)
-
-    @property
-    def head(self) -> Any:
-        from btdeploy.model.heads import get_head
-
-        return get_head(self.manifest.head)
-
-
-def build_split_backend(manifest: Manifest, **options: Any) -> SplitBackend:
-    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
-
-    if len(manifest.stems) == 1:
-        raise BtDeployError(
-            f"{manifest.folder} has no split graphs: export with btdeploy export --split to load with split=True"
-        )
-    flavour, precision = options.get("flavour"), options.get("precision")
-    parts: dict[str, Backend] = {}
-    paths = {stem: manifest.graph_path(flavour, precision, stem) for stem in ("text", "vision", "fusion")}
-    for stem, path in paths.items():
-        outputs = list(manifest.data["split"][stem]["outputs"])
-        parts[stem] = OnnxRuntimeBackend(path, outputs, options.get("providers"), options.get("threads"))
-    return SplitBackend(manifest, parts, paths)
 
 
 def _describe(origin: Mapping[str, Any]) -> str:

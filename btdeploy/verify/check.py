@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from btdeploy.artifacts.files import write_json
-from btdeploy.artifacts.manifest import head_folders, precision_file, read_manifest
-from btdeploy.backends.torch_reference import TorchBackend
+from btdeploy.artifacts.graph_names import graph_file
+from btdeploy.artifacts.manifest import head_folders, read_manifest
+from btdeploy.backends.targets import RunOptions, get_target
 from btdeploy.model.heads import get_head
 from btdeploy.progress import step
-from btdeploy.runtime.runtime import build_backend
 from btdeploy.verify.parity import ParityRow, check_head, parse_shapes
 
 
@@ -28,8 +28,10 @@ def check_export(
 ) -> list[ParityRow]:
     """Reference vs the chosen graph; a reduced `precision` reads model.<flavour>.<precision>.onnx
     (flavour ort unless given) and is held to that precision's tolerances."""
-    if precision != "fp32" and not flavour:
-        flavour = "ort"
+    target = get_target(backend)
+    options = target.resolve({"providers": providers, "flavour": flavour, "split": split, "precision": precision})
+    reference_target = get_target("torch")
+    reference_options = reference_target.resolve({})
     rows: list[ParityRow] = []
     for folder in head_folders(Path(root), heads):
         manifest = read_manifest(folder)
@@ -37,25 +39,26 @@ def check_export(
         config = manifest.config
         shapes = parse_shapes(list(batch_sizes), list(text_lengths), config)
         # The candidate first: a backend that cannot run here fails before the reference is built.
-        candidate = build_backend(manifest, backend, split, providers=providers, flavour=flavour, precision=precision)
+        candidate = target.make(manifest, options)
         with step(f"check {head.name}: rebuilding the PyTorch reference"):
-            reference = TorchBackend.from_manifest(manifest)
+            reference = reference_target.make(manifest, reference_options)
         shape_text = ", ".join(f"{b}x{n}" for b, n in shapes)
         with step(f"check {head.name}: {candidate.description} vs reference at batch x length {shape_text}"):
-            rows += check_head(head, config, reference, candidate, shapes, precision)
+            rows += check_head(head, config, reference, candidate, shapes, options.precision)
         del reference
     if report is not None:
-        write_json(Path(report), report_data(rows, backend, flavour, precision))
+        write_json(Path(report), report_data(rows, backend, options))
     return rows
 
 
-def report_data(
-    rows: list[ParityRow], backend: str, flavour: str | None = None, precision: str = "fp32"
-) -> dict[str, Any]:
+def report_data(rows: list[ParityRow], backend: str, options: RunOptions) -> dict[str, Any]:
+    target = get_target(backend)
     return {
         "backend": backend,
-        "graph": precision_file(flavour, precision) if flavour else "model.onnx",
-        "precision": precision,
+        "graph": graph_file(options.flavour, options.precision) if target.reads_onnx else None,
+        "flavour": options.flavour,
+        "precision": options.precision,
+        "split": options.split,
         "passed": all(r.passed for r in rows),
         "rows": [r.to_json() for r in rows],
     }

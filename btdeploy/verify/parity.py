@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from btdeploy.artifacts.graph_names import Precision
 from btdeploy.backends.base import Backend
 from btdeploy.errors import BtDeployError
 from btdeploy.model.configs import max_text_length
@@ -141,9 +142,10 @@ def check_head(
 
 
 def _tolerance(spec: OutputSpec, precision: str) -> Tolerance:
-    if precision not in spec.tolerances:
+    tolerance = spec.tolerances.get(Precision(precision))
+    if tolerance is None:
         raise BtDeployError(f"no {precision} tolerance is declared for output {spec.name}")
-    return spec.tolerances[precision]
+    return tolerance
 
 
 def _argmax_cell(stats: OutputStats) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from btdeploy.artifacts.files import sha256_of, write_bytes
+from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.backends.tensorrt.engines import ENGINE_PRECISIONS, EngineRecord, engine_file, parse_version, record_file
 from btdeploy.backends.tensorrt.environment import require_gpu, require_tensorrt
@@ -68,7 +69,7 @@ def _add_profile(builder: Any, config: Any, network: Any, profile: EngineProfile
 
 def build_engine(
     folder: Path,
-    precision: str,
+    precision: Precision | str,
     batch: str | None = None,
     seq_len: str | None = None,
     timing_cache: Path | None = None,
@@ -76,13 +77,14 @@ def build_engine(
 ) -> Path:
     if precision not in ENGINE_PRECISIONS:
         raise BtDeployError(f"--precision {precision!r}: TensorRT engines are {', '.join(ENGINE_PRECISIONS)}")
+    precision = Precision(precision)
     if workspace_gb <= 0:
         raise BtDeployError(f"--workspace {workspace_gb}: give the builder's scratch memory in GB, above 0")
     trt = require_tensorrt()  # first, so a machine without it is told at once
     gpu_name, capability = require_gpu()
     manifest = read_manifest(folder)
     profile = derive_profile(get_head(manifest.head), manifest.config, batch, seq_len)
-    onnx_path = manifest.graph_path("trt", precision)
+    onnx_path = manifest.graph_path(Flavour.TRT, precision)
     target = folder / engine_file(precision, str(trt.__version__), capability)
     say(f"build {manifest.head} {precision}: {onnx_path.name} on {gpu_name}, batch {profile.batch}, "
         f"text length {profile.text_length} -> {target.name}")  # fmt: skip

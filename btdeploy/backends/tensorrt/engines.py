@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from btdeploy.artifacts.files import write_json
+from btdeploy.artifacts.graph_names import Precision
 from btdeploy.backends.tensorrt.profiles import EngineProfile
 from btdeploy.errors import BtDeployError
 
-ENGINE_PRECISIONS = ("fp16", "int8")  # what TensorRT builds: dynamic INT8 is ONNX Runtime only
+ENGINE_PRECISIONS = (Precision.FP16, Precision.INT8)  # what TensorRT builds: dynamic INT8 is ONNX Runtime only
 MIN_TENSORRT = (10, 14)  # the ONNX parser's Attention operator (opset 23) arrived in 10.14
 
 

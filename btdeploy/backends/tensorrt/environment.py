@@ -34,6 +34,15 @@ def gpu() -> tuple[str, tuple[int, int]] | None:
     return torch.cuda.get_device_name(0), (int(major), int(minor))
 
 
+def unavailable_reason() -> str | None:
+    """Why the TensorRT path cannot run on this machine, or None."""
+    if gpu() is None:
+        return "TensorRT needs an NVIDIA GPU (none on this machine)"
+    if tensorrt_version() is None:
+        return f"TensorRT is not installed ({INSTALL_TENSORRT})"
+    return None
+
+
 def require_gpu() -> tuple[str, tuple[int, int]]:
     found = gpu()
     if found is None:

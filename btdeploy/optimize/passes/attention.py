@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from btdeploy.optimize.graph import Graph, attribute
-from btdeploy.optimize.passes.base import PassResult, scalar_operand, split_bias_add
+from btdeploy.optimize.passes.base import GraphPass, PassResult, scalar_operand, split_bias_add
 
 TEXT_MASK_INPUT = "attention_mask"
 
@@ -107,9 +107,17 @@ def _derives_from_mask_input(graph: Graph, name: str) -> bool:
     return reached
 
 
-def match(graph: Graph, softmax: onnx.NodeProto) -> AttentionBlock | None:
+@dataclass
+class NoMatch:
+    """Why a Softmax is not the centre of a fusable attention block."""
+
+    reason: str
+
+
+def match(graph: Graph, softmax: onnx.NodeProto) -> AttentionBlock | NoMatch:
+    """The attention block around `softmax`, or why there is none."""
     if attribute(softmax, "axis", -1) not in (-1, 3):
-        return None
+        return NoMatch("the Softmax is not over the last axis")
     scores = graph.producer.get(softmax.input[0])
     mask = None
     if scores is not None and scores.op_type == "Add":
@@ -119,36 +127,40 @@ def match(graph: Graph, softmax: onnx.NodeProto) -> AttentionBlock | None:
         elif second is not None and second.op_type == "MatMul" and _derives_from_mask_input(graph, scores.input[0]):
             mask, mask_add, scores = scores.input[0], scores, second
         else:
-            return None
+            return NoMatch(f"the scores Add {scores.name} adds something not derived from {TEXT_MASK_INPUT}")
     if scores is None or scores.op_type != "MatMul":
-        return None
+        return NoMatch("the Softmax does not read a Q.K^T MatMul (or MatMul + mask)")
     q_side = _transposed(graph, scores.input[0], [0, 2, 1, 3])
     k_side = _transposed(graph, scores.input[1], [0, 2, 3, 1])
+    if q_side is None or k_side is None:
+        return NoMatch("Q or K is not a head Reshape + Transpose (0,2,1,3 for Q, 0,2,3,1 for K)")
     probs_user = graph.only_consumer(softmax.output[0])
-    if q_side is None or k_side is None or probs_user is None or probs_user.op_type != "MatMul":
-        return None
+    if probs_user is None or probs_user.op_type != "MatMul":
+        return NoMatch("the probabilities do not feed exactly one MatMul")
     v_side = _transposed(graph, probs_user.input[1], [0, 2, 1, 3])
     merge = graph.only_consumer(probs_user.output[0])
-    if v_side is None or merge is None or merge.op_type != "Transpose":
-        return None
-    if list(attribute(merge, "perm", [])) != [0, 2, 1, 3]:
-        return None
+    if v_side is None:
+        return NoMatch("V is not a head Reshape + Transpose (0,2,1,3)")
+    if merge is None or merge.op_type != "Transpose" or list(attribute(merge, "perm", [])) != [0, 2, 1, 3]:
+        return NoMatch("the context is not merged by one Transpose (0,2,1,3)")
     flatten = graph.only_consumer(merge.output[0])
     if flatten is None or flatten.op_type != "Reshape":
-        return None
+        return NoMatch("the merged heads are not flattened by one Reshape")
     scale_mul = graph.producer.get(q_side[1].input[0])
-    if scale_mul is None or scale_mul.op_type != "Mul":
-        return None
-    scaled = scalar_operand(graph, scale_mul)
-    if scaled is None:
-        return None
+    scaled = scalar_operand(graph, scale_mul) if scale_mul is not None and scale_mul.op_type == "Mul" else None
+    if scale_mul is None or scaled is None:
+        return NoMatch("the query is not scaled by a constant Mul before Q.K^T (export with btdeploy's patches)")
     scale, q_biased = scaled
     q = _projection(graph, q_biased)
     k = _projection(graph, k_side[1].input[0])
     v = _projection(graph, v_side[1].input[0])
+    if q is None or k is None or v is None:
+        return NoMatch("Q, K or V is not MatMul(x, constant 2-D weight) + constant 1-D bias")
     heads = _heads_from_reshape(graph, q_side[1])
-    if q is None or k is None or v is None or heads is None or k.source != v.source:
-        return None
+    if heads is None:
+        return NoMatch("the head count is not a constant in the query's head Reshape")
+    if k.source != v.source:
+        return NoMatch("K and V project different tensors")
     internal = [scale_mul, *q_side[::-1], *k_side[::-1], *v_side[::-1], scores, softmax, probs_user, merge, flatten]
     if mask is not None:
         internal.append(mask_add)
@@ -160,7 +172,7 @@ def match(graph: Graph, softmax: onnx.NodeProto) -> AttentionBlock | None:
             continue
         for out in node.output:
             if out in graph.output_names or any(id(u) not in member_ids for u in graph.consumers.get(out, [])):
-                return None
+                return NoMatch(f"{out} (inside the block) is also read outside it")
     return AttentionBlock(q, k, v, scale, heads, mask, flatten.output[0], internal)
 
 
@@ -201,13 +213,14 @@ def _fused(graph: Graph, block: AttentionBlock, masks: _MaskCache) -> list[onnx.
     return nodes
 
 
-def fuse_attention(graph: Graph, flavour: str) -> PassResult:
-    result = PassResult("attention", nodes_before=len(graph.graph.node))
+def fuse_attention(graph: Graph) -> PassResult:
+    result = PassResult("attention")
     masks = _MaskCache(graph)
     details = {"self": 0, "cross": 0}
     for softmax in graph.each_once(lambda n: n.op_type == "Softmax"):
         block = match(graph, softmax)
-        if block is None:
+        if isinstance(block, NoMatch):
+            result.unmatched.append(f"{softmax.name}: {block.reason}")
             continue
         fused = _fused(graph, block, masks)
         graph.replace(block.nodes + block.q.nodes + block.k.nodes + block.v.nodes, fused)
@@ -219,5 +232,8 @@ def fuse_attention(graph: Graph, flavour: str) -> PassResult:
     graph.toposort()
     result.fused = details["self"] + details["cross"]
     result.details = details
-    result.nodes_after = len(graph.graph.node)
     return result
+
+
+# Standard operators only, so every flavour takes the same rewrite.
+ATTENTION = GraphPass.every_flavour("attention", fuse_attention)

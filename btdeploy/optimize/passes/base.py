@@ -1,15 +1,17 @@
-"""What every pass shares: its result, and the helpers to read constants and bias Adds."""
+"""What every pass shares: its declaration (the flavours it serves), its result, and the helpers
+to read constants and bias Adds."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
+from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.optimize.graph import Graph
 
-FLAVOURS = ("ort", "trt")
 MS_DOMAIN = "com.microsoft"
 
 
@@ -20,6 +22,31 @@ class PassResult:
     details: dict[str, int] = field(default_factory=dict)  # per kind, e.g. self/cross attention
     nodes_before: int = 0
     nodes_after: int = 0
+    unmatched: list[str] = field(default_factory=list)  # why each candidate that was not rewritten did not match
+
+
+@dataclass(frozen=True)
+class GraphPass:
+    """One graph pass: a rewrite per flavour it serves. A flavour it does not declare is an error,
+    never an implicit default."""
+
+    name: str
+    rewrites: dict[Flavour, Callable[[Graph], PassResult]]
+
+    def run(self, graph: Graph, flavour: Flavour) -> PassResult:
+        rewrite = self.rewrites.get(flavour)
+        if rewrite is None:
+            served = ", ".join(str(f) for f in self.rewrites)
+            raise ValueError(f"the {self.name} pass serves flavours {served}, not {flavour}: declare a rewrite for it")
+        before = len(graph.graph.node)
+        result = rewrite(graph)
+        result.nodes_before, result.nodes_after = before, len(graph.graph.node)
+        return result
+
+    @classmethod
+    def every_flavour(cls, name: str, rewrite: Callable[[Graph], PassResult]) -> GraphPass:
+        """A pass whose rewrite is the same in every flavour (standard operators only)."""
+        return cls(name, dict.fromkeys(Flavour, rewrite))
 
 
 def split_bias_add(graph: Graph, name: str) -> tuple[onnx.NodeProto, str, np.ndarray] | None:

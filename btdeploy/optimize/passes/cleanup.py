@@ -11,11 +11,11 @@ constant, so those MatMuls stayed FP32; they now read the initializer itself.
 from __future__ import annotations
 
 from btdeploy.optimize.graph import Graph
-from btdeploy.optimize.passes.base import PassResult
+from btdeploy.optimize.passes.base import GraphPass, PassResult
 
 
-def cleanup(graph: Graph, flavour: str) -> PassResult:
-    result = PassResult("shape/constant cleanup", nodes_before=len(graph.graph.node))
+def cleanup(graph: Graph) -> PassResult:
+    result = PassResult("shape/constant cleanup")
     initializers_before = len(graph.graph.initializer)
     identities = _read_initializers_directly(graph)
     result.fused = graph.remove_dead()
@@ -24,8 +24,10 @@ def cleanup(graph: Graph, flavour: str) -> PassResult:
         "weight_identities_bypassed": identities,
         "initializers_removed": initializers_before - len(graph.graph.initializer),
     }
-    result.nodes_after = len(graph.graph.node)
     return result
+
+
+CLEANUP = GraphPass.every_flavour("cleanup", cleanup)
 
 
 def _read_initializers_directly(graph: Graph) -> int:

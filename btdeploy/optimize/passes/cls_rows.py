@@ -21,7 +21,7 @@ import onnx
 
 from btdeploy.optimize.graph import Graph, attribute
 from btdeploy.optimize.passes.attention import AttentionBlock, match
-from btdeploy.optimize.passes.base import PassResult
+from btdeploy.optimize.passes.base import GraphPass, PassResult
 
 ROW_WISE = {"LayerNormalization", "MatMul", "Add", "Mul", "Sub", "Div", "Erf", "Sigmoid", "Tanh", "Relu", "Gelu"}
 
@@ -56,7 +56,7 @@ class _RowZero:
         self.query_of: dict[int, AttentionBlock] = {}  # id(Q MatMul) -> block
         for softmax in [n for n in graph.graph.node if n.op_type == "Softmax"]:
             block = match(graph, softmax)
-            if block is not None:
+            if isinstance(block, AttentionBlock):
                 self.blocks[block.output] = block
                 self.query_of[id(block.q.nodes[0])] = block
         self.only_row0 = self._mark()
@@ -141,8 +141,8 @@ class _RowZero:
         return self._emit("Reshape", [context, self._const("cls_shape", np.array([0, -1, width], np.int64))])
 
 
-def compute_cls_rows(graph: Graph, flavour: str) -> PassResult:
-    result = PassResult("[CLS]-only rows", nodes_before=len(graph.graph.node))
+def compute_cls_rows(graph: Graph) -> PassResult:
+    result = PassResult("[CLS]-only rows")
     rows = _RowZero(graph)
     poolers = [n for n in graph.graph.node if _is_pooler(graph, n) and n.input[0] in rows.only_row0]
     for pooler in poolers:
@@ -153,5 +153,7 @@ def compute_cls_rows(graph: Graph, flavour: str) -> PassResult:
         graph.remove_dead()
     result.fused = rows.attention_blocks
     result.details = {"poolers": len(poolers), "attention_blocks_one_row": rows.attention_blocks}
-    result.nodes_after = len(graph.graph.node)
     return result
+
+
+CLS_ROWS = GraphPass.every_flavour("cls_rows", compute_cls_rows)

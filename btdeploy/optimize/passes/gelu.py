@@ -13,8 +13,9 @@ import math
 
 import onnx
 
+from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.optimize.graph import Graph
-from btdeploy.optimize.passes.base import MS_DOMAIN, PassResult, scalar_operand, split_bias_add
+from btdeploy.optimize.passes.base import MS_DOMAIN, GraphPass, PassResult, scalar_operand, split_bias_add
 
 
 def _user(graph: Graph, name: str, op_type: str) -> onnx.NodeProto | None:
@@ -52,40 +53,54 @@ def _match_quick_gelu(graph: Graph, sigmoid: onnx.NodeProto) -> tuple[str, float
     return operand[1], operand[0], [scaled, sigmoid, gate], gate.output[0]
 
 
-def fuse_gelu(graph: Graph, flavour: str) -> PassResult:
-    result = PassResult("GELU/QuickGELU + bias", nodes_before=len(graph.graph.node))
+def _fuse_trt(graph: Graph) -> PassResult:
+    """The Erf chain becomes ONNX Gelu (opset 20); QuickGELU stays Sigmoid * x."""
+    result = PassResult("GELU/QuickGELU + bias")
     details = {"gelu": 0, "quick_gelu": 0, "bias_folded": 0}
     for erf in graph.each_once(lambda n: n.op_type == "Erf"):
         found = _match_gelu(graph, erf)
         if found is None:
             continue
         x, nodes, output = found
-        if flavour == "trt":
-            graph.replace(nodes, [graph.make_node("Gelu", [x], [output], name="Gelu")])
-            graph.set_opset("", 20)
-        else:
-            split = split_bias_add(graph, x)
-            users = graph.consumers.get(x, [])
-            if split is not None and all(u in nodes for u in users):
-                add, activation, bias = split
-                name = graph.add_initializer("gelu_bias", bias.astype("float32"))
-                fused = graph.make_node("BiasGelu", [activation, name], [output], name="BiasGelu", domain=MS_DOMAIN)
-                graph.replace([*nodes, add], [fused])
-                details["bias_folded"] += 1
-            else:
-                graph.replace(nodes, [graph.make_node("Gelu", [x], [output], name="Gelu", domain=MS_DOMAIN)])
+        graph.replace(nodes, [graph.make_node("Gelu", [x], [output], name="Gelu")])
+        graph.set_opset("", 20)
         details["gelu"] += 1
-    if flavour == "ort":
-        for sigmoid in graph.each_once(lambda n: n.op_type == "Sigmoid"):
-            quick = _match_quick_gelu(graph, sigmoid)
-            if quick is None:
-                continue
-            x, alpha, nodes, output = quick
-            fused = graph.make_node("QuickGelu", [x], [output], name="QuickGelu", domain=MS_DOMAIN, alpha=alpha)
-            graph.replace(nodes, [fused])
-            details["quick_gelu"] += 1
-        graph.set_opset(MS_DOMAIN, 1)
+    result.fused, result.details = details["gelu"], details
+    return result
+
+
+def _fuse_ort(graph: Graph) -> PassResult:
+    """com.microsoft.BiasGelu (bias folded) or Gelu, and com.microsoft.QuickGelu."""
+    result = PassResult("GELU/QuickGELU + bias")
+    details = {"gelu": 0, "quick_gelu": 0, "bias_folded": 0}
+    for erf in graph.each_once(lambda n: n.op_type == "Erf"):
+        found = _match_gelu(graph, erf)
+        if found is None:
+            continue
+        x, nodes, output = found
+        split = split_bias_add(graph, x)
+        users = graph.consumers.get(x, [])
+        if split is not None and all(u in nodes for u in users):
+            add, activation, bias = split
+            name = graph.add_initializer("gelu_bias", bias.astype("float32"))
+            fused = graph.make_node("BiasGelu", [activation, name], [output], name="BiasGelu", domain=MS_DOMAIN)
+            graph.replace([*nodes, add], [fused])
+            details["bias_folded"] += 1
+        else:
+            graph.replace(nodes, [graph.make_node("Gelu", [x], [output], name="Gelu", domain=MS_DOMAIN)])
+        details["gelu"] += 1
+    for sigmoid in graph.each_once(lambda n: n.op_type == "Sigmoid"):
+        quick = _match_quick_gelu(graph, sigmoid)
+        if quick is None:
+            continue
+        x, alpha, nodes, output = quick
+        fused = graph.make_node("QuickGelu", [x], [output], name="QuickGelu", domain=MS_DOMAIN, alpha=alpha)
+        graph.replace(nodes, [fused])
+        details["quick_gelu"] += 1
+    graph.set_opset(MS_DOMAIN, 1)
     result.fused = details["gelu"] + details["quick_gelu"]
     result.details = details
-    result.nodes_after = len(graph.graph.node)
     return result
+
+
+GELU = GraphPass("gelu", {Flavour.ORT: _fuse_ort, Flavour.TRT: _fuse_trt})

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import onnx
 
+from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.optimize.graph import Graph, attribute
-from btdeploy.optimize.passes.base import MS_DOMAIN, PassResult, split_bias_add
+from btdeploy.optimize.passes.base import MS_DOMAIN, GraphPass, PassResult, split_bias_add
 
 BRIDGE_SCOPE = "link_tower"
 
@@ -64,21 +65,31 @@ def _fuse_one(graph: Graph, layer_norm: onnx.NodeProto) -> bool:
     return True
 
 
-def _run(graph: Graph, flavour: str, bridges: bool, name: str) -> PassResult:
-    result = PassResult(name, nodes_before=len(graph.graph.node))
-    if flavour == "trt":
-        result.fused = sum(_is_candidate(graph, n, bridges) for n in graph.graph.node)
-    else:
-        for node in graph.each_once(lambda n: _is_candidate(graph, n, bridges)):
-            result.fused += int(_fuse_one(graph, node))
-        graph.set_opset(MS_DOMAIN, 1)
-    result.nodes_after = len(graph.graph.node)
+def _fuse(graph: Graph, bridges: bool, name: str) -> PassResult:
+    """ort: one com.microsoft.SkipLayerNormalization per pair."""
+    result = PassResult(name)
+    for node in graph.each_once(lambda n: _is_candidate(graph, n, bridges)):
+        result.fused += int(_fuse_one(graph, node))
+    graph.set_opset(MS_DOMAIN, 1)
     return result
 
 
-def fuse_bridge_layernorm(graph: Graph, flavour: str) -> PassResult:
-    return _run(graph, flavour, bridges=True, name="bridge add+LayerNorm")
+def _verify(graph: Graph, bridges: bool, name: str) -> PassResult:
+    """trt: Add -> LayerNormalization is already what TensorRT fuses; count the pairs in that form."""
+    result = PassResult(name)
+    result.fused = sum(_is_candidate(graph, n, bridges) for n in graph.graph.node)
+    return result
 
 
-def fuse_residual_layernorm(graph: Graph, flavour: str) -> PassResult:
-    return _run(graph, flavour, bridges=False, name="residual add+LayerNorm")
+def _pass(bridges: bool, name: str) -> GraphPass:
+    return GraphPass(
+        name,
+        {
+            Flavour.ORT: lambda graph: _fuse(graph, bridges, name),
+            Flavour.TRT: lambda graph: _verify(graph, bridges, name),
+        },
+    )
+
+
+BRIDGE_LAYERNORM = _pass(bridges=True, name="bridge add+LayerNorm")
+RESIDUAL_LAYERNORM = _pass(bridges=False, name="residual add+LayerNorm")

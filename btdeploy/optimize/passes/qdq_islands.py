@@ -9,11 +9,11 @@ only the MatMuls read the rounded copy.
 from __future__ import annotations
 
 from btdeploy.optimize.graph import Graph
-from btdeploy.optimize.passes.base import PassResult
+from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
+from btdeploy.optimize.passes.base import GraphPass, PassResult
 
-# Consumers that must read full precision: normalisations, softmax, and the residual Add
-# that feeds a LayerNormalization (the trt flavour's un-fused add+LN).
-FULL_PRECISION_OPS = ("LayerNormalization", "SkipLayerNormalization", "Softmax")
+# Consumers that must read full precision: FULL_PRECISION_OPS, and the residual Add that
+# feeds a LayerNormalization (the trt flavour's un-fused add+LN).
 
 
 def _feeds_layernorm(graph: Graph, name: str) -> bool:
@@ -32,7 +32,7 @@ def _needs_full_precision(graph: Graph, node_op: str, outputs: list[str]) -> boo
 
 
 def keep_full_precision_inputs(graph: Graph) -> PassResult:
-    result = PassResult("full-precision residuals", nodes_before=len(graph.graph.node))
+    result = PassResult("full-precision residuals")
     details = {"inputs_restored": 0}
     for node in list(graph.graph.node):
         if not _needs_full_precision(graph, node.op_type, list(node.output)):
@@ -49,5 +49,7 @@ def keep_full_precision_inputs(graph: Graph) -> PassResult:
     graph.refresh()
     result.fused = details["inputs_restored"]
     result.details = details
-    result.nodes_after = len(graph.graph.node)
     return result
+
+
+QDQ_ISLANDS = GraphPass.every_flavour("full_precision_inputs", keep_full_precision_inputs)

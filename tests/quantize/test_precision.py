@@ -11,11 +11,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from btdeploy.artifacts.manifest import precision_file, read_manifest
+from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file
+from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.cli import main
 from btdeploy.errors import BtDeployError
-from btdeploy.model.heads import HEADS, PRECISIONS
+from btdeploy.model.heads import HEADS
 from btdeploy.optimize.graph_checks import fp16_unsafe_constants, layernorm_types, qdq_summary
+from btdeploy.quantize.methods import PRECISIONS
 from btdeploy.quantize.quantizer import quantize_head
 from btdeploy.verify.check import check_export
 
@@ -41,7 +43,7 @@ def _graphs(folder: Path, precision: str) -> list[tuple[str, onnx.ModelProto]]:
     found = []
     for head in HEADS:
         for flavour in ("ort", "trt"):
-            path = folder / head / precision_file(flavour, precision)
+            path = folder / head / graph_file(Flavour(flavour), Precision(precision))
             if path.is_file():
                 found.append((f"{head}/{path.name}", onnx.load(str(path))))
     return found

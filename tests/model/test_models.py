@@ -82,9 +82,9 @@ def test_sizes_of_the_presets() -> None:
         ({"share_cross_modal_transformer_layers": False}, "share_cross_modal_transformer_layers=False is broken"),
         ({"share_link_tower_layers": True}, "share_link_tower_layers=True is broken"),
         ({"link_tower_type": "concat"}, "link_tower_type 'concat' is not supported"),
-        ({"vision_config": {**NON_DEFAULT_CONFIG["vision_config"], "hidden_size": 96}}, "positive multiple of 64"),
+        ({"vision_config": {**NON_DEFAULT_CONFIG["vision_config"], "hidden_size": 32}}, "at least 64"),
         ({"vision_config": {**NON_DEFAULT_CONFIG["vision_config"], "num_hidden_layers": 3}}, "at least as many"),
-        ({"vision_config": {**NON_DEFAULT_CONFIG["vision_config"], "patch_size": 10}}, "not a multiple of patch_size"),
+        ({"vision_config": {**NON_DEFAULT_CONFIG["vision_config"], "patch_size": 60}}, "smaller than one patch"),
         ({"num_hidden_layers": 9}, "must be between 1 and the text layer count"),
     ],
 )

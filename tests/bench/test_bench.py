@@ -105,8 +105,8 @@ def test_flops_match_a_hand_count() -> None:
         2 * text_layer + patches + 2 * vision_layer + text_cross + image_cross + transforms + poolers + itm_classifier
     )
     config = build_config(SMALL)
-    assert forward_flops(config, "itm", 1, 3) == hand
-    assert forward_flops(config, "itm", 5, 3) == 5 * hand
+    assert forward_flops(config, HEADS["itm"], 1, 3) == hand
+    assert forward_flops(config, HEADS["itm"], 5, 3) == 5 * hand
 
 
 @pytest.mark.parametrize("head", list(HEADS))
@@ -123,21 +123,24 @@ def test_flops_agree_with_torch_flop_counter(head: str) -> None:
     # nn.MultiheadAttention runs the vision attention in a fused CPU kernel the counter does
     # not see: add its two MatMuls (5 tokens, width 64, 2 layers) by hand.
     unseen = batch * 2 * 2 * (2 * 5 * 5 * 64)
-    assert forward_flops(config, head, batch, length) == counter.get_total_flops() + unseen
+    assert forward_flops(config, HEADS[head], batch, length) == counter.get_total_flops() + unseen
 
 
 def test_skip_reasons_say_why() -> None:
-    class FakeManifest:
-        head = "itm"
-        folder = Path("/nonexistent")
+    import torch
+
+    from btdeploy.artifacts.manifest import Manifest
 
     cpu, gpu = BenchEnv(threads=2, device="cpu"), BenchEnv(threads=2, device="cuda")
-    manifest = FakeManifest()
-    assert VARIANTS["torch-eager"].unavailable(manifest, cpu) is None  # type: ignore[arg-type]
-    assert "needs a CUDA GPU" in VARIANTS["torch-eager-fp16"].unavailable(manifest, cpu)  # type: ignore[arg-type, operator]
-    assert VARIANTS["torch-eager-bf16"].unavailable(manifest, gpu) is None  # type: ignore[arg-type]
-    assert "itm/model.ort.onnx not found" in VARIANTS["ort-fused"].unavailable(manifest, cpu)  # type: ignore[arg-type, operator]
-    assert "TensorRT needs an NVIDIA GPU" in VARIANTS["trt-fp16"].unavailable(manifest, cpu)  # type: ignore[arg-type, operator]
+    manifest = Manifest(Path("/nonexistent/itm"), {"head": "itm"})
+    assert VARIANTS["torch-eager"].unavailable(manifest, cpu) is None
+    assert "on a CUDA GPU only" in str(VARIANTS["torch-eager-fp16"].unavailable(manifest, cpu))
+    # Asked for the GPU, the reason is the truth about this machine.
+    bf16_on_gpu = VARIANTS["torch-eager-bf16"].unavailable(manifest, gpu)
+    assert bf16_on_gpu is None if torch.cuda.is_available() else "needs an NVIDIA GPU" in str(bf16_on_gpu)
+    missing = str(VARIANTS["ort-fused"].unavailable(manifest, cpu))
+    assert "itm/model.ort.onnx does not exist: run btdeploy optimize" in missing and "--flavour ort" in missing
+    assert "TensorRT needs an NVIDIA GPU" in str(VARIANTS["trt-fp16"].unavailable(manifest, cpu))
     with pytest.raises(BtDeployError, match="unknown variant\\(s\\) ort-turbo"):
         resolve_variants(["ort", "ort-turbo"])
 
@@ -172,7 +175,7 @@ def test_bench_writes_every_report(tiny_export: Path, tmp_path: Path) -> None:
     assert data["machine"]["cpu"]["logical_cores"] >= 1 and data["matmul_peak_gflops"] > 1
     table = (tmp_path / "results" / "results.md").read_text()
     assert "FP32 matmul peak measured in this run" in table and table.count("| itm |") == 12
-    assert "`ort-fused` (itm): itm/model.ort.onnx not found" in table
+    assert "`ort-fused` (itm): " in table and "itm/model.ort.onnx does not exist: run btdeploy optimize" in table
     with Image.open(tmp_path / "results" / "latency_itm.png") as image:
         assert image.size[0] > 800
     assert (read_manifest(tiny_export / "itm").folder / "hf-optimizer" / "model.hf-optimizer.onnx").is_file()
@@ -205,7 +208,7 @@ def test_speedup_breakdown_finds_each_kind_of_work(optimized: Path, tmp_path: Pa
     import subprocess
     import sys
 
-    script = Path(__file__).parent.parent / "benchmarks" / "speedup_breakdown.py"
+    script = Path(__file__).parents[2] / "benchmarks" / "speedup_breakdown.py"
     command = [sys.executable, str(script), str(optimized / "itm"), "--batch", "2", "--seq-len", "8"]
     command += ["--variants", "ort-fused", "--rounds", "2", "--threads", "1", "--out", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, text=True)

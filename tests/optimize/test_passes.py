@@ -11,13 +11,13 @@ import pytest
 from onnx import helper
 
 import btdeploy
-from btdeploy.artifacts.manifest import precision_file, read_manifest
+from btdeploy.artifacts.graph_names import Flavour, graph_file
+from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.backends.tensorrt.operators import check_tensorrt_ops
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HEADS
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.optimize.optimizer import optimize_head
-from btdeploy.optimize.passes import expected_attention_blocks, expected_bridges
 from btdeploy.verify.check import check_export
 
 FUSED_ATTENTION_OPS = {"ort": {("", "Attention")}, "trt": {("", "Attention")}}
@@ -35,18 +35,21 @@ def test_every_attention_block_and_bridge_is_fused(optimized: Path, head: str, f
     plain = onnx.load(str(optimized / head / "model.onnx"))
     fused = onnx.load(str(optimized / head / f"model.{flavour}.onnx"))
     # M from the config must equal what the plain graph holds: one Softmax per live block.
-    expected = expected_attention_blocks(config, head)
+    expected = HEADS[head].attention_blocks(config)
     assert sum(op == "Softmax" for _, op in _ops(plain)) == expected
     record = manifest.data["optimized"][flavour]
     assert record["attention_fused"] == record["attention_expected"] == expected
     assert sum(op in FUSED_ATTENTION_OPS[flavour] for op in _ops(fused)) == expected
     assert not any(op == "Softmax" for _, op in _ops(fused)), "an attention block was left unfused"
-    assert record["bridges_fused"] == expected_bridges(config) == 2 * (config.num_hidden_layers - 1)
+    assert record["bridges_fused"] == HEADS[head].bridges(config) == 2 * (config.num_hidden_layers - 1)
     if flavour == "ort":
-        assert sum(op == ("com.microsoft", "SkipLayerNormalization") for op in _ops(fused)) > expected_bridges(config)
+        assert sum(op == ("com.microsoft", "SkipLayerNormalization") for op in _ops(fused)) > HEADS[head].bridges(
+            config
+        )
     else:
         assert check_tensorrt_ops(fused).passed
-        assert record["tensorrt_op_check"]["passed"] and record["tensorrt_op_check"]["opset"] == 23
+        assert record["tensorrt_op_check"] == {"passed": True, "unsupported": []}
+        assert next(o.version for o in fused.opset_import if o.domain in ("", "ai.onnx")) == 23
         assert all(domain == "" for domain, _ in _ops(fused))
         assert sum(op == "LayerNormalization" for _, op in _ops(fused)) == sum(
             op == "LayerNormalization" for _, op in _ops(plain)
@@ -72,7 +75,7 @@ def test_shared_weights_are_read_without_identity_copies(optimized: Path, flavou
     initializers = {t.name for t in plain.graph.initializer}
     copies = [n for n in plain.graph.node if n.op_type == "Identity" and n.input[0] in initializers]
     assert copies, "the export no longer reads shared weights through Identity: drop this step"
-    model = onnx.load(str(optimized / "itm" / precision_file(flavour, "fp32")))
+    model = onnx.load(str(optimized / "itm" / graph_file(Flavour(flavour))))
     initializers = {t.name for t in model.graph.initializer}
     assert [n.name for n in model.graph.node if n.op_type == "Identity" and n.input[0] in initializers] == []
     passes = {p["name"]: p for p in read_manifest(optimized / "itm").data["optimized"][flavour]["passes"]}

@@ -112,10 +112,10 @@ def test_unsupported_opset_is_refused(tmp_path: Path) -> None:
 def test_a_model_past_the_protobuf_limit_goes_to_one_external_data_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import btdeploy.export.exporter as export_module
+    import btdeploy.artifacts.onnx_files as onnx_files
 
     # Pretend the 2 GB limit is 1 MB, so the tiny model takes the large-model path.
-    monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", 1_000_000)
+    monkeypatch.setattr(onnx_files, "PROTOBUF_LIMIT", 1_000_000)
     manifest = export_head(resolve_model("tiny"), "itm", tmp_path)
     folder = tmp_path / "itm"
     assert sorted(p.name for p in folder.glob("model.onnx*")) == ["model.onnx", "model.onnx.data"]

@@ -26,7 +26,7 @@ import btdeploy
 from btdeploy.export.exporter import export_head
 from btdeploy.model.checkpoints import resolve_model
 
-DOC = Path(__file__).parent / "data" / "bridgetower_doc.md"
+DOC = Path(__file__).parents[1] / "data" / "bridgetower_doc.md"
 MODEL_LINE = re.compile(r"^model = (BridgeTower\w+)\.from_pretrained\((\"[^\"]+\")\)$", re.M)
 HUB_ID = re.compile(r"\"BridgeTower/[^\"]+\"")
 HEAD_OF_CLASS = {

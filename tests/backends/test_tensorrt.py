@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import btdeploy
-from btdeploy import tensorrt_env
 from btdeploy.artifacts.manifest import read_manifest
+from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.backends.tensorrt.engines import EngineRecord, check_compatible, engine_file, find_engine, record_file
 from btdeploy.backends.tensorrt.profiles import EngineProfile, ShapeRange, derive_profile
 from btdeploy.cli import main
@@ -134,10 +134,12 @@ def test_find_engine_names_the_build_command_or_the_mismatch(tiny_export: Path, 
 
 
 def test_without_tensorrt_build_and_backend_say_what_to_install(
-    tiny_export: Path, no_tensorrt: None, capsys: pytest.CaptureFixture[str]
+    tiny_export: Path, no_tensorrt: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from btdeploy.backends.tensorrt.build import build_engine
 
+    # A GPU machine without TensorRT: the missing install is the reason (without a GPU, that comes first).
+    monkeypatch.setattr(tensorrt_env, "gpu", lambda: ("Fake GPU", (9, 0)))
     with pytest.raises(BtDeployError, match=r"TensorRT is not installed: pip install 'tensorrt>=10.14' on Linux"):
         build_engine(tiny_export / "itm", "fp16")
     with pytest.raises(BtDeployError, match="TensorRT is not installed"):
@@ -145,7 +147,7 @@ def test_without_tensorrt_build_and_backend_say_what_to_install(
     assert main(["build", str(tiny_export), "--precision", "int8", "--heads", "itm"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("btdeploy: error: TensorRT is not installed")
-    with pytest.raises(BtDeployError, match="runs fp16, int8 engines, not int8-dynamic"):
+    with pytest.raises(BtDeployError, match="cannot run int8-dynamic trt graphs: it runs fp16 trt, int8 trt"):
         btdeploy.load(tiny_export, head="itm", backend="tensorrt", precision="int8-dynamic")
 
 

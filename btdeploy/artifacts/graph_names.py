@@ -1,0 +1,64 @@
+"""The vocabulary of graphs on disk: flavours (graph dialects), precisions, and file names.
+
+Every module that names a graph reads these: a flavour or precision is never a loose string.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from btdeploy.errors import BtDeployError
+
+
+class Flavour(StrEnum):
+    """The dialect an optimized graph is written in, for the runtime that consumes it."""
+
+    ORT = "ort"  # ONNX Runtime: standard operators plus com.microsoft contrib operators
+    TRT = "trt"  # TensorRT 10.14+: standard ONNX only, operators from its parser's list
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"  # the PyTorch reference on a GPU only; no graph is written in it
+    INT8 = "int8"
+    INT8_DYNAMIC = "int8-dynamic"
+
+
+STEMS = ("model", "text", "vision", "fusion")  # the whole head, then its split graphs
+
+
+def parse_flavour(value: str | Flavour | None, option: str = "--flavour") -> Flavour | None:
+    if value is None or isinstance(value, Flavour):
+        return value
+    try:
+        return Flavour(value)
+    except ValueError:
+        raise BtDeployError(f"{option} {value!r}: choose one of {', '.join(f.value for f in Flavour)}") from None
+
+
+def parse_precision(value: str | Precision, option: str = "--precision") -> Precision:
+    if isinstance(value, Precision):
+        return value
+    try:
+        return Precision(value)
+    except ValueError:
+        raise BtDeployError(f"{option} {value!r}: choose one of {', '.join(p.value for p in Precision)}") from None
+
+
+def graph_file(flavour: Flavour | None, precision: Precision = Precision.FP32, stem: str = "model") -> str:
+    """<stem>.onnx (the export), <stem>.<flavour>.onnx (optimize), <stem>.<flavour>.<precision>.onnx (quantize).
+
+    The stem is `model` for the whole head, or `text`, `vision`, `fusion` for its split graphs."""
+    if flavour is None:
+        if precision != Precision.FP32:
+            raise BtDeployError(f"a {precision} graph is always an optimized one: name its flavour")
+        return f"{stem}.onnx"
+    return f"{stem}.{flavour}.onnx" if precision == Precision.FP32 else f"{stem}.{flavour}.{precision}.onnx"
+
+
+def graph_key(flavour: Flavour | None, precision: Precision = Precision.FP32) -> str:
+    """plain, ort, trt, ort.int8, ...: how reports name a graph of a head."""
+    if flavour is None:
+        return "plain"
+    return str(flavour) if precision == Precision.FP32 else f"{flavour}.{precision}"

@@ -1,0 +1,82 @@
+"""ONNX graphs on disk: one file, or one file plus `<file>.data` past protobuf's 2 GB, written atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from btdeploy.errors import BtDeployError
+
+PROTOBUF_LIMIT = 2**31 - 1  # one ONNX protobuf file cannot exceed 2 GB
+
+
+def data_file(path: Path) -> Path:
+    """Where the weights of a graph past 2 GB live: `<file>.data`, the name every btdeploy writer uses."""
+    return path.with_name(path.name + ".data")
+
+
+def graph_bytes(path: Path) -> int:
+    """An ONNX graph's size on disk: the file plus its `.data` file, if any."""
+    data = data_file(path)
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def load_graph(path: Path, what: str, load_weights: bool = True) -> onnx.ModelProto:
+    """Read a graph, or one line saying it is damaged and what to do."""
+    if not path.is_file():
+        raise BtDeployError(f"{path} is missing: {what}")
+    try:
+        return onnx.load(str(path), load_external_data=load_weights)
+    except Exception as error:
+        raise BtDeployError(f"cannot read {path} ({str(error).strip()[:200]}): {what}") from None
+
+
+def save_graph_atomically(model: onnx.ModelProto, path: Path) -> None:
+    """Write model (and its `.data` past 2 GB) under temporary names, then rename into place."""
+    large = model.ByteSize() > PROTOBUF_LIMIT
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    final_data = data_file(path)
+    tmp_data = path.parent / f".{final_data.name}.partial"
+    try:
+        if large:
+            onnx.save_model(
+                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data.name
+            )
+            # The model names its data file; point it at the final name before renaming both.
+            saved = onnx.load(tmp, load_external_data=False)
+            for tensor in saved.graph.initializer:
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = final_data.name
+            onnx.save_model(saved, tmp)
+            os.replace(tmp_data, final_data)
+        else:
+            onnx.save_model(model, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        tmp_data.unlink(missing_ok=True)
+        raise
+
+
+def gather_external_data(folder: Path, name: str) -> bool:
+    """Store an exported graph as one file, or as `<name>` + `<name>.data` past 2 GB (the TorchScript
+    exporter writes one file per large tensor beside it). Returns whether external data is used."""
+    path = folder / name
+    scattered = [p for p in folder.iterdir() if p.name != name]
+    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    external = total > PROTOBUF_LIMIT or bool(scattered)
+    if external:
+        model = onnx.load(str(path), load_external_data=True)
+        for extra in scattered:
+            extra.unlink()
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file(path).name
+        )
+        del model
+    return external

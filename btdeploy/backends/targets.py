@@ -1,0 +1,326 @@
+"""The target registry: one object per execution target, and the only way backends are built.
+
+A target ties together its backend, the graphs it runs (flavour and precision), the options it
+takes, whether it can run on this machine, the artifact it runs (a graph, or an engine built
+from one) and the step that builds it, the graph checks its flavour must pass, and its bench
+variants. Adding a backend is one `Target` here plus one backend module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, parse_flavour, parse_precision
+from btdeploy.artifacts.manifest import Manifest
+from btdeploy.backends.base import Backend
+from btdeploy.backends.tensorrt.engines import ENGINE_PRECISIONS
+from btdeploy.errors import BtDeployError
+from btdeploy.model.heads import get_head
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Every option a target may take; each target says which of them it reads."""
+
+    flavour: Flavour | None = None  # None: the plain export
+    precision: Precision = Precision.FP32
+    providers: tuple[str, ...] | None = None  # ONNX Runtime providers: cpu, cuda
+    threads: int | None = None
+    device: str = "cpu"  # the PyTorch reference's device
+    cuda_graphs: bool = False
+    split: bool = False  # the text, vision and fusion graphs instead of the whole head
+
+
+OPTION_NAMES = tuple(f.name for f in fields(RunOptions))
+GraphKind = tuple[Flavour | None, Precision]
+
+
+@dataclass(frozen=True)
+class BenchVariant:
+    """A named configuration of a target that `btdeploy bench` times."""
+
+    name: str
+    options: RunOptions
+
+
+def describe_graph(kind: GraphKind) -> str:
+    flavour, precision = kind
+    return f"{precision} {flavour or 'plain'}"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    options: frozenset[str]  # the RunOptions fields this target reads
+    graphs: tuple[GraphKind, ...]  # what it runs, in preference order (the first is the default)
+    make: Callable[[Manifest, RunOptions], Backend]
+    unavailable: Callable[[RunOptions], str | None]  # why it cannot run on this machine, or None
+    artifact: Callable[[Manifest, RunOptions], Path]  # the file it runs; a clear error naming the step that makes it
+    variants: tuple[BenchVariant, ...] = ()
+    # Problems a graph of a flavour this target consumes has for it (operators it cannot parse).
+    check_graph: Callable[[onnx.ModelProto], list[str]] | None = None
+    build: Callable[..., Path] | None = None  # the step that makes its artifact from a graph
+    runs_split: bool = False
+    reads_onnx: bool = True  # False for the PyTorch reference
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def flavours(self) -> set[Flavour]:
+        return {flavour for flavour, _ in self.graphs if flavour is not None}
+
+    @property
+    def precisions(self) -> list[Precision]:
+        return list(dict.fromkeys(precision for _, precision in self.graphs))
+
+    def resolve(self, options: Mapping[str, Any]) -> RunOptions:
+        """Typed, checked options: an unknown or misspelled option, an option this target does not
+        take, or a graph it cannot run is one line naming what it does take."""
+        unknown = [name for name in options if name not in OPTION_NAMES]
+        if unknown:
+            raise BtDeployError(
+                f"unknown option(s) {', '.join(map(repr, unknown))}: the {self.name} backend takes "
+                f"{', '.join(sorted(self.options))}"
+            )
+        given = {name: value for name, value in options.items() if value is not None and value is not False}
+        foreign = [name for name in given if name not in self.options]
+        if foreign:
+            raise BtDeployError(
+                f"the {self.name} backend ({self.description}) does not take {', '.join(map(repr, foreign))}: "
+                f"it takes {', '.join(sorted(self.options))}"
+            )
+        values: dict[str, Any] = {**self.defaults, **given}
+        values["flavour"] = parse_flavour(values.get("flavour"), "flavour")
+        values["precision"] = parse_precision(values.get("precision", Precision.FP32), "precision")
+        if values["precision"] != Precision.FP32 and values["flavour"] is None and self.flavours:
+            values["flavour"] = Flavour.ORT if Flavour.ORT in self.flavours else min(self.flavours)
+        if "providers" in values:
+            values["providers"] = tuple(values["providers"])
+        resolved = RunOptions(**values)
+        kind = (resolved.flavour, resolved.precision)
+        if kind not in self.graphs:
+            runs = ", ".join(describe_graph(k) for k in self.graphs)
+            elsewhere = [t.name for t in TARGETS.values() if t is not self and kind in t.graphs]
+            hint = f"; {describe_graph(kind)} runs on {' or '.join(elsewhere)}" if elsewhere else ""
+            what = describe_graph(kind)
+            raise BtDeployError(f"the {self.name} backend cannot run {what} graphs: it runs {runs}{hint}")
+        if resolved.split and not self.runs_split:
+            raise BtDeployError(f"split=True runs the split graphs on ONNX Runtime: the {self.name} backend cannot")
+        reason = self.unavailable(resolved)
+        if reason:
+            raise BtDeployError(f"the {self.name} backend cannot run here: {reason}")
+        return resolved
+
+    def missing(self, manifest: Manifest, options: RunOptions) -> str | None:
+        """Why this target's artifact for a head is absent (with the command that makes it), or None."""
+        try:
+            self.artifact(manifest, options)
+        except BtDeployError as error:
+            return str(error)
+        return None
+
+
+# --- onnxruntime ----------------------------------------------------------------------------
+
+
+def _ort_unavailable(options: RunOptions) -> str | None:
+    from btdeploy.backends.onnxruntime import provider_problem
+
+    return provider_problem(options.providers)
+
+
+def _ort_artifact(manifest: Manifest, options: RunOptions) -> Path:
+    if options.split:
+        from btdeploy.backends.split import SPLIT_STEMS
+
+        paths = [manifest.graph_path(options.flavour, options.precision, stem) for stem in SPLIT_STEMS]
+        return paths[-1]
+    return manifest.graph_path(options.flavour, options.precision)
+
+
+def _ort_make(manifest: Manifest, options: RunOptions) -> Backend:
+    if options.split:
+        from btdeploy.backends.split import build_split_backend
+
+        return build_split_backend(manifest, options.flavour, options.precision, options.providers, options.threads)
+    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+
+    path = _ort_artifact(manifest, options)
+    return OnnxRuntimeBackend(path, get_head(manifest.head).output_names, options.providers, options.threads)
+
+
+def _ort_variant(name: str, flavour: Flavour | None, precision: Precision = Precision.FP32) -> BenchVariant:
+    return BenchVariant(name, RunOptions(flavour=flavour, precision=precision))
+
+
+_ORT_GRAPHS: tuple[GraphKind, ...] = (
+    (None, Precision.FP32),
+    *((flavour, precision) for flavour in Flavour for precision in (Precision.FP32, Precision.FP16, Precision.INT8)),
+    (Flavour.ORT, Precision.INT8_DYNAMIC),  # quantized at run time by ONNX Runtime's own operators
+)
+
+ONNXRUNTIME = Target(
+    name="onnxruntime",
+    description="ONNX Runtime on the exported or optimized graphs",
+    options=frozenset({"flavour", "precision", "providers", "threads", "split"}),
+    graphs=_ORT_GRAPHS,
+    make=_ort_make,
+    unavailable=_ort_unavailable,
+    artifact=_ort_artifact,
+    variants=(
+        _ort_variant("ort", None),
+        _ort_variant("ort-fused", Flavour.ORT),
+        # The TensorRT-flavour graph (standard ONNX operators only) run by ONNX Runtime: what the
+        # trt graph costs before TensorRT compiles it, and proof that it runs.
+        _ort_variant("trt-graph", Flavour.TRT),
+        *(
+            _ort_variant(f"ort-{precision}", Flavour.ORT, precision)
+            for precision in (Precision.FP16, Precision.INT8, Precision.INT8_DYNAMIC)
+        ),
+    ),
+    runs_split=True,
+)
+
+
+# --- torch (the reference) ------------------------------------------------------------------
+
+
+def _torch_unavailable(options: RunOptions) -> str | None:
+    if options.precision != Precision.FP32 and options.device != "cuda":
+        return f"the PyTorch reference runs {options.precision} on a CUDA GPU only: pass device='cuda'"
+    if options.device == "cuda":
+        from btdeploy.backends.tensorrt.environment import gpu
+
+        if gpu() is None:
+            return "device='cuda' needs an NVIDIA GPU, and torch sees none here"
+    elif options.device != "cpu":
+        return f"device {options.device!r}: use 'cpu' or 'cuda'"
+    return None
+
+
+def _torch_make(manifest: Manifest, options: RunOptions) -> Backend:
+    from btdeploy.backends.torch_reference import TorchBackend
+
+    return TorchBackend.from_manifest(manifest, options.device, str(options.precision))
+
+
+def _torch_artifact(manifest: Manifest, options: RunOptions) -> Path:
+    return manifest.folder / "manifest.json"  # the reference is rebuilt from the manifest's model source
+
+
+TORCH = Target(
+    name="torch",
+    description="the transformers model itself, rebuilt from the manifest",
+    options=frozenset({"precision", "device"}),
+    graphs=((None, Precision.FP32), (None, Precision.FP16), (None, Precision.BF16)),
+    make=_torch_make,
+    unavailable=_torch_unavailable,
+    artifact=_torch_artifact,
+    reads_onnx=False,
+    variants=(
+        BenchVariant("torch-eager", RunOptions()),
+        BenchVariant("torch-eager-fp16", RunOptions(precision=Precision.FP16, device="cuda")),
+        BenchVariant("torch-eager-bf16", RunOptions(precision=Precision.BF16, device="cuda")),
+    ),
+)
+
+
+# --- tensorrt -------------------------------------------------------------------------------
+
+
+def _trt_unavailable(options: RunOptions) -> str | None:
+    from btdeploy.backends.tensorrt.environment import unavailable_reason
+
+    return unavailable_reason()
+
+
+def _trt_artifact(manifest: Manifest, options: RunOptions) -> Path:
+    from btdeploy.backends.tensorrt.engines import find_engine
+    from btdeploy.backends.tensorrt.environment import require_gpu, require_tensorrt
+
+    trt = require_tensorrt()
+    _, capability = require_gpu()
+    return find_engine(manifest.folder, str(options.precision), str(trt.__version__), capability)
+
+
+def _trt_make(manifest: Manifest, options: RunOptions) -> Backend:
+    from btdeploy.backends.tensorrt.runner import TensorRTBackend
+
+    return TensorRTBackend(manifest, str(options.precision), get_head(manifest.head).output_names, options.cuda_graphs)
+
+
+def _trt_check_graph(model: onnx.ModelProto) -> list[str]:
+    from btdeploy.backends.tensorrt.operators import check_tensorrt_ops
+
+    return check_tensorrt_ops(model).unsupported
+
+
+def _trt_build(folder: Path, precision: Precision, **settings: Any) -> Path:
+    from btdeploy.backends.tensorrt.build import build_engine
+
+    return build_engine(folder, str(precision), **settings)
+
+
+TENSORRT = Target(
+    name="tensorrt",
+    description="a TensorRT engine built from the trt graph (btdeploy build)",
+    options=frozenset({"precision", "cuda_graphs"}),
+    graphs=tuple((Flavour.TRT, precision) for precision in ENGINE_PRECISIONS),
+    make=_trt_make,
+    unavailable=_trt_unavailable,
+    artifact=_trt_artifact,
+    variants=tuple(
+        BenchVariant(f"trt-{precision}{suffix}", RunOptions(Flavour.TRT, precision, cuda_graphs=graphs))
+        for precision in ENGINE_PRECISIONS
+        for suffix, graphs in (("", False), ("-cudagraph", True))
+    ),
+    check_graph=_trt_check_graph,
+    build=_trt_build,
+    defaults={"flavour": Flavour.TRT, "precision": Precision.FP16},
+)
+
+TARGETS: dict[str, Target] = {target.name: target for target in (ONNXRUNTIME, TORCH, TENSORRT)}
+# Bench order: the reference first, then what btdeploy makes, cheapest to build first.
+_BENCH_ORDER = (TORCH, ONNXRUNTIME, TENSORRT)
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise BtDeployError(f"unknown backend {name!r}: choose one of {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def build_backend(manifest: Manifest, backend: str = "onnxruntime", **options: Any) -> Backend:
+    """The one way to build a backend: by target name, with options that target checks."""
+    target = get_target(backend)
+    return target.make(manifest, target.resolve(options))
+
+
+def graph_checks(flavour: Flavour) -> dict[str, Callable[[onnx.ModelProto], list[str]]]:
+    """The checks a graph of this flavour must pass, one per target that consumes it and declares one."""
+    return {
+        target.name: target.check_graph
+        for target in TARGETS.values()
+        if target.check_graph is not None and flavour in target.flavours
+    }
+
+
+def bench_variants() -> dict[str, tuple[Target, BenchVariant]]:
+    return {variant.name: (target, variant) for target in _BENCH_ORDER for variant in target.variants}
+
+
+def with_machine(target: Target, options: RunOptions, threads: int, device: str) -> RunOptions:
+    """A variant's options with the bench's thread count and device, where the target reads them."""
+    providers = ("cuda", "cpu") if device == "cuda" else ("cpu",)
+    machine: dict[str, Any] = {"threads": threads, "device": device, "providers": providers}
+    return replace(options, **{k: v for k, v in machine.items() if k in target.options})
+
+
+def variant_graph(target: Target, options: RunOptions) -> str | None:
+    """The ONNX graph a variant runs (or builds its engine from), for reports and profilers."""
+    return graph_file(options.flavour, options.precision) if target.reads_onnx else None

@@ -1,0 +1,67 @@
+"""int8: Model Optimizer's ONNX quantizer: explicit, symmetric QuantizeLinear/DequantizeLinear
+(zero point 0, as TensorRT requires), calibrated; LayerNorm and Softmax get no Q/DQ, and the
+residual stream reads full precision (btdeploy/optimize/passes/qdq_islands.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from btdeploy.artifacts.graph_names import Flavour
+from btdeploy.artifacts.onnx_files import PROTOBUF_LIMIT
+from btdeploy.errors import BtDeployError
+from btdeploy.optimize.graph import Graph
+from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
+from btdeploy.optimize.passes.qdq_islands import QDQ_ISLANDS
+from btdeploy.quantize.modelopt_env import require_modelopt
+
+# What is not INT8: TensorRT runs it in FP16; ONNX Runtime's CPU provider wants FP32.
+HIGH_PRECISION = {Flavour.TRT: "fp16", Flavour.ORT: "fp32"}
+
+
+def modelopt_int8(
+    source: Path, feeds: dict[str, np.ndarray], workdir: Path, flavour: Flavour
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    require_modelopt()
+    from modelopt.onnx.quantization import quantize
+
+    # Without calibration_shapes Model Optimizer steps through the rows one at a time (the
+    # graphs' batch axis is dynamic); with them it runs ONNX shape inference, which stops at
+    # the ort graph's com.microsoft operators.
+    high_precision = HIGH_PRECISION[flavour]
+    output = workdir / "int8.onnx"
+    quantize(
+        str(source),
+        quantize_mode="int8",
+        calibration_data=feeds,
+        calibration_eps=["cpu"],
+        # The GEMMs hold nearly all the compute (the attention matmuls are inside the fused
+        # Attention nodes); Q/DQ anywhere else would cost conversions and accuracy for no gain.
+        op_types_to_quantize=["MatMul"],
+        op_types_to_exclude=list(FULL_PRECISION_OPS),
+        op_types_to_exclude_fp16=list(FULL_PRECISION_OPS),
+        high_precision_dtype=high_precision,
+        dq_only=True,  # weights stored as int8 with a DequantizeLinear: a quarter of the bytes
+        use_external_data_format=source.stat().st_size > PROTOBUF_LIMIT,
+        output_path=str(output),
+        log_level="ERROR",
+    )
+    if not output.is_file():
+        raise BtDeployError(f"Model Optimizer wrote no INT8 model for {source}: see its log above")
+    graph = Graph(onnx.load(str(output)))
+    restored = QDQ_ISLANDS.run(graph, flavour)
+    model = graph.model
+    options = {
+        "tool": "modelopt.onnx.quantization",
+        "op_types_quantized": ["MatMul"],
+        "full_precision_inputs_restored": restored.fused,
+        "mode": "int8 explicit Q/DQ, symmetric",
+        "calibration_method": "entropy (Model Optimizer's int8 default)",
+        "calibration_rows": len(next(iter(feeds.values()))),
+        "op_types_excluded": list(FULL_PRECISION_OPS),
+        "high_precision": high_precision,
+    }
+    return model, options

@@ -1,0 +1,41 @@
+"""int8-dynamic: ONNX Runtime's dynamic quantization of the MatMul weights (activations are
+quantized at run time), for CPU-only edge boxes. ONNX Runtime only; TensorRT cannot run it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from btdeploy.artifacts.graph_names import Flavour
+from btdeploy.artifacts.onnx_files import PROTOBUF_LIMIT
+
+
+def dynamic_int8(
+    source: Path, feeds: dict[str, np.ndarray], workdir: Path, flavour: Flavour
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    output = workdir / "int8-dynamic.onnx"
+    # One scale per weight matrix: on base itm at batch 4, length 40 it ran 2.06 s against
+    # 2.24 s per output channel, with logits as close to FP32 (cosine 0.99990 against 0.99979).
+    quantize_dynamic(
+        str(source),
+        str(output),
+        op_types_to_quantize=["MatMul"],
+        per_channel=False,
+        weight_type=QuantType.QInt8,
+        use_external_data_format=source.stat().st_size > PROTOBUF_LIMIT,
+        # The com.microsoft nodes defeat ONNX shape inference; every tensor here is FP32.
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    model = onnx.load(str(output))
+    options = {
+        "tool": "onnxruntime.quantization.quantize_dynamic",
+        "op_types": ["MatMul"],
+        "weights": "int8, one scale per matrix",
+        "activations": "uint8, quantized at run time",
+    }
+    return model, options

@@ -1,0 +1,74 @@
+"""The target registry: backends are built only through it, with checked, typed options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import btdeploy
+from btdeploy.artifacts.graph_names import Flavour, Precision
+from btdeploy.backends.targets import TARGETS, RunOptions, get_target
+from btdeploy.cli import main
+from btdeploy.errors import BtDeployError
+
+
+def _one_line(error: pytest.ExceptionInfo[BtDeployError]) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("backend", "options", "expected"),
+    [
+        ("onnxruntime", {"precison": "int8"}, "unknown option(s) 'precison': the onnxruntime backend takes"),
+        ("onnxruntime", {"flavor": "ort"}, "unknown option(s) 'flavor'"),
+        ("torch", {"precision": "int8"}, "the torch backend cannot run int8 plain graphs"),
+        (
+            "torch",
+            {"flavour": "ort"},
+            "the torch backend (the transformers model itself, rebuilt from the manifest) does not take 'flavour'",
+        ),  # fmt: skip
+        ("tensorrt", {"precision": "int8-dynamic"}, "the tensorrt backend cannot run int8-dynamic trt graphs"),
+        ("onnxruntime", {"flavour": "trt", "precision": "int8-dynamic"}, "cannot run int8-dynamic trt graphs"),
+        ("onnxruntime", {"precision": "int9"}, "precision 'int9': choose one of fp32, fp16, bf16, int8, int8-dynamic"),
+        ("onnxruntime", {"flavour": "tensorrt"}, "flavour 'tensorrt': choose one of ort, trt"),
+        ("onnxruntime", {"cuda_graphs": True}, "does not take 'cuda_graphs'"),
+        ("torch", {"split": True}, "does not take 'split'"),
+        ("onnxruntime", {"providers": ["cuda"]}, "ONNX Runtime could not start CUDAExecutionProvider"),
+        ("tensorflow", {}, "unknown backend 'tensorflow': choose one of onnxruntime, torch, tensorrt"),
+    ],
+)
+def test_load_refuses_bad_options_with_one_line(
+    tiny_export: Path, backend: str, options: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(BtDeployError) as error:
+        btdeploy.load(tiny_export, head="itm", backend=backend, **options)  # type: ignore[arg-type]
+    assert expected in _one_line(error)
+
+
+def test_the_impossible_pair_names_where_it_runs() -> None:
+    with pytest.raises(BtDeployError) as error:
+        get_target("torch").resolve({"precision": "int8"})
+    assert "int8 plain runs on" not in _one_line(error)  # no target runs an unoptimized int8 graph
+    with pytest.raises(BtDeployError) as error:
+        get_target("tensorrt").resolve({"precision": "fp32"})
+    message = _one_line(error)
+    assert "cannot run fp32 trt graphs: it runs fp16 trt, int8 trt; fp32 trt runs on onnxruntime" in message
+
+
+def test_resolved_options_are_typed_and_defaulted() -> None:
+    options = get_target("onnxruntime").resolve({"precision": "int8", "providers": ["cpu"], "threads": 2})
+    assert options == RunOptions(Flavour.ORT, Precision.INT8, ("cpu",), 2)
+    assert get_target("onnxruntime").resolve({}) == RunOptions()
+    # Every bench variant is a graph its target declares.
+    for target in TARGETS.values():
+        for variant in target.variants:
+            assert (variant.options.flavour, variant.options.precision) in target.graphs, variant.name
+
+
+def test_the_cli_refuses_an_impossible_pair_with_exit_2(tiny_export: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(tiny_export), "--heads", "itm", "--backend", "torch", "--precision", "int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("btdeploy: error: the torch backend cannot run int8 plain graphs") and "\n" not in err

@@ -1,0 +1,270 @@
+"""Each graph pass alone, on a small hand-built graph: what it rewrites, what it counts, why it
+does not match, and that the rewritten graph computes the same numbers on ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from btdeploy.artifacts.graph_names import Flavour
+from btdeploy.optimize.graph import Graph
+from btdeploy.optimize.passes.attention import ATTENTION
+from btdeploy.optimize.passes.cleanup import CLEANUP
+from btdeploy.optimize.passes.cls_rows import CLS_ROWS
+from btdeploy.optimize.passes.gelu import GELU
+from btdeploy.optimize.passes.layernorm import BRIDGE_LAYERNORM, RESIDUAL_LAYERNORM
+from btdeploy.optimize.passes.qdq_islands import QDQ_ISLANDS
+
+WIDTH, HEADS = 8, 2
+RNG = np.random.default_rng(7)
+
+
+def _init(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def _weight(name: str, rows: int = WIDTH, cols: int = WIDTH) -> list[onnx.TensorProto]:
+    w = RNG.standard_normal((rows, cols)).astype(np.float32) * 0.3
+    b = RNG.standard_normal(cols).astype(np.float32) * 0.1
+    return [_init(f"{name}_w", w), _init(f"{name}_b", b)]
+
+
+def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[str],
+           initializers: list[onnx.TensorProto], opset: int = 23) -> onnx.ModelProto:  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "unit", inputs, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        initializers,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    return model
+
+
+def _float(name: str, shape: list[int | str]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return list(session.run(None, feeds))
+
+
+def _rewrite(model: onnx.ModelProto, graph_pass, flavour: Flavour = Flavour.ORT):  # type: ignore[no-untyped-def]
+    graph = Graph(onnx.ModelProto.FromString(model.SerializeToString()))
+    result = graph_pass.run(graph, flavour)
+    graph.toposort()
+    return graph.model, result
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+# --- attention ------------------------------------------------------------------------------
+
+
+def _attention_model(cross: bool, mask: bool, scale_constant: bool = True) -> onnx.ModelProto:
+    """The canonical exported block: projections, scale on Q, head reshapes, (mask), softmax."""
+    head = WIDTH // HEADS
+    kv = "m" if cross else "x"
+    inits = [*_weight("q"), *_weight("k"), *_weight("v")]
+    inits += [_init("heads_shape", np.array([0, 0, HEADS, head])), _init("flat", np.array([0, 0, WIDTH]))]
+    nodes = []
+    for name, source in (("q", "x"), ("k", kv), ("v", kv)):
+        nodes += [
+            helper.make_node("MatMul", [source, f"{name}_w"], [f"{name}_mm"]),
+            helper.make_node("Add", [f"{name}_mm", f"{name}_b"], [f"{name}_biased"]),
+        ]
+    if scale_constant:
+        inits.append(_init("scale", np.array(head**-0.5, dtype=np.float32)))
+    nodes += [
+        helper.make_node("Mul", ["q_biased", "scale"], ["q_scaled"]),
+        helper.make_node("Reshape", ["q_scaled", "heads_shape"], ["q_heads"]),
+        helper.make_node("Transpose", ["q_heads"], ["q_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["k_biased", "heads_shape"], ["k_heads"]),
+        helper.make_node("Transpose", ["k_heads"], ["k_t"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["v_biased", "heads_shape"], ["v_heads"]),
+        helper.make_node("Transpose", ["v_heads"], ["v_t"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["q_t", "k_t"], ["scores"]),
+    ]
+    inputs = [_float("x", ["b", "s", WIDTH])] + ([_float("m", ["b", "l", WIDTH])] if cross else [])
+    probs_in = "scores"
+    if mask:
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "l"]))
+        inits += [_init("one", np.array(1.0, np.float32)), _init("fill", np.array(-10000.0, np.float32))]
+        inits.append(_init("axes12", np.array([1, 2])))
+        nodes += [
+            helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["mask_f", "axes12"], ["mask_4d"]),
+            helper.make_node("Sub", ["one", "mask_4d"], ["inverted"]),
+            helper.make_node("Mul", ["inverted", "fill"], ["additive"]),
+            helper.make_node("Add", ["scores", "additive"], ["masked"]),
+        ]
+        probs_in = "masked"
+    nodes += [
+        helper.make_node("Softmax", [probs_in], ["probs"], axis=-1),
+        helper.make_node("MatMul", ["probs", "v_t"], ["context"]),
+        helper.make_node("Transpose", ["context"], ["merged"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["merged", "flat"], ["y"]),
+    ]
+    if not scale_constant:
+        inputs.append(_float("scale", []))
+    return _model(nodes, inputs, ["y"], inits)
+
+
+def _attention_feeds(cross: bool, mask: bool) -> dict[str, np.ndarray]:
+    feeds = {"x": RNG.standard_normal((2, 5, WIDTH)).astype(np.float32)}
+    length = 3 if cross else 5
+    if cross:
+        feeds["m"] = RNG.standard_normal((2, length, WIDTH)).astype(np.float32)
+    if mask:
+        feeds["attention_mask"] = np.array([[1] * length, [1] * (length - 1) + [0]], dtype=np.int64)
+    return feeds
+
+
+@pytest.mark.parametrize(("cross", "mask"), [(False, False), (False, True), (True, True), (True, False)])
+def test_attention_fuses_self_and_cross_blocks(cross: bool, mask: bool) -> None:
+    model = _attention_model(cross, mask)
+    fused, result = _rewrite(model, ATTENTION)
+    assert result.fused == 1 and result.unmatched == []
+    assert result.details == {"self": int(not cross), "cross": int(cross)}
+    assert _ops(fused).count("Attention") == 1 and "Softmax" not in _ops(fused)
+    feeds = _attention_feeds(cross, mask)
+    np.testing.assert_allclose(_run(fused, feeds)[0], _run(model, feeds)[0], atol=1e-5)
+
+
+def test_attention_says_why_a_block_does_not_match() -> None:
+    model = _attention_model(cross=False, mask=False, scale_constant=False)
+    fused, result = _rewrite(model, ATTENTION)
+    assert result.fused == 0 and "Softmax" in _ops(fused)
+    assert len(result.unmatched) == 1 and "not scaled by a constant Mul" in result.unmatched[0]
+
+
+# --- add + LayerNorm ------------------------------------------------------------------------
+
+
+def _add_layernorm_model(bridge: bool) -> onnx.ModelProto:
+    gamma = (1 + 0.1 * RNG.standard_normal(WIDTH)).astype(np.float32)
+    beta = (0.1 * RNG.standard_normal(WIDTH)).astype(np.float32)
+    inits = [*_weight("dense"), _init("gamma", gamma), _init("beta", beta)]
+    name = "/cross_modal_text_link_tower.0/LayerNorm" if bridge else "/encoder/layer.0/output/LayerNorm"
+    nodes = [
+        helper.make_node("MatMul", ["h", "dense_w"], ["dense_mm"]),
+        helper.make_node("Add", ["dense_mm", "dense_b"], ["dense_out"]),
+        helper.make_node("Add", ["dense_out", "residual"], ["summed"]),
+        helper.make_node("LayerNormalization", ["summed", "gamma", "beta"], ["y"], name=name, axis=-1, epsilon=1e-5),
+    ]
+    return _model(nodes, [_float("h", ["b", "s", WIDTH]), _float("residual", ["b", "s", WIDTH])], ["y"], inits)
+
+
+@pytest.mark.parametrize("bridge", [True, False])
+def test_add_layernorm_becomes_skip_layernorm_in_ort_and_is_counted_in_trt(bridge: bool) -> None:
+    model = _add_layernorm_model(bridge)
+    mine, other = (BRIDGE_LAYERNORM, RESIDUAL_LAYERNORM) if bridge else (RESIDUAL_LAYERNORM, BRIDGE_LAYERNORM)
+    fused, result = _rewrite(model, mine, Flavour.ORT)
+    assert result.fused == 1 and _ops(fused) == ["MatMul", "SkipLayerNormalization"]  # the bias folded in
+    feeds = {n: RNG.standard_normal((2, 4, WIDTH)).astype(np.float32) for n in ("h", "residual")}
+    np.testing.assert_allclose(_run(fused, feeds)[0], _run(model, feeds)[0], atol=1e-5)
+    assert _rewrite(model, other, Flavour.ORT)[1].fused == 0  # a bridge is not a residual, and back
+    kept, counted = _rewrite(model, mine, Flavour.TRT)
+    assert counted.fused == 1 and _ops(kept) == _ops(model)
+
+
+# --- GELU -----------------------------------------------------------------------------------
+
+
+def _gelu_model() -> onnx.ModelProto:
+    inits = [*_weight("ffn"), _init("sqrt2", np.array(np.sqrt(2), np.float32))]
+    inits += [_init("one", np.array(1.0, np.float32)), _init("half", np.array(0.5, np.float32))]
+    inits.append(_init("alpha", np.array(1.702, np.float32)))
+    nodes = [
+        helper.make_node("MatMul", ["h", "ffn_w"], ["mm"]),
+        helper.make_node("Add", ["mm", "ffn_b"], ["x"]),
+        helper.make_node("Div", ["x", "sqrt2"], ["scaled"]),
+        helper.make_node("Erf", ["scaled"], ["erf"]),
+        helper.make_node("Add", ["erf", "one"], ["plus_one"]),
+        helper.make_node("Mul", ["x", "plus_one"], ["times_x"]),
+        helper.make_node("Mul", ["times_x", "half"], ["gelu"]),
+        helper.make_node("Mul", ["gelu", "alpha"], ["quick_in"]),
+        helper.make_node("Sigmoid", ["quick_in"], ["gate"]),
+        helper.make_node("Mul", ["gelu", "gate"], ["y"]),
+    ]
+    return _model(nodes, [_float("h", ["b", WIDTH])], ["y"], inits)
+
+
+@pytest.mark.parametrize(
+    ("flavour", "ops"),
+    [
+        (Flavour.ORT, ["MatMul", "BiasGelu", "QuickGelu"]),
+        (Flavour.TRT, ["MatMul", "Add", "Gelu", "Mul", "Sigmoid", "Mul"]),
+    ],
+)
+def test_gelu_and_quick_gelu(flavour: Flavour, ops: list[str]) -> None:
+    model = _gelu_model()
+    fused, result = _rewrite(model, GELU, flavour)
+    assert _ops(fused) == ops
+    assert result.details["gelu"] == 1 and result.details["quick_gelu"] == int(flavour == Flavour.ORT)
+    feeds = {"h": RNG.standard_normal((3, WIDTH)).astype(np.float32)}
+    np.testing.assert_allclose(_run(fused, feeds)[0], _run(model, feeds)[0], atol=1e-5)
+
+
+# --- cleanup and [CLS] rows -----------------------------------------------------------------
+
+
+def test_cleanup_reads_shared_weights_directly_and_drops_dead_nodes() -> None:
+    inits = _weight("shared")
+    nodes = [
+        helper.make_node("Identity", ["shared_w"], ["copy"]),
+        helper.make_node("MatMul", ["h", "copy"], ["y"]),
+        helper.make_node("Relu", ["h"], ["dead"]),
+    ]
+    model = _model(nodes, [_float("h", ["b", WIDTH])], ["y"], inits)
+    cleaned, result = _rewrite(model, CLEANUP)
+    assert _ops(cleaned) == ["MatMul"] and cleaned.graph.node[0].input[1] == "shared_w"
+    assert result.details["weight_identities_bypassed"] == 1 and result.details["nodes_removed"] == 2
+    assert result.details["initializers_removed"] == 1  # the unused bias
+    feeds = {"h": RNG.standard_normal((2, WIDTH)).astype(np.float32)}
+    np.testing.assert_allclose(_run(cleaned, feeds)[0], _run(model, feeds)[0], atol=1e-6)
+
+
+def test_cls_rows_compute_only_the_row_the_pooler_reads() -> None:
+    inits = [*_weight("dense"), _init("zero", np.array(0))]
+    inits += [_init("gamma", np.ones(WIDTH, np.float32)), _init("beta", np.zeros(WIDTH, np.float32))]
+    nodes = [
+        helper.make_node("MatMul", ["h", "dense_w"], ["mm"]),
+        helper.make_node("Add", ["mm", "dense_b"], ["dense"]),
+        helper.make_node("LayerNormalization", ["dense", "gamma", "beta"], ["normed"], axis=-1),
+        helper.make_node("Gather", ["normed", "zero"], ["y"], axis=1),
+    ]
+    model = _model(nodes, [_float("h", ["b", "s", WIDTH])], ["y"], inits)
+    rewritten, result = _rewrite(model, CLS_ROWS)
+    assert result.details["poolers"] == 1
+    matmul = next(n for n in rewritten.graph.node if n.op_type == "MatMul")
+    producer = {o: n for n in rewritten.graph.node for o in n.output}[matmul.input[0]]
+    assert producer.op_type == "Slice"  # the dense layer now sees one row
+    feeds = {"h": RNG.standard_normal((2, 6, WIDTH)).astype(np.float32)}
+    np.testing.assert_allclose(_run(rewritten, feeds)[0], _run(model, feeds)[0], atol=1e-5)
+
+
+# --- Q/DQ islands ---------------------------------------------------------------------------
+
+
+def test_layernorm_reads_the_full_precision_tensor_after_quantization() -> None:
+    inits = [*_weight("q"), _init("s", np.array(0.05, np.float32)), _init("zp", np.array(0, np.int8))]
+    inits += [_init("gamma", np.ones(WIDTH, np.float32)), _init("beta", np.zeros(WIDTH, np.float32))]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["h", "s", "zp"], ["h_q"]),
+        helper.make_node("DequantizeLinear", ["h_q", "s", "zp"], ["h_dq"]),
+        helper.make_node("MatMul", ["h_dq", "q_w"], ["projected"]),
+        helper.make_node("LayerNormalization", ["h_dq", "gamma", "beta"], ["normed"], axis=-1),
+        helper.make_node("Add", ["projected", "normed"], ["y"]),
+    ]
+    model = _model(nodes, [_float("h", ["b", WIDTH])], ["y"], inits)
+    rewritten, result = _rewrite(model, QDQ_ISLANDS)
+    assert result.details == {"inputs_restored": 1}
+    by_op = {n.op_type: n for n in rewritten.graph.node}
+    assert by_op["LayerNormalization"].input[0] == "h" and by_op["MatMul"].input[0] == "h_dq"

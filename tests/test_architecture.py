@@ -1,0 +1,116 @@
+"""The layout's rules, checked on the source: stages import only downward, heads are not
+branched on outside their declaration, and every pass declares the flavours it serves."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "btdeploy"
+
+# The order of ARCHITECTURE.md: a module may import its own stage and the ones before it.
+STAGES = [
+    {"errors", "progress"},
+    {"artifacts"},
+    {"model"},
+    {"backends"},
+    {"export"},
+    {"optimize"},
+    {"quantize"},
+    {"runtime"},
+    {"verify"},
+    {"apps"},
+    {"bench"},
+    {"cli"},
+    {"__init__"},  # the public API re-exports the runtime
+]
+
+
+def _stage(module: str) -> int:
+    first = module.split(".")[1] if "." in module else "__init__"
+    for index, names in enumerate(STAGES):
+        if first in names:
+            return index
+    raise AssertionError(f"{module} belongs to no stage: add it to ARCHITECTURE.md and STAGES")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("btdeploy"):
+            if node.module == "btdeploy":  # from btdeploy import X: X is a module or the public API
+                found += [(node.lineno, f"btdeploy.{alias.name}") for alias in node.names]
+            else:
+                found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names if alias.name.startswith("btdeploy")]
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            found.append((node.lineno, "relative"))
+    return found
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_module_belongs_to_a_stage() -> None:
+    assert len(SOURCES) > 40
+    for path in SOURCES:
+        _stage(_module_name(path))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_stages_import_only_downward(path: Path) -> None:
+    importer = _module_name(path)
+    for line, imported in _imports(path):
+        assert imported != "relative", f"{importer}:{line} uses a relative import; import btdeploy.<stage> instead"
+        assert _stage(imported) <= _stage(importer), (
+            f"{importer}:{line} imports {imported}, a later stage (see ARCHITECTURE.md)"
+        )
+
+
+def test_the_layering_check_catches_an_upward_import(tmp_path: Path) -> None:
+    planted = PACKAGE / "model" / "planted_upward.py"
+    source = "from btdeploy.verify.parity import compare\n"
+    assert [(1, "btdeploy.verify.parity")] == _imports(_write(tmp_path / "x.py", source))
+    assert _stage("btdeploy.verify.parity") > _stage(_module_name(planted))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+HEAD_BRANCH = re.compile(r"""\bhead(?:_name|\.name)?\s*(?:==|!=|in)\s*\(?\s*["'](?:base|itm|itc|mlm)["']""")
+
+
+def test_no_module_branches_on_a_head_name_outside_the_declarations() -> None:
+    offenders = []
+    for path in SOURCES:
+        if path.name == "heads.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if HEAD_BRANCH.search(line):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}")
+    assert offenders == [], "head behaviour belongs on the head's declaration in model/heads.py"
+    assert HEAD_BRANCH.search('if head.name == "itc":') and HEAD_BRANCH.search("if head == 'mlm'")
+
+
+def test_every_pass_declares_its_flavours_and_refuses_others() -> None:
+    from btdeploy.artifacts.graph_names import Flavour
+    from btdeploy.optimize.graph import Graph
+    from btdeploy.optimize.passes import PASSES
+    from btdeploy.optimize.passes.base import GraphPass, PassResult
+
+    for graph_pass in PASSES:
+        assert set(graph_pass.rewrites) == set(Flavour), graph_pass.name
+    ort_only = GraphPass("ort-only", {Flavour.ORT: lambda graph: PassResult("ort-only")})
+    with pytest.raises(ValueError, match="serves flavours ort, not trt"):
+        ort_only.run(Graph.__new__(Graph), Flavour.TRT)

@@ -3,21 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from btdeploy.errors import BtDeployError
 
 
 def _int_list(text: str) -> tuple[int, ...]:
+    """Comma-separated positive integers (batch sizes, text lengths)."""
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every value must be at least 1, got {text!r}")
     return values
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line and exit 2, like every other error (argparse prints the usage too)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise BtDeployError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _describe_os_error(error: OSError) -> str:
+    """An OSError a user can cause (a path that is a file, a full disk, no permission) as one line."""
+    where = f": {error.filename}" if error.filename else ""
+    hints = {
+        errno.ENOSPC: "free some space and run the command again (nothing half-written was kept)",
+        errno.EACCES: "check the permissions of that path",
+        errno.ENOTDIR: "a path given as a folder is a file",
+        errno.EISDIR: "a path given as a file is a folder",
+        errno.EEXIST: "that path exists and is in the way",
+    }
+    hint = hints.get(error.errno or 0, "check the path and run the command again")
+    return f"{error.strerror or error}{where}: {hint}"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -121,7 +147,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         if not args.text:
             raise BtDeployError("--images needs --text TEXT")
         texts, images = [args.text], image_files(Path(args.images), "--images")
-    rows, stages = rank(Path(args.dir), images, texts, args.top_k, args.providers)
+    rows, stages = rank(Path(args.dir), images, texts, args.top_k, args.providers, args.batch_size)
     print(f"{stages}")
     print(format_ranking(rows))
     return 0
@@ -201,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     flavours = [str(f) for f in Flavour]
     engine_precisions = [str(p) for p in TARGETS["tensorrt"].precisions]
 
-    parser = argparse.ArgumentParser(prog="btdeploy", description=__doc__)
+    parser = _OneLineParser(prog="btdeploy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
@@ -274,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--images", default=None, help="a folder of images, ranked against --text")
     rank.add_argument("--text", default=None, help="one caption, ranked against --images")
     rank.add_argument("--top-k", type=int, default=5)
+    rank.add_argument(
+        "--batch-size", type=int, default=64, help="candidates read and scored at a time (memory stays flat)"
+    )
     rank.add_argument("--providers", nargs="*", default=None)
 
     run = add("run", cmd_run, "score texts against an image with an exported head")
@@ -321,12 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
+    """Exit 0 on success, 1 when a check ran and failed, 2 for anything the user can fix, 130 on Ctrl-C."""
     try:
+        args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
         return int(args.handler(args))
     except BtDeployError as error:
         print(f"btdeploy: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"btdeploy: error: {_describe_os_error(error)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("btdeploy: error: out of memory: use a smaller batch or a machine with more memory", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("btdeploy: interrupted", file=sys.stderr)

@@ -2,10 +2,16 @@
 
 First stage, where the export has the ITC head: text-image cosine of the contrastive embeddings
 (each tower once per item). Second stage: ITM match probability for the top K, on the split
-graphs where the export has them (the image tower once), else on the whole ITM head."""
+graphs where the export has them (the query's tower once), else on the whole ITM head.
+
+Candidates stream through in batches of `batch_size`: the query is preprocessed and encoded
+once, each batch of candidates is read, preprocessed, scored and dropped, and only one score
+per candidate is kept, so memory stays flat in the number of candidates.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +22,10 @@ from btdeploy.apps.run import load_processor
 from btdeploy.artifacts.manifest import head_folders, read_manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.model.media import load_image
+from btdeploy.progress import say
 from btdeploy.runtime.runtime import Runtime, SplitRuntime, load
+
+DEFAULT_BATCH_SIZE = 64
 
 
 @dataclass
@@ -24,6 +33,89 @@ class RankedItem:
     label: str  # the caption, or the image file name
     itm_probability: float | None
     itc_cosine: float | None
+
+
+@dataclass
+class Query:
+    """The single item of a ranking, preprocessed once, and how to preprocess the candidates."""
+
+    is_image: bool  # an image against captions; else a caption against images
+    inputs: dict[str, np.ndarray]  # pixel_values, or input_ids + attention_mask, for one item
+    processor: Any
+    limit: int  # the model's text length
+
+    def candidate_batches(self, candidates: list[Any], batch_size: int) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(first index, inputs) per batch: captions tokenized, or images read and preprocessed."""
+        for start in range(0, len(candidates), batch_size):
+            chunk = candidates[start : start + batch_size]
+            if self.is_image:
+                encoding = self.processor.tokenizer(
+                    chunk, padding=True, truncation=True, max_length=self.limit, return_tensors="np"
+                )
+                yield start, {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}
+            else:
+                pictures = [load_image(path) for path in chunk]
+                pixels = self.processor.image_processor(pictures, return_tensors="np")["pixel_values"]
+                yield start, {"pixel_values": np.asarray(pixels, dtype=np.float32)}
+
+
+def _make_query(runtime: Runtime, image: Path | None, text: str | None) -> Query:
+    processor = load_processor(runtime)
+    limit = int(runtime.manifest.data["limits"]["max_text_length"])
+    if image is not None:
+        pixels = processor.image_processor([load_image(image)], return_tensors="np")["pixel_values"]  # type: ignore[attr-defined]
+        return Query(True, {"pixel_values": np.asarray(pixels, dtype=np.float32)}, processor, limit)
+    encoding = processor.tokenizer([text], truncation=True, max_length=limit, return_tensors="np")  # type: ignore[attr-defined]
+    inputs = {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}
+    return Query(False, inputs, processor, limit)
+
+
+def _pair_inputs(query: Query, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The whole head's inputs for (query, candidate) pairs: the query repeated per candidate."""
+    rows = len(next(iter(batch.values())))
+    repeated = {name: np.repeat(values, rows, axis=0) for name, values in query.inputs.items()}
+    return {**repeated, **batch}
+
+
+def _encode(runtime: SplitRuntime, inputs: dict[str, np.ndarray]) -> Any:
+    if "pixel_values" in inputs:
+        return runtime.encode_images(inputs["pixel_values"])
+    return runtime.encode_texts(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+
+def _itc_cosines(itc: Runtime, query: Query, candidates: list[Any], batch_size: int) -> np.ndarray:
+    """Text-image cosine of the query against every candidate; split graphs need only the towers."""
+    cosines = np.empty(len(candidates), dtype=np.float32)
+    query_embeds = None
+    if isinstance(itc, SplitRuntime):
+        features = _encode(itc, query.inputs).arrays
+        query_embeds = features["image_embeds" if query.is_image else "text_embeds"][0]
+    for start, batch in query.candidate_batches(candidates, batch_size):
+        if isinstance(itc, SplitRuntime):
+            features = _encode(itc, batch).arrays
+            embeds = features["text_embeds" if query.is_image else "image_embeds"]
+            values = embeds @ query_embeds
+        else:
+            outputs = itc(**_pair_inputs(query, batch))
+            values = (np.asarray(outputs.text_embeds) * np.asarray(outputs.image_embeds)).sum(-1)
+        cosines[start : start + len(values)] = values
+    return cosines
+
+
+def _itm_probabilities(itm: Runtime, query: Query, candidates: list[Any], batch_size: int) -> np.ndarray:
+    """ITM match probability of the query with every candidate."""
+    probabilities = np.empty(len(candidates), dtype=np.float32)
+    query_features = _encode(itm, query.inputs) if isinstance(itm, SplitRuntime) else None
+    for start, batch in query.candidate_batches(candidates, batch_size):
+        if isinstance(itm, SplitRuntime) and query_features is not None:
+            features = _encode(itm, batch)
+            images, texts = (query_features, features) if query.is_image else (features, query_features)
+            logits = itm.score(images, texts, batch_size)["logits"].reshape(-1, 2)
+        else:
+            logits = np.asarray(itm(**_pair_inputs(query, batch)).logits)
+        shifted = np.exp(logits - logits.max(-1, keepdims=True))
+        probabilities[start : start + len(logits)] = shifted[:, 1] / shifted.sum(-1)
+    return probabilities
 
 
 def _load(root: Path, head: str, **options: Any) -> Runtime:
@@ -35,81 +127,48 @@ def _has_head(root: Path, head: str) -> bool:
     return any(read_manifest(folder).head == head for folder in head_folders(root))
 
 
-def _encode(processor: Any, images: list[Any], texts: list[str], limit: int) -> dict[str, np.ndarray]:
-    encoding = processor(images, texts, padding=True, truncation=True, max_length=limit, return_tensors="np")
-    return {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask", "pixel_values")}
-
-
-def _itc_cosines(itc: Runtime, images: list[Any], texts: list[str], processor: Any) -> np.ndarray:
-    """Text-image cosine for every pair, [images * texts]; split graphs need only the towers."""
-    if isinstance(itc, SplitRuntime):
-        limit = int(itc.manifest.data["limits"]["max_text_length"])
-        pixels = _encode(processor, images, [""] * len(images), limit)["pixel_values"]
-        text_encoding = _encode(processor, [images[0]] * len(texts), texts, limit)
-        image_embeds = itc.encode_images(pixels).arrays["image_embeds"]
-        text_embeds = itc.encode_texts(
-            input_ids=text_encoding["input_ids"], attention_mask=text_encoding["attention_mask"]
-        ).arrays["text_embeds"]
-        return (image_embeds @ text_embeds.T).reshape(-1)
-    outputs = _pair_outputs(itc, images, texts, processor)
-    return (outputs["text_embeds"] * outputs["image_embeds"]).sum(-1).reshape(-1)
-
-
-def _pair_outputs(runtime: Runtime, images: list[Any], texts: list[str], processor: Any) -> dict[str, np.ndarray]:
-    """The head's outputs for every (image, text) pair, shaped [images, texts, ...]."""
-    limit = int(runtime.manifest.data["limits"]["max_text_length"])
-    if isinstance(runtime, SplitRuntime):
-        # Each tower once per item; only the fusion graph sees every pair.
-        image_features = runtime.encode_images(_encode(processor, images, [""] * len(images), limit)["pixel_values"])
-        text_encoding = _encode(processor, [images[0]] * len(texts), texts, limit)
-        text_features = runtime.encode_texts(
-            input_ids=text_encoding["input_ids"], attention_mask=text_encoding["attention_mask"]
-        )
-        return runtime.score(image_features, text_features)
-    rows = []
-    for image in images:
-        outputs = runtime(**_encode(processor, [image] * len(texts), texts, limit))
-        rows.append({name: np.asarray(outputs[name]) for name in runtime.head.output_names})
-    return {name: np.stack([row[name] for row in rows]) for name in rows[0]}
-
-
 def rank(
     root: Path,
     images: list[Path],
     texts: list[str],
     top_k: int = 5,
     providers: list[str] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> tuple[list[RankedItem], str]:
     """Rank the items of the larger side against the single item of the other; returns (rows, stages)."""
     if top_k < 1:
         raise BtDeployError(f"--top-k {top_k} must be at least 1")
+    if batch_size < 1:
+        raise BtDeployError(f"--batch-size {batch_size} must be at least 1")
     if not texts:
         raise BtDeployError("no captions to rank: the texts file is empty")
     if not images:
         raise BtDeployError("no images to rank")
     if len(images) > 1 and len(texts) > 1:
         raise BtDeployError("rank one image against many captions, or one caption against many images")
-    pictures = [load_image(path) for path in images]
-    labels = [path.name for path in images] if len(images) > 1 else texts
-    candidates = list(range(len(labels)))
+    image_query = len(images) == 1
+    candidates: list[Any] = texts if image_query else images
+    labels = texts if image_query else [path.name for path in images]
+    query_image, query_text = (images[0], None) if image_query else (None, texts[0])
+    chosen = np.arange(len(candidates))
     cosines: dict[int, float] = {}
     stages = []
+    options = {"providers": providers} if providers else {}
     if _has_head(root, "itc"):
-        itc = _load(root, "itc", providers=providers)
-        similarity = _itc_cosines(itc, pictures, texts, load_processor(itc))
-        cosines = {index: float(value) for index, value in enumerate(similarity)}
-        candidates = sorted(candidates, key=lambda i: -cosines[i])[:top_k]
-        stages.append(f"ITC cosine over {len(labels)}, top {len(candidates)} to ITM")
-    itm = _load(root, "itm", providers=providers)
-    chosen_images = [pictures[i] for i in candidates] if len(images) > 1 else pictures
-    chosen_texts = texts if len(images) > 1 else [texts[i] for i in candidates]
-    logits = _pair_outputs(itm, chosen_images, chosen_texts, load_processor(itm))["logits"].reshape(-1, 2)
-    shifted = np.exp(logits - logits.max(-1, keepdims=True))
-    probability = shifted[:, 1] / shifted.sum(-1)
-    stages.append(f"ITM on {len(candidates)}" + (" (split graphs)" if isinstance(itm, SplitRuntime) else ""))
+        itc = _load(root, "itc", **options)
+        query = _make_query(itc, query_image, query_text)
+        say(f"rank: ITC cosine over {len(candidates)} candidate(s), {batch_size} at a time")
+        similarity = _itc_cosines(itc, query, candidates, batch_size)
+        chosen = np.argsort(-similarity, kind="stable")[:top_k]
+        cosines = {int(index): float(similarity[index]) for index in chosen}
+        stages.append(f"ITC cosine over {len(candidates)}, top {len(chosen)} to ITM")
+    itm = _load(root, "itm", **options)
+    query = _make_query(itm, query_image, query_text)
+    probability = _itm_probabilities(itm, query, [candidates[i] for i in chosen], batch_size)
+    stages.append(f"ITM on {len(chosen)}" + (" (split graphs)" if isinstance(itm, SplitRuntime) else ""))
     ranked = [
-        RankedItem(labels[index], float(p), cosines.get(index))
-        for index, p in zip(candidates, probability, strict=True)
+        RankedItem(labels[index], float(p), cosines.get(int(index)))
+        for index, p in zip(chosen, probability, strict=True)
     ]
     ranked.sort(key=lambda item: -(item.itm_probability or 0.0))
     return ranked[:top_k], "; ".join(stages)

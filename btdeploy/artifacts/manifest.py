@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from btdeploy.artifacts.files import write_json
+from btdeploy.artifacts.files import sha256_of, write_json
 from btdeploy.artifacts.graph_names import STEMS, Flavour, Precision, graph_file
+from btdeploy.artifacts.onnx_files import graph_bytes
 from btdeploy.errors import BtDeployError
 
 MANIFEST_NAME = "manifest.json"
@@ -90,10 +91,32 @@ class Manifest:
     def config(self) -> Any:
         from transformers import BridgeTowerConfig
 
-        return BridgeTowerConfig.from_dict(self.data["model"]["config"])
+        try:
+            return BridgeTowerConfig.from_dict(self.data["model"]["config"])
+        except Exception as error:  # transformers raises many types for a bad value
+            raise BtDeployError(
+                f"{self.folder / MANIFEST_NAME} holds a config transformers cannot read ({error}): export again"
+            ) from None
 
     def write(self) -> None:
         write_json(self.folder / MANIFEST_NAME, self.data)
+
+    def record_graph(self, path: Path) -> None:
+        """Remember a graph's size and hash, so a replaced or damaged file is refused at load."""
+        self.data.setdefault("graphs", {})[path.name] = {"bytes": graph_bytes(path), "sha256": sha256_of(path)}
+
+    def verify_graph(self, path: Path, full: bool = False) -> None:
+        """Refuse a graph that is not the one recorded: its size always, its sha256 with `full`."""
+        record = self.data.get("graphs", {}).get(path.name)
+        if record is None:
+            return  # written before btdeploy recorded graphs, or by hand: nothing to hold it to
+        size = graph_bytes(path)
+        if size != record["bytes"] or (full and sha256_of(path) != record["sha256"]):
+            what = f"{size} bytes, recorded {record['bytes']}" if size != record["bytes"] else "sha256 differs"
+            raise BtDeployError(
+                f"{path} is not the graph its manifest recorded ({what}): it was replaced or damaged; "
+                "make it again (btdeploy export, optimize or quantize)"
+            )
 
 
 def read_manifest(folder: Path) -> Manifest:
@@ -103,9 +126,23 @@ def read_manifest(folder: Path) -> Manifest:
     try:
         data = json.loads(path.read_text())
         _ = data["head"], data["model"]["config"], data["inputs"], data["outputs"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        _check_names(data)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as error:
         raise BtDeployError(f"{path} is damaged ({error}); export the head again") from None
     return Manifest(folder, data)
+
+
+def _check_names(data: dict[str, Any]) -> None:
+    """Names in a manifest are names, never paths: every file btdeploy reads is named by its own
+    vocabulary (graph_names), so a manifest cannot point outside its folder."""
+    if not isinstance(data["head"], str) or Path(data["head"]).name != data["head"]:
+        raise ValueError(f"head {data['head']!r} is not a name")
+    for stem in data.get("split", {}):
+        if stem not in STEMS[1:]:
+            raise ValueError(f"unknown split graph {stem!r}")
+    for name in data.get("graphs", {}):
+        if Path(name).name != name or name.startswith("."):
+            raise ValueError(f"graph name {name!r} is a path")
 
 
 def head_folders(root: Path, heads: list[str] | None = None) -> list[Path]:
@@ -117,8 +154,16 @@ def head_folders(root: Path, heads: list[str] | None = None) -> list[Path]:
         folders = sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file())
     else:
         raise BtDeployError(f"{root} does not exist: pass the --out folder of btdeploy export")
+    claimed: dict[str, Path] = {}
+    for folder in folders:
+        head = read_manifest(folder).head
+        if head in claimed and len(folders) > 1:
+            raise BtDeployError(
+                f"{claimed[head]} and {folder} both hold the {head} head: keep one (btdeploy reads one folder per head)"
+            )
+        claimed[head] = folder
     if heads is not None:
-        found = {read_manifest(f).head: f for f in folders}
+        found = claimed
         missing = [h for h in heads if h not in found]
         if missing:
             raise BtDeployError(

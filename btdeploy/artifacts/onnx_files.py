@@ -36,6 +36,40 @@ def load_graph(path: Path, what: str, load_weights: bool = True) -> onnx.ModelPr
 
 def save_graph_atomically(model: onnx.ModelProto, path: Path) -> None:
     """Write model (and its `.data` past 2 GB) under temporary names, then rename into place."""
+    batch = GraphBatch()
+    try:
+        batch.stage(model, path)
+    except BaseException:
+        batch.discard()
+        raise
+    batch.commit()
+
+
+class GraphBatch:
+    """Several graphs that must appear together (a head's whole and split graphs of one step):
+    each is written under a temporary name first, and only when all are written are they renamed
+    into place; on failure none of them replaces what was there."""
+
+    def __init__(self) -> None:
+        self.staged: list[tuple[Path, Path]] = []  # (temporary, final)
+
+    def stage(self, model: onnx.ModelProto, path: Path) -> None:
+        self.staged += _write_temporary(model, path)
+
+    def commit(self) -> None:
+        # Data files first, so a graph never appears before the weights it names.
+        for tmp, final in sorted(self.staged, key=lambda pair: not pair[1].name.endswith(".data")):
+            os.replace(tmp, final)
+        self.staged = []
+
+    def discard(self) -> None:
+        for tmp, _ in self.staged:
+            tmp.unlink(missing_ok=True)
+        self.staged = []
+
+
+def _write_temporary(model: onnx.ModelProto, path: Path) -> list[tuple[Path, Path]]:
+    """Write model (and its `.data` past 2 GB) under temporary names; returns (temporary, final) pairs."""
     large = model.ByteSize() > PROTOBUF_LIMIT
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
@@ -53,15 +87,14 @@ def save_graph_atomically(model: onnx.ModelProto, path: Path) -> None:
                     if entry.key == "location":
                         entry.value = final_data.name
             onnx.save_model(saved, tmp)
-            os.replace(tmp_data, final_data)
         else:
             onnx.save_model(model, tmp)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         tmp_data.unlink(missing_ok=True)
         raise
+    return [(Path(tmp), path)] + ([(tmp_data, final_data)] if large else [])
 
 
 def gather_external_data(folder: Path, name: str) -> bool:

@@ -70,6 +70,7 @@ class OnnxRuntimeBackend:
             raise BtDeployError(
                 f"{model_path} lacks output(s) {', '.join(lacking)}: it was not exported by btdeploy for this head"
             )
+        self.path = Path(model_path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         # What the session really runs on: ONNX Runtime drops a provider that fails to start.
         running = self.session.get_providers()
@@ -89,3 +90,42 @@ class OnnxRuntimeBackend:
         except Exception as error:
             raise BtDeployError(f"ONNX Runtime failed to run the model: {str(error).strip().splitlines()[0]}") from None
         return dict(zip(self.output_names, values, strict=True))
+
+
+_ONNX_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16"}
+
+
+def check_graph_io(backend: OnnxRuntimeBackend, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> None:
+    """Refuse a graph whose inputs or outputs are not the ones its manifest declares: names, dtypes,
+    rank and static dims (a graph swapped in from another head fails here, before it runs)."""
+    path = backend.path
+    for kind, declared, actual in (
+        ("input", inputs, backend.session.get_inputs()),
+        ("output", outputs, backend.session.get_outputs()),
+    ):
+        found = {arg.name: arg for arg in actual}
+        for entry in declared:
+            arg = found.get(entry["name"])
+            if arg is None:
+                raise BtDeployError(
+                    f"{path} has no {kind} {entry['name']!r} (it has {', '.join(found)}): it is not the graph "
+                    "its manifest describes; make it again"
+                )
+            problem = _mismatch(entry, _ONNX_TYPES.get(arg.type, arg.type), list(arg.shape))
+            if problem:
+                raise BtDeployError(f"{path} {kind} {entry['name']!r} {problem}: it is not the graph its manifest "
+                                    "describes; make it again")  # fmt: skip
+
+
+def _mismatch(entry: dict[str, Any], dtype: str, shape: list[Any]) -> str | None:
+    if "dtype" in entry and entry["dtype"] != dtype:
+        return f"is {dtype}, the manifest says {entry['dtype']}"
+    declared = entry.get("shape")
+    if declared is None:
+        return None
+    if len(declared) != len(shape):
+        return f"has shape {shape}, the manifest says {declared}"
+    for want, got in zip(declared, shape, strict=True):
+        if isinstance(want, int) and isinstance(got, int) and want != got:
+            return f"has shape {shape}, the manifest says {declared}"
+    return None

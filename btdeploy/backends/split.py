@@ -74,8 +74,9 @@ def build_split_backend(
     precision: Precision,
     providers: tuple[str, ...] | None = None,
     threads: int | None = None,
+    verify_hash: bool = False,
 ) -> SplitBackend:
-    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend, check_graph_io
 
     if len(manifest.stems) == 1:
         raise BtDeployError(
@@ -84,6 +85,10 @@ def build_split_backend(
     parts: dict[str, Backend] = {}
     paths = {stem: manifest.graph_path(flavour, precision, stem) for stem in SPLIT_STEMS}
     for stem, path in paths.items():
-        outputs = list(manifest.data["split"][stem]["outputs"])
-        parts[stem] = OnnxRuntimeBackend(path, outputs, providers, threads)
+        manifest.verify_graph(path, full=verify_hash)
+        record = manifest.data["split"][stem]
+        outputs = list(record["outputs"])
+        part = OnnxRuntimeBackend(path, outputs, providers, threads)
+        check_graph_io(part, [{"name": n} for n in record["inputs"]], [{"name": n} for n in outputs])
+        parts[stem] = part
     return SplitBackend(manifest, parts, paths)

@@ -34,6 +34,7 @@ class RunOptions:
     device: str = "cpu"  # the PyTorch reference's device
     cuda_graphs: bool = False
     split: bool = False  # the text, vision and fusion graphs instead of the whole head
+    verify_hash: bool = False  # hash each graph against its manifest record (its size is always checked)
 
 
 OPTION_NAMES = tuple(f.name for f in fields(RunOptions))
@@ -147,11 +148,16 @@ def _ort_make(manifest: Manifest, options: RunOptions) -> Backend:
     if options.split:
         from btdeploy.backends.split import build_split_backend
 
-        return build_split_backend(manifest, options.flavour, options.precision, options.providers, options.threads)
-    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+        return build_split_backend(
+            manifest, options.flavour, options.precision, options.providers, options.threads, options.verify_hash
+        )
+    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend, check_graph_io
 
     path = _ort_artifact(manifest, options)
-    return OnnxRuntimeBackend(path, get_head(manifest.head).output_names, options.providers, options.threads)
+    manifest.verify_graph(path, full=options.verify_hash)
+    backend = OnnxRuntimeBackend(path, get_head(manifest.head).output_names, options.providers, options.threads)
+    check_graph_io(backend, manifest.data["inputs"], manifest.data["outputs"])
+    return backend
 
 
 def _ort_variant(name: str, flavour: Flavour | None, precision: Precision = Precision.FP32) -> BenchVariant:
@@ -167,7 +173,7 @@ _ORT_GRAPHS: tuple[GraphKind, ...] = (
 ONNXRUNTIME = Target(
     name="onnxruntime",
     description="ONNX Runtime on the exported or optimized graphs",
-    options=frozenset({"flavour", "precision", "providers", "threads", "split"}),
+    options=frozenset({"flavour", "precision", "providers", "threads", "split", "verify_hash"}),
     graphs=_ORT_GRAPHS,
     make=_ort_make,
     unavailable=_ort_unavailable,

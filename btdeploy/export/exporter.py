@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from btdeploy.artifacts.files import sha256_of, staged_directory
+from btdeploy.artifacts.graph_names import graph_file
+from btdeploy.artifacts.locks import head_lock
 from btdeploy.artifacts.manifest import MANIFEST_NAME, MODEL_NAME, PROCESSOR_DIR, Manifest, tool_versions
 from btdeploy.artifacts.onnx_files import data_file, gather_external_data, graph_bytes
 from btdeploy.errors import BtDeployError
@@ -36,10 +38,12 @@ def export_head(
             f"--opset {opset} is not supported: use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
         )
     head = get_head(head_name)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise BtDeployError(f"--out {out_dir} is a file: give a folder (each head goes to OUT/<head>/)")
     with step(f"loading the {head.name} reference from {source.spec}"):
         loaded = load_head_model(source, head)
     final = Path(out_dir) / head.name
-    with staged_directory(final) as staging:
+    with head_lock(final, f"btdeploy export --heads {head.name}"), staged_directory(final) as staging:
         with step(f"exporting {head.name} to ONNX (opset {opset})"):
             seconds = _torch_to_onnx(loaded, head, staging / MODEL_NAME, opset)
         with step(f"validating {head.name} with the ONNX checker"):
@@ -52,6 +56,8 @@ def export_head(
         if parts:
             manifest.data["split"] = parts
         manifest.folder = staging
+        for stem in manifest.stems:
+            manifest.record_graph(staging / graph_file(None, stem=stem))
         manifest.write()
     manifest.folder = final
     say(f"wrote {final / MODEL_NAME} ({graph_bytes(final / MODEL_NAME) / 1e6:.1f} MB)")

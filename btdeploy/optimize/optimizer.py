@@ -6,10 +6,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from btdeploy.artifacts.files import sha256_of
 from btdeploy.artifacts.graph_names import Flavour, graph_file, parse_flavour
+from btdeploy.artifacts.locks import head_lock
 from btdeploy.artifacts.manifest import Manifest, read_manifest
-from btdeploy.artifacts.onnx_files import load_graph, save_graph_atomically
+from btdeploy.artifacts.onnx_files import GraphBatch, load_graph
 from btdeploy.backends.targets import graph_checks
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HeadSpec, get_head
@@ -36,18 +36,29 @@ def optimize_head(folder: Path, flavour: Flavour | str, allow_partial: bool = Fa
     chosen = parse_flavour(flavour)
     if chosen is None:
         raise BtDeployError("--flavour is required: choose one of " + ", ".join(f.value for f in Flavour))
-    manifest = read_manifest(folder)
-    summary = _optimize_graph(manifest, chosen, "model", allow_partial)
-    parts = {stem: _optimize_graph(manifest, chosen, stem, allow_partial) for stem in manifest.stems[1:]}
-    if parts:
-        summary["parts"] = parts
-    manifest = read_manifest(folder)  # re-read: another step may have recorded meanwhile
-    manifest.data.setdefault("optimized", {})[str(chosen)] = summary
-    manifest.write()
+    with head_lock(folder, f"btdeploy optimize --flavour {chosen}"):
+        manifest = read_manifest(folder)
+        batch = GraphBatch()  # every graph of the head, or none: stage, then swap, then record
+        try:
+            summaries = {stem: _optimize_graph(manifest, chosen, stem, allow_partial, batch) for stem in manifest.stems}
+            batch.commit()
+        except BaseException:
+            batch.discard()
+            raise
+        for stem_summary in summaries.values():
+            manifest.record_graph(folder / stem_summary["file"])
+            stem_summary["sha256"] = manifest.data["graphs"][stem_summary["file"]]["sha256"]
+        summary = summaries.pop("model")
+        if summaries:
+            summary["parts"] = summaries
+        manifest.data.setdefault("optimized", {})[str(chosen)] = summary
+        manifest.write()
     return summary
 
 
-def _optimize_graph(manifest: Manifest, flavour: Flavour, stem: str, allow_partial: bool) -> dict[str, Any]:
+def _optimize_graph(
+    manifest: Manifest, flavour: Flavour, stem: str, allow_partial: bool, batch: GraphBatch
+) -> dict[str, Any]:
     head = get_head(manifest.head)
     source = manifest.graph_path(None, stem=stem)
     label = manifest.head if stem == "model" else f"{manifest.head} {stem}"
@@ -89,8 +100,7 @@ def _optimize_graph(manifest: Manifest, flavour: Flavour, stem: str, allow_parti
                 f"the {flavour} graph of {label} has operators {target_name} cannot parse: {', '.join(problems)}"
             )
     require_fp16_safe(model, f"the {flavour} graph of {label}")
-    save_graph_atomically(model, target)
-    summary["sha256"] = sha256_of(target)
+    batch.stage(model, target)
     say(f"optimize {label} ({flavour}): attention blocks fused: {attention} of {expected_attention}, "
         f"bridge add+LayerNorm: {bridges} of {expected_bridge} -> {target}")  # fmt: skip
     return summary

@@ -15,10 +15,10 @@ from typing import Any
 
 import onnx
 
-from btdeploy.artifacts.files import sha256_of
 from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, parse_flavour
+from btdeploy.artifacts.locks import head_lock
 from btdeploy.artifacts.manifest import Manifest, read_manifest, tool_versions
-from btdeploy.artifacts.onnx_files import graph_bytes, load_graph, save_graph_atomically
+from btdeploy.artifacts.onnx_files import GraphBatch, load_graph
 from btdeploy.backends.targets import graph_checks
 from btdeploy.errors import BtDeployError
 from btdeploy.optimize.graph_checks import layernorm_types, qdq_summary, require_fp16_safe
@@ -78,24 +78,38 @@ def quantize_head(
     """Quantize model.onnx's optimized graph (and the split graphs, where the head has them)."""
     chosen = parse_flavour(flavour) or Flavour.ORT
     method = get_method(precision, chosen)
-    manifest = read_manifest(folder)
-    source_flavour, why = method.source(chosen)
-    sources = {stem: manifest.graph_path(source_flavour, stem=stem) for stem in manifest.stems}
-    for source in sources.values():
-        require_fp16_safe(load_graph(source, "optimize the head again", load_weights=False), f"{source}")
-    calibration = load_calibration(manifest, calib_images, calib_texts, calib_size) if method.calibrates else None
-    summary = _quantize_graph(manifest, method, chosen, "model", (sources["model"], why), calibration)
-    parts = {}
-    for stem in manifest.stems[1:]:
-        part_calibration = calibration
-        if calibration is not None and stem == "fusion":
-            part_calibration = _fusion_calibration(manifest, calibration)
-        parts[stem] = _quantize_graph(manifest, method, chosen, stem, (sources[stem], why), part_calibration)
-    if parts:
-        summary["parts"] = parts
-    manifest = read_manifest(folder)  # re-read: another precision may have been recorded meanwhile
-    manifest.data.setdefault("precisions", {})[f"{chosen}.{method.precision}"] = summary
-    manifest.write()
+    with head_lock(folder, f"btdeploy quantize --flavour {chosen} --precision {method.precision}"):
+        manifest = read_manifest(folder)
+        source_flavour, why = method.source(chosen)
+        sources = {stem: manifest.graph_path(source_flavour, stem=stem) for stem in manifest.stems}
+        for source in sources.values():
+            require_fp16_safe(load_graph(source, "optimize the head again", load_weights=False), f"{source}")
+        calibration = None
+        if method.calibrates:
+            calibration = load_calibration(manifest, calib_images, calib_texts, calib_size)
+        batch = GraphBatch()  # every graph of the head, or none: stage, then swap, then record
+        summaries: dict[str, dict[str, Any]] = {}
+        try:
+            for stem in manifest.stems:
+                part_calibration = calibration
+                if calibration is not None and stem == "fusion":
+                    part_calibration = _fusion_calibration(manifest, calibration)
+                summaries[stem] = _quantize_graph(
+                    manifest, method, chosen, stem, (sources[stem], why), part_calibration, batch
+                )
+            batch.commit()
+        except BaseException:
+            batch.discard()
+            raise
+        for stem_summary in summaries.values():
+            manifest.record_graph(folder / stem_summary["file"])
+            stem_summary.update(manifest.data["graphs"][stem_summary["file"]])
+            _say_written(manifest.head, stem_summary)
+        summary = summaries.pop("model")
+        if summaries:
+            summary["parts"] = summaries
+        manifest.data.setdefault("precisions", {})[f"{chosen}.{method.precision}"] = summary
+        manifest.write()
     return summary
 
 
@@ -106,6 +120,7 @@ def _quantize_graph(
     stem: str,
     source_and_reason: tuple[Path, str],
     calibration: CalibrationData | None,
+    batch: GraphBatch,
 ) -> dict[str, Any]:
     source, why = source_and_reason
     precision = method.precision
@@ -113,7 +128,7 @@ def _quantize_graph(
     target = manifest.folder / graph_file(flavour, precision, stem)
     started = time.monotonic()
     feeds = {name: calibration.feeds[name] for name in manifest.input_names(stem)} if calibration else {}
-    workdir = Path(tempfile.mkdtemp(prefix=".quantize.", dir=manifest.folder))
+    workdir = Path(tempfile.mkdtemp(prefix=".quantize.", suffix=".partial", dir=manifest.folder))
     try:
         with step(f"quantize {label} ({flavour}, {precision}) from {source.name}"):
             model, options = method.run(source, feeds, workdir, flavour)
@@ -127,7 +142,7 @@ def _quantize_graph(
                     f"{', '.join(problems)}"
                 )
             facts[f"{target_name}_op_check"] = "passed"
-        save_graph_atomically(model, target)
+        batch.stage(model, target)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     summary: dict[str, Any] = {
@@ -139,17 +154,15 @@ def _quantize_graph(
         **options,
         "calibration": calibration.source if calibration else None,
         "graph": facts,
-        "bytes": graph_bytes(target),
-        "sha256": sha256_of(target),
         "seconds": round(time.monotonic() - started, 1),
         "versions": tool_versions(("nvidia-modelopt", "onnxruntime-gpu", "onnx")),
     }
-    say(
-        f"quantize {label}: {target} ({summary['bytes'] / 2**20:.1f} MiB; "
-        + ", ".join(f"{k} {v}" for k, v in facts.items() if not isinstance(v, list))
-        + ")"
-    )
     return summary
+
+
+def _say_written(head: str, summary: dict[str, Any]) -> None:
+    facts = ", ".join(f"{k} {v}" for k, v in summary["graph"].items() if not isinstance(v, list))
+    say(f"quantize {head}: {summary['file']} ({summary['bytes'] / 2**20:.1f} MiB; {facts})")
 
 
 __all__ = ["quantize_head"]

@@ -5,9 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+# Attributes transformers' BridgeTower outputs have that an exported graph never computes:
+# they answer None, as transformers does when they were not asked for.
+NOT_COMPUTED = ("loss", "hidden_states", "attentions", "cross_attentions")
+
 
 class HeadOutput(Mapping[str, Any]):
-    """Like transformers' ModelOutput: `out.logits`, `out["logits"]`, `out[0]`, `out.to_tuple()`."""
+    """Like transformers' ModelOutput: `out.logits`, `out["logits"]`, `out[0]`, `out.to_tuple()`;
+    `out.loss`, `out.hidden_states` and `out.attentions` are None."""
 
     def __init__(self, head: str, values: dict[str, Any]) -> None:
         self._head = head
@@ -17,6 +22,8 @@ class HeadOutput(Mapping[str, Any]):
         values = self.__dict__.get("_values", {})
         if name in values:
             return values[name]
+        if name in NOT_COMPUTED:
+            return None
         raise AttributeError(
             f"the {self.__dict__.get('_head')!r} head has no output {name!r}; it has {', '.join(values)}"
         )

@@ -19,16 +19,17 @@ from btdeploy.runtime.validation import prepare_inputs
 class Runtime:
     """Callable like the transformers model: `runtime(**processor(image, text, return_tensors="pt"))`."""
 
-    def __init__(self, manifest: Manifest, backend: Backend) -> None:
+    def __init__(self, manifest: Manifest, backend: Backend, check_finite: bool = True) -> None:
         self.manifest = manifest
         self.head: HeadSpec = get_head(manifest.head)
         self.config = manifest.config
         self.backend = backend
+        self.check_finite = check_finite  # refuse NaN/Inf pixels instead of propagating them
 
     def __call__(self, encoding: Mapping[str, Any] | None = None, /, **inputs: Any) -> HeadOutput:
         if encoding is not None:
             inputs = {**dict(encoding), **inputs}
-        prepared = prepare_inputs(self.head, self.config, inputs)
+        prepared = prepare_inputs(self.head, self.config, inputs, self.check_finite)
         values: dict[str, Any] = self.backend.run(prepared.feeds)
         if prepared.torch_device is not None:
             import torch
@@ -53,7 +54,9 @@ def find_head(path: str | Path, head: str | None = None) -> Manifest:
     return read_manifest(folders[0])
 
 
-def load(path: str | Path, head: str | None = None, backend: str = "onnxruntime", **options: Any) -> Runtime:
+def load(
+    path: str | Path, head: str | None = None, backend: str = "onnxruntime", check_finite: bool = True, **options: Any
+) -> Runtime:
     """Load an exported head. `backend`: onnxruntime (default), torch (the reference) or
     tensorrt (an engine from btdeploy build; `precision="fp16"|"int8"`, `cuda_graphs=True`).
 
@@ -61,12 +64,14 @@ def load(path: str | Path, head: str | None = None, backend: str = "onnxruntime"
     instead of the plain export; with `split=True` it runs the text, vision and fusion graphs
     (export --split) and adds encode_images, encode_texts and score; with `precision="fp16"`,
     `"int8"` or `"int8-dynamic"` it runs that flavour's quantized graph (btdeploy quantize).
-    Options a backend does not take, and graphs it cannot run, are refused with one line."""
+    Options a backend does not take, and graphs it cannot run, are refused with one line.
+    Inputs holding NaN or Inf are refused unless `check_finite=False`."""
     target = get_target(backend)
     resolved = target.resolve(options)  # before reading anything, so a typo fails at once
     manifest = find_head(path, head)
     built = target.make(manifest, resolved)
-    return SplitRuntime(manifest, built) if resolved.split else Runtime(manifest, built)
+    runtime_class = SplitRuntime if resolved.split else Runtime
+    return runtime_class(manifest, built, check_finite)
 
 
 __all__ = ["load", "Runtime", "SplitRuntime", "Features", "HeadOutput", "find_head"]

@@ -18,6 +18,7 @@ import numpy as np
 from btdeploy.artifacts.files import write_bytes
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.errors import BtDeployError
+from btdeploy.model.configs import num_image_tokens
 from btdeploy.model.towers import assemble_outputs
 from btdeploy.runtime.validation import prepare_inputs
 
@@ -45,16 +46,33 @@ class Features:
     @classmethod
     def load(cls, path: str | Path) -> Features:
         try:
-            with np.load(Path(path)) as data:
+            with np.load(Path(path), allow_pickle=False) as data:
                 meta = json.loads(bytes(data["__meta__"]).decode())
                 arrays = {name: data[name] for name in data.files if name != "__meta__"}
-        except (OSError, ValueError, KeyError) as error:
-            raise BtDeployError(f"{path} is not a btdeploy features file ({error}): encode the items again") from None
+            kind, origin = meta["kind"], dict(meta["origin"])
+        except Exception as error:  # a damaged .npz raises from zipfile, numpy or json
+            reason = f"{type(error).__name__}: {error}".strip()[:160]
+            raise BtDeployError(f"{path} is not a btdeploy features file ({reason}): encode the items again") from None
         if meta.get("format") != FEATURES_FORMAT:
             raise BtDeployError(
                 f"{path} has features format {meta.get('format')}, this btdeploy reads {FEATURES_FORMAT}"
             )
-        return cls(meta["kind"], arrays, meta["origin"])
+        features = cls(kind, arrays, origin)
+        features.validate(str(path))
+        return features
+
+    def validate(self, where: str = "these features") -> None:
+        """Arrays that agree with each other: a known kind, float32 states, int64 masks, one row count."""
+        expected = {"image": ("image_states",), "text": ("text_states", "attention_mask")}.get(self.kind)
+        if expected is None or any(name not in self.arrays for name in expected):
+            raise BtDeployError(f"{where}: {self.kind!r} features need arrays {expected}: encode the items again")
+        rows = {name: int(array.shape[0]) if array.ndim else -1 for name, array in self.arrays.items()}
+        if len(set(rows.values())) != 1 or -1 in rows.values():
+            raise BtDeployError(f"{where}: the arrays disagree in row count ({rows}): encode the items again")
+        for name, array in self.arrays.items():
+            wanted = np.int64 if name == "attention_mask" else np.float32
+            if array.dtype != wanted:
+                raise BtDeployError(f"{where}: {name} is {array.dtype}, not {np.dtype(wanted)}: encode the items again")
 
 
 def _describe(origin: Mapping[str, Any]) -> str:
@@ -68,15 +86,35 @@ class SplitRuntimeMixin:
     backend: Any
     head: Any
     config: Any
+    check_finite: bool
 
     def _check(self, features: Features, kind: str, stem: str) -> None:
         if not isinstance(features, Features) or features.kind != kind:
             raise BtDeployError(f"expected {kind} features from encode_{kind}s(...)")
+        features.validate(f"the {kind} features")
+        self._check_shapes(features)
         expected = self.backend.origin(stem)
         if features.origin != expected:
             raise BtDeployError(
                 f"these {kind} features were computed by {_describe(features.origin)}, this runtime uses "
                 f"{_describe(expected)}: a different checkpoint or precision; encode them again with this runtime"
+            )
+
+    def _check_shapes(self, features: Features) -> None:
+        """States shaped as this model's towers make them: [rows, cross layers, tokens, hidden]."""
+        config = self.config
+        cross, hidden = int(config.num_hidden_layers), int(config.hidden_size)
+        name = "image_states" if features.kind == "image" else "text_states"
+        states = features.arrays[name]
+        tokens = num_image_tokens(config) if features.kind == "image" else None
+        if features.kind == "text":
+            tokens = (
+                int(features.arrays["attention_mask"].shape[1]) if features.arrays["attention_mask"].ndim == 2 else -1
+            )
+        if states.ndim != 4 or states.shape[1:] != (cross, tokens, hidden):
+            raise BtDeployError(
+                f"the {features.kind} features' {name} are shaped {list(states.shape)}, this model's tower makes "
+                f"[rows, {cross}, {tokens}, {hidden}]: encode the items again with this runtime"
             )
 
     def encode_images(self, pixel_values: Any = None, /, **inputs: Any) -> Features:
@@ -93,7 +131,7 @@ class SplitRuntimeMixin:
             "attention_mask": np.ones((rows, 1), dtype=np.int64),
             "pixel_values": pixels,
         }
-        prepared = prepare_inputs(self.head, self.config, dummy)
+        prepared = prepare_inputs(self.head, self.config, dummy, self.check_finite)
         arrays = self.backend.vision(prepared.feeds)
         return Features("image", arrays, dict(self.backend.origin("vision")))
 
@@ -104,7 +142,7 @@ class SplitRuntimeMixin:
         ids = np.asarray(_numpy(inputs.get("input_ids")))
         size = int(self.config.vision_config.image_size)
         pixels = np.zeros((ids.shape[0], 3, size, size), dtype=np.float32)
-        prepared = prepare_inputs(self.head, self.config, {**inputs, "pixel_values": pixels})
+        prepared = prepare_inputs(self.head, self.config, {**inputs, "pixel_values": pixels}, self.check_finite)
         arrays = self.backend.text(prepared.feeds)
         return Features("text", arrays, dict(self.backend.origin("text")))
 

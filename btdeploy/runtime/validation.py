@@ -26,7 +26,11 @@ def _is_torch_tensor(value: Any) -> bool:
 
 def _to_numpy(name: str, value: Any) -> np.ndarray:
     if _is_torch_tensor(value):
-        return value.detach().cpu().numpy()
+        tensor = value.detach().cpu()
+        # numpy has no bfloat16: widen it (and any other float type numpy lacks) to float32.
+        if tensor.is_floating_point() and str(tensor.dtype) in ("torch.bfloat16", "torch.float8_e4m3fn"):
+            tensor = tensor.float()
+        return tensor.numpy()
     if isinstance(value, np.ndarray):
         return value
     if isinstance(value, (list, tuple)):
@@ -39,7 +43,7 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
     raise BtDeployError(f"{name} must be a numpy array or torch tensor, got {type(value).__name__}")
 
 
-def prepare_inputs(head: HeadSpec, config: Any, inputs: Mapping[str, Any]) -> PreparedInputs:
+def prepare_inputs(head: HeadSpec, config: Any, inputs: Mapping[str, Any], check_finite: bool = True) -> PreparedInputs:
     expected = head.input_names
     unknown = [name for name in inputs if name not in expected and name not in IGNORED_INPUTS]
     if unknown:
@@ -94,6 +98,20 @@ def prepare_inputs(head: HeadSpec, config: Any, inputs: Mapping[str, Any]) -> Pr
         )
     if mask.dtype != np.bool_ and not np.isin(mask, (0, 1)).all():
         raise BtDeployError("attention_mask must hold only 0 and 1")
+    empty_rows = np.flatnonzero(~mask.astype(bool).any(axis=1))
+    if empty_rows.size:
+        # A row with no token to attend to has no defined answer: the reference softmaxes a row of
+        # equal masked scores, the fused operators do not, and the results differ silently.
+        raise BtDeployError(
+            f"attention_mask row(s) {', '.join(map(str, empty_rows[:8]))} are all zeros: every text needs at least "
+            "one token (the tokenizer's <s> is always unmasked); drop those rows"
+        )
+    if check_finite and not np.isfinite(pixels).all():
+        bad = np.flatnonzero(~np.isfinite(pixels).reshape(pixels.shape[0], -1).all(axis=1))
+        raise BtDeployError(
+            f"pixel_values of image(s) {', '.join(map(str, bad[:8]))} hold NaN or Inf, which would propagate into "
+            "every output: fix the preprocessing, or load with check_finite=False to pass them through"
+        )
     feeds: dict[str, np.ndarray] = {
         "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
         "attention_mask": np.ascontiguousarray(mask, dtype=np.int64),

@@ -9,6 +9,7 @@ from btdeploy.artifacts.files import write_json
 from btdeploy.artifacts.graph_names import graph_file
 from btdeploy.artifacts.manifest import head_folders, read_manifest
 from btdeploy.backends.targets import RunOptions, get_target
+from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
 from btdeploy.progress import step
 from btdeploy.verify.parity import ParityRow, check_head, parse_shapes
@@ -28,8 +29,12 @@ def check_export(
 ) -> list[ParityRow]:
     """Reference vs the chosen graph; a reduced `precision` reads model.<flavour>.<precision>.onnx
     (flavour ort unless given) and is held to that precision's tolerances."""
+    if report is not None and Path(report).is_dir():
+        raise BtDeployError(f"--report {report} is a folder: give a file name such as {Path(report) / 'parity.json'}")
     target = get_target(backend)
-    options = target.resolve({"providers": providers, "flavour": flavour, "split": split, "precision": precision})
+    requested = {"providers": providers, "flavour": flavour, "split": split, "precision": precision}
+    # check holds every graph to its full recorded hash, where the target reads graphs itself
+    options = target.resolve(requested | ({"verify_hash": True} if "verify_hash" in target.options else {}))
     reference_target = get_target("torch")
     reference_options = reference_target.resolve({})
     rows: list[ParityRow] = []

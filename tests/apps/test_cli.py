@@ -13,6 +13,7 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
+from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.backends.tensorrt.operators import check_tensorrt_ops
 from btdeploy.cli import main
 
@@ -28,7 +29,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_export_then_check_then_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     assert main(["export", "--model", "tiny", "--heads", "itm,mlm", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["itm", "mlm"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".lock")) == ["itm", "mlm"]
     capsys.readouterr()
     report = tmp_path / "parity.json"
     code = main(["check", str(out), "--batch-sizes", "1,2", "--seq-lens", "3,17", "--report", str(report)])
@@ -53,6 +54,10 @@ def test_check_fails_with_exit_1_when_the_graph_is_wrong(
     tampered = numpy_helper.to_array(bias) + np.float32(1e-3)
     bias.CopyFrom(numpy_helper.from_array(tampered.astype(np.float32), bias.name))
     onnx.save(model, str(folder / "model.onnx"))
+    # As if btdeploy itself had written the wrong graph: recorded in the manifest, so it loads.
+    manifest = read_manifest(folder)
+    manifest.record_graph(folder / "model.onnx")
+    manifest.write()
     assert main(["check", str(folder), "--batch-sizes", "2", "--seq-lens", "6"]) == 1
     printed = capsys.readouterr().out
     assert "FAIL" in printed and "parity FAILED" in printed

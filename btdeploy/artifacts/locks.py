@@ -1,0 +1,65 @@
+"""One step at a time per head folder, and no leftovers from a step that was killed.
+
+Steps that write a head's graphs and manifest (export, optimize, quantize, build) hold an
+exclusive lock on `.<head>.lock` beside the head folder. The lock is the kernel's (flock), so
+a killed step releases it; its temporary files are removed by the next step that takes it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from btdeploy.errors import BtDeployError
+
+
+def lock_path(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.lock"
+
+
+@contextmanager
+def head_lock(folder: Path, step: str) -> Iterator[None]:
+    """Hold the head folder's lock for one step; another step holding it is a clear error."""
+    folder = Path(folder)
+    path = lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 (held for the whole step)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise BtDeployError(
+                f"{folder} is being written by another btdeploy step ({holder}): wait for it to finish, then run "
+                f"{step} again"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"btdeploy {step}, pid {os.getpid()}")
+        handle.flush()
+        remove_leftovers(folder)
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Temporary files and folders of steps that were killed: `.<name>.*.partial`, `.<name>.*.tmp`,
+    and the staging folders of an export. Only called under the lock, so none is in use."""
+    removed: list[Path] = []
+    candidates = list(folder.glob(".*.partial")) + list(folder.glob(".*.tmp")) if folder.is_dir() else []
+    candidates += list(folder.parent.glob(f".{folder.name}.*.partial")) + list(
+        folder.parent.glob(f".{folder.name}.old-*")
+    )
+    for path in candidates:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

@@ -1,0 +1,235 @@
+"""Faults a user or an accident can cause: each is one line and exit 2 (exit 1 stays "the check ran
+and failed"), nothing outside the export folder is touched, and an interrupted step leaves the
+folder as it was."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import btdeploy
+from btdeploy.artifacts.files import sha256_of
+from btdeploy.artifacts.locks import head_lock
+from btdeploy.artifacts.onnx_files import GraphBatch
+from btdeploy.cli import main
+from btdeploy.errors import BtDeployError
+from btdeploy.export.exporter import export_head
+from btdeploy.model.checkpoints import resolve_model
+from btdeploy.model.inputs import sample_inputs
+from btdeploy.optimize.optimizer import optimize_head
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny itm (with split graphs) and mlm, the itm head optimized in the ort flavour."""
+    out = tmp_path_factory.mktemp("contract") / "out"
+    export_head(resolve_model("tiny"), "itm", out, split=True)
+    export_head(resolve_model("tiny"), "mlm", out)
+    optimize_head(out / "itm", "ort")
+    return out
+
+
+def _copy(export: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(export, out)
+    return out
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256_of(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+Setup = Callable[[Path, Path], list[str]]  # (copy of the export, scratch folder) -> argv
+
+
+def _export_out_is_a_file(out: Path, tmp: Path) -> list[str]:
+    (tmp / "a-file").write_text("x")
+    return ["export", "--model", "tiny", "--heads", "itm", "--out", str(tmp / "a-file")]
+
+
+def _report_is_a_folder(out: Path, tmp: Path) -> list[str]:
+    return ["check", str(out), "--heads", "itm", "--report", str(tmp)]
+
+
+def _bad_config_value(out: Path, tmp: Path) -> list[str]:
+    manifest = json.loads((out / "itm" / "manifest.json").read_text())
+    manifest["model"]["config"] = "not a config"
+    (out / "itm" / "manifest.json").write_text(json.dumps(manifest))
+    return ["optimize", str(out / "itm"), "--flavour", "trt"]
+
+
+def _split_name_is_a_path(out: Path, tmp: Path) -> list[str]:
+    manifest = json.loads((out / "itm" / "manifest.json").read_text())
+    manifest["split"]["../../elsewhere/x"] = manifest["split"].pop("text")
+    (out / "itm" / "manifest.json").write_text(json.dumps(manifest))
+    return ["quantize", str(out / "itm"), "--precision", "int8-dynamic"]
+
+
+def _graph_swapped_for_another_heads(out: Path, tmp: Path) -> list[str]:
+    shutil.copy(out / "mlm" / "model.onnx", out / "itm" / "model.onnx")
+    return ["check", str(out), "--heads", "itm"]
+
+
+def _provider_that_cannot_start(out: Path, tmp: Path) -> list[str]:
+    return ["check", str(out), "--heads", "itm", "--providers", "cuda"]
+
+
+def _two_folders_claim_one_head(out: Path, tmp: Path) -> list[str]:
+    shutil.copytree(out / "itm", out / "itm-copy")
+    return ["check", str(out)]
+
+
+def _zero_batch_size(out: Path, tmp: Path) -> list[str]:
+    return ["bench", str(out), "--batch-sizes", "0"]
+
+
+def _unknown_flavour(out: Path, tmp: Path) -> list[str]:
+    return ["optimize", str(out), "--flavour", "tensorrt"]
+
+
+def _missing_export(out: Path, tmp: Path) -> list[str]:
+    return ["check", str(tmp / "nowhere")]
+
+
+def _damaged_graph(out: Path, tmp: Path) -> list[str]:
+    (out / "itm" / "model.ort.onnx").write_bytes(b"\x00" * 100)
+    return ["check", str(out), "--heads", "itm", "--flavour", "ort"]
+
+
+CASES: list[tuple[str, Setup, str]] = [
+    ("export --out is a file", _export_out_is_a_file, "is a file: give a folder"),
+    ("check --report is a folder", _report_is_a_folder, "is a folder: give a file name"),
+    ("a manifest config with a bad value", _bad_config_value, "holds a config transformers cannot read"),
+    ("a split graph name that is a path", _split_name_is_a_path, "is damaged (unknown split graph"),
+    ("another head's graph swapped in", _graph_swapped_for_another_heads, "is not the graph its manifest recorded"),
+    ("a provider that cannot start", _provider_that_cannot_start, "could not start CUDAExecutionProvider"),
+    ("two folders claim one head", _two_folders_claim_one_head, "both hold the itm head"),
+    ("bench --batch-sizes 0", _zero_batch_size, "every value must be at least 1"),
+    ("an unknown flavour", _unknown_flavour, "invalid choice: 'tensorrt'"),
+    ("an export folder that does not exist", _missing_export, "does not exist: pass the --out folder"),
+    ("a damaged optimized graph", _damaged_graph, "is not the graph its manifest recorded"),
+]
+
+
+@pytest.mark.parametrize(("name", "setup", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_each_fault_is_one_line_and_exit_2(
+    export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, setup: Setup, expected: str
+) -> None:
+    out = _copy(export, tmp_path / "work")
+    argv = setup(out, tmp_path)
+    outside = _snapshot(tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 2, name
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("btdeploy: error: ")]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0] and "Traceback" not in err, err
+    assert expected in errors[0], err
+    after = _snapshot(tmp_path)
+    new = [p for p in after if p not in outside and not p.startswith("work/")]
+    assert new == [], f"{name} wrote outside the export folder: {new}"
+
+
+def test_a_full_disk_leaves_the_folder_as_it_was(
+    export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = _copy(export, tmp_path)
+    before = _snapshot(out)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]) if len(args) > 1 else None)
+
+    monkeypatch.setattr(onnx, "save_model", full)
+    assert main(["optimize", str(out / "itm"), "--flavour", "ort"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("btdeploy: error: No space left on device") and "free some space" in err
+    assert _snapshot(out) == before
+
+
+def test_an_interrupted_step_leaves_the_old_graphs_and_manifest(
+    export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = _copy(export, tmp_path)
+    before = _snapshot(out)
+    staged = GraphBatch.stage
+    calls = []
+
+    def interrupted(self: GraphBatch, model: onnx.ModelProto, path: Path) -> None:
+        calls.append(path.name)
+        if len(calls) == 3:  # the whole graph and the text graph are written, the vision graph is not
+            raise KeyboardInterrupt
+        staged(self, model, path)
+
+    monkeypatch.setattr(GraphBatch, "stage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        optimize_head(out / "itm", "ort")
+    assert calls[:2] == ["model.ort.onnx", "text.ort.onnx"]
+    assert _snapshot(out) == before  # no new graph, no temporary file, the manifest untouched
+
+
+def test_a_held_lock_is_a_clear_error_and_leftovers_are_cleaned(
+    export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _copy(export, tmp_path)
+    with head_lock(out / "itm", "a test"):
+        assert main(["optimize", str(out / "itm"), "--flavour", "trt"]) == 2
+    err = capsys.readouterr().err
+    assert "is being written by another btdeploy step (btdeploy a test, pid" in err
+    (out / "itm" / ".model.trt.onnx.1234.partial").write_bytes(b"killed midway")
+    (out / ".itm.abcd.partial").mkdir()
+    optimize_head(out / "itm", "trt")
+    assert not (out / "itm" / ".model.trt.onnx.1234.partial").exists() and not (out / ".itm.abcd.partial").exists()
+
+
+def test_degenerate_inputs_are_refused_or_passed_through_on_request(export: Path) -> None:
+    runtime = btdeploy.load(export, head="itm")
+    feeds = sample_inputs(runtime.config, 3, 6)
+    feeds["attention_mask"][1] = 0
+    with pytest.raises(BtDeployError, match=r"attention_mask row\(s\) 1 are all zeros"):
+        runtime(**feeds)
+    feeds = sample_inputs(runtime.config, 2, 6)
+    feeds["pixel_values"][1, 0, 3, 3] = np.nan
+    with pytest.raises(BtDeployError, match=r"pixel_values of image\(s\) 1 hold NaN or Inf"):
+        runtime(**feeds)
+    passed = btdeploy.load(export, head="itm", check_finite=False)(**feeds)
+    assert np.isnan(passed.logits[1]).all() and np.isfinite(passed.logits[0]).all()
+
+
+def test_bf16_pixels_and_transformers_attributes(export: Path) -> None:
+    import torch
+
+    runtime = btdeploy.load(export, head="itm")
+    feeds = sample_inputs(runtime.config, 2, 6)
+    tensors = {name: torch.from_numpy(value) for name, value in feeds.items()}
+    reference = runtime(**tensors)
+    bf16 = runtime(**{**tensors, "pixel_values": tensors["pixel_values"].to(torch.bfloat16)})
+    assert bf16.logits.dtype == torch.float32 and torch.allclose(bf16.logits, reference.logits, atol=0.05)
+    assert reference.loss is None and reference.hidden_states is None and reference.attentions is None
+    with pytest.raises(AttributeError, match="has no output 'pooler_output'"):
+        _ = reference.pooler_output
+
+
+def test_damaged_or_inconsistent_features_are_refused(export: Path, tmp_path: Path) -> None:
+    runtime = btdeploy.load(export, head="itm", split=True)
+    feeds = sample_inputs(runtime.config, 3, 5)
+    images = runtime.encode_images(feeds["pixel_values"])
+    texts = runtime.encode_texts(input_ids=feeds["input_ids"], attention_mask=feeds["attention_mask"])
+    path = tmp_path / "images.npz"
+    images.save(path)
+    path.write_bytes(path.read_bytes()[:200])  # cut short
+    with pytest.raises(BtDeployError, match="is not a btdeploy features file"):
+        btdeploy.Features.load(path)
+    texts.arrays["attention_mask"] = texts.arrays["attention_mask"][:2]
+    with pytest.raises(BtDeployError, match="disagree in row count"):
+        runtime.score(images, texts)
+    images.arrays["image_states"] = images.arrays["image_states"][:, :, :5]
+    with pytest.raises(BtDeployError, match=r"image_states are shaped \[3, 2, 5, 128\]"):
+        runtime.score(
+            images, runtime.encode_texts(input_ids=feeds["input_ids"], attention_mask=feeds["attention_mask"])
+        )

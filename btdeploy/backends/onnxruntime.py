@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.errors import BtDeployError
+from btdeploy.progress import warn
 
 _PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -45,6 +46,7 @@ class OnnxRuntimeBackend:
         output_names: list[str],
         providers: tuple[str, ...] | list[str] | None = None,
         threads: int | None = None,
+        provider_fallback: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -75,10 +77,14 @@ class OnnxRuntimeBackend:
         # What the session really runs on: ONNX Runtime drops a provider that fails to start.
         running = self.session.get_providers()
         dropped = [p for p in self.providers if p not in running]
-        if dropped:
+        if dropped and provider_fallback:
+            name, where = Path(model_path).name, ", ".join(running)
+            warn(f"ONNX Runtime could not start {', '.join(dropped)}: {name} runs on {where}")
+        elif dropped:
             raise BtDeployError(
                 f"ONNX Runtime could not start {', '.join(dropped)} for {Path(model_path).name} (it runs on "
-                f"{', '.join(running)}): check the GPU and CUDA libraries, or pass providers=['cpu']"
+                f"{', '.join(running)}): check the GPU and CUDA libraries, pass providers=['cpu'], or allow the "
+                "fallback with provider_fallback=True"
             )
         self.providers = running
         self.description = f"{Path(model_path).name} on {', '.join(running)}"

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from btdeploy.artifacts.files import sha256_of
-from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.backends.base import Backend
 from btdeploy.errors import BtDeployError
@@ -68,14 +67,8 @@ class SplitBackend:
         return get_head(self.manifest.head)
 
 
-def build_split_backend(
-    manifest: Manifest,
-    flavour: Flavour | None,
-    precision: Precision,
-    providers: tuple[str, ...] | None = None,
-    threads: int | None = None,
-    verify_hash: bool = False,
-) -> SplitBackend:
+def build_split_backend(manifest: Manifest, options: Any) -> SplitBackend:
+    """The three graphs under one backend; `options` are the onnxruntime target's RunOptions."""
     from btdeploy.backends.onnxruntime import OnnxRuntimeBackend, check_graph_io
 
     if len(manifest.stems) == 1:
@@ -83,12 +76,12 @@ def build_split_backend(
             f"{manifest.folder} has no split graphs: export with btdeploy export --split to load with split=True"
         )
     parts: dict[str, Backend] = {}
-    paths = {stem: manifest.graph_path(flavour, precision, stem) for stem in SPLIT_STEMS}
+    paths = {stem: manifest.graph_path(options.flavour, options.precision, stem) for stem in SPLIT_STEMS}
     for stem, path in paths.items():
-        manifest.verify_graph(path, full=verify_hash)
+        manifest.verify_graph(path, full=options.verify_hash)
         record = manifest.data["split"][stem]
         outputs = list(record["outputs"])
-        part = OnnxRuntimeBackend(path, outputs, providers, threads)
+        part = OnnxRuntimeBackend(path, outputs, options.providers, options.threads, options.provider_fallback)
         check_graph_io(part, [{"name": n} for n in record["inputs"]], [{"name": n} for n in outputs])
         parts[stem] = part
     return SplitBackend(manifest, parts, paths)

@@ -35,6 +35,7 @@ class RunOptions:
     cuda_graphs: bool = False
     split: bool = False  # the text, vision and fusion graphs instead of the whole head
     verify_hash: bool = False  # hash each graph against its manifest record (its size is always checked)
+    provider_fallback: bool = False  # run on the CPU (and say so) when a requested provider cannot start
 
 
 OPTION_NAMES = tuple(f.name for f in fields(RunOptions))
@@ -148,14 +149,13 @@ def _ort_make(manifest: Manifest, options: RunOptions) -> Backend:
     if options.split:
         from btdeploy.backends.split import build_split_backend
 
-        return build_split_backend(
-            manifest, options.flavour, options.precision, options.providers, options.threads, options.verify_hash
-        )
+        return build_split_backend(manifest, options)
     from btdeploy.backends.onnxruntime import OnnxRuntimeBackend, check_graph_io
 
     path = _ort_artifact(manifest, options)
     manifest.verify_graph(path, full=options.verify_hash)
-    backend = OnnxRuntimeBackend(path, get_head(manifest.head).output_names, options.providers, options.threads)
+    output_names = get_head(manifest.head).output_names
+    backend = OnnxRuntimeBackend(path, output_names, options.providers, options.threads, options.provider_fallback)
     check_graph_io(backend, manifest.data["inputs"], manifest.data["outputs"])
     return backend
 
@@ -173,7 +173,7 @@ _ORT_GRAPHS: tuple[GraphKind, ...] = (
 ONNXRUNTIME = Target(
     name="onnxruntime",
     description="ONNX Runtime on the exported or optimized graphs",
-    options=frozenset({"flavour", "precision", "providers", "threads", "split", "verify_hash"}),
+    options=frozenset({"flavour", "precision", "providers", "threads", "split", "verify_hash", "provider_fallback"}),
     graphs=_ORT_GRAPHS,
     make=_ort_make,
     unavailable=_ort_unavailable,

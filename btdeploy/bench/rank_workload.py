@@ -18,6 +18,7 @@ from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
 from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
 from btdeploy.backends.split import SplitBackend, build_split_backend
+from btdeploy.backends.targets import RunOptions
 from btdeploy.bench.machine import machine_description
 from btdeploy.bench.runner import time_case
 from btdeploy.bench.stats import summarize
@@ -106,7 +107,8 @@ def run_rank_bench(
             continue
         label = f"{flavour or 'plain'} {precision}"
         whole = OnnxRuntimeBackend(manifest.graph_path(flavour, precision), head.output_names, ["cpu"], threads)
-        split = build_split_backend(manifest, flavour, precision, ("cpu",), threads)
+        options = RunOptions(flavour, precision, ("cpu",), threads, split=True)
+        split = build_split_backend(manifest, options)
         sizes[label] = feature_bytes(split, feeds["pixel_values"])
         runners: dict[str, Any] = {"monolithic": _WholeHead(whole), "split": _SplitTowers(split)}
         expected, got = runners["monolithic"].run(feeds), runners["split"].run(feeds)

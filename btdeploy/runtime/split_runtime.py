@@ -20,7 +20,7 @@ from btdeploy.artifacts.manifest import Manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.model.configs import num_image_tokens
 from btdeploy.model.towers import assemble_outputs
-from btdeploy.runtime.validation import prepare_inputs
+from btdeploy.runtime.validation import check_pixels, check_text
 
 FEATURES_FORMAT = 1
 
@@ -117,33 +117,33 @@ class SplitRuntimeMixin:
                 f"[rows, {cross}, {tokens}, {hidden}]: encode the items again with this runtime"
             )
 
-    def encode_images(self, pixel_values: Any = None, /, **inputs: Any) -> Features:
-        """Run the vision tower once per image. Takes pixel_values or a processor's image output."""
+    def encode_images(self, pixel_values: Any = None, /, batch_size: int = 64, **inputs: Any) -> Features:
+        """Run the vision tower once per image, `batch_size` images at a time (the tower's working
+        memory is bounded; only the features are kept). Takes pixel_values or a processor's output."""
         if isinstance(pixel_values, Mapping):
             inputs = {**dict(pixel_values), **inputs}
         elif pixel_values is not None:
             inputs = {**inputs, "pixel_values": pixel_values}
-        pixels = np.asarray(_numpy(inputs.get("pixel_values")), dtype=np.float32)
-        # The validator checks a whole head's inputs; a one-token text stands in for the absent one.
-        rows = pixels.shape[0] if pixels.ndim == 4 else 1
-        dummy = {
-            "input_ids": np.zeros((rows, 1), dtype=np.int64),
-            "attention_mask": np.ones((rows, 1), dtype=np.int64),
-            "pixel_values": pixels,
-        }
-        prepared = prepare_inputs(self.head, self.config, dummy, self.check_finite)
-        arrays = self.backend.vision(prepared.feeds)
+        unknown = [name for name in inputs if name not in ("pixel_values", "pixel_mask")]
+        if unknown:
+            raise BtDeployError(f"encode_images takes pixel_values (pixel_mask is ignored), not {', '.join(unknown)}")
+        pixels = check_pixels(self.config, _numpy(inputs.get("pixel_values")), self.check_finite)
+        arrays = _in_batches(self.backend.vision, {"pixel_values": pixels}, batch_size)
         return Features("image", arrays, dict(self.backend.origin("vision")))
 
-    def encode_texts(self, encoding: Mapping[str, Any] | None = None, /, **inputs: Any) -> Features:
-        """Run the text tower once per text. Takes input_ids and attention_mask (a tokenizer's output)."""
+    def encode_texts(
+        self, encoding: Mapping[str, Any] | None = None, /, batch_size: int = 64, **inputs: Any
+    ) -> Features:
+        """Run the text tower once per text, `batch_size` texts at a time. Takes input_ids and
+        attention_mask (a tokenizer's output)."""
         if encoding is not None:
             inputs = {**dict(encoding), **inputs}
-        ids = np.asarray(_numpy(inputs.get("input_ids")))
-        size = int(self.config.vision_config.image_size)
-        pixels = np.zeros((ids.shape[0], 3, size, size), dtype=np.float32)
-        prepared = prepare_inputs(self.head, self.config, {**inputs, "pixel_values": pixels}, self.check_finite)
-        arrays = self.backend.text(prepared.feeds)
+        unknown = [name for name in inputs if name not in ("input_ids", "attention_mask", "token_type_ids")]
+        if unknown:
+            raise BtDeployError(f"encode_texts takes input_ids and attention_mask, not {', '.join(unknown)}")
+        mask = inputs.get("attention_mask")
+        ids, mask = check_text(self.config, _numpy(inputs.get("input_ids")), _numpy(mask))
+        arrays = _in_batches(self.backend.text, {"input_ids": ids, "attention_mask": mask}, batch_size)
         return Features("text", arrays, dict(self.backend.origin("text")))
 
     def score(self, images: Features, texts: Features, batch_size: int = 16) -> dict[str, np.ndarray]:
@@ -172,9 +172,17 @@ class SplitRuntimeMixin:
         }
 
 
+def _in_batches(run: Any, feeds: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+    """One tower over the rows `batch_size` at a time: its working memory stays bounded."""
+    if batch_size < 1:
+        raise BtDeployError(f"batch_size {batch_size} must be at least 1")
+    rows = len(next(iter(feeds.values())))
+    chunks = [run({k: v[start : start + batch_size] for k, v in feeds.items()}) for start in range(0, rows, batch_size)]
+    return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
+
+
 def _numpy(value: Any) -> Any:
+    """The input as given (the checks convert torch tensors), or one line when it is missing."""
     if value is None:
         raise BtDeployError("missing input: pass pixel_values (encode_images) or input_ids (encode_texts)")
-    if hasattr(value, "detach"):
-        return value.detach().cpu().numpy()
     return value

@@ -58,30 +58,26 @@ def prepare_inputs(head: HeadSpec, config: Any, inputs: Mapping[str, Any], check
             "(pass processor(images, texts, return_tensors='pt') as **encoding)"
         )
     device = next((v.device for v in inputs.values() if _is_torch_tensor(v)), None)
-    arrays = {name: _to_numpy(name, inputs[name]) for name in expected}
-    ids, mask, pixels = arrays["input_ids"], arrays["attention_mask"], arrays["pixel_values"]
+    arrays = {name: inputs[name] for name in expected}
+    ids, mask = check_text(config, arrays["input_ids"], arrays["attention_mask"])
+    pixels = check_pixels(config, arrays["pixel_values"], check_finite)
+    if ids.shape[0] != pixels.shape[0]:
+        raise BtDeployError(
+            f"batch sizes disagree: {ids.shape[0]} text(s) in input_ids but {pixels.shape[0]} image(s) "
+            "in pixel_values; pass one image per text"
+        )
+    return PreparedInputs(feeds={"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}, torch_device=device)
 
+
+def check_text(config: Any, ids: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask as the text tower takes them (int64), or one line saying what is wrong."""
+    ids, mask = _to_numpy("input_ids", ids), _to_numpy("attention_mask", mask)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise BtDeployError(f"input_ids must be a 2-D integer array [batch, text_length], got {_describe(ids)}")
     if mask.shape != ids.shape or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
         raise BtDeployError(
             f"attention_mask must be an integer or bool array shaped like input_ids {list(ids.shape)}, "
             f"got {_describe(mask)}"
-        )
-    size, channels = int(config.vision_config.image_size), int(config.vision_config.num_channels)
-    if pixels.ndim != 4 or not np.issubdtype(pixels.dtype, np.floating):
-        raise BtDeployError(
-            f"pixel_values must be a 4-D float array [batch, {channels}, {size}, {size}], got {_describe(pixels)}"
-        )
-    if tuple(pixels.shape[1:]) != (channels, size, size):
-        raise BtDeployError(
-            f"pixel_values has images of {list(pixels.shape[1:])}, the model takes [{channels}, {size}, {size}]: "
-            "use this checkpoint's processor (it resizes and center-crops to the model's image size)"
-        )
-    if ids.shape[0] != pixels.shape[0]:
-        raise BtDeployError(
-            f"batch sizes disagree: {ids.shape[0]} text(s) in input_ids but {pixels.shape[0]} image(s) "
-            "in pixel_values; pass one image per text"
         )
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise BtDeployError(f"input_ids is empty ({list(ids.shape)}): pass at least one text of at least one token")
@@ -106,18 +102,31 @@ def prepare_inputs(head: HeadSpec, config: Any, inputs: Mapping[str, Any], check
             f"attention_mask row(s) {', '.join(map(str, empty_rows[:8]))} are all zeros: every text needs at least "
             "one token (the tokenizer's <s> is always unmasked); drop those rows"
         )
+    return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask, dtype=np.int64)
+
+
+def check_pixels(config: Any, pixels: Any, check_finite: bool = True) -> np.ndarray:
+    """pixel_values as the vision tower takes them (float32), or one line saying what is wrong."""
+    pixels = _to_numpy("pixel_values", pixels)
+    size, channels = int(config.vision_config.image_size), int(config.vision_config.num_channels)
+    if pixels.ndim != 4 or not np.issubdtype(pixels.dtype, np.floating):
+        raise BtDeployError(
+            f"pixel_values must be a 4-D float array [batch, {channels}, {size}, {size}], got {_describe(pixels)}"
+        )
+    if tuple(pixels.shape[1:]) != (channels, size, size):
+        raise BtDeployError(
+            f"pixel_values has images of {list(pixels.shape[1:])}, the model takes [{channels}, {size}, {size}]: "
+            "use this checkpoint's processor (it resizes and center-crops to the model's image size)"
+        )
+    if pixels.shape[0] == 0:
+        raise BtDeployError("pixel_values is empty: pass at least one image")
     if check_finite and not np.isfinite(pixels).all():
         bad = np.flatnonzero(~np.isfinite(pixels).reshape(pixels.shape[0], -1).all(axis=1))
         raise BtDeployError(
             f"pixel_values of image(s) {', '.join(map(str, bad[:8]))} hold NaN or Inf, which would propagate into "
             "every output: fix the preprocessing, or load with check_finite=False to pass them through"
         )
-    feeds: dict[str, np.ndarray] = {
-        "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
-        "attention_mask": np.ascontiguousarray(mask, dtype=np.int64),
-        "pixel_values": np.ascontiguousarray(pixels, dtype=np.float32),
-    }
-    return PreparedInputs(feeds=feeds, torch_device=device)
+    return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
 def _describe(array: np.ndarray) -> str:

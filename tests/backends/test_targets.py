@@ -72,3 +72,13 @@ def test_the_cli_refuses_an_impossible_pair_with_exit_2(tiny_export: Path, capsy
     assert main(["check", str(tiny_export), "--heads", "itm", "--backend", "torch", "--precision", "int8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("btdeploy: error: the torch backend cannot run int8 plain graphs") and "\n" not in err
+
+
+def test_a_provider_fallback_is_allowed_on_request_and_reported_truthfully(tiny_export: Path) -> None:
+    # onnxruntime-gpu always lists CUDAExecutionProvider; without a GPU it cannot start it.
+    runtime = btdeploy.load(tiny_export, head="itm", providers=["cuda", "cpu"], provider_fallback=True)
+    description = runtime.backend.description
+    import torch
+
+    expected = "CUDAExecutionProvider, CPUExecutionProvider" if torch.cuda.is_available() else "CPUExecutionProvider"
+    assert description.endswith(f"on {expected}"), description

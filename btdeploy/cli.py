@@ -121,7 +121,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     heads = parse_heads(args.heads) if args.heads else None
     for folder in head_folders(Path(args.dir), heads):
-        build_engine(folder, args.precision, args.batch, args.seq_len, args.timing_cache, args.workspace)
+        build_engine(folder, args.precision, args.batch, args.seq_len, args.timing_cache, args.workspace, args.flavour)
     return 0
 
 
@@ -155,6 +155,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from btdeploy.apps.pipeline import run_pipeline
+    from btdeploy.artifacts.graph_names import parse_flavour
     from btdeploy.model.heads import parse_heads
     from btdeploy.quantize.methods import PRECISIONS
 
@@ -171,6 +172,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         precisions=precisions,
         calibration=(args.calib_images, args.calib_texts),
         split=args.split,
+        flavours=tuple(parse_flavour(f.strip(), "--flavours") for f in args.flavours.split(",") if f.strip()),  # type: ignore[misc]
     )
     return 0 if passed else 1
 
@@ -289,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seq-len", default=None, help="MIN:OPT:MAX text length (default 1:40:512)")
     build.add_argument("--timing-cache", type=Path, default=None, help="loaded if present, saved after the build")
     build.add_argument("--workspace", type=float, default=4.0, help="builder scratch memory, GB")
+    build.add_argument(
+        "--flavour",
+        choices=sorted(str(f) for f in TARGETS["tensorrt"].flavours),
+        default=None,
+        help="the graph dialect to build from (default: the newest the installed TensorRT parses)",
+    )
 
     doctor = add("doctor", cmd_doctor, "what this machine can run, and how to install what it cannot")
     doctor.add_argument("dir", nargs="?", default=None, help="an export folder to list artifacts of")
@@ -343,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.add_argument(
         "--split", action="store_true", help="also export and check the text, vision and fusion graphs"
+    )
+    pipeline.add_argument(
+        "--flavours",
+        default=",".join(flavours),
+        help=f"graph dialects to write and check (default: {','.join(flavours)})",
     )
     pipeline.add_argument("--calib-images", type=Path, default=None, help="folder of calibration images")
     pipeline.add_argument("--calib-texts", type=Path, default=None, help="text file, one caption per line")

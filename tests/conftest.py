@@ -93,7 +93,7 @@ def optimized(
     non_default_export: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
-    """Every head of tiny and of the non-default config, optimized in both flavours."""
+    """Every head of tiny and of the non-default config, optimized in every flavour."""
     from btdeploy.model.heads import HEADS
     from btdeploy.optimize.optimizer import optimize_head
 
@@ -101,6 +101,6 @@ def optimized(
     out = tmp_path_factory.mktemp(f"optimized-{request.param}")
     for head in HEADS:
         shutil.copytree(source / head, out / head)
-        for flavour in ("ort", "trt"):
+        for flavour in ("ort", "trt", "trt-compat"):
             optimize_head(out / head, flavour)
     return out

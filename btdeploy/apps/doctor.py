@@ -77,4 +77,37 @@ def doctor_report(folder: Path | None = None) -> tuple[list[str], bool]:
         lines.append("")
         lines.append(f"btdeploy artifacts in {folder}:")
         lines.extend(_artifacts(folder) or ["  none"])
+        debug = _polygraphy_commands(folder)
+        if debug:
+            lines.append("")
+            lines.append("to debug a TensorRT mismatch layer by layer (Polygraphy, installed with btdeploy):")
+            lines.extend(debug)
     return lines, can_build
+
+
+def _polygraphy_commands(folder: Path) -> list[str]:
+    """`polygraphy run` per TensorRT graph: TensorRT against ONNX Runtime on the same inputs, every
+    tensor marked as an output, at the head's engine profile (the shapes `build` uses)."""
+    from btdeploy.artifacts.graph_names import Precision, graph_file
+    from btdeploy.backends.tensorrt.operators import FLAVOUR_LINES
+    from btdeploy.backends.tensorrt.profiles import derive_profile
+    from btdeploy.model.heads import get_head
+
+    commands = []
+    for head_folder in head_folders(folder, None):
+        manifest = read_manifest(head_folder)
+        shapes = derive_profile(get_head(manifest.head), manifest.config).input_shapes()
+        profile = " ".join(
+            f"--trt-{kind}-shapes "
+            + " ".join(f"{name}:{list(shape[index])}".replace(" ", "") for name, shape in shapes.items())
+            for index, kind in enumerate(("min", "opt", "max"))
+        )
+        for flavour in FLAVOUR_LINES:
+            for precision in (Precision.FP16, Precision.INT8):
+                path = head_folder / graph_file(flavour, precision)
+                if path.is_file():
+                    commands.append(
+                        f"  polygraphy run {path} --trt --strongly-typed --onnxrt --trt-outputs mark all "
+                        f"--onnx-outputs mark all --fail-fast {profile}"
+                    )
+    return commands

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from btdeploy.artifacts.files import write_json
-from btdeploy.artifacts.graph_names import Flavour, graph_file, graph_key
+from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, graph_key
 from btdeploy.artifacts.onnx_files import graph_bytes
 from btdeploy.backends.targets import TARGETS, RunOptions
 from btdeploy.export.exporter import DEFAULT_OPSET, export_head
@@ -64,10 +64,11 @@ def run_pipeline(
     precisions: tuple[str, ...] = tuple(PRECISIONS),
     calibration: tuple[Path | None, Path | None] = (None, None),
     split: bool = False,
+    flavours: tuple[Flavour, ...] = tuple(Flavour),
 ) -> bool:
     source = resolve_model(model, seed)
     heads = heads or list(HEADS)
-    quantized = [(f, p) for f, p in quantized_graphs() if p in precisions]
+    quantized = [(f, p) for f, p in quantized_graphs() if p in precisions and f in flavours]
     tensorrt = TARGETS["tensorrt"]
     engines_blocked = tensorrt.unavailable(RunOptions())
     engine_precisions = [p for f, p in tensorrt.graphs if (f, p) in quantized]
@@ -95,7 +96,7 @@ def run_pipeline(
         if split:
             check(summary, CheckedGraph("split", "onnxruntime", RunOptions(split=True)))
         # Every flavour first: fp16 and int8 of the ort flavour start from the trt graph.
-        for flavour in Flavour:
+        for flavour in _optimized_first(flavours, quantized):
             result = optimize_head(manifest.folder, flavour)
             summary.fused[flavour] = (
                 f"{result['attention_fused']}/{result['attention_expected']} attn, "
@@ -116,6 +117,14 @@ def run_pipeline(
     return passed
 
 
+def _optimized_first(flavours: tuple[Flavour, ...], quantized: list[tuple[Flavour, Precision]]) -> list[Flavour]:
+    """The flavours to optimize: those asked for, plus any a quantized graph starts from."""
+    from btdeploy.quantize.methods import METHODS
+
+    needed = set(flavours) | {METHODS[p].source(f)[0] for f, p in quantized}
+    return [flavour for flavour in Flavour if flavour in needed]
+
+
 def _report(out: Path, summaries: list[HeadSummary], checked: dict[str, CheckedGraph]) -> None:
     for key, graph in checked.items():
         rows = [row for s in summaries for row in s.rows[key]]
@@ -123,7 +132,7 @@ def _report(out: Path, summaries: list[HeadSummary], checked: dict[str, CheckedG
         print(f"\n== {key} graph ({graph.label}) ==")
         print(format_rows(rows))
     print()
-    flavours = [str(f) for f in Flavour]
+    flavours = [str(f) for f in Flavour if any(str(f) in s.fused for s in summaries)]
     fused_header = " ".join(f"{f + ' fused':<26}" for f in flavours)
     print(f"{'head':<5} {'export':>8} {'onnx MB':>8}  {fused_header} verdict")
     for s in summaries:

@@ -14,7 +14,15 @@ class Flavour(StrEnum):
     """The dialect an optimized graph is written in, for the runtime that consumes it."""
 
     ORT = "ort"  # ONNX Runtime: standard operators plus com.microsoft contrib operators
-    TRT = "trt"  # TensorRT 10.14+: standard ONNX only, operators from its parser's list
+    TRT = "trt"  # TensorRT 10.14+: standard ONNX only, attention as the ONNX Attention operator (opset 23)
+    # TensorRT 10.3+ (JetPack 6): standard ONNX at opset <= 20, attention kept as the canonical
+    # MatMul -> (mask Add) -> Softmax -> MatMul with the scale on Q, which TensorRT fuses itself.
+    TRT_COMPAT = "trt-compat"
+
+    @property
+    def standard_only(self) -> bool:
+        """Whether its graphs hold standard ONNX operators only (what Model Optimizer reads)."""
+        return self is not Flavour.ORT
 
 
 class Precision(StrEnum):

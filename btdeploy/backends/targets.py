@@ -19,6 +19,7 @@ from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, parse
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.backends.base import Backend
 from btdeploy.backends.tensorrt.engines import ENGINE_PRECISIONS
+from btdeploy.backends.tensorrt.operators import FLAVOUR_LINES
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
 
@@ -66,7 +67,9 @@ class Target:
     artifact: Callable[[Manifest, RunOptions], Path]  # the file it runs; a clear error naming the step that makes it
     variants: tuple[BenchVariant, ...] = ()
     # Problems a graph of a flavour this target consumes has for it (operators it cannot parse).
-    check_graph: Callable[[onnx.ModelProto], list[str]] | None = None
+    check_graph: Callable[[onnx.ModelProto, Flavour], list[str]] | None = None
+    # The oldest release of the target that takes each flavour's graphs, recorded in the manifest.
+    requirements: Mapping[Flavour, str] = field(default_factory=dict)
     build: Callable[..., Path] | None = None  # the step that makes its artifact from a graph
     runs_split: bool = False
     reads_onnx: bool = True  # False for the PyTorch reference
@@ -260,10 +263,10 @@ def _trt_make(manifest: Manifest, options: RunOptions) -> Backend:
     return TensorRTBackend(manifest, str(options.precision), get_head(manifest.head).output_names, options.cuda_graphs)
 
 
-def _trt_check_graph(model: onnx.ModelProto) -> list[str]:
+def _trt_check_graph(model: onnx.ModelProto, flavour: Flavour) -> list[str]:
     from btdeploy.backends.tensorrt.operators import check_tensorrt_ops
 
-    return check_tensorrt_ops(model).unsupported
+    return check_tensorrt_ops(model, FLAVOUR_LINES[flavour]).unsupported
 
 
 def _trt_build(folder: Path, precision: Precision, **settings: Any) -> Path:
@@ -276,7 +279,7 @@ TENSORRT = Target(
     name="tensorrt",
     description="a TensorRT engine built from the trt graph (btdeploy build)",
     options=frozenset({"precision", "cuda_graphs"}),
-    graphs=tuple((Flavour.TRT, precision) for precision in ENGINE_PRECISIONS),
+    graphs=tuple((flavour, precision) for flavour in FLAVOUR_LINES for precision in ENGINE_PRECISIONS),
     make=_trt_make,
     unavailable=_trt_unavailable,
     artifact=_trt_artifact,
@@ -286,6 +289,7 @@ TENSORRT = Target(
         for suffix, graphs in (("", False), ("-cudagraph", True))
     ),
     check_graph=_trt_check_graph,
+    requirements={flavour: f"TensorRT {line}" for flavour, line in FLAVOUR_LINES.items()},
     build=_trt_build,
     defaults={"flavour": Flavour.TRT, "precision": Precision.FP16},
 )
@@ -309,11 +313,17 @@ def build_backend(manifest: Manifest, backend: str = "onnxruntime", **options: A
 
 def graph_checks(flavour: Flavour) -> dict[str, Callable[[onnx.ModelProto], list[str]]]:
     """The checks a graph of this flavour must pass, one per target that consumes it and declares one."""
-    return {
-        target.name: target.check_graph
-        for target in TARGETS.values()
-        if target.check_graph is not None and flavour in target.flavours
-    }
+    checks: dict[str, Callable[[onnx.ModelProto], list[str]]] = {}
+    for target in TARGETS.values():
+        check = target.check_graph
+        if check is not None and flavour in target.flavours:
+            checks[target.name] = lambda model, check=check: check(model, flavour)  # type: ignore[misc]
+    return checks
+
+
+def graph_requirements(flavour: Flavour) -> dict[str, str]:
+    """What each target that consumes this flavour needs to take it (recorded in the manifest)."""
+    return {t.name: t.requirements[flavour] for t in TARGETS.values() if flavour in t.requirements}
 
 
 def bench_variants() -> dict[str, tuple[Target, BenchVariant]]:

@@ -10,7 +10,7 @@ from btdeploy.artifacts.graph_names import Flavour, graph_file, parse_flavour
 from btdeploy.artifacts.locks import head_lock
 from btdeploy.artifacts.manifest import Manifest, read_manifest
 from btdeploy.artifacts.onnx_files import GraphBatch, load_graph
-from btdeploy.backends.targets import graph_checks
+from btdeploy.backends.targets import graph_checks, graph_requirements
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.optimize.graph_checks import require_fp16_safe
@@ -92,6 +92,7 @@ def _optimize_graph(
         "passes": [asdict(r) for r in results.values()],
         "nodes": len(model.graph.node),
     }
+    summary["requires"] = graph_requirements(flavour)
     for target_name, check in graph_checks(flavour).items():
         problems = check(model)
         summary[f"{target_name}_op_check"] = {"passed": not problems, "unsupported": problems}

@@ -19,7 +19,7 @@ from btdeploy.optimize.passes.qdq_islands import QDQ_ISLANDS
 from btdeploy.quantize.modelopt_env import require_modelopt
 
 # What is not INT8: TensorRT runs it in FP16; ONNX Runtime's CPU provider wants FP32.
-HIGH_PRECISION = {Flavour.TRT: "fp16", Flavour.ORT: "fp32"}
+HIGH_PRECISION = {Flavour.TRT: "fp16", Flavour.TRT_COMPAT: "fp16", Flavour.ORT: "fp32"}
 
 
 def modelopt_int8(
@@ -32,6 +32,7 @@ def modelopt_int8(
     # graphs' batch axis is dynamic); with them it runs ONNX shape inference, which stops at
     # the ort graph's com.microsoft operators.
     high_precision = HIGH_PRECISION[flavour]
+    attention_matmuls = _activation_matmuls(onnx.load(str(source), load_external_data=False))
     output = workdir / "int8.onnx"
     quantize(
         str(source),
@@ -41,6 +42,10 @@ def modelopt_int8(
         # The GEMMs hold nearly all the compute (the attention matmuls are inside the fused
         # Attention nodes); Q/DQ anywhere else would cost conversions and accuracy for no gain.
         op_types_to_quantize=["MatMul"],
+        # The attention core (Q.K^T and P.V, activation x activation) stays in high precision in every
+        # flavour: in ort and trt graphs it is inside the Attention operator; trt-compat keeps it
+        # as MatMuls, and quantizing the softmax probabilities would cost accuracy for little compute.
+        nodes_to_exclude=attention_matmuls or None,
         op_types_to_exclude=list(FULL_PRECISION_OPS),
         op_types_to_exclude_fp16=list(FULL_PRECISION_OPS),
         high_precision_dtype=high_precision,
@@ -62,6 +67,14 @@ def modelopt_int8(
         "calibration_method": "entropy (Model Optimizer's int8 default)",
         "calibration_rows": len(next(iter(feeds.values()))),
         "op_types_excluded": list(FULL_PRECISION_OPS),
+        "attention_matmuls_excluded": len(attention_matmuls),
         "high_precision": high_precision,
     }
     return model, options
+
+
+def _activation_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMuls whose second operand is not a stored weight: the attention core."""
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in constants]

@@ -24,14 +24,15 @@ Run = Callable[[Path, dict[str, np.ndarray], Path, Flavour], tuple[onnx.ModelPro
 class QuantizeMethod:
     precision: Precision
     flavours: tuple[Flavour, ...]  # the flavours it writes a graph for
-    source_flavour: Flavour | None  # the optimized graph it always starts from; None: the flavour's own
-    source_reason: str  # why, where the source is not the flavour's own graph
+    # The optimized graph it starts from where the flavour's own graph will not do; None: always its own.
+    source_flavour: Flavour | None
+    source_reason: str  # why
     calibrates: bool
     run: Run
     refusal: str = ""  # what to say for a flavour it does not write
 
     def source(self, flavour: Flavour) -> tuple[Flavour, str]:
-        if self.source_flavour is None or self.source_flavour == flavour:
+        if self.source_flavour is None or flavour.standard_only:
             return flavour, ""
         return self.source_flavour, self.source_reason
 
@@ -39,15 +40,16 @@ class QuantizeMethod:
 # Model Optimizer reads standard ONNX only: AutoCast asks TensorRT for the types of other
 # operators, and the quantizer leaves every tensor that a com.microsoft node produces
 # unquantized (measured on tiny itm: 15 of 80 MatMuls got INT8 activations). So fp16 and
-# int8 of both flavours start from the trt graph, which holds the same fusions in standard
-# operators; ONNX Runtime fuses its own kernels again when it loads them.
+# int8 of the ort flavour start from the trt graph, which holds the same fusions in standard
+# operators (ONNX Runtime fuses its own kernels again when it loads them); the standard-only
+# flavours start from their own graph.
 _MODELOPT_SOURCE = "Model Optimizer needs standard ONNX operators"
 
 METHODS: dict[Precision, QuantizeMethod] = {
     method.precision: method
     for method in (
-        QuantizeMethod(Precision.FP16, (Flavour.ORT, Flavour.TRT), Flavour.TRT, _MODELOPT_SOURCE, True, autocast_fp16),
-        QuantizeMethod(Precision.INT8, (Flavour.ORT, Flavour.TRT), Flavour.TRT, _MODELOPT_SOURCE, True, modelopt_int8),
+        QuantizeMethod(Precision.FP16, tuple(Flavour), Flavour.TRT, _MODELOPT_SOURCE, True, autocast_fp16),
+        QuantizeMethod(Precision.INT8, tuple(Flavour), Flavour.TRT, _MODELOPT_SOURCE, True, modelopt_int8),
         QuantizeMethod(
             Precision.INT8_DYNAMIC,
             (Flavour.ORT,),

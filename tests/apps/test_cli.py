@@ -90,16 +90,20 @@ def test_pipeline_exports_checks_and_summarises(tmp_path: Path, capsys: pytest.C
     assert "pipeline PASSED" in printed
     for head in ("base", "itm", "itc", "mlm"):
         assert (out / head / "model.onnx").is_file()
-    for graph in ("plain", "ort", "trt", "ort.fp16", "ort.int8", "ort.int8-dynamic", "trt.fp16", "trt.int8"):
+    graphs = ["plain", "ort", "trt", "trt-compat", "ort.fp16", "ort.int8", "ort.int8-dynamic"]
+    graphs += ["trt.fp16", "trt.int8", "trt-compat.fp16", "trt-compat.int8"]
+    for graph in graphs:
         report = json.loads((out / f"parity.{graph}.json").read_text())
         assert report["passed"] is True and len(report["rows"]) == 9, graph
-    # Every graph TensorRT will be given passes the operator-support check.
-    trt_graphs = sorted(out.glob("*/model.trt*.onnx"))
-    assert len(trt_graphs) == 4 * 3  # fp32, fp16 and int8 per head
-    for path in trt_graphs:
-        ops = check_tensorrt_ops(onnx.load(str(path)))
-        assert ops.passed and ops.opset == 23, (path, ops.unsupported)
-    assert printed.count("14/14 attn, 2/2 bridge") == 6 and printed.count("12/12 attn, 2/2 bridge") == 2
+    # Every graph TensorRT will be given passes the operator check of the TensorRT line it targets.
+    for flavour, line, opsets in (("trt", "10.14", {23}), ("trt-compat", "10.3", set(range(17, 21)))):
+        paths = sorted(out.glob(f"*/model.{flavour}.onnx")) + sorted(out.glob(f"*/model.{flavour}.int8.onnx"))
+        paths += sorted(out.glob(f"*/model.{flavour}.fp16.onnx"))
+        assert len(paths) == 4 * 3  # fp32, fp16 and int8 per head
+        for path in paths:
+            ops = check_tensorrt_ops(onnx.load(str(path)), line)
+            assert ops.passed and ops.opset in opsets, (path, ops.unsupported, ops.opset)
+    assert printed.count("14/14 attn, 2/2 bridge") == 9 and printed.count("12/12 attn, 2/2 bridge") == 3
 
 
 def test_console_script_reports_errors_without_a_traceback(tmp_path: Path) -> None:

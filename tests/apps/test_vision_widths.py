@@ -13,6 +13,7 @@ import pytest
 from conftest import make_checkpoint
 
 from btdeploy.apps.pipeline import run_pipeline
+from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.model.checkpoints import resolve_model
@@ -60,7 +61,8 @@ def test_every_allowed_head_goes_through_the_pipeline(
 ) -> None:
     checkpoint = make_checkpoint(tmp_path / "ckpt", values, heads=tuple(h for h in ("itm", "mlm", "itc") if h in heads))
     out = tmp_path / "out"
-    assert run_pipeline(str(checkpoint), out, seed=3, heads=heads, split=True)
+    # ort and trt here; trt-compat is exercised on tiny and the non-default config (tests/optimize).
+    assert run_pipeline(str(checkpoint), out, seed=3, heads=heads, split=True, flavours=(Flavour.ORT, Flavour.TRT))
     printed = capsys.readouterr().out
     assert "pipeline PASSED" in printed
     for head in heads:
@@ -72,7 +74,9 @@ def test_every_allowed_head_goes_through_the_pipeline(
             assert record["bridges_fused"] == record["bridges_expected"]
             for part in ("text", "vision", "fusion"):
                 assert record["parts"][part]["attention_fused"] == record["parts"][part]["attention_expected"]
-        assert set(manifest.data["precisions"]) == {"ort.fp16", "ort.int8", "ort.int8-dynamic", "trt.fp16", "trt.int8"}
+        assert set(manifest.data["precisions"]) == {
+            "ort.fp16", "ort.int8", "ort.int8-dynamic", "trt.fp16", "trt.int8"
+        }  # fmt: skip
     reports = sorted(p.name for p in out.glob("parity.*.json"))
     assert reports == sorted(
         f"parity.{k}.json"

@@ -55,7 +55,10 @@ def test_the_impossible_pair_names_where_it_runs() -> None:
     with pytest.raises(BtDeployError) as error:
         get_target("tensorrt").resolve({"precision": "fp32"})
     message = _one_line(error)
-    assert "cannot run fp32 trt graphs: it runs fp16 trt, int8 trt; fp32 trt runs on onnxruntime" in message
+    expected = (
+        "cannot run fp32 trt graphs: it runs fp16 trt, int8 trt, fp16 trt-compat, int8 trt-compat; fp32 trt runs on"
+    )
+    assert expected in message
 
 
 def test_resolved_options_are_typed_and_defaulted() -> None:

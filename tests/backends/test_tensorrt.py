@@ -152,10 +152,12 @@ def test_without_tensorrt_build_and_backend_say_what_to_install(
 
 
 def test_an_old_or_broken_tensorrt_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tensorrt_env, "tensorrt_version", lambda: "10.3.0")
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
-    with pytest.raises(BtDeployError, match="TensorRT 10.3.0 cannot parse the ONNX Attention operator"):
+    monkeypatch.setattr(tensorrt_env, "tensorrt_version", lambda: "8.6.1")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1"))
+    with pytest.raises(BtDeployError, match=r"TensorRT 8.6.1 is older than any graph btdeploy writes \(trt-compat"):
         tensorrt_env.require_tensorrt()
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    assert tensorrt_env.require_tensorrt().__version__ == "10.3.0"  # JetPack 6: trt-compat graphs
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # what `import` does with a stub that failed
     with pytest.raises(BtDeployError, match="TensorRT is installed but does not import"):
         tensorrt_env.require_tensorrt()
@@ -195,3 +197,21 @@ def test_doctor_runs_from_the_command_line(tiny_export: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "can run here:" in result.stdout and "btdeploy artifacts in" in result.stdout
+
+
+def test_doctor_gives_polygraphy_commands_that_polygraphy_accepts(tiny_export: Path, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from btdeploy.apps.doctor import doctor_report
+
+    folder = tmp_path / "out"
+    shutil.copytree(tiny_export / "itm", folder / "itm")
+    (folder / "itm" / "model.trt-compat.fp16.onnx").write_bytes(b"stands in for a quantized graph")
+    lines, _ = doctor_report(folder)
+    commands = [line.strip() for line in lines if line.strip().startswith("polygraphy run")]
+    assert len(commands) == 1 and "model.trt-compat.fp16.onnx --trt --strongly-typed --onnxrt" in commands[0]
+    assert "--trt-opt-shapes input_ids:[8,40] attention_mask:[8,40] pixel_values:[8,3,64,64]" in commands[0]
+    usage = subprocess.run(["polygraphy", "run", "--help"], capture_output=True, text=True, check=True).stdout
+    flags = [word for word in commands[0].split() if word.startswith("--")]
+    assert [flag for flag in flags if flag not in usage] == []

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from btdeploy.artifacts.files import sha256_of, write_bytes
-from btdeploy.artifacts.graph_names import Flavour, Precision
-from btdeploy.artifacts.manifest import read_manifest
+from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, parse_flavour
+from btdeploy.artifacts.manifest import Manifest, read_manifest
 from btdeploy.backends.tensorrt.engines import ENGINE_PRECISIONS, EngineRecord, engine_file, parse_version, record_file
 from btdeploy.backends.tensorrt.environment import require_gpu, require_tensorrt
+from btdeploy.backends.tensorrt.operators import FLAVOUR_LINES
 from btdeploy.backends.tensorrt.profiles import EngineProfile, derive_profile
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
@@ -67,6 +68,28 @@ def _add_profile(builder: Any, config: Any, network: Any, profile: EngineProfile
     config.add_optimization_profile(trt_profile)
 
 
+def choose_graph(
+    manifest: Manifest, precision: Precision, tensorrt_version: str, flavour: Flavour | None = None
+) -> tuple[Path, str]:
+    """The graph the installed TensorRT can parse, newest dialect first, and why it was chosen."""
+    installed = parse_version(tensorrt_version)[:2]
+    passed_over = []
+    for candidate in [flavour] if flavour else list(FLAVOUR_LINES):
+        line = FLAVOUR_LINES[candidate]
+        path = manifest.folder / graph_file(candidate, precision)
+        if installed < parse_version(line)[:2]:
+            passed_over.append(f"{path.name} needs TensorRT {line}")
+        elif not path.is_file():
+            passed_over.append(
+                f"{path.name} does not exist (btdeploy quantize {manifest.folder} --flavour {candidate} "
+                f"--precision {precision})"
+            )
+        else:
+            why = f"TensorRT {tensorrt_version} parses {candidate} graphs (they need {line})"
+            return path, why + (f"; passed over: {'; '.join(passed_over)}" if passed_over else "")
+    raise BtDeployError(f"no {precision} graph that TensorRT {tensorrt_version} can parse: {'; '.join(passed_over)}")
+
+
 def build_engine(
     folder: Path,
     precision: Precision | str,
@@ -74,7 +97,12 @@ def build_engine(
     seq_len: str | None = None,
     timing_cache: Path | None = None,
     workspace_gb: float = 4.0,
+    flavour: Flavour | str | None = None,
 ) -> Path:
+    """A strongly typed engine from the newest graph dialect the installed TensorRT parses (or `flavour`)."""
+    flavour = parse_flavour(flavour, "--flavour")
+    if flavour is not None and flavour not in FLAVOUR_LINES:
+        raise BtDeployError(f"--flavour {flavour}: TensorRT builds from {', '.join(FLAVOUR_LINES)} graphs")
     if precision not in ENGINE_PRECISIONS:
         raise BtDeployError(f"--precision {precision!r}: TensorRT engines are {', '.join(ENGINE_PRECISIONS)}")
     precision = Precision(precision)
@@ -84,7 +112,8 @@ def build_engine(
     gpu_name, capability = require_gpu()
     manifest = read_manifest(folder)
     profile = derive_profile(get_head(manifest.head), manifest.config, batch, seq_len)
-    onnx_path = manifest.graph_path(Flavour.TRT, precision)
+    onnx_path, why = choose_graph(manifest, precision, str(trt.__version__), flavour)
+    say(f"build {manifest.head} {precision}: {onnx_path.name}, because {why}")
     target = folder / engine_file(precision, str(trt.__version__), capability)
     say(f"build {manifest.head} {precision}: {onnx_path.name} on {gpu_name}, batch {profile.batch}, "
         f"text length {profile.text_length} -> {target.name}")  # fmt: skip

@@ -16,7 +16,7 @@ from btdeploy.backends.tensorrt.profiles import EngineProfile
 from btdeploy.errors import BtDeployError
 
 ENGINE_PRECISIONS = (Precision.FP16, Precision.INT8)  # what TensorRT builds: dynamic INT8 is ONNX Runtime only
-MIN_TENSORRT = (10, 14)  # the ONNX parser's Attention operator (opset 23) arrived in 10.14
+MIN_TENSORRT = (10, 3)  # JetPack 6; trt-compat graphs parse from 10.3, trt graphs (ONNX Attention) from 10.14
 
 
 def engine_file(precision: str, tensorrt_version: str, compute_capability: tuple[int, int]) -> str:

@@ -67,7 +67,7 @@ def require_tensorrt() -> ModuleType:
     version = parse_version(str(tensorrt.__version__))
     if version[:2] < MIN_TENSORRT:
         raise BtDeployError(
-            f"TensorRT {tensorrt.__version__} cannot parse the ONNX Attention operator these graphs use "
-            f"(it needs 10.14 or newer): {INSTALL_TENSORRT}"
+            f"TensorRT {tensorrt.__version__} is older than any graph btdeploy writes (trt-compat graphs need "
+            f"10.3, trt graphs 10.14): {INSTALL_TENSORRT}, or JetPack 6 on Jetson"
         )
     return tensorrt

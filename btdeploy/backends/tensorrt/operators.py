@@ -1,4 +1,5 @@
-"""Which ONNX operators TensorRT's parser takes (10.14 through 11.x), and a check of a graph against it."""
+"""Which ONNX operators TensorRT's parser takes, one list per TensorRT line (10.3, 10.14 and 11.x),
+each with its source, and a check of a graph against the line it targets."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from importlib import resources
 from typing import Any
 
 import onnx
+
+from btdeploy.artifacts.graph_names import Flavour
 
 
 @cache
@@ -26,10 +29,23 @@ class OpCheck:
         return not self.unsupported
 
 
-def check_tensorrt_ops(model: onnx.ModelProto) -> OpCheck:
-    """Every node must be a standard ONNX operator in TensorRT's list (no com.microsoft ops),
-    and the default-domain opset within the parser's range."""
-    table = support_table()
+LINES = ("10.3", "10.14")  # 11.x parses what 10.14 does (the same list)
+# The TensorRT line whose parser each flavour's graphs target, newest first: `build` takes the
+# first one the installed TensorRT can parse.
+FLAVOUR_LINES = {Flavour.TRT: "10.14", Flavour.TRT_COMPAT: "10.3"}
+
+
+def line_table(line: str) -> dict[str, Any]:
+    lines = support_table()["lines"]
+    if line not in lines:
+        raise KeyError(f"no operator list for TensorRT {line}: the lists are {', '.join(lines)}")
+    return dict(lines[line])
+
+
+def check_tensorrt_ops(model: onnx.ModelProto, line: str = "10.14") -> OpCheck:
+    """Every node must be a standard ONNX operator in the list of the TensorRT line the graph
+    targets (no com.microsoft ops), and the default-domain opset within that parser's range."""
+    table = line_table(line)
     supported = set(table["operators"])
     bad: dict[str, int] = {}
     for node in model.graph.node:

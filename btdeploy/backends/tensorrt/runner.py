@@ -13,7 +13,7 @@ from btdeploy.artifacts.manifest import Manifest
 from btdeploy.backends.tensorrt.engines import EngineRecord, check_compatible, find_engine, record_file
 from btdeploy.backends.tensorrt.environment import require_gpu, require_tensorrt
 from btdeploy.errors import BtDeployError
-from btdeploy.progress import say
+from btdeploy.progress import say, warn
 
 
 class TensorRTBackend:
@@ -40,23 +40,37 @@ class TensorRTBackend:
         self.output_names = output_names
         self.dtypes = {n: _torch_dtype(torch, trt, self.engine.get_tensor_dtype(n)) for n in names}
         self.cuda_graphs = cuda_graphs
-        self.graphs: dict[tuple[tuple[int, ...], ...], tuple[Any, dict[str, Any], dict[str, Any]]] = {}
+        # Per input shape: device buffers allocated once and reused, and the CUDA graph captured on
+        # them (None where capture failed and plain runs are used instead).
+        self.buffers: dict[tuple[tuple[int, ...], ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+        self.graphs: dict[tuple[tuple[int, ...], ...], Any] = {}
+        self.bound: tuple[tuple[int, ...], ...] | None = None  # the shape the context's addresses point at
         self.description = f"{engine_path.name} on {gpu_name}" + (" with CUDA graphs" if cuda_graphs else "")
 
-    def _bind(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Device buffers for one input shape; inputs copied in, outputs allocated to the engine's shapes."""
+    def _buffers(self, key: tuple[tuple[int, ...], ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This shape's device buffers (allocated on first use), bound to the execution context."""
         torch = self.torch
-        inputs = {}
-        for name in self.input_names:
-            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", self.dtypes[name])
-            inputs[name] = tensor
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        outputs = {}
-        for name in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device="cuda")
-            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        if key not in self.buffers:
+            inputs = {
+                name: torch.empty(shape, dtype=self.dtypes[name], device="cuda")
+                for name, shape in zip(self.input_names, key, strict=True)
+            }
+            for name, tensor in inputs.items():
+                self.context.set_input_shape(name, tuple(tensor.shape))
+            outputs = {
+                name: torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name], device="cuda")
+                for name in self.output_names
+            }
+            self.buffers[key] = (inputs, outputs)
+            self.bound = None
+        inputs, outputs = self.buffers[key]
+        if self.bound != key:
+            for name, tensor in inputs.items():
+                self.context.set_input_shape(name, tuple(tensor.shape))
+                self.context.set_tensor_address(name, tensor.data_ptr())
+            for name, tensor in outputs.items():
+                self.context.set_tensor_address(name, tensor.data_ptr())
+            self.bound = key
         return inputs, outputs
 
     def _execute(self) -> None:
@@ -66,33 +80,36 @@ class TensorRTBackend:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.profile.check_feeds({name: tuple(feeds[name].shape) for name in self.input_names})
         torch = self.torch
+        key = tuple(tuple(feeds[name].shape) for name in self.input_names)
         with torch.cuda.stream(self.stream):
-            if self.cuda_graphs:
-                outputs = self._replay(feeds)
+            inputs, outputs = self._buffers(key)
+            for name in self.input_names:
+                inputs[name].copy_(torch.from_numpy(np.ascontiguousarray(feeds[name])), non_blocking=True)
+            graph = self._graph(key) if self.cuda_graphs else None
+            if graph is not None:
+                graph.replay()
             else:
-                _inputs, outputs = self._bind(feeds)
                 self._execute()
         self.stream.synchronize()
         return {name: value.float().cpu().numpy() for name, value in outputs.items()}
 
-    def _replay(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Capture one CUDA graph per input shape (after a plain run, as TensorRT asks), then replay it."""
-        torch = self.torch
-        key = tuple(tuple(feeds[name].shape) for name in self.input_names)
+    def _graph(self, key: tuple[tuple[int, ...], ...]) -> Any:
+        """This shape's CUDA graph, captured after one plain run (TensorRT finishes its lazy
+        allocations there); None, with a warning, where capture fails: plain runs then."""
         if key not in self.graphs:
+            torch = self.torch
             say(f"tensorrt: capturing a CUDA graph for shapes {key}")
-            inputs, outputs = self._bind(feeds)
-            self._execute()  # lets TensorRT finish lazy allocations for this shape
+            self._execute()
             self.stream.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self.stream):
-                self._execute()
-            self.graphs[key] = (graph, inputs, outputs)
-        graph, inputs, outputs = self.graphs[key]
-        for name in self.input_names:
-            inputs[name].copy_(torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self.dtypes[name]))
-        graph.replay()
-        return outputs
+            try:
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self._execute()
+            except Exception as error:  # capture is refused by some engines and drivers
+                warn(f"tensorrt: CUDA graph capture failed for shapes {key} ({error}); running without it")
+                graph = None
+            self.graphs[key] = graph
+        return self.graphs[key]
 
 
 def _torch_dtype(torch: Any, trt: Any, dtype: Any) -> Any:

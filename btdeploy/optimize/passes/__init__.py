@@ -19,15 +19,18 @@ from btdeploy.optimize.passes.layernorm import BRIDGE_LAYERNORM, RESIDUAL_LAYERN
 # folds the FFN's first bias), then cleanup of whatever lost its last user.
 PASSES: tuple[GraphPass, ...] = (CLS_ROWS, ATTENTION, BRIDGE_LAYERNORM, RESIDUAL_LAYERNORM, GELU, CLEANUP)
 
-ATTENTION_OPSET = 23  # ONNX Attention
+# The opset each flavour's graphs are written in: ort and trt use the ONNX Attention operator
+# (opset 23); trt-compat keeps the export's opset (17, at most 20 for TensorRT 10.3's parser).
+FLAVOUR_OPSET: dict[Flavour, int | None] = {Flavour.ORT: 23, Flavour.TRT: 23, Flavour.TRT_COMPAT: None}
 
 
 def optimize_graph(model: onnx.ModelProto, flavour: Flavour) -> tuple[onnx.ModelProto, dict[str, PassResult]]:
     """Every pass in order; the results keyed by pass name."""
     from onnx import version_converter
 
-    # Both flavours use the ONNX Attention operator, so both graphs move to its opset.
-    model = version_converter.convert_version(model, ATTENTION_OPSET)
+    opset = FLAVOUR_OPSET[flavour]
+    if opset is not None:
+        model = version_converter.convert_version(model, opset)
     graph = Graph(model)
     results = {graph_pass.name: graph_pass.run(graph, flavour) for graph_pass in PASSES}
     graph.toposort()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.optimize.graph import Graph, attribute
 from btdeploy.optimize.passes.base import GraphPass, PassResult, scalar_operand, split_bias_add
 
@@ -235,5 +236,26 @@ def fuse_attention(graph: Graph) -> PassResult:
     return result
 
 
-# Standard operators only, so every flavour takes the same rewrite.
-ATTENTION = GraphPass.every_flavour("attention", fuse_attention)
+def count_canonical_attention(graph: Graph) -> PassResult:
+    """trt-compat: keep every block as the canonical pattern TensorRT's own multi-head-attention
+    fusion recognises (scale on Q, additive mask, MatMul -> Softmax -> MatMul); count the blocks
+    in that form, and say why any other Softmax is not one."""
+    result = PassResult("attention")
+    details = {"self": 0, "cross": 0}
+    for softmax in [n for n in graph.graph.node if n.op_type == "Softmax"]:
+        block = match(graph, softmax)
+        if isinstance(block, NoMatch):
+            result.unmatched.append(f"{softmax.name}: {block.reason}")
+            continue
+        details["self" if block.q.source == block.k.source else "cross"] += 1
+    result.fused = details["self"] + details["cross"]
+    result.details = {**details, "kept_canonical": result.fused}
+    return result
+
+
+# The ONNX Attention operator is standard, so ort and trt take the same rewrite; trt-compat
+# targets parsers without it (TensorRT before 10.14).
+ATTENTION = GraphPass(
+    "attention",
+    {Flavour.ORT: fuse_attention, Flavour.TRT: fuse_attention, Flavour.TRT_COMPAT: count_canonical_attention},
+)

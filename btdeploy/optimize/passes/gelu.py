@@ -5,6 +5,7 @@ GELU exports as x * (1 + Erf(x / sqrt 2)) * 0.5. QuickGELU (CLIP's) as x * Sigmo
   com.microsoft.QuickGelu(alpha) for QuickGELU.
 - trt: ONNX Gelu (opset 20) for the Erf chain; QuickGELU stays Sigmoid * x, which TensorRT
   fuses as a pointwise block on its own.
+- trt-compat: both stay as they are (counted only).
 """
 
 from __future__ import annotations
@@ -103,4 +104,13 @@ def _fuse_ort(graph: Graph) -> PassResult:
     return result
 
 
-GELU = GraphPass("gelu", {Flavour.ORT: _fuse_ort, Flavour.TRT: _fuse_trt})
+def _count_compat(graph: Graph) -> PassResult:
+    """trt-compat: the Erf chain stays (TensorRT fuses it as a pointwise block; the ONNX Gelu
+    operator needs opset 20, which not every parser this flavour serves takes); counted only."""
+    result = PassResult("GELU/QuickGELU + bias")
+    result.details = {"gelu": sum(_match_gelu(graph, n) is not None for n in graph.graph.node if n.op_type == "Erf")}
+    result.details.update(quick_gelu=0, bias_folded=0)
+    return result
+
+
+GELU = GraphPass("gelu", {Flavour.ORT: _fuse_ort, Flavour.TRT: _fuse_trt, Flavour.TRT_COMPAT: _count_compat})

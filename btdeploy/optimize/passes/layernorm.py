@@ -4,7 +4,7 @@ Both are LayerNormalization(Add(a, b)) over the last axis. In the `ort` flavour 
 com.microsoft.SkipLayerNormalization(a, b, gamma, beta[, bias]): one kernel instead of two,
 a dense layer's bias folded in, and, where the sum itself is used again (the vision tower's
 pre-LN residual), the sum taken from SkipLayerNormalization's fourth output.
-In the `trt` flavour the pair is already what TensorRT fuses (Add -> native LayerNormalization,
+In the `trt` and `trt-compat` flavours the pair is already what TensorRT fuses (Add -> native LayerNormalization,
 FP32); the pass checks that form and counts it, rewriting nothing.
 
 The bridge layers are told apart from the residual ones by the exporter's module scope in
@@ -87,6 +87,7 @@ def _pass(bridges: bool, name: str) -> GraphPass:
         {
             Flavour.ORT: lambda graph: _fuse(graph, bridges, name),
             Flavour.TRT: lambda graph: _verify(graph, bridges, name),
+            Flavour.TRT_COMPAT: lambda graph: _verify(graph, bridges, name),
         },
     )
 

@@ -20,7 +20,7 @@ stop() { printf 'gpu-check: stopped at "%s": %s\n' "$1" "$2" | tee -a "$log"; ex
 step "install btdeploy (dev extra)"
 pip install -q -e ".[dev]" >> "$log" 2>&1
 
-step "tiny itm: export with split towers, optimize every flavour, quantize fp16 and int8 (CPU)"
+step "tiny itm: export, optimize every flavour, quantize fp16 and int8 in the TensorRT flavours (CPU)"
 btdeploy export --model tiny --heads itm --out "$work/tiny" >> "$log" 2>&1
 for flavour in ort trt trt-compat; do btdeploy optimize "$work/tiny" --flavour "$flavour" >> "$log" 2>&1; done
 for flavour in trt trt-compat; do

@@ -105,6 +105,17 @@ class Manifest:
         """Remember a graph's size and hash, so a replaced or damaged file is refused at load."""
         self.data.setdefault("graphs", {})[path.name] = {"bytes": graph_bytes(path), "sha256": sha256_of(path)}
 
+    def record_step(self, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """After a step wrote a graph per stem: record each one's size and hash (in the manifest and in
+        its summary) and return the whole head's summary with the split graphs' under `parts`."""
+        for summary in summaries.values():
+            self.record_graph(self.folder / summary["file"])
+            summary.update(self.data["graphs"][summary["file"]])
+        whole = summaries.pop("model")
+        if summaries:
+            whole["parts"] = summaries
+        return whole
+
     def verify_graph(self, path: Path, full: bool = False) -> None:
         """Refuse a graph that is not the one recorded: its size always, its sha256 with `full`."""
         record = self.data.get("graphs", {}).get(path.name)

@@ -36,13 +36,8 @@ def load_graph(path: Path, what: str, load_weights: bool = True) -> onnx.ModelPr
 
 def save_graph_atomically(model: onnx.ModelProto, path: Path) -> None:
     """Write model (and its `.data` past 2 GB) under temporary names, then rename into place."""
-    batch = GraphBatch()
-    try:
+    with GraphBatch() as batch:
         batch.stage(model, path)
-    except BaseException:
-        batch.discard()
-        raise
-    batch.commit()
 
 
 class GraphBatch:
@@ -52,6 +47,16 @@ class GraphBatch:
 
     def __init__(self) -> None:
         self.staged: list[tuple[Path, Path]] = []  # (temporary, final)
+
+    def __enter__(self) -> GraphBatch:
+        return self
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        """Commit when the block completed, discard the staged files when it raised (or was interrupted)."""
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
 
     def stage(self, model: onnx.ModelProto, path: Path) -> None:
         self.staged += _write_temporary(model, path)

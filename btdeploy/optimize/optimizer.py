@@ -38,19 +38,9 @@ def optimize_head(folder: Path, flavour: Flavour | str, allow_partial: bool = Fa
         raise BtDeployError("--flavour is required: choose one of " + ", ".join(f.value for f in Flavour))
     with head_lock(folder, f"btdeploy optimize --flavour {chosen}"):
         manifest = read_manifest(folder)
-        batch = GraphBatch()  # every graph of the head, or none: stage, then swap, then record
-        try:
+        with GraphBatch() as batch:  # every graph of the head, or none: stage, then swap, then record
             summaries = {stem: _optimize_graph(manifest, chosen, stem, allow_partial, batch) for stem in manifest.stems}
-            batch.commit()
-        except BaseException:
-            batch.discard()
-            raise
-        for stem_summary in summaries.values():
-            manifest.record_graph(folder / stem_summary["file"])
-            stem_summary["sha256"] = manifest.data["graphs"][stem_summary["file"]]["sha256"]
-        summary = summaries.pop("model")
-        if summaries:
-            summary["parts"] = summaries
+        summary = manifest.record_step(summaries)
         manifest.data.setdefault("optimized", {})[str(chosen)] = summary
         manifest.write()
     return summary

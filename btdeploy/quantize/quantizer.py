@@ -87,9 +87,8 @@ def quantize_head(
         calibration = None
         if method.calibrates:
             calibration = load_calibration(manifest, calib_images, calib_texts, calib_size)
-        batch = GraphBatch()  # every graph of the head, or none: stage, then swap, then record
         summaries: dict[str, dict[str, Any]] = {}
-        try:
+        with GraphBatch() as batch:  # every graph of the head, or none: stage, then swap, then record
             for stem in manifest.stems:
                 part_calibration = calibration
                 if calibration is not None and stem == "fusion":
@@ -97,17 +96,9 @@ def quantize_head(
                 summaries[stem] = _quantize_graph(
                     manifest, method, chosen, stem, (sources[stem], why), part_calibration, batch
                 )
-            batch.commit()
-        except BaseException:
-            batch.discard()
-            raise
-        for stem_summary in summaries.values():
-            manifest.record_graph(folder / stem_summary["file"])
-            stem_summary.update(manifest.data["graphs"][stem_summary["file"]])
-            _say_written(manifest.head, stem_summary)
-        summary = summaries.pop("model")
-        if summaries:
-            summary["parts"] = summaries
+        summary = manifest.record_step(summaries)
+        for written in (summary, *summary.get("parts", {}).values()):
+            _say_written(manifest.head, written)
         manifest.data.setdefault("precisions", {})[f"{chosen}.{method.precision}"] = summary
         manifest.write()
     return summary

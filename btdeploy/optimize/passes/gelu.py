@@ -11,6 +11,7 @@ GELU exports as x * (1 + Erf(x / sqrt 2)) * 0.5. QuickGELU (CLIP's) as x * Sigmo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import onnx
 
@@ -54,15 +55,19 @@ def _match_quick_gelu(graph: Graph, sigmoid: onnx.NodeProto) -> tuple[str, float
     return operand[1], operand[0], [scaled, sigmoid, gate], gate.output[0]
 
 
+def _gelus(graph: Graph) -> Iterator[tuple[str, list[onnx.NodeProto], str]]:
+    """Each exported GELU (the Erf chain) once, while the caller rewrites it."""
+    for erf in graph.each_once(lambda n: n.op_type == "Erf"):
+        found = _match_gelu(graph, erf)
+        if found is not None:
+            yield found
+
+
 def _fuse_trt(graph: Graph) -> PassResult:
     """The Erf chain becomes ONNX Gelu (opset 20); QuickGELU stays Sigmoid * x."""
     result = PassResult("GELU/QuickGELU + bias")
     details = {"gelu": 0, "quick_gelu": 0, "bias_folded": 0}
-    for erf in graph.each_once(lambda n: n.op_type == "Erf"):
-        found = _match_gelu(graph, erf)
-        if found is None:
-            continue
-        x, nodes, output = found
+    for x, nodes, output in _gelus(graph):
         graph.replace(nodes, [graph.make_node("Gelu", [x], [output], name="Gelu")])
         graph.set_opset("", 20)
         details["gelu"] += 1
@@ -74,11 +79,7 @@ def _fuse_ort(graph: Graph) -> PassResult:
     """com.microsoft.BiasGelu (bias folded) or Gelu, and com.microsoft.QuickGelu."""
     result = PassResult("GELU/QuickGELU + bias")
     details = {"gelu": 0, "quick_gelu": 0, "bias_folded": 0}
-    for erf in graph.each_once(lambda n: n.op_type == "Erf"):
-        found = _match_gelu(graph, erf)
-        if found is None:
-            continue
-        x, nodes, output = found
+    for x, nodes, output in _gelus(graph):
         split = split_bias_add(graph, x)
         users = graph.consumers.get(x, [])
         if split is not None and all(u in nodes for u in users):

@@ -288,6 +288,7 @@ TENSORRT = Target(
         for precision in ENGINE_PRECISIONS
         for suffix, graphs in (("", False), ("-cudagraph", True))
     ),
+    reads_onnx=False,  # it runs an engine; build records the graph the engine came from
     check_graph=_trt_check_graph,
     requirements={flavour: f"TensorRT {line}" for flavour, line in FLAVOUR_LINES.items()},
     build=_trt_build,

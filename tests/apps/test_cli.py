@@ -130,3 +130,38 @@ def test_optimize_check_and_bench_the_flavours(tmp_path: Path, capsys: pytest.Ca
     assert code == 0
     table = (tmp_path / "bench" / "results.md").read_text()
     assert "| itm | 1 | 8 | ort-fused |" in table and "| itm | 1 | 8 | trt-graph |" in table
+
+
+def test_pipeline_builds_and_checks_engines_where_tensorrt_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The engine step, with the tensorrt target standing in: it 'builds' by choosing the graph
+    TensorRT 10.3 would parse and runs that graph on ONNX Runtime."""
+    import dataclasses
+
+    from btdeploy.apps.pipeline import run_pipeline
+    from btdeploy.artifacts.graph_names import Precision
+    from btdeploy.backends import targets
+    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+    from btdeploy.backends.tensorrt.build import choose_graph
+
+    built: list[str] = []
+
+    def build(folder: Path, precision: Precision, **settings: object) -> Path:
+        path, _ = choose_graph(read_manifest(folder), Precision(precision), "10.3.0")
+        built.append(path.name)
+        return path
+
+    def make(manifest: object, options: targets.RunOptions) -> object:
+        path, _ = choose_graph(manifest, options.precision, "10.3.0")  # type: ignore[arg-type]
+        return OnnxRuntimeBackend(path, ["logits"], ["cpu"])
+
+    stand_in = dataclasses.replace(targets.TENSORRT, unavailable=lambda options: None, build=build, make=make)
+    monkeypatch.setitem(targets.TARGETS, "tensorrt", stand_in)
+    out = tmp_path / "pipe"
+    assert run_pipeline("tiny", out, heads=["itm"], precisions=("fp16", "int8"))
+    assert built == ["model.trt-compat.fp16.onnx", "model.trt-compat.int8.onnx"]  # one engine per precision
+    for precision in ("fp16", "int8"):
+        report = json.loads((out / f"parity.tensorrt.{precision}.json").read_text())
+        assert report["passed"] and report["backend"] == "tensorrt" and report["precision"] == precision
+    assert "== tensorrt.int8 graph (tensorrt int8 engine) ==" in capsys.readouterr().out

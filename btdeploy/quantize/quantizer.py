@@ -119,10 +119,24 @@ def _quantize_graph(
     target = manifest.folder / graph_file(flavour, precision, stem)
     started = time.monotonic()
     feeds = {name: calibration.feeds[name] for name in manifest.input_names(stem)} if calibration else {}
+    versions = tool_versions(("nvidia-modelopt", "onnxruntime-gpu", "onnx"))
+    source_sha256 = manifest.data.get("graphs", {}).get(source.name, {}).get("sha256")
+    made_by = {"source": source.name, "source_sha256": source_sha256, "versions": versions,
+               "calibration": calibration.source if calibration else None}  # fmt: skip
+    twin = _twin(manifest, method, flavour, stem, made_by) if method.flavour_independent else None
     workdir = Path(tempfile.mkdtemp(prefix=".quantize.", suffix=".partial", dir=manifest.folder))
     try:
-        with step(f"quantize {label} ({flavour}, {precision}) from {source.name}"):
-            model, options = method.run(source, feeds, workdir, flavour)
+        if twin is not None:
+            # The same method on the same source graph and calibration wrote this graph for another
+            # flavour: the result would be the same file, so it is not computed twice.
+            path, record = twin
+            say(f"quantize {label} ({flavour}, {precision}): the same graph as {path.name} (same source and data)")
+            model = load_graph(path, "quantize again")
+            options = {key: value for key, value in record.items() if key not in _RECORD_KEYS}
+            options["reused_from"] = path.name
+        else:
+            with step(f"quantize {label} ({flavour}, {precision}) from {source.name}"):
+                model, options = method.run(source, feeds, workdir, flavour)
         require_fp16_safe(model, f"the {precision} graph of {label}")
         facts = _describe(model, precision)
         for target_name, check in graph_checks(flavour).items():
@@ -138,17 +152,44 @@ def _quantize_graph(
         shutil.rmtree(workdir, ignore_errors=True)
     summary: dict[str, Any] = {
         "file": target.name,
-        "source": source.name,
         **({"source_reason": why} if why else {}),
         "flavour": flavour,
         "precision": precision,
         **options,
-        "calibration": calibration.source if calibration else None,
+        **made_by,
         "graph": facts,
         "seconds": round(time.monotonic() - started, 1),
-        "versions": tool_versions(("nvidia-modelopt", "onnxruntime-gpu", "onnx")),
     }
     return summary
+
+
+# Keys of a quantize record that describe the graph and how it was made, not the method's options.
+_RECORD_KEYS = {"file", "source", "source_reason", "source_sha256", "flavour", "precision", "calibration", "graph",
+                "seconds", "versions", "bytes", "sha256", "parts", "reused_from"}  # fmt: skip
+
+
+def _twin(
+    manifest: Manifest, method: QuantizeMethod, flavour: Flavour, stem: str, made_by: dict[str, Any]
+) -> tuple[Path, dict[str, Any]] | None:
+    """Another flavour's graph of this precision made from the same source graph (same hash), the
+    same calibration and the same tool versions, still intact on disk; or None."""
+    if made_by["source_sha256"] is None:
+        return None
+    for other in Flavour:
+        record = manifest.data.get("precisions", {}).get(f"{other}.{method.precision}")
+        if other == flavour or record is None:
+            continue
+        record = record if stem == "model" else record.get("parts", {}).get(stem)
+        if record is None or any(record.get(key) != value for key, value in made_by.items()):
+            continue
+        path = manifest.folder / record["file"]
+        try:
+            manifest.verify_graph(path, full=True)
+        except BtDeployError:
+            continue
+        if path.is_file():
+            return path, record
+    return None
 
 
 def _say_written(head: str, summary: dict[str, Any]) -> None:

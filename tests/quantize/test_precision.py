@@ -233,3 +233,23 @@ def test_cli_quantize_and_check_precision(optimized: Path, tmp_path: Path, capsy
     assert {row["tolerance"]["min_cosine"] for row in data["rows"]} == {0.99}
     assert main(["check", str(tmp_path), "--precision", "fp16"]) == 2
     assert "btdeploy quantize" in capsys.readouterr().err
+
+
+def test_an_fp16_graph_two_flavours_share_is_made_once(optimized: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    import btdeploy
+    from btdeploy.model.inputs import sample_inputs
+
+    folder = tmp_path / "itm"
+    shutil.copytree(optimized / "itm", folder)
+    made = quantize_head(folder, "fp16", "trt")
+    assert "reused_from" not in made and made["source"] == "model.trt.onnx"
+    shared = quantize_head(folder, "fp16", "ort")  # also from model.trt.onnx, same calibration rows
+    assert shared["reused_from"] == "model.trt.fp16.onnx" and shared["source_sha256"] == made["source_sha256"]
+    runtimes = [btdeploy.load(folder, flavour=flavour, precision="fp16") for flavour in ("trt", "ort")]
+    feeds = sample_inputs(runtimes[0].config, 2, 7)
+    np.testing.assert_array_equal(runtimes[0](**feeds).logits, runtimes[1](**feeds).logits)
+    # Other calibration rows make another graph: nothing is shared then.
+    again = quantize_head(folder, "fp16", "ort", calib_size=5)
+    assert "reused_from" not in again and again["calibration"]["size"] == 5

@@ -55,7 +55,12 @@ def find_head(path: str | Path, head: str | None = None) -> Manifest:
 
 
 def load(
-    path: str | Path, head: str | None = None, backend: str = "onnxruntime", check_finite: bool = True, **options: Any
+    path: str | Path,
+    head: str | None = None,
+    backend: str = "onnxruntime",
+    *,
+    check_finite: bool = True,
+    **options: Any,
 ) -> Runtime:
     """Load an exported head. `backend`: onnxruntime (default), torch (the reference) or
     tensorrt (an engine from btdeploy build; `precision="fp16"|"int8"`, `cuda_graphs=True`).

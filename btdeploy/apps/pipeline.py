@@ -20,7 +20,7 @@ from btdeploy.model.checkpoints import resolve_model
 from btdeploy.model.heads import HEADS
 from btdeploy.optimize.optimizer import optimize_head
 from btdeploy.progress import say
-from btdeploy.quantize.methods import PRECISIONS, quantized_graphs
+from btdeploy.quantize.methods import METHODS, PRECISIONS, quantized_graphs
 from btdeploy.quantize.quantizer import quantize_head
 from btdeploy.verify.check import check_export, report_data
 from btdeploy.verify.parity import ParityRow, format_rows
@@ -120,8 +120,6 @@ def run_pipeline(
 
 def _optimized_first(flavours: tuple[Flavour, ...], quantized: list[tuple[Flavour, Precision]]) -> list[Flavour]:
     """The flavours to optimize: those asked for, plus any a quantized graph starts from."""
-    from btdeploy.quantize.methods import METHODS
-
     needed = set(flavours) | {METHODS[p].source(f)[0] for f, p in quantized}
     return [flavour for flavour in Flavour if flavour in needed]
 

@@ -135,3 +135,15 @@ def _mismatch(entry: dict[str, Any], dtype: str, shape: list[Any]) -> str | None
         if isinstance(want, int) and isinstance(got, int) and want != got:
             return f"has shape {shape}, the manifest says {declared}"
     return None
+
+
+def open_recorded_graph(
+    manifest: Any, path: Path, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], options: Any
+) -> OnnxRuntimeBackend:
+    """A session on one of a head's graphs, held to its manifest first (size, or the full hash with
+    `options.verify_hash`) and then to its declared inputs and outputs; `options` are RunOptions."""
+    manifest.verify_graph(path, full=options.verify_hash)
+    names = [entry["name"] for entry in outputs]
+    backend = OnnxRuntimeBackend(path, names, options.providers, options.threads, options.provider_fallback)
+    check_graph_io(backend, inputs, outputs)
+    return backend

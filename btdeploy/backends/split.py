@@ -69,7 +69,7 @@ class SplitBackend:
 
 def build_split_backend(manifest: Manifest, options: Any) -> SplitBackend:
     """The three graphs under one backend; `options` are the onnxruntime target's RunOptions."""
-    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend, check_graph_io
+    from btdeploy.backends.onnxruntime import open_recorded_graph
 
     if len(manifest.stems) == 1:
         raise BtDeployError(
@@ -78,10 +78,7 @@ def build_split_backend(manifest: Manifest, options: Any) -> SplitBackend:
     parts: dict[str, Backend] = {}
     paths = {stem: manifest.graph_path(options.flavour, options.precision, stem) for stem in SPLIT_STEMS}
     for stem, path in paths.items():
-        manifest.verify_graph(path, full=options.verify_hash)
         record = manifest.data["split"][stem]
-        outputs = list(record["outputs"])
-        part = OnnxRuntimeBackend(path, outputs, options.providers, options.threads, options.provider_fallback)
-        check_graph_io(part, [{"name": n} for n in record["inputs"]], [{"name": n} for n in outputs])
-        parts[stem] = part
+        inputs, outputs = ([{"name": name} for name in record[side]] for side in ("inputs", "outputs"))
+        parts[stem] = open_recorded_graph(manifest, path, inputs, outputs, options)
     return SplitBackend(manifest, parts, paths)

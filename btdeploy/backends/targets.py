@@ -72,7 +72,7 @@ class Target:
     requirements: Mapping[Flavour, str] = field(default_factory=dict)
     build: Callable[..., Path] | None = None  # the step that makes its artifact from a graph
     runs_split: bool = False
-    reads_onnx: bool = True  # False for the PyTorch reference
+    reads_onnx: bool = True  # runs an ONNX graph itself (not the PyTorch reference, not an engine)
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -143,8 +143,8 @@ def _ort_artifact(manifest: Manifest, options: RunOptions) -> Path:
     if options.split:
         from btdeploy.backends.split import SPLIT_STEMS
 
-        paths = [manifest.graph_path(options.flavour, options.precision, stem) for stem in SPLIT_STEMS]
-        return paths[-1]
+        # Every part must exist (graph_path names the command that makes a missing one).
+        return [manifest.graph_path(options.flavour, options.precision, stem) for stem in SPLIT_STEMS][-1]
     return manifest.graph_path(options.flavour, options.precision)
 
 
@@ -153,14 +153,10 @@ def _ort_make(manifest: Manifest, options: RunOptions) -> Backend:
         from btdeploy.backends.split import build_split_backend
 
         return build_split_backend(manifest, options)
-    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend, check_graph_io
+    from btdeploy.backends.onnxruntime import open_recorded_graph
 
     path = _ort_artifact(manifest, options)
-    manifest.verify_graph(path, full=options.verify_hash)
-    output_names = get_head(manifest.head).output_names
-    backend = OnnxRuntimeBackend(path, output_names, options.providers, options.threads, options.provider_fallback)
-    check_graph_io(backend, manifest.data["inputs"], manifest.data["outputs"])
-    return backend
+    return open_recorded_graph(manifest, path, manifest.data["inputs"], manifest.data["outputs"], options)
 
 
 def _ort_variant(name: str, flavour: Flavour | None, precision: Precision = Precision.FP32) -> BenchVariant:

@@ -18,7 +18,7 @@ import onnx
 from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, parse_flavour
 from btdeploy.artifacts.locks import head_lock
 from btdeploy.artifacts.manifest import Manifest, read_manifest, tool_versions
-from btdeploy.artifacts.onnx_files import GraphBatch, load_graph
+from btdeploy.artifacts.onnx_files import GraphBatch, data_file, load_graph
 from btdeploy.backends.targets import graph_checks
 from btdeploy.errors import BtDeployError
 from btdeploy.optimize.graph_checks import layernorm_types, qdq_summary, require_fp16_safe
@@ -56,15 +56,16 @@ def _describe(model: onnx.ModelProto, precision: Precision) -> dict[str, Any]:
     return facts
 
 
-def _fusion_calibration(manifest: Manifest, calibration: CalibrationData) -> CalibrationData:
-    """The fusion graph's inputs: the calibration rows through the FP32 text and vision towers."""
-    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+def _fusion_calibration(manifest: Manifest, calibration: CalibrationData, flavour: Flavour) -> CalibrationData:
+    """The fusion graph's inputs: the calibration rows through the FP32 text and vision towers of
+    the flavour being quantized from (the split backend of the target registry)."""
+    from btdeploy.backends.split import build_split_backend
+    from btdeploy.backends.targets import get_target
 
-    feeds = calibration.feeds
-    text = OnnxRuntimeBackend(manifest.graph_path(Flavour.TRT, stem="text"), ["text_states"]).run(feeds)
-    vision = OnnxRuntimeBackend(manifest.graph_path(Flavour.TRT, stem="vision"), ["image_states"]).run(feeds)
-    fused = {**text, **vision, "attention_mask": feeds["attention_mask"]}
-    return CalibrationData(fused, {**calibration.source, "through": "text and vision towers (FP32 trt graphs)"})
+    towers = build_split_backend(manifest, get_target("onnxruntime").resolve({"flavour": flavour, "split": True}))
+    fused = {**towers.text(calibration.feeds), **towers.vision(calibration.feeds)}
+    through = f"text and vision towers (FP32 {flavour} graphs)"
+    return CalibrationData(fused, {**calibration.source, "through": through})
 
 
 def quantize_head(
@@ -92,7 +93,7 @@ def quantize_head(
             for stem in manifest.stems:
                 part_calibration = calibration
                 if calibration is not None and stem == "fusion":
-                    part_calibration = _fusion_calibration(manifest, calibration)
+                    part_calibration = _fusion_calibration(manifest, calibration, source_flavour)
                 summaries[stem] = _quantize_graph(
                     manifest, method, chosen, stem, (sources[stem], why), part_calibration, batch
                 )
@@ -136,7 +137,7 @@ def _quantize_graph(
             options["reused_from"] = path.name
         else:
             with step(f"quantize {label} ({flavour}, {precision}) from {source.name}"):
-                model, options = method.run(source, feeds, workdir, flavour)
+                model, options = method.run(_private_copy(source, workdir), feeds, workdir, flavour)
         require_fp16_safe(model, f"the {precision} graph of {label}")
         facts = _describe(model, precision)
         for target_name, check in graph_checks(flavour).items():
@@ -166,6 +167,17 @@ def _quantize_graph(
 # Keys of a quantize record that describe the graph and how it was made, not the method's options.
 _RECORD_KEYS = {"file", "source", "source_reason", "source_sha256", "flavour", "precision", "calibration", "graph",
                 "seconds", "versions", "bytes", "sha256", "parts", "reused_from"}  # fmt: skip
+
+
+def _private_copy(source: Path, workdir: Path) -> Path:
+    """The source graph copied into the work folder: Model Optimizer's INT8 quantizer saves its
+    preprocessed graph over the file it is given (seen on tiny: model.trt.onnx changed on disk), and
+    the optimized graph must stay the file its manifest records."""
+    copy = workdir / source.name
+    shutil.copyfile(source, copy)
+    if data_file(source).is_file():
+        shutil.copyfile(data_file(source), data_file(copy))
+    return copy
 
 
 def _twin(

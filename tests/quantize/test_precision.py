@@ -253,3 +253,15 @@ def test_an_fp16_graph_two_flavours_share_is_made_once(optimized: Path, tmp_path
     # Other calibration rows make another graph: nothing is shared then.
     again = quantize_head(folder, "fp16", "ort", calib_size=5)
     assert "reused_from" not in again and again["calibration"]["size"] == 5
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_quantizing_leaves_the_source_graph_as_recorded(optimized: Path, tmp_path: Path, precision: str) -> None:
+    from btdeploy.artifacts.files import sha256_of
+
+    folder = tmp_path / "itm"
+    shutil.copytree(optimized / "itm", folder)
+    before = sha256_of(folder / "model.trt.onnx")
+    quantize_head(folder, precision, "trt")
+    assert sha256_of(folder / "model.trt.onnx") == before
+    read_manifest(folder).verify_graph(folder / "model.trt.onnx", full=True)

@@ -218,6 +218,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 130 if run.interrupted else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from btdeploy.model.heads import parse_heads
+    from btdeploy.serve.server import serve_export
+    from btdeploy.serve.settings import ServeSettings
+
+    settings = ServeSettings(
+        export_dir=args.dir,
+        heads=tuple(parse_heads(args.heads)) if args.heads else (),
+        precision=args.precision,
+        flavour=args.flavour,
+        split=args.split,
+        host=args.host,
+        port=args.port,
+        replicas=args.replicas,
+        max_replicas=args.max_replicas,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        address=args.address,
+        replica_cpus=args.replica_cpus,
+        threads=args.threads,
+        timeout_s=args.timeout,
+        max_body_mb=args.max_body_mb,
+        feature_cache=args.feature_cache,
+    )
+    return serve_export(settings)
+
+
+def cmd_triton_repo(args: argparse.Namespace) -> int:
+    from btdeploy.model.heads import parse_heads
+    from btdeploy.serve.triton_repo import write_repository
+
+    heads = parse_heads(args.heads) if args.heads else None
+    write_repository(Path(args.dir), Path(args.out), heads, args.backend, args.precision, args.flavour, args.max_batch)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from btdeploy.artifacts.graph_names import Flavour, Precision
     from btdeploy.backends.targets import TARGETS
@@ -340,6 +376,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="heads: every variant per shape; rank: one image against --captions captions (length: first --seq-lens)",
     )
     bench.add_argument("--captions", type=int, default=16, help="captions per image for --workload rank")
+
+    serve = add("serve", cmd_serve, "serve heads over HTTP (Open Inference Protocol and task endpoints) on Ray Serve")
+    serve.add_argument("dir", help="export folder")
+    serve.add_argument("--heads", default=None, help="comma list (default: every exported head)")
+    serve.add_argument("--precision", choices=[str(p) for p in Precision], default="fp32")
+    serve.add_argument("--flavour", choices=flavours, default=None, help="serve the optimized graph of this flavour")
+    serve.add_argument("--split", action="store_true", help="run the text, vision and fusion graphs")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--replicas", type=int, default=1, help="replicas per head")
+    serve.add_argument("--max-replicas", type=int, default=None, help="autoscale from --replicas up to this")
+    serve.add_argument("--max-batch", type=int, default=16, help="requests merged into one batch (1: batching off)")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
+    serve.add_argument(
+        "--address", default=None, help="join this Ray cluster (auto, or HOST:PORT) instead of starting one"
+    )
+    serve.add_argument(
+        "--replica-cpus", type=float, default=None, help="CPUs Ray reserves per replica (default: the cluster's, shared out)"
+    )
+    serve.add_argument(
+        "--threads", type=int, default=None, help="ONNX Runtime threads per replica (default: every core)"
+    )
+    serve.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds a request may wait for its answer (then 503)"
+    )
+    serve.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies get 413")
+    serve.add_argument("--feature-cache", type=int, default=256, help="image features the rank endpoint keeps")
+
+    triton = add("triton-repo", cmd_triton_repo, "write a Triton Inference Server model repository")
+    triton.add_argument("dir", help="export folder")
+    triton.add_argument("--out", required=True, help="repository folder to write (must not exist or be empty)")
+    triton.add_argument("--heads", default=None, help="comma list (default: every exported head)")
+    triton.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    triton.add_argument("--precision", choices=[str(p) for p in Precision], default="fp32")
+    triton.add_argument("--flavour", choices=flavours, default=None, help="the optimized graph of this flavour")
+    triton.add_argument("--max-batch", type=int, default=None, help="default: the head's engine profile maximum")
 
     pipeline = add("pipeline", cmd_pipeline, "the main job: export, optimize, quantize and check every head")
     pipeline.add_argument("--model", default="base", help="preset or checkpoint folder (default: base)")

@@ -23,6 +23,7 @@ STAGES = [
     {"runtime"},
     {"verify"},
     {"apps"},
+    {"serve"},
     {"bench"},
     {"cli"},
     {"__init__"},  # the public API re-exports the runtime

@@ -1,0 +1,447 @@
+"""The Ray Serve application: one deployment per head, a rank deployment, and an HTTP gateway.
+
+    Gateway (FastAPI ingress: Open Inference Protocol, task endpoints, /metrics)
+      -> HeadModel per head (@serve.batch merges concurrent requests into one run)
+      -> RankModel (the itm split towers, image features cached by content hash)
+
+Replicas ask for a fraction of a CPU, so every head schedules on a 2-core machine; more replicas
+(or autoscaling) and more machines come from Ray. The same application runs on a Ray cluster.
+"""
+
+
+import asyncio
+import logging
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException
+
+from btdeploy.artifacts.manifest import read_manifest
+from btdeploy.errors import BtDeployError
+from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
+from btdeploy.serve.feature_cache import FeatureCache, content_key
+from btdeploy.serve.metrics import ServeStats
+from btdeploy.serve.protocol import BINARY_HEADER, ModelSignature, RequestError, binary_outputs_requested
+from btdeploy.serve.settings import GATEWAY_CPUS, ServeSettings
+from btdeploy.serve.tasks import (
+    TASKS,
+    check_text_lengths,
+    decode_image,
+    match_probability,
+    pair_inputs,
+    parse_task_request,
+)
+
+LOG = logging.getLogger("ray.serve")
+APP_NAME = "btdeploy"
+COLLECTOR = "btdeploy-metrics"
+NAMESPACE = "btdeploy"
+RANK_HEAD = "itm"
+# No `from __future__ import annotations` here: FastAPI reads the route annotations (Request) at run time.
+# Ray Serve serializes each deployment class when it is decorated, so every module-level helper
+# a deployment calls is defined above the deployments.
+
+
+@ray.remote(num_cpus=0)
+class MetricsCollector:
+    """One per application: every replica reports its batches here, the gateway its requests."""
+
+    def __init__(self) -> None:
+        self.stats = ServeStats()
+
+    def record_batch(self, head: str, requests: int, rows: int, seconds: float, failed: bool) -> None:
+        self.stats.record_batch(head, requests, rows, seconds, failed)
+
+    def record_request(self, route: str, status: int, seconds: float) -> None:
+        self.stats.record_request(route, status, seconds)
+
+    def prometheus(self) -> str:
+        return self.stats.prometheus()
+
+    def batch_sizes(self) -> dict[str, dict[int, int]]:
+        return self.stats.batch_sizes()
+
+
+def collector() -> Any:
+    """The application's collector (the serve command makes it; a replica makes it if it is missing)."""
+    return MetricsCollector.options(name=COLLECTOR, namespace=NAMESPACE, get_if_exists=True).remote()
+
+
+def _error(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"error": reason}, status_code=status)
+
+
+def _head(name: str) -> Any:
+    from btdeploy.model.heads import get_head
+
+    return get_head(name)
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+def _ray_metrics() -> str:
+    """Ray's own Prometheus metrics, from each node's metrics agent."""
+    texts = []
+    for node in ray.nodes():
+        port = node.get("MetricsExportPort")
+        if not node.get("Alive") or not port:
+            continue
+        url = f"http://{node['NodeManagerAddress']}:{port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                texts.append(reply.read().decode())
+        except OSError as error:
+            texts.append(f"# ray metrics of {url} unavailable: {error}\n")
+    return "".join(texts)
+
+
+def _load_runtime(folder: str, options: dict[str, Any]) -> Any:
+    from btdeploy.runtime.runtime import load
+
+    return load(folder, **options)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class HeadModel:
+    """One exported head; concurrent requests are merged into batches of up to max_batch requests."""
+
+    def __init__(self, folder: str, options: dict[str, Any], max_batch: int, batch_wait_s: float) -> None:
+        self.runtime = _load_runtime(folder, options)
+        self.head = self.runtime.head
+        self.axes = text_axes(self.head, self.runtime.config)
+        self.pad_id = int(self.runtime.config.text_config.pad_token_id)
+        self.run_batch.set_max_batch_size(max_batch)
+        self.run_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.collector = collector()
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        output = self.runtime(**feeds)
+        return {name: np.asarray(output[name]) for name in self.head.output_names}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def run_batch(self, requests: list[dict[str, np.ndarray]]) -> list[dict[str, Any]]:
+        merged, slices = merge_requests(requests, self.pad_id)
+        started = time.perf_counter()
+        try:
+            # Off the event loop: while this batch runs, the next one fills.
+            values = await asyncio.to_thread(self._run, merged)
+            results: list[dict[str, Any]] = list(split_outputs(values, slices, self.axes))
+            failed = False
+        except BtDeployError as error:
+            results, failed = [{"__error__": str(error)}] * len(requests), True
+        rows = int(merged["input_ids"].shape[0])
+        self.collector.record_batch.remote(self.head.name, len(requests), rows, time.perf_counter() - started, failed)
+        return results
+
+    async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        return await self.run_batch(feeds)
+
+    def ready(self) -> bool:
+        return True
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class RankModel:
+    """Ranking on the itm split towers: each image's features are computed once and cached by the
+    hash of its bytes (bounded, least recently used first), each text's per request."""
+
+    def __init__(self, folder: str, options: dict[str, Any], cache_size: int) -> None:
+        from transformers import BridgeTowerProcessor
+
+        self.runtime = _load_runtime(folder, options)
+        self.processor = BridgeTowerProcessor.from_pretrained(self.runtime.manifest.processor_dir)
+        self.limit = int(self.runtime.manifest.data["limits"]["max_text_length"])
+        self.cache = FeatureCache(cache_size)
+        self.collector = collector()
+
+    def _image_features(self, images: list[bytes]) -> tuple[Any, int]:
+        from btdeploy.runtime.split_runtime import Features
+
+        keys = [content_key(data) for data in images]
+        found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
+        missing = [key for key, value in found.items() if value is None]
+        if missing:
+            pictures = [decode_image(images[keys.index(key)], keys.index(key)) for key in missing]
+            pixels = self.processor.image_processor(pictures, return_tensors="np")["pixel_values"]
+            encoded = self.runtime.encode_images(np.asarray(pixels, dtype=np.float32))
+            for row, key in enumerate(missing):
+                features = Features("image", {k: v[row : row + 1] for k, v in encoded.arrays.items()}, encoded.origin)
+                self.cache.put(key, features)
+                found[key] = features
+        rows = [found[key] for key in keys]
+        arrays = {name: np.concatenate([f.arrays[name] for f in rows]) for name in rows[0].arrays}
+        return Features("image", arrays, rows[0].origin), len(keys) - len(missing)
+
+    def _rank(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:
+        check_text_lengths(self.processor, texts, self.limit)
+        started = time.perf_counter()
+        image_features, cached = self._image_features(images)
+        encoding = self.processor.tokenizer(texts, padding=True, return_tensors="np")
+        text_features = self.runtime.encode_texts(
+            input_ids=encoding["input_ids"].astype(np.int64), attention_mask=encoding["attention_mask"].astype(np.int64)
+        )
+        logits = self.runtime.score(image_features, text_features)["logits"]  # [images, texts, 2]
+        probability = match_probability(logits).reshape(-1)
+        labels = texts if len(images) == 1 else [f"image {i}" for i in range(len(images))]
+        order = np.argsort(-probability, kind="stable")[: top_k or len(labels)]
+        self.collector.record_batch.remote("rank", 1, int(probability.size), time.perf_counter() - started, False)
+        return {
+            "query": "image" if len(images) == 1 else "text",
+            "ranking": [
+                {"item": labels[i], "index": int(i), "match_probability": float(probability[i])} for i in order
+            ],
+            "cached_images": cached,
+        }
+
+    async def rank(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:
+        if len(images) > 1 and len(texts) > 1:
+            return {
+                "__status__": 400,
+                "__error__": "rank one image against many texts, or one text against many images",
+            }
+        try:
+            return await asyncio.to_thread(self._rank, images, texts, top_k)
+        except RequestError as error:
+            return {"__status__": error.status, "__error__": error.reason}
+        except BtDeployError as error:
+            return {"__status__": 400, "__error__": str(error)}
+
+    def ready(self) -> bool:
+        return True
+
+
+api = FastAPI(title="btdeploy", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    return _error(error.status_code, str(error.detail))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": GATEWAY_CPUS}, max_ongoing_requests=1024)
+@serve.ingress(api)
+class Gateway:
+    """HTTP in front of the heads: parses and checks every request, so a bad one never reaches a model."""
+
+    def __init__(
+        self, heads: dict[str, Any], rank: Any | None, folders: dict[str, str], settings: dict[str, Any]
+    ) -> None:
+        from transformers import BridgeTowerProcessor
+
+        self.settings = ServeSettings(**settings)
+        self.heads = heads
+        self.rank_model = rank
+        self.manifests = {name: read_manifest(Path(folder)) for name, folder in folders.items()}
+        self.signatures = {name: ModelSignature.from_manifest(m) for name, m in self.manifests.items()}
+        self.configs = {name: m.config for name, m in self.manifests.items()}
+        first = next(iter(self.manifests.values()))
+        self.processor = BridgeTowerProcessor.from_pretrained(first.processor_dir)
+        self.limit = int(first.data["limits"]["max_text_length"])
+        self.max_body = int(self.settings.max_body_mb * 1024 * 1024)
+        self.collector = collector()
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise RequestError(
+                413, f"the body is {declared} bytes, the limit is {self.max_body}: send less per request"
+            )
+        body = await request.body()
+        if len(body) > self.max_body:
+            raise RequestError(
+                413, f"the body is {len(body)} bytes, the limit is {self.max_body}: send less per request"
+            )
+        return body
+
+    async def _call(self, head: str, response: Any) -> Any:
+        """A replica's answer, or a 503 when it failed or did not answer within the timeout."""
+        try:
+            return await asyncio.wait_for(_awaited(response), self.settings.timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise RequestError(
+                503, f"{head} did not answer within {self.settings.timeout_s:g} s: retry later"
+            ) from None
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError) as e:
+            raise RequestError(
+                503, f"a {head} replica failed ({type(e).__name__}); it restarts by itself: retry"
+            ) from None
+
+    async def _answer(self, route: str, handler: Any) -> Response:
+        started = time.perf_counter()
+        try:
+            response = await handler()
+        except RequestError as error:
+            response = _error(error.status, error.reason)
+        except BtDeployError as error:
+            response = _error(400, str(error))
+        except Exception as error:  # never a traceback to the client; the log keeps it
+            LOG.exception("request to %s failed", route)
+            response = _error(500, f"internal error ({type(error).__name__}); the server keeps serving")
+        self.collector.record_request.remote(route, response.status_code, time.perf_counter() - started)
+        return response
+
+    def _signature(self, name: str) -> ModelSignature:
+        if name not in self.signatures:
+            raise RequestError(404, f"unknown model {name!r}: this server has {', '.join(self.signatures)}")
+        return self.signatures[name]
+
+    @api.get("/v2/health/live")
+    async def live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    async def ready(self) -> Response:
+        async def check() -> Response:
+            for name, handle in self.heads.items():
+                await self._call(name, handle.ready.remote())
+            return JSONResponse({"ready": True})
+
+        return await self._answer("health", check)
+
+    @api.get("/v2")
+    async def server_metadata(self) -> dict[str, Any]:
+        from btdeploy.artifacts.manifest import package_version
+
+        return {"name": "btdeploy", "version": package_version("btdeploy"), "extensions": ["binary_tensor_data"]}
+
+    @api.get("/v2/models/{name}")
+    @api.get("/v2/models/{name}/versions/1")
+    async def model_metadata(self, name: str) -> Response:
+        return await self._answer("metadata", lambda: _async(JSONResponse(self._signature(name).metadata())))
+
+    @api.get("/v2/models/{name}/ready")
+    @api.get("/v2/models/{name}/versions/1/ready")
+    async def model_ready(self, name: str) -> Response:
+        async def check() -> Response:
+            self._signature(name)
+            await self._call(name, self.heads[name].ready.remote())
+            return JSONResponse({"name": name, "ready": True})
+
+        return await self._answer("health", check)
+
+    @api.post("/v2/models/{name}/infer")
+    @api.post("/v2/models/{name}/versions/1/infer")
+    async def infer(self, name: str, request: Request) -> Response:
+        async def run() -> Response:
+            from btdeploy.runtime.validation import prepare_inputs
+
+            signature = self._signature(name)
+            body = await self._body(request)
+            header = request.headers.get(BINARY_HEADER)
+            feeds, outputs, request_id = signature.decode(body, header)
+            prepared = prepare_inputs(_head(name), self.configs[name], feeds)
+            self._check_rows(name, prepared.feeds)
+            values = await self._call(name, self.heads[name].infer.remote(prepared.feeds))
+            if "__error__" in values:
+                raise RequestError(400, values["__error__"])
+            binary = binary_outputs_requested(body, header, outputs)
+            content, headers = signature.response(values, outputs, request_id, binary)
+            return Response(content, headers=headers, media_type=headers.pop("content-type"))
+
+        return await self._answer("infer", run)
+
+    def _check_rows(self, name: str, feeds: dict[str, np.ndarray]) -> None:
+        limit = _head(name).engine_batch[2]
+        rows = int(feeds["input_ids"].shape[0])
+        if rows > limit:
+            raise RequestError(413, f"{rows} rows in one request, the {name} head takes at most {limit}: split it")
+
+    @api.post("/v1/rank")
+    async def rank(self, request: Request) -> Response:
+        async def run() -> Response:
+            if self.rank_model is None:
+                raise RequestError(404, f"ranking needs the {RANK_HEAD} head with split graphs: export with --split")
+            task = parse_task_request(
+                await self._body(request),
+                request.headers.get("content-type", ""),
+                request.query_params.getlist("text"),
+                self.settings.max_texts,
+                request.query_params.get("top_k"),
+            )
+            answer = await self._call("rank", self.rank_model.rank.remote(task.images, task.texts, task.top_k))
+            if "__error__" in answer:
+                raise RequestError(answer["__status__"], answer["__error__"])
+            return JSONResponse(answer)
+
+        return await self._answer("rank", run)
+
+    @api.post("/v1/{task_name}")
+    async def task(self, task_name: str, request: Request) -> Response:
+        async def run() -> Response:
+            if task_name not in TASKS:
+                raise RequestError(404, f"unknown task {task_name!r}: this server has {', '.join([*TASKS, 'rank'])}")
+            task = TASKS[task_name]
+            if task.head not in self.heads:
+                raise RequestError(404, f"the {task.head} head is not served here: start with --heads including it")
+            parsed = parse_task_request(
+                await self._body(request),
+                request.headers.get("content-type", ""),
+                request.query_params.getlist("text"),
+                self.settings.max_texts,
+            )
+            if len(parsed.images) != 1:
+                raise RequestError(400, f"/v1/{task_name} takes one image; rank many with /v1/rank")
+            check_text_lengths(self.processor, parsed.texts, self.limit)
+            if task.check:
+                task.check(self.processor, parsed.texts)
+            image = decode_image(parsed.images[0])
+            feeds = await asyncio.to_thread(pair_inputs, self.processor, [image] * len(parsed.texts), parsed.texts)
+            values = await self._call(task.head, self.heads[task.head].infer.remote(feeds))
+            if "__error__" in values:
+                raise RequestError(400, values["__error__"])
+            return JSONResponse(
+                {"task": task_name, "answers": task.answer(values, parsed.texts, feeds, self.processor)}
+            )
+
+        return await self._answer("task", run)
+
+    @api.get("/metrics")
+    async def metrics(self) -> PlainTextResponse:
+        own = await _awaited(self.collector.prometheus.remote())
+        return PlainTextResponse(own + await asyncio.to_thread(_ray_metrics))
+
+    @api.get("/v2/stats/batches")
+    async def batch_sizes(self) -> dict[str, Any]:
+        """Per head, how many batches of each request count were formed (for the load bench)."""
+        return await _awaited(self.collector.batch_sizes.remote())
+
+
+def build_application(settings: ServeSettings, folders: dict[str, str], rank_folder: str | None) -> Any:
+    """The bound application: a HeadModel per head, the RankModel when the itm head has split graphs."""
+    scaling: dict[str, Any] = {"num_replicas": settings.replicas}
+    if settings.max_replicas and settings.max_replicas > settings.replicas:
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": settings.replicas,
+                "max_replicas": settings.max_replicas,
+                "target_ongoing_requests": max(2, settings.max_batch),
+            }
+        }
+    ongoing = max(4, 2 * settings.max_batch)  # one batch running while the next one fills
+    actor = {"num_cpus": settings.replica_cpus}
+    heads = {
+        name: HeadModel.options(
+            name=f"head-{name}", ray_actor_options=actor, max_ongoing_requests=ongoing, **scaling
+        ).bind(folder, settings.run_options(settings.split), settings.max_batch, settings.batch_wait_ms / 1000)
+        for name, folder in folders.items()
+    }
+    rank = None
+    if rank_folder is not None:
+        rank = RankModel.options(ray_actor_options=actor, **scaling).bind(
+            rank_folder, settings.run_options(True), settings.feature_cache
+        )
+    return Gateway.bind(heads, rank, folders, settings.as_dict())

@@ -1,0 +1,101 @@
+"""What `btdeploy serve` was asked for, checked before Ray starts (so a mistake is one line)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
+from btdeploy.backends.targets import get_target
+from btdeploy.errors import BtDeployError
+
+BACKEND = "onnxruntime"  # what a replica runs; TensorRT users serve with Triton (btdeploy triton-repo)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    export_dir: str
+    heads: tuple[str, ...] = ()  # empty: every exported head
+    precision: str = "fp32"
+    flavour: str | None = None
+    split: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    max_replicas: int | None = None  # autoscale between replicas and this
+    max_batch: int = 16  # requests merged into one batch; 1 turns batching off
+    batch_wait_ms: float = 5.0
+    address: str | None = None  # a Ray cluster to join instead of starting one
+    replica_cpus: float | None = None  # None: the cluster's CPUs shared out (fractional on a 2-core machine)
+    threads: int | None = None  # ONNX Runtime threads per replica (default: every core)
+    timeout_s: float = 30.0
+    max_body_mb: float = 16.0
+    max_texts: int = 64  # per task request
+    feature_cache: int = 256  # image features kept by the rank endpoint, per replica
+
+    def run_options(self, split: bool) -> dict[str, Any]:
+        options: dict[str, Any] = {"precision": self.precision, "split": split}
+        if self.flavour:
+            options["flavour"] = self.flavour
+        if self.threads:
+            options["threads"] = self.threads
+        return options
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_settings(settings: ServeSettings) -> dict[str, Manifest]:
+    """The manifest of every head to serve, once the options, graphs and port are known to be usable."""
+    if settings.max_batch < 1:
+        raise BtDeployError(f"--max-batch {settings.max_batch} must be at least 1 (1 turns batching off)")
+    if settings.batch_wait_ms < 0:
+        raise BtDeployError(f"--batch-wait-ms {settings.batch_wait_ms} must not be negative")
+    if settings.replicas < 1 or (settings.max_replicas is not None and settings.max_replicas < settings.replicas):
+        raise BtDeployError("--replicas must be at least 1 and --max-replicas at least --replicas")
+    if settings.replica_cpus is not None and not 0 < settings.replica_cpus <= 64:
+        raise BtDeployError(f"--replica-cpus {settings.replica_cpus} must be above 0")
+    folders = head_folders(Path(settings.export_dir), list(settings.heads) or None)
+    manifests = {manifest.head: manifest for manifest in map(read_manifest, folders)}
+    target = get_target(BACKEND)
+    for manifest in manifests.values():
+        split = settings.split and len(manifest.stems) > 1
+        if settings.split and not split:
+            raise BtDeployError(f"{manifest.folder} has no split graphs: export with --split, or serve without --split")
+        options = target.resolve(settings.run_options(split))
+        target.artifact(manifest, options)  # names the command that makes a missing graph
+        if not manifest.processor_dir.is_dir():
+            raise BtDeployError(f"{manifest.folder} has no processor/ folder: export from a checkpoint that has one")
+    if settings.address is None:
+        _check_port(settings.host, settings.port)
+    return manifests
+
+
+GATEWAY_CPUS = 0.1
+
+
+def replica_cpus(settings: ServeSettings, deployments: int, cluster_cpus: float) -> float:
+    """CPUs Ray reserves per model replica: as asked, or the cluster's CPUs shared among every replica
+    the application may run (so it schedules on a 2-core machine; ONNX Runtime still uses every
+    core it is given threads for, the reservation only decides placement)."""
+    replicas = deployments * (settings.max_replicas or settings.replicas)
+    needed = GATEWAY_CPUS + replicas * (settings.replica_cpus or 0)
+    if settings.replica_cpus is not None:
+        if needed > cluster_cpus + 1e-9:
+            raise BtDeployError(
+                f"{replicas} replica(s) of {settings.replica_cpus:g} CPU need {needed:g} CPUs, the Ray cluster has "
+                f"{cluster_cpus:g}: lower --replica-cpus or --replicas (or add machines to the cluster)"
+            )
+        return settings.replica_cpus
+    return round(min(1.0, (cluster_cpus - GATEWAY_CPUS) / replicas), 3)
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server does: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise BtDeployError(f"cannot listen on {host}:{port} ({error.strerror}): pick another --port") from None

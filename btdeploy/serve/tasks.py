@@ -1,0 +1,184 @@
+"""Task endpoints a person calls with curl: raw inputs in, the answer out.
+
+A task request is JSON (`{"image": base64, "texts": [...]}`, or `"images"` and `"text"` for
+ranking) or the raw image bytes as the body with the captions as `?text=` query parameters.
+Preprocessing uses the checkpoint's own processor, as `btdeploy run` does; answers are numbers
+in JSON. Each task is declared once in TASKS: the head it runs and how its answer is read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from btdeploy.serve.protocol import RequestError
+
+MAX_IMAGE_PIXELS = 64_000_000  # a larger image is refused, not decoded (a decompression bomb)
+
+
+@dataclass
+class TaskRequest:
+    images: list[bytes]  # encoded image files
+    texts: list[str]
+    top_k: int | None = None
+
+
+def parse_task_request(
+    body: bytes, content_type: str, query_texts: list[str], max_texts: int, top_k: str | None = None
+) -> TaskRequest:
+    """The images and texts of a task request, JSON or raw bytes, with one-line reasons for bad ones."""
+    if content_type.split(";")[0].strip().lower() == "application/json":
+        try:
+            request = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(400, "the request body is not valid JSON") from None
+        if not isinstance(request, dict):
+            raise RequestError(400, 'a task request is a JSON object: {"image": "<base64>", "texts": ["..."]}')
+        images = _listed(request, "image", "images")
+        texts = _listed(request, "text", "texts")
+        decoded = [_base64(value, index) for index, value in enumerate(images)]
+        top_k = request.get("top_k", top_k)
+    else:
+        decoded, texts = ([body] if body else []), query_texts
+    if not decoded:
+        raise RequestError(400, 'no image: send {"image": "<base64>"} as JSON, or the image file as the body')
+    if not texts:
+        raise RequestError(400, 'no text: send {"texts": ["..."]} as JSON, or ?text=... with a raw image body')
+    if not all(isinstance(text, str) and text.strip() for text in texts):
+        raise RequestError(400, "every text must be a non-empty string")
+    if len(texts) > max_texts or len(decoded) > max_texts:
+        raise RequestError(413, f"at most {max_texts} images and {max_texts} texts per request: split the request")
+    return TaskRequest(decoded, list(texts), _top_k(top_k))
+
+
+def _listed(request: dict[str, Any], one: str, many: str) -> list[Any]:
+    if one in request and many in request:
+        raise RequestError(400, f'give "{one}" or "{many}", not both')
+    if one in request:
+        return [request[one]]
+    value = request.get(many, [])
+    if not isinstance(value, list):
+        raise RequestError(400, f'"{many}" must be a list')
+    return value
+
+
+def _base64(value: Any, index: int) -> bytes:
+    if not isinstance(value, str):
+        raise RequestError(400, f"image {index} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"image {index} is not valid base64") from None
+
+
+def _top_k(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise RequestError(400, f"top_k must be a whole number, got {value!r}") from None
+    if number < 1:
+        raise RequestError(400, f"top_k must be at least 1, got {number}")
+    return number
+
+
+def decode_image(data: bytes, index: int = 0) -> Any:
+    """An RGB PIL image from encoded bytes, or a 415 saying the bytes are not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise RequestError(
+                    413, f"image {index} is {image.width}x{image.height}: at most {MAX_IMAGE_PIXELS} pixels"
+                )
+            return image.convert("RGB")
+    except RequestError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise RequestError(415, f"image {index} is not an image file PIL can read (JPEG, PNG, ...)") from None
+
+
+def check_text_lengths(processor: Any, texts: list[str], limit: int) -> None:
+    """A text longer than the model's positions is refused, not silently cut."""
+    lengths = [len(ids) for ids in processor.tokenizer(texts)["input_ids"]]
+    longest = max(lengths)
+    if longest > limit:
+        raise RequestError(
+            400, f"text {lengths.index(longest)} is {longest} tokens, longer than the model's {limit}: shorten it"
+        )
+
+
+def pair_inputs(processor: Any, images: list[Any], texts: list[str]) -> dict[str, np.ndarray]:
+    """The head's inputs for (image, text) pairs, preprocessed as the checkpoint's processor does."""
+    encoding = processor(images, texts, padding=True, return_tensors="np")
+    feeds = {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}
+    feeds["pixel_values"] = np.asarray(encoding["pixel_values"], dtype=np.float32)
+    return {name: value.astype(np.int64) if name != "pixel_values" else value for name, value in feeds.items()}
+
+
+def match_probability(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    return shifted[..., 1] / shifted.sum(-1)
+
+
+def _itm_answer(outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any) -> Any:
+    logits = outputs["logits"]
+    probability = match_probability(logits)
+    return [
+        {"text": text, "match_probability": float(p), "logit": float(logit[1])}
+        for text, p, logit in zip(texts, probability, logits, strict=True)
+    ]
+
+
+def _itc_answer(outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any) -> Any:
+    cosine = (outputs["text_embeds"] * outputs["image_embeds"]).sum(-1)
+    return [{"text": text, "cosine": float(c)} for text, c in zip(texts, cosine, strict=True)]
+
+
+def _mlm_answer(outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any) -> Any:
+    mask_id = processor.tokenizer.mask_token_id
+    predicted = outputs["logits"].argmax(-1)
+    answers = []
+    for row, text in enumerate(texts):
+        ids = feeds["input_ids"][row].copy()
+        masked = ids == mask_id
+        ids[masked] = predicted[row][masked]
+        keep = feeds["attention_mask"][row].astype(bool)
+        answers.append(
+            {
+                "text": text,
+                "filled": processor.decode(ids[keep].tolist(), skip_special_tokens=True),
+                "predicted_tokens": [processor.decode([int(t)]) for t in predicted[row][masked]],
+            }
+        )
+    return answers
+
+
+def _mlm_check(processor: Any, texts: list[str]) -> None:
+    token = processor.tokenizer.mask_token
+    if not all(token in text for text in texts):
+        raise RequestError(400, f"every text needs at least one {token} where a word is missing")
+
+
+@dataclass(frozen=True)
+class Task:
+    head: str
+    description: str
+    answer: Callable[[dict[str, np.ndarray], list[str], dict[str, np.ndarray], Any], Any]
+    check: Callable[[Any, list[str]], None] | None = None
+
+
+TASKS = {
+    "itm": Task("itm", "match probability of the image with each caption", _itm_answer),
+    "itc": Task("itc", "text-image cosine of the contrastive embeddings per caption", _itc_answer),
+    "mlm": Task("mlm", "each caption with its <mask> tokens filled in", _mlm_answer, _mlm_check),
+}

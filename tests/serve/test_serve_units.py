@@ -1,0 +1,212 @@
+"""The serving layer's pure parts, without a server: protocol decoding, batch merging, tasks, cache, metrics."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from btdeploy.errors import BtDeployError
+from btdeploy.model.heads import get_head
+from btdeploy.model.inputs import sample_inputs
+from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
+from btdeploy.serve.feature_cache import FeatureCache
+from btdeploy.serve.metrics import ServeStats
+from btdeploy.serve.protocol import ModelSignature, RequestError, binary_outputs_requested
+from btdeploy.serve.settings import ServeSettings, check_settings, replica_cpus
+from btdeploy.serve.tasks import decode_image, parse_task_request
+
+
+def _request(feeds: dict[str, np.ndarray], **extra: object) -> bytes:
+    datatypes = {np.dtype("int64"): "INT64", np.dtype("float32"): "FP32"}
+    inputs = [
+        {"name": k, "shape": list(v.shape), "datatype": datatypes[v.dtype], "data": v.ravel().tolist()}
+        for k, v in feeds.items()
+    ]
+    return json.dumps({"inputs": inputs, **extra}).encode()
+
+
+@pytest.fixture(scope="module")
+def itm_signature(tiny_export: Path) -> tuple[ModelSignature, object]:
+    from btdeploy.runtime.runtime import find_head
+
+    manifest = find_head(tiny_export, "itm")
+    return ModelSignature.from_manifest(manifest), manifest.config
+
+
+def test_signature_comes_from_the_manifest(itm_signature: tuple[ModelSignature, object]) -> None:
+    signature, config = itm_signature
+    size = config.vision_config.image_size  # type: ignore[attr-defined]
+    assert [(s.name, s.datatype, s.shape) for s in signature.inputs] == [
+        ("input_ids", "INT64", (-1, -1)),
+        ("attention_mask", "INT64", (-1, -1)),
+        ("pixel_values", "FP32", (-1, 3, size, size)),
+    ]
+    assert [(s.name, s.shape) for s in signature.outputs] == [("logits", (-1, 2))]
+
+
+def test_decode_round_trips_json_and_binary(itm_signature: tuple[ModelSignature, object]) -> None:
+    signature, config = itm_signature
+    feeds = sample_inputs(config, 2, 6)
+    decoded, outputs, request_id = signature.decode(_request(feeds, id="r1"))
+    assert outputs == ["logits"] and request_id == "r1"
+    for name, value in feeds.items():
+        np.testing.assert_array_equal(decoded[name], value)
+    # Triton's binary extension: JSON header, then the raw tensors in input order.
+    header = {"inputs": [], "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}
+    for name, value in feeds.items():
+        datatype = "INT64" if value.dtype == np.int64 else "FP32"
+        entry = {"name": name, "shape": list(value.shape), "datatype": datatype}
+        header["inputs"].append({**entry, "parameters": {"binary_data_size": value.nbytes}})
+    text = json.dumps(header).encode()
+    body = text + b"".join(v.tobytes() for v in feeds.values())
+    decoded, _, _ = signature.decode(body, str(len(text)))
+    for name, value in feeds.items():
+        np.testing.assert_array_equal(decoded[name], value)
+    assert binary_outputs_requested(body, str(len(text)), ["logits"]) == {"logits"}
+    content, headers = signature.response({"logits": np.ones((2, 2), np.float32)}, ["logits"], "", {"logits"})
+    length = int(headers["Inference-Header-Content-Length"])
+    assert np.frombuffer(content[length:], np.float32).tolist() == [1.0] * 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(inputs=r["inputs"][:2]), "missing input(s) pixel_values"),
+        (lambda r: r["inputs"].append({**r["inputs"][0], "name": "extra"}), "has no input 'extra'"),
+        (lambda r: r["inputs"][0].update(datatype="FP32"), "must be datatype INT64"),
+        (lambda r: r["inputs"][2].update(shape=[2, 3, 5, 5]), "model takes [-1, 3,"),
+        (lambda r: r["inputs"][0].update(data=r["inputs"][0]["data"][:-1]), "its shape [2, 6] needs 12"),
+        (lambda r: r["inputs"][0].update(data=[0.5] * 12), "must hold INT64 numbers only"),
+        (lambda r: r["inputs"].append(r["inputs"][0]), "given twice"),
+        (lambda r: r.update(outputs=[{"name": "nope"}]), "has no output(s) nope"),
+    ],
+)
+def test_decode_refuses_bad_tensors(itm_signature: tuple[ModelSignature, object], change, message: str) -> None:
+    signature, config = itm_signature
+    request = json.loads(_request(sample_inputs(config, 2, 6)))
+    change(request)
+    with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")) as e:
+        signature.decode(json.dumps(request).encode())
+    assert e.value.status == 400
+
+
+def test_decode_refuses_malformed_json(itm_signature: tuple[ModelSignature, object]) -> None:
+    with pytest.raises(RequestError, match="not valid JSON"):
+        itm_signature[0].decode(b'{"inputs": [')
+
+
+@pytest.mark.parametrize("head_name", ["itm", "mlm", "base"])
+def test_merged_batch_gives_each_request_its_own_answer(tiny_export: Path, head_name: str) -> None:
+    """Requests of different text lengths, padded into one batch and split back, equal separate runs."""
+    from btdeploy.runtime.runtime import load
+
+    runtime = load(tiny_export, head=head_name)
+    requests = [
+        sample_inputs(runtime.config, rows, length, seed=rows * 10 + length)
+        for rows, length in [(1, 4), (2, 9), (1, 2)]
+    ]
+    merged, slices = merge_requests(requests, int(runtime.config.text_config.pad_token_id))
+    assert merged["input_ids"].shape == (4, 9)
+    together = runtime(**merged)
+    parts = split_outputs(
+        {k: np.asarray(together[k]) for k in together}, slices, text_axes(get_head(head_name), runtime.config)
+    )
+    for request, part in zip(requests, parts, strict=True):
+        alone = runtime(**request)
+        for name in get_head(head_name).output_names:
+            assert part[name].shape == np.asarray(alone[name]).shape
+            assert np.abs(part[name] - np.asarray(alone[name])).max() <= 1e-4, name
+
+
+def _png(seed: int = 0, size: tuple[int, int] = (40, 50)) -> bytes:
+    from PIL import Image
+
+    pixels = (np.random.default_rng(seed).random((*size, 3)) * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_task_requests_json_and_raw() -> None:
+    png = _png()
+    body = json.dumps({"image": base64.b64encode(png).decode(), "texts": ["a", "b"]}).encode()
+    parsed = parse_task_request(body, "application/json", [], 8)
+    assert parsed.images == [png] and parsed.texts == ["a", "b"]
+    parsed = parse_task_request(png, "image/png", ["x"], 8, "3")
+    assert parsed.images == [png] and parsed.texts == ["x"] and parsed.top_k == 3
+    assert decode_image(png).size == (50, 40)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "texts", "status", "message"),
+    [
+        (b"{", "application/json", [], 400, "not valid JSON"),
+        (b'{"texts": ["a"]}', "application/json", [], 400, "no image"),
+        (b'{"image": "***", "texts": ["a"]}', "application/json", [], 400, "not valid base64"),
+        (b"rawbytes", "image/png", [], 400, "no text"),
+        (b'{"image": "", "texts": ["a", "b", "c"]}', "application/json", [], 413, "at most 2"),
+        (b'{"image": "", "texts": [""]}', "application/json", [], 400, "non-empty string"),
+    ],
+)
+def test_task_requests_refused(body: bytes, content_type: str, texts: list[str], status: int, message: str) -> None:
+    with pytest.raises(RequestError, match=message) as error:
+        parse_task_request(body, content_type, texts, 2)
+    assert error.value.status == status
+
+
+def test_bytes_that_are_not_an_image() -> None:
+    with pytest.raises(RequestError, match="not an image file") as error:
+        decode_image(b"GIF89a but not really")
+    assert error.value.status == 415
+
+
+def test_feature_cache_is_bounded_least_recently_used_first() -> None:
+    cache = FeatureCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3)
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3 and len(cache) == 2
+    assert (cache.hits, cache.misses) == (3, 1)
+
+
+def test_metrics_text_counts_batches() -> None:
+    stats = ServeStats()
+    stats.record_batch("itm", 3, 5, 0.02)
+    stats.record_batch("itm", 1, 1, 0.01)
+    stats.record_request("infer", 200, 0.03)
+    text = stats.prometheus()
+    assert 'btdeploy_head_requests_total{head="itm"} 4' in text
+    assert 'btdeploy_batch_requests_bucket{head="itm",le="2"} 1' in text
+    assert 'btdeploy_batch_requests_bucket{head="itm",le="4"} 2' in text
+    assert 'btdeploy_responses_total{route="infer",status="200"} 1' in text
+    assert stats.batch_sizes() == {"itm": {1: 1, 3: 1}}
+
+
+def test_replica_cpus_share_the_machine() -> None:
+    settings = ServeSettings(export_dir=".")
+    assert replica_cpus(settings, 5, 2.0) == pytest.approx(0.38)  # 4 heads + rank on 2 cores
+    with pytest.raises(BtDeployError, match="need 2.6 CPUs, the Ray cluster has 2"):
+        replica_cpus(ServeSettings(export_dir=".", replica_cpus=0.5), 5, 2.0)
+
+
+def test_settings_refuse_a_port_in_use(tiny_export: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(BtDeployError, match=f"cannot listen on 127.0.0.1:{port}"):
+            check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), port=port))
+
+
+def test_settings_name_the_missing_graph(tiny_export: Path) -> None:
+    with pytest.raises(BtDeployError, match="btdeploy quantize"):
+        check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), precision="int8", flavour="ort"))
+    with pytest.raises(BtDeployError, match="export with --split"):
+        check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), split=True))

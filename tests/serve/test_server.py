@@ -1,0 +1,392 @@
+"""`btdeploy serve` on loopback, one server for the module: protocol and task answers against
+`btdeploy.load`, 200 concurrent requests, bad requests, a killed replica, metrics, clean shutdown."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from btdeploy.model.heads import HEADS, get_head
+from btdeploy.model.inputs import sample_inputs
+
+TIMEOUT_S = 20  # the server's --timeout: no request may wait longer for its answer
+MAX_BODY_MB = 1
+
+
+@dataclass
+class Server:
+    url: str
+    export: Path
+    process: subprocess.Popen[str]
+
+    def request(
+        self,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+        timeout: float = TIMEOUT_S + 15,
+    ) -> tuple[int, bytes]:
+        request = urllib.request.Request(
+            self.url + path, data=body, headers={"Content-Type": content_type, **(headers or {})}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    def json(self, path: str, value: Any = None) -> tuple[int, Any]:
+        status, body = self.request(path, None if value is None else json.dumps(value).encode())
+        return status, json.loads(body)
+
+
+def _ray_processes() -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"gcs_server" in command or b"raylet" in command or command.startswith(b"ray::"):
+                found.add(int(entry.name))
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Iterator[Server]:
+    from btdeploy.export.exporter import export_heads
+    from btdeploy.model.checkpoints import resolve_model
+
+    export = tmp_path_factory.mktemp("serve-export")
+    export_heads(resolve_model("tiny"), list(HEADS), export, split=True)
+    before = _ray_processes()
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "btdeploy.cli",
+        "serve",
+        str(export),
+        "--port",
+        str(port),
+        "--timeout",
+        str(TIMEOUT_S),
+        "--max-body-mb",
+        str(MAX_BODY_MB),
+        "--max-batch",
+        "8",
+        "--batch-wait-ms",
+        "20",
+    ]
+    log = tmp_path_factory.mktemp("serve-log") / "stderr.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=dict(os.environ))
+    assert process.stdout is not None
+    deadline = time.monotonic() + 300
+    line = ""
+    while time.monotonic() < deadline and process.poll() is None:
+        line = process.stdout.readline()
+        if line.startswith("ready on"):
+            break
+    assert line.strip() == f"ready on http://127.0.0.1:{port}", log.read_text()[-3000:]
+    yield Server(line.split()[-1], export, process)
+    # Shutdown: SIGTERM stops the server, and no Ray process it started is left behind.
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    deadline = time.monotonic() + 30
+    while _ray_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes() - before, "Ray processes left behind"
+
+
+@pytest.fixture(scope="module")
+def runtimes(server: Server) -> dict[str, Any]:
+    from btdeploy.runtime.runtime import load
+
+    return {name: load(server.export, head=name) for name in HEADS}
+
+
+def _infer_body(feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    names = {np.dtype("int64"): "INT64", np.dtype("float32"): "FP32"}
+    return {
+        "inputs": [
+            {"name": k, "shape": list(v.shape), "datatype": names[v.dtype], "data": v.ravel().tolist()}
+            for k, v in feeds.items()
+        ]
+    }
+
+
+def _outputs(reply: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in reply["outputs"]}
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(seed).random((48, 60, 3)) * 255).astype("uint8")).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_metadata_matches_the_manifest(server: Server) -> None:
+    from btdeploy.runtime.runtime import find_head
+
+    for name in HEADS:
+        status, metadata = server.json(f"/v2/models/{name}")
+        assert status == 200
+        manifest = find_head(server.export, name).data
+        for kind in ("inputs", "outputs"):
+            expected = [
+                (e["name"], e["dtype"], [d if isinstance(d, int) else -1 for d in e["shape"]]) for e in manifest[kind]
+            ]
+            got = [
+                (t["name"], {"INT64": "int64", "FP32": "float32"}[t["datatype"]], t["shape"]) for t in metadata[kind]
+            ]
+            assert got == expected
+    assert server.json("/v2/health/live") == (200, {"live": True})
+    assert server.json("/v2/health/ready") == (200, {"ready": True})
+
+
+@pytest.mark.parametrize("head_name", list(HEADS))
+def test_protocol_infer_equals_load(server: Server, runtimes: dict[str, Any], head_name: str) -> None:
+    feeds = sample_inputs(runtimes[head_name].config, 3, 7, seed=5)
+    status, reply = server.json(f"/v2/models/{head_name}/infer", _infer_body(feeds))
+    assert status == 200, reply
+    expected = runtimes[head_name](**feeds)
+    got = _outputs(reply)
+    assert list(got) == get_head(head_name).output_names
+    for name, value in got.items():
+        assert value.shape == np.asarray(expected[name]).shape
+        assert (
+            np.abs(value - np.asarray(expected[name])).max()
+            <= get_head(head_name).output(name).tolerances["fp32"].max_abs
+        )
+
+
+def test_tritonclient_talks_to_the_server(server: Server, runtimes: dict[str, Any]) -> None:
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.is_server_ready() and client.is_model_ready("mlm")
+    feeds = sample_inputs(runtimes["mlm"].config, 2, 6, seed=9)
+    inputs = []
+    for name, value in feeds.items():
+        tensor = triton.InferInput(name, list(value.shape), "INT64" if value.dtype == np.int64 else "FP32")
+        tensor.set_data_from_numpy(value)  # the binary extension, tritonclient's default
+        inputs.append(tensor)
+    result = client.infer("mlm", inputs, outputs=[triton.InferRequestedOutput("logits")])
+    assert np.abs(result.as_numpy("logits") - runtimes["mlm"](**feeds).logits).max() <= 1e-4
+
+
+def _processor(server: Server) -> Any:
+    from transformers import BridgeTowerProcessor
+
+    return BridgeTowerProcessor.from_pretrained(server.export / "itm" / "processor")
+
+
+def _expected_pairs(server: Server, runtime: Any, png: bytes, texts: list[str]) -> tuple[dict[str, Any], Any]:
+    from PIL import Image
+
+    processor = _processor(server)
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    encoding = processor([image] * len(texts), texts, padding=True, return_tensors="np")
+    return encoding, runtime(**encoding)
+
+
+def test_task_endpoints_equal_load(server: Server, runtimes: dict[str, Any]) -> None:
+    png = _png(1)
+    texts = ["a cat on a <mask>", "two dogs in the <mask> park"]
+    body = {"image": base64.b64encode(png).decode(), "texts": texts}
+    status, itm = server.json("/v1/itm", body)
+    assert status == 200, itm
+    _, expected = _expected_pairs(server, runtimes["itm"], png, texts)
+    logits = expected.logits
+    probability = np.exp(logits[:, 1]) / np.exp(logits).sum(-1)
+    assert np.abs(np.array([a["match_probability"] for a in itm["answers"]]) - probability).max() <= 1e-5
+    # The same request with the raw image as the body and the captions in the query.
+    query = "&".join("text=" + urllib.request.quote(t) for t in texts)
+    status, raw = server.request(f"/v1/itm?{query}", png, "image/png")
+    assert status == 200 and json.loads(raw)["answers"] == itm["answers"]
+    status, itc = server.json("/v1/itc", body)
+    _, expected = _expected_pairs(server, runtimes["itc"], png, texts)
+    cosine = (expected.text_embeds * expected.image_embeds).sum(-1)
+    assert np.abs(np.array([a["cosine"] for a in itc["answers"]]) - cosine).max() <= 1e-5
+    status, mlm = server.json("/v1/mlm", body)
+    encoding, expected = _expected_pairs(server, runtimes["mlm"], png, texts)
+    processor = _processor(server)
+    for row, answer in enumerate(mlm["answers"]):
+        masked = encoding["input_ids"][row] == processor.tokenizer.mask_token_id
+        tokens = [processor.decode([int(t)]) for t in expected.logits[row].argmax(-1)[masked]]
+        assert answer["predicted_tokens"] == tokens and answer["text"] == texts[row]
+
+
+def test_rank_uses_cached_image_features(server: Server) -> None:
+    png = _png(2)
+    texts = ["a red car", "a bowl of fruit", "a man riding a horse"]
+    body = {"image": base64.b64encode(png).decode(), "texts": texts}
+    status, first = server.json("/v1/rank", body)
+    assert status == 200, first
+    status, second = server.json("/v1/rank", body)
+    assert (first["cached_images"], second["cached_images"]) == (0, 1)
+    assert second["ranking"] == first["ranking"]
+    _, itm = server.json("/v1/itm", body)
+    expected = sorted((-a["match_probability"], i) for i, a in enumerate(itm["answers"]))
+    assert [r["index"] for r in first["ranking"]] == [i for _, i in expected]
+    for row in first["ranking"]:
+        assert abs(row["match_probability"] - itm["answers"][row["index"]]["match_probability"]) <= 1e-5
+    # The reverse: one caption against several images, the known one from the cache.
+    images = [base64.b64encode(p).decode() for p in (_png(3), png)]
+    status, reverse = server.json("/v1/rank", {"images": images, "text": texts[0], "top_k": 1})
+    assert status == 200 and reverse["cached_images"] == 1 and len(reverse["ranking"]) == 1
+
+
+def test_200_concurrent_requests_each_get_their_own_answer(server: Server, runtimes: dict[str, Any]) -> None:
+    runtime = runtimes["itm"]
+    requests = [sample_inputs(runtime.config, 1 + i % 2, 3 + i % 11, seed=1000 + i) for i in range(200)]
+    expected = [runtime(**feeds).logits for feeds in requests]
+    _, before = server.json("/v2/stats/batches")
+
+    def call(index: int) -> tuple[int, float]:
+        status, reply = server.json("/v2/models/itm/infer", _infer_body(requests[index]))
+        if status != 200:
+            return status, float("inf")
+        return status, float(np.abs(_outputs(reply)["logits"] - expected[index]).max())
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(call, range(200)))
+    assert [status for status, _ in results] == [200] * 200
+    assert max(error for _, error in results) <= 1e-4
+    _, after = server.json("/v2/stats/batches")
+    formed = {int(k): v - before.get("itm", {}).get(k, 0) for k, v in after["itm"].items()}
+    assert sum(size * count for size, count in formed.items()) == 200
+    assert max(size for size, count in formed.items() if count) > 1, f"no batch merged requests: {formed}"
+
+
+def _bad_requests(server: Server) -> list[tuple[str, bytes, str, int, str]]:
+    good = _infer_body(sample_inputs(_config(server), 1, 4))
+    wrong_type = json.loads(json.dumps(good))
+    wrong_type["inputs"][2]["datatype"] = "FP64"
+    wrong_shape = json.loads(json.dumps(good))
+    wrong_shape["inputs"][2]["shape"] = [1, 3, 8, 8]
+    extra = json.loads(json.dumps(good))
+    extra["inputs"].append({**good["inputs"][0], "name": "token_type"})
+    png = base64.b64encode(_png(4)).decode()
+    long_text = " ".join(["word"] * 600)
+    return [
+        ("/v2/models/itm/infer", b'{"inputs": [', "application/json", 400, "not valid JSON"),
+        ("/v2/models/nope/infer", json.dumps(good).encode(), "application/json", 404, "unknown model 'nope'"),
+        (
+            "/v2/models/itm/infer",
+            json.dumps({"inputs": good["inputs"][:2]}).encode(),
+            "application/json",
+            400,
+            "missing input(s) pixel_values",
+        ),
+        ("/v2/models/itm/infer", json.dumps(extra).encode(), "application/json", 400, "no input 'token_type'"),
+        ("/v2/models/itm/infer", json.dumps(wrong_type).encode(), "application/json", 400, "must be datatype FP32"),
+        ("/v2/models/itm/infer", json.dumps(wrong_shape).encode(), "application/json", 400, "has shape [1, 3, 8, 8]"),
+        (
+            "/v1/itm",
+            json.dumps({"image": png, "texts": [long_text]}).encode(),
+            "application/json",
+            400,
+            "longer than the model's",
+        ),
+        ("/v1/itm?text=a", b"these bytes are no image", "image/png", 415, "not an image file"),
+        ("/v1/itm?text=a", b"x" * (MAX_BODY_MB * 1024 * 1024 + 1), "image/png", 413, "the limit is"),
+        ("/v1/mlm", json.dumps({"image": png, "texts": ["no mask here"]}).encode(), "application/json", 400, "<mask>"),
+        ("/v1/nope", b"{}", "application/json", 404, "unknown task"),
+    ]
+
+
+def _config(server: Server) -> Any:
+    from btdeploy.runtime.runtime import find_head
+
+    return find_head(server.export, "itm").config
+
+
+def test_bad_requests_get_a_one_line_reason_and_the_server_keeps_serving(
+    server: Server, runtimes: dict[str, Any]
+) -> None:
+    for path, body, content_type, status, message in _bad_requests(server):
+        got, reply = server.request(path, body, content_type)
+        assert got == status, (path, reply[:300])
+        error = json.loads(reply)["error"]
+        assert message in error and "\n" not in error and "Traceback" not in error, error
+    feeds = sample_inputs(runtimes["itm"].config, 1, 5)
+    status, reply = server.json("/v2/models/itm/infer", _infer_body(feeds))
+    assert status == 200 and np.abs(_outputs(reply)["logits"] - runtimes["itm"](**feeds).logits).max() <= 1e-4
+
+
+def test_metrics_count_requests_and_batches(server: Server) -> None:
+    status, text = server.request("/metrics")
+    text = text.decode()
+    assert status == 200
+    counts = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("btdeploy_head_requests_total")
+    }
+    assert counts['btdeploy_head_requests_total{head="itm"}'] >= 200
+    assert 'btdeploy_batch_requests_bucket{head="itm",le="+Inf"}' in text
+    assert 'btdeploy_responses_total{route="infer",status="400"}' in text
+    assert "ray_" in text  # Ray's own metrics ride along
+
+
+def test_a_killed_replica_recovers_and_no_request_hangs(server: Server, runtimes: dict[str, Any]) -> None:
+    """Runs last: kill -9 the itm replica under load. Every request gets its answer or a clear 503
+    within the timeout, and the application brings the replica back by itself."""
+    runtime = runtimes["itm"]
+    requests = [sample_inputs(runtime.config, 1, 4 + i % 5, seed=5000 + i) for i in range(60)]
+    expected = [runtime(**feeds).logits for feeds in requests]
+    replica = [pid for pid in _ray_processes() if b"head-itm" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(replica) == 1, replica
+
+    def call(index: int) -> tuple[int, str, float]:
+        if index == 15:
+            os.kill(replica[0], signal.SIGKILL)
+        started = time.monotonic()
+        status, body = server.request("/v2/models/itm/infer", json.dumps(_infer_body(requests[index])).encode())
+        elapsed = time.monotonic() - started
+        if status == 200:
+            ok = np.abs(_outputs(json.loads(body))["logits"] - expected[index]).max() <= 1e-4
+            return status, "ok" if ok else "wrong answer", elapsed
+        return status, json.loads(body)["error"], elapsed
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(call, range(60)))
+    for status, detail, elapsed in results:
+        assert (status, detail) == (200, "ok") or status == 503, (status, detail)
+        assert elapsed <= TIMEOUT_S + 10
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        status, _ = server.request("/v2/models/itm/infer", json.dumps(_infer_body(requests[0])).encode())
+        if status == 200:
+            break
+        time.sleep(2)
+    assert status == 200, "the itm replica did not come back"

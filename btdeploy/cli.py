@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default=None, help="join this Ray cluster (auto, or HOST:PORT) instead of starting one"
     )
     serve.add_argument(
-        "--replica-cpus", type=float, default=None, help="CPUs Ray reserves per replica (default: the cluster's, shared out)"
+        "--replica-cpus", type=float, default=None, help="CPUs Ray reserves per replica (default: shared out)"
     )
     serve.add_argument(
         "--threads", type=int, default=None, help="ONNX Runtime threads per replica (default: every core)"

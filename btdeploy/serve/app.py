@@ -8,7 +8,6 @@ Replicas ask for a fraction of a CPU, so every head schedules on a 2-core machin
 (or autoscaling) and more machines come from Ray. The same application runs on a Ray cluster.
 """
 
-
 import asyncio
 import logging
 import time
@@ -71,7 +70,7 @@ class MetricsCollector:
 
 def collector() -> Any:
     """The application's collector (the serve command makes it; a replica makes it if it is missing)."""
-    return MetricsCollector.options(name=COLLECTOR, namespace=NAMESPACE, get_if_exists=True).remote()
+    return MetricsCollector.options(name=COLLECTOR, namespace=NAMESPACE, get_if_exists=True).remote()  # type: ignore[attr-defined]
 
 
 def _error(status: int, reason: str) -> JSONResponse:
@@ -123,8 +122,8 @@ class HeadModel:
         self.head = self.runtime.head
         self.axes = text_axes(self.head, self.runtime.config)
         self.pad_id = int(self.runtime.config.text_config.pad_token_id)
-        self.run_batch.set_max_batch_size(max_batch)
-        self.run_batch.set_batch_wait_timeout_s(batch_wait_s)
+        self.run_batch.set_max_batch_size(max_batch)  # type: ignore[attr-defined]
+        self.run_batch.set_batch_wait_timeout_s(batch_wait_s)  # type: ignore[attr-defined]
         self.collector = collector()
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -181,7 +180,7 @@ class RankModel:
                 features = Features("image", {k: v[row : row + 1] for k, v in encoded.arrays.items()}, encoded.origin)
                 self.cache.put(key, features)
                 found[key] = features
-        rows = [found[key] for key in keys]
+        rows: list[Any] = [found[key] for key in keys]
         arrays = {name: np.concatenate([f.arrays[name] for f in rows]) for name in rows[0].arrays}
         return Features("image", arrays, rows[0].origin), len(keys) - len(missing)
 
@@ -434,14 +433,14 @@ def build_application(settings: ServeSettings, folders: dict[str, str], rank_fol
     ongoing = max(4, 2 * settings.max_batch)  # one batch running while the next one fills
     actor = {"num_cpus": settings.replica_cpus}
     heads = {
-        name: HeadModel.options(
+        name: HeadModel.options(  # type: ignore[attr-defined]
             name=f"head-{name}", ray_actor_options=actor, max_ongoing_requests=ongoing, **scaling
         ).bind(folder, settings.run_options(settings.split), settings.max_batch, settings.batch_wait_ms / 1000)
         for name, folder in folders.items()
     }
     rank = None
     if rank_folder is not None:
-        rank = RankModel.options(ray_actor_options=actor, **scaling).bind(
+        rank = RankModel.options(ray_actor_options=actor, **scaling).bind(  # type: ignore[attr-defined]
             rank_folder, settings.run_options(True), settings.feature_cache
         )
-    return Gateway.bind(heads, rank, folders, settings.as_dict())
+    return Gateway.bind(heads, rank, folders, settings.as_dict())  # type: ignore[attr-defined]

@@ -51,7 +51,7 @@ def serve_export(settings: ServeSettings) -> int:
     say(f"Ray at {ray.get_runtime_context().gcs_address}")
     collector = None
     try:
-        collector = MetricsCollector.options(name="btdeploy-metrics", namespace=NAMESPACE, get_if_exists=True).remote()
+        collector = MetricsCollector.options(name="btdeploy-metrics", namespace=NAMESPACE, get_if_exists=True).remote()  # type: ignore[attr-defined]
         deployments = len(folders) + (1 if rank_folder else 0)
         cpus = replica_cpus(settings, deployments, float(ray.cluster_resources().get("CPU", 0)))
         settings = replace(settings, replica_cpus=cpus)

@@ -1,0 +1,61 @@
+"""Triton Python-backend model written by `btdeploy triton-repo`: raw image bytes and text in,
+the head's inputs out, preprocessed with the checkpoint's own processor (in ./processor).
+
+It runs inside Triton's container, which needs `pip install transformers pillow`.
+"""
+
+import io
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+def preprocess(processor, images, texts, limit):
+    """input_ids, attention_mask and pixel_values for (image bytes, text) pairs; ValueError names a bad one."""
+    from PIL import Image
+
+    pictures = []
+    for index, data in enumerate(images):
+        try:
+            with Image.open(io.BytesIO(bytes(data))) as image:
+                pictures.append(image.convert("RGB"))
+        except Exception:
+            raise ValueError(f"IMAGE {index} is not an image file PIL can read") from None
+    captions = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
+    lengths = [len(ids) for ids in processor.tokenizer(captions)["input_ids"]]
+    if max(lengths) > limit:
+        raise ValueError(f"TEXT {lengths.index(max(lengths))} is {max(lengths)} tokens, the model takes {limit}")
+    encoding = processor(pictures, captions, padding=True, return_tensors="np")
+    return {
+        "input_ids": np.asarray(encoding["input_ids"], dtype=np.int64),
+        "attention_mask": np.asarray(encoding["attention_mask"], dtype=np.int64),
+        "pixel_values": np.asarray(encoding["pixel_values"], dtype=np.float32),
+    }
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        from transformers import BridgeTowerProcessor
+
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.processor = BridgeTowerProcessor.from_pretrained(os.path.join(here, "processor"))
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        self.limit = int(parameters["max_text_length"]["string_value"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
+            texts = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
+            try:
+                if len(images) != len(texts):
+                    raise ValueError(f"{len(images)} IMAGE and {len(texts)} TEXT: send one image per text")
+                feeds = preprocess(self.processor, images, texts, self.limit)
+            except ValueError as error:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(error))))
+                continue
+            tensors = [pb_utils.Tensor(name, value) for name, value in feeds.items()]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        return responses

@@ -1,0 +1,214 @@
+"""`btdeploy triton-repo`: configs Triton's own schema accepts, and what the schema cannot check."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from btdeploy.errors import BtDeployError
+from btdeploy.model.heads import HEADS
+from btdeploy.serve.triton_check import check_repository
+from btdeploy.serve.triton_repo import write_repository
+
+ONNX_TO_TRITON = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32"}
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_repository(tiny_export, tmp_path_factory.mktemp("triton") / "repo")
+
+
+def _config(path: Path) -> Any:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_every_config_parses_and_agrees_with_its_graph(repo: Path) -> None:
+    models = sorted(p.name for p in repo.iterdir() if p.is_dir())
+    assert models == sorted([*HEADS, *(f"{h}_raw" for h in HEADS), "preprocess"])
+    for head in HEADS:
+        config = _config(repo / head / "config.pbtxt")
+        assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
+        assert all(0 < size <= config.max_batch_size for size in config.dynamic_batching.preferred_batch_size)
+        graph = onnx.load(str(repo / head / "1" / "model.onnx"), load_external_data=False)
+        for declared, actual in ((config.input, graph.graph.input), (config.output, graph.graph.output)):
+            assert [t.name for t in declared] == [v.name for v in actual]
+            for tensor, value in zip(declared, actual, strict=True):
+                dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+                assert (
+                    model_config_pb2.DataType.Name(tensor.data_type) == ONNX_TO_TRITON[value.type.tensor_type.elem_type]
+                )
+                assert dims[0] == -1 and list(tensor.dims) == dims[1:]
+        ensemble = _config(repo / f"{head}_raw" / "config.pbtxt")
+        assert [step.model_name for step in ensemble.ensemble_scheduling.step] == ["preprocess", head]
+        assert [t.name for t in ensemble.output] == [t.name for t in config.output]
+    assert check_repository(repo) == []
+    assert "tritonserver --model-repository=/models" in (repo / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("model", "old", "new", "problem"),
+    [
+        ("itm", "dims: [ 2 ]", "dims: [ 3 ]", "output logits has dims [3], the graph [2]"),
+        ("itm", "TYPE_INT64", "TYPE_INT32", "input input_ids is TYPE_INT32, the graph has TYPE_INT64"),
+        ("itm", "preferred_batch_size: [ 8, 32 ]", "preferred_batch_size: [ 8, 64 ]", "preferred batch size 64"),
+        ("itm_raw", 'model_name: "itm"', 'model_name: "itx"', "step model 'itx' is not in the repository"),
+        (
+            "itm_raw",
+            'key: "logits" value: "logits"',
+            'key: "logits" value: "other"',
+            "output 'logits' is made by no step",
+        ),
+        ("mlm", "max_batch_size: 32", "max_batch_size: 32\nno_such_field: 1", "does not parse as Triton's ModelConfig"),
+    ],
+)
+def test_the_check_finds_broken_repositories(
+    repo: Path, tmp_path: Path, model: str, old: str, new: str, problem: str
+) -> None:
+    broken = tmp_path / "repo"
+    shutil.copytree(repo, broken)
+    path = broken / model / "config.pbtxt"
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new, 1))
+    problems = check_repository(broken)
+    assert any(problem in p for p in problems), problems
+
+
+def test_the_check_finds_a_missing_model_file(repo: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "repo"
+    shutil.copytree(repo, broken)
+    (broken / "itc" / "1" / "model.onnx").unlink()
+    (broken / "preprocess" / "1" / "model.py").unlink()
+    problems = check_repository(broken)
+    assert "itc: 1/model.onnx is missing" in problems and "preprocess: 1/model.py is missing" in problems
+
+
+def test_external_data_goes_into_a_model_onnx_folder(tiny_export: Path, tmp_path: Path) -> None:
+    """A graph past 2 GB is stored with external data; Triton takes a folder named model.onnx."""
+    import onnxruntime as ort
+
+    from btdeploy.model.inputs import sample_inputs
+    from btdeploy.runtime.runtime import load
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export / "itm", export / "itm")
+    graph = onnx.load(str(export / "itm" / "model.onnx"))
+    onnx.save_model(
+        graph,
+        str(export / "itm" / "model.onnx"),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    repo = write_repository(export, tmp_path / "repo")
+    folder = repo / "itm" / "1" / "model.onnx"
+    assert folder.is_dir() and sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.onnx.data"]
+    runtime = load(tiny_export, head="itm")
+    feeds = sample_inputs(runtime.config, 2, 6)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(["logits"], feeds)[0] - runtime(**feeds).logits).max() <= 1e-5
+
+
+class _Tensor:
+    def __init__(self, name: str, value: np.ndarray) -> None:
+        self.name, self.value = name, value
+
+    def as_numpy(self) -> np.ndarray:
+        return self.value
+
+
+def _stub_python_backend() -> types.ModuleType:
+    """A stand-in for the documented triton_python_backend_utils API (Tensor, InferenceResponse,
+    TritonError, get_input_tensor_by_name), which exists only inside Triton's container."""
+    stub = types.ModuleType("triton_python_backend_utils")
+    stub.Tensor = _Tensor  # type: ignore[attr-defined]
+    stub.TritonError = lambda message: message  # type: ignore[attr-defined]
+    stub.InferenceResponse = lambda output_tensors, error=None: {  # type: ignore[attr-defined]
+        "outputs": {t.name: t.value for t in output_tensors},
+        "error": error,
+    }
+    stub.get_input_tensor_by_name = lambda request, name: _Tensor(name, request[name])  # type: ignore[attr-defined]
+    return stub
+
+
+def test_the_preprocess_model_matches_the_processor(
+    repo: Path, tiny_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+    from transformers import BridgeTowerProcessor
+
+    from btdeploy.runtime.runtime import load
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _stub_python_backend())
+    spec = importlib.util.spec_from_file_location("preprocess_model", repo / "preprocess" / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    model = module.TritonPythonModel()
+    config = {"parameters": {"max_text_length": {"string_value": "512"}}}
+    model.initialize({"model_config": json.dumps(config)})
+    pictures = []
+    for seed in (0, 1):
+        buffer = io.BytesIO()
+        Image.fromarray((np.random.default_rng(seed).random((30, 40, 3)) * 255).astype("uint8")).save(buffer, "PNG")
+        pictures.append(buffer.getvalue())
+    texts = [b"a cat on a mat", b"a dog"]
+    good = {
+        "IMAGE": np.array([[p] for p in pictures], dtype=object),
+        "TEXT": np.array([[t] for t in texts], dtype=object),
+    }
+    bad = {"IMAGE": np.array([[b"not an image"]], dtype=object), "TEXT": np.array([[b"x"]], dtype=object)}
+    answer, refused = model.execute([good, bad])
+    processor = BridgeTowerProcessor.from_pretrained(tiny_export / "itm" / "processor")
+    images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pictures]
+    expected = processor(images, [t.decode() for t in texts], padding=True, return_tensors="np")
+    for name in ("input_ids", "attention_mask", "pixel_values"):
+        np.testing.assert_array_equal(answer["outputs"][name], expected[name])
+    assert refused["error"] == "IMAGE 0 is not an image file PIL can read"
+    # The ensemble's second step on those tensors gives the head's answer.
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(repo / "itm" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], answer["outputs"])[0]
+    assert np.abs(logits - load(tiny_export, head="itm")(**expected).logits).max() <= 1e-5
+
+
+def test_a_tensorrt_repository_reads_the_engine_profile(tiny_export: Path, tmp_path: Path) -> None:
+    """The engine itself is built on a GPU; here a placeholder file stands in for it, with the record
+    btdeploy build writes beside every engine, to check the config that goes with it."""
+    from btdeploy.backends.tensorrt.engines import EngineRecord, record_file
+    from btdeploy.backends.tensorrt.profiles import EngineProfile, ShapeRange
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export / "itm", export / "itm")
+    with pytest.raises(BtDeployError, match="run btdeploy build .* --precision fp16"):
+        write_repository(export, tmp_path / "none", backend="tensorrt", precision="fp16")
+    assert not (tmp_path / "none").exists()
+    engine = export / "itm" / "engine.fp16.10.14.1.sm90.plan"
+    engine.write_bytes(b"placeholder")
+    profile = EngineProfile(ShapeRange(1, 4, 16), ShapeRange(1, 40, 64), 64, 3)
+    EngineRecord("fp16", "10.14.1", "H200", (9, 0), "model.trt.fp16.onnx", "0", profile.to_json()).write(
+        record_file(engine)
+    )
+    repo = write_repository(export, tmp_path / "repo", backend="tensorrt", precision="fp16")
+    config = _config(repo / "itm" / "config.pbtxt")
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 16
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 16]
+    assert config.optimization.cuda.graphs and [s.batch_size for s in config.optimization.cuda.graph_spec] == [4, 16]
+    assert (repo / "itm" / "1" / "model.plan").read_bytes() == b"placeholder"
+    assert check_repository(repo) == []
+
+
+def test_an_existing_repository_is_not_overwritten(repo: Path, tiny_export: Path) -> None:
+    with pytest.raises(BtDeployError, match="not an empty folder"):
+        write_repository(tiny_export, repo)

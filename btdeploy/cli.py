@@ -207,6 +207,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_rank_bench(Path(args.dir), args.captions, args.seq_lens[0], args.warmup, args.iters, settings.threads, out)
         print((out / "rank.md").read_text())
         return 0
+    if args.workload == "serve":
+        from btdeploy.bench.load import run_serve_bench
+
+        out = Path(args.out or Path(args.dir) / "bench")
+        run_serve_bench(
+            Path(args.dir),
+            [p.strip() for p in args.precisions.split(",") if p.strip()],
+            args.flavour,
+            list(args.concurrency),
+            args.requests,
+            args.seq_lens[0],
+            args.captions,
+            args.max_batch,
+            out,
+        )
+        print((out / "serve.md").read_text())
+        return 0
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
     heads = parse_heads(args.heads) if args.heads else None
     run = run_bench(Path(args.dir), heads, variants, settings)
@@ -371,11 +388,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="results folder (default: DIR/bench)")
     bench.add_argument(
         "--workload",
-        choices=["heads", "rank"],
+        choices=["heads", "rank", "serve"],
         default="heads",
-        help="heads: every variant per shape; rank: one image against --captions captions (length: first --seq-lens)",
+        help="heads: every variant per shape; rank: one image against --captions captions (length: first --seq-lens);"
+        " serve: btdeploy serve under load at each --concurrency",
     )
     bench.add_argument("--captions", type=int, default=16, help="captions per image for --workload rank")
+    serving = bench.add_argument_group("--workload serve: btdeploy serve under load, against btdeploy.load")
+    serving.add_argument("--precisions", default="fp32,int8-dynamic", help="the itm graphs to serve, one after another")
+    serving.add_argument("--flavour", choices=flavours, default="ort", help="the optimized graph flavour to serve")
+    serving.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64), help="concurrent clients per level")
+    serving.add_argument(
+        "--requests", type=int, default=16, help="requests per level: at least this, and 2x the clients"
+    )
+    serving.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch when batching is on")
 
     serve = add("serve", cmd_serve, "serve heads over HTTP (Open Inference Protocol and task endpoints) on Ray Serve")
     serve.add_argument("dir", help="export folder")

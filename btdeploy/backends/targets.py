@@ -37,6 +37,7 @@ class RunOptions:
     split: bool = False  # the text, vision and fusion graphs instead of the whole head
     verify_hash: bool = False  # hash each graph against its manifest record (its size is always checked)
     provider_fallback: bool = False  # run on the CPU (and say so) when a requested provider cannot start
+    compile: bool = False  # the PyTorch reference through torch.compile (inductor)
 
 
 OPTION_NAMES = tuple(f.name for f in fields(RunOptions))
@@ -211,7 +212,7 @@ def _torch_unavailable(options: RunOptions) -> str | None:
 def _torch_make(manifest: Manifest, options: RunOptions) -> Backend:
     from btdeploy.backends.torch_reference import TorchBackend
 
-    return TorchBackend.from_manifest(manifest, options.device, str(options.precision))
+    return TorchBackend.from_manifest(manifest, options.device, str(options.precision), options.compile)
 
 
 def _torch_artifact(manifest: Manifest, options: RunOptions) -> Path:
@@ -221,7 +222,7 @@ def _torch_artifact(manifest: Manifest, options: RunOptions) -> Path:
 TORCH = Target(
     name="torch",
     description="the transformers model itself, rebuilt from the manifest",
-    options=frozenset({"precision", "device"}),
+    options=frozenset({"precision", "device", "compile"}),
     graphs=((None, Precision.FP32), (None, Precision.FP16), (None, Precision.BF16)),
     make=_torch_make,
     unavailable=_torch_unavailable,
@@ -229,6 +230,8 @@ TORCH = Target(
     reads_onnx=False,
     variants=(
         BenchVariant("torch-eager", RunOptions()),
+        # A peer: what a PyTorch user gets from inductor (compile time is the first call, reported apart).
+        BenchVariant("torch-compile", RunOptions(compile=True)),
         BenchVariant("torch-eager-fp16", RunOptions(precision=Precision.FP16, device="cuda")),
         BenchVariant("torch-eager-bf16", RunOptions(precision=Precision.BF16, device="cuda")),
     ),
@@ -291,9 +294,44 @@ TENSORRT = Target(
     defaults={"flavour": Flavour.TRT, "precision": Precision.FP16},
 )
 
-TARGETS: dict[str, Target] = {target.name: target for target in (ONNXRUNTIME, TORCH, TENSORRT)}
-# Bench order: the reference first, then what btdeploy makes, cheapest to build first.
-_BENCH_ORDER = (TORCH, ONNXRUNTIME, TENSORRT)
+# --- openvino (a peer) ----------------------------------------------------------------------
+
+
+def _openvino_unavailable(options: RunOptions) -> str | None:
+    from btdeploy.backends.openvino import openvino_problem
+
+    return openvino_problem()
+
+
+def _openvino_artifact(manifest: Manifest, options: RunOptions) -> Path:
+    return manifest.graph_path(options.flavour, options.precision)
+
+
+def _openvino_make(manifest: Manifest, options: RunOptions) -> Backend:
+    from btdeploy.backends.openvino import OpenVinoBackend
+
+    return OpenVinoBackend(_openvino_artifact(manifest, options), get_head(manifest.head).output_names, options.threads)
+
+
+OPENVINO = Target(
+    name="openvino",
+    description="OpenVINO (CPU, f32 inference precision) on the standard-ONNX graphs: a peer to compare with",
+    options=frozenset({"flavour", "precision", "threads"}),
+    # Standard ONNX only: the plain export, and the trt dialect's graphs (Q/DQ INT8 included).
+    graphs=((None, Precision.FP32), (Flavour.TRT, Precision.FP32), (Flavour.TRT, Precision.INT8)),
+    make=_openvino_make,
+    unavailable=_openvino_unavailable,
+    artifact=_openvino_artifact,
+    variants=(
+        BenchVariant("openvino-fp32", RunOptions()),
+        BenchVariant("openvino-fused-fp32", RunOptions(flavour=Flavour.TRT)),
+        BenchVariant("openvino-int8", RunOptions(flavour=Flavour.TRT, precision=Precision.INT8)),
+    ),
+)
+
+TARGETS: dict[str, Target] = {target.name: target for target in (ONNXRUNTIME, TORCH, TENSORRT, OPENVINO)}
+# Bench order: the reference first, then what btdeploy makes, cheapest to build first, then peers.
+_BENCH_ORDER = (TORCH, ONNXRUNTIME, TENSORRT, OPENVINO)
 
 
 def get_target(name: str) -> Target:

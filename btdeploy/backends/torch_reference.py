@@ -17,18 +17,26 @@ from btdeploy.model.towers import head_module
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: Any, head: HeadSpec, device: str = "cpu", dtype: str = "fp32") -> None:
+    def __init__(
+        self, model: Any, head: HeadSpec, device: str = "cpu", dtype: str = "fp32", compile: bool = False
+    ) -> None:
         import torch
 
         torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
         self.module = head_module(model, head).to(device=device, dtype=torch_dtype)
+        if compile:
+            # Inductor with dynamic shapes: batch and text length vary; the first call compiles.
+            self.module = torch.compile(self.module, dynamic=True)
         self.head = head
         self.device = device
         self.torch_dtype = torch_dtype
-        self.description = f"transformers {head.model_class} (eager, {dtype}) on {device}"
+        mode = "torch.compile inductor" if compile else "eager"
+        self.description = f"transformers {head.model_class} ({mode}, {dtype}) on {device}"
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, device: str = "cpu", dtype: str = "fp32") -> TorchBackend:
+    def from_manifest(
+        cls, manifest: Manifest, device: str = "cpu", dtype: str = "fp32", compile: bool = False
+    ) -> TorchBackend:
         """Rebuild exactly the model that was exported: same source, same seed for anything random."""
         model_info = manifest.data["model"]
         source = ModelSource(model_info["source"], int(model_info["seed"]))
@@ -42,7 +50,7 @@ class TorchBackend:
             raise BtDeployError(
                 f"the checkpoint at {source.spec} changed since the export (config hash differs): export again"
             )
-        return cls(loaded.model, head, device, dtype)
+        return cls(loaded.model, head, device, dtype, compile)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

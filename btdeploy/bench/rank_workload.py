@@ -113,7 +113,7 @@ def run_rank_bench(
         runners: dict[str, Any] = {"monolithic": _WholeHead(whole), "split": _SplitTowers(split)}
         expected, got = runners["monolithic"].run(feeds), runners["split"].run(feeds)
         worst = float(np.abs(expected["logits"] - got["logits"]).max())
-        samples, _ = time_case(runners, feeds, warmup, iters, None)
+        samples, _, _ = time_case(runners, feeds, warmup, iters, None)
         for kind, values in samples.items():
             cases.append(RankCase(label, precision, kind, values, summarize(values, captions).median_ms))
         mono, parts = (summarize(samples[k], captions).median_ms for k in ("monolithic", "split"))

@@ -11,7 +11,7 @@ from typing import Any
 
 from btdeploy.artifacts.files import write_bytes, write_json, write_text
 from btdeploy.bench.runner import BenchRun
-from btdeploy.bench.variants import BASELINES, VARIANTS
+from btdeploy.bench.variants import BASELINES, VARIANTS, is_peer, precision_class
 
 # The first columns are those of ONNX Runtime's transformers benchmark CSV, where they fit.
 CSV_COLUMNS = [
@@ -99,8 +99,8 @@ def markdown(run: BenchRun) -> str:
         + " (A B C, B C A, ...); speedup = baseline median / variant median, same run",
         "",
         "| head | batch | length | variant | median ms | p90 ms | p99 ms | samples/s | GFLOP/s | % peak "
-        "| x torch-eager | x ort-hf-optimizer | RSS MB |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| x torch-eager | x ort-hf-optimizer | RSS MB | first call ms |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case in run.cases:
         speed = [f"{case.speedups[b]:.2f}" if b in case.speedups else "-" for b in BASELINES]
@@ -108,8 +108,9 @@ def markdown(run: BenchRun) -> str:
             f"| {case.head} | {case.batch} | {case.text_length} | {case.variant} | {case.stats.median_ms:.1f} "
             f"| {case.stats.p90_ms:.1f} | {case.stats.p99_ms:.1f} | {case.stats.throughput:.2f} "
             f"| {case.gflops_per_s:.1f} | {run.percent_of_peak(case):.0f} | {speed[0]} | {speed[1]} "
-            f"| {case.rss_peak_mb:.0f} |"
+            f"| {case.rss_peak_mb:.0f} | {case.first_call_ms or 0:.0f} |"
         )
+    lines += _against_peers(run)
     if run.skips:
         lines += ["", "Skipped:", ""]
         seen = set()
@@ -171,6 +172,35 @@ def plot(run: BenchRun, path: Path, head: str) -> bool:
     plt.close(figure)
     write_bytes(path, buffer.getvalue())
     return True
+
+
+def _against_peers(run: BenchRun) -> list[str]:
+    """Per case and precision class: btdeploy's fastest variant against the fastest peer, same run."""
+    rows = []
+    shapes = dict.fromkeys((c.head, c.batch, c.text_length) for c in run.cases)
+    for head, batch, length in shapes:
+        cases = [c for c in run.cases if (c.head, c.batch, c.text_length) == (head, batch, length)]
+        for kind in dict.fromkeys(precision_class(c.variant) for c in cases):
+            ours = [c for c in cases if precision_class(c.variant) == kind and not is_peer(c.variant)]
+            peers = [c for c in cases if precision_class(c.variant) == kind and is_peer(c.variant)]
+            if ours and peers:
+                best = min(ours, key=lambda c: c.stats.median_ms)
+                peer = min(peers, key=lambda c: c.stats.median_ms)
+                ratio = peer.stats.median_ms / best.stats.median_ms
+                rows.append(
+                    f"| {head} | {batch} | {length} | {kind} | {best.variant} {best.stats.median_ms:.1f} ms "
+                    f"| {peer.variant} {peer.stats.median_ms:.1f} ms | **{ratio:.2f}x** |"
+                )
+    if not rows:
+        return []
+    header = [
+        "",
+        "## btdeploy against the peers (same run, same precision class)",
+        "",
+        "| head | batch | length | precision | btdeploy's fastest | fastest peer | peer median / btdeploy median |",
+        "|---|---:|---:|---|---|---|---:|",
+    ]
+    return header + rows
 
 
 def write_reports(run: BenchRun, out: Path) -> list[Path]:

@@ -31,6 +31,7 @@ class CaseResult:
     rss_peak_mb: float
     load_rss_mb: float  # how much the process grew when this variant was built
     gpu_peak_mb: float | None = None
+    first_call_ms: float | None = None  # the first warm-up call of the case: compile time for torch-compile
     speedups: dict[str, float] = field(default_factory=dict)  # baseline name -> baseline median / this median
 
     @property
@@ -81,12 +82,16 @@ def interleaved_order(variants: list[str], round_index: int) -> list[str]:
 
 def time_case(
     backends: dict[str, Backend], feeds: dict[str, Any], warmup: int, iters: int | None, seconds: float | None
-) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Interleaved timing; returns the samples and the RSS peak (MB) seen after each variant's runs."""
+) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float]]:
+    """Interleaved timing; returns the samples, the RSS peak (MB) seen after each variant's runs,
+    and each variant's first warm-up call (seconds), kept apart from the samples."""
     names = list(backends)
+    first: dict[str, float] = {}
     for _ in range(warmup):
         for name in names:
+            started = time.perf_counter()
             backends[name].run(feeds)
+            first.setdefault(name, time.perf_counter() - started)
     samples: dict[str, list[float]] = {name: [] for name in names}
     rss: dict[str, float] = dict.fromkeys(names, 0.0)
     spent: dict[str, float] = dict.fromkeys(names, 0.0)
@@ -104,7 +109,7 @@ def time_case(
             break
         if seconds is not None and round_index >= 3 and min(spent.values()) >= seconds:
             break
-    return samples, rss
+    return samples, rss, first
 
 
 def resolve_variants(names: list[str] | None) -> list[Variant]:
@@ -156,7 +161,7 @@ def run_bench(
             for index, (batch, length) in enumerate(cases, 1):
                 feeds = sample_inputs(config, batch, length, seed=index, pad=False)
                 gpu_peak_mb_and_reset()
-                samples, rss = time_case(backends, feeds, settings.warmup, settings.iters, settings.seconds)
+                samples, rss, first = time_case(backends, feeds, settings.warmup, settings.iters, settings.seconds)
                 gpu_peak = gpu_peak_mb_and_reset()
                 flops = forward_flops(config, head, batch, length)
                 results = {
@@ -171,6 +176,7 @@ def run_bench(
                         rss[name],
                         load_rss[name],
                         gpu_peak,
+                        first_call_ms=first[name] * 1e3 if name in first else None,
                     )
                     for name, values in samples.items()
                 }

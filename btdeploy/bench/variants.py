@@ -98,3 +98,16 @@ for _name, (_target, _variant) in bench_variants().items():
         VARIANTS[_HF_OPTIMIZER.name] = _HF_OPTIMIZER
 
 BASELINES = ("torch-eager", "ort-hf-optimizer")  # every ratio is against these, measured in the same run
+# What a user would pick instead of btdeploy; the report sets btdeploy's best against the best of these.
+PEER_ENGINES = ("torch", "openvino")
+PEER_VARIANTS = ("ort-hf-optimizer",)
+
+
+def is_peer(name: str) -> bool:
+    return name in PEER_VARIANTS or VARIANTS[name].engine in PEER_ENGINES
+
+
+def precision_class(name: str) -> str:
+    """fp32, int8 or reduced float: peers are compared with btdeploy at the same kind of precision."""
+    precision = VARIANTS[name].precision
+    return "int8" if precision.startswith("int8") else precision

@@ -29,13 +29,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def serve_export(settings: ServeSettings) -> int:
     manifests = check_settings(settings)
     folders = {name: str(manifest.folder) for name, manifest in manifests.items()}
-    rank_folder = None
-    if "itm" in manifests and len(manifests["itm"].stems) > 1:
-        rank_folder = folders["itm"]
     import ray
     from ray import serve
 
-    from btdeploy.serve.app import APP_NAME, NAMESPACE, MetricsCollector, build_application
+    from btdeploy.serve.app import APP_NAME, NAMESPACE, RANK_HEAD, MetricsCollector, build_application
+
+    rank_folder = None
+    if RANK_HEAD in manifests and len(manifests[RANK_HEAD].stems) > 1:  # ranking runs its split towers
+        rank_folder = folders[RANK_HEAD]
 
     started_ray = settings.address is None
     say("starting Ray" if started_ray else f"joining the Ray cluster at {settings.address}")

@@ -58,16 +58,17 @@ class Recorder:
 def test_time_case_interleaves_after_warmup() -> None:
     log: list[str] = []
     backends = {n: Recorder(n, log) for n in ("a", "b")}
-    samples, rss = time_case(backends, {}, warmup=1, iters=3, seconds=None)  # type: ignore[arg-type]
+    samples, rss, first = time_case(backends, {}, warmup=1, iters=3, seconds=None)  # type: ignore[arg-type]
     assert log == ["a", "b", "a", "b", "b", "a", "a", "b"]
     assert {n: len(s) for n, s in samples.items()} == {"a": 3, "b": 3}
     assert all(value > 0 for value in rss.values())
+    assert set(first) == {"a", "b"}  # the first warm-up call, kept out of the samples
 
 
 def test_time_case_by_seconds_runs_at_least_three_rounds() -> None:
     log: list[str] = []
-    samples, _ = time_case({"a": Recorder("a", log)}, {}, warmup=0, iters=None, seconds=0.0)  # type: ignore[dict-item]
-    assert len(samples["a"]) == 3
+    samples, _, first = time_case({"a": Recorder("a", log)}, {}, warmup=0, iters=None, seconds=0.0)  # type: ignore[dict-item]
+    assert len(samples["a"]) == 3 and first == {}
 
 
 SMALL = {
@@ -220,3 +221,19 @@ def test_speedup_breakdown_finds_each_kind_of_work(optimized: Path, tmp_path: Pa
         assert sum(kinds.values()) < 1.5 * wall_ms, (variant, kinds, wall_ms)  # per run, not summed over rounds
     assert len(record["wall_s"]["ort-fused"]) == 2
     assert "| weight GEMMs |" in (tmp_path / "breakdown.md").read_text()
+
+
+def test_the_report_sets_btdeploy_against_the_fastest_peer_per_precision() -> None:
+    from btdeploy.bench.report import markdown
+    from btdeploy.bench.runner import BenchRun, BenchSettings, CaseResult
+    from btdeploy.bench.stats import summarize
+
+    medians = {"ort-fused": 10.0, "ort-int8-dynamic": 4.0, "torch-eager": 30.0, "openvino-fp32": 12.0,
+               "openvino-int8": 5.0, "torch-compile": 20.0}  # fmt: skip
+    run = BenchRun(BenchSettings())
+    for name, median in medians.items():
+        stats = summarize([median / 1e3] * 3, 1)
+        run.cases.append(CaseResult(name, "itm", 1, 16, [median / 1e3] * 3, stats, 10**9, 1.0, 1.0, first_call_ms=99.0))
+    text = markdown(run)
+    assert "| itm | 1 | 16 | fp32 | ort-fused 10.0 ms | openvino-fp32 12.0 ms | **1.20x** |" in text
+    assert "| itm | 1 | 16 | int8 | ort-int8-dynamic 4.0 ms | openvino-int8 5.0 ms | **1.25x** |" in text

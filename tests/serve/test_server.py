@@ -8,9 +8,6 @@ import io
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -34,19 +31,15 @@ MAX_BODY_MB = 1
 class Server:
     url: str
     export: Path
-    process: subprocess.Popen[str]
 
     def request(
         self,
         path: str,
         body: bytes | None = None,
         content_type: str = "application/json",
-        headers: dict[str, str] | None = None,
         timeout: float = TIMEOUT_S + 15,
     ) -> tuple[int, bytes]:
-        request = urllib.request.Request(
-            self.url + path, data=body, headers={"Content-Type": content_type, **(headers or {})}
-        )
+        request = urllib.request.Request(self.url + path, data=body, headers={"Content-Type": content_type})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as reply:
                 return reply.status, reply.read()
@@ -71,53 +64,22 @@ def _ray_processes() -> set[int]:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Iterator[Server]:
     from btdeploy.export.exporter import export_heads
     from btdeploy.model.checkpoints import resolve_model
+    from btdeploy.serve.process import ServerProcess
 
     export = tmp_path_factory.mktemp("serve-export")
     export_heads(resolve_model("tiny"), list(HEADS), export, split=True)
     before = _ray_processes()
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "btdeploy.cli",
-        "serve",
-        str(export),
-        "--port",
-        str(port),
-        "--timeout",
-        str(TIMEOUT_S),
-        "--max-body-mb",
-        str(MAX_BODY_MB),
-        "--max-batch",
-        "8",
-        "--batch-wait-ms",
-        "20",
-    ]
-    log = tmp_path_factory.mktemp("serve-log") / "stderr.txt"
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=dict(os.environ))
-    assert process.stdout is not None
-    deadline = time.monotonic() + 300
-    line = ""
-    while time.monotonic() < deadline and process.poll() is None:
-        line = process.stdout.readline()
-        if line.startswith("ready on"):
-            break
-    assert line.strip() == f"ready on http://127.0.0.1:{port}", log.read_text()[-3000:]
-    yield Server(line.split()[-1], export, process)
-    # Shutdown: SIGTERM stops the server, and no Ray process it started is left behind.
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    arguments = ["--timeout", str(TIMEOUT_S), "--max-body-mb", str(MAX_BODY_MB), "--max-batch", "8"]
+    process = ServerProcess(export, [*arguments, "--batch-wait-ms", "20"])
+    with process:
+        assert process.url == f"http://127.0.0.1:{process.port}"
+        yield Server(process.url, export)
+        # Shutdown: SIGTERM stops the server, and no Ray process it started is left behind.
+        assert process.stop() == 0, process.tail()
     deadline = time.monotonic() + 30
     while _ray_processes() - before and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -356,6 +318,27 @@ def test_metrics_count_requests_and_batches(server: Server) -> None:
     assert 'btdeploy_batch_requests_bucket{head="itm",le="+Inf"}' in text
     assert 'btdeploy_responses_total{route="infer",status="400"}' in text
     assert "ray_" in text  # Ray's own metrics ride along
+
+
+def test_the_load_generator_reports_what_the_server_did(
+    server: Server, runtimes: dict[str, Any], tmp_path: Path
+) -> None:
+    from btdeploy.bench.load import batches_formed, binary_body, drive, get_json, summarize, write_serve_report
+
+    requests = [sample_inputs(runtimes["itm"].config, 1, 6, seed=700 + i, pad=False) for i in range(12)]
+    before = get_json(server.url, "/v2/stats/batches")
+    run = drive(server.url, "/v2/models/itm/infer", [binary_body(feeds) for feeds in requests], 6)
+    level = summarize("itm fp32", "batching", 6, run)
+    level.batch_sizes = batches_formed(before, get_json(server.url, "/v2/stats/batches"), "itm")
+    assert (level.requests, level.errors) == (12, 0)
+    assert sum(size * count for size, count in level.batch_sizes.items()) == 12
+    assert level.p50_ms <= level.p90_ms <= level.p99_ms
+    for feeds, answer in zip(requests, run["answers"], strict=True):
+        logits = json.loads(answer)["outputs"][0]["data"]
+        assert np.abs(np.asarray(logits) - runtimes["itm"](**feeds).logits.ravel()).max() <= 1e-4
+    write_serve_report([level], tmp_path, 1, 4, 6, 8)
+    assert "| itm fp32 | batching | 6 | 12 |" in (tmp_path / "serve.md").read_text()
+    assert (tmp_path / "serve.png").stat().st_size > 0
 
 
 def test_a_killed_replica_recovers_and_no_request_hangs(server: Server, runtimes: dict[str, Any]) -> None:

@@ -1,0 +1,45 @@
+"""OpenVINO on btdeploy's standard-ONNX graphs: the peer a CPU user would otherwise pick.
+
+Pinned to f32 inference precision, so that it is compared at the same accuracy as ONNX Runtime
+(OpenVINO would otherwise run bf16 on CPUs that have it). INT8 comes from the graph's Q/DQ nodes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from btdeploy.errors import BtDeployError
+
+
+def openvino_problem() -> str | None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "OpenVINO is not installed: pip install 'btdeploy[peers]'"
+    return None
+
+
+class OpenVinoBackend:
+    name = "openvino"
+
+    def __init__(self, model_path: Path, output_names: list[str], threads: int | None = None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = str(threads)
+        try:
+            self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise BtDeployError(f"OpenVINO cannot compile {model_path.name} ({first[:200]})") from None
+        self.request = self.compiled.create_infer_request()
+        self.outputs = {name: self.compiled.output(name) for name in output_names}
+        self.description = f"OpenVINO {ov.__version__} CPU (f32 inference precision) on {model_path.name}"
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.request.infer(feeds)
+        return {name: np.array(results[port]) for name, port in self.outputs.items()}

@@ -1,0 +1,48 @@
+"""The peers the bench compares with, held to the same parity floors as btdeploy's own graphs:
+OpenVINO (f32 inference precision) on the standard-ONNX graphs, and torch.compile."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from btdeploy.quantize.quantizer import quantize_head
+from btdeploy.verify.check import check_export
+
+
+@pytest.fixture(scope="module")
+def trt_itm(optimized: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The itm head with its trt-dialect graphs, INT8 (explicit Q/DQ) included."""
+    out = tmp_path_factory.mktemp(f"peers-{optimized.name}")
+    shutil.copytree(optimized / "itm", out / "itm")
+    quantize_head(out / "itm", "int8", "trt", calib_size=4)
+    return out
+
+
+@pytest.mark.parametrize(("flavour", "precision"), [(None, "fp32"), ("trt", "fp32"), ("trt", "int8")])
+def test_openvino_meets_the_parity_floors(trt_itm: Path, flavour: str | None, precision: str) -> None:
+    rows = check_export(trt_itm, backend="openvino", flavour=flavour, precision=precision)
+    assert rows and all(row.passed for row in rows), [row for row in rows if not row.passed]
+
+
+def test_openvino_refuses_graphs_with_onnx_runtime_operators(trt_itm: Path) -> None:
+    from btdeploy.errors import BtDeployError
+    from btdeploy.runtime.runtime import load
+
+    with pytest.raises(BtDeployError, match="cannot run.*ort"):
+        load(trt_itm, head="itm", backend="openvino", flavour="ort")
+
+
+def test_torch_compile_equals_eager(tiny_export: Path) -> None:
+    from btdeploy.model.inputs import sample_inputs
+    from btdeploy.runtime.runtime import load
+
+    eager = load(tiny_export, head="itm", backend="torch")
+    compiled = load(tiny_export, head="itm", backend="torch", compile=True)
+    assert "torch.compile" in compiled.backend.description
+    for batch, length in ((1, 5), (3, 11)):  # dynamic shapes: a second shape reuses the compiled graph
+        feeds = sample_inputs(eager.config, batch, length, seed=batch)
+        assert np.abs(compiled(**feeds).logits - eager(**feeds).logits).max() <= 1e-4

@@ -43,7 +43,7 @@ RANK_MIN_REQUESTS = 4
 @dataclass
 class Level:
     workload: str  # "itm <precision>" or "rank <precision>"
-    mode: str  # "batching", "no batching", "in-process"
+    mode: str  # "batching", "no batching", "in-process" (merged as the server merges), "in-process, 1 at a time"
     concurrency: int
     requests: int
     seconds: float
@@ -239,6 +239,9 @@ def run_serve_bench(
         runtime = load(export, head="itm", **options)
         say(f"serve bench: itm {precision} in this process ({total} requests, {max_batch} merged at a time)")
         ceiling, expected = _ceiling(f"itm {precision}", feeds, _itm_chunk_runner(runtime), max_batch)
+        # One request at a time in this process: with the merged run above, the most batching can give here.
+        single, _ = _ceiling(f"itm {precision}", feeds[: max(16, max_batch)], _itm_chunk_runner(runtime), 1)
+        single.mode = "in-process, 1 at a time"
         bound = (
             runtime.head.output("logits")
             .tolerances[Precision(precision)]
@@ -250,7 +253,7 @@ def run_serve_bench(
         rank_ceiling, rank_expected = _ceiling(
             f"rank {precision}", rank_bodies[:rank_count], _rank_chunk_runner(split), 1
         )
-        levels += [ceiling, rank_ceiling]
+        levels += [ceiling, single, rank_ceiling]
         rank_bound = 1e-4 if precision == "fp32" else 0.05  # a probability; INT8 moves it by a few hundredths
         workloads = (
             (f"itm {precision}", "itm", "/v2/models/itm/infer", bodies, expected, _itm_logits, bound),
@@ -379,13 +382,19 @@ def write_serve_report(
             return next((x for x in levels if x.workload == workload and x.mode == mode and x.concurrency == 16), None)
 
         on, off = pick("batching"), pick("no batching")
-        ceiling = next((x for x in levels if x.workload == workload and x.mode == "in-process"), None)
+        merged = next((x for x in levels if x.workload == workload and x.mode == "in-process"), None)
+        single = next((x for x in levels if x.workload == workload and x.mode == "in-process, 1 at a time"), None)
         if on and off:
-            share = f", {on.throughput / ceiling.throughput:.2f}x of the in-process ceiling" if ceiling else ""
-            lines.append(
-                f"- {workload}: {on.throughput:.2f} against {off.throughput:.2f} req/s, "
-                f"**{on.throughput / off.throughput:.2f}x**{share}"
-            )
+            gain = on.throughput / off.throughput
+            line = f"- {workload}: {on.throughput:.2f} against {off.throughput:.2f} req/s, **{gain:.2f}x**"
+            if merged and single:
+                best = max(merged.throughput, single.throughput)
+                line += (
+                    f"; in this process, merged {merged.throughput:.2f} and one at a time {single.throughput:.2f} req/s"
+                    f" (batching can give at most {merged.throughput / single.throughput:.2f}x on this machine);"
+                    f" the batching server reaches {on.throughput / best:.2f}x of the better one"
+                )
+            lines.append(line)
     write_text(out / "serve.md", "\n".join(lines) + "\n")
     _plot(levels, out / "serve.png", cpu["model"])
     say(f"wrote {out / 'serve.md'}")
@@ -411,9 +420,10 @@ def _plot(levels: list[Level], path: Path, cpu: str) -> None:
             concurrency, throughput, p99 = zip(*points, strict=True)
             axes[0][column].plot(concurrency, throughput, marker="o", linestyle=["-", "--"][style], label=mode)
             axes[1][column].plot(concurrency, p99, marker="o", linestyle=["-", "--"][style], label=mode)
-        ceiling = next((x for x in levels if x.workload == workload and x.mode == "in-process"), None)
-        if ceiling:
-            axes[0][column].axhline(ceiling.throughput, color="gray", linestyle=":", label="in-process ceiling")
+        for line_style, ceiling_mode in ((":", "in-process"), ("-.", "in-process, 1 at a time")):
+            ceiling = next((x for x in levels if x.workload == workload and x.mode == ceiling_mode), None)
+            if ceiling:
+                axes[0][column].axhline(ceiling.throughput, color="gray", linestyle=line_style, label=ceiling_mode)
         axes[0][column].set_title(workload)
         axes[0][column].set_ylabel("requests / s")
         axes[1][column].set_ylabel("p99 latency (ms)")

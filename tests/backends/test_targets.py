@@ -37,7 +37,7 @@ def _one_line(error: pytest.ExceptionInfo[BtDeployError]) -> str:
         ("onnxruntime", {"cuda_graphs": True}, "does not take 'cuda_graphs'"),
         ("torch", {"split": True}, "does not take 'split'"),
         ("onnxruntime", {"providers": ["cuda"]}, "ONNX Runtime could not start CUDAExecutionProvider"),
-        ("tensorflow", {}, "unknown backend 'tensorflow': choose one of onnxruntime, torch, tensorrt"),
+        ("tensorflow", {}, "unknown backend 'tensorflow': choose one of onnxruntime, torch, tensorrt, openvino"),
     ],
 )
 def test_load_refuses_bad_options_with_one_line(

@@ -175,7 +175,10 @@ def test_bench_writes_every_report(tiny_export: Path, tmp_path: Path) -> None:
     assert len(data["cases"]) == 12 and all(len(c["samples_s"]) == 3 for c in data["cases"])
     assert data["machine"]["cpu"]["logical_cores"] >= 1 and data["matmul_peak_gflops"] > 1
     table = (tmp_path / "results" / "results.md").read_text()
-    assert "FP32 matmul peak measured in this run" in table and table.count("| itm |") == 12
+    main, peers = table.split("## btdeploy against the peers")
+    assert "FP32 matmul peak measured in this run" in main and main.count("| itm |") == 12
+    # One row per case: btdeploy's only variant here (ort) against the faster of torch-eager and ort-hf-optimizer.
+    assert peers.count("| itm |") == 4 and peers.count("| fp32 | ort ") == 4
     assert "`ort-fused` (itm): " in table and "itm/model.ort.onnx does not exist: run btdeploy optimize" in table
     with Image.open(tmp_path / "results" / "latency_itm.png") as image:
         assert image.size[0] > 800

@@ -21,6 +21,7 @@ import numpy as np
 from btdeploy.apps.run import load_processor
 from btdeploy.artifacts.manifest import head_folders, read_manifest
 from btdeploy.errors import BtDeployError
+from btdeploy.model.heads import match_probability
 from btdeploy.model.media import load_image
 from btdeploy.progress import say
 from btdeploy.runtime.runtime import Runtime, SplitRuntime, load
@@ -113,8 +114,7 @@ def _itm_probabilities(itm: Runtime, query: Query, candidates: list[Any], batch_
             logits = itm.score(images, texts, batch_size)["logits"].reshape(-1, 2)
         else:
             logits = np.asarray(itm(**_pair_inputs(query, batch)).logits)
-        shifted = np.exp(logits - logits.max(-1, keepdims=True))
-        probabilities[start : start + len(logits)] = shifted[:, 1] / shifted.sum(-1)
+        probabilities[start : start + len(logits)] = match_probability(logits)
     return probabilities
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from btdeploy.artifacts.files import write_bytes, write_json, write_text
 from btdeploy.artifacts.graph_names import Precision
 from btdeploy.bench.machine import machine_description
+from btdeploy.model.heads import match_probability
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import say
 from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
@@ -329,8 +330,7 @@ def _rank_in_process(runtime: Any, body: tuple[bytes, dict[str, str]]) -> np.nda
         input_ids=encoding["input_ids"].astype(np.int64), attention_mask=encoding["attention_mask"].astype(np.int64)
     )
     logits = runtime.score(images, texts)["logits"].reshape(-1, 2)
-    shifted = np.exp(logits - logits.max(-1, keepdims=True))
-    return shifted[:, 1] / shifted.sum(-1)
+    return match_probability(logits)
 
 
 def _rank_probabilities(answer: bytes) -> np.ndarray:

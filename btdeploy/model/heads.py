@@ -131,17 +131,21 @@ class BaseBehaviour(HeadBehaviour):
         return [f"pooler_output norm {np.linalg.norm(p):.4f}" for p in outputs.pooler_output]
 
 
+def match_probability(logits: Any) -> Any:
+    """The ITM head's match probability: softmax of its 2 logits, index 1 (numpy, any leading axes)."""
+    import numpy as np
+
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    return shifted[..., 1] / shifted.sum(-1)
+
+
 class ItmBehaviour(HeadBehaviour):
     def fusion_outputs(self, model: Any, text: Any, image: Any, pooled: Any) -> tuple[Any, ...]:
         return (model.itm_score(pooled),)
 
     def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any) -> list[str]:
-        import numpy as np
-
         logits = outputs.logits
-        probability = np.exp(logits - logits.max(-1, keepdims=True))
-        probability /= probability.sum(-1, keepdims=True)
-        pairs = zip(probability[:, 1], logits[:, 1], strict=True)
+        pairs = zip(match_probability(logits), logits[:, 1], strict=True)
         return [f"match probability {p:.4f} (logit {lg:+.4f})" for p, lg in pairs]
 
     def extra_flops(self, config: Any, batch: int, text_tokens: int, image_tokens: int) -> int:

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.errors import BtDeployError
+from btdeploy.model.heads import match_probability
 from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
 from btdeploy.serve.feature_cache import FeatureCache, content_key
 from btdeploy.serve.metrics import ServeStats
@@ -33,7 +34,6 @@ from btdeploy.serve.tasks import (
     TASKS,
     check_text_lengths,
     decode_image,
-    match_probability,
     pair_inputs,
     parse_task_request,
 )

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from btdeploy.model.heads import match_probability
 from btdeploy.serve.protocol import RequestError
 
 MAX_IMAGE_PIXELS = 64_000_000  # a larger image is refused, not decoded (a decompression bomb)
@@ -123,11 +124,6 @@ def pair_inputs(processor: Any, images: list[Any], texts: list[str]) -> dict[str
     feeds = {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}
     feeds["pixel_values"] = np.asarray(encoding["pixel_values"], dtype=np.float32)
     return {name: value.astype(np.int64) if name != "pixel_values" else value for name, value in feeds.items()}
-
-
-def match_probability(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(-1, keepdims=True))
-    return shifted[..., 1] / shifted.sum(-1)
 
 
 def _itm_answer(outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any) -> Any:

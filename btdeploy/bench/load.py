@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from btdeploy.artifacts.files import write_bytes, write_json, write_text
+from btdeploy.artifacts.files import write_json, write_text
 from btdeploy.artifacts.graph_names import Precision
+from btdeploy.bench.figures import pyplot, save_png
 from btdeploy.bench.machine import machine_description
 from btdeploy.model.heads import match_probability
 from btdeploy.model.inputs import sample_inputs
@@ -401,12 +402,9 @@ def write_serve_report(
 
 
 def _plot(levels: list[Level], path: Path, cpu: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:
+    plt = pyplot("serve plot")
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     workloads = list(dict.fromkeys(level.workload for level in levels))
     figure, axes = plt.subplots(2, len(workloads), figsize=(4.2 * len(workloads), 7), squeeze=False)
@@ -434,8 +432,4 @@ def _plot(levels: list[Level], path: Path, cpu: str) -> None:
             axes[row][column].grid(True, which="both", alpha=0.3)
             axes[row][column].legend(fontsize=7)
     figure.suptitle(f"btdeploy serve, base itm ({cpu})")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    write_bytes(path, buffer.getvalue())
+    save_png(figure, path, dpi=100)

@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from btdeploy.artifacts.files import write_bytes, write_json, write_text
+from btdeploy.artifacts.files import write_json, write_text
 from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
 from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
 from btdeploy.backends.split import SplitBackend, build_split_backend
 from btdeploy.backends.targets import RunOptions
+from btdeploy.bench.figures import pyplot, save_png
 from btdeploy.bench.machine import machine_description
 from btdeploy.bench.runner import time_case
 from btdeploy.bench.stats import summarize
@@ -151,13 +152,8 @@ def _write(out: Path, cases: list[RankCase], sizes: dict[str, int], captions: in
 
 
 def _plot(path: Path, by_graph: dict[str, dict[str, RankCase]], captions: int) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("matplotlib is not installed: no rank plot (pip install 'btdeploy[bench]')")
+    plt = pyplot("rank plot")
+    if plt is None:
         return
     graphs = list(by_graph)
     x = np.arange(len(graphs))
@@ -168,8 +164,4 @@ def _plot(path: Path, by_graph: dict[str, dict[str, RankCase]], captions: int) -
     axis.set_ylabel("median ms")
     axis.set_title(f"itm: 1 image x {captions} captions")
     axis.legend()
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    write_bytes(path, buffer.getvalue())
+    save_png(figure, path)

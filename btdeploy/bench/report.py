@@ -9,7 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from btdeploy.artifacts.files import write_bytes, write_json, write_text
+from btdeploy.artifacts.files import write_json, write_text
+from btdeploy.bench.figures import pyplot, save_png
 from btdeploy.bench.runner import BenchRun
 from btdeploy.bench.variants import BASELINES, VARIANTS, is_peer, precision_class
 
@@ -126,15 +127,9 @@ def markdown(run: BenchRun) -> str:
 def plot(run: BenchRun, path: Path, head: str) -> bool:
     """Median latency against batch size (one panel) and against text length (the other),
     one line per variant. Returns False when there is nothing to plot."""
-    try:
-        import matplotlib
-    except ImportError:
-        from btdeploy.progress import warn
-
-        warn("matplotlib is not installed: no plots (pip install 'btdeploy[bench]')")
+    plt = pyplot("plots")
+    if plt is None:
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     cases = [c for c in run.cases if c.head == head]
     if not cases:
@@ -166,11 +161,7 @@ def plot(run: BenchRun, path: Path, head: str) -> bool:
         axis.legend(fontsize=7)
     cpu = run.machine.get("cpu", {}).get("model", "?")
     figure.suptitle(f"BridgeTower {head}: latency per variant ({cpu}, {run.settings.threads} threads)")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    write_bytes(path, buffer.getvalue())
+    save_png(figure, path)
     return True
 
 

@@ -311,18 +311,16 @@ def _rank_bodies(total: int, captions: int) -> tuple[list[tuple[bytes, dict[str,
 
 
 def _rank_chunk_runner(runtime: Any) -> Callable[[list[Any]], list[Any]]:
-    return lambda chunk: [_rank_in_process(runtime, body) for body in chunk]
-
-
-def _rank_in_process(runtime: Any, body: tuple[bytes, dict[str, str]]) -> np.ndarray:
-    from PIL import Image
     from transformers import BridgeTowerProcessor
 
+    processor = BridgeTowerProcessor.from_pretrained(runtime.manifest.processor_dir)
+    return lambda chunk: [_rank_in_process(runtime, processor, body) for body in chunk]
+
+
+def _rank_in_process(runtime: Any, processor: Any, body: tuple[bytes, dict[str, str]]) -> np.ndarray:
+    from PIL import Image
+
     request = json.loads(body[0])
-    processor = getattr(runtime, "_bench_processor", None)
-    if processor is None:
-        processor = BridgeTowerProcessor.from_pretrained(runtime.manifest.processor_dir)
-        runtime._bench_processor = processor
     image = Image.open(io.BytesIO(base64.b64decode(request["image"]))).convert("RGB")
     pixels = processor.image_processor([image], return_tensors="np")["pixel_values"]
     images = runtime.encode_images(np.asarray(pixels, np.float32))

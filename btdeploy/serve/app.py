@@ -353,6 +353,14 @@ class Gateway:
 
         return await self._answer("infer", run)
 
+    async def _task_request(self, request: Request, top_k: str | None = None) -> Any:
+        """Images and texts of a task request: JSON, or the raw image as the body with ?text= captions."""
+        body = await self._body(request)
+        content_type = request.headers.get("content-type", "")
+        return parse_task_request(
+            body, content_type, request.query_params.getlist("text"), self.settings.max_texts, top_k
+        )
+
     def _check_rows(self, name: str, feeds: dict[str, np.ndarray]) -> None:
         limit = _head(name).engine_batch[2]
         rows = int(feeds["input_ids"].shape[0])
@@ -364,13 +372,7 @@ class Gateway:
         async def run() -> Response:
             if self.rank_model is None:
                 raise RequestError(404, f"ranking needs the {RANK_HEAD} head with split graphs: export with --split")
-            task = parse_task_request(
-                await self._body(request),
-                request.headers.get("content-type", ""),
-                request.query_params.getlist("text"),
-                self.settings.max_texts,
-                request.query_params.get("top_k"),
-            )
+            task = await self._task_request(request, request.query_params.get("top_k"))
             answer = await self._call("rank", self.rank_model.rank.remote(task.images, task.texts, task.top_k))
             if "__error__" in answer:
                 raise RequestError(answer["__status__"], answer["__error__"])
@@ -386,12 +388,7 @@ class Gateway:
             task = TASKS[task_name]
             if task.head not in self.heads:
                 raise RequestError(404, f"the {task.head} head is not served here: start with --heads including it")
-            parsed = parse_task_request(
-                await self._body(request),
-                request.headers.get("content-type", ""),
-                request.query_params.getlist("text"),
-                self.settings.max_texts,
-            )
+            parsed = await self._task_request(request)
             if len(parsed.images) != 1:
                 raise RequestError(400, f"/v1/{task_name} takes one image; rank many with /v1/rank")
             check_text_lengths(self.processor, parsed.texts, self.limit)

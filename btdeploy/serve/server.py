@@ -32,7 +32,8 @@ def serve_export(settings: ServeSettings) -> int:
     import ray
     from ray import serve
 
-    from btdeploy.serve.app import APP_NAME, NAMESPACE, RANK_HEAD, MetricsCollector, build_application
+    from btdeploy.serve.app import APP_NAME, NAMESPACE, RANK_HEAD, build_application
+    from btdeploy.serve.app import collector as app_collector
 
     rank_folder = None
     if RANK_HEAD in manifests and len(manifests[RANK_HEAD].stems) > 1:  # ranking runs its split towers
@@ -52,7 +53,7 @@ def serve_export(settings: ServeSettings) -> int:
     say(f"Ray at {ray.get_runtime_context().gcs_address}")
     collector = None
     try:
-        collector = MetricsCollector.options(name="btdeploy-metrics", namespace=NAMESPACE, get_if_exists=True).remote()  # type: ignore[attr-defined]
+        collector = app_collector()
         deployments = len(folders) + (1 if rank_folder else 0)
         cpus = replica_cpus(settings, deployments, float(ray.cluster_resources().get("CPU", 0)))
         settings = replace(settings, replica_cpus=cpus)

@@ -121,9 +121,11 @@ def check_text_lengths(processor: Any, texts: list[str], limit: int) -> None:
 def pair_inputs(processor: Any, images: list[Any], texts: list[str]) -> dict[str, np.ndarray]:
     """The head's inputs for (image, text) pairs, preprocessed as the checkpoint's processor does."""
     encoding = processor(images, texts, padding=True, return_tensors="np")
-    feeds = {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}
-    feeds["pixel_values"] = np.asarray(encoding["pixel_values"], dtype=np.float32)
-    return {name: value.astype(np.int64) if name != "pixel_values" else value for name, value in feeds.items()}
+    return {
+        "input_ids": np.asarray(encoding["input_ids"], dtype=np.int64),
+        "attention_mask": np.asarray(encoding["attention_mask"], dtype=np.int64),
+        "pixel_values": np.asarray(encoding["pixel_values"], dtype=np.float32),
+    }
 
 
 def _itm_answer(outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any) -> Any:

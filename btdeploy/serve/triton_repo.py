@@ -199,7 +199,8 @@ def write_repository(
         template = resources.files("btdeploy") / "data" / "triton" / "preprocess_model.py"
         write_text(preprocess / "model.py", template.read_text())
         shutil.copytree(first.processor_dir, preprocess / "processor")
-        batch = min(max_batch or first_limit(manifests), first_limit(manifests))
+        limit = min(get_head(m.head).engine_batch[2] for m in manifests)
+        batch = min(max_batch or limit, limit)
         write_text(staging / PREPROCESS / "config.pbtxt", to_pbtxt(_preprocess_config(first, batch)))
         write_text(staging / "README.md", _readme(manifests, backend, precision))
         problems = check_repository(staging)
@@ -207,10 +208,6 @@ def write_repository(
             raise BtDeployError("the repository failed its check: " + "; ".join(problems))
     say(f"triton-repo: wrote {out} ({len(manifests)} head(s), checked against Triton's ModelConfig schema)")
     return out
-
-
-def first_limit(manifests: list[Manifest]) -> int:
-    return min(get_head(m.head).engine_batch[2] for m in manifests)
 
 
 def _readme(manifests: list[Manifest], backend: str, precision: str) -> str:

@@ -173,6 +173,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         calibration=(args.calib_images, args.calib_texts),
         split=args.split,
         flavours=tuple(parse_flavour(f.strip(), "--flavours") for f in args.flavours.split(",") if f.strip()),  # type: ignore[misc]
+        force=args.force,
     )
     return 0 if passed else 1
 
@@ -457,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.add_argument("--calib-images", type=Path, default=None, help="folder of calibration images")
     pipeline.add_argument("--calib-texts", type=Path, default=None, help="text file, one caption per line")
+    pipeline.add_argument(
+        "--force",
+        action="store_true",
+        help="make every graph again, even those already in --out from the same checkpoint, data and tool versions",
+    )
     return parser
 
 

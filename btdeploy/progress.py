@@ -6,6 +6,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 _START = time.monotonic()
 # Peak resident memory (MB) of each step still open, innermost last: an inner step resets the
@@ -51,18 +52,82 @@ def _fold_peak() -> None:
     _OPEN_PEAKS[:] = [max(peak, mark) for peak in _OPEN_PEAKS]
 
 
+@dataclass
+class StepRecord:
+    """What a finished step cost: filled in when its block ends (manifests and reports record it)."""
+
+    seconds: float = 0.0
+    peak_rss_gb: float = 0.0
+
+    def to_json(self) -> dict[str, float]:
+        return {"seconds": round(self.seconds, 1), "peak_rss_gb": round(self.peak_rss_gb, 2)}
+
+
 @contextmanager
-def step(message: str) -> Iterator[None]:
+def step(message: str) -> Iterator[StepRecord]:
     """Announce a step, then report how long it took and the most memory it held."""
     say(f"{message} ...")
     started = time.monotonic()
+    record = StepRecord()
     _fold_peak()
     own = _reset_peak()
     _OPEN_PEAKS.append(0.0)
     try:
-        yield
+        yield record
         _fold_peak()
     finally:
         peak = _OPEN_PEAKS.pop()
-    memory = f"peak RSS {peak / 1024:.2f} GB" if own else f"process peak RSS {peak / 1024:.2f} GB"
-    say(f"{message}: done in {time.monotonic() - started:.1f}s, {memory}")
+        record.seconds, record.peak_rss_gb = time.monotonic() - started, peak / 1024
+    memory = f"peak RSS {record.peak_rss_gb:.2f} GB" if own else f"process peak RSS {record.peak_rss_gb:.2f} GB"
+    say(f"{message}: done in {record.seconds:.1f}s, {memory}")
+
+
+def clock(seconds: float) -> str:
+    """12s, 3m05s, 1h02m: durations as people read them."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Countdown:
+    """Elapsed and remaining time of work made of known parts with estimated costs: the estimate
+    of what is left is scaled by how the finished parts' real time compared with their estimate."""
+
+    def __init__(self, what: str, costs: list[float]) -> None:
+        self.what = what
+        self.costs = costs
+        self.done = 0
+        self.started = time.monotonic()
+
+    def advance(self, label: str) -> None:
+        """One part finished: say so, with the time so far and an estimate of the time left."""
+        self.done = min(self.done + 1, len(self.costs))
+        elapsed = time.monotonic() - self.started
+        spent, left = sum(self.costs[: self.done]), sum(self.costs[self.done :])
+        remaining = elapsed * left / spent if spent > 0 else 0.0
+        tail = f", about {clock(remaining)} left" if left > 0 else ""
+        say(f"{self.what} [{self.done}/{len(self.costs)}] {label}: {clock(elapsed)} elapsed{tail}")
+
+
+class RowProgress:
+    """Progress inside one long step made of equal rows (calibration batches, checked shapes)."""
+
+    def __init__(self, total: int, what: str, every_s: float = 10.0) -> None:
+        self.total, self.what, self.every_s = total, what, every_s
+        self.started = self.last = time.monotonic()
+        self.done = 0
+
+    def advance(self) -> None:
+        """One row done; a line at most every `every_s` seconds, and one for the last row."""
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last < self.every_s and self.done < self.total:
+            return
+        self.last = now
+        elapsed = now - self.started
+        remaining = elapsed / self.done * (self.total - self.done)
+        tail = f", about {clock(remaining)} left" if self.done < self.total else ""
+        say(f"{self.what}: {self.done}/{self.total}, {clock(elapsed)} elapsed{tail}")

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 # In a fresh interpreter: in the test process, earlier tests leave freed memory that the
 # allocator reuses without growing the resident size, which would hide the allocation.
 SCRIPT = """
@@ -28,3 +30,39 @@ def test_each_step_reports_its_own_peak() -> None:
     assert set(peaks) == {"outer", "big", "small"}, result.stderr
     assert peaks["big"] - peaks["small"] >= 350  # the big step's 400 MB is not charged to the next one
     assert peaks["outer"] >= peaks["big"]  # an outer step holds what its inner steps held
+
+
+def test_the_countdown_scales_what_is_left_by_how_the_finished_parts_went(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from btdeploy import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    countdown = progress.Countdown("job", [10.0, 30.0, 60.0])
+    now[0] += 20.0  # the first part took twice its estimate: the rest is expected to as well
+    countdown.advance("first")
+    now[0] += 60.0
+    countdown.advance("second")
+    now[0] += 150.0
+    countdown.advance("last")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("job [1/3] first: 20s elapsed, about 3m00s left")
+    assert lines[1].endswith("job [2/3] second: 1m20s elapsed, about 2m00s left")
+    assert lines[2].endswith("job [3/3] last: 3m50s elapsed")
+
+
+def test_row_progress_speaks_every_few_seconds_and_at_the_end(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from btdeploy import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    rows = progress.RowProgress(10, "calibrating", every_s=10.0)
+    for _ in range(10):
+        now[0] += 3.0
+        rows.advance()
+    lines = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    assert lines == ["calibrating: 4/10, 12s elapsed, about 18s left", "calibrating: 8/10, 24s elapsed, about 6s left",
+                     "calibrating: 10/10, 30s elapsed"]  # fmt: skip

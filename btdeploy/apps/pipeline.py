@@ -7,22 +7,27 @@ check its engines. It ends with a summary table and one parity report per graph.
 
 from __future__ import annotations
 
+import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from btdeploy.artifacts.files import write_json
 from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, graph_key
+from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.artifacts.onnx_files import graph_bytes
 from btdeploy.backends.targets import TARGETS, RunOptions
 from btdeploy.export.exporter import DEFAULT_OPSET, export_head
 from btdeploy.model.checkpoints import resolve_model
 from btdeploy.model.heads import HEADS
 from btdeploy.optimize.optimizer import optimize_head
-from btdeploy.progress import say
+from btdeploy.progress import Countdown, clock, say, step
 from btdeploy.quantize.methods import METHODS, PRECISIONS, quantized_graphs
 from btdeploy.quantize.quantizer import quantize_head
-from btdeploy.verify.check import check_export, report_data
+from btdeploy.verify.check import ReferenceCache, check_export, report_data
 from btdeploy.verify.parity import ParityRow, format_rows
 
 
@@ -49,10 +54,16 @@ class HeadSummary:
     size_mb: float = 0.0
     rows: dict[str, list[ParityRow]] = field(default_factory=dict)  # graph key -> parity rows
     fused: dict[str, str] = field(default_factory=dict)  # flavour -> "attention N/M, bridges N/M"
+    steps: list[dict[str, Any]] = field(default_factory=list)  # what each step cost: seconds, peak RSS
 
     @property
     def passed(self) -> bool:
         return all(row.passed for rows in self.rows.values() for row in rows)
+
+
+# Rough cost of each kind of step, in seconds on base on a 2-core machine: only their ratios matter,
+# they weigh the finished steps against the ones left in the pipeline's remaining-time estimate.
+STEP_COSTS = {"export": 60.0, "check": 15.0, "optimize": 25.0, "build": 120.0, "quantize": 90.0}
 
 
 def run_pipeline(
@@ -65,7 +76,10 @@ def run_pipeline(
     calibration: tuple[Path | None, Path | None] = (None, None),
     split: bool = False,
     flavours: tuple[Flavour, ...] = tuple(Flavour),
+    force: bool = False,
 ) -> bool:
+    """The main job. Graphs already in `out` that this run would make the same way (same checkpoint,
+    source graphs, calibration and tool versions, intact on disk) are kept unless `force`."""
     source = resolve_model(model, seed)
     heads = heads or list(HEADS)
     quantized = [(f, p) for f, p in quantized_graphs() if p in precisions and f in flavours]
@@ -75,47 +89,98 @@ def run_pipeline(
     engine_precisions = list(dict.fromkeys(p for f, p in tensorrt.graphs if (f, p) in quantized))
     if engines_blocked:
         say(f"pipeline: no TensorRT engines on this machine ({engines_blocked})")
+    optimized = _optimized_first(flavours, quantized)
+    engines = [] if engines_blocked or tensorrt.build is None else engine_precisions
+    per_head = ["export", "check", *(["check"] if split else []), *(["optimize", "check"] * len(optimized)),
+                *(["quantize", "check"] * len(quantized)), *(["build", "check"] * len(engines))]  # fmt: skip
+    countdown = Countdown("pipeline", [STEP_COSTS[kind] for _ in heads for kind in per_head])
+    reuse = not force
+    references = ReferenceCache()
     started = time.monotonic()
     summaries: list[HeadSummary] = []
     checked: dict[str, CheckedGraph] = {}
 
+    @contextmanager
+    def timed(summary: HeadSummary, name: str) -> Iterator[dict[str, Any]]:
+        """One pipeline step: its time and peak memory go to the summary, then the countdown moves."""
+        entry: dict[str, Any] = {"head": summary.head, "step": name}
+        with step(f"pipeline {summary.head}: {name}") as cost:
+            yield entry
+        summary.steps.append({**entry, **cost.to_json()})
+        countdown.advance(f"{summary.head} {name}")
+
     def check(summary: HeadSummary, graph: CheckedGraph) -> None:
         opts = graph.options
-        summary.rows[graph.key] = check_export(
-            out, [summary.head], backend=graph.backend, flavour=opts.flavour, precision=opts.precision, split=opts.split
-        )
+        with timed(summary, f"check {graph.key}"):
+            summary.rows[graph.key] = check_export(
+                out, [summary.head], backend=graph.backend, flavour=opts.flavour, precision=opts.precision,
+                split=opts.split, references=references,
+            )  # fmt: skip
         checked[graph.key] = graph
 
     for index, head in enumerate(heads, 1):
         say(f"pipeline {index}/{len(heads)}: {head}")
         summary = HeadSummary(head)
-        head_started = time.monotonic()
-        manifest = export_head(source, head, out, opset, split)
-        summary.export_s = time.monotonic() - head_started
+        with timed(summary, "export") as entry:
+            manifest = export_head(source, head, out, opset, split, reuse=reuse)
+            entry["reused"] = manifest.reused
+        summary.export_s = summary.steps[-1]["seconds"]
         summary.size_mb = graph_bytes(manifest.model_path) / 1e6
         check(summary, CheckedGraph("plain", "onnxruntime", RunOptions()))
         if split:
             check(summary, CheckedGraph("split", "onnxruntime", RunOptions(split=True)))
         # Every flavour first: fp16 and int8 of the ort flavour start from the trt graph.
-        for flavour in _optimized_first(flavours, quantized):
-            result = optimize_head(manifest.folder, flavour)
+        for flavour in optimized:
+            with timed(summary, f"optimize {flavour}") as entry:
+                result = optimize_head(manifest.folder, flavour, reuse=reuse)
+                entry["reused"] = bool(result.get("reused"))
             summary.fused[flavour] = (
                 f"{result['attention_fused']}/{result['attention_expected']} attn, "
                 f"{result['bridges_fused']}/{result['bridges_expected']} bridge"
             )
             check(summary, CheckedGraph(str(flavour), "onnxruntime", RunOptions(flavour=flavour)))
         for flavour, precision in quantized:
-            quantize_head(manifest.folder, precision, flavour, *calibration)
+            with timed(summary, f"quantize {graph_key(flavour, precision)}") as entry:
+                result = quantize_head(manifest.folder, precision, flavour, *calibration, reuse=reuse)
+                entry["reused"] = bool(result.get("reused"))
             check(summary, CheckedGraph(graph_key(flavour, precision), "onnxruntime", RunOptions(flavour, precision)))
-        if not engines_blocked and tensorrt.build is not None:
-            for precision in engine_precisions:
+        for precision in engines:
+            assert tensorrt.build is not None
+            with timed(summary, f"build tensorrt.{precision}"):
                 tensorrt.build(manifest.folder, precision)
-                check(summary, CheckedGraph(f"tensorrt.{precision}", "tensorrt", RunOptions(precision=precision)))
+            check(summary, CheckedGraph(f"tensorrt.{precision}", "tensorrt", RunOptions(precision=precision)))
+        references.forget(manifest.folder)
+        _record_steps(manifest.folder, summary.steps)
         summaries.append(summary)
+    wall = time.monotonic() - started
     _report(out, summaries, checked)
+    _write_run_record(out, summaries, wall, force)
     passed = all(s.passed for s in summaries)
-    print(f"pipeline {'PASSED' if passed else 'FAILED'} in {time.monotonic() - started:.0f}s; artifacts in {out}")
+    peak = max((entry["peak_rss_gb"] for s in summaries for entry in s.steps), default=0.0)
+    print(f"pipeline {'PASSED' if passed else 'FAILED'} in {clock(wall)}, peak RSS {peak:.2f} GB; "
+          f"artifacts in {out}")  # fmt: skip
     return passed
+
+
+def _record_steps(folder: Path, steps: list[dict[str, Any]]) -> None:
+    """The head's pipeline steps (seconds, peak resident memory, reused or made) into its manifest."""
+    manifest = read_manifest(folder)
+    manifest.data["pipeline_steps"] = steps
+    manifest.write()
+
+
+def _write_run_record(out: Path, summaries: list[HeadSummary], wall: float, force: bool) -> None:
+    """pipeline.json: wall time, peak memory and every step's cost, for results and comparisons."""
+    steps = [entry for s in summaries for entry in s.steps]
+    record = {
+        "wall_seconds": round(wall, 1),
+        "peak_rss_gb": max((entry["peak_rss_gb"] for entry in steps), default=0.0),
+        "force": force,
+        "machine": platform.processor() or platform.machine(),
+        "steps": steps,
+        "passed": all(s.passed for s in summaries),
+    }
+    write_json(out / "pipeline.json", record)
 
 
 def _optimized_first(flavours: tuple[Flavour, ...], quantized: list[tuple[Flavour, Precision]]) -> list[Flavour]:
@@ -137,6 +202,14 @@ def _report(out: Path, summaries: list[HeadSummary], checked: dict[str, CheckedG
     for s in summaries:
         cells = " ".join(f"{s.fused[f]:<26}" for f in flavours)
         print(f"{s.head:<5} {s.export_s:>7.1f}s {s.size_mb:>8.1f}  {cells} {'PASS' if s.passed else 'FAIL'}")
+    print("\ntime and peak resident memory per step (reused: kept from an earlier run, checked again):")
+    for s in summaries:
+        made = [f"{e['step']} {e['seconds']:.0f}s/{e['peak_rss_gb']:.1f}GB{' reused' if e.get('reused') else ''}"
+                for e in s.steps if not e["step"].startswith("check")]  # fmt: skip
+        checks = [e for e in s.steps if e["step"].startswith("check")]
+        made.append(f"{len(checks)} checks {sum(e['seconds'] for e in checks):.0f}s/"
+                    f"{max((e['peak_rss_gb'] for e in checks), default=0):.1f}GB")  # fmt: skip
+        print(f"  {s.head:<5} " + ", ".join(made))
     print("\nworst row per graph (lowest cosine, then its max_abs):")
     for s in summaries:
         worst_cells = []

@@ -77,3 +77,9 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
 def sha256_of_json(data: Any) -> str:
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def folder_sha256(folder: Path) -> str:
+    """One hash of every file under a folder, by relative name and content (a checkpoint's identity)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    return sha256_of_json({str(p.relative_to(folder)): sha256_of(p) for p in files})

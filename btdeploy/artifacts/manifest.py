@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from btdeploy.artifacts.files import sha256_of, write_json
+from btdeploy.artifacts.files import write_json
 from btdeploy.artifacts.graph_names import STEMS, Flavour, Precision, graph_file
-from btdeploy.artifacts.onnx_files import graph_bytes
+from btdeploy.artifacts.onnx_files import graph_bytes, graph_sha256
 from btdeploy.errors import BtDeployError
 
 MANIFEST_NAME = "manifest.json"
@@ -42,6 +42,7 @@ class Manifest:
 
     folder: Path
     data: dict[str, Any]
+    reused: bool = False  # the step that returned it kept what was on disk instead of writing it
 
     @property
     def head(self) -> str:
@@ -103,7 +104,7 @@ class Manifest:
 
     def record_graph(self, path: Path) -> None:
         """Remember a graph's size and hash, so a replaced or damaged file is refused at load."""
-        self.data.setdefault("graphs", {})[path.name] = {"bytes": graph_bytes(path), "sha256": sha256_of(path)}
+        self.data.setdefault("graphs", {})[path.name] = {"bytes": graph_bytes(path), "sha256": graph_sha256(path)}
 
     def record_step(self, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """After a step wrote a graph per stem: record each one's size and hash (in the manifest and in
@@ -116,13 +117,45 @@ class Manifest:
             whole["parts"] = summaries
         return whole
 
+    def made_by(self, source: Path, packages: tuple[str, ...], **more: Any) -> dict[str, Any]:
+        """What a step's graph is made from: its source graph (name and recorded hash), the tool
+        versions that made it, and anything else it depends on (calibration data, options)."""
+        source_sha256 = self.data.get("graphs", {}).get(source.name, {}).get("sha256")
+        return {"source": source.name, "source_sha256": source_sha256, "versions": tool_versions(packages), **more}
+
+    def up_to_date(self, record: dict[str, Any] | None, made_by: dict[str, dict[str, Any]]) -> bool:
+        """Whether a step's recorded graphs (one per stem, `made_by[stem]` how this run would make
+        it) are still what this run would write: made from the same sources, data and tool
+        versions, and each on disk exactly as recorded (full hash)."""
+        if record is None:
+            return False
+        for stem, wanted in made_by.items():
+            part = record if stem == "model" else record.get("parts", {}).get(stem)
+            if part is None or wanted.get("source_sha256") is None:
+                return False
+            if any(part.get(key) != value for key, value in wanted.items()):
+                return False
+            if not self.graph_intact(self.folder / part["file"]):
+                return False
+        return True
+
+    def graph_intact(self, path: Path) -> bool:
+        """The graph exists and is the one recorded, byte for byte (a graph never recorded is not)."""
+        if not path.is_file() or path.name not in self.data.get("graphs", {}):
+            return False
+        try:
+            self.verify_graph(path, full=True)
+        except (BtDeployError, OSError):
+            return False
+        return True
+
     def verify_graph(self, path: Path, full: bool = False) -> None:
         """Refuse a graph that is not the one recorded: its size always, its sha256 with `full`."""
         record = self.data.get("graphs", {}).get(path.name)
         if record is None:
             return  # written before btdeploy recorded graphs, or by hand: nothing to hold it to
         size = graph_bytes(path)
-        if size != record["bytes"] or (full and sha256_of(path) != record["sha256"]):
+        if size != record["bytes"] or (full and graph_sha256(path) != record["sha256"]):
             what = f"{size} bytes, recorded {record['bytes']}" if size != record["bytes"] else "sha256 differs"
             raise BtDeployError(
                 f"{path} is not the graph its manifest recorded ({what}): it was replaced or damaged; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +12,26 @@ import onnx
 from btdeploy.errors import BtDeployError
 
 PROTOBUF_LIMIT = 2**31 - 1  # one ONNX protobuf file cannot exceed 2 GB
+# Graphs larger than this many bytes keep their weights in `<file>.data`. Protobuf's limit unless
+# set lower: tests force the external-data path on tiny graphs, and some deployments (Triton, a
+# memory-mapped load) want it for every graph.
+EXTERNAL_DATA_ENV = "BTDEPLOY_EXTERNAL_DATA_BYTES"
+
+
+def external_data_threshold() -> int:
+    value = os.environ.get(EXTERNAL_DATA_ENV)
+    if value is None:
+        return PROTOBUF_LIMIT
+    try:
+        threshold = int(value)
+    except ValueError:
+        raise BtDeployError(f"{EXTERNAL_DATA_ENV}={value!r} is not a number of bytes: unset it or give one") from None
+    return min(max(threshold, 0), PROTOBUF_LIMIT)
+
+
+def needs_external_data(size: int) -> bool:
+    """Whether a graph of `size` bytes (weights included) is stored with external data."""
+    return size > external_data_threshold()
 
 
 def data_file(path: Path) -> Path:
@@ -22,6 +43,17 @@ def graph_bytes(path: Path) -> int:
     """An ONNX graph's size on disk: the file plus its `.data` file, if any."""
     data = data_file(path)
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def graph_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """One hash of a graph's bytes: the file, then its `.data` file (weights) when it has one."""
+    digest = hashlib.sha256()
+    for part in (path, data_file(path)):
+        if part == path or part.is_file():
+            with open(part, "rb") as handle:
+                while block := handle.read(chunk):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def load_graph(path: Path, what: str, load_weights: bool = True) -> onnx.ModelProto:
@@ -75,7 +107,7 @@ class GraphBatch:
 
 def _write_temporary(model: onnx.ModelProto, path: Path) -> list[tuple[Path, Path]]:
     """Write model (and its `.data` past 2 GB) under temporary names; returns (temporary, final) pairs."""
-    large = model.ByteSize() > PROTOBUF_LIMIT
+    large = needs_external_data(model.ByteSize())
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     final_data = data_file(path)
@@ -108,7 +140,7 @@ def gather_external_data(folder: Path, name: str) -> bool:
     path = folder / name
     scattered = [p for p in folder.iterdir() if p.name != name]
     total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    external = total > PROTOBUF_LIMIT or bool(scattered)
+    external = needs_external_data(total) or bool(scattered)
     if external:
         model = onnx.load(str(path), load_external_data=True)
         for extra in scattered:

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from btdeploy.artifacts.files import sha256_of
 from btdeploy.artifacts.manifest import Manifest
+from btdeploy.artifacts.onnx_files import graph_sha256
 from btdeploy.backends.base import Backend
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HeadSpec, get_head
@@ -38,7 +38,7 @@ class SplitBackend:
                 "config_sha256": self.manifest.data["model"]["config_sha256"],
                 "source": self.manifest.data["model"]["source"],
                 "graph": path.name,
-                "graph_sha256": sha256_of(path),
+                "graph_sha256": graph_sha256(path),
             }
         return self._origins[stem]
 

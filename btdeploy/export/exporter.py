@@ -8,11 +8,18 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from btdeploy.artifacts.files import sha256_of, staged_directory
+from btdeploy.artifacts.files import folder_sha256, staged_directory
 from btdeploy.artifacts.graph_names import graph_file
 from btdeploy.artifacts.locks import head_lock
-from btdeploy.artifacts.manifest import MANIFEST_NAME, MODEL_NAME, PROCESSOR_DIR, Manifest, tool_versions
-from btdeploy.artifacts.onnx_files import data_file, gather_external_data, graph_bytes
+from btdeploy.artifacts.manifest import (
+    MANIFEST_NAME,
+    MODEL_NAME,
+    PROCESSOR_DIR,
+    Manifest,
+    read_manifest,
+    tool_versions,
+)
+from btdeploy.artifacts.onnx_files import data_file, gather_external_data, graph_bytes, graph_sha256
 from btdeploy.errors import BtDeployError
 from btdeploy.export.patches import fusable_export
 from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model
@@ -27,12 +34,18 @@ SUPPORTED_OPSETS = range(14, 21)  # what the TorchScript exporter emits
 
 
 def export_head(
-    source: ModelSource, head_name: str, out_dir: Path, opset: int = DEFAULT_OPSET, split: bool = False
+    source: ModelSource,
+    head_name: str,
+    out_dir: Path,
+    opset: int = DEFAULT_OPSET,
+    split: bool = False,
+    reuse: bool = False,
 ) -> Manifest:
     """Export one head to out_dir/<head>/model.onnx with its manifest; all-or-nothing.
 
     With `split`, the text tower, vision tower and fusion graphs (text.onnx, vision.onnx,
-    fusion.onnx) are written beside it."""
+    fusion.onnx) are written beside it. With `reuse`, an export already there from the same
+    checkpoint (same files), seed, opset and tool versions, with its graphs intact, is kept."""
     if opset not in SUPPORTED_OPSETS:
         raise BtDeployError(
             f"--opset {opset} is not supported: use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
@@ -40,9 +53,53 @@ def export_head(
     head = get_head(head_name)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise BtDeployError(f"--out {out_dir} is a file: give a folder (each head goes to OUT/<head>/)")
+    final = Path(out_dir) / head.name
+    checkpoint_sha256 = folder_sha256(source.checkpoint)
+    if reuse:
+        kept = _reusable_export(final, source, checkpoint_sha256, opset, split)
+        if kept is not None:
+            say(f"export {head.name}: {final / MODEL_NAME} is up to date (same checkpoint, seed, opset and tool "
+                "versions); --force exports it again")  # fmt: skip
+            return kept
+    with step(f"export {head.name}") as cost:
+        manifest = _export(source, head, final, opset, split, checkpoint_sha256)
+    manifest.data["onnx"]["step"] = cost.to_json()  # the whole step, reference load included
+    manifest.write()
+    say(f"wrote {final / MODEL_NAME} ({graph_bytes(final / MODEL_NAME) / 1e6:.1f} MB)")
+    return manifest
+
+
+def _reusable_export(
+    final: Path, source: ModelSource, checkpoint_sha256: str, opset: int, split: bool
+) -> Manifest | None:
+    """The export already in `final`, when this run would write the same graphs; else None."""
+    try:
+        manifest = read_manifest(final)
+    except BtDeployError:
+        return None
+    model, onnx_record = manifest.data["model"], manifest.data.get("onnx", {})
+    same = (
+        model.get("source") == source.spec
+        and model.get("seed") == source.seed
+        and model.get("checkpoint_sha256") == checkpoint_sha256
+        and onnx_record.get("opset") == opset
+        and bool(manifest.data.get("split")) == split
+        and manifest.data.get("versions") == tool_versions()
+    )
+    if not same:
+        return None
+    graphs = [final / graph_file(None, stem=stem) for stem in manifest.stems]
+    if not all(manifest.graph_intact(path) for path in graphs):
+        return None
+    manifest.reused = True
+    return manifest
+
+
+def _export(
+    source: ModelSource, head: HeadSpec, final: Path, opset: int, split: bool, checkpoint_sha256: str
+) -> Manifest:
     with step(f"loading the {head.name} reference from {source.spec}"):
         loaded = load_head_model(source, head)
-    final = Path(out_dir) / head.name
     with head_lock(final, f"btdeploy export --heads {head.name}"), staged_directory(final) as staging:
         with step(f"exporting {head.name} to ONNX (opset {opset})"):
             seconds = _torch_to_onnx(loaded, head, staging / MODEL_NAME, opset)
@@ -55,12 +112,12 @@ def export_head(
         )
         if parts:
             manifest.data["split"] = parts
+        manifest.data["model"]["checkpoint_sha256"] = checkpoint_sha256
         manifest.folder = staging
         for stem in manifest.stems:
             manifest.record_graph(staging / graph_file(None, stem=stem))
         manifest.write()
     manifest.folder = final
-    say(f"wrote {final / MODEL_NAME} ({graph_bytes(final / MODEL_NAME) / 1e6:.1f} MB)")
     return manifest
 
 
@@ -141,7 +198,7 @@ def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int
         shutil.rmtree(work)
         parts[name] = {
             "file": target.name,
-            "sha256": sha256_of(target),
+            "sha256": graph_sha256(target),
             "inputs": spec.input_names,
             "outputs": spec.output_names,
         }
@@ -200,7 +257,7 @@ def _manifest_data(
         "onnx": {
             "file": MODEL_NAME,
             "external_data": data_file(folder / MODEL_NAME).name if external else None,
-            "sha256": sha256_of(folder / MODEL_NAME),
+            "sha256": graph_sha256(folder / MODEL_NAME),
             "opset": opset,
             "exporter": "torch.onnx (TorchScript), btdeploy.patches.fusable_export",
             "export_shape": {"batch": head.export_batch, "text_length": head.export_text_length},

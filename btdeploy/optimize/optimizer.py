@@ -28,18 +28,36 @@ def expected_fusions(config: Any, head: HeadSpec, stem: str) -> tuple[int, int]:
     return head.attention_blocks(config), head.bridges(config)
 
 
-def optimize_head(folder: Path, flavour: Flavour | str, allow_partial: bool = False) -> dict[str, Any]:
+_PACKAGES = ("btdeploy", "onnx")  # the tools an optimized graph depends on
+
+
+def optimize_head(
+    folder: Path, flavour: Flavour | str, allow_partial: bool = False, reuse: bool = False
+) -> dict[str, Any]:
     """Optimize model.onnx (and the split graphs, where the head has them) in one flavour.
 
     Fewer fused attention blocks or bridges than the head declares is an error that says why
-    each block did not match, unless `allow_partial` accepts it."""
+    each block did not match, unless `allow_partial` accepts it. With `reuse`, graphs already on
+    disk that were made from the same exported graphs by the same tool versions are kept."""
     chosen = parse_flavour(flavour)
     if chosen is None:
         raise BtDeployError("--flavour is required: choose one of " + ", ".join(f.value for f in Flavour))
     with head_lock(folder, f"btdeploy optimize --flavour {chosen}"):
         manifest = read_manifest(folder)
+        made_by = {
+            stem: manifest.made_by(manifest.graph_path(None, stem=stem), _PACKAGES, allow_partial=allow_partial)
+            for stem in manifest.stems
+        }
+        recorded = manifest.data.get("optimized", {}).get(str(chosen))
+        if reuse and manifest.up_to_date(recorded, made_by):
+            say(f"optimize {manifest.head} ({chosen}): {recorded['file']} is up to date "
+                "(same exported graph and tool versions); --force makes it again")  # fmt: skip
+            return dict(recorded, reused=True)
         with GraphBatch() as batch:  # every graph of the head, or none: stage, then swap, then record
-            summaries = {stem: _optimize_graph(manifest, chosen, stem, allow_partial, batch) for stem in manifest.stems}
+            summaries = {
+                stem: {**_optimize_graph(manifest, chosen, stem, allow_partial, batch), **made_by[stem]}
+                for stem in manifest.stems
+            }
         summary = manifest.record_step(summaries)
         manifest.data.setdefault("optimized", {})[str(chosen)] = summary
         manifest.write()
@@ -49,13 +67,24 @@ def optimize_head(folder: Path, flavour: Flavour | str, allow_partial: bool = Fa
 def _optimize_graph(
     manifest: Manifest, flavour: Flavour, stem: str, allow_partial: bool, batch: GraphBatch
 ) -> dict[str, Any]:
-    head = get_head(manifest.head)
     source = manifest.graph_path(None, stem=stem)
     label = manifest.head if stem == "model" else f"{manifest.head} {stem}"
-    with step(f"optimize {label} ({flavour}): loading {source.name}"):
+    with step(f"optimize {label} ({flavour})") as cost:
         model = load_graph(source, "export the head again")
-    with step(f"optimize {label} ({flavour}): running the passes"):
         model, results = optimize_graph(model, flavour)
+        summary = _check_optimized(manifest, flavour, stem, model, results, allow_partial)
+        batch.stage(model, manifest.folder / summary["file"])
+        del model
+    return {**summary, **cost.to_json()}
+
+
+def _check_optimized(
+    manifest: Manifest, flavour: Flavour, stem: str, model: Any, results: dict[str, Any], allow_partial: bool
+) -> dict[str, Any]:
+    """Say what the passes did, refuse a graph short of its fusions or with operators its targets
+    cannot parse, and return its summary."""
+    head = get_head(manifest.head)
+    label = manifest.head if stem == "model" else f"{manifest.head} {stem}"
     for result in results.values():
         extra = ", ".join(f"{k} {v}" for k, v in result.details.items())
         say(f"  {result.name:<24} {result.fused:>4} rewritten  nodes {result.nodes_before} -> {result.nodes_after}"
@@ -91,7 +120,6 @@ def _optimize_graph(
                 f"the {flavour} graph of {label} has operators {target_name} cannot parse: {', '.join(problems)}"
             )
     require_fp16_safe(model, f"the {flavour} graph of {label}")
-    batch.stage(model, target)
     say(f"optimize {label} ({flavour}): attention blocks fused: {attention} of {expected_attention}, "
         f"bridge add+LayerNorm: {bridges} of {expected_bridge} -> {target}")  # fmt: skip
     return summary

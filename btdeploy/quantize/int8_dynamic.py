@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
-from btdeploy.artifacts.onnx_files import PROTOBUF_LIMIT
+from btdeploy.artifacts.onnx_files import graph_bytes, needs_external_data
 
 
 def dynamic_int8(
@@ -27,7 +27,7 @@ def dynamic_int8(
         op_types_to_quantize=["MatMul"],
         per_channel=False,
         weight_type=QuantType.QInt8,
-        use_external_data_format=source.stat().st_size > PROTOBUF_LIMIT,
+        use_external_data_format=needs_external_data(graph_bytes(source)),
         # The com.microsoft nodes defeat ONNX shape inference; every tensor here is FP32.
         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
     )

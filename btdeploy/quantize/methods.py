@@ -14,10 +14,17 @@ import onnx
 from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.errors import BtDeployError
 from btdeploy.quantize.fp16 import autocast_fp16
-from btdeploy.quantize.int8 import modelopt_int8
+from btdeploy.quantize.int8 import int8_from_twin, modelopt_int8
 from btdeploy.quantize.int8_dynamic import dynamic_int8
 
 Run = Callable[[Path, dict[str, np.ndarray], Path, Flavour], tuple[onnx.ModelProto, dict[str, Any]]]
+# (graph written for flavour A, A, B) -> the graph for B and what changed; None when B's graph cannot be
+# made from A's (then it is made from scratch).
+FromTwin = Callable[[onnx.ModelProto, Flavour, Flavour], tuple[onnx.ModelProto, dict[str, Any]] | None]
+
+
+def same_graph(model: onnx.ModelProto, made_for: Flavour, flavour: Flavour) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    return model, {}
 
 
 @dataclass(frozen=True)
@@ -30,9 +37,9 @@ class QuantizeMethod:
     calibrates: bool
     run: Run
     refusal: str = ""  # what to say for a flavour it does not write
-    # Whether its result depends only on the source graph and the calibration data, not on the
-    # flavour it is written for: then two flavours that start from one graph share one result.
-    flavour_independent: bool = False
+    # When two flavours start from one source graph with the same calibration data, how the graph
+    # already written for one becomes the other's, instead of calibrating again; None: never.
+    from_twin: FromTwin | None = None
 
     def source(self, flavour: Flavour) -> tuple[Flavour, str]:
         if self.source_flavour is None or flavour.standard_only:
@@ -54,9 +61,13 @@ METHODS: dict[Precision, QuantizeMethod] = {
         # AutoCast takes no flavour-specific option: the ort and trt fp16 graphs, both made from the
         # trt graph with the same calibration rows, are one graph (on base, 90 s of AutoCast each).
         QuantizeMethod(
-            Precision.FP16, tuple(Flavour), Flavour.TRT, _MODELOPT_SOURCE, True, autocast_fp16, flavour_independent=True
+            Precision.FP16, tuple(Flavour), Flavour.TRT, _MODELOPT_SOURCE, True, autocast_fp16, from_twin=same_graph
         ),
-        QuantizeMethod(Precision.INT8, tuple(Flavour), Flavour.TRT, _MODELOPT_SOURCE, True, modelopt_int8),
+        # The ort and trt int8 graphs share their calibration and Q/DQ; only what stays out of INT8
+        # differs (FP32 for ONNX Runtime, FP16 for TensorRT), which Model Optimizer sets after calibrating.
+        QuantizeMethod(
+            Precision.INT8, tuple(Flavour), Flavour.TRT, _MODELOPT_SOURCE, True, modelopt_int8, from_twin=int8_from_twin
+        ),
         QuantizeMethod(
             Precision.INT8_DYNAMIC,
             (Flavour.ORT,),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import onnx
 
 from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, parse_flavour
 from btdeploy.artifacts.locks import head_lock
-from btdeploy.artifacts.manifest import Manifest, read_manifest, tool_versions
+from btdeploy.artifacts.manifest import Manifest, read_manifest
 from btdeploy.artifacts.onnx_files import GraphBatch, data_file, load_graph
 from btdeploy.backends.targets import graph_checks
 from btdeploy.errors import BtDeployError
@@ -56,6 +55,10 @@ def _describe(model: onnx.ModelProto, precision: Precision) -> dict[str, Any]:
     return facts
 
 
+_FUSION_THROUGH = "text and vision towers (FP32 {flavour} graphs)"
+_PACKAGES = ("btdeploy", "nvidia-modelopt", "onnxruntime-gpu", "onnx")  # the tools a quantized graph depends on
+
+
 def _fusion_calibration(manifest: Manifest, calibration: CalibrationData, flavour: Flavour) -> CalibrationData:
     """The fusion graph's inputs: the calibration rows through the FP32 text and vision towers of
     the flavour being quantized from (the split backend of the target registry)."""
@@ -64,8 +67,15 @@ def _fusion_calibration(manifest: Manifest, calibration: CalibrationData, flavou
 
     towers = build_split_backend(manifest, get_target("onnxruntime").resolve({"flavour": flavour, "split": True}))
     fused = {**towers.text(calibration.feeds), **towers.vision(calibration.feeds)}
-    through = f"text and vision towers (FP32 {flavour} graphs)"
-    return CalibrationData(fused, {**calibration.source, "through": through})
+    return CalibrationData(fused, _calibration_source(calibration, "fusion", flavour) or {})
+
+
+def _calibration_source(calibration: CalibrationData | None, stem: str, flavour: Flavour) -> dict[str, Any] | None:
+    if calibration is None:
+        return None
+    if stem == "fusion":
+        return {**calibration.source, "through": _FUSION_THROUGH.format(flavour=flavour)}
+    return calibration.source
 
 
 def quantize_head(
@@ -75,10 +85,13 @@ def quantize_head(
     calib_images: Path | None = None,
     calib_texts: Path | None = None,
     calib_size: int = DEFAULT_CALIB_SIZE,
+    reuse: bool = False,
 ) -> dict[str, Any]:
-    """Quantize model.onnx's optimized graph (and the split graphs, where the head has them)."""
+    """Quantize model.onnx's optimized graph (and the split graphs, where the head has them).
+    With `reuse`, graphs already on disk that this run would make the same way are kept."""
     chosen = parse_flavour(flavour) or Flavour.ORT
     method = get_method(precision, chosen)
+    key = f"{chosen}.{method.precision}"
     with head_lock(folder, f"btdeploy quantize --flavour {chosen} --precision {method.precision}"):
         manifest = read_manifest(folder)
         source_flavour, why = method.source(chosen)
@@ -88,6 +101,16 @@ def quantize_head(
         calibration = None
         if method.calibrates:
             calibration = load_calibration(manifest, calib_images, calib_texts, calib_size)
+        made_by = {
+            stem: manifest.made_by(sources[stem], _PACKAGES,
+                                   calibration=_calibration_source(calibration, stem, source_flavour))
+            for stem in manifest.stems
+        }  # fmt: skip
+        recorded = manifest.data.get("precisions", {}).get(key)
+        if reuse and manifest.up_to_date(recorded, made_by):
+            say(f"quantize {manifest.head} ({chosen}, {method.precision}): {recorded['file']} is up to date "
+                "(same source graph, calibration and tool versions); --force makes it again")  # fmt: skip
+            return dict(recorded, reused=True)
         summaries: dict[str, dict[str, Any]] = {}
         with GraphBatch() as batch:  # every graph of the head, or none: stage, then swap, then record
             for stem in manifest.stems:
@@ -95,12 +118,12 @@ def quantize_head(
                 if calibration is not None and stem == "fusion":
                     part_calibration = _fusion_calibration(manifest, calibration, source_flavour)
                 summaries[stem] = _quantize_graph(
-                    manifest, method, chosen, stem, (sources[stem], why), part_calibration, batch
+                    manifest, method, chosen, stem, (sources[stem], why), part_calibration, made_by, batch
                 )
         summary = manifest.record_step(summaries)
         for written in (summary, *summary.get("parts", {}).values()):
             _say_written(manifest.head, written)
-        manifest.data.setdefault("precisions", {})[f"{chosen}.{method.precision}"] = summary
+        manifest.data.setdefault("precisions", {})[key] = summary
         manifest.write()
     return summary
 
@@ -112,43 +135,36 @@ def _quantize_graph(
     stem: str,
     source_and_reason: tuple[Path, str],
     calibration: CalibrationData | None,
+    made_by: dict[str, dict[str, Any]],
     batch: GraphBatch,
 ) -> dict[str, Any]:
     source, why = source_and_reason
     precision = method.precision
     label = manifest.head if stem == "model" else f"{manifest.head} {stem}"
     target = manifest.folder / graph_file(flavour, precision, stem)
-    started = time.monotonic()
     feeds = {name: calibration.feeds[name] for name in manifest.input_names(stem)} if calibration else {}
-    versions = tool_versions(("nvidia-modelopt", "onnxruntime-gpu", "onnx"))
-    source_sha256 = manifest.data.get("graphs", {}).get(source.name, {}).get("sha256")
-    made_by = {"source": source.name, "source_sha256": source_sha256, "versions": versions,
-               "calibration": calibration.source if calibration else None}  # fmt: skip
-    twin = _twin(manifest, method, flavour, stem, made_by) if method.flavour_independent else None
     workdir = Path(tempfile.mkdtemp(prefix=".quantize.", suffix=".partial", dir=manifest.folder))
     try:
-        if twin is not None:
-            # The same method on the same source graph and calibration wrote this graph for another
-            # flavour: the result would be the same file, so it is not computed twice.
-            path, record = twin
-            say(f"quantize {label} ({flavour}, {precision}): the same graph as {path.name} (same source and data)")
-            model = load_graph(path, "quantize again")
-            options = {key: value for key, value in record.items() if key not in _RECORD_KEYS}
-            options["reused_from"] = path.name
-        else:
-            with step(f"quantize {label} ({flavour}, {precision}) from {source.name}"):
+        with step(f"quantize {label} ({flavour}, {precision}) from {source.name}") as cost:
+            twin = _twin(manifest, method, flavour, stem, made_by)
+            if twin is not None:
+                # The same method on the same source graph and calibration wrote a graph for another
+                # flavour: this flavour's graph is made from it, without calibrating again.
+                model, options = twin
+            else:
                 model, options = method.run(_private_copy(source, workdir), feeds, workdir, flavour)
-        require_fp16_safe(model, f"the {precision} graph of {label}")
-        facts = _describe(model, precision)
-        for target_name, check in graph_checks(flavour).items():
-            problems = check(model)
-            if problems:
-                raise BtDeployError(
-                    f"the {precision} {flavour} graph of {label} has operators {target_name} cannot parse: "
-                    f"{', '.join(problems)}"
-                )
-            facts[f"{target_name}_op_check"] = "passed"
-        batch.stage(model, target)
+            require_fp16_safe(model, f"the {precision} graph of {label}")
+            facts = _describe(model, precision)
+            for target_name, check in graph_checks(flavour).items():
+                problems = check(model)
+                if problems:
+                    raise BtDeployError(
+                        f"the {precision} {flavour} graph of {label} has operators {target_name} cannot parse: "
+                        f"{', '.join(problems)}"
+                    )
+                facts[f"{target_name}_op_check"] = "passed"
+            batch.stage(model, target)
+            del model
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     summary: dict[str, Any] = {
@@ -157,16 +173,16 @@ def _quantize_graph(
         "flavour": flavour,
         "precision": precision,
         **options,
-        **made_by,
+        **made_by[stem],
         "graph": facts,
-        "seconds": round(time.monotonic() - started, 1),
+        **cost.to_json(),
     }
     return summary
 
 
 # Keys of a quantize record that describe the graph and how it was made, not the method's options.
 _RECORD_KEYS = {"file", "source", "source_reason", "source_sha256", "flavour", "precision", "calibration", "graph",
-                "seconds", "versions", "bytes", "sha256", "parts", "reused_from"}  # fmt: skip
+                "seconds", "peak_rss_gb", "versions", "bytes", "sha256", "parts", "reused_from"}  # fmt: skip
 
 
 def _private_copy(source: Path, workdir: Path) -> Path:
@@ -181,26 +197,28 @@ def _private_copy(source: Path, workdir: Path) -> Path:
 
 
 def _twin(
-    manifest: Manifest, method: QuantizeMethod, flavour: Flavour, stem: str, made_by: dict[str, Any]
-) -> tuple[Path, dict[str, Any]] | None:
-    """Another flavour's graph of this precision made from the same source graph (same hash), the
-    same calibration and the same tool versions, still intact on disk; or None."""
-    if made_by["source_sha256"] is None:
+    manifest: Manifest, method: QuantizeMethod, flavour: Flavour, stem: str, made_by: dict[str, dict[str, Any]]
+) -> tuple[onnx.ModelProto, dict[str, Any]] | None:
+    """This flavour's graph made from another flavour's graph of this precision that was made from
+    the same source graph (same hash), calibration and tool versions and is intact on disk, where
+    the method can convert it; or None."""
+    if method.from_twin is None:
         return None
     for other in Flavour:
         record = manifest.data.get("precisions", {}).get(f"{other}.{method.precision}")
-        if other == flavour or record is None:
+        if other == flavour or not manifest.up_to_date(record, {stem: made_by[stem]}):
             continue
-        record = record if stem == "model" else record.get("parts", {}).get(stem)
-        if record is None or any(record.get(key) != value for key, value in made_by.items()):
+        assert record is not None
+        part = record if stem == "model" else record["parts"][stem]
+        path = manifest.folder / part["file"]
+        converted = method.from_twin(load_graph(path, "quantize again"), other, flavour)
+        if converted is None:
             continue
-        path = manifest.folder / record["file"]
-        try:
-            manifest.verify_graph(path, full=True)
-        except BtDeployError:
-            continue
-        if path.is_file():
-            return path, record
+        model, changed = converted
+        say(f"quantize {manifest.head} {stem} ({flavour}, {method.precision}): made from {path.name} "
+            f"(same source graph and calibration){', ' + str(changed) if changed else ''}")  # fmt: skip
+        options = {key: value for key, value in part.items() if key not in _RECORD_KEYS}
+        return model, {**options, **changed, "reused_from": path.name}
     return None
 
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from btdeploy.artifacts.files import write_json
 from btdeploy.artifacts.graph_names import graph_file
-from btdeploy.artifacts.manifest import head_folders, read_manifest
+from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
+from btdeploy.backends.base import Backend
 from btdeploy.backends.targets import RunOptions, get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
@@ -26,9 +33,11 @@ def check_export(
     flavour: str | None = None,
     precision: str = "fp32",
     split: bool = False,
+    references: ReferenceCache | None = None,
 ) -> list[ParityRow]:
     """Reference vs the chosen graph; a reduced `precision` reads model.<flavour>.<precision>.onnx
-    (flavour ort unless given) and is held to that precision's tolerances."""
+    (flavour ort unless given) and is held to that precision's tolerances. A `references` cache
+    shared by several checks of the same heads runs the PyTorch reference once per input."""
     if report is not None and Path(report).is_dir():
         raise BtDeployError(f"--report {report} is a folder: give a file name such as {Path(report) / 'parity.json'}")
     target = get_target(backend)
@@ -45,15 +54,62 @@ def check_export(
         shapes = parse_shapes(list(batch_sizes), list(text_lengths), config)
         # The candidate first: a backend that cannot run here fails before the reference is built.
         candidate = target.make(manifest, options)
-        with step(f"check {head.name}: rebuilding the PyTorch reference"):
-            reference = reference_target.make(manifest, reference_options)
+        reference = (references or ReferenceCache()).backend(
+            manifest, partial(reference_target.make, manifest, reference_options)
+        )
         shape_text = ", ".join(f"{b}x{n}" for b, n in shapes)
         with step(f"check {head.name}: {candidate.description} vs reference at batch x length {shape_text}"):
             rows += check_head(head, config, reference, candidate, shapes, options.precision)
-        del reference
+        del reference, candidate
     if report is not None:
         write_json(Path(report), report_data(rows, backend, options))
     return rows
+
+
+@dataclass
+class ReferenceCache:
+    """The PyTorch reference's outputs by head folder and input: the pipeline checks a dozen graphs
+    of each head on the same inputs, and the reference gives the same answer every time."""
+
+    outputs: dict[tuple[str, str], dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def backend(self, manifest: Manifest, make: Callable[[], Backend]) -> Backend:
+        return _CachedReference(self, manifest, make)
+
+    def forget(self, folder: Path) -> None:
+        """Drop a head's entries (its checks are done): reference outputs of mlm are ~100 MB."""
+        self.outputs = {key: value for key, value in self.outputs.items() if key[0] != str(folder)}
+
+
+class _CachedReference:
+    """The reference of one check: outputs from the cache, the model built only on a miss (and
+    dropped with this object, so it does not sit in memory while the next graph is made)."""
+
+    name = "torch"
+
+    def __init__(self, cache: ReferenceCache, manifest: Manifest, make: Callable[[], Backend]) -> None:
+        self.cache, self.folder, self.make = cache, str(manifest.folder), make
+        self.head = manifest.head
+        self.description = f"PyTorch reference of {manifest.head}"
+        self.model: Backend | None = None
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        key = (self.folder, _fingerprint(feeds))
+        if key not in self.cache.outputs:
+            if self.model is None:
+                with step(f"check {self.head}: rebuilding the PyTorch reference"):
+                    self.model = self.make()
+            self.cache.outputs[key] = self.model.run(feeds)
+        return self.cache.outputs[key]
+
+
+def _fingerprint(feeds: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(feeds):
+        values = np.ascontiguousarray(feeds[name])
+        digest.update(f"{name}:{values.dtype}:{values.shape};".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()
 
 
 def report_data(rows: list[ParityRow], backend: str, options: RunOptions) -> dict[str, Any]:

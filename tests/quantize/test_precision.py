@@ -17,6 +17,7 @@ from btdeploy.cli import main
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HEADS
 from btdeploy.optimize.graph_checks import fp16_unsafe_constants, layernorm_types, qdq_summary
+from btdeploy.quantize.calibration import load_calibration
 from btdeploy.quantize.methods import PRECISIONS
 from btdeploy.quantize.quantizer import quantize_head
 from btdeploy.verify.check import check_export
@@ -265,3 +266,66 @@ def test_quantizing_leaves_the_source_graph_as_recorded(optimized: Path, tmp_pat
     quantize_head(folder, precision, "trt")
     assert sha256_of(folder / "model.trt.onnx") == before
     read_manifest(folder).verify_graph(folder / "model.trt.onnx", full=True)
+
+
+def test_the_trt_int8_graph_reuses_the_ort_calibration_and_not_the_reverse(optimized: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "itm"
+    shutil.copytree(optimized / "itm", folder)
+    made = quantize_head(folder, "int8", "ort", calib_size=CALIB_SIZE)
+    derived = quantize_head(folder, "int8", "trt", calib_size=CALIB_SIZE)
+    assert "reused_from" not in made and made["high_precision"] == "fp32"
+    assert derived["reused_from"] == "model.ort.int8.onnx" and derived["high_precision"] == "fp16"
+    for key in ("qdq_pairs", "weights_int8", "matmuls_int8"):
+        assert derived["graph"][key] == made["graph"][key] > 0, key
+    # The same activation scales (stored in FP16 in TensorRT's graph, whose tensors are renamed by the casts).
+    scales = []
+    for name in ("model.ort.int8.onnx", "model.trt.int8.onnx"):
+        model = onnx.load(str(folder / name))
+        values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        scales.append(np.sort([float(values[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear"]))
+    assert len(scales[0]) == made["graph"]["qdq_pairs"]
+    np.testing.assert_allclose(scales[1], scales[0], rtol=1e-3)
+    rows = check_export(tmp_path, ["itm"], flavour="trt", precision="int8")
+    assert all(row.passed for row in rows)
+    # FP16 cannot become FP32 again: made in the other order, the ort graph calibrates itself.
+    again = tmp_path / "again"
+    shutil.copytree(optimized / "itm", again / "itm")
+    quantize_head(again / "itm", "int8", "trt", calib_size=CALIB_SIZE)
+    assert "reused_from" not in quantize_head(again / "itm", "int8", "ort", calib_size=CALIB_SIZE)
+
+
+def test_the_streaming_fp16_range_check_writes_autocasts_own_graph(optimized: Path, tmp_path: Path) -> None:
+    """btdeploy runs AutoCast's reference one row at a time; the graph must be the one AutoCast's own
+    all-rows-at-once run makes, byte for byte."""
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+
+    from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
+    from btdeploy.quantize.fp16 import FP16_RANGE_ROWS, autocast_fp16
+
+    manifest = read_manifest(optimized / "itm")
+    source = manifest.graph_path(Flavour.TRT)
+    feeds = load_calibration(manifest, None, None, 6).feeds
+    streamed, options = autocast_fp16(source, feeds, tmp_path, Flavour.TRT)
+    assert options["range_rows"] == FP16_RANGE_ROWS
+    npz = tmp_path / "rows.npz"
+    np.savez(npz, **{name: values[:FP16_RANGE_ROWS] for name, values in feeds.items()})  # type: ignore[arg-type]
+    whole = convert_to_mixed_precision(str(source), low_precision_type="fp16", keep_io_types=True,
+                                       op_types_to_exclude=list(FULL_PRECISION_OPS), calibration_data=str(npz),
+                                       providers=["cpu"])  # fmt: skip
+    assert streamed.SerializeToString() == whole.SerializeToString()
+
+
+def test_quantize_with_reuse_keeps_an_up_to_date_graph_and_remakes_a_changed_one(
+    optimized: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "itc"
+    shutil.copytree(optimized / "itc", folder)
+    quantize_head(folder, "int8-dynamic", "ort")
+    path = folder / "model.ort.int8-dynamic.onnx"
+    stamp = path.stat().st_mtime_ns
+    assert quantize_head(folder, "int8-dynamic", "ort", reuse=True)["reused"] is True
+    assert path.stat().st_mtime_ns == stamp
+    assert "reused" not in quantize_head(folder, "int8-dynamic", "ort")  # without reuse: made again
+    # Another calibration is another graph.
+    quantize_head(folder, "int8", "ort", calib_size=CALIB_SIZE)
+    assert "reused" not in quantize_head(folder, "int8", "ort", calib_size=CALIB_SIZE + 1, reuse=True)

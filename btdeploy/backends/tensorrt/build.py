@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from btdeploy.artifacts.files import sha256_of, write_bytes
+from btdeploy.artifacts.files import write_bytes
 from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, parse_flavour
 from btdeploy.artifacts.manifest import Manifest, read_manifest
+from btdeploy.artifacts.onnx_files import graph_sha256
 from btdeploy.backends.tensorrt.engines import ENGINE_PRECISIONS, EngineRecord, engine_file, parse_version, record_file
 from btdeploy.backends.tensorrt.environment import require_gpu, require_tensorrt
 from btdeploy.backends.tensorrt.operators import FLAVOUR_LINES
@@ -139,7 +140,7 @@ def build_engine(
         gpu_name=gpu_name,
         compute_capability=capability,
         onnx_file=onnx_path.name,
-        onnx_sha256=sha256_of(onnx_path),
+        onnx_sha256=graph_sha256(onnx_path),
         profile=profile.to_json(),
         build_seconds=round(time.monotonic() - started, 1),
         workspace_gb=workspace_gb,

@@ -1,0 +1,96 @@
+"""The pipeline makes nothing twice: graphs on disk from the same sources and tool versions are
+kept (and checked again), a damaged one is made again, --force makes all; and the memory path:
+external data forced by a low size threshold on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+
+from btdeploy.apps.pipeline import run_pipeline
+from btdeploy.artifacts.graph_names import Flavour
+from btdeploy.artifacts.manifest import read_manifest
+from btdeploy.artifacts.onnx_files import EXTERNAL_DATA_ENV, data_file
+from btdeploy.errors import BtDeployError
+
+FLAVOURS = (Flavour.ORT, Flavour.TRT)
+PRECISIONS = ("fp16", "int8")
+
+
+def _made(out: Path) -> dict[str, bool]:
+    """step -> reused, for every step that makes something (checks always run)."""
+    steps = json.loads((out / "pipeline.json").read_text())["steps"]
+    return {s["step"]: s["reused"] for s in steps if not s["step"].startswith("check")}
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.onnx")}
+
+
+def test_a_second_run_reuses_every_graph_a_damaged_one_is_remade_and_force_remakes_all(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_pipeline("tiny", out, heads=["itm"], precisions=PRECISIONS, flavours=FLAVOURS)
+    first = _made(out)
+    assert set(first) == {"export", "optimize ort", "optimize trt", "quantize ort.fp16", "quantize ort.int8",
+                          "quantize trt.fp16", "quantize trt.int8"}  # fmt: skip
+    assert not any(first.values())
+    record = json.loads((out / "pipeline.json").read_text())
+    assert record["passed"] and record["peak_rss_gb"] > 0.1 and record["wall_seconds"] > 0
+    steps = read_manifest(out / "itm").data["pipeline_steps"]
+    assert len(steps) == len(record["steps"]) and all(s["peak_rss_gb"] > 0 for s in steps)
+    # Each graph's record carries what it cost to make.
+    manifest = read_manifest(out / "itm")
+    assert manifest.data["optimized"]["trt"]["peak_rss_gb"] > 0
+    assert manifest.data["precisions"]["ort.int8"]["seconds"] > 0
+    # The trt int8 graph is the ort one's calibration with FP16 outside the Q/DQ, not a second calibration.
+    assert manifest.data["precisions"]["trt.int8"]["reused_from"] == "model.ort.int8.onnx"
+    assert manifest.data["precisions"]["trt.int8"]["high_precision"] == "fp16"
+
+    before = _mtimes(out / "itm")
+    assert run_pipeline("tiny", out, heads=["itm"], precisions=PRECISIONS, flavours=FLAVOURS)
+    assert all(_made(out).values())
+    assert _mtimes(out / "itm") == before  # nothing rewritten
+
+    damaged = out / "itm" / "model.ort.int8.onnx"
+    damaged.write_bytes(damaged.read_bytes() + b"\0")
+    assert run_pipeline("tiny", out, heads=["itm"], precisions=PRECISIONS, flavours=FLAVOURS)
+    again = _made(out)
+    assert [step for step, reused in again.items() if not reused] == ["quantize ort.int8"]
+    read_manifest(out / "itm").verify_graph(damaged, full=True)  # made again, as recorded
+
+    assert run_pipeline("tiny", out, heads=["itm"], precisions=PRECISIONS, flavours=FLAVOURS, force=True)
+    assert not any(_made(out).values())
+
+
+def test_external_data_forced_on_tiny_goes_through_every_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(EXTERNAL_DATA_ENV, str(200_000))  # tiny graphs are a few MB: all go external
+    out = tmp_path / "out"
+    precisions = ("fp16", "int8", "int8-dynamic")
+    assert run_pipeline("tiny", out, heads=["itm"], precisions=precisions, flavours=FLAVOURS, split=True)
+    folder = out / "itm"
+    graphs = sorted(folder.glob("*.onnx"))
+    # model, text, vision, fusion: plain, ort, trt; ort.fp16/int8/int8-dynamic, trt.fp16/int8
+    assert len(graphs) == 4 * 8
+    for graph in graphs:
+        assert data_file(graph).is_file(), graph.name
+        proto = onnx.load(str(graph), load_external_data=False)
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer), graph.name
+    # The recorded hash covers the weights: a flipped byte in a .data file is refused.
+    manifest = read_manifest(folder)
+    weights = data_file(folder / "model.ort.int8.onnx")
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(BtDeployError, match="sha256 differs"):
+        manifest.verify_graph(folder / "model.ort.int8.onnx", full=True)
+
+
+def test_a_bad_external_data_threshold_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from btdeploy.artifacts.onnx_files import external_data_threshold
+
+    monkeypatch.setenv(EXTERNAL_DATA_ENV, "2GB")
+    with pytest.raises(BtDeployError, match="is not a number of bytes"):
+        external_data_threshold()

@@ -46,6 +46,9 @@ def modelopt_int8(
         # flavour: in ort and trt graphs it is inside the Attention operator; trt-compat keeps it
         # as MatMuls, and quantizing the softmax probabilities would cost accuracy for little compute.
         nodes_to_exclude=attention_matmuls or None,
+        # The same attention MatMuls, named by Model Optimizer's own pattern match, without the
+        # inference it otherwise runs to decide per block (on base trt-compat, minutes).
+        disable_mha_qdq=True,
         op_types_to_exclude=list(FULL_PRECISION_OPS),
         op_types_to_exclude_fp16=list(FULL_PRECISION_OPS),
         high_precision_dtype=high_precision,

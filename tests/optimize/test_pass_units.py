@@ -3,6 +3,8 @@ does not match, and that the rewritten graph computes the same numbers on ONNX R
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -268,3 +270,18 @@ def test_layernorm_reads_the_full_precision_tensor_after_quantization() -> None:
     assert result.details == {"inputs_restored": 1}
     by_op = {n.op_type: n for n in rewritten.graph.node}
     assert by_op["LayerNormalization"].input[0] == "h" and by_op["MatMul"].input[0] == "h_dq"
+
+
+def test_the_opset_upgrade_without_weights_equals_the_version_converter(tiny_export: Path) -> None:
+    """convert_opset lifts the weights out while ONNX's converter runs (it copies the whole model
+    twice): the graph it returns is the converter's, byte for byte."""
+    from onnx import version_converter
+
+    from btdeploy.optimize.passes import convert_opset
+
+    source = str(tiny_export / "itm" / "model.onnx")
+    expected = version_converter.convert_version(onnx.load(source), 23)
+    lifted = onnx.load(source)
+    weights = sum(len(t.raw_data) >= 1024 for t in lifted.graph.initializer)
+    assert weights > 10
+    assert convert_opset(lifted, 23).SerializeToString() == expected.SerializeToString()

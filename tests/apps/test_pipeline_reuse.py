@@ -30,9 +30,15 @@ def _mtimes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.onnx")}
 
 
-def test_a_second_run_reuses_every_graph_a_damaged_one_is_remade_and_force_remakes_all(tmp_path: Path) -> None:
+def test_a_second_run_reuses_every_graph_a_damaged_one_is_remade_and_force_remakes_all(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     assert run_pipeline("tiny", out, heads=["itm"], precisions=PRECISIONS, flavours=FLAVOURS)
+    # export, 2 x (optimize, check), 4 x (quantize, check), and the plain check: 14 steps counted down.
+    progress = [line for line in capsys.readouterr().err.splitlines() if "] pipeline [" in line]
+    assert len(progress) == 14 and "pipeline [1/14] itm export:" in progress[0]
+    assert all("elapsed, about" in line and line.endswith(" left") for line in progress[:-1])
     first = _made(out)
     assert set(first) == {"export", "optimize ort", "optimize trt", "quantize ort.fp16", "quantize ort.int8",
                           "quantize trt.fp16", "quantize trt.int8"}  # fmt: skip
@@ -94,3 +100,16 @@ def test_a_bad_external_data_threshold_is_one_line(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(EXTERNAL_DATA_ENV, "2GB")
     with pytest.raises(BtDeployError, match="is not a number of bytes"):
         external_data_threshold()
+
+
+def test_an_export_is_kept_only_for_the_same_checkpoint_seed_and_opset(tmp_path: Path) -> None:
+    from btdeploy.export.exporter import export_head
+    from btdeploy.model.checkpoints import resolve_model
+
+    out = tmp_path / "out"
+    assert not export_head(resolve_model("tiny"), "itc", out).reused
+    assert export_head(resolve_model("tiny"), "itc", out, reuse=True).reused
+    assert not export_head(resolve_model("tiny"), "itc", out, opset=18, reuse=True).reused
+    assert not export_head(resolve_model("tiny", seed=1), "itc", out, opset=18, reuse=True).reused
+    assert read_manifest(out / "itc").data["model"]["seed"] == 1
+    assert not export_head(resolve_model("tiny", seed=1), "itc", out, opset=18).reused  # no reuse asked

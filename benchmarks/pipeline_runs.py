@@ -6,7 +6,8 @@ graph-making step cost (seconds, peak RSS), side by side, with a bar chart.
 Reads only the progress lines every btdeploy version prints: `pipeline i/N: HEAD` at each head's
 start, and `quantize HEAD (FLAVOUR, PRECISION) from SOURCE: done in Xs, peak RSS Y GB` per graph.
 A head's wall time runs from its start line to the next head's (the last head ends at the last
-stamped line), so it includes everything the head did: export, checks, optimize, quantize.
+stamped line, and counts only when the run finished: a stopped run's last head is left out), so
+it includes everything the head did: export, checks, optimize, quantize.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from btdeploy.bench.figures import pyplot, save_png
 
 STAMP = re.compile(r"^\[\s*([\d.]+)s\] (.*)$")
 HEAD_START = re.compile(r"^pipeline (\d+)/(\d+): (\w+)$")
+FINISHED = re.compile(r"^pipeline (PASSED|FAILED) in ")
 QUANTIZE_DONE = re.compile(
     r"^quantize (\w+) \(([\w-]+), ([\w-]+)\) from \S+: done in ([\d.]+)s, (?:process )?peak RSS ([\d.]+) GB$"
 )
@@ -37,7 +39,9 @@ class Run:
 def read_run(path: Path, label: str) -> Run:
     run = Run(label)
     starts: list[tuple[str, float]] = []
+    finished = False
     for line in path.read_text(errors="replace").splitlines():
+        finished = finished or bool(FINISHED.match(line))
         stamped = STAMP.match(line)
         if not stamped:
             continue
@@ -48,7 +52,8 @@ def read_run(path: Path, label: str) -> Run:
         elif done := QUANTIZE_DONE.match(message):
             head_name, flavour, precision, seconds, peak = done.groups()
             run.quantize[(head_name, f"{flavour}.{precision}")] = (float(seconds), float(peak))
-    for (head_name, start), end in zip(starts, [s for _, s in starts[1:]] + [run.last], strict=True):
+    ends = [at for _, at in starts[1:]] + ([run.last] if finished else [])
+    for (head_name, start), end in zip(starts, ends, strict=False):
         run.head_seconds[head_name] = end - start
     return run
 

@@ -66,3 +66,19 @@ def test_row_progress_speaks_every_few_seconds_and_at_the_end(
     lines = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines()]
     assert lines == ["calibrating: 4/10, 12s elapsed, about 18s left", "calibrating: 8/10, 24s elapsed, about 6s left",
                      "calibrating: 10/10, 30s elapsed"]  # fmt: skip
+
+
+def test_a_skipped_part_leaves_the_estimate_to_the_parts_that_did_work(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from btdeploy import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    countdown = progress.Countdown("job", [50.0, 10.0, 20.0])
+    now[0] += 1.0
+    countdown.advance("kept", skipped=True)  # 1 s for a part estimated at 50 s
+    now[0] += 20.0
+    countdown.advance("made")  # 20 s for 10: the last part (20) should take about 40 s
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[1].endswith("job [2/3] made: 21s elapsed, about 42s left")

@@ -107,7 +107,8 @@ def run_pipeline(
         with step(f"pipeline {summary.head}: {name}") as cost:
             yield entry
         summary.steps.append({**entry, **cost.to_json()})
-        countdown.advance(f"{summary.head} {name}")
+        kept = bool(entry.get("reused"))
+        countdown.advance(f"{summary.head} {name}" + (" (kept)" if kept else ""), skipped=kept)
 
     def check(summary: HeadSummary, graph: CheckedGraph) -> None:
         opts = graph.options

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 _START = time.monotonic()
 # Peak resident memory (MB) of each step still open, innermost last: an inner step resets the
@@ -51,12 +53,21 @@ def _return_freed_memory() -> None:
     """Hand the heap memory freed so far back to the system (glibc's malloc_trim). Without it a
     step's freed model copies stay resident, so the next step starts high and its peak, and the
     process's, carry memory nothing uses (on base, INT8 calibration after AutoCast: +4 GB)."""
-    try:
-        import ctypes
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim
+
+@functools.cache
+def _glibc() -> Any:
+    """glibc, loaded once; None elsewhere (nothing to trim)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def _fold_peak() -> None:
@@ -105,6 +116,10 @@ def clock(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def _time_text(elapsed: float, remaining: float, more: bool) -> str:
+    return f"{clock(elapsed)} elapsed" + (f", about {clock(remaining)} left" if more else "")
+
+
 class Countdown:
     """Elapsed and remaining time of work made of known parts with estimated costs: the estimate
     of what is left is scaled by how the finished parts' real time compared with their estimate."""
@@ -125,8 +140,7 @@ class Countdown:
         elapsed = time.monotonic() - self.started
         spent, left = sum(self.costs[: self.done]), sum(self.costs[self.done :])
         remaining = elapsed * left / spent if spent > 0 else 0.0
-        tail = f", about {clock(remaining)} left" if left > 0 else ""
-        say(f"{self.what} [{self.done}/{len(self.costs)}] {label}: {clock(elapsed)} elapsed{tail}")
+        say(f"{self.what} [{self.done}/{len(self.costs)}] {label}: {_time_text(elapsed, remaining, left > 0)}")
 
 
 class RowProgress:
@@ -146,5 +160,4 @@ class RowProgress:
         self.last = now
         elapsed = now - self.started
         remaining = elapsed / self.done * (self.total - self.done)
-        tail = f", about {clock(remaining)} left" if self.done < self.total else ""
-        say(f"{self.what}: {self.done}/{self.total}, {clock(elapsed)} elapsed{tail}")
+        say(f"{self.what}: {self.done}/{self.total}, {_time_text(elapsed, remaining, self.done < self.total)}")

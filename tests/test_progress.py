@@ -32,13 +32,21 @@ def test_each_step_reports_its_own_peak() -> None:
     assert peaks["outer"] >= peaks["big"]  # an outer step holds what its inner steps held
 
 
+@pytest.fixture
+def now(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """A clock the test moves by hand: progress reads now[0] as time.monotonic()."""
+    from btdeploy import progress
+
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    return clock
+
+
 def test_the_countdown_scales_what_is_left_by_how_the_finished_parts_went(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    now: list[float], capsys: pytest.CaptureFixture[str]
 ) -> None:
     from btdeploy import progress
 
-    now = [100.0]
-    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
     countdown = progress.Countdown("job", [10.0, 30.0, 60.0])
     now[0] += 20.0  # the first part took twice its estimate: the rest is expected to as well
     countdown.advance("first")
@@ -53,12 +61,10 @@ def test_the_countdown_scales_what_is_left_by_how_the_finished_parts_went(
 
 
 def test_row_progress_speaks_every_few_seconds_and_at_the_end(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    now: list[float], capsys: pytest.CaptureFixture[str]
 ) -> None:
     from btdeploy import progress
 
-    now = [0.0]
-    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
     rows = progress.RowProgress(10, "calibrating", every_s=10.0)
     for _ in range(10):
         now[0] += 3.0
@@ -69,12 +75,10 @@ def test_row_progress_speaks_every_few_seconds_and_at_the_end(
 
 
 def test_a_skipped_part_leaves_the_estimate_to_the_parts_that_did_work(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    now: list[float], capsys: pytest.CaptureFixture[str]
 ) -> None:
     from btdeploy import progress
 
-    now = [0.0]
-    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
     countdown = progress.Countdown("job", [50.0, 10.0, 20.0])
     now[0] += 1.0
     countdown.advance("kept", skipped=True)  # 1 s for a part estimated at 50 s

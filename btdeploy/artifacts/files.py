@@ -66,11 +66,13 @@ def staged_directory(final: Path) -> Iterator[Path]:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_of(path: Path, *more: Path, chunk: int = 1 << 22) -> str:
+    """The SHA-256 of a file's bytes, or of several files' bytes one after the other."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+    for part in (path, *more):
+        with open(part, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
     return digest.hexdigest()
 
 

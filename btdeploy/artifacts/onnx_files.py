@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 import onnx
 
+from btdeploy.artifacts.files import sha256_of
 from btdeploy.errors import BtDeployError
 
 PROTOBUF_LIMIT = 2**31 - 1  # one ONNX protobuf file cannot exceed 2 GB
@@ -45,15 +45,10 @@ def graph_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
-def graph_sha256(path: Path, chunk: int = 1 << 22) -> str:
+def graph_sha256(path: Path) -> str:
     """One hash of a graph's bytes: the file, then its `.data` file (weights) when it has one."""
-    digest = hashlib.sha256()
-    for part in (path, data_file(path)):
-        if part == path or part.is_file():
-            with open(part, "rb") as handle:
-                while block := handle.read(chunk):
-                    digest.update(block)
-    return digest.hexdigest()
+    data = data_file(path)
+    return sha256_of(path, *([data] if data.is_file() else []))
 
 
 def load_graph(path: Path, what: str, load_weights: bool = True) -> onnx.ModelProto:

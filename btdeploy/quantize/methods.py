@@ -14,7 +14,7 @@ import onnx
 from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.errors import BtDeployError
 from btdeploy.quantize.fp16 import autocast_fp16
-from btdeploy.quantize.int8 import int8_from_twin, modelopt_int8
+from btdeploy.quantize.int8 import calibrated_int8, int8_from_twin
 from btdeploy.quantize.int8_dynamic import dynamic_int8
 
 Run = Callable[[Path, dict[str, np.ndarray], Path, Flavour], tuple[onnx.ModelProto, dict[str, Any]]]
@@ -47,13 +47,14 @@ class QuantizeMethod:
         return self.source_flavour, self.source_reason
 
 
-# Model Optimizer reads standard ONNX only: AutoCast asks TensorRT for the types of other
-# operators, and the quantizer leaves every tensor that a com.microsoft node produces
-# unquantized (measured on tiny itm: 15 of 80 MatMuls got INT8 activations). So fp16 and
-# int8 of the ort flavour start from the trt graph, which holds the same fusions in standard
-# operators (ONNX Runtime fuses its own kernels again when it loads them); the standard-only
-# flavours start from their own graph.
+# Model Optimizer's AutoCast reads standard ONNX only (it asks TensorRT for the types of other
+# operators). So fp16 of the ort flavour starts from the trt graph, which holds the same fusions
+# in standard operators (ONNX Runtime fuses its own kernels again when it loads them); the
+# standard-only flavours start from their own graph.
 _MODELOPT_SOURCE = "Model Optimizer needs standard ONNX operators"
+# int8 of the ort flavour starts from the trt graph too: then the ort and trt int8 graphs share one
+# calibration and one set of Q/DQ, and the trt one is the ort one with FP16 outside the Q/DQ.
+_SHARED_INT8_SOURCE = "the ort and trt int8 graphs share one calibration of the trt graph"
 
 METHODS: dict[Precision, QuantizeMethod] = {
     method.precision: method
@@ -64,9 +65,15 @@ METHODS: dict[Precision, QuantizeMethod] = {
             Precision.FP16, tuple(Flavour), Flavour.TRT, _MODELOPT_SOURCE, True, autocast_fp16, from_twin=same_graph
         ),
         # The ort and trt int8 graphs share their calibration and Q/DQ; only what stays out of INT8
-        # differs (FP32 for ONNX Runtime, FP16 for TensorRT), which Model Optimizer sets after calibrating.
+        # differs (FP32 for ONNX Runtime, FP16 for TensorRT).
         QuantizeMethod(
-            Precision.INT8, tuple(Flavour), Flavour.TRT, _MODELOPT_SOURCE, True, modelopt_int8, from_twin=int8_from_twin
+            Precision.INT8,
+            tuple(Flavour),
+            Flavour.TRT,
+            _SHARED_INT8_SOURCE,
+            True,
+            calibrated_int8,
+            from_twin=int8_from_twin,
         ),
         QuantizeMethod(
             Precision.INT8_DYNAMIC,

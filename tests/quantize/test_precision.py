@@ -106,7 +106,8 @@ def test_int8_qdq_is_symmetric_and_keeps_norms_and_residuals_out(quantized: Path
                 if node.op_type != "Add" or _reaches_layernorm(users, node.output[0]):
                     assert "DequantizeLinear" not in fed, (name, node.name)
     recorded = read_manifest(quantized / "itm").data["precisions"]["trt.int8"]
-    assert recorded["full_precision_inputs_restored"] > 0  # the quantizer did share DQ outputs
+    # btdeploy's quantizer hands the rounded copy to MatMuls only: the islands pass finds nothing to restore.
+    assert recorded["full_precision_inputs_restored"] == 0
     assert recorded["graph"]["qdq_pairs"] > 0 and recorded["graph"]["asymmetric"] == 0
 
 

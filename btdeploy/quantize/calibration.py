@@ -13,10 +13,10 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model import media
 from btdeploy.model.configs import max_text_length
 from btdeploy.model.inputs import sample_inputs
-from btdeploy.progress import RowProgress, say, warn
+from btdeploy.progress import say, warn
 
-# ONNX Runtime's calibrator keeps every calibrated tensor of every row: on base, 32 rows
-# peaked at 15.8 GB and 6 minutes for one head, 16 rows at about half of that.
+# Rows run one at a time (btdeploy/quantize/tensor_ranges.py), so memory does not grow with the
+# count; each row costs about a second of calibration on base.
 DEFAULT_CALIB_SIZE = 16
 CALIB_TEXT_LENGTH = 40  # the profiles' optimum text length; shorter captions are padded to it
 
@@ -81,36 +81,3 @@ def load_calibration(
         "text_length": length,
     }
     return CalibrationData(feeds, source)
-
-
-class CalibrationReader:
-    """Calibration rows for Model Optimizer's INT8 calibrator, one row per run: its histogram
-    calibrator folds each run into its histograms and drops the activations, so the memory held
-    is one row's activations however many rows there are. Says how far it is every few seconds."""
-
-    def __init__(self, feeds: dict[str, np.ndarray], what: str) -> None:
-        self.feeds = feeds
-        self.rows = int(next(iter(feeds.values())).shape[0])
-        self.what = what
-        self.rewind()
-
-    def _row(self, index: int) -> dict[str, np.ndarray]:
-        return {name: values[index : index + 1] for name, values in self.feeds.items()}
-
-    def get_first(self) -> dict[str, np.ndarray]:
-        return self._row(0)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.index > 0:
-            self.progress.advance()
-        if self.index >= self.rows:
-            return None
-        self.index += 1
-        return self._row(self.index - 1)
-
-    def rewind(self) -> None:
-        self.index = 0
-        self.progress = RowProgress(self.rows, self.what)
-
-    def __len__(self) -> int:
-        return self.rows

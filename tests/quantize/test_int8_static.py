@@ -32,17 +32,31 @@ def _feeds(head_folder: Path) -> dict[str, np.ndarray]:
     return {name: feeds[name] for name in manifest.input_names("model")}
 
 
+class _Rows:
+    """ONNX Runtime's CalibrationDataReader: one row per call, as btdeploy's calibration runs them."""
+
+    def __init__(self, feeds: dict[str, np.ndarray]) -> None:
+        self.feeds, self.index = feeds, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.index >= len(next(iter(self.feeds.values()))):
+            return None
+        self.index += 1
+        return {name: values[self.index - 1 : self.index] for name, values in self.feeds.items()}
+
+    def rewind(self) -> None:
+        self.index = 0
+
+
 def _model_optimizer_int8(source: Path, feeds: dict[str, np.ndarray], out: Path) -> onnx.ModelProto:
     """Model Optimizer's INT8 quantizer with the options btdeploy gave it before it had its own."""
     from modelopt.onnx.quantization import quantize
-
-    from btdeploy.quantize.calibration import CalibrationReader
 
     model = onnx.load(str(source), load_external_data=False)
     weights = {t.name for t in model.graph.initializer}
     attention = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
     quantize(
-        str(source), quantize_mode="int8", calibration_data_reader=CalibrationReader(feeds, "reference"),
+        str(source), quantize_mode="int8", calibration_data_reader=_Rows(feeds),
         calibration_eps=["cpu"], op_types_to_quantize=["MatMul"], nodes_to_exclude=attention or None,
         disable_mha_qdq=True, op_types_to_exclude=list(FULL_PRECISION_OPS),
         op_types_to_exclude_fp16=list(FULL_PRECISION_OPS), high_precision_dtype="fp32", dq_only=True,

@@ -38,6 +38,9 @@ class _Rows:
     def __init__(self, feeds: dict[str, np.ndarray]) -> None:
         self.feeds, self.index = feeds, 0
 
+    def get_first(self) -> dict[str, np.ndarray]:  # Model Optimizer reads one row for its MHA checks
+        return {name: values[:1] for name, values in self.feeds.items()}
+
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.index >= len(next(iter(self.feeds.values()))):
             return None

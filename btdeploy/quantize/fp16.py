@@ -14,9 +14,11 @@ import numpy as np
 import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
+from btdeploy.artifacts.onnx_files import data_file as data_file_of
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
 from btdeploy.progress import RowProgress
-from btdeploy.quantize.modelopt_env import require_modelopt
+from btdeploy.quantize.modelopt_env import require_modelopt, weightless_inference
+from btdeploy.quantize.weightless import weightless_copy, write_weights
 
 # How many calibration rows AutoCast's range check runs: each runs the graph with every
 # intermediate tensor as an output (on base ~1.5 s a row); the ranges are kept, the tensors not.
@@ -55,45 +57,49 @@ def _streaming_reference_runs() -> Iterator[None]:
     """AutoCast's reference run keeps every intermediate tensor of every calibration row until
     it has run them all (on base, 4 rows peaked at 14.8 GB); AutoCast only needs each tensor's
     range. For the duration of one conversion its runner is replaced by one that folds each
-    row into running ranges and drops the tensors."""
+    row into running ranges and drops the tensors, and reads the weights from a side file
+    instead of a deep copy and a serialized copy of the model; and its shape inferences and
+    model checks run on weightless copies (btdeploy/quantize/weightless.py). The graph is the
+    same, byte for byte."""
     import modelopt.onnx.autocast.convert as autocast_convert
 
     original = autocast_convert.ReferenceRunner
     autocast_convert.ReferenceRunner = _streaming_runner_class(original)  # type: ignore[misc]
     try:
-        yield
+        with weightless_inference():
+            yield
     finally:
         autocast_convert.ReferenceRunner = original  # type: ignore[misc]
 
 
 def _streaming_runner_class(base: type) -> type:
-    import copy
+    import tempfile
 
     from modelopt.onnx import utils as onnx_utils
     from modelopt.onnx.autocast.referencerunner import TensorStats
     from polygraphy import constants
     from polygraphy.backend.onnx import ModifyOutputs
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     class StreamingReferenceRunner(base):  # type: ignore[misc, valid-type]
         def run(self, inputs: Any = None) -> OrderedDict[str, Any]:
-            marked = copy.deepcopy(self.model)
-            onnx_utils.clear_stale_value_info(marked)
-            runners, temporary = self._get_ort_runner(ModifyOutputs(marked, outputs=constants.MARK_ALL))
-            del marked
             rows = list(self._load_inputs(inputs))
             progress = RowProgress(len(rows), "fp16 range check (AutoCast)")
             ranges: OrderedDict[str, Any] = OrderedDict()
-            try:
-                with runners[0] as runner:
+            with tempfile.TemporaryDirectory(prefix="btdeploy-autocast-") as folder:
+                graph = Path(folder) / "model.onnx"
+                marked = weightless_copy(self.model, data_file="model.onnx.data")
+                write_weights(self.model, data_file_of(graph))
+                onnx_utils.clear_stale_value_info(marked)
+                onnx.save(ModifyOutputs(marked, outputs=constants.MARK_ALL)(), str(graph))
+                del marked
+                with OnnxrtRunner(SessionFromOnnx(str(graph), providers=self.providers)) as runner:
                     for feeds in rows:
                         outputs = runner.infer(feeds)
                         for name, values in {**feeds, **outputs}.items():
                             _fold(ranges, name, np.asarray(values), TensorStats)
                         del outputs
                         progress.advance()
-            finally:
-                if temporary is not None:
-                    temporary.cleanup()
             return ranges
 
     return StreamingReferenceRunner

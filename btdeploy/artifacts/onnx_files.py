@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import EncodeError
 
 from btdeploy.artifacts.files import sha256_of
 from btdeploy.errors import BtDeployError
@@ -100,9 +101,18 @@ class GraphBatch:
         self.staged = []
 
 
+def serialized_bytes(model: onnx.ModelProto) -> int:
+    """The model's size as one protobuf, or past the 2 GB limit where protobuf cannot even measure it
+    (ByteSize raises on a message it could not serialize: every large graph in memory)."""
+    try:
+        return int(model.ByteSize())
+    except EncodeError:
+        return PROTOBUF_LIMIT + 1
+
+
 def _write_temporary(model: onnx.ModelProto, path: Path) -> list[tuple[Path, Path]]:
     """Write model (and its `.data` past 2 GB) under temporary names; returns (temporary, final) pairs."""
-    large = needs_external_data(model.ByteSize())
+    large = needs_external_data(serialized_bytes(model))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     final_data = data_file(path)

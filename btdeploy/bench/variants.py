@@ -12,6 +12,7 @@ from pathlib import Path
 
 from btdeploy.artifacts.files import staged_directory
 from btdeploy.artifacts.manifest import Manifest
+from btdeploy.artifacts.onnx_files import PROTOBUF_LIMIT, serialized_bytes
 from btdeploy.backends.base import Backend
 from btdeploy.backends.targets import BenchVariant, RunOptions, Target, bench_variants, variant_graph, with_machine
 from btdeploy.model.heads import get_head
@@ -73,7 +74,7 @@ def hf_optimized_path(manifest: Manifest) -> Path:
             num_heads=int(config.num_attention_heads),
             hidden_size=int(config.hidden_size),
         )
-        large = optimized.model.ByteSize() > 2**31 - 1 if hasattr(optimized.model, "ByteSize") else True
+        large = serialized_bytes(optimized.model) > PROTOBUF_LIMIT if hasattr(optimized.model, "ByteSize") else True
         optimized.save_model_to_file(str(staging / HF_OPTIMIZED), use_external_data_format=large)
     return target
 

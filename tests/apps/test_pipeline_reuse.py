@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -113,3 +114,27 @@ def test_an_export_is_kept_only_for_the_same_checkpoint_seed_and_opset(tmp_path:
     assert not export_head(resolve_model("tiny", seed=1), "itc", out, opset=18, reuse=True).reused
     assert read_manifest(out / "itc").data["model"]["seed"] == 1
     assert not export_head(resolve_model("tiny", seed=1), "itc", out, opset=18).reused  # no reuse asked
+
+
+def test_a_graph_protobuf_cannot_measure_counts_as_past_the_limit() -> None:
+    """Past 2 GB in memory (every large graph) protobuf's ByteSize raises instead of answering: the
+    writer must take that as "too large for one file" (and write external data), not stop there."""
+    from google.protobuf.message import EncodeError
+
+    from btdeploy.artifacts.onnx_files import PROTOBUF_LIMIT, needs_external_data, serialized_bytes
+
+    weight = onnx.numpy_helper.from_array(np.arange(4096, dtype=np.float32).reshape(64, 64), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])], [weight],
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph)
+    assert serialized_bytes(model) == model.ByteSize() < PROTOBUF_LIMIT
+
+    class Unmeasurable:  # what upb does for a ModelProto past 2 GB
+        def ByteSize(self) -> int:  # noqa: N802 - protobuf's name
+            raise EncodeError("Failed to serialize proto")
+
+    assert serialized_bytes(Unmeasurable()) > PROTOBUF_LIMIT  # type: ignore[arg-type]
+    assert needs_external_data(serialized_bytes(Unmeasurable()))  # type: ignore[arg-type]

@@ -14,11 +14,11 @@ import numpy as np
 import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
-from btdeploy.artifacts.onnx_files import data_file as data_file_of
+from btdeploy.artifacts.onnx_files import data_file
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
 from btdeploy.progress import RowProgress
 from btdeploy.quantize.modelopt_env import require_modelopt, weightless_inference
-from btdeploy.quantize.weightless import weightless_copy, write_weights
+from btdeploy.quantize.weightless import weightless_with_side_file
 
 # How many calibration rows AutoCast's range check runs: each runs the graph with every
 # intermediate tensor as an output (on base ~1.5 s a row); the ranges are kept, the tensors not.
@@ -88,8 +88,7 @@ def _streaming_runner_class(base: type) -> type:
             ranges: OrderedDict[str, Any] = OrderedDict()
             with tempfile.TemporaryDirectory(prefix="btdeploy-autocast-") as folder:
                 graph = Path(folder) / "model.onnx"
-                marked = weightless_copy(self.model, data_file="model.onnx.data")
-                write_weights(self.model, data_file_of(graph))
+                marked = weightless_with_side_file(self.model, data_file(graph))
                 onnx_utils.clear_stale_value_info(marked)
                 onnx.save(ModifyOutputs(marked, outputs=constants.MARK_ALL)(), str(graph))
                 del marked

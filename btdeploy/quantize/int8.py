@@ -11,6 +11,7 @@ read full precision (btdeploy/optimize/passes/qdq_islands.py checks it again).""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,16 +47,13 @@ class QuantizedMatMul:
 class Int8Plan:
     matmuls: list[QuantizedMatMul] = field(default_factory=list)
     attention_matmuls: int = 0  # activation x activation: the attention core stays in high precision
-    left_out: dict[str, int] = field(default_factory=dict)  # why -> how many weight MatMuls
+    left_out: Counter[str] = field(default_factory=Counter)  # why -> how many weight MatMuls
 
 
 def calibrated_int8(
     source: Path, feeds: dict[str, np.ndarray], workdir: Path, flavour: Flavour
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    header = onnx.load(str(source), load_external_data=False)
-    activations = sorted({m.activation for m in _plan(header).matmuls})
-    del header
-    calibrated = entropy_ranges(source, activations, feeds, source.stem)
+    calibrated = entropy_ranges(source, _activations, feeds, source.stem)
     model = onnx.load(str(source))  # the session is gone: this is the one copy of the weights held
     plan = _plan(model)
     _leave_out_small_gemms(plan, calibrated.shapes, model)
@@ -82,6 +80,11 @@ def calibrated_int8(
     return model, {**options, **changed}
 
 
+def _activations(model: onnx.ModelProto) -> list[str]:
+    """The tensors calibration measures: the activation input of every MatMul that gets INT8."""
+    return sorted({m.activation for m in _plan(model).matmuls})
+
+
 def _plan(model: onnx.ModelProto) -> Int8Plan:
     """The MatMuls that get INT8: those whose second operand is a stored FP32 matrix."""
     weights = {t.name: t for t in model.graph.initializer}
@@ -93,12 +96,12 @@ def _plan(model: onnx.ModelProto) -> Int8Plan:
         weight = weights.get(node.input[1])
         if weight is None:
             if node.input[1] in constants:
-                plan.left_out["weight in a Constant node"] = plan.left_out.get("weight in a Constant node", 0) + 1
+                plan.left_out["weight in a Constant node"] += 1
             else:
                 plan.attention_matmuls += 1
             continue
         if weight.data_type != onnx.TensorProto.FLOAT or len(weight.dims) != 2:
-            plan.left_out["weight not a 2-D FP32 matrix"] = plan.left_out.get("weight not a 2-D FP32 matrix", 0) + 1
+            plan.left_out["weight not a 2-D FP32 matrix"] += 1
             continue
         plan.matmuls.append(QuantizedMatMul(node, node.input[0], node.input[1]))
     return plan
@@ -118,7 +121,7 @@ def _leave_out_small_gemms(plan: Int8Plan, shapes: dict[str, tuple[int, ...]], m
         else:
             kept.append(matmul)
             continue
-        plan.left_out[why] = plan.left_out.get(why, 0) + 1
+        plan.left_out[why] += 1
     plan.matmuls = kept
 
 
@@ -129,13 +132,8 @@ def _insert_qdq(
     per weight, whose initializer becomes int8 in place (the FP32 bytes are released one by one)."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    quantized_readers: dict[str, int] = {}
-    for matmul in plan.matmuls:
-        quantized_readers[matmul.weight] = quantized_readers.get(matmul.weight, 0) + 1
+    readers = Counter(name for node in graph.node for name in node.input)
+    quantized_readers = Counter(matmul.weight for matmul in plan.matmuls)
     added: dict[str, list[onnx.NodeProto]] = {}  # tensor -> the Q/DQ nodes to place right after its producer
     dequantized: dict[str, str] = {}
     for matmul in plan.matmuls:

@@ -5,14 +5,14 @@ per-tensor histograms by ONNX Runtime's own HistogramCollector (the collector it
 quantizer uses, with the same settings Model Optimizer gives it) and dropped. What is held is
 one ONNX Runtime session and one row's tensors, whatever the number of rows or the graph size:
 the weights are never held twice (the graph the session reads is written with its weights in a
-side file, or reuses the source's side file).
+side file, or reads the source's side file).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import onnx
 from btdeploy.artifacts.onnx_files import data_file
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import RowProgress
+from btdeploy.quantize.weightless import weightless_with_side_file
 
 HISTOGRAM_BINS = 128  # ONNX Runtime's EntropyCalibrater defaults, which Model Optimizer keeps
 QUANTIZED_BINS = 128
@@ -34,16 +35,24 @@ class TensorRanges:
     shapes: dict[str, tuple[int, ...]]  # tensor -> its shape on the last row (to spot GEMVs)
 
 
-def entropy_ranges(source: Path, tensors: Sequence[str], feeds: dict[str, np.ndarray], what: str) -> TensorRanges:
-    """The entropy-calibrated range of every tensor in `tensors`, over every row of `feeds`."""
+def entropy_ranges(
+    source: Path, choose: Callable[[onnx.ModelProto], Sequence[str]], feeds: dict[str, np.ndarray], what: str
+) -> TensorRanges:
+    """The entropy-calibrated range of every tensor `choose` names in `source` (given the graph as
+    loaded, without its external data), over every row of `feeds`. The graph is loaded once and
+    dropped before the session opens."""
     from onnxruntime.quantization.calibrate import HistogramCollector
 
-    if not tensors:
-        return TensorRanges({}, {})
     rows = int(next(iter(feeds.values())).shape[0])
     if rows < 1:
         raise BtDeployError(f"calibrating {what}: no calibration rows")
-    session, augmented = _session_with_outputs(source, tensors)
+    model = onnx.load(str(source), load_external_data=False)
+    tensors = list(choose(model))
+    if not tensors:
+        return TensorRanges({}, {})
+    augmented = _write_with_outputs(source, model, tensors)
+    del model
+    session = _open_session(source, augmented)
     collector = HistogramCollector(
         method="entropy", symmetric=False, num_bins=HISTOGRAM_BINS, num_quantized_bins=QUANTIZED_BINS,
         percentile=99.999, scenario="same",
@@ -54,7 +63,7 @@ def entropy_ranges(source: Path, tensors: Sequence[str], feeds: dict[str, np.nda
     try:
         for index in range(rows):
             row = {name: values[index : index + 1] for name, values in feeds.items()}
-            outputs = session.run(list(tensors), row)
+            outputs = session.run(tensors, row)
             with contextlib.redirect_stdout(quiet):
                 collector.collect({name: [value] for name, value in zip(tensors, outputs, strict=True)})
             shapes.update({name: tuple(value.shape) for name, value in zip(tensors, outputs, strict=True)})
@@ -70,34 +79,29 @@ def entropy_ranges(source: Path, tensors: Sequence[str], feeds: dict[str, np.nda
     return TensorRanges(ranges, shapes)
 
 
-def _session_with_outputs(source: Path, tensors: Sequence[str]) -> tuple[Any, list[Path]]:
-    """An ONNX Runtime session of `source` that also returns `tensors`, and the files it was read from.
-    Without graph optimizations, as ONNX Runtime's calibrator runs: every tensor keeps its name."""
+def _write_with_outputs(source: Path, model: onnx.ModelProto, tensors: Sequence[str]) -> list[Path]:
+    """`model` with `tensors` as extra outputs, written beside `source` (the graph file first): weights
+    it holds in memory go to its own side file, those in the source's side file are read from there."""
+    augmented = source.with_name(f".{source.stem}.calibrate.onnx")
+    light = weightless_with_side_file(model, data_file(augmented))
+    present = {o.name for o in light.graph.output}
+    light.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in present)
+    onnx.save(light, str(augmented))
+    return [augmented, data_file(augmented)]
+
+
+def _open_session(source: Path, written: list[Path]) -> Any:
+    """An ONNX Runtime session of the graph `_write_with_outputs` wrote, without graph optimizations
+    as ONNX Runtime's calibrator runs (every tensor keeps its name); the files go if it cannot open."""
     import onnxruntime as ort
 
-    external = data_file(source).is_file()
-    model = onnx.load(str(source), load_external_data=False)
-    present = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in present)
-    augmented = source.with_name(f".{source.stem}.calibrate.onnx")
-    written = [augmented]
-    if external:
-        # Only the graph is written; it reads the weights from the source's side file beside it.
-        onnx.save(model, str(augmented))
-    else:
-        written.append(data_file(augmented))
-        data_file(augmented).unlink(missing_ok=True)  # ONNX appends to a side file that exists
-        onnx.save(model, str(augmented), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=data_file(augmented).name, size_threshold=1024)  # fmt: skip
-    del model  # saving moved the weights to the side file; the session reads them from there
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(written[0]), options, providers=["CPUExecutionProvider"])
     except Exception as error:
         for path in written:
             path.unlink(missing_ok=True)
         first_line = str(error).splitlines()[0]
         raise BtDeployError(f"ONNX Runtime cannot run {source.name} for calibration: {first_line}") from None
-    return session, written

@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 from google.protobuf.message import Message
@@ -32,45 +33,48 @@ def _copy_fields(source: Message, target: Message, skip: Iterable[str]) -> None:
             setattr(target, field.name, value)
 
 
-def _is_weight(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_location != onnx.TensorProto.EXTERNAL and len(tensor.raw_data) > WEIGHT_BYTES
-
-
-def weightless_copy(model: onnx.ModelProto, data_file: str = "weights.bin") -> onnx.ModelProto:
-    """`model` with every weight a stub that reads `data_file` at the offset `write_weights` gives it.
-    Weights already external keep their own reference."""
+def _weightless(model: onnx.ModelProto, data_file: str, sink: BinaryIO | None = None) -> tuple[onnx.ModelProto, int]:
+    """`model` with every weight a stub reading `data_file` at its offset, and the weights' total size.
+    With `sink`, the weight bytes are written there in that order. Each tensor's bytes are read once
+    (protobuf copies them on every read). Weights already external keep their own reference."""
     light = onnx.ModelProto()
     _copy_fields(model, light, skip=("graph",))
     _copy_fields(model.graph, light.graph, skip=("initializer",))
     offset = 0
     for tensor in model.graph.initializer:
-        if not _is_weight(tensor):
+        data = b"" if tensor.data_location == onnx.TensorProto.EXTERNAL else tensor.raw_data
+        if len(data) <= WEIGHT_BYTES:
             light.graph.initializer.append(tensor)
             continue
+        if sink is not None:
+            sink.write(data)
         stub = light.graph.initializer.add()
         _copy_fields(tensor, stub, skip=("raw_data",))
-        size = len(tensor.raw_data)
         stub.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", data_file), ("offset", str(offset)), ("length", str(size))):
+        for key, value in (("location", data_file), ("offset", str(offset)), ("length", str(len(data)))):
             stub.external_data.add(key=key, value=value)
-        offset += size
-    return light
+        offset += len(data)
+    return light, offset
 
 
-def write_weights(model: onnx.ModelProto, path: Path) -> None:
-    """The weight bytes of `model` into `path`, in the order and offsets `weightless_copy` gives them,
-    one tensor at a time."""
-    with open(path, "wb") as out:
-        for tensor in model.graph.initializer:
-            if _is_weight(tensor):
-                out.write(tensor.raw_data)
+def weightless_copy(model: onnx.ModelProto, data_file: str = "weights.bin") -> onnx.ModelProto:
+    """`model` with every weight a stub that reads `data_file` (which is not written)."""
+    return _weightless(model, data_file)[0]
+
+
+def weightless_with_side_file(model: onnx.ModelProto, side_file: Path) -> onnx.ModelProto:
+    """A weightless copy of `model` whose weights are written to `side_file`, one tensor at a time:
+    saved beside that file, it is a graph ONNX Runtime and ONNX load with all their weights."""
+    with open(side_file, "wb") as sink:
+        return _weightless(model, side_file.name, sink)[0]
 
 
 def with_weights_of(light: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
     """`light` (a weightless copy, perhaps inferred since) with the weights of `model` put back."""
-    weights = {t.name: t for t in model.graph.initializer if _is_weight(t)}
+    # A stub is an external tensor whose original is held in memory.
+    held = {t.name: t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
     for stub in light.graph.initializer:
-        original = weights.get(stub.name)
+        original = held.get(stub.name)
         if original is None or stub.data_location != onnx.TensorProto.EXTERNAL:
             continue
         stub.ClearField("external_data")
@@ -89,8 +93,7 @@ def infer_shapes_without_weights(model: onnx.ModelProto, **options: object) -> o
 def check_without_weights(model: onnx.ModelProto) -> None:
     """onnx.checker.check_model on a weightless copy of `model` (its weights' types, dims and sizes are
     checked, their bytes are not read): the checker otherwise serializes the whole model."""
-    light = weightless_copy(model)
-    size = sum(len(t.raw_data) for t in model.graph.initializer if _is_weight(t))
+    light, size = _weightless(model, "weights.bin")
     with tempfile.TemporaryDirectory(prefix="btdeploy-check-") as folder:
         path = Path(folder) / "model.onnx"
         onnx.save(light, str(path))

@@ -131,7 +131,7 @@ def test_calibration_reads_an_external_data_graph_without_copying_it(optimized: 
     model = onnx.load(str(source), load_external_data=False)
     weights = {t.name for t in model.graph.initializer}
     tensors = sorted({n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights})
-    found = entropy_ranges(source, tensors, _feeds(optimized / "itm"), "itm")
+    found = entropy_ranges(source, lambda _: tensors, _feeds(optimized / "itm"), "itm")
     assert set(found.ranges) == set(tensors)
     for low, high in found.ranges.values():
         assert np.isfinite(low) and np.isfinite(high) and low <= 0 <= high
@@ -147,5 +147,5 @@ def test_a_graph_onnx_runtime_cannot_run_is_one_line(tmp_path: Path) -> None:
     )  # fmt: skip
     onnx.save(onnx.helper.make_model(graph), str(source))
     with pytest.raises(BtDeployError, match="ONNX Runtime cannot run broken.onnx for calibration"):
-        entropy_ranges(source, ["y"], {"x": np.zeros((1, 1, 2), np.float32)}, "broken")
+        entropy_ranges(source, lambda _: ["y"], {"x": np.zeros((1, 1, 2), np.float32)}, "broken")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]

@@ -13,8 +13,8 @@ from btdeploy.quantize.weightless import (
     check_without_weights,
     infer_shapes_without_weights,
     weightless_copy,
+    weightless_with_side_file,
     with_weights_of,
-    write_weights,
 )
 
 
@@ -27,9 +27,8 @@ def test_a_weightless_copy_holds_no_weight_bytes_and_gets_them_back(graph: onnx.
     light = weightless_copy(graph)
     weights = [t for t in graph.graph.initializer if len(t.raw_data) > WEIGHT_BYTES]
     assert weights and light.ByteSize() < graph.ByteSize() - sum(len(t.raw_data) for t in weights) + 100_000
-    # The stubs point into the side file write_weights makes: ONNX reads the weights back from it.
-    write_weights(graph, tmp_path / "weights.bin")
-    onnx.save(light, str(tmp_path / "model.onnx"))
+    # The copy that writes its side file points into it: ONNX reads the weights back from there.
+    onnx.save(weightless_with_side_file(graph, tmp_path / "model.onnx.data"), str(tmp_path / "model.onnx"))
     reread = {t.name: t.raw_data for t in onnx.load(str(tmp_path / "model.onnx")).graph.initializer}
     assert all(reread[t.name] == t.raw_data for t in weights)
     assert with_weights_of(weightless_copy(graph), graph).SerializeToString() == graph.SerializeToString()

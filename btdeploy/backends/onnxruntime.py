@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from btdeploy.artifacts.graph_names import Precision
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import warn
 
@@ -47,6 +48,7 @@ class OnnxRuntimeBackend:
         providers: tuple[str, ...] | list[str] | None = None,
         threads: int | None = None,
         provider_fallback: bool = False,
+        reduced_precision: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -57,8 +59,13 @@ class OnnxRuntimeBackend:
         if threads:
             options.intra_op_num_threads = threads
         self.providers = resolve_providers(providers)
+        # Only a reduced-precision graph can hold FP16 attention; only the CPU provider needs the rewrite.
+        self.attention_in_fp32 = 0
+        source: str | bytes = str(model_path)
+        if reduced_precision and self.providers == ["CPUExecutionProvider"]:
+            source, self.attention_in_fp32 = _with_fp32_attention(Path(model_path), options)
         try:
-            self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=self.providers)
+            self.session = ort.InferenceSession(source, sess_options=options, providers=self.providers)
         except Exception as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise BtDeployError(
@@ -88,6 +95,8 @@ class OnnxRuntimeBackend:
             )
         self.providers = running
         self.description = f"{Path(model_path).name} on {', '.join(running)}"
+        if self.attention_in_fp32:
+            self.description += f" ({self.attention_in_fp32} FP16 attention cores run in FP32)"
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session_feeds: dict[str, Any] = {name: feeds[name] for name in self.input_names}
@@ -96,6 +105,25 @@ class OnnxRuntimeBackend:
         except Exception as error:
             raise BtDeployError(f"ONNX Runtime failed to run the model: {str(error).strip().splitlines()[0]}") from None
         return dict(zip(self.output_names, values, strict=True))
+
+
+def _with_fp32_attention(path: Path, options: Any) -> tuple[str | bytes, int]:
+    """The graph to open on the CPU provider: the file itself, or its bytes with every FP16 Attention
+    run in FP32 (backends/cpu_attention.py says why), its weights still read from beside the file."""
+    import onnx
+
+    from btdeploy.artifacts.onnx_files import PROTOBUF_LIMIT, serialized_bytes
+    from btdeploy.backends.cpu_attention import attention_in_fp32
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return str(path), 0  # ONNX Runtime reports the damaged file in the caller's words
+    count = attention_in_fp32(model)
+    if not count or serialized_bytes(model) > PROTOBUF_LIMIT:
+        return str(path), 0
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return model.SerializeToString(), count
 
 
 _ONNX_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16"}
@@ -144,6 +172,7 @@ def open_recorded_graph(
     `options.verify_hash`) and then to its declared inputs and outputs; `options` are RunOptions."""
     manifest.verify_graph(path, full=options.verify_hash)
     names = [entry["name"] for entry in outputs]
-    backend = OnnxRuntimeBackend(path, names, options.providers, options.threads, options.provider_fallback)
+    reduced = options.precision in (Precision.FP16, Precision.INT8)
+    backend = OnnxRuntimeBackend(path, names, options.providers, options.threads, options.provider_fallback, reduced)
     check_graph_io(backend, inputs, outputs)
     return backend

@@ -13,6 +13,8 @@ from onnx import numpy_helper
 
 from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file
 from btdeploy.artifacts.manifest import read_manifest
+from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+from btdeploy.backends.targets import TARGETS, RunOptions
 from btdeploy.cli import main
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HEADS
@@ -75,6 +77,19 @@ def test_every_head_meets_the_precision_floors(quantized: Path, precision: str) 
 def test_trt_precision_graphs_meet_the_floors(quantized: Path, precision: str) -> None:
     rows = check_export(quantized, list(TRT_HEADS), (2,), (7, 40), flavour="trt", precision=precision)
     assert rows and all(row.passed for row in rows), [(r.head, r.output, r.stats.cosine) for r in rows]
+
+
+def test_the_trt_int8_graphs_fp16_attention_runs_in_fp32_on_the_cpu(quantized: Path) -> None:
+    """Next to FP16 DequantizeLinear nodes ONNX Runtime would run these on its reference FP16 kernel."""
+    folder = quantized / "itm"
+    graph = onnx.load(str(folder / graph_file(Flavour.TRT, Precision.INT8)), load_external_data=False)
+    types = {v.name: v.type.tensor_type.elem_type for v in graph.graph.value_info}
+    attention = [n for n in graph.graph.node if n.op_type == "Attention"]
+    assert attention and all(types.get(n.input[0]) == onnx.TensorProto.FLOAT16 for n in attention)
+    options = RunOptions(flavour=Flavour.TRT, precision=Precision.INT8)
+    backend = TARGETS["onnxruntime"].make(read_manifest(folder), options)
+    assert isinstance(backend, OnnxRuntimeBackend)
+    assert backend.attention_in_fp32 == len(attention)
 
 
 def test_int8_qdq_is_symmetric_and_keeps_norms_and_residuals_out(quantized: Path) -> None:

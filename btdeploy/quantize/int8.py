@@ -74,9 +74,7 @@ def calibrated_int8(
     }
     if HIGH_PRECISION[flavour] == "fp32":
         return graph.model, options
-    converted = int8_from_twin(graph.model, Flavour.ORT, flavour)
-    assert converted is not None  # FP32 -> FP16 always converts
-    model, changed = converted
+    model, changed = int8_from_twin(graph.model, Flavour.ORT, flavour)
     return model, {**options, **changed}
 
 
@@ -231,17 +229,25 @@ def _place(graph: onnx.GraphProto, added: dict[str, list[onnx.NodeProto]]) -> No
     graph.node.extend(ordered)
 
 
+def int8_twin_converts(made_for: Flavour, flavour: Flavour) -> bool:
+    """Whether `flavour`'s INT8 graph can be made from the one calibrated for `made_for`: the same
+    high precision outside the Q/DQ, or FP32 to FP16 (never back)."""
+    have, want = HIGH_PRECISION[made_for], HIGH_PRECISION[flavour]
+    return have == want or (have, want) == ("fp32", "fp16")
+
+
 def int8_from_twin(
     model: onnx.ModelProto, made_for: Flavour, flavour: Flavour
-) -> tuple[onnx.ModelProto, dict[str, Any]] | None:
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The INT8 graph of `flavour` from the one calibrated for `made_for` on the same source graph:
     the same Q/DQ, with the high-precision part converted the way Model Optimizer converts it after
-    calibrating (its convert_to_f16, the full-precision operators kept in FP32). Only FP32 -> FP16."""
+    calibrating (its convert_to_f16, the full-precision operators kept in FP32). Only where
+    `int8_twin_converts`."""
     have, want = HIGH_PRECISION[made_for], HIGH_PRECISION[flavour]
     if have == want:
         return model, {}
-    if (have, want) != ("fp32", "fp16"):
-        return None
+    if not int8_twin_converts(made_for, flavour):
+        raise ValueError(f"an int8 graph with {have} outside the Q/DQ cannot become one with {want}")
     require_modelopt()
     from modelopt.onnx.autocast.convert import convert_to_f16
 

@@ -14,16 +14,27 @@ import onnx
 from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.errors import BtDeployError
 from btdeploy.quantize.fp16 import autocast_fp16
-from btdeploy.quantize.int8 import calibrated_int8, int8_from_twin
+from btdeploy.quantize.int8 import calibrated_int8, int8_from_twin, int8_twin_converts
 from btdeploy.quantize.int8_dynamic import dynamic_int8
 
 Run = Callable[[Path, dict[str, np.ndarray], Path, Flavour], tuple[onnx.ModelProto, dict[str, Any]]]
-# (graph written for flavour A, A, B) -> the graph for B and what changed; None when B's graph cannot be
-# made from A's (then it is made from scratch).
-FromTwin = Callable[[onnx.ModelProto, Flavour, Flavour], tuple[onnx.ModelProto, dict[str, Any]] | None]
 
 
-def same_graph(model: onnx.ModelProto, made_for: Flavour, flavour: Flavour) -> tuple[onnx.ModelProto, dict[str, Any]]:
+@dataclass(frozen=True)
+class FromTwin:
+    """How the graph written for flavour A becomes flavour B's. `converts(A, B)` is asked first, so a
+    twin that cannot be converted is never hashed or loaded; `convert(graph, A, B)` returns B's graph
+    and what changed."""
+
+    converts: Callable[[Flavour, Flavour], bool]
+    convert: Callable[[onnx.ModelProto, Flavour, Flavour], tuple[onnx.ModelProto, dict[str, Any]]]
+
+
+def _always(made_for: Flavour, flavour: Flavour) -> bool:
+    return True
+
+
+def _same_graph(model: onnx.ModelProto, made_for: Flavour, flavour: Flavour) -> tuple[onnx.ModelProto, dict[str, Any]]:
     return model, {}
 
 
@@ -62,7 +73,13 @@ METHODS: dict[Precision, QuantizeMethod] = {
         # AutoCast takes no flavour-specific option: the ort and trt fp16 graphs, both made from the
         # trt graph with the same calibration rows, are one graph (on base, 90 s of AutoCast each).
         QuantizeMethod(
-            Precision.FP16, tuple(Flavour), Flavour.TRT, _MODELOPT_SOURCE, True, autocast_fp16, from_twin=same_graph
+            Precision.FP16,
+            tuple(Flavour),
+            Flavour.TRT,
+            _MODELOPT_SOURCE,
+            True,
+            autocast_fp16,
+            from_twin=FromTwin(_always, _same_graph),
         ),
         # The ort and trt int8 graphs share their calibration and Q/DQ; only what stays out of INT8
         # differs (FP32 for ONNX Runtime, FP16 for TensorRT).
@@ -73,7 +90,7 @@ METHODS: dict[Precision, QuantizeMethod] = {
             _SHARED_INT8_SOURCE,
             True,
             calibrated_int8,
-            from_twin=int8_from_twin,
+            from_twin=FromTwin(int8_twin_converts, int8_from_twin),
         ),
         QuantizeMethod(
             Precision.INT8_DYNAMIC,

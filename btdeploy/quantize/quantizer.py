@@ -206,15 +206,14 @@ def _twin(
         return None
     for other in Flavour:
         record = manifest.data.get("precisions", {}).get(f"{other}.{method.precision}")
-        if other == flavour or not manifest.up_to_date(record, {stem: made_by[stem]}):
+        if other == flavour or not method.from_twin.converts(other, flavour):
+            continue
+        if not manifest.up_to_date(record, {stem: made_by[stem]}):
             continue
         assert record is not None
         part = record if stem == "model" else record["parts"][stem]
         path = manifest.folder / part["file"]
-        converted = method.from_twin(load_graph(path, "quantize again"), other, flavour)
-        if converted is None:
-            continue
-        model, changed = converted
+        model, changed = method.from_twin.convert(load_graph(path, "quantize again"), other, flavour)
         say(f"quantize {manifest.head} {stem} ({flavour}, {method.precision}): made from {path.name} "
             f"(same source graph and calibration){', ' + str(changed) if changed else ''}")  # fmt: skip
         options = {key: value for key, value in part.items() if key not in _RECORD_KEYS}

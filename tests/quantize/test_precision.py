@@ -19,7 +19,9 @@ from btdeploy.cli import main
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HEADS
 from btdeploy.optimize.graph_checks import fp16_unsafe_constants, layernorm_types, qdq_summary
+from btdeploy.quantize import quantizer
 from btdeploy.quantize.calibration import load_calibration
+from btdeploy.quantize.int8 import int8_from_twin, int8_twin_converts
 from btdeploy.quantize.methods import PRECISIONS
 from btdeploy.quantize.quantizer import quantize_head
 from btdeploy.verify.check import check_export
@@ -284,7 +286,9 @@ def test_quantizing_leaves_the_source_graph_as_recorded(optimized: Path, tmp_pat
     read_manifest(folder).verify_graph(folder / "model.trt.onnx", full=True)
 
 
-def test_the_trt_int8_graph_reuses_the_ort_calibration_and_not_the_reverse(optimized: Path, tmp_path: Path) -> None:
+def test_the_trt_int8_graph_reuses_the_ort_calibration_and_not_the_reverse(
+    optimized: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "itm"
     shutil.copytree(optimized / "itm", folder)
     made = quantize_head(folder, "int8", "ort", calib_size=CALIB_SIZE)
@@ -303,11 +307,25 @@ def test_the_trt_int8_graph_reuses_the_ort_calibration_and_not_the_reverse(optim
     np.testing.assert_allclose(scales[1], scales[0], rtol=1e-3)
     rows = check_export(tmp_path, ["itm"], flavour="trt", precision="int8")
     assert all(row.passed for row in rows)
-    # FP16 cannot become FP32 again: made in the other order, the ort graph calibrates itself.
+    # FP16 cannot become FP32 again: made in the other order, the ort graph calibrates itself,
+    # without loading the trt graph it could not use.
     again = tmp_path / "again"
     shutil.copytree(optimized / "itm", again / "itm")
     quantize_head(again / "itm", "int8", "trt", calib_size=CALIB_SIZE)
+    loaded: list[str] = []
+    real_load = quantizer.load_graph
+
+    def recording_load(path: Path, what: str, load_weights: bool = True) -> onnx.ModelProto:
+        loaded.append(path.name)
+        return real_load(path, what, load_weights)
+
+    monkeypatch.setattr(quantizer, "load_graph", recording_load)
     assert "reused_from" not in quantize_head(again / "itm", "int8", "ort", calib_size=CALIB_SIZE)
+    assert "model.trt.int8.onnx" not in loaded
+    assert not int8_twin_converts(Flavour.TRT, Flavour.ORT)
+    assert int8_twin_converts(Flavour.ORT, Flavour.TRT) and int8_twin_converts(Flavour.TRT, Flavour.TRT_COMPAT)
+    with pytest.raises(ValueError, match="fp16 outside the Q/DQ cannot become one with fp32"):
+        int8_from_twin(onnx.ModelProto(), Flavour.TRT, Flavour.ORT)
 
 
 def test_the_streaming_fp16_range_check_writes_autocasts_own_graph(optimized: Path, tmp_path: Path) -> None:

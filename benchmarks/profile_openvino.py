@@ -1,0 +1,61 @@
+"""Where the time goes in OpenVINO: its per-layer counters on one graph and shape, summed per layer
+type and kernel, next to benchmarks/profile_ort.py for ONNX Runtime.
+
+    python benchmarks/profile_openvino.py DIR/itm/model.trt.int8.onnx --batch 1 --seq-len 16
+
+Runs with the bench's settings (f32 inference precision, latency hint, --threads threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from btdeploy.artifacts.manifest import read_manifest
+from btdeploy.model.inputs import sample_inputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model", type=Path, help="a model*.onnx inside an exported head folder")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=40)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+
+    import openvino as ov
+
+    config = read_manifest(args.model.parent).config
+    feeds = sample_inputs(config, args.batch, args.seq_len, pad=False)
+    settings = {
+        "INFERENCE_PRECISION_HINT": "f32",
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": str(args.threads),
+        "PERF_COUNT": "YES",
+    }
+    core = ov.Core()
+    request = core.compile_model(core.read_model(str(args.model)), "CPU", settings).create_infer_request()
+    request.infer(feeds)  # warm-up, excluded below
+    per_layer: dict[tuple[str, str], float] = defaultdict(float)
+    walls = []
+    for _ in range(args.runs):
+        started = time.perf_counter()
+        request.infer(feeds)
+        walls.append((time.perf_counter() - started) * 1e3)
+        for info in request.profiling_info:  # the counters of the last inference
+            if info.status == info.Status.EXECUTED:
+                per_layer[(info.node_type, info.exec_type)] += info.real_time.total_seconds() * 1e3 / args.runs
+    total = sum(per_layer.values())
+    print(f"{args.model} batch {args.batch} length {args.seq_len}: {total:.1f} ms of layer time per run "
+          f"(wall median {statistics.median(walls):.1f} ms)")  # fmt: skip
+    for (layer, kernel), ms in sorted(per_layer.items(), key=lambda item: -item[1])[:20]:
+        print(f"  {layer:<30} {kernel:<26} {ms:9.1f} ms  {100 * ms / total:5.1f} %")
+
+
+if __name__ == "__main__":
+    main()

@@ -240,3 +240,22 @@ def test_the_report_sets_btdeploy_against_the_fastest_peer_per_precision() -> No
     text = markdown(run)
     assert "| itm | 1 | 16 | fp32 | ort-fused 10.0 ms | openvino-fp32 12.0 ms | **1.20x** |" in text
     assert "| itm | 1 | 16 | int8 | ort-int8-dynamic 4.0 ms | openvino-int8 5.0 ms | **1.25x** |" in text
+
+
+def test_pipeline_steps_sets_runs_side_by_side() -> None:
+    import importlib.util
+
+    script = Path(__file__).parents[2] / "benchmarks" / "pipeline_steps.py"
+    spec = importlib.util.spec_from_file_location("pipeline_steps", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    made = {"step": "optimize ort", "seconds": 44.8, "peak_rss_gb": 11.744}
+    kept = {"step": "export", "seconds": 6.3, "peak_rss_gb": 0.23, "reused": True}
+    first = {"wall_seconds": 90.0, "peak_rss_gb": 11.744, "passed": True, "steps": [kept, made]}
+    second = {"wall_seconds": 30.0, "peak_rss_gb": 2.0, "passed": False, "steps": [made | {"seconds": 12.0}]}
+    lines = module.step_table([first, second], ["a", "b"]).splitlines()
+    assert lines[0] == "| step | a | b |"
+    assert lines[2] == "| export | 6 s / 0.23 GB reused | - |"
+    assert lines[3] == "| optimize ort | 45 s / 11.74 GB | 12 s / 11.74 GB |"
+    assert lines[4] == "| **whole run** | **1.5 min / 11.74 GB** | **0.5 min / 2.00 GB FAILED** |"

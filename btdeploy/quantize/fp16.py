@@ -17,7 +17,7 @@ from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.artifacts.onnx_files import data_file
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
 from btdeploy.progress import RowProgress
-from btdeploy.quantize.modelopt_env import require_modelopt, weightless_inference
+from btdeploy.quantize.modelopt_env import lean_conversion, require_modelopt
 from btdeploy.quantize.weightless import weightless_with_side_file
 
 # How many calibration rows AutoCast's range check runs: each runs the graph with every
@@ -66,7 +66,7 @@ def _streaming_reference_runs() -> Iterator[None]:
     original = autocast_convert.ReferenceRunner
     autocast_convert.ReferenceRunner = _streaming_runner_class(original)  # type: ignore[misc]
     try:
-        with weightless_inference():
+        with lean_conversion():
             yield
     finally:
         autocast_convert.ReferenceRunner = original  # type: ignore[misc]

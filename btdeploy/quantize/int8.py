@@ -25,7 +25,7 @@ from btdeploy.errors import BtDeployError
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
 from btdeploy.optimize.passes.qdq_islands import QDQ_ISLANDS
-from btdeploy.quantize.modelopt_env import require_modelopt, weightless_inference
+from btdeploy.quantize.modelopt_env import lean_conversion, require_modelopt
 from btdeploy.quantize.tensor_ranges import entropy_ranges
 
 # What is not INT8: TensorRT runs it in FP16; ONNX Runtime's CPU provider wants FP32.
@@ -251,7 +251,7 @@ def int8_from_twin(
     require_modelopt()
     from modelopt.onnx.autocast.convert import convert_to_f16
 
-    with weightless_inference():
+    with lean_conversion():
         converted = convert_to_f16(
             model, low_precision_type="fp16", keep_io_types=True, op_block_list=list(FULL_PRECISION_OPS)
         )

@@ -21,7 +21,7 @@ from btdeploy.model.heads import HEADS
 from btdeploy.optimize.graph_checks import fp16_unsafe_constants, layernorm_types, qdq_summary
 from btdeploy.quantize import quantizer
 from btdeploy.quantize.calibration import load_calibration
-from btdeploy.quantize.int8 import int8_from_twin, int8_twin_converts
+from btdeploy.quantize.int8 import calibrated_int8, int8_from_twin, int8_twin_converts
 from btdeploy.quantize.methods import PRECISIONS
 from btdeploy.quantize.quantizer import quantize_head
 from btdeploy.verify.check import check_export
@@ -328,18 +328,22 @@ def test_the_trt_int8_graph_reuses_the_ort_calibration_and_not_the_reverse(
         int8_from_twin(onnx.ModelProto(), Flavour.TRT, Flavour.ORT)
 
 
-def test_the_streaming_fp16_range_check_writes_autocasts_own_graph(optimized: Path, tmp_path: Path) -> None:
-    """btdeploy runs AutoCast's reference one row at a time; the graph must be the one AutoCast's own
-    all-rows-at-once run makes, byte for byte."""
+@pytest.mark.parametrize("flavour", [Flavour.TRT, Flavour.TRT_COMPAT])
+def test_the_streaming_fp16_range_check_writes_autocasts_own_graph(
+    optimized: Path, tmp_path: Path, flavour: Flavour
+) -> None:
+    """btdeploy runs AutoCast's reference one row at a time, its inferences without weights and its
+    cleanup in one pass; the graph must be the one AutoCast's own all-rows-at-once run makes, byte
+    for byte (the unfused trt-compat graph has the most casts to clean up)."""
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
     from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
     from btdeploy.quantize.fp16 import FP16_RANGE_ROWS, autocast_fp16
 
     manifest = read_manifest(optimized / "itm")
-    source = manifest.graph_path(Flavour.TRT)
+    source = manifest.graph_path(flavour)
     feeds = load_calibration(manifest, None, None, 6).feeds
-    streamed, options = autocast_fp16(source, feeds, tmp_path, Flavour.TRT)
+    streamed, options = autocast_fp16(source, feeds, tmp_path, flavour)
     assert options["range_rows"] == FP16_RANGE_ROWS
     npz = tmp_path / "rows.npz"
     np.savez(npz, **{name: values[:FP16_RANGE_ROWS] for name, values in feeds.items()})  # type: ignore[arg-type]
@@ -363,3 +367,23 @@ def test_quantize_with_reuse_keeps_an_up_to_date_graph_and_remakes_a_changed_one
     # Another calibration is another graph.
     quantize_head(folder, "int8", "ort", calib_size=CALIB_SIZE)
     assert "reused" not in quantize_head(folder, "int8", "ort", calib_size=CALIB_SIZE + 1, reuse=True)
+
+
+def test_the_lean_fp16_conversion_of_an_int8_graph_is_model_optimizers_own(optimized: Path) -> None:
+    """The twin conversion (FP16 outside the Q/DQ) under btdeploy's patches, against Model
+    Optimizer's convert_to_f16 as it comes, on the unfused trt-compat INT8 graph."""
+    from modelopt.onnx.autocast.convert import convert_to_f16
+
+    from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
+    from btdeploy.quantize.modelopt_env import lean_conversion
+
+    manifest = read_manifest(optimized / "mlm")
+    feeds = load_calibration(manifest, None, None, CALIB_SIZE).feeds
+    int8, _ = calibrated_int8(manifest.graph_path(Flavour.TRT_COMPAT), feeds, manifest.folder, Flavour.ORT)
+    options = {"low_precision_type": "fp16", "keep_io_types": True, "op_block_list": list(FULL_PRECISION_OPS)}
+    own = convert_to_f16(onnx.ModelProto.FromString(int8.SerializeToString()), **options)
+    with lean_conversion():
+        lean = convert_to_f16(onnx.ModelProto.FromString(int8.SerializeToString()), **options)
+    casts = sum(1 for node in own.graph.node if node.op_type == "Cast")
+    assert casts > 0
+    assert lean.SerializeToString() == own.SerializeToString()

@@ -6,7 +6,7 @@ provider: the kernels btdeploy's graphs can use, and INT8 in the attention core.
 - `Attention` (ONNX, opset 23) in FP32: what the ort and trt graphs hold;
 - `com.microsoft.MultiHeadAttention` in FP32: ONNX Runtime's own;
 - `Attention` in FP16: ONNX Runtime's CPU kernel for it (what a trt.int8 graph ran on before
-  backends/cpu_attention.py);
+  backends/cpu_fp16.py);
 - INT8 core: Q.K^T and P.V as MatMulIntegerToFloat on dynamically quantized uint8 operands (P on
   the fixed step 1/255), softmax in FP32. Its error is measured against the FP32 block on the same
   inputs, once with N(0, 1) queries (flat attention) and once with queries x4 (peaked attention).

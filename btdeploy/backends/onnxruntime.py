@@ -59,11 +59,11 @@ class OnnxRuntimeBackend:
         if threads:
             options.intra_op_num_threads = threads
         self.providers = resolve_providers(providers)
-        # Only a reduced-precision graph can hold FP16 attention; only the CPU provider needs the rewrite.
-        self.attention_in_fp32 = 0
+        # Only a reduced-precision graph holds FP16 operators; only the CPU provider needs the rewrite.
+        self.attention_in_fp32 = self.quantize_in_fp32 = 0
         source: str | bytes = str(model_path)
         if reduced_precision and self.providers == ["CPUExecutionProvider"]:
-            source, self.attention_in_fp32 = _with_fp32_attention(Path(model_path), options)
+            source, self.attention_in_fp32, self.quantize_in_fp32 = _with_fp32_stand_ins(Path(model_path), options)
         try:
             self.session = ort.InferenceSession(source, sess_options=options, providers=self.providers)
         except Exception as error:
@@ -95,8 +95,10 @@ class OnnxRuntimeBackend:
             )
         self.providers = running
         self.description = f"{Path(model_path).name} on {', '.join(running)}"
-        if self.attention_in_fp32:
-            self.description += f" ({self.attention_in_fp32} FP16 attention cores run in FP32)"
+        widened = [f"{n} FP16 {what}" for n, what in ((self.attention_in_fp32, "attention cores"),
+                   (self.quantize_in_fp32, "QuantizeLinear")) if n]  # fmt: skip
+        if widened:
+            self.description += f" ({' and '.join(widened)} run in FP32)"
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session_feeds: dict[str, Any] = {name: feeds[name] for name in self.input_names}
@@ -107,23 +109,24 @@ class OnnxRuntimeBackend:
         return dict(zip(self.output_names, values, strict=True))
 
 
-def _with_fp32_attention(path: Path, options: Any) -> tuple[str | bytes, int]:
+def _with_fp32_stand_ins(path: Path, options: Any) -> tuple[str | bytes, int, int]:
     """The graph to open on the CPU provider: the file itself, or its bytes with every FP16 Attention
-    run in FP32 (backends/cpu_attention.py says why), its weights still read from beside the file."""
+    and FP16 QuantizeLinear run in FP32 (backends/cpu_fp16.py says why), its weights still read
+    from beside the file. Returns the source and how many of each were rewritten."""
     import onnx
 
     from btdeploy.artifacts.onnx_files import PROTOBUF_LIMIT, serialized_bytes
-    from btdeploy.backends.cpu_attention import attention_in_fp32
+    from btdeploy.backends.cpu_fp16 import attention_in_fp32, quantize_in_fp32
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
-        return str(path), 0  # ONNX Runtime reports the damaged file in the caller's words
-    count = attention_in_fp32(model)
-    if not count or serialized_bytes(model) > PROTOBUF_LIMIT:
-        return str(path), 0
+        return str(path), 0, 0  # ONNX Runtime reports the damaged file in the caller's words
+    attention, quantize = attention_in_fp32(model), quantize_in_fp32(model)
+    if not (attention or quantize) or serialized_bytes(model) > PROTOBUF_LIMIT:
+        return str(path), 0, 0
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    return model.SerializeToString(), count
+    return model.SerializeToString(), attention, quantize
 
 
 _ONNX_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16"}

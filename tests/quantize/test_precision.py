@@ -81,7 +81,7 @@ def test_trt_precision_graphs_meet_the_floors(quantized: Path, precision: str) -
     assert rows and all(row.passed for row in rows), [(r.head, r.output, r.stats.cosine) for r in rows]
 
 
-def test_the_trt_int8_graphs_fp16_attention_runs_in_fp32_on_the_cpu(quantized: Path) -> None:
+def test_the_trt_int8_graphs_fp16_attention_and_quantize_run_in_fp32_on_the_cpu(quantized: Path) -> None:
     """Next to FP16 DequantizeLinear nodes ONNX Runtime would run these on its reference FP16 kernel."""
     folder = quantized / "itm"
     graph = onnx.load(str(folder / graph_file(Flavour.TRT, Precision.INT8)), load_external_data=False)
@@ -92,6 +92,9 @@ def test_the_trt_int8_graphs_fp16_attention_runs_in_fp32_on_the_cpu(quantized: P
     backend = TARGETS["onnxruntime"].make(read_manifest(folder), options)
     assert isinstance(backend, OnnxRuntimeBackend)
     assert backend.attention_in_fp32 == len(attention)
+    # ... and its activation QuantizeLinear nodes (FP16 inputs) round from FP32, as ONNX says.
+    quantize = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantize and backend.quantize_in_fp32 == len(quantize)
 
 
 def test_int8_qdq_is_symmetric_and_keeps_norms_and_residuals_out(quantized: Path) -> None:

@@ -1,4 +1,4 @@
-"""FP16 Attention on the CPU provider runs in FP32: same answer, the graph on disk unchanged."""
+"""FP16 Attention and QuantizeLinear on the CPU provider run in FP32, as TensorRT computes them; file unchanged."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from btdeploy.backends.cpu_attention import attention_in_fp32
+from btdeploy.backends.cpu_fp16 import attention_in_fp32, quantize_in_fp32
 from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
 
 HEADS, TOKENS, WIDTH = 2, 7, 16
@@ -91,4 +91,45 @@ def test_only_fp16_attention_is_rewritten() -> None:
     # The core's three inputs are widened, its output narrowed back under the original name.
     assert all(name.endswith(f"fp32_in{i}") for i, name in enumerate(attention.input))
     assert fp16.graph.node[4].output[0] == "attended"
+    onnx.checker.check_model(fp16, full_check=True)
+
+
+def _fp16_quantize_graph(input_type: int = TensorProto.FLOAT16) -> onnx.ModelProto:
+    """x -> QuantizeLinear (scale of x's type, int8 zero point) -> int8 q."""
+    dtype = np.float16 if input_type == TensorProto.FLOAT16 else np.float32
+    scale = numpy_helper.from_array(np.array(1 / 127, dtype), "scale")
+    zero = numpy_helper.from_array(np.array(0, np.int8), "zero")
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"], name="quantize")],
+        "g",
+        [helper.make_tensor_value_info("x", input_type, [64])],
+        [helper.make_tensor_value_info("q", TensorProto.INT8, [64])],
+        initializer=[scale, zero],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def test_fp16_quantize_rounds_to_nearest_even_on_cpu(tmp_path: Path) -> None:
+    """ONNX says round(x / scale) to nearest even; ONNX Runtime's CPU FP16 kernel truncated toward zero."""
+    path = tmp_path / "quantize.onnx"
+    onnx.save(_fp16_quantize_graph(), str(path))
+    scale = np.float32(np.float16(1 / 127))
+    steps = np.linspace(-20.75, 20.75, 64)  # x / scale lands on every kind of fraction, ties included
+    x = (steps * scale).astype(np.float16)
+    expected = np.clip(np.round(x.astype(np.float32) / scale), -128, 127).astype(np.int8)  # numpy: half to even
+    backend = OnnxRuntimeBackend(path, ["q"], ["cpu"], reduced_precision=True)
+    assert backend.quantize_in_fp32 == 1 and backend.attention_in_fp32 == 0
+    assert "1 FP16 QuantizeLinear run in FP32" in backend.description
+    np.testing.assert_array_equal(backend.run({"x": x})["q"], expected)
+
+
+def test_only_fp16_quantize_is_rewritten() -> None:
+    fp32 = _fp16_quantize_graph(TensorProto.FLOAT)
+    assert quantize_in_fp32(fp32) == 0
+    fp16 = _fp16_quantize_graph()
+    assert quantize_in_fp32(fp16) == 1
+    assert [n.op_type for n in fp16.graph.node] == ["Cast", "Cast", "QuantizeLinear"]
+    assert list(fp16.graph.node[2].input) == ["quantize/fp32_in0", "quantize/fp32_in1", "zero"]
     onnx.checker.check_model(fp16, full_check=True)

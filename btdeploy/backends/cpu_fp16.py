@@ -1,4 +1,11 @@
-"""FP16 attention on ONNX Runtime's CPU provider, run in FP32.
+"""FP16 operators ONNX Runtime's CPU provider runs unlike TensorRT, run in FP32 instead.
+
+- `QuantizeLinear` with an FP16 input: ONNX Runtime 1.24's CPU kernel truncates x / scale toward
+  zero (0.7 -> 0, 1.6 -> 1) instead of rounding to nearest even as ONNX and TensorRT do, which
+  shrinks every INT8 activation by half a step on average; over large's 24 + 24 layers that
+  took the itm logits of the trt int8 graph to cosine 0.977 against 0.9988 with the rounding
+  done in FP32. The input and scale are widened (exactly); the int8 output is the same type.
+- `Attention` with FP16 inputs, below.
 
 ONNX Runtime's CPU kernel for an FP16 `Attention` node is a reference loop: on base (325 image
 tokens) one block takes about 0.8 s against 2 ms in FP32, so a TensorRT-dialect INT8 graph (FP16
@@ -57,6 +64,31 @@ def attention_in_fp32(model: onnx.ModelProto) -> int:
                 narrowings.append(helper.make_node("Cast", [wide], [name], to=TensorProto.FLOAT16, name=f"{wide}/fp16"))
         rewritten.extend([node, *narrowings])
         count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(rewritten)
+    return count
+
+
+def quantize_in_fp32(model: onnx.ModelProto) -> int:
+    """Rewrite `model` in place so that every standard `QuantizeLinear` with an FP16 input quantizes
+    from FP32 (input and scale widened, which is exact); returns how many were rewritten."""
+    graph = model.graph
+    types = _known_types(graph)
+    rewritten: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx"):
+            if types.get(node.input[0]) == TensorProto.FLOAT16:
+                for index in (0, 1):
+                    name = node.input[index]
+                    if types.get(name) == TensorProto.FLOAT16:
+                        widened = f"{node.name or node.output[0]}/fp32_in{index}"
+                        cast = helper.make_node("Cast", [name], [widened], to=TensorProto.FLOAT, name=widened)
+                        rewritten.append(cast)
+                        node.input[index] = widened
+                count += 1
+        rewritten.append(node)
     if count:
         del graph.node[:]
         graph.node.extend(rewritten)

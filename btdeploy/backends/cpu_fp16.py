@@ -19,6 +19,8 @@ outputs are rounded back to FP16. That is what TensorRT's fused FP16 attention c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import onnx
 from onnx import TensorProto, helper
 
@@ -39,57 +41,68 @@ def _known_types(graph: onnx.GraphProto) -> dict[str, int]:
 def attention_in_fp32(model: onnx.ModelProto) -> int:
     """Rewrite `model` in place so that every standard `Attention` node whose query is FP16 runs in
     FP32 between Casts; returns how many were rewritten."""
-    graph = model.graph
-    types = _known_types(graph)
-    rewritten: list[onnx.NodeProto] = []
-    count = 0
-    for node in graph.node:
-        if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
-            rewritten.append(node)
-            continue
-        if types.get(node.input[0]) != TensorProto.FLOAT16:
-            rewritten.append(node)
-            continue
-        prefix = node.name or node.output[0]
-        for index, name in enumerate(node.input):
-            if name and types.get(name) == TensorProto.FLOAT16:
-                widened = f"{prefix}/fp32_in{index}"
-                rewritten.append(helper.make_node("Cast", [name], [widened], to=TensorProto.FLOAT, name=widened))
-                node.input[index] = widened
-        narrowings = []
-        for index, name in enumerate(node.output):
-            if name:
-                wide = f"{prefix}/fp32_out{index}"
-                node.output[index] = wide
-                narrowings.append(helper.make_node("Cast", [wide], [name], to=TensorProto.FLOAT16, name=f"{wide}/fp16"))
-        rewritten.extend([node, *narrowings])
-        count += 1
-    if count:
-        del graph.node[:]
-        graph.node.extend(rewritten)
-    return count
+    return _rewrite(model, _attention)
 
 
 def quantize_in_fp32(model: onnx.ModelProto) -> int:
     """Rewrite `model` in place so that every standard `QuantizeLinear` with an FP16 input quantizes
     from FP32 (input and scale widened, which is exact); returns how many were rewritten."""
+    return _rewrite(model, _quantize)
+
+
+# (node, known tensor types, the rewritten node list to append to) -> whether the node was rewritten
+NodeRewrite = Callable[[onnx.NodeProto, dict[str, int], list[onnx.NodeProto]], bool]
+
+
+def _rewrite(model: onnx.ModelProto, rewrite: NodeRewrite) -> int:
     graph = model.graph
     types = _known_types(graph)
     rewritten: list[onnx.NodeProto] = []
-    count = 0
-    for node in graph.node:
-        if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx"):
-            if types.get(node.input[0]) == TensorProto.FLOAT16:
-                for index in (0, 1):
-                    name = node.input[index]
-                    if types.get(name) == TensorProto.FLOAT16:
-                        widened = f"{node.name or node.output[0]}/fp32_in{index}"
-                        cast = helper.make_node("Cast", [name], [widened], to=TensorProto.FLOAT, name=widened)
-                        rewritten.append(cast)
-                        node.input[index] = widened
-                count += 1
-        rewritten.append(node)
+    count = sum(rewrite(node, types, rewritten) for node in graph.node)
     if count:
         del graph.node[:]
         graph.node.extend(rewritten)
     return count
+
+
+def _fp16_standard(node: onnx.NodeProto, op_type: str, types: dict[str, int]) -> bool:
+    return (
+        node.op_type == op_type and node.domain in ("", "ai.onnx") and types.get(node.input[0]) == TensorProto.FLOAT16
+    )
+
+
+def _widen_inputs(
+    node: onnx.NodeProto, indices: Iterable[int], types: dict[str, int], out: list[onnx.NodeProto]
+) -> None:
+    """A Cast to FP32 before each FP16 input of `node` at `indices`, appended to `out`."""
+    prefix = node.name or node.output[0]
+    for index in indices:
+        name = node.input[index]
+        if name and types.get(name) == TensorProto.FLOAT16:
+            widened = f"{prefix}/fp32_in{index}"
+            out.append(helper.make_node("Cast", [name], [widened], to=TensorProto.FLOAT, name=widened))
+            node.input[index] = widened
+
+
+def _attention(node: onnx.NodeProto, types: dict[str, int], out: list[onnx.NodeProto]) -> bool:
+    if not _fp16_standard(node, "Attention", types):
+        out.append(node)
+        return False
+    _widen_inputs(node, range(len(node.input)), types, out)
+    prefix = node.name or node.output[0]
+    narrowings = []
+    for index, name in enumerate(node.output):
+        if name:
+            wide = f"{prefix}/fp32_out{index}"
+            node.output[index] = wide
+            narrowings.append(helper.make_node("Cast", [wide], [name], to=TensorProto.FLOAT16, name=f"{wide}/fp16"))
+    out.extend([node, *narrowings])
+    return True
+
+
+def _quantize(node: onnx.NodeProto, types: dict[str, int], out: list[onnx.NodeProto]) -> bool:
+    fp16 = _fp16_standard(node, "QuantizeLinear", types)
+    if fp16:
+        _widen_inputs(node, (0, 1), types, out)  # x and its scale; the int8 zero point stays
+    out.append(node)
+    return fp16

@@ -73,8 +73,8 @@ def compare(runs: list[Run]) -> str:
     lines.append(_row("**these heads**", *(f"**{t / 60:.1f} min**" for t in totals), ratio))
     lines += ["", _row("head", "graph", *(f"{r.label} s / peak GB" for r in runs)), "|---|---|" + "---:|" * len(runs)]
     for key in [k for k in runs[0].quantize if k[0] in heads]:
-        cells = [f"{r.quantize[key][0]:.0f} / {r.quantize[key][1]:.1f}" if key in r.quantize else "-" for r in runs]
-        lines.append(_row(key[0], key[1], *cells))
+        texts = [f"{r.quantize[key][0]:.0f} / {r.quantize[key][1]:.1f}" if key in r.quantize else "-" for r in runs]
+        lines.append(_row(key[0], key[1], *texts))
     return "\n".join(lines) + "\n"
 
 

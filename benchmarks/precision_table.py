@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from btdeploy.artifacts.files import graph_bytes
+from btdeploy.artifacts.onnx_files import graph_bytes
 
 
 def main(argv: list[str]) -> int:

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from btdeploy.errors import BtDeployError
+from btdeploy.quantize.redundant_casts import remove_redundant_casts
 from btdeploy.quantize.weightless import check_without_weights, infer_shapes_without_weights
 
 
@@ -32,20 +33,24 @@ def lean_conversion() -> Iterator[None]:
     base AutoCast, 120 s and 11.6 GB became 42 s and 6.9 GB with btdeploy's streaming reference
     run), and its dead-node cleanup finds the consumed tensors in one pass instead of one scan
     of the graph per node output (quadratic: half of convert_to_f16's time on the unfused
-    trt-compat graph). The graph is the same, byte for byte (tests)."""
+    trt-compat graph), and so does its removal of redundant Casts (btdeploy/quantize/redundant_casts.py).
+    The graph is the same, byte for byte (tests)."""
     import modelopt.onnx.utils as modelopt_utils
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
     original = modelopt_utils.infer_shapes, modelopt_utils.check_model
     original_cleanup = PrecisionConverter._cleanup_no_consumer_nodes
+    original_cast_removal = modelopt_utils.remove_redundant_casts
     modelopt_utils.infer_shapes = infer_shapes_without_weights
     modelopt_utils.check_model = check_without_weights
     PrecisionConverter._cleanup_no_consumer_nodes = _cleanup_no_consumer_nodes  # type: ignore[method-assign]
+    modelopt_utils.remove_redundant_casts = remove_redundant_casts
     try:
         yield
     finally:
         modelopt_utils.infer_shapes, modelopt_utils.check_model = original
         PrecisionConverter._cleanup_no_consumer_nodes = original_cleanup  # type: ignore[method-assign]
+        modelopt_utils.remove_redundant_casts = original_cast_removal
 
 
 def _cleanup_no_consumer_nodes(converter: Any) -> None:

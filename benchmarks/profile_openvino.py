@@ -8,30 +8,19 @@ Runs with the bench's settings (f32 inference precision, latency hint, --threads
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
 from collections import defaultdict
-from pathlib import Path
 
-from btdeploy.artifacts.manifest import read_manifest
-from btdeploy.model.inputs import sample_inputs
+from btdeploy.bench.profile_case import parse_profile_case
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model", type=Path, help="a model*.onnx inside an exported head folder")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=40)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args = parser.parse_args()
+    args = parse_profile_case(__doc__)
+    feeds = args.feeds
 
     import openvino as ov
 
-    config = read_manifest(args.model.parent).config
-    feeds = sample_inputs(config, args.batch, args.seq_len, pad=False)
     settings = {
         "INFERENCE_PRECISION_HINT": "f32",
         "PERFORMANCE_HINT": "LATENCY",

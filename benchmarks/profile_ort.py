@@ -7,29 +7,18 @@ Prints each operator type's share of the kernel time, largest first.
 
 from __future__ import annotations
 
-import argparse
-import os
 import tempfile
 from pathlib import Path
 
 import onnxruntime as ort
 
-from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.bench.ort_profile import kernel_ms_per_op
-from btdeploy.model.inputs import sample_inputs
+from btdeploy.bench.profile_case import parse_profile_case
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("model", type=Path, help="a model*.onnx inside an exported head folder")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=40)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    args = parser.parse_args()
-
-    config = read_manifest(args.model.parent).config
-    feeds = sample_inputs(config, args.batch, args.seq_len, pad=False)
+    args = parse_profile_case(__doc__)
+    feeds = args.feeds
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     with tempfile.TemporaryDirectory() as folder:

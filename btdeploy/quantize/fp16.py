@@ -15,10 +15,10 @@ import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.artifacts.onnx_files import data_file
+from btdeploy.artifacts.weightless import weightless_with_side_file
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
 from btdeploy.progress import RowProgress
 from btdeploy.quantize.modelopt_env import lean_conversion, require_modelopt
-from btdeploy.quantize.weightless import weightless_with_side_file
 
 # How many calibration rows AutoCast's range check runs: each runs the graph with every
 # intermediate tensor as an output (on base ~1.5 s a row); the ranges are kept, the tensors not.
@@ -59,7 +59,7 @@ def _streaming_reference_runs() -> Iterator[None]:
     range. For the duration of one conversion its runner is replaced by one that folds each
     row into running ranges and drops the tensors, and reads the weights from a side file
     instead of a deep copy and a serialized copy of the model; and its shape inferences and
-    model checks run on weightless copies (btdeploy/quantize/weightless.py). The graph is the
+    model checks run on weightless copies (btdeploy/artifacts/weightless.py). The graph is the
     same, byte for byte."""
     import modelopt.onnx.autocast.convert as autocast_convert
 

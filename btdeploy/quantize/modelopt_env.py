@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from btdeploy.artifacts.weightless import check_without_weights, infer_shapes_without_weights
 from btdeploy.errors import BtDeployError
 from btdeploy.quantize.redundant_casts import remove_redundant_casts
-from btdeploy.quantize.weightless import check_without_weights, infer_shapes_without_weights
 
 
 def require_modelopt() -> None:
@@ -29,7 +29,7 @@ def require_modelopt() -> None:
 def lean_conversion() -> Iterator[None]:
     """Model Optimizer, for the duration of one conversion, without its two costs that grow past the
     graph's own: its shape inferences and model checks run on weightless copies of the model
-    (btdeploy/quantize/weightless.py; each otherwise serializes and parses the whole model: on
+    (btdeploy/artifacts/weightless.py; each otherwise serializes and parses the whole model: on
     base AutoCast, 120 s and 11.6 GB became 42 s and 6.9 GB with btdeploy's streaming reference
     run), and its dead-node cleanup finds the consumed tensors in one pass instead of one scan
     of the graph per node output (quadratic: half of convert_to_f16's time on the unfused

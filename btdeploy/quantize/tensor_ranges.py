@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 
 from btdeploy.artifacts.onnx_files import data_file
+from btdeploy.artifacts.weightless import weightless_with_side_file
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import RowProgress
-from btdeploy.quantize.weightless import weightless_with_side_file
 
 HISTOGRAM_BINS = 128  # ONNX Runtime's EntropyCalibrater defaults, which Model Optimizer keeps
 QUANTIZED_BINS = 128

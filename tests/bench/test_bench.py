@@ -259,3 +259,38 @@ def test_pipeline_steps_sets_runs_side_by_side() -> None:
     assert lines[2] == "| export | 6 s / 0.23 GB reused | - |"
     assert lines[3] == "| optimize ort | 45 s / 11.74 GB | 12 s / 11.74 GB |"
     assert lines[4] == "| **whole run** | **1.5 min / 11.74 GB** | **0.5 min / 2.00 GB FAILED** |"
+
+
+@pytest.mark.parametrize("script", ["profile_ort.py", "profile_openvino.py"])
+def test_the_profile_scripts_attribute_kernel_time_to_layers(tiny_export: Path, script: str) -> None:
+    # Both read the same command line (btdeploy/bench/profile_case.py); each must print a total
+    # and per-layer rows whose shares add up to about all of it.
+    import re
+    import subprocess
+    import sys
+
+    path = Path(__file__).parents[2] / "benchmarks" / script
+    graph = tiny_export / "itm" / "model.onnx"
+    command = [sys.executable, str(path), str(graph), "--batch", "2", "--seq-len", "6", "--runs", "2", "--threads", "1"]
+    lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
+    assert lines[0].startswith(f"{graph} batch 2 length 6: "), lines[0]
+    shares = [float(m.group(1)) for line in lines[1:] if (m := re.search(r"([\d.]+) %$", line))]
+    assert len(shares) >= 3
+    assert 90.0 <= sum(shares) <= 100.5  # openvino prints its 20 largest only
+
+
+def test_interference_times_the_target_in_every_condition(tiny_export: Path) -> None:
+    import subprocess
+    import sys
+
+    path = Path(__file__).parents[2] / "benchmarks" / "interference.py"
+    command = [sys.executable, str(path), str(tiny_export), "--head", "itm", "--target", "ort",
+               "--others", "torch-eager", "--batch", "1", "--seq-len", "4", "--rounds", "2", "--pause", "0.01",
+               "--threads", "1"]  # fmt: skip
+    rows = [line for line in subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| condition")]  # fmt: skip
+    labels = [row.split(" | ")[0].lstrip("| ") for row in rows]
+    assert labels == ["alone", "after a pause", "after torch-eager", "after torch-eager, pause"]
+    for row in rows:
+        median, minimum = (float(cell) for cell in row.split(" | ")[1:3])
+        assert 0 < minimum <= median

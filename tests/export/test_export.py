@@ -124,3 +124,36 @@ def test_a_model_past_the_protobuf_limit_goes_to_one_external_data_file(
     assert (folder / "model.onnx").stat().st_size < 1_000_000 < (folder / "model.onnx.data").stat().st_size
     rows = check_export(tmp_path, batch_sizes=(2,), text_lengths=(11,))
     assert all(row.passed for row in rows)
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_the_export_check_refuses_a_broken_graph_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, external: bool
+) -> None:
+    """The exported graph is checked without parsing its weights (or by path where they lie beside
+    it); a graph the ONNX checker refuses is still refused, with its reason, and a good one passes."""
+    from onnx import TensorProto, helper
+
+    from btdeploy.export.exporter import MODEL_NAME, _store_model
+
+    if external:
+        monkeypatch.setenv("BTDEPLOY_EXTERNAL_DATA_BYTES", "1024")
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [512], np.ones(512, np.float32).tobytes(), raw=True)
+
+    def write(inputs: list[str]) -> Path:
+        folder = tmp_path / f"graph-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        graph = helper.make_graph(
+            [helper.make_node("Add", inputs, ["y"], name="add")],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [512])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [512])],
+            [weight],
+        )
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(folder / MODEL_NAME))
+        return folder
+
+    assert _store_model(write(["x", "w"])) is external
+    with pytest.raises(BtDeployError, match="fails the ONNX checker.*not_a_tensor") as caught:
+        _store_model(write(["x", "not_a_tensor"]))
+    assert "\n" not in str(caught.value)

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from btdeploy.quantize.weightless import (
+from btdeploy.artifacts.weightless import (
     WEIGHT_BYTES,
     check_without_weights,
     infer_shapes_without_weights,

@@ -67,15 +67,18 @@ def require_fp16_safe(model: onnx.ModelProto, what: str) -> None:
 class QdqSummary:
     pairs: int = 0  # QuantizeLinear nodes (each followed by its DequantizeLinear)
     dequantize_only: int = 0  # DequantizeLinear on a stored int8 weight
-    asymmetric: list[str] = field(default_factory=list)  # non-zero zero points
-    not_int8: list[str] = field(default_factory=list)
+    asymmetric: list[str] = field(default_factory=list)  # zero points off the code's midpoint
+    wrong_type: list[str] = field(default_factory=list)  # weights not int8, activations not in the code
     quantized_no_qdq_ops: list[str] = field(default_factory=list)  # LayerNorm/Softmax fed by a DQ
     quantized_matmuls: int = 0  # both inputs dequantized
     unquantized_matmuls: list[str] = field(default_factory=list)  # left in high precision by the quantizer
 
 
-def qdq_summary(model: onnx.ModelProto) -> QdqSummary:
-    """Count Q/DQ and check what TensorRT requires: INT8, symmetric (zero point 0)."""
+def qdq_summary(
+    model: onnx.ModelProto, activation_type: int = onnx.TensorProto.INT8, activation_zero_point: int = 0
+) -> QdqSummary:
+    """Count Q/DQ and check them: weights int8 with zero point 0 (what TensorRT requires, and ONNX
+    Runtime's signed weights), activations in the flavour's code (int8 and 0 for TensorRT)."""
     summary = QdqSummary()
     producers = {out: node for node in model.graph.node for out in node.output}
     constants = _constant_tensors(model)
@@ -92,17 +95,19 @@ def qdq_summary(model: onnx.ModelProto) -> QdqSummary:
                 if fed:
                     summary.quantized_no_qdq_ops.append(node.name or node.op_type)
             continue
+        weight = node.op_type == "DequantizeLinear" and node.input[0] not in producers
         if node.op_type == "QuantizeLinear":
             summary.pairs += 1
-        elif node.input[0] not in producers:
+        elif weight:
             summary.dequantize_only += 1
+        want_type, want_zero = (onnx.TensorProto.INT8, 0) if weight else (activation_type, activation_zero_point)
         zero_point = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if zero_point is None:
-            summary.not_int8.append(node.name)  # no zero point means uint8 output
+            summary.wrong_type.append(node.name)  # no zero point means uint8 and 0
             continue
-        if zero_point.data_type != onnx.TensorProto.INT8:
-            summary.not_int8.append(node.name)
-        if np.any(numpy_helper.to_array(zero_point) != 0):
+        if zero_point.data_type != want_type:
+            summary.wrong_type.append(node.name)
+        if np.any(numpy_helper.to_array(zero_point).astype(np.int64) != want_zero):
             summary.asymmetric.append(node.name)
     return summary
 

@@ -1,6 +1,8 @@
-"""int8: explicit, symmetric QuantizeLinear/DequantizeLinear (zero point 0, as TensorRT requires) on
-the activation input of every weight MatMul, with per-channel INT8 weights stored as int8 behind a
-DequantizeLinear; calibrated by entropy, one row at a time (btdeploy/quantize/tensor_ranges.py).
+"""int8: explicit, symmetric QuantizeLinear/DequantizeLinear on the activation input of every weight
+MatMul, with per-channel INT8 weights stored as int8 behind a DequantizeLinear; calibrated by entropy,
+one row at a time (btdeploy/quantize/tensor_ranges.py). Activations are stored in the flavour's code
+(`ACTIVATION_CODE`): int8 with zero point 0 for TensorRT, uint8 with zero point 128 for ONNX Runtime,
+the same values either way.
 
 It writes the graph Model Optimizer's INT8 quantizer writes with the options btdeploy used to give it
 (MatMul only, entropy calibration, the attention core and LayerNorm/Softmax left out, weights as
@@ -30,6 +32,30 @@ from btdeploy.quantize.tensor_ranges import entropy_ranges
 
 # What is not INT8: TensorRT runs it in FP16; ONNX Runtime's CPU provider wants FP32.
 HIGH_PRECISION = {Flavour.TRT: "fp16", Flavour.TRT_COMPAT: "fp16", Flavour.ORT: "fp32"}
+
+
+@dataclass(frozen=True)
+class ActivationCode:
+    """How a flavour stores a rounded activation. Every code holds the same values, [-128, 127] steps
+    of the scale: only the integer type and the zero point's offset differ (uint8 = int8 + 128)."""
+
+    data_type: int  # onnx.TensorProto element type
+    zero_point: int
+
+    def describe(self) -> str:
+        return f"{onnx.helper.tensor_dtype_to_np_dtype(self.data_type)}, zero point {self.zero_point}"
+
+
+SIGNED = ActivationCode(onnx.TensorProto.INT8, 0)
+# TensorRT takes int8 with zero point 0 only. ONNX Runtime's x86 integer GEMMs read unsigned
+# activations (U8S8): it re-codes a signed pair itself only where one MatMul reads it, so the
+# Q/K/V projections, which share one rounded input, ran as DequantizeLinear + FP32 MatMul (135 of
+# 276 MatMuls on base itm; signed inputs allowed instead, its S8S8 fallback took 1.8 s a run).
+ACTIVATION_CODE = {
+    Flavour.TRT: SIGNED,
+    Flavour.TRT_COMPAT: SIGNED,
+    Flavour.ORT: ActivationCode(onnx.TensorProto.UINT8, 128),
+}
 # Model Optimizer's rule for TensorRT: a MatMul with M or N of 1 (a GEMV), or K or N under 16,
 # gains nothing from INT8 tensor cores and runs slower with Q/DQ around it.
 MIN_GEMM_DIM = 16
@@ -71,9 +97,10 @@ def calibrated_int8(
         "matmuls_left_out": dict(plan.left_out),
         **counts,
         "high_precision": "fp32",
+        "activations": SIGNED.describe(),
     }
-    if HIGH_PRECISION[flavour] == "fp32":
-        return graph.model, options
+    # FP32 around the Q/DQ, as the ort flavour has it; the twin conversion gives the graph this
+    # flavour's high precision and activation code (encode_activations reads the code it finds).
     model, changed = int8_from_twin(graph.model, Flavour.ORT, flavour)
     return model, {**options, **changed}
 
@@ -240,12 +267,14 @@ def int8_from_twin(
     model: onnx.ModelProto, made_for: Flavour, flavour: Flavour
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The INT8 graph of `flavour` from the one calibrated for `made_for` on the same source graph:
-    the same Q/DQ, with the high-precision part converted the way Model Optimizer converts it after
-    calibrating (its convert_to_f16, the full-precision operators kept in FP32). Only where
-    `int8_twin_converts`."""
+    the same Q/DQ in `flavour`'s activation code, with the high-precision part converted the way
+    Model Optimizer converts it after calibrating (its convert_to_f16, the full-precision operators
+    kept in FP32). Only where `int8_twin_converts`."""
     have, want = HIGH_PRECISION[made_for], HIGH_PRECISION[flavour]
+    recoded = encode_activations(model, flavour)
+    changed: dict[str, Any] = {"activations": ACTIVATION_CODE[flavour].describe()} if recoded else {}
     if have == want:
-        return model, {}
+        return model, changed
     if not int8_twin_converts(made_for, flavour):
         raise ValueError(f"an int8 graph with {have} outside the Q/DQ cannot become one with {want}")
     require_modelopt()
@@ -259,7 +288,28 @@ def int8_from_twin(
     restored = QDQ_ISLANDS.run(graph, flavour)
     # The residual inputs were restored in the twin (its record's count stands); the conversion adds none.
     return graph.model, {
+        **changed,
         "high_precision": want,
         "converted_from": f"{made_for} int8",
         "restored_after_conversion": restored.fused,
     }
+
+
+def encode_activations(model: onnx.ModelProto, flavour: Flavour) -> int:
+    """Every activation Q/DQ pair in `flavour`'s code, in place; how many zero points changed. The
+    pair shares its zero point, so the stored values change with it and the dequantized ones stay."""
+    want = ACTIVATION_CODE[flavour]
+    codes = {code.data_type: code for code in ACTIVATION_CODE.values()}
+    names = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2}
+    changed = 0
+    for tensor in model.graph.initializer:
+        if tensor.name not in names or tensor.data_type == want.data_type:
+            continue
+        have = codes.get(tensor.data_type)
+        value = numpy_helper.to_array(tensor)
+        if have is None or value.size != 1 or int(value.reshape(())) != have.zero_point:
+            raise ValueError(f"activation zero point {tensor.name} is not a known symmetric code: {value}")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(want.data_type)
+        tensor.CopyFrom(numpy_helper.from_array(np.array(want.zero_point, dtype=dtype), tensor.name))
+        changed += 1
+    return changed

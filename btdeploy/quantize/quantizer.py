@@ -23,17 +23,19 @@ from btdeploy.errors import BtDeployError
 from btdeploy.optimize.graph_checks import layernorm_types, qdq_summary, require_fp16_safe
 from btdeploy.progress import say, step
 from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE, CalibrationData, load_calibration
+from btdeploy.quantize.int8 import ACTIVATION_CODE
 from btdeploy.quantize.methods import QuantizeMethod, get_method
 
 
-def _describe(model: onnx.ModelProto, precision: Precision) -> dict[str, Any]:
+def _describe(model: onnx.ModelProto, precision: Precision, flavour: Flavour) -> dict[str, Any]:
     ops = Counter(node.op_type for node in model.graph.node)
     facts: dict[str, Any] = {"nodes": len(model.graph.node), "casts": ops.get("Cast", 0)}
     norms = layernorm_types(model)
     facts["layernorms_fp32"] = sum(1 for t in norms.values() if t == onnx.TensorProto.FLOAT)
     facts["layernorms"] = len(norms)
     if precision == "int8":
-        qdq = qdq_summary(model)
+        code = ACTIVATION_CODE[flavour]
+        qdq = qdq_summary(model, code.data_type, code.zero_point)
         facts.update(
             qdq_pairs=qdq.pairs,
             weights_int8=qdq.dequantize_only,
@@ -41,14 +43,16 @@ def _describe(model: onnx.ModelProto, precision: Precision) -> dict[str, Any]:
             # Model Optimizer leaves matrix-vector products (one [CLS] row) in high precision,
             # where TensorRT runs them faster than as INT8 GEMMs.
             matmuls_excluded=qdq.unquantized_matmuls,
+            activations=code.describe(),
             asymmetric=len(qdq.asymmetric),
-            not_int8=len(qdq.not_int8),
+            wrong_type=len(qdq.wrong_type),
             layernorm_or_softmax_quantized=qdq.quantized_no_qdq_ops,
         )
-        if qdq.asymmetric or qdq.not_int8 or qdq.quantized_no_qdq_ops:
+        if qdq.asymmetric or qdq.wrong_type or qdq.quantized_no_qdq_ops:
             raise BtDeployError(
-                f"the INT8 graph breaks TensorRT's rules: {len(qdq.asymmetric)} asymmetric Q/DQ, "
-                f"{len(qdq.not_int8)} not int8, quantized LayerNorm/Softmax inputs: {qdq.quantized_no_qdq_ops[:3]}"
+                f"the INT8 {flavour} graph breaks its Q/DQ rules: {len(qdq.asymmetric)} asymmetric Q/DQ, "
+                f"{len(qdq.wrong_type)} not {code.describe()} (weights: int8, zero point 0), "
+                f"quantized LayerNorm/Softmax inputs: {qdq.quantized_no_qdq_ops[:3]}"
             )
     if precision == "int8-dynamic":
         facts["matmul_integer"] = ops.get("MatMulInteger", 0) + ops.get("DynamicQuantizeMatMul", 0)
@@ -154,7 +158,7 @@ def _quantize_graph(
             else:
                 model, options = method.run(_private_copy(source, workdir), feeds, workdir, flavour)
             require_fp16_safe(model, f"the {precision} graph of {label}")
-            facts = _describe(model, precision)
+            facts = _describe(model, precision, flavour)
             for target_name, check in graph_checks(flavour).items():
                 problems = check(model)
                 if problems:

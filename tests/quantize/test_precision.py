@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,11 @@ from btdeploy.backends.targets import TARGETS, RunOptions
 from btdeploy.cli import main
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HEADS
+from btdeploy.model.inputs import sample_inputs
 from btdeploy.optimize.graph_checks import fp16_unsafe_constants, layernorm_types, qdq_summary
 from btdeploy.quantize import quantizer
 from btdeploy.quantize.calibration import load_calibration
-from btdeploy.quantize.int8 import calibrated_int8, int8_from_twin, int8_twin_converts
+from btdeploy.quantize.int8 import calibrated_int8, encode_activations, int8_from_twin, int8_twin_converts
 from btdeploy.quantize.methods import PRECISIONS
 from btdeploy.quantize.quantizer import quantize_head
 from btdeploy.verify.check import check_export
@@ -101,7 +103,14 @@ def test_int8_qdq_is_symmetric_and_keeps_norms_and_residuals_out(quantized: Path
     graphs = _graphs(quantized, "int8")
     assert len(graphs) == len(HEADS) + len(TRT_HEADS)
     for name, model in graphs:
-        summary = qdq_summary(model)
+        # Weights int8 and zero point 0; activations in TensorRT's code (int8, 0) in the trt graphs
+        # and in ONNX Runtime's (uint8, 128: the same values) in the ort graph.
+        ort_graph = ".ort." in name
+        activation_type, activation_zero = (onnx.TensorProto.UINT8, 128) if ort_graph else (onnx.TensorProto.INT8, 0)
+        summary = qdq_summary(model, activation_type, activation_zero)
+        assert summary.asymmetric == [] and summary.wrong_type == [], name
+        # ... which the TensorRT rules refuse for the ort graph: the check can fail.
+        assert bool(qdq_summary(model).wrong_type) == ort_graph, name
         matmuls = sum(1 for n in model.graph.node if n.op_type == "MatMul")
         # Every MatMul is INT8 on both inputs, except the few the quantizer leaves in high
         # precision (matrix-vector products of one [CLS] row), and those are recorded.
@@ -111,15 +120,17 @@ def test_int8_qdq_is_symmetric_and_keeps_norms_and_residuals_out(quantized: Path
         head, file = name.split("/")
         recorded = read_manifest(quantized / head).data["precisions"][file.split(".")[1] + ".int8"]["graph"]
         assert recorded["matmuls_excluded"] == summary.unquantized_matmuls, name
-        assert summary.asymmetric == [] and summary.not_int8 == [], name
+        assert recorded["wrong_type"] == 0 and recorded["asymmetric"] == 0, name
         assert summary.quantized_no_qdq_ops == [], name
         producers = {out: node for node in model.graph.node for out in node.output}
         users = {i: node for node in model.graph.node for i in node.input}
         for node in model.graph.node:
             if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
                 zero_point = next(t for t in model.graph.initializer if t.name == node.input[2])
-                assert zero_point.data_type == onnx.TensorProto.INT8
-                assert not numpy_helper.to_array(zero_point).any(), name
+                weight = node.op_type == "DequantizeLinear" and node.input[0] not in producers
+                want = (onnx.TensorProto.INT8, 0) if weight else (activation_type, activation_zero)
+                assert zero_point.data_type == want[0], (name, node.name)
+                assert (numpy_helper.to_array(zero_point) == want[1]).all(), (name, node.name)
             # The residual Add before a LayerNorm reads full-precision tensors.
             if node.op_type in ("Softmax", "LayerNormalization", "SkipLayerNormalization", "Add"):
                 fed = [producers[i].op_type for i in node.input if i in producers]
@@ -141,6 +152,67 @@ def test_fp16_keeps_layernorm_and_io_in_fp32(quantized: Path) -> None:
             assert value.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64), name
         softmax_or_ln = [n for n in model.graph.node if n.op_type in ("Softmax", "LayerNormalization")]
         assert softmax_or_ln
+
+
+def _integer_kernels(path: Path, tmp_path: Path, **config: str) -> Counter[str]:
+    """The operators ONNX Runtime's CPU provider runs for a graph, after its own fusions."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(tmp_path / f"{path.stem}.ort-optimized.onnx")
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
+
+
+def test_onnx_runtime_runs_every_int8_matmul_of_the_ort_graph_as_integer_gemm(quantized: Path, tmp_path: Path) -> None:
+    """ONNX Runtime fuses a Q/DQ MatMul into its integer kernel only with unsigned activations on
+    x86; signed, it recodes a pair itself only where one MatMul reads it, and the shared Q/K/V input
+    ran as DequantizeLinear + FP32 MatMul."""
+    for head in HEADS:
+        path = quantized / head / graph_file(Flavour.ORT, Precision.INT8)
+        quantized_matmuls = qdq_summary(onnx.load(str(path)), onnx.TensorProto.UINT8, 128).quantized_matmuls
+        ops = _integer_kernels(path, tmp_path)
+        assert ops["MatMulIntegerToFloat"] == quantized_matmuls > 0, (head, ops)
+        assert ops["DequantizeLinear"] == 0, (head, ops)
+        # The same graph in TensorRT's signed code: ONNX Runtime leaves the shared inputs in FP32.
+        signed = onnx.load(str(path))
+        assert encode_activations(signed, Flavour.TRT) > 0
+        signed_path = tmp_path / f"{head}.signed.onnx"
+        onnx.save(signed, str(signed_path))
+        assert _integer_kernels(signed_path, tmp_path)["MatMulIntegerToFloat"] < quantized_matmuls, head
+
+
+def test_recoding_activations_keeps_every_value(quantized: Path, tmp_path: Path) -> None:
+    """uint8 with zero point 128 holds what int8 with zero point 0 holds: the outputs are equal."""
+    folder = quantized / "itm"
+    path = folder / graph_file(Flavour.ORT, Precision.INT8)
+    signed = onnx.load(str(path))
+    recoded = encode_activations(signed, Flavour.TRT)
+    assert recoded == sum(1 for n in signed.graph.node if n.op_type == "QuantizeLinear") > 0
+    assert encode_activations(signed, Flavour.TRT) == 0  # already in that code
+    signed_path = tmp_path / "signed.onnx"
+    onnx.save(signed, str(signed_path))
+    import onnxruntime as ort
+
+    feeds = sample_inputs(read_manifest(folder).config, 2, 11, seed=5)
+    options = ort.SessionOptions()
+    # Unfused, both graphs run ONNX's own QuantizeLinear/DequantizeLinear/MatMul: equal bit for bit.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    results = []
+    for graph in (path, signed_path):
+        session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        results.append(session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()}))
+    assert len(results[0]) == len(results[1]) > 0
+    for unsigned_output, signed_output in zip(*results, strict=True):
+        np.testing.assert_array_equal(unsigned_output, signed_output)
+    bad = onnx.load(str(path))
+    zero = next(t for t in bad.graph.initializer if t.data_type == onnx.TensorProto.UINT8)
+    zero.CopyFrom(numpy_helper.from_array(np.array(3, np.uint8), zero.name))
+    with pytest.raises(ValueError, match="not a known symmetric code"):
+        encode_activations(bad, Flavour.TRT)
 
 
 def test_dynamic_int8_quantizes_every_weight_matmul(quantized: Path) -> None:
@@ -308,6 +380,9 @@ def test_the_trt_int8_graph_reuses_the_ort_calibration_and_not_the_reverse(
         scales.append(np.sort([float(values[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear"]))
     assert len(scales[0]) == made["graph"]["qdq_pairs"]
     np.testing.assert_allclose(scales[1], scales[0], rtol=1e-3)
+    # ... in each flavour's activation code.
+    assert made["activations"] == made["graph"]["activations"] == "uint8, zero point 128"
+    assert derived["activations"] == derived["graph"]["activations"] == "int8, zero point 0"
     rows = check_export(tmp_path, ["itm"], flavour="trt", precision="int8")
     assert all(row.passed for row in rows)
     # FP16 cannot become FP32 again: made in the other order, the ort graph calibrates itself,

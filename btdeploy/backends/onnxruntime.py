@@ -168,6 +168,18 @@ def _mismatch(entry: dict[str, Any], dtype: str, shape: list[Any]) -> str | None
     return None
 
 
+def _may_hold_fp16(manifest: Any, options: Any) -> bool:
+    """Whether the graph may hold FP16 operators the CPU provider runs in FP32 instead: an FP16 graph,
+    or an INT8 one unless its record says FP32 outside the Q/DQ (the ort flavour's). Finding out
+    means parsing the whole graph: about a second on base, for nothing on an FP32-around-INT8 graph."""
+    if options.precision == Precision.FP16:
+        return True
+    if options.precision != Precision.INT8:
+        return False
+    record = manifest.data.get("precisions", {}).get(f"{options.flavour}.{options.precision}", {})
+    return bool(record.get("high_precision") != "fp32")
+
+
 def open_recorded_graph(
     manifest: Any, path: Path, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], options: Any
 ) -> OnnxRuntimeBackend:
@@ -175,7 +187,7 @@ def open_recorded_graph(
     `options.verify_hash`) and then to its declared inputs and outputs; `options` are RunOptions."""
     manifest.verify_graph(path, full=options.verify_hash)
     names = [entry["name"] for entry in outputs]
-    reduced = options.precision in (Precision.FP16, Precision.INT8)
+    reduced = _may_hold_fp16(manifest, options)
     backend = OnnxRuntimeBackend(path, names, options.providers, options.threads, options.provider_fallback, reduced)
     check_graph_io(backend, inputs, outputs)
     return backend

@@ -99,6 +99,30 @@ def test_the_trt_int8_graphs_fp16_attention_and_quantize_run_in_fp32_on_the_cpu(
     assert quantize and backend.quantize_in_fp32 == len(quantize)
 
 
+def test_only_graphs_that_may_hold_fp16_are_parsed_for_the_cpu_rewrite(
+    quantized: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from btdeploy.backends import onnxruntime as ort_backend
+
+    parsed: list[str] = []
+    real = ort_backend._with_fp32_stand_ins
+
+    def recording(path: Path, options: object) -> tuple[str | bytes, int, int]:
+        parsed.append(path.name)
+        return real(path, options)
+
+    monkeypatch.setattr(ort_backend, "_with_fp32_stand_ins", recording)
+    manifest = read_manifest(quantized / "itm")
+    for flavour, precision in [
+        (Flavour.ORT, Precision.INT8),  # FP32 around the Q/DQ, as its record says
+        (Flavour.ORT, Precision.INT8_DYNAMIC),
+        (Flavour.TRT, Precision.INT8),
+        (Flavour.ORT, Precision.FP16),
+    ]:
+        TARGETS["onnxruntime"].make(manifest, RunOptions(flavour=flavour, precision=precision))
+    assert parsed == ["model.trt.int8.onnx", "model.ort.fp16.onnx"]
+
+
 def test_int8_qdq_is_symmetric_and_keeps_norms_and_residuals_out(quantized: Path) -> None:
     graphs = _graphs(quantized, "int8")
     assert len(graphs) == len(HEADS) + len(TRT_HEADS)

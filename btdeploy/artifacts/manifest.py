@@ -117,6 +117,11 @@ class Manifest:
             whole["parts"] = summaries
         return whole
 
+    def precision_record(self, flavour: str, precision: str) -> dict[str, Any] | None:
+        """What `btdeploy quantize` recorded for this flavour and precision, if it ran."""
+        record: dict[str, Any] | None = self.data.get("precisions", {}).get(f"{flavour}.{precision}")
+        return record
+
     def made_by(self, source: Path, packages: tuple[str, ...], **more: Any) -> dict[str, Any]:
         """What a step's graph is made from: its source graph (name and recorded hash), the tool
         versions that made it, and anything else it depends on (calibration data, options)."""

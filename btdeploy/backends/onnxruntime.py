@@ -176,7 +176,7 @@ def _may_hold_fp16(manifest: Any, options: Any) -> bool:
         return True
     if options.precision != Precision.INT8:
         return False
-    record = manifest.data.get("precisions", {}).get(f"{options.flavour}.{options.precision}", {})
+    record = manifest.precision_record(options.flavour, options.precision) or {}
     return bool(record.get("high_precision") != "fp32")
 
 

@@ -42,6 +42,11 @@ class ActivationCode:
     data_type: int  # onnx.TensorProto element type
     zero_point: int
 
+    def zero(self, name: str) -> onnx.TensorProto:
+        """The zero point as the initializer `name`."""
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.data_type)
+        return numpy_helper.from_array(np.array(self.zero_point, dtype=dtype), name)
+
     def describe(self) -> str:
         return f"{onnx.helper.tensor_dtype_to_np_dtype(self.data_type)}, zero point {self.zero_point}"
 
@@ -83,7 +88,8 @@ def calibrated_int8(
     model = onnx.load(str(source))  # the session is gone: this is the one copy of the weights held
     plan = _plan(model)
     _leave_out_small_gemms(plan, calibrated.shapes, model)
-    counts = _insert_qdq(model, plan, calibrated.ranges)
+    code = ACTIVATION_CODE[flavour]
+    counts = _insert_qdq(model, plan, calibrated.ranges, code)
     graph = Graph(model)
     restored = QDQ_ISLANDS.run(graph, flavour)
     options: dict[str, Any] = {
@@ -97,10 +103,10 @@ def calibrated_int8(
         "matmuls_left_out": dict(plan.left_out),
         **counts,
         "high_precision": "fp32",
-        "activations": SIGNED.describe(),
+        "activations": code.describe(),
     }
     # FP32 around the Q/DQ, as the ort flavour has it; the twin conversion gives the graph this
-    # flavour's high precision and activation code (encode_activations reads the code it finds).
+    # flavour's high precision (its activation code is already this flavour's).
     model, changed = int8_from_twin(graph.model, Flavour.ORT, flavour)
     return model, {**options, **changed}
 
@@ -151,7 +157,7 @@ def _leave_out_small_gemms(plan: Int8Plan, shapes: dict[str, tuple[int, ...]], m
 
 
 def _insert_qdq(
-    model: onnx.ModelProto, plan: Int8Plan, ranges: dict[str, tuple[np.ndarray, np.ndarray]]
+    model: onnx.ModelProto, plan: Int8Plan, ranges: dict[str, tuple[np.ndarray, np.ndarray]], code: ActivationCode
 ) -> dict[str, int]:
     """One Q/DQ pair per activation tensor, shared by the MatMuls that read it; one DequantizeLinear
     per weight, whose initializer becomes int8 in place (the FP32 bytes are released one by one)."""
@@ -163,7 +169,7 @@ def _insert_qdq(
     dequantized: dict[str, str] = {}
     for matmul in plan.matmuls:
         if matmul.activation not in dequantized:
-            dequantized[matmul.activation] = _activation_qdq(graph, matmul.activation, ranges, added)
+            dequantized[matmul.activation] = _activation_qdq(graph, matmul.activation, ranges, code, added)
         if matmul.weight not in dequantized:
             shared = readers[matmul.weight] > quantized_readers[matmul.weight]
             dequantized[matmul.weight] = _weight_dq(graph, initializers[matmul.weight], shared, added)
@@ -178,7 +184,7 @@ def _insert_qdq(
 
 
 def _activation_qdq(
-    graph: onnx.GraphProto, tensor: str, ranges: dict[str, tuple[np.ndarray, np.ndarray]],
+    graph: onnx.GraphProto, tensor: str, ranges: dict[str, tuple[np.ndarray, np.ndarray]], code: ActivationCode,
     added: dict[str, list[onnx.NodeProto]],
 ) -> str:  # fmt: skip
     from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
@@ -186,13 +192,12 @@ def _activation_qdq(
     if tensor not in ranges:
         raise BtDeployError(f"calibration gave no range for {tensor}: its graph output was not produced")
     lowest, highest = ranges[tensor]
+    # The scale of the signed grid; every code holds that grid, at its own zero point.
     qmin, qmax = get_qmin_qmax_for_qType(onnx.TensorProto.INT8, symmetric=True)
-    zero_point, scale = compute_scale_zp(lowest, highest, qmin, qmax, symmetric=True)
+    _, scale = compute_scale_zp(lowest, highest, qmin, qmax, symmetric=True)
     scale_name, zero_name = f"{tensor}_scale", f"{tensor}_zero_point"
-    graph.initializer.extend([
-        numpy_helper.from_array(np.asarray(scale, dtype=np.float32), scale_name),
-        numpy_helper.from_array(np.asarray(zero_point, dtype=np.int8), zero_name),
-    ])  # fmt: skip
+    graph.initializer.extend([numpy_helper.from_array(np.asarray(scale, dtype=np.float32), scale_name),
+                              code.zero(zero_name)])  # fmt: skip
     quantized, output = f"{tensor}_QuantizeLinear_Output", f"{tensor}_DequantizeLinear_Output"
     added.setdefault(tensor, []).extend([
         onnx.helper.make_node("QuantizeLinear", [tensor, scale_name, zero_name], [quantized],
@@ -309,7 +314,6 @@ def encode_activations(model: onnx.ModelProto, flavour: Flavour) -> int:
         value = numpy_helper.to_array(tensor)
         if have is None or value.size != 1 or int(value.reshape(())) != have.zero_point:
             raise ValueError(f"activation zero point {tensor.name} is not a known symmetric code: {value}")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(want.data_type)
-        tensor.CopyFrom(numpy_helper.from_array(np.array(want.zero_point, dtype=dtype), tensor.name))
+        tensor.CopyFrom(want.zero(tensor.name))
         changed += 1
     return changed

@@ -110,8 +110,8 @@ def quantize_head(
                                    calibration=_calibration_source(calibration, stem, source_flavour))
             for stem in manifest.stems
         }  # fmt: skip
-        recorded = manifest.data.get("precisions", {}).get(key)
-        if reuse and manifest.up_to_date(recorded, made_by):
+        recorded = manifest.precision_record(chosen, method.precision)
+        if reuse and recorded is not None and manifest.up_to_date(recorded, made_by):
             say(f"quantize {manifest.head} ({chosen}, {method.precision}): {recorded['file']} is up to date "
                 "(same source graph, calibration and tool versions); --force makes it again")  # fmt: skip
             return dict(recorded, reused=True)
@@ -209,7 +209,7 @@ def _twin(
     if method.from_twin is None:
         return None
     for other in Flavour:
-        record = manifest.data.get("precisions", {}).get(f"{other}.{method.precision}")
+        record = manifest.precision_record(other, method.precision)
         if other == flavour or not method.from_twin.converts(other, flavour):
             continue
         if not manifest.up_to_date(record, {stem: made_by[stem]}):

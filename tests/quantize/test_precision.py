@@ -178,15 +178,13 @@ def test_fp16_keeps_layernorm_and_io_in_fp32(quantized: Path) -> None:
         assert softmax_or_ln
 
 
-def _integer_kernels(path: Path, tmp_path: Path, **config: str) -> Counter[str]:
+def _integer_kernels(path: Path, tmp_path: Path) -> Counter[str]:
     """The operators ONNX Runtime's CPU provider runs for a graph, after its own fusions."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.optimized_model_filepath = str(tmp_path / f"{path.stem}.ort-optimized.onnx")
-    for key, value in config.items():
-        options.add_session_config_entry(key, value)
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return Counter(n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
 

@@ -26,6 +26,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from btdeploy.backends.onnxruntime import session_options
+
 TOKENS, WIDTH, HEADS = 325, 768, 12
 
 
@@ -38,8 +40,7 @@ def _session(nodes: list[Any], dtype: int, threads: int, initializers: list[Any]
     opsets = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 10
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options = session_options(threads)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from btdeploy.backends.onnxruntime import session_options
 from btdeploy.bench.ort_profile import kernel_ms_per_op
 from btdeploy.bench.profile_case import parse_profile_case
 
@@ -19,8 +20,7 @@ from btdeploy.bench.profile_case import parse_profile_case
 def main() -> None:
     args = parse_profile_case(__doc__)
     feeds = args.feeds
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
+    options = session_options(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(folder) / "profile")

@@ -32,6 +32,7 @@ import onnxruntime as ort
 import torch
 
 from btdeploy.artifacts.manifest import read_manifest
+from btdeploy.backends.onnxruntime import session_options
 from btdeploy.bench.machine import cpu_description
 from btdeploy.bench.ort_profile import kernel_ms_per_op
 from btdeploy.bench.runner import interleaved_order
@@ -78,8 +79,7 @@ def torch_kind(op: str) -> str:
 
 class OrtProfiled:
     def __init__(self, path: Path, threads: int, folder: str) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options = session_options(threads)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(folder) / path.stem)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

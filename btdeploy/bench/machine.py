@@ -71,6 +71,8 @@ def matmul_peak_gflops(threads: int, size: int = 2048, seconds: float = 2.0) -> 
     import torch
     from onnx import TensorProto, helper
 
+    from btdeploy.backends.onnxruntime import session_options
+
     flop = 2.0 * size**3
     rates: dict[str, float] = {}
     previous = torch.get_num_threads()
@@ -87,8 +89,7 @@ def matmul_peak_gflops(threads: int, size: int = 2048, seconds: float = 2.0) -> 
         [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options = session_options(threads)
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feeds = {"a": a.numpy(), "b": np.ascontiguousarray(b.numpy())}
     rates["onnxruntime"] = _best_rate(lambda: session.run(None, feeds), flop, seconds)

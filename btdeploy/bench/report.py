@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from btdeploy.artifacts.files import write_json, write_text
 from btdeploy.bench.figures import pyplot, save_png
-from btdeploy.bench.runner import BenchRun
+from btdeploy.bench.runner import BenchRun, CaseResult
+from btdeploy.bench.stats import PairedRatio, paired_ratio
 from btdeploy.bench.variants import BASELINES, VARIANTS, is_peer, precision_class
 
 # The first columns are those of ONNX Runtime's transformers benchmark CSV, where they fit.
@@ -165,9 +166,34 @@ def plot(run: BenchRun, path: Path, head: str) -> bool:
     return True
 
 
-def _against_peers(run: BenchRun) -> list[str]:
-    """Per case and precision class: btdeploy's fastest variant against the fastest peer, same run."""
-    rows = []
+@dataclass(frozen=True)
+class PeerComparison:
+    """One case and precision class: btdeploy's fastest variant against the fastest peer, same run."""
+
+    head: str
+    batch: int
+    text_length: int
+    precision: str
+    ours: CaseResult
+    peer: CaseResult
+    paired: PairedRatio | None  # None where the two have different round counts (a time-bounded run)
+
+    @property
+    def ratio_of_medians(self) -> float:
+        return self.peer.stats.median_ms / self.ours.stats.median_ms
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "head": self.head, "batch": self.batch, "text_length": self.text_length, "precision": self.precision,
+            "btdeploy": self.ours.variant, "btdeploy_median_ms": self.ours.stats.median_ms,
+            "peer": self.peer.variant, "peer_median_ms": self.peer.stats.median_ms,
+            "ratio_of_medians": self.ratio_of_medians, "paired": asdict(self.paired) if self.paired else None,
+        }  # fmt: skip
+
+
+def peer_comparisons(run: BenchRun) -> list[PeerComparison]:
+    """Per case and precision class: btdeploy's fastest variant against the fastest peer (by median)."""
+    found = []
     shapes = dict.fromkeys((c.head, c.batch, c.text_length) for c in run.cases)
     for head, batch, length in shapes:
         cases = [c for c in run.cases if (c.head, c.batch, c.text_length) == (head, batch, length)]
@@ -177,21 +203,40 @@ def _against_peers(run: BenchRun) -> list[str]:
             if ours and peers:
                 best = min(ours, key=lambda c: c.stats.median_ms)
                 peer = min(peers, key=lambda c: c.stats.median_ms)
-                ratio = peer.stats.median_ms / best.stats.median_ms
-                rows.append(
-                    f"| {head} | {batch} | {length} | {kind} | {best.variant} {best.stats.median_ms:.1f} ms "
-                    f"| {peer.variant} {peer.stats.median_ms:.1f} ms | **{ratio:.2f}x** |"
-                )
+                same_rounds = len(best.samples_s) == len(peer.samples_s)
+                paired = paired_ratio(best.samples_s, peer.samples_s) if same_rounds else None
+                found.append(PeerComparison(head, batch, length, kind, best, peer, paired))
+    return found
+
+
+def _against_peers(run: BenchRun) -> list[str]:
+    rows = []
+    for item in peer_comparisons(run):
+        paired = item.paired
+        per_round = (
+            f"{paired.median:.2f}x ({paired.low:.2f}-{paired.high:.2f}) | {paired.ahead} of {paired.rounds}"
+            if paired
+            else "- | -"
+        )
+        rows.append(
+            f"| {item.head} | {item.batch} | {item.text_length} | {item.precision} "
+            f"| {item.ours.variant} {item.ours.stats.median_ms:.1f} ms | {item.peer.variant} "
+            f"{item.peer.stats.median_ms:.1f} ms | **{item.ratio_of_medians:.2f}x** | {per_round} |"
+        )
     if not rows:
         return []
-    header = [
+    return [
         "",
         "## btdeploy against the peers (same run, same precision class)",
         "",
-        "| head | batch | length | precision | btdeploy's fastest | fastest peer | peer median / btdeploy median |",
-        "|---|---:|---:|---|---|---|---:|",
+        "Per round: the peer's time over btdeploy's in each interleaved round, median (middle half of the "
+        "rounds); the two ran seconds apart, so the machine's slow and fast minutes cancel in each ratio.",
+        "",
+        "| head | batch | length | precision | btdeploy's fastest | fastest peer | peer median / btdeploy median "
+        "| per round | rounds btdeploy ahead |",
+        "|---|---:|---:|---|---|---|---:|---:|---:|",
+        *rows,
     ]
-    return header + rows
 
 
 def write_reports(run: BenchRun, out: Path) -> list[Path]:
@@ -204,6 +249,7 @@ def write_reports(run: BenchRun, out: Path) -> list[Path]:
         "settings": asdict(run.settings),
         "interrupted": run.interrupted,
         "skips": [asdict(s) for s in run.skips],
+        "against_peers": [item.as_record() for item in peer_comparisons(run)],
         "cases": [
             {**asdict(c), "gflops_per_s": c.gflops_per_s, "pct_matmul_peak": run.percent_of_peak(c)} for c in run.cases
         ],

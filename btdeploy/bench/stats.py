@@ -36,3 +36,31 @@ def summarize(seconds: list[float], batch: int) -> LatencyStats:
         std_ms=float(ms.std()),
         throughput=batch / (median / 1e3),
     )
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """`theirs / ours` round by round. Interleaved variants run seconds apart within a round, so
+    a slow or fast minute of the machine (a shared VM's host) slows both sides of each ratio;
+    a ratio of the two medians can instead set one variant's slow minutes against the other's
+    fast ones."""
+
+    rounds: int
+    median: float
+    low: float  # 25th percentile of the per-round ratios
+    high: float  # 75th percentile
+    ahead: int  # rounds in which `ours` was the faster
+
+
+def paired_ratio(ours_s: list[float], theirs_s: list[float]) -> PairedRatio:
+    """Both lists in round order, one sample per round (what the interleaved loop records)."""
+    if len(ours_s) != len(theirs_s) or not ours_s:
+        raise ValueError(f"paired samples need one per round on both sides ({len(ours_s)} against {len(theirs_s)})")
+    ratios = np.asarray(theirs_s, dtype=np.float64) / np.asarray(ours_s, dtype=np.float64)
+    return PairedRatio(
+        rounds=len(ratios),
+        median=float(np.median(ratios)),
+        low=float(np.percentile(ratios, 25)),
+        high=float(np.percentile(ratios, 75)),
+        ahead=int((ratios > 1.0).sum()),
+    )

@@ -174,6 +174,7 @@ def test_bench_writes_every_report(tiny_export: Path, tmp_path: Path) -> None:
     data = json.loads((tmp_path / "results" / "results.json").read_text())
     assert len(data["cases"]) == 12 and all(len(c["samples_s"]) == 3 for c in data["cases"])
     assert data["machine"]["cpu"]["logical_cores"] >= 1 and data["matmul_peak_gflops"] > 1
+    assert len(data["against_peers"]) == 4 and all(r["paired"]["rounds"] == 3 for r in data["against_peers"])
     table = (tmp_path / "results" / "results.md").read_text()
     main, peers = table.split("## btdeploy against the peers")
     assert "FP32 matmul peak measured in this run" in main and main.count("| itm |") == 12
@@ -240,6 +241,30 @@ def test_the_report_sets_btdeploy_against_the_fastest_peer_per_precision() -> No
     text = markdown(run)
     assert "| itm | 1 | 16 | fp32 | ort-fused 10.0 ms | openvino-fp32 12.0 ms | **1.20x** |" in text
     assert "| itm | 1 | 16 | int8 | ort-int8-dynamic 4.0 ms | openvino-int8 5.0 ms | **1.25x** |" in text
+
+
+def test_the_peer_comparison_pairs_the_rounds() -> None:
+    # The machine's speed drifts between rounds: here btdeploy met a slow minute where the peer
+    # did not, so the medians say 0.40x while btdeploy was ahead in two of three rounds.
+    from btdeploy.bench.report import markdown, peer_comparisons
+    from btdeploy.bench.runner import BenchRun, BenchSettings, CaseResult
+    from btdeploy.bench.stats import paired_ratio, summarize
+
+    run = BenchRun(BenchSettings())
+    for name, ms in {"ort-int8-dynamic": [10.0, 30.0, 30.0], "openvino-int8": [12.0, 12.0, 33.0]}.items():
+        seconds = [v / 1e3 for v in ms]
+        run.cases.append(CaseResult(name, "itm", 4, 40, seconds, summarize(seconds, 4), 10**9, 1.0, 1.0))
+    (item,) = peer_comparisons(run)
+    assert item.ratio_of_medians == pytest.approx(0.4)
+    assert item.paired is not None and item.paired.median == pytest.approx(1.1) and item.paired.ahead == 2
+    assert item.paired.low == pytest.approx(0.75) and item.paired.high == pytest.approx(1.15)
+    assert "| **0.40x** | 1.10x (0.75-1.15) | 2 of 3 |" in markdown(run)
+    assert item.as_record()["paired"]["median"] == pytest.approx(1.1)
+    # A time-bounded run can give the two different round counts: no pairing then.
+    run.cases[1].samples_s.append(0.012)
+    assert peer_comparisons(run)[0].paired is None and "| - | - |" in markdown(run)
+    with pytest.raises(ValueError, match="one per round"):
+        paired_ratio([0.01], [0.01, 0.02])
 
 
 def test_pipeline_steps_sets_runs_side_by_side() -> None:

@@ -215,3 +215,21 @@ def test_rank_workload_bench_writes_split_and_monolithic(split_export: Path, tmp
     assert all(len(c.samples_s) == 2 and c.median_ms > 0 for c in cases)
     table = (tmp_path / "rank.md").read_text()
     assert "| plain fp32 |" in table and "| ort fp32 |" in table and (tmp_path / "rank.png").stat().st_size > 0
+
+
+def test_split_spin_benchmark_sets_the_option_sets_side_by_side(split_export: Path) -> None:
+    # benchmarks/split_spin.py times the split runtime in child processes under ONNX Runtime's
+    # default session options and under btdeploy's; btdeploy's leave the cores idle after a run.
+    import re
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[2] / "benchmarks" / "split_spin.py"
+    command = [sys.executable, str(script), str(split_export / "itm"), "--rounds", "1", "--runs", "2", "--threads", "2"]
+    lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
+    row = re.compile(r"\| (\S+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|")
+    rows = {m.group(1): m for line in lines if (m := row.match(line))}
+    assert set(rows) == {"onnxruntime-default", "btdeploy"}, lines
+    assert all(float(m.group(2)) > 0 and float(m.group(3)) > 0 for m in rows.values())
+    assert float(rows["btdeploy"].group(4)) < 5.0, lines
+    assert re.search(r"default / btdeploy, per round: [\d.]+x \(median [\d.]+x\)", lines[-1]), lines[-1]

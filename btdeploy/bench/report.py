@@ -230,7 +230,7 @@ def _against_peers(run: BenchRun) -> list[str]:
         "## btdeploy against the peers (same run, same precision class)",
         "",
         "Per round: the peer's time over btdeploy's in each interleaved round, median (middle half of the "
-        "rounds); the two ran seconds apart, so the machine's slow and fast minutes cancel in each ratio.",
+        "rounds); the two ran seconds apart, so both sides of a ratio met the same minute of the machine.",
         "",
         "| head | batch | length | precision | btdeploy's fastest | fastest peer | peer median / btdeploy median "
         "| per round | rounds btdeploy ahead |",

@@ -41,9 +41,9 @@ def summarize(seconds: list[float], batch: int) -> LatencyStats:
 @dataclass(frozen=True)
 class PairedRatio:
     """`theirs / ours` round by round. Interleaved variants run seconds apart within a round, so
-    a slow or fast minute of the machine (a shared VM's host) slows both sides of each ratio;
-    a ratio of the two medians can instead set one variant's slow minutes against the other's
-    fast ones."""
+    both sides of each ratio meet the same minute of the machine (a shared VM's host has slow and
+    fast ones); a ratio of the two medians can instead set one variant's slow minutes against the
+    other's fast ones."""
 
     rounds: int
     median: float

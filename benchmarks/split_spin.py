@@ -24,16 +24,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from btdeploy.backends.onnxruntime import STOP_SPINNING_AFTER_RUN, session_options
+
 OPTION_SETS = ("onnxruntime-default", "btdeploy")
 
 
-def _ort_defaults(threads: int | None = None) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
+def _ort_default_spinning(threads: int | None = None) -> Any:
+    """btdeploy's session options with ONNX Runtime's default back: workers spin on after a run."""
+    options = session_options(threads)
+    options.add_session_config_entry(STOP_SPINNING_AFTER_RUN, "0")  # overwrites btdeploy's "1"
     return options
 
 
@@ -44,7 +43,7 @@ def child(folder: Path, option_set: str, flavour: str | None, runs: int, threads
     from btdeploy.model.inputs import sample_inputs
 
     if option_set == "onnxruntime-default":
-        onnxruntime_backend.session_options = _ort_defaults  # what the backend calls for every session
+        onnxruntime_backend.session_options = _ort_default_spinning  # what the backend calls for every session
     runtime = btdeploy.load(folder, flavour=flavour, split=True, threads=threads)
     assert isinstance(runtime, btdeploy.SplitRuntime)
     feeds = sample_inputs(read_manifest(folder).config, 1, 16, pad=False)

@@ -38,6 +38,10 @@ def resolve_providers(providers: tuple[str, ...] | list[str] | None) -> list[str
     return [_PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
 
 
+# The session config entry that stops ONNX Runtime's workers spinning when a run ends ("1").
+STOP_SPINNING_AFTER_RUN = "session.force_spinning_stop"
+
+
 def session_options(threads: int | None = None) -> Any:
     """The options of every ONNX Runtime session btdeploy opens.
 
@@ -55,7 +59,7 @@ def session_options(threads: int | None = None) -> Any:
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.force_spinning_stop", "1")
+    options.add_session_config_entry(STOP_SPINNING_AFTER_RUN, "1")
     return options
 
 

@@ -29,9 +29,9 @@ from btdeploy.backends.onnxruntime import STOP_SPINNING_AFTER_RUN, session_optio
 OPTION_SETS = ("onnxruntime-default", "btdeploy")
 
 
-def _ort_default_spinning(threads: int | None = None) -> Any:
+def _ort_default_spinning(threads: int | None = None, spin: bool = True) -> Any:
     """btdeploy's session options with ONNX Runtime's default back: workers spin on after a run."""
-    options = session_options(threads)
+    options = session_options(threads, spin)
     options.add_session_config_entry(STOP_SPINNING_AFTER_RUN, "0")  # overwrites btdeploy's "1"
     return options
 

@@ -256,6 +256,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         address=args.address,
         replica_cpus=args.replica_cpus,
         threads=args.threads,
+        spin=args.spin,
         timeout_s=args.timeout,
         max_body_mb=args.max_body_mb,
         feature_cache=args.feature_cache,
@@ -424,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--threads", type=int, default=None, help="ONNX Runtime threads per replica (default: every core)"
+    )
+    serve.add_argument(
+        "--spin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether the replicas' ONNX Runtime workers spin between operators (default: only when one model"
+        " replica may run)",
     )
     serve.add_argument(
         "--timeout", type=float, default=30.0, help="seconds a request may wait for its answer (then 503)"

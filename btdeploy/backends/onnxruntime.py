@@ -40,9 +40,11 @@ def resolve_providers(providers: tuple[str, ...] | list[str] | None) -> list[str
 
 # The session config entry that stops ONNX Runtime's workers spinning when a run ends ("1").
 STOP_SPINNING_AFTER_RUN = "session.force_spinning_stop"
+# The one that lets them spin between the operators of a run ("1", ONNX Runtime's default) or not.
+SPIN_WITHIN_RUN = "session.intra_op.allow_spinning"
 
 
-def session_options(threads: int | None = None) -> Any:
+def session_options(threads: int | None = None, spin: bool = True) -> Any:
     """The options of every ONNX Runtime session btdeploy opens.
 
     By default ONNX Runtime's worker threads keep spinning after a run ends (about 33 ms of CPU
@@ -50,8 +52,14 @@ def session_options(threads: int | None = None) -> Any:
     process (the split towers run one after another; the bench, `check` and the rank workload
     hold several graphs) that spin takes a core from whatever runs next: base itm int8-dynamic at
     1 x 16 took 257 ms right after the FP32 graph's run against 194 ms with the spin stopped at
-    the end of each run (median of 12 paired rounds, 2-core Zen 4). Spinning between the
-    operators of one run, which is what makes a run fast, is kept.
+    the end of each run (median of 12 paired rounds, 2-core Zen 4). So it always stops there.
+
+    Spinning between the operators of one run (`spin`) makes a run on cores of its own faster
+    (base itm int8-dynamic 1 x 16: 197.5 against 210.8 ms without). Where another busy process
+    shares the cores it is the other way round: a spinning worker holds a core the other process
+    needs, and its partner waits for it at every operator. Beside a process spinning on one of the
+    two cores the same run slowed 2.14x with spinning and 1.56x without (benchmarks/busy_neighbour.py);
+    two serve replicas on 2 cores served more without it (serve/settings.py, `replicas_spin`).
     """
     import onnxruntime as ort
 
@@ -60,6 +68,7 @@ def session_options(threads: int | None = None) -> Any:
     if threads:
         options.intra_op_num_threads = threads
     options.add_session_config_entry(STOP_SPINNING_AFTER_RUN, "1")
+    options.add_session_config_entry(SPIN_WITHIN_RUN, "1" if spin else "0")
     return options
 
 
@@ -74,12 +83,13 @@ class OnnxRuntimeBackend:
         threads: int | None = None,
         provider_fallback: bool = False,
         reduced_precision: bool = False,
+        spin: bool = True,
     ) -> None:
         import onnxruntime as ort
 
         if not Path(model_path).is_file():
             raise BtDeployError(f"{model_path} is missing: export the head again (btdeploy export)")
-        options = session_options(threads)
+        options = session_options(threads, spin)
         self.providers = resolve_providers(providers)
         # Only a reduced-precision graph holds FP16 operators; only the CPU provider needs the rewrite.
         self.attention_in_fp32 = self.quantize_in_fp32 = 0
@@ -210,6 +220,8 @@ def open_recorded_graph(
     manifest.verify_graph(path, full=options.verify_hash)
     names = [entry["name"] for entry in outputs]
     reduced = _may_hold_fp16(manifest, options)
-    backend = OnnxRuntimeBackend(path, names, options.providers, options.threads, options.provider_fallback, reduced)
+    backend = OnnxRuntimeBackend(
+        path, names, options.providers, options.threads, options.provider_fallback, reduced, options.spin
+    )
     check_graph_io(backend, inputs, outputs)
     return backend

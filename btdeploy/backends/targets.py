@@ -32,6 +32,7 @@ class RunOptions:
     precision: Precision = Precision.FP32
     providers: tuple[str, ...] | None = None  # ONNX Runtime providers: cpu, cuda
     threads: int | None = None
+    spin: bool = True  # ONNX Runtime's workers spin between operators (off: busy processes share the cores)
     device: str = "cpu"  # the PyTorch reference's device
     cuda_graphs: bool = False
     split: bool = False  # the text, vision and fusion graphs instead of the whole head
@@ -41,6 +42,7 @@ class RunOptions:
 
 
 OPTION_NAMES = tuple(f.name for f in fields(RunOptions))
+_FLAG_DEFAULTS = {f.name: f.default for f in fields(RunOptions) if isinstance(f.default, bool)}
 GraphKind = tuple[Flavour | None, Precision]
 
 
@@ -93,7 +95,10 @@ class Target:
                 f"unknown option(s) {', '.join(map(repr, unknown))}: the {self.name} backend takes "
                 f"{', '.join(sorted(self.options))}"
             )
-        given = {name: value for name, value in options.items() if value is not None and value is not False}
+        # An option left at its default is not "given": a target that does not read it is not asked to.
+        given = {
+            name: value for name, value in options.items() if value is not None and value != _FLAG_DEFAULTS.get(name)
+        }
         foreign = [name for name in given if name not in self.options]
         if foreign:
             raise BtDeployError(
@@ -173,7 +178,9 @@ _ORT_GRAPHS: tuple[GraphKind, ...] = (
 ONNXRUNTIME = Target(
     name="onnxruntime",
     description="ONNX Runtime on the exported or optimized graphs",
-    options=frozenset({"flavour", "precision", "providers", "threads", "split", "verify_hash", "provider_fallback"}),
+    options=frozenset(
+        {"flavour", "precision", "providers", "threads", "spin", "split", "verify_hash", "provider_fallback"}
+    ),
     graphs=_ORT_GRAPHS,
     make=_ort_make,
     unavailable=_ort_unavailable,

@@ -13,7 +13,7 @@ from typing import Any
 
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import say
-from btdeploy.serve.settings import ServeSettings, check_settings, replica_cpus
+from btdeploy.serve.settings import ServeSettings, check_settings, replica_cpus, replicas_spin
 
 READY_TIMEOUT_S = 300
 
@@ -56,13 +56,14 @@ def serve_export(settings: ServeSettings) -> int:
         collector = app_collector()
         deployments = len(folders) + (1 if rank_folder else 0)
         cpus = replica_cpus(settings, deployments, float(ray.cluster_resources().get("CPU", 0)))
-        settings = replace(settings, replica_cpus=cpus)
+        settings = replace(settings, replica_cpus=cpus, spin=replicas_spin(settings, deployments))
         serve.start(http_options={"host": settings.host, "port": settings.port})
         heads = ", ".join(folders)
         say(
             f"deploying {heads}"
             + (" and rank" if rank_folder else "")
-            + f" ({settings.replicas} replica(s) each, {cpus:g} CPU reserved per replica)"
+            + f" ({settings.replicas} replica(s) each, {cpus:g} CPU reserved per replica,"
+            + f" ONNX Runtime workers {'spinning' if settings.spin else 'not spinning'} between operators)"
         )
         serve.run(build_application(settings, folders, rank_folder), name=APP_NAME, route_prefix="/")
         url = f"http://{settings.host}:{settings.port}"

@@ -30,6 +30,8 @@ class ServeSettings:
     address: str | None = None  # a Ray cluster to join instead of starting one
     replica_cpus: float | None = None  # None: the cluster's CPUs shared out (fractional on a 2-core machine)
     threads: int | None = None  # ONNX Runtime threads per replica (default: every core)
+    # Whether a replica's ONNX Runtime workers spin between operators; None: `replicas_spin` decides.
+    spin: bool | None = None
     timeout_s: float = 30.0
     max_body_mb: float = 16.0
     max_texts: int = 64  # per task request
@@ -41,6 +43,8 @@ class ServeSettings:
             options["flavour"] = self.flavour
         if self.threads:
             options["threads"] = self.threads
+        if self.spin is not None:
+            options["spin"] = self.spin
         return options
 
     def as_dict(self) -> dict[str, Any]:
@@ -80,7 +84,7 @@ def replica_cpus(settings: ServeSettings, deployments: int, cluster_cpus: float)
     """CPUs Ray reserves per model replica: as asked, or the cluster's CPUs shared among every replica
     the application may run (so it schedules on a 2-core machine; ONNX Runtime still uses every
     core it is given threads for, the reservation only decides placement)."""
-    replicas = deployments * (settings.max_replicas or settings.replicas)
+    replicas = model_replicas(settings, deployments)
     needed = GATEWAY_CPUS + replicas * (settings.replica_cpus or 0)
     if settings.replica_cpus is not None:
         if needed > cluster_cpus + 1e-9:
@@ -90,6 +94,22 @@ def replica_cpus(settings: ServeSettings, deployments: int, cluster_cpus: float)
             )
         return settings.replica_cpus
     return round(min(1.0, (cluster_cpus - GATEWAY_CPUS) / replicas), 3)
+
+
+def model_replicas(settings: ServeSettings, deployments: int) -> int:
+    """The most model replicas the application may run at once (every head's, and rank's)."""
+    return deployments * (settings.max_replicas or settings.replicas)
+
+
+def replicas_spin(settings: ServeSettings, deployments: int) -> bool:
+    """Whether the replicas' ONNX Runtime workers spin between operators: as asked, or only where
+    one model replica may run. A spinning worker holds its core while it waits; replicas that run
+    at once on the same cores take it from each other (base itm int8-dynamic, two replicas on 2
+    cores: 3.26-4.02 requests/s without spinning, 2.69-3.00 with). One replica alone served about
+    as many either way, and answers a lone request faster spinning (benchmarks/results/serve-base)."""
+    if settings.spin is not None:
+        return settings.spin
+    return model_replicas(settings, deployments) == 1
 
 
 def _check_port(host: str, port: int) -> None:

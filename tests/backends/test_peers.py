@@ -46,3 +46,25 @@ def test_torch_compile_equals_eager(tiny_export: Path) -> None:
     for batch, length in ((1, 5), (3, 11)):  # dynamic shapes: a second shape reuses the compiled graph
         feeds = sample_inputs(eager.config, batch, length, seed=batch)
         assert np.abs(compiled(**feeds).logits - eager(**feeds).logits).max() <= 1e-4
+
+
+def test_busy_neighbour_benchmark_times_every_variant_in_both_conditions(trt_itm: Path) -> None:
+    # benchmarks/busy_neighbour.py: ONNX Runtime with and without spin, and OpenVINO, quiet and
+    # beside a process spinning on one CPU; that process is gone when the script ends.
+    import re
+    import subprocess
+    import sys
+
+    quantize_head(trt_itm / "itm", "int8-dynamic", "ort")
+    script = Path(__file__).parents[2] / "benchmarks" / "busy_neighbour.py"
+    command = [sys.executable, str(script), str(trt_itm), "--batch", "1", "--seq-len", "8", "--rounds", "1"]
+    lines = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300).stdout.splitlines()
+    row = re.compile(r"\| (.+?) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|")
+    rows = {m.group(1): m for line in lines if (m := row.match(line))}
+    expected = {"ort-int8-dynamic (spin)", "ort-int8-dynamic (spin=False)", "openvino-int8"}
+    assert set(rows) == expected, lines
+    for m in rows.values():
+        quiet, busy, slowdown = (float(m.group(i)) for i in (2, 3, 4))
+        assert quiet > 0 and busy > 0 and slowdown == pytest.approx(busy / quiet, rel=0.05)  # ms printed to 0.1
+    spinners = subprocess.run(["pgrep", "-f", "while True"], capture_output=True, text=True).stdout.split()
+    assert not spinners, spinners

@@ -36,6 +36,7 @@ def _one_line(error: pytest.ExceptionInfo[BtDeployError]) -> str:
         ("onnxruntime", {"flavour": "tensorrt"}, "flavour 'tensorrt': choose one of ort, trt"),
         ("onnxruntime", {"cuda_graphs": True}, "does not take 'cuda_graphs'"),
         ("torch", {"split": True}, "does not take 'split'"),
+        ("torch", {"spin": False}, "does not take 'spin'"),
         ("onnxruntime", {"providers": ["cuda"]}, "ONNX Runtime could not start CUDAExecutionProvider"),
         ("tensorflow", {}, "unknown backend 'tensorflow': choose one of onnxruntime, torch, tensorrt, openvino"),
     ],
@@ -65,6 +66,8 @@ def test_resolved_options_are_typed_and_defaulted() -> None:
     options = get_target("onnxruntime").resolve({"precision": "int8", "providers": ["cpu"], "threads": 2})
     assert options == RunOptions(Flavour.ORT, Precision.INT8, ("cpu",), 2)
     assert get_target("onnxruntime").resolve({}) == RunOptions()
+    assert get_target("onnxruntime").resolve({"spin": False}).spin is False
+    assert get_target("torch").resolve({"spin": True}) == RunOptions()  # the default is not an option given
     # Every bench variant is a graph its target declares.
     for target in TARGETS.values():
         for variant in target.variants:

@@ -18,7 +18,7 @@ from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
 from btdeploy.serve.feature_cache import FeatureCache
 from btdeploy.serve.metrics import ServeStats
 from btdeploy.serve.protocol import ModelSignature, RequestError, binary_outputs_requested
-from btdeploy.serve.settings import ServeSettings, check_settings, replica_cpus
+from btdeploy.serve.settings import ServeSettings, check_settings, replica_cpus, replicas_spin
 from btdeploy.serve.tasks import decode_image, parse_task_request
 
 
@@ -194,6 +194,21 @@ def test_replica_cpus_share_the_machine() -> None:
     assert replica_cpus(settings, 5, 2.0) == pytest.approx(0.38)  # 4 heads + rank on 2 cores
     with pytest.raises(BtDeployError, match="need 2.6 CPUs, the Ray cluster has 2"):
         replica_cpus(ServeSettings(export_dir=".", replica_cpus=0.5), 5, 2.0)
+
+
+def test_replicas_spin_only_where_one_may_run() -> None:
+    from btdeploy.backends.targets import get_target
+
+    one = ServeSettings(export_dir=".")
+    assert replicas_spin(one, 1) is True
+    assert replicas_spin(one, 2) is False  # two heads, one replica each
+    assert replicas_spin(ServeSettings(export_dir=".", replicas=2), 1) is False
+    assert replicas_spin(ServeSettings(export_dir=".", max_replicas=3), 1) is False  # autoscaling may add some
+    assert replicas_spin(ServeSettings(export_dir=".", spin=True), 5) is True  # as asked
+    assert replicas_spin(ServeSettings(export_dir=".", spin=False), 1) is False
+    for asked in (False, True):
+        options = ServeSettings(export_dir=".", spin=asked).run_options(split=False)
+        assert get_target("onnxruntime").resolve(options).spin is asked
 
 
 def test_settings_refuse_a_port_in_use(tiny_export: Path) -> None:

@@ -66,7 +66,9 @@ def main() -> None:
         for condition in CONDITIONS:
             neighbour = None
             if condition == "busy neighbour":
-                neighbour = subprocess.Popen([sys.executable, "-c", _SPIN_ON_ONE_CPU, str(busy_cpu)])
+                spinner = [sys.executable, "-c", _SPIN_ON_ONE_CPU, str(busy_cpu)]
+                neighbour = subprocess.Popen(spinner, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                print(f"busy neighbour: pid {neighbour.pid} on CPU {busy_cpu}", file=sys.stderr, flush=True)
                 time.sleep(0.2)
             try:
                 for name, run in runs.items():

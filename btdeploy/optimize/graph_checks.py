@@ -65,8 +65,8 @@ def require_fp16_safe(model: onnx.ModelProto, what: str) -> None:
 
 @dataclass
 class QdqSummary:
-    pairs: int = 0  # QuantizeLinear nodes (each followed by its DequantizeLinear)
-    dequantize_only: int = 0  # DequantizeLinear on a stored int8 weight
+    pairs: int = 0  # QuantizeLinear nodes (each read by its DequantizeLinear, or by integer MatMuls)
+    dequantize_only: int = 0  # stored int8 weights read: behind a DequantizeLinear, or by an integer MatMul
     asymmetric: list[str] = field(default_factory=list)  # zero points off the code's midpoint
     wrong_type: list[str] = field(default_factory=list)  # weights not int8, activations not in the code
     quantized_no_qdq_ops: list[str] = field(default_factory=list)  # LayerNorm/Softmax fed by a DQ
@@ -82,6 +82,7 @@ def qdq_summary(
     summary = QdqSummary()
     producers = {out: node for node in model.graph.node for out in node.output}
     constants = _constant_tensors(model)
+    int8_weights: set[str] = set()
     for node in model.graph.node:
         if node.op_type == "MatMul":
             fed = [producers[i].op_type if i in producers else "" for i in node.input]
@@ -89,6 +90,20 @@ def qdq_summary(
                 summary.quantized_matmuls += 1
             else:
                 summary.unquantized_matmuls.append(node.name)
+        if node.op_type == "MatMulIntegerToFloat":  # the ort flavour's form (passes/integer_matmul.py)
+            summary.quantized_matmuls += 1
+            int8_weights.add(node.input[1])
+            stored = constants.get(node.input[1])
+            if stored is None or stored.data_type != onnx.TensorProto.INT8:
+                summary.wrong_type.append(node.name)
+            for zero_name, (want_type, want_zero) in ((node.input[4], (activation_type, activation_zero_point)),
+                                                      (node.input[5], (onnx.TensorProto.INT8, 0))):  # fmt: skip
+                zero_point = constants.get(zero_name)
+                if zero_point is None or zero_point.data_type != want_type:
+                    summary.wrong_type.append(node.name)
+                elif np.any(numpy_helper.to_array(zero_point).astype(np.int64) != want_zero):
+                    summary.asymmetric.append(node.name)
+            continue
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             if node.op_type in FULL_PRECISION_OPS:
                 fed = [i for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]
@@ -99,7 +114,7 @@ def qdq_summary(
         if node.op_type == "QuantizeLinear":
             summary.pairs += 1
         elif weight:
-            summary.dequantize_only += 1
+            int8_weights.add(node.input[0])
         want_type, want_zero = (onnx.TensorProto.INT8, 0) if weight else (activation_type, activation_zero_point)
         zero_point = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if zero_point is None:
@@ -109,6 +124,7 @@ def qdq_summary(
             summary.wrong_type.append(node.name)
         if np.any(numpy_helper.to_array(zero_point).astype(np.int64) != want_zero):
             summary.asymmetric.append(node.name)
+    summary.dequantize_only = len(int8_weights)
     return summary
 
 

@@ -26,6 +26,7 @@ from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.errors import BtDeployError
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
+from btdeploy.optimize.passes.integer_matmul import INTEGER_MATMULS
 from btdeploy.optimize.passes.qdq_islands import QDQ_ISLANDS
 from btdeploy.quantize.modelopt_env import lean_conversion, require_modelopt
 from btdeploy.quantize.tensor_ranges import entropy_ranges
@@ -276,12 +277,19 @@ def int8_from_twin(
     Model Optimizer converts it after calibrating (its convert_to_f16, the full-precision operators
     kept in FP32). Only where `int8_twin_converts`."""
     have, want = HIGH_PRECISION[made_for], HIGH_PRECISION[flavour]
+    if have != want and not int8_twin_converts(made_for, flavour):
+        raise ValueError(f"an int8 graph with {have} outside the Q/DQ cannot become one with {want}")
+    # The flavour's form of the INT8 MatMuls: ONNX Runtime's integer GEMM with its bias for ort,
+    # Q/DQ for TensorRT (raised again from an ort twin).
+    integer = Graph(model)
+    form = INTEGER_MATMULS.run(integer, flavour)
+    model = integer.model
     recoded = encode_activations(model, flavour)
     changed: dict[str, Any] = {"activations": ACTIVATION_CODE[flavour].describe()} if recoded else {}
+    if form.fused:
+        changed["integer_matmuls"] = {"form": form.name, **form.details}
     if have == want:
         return model, changed
-    if not int8_twin_converts(made_for, flavour):
-        raise ValueError(f"an int8 graph with {have} outside the Q/DQ cannot become one with {want}")
     require_modelopt()
     from modelopt.onnx.autocast.convert import convert_to_f16
 

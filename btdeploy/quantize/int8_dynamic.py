@@ -11,6 +11,8 @@ import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.artifacts.onnx_files import graph_bytes, needs_external_data
+from btdeploy.optimize.graph import Graph
+from btdeploy.optimize.passes.integer_width import INTEGER_WIDTHS
 
 
 def dynamic_int8(
@@ -32,10 +34,14 @@ def dynamic_int8(
         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     model = onnx.load(str(output))
+    graph = Graph(model)
+    padded = INTEGER_WIDTHS.run(graph, flavour)  # integer GEMMs at widths ONNX Runtime's AMX kernel gets right
+    model = graph.model
     options = {
         "tool": "onnxruntime.quantization.quantize_dynamic",
         "op_types": ["MatMul"],
         "weights": "int8, one scale per matrix",
         "activations": "uint8, quantized at run time",
+        "integer_widths": padded.details,
     }
     return model, options

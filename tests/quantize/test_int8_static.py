@@ -19,7 +19,9 @@ from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.model.inputs import sample_inputs
+from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
+from btdeploy.optimize.passes.integer_matmul import INTEGER_MATMULS
 from btdeploy.quantize.int8 import calibrated_int8, quantize_weight
 from btdeploy.quantize.tensor_ranges import entropy_ranges
 
@@ -92,6 +94,10 @@ def test_the_same_qdq_as_model_optimizer(optimized: Path, tmp_path: Path, head: 
     reference = _model_optimizer_int8(source, feeds, tmp_path / "reference.onnx")
     ours, options = calibrated_int8(source, feeds, tmp_path, Flavour.ORT)
     onnx.checker.check_model(ours)
+    # The ort graph holds ONNX Runtime's integer MatMuls; raised, they are the Q/DQ they stand for.
+    raised = Graph(ours)
+    assert INTEGER_MATMULS.run(raised, Flavour.TRT).fused == options["matmuls_quantized"]
+    ours = raised.model
     want_scales, want_weights, want_quantized = _qdq(reference)
     got_scales, got_weights, got_quantized = _qdq(ours)
     assert got_quantized == want_quantized and options["matmuls_quantized"] == len(want_quantized)

@@ -20,7 +20,9 @@ from btdeploy.cli import main
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HEADS
 from btdeploy.model.inputs import sample_inputs
+from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.graph_checks import fp16_unsafe_constants, layernorm_types, qdq_summary
+from btdeploy.optimize.passes.integer_matmul import INTEGER_MATMULS
 from btdeploy.quantize import quantizer
 from btdeploy.quantize.calibration import load_calibration
 from btdeploy.quantize.int8 import calibrated_int8, encode_activations, int8_from_twin, int8_twin_converts
@@ -135,9 +137,12 @@ def test_int8_qdq_is_symmetric_and_keeps_norms_and_residuals_out(quantized: Path
         assert summary.asymmetric == [] and summary.wrong_type == [], name
         # ... which the TensorRT rules refuse for the ort graph: the check can fail.
         assert bool(qdq_summary(model).wrong_type) == ort_graph, name
-        matmuls = sum(1 for n in model.graph.node if n.op_type == "MatMul")
+        matmuls = sum(1 for n in model.graph.node if n.op_type in ("MatMul", "MatMulIntegerToFloat"))
         # Every MatMul is INT8 on both inputs, except the few the quantizer leaves in high
-        # precision (matrix-vector products of one [CLS] row), and those are recorded.
+        # precision (matrix-vector products of one [CLS] row), and those are recorded. In the ort
+        # graph the INT8 ones are ONNX Runtime's integer MatMuls, in the trt graphs Q/DQ MatMuls.
+        integer = sum(1 for n in model.graph.node if n.op_type == "MatMulIntegerToFloat")
+        assert integer == (summary.quantized_matmuls if ort_graph else 0), name
         assert summary.quantized_matmuls + len(summary.unquantized_matmuls) == matmuls, name
         assert summary.quantized_matmuls >= 0.9 * matmuls, name
         assert 0.9 * matmuls <= summary.dequantize_only <= summary.quantized_matmuls, name  # int8 weights on disk
@@ -199,8 +204,10 @@ def test_onnx_runtime_runs_every_int8_matmul_of_the_ort_graph_as_integer_gemm(qu
         ops = _integer_kernels(path, tmp_path)
         assert ops["MatMulIntegerToFloat"] == quantized_matmuls > 0, (head, ops)
         assert ops["DequantizeLinear"] == 0, (head, ops)
-        # The same graph in TensorRT's signed code: ONNX Runtime leaves the shared inputs in FP32.
-        signed = onnx.load(str(path))
+        # The same graph as Q/DQ in TensorRT's signed code: ONNX Runtime leaves the shared inputs in FP32.
+        raised = Graph(onnx.load(str(path)))
+        assert INTEGER_MATMULS.run(raised, Flavour.TRT).fused == quantized_matmuls
+        signed = raised.model
         assert encode_activations(signed, Flavour.TRT) > 0
         signed_path = tmp_path / f"{head}.signed.onnx"
         onnx.save(signed, str(signed_path))
@@ -480,6 +487,9 @@ def test_the_lean_fp16_conversion_of_an_int8_graph_is_model_optimizers_own(optim
     manifest = read_manifest(optimized / "mlm")
     feeds = load_calibration(manifest, None, None, CALIB_SIZE).feeds
     int8, _ = calibrated_int8(manifest.graph_path(Flavour.TRT_COMPAT), feeds, manifest.folder, Flavour.ORT)
+    qdq = Graph(int8)
+    INTEGER_MATMULS.run(qdq, Flavour.TRT_COMPAT)  # Q/DQ again, as the twin conversion sees it
+    int8 = qdq.model
     options = {"low_precision_type": "fp16", "keep_io_types": True, "op_block_list": list(FULL_PRECISION_OPS)}
     own = convert_to_f16(onnx.ModelProto.FromString(int8.SerializeToString()), **options)
     with lean_conversion():

@@ -64,8 +64,9 @@ class Graph:
                     return numpy_helper.to_array(attr.t)
         return None
 
-    def add_initializer(self, base: str, value: np.ndarray) -> str:
-        name = self.unique(base)
+    def add_initializer(self, base: str, value: np.ndarray, exact_name: bool = False) -> str:
+        """A new initializer named after `base` (or `base` itself, which must be free); its name."""
+        name = base if exact_name else self.unique(base)
         tensor = numpy_helper.from_array(value, name)
         self.graph.initializer.append(tensor)
         self.initializers[name] = tensor

@@ -96,13 +96,8 @@ def qdq_summary(
             stored = constants.get(node.input[1])
             if stored is None or stored.data_type != onnx.TensorProto.INT8:
                 summary.wrong_type.append(node.name)
-            for zero_name, (want_type, want_zero) in ((node.input[4], (activation_type, activation_zero_point)),
-                                                      (node.input[5], (onnx.TensorProto.INT8, 0))):  # fmt: skip
-                zero_point = constants.get(zero_name)
-                if zero_point is None or zero_point.data_type != want_type:
-                    summary.wrong_type.append(node.name)
-                elif np.any(numpy_helper.to_array(zero_point).astype(np.int64) != want_zero):
-                    summary.asymmetric.append(node.name)
+            _check_zero_point(summary, node.name, constants.get(node.input[4]), activation_type, activation_zero_point)
+            _check_zero_point(summary, node.name, constants.get(node.input[5]), onnx.TensorProto.INT8, 0)
             continue
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             if node.op_type in FULL_PRECISION_OPS:
@@ -117,15 +112,22 @@ def qdq_summary(
             int8_weights.add(node.input[0])
         want_type, want_zero = (onnx.TensorProto.INT8, 0) if weight else (activation_type, activation_zero_point)
         zero_point = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if zero_point is None:
-            summary.wrong_type.append(node.name)  # no zero point means uint8 and 0
-            continue
-        if zero_point.data_type != want_type:
-            summary.wrong_type.append(node.name)
-        if np.any(numpy_helper.to_array(zero_point).astype(np.int64) != want_zero):
-            summary.asymmetric.append(node.name)
+        _check_zero_point(summary, node.name, zero_point, want_type, want_zero)
     summary.dequantize_only = len(int8_weights)
     return summary
+
+
+def _check_zero_point(
+    summary: QdqSummary, node: str, zero_point: onnx.TensorProto | None, want_type: int, want_zero: int
+) -> None:
+    """A zero point of the wanted type and value, or the node listed under what is wrong."""
+    if zero_point is None:
+        summary.wrong_type.append(node)  # no zero point means uint8 and 0
+        return
+    if zero_point.data_type != want_type:
+        summary.wrong_type.append(node)
+    if np.any(numpy_helper.to_array(zero_point).astype(np.int64) != want_zero):
+        summary.asymmetric.append(node)
 
 
 def layernorm_types(model: onnx.ModelProto) -> dict[str, int]:

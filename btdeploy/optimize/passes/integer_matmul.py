@@ -75,8 +75,8 @@ def lower_to_integer_matmuls(graph: Graph) -> PassResult:
         fused = onnx.helper.make_node(INTEGER_MATMUL, inputs, [output], name=matmul.name, domain=MS_DOMAIN)
         graph.replace(remove, [fused])
         details["integer_matmuls"] += 1
-    graph.remove_dead()  # the DequantizeLinears only those MatMuls read
-    if details["integer_matmuls"]:
+    if details["integer_matmuls"]:  # a graph with nothing to lower is left as it came
+        graph.remove_dead()  # the DequantizeLinears only those MatMuls read
         graph.set_opset(MS_DOMAIN, 1)
     details.update(pad_integer_widths(graph).details)  # widths ONNX Runtime's AMX kernel gets right
     result.fused = details["integer_matmuls"]
@@ -112,7 +112,8 @@ def raise_to_qdq(graph: Graph) -> PassResult:
             details["biases_unfolded"] += 1
         graph.replace([fused], added)
         details["matmuls_raised"] += 1
-    graph.toposort()  # a shared DequantizeLinear stands where its first reader stood
+    if details["matmuls_raised"]:
+        graph.toposort()  # a shared DequantizeLinear stands where its first reader stood
     result.fused = details["matmuls_raised"]
     result.details = details
     return result

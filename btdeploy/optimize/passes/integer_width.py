@@ -38,14 +38,8 @@ def _pad_columns(graph: Graph, name: str, width: int, fill: float) -> str:
         return name
     if f"{name}{PADDED}" not in graph.initializers:  # a weight two GEMMs read is padded once
         padding = [(0, 0)] * (value.ndim - 1) + [(0, width - value.shape[-1])]
-        _store(graph, f"{name}{PADDED}", np.pad(value, padding, constant_values=fill))
+        graph.add_initializer(f"{name}{PADDED}", np.pad(value, padding, constant_values=fill), exact_name=True)
     return f"{name}{PADDED}"
-
-
-def _store(graph: Graph, name: str, value: np.ndarray) -> None:
-    tensor = numpy_helper.from_array(value, name)
-    graph.graph.initializer.append(tensor)
-    graph.initializers[name] = tensor
 
 
 def _slice_to(graph: Graph, tensor: str, output: str, columns: int) -> onnx.NodeProto:
@@ -91,8 +85,9 @@ def pad_integer_widths(graph: Graph) -> PassResult:
         graph.refresh()
         details["gemms_padded"] += 1
         details["columns_added"] += width - columns
-    graph.toposort()  # each Slice after its GEMM (remove_dead reads the nodes in order)
-    graph.remove_dead()  # the unpadded weights nothing reads now
+    if details["gemms_padded"]:  # a graph with nothing to pad is left as it came
+        graph.toposort()  # each Slice after its GEMM (remove_dead reads the nodes in order)
+        graph.remove_dead()  # the unpadded weights nothing reads now
     result.fused = details["gemms_padded"]
     result.details = details
     return result
@@ -113,12 +108,13 @@ def unpad_integer_widths(graph: Graph) -> PassResult:
                 value = numpy_helper.to_array(graph.initializers[name])[..., :columns]
                 original = name[: -len(PADDED)]
                 if original not in graph.initializers:
-                    _store(graph, original, np.ascontiguousarray(value))
+                    graph.add_initializer(original, np.ascontiguousarray(value), exact_name=True)
                 node.input[index] = original
         node.output[0] = cut.output[0]
         graph.replace([cut], [])
         details["gemms_unpadded"] += 1
-    graph.remove_dead()
+    if details["gemms_unpadded"]:
+        graph.remove_dead()  # the padded copies
     result.fused = details["gemms_unpadded"]
     result.details = details
     return result

@@ -200,6 +200,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seconds=args.seconds,
         threads=args.threads or os.cpu_count() or 1,
         device=device,
+        rotate_builds=not args.build_once,
     )
     if args.workload == "rank":
         from btdeploy.bench.rank_workload import run_rank_bench
@@ -387,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     amount.add_argument("--iters", type=int, default=10, help="interleaved rounds per case")
     amount.add_argument("--seconds", type=float, default=None, help="time per variant and case instead of --iters")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    bench.add_argument(
+        "--build-once",
+        action="store_true",
+        help="build each variant once, in the order given (default: once in every position of the build"
+        " order, the rounds split between the builds, because the variant built first can run slower)",
+    )
     bench.add_argument("--out", default=None, help="results folder (default: DIR/bench)")
     bench.add_argument(
         "--workload",

@@ -94,11 +94,18 @@ def markdown(run: BenchRun) -> str:
         + "); % peak = model FLOPs / median / peak",
         f"- timing: {run.settings.warmup} warm-up run(s), then "
         + (
-            f"{run.settings.iters} interleaved rounds"
+            f"{run.settings.iters} interleaved rounds{_rounds_run(run)}"
             if run.settings.iters
             else f"{run.settings.seconds} s per variant"
         )
-        + " (A B C, B C A, ...); speedup = baseline median / variant median, same run",
+        + " (A B C, B C A, ...)"
+        + (
+            ", split evenly between builds of the variants in every order (A B C, B C A, ...; the variant"
+            " built first in a process can run a few % slower)"
+            if run.settings.rotate_builds
+            else ", each variant built once in the order given"
+        )
+        + "; speedup = baseline median / variant median, same run",
         "",
         "| head | batch | length | variant | median ms | p90 ms | p99 ms | samples/s | GFLOP/s | % peak "
         "| x torch-eager | x ort-hf-optimizer | RSS MB | first call ms |",
@@ -237,6 +244,12 @@ def _against_peers(run: BenchRun) -> list[str]:
         "|---|---:|---:|---|---|---|---:|---:|---:|",
         *rows,
     ]
+
+
+def _rounds_run(run: BenchRun) -> str:
+    """Where the builds rounded the rounds up (a whole number per build), how many ran."""
+    done = max((len(case.samples_s) for case in run.cases), default=0)
+    return f" asked, {done} run (a whole number per build)" if done > (run.settings.iters or 0) else ""
 
 
 def write_reports(run: BenchRun, out: Path) -> list[Path]:

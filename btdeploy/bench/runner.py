@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from btdeploy.artifacts.manifest import head_folders, read_manifest
+from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
 from btdeploy.backends.base import Backend
 from btdeploy.bench.flops import forward_flops
 from btdeploy.bench.memory import current_rss_mb, gpu_peak_mb_and_reset
@@ -55,6 +56,9 @@ class BenchSettings:
     seconds: float | None = None  # per variant and case, instead of a fixed count
     threads: int = 0  # 0: all cores
     device: str = "cpu"
+    # Build every variant once in each position of the build order (see `build_orders`); False:
+    # build each once, in the order given (faster; the variant built first may be disadvantaged).
+    rotate_builds: bool = True
 
 
 @dataclass
@@ -78,6 +82,21 @@ def interleaved_order(variants: list[str], round_index: int) -> list[str]:
         return []
     shift = round_index % len(variants)
     return variants[shift:] + variants[:shift]
+
+
+def build_orders(variants: list[str], rotate: bool) -> list[list[str]]:
+    """The orders in which the variants are built, one set of backends per order.
+
+    Where a variant was built in the process matters on its own: of identical ONNX Runtime
+    sessions built one after another, the first ran 2-11 % slower than the second in each of 12
+    interleaved runs on a 2-core Xeon VM, and a peer bench gave btdeploy/OpenVINO 0.96x built
+    ours first against 1.03x built theirs first (benchmarks/build_order.py). The cause was not the
+    first session in the process, its warm-up order, malloc's mmap threshold or thread placement;
+    so instead of guessing it, every variant is built once in every position (the rotations of
+    the given order) and the rounds are split evenly between the builds."""
+    if not rotate or len(variants) < 2:
+        return [list(variants)]
+    return [interleaved_order(variants, shift) for shift in range(len(variants))]
 
 
 def time_case(
@@ -127,7 +146,6 @@ def run_bench(
     import torch
 
     from btdeploy.bench.machine import machine_description, matmul_peak_gflops
-    from btdeploy.bench.variants import BASELINES
 
     variants = resolve_variants(variant_names)
     env = BenchEnv(threads=settings.threads, device=settings.device)
@@ -143,52 +161,93 @@ def run_bench(
     )
     try:
         for folder in head_folders(Path(root), heads):
-            manifest = read_manifest(folder)
-            head = get_head(manifest.head)
-            backends: dict[str, Backend] = {}
-            load_rss: dict[str, float] = {}
-            for variant in variants:
-                reason = variant.unavailable(manifest, env)
-                if reason:
-                    run.skips.append(Skip(variant.name, head.name, reason))
-                    say(f"bench {head.name}: skipping {variant.name}: {reason}")
-                    continue
-                before = current_rss_mb()
-                backends[variant.name] = variant.build(manifest, env)
-                load_rss[variant.name] = current_rss_mb() - before
-            config = manifest.config
-            cases = [(b, n) for b in settings.batch_sizes for n in settings.text_lengths]
-            for index, (batch, length) in enumerate(cases, 1):
-                feeds = sample_inputs(config, batch, length, seed=index, pad=False)
-                gpu_peak_mb_and_reset()
-                samples, rss, first = time_case(backends, feeds, settings.warmup, settings.iters, settings.seconds)
-                gpu_peak = gpu_peak_mb_and_reset()
-                flops = forward_flops(config, head, batch, length)
-                results = {
-                    name: CaseResult(
-                        name,
-                        head.name,
-                        batch,
-                        length,
-                        values,
-                        summarize(values, batch),
-                        flops,
-                        rss[name],
-                        load_rss[name],
-                        gpu_peak,
-                        first_call_ms=first[name] * 1e3 if name in first else None,
-                    )
-                    for name, values in samples.items()
-                }
-                for result in results.values():
-                    for baseline in BASELINES:
-                        if baseline in results:
-                            result.speedups[baseline] = results[baseline].stats.median_ms / result.stats.median_ms
-                run.cases.extend(results.values())
-                medians = ", ".join(f"{n} {r.stats.median_ms:.1f} ms" for n, r in results.items())
-                say(f"bench {head.name} [{index}/{len(cases)}] batch {batch} length {length}: {medians}")
-            del backends
+            _bench_head(run, read_manifest(folder), variants, env, settings)
     except KeyboardInterrupt:
         run.interrupted = True
         say(f"interrupted: keeping the {len(run.cases)} finished case(s)")
     return run
+
+
+@dataclass
+class _CaseSamples:
+    """One case's samples gathered over every build order."""
+
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    rss: dict[str, float] = field(default_factory=dict)
+    first: dict[str, float] = field(default_factory=dict)
+    gpu_peak: float | None = None
+
+    def add(self, samples: dict[str, list[float]], rss: dict[str, float], first: dict[str, float]) -> None:
+        for name, values in samples.items():
+            self.samples.setdefault(name, []).extend(values)  # round i of every variant stays paired
+            self.rss[name] = max(self.rss.get(name, 0.0), rss[name])
+        for name, seconds in first.items():
+            self.first.setdefault(name, seconds)  # the first build's: torch-compile compiles from scratch there
+
+
+def _bench_head(
+    run: BenchRun, manifest: Manifest, variants: list[Variant], env: BenchEnv, settings: BenchSettings
+) -> None:
+    from btdeploy.bench.variants import BASELINES
+
+    head = get_head(manifest.head)
+    runnable: dict[str, Variant] = {}
+    for variant in variants:
+        reason = variant.unavailable(manifest, env)
+        if reason:
+            run.skips.append(Skip(variant.name, head.name, reason))
+            say(f"bench {head.name}: skipping {variant.name}: {reason}")
+        else:
+            runnable[variant.name] = variant
+    orders = build_orders(list(runnable), settings.rotate_builds)
+    rounds = None if settings.iters is None else -(-settings.iters // len(orders))  # at least iters in all
+    seconds = None if settings.seconds is None else settings.seconds / len(orders)
+    cases = [(b, n) for b in settings.batch_sizes for n in settings.text_lengths]
+    gathered = {case: _CaseSamples() for case in cases}
+    load_rss: dict[str, float] = {}
+    try:
+        for order_index, order in enumerate(orders, 1):
+            where = f" (build order {order_index}/{len(orders)}: {', '.join(order)})" if len(orders) > 1 else ""
+            backends: dict[str, Backend] = {}
+            for name in order:
+                before = current_rss_mb()
+                backends[name] = runnable[name].build(manifest, env)
+                load_rss.setdefault(name, current_rss_mb() - before)
+            for index, (batch, length) in enumerate(cases, 1):
+                feeds = sample_inputs(manifest.config, batch, length, seed=index, pad=False)
+                gpu_peak_mb_and_reset()
+                samples, rss, first = time_case(backends, feeds, settings.warmup, rounds, seconds)
+                gpu_peak = gpu_peak_mb_and_reset()
+                case = gathered[(batch, length)]
+                case.add(samples, rss, first)
+                if gpu_peak is not None:
+                    case.gpu_peak = max(case.gpu_peak or 0.0, gpu_peak)
+                medians = ", ".join(f"{n} {1e3 * statistics.median(v):.1f} ms" for n, v in samples.items())
+                say(f"bench {head.name} [{index}/{len(cases)}] batch {batch} length {length}{where}: {medians}")
+            del backends
+    finally:  # an interrupt keeps every case that has samples
+        flops_of = {case: forward_flops(manifest.config, head, *case) for case in cases if gathered[case].samples}
+        for (batch, length), flops in flops_of.items():
+            case = gathered[(batch, length)]
+            rounds_done = min(len(values) for values in case.samples.values())
+            results = {
+                name: CaseResult(
+                    name,
+                    head.name,
+                    batch,
+                    length,
+                    values[:rounds_done],  # whole rounds only, so that every round pairs
+                    summarize(values[:rounds_done], batch),
+                    flops,
+                    case.rss[name],
+                    load_rss[name],
+                    case.gpu_peak,
+                    first_call_ms=case.first[name] * 1e3 if name in case.first else None,
+                )
+                for name, values in case.samples.items()
+            }
+            for result in results.values():
+                for baseline in BASELINES:
+                    if baseline in results:
+                        result.speedups[baseline] = results[baseline].stats.median_ms / result.stats.median_ms
+            run.cases.extend(results.values())

@@ -207,6 +207,41 @@ def test_interrupt_keeps_finished_cases(tiny_export: Path, monkeypatch: pytest.M
     assert np.isfinite(run.cases[0].stats.median_ms)
 
 
+@pytest.mark.parametrize("rotate", [True, False])
+def test_every_variant_is_built_in_every_position(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rotate: bool
+) -> None:
+    built: list[str] = []
+    ran: list[str] = []
+
+    def fake(name: str) -> Variant:
+        def build(manifest: object, env: object) -> Recorder:
+            built.append(name)
+            return Recorder(name, ran)
+
+        return Variant(name, "torch", "fp32", lambda m, e: None, build)  # type: ignore[arg-type]
+
+    for name in ("a", "b", "c"):
+        monkeypatch.setitem(VARIANTS, name, fake(name))
+    settings = BenchSettings(batch_sizes=(1,), text_lengths=(4, 5), warmup=1, iters=4, threads=1, rotate_builds=rotate)
+    run = run_bench(tiny_export, ["itm"], ["a", "b", "c"], settings)
+    if rotate:
+        assert built == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+        builds, rounds = 3, 6  # 4 rounds asked, split over 3 builds: 2 rounds each
+    else:
+        assert built == ["a", "b", "c"]
+        builds, rounds = 1, 4
+    assert {(c.variant, c.text_length): len(c.samples_s) for c in run.cases} == {
+        (v, n): rounds for v in "abc" for n in (4, 5)
+    }
+    assert len(ran) == 2 * 3 * (builds + rounds)  # per case and variant: a warm-up run per build, then the rounds
+    write_reports(run, tmp_path)
+    timing = "builds of the variants in every order" if rotate else "each variant built once in the order given"
+    rounds_line = "4 interleaved rounds asked, 6 run" if rotate else "4 interleaved rounds ("
+    table = (tmp_path / "results.md").read_text()
+    assert timing in table and rounds_line in table
+
+
 def test_speedup_breakdown_finds_each_kind_of_work(optimized: Path, tmp_path: Path) -> None:
     # The breakdown sorts profiler events by operator name; a renamed GEMM or attention kernel
     # in either library would silently land in "everything else".

@@ -3,6 +3,6 @@
 from btdeploy.errors import BtDeployError
 from btdeploy.runtime.runtime import Features, HeadOutput, Runtime, SplitRuntime, load
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 __all__ = ["BtDeployError", "Features", "HeadOutput", "Runtime", "SplitRuntime", "load", "__version__"]

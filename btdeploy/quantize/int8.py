@@ -26,8 +26,10 @@ from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.errors import BtDeployError
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
+from btdeploy.optimize.passes.base import PassResult
 from btdeploy.optimize.passes.integer_matmul import INTEGER_MATMULS
 from btdeploy.optimize.passes.qdq_islands import QDQ_ISLANDS
+from btdeploy.optimize.passes.quantized_layernorm import QUANTIZED_LAYERNORMS
 from btdeploy.quantize.modelopt_env import lean_conversion, require_modelopt
 from btdeploy.quantize.tensor_ranges import entropy_ranges
 
@@ -269,6 +271,14 @@ def int8_twin_converts(made_for: Flavour, flavour: Flavour) -> bool:
     return have == want or (have, want) == ("fp32", "fp16")
 
 
+def int8_flavour_form(graph: Graph, flavour: Flavour) -> dict[str, PassResult]:
+    """The flavour's form of an INT8 graph, in place: for ort, ONNX Runtime's integer GEMM with its
+    bias and SkipLayerNormalization for the Add + LayerNorm pairs; for the trt flavours, Q/DQ and
+    Add -> LayerNormalization (written back from an ort twin)."""
+    integer_matmuls = INTEGER_MATMULS.run(graph, flavour)
+    return {"integer_matmuls": integer_matmuls, "skip_layernorms": QUANTIZED_LAYERNORMS.run(graph, flavour)}
+
+
 def int8_from_twin(
     model: onnx.ModelProto, made_for: Flavour, flavour: Flavour
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
@@ -279,15 +289,12 @@ def int8_from_twin(
     have, want = HIGH_PRECISION[made_for], HIGH_PRECISION[flavour]
     if have != want and not int8_twin_converts(made_for, flavour):
         raise ValueError(f"an int8 graph with {have} outside the Q/DQ cannot become one with {want}")
-    # The flavour's form of the INT8 MatMuls: ONNX Runtime's integer GEMM with its bias for ort,
-    # Q/DQ for TensorRT (raised again from an ort twin).
     integer = Graph(model)
-    form = INTEGER_MATMULS.run(integer, flavour)
+    forms = int8_flavour_form(integer, flavour)
     model = integer.model
     recoded = encode_activations(model, flavour)
     changed: dict[str, Any] = {"activations": ACTIVATION_CODE[flavour].describe()} if recoded else {}
-    if form.fused:
-        changed["integer_matmuls"] = {"form": form.name, **form.details}
+    changed.update({key: {"form": form.name, **form.details} for key, form in forms.items() if form.fused})
     if have == want:
         return model, changed
     require_modelopt()

@@ -392,3 +392,48 @@ def test_the_opset_upgrade_without_weights_equals_the_version_converter(tiny_exp
     weights = sum(len(t.raw_data) >= 1024 for t in lifted.graph.initializer)
     assert weights > 10
     assert convert_opset(lifted, 23).SerializeToString() == expected.SerializeToString()
+
+
+# --- Add + LayerNorm of the INT8 graphs -----------------------------------------------------------
+
+
+def _pre_ln_model() -> onnx.ModelProto:
+    """A pre-LN residual step: the sum feeds its LayerNorm and the next residual Add; then a pair
+    whose sum nothing else reads, with a dense bias Add in front (which stays apart here)."""
+    gamma, beta = RNG.standard_normal(WIDTH).astype(np.float32), RNG.standard_normal(WIDTH).astype(np.float32)
+    inits = [_init("gamma", gamma), _init("beta", beta), *_weight("dense")]
+    nodes = [
+        helper.make_node("Add", ["x", "h"], ["summed"], name="residual_add"),
+        helper.make_node("LayerNormalization", ["summed", "gamma", "beta"], ["normed"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["normed", "dense_w"], ["dense"]),
+        helper.make_node("Add", ["dense", "dense_b"], ["dense_biased"]),
+        helper.make_node("Add", ["summed", "dense_biased"], ["next_sum"], name="next_residual_add"),
+        helper.make_node("LayerNormalization", ["next_sum", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-6),
+    ]
+    return _model(nodes, [_float("x", ["b", "t", WIDTH]), _float("h", ["b", "t", WIDTH])], ["y"], inits)
+
+
+def test_int8_layernorm_pairs_become_skip_layernorm_for_ort_and_back() -> None:
+    from btdeploy.optimize.passes.quantized_layernorm import QUANTIZED_LAYERNORMS
+
+    model = _pre_ln_model()
+    feeds = {name: RNG.standard_normal((2, 3, WIDTH)).astype(np.float32) for name in ("x", "h")}
+    want = _run(model, feeds)
+    fused, result = _rewrite(model, QUANTIZED_LAYERNORMS, Flavour.ORT)
+    assert result.details == {"skip_layernorms": 2}
+    assert sorted(_ops(fused)) == ["Add", "MatMul", "SkipLayerNormalization", "SkipLayerNormalization"]
+    first, second = (n for n in fused.graph.node if n.op_type == "SkipLayerNormalization")
+    assert list(first.output) == ["normed", "", "", "summed"]  # the sum, still read by the next residual
+    assert list(second.input) == ["summed", "dense_biased", "gamma", "beta"]  # no bias folded
+    np.testing.assert_allclose(_run(fused, feeds)[0], want[0], rtol=1e-5, atol=1e-5)
+    # TensorRT's flavours: written back as the pairs they were, computing the same numbers.
+    split, back = _rewrite(fused, QUANTIZED_LAYERNORMS, Flavour.TRT)
+    assert back.details == {"skip_layernorms_split": 2}
+    assert sorted(_ops(split)) == sorted(_ops(model))
+    norms = [n for n in split.graph.node if n.op_type == "LayerNormalization"]
+    assert [float(helper.get_attribute_value(n.attribute[-1])) for n in norms] == pytest.approx([1e-5, 1e-6])
+    np.testing.assert_array_equal(_run(split, feeds)[0], want[0])
+    # A SkipLayerNormalization with a folded bias was not written by this pass: refused.
+    with_bias, _ = _rewrite(model, RESIDUAL_LAYERNORM, Flavour.ORT)
+    with pytest.raises(ValueError, match="folds a bias"):
+        _rewrite(with_bias, QUANTIZED_LAYERNORMS, Flavour.TRT)

@@ -25,7 +25,13 @@ from btdeploy.optimize.graph_checks import fp16_unsafe_constants, layernorm_type
 from btdeploy.optimize.passes.integer_matmul import INTEGER_MATMULS
 from btdeploy.quantize import quantizer
 from btdeploy.quantize.calibration import load_calibration
-from btdeploy.quantize.int8 import calibrated_int8, encode_activations, int8_from_twin, int8_twin_converts
+from btdeploy.quantize.int8 import (
+    calibrated_int8,
+    encode_activations,
+    int8_flavour_form,
+    int8_from_twin,
+    int8_twin_converts,
+)
 from btdeploy.quantize.methods import PRECISIONS
 from btdeploy.quantize.quantizer import quantize_head
 from btdeploy.verify.check import check_export
@@ -488,7 +494,7 @@ def test_the_lean_fp16_conversion_of_an_int8_graph_is_model_optimizers_own(optim
     feeds = load_calibration(manifest, None, None, CALIB_SIZE).feeds
     int8, _ = calibrated_int8(manifest.graph_path(Flavour.TRT_COMPAT), feeds, manifest.folder, Flavour.ORT)
     qdq = Graph(int8)
-    INTEGER_MATMULS.run(qdq, Flavour.TRT_COMPAT)  # Q/DQ again, as the twin conversion sees it
+    int8_flavour_form(qdq, Flavour.TRT_COMPAT)  # Q/DQ and standard LayerNorms again, as the twin conversion sees it
     int8 = qdq.model
     options = {"low_precision_type": "fp16", "keep_io_types": True, "op_block_list": list(FULL_PRECISION_OPS)}
     own = convert_to_f16(onnx.ModelProto.FromString(int8.SerializeToString()), **options)

@@ -26,9 +26,9 @@ def _is_bridge(node: onnx.NodeProto) -> bool:
     return BRIDGE_SCOPE in node.name
 
 
-def _is_candidate(graph: Graph, node: onnx.NodeProto, bridges: bool) -> bool:
-    """LayerNormalization(Add(a, b)) over the last axis, in the bridge scope or outside it."""
-    if node.op_type != "LayerNormalization" or _is_bridge(node) != bridges:
+def is_add_layernorm(graph: Graph, node: onnx.NodeProto, bridges: bool | None = None) -> bool:
+    """LayerNormalization(Add(a, b)) over the last axis, in the bridge scope or outside it (None: either)."""
+    if node.op_type != "LayerNormalization" or (bridges is not None and _is_bridge(node) != bridges):
         return False
     if attribute(node, "axis", -1) != -1 or len(node.input) < 3:
         return False
@@ -37,14 +37,15 @@ def _is_candidate(graph: Graph, node: onnx.NodeProto, bridges: bool) -> bool:
     return add is not None and all(graph.constant(name) is None for name in add.input)
 
 
-def _fuse_one(graph: Graph, layer_norm: onnx.NodeProto) -> bool:
+def fuse_add_layernorm(graph: Graph, layer_norm: onnx.NodeProto, fold_bias: bool = True) -> bool:
+    """One com.microsoft.SkipLayerNormalization for the pair (`is_add_layernorm`)."""
     add = graph.parent(layer_norm, 0, "Add")
     assert add is not None
     first, second = add.input[0], add.input[1]
     bias_name = ""
     remove = [layer_norm, add]
     # Fold a dense layer's bias into the fused kernel when that Add feeds only this sum.
-    for index, name in enumerate((first, second)):
+    for index, name in enumerate((first, second) if fold_bias else ()):
         split = split_bias_add(graph, name)
         if split is not None and graph.only_consumer(name) is add:
             bias_add, activation, bias = split
@@ -68,8 +69,8 @@ def _fuse_one(graph: Graph, layer_norm: onnx.NodeProto) -> bool:
 def _fuse(graph: Graph, bridges: bool, name: str) -> PassResult:
     """ort: one com.microsoft.SkipLayerNormalization per pair."""
     result = PassResult(name)
-    for node in graph.each_once(lambda n: _is_candidate(graph, n, bridges)):
-        result.fused += int(_fuse_one(graph, node))
+    for node in graph.each_once(lambda n: is_add_layernorm(graph, n, bridges)):
+        result.fused += int(fuse_add_layernorm(graph, node))
     graph.set_opset(MS_DOMAIN, 1)
     return result
 
@@ -77,7 +78,7 @@ def _fuse(graph: Graph, bridges: bool, name: str) -> PassResult:
 def _verify(graph: Graph, bridges: bool, name: str) -> PassResult:
     """trt: Add -> LayerNormalization is already what TensorRT fuses; count the pairs in that form."""
     result = PassResult(name)
-    result.fused = sum(_is_candidate(graph, n, bridges) for n in graph.graph.node)
+    result.fused = sum(is_add_layernorm(graph, n, bridges) for n in graph.graph.node)
     return result
 
 

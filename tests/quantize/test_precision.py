@@ -23,6 +23,7 @@ from btdeploy.model.inputs import sample_inputs
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.graph_checks import fp16_unsafe_constants, layernorm_types, qdq_summary
 from btdeploy.optimize.passes.integer_matmul import INTEGER_MATMULS
+from btdeploy.optimize.passes.layernorm import is_add_layernorm
 from btdeploy.quantize import quantizer
 from btdeploy.quantize.calibration import load_calibration
 from btdeploy.quantize.int8 import (
@@ -210,6 +211,10 @@ def test_onnx_runtime_runs_every_int8_matmul_of_the_ort_graph_as_integer_gemm(qu
         ops = _integer_kernels(path, tmp_path)
         assert ops["MatMulIntegerToFloat"] == quantized_matmuls > 0, (head, ops)
         assert ops["DequantizeLinear"] == 0, (head, ops)
+        # Every Add + LayerNorm pair as one kernel (ONNX Runtime fuses only those whose sum nothing else reads).
+        written = Graph(onnx.load(str(path)))
+        assert not [n.name for n in written.graph.node if is_add_layernorm(written, n)], head
+        assert ops["SkipLayerNormalization"] >= written.count("SkipLayerNormalization", "com.microsoft") > 0, head
         # The same graph as Q/DQ in TensorRT's signed code: ONNX Runtime leaves the shared inputs in FP32.
         raised = Graph(onnx.load(str(path)))
         assert INTEGER_MATMULS.run(raised, Flavour.TRT).fused == quantized_matmuls

@@ -199,6 +199,8 @@ def _bench_head(
             say(f"bench {head.name}: skipping {variant.name}: {reason}")
         else:
             runnable[variant.name] = variant
+    if not runnable:
+        return
     orders = build_orders(list(runnable), settings.rotate_builds)
     rounds = None if settings.iters is None else -(-settings.iters // len(orders))  # at least iters in all
     seconds = None if settings.seconds is None else settings.seconds / len(orders)

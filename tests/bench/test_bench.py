@@ -242,6 +242,12 @@ def test_every_variant_is_built_in_every_position(
     assert timing in table and rounds_line in table
 
 
+def test_a_head_with_every_variant_skipped_times_nothing(tiny_export: Path) -> None:
+    settings = BenchSettings(batch_sizes=(1,), text_lengths=(4,), warmup=1, iters=None, seconds=0.1, threads=1)
+    run = run_bench(tiny_export, ["itm"], ["ort-fused", "trt-int8"], settings)
+    assert run.cases == [] and sorted(s.variant for s in run.skips) == ["ort-fused", "trt-int8"]
+
+
 def test_speedup_breakdown_finds_each_kind_of_work(optimized: Path, tmp_path: Path) -> None:
     # The breakdown sorts profiler events by operator name; a renamed GEMM or attention kernel
     # in either library would silently land in "everything else".

@@ -27,7 +27,6 @@ def _one_process(model: Path, sessions: int, batch: int, seq_len: int, rounds: i
 
     from btdeploy.artifacts.manifest import read_manifest
     from btdeploy.backends.onnxruntime import session_options
-    from btdeploy.bench.runner import interleaved_order
     from btdeploy.model.inputs import sample_inputs
 
     built = [
@@ -41,7 +40,8 @@ def _one_process(model: Path, sessions: int, batch: int, seq_len: int, rounds: i
     times: list[list[float]] = [[] for _ in built]
     positions = list(range(sessions))
     for round_index in range(rounds):
-        for position in interleaved_order(positions, round_index):  # type: ignore[arg-type]
+        shift = round_index % sessions  # each session in every position of the round in turn
+        for position in positions[shift:] + positions[:shift]:
             started = time.perf_counter()
             built[position].run(None, feeds)
             times[position].append(1e3 * (time.perf_counter() - started))

@@ -27,6 +27,7 @@ def _one_process(model: Path, sessions: int, batch: int, seq_len: int, rounds: i
 
     from btdeploy.artifacts.manifest import read_manifest
     from btdeploy.backends.onnxruntime import session_options
+    from btdeploy.bench.runner import interleaved_order
     from btdeploy.model.inputs import sample_inputs
 
     built = [
@@ -38,10 +39,8 @@ def _one_process(model: Path, sessions: int, batch: int, seq_len: int, rounds: i
     for session in built:
         session.run(None, feeds)  # warm-up
     times: list[list[float]] = [[] for _ in built]
-    positions = list(range(sessions))
     for round_index in range(rounds):
-        shift = round_index % sessions  # each session in every position of the round in turn
-        for position in positions[shift:] + positions[:shift]:
+        for position in interleaved_order(list(range(sessions)), round_index):
             started = time.perf_counter()
             built[position].run(None, feeds)
             times[position].append(1e3 * (time.perf_counter() - started))

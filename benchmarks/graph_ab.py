@@ -26,6 +26,7 @@ def _one_process(graphs: list[Path], head_dir: Path, shapes: list[str], rounds: 
 
     from btdeploy.artifacts.manifest import read_manifest
     from btdeploy.backends.onnxruntime import session_options
+    from btdeploy.bench.runner import interleaved_order
     from btdeploy.model.inputs import sample_inputs
 
     options = session_options(threads)
@@ -40,7 +41,7 @@ def _one_process(graphs: list[Path], head_dir: Path, shapes: list[str], rounds: 
         worst = max(float(np.abs(a - b).max()) for a, b in zip(*outputs, strict=True))
         times: list[list[float]] = [[], []]
         for round_index in range(rounds):
-            for which in (0, 1) if round_index % 2 == 0 else (1, 0):
+            for which in interleaved_order([0, 1], round_index):
                 started = time.perf_counter()
                 sessions[which].run(None, inputs[which])
                 times[which].append(1e3 * (time.perf_counter() - started))

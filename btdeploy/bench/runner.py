@@ -6,18 +6,20 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
 from btdeploy.backends.base import Backend
 from btdeploy.bench.flops import forward_flops
 from btdeploy.bench.memory import current_rss_mb, gpu_peak_mb_and_reset
 from btdeploy.bench.stats import LatencyStats, summarize
-from btdeploy.bench.variants import VARIANTS, BenchEnv, Variant
+from btdeploy.bench.variants import BASELINES, VARIANTS, BenchEnv, Variant
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import say
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -75,7 +77,7 @@ class BenchRun:
         return 100.0 * case.gflops_per_s / self.matmul_peak_gflops if self.matmul_peak_gflops else float("nan")
 
 
-def interleaved_order(variants: list[str], round_index: int) -> list[str]:
+def interleaved_order(variants: list[T], round_index: int) -> list[T]:
     """A B C, then B C A, ...: each variant takes every position in turn, so slow drift of the
     machine (thermal, other load) spreads over all variants instead of biasing one."""
     if not variants:
@@ -188,8 +190,6 @@ class _CaseSamples:
 def _bench_head(
     run: BenchRun, manifest: Manifest, variants: list[Variant], env: BenchEnv, settings: BenchSettings
 ) -> None:
-    from btdeploy.bench.variants import BASELINES
-
     head = get_head(manifest.head)
     runnable: dict[str, Variant] = {}
     for variant in variants:

@@ -151,6 +151,7 @@ def write_random_checkpoint(config: Any, folder: Path, seed: int, heads: tuple[s
     """
     import torch
     from safetensors.torch import save_file
+    from transformers.initialization import no_init_weights
 
     _quiet_transformers()
     state: dict[str, Any] = {}
@@ -158,7 +159,10 @@ def write_random_checkpoint(config: Any, folder: Path, seed: int, heads: tuple[s
         spec = HEADS[head]
         spec.check_config(config)
         torch.manual_seed(seed)
-        model = spec.model_class_object()(config)
+        # randomize_ draws every parameter, so transformers' own init (a third of the time on
+        # base) would be thrown away; the buffers are set in __init__ either way.
+        with no_init_weights():
+            model = spec.model_class_object()(config)
         randomize_(model, seed)
         for name, tensor in model.state_dict().items():
             state.setdefault(name, tensor.detach().clone().contiguous())

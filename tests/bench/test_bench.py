@@ -360,3 +360,59 @@ def test_interference_times_the_target_in_every_condition(tiny_export: Path) -> 
     for row in rows:
         median, minimum = (float(cell) for cell in row.split(" | ")[1:3])
         assert 0 < minimum <= median
+
+
+def _table(stdout: str, first_cell: str) -> list[list[str]]:
+    """The rows of a printed markdown table whose header starts with `first_cell`."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_cell} |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("| "):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def _ratio_of_printed(ratio: float, a: float, b: float) -> bool:
+    """`ratio` (printed to 3 decimals) is a / b, where a and b were printed to 0.1 ms."""
+    slack = 0.05 / b + 0.05 * a / b**2 + 1e-3
+    return abs(ratio - a / b) <= slack
+
+
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+def test_graph_ab_times_each_graph_alone_and_alternates(optimized: Path) -> None:
+    import subprocess
+    import sys
+
+    head = optimized / "itm"
+    script = Path(__file__).parents[2] / "benchmarks" / "graph_ab.py"
+    command = [sys.executable, str(script), str(head / "model.onnx"), str(head / "model.ort.onnx"), "--head-dir",
+               str(head), "--shapes", "1x4,2x5", "--repeats", "2", "--runs", "2", "--threads", "1"]  # fmt: skip
+    done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    order = [line.split(": ")[1] for line in done.stderr.splitlines() if line.startswith("repeat ")]
+    assert order == ["A", "B", "B", "A"]  # one process each, alternating
+    rows = _table(done.stdout, "batch x length")
+    assert [row[0] for row in rows] == ["1 x 4", "2 x 5"]
+    for _, a_ms, b_ms, ratio, paired, difference in rows:
+        assert float(a_ms) > 0 and float(b_ms) > 0 and float(paired) > 0
+        assert _ratio_of_printed(float(ratio), float(a_ms), float(b_ms)), (ratio, a_ms, b_ms)
+        assert 0 < float(difference) < 1e-4  # the fused graph differs from the export by rounding only
+
+
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+def test_lone_sessions_sets_each_goal_pair_side_by_side(optimized: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[2] / "benchmarks" / "lone_sessions.py"
+    command = [sys.executable, str(script), str(optimized), "--head", "itm", "--variants", "ort-fused,openvino-fp32",
+               "--shapes", "1x4", "--repeats", "2", "--runs", "2", "--threads", "1"]  # fmt: skip
+    done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    assert len([line for line in done.stderr.splitlines() if line.startswith("repeat ")]) == 4
+    (row,) = _table(done.stdout, "batch x length")
+    ours, peer = float(row[1]), float(row[2])
+    assert ours > 0 and peer > 0
+    (goal,) = _table(done.stdout, "goal ratio")
+    assert goal[0] == "openvino-fp32 / ort-fused"
+    assert _ratio_of_printed(float(goal[1].split()[0]), peer, ours), (goal, peer, ours)

@@ -41,6 +41,22 @@ def test_random_weights_depend_on_the_seed_only() -> None:
     assert not torch.equal(first["itm_score.fc.bias"], other["itm_score.fc.bias"])
 
 
+def test_the_written_weights_do_not_depend_on_transformers_init(tmp_path: Path) -> None:
+    # write_random_checkpoint skips transformers' init (randomize_ draws every parameter anyway):
+    # its weights must equal a model built with that init and then randomized.
+    from safetensors.torch import load_file
+
+    folder = make_checkpoint(tmp_path / "ckpt", NON_DEFAULT_CONFIG, seed=5, heads=("mlm",))
+    written = load_file(str(folder / "model.safetensors"))
+    torch.manual_seed(5)
+    model = HEADS["mlm"].model_class_object()(build_config(copy.deepcopy(NON_DEFAULT_CONFIG)))
+    randomize_(model, 5)
+    expected = model.state_dict()
+    assert set(written) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(written[name], value), name
+
+
 def test_preset_checkpoint_loads_every_head_with_no_missing_weights() -> None:
     source = resolve_model("tiny")
     shared = None

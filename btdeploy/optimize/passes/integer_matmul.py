@@ -3,8 +3,9 @@
 ONNX Runtime turns DequantizeLinear -> MatMul into its integer GEMM (com.microsoft
 MatMulIntegerToFloat) when it loads a Q/DQ graph, but leaves the bias Add after it, a separate
 pass over every output (252 Adds a run on base itm). For the ort flavour this pass writes
-MatMulIntegerToFloat itself, with the bias in its optional last input: base itm ran 1.05-1.12x
-faster with the same outputs on a 2-core Xeon (benchmarks/integer_matmul_bias.py).
+MatMulIntegerToFloat itself, with the bias in its optional last input: base itm ran 1.04-1.15x
+faster with the same outputs on a 2-core Xeon, each graph alone in its own process
+(benchmarks/integer_matmul_bias.py).
 
 TensorRT reads Q/DQ only: for the trt flavours the pass raises each MatMulIntegerToFloat back to
 DequantizeLinear -> MatMul -> Add (the trt INT8 graph is made from the ort one: quantize/int8.py).

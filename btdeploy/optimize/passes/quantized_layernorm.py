@@ -7,9 +7,11 @@ next residual Add, so 78 of base itm's pairs ran as two kernels. For the ort fla
 writes SkipLayerNormalization, the sum from its fourth output, as the optimize pass does for the
 FP32 graph (passes/layernorm.py), except that no bias is folded here: the bias of every INT8
 MatMul already rides in its integer GEMM (passes/integer_matmul.py), and a pair that folded none
-can be written back exactly. Base itm ran 1.02-1.04x faster (ratio of medians; 1.01-1.02x per
-round) with the same outputs to the bit on a 2-core Xeon (`benchmarks/graph_ab.py`, half the
-rounds with each graph built first).
+can be written back exactly. The outputs are the same to the bit; the speed is level within
+the noise on a 2-core Xeon (each graph alone in its own process, 20 processes each: the split
+form took 0.96-1.01x this form's time, `benchmarks/graph_ab.py`; an earlier 1.02-1.04x had both
+graphs in one process, where the build order decides more than this change). It runs one kernel
+where ONNX Runtime would run two, and gives the INT8 graph the form the FP32 graph has.
 
 For the trt flavours, which TensorRT reads, the pass writes each SkipLayerNormalization back as
 Add -> LayerNormalization (the trt INT8 graph can be made from the ort one: quantize/int8.py).

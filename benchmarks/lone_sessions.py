@@ -20,9 +20,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 # Goal pairs (peer, btdeploy): the peer's median over btdeploy's, as the issue states them.
@@ -30,8 +28,8 @@ GOALS = (("openvino-fp32", "ort-fused"), ("openvino-int8", "ort-int8"), ("openvi
 
 
 def _child(export: Path, head: str, variant: str, shapes: list[str], runs: int, threads: int) -> dict[str, float]:
+    from btdeploy.bench.lone import median_ms
     from btdeploy.bench.variants import VARIANTS, BenchEnv
-    from btdeploy.model.inputs import sample_inputs
     from btdeploy.runtime.runtime import find_head
 
     manifest = find_head(export, head)
@@ -39,20 +37,7 @@ def _child(export: Path, head: str, variant: str, shapes: list[str], runs: int, 
     reason = VARIANTS[variant].unavailable(manifest, env)
     if reason:
         raise SystemExit(f"{variant} cannot run here: {reason}")
-    backend = VARIANTS[variant].build(manifest, env)
-    medians: dict[str, float] = {}
-    for index, shape in enumerate(shapes, 1):
-        batch, length = (int(part) for part in shape.split("x"))
-        feeds = sample_inputs(manifest.config, batch, length, seed=index, pad=False)  # as btdeploy bench
-        for _ in range(2):  # warm-up, as btdeploy bench
-            backend.run(feeds)
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            backend.run(feeds)
-            times.append(1e3 * (time.perf_counter() - started))
-        medians[shape] = statistics.median(times)
-    return medians
+    return median_ms(VARIANTS[variant].build(manifest, env), manifest.config, shapes, runs)
 
 
 def main() -> None:
@@ -70,21 +55,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(args.export, args.head, args.child, shapes, args.runs, args.threads)))
         return
+    from btdeploy.bench.lone import alternate
+
     variants = args.variants.split(",")
-    # per variant, per shape: one median per repeat
-    medians: dict[str, dict[str, list[float]]] = {v: {s: [] for s in shapes} for v in variants}
-    for repeat in range(args.repeats):
-        order = variants[repeat % len(variants) :] + variants[: repeat % len(variants)]
-        for variant in order:
-            command = [sys.executable, *sys.argv, "--child", variant]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(f"{variant} failed:\n{done.stderr.strip()[-2000:]}")
-            got = json.loads(done.stdout.strip().splitlines()[-1])
-            for shape in shapes:
-                medians[variant][shape].append(got[shape])
-            progress = ", ".join(f"{s} {got[s]:.1f} ms" for s in shapes)
-            print(f"repeat {repeat + 1}/{args.repeats}: {variant}: {progress}", file=sys.stderr, flush=True)
+    medians = alternate(variants, args.repeats, lambda variant: [*sys.argv, "--child", variant], shapes)
     print(f"{args.export} {args.head}: each variant alone in {args.repeats} processes, {args.runs} runs per shape")
     print("| batch x length | " + " | ".join(variants) + " |")
     print("|---|" + "---:|" * len(variants))

@@ -1,0 +1,65 @@
+"""Timing each backend alone in its own process, as a deployment runs one model per process.
+
+In one process a session built earlier runs slower than one built later, by an amount that
+differs between graphs (benchmarks/build_order.py), so the scripts that decide between two
+graphs or set btdeploy against a peer (benchmarks/graph_ab.py, benchmarks/lone_sessions.py) run
+each candidate in a child process of its own: the child times one backend with `median_ms`, the
+parent takes the children in turns with `alternate`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from btdeploy.backends.base import Backend
+from btdeploy.bench.runner import interleaved_order, time_case
+from btdeploy.model.inputs import sample_inputs
+
+WARMUP = 2  # as btdeploy bench
+
+
+def shape_feeds(config: Any, shapes: list[str]) -> dict[str, dict[str, Any]]:
+    """Inputs per "BxL" shape, drawn as btdeploy bench draws them (seed = the shape's position)."""
+    feeds = {}
+    for index, shape in enumerate(shapes, 1):
+        batch, length = (int(part) for part in shape.split("x"))
+        feeds[shape] = sample_inputs(config, batch, length, seed=index, pad=False)
+    return feeds
+
+
+def median_ms(backend: Backend, config: Any, shapes: list[str], runs: int) -> dict[str, float]:
+    """In the child: per shape, the median of `runs` timed runs after the bench's warm-up."""
+    medians = {}
+    for shape, feeds in shape_feeds(config, shapes).items():
+        samples, _, _ = time_case({"alone": backend}, feeds, WARMUP, runs, None)
+        medians[shape] = 1e3 * statistics.median(samples["alone"])
+    return medians
+
+
+def run_child(arguments: list[str]) -> dict[str, float]:
+    """Run `python ARGUMENTS`, whose last line of output is a JSON object, and return it."""
+    done = subprocess.run([sys.executable, *arguments], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(arguments[-2:])} failed:\n{done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def alternate(
+    names: list[str], repeats: int, child_arguments: Callable[[str], list[str]], shapes: list[str]
+) -> dict[str, dict[str, list[float]]]:
+    """One child per name and repeat, in rotating order (A B, B A, ...); per name and shape, the
+    children's medians in repeat order, so that repeat i of every name pairs."""
+    medians: dict[str, dict[str, list[float]]] = {name: {s: [] for s in shapes} for name in names}
+    for repeat in range(repeats):
+        for name in interleaved_order(names, repeat):
+            got = run_child(child_arguments(name))
+            for shape in shapes:
+                medians[name][shape].append(got[shape])
+            progress = ", ".join(f"{s} {got[s]:.1f} ms" for s in shapes)
+            print(f"repeat {repeat + 1}/{repeats}: {name}: {progress}", file=sys.stderr, flush=True)
+    return medians

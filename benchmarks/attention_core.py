@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from btdeploy.backends.onnxruntime import session_options
+from btdeploy.hugepages import reexec_with_hugepages
 
 TOKENS, WIDTH, HEADS = 325, 768, 12
 
@@ -127,4 +129,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
     main()

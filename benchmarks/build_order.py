@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from btdeploy.hugepages import reexec_with_hugepages
+
 
 def _one_process(model: Path, sessions: int, batch: int, seq_len: int, rounds: int, threads: int) -> list[float]:
     import onnxruntime as ort
@@ -75,4 +77,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
     main()

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from btdeploy.artifacts.manifest import head_folders, read_manifest
 from btdeploy.bench.variants import VARIANTS, BenchEnv
+from btdeploy.hugepages import reexec_with_hugepages
 from btdeploy.model.inputs import sample_inputs
 
 
@@ -121,4 +122,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
     main()

@@ -7,11 +7,13 @@ process builds one variant, warms it up and times it; the processes take turns (
 rotated every repeat), so the machine's drift over minutes falls on every variant alike.
 
     python benchmarks/lone_sessions.py DIR [--head itm] [--variants ort-fused,openvino-fp32,ort-int8,openvino-int8]
-        [--shapes 1x16,4x40] [--repeats 4] [--runs 8] [--threads 2]
+        [--shapes 1x16,4x40] [--repeats 4] [--runs 8] [--threads 2] [--hugepages on|off|both]
 
 Prints per shape the median over processes of each variant's median, the goal ratios (the peer
 over btdeploy's variant: above 1, btdeploy is faster), and the median of the ratios within each
-repeat (the processes of one repeat ran minutes apart at most).
+repeat (the processes of one repeat ran minutes apart at most). The processes start as btdeploy's
+commands do, with malloc's memory on huge pages (btdeploy/hugepages.py); `--hugepages off` starts
+them on 4 KB pages, `both` runs every variant both ways and sets the two side by side.
 """
 
 from __future__ import annotations
@@ -25,6 +27,36 @@ from pathlib import Path
 
 # Goal pairs (peer, btdeploy): the peer's median over btdeploy's, as the issue states them.
 GOALS = (("openvino-fp32", "ort-fused"), ("openvino-int8", "ort-int8"), ("openvino-int8", "ort-int8-dynamic"))
+SMALL_PAGES = " (4 KB pages)"  # the name of a variant run with --hugepages off
+
+
+def _environment(name: str) -> dict[str, str]:
+    from btdeploy import hugepages
+
+    if name.endswith(SMALL_PAGES):
+        return hugepages.without_hugepages(os.environ)
+    reason = hugepages.status().unavailable()
+    if reason:
+        raise SystemExit(f"huge pages cannot be used here: {reason}; run with --hugepages off")
+    return hugepages.with_hugepages(os.environ)
+
+
+def _print_goals(medians: dict[str, dict[str, list[float]]], shapes: list[str], suffix: str) -> None:
+    goals = [
+        (peer + suffix, ours + suffix) for peer, ours in GOALS if peer + suffix in medians and ours + suffix in medians
+    ]
+    if not goals:
+        return
+    print("\n| goal ratio | " + " | ".join(shapes) + " |")
+    print("|---|" + "---:|" * len(shapes))
+    for peer, ours in goals:
+        print(f"| {peer} / {ours} | " + " | ".join(_ratio(medians[peer][s], medians[ours][s]) for s in shapes) + " |")
+
+
+def _ratio(slower: list[float], faster: list[float]) -> str:
+    """Of the medians, and the median of the ratios within each repeat."""
+    paired = statistics.median(a / b for a, b in zip(slower, faster, strict=True))
+    return f"{statistics.median(slower) / statistics.median(faster):.3f} (paired {paired:.3f})"
 
 
 def _child(export: Path, head: str, variant: str, shapes: list[str], runs: int, threads: int) -> dict[str, float]:
@@ -49,34 +81,36 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4, help="processes per variant")
     parser.add_argument("--runs", type=int, default=8, help="timed runs per shape in each process")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--hugepages", choices=["on", "off", "both"], default="on", help="malloc's memory on 2 MB pages"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shapes = args.shapes.split(",")
     if args.child:
-        print(json.dumps(_child(args.export, args.head, args.child, shapes, args.runs, args.threads)))
+        variant = args.child.removesuffix(SMALL_PAGES)
+        print(json.dumps(_child(args.export, args.head, variant, shapes, args.runs, args.threads)))
         return
     from btdeploy.bench.lone import alternate
 
     variants = args.variants.split(",")
-    medians = alternate(variants, args.repeats, lambda variant: [*sys.argv, "--child", variant], shapes)
+    suffixes = {"on": [""], "off": [SMALL_PAGES], "both": ["", SMALL_PAGES]}[args.hugepages]
+    names = [variant + suffix for suffix in suffixes for variant in variants]
+    medians = alternate(names, args.repeats, lambda name: [*sys.argv, "--child", name], shapes, _environment)
     print(f"{args.export} {args.head}: each variant alone in {args.repeats} processes, {args.runs} runs per shape")
-    print("| batch x length | " + " | ".join(variants) + " |")
-    print("|---|" + "---:|" * len(variants))
+    print("| batch x length | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
     for shape in shapes:
-        row = " | ".join(f"{statistics.median(medians[v][shape]):.1f}" for v in variants)
+        row = " | ".join(f"{statistics.median(medians[name][shape]):.1f}" for name in names)
         print(f"| {shape.replace('x', ' x ')} | {row} |")
-    goals = [(peer, ours) for peer, ours in GOALS if peer in medians and ours in medians]
-    if goals:
-        print("\n| goal ratio | " + " | ".join(shapes) + " |")
+    for suffix in suffixes:
+        _print_goals(medians, shapes, suffix)
+    if len(suffixes) == 2:
+        print("\n| 4 KB pages / huge pages | " + " | ".join(shapes) + " |")
         print("|---|" + "---:|" * len(shapes))
-        for peer, ours in goals:
-            cells: list[str] = []
-            for shape in shapes:
-                of_medians = statistics.median(medians[peer][shape]) / statistics.median(medians[ours][shape])
-                pairs = zip(medians[peer][shape], medians[ours][shape], strict=True)
-                paired = statistics.median(p / o for p, o in pairs)
-                cells.append(f"{of_medians:.3f} (paired {paired:.3f})")
-            print(f"| {peer} / {ours} | " + " | ".join(cells) + " |")
+        for variant in variants:
+            cells = [_ratio(medians[variant + SMALL_PAGES][s], medians[variant][s]) for s in shapes]
+            print(f"| {variant} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,12 @@ Runs with the bench's settings (f32 inference precision, latency hint, --threads
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections import defaultdict
 
 from btdeploy.bench.profile_case import parse_profile_case
+from btdeploy.hugepages import reexec_with_hugepages
 
 
 def main() -> None:
@@ -47,4 +49,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
     main()

@@ -7,6 +7,7 @@ Prints each operator type's share of the kernel time, largest first.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import onnxruntime as ort
 from btdeploy.backends.onnxruntime import session_options
 from btdeploy.bench.ort_profile import kernel_ms_per_op
 from btdeploy.bench.profile_case import parse_profile_case
+from btdeploy.hugepages import reexec_with_hugepages
 
 
 def main() -> None:
@@ -36,4 +38,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
     main()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -37,6 +38,7 @@ from btdeploy.bench.machine import cpu_description
 from btdeploy.bench.ort_profile import kernel_ms_per_op
 from btdeploy.bench.runner import interleaved_order
 from btdeploy.bench.variants import VARIANTS, BenchEnv
+from btdeploy.hugepages import reexec_with_hugepages
 from btdeploy.model.inputs import sample_inputs
 
 KINDS = ("weight GEMMs", "attention core", "everything else")
@@ -169,4 +171,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
     main()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from btdeploy.errors import BtDeployError
+from btdeploy.hugepages import ENGINE_COMMANDS, reexec_with_hugepages
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -483,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 on success, 1 when a check ran and failed, 2 for anything the user can fix, 130 on Ctrl-C."""
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] in ENGINE_COMMANDS:
+        reexec_with_hugepages(["-m", "btdeploy.cli", *sys.argv[1:]])
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)[1:]

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from btdeploy import hugepages
 from btdeploy.artifacts.manifest import head_folders, package_version, read_manifest
 from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.backends.tensorrt.environment import INSTALL_TENSORRT, WHERE
@@ -24,6 +25,18 @@ def _driver() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
+
+
+def _huge_pages() -> str:
+    """Whether btdeploy's model-running commands get 2 MB pages here, and how a user's own program does."""
+    here = hugepages.status()
+    if here.wanted():
+        return (
+            f"btdeploy {', '.join(hugepages.ENGINE_COMMANDS)} start with {hugepages.TUNABLES}={hugepages.SETTING} "
+            f"(kernel mode {here.thp}); start your own program the same way: "
+            f"{hugepages.TUNABLES}={hugepages.SETTING} python app.py"
+        )
+    return here.describe()
 
 
 def _artifacts(folder: Path) -> list[str]:
@@ -62,6 +75,7 @@ def doctor_report(folder: Path | None = None) -> tuple[list[str], bool]:
     modelopt_install = "not installed -> pip install 'nvidia-modelopt[onnx]==0.47.0'"
     lines.append(f"nvidia-modelopt  {modelopt or modelopt_install}")
     lines.append(f"tensorrt         {trt or f'not installed -> {INSTALL_TENSORRT} {WHERE}'}")
+    lines.append(f"huge pages       {_huge_pages()}")
     can_build = bool(found and trt)
     lines.append("")
     lines.append("can run here:")

@@ -350,7 +350,8 @@ def write_serve_report(
         "# Serving bench: btdeploy serve (Ray Serve) under load, against btdeploy.load in one process",
         "",
         f"Machine: {cpu['model']}, {cpu['logical_cores']} logical cores, flags {', '.join(cpu['flags'])}; "
-        f"no GPU. One replica per deployment. itm requests: 1 image-text pair of {text_length} tokens each, "
+        f"huge pages {machine['huge_pages']}; no GPU. One replica per deployment. "
+        f"itm requests: 1 image-text pair of {text_length} tokens each, "
         f"binary Open Inference Protocol tensors; rank requests: 1 image (of {images}, so the feature cache "
         f"hits) against {captions} captions. Batching: up to {max_batch} requests merged, 10 ms wait.",
         "",

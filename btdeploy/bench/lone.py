@@ -18,6 +18,7 @@ from typing import Any
 
 from btdeploy.backends.base import Backend
 from btdeploy.bench.runner import interleaved_order, time_case
+from btdeploy.hugepages import engine_environment
 from btdeploy.model.inputs import sample_inputs
 
 WARMUP = 2  # as btdeploy bench
@@ -41,23 +42,29 @@ def median_ms(backend: Backend, config: Any, shapes: list[str], runs: int) -> di
     return medians
 
 
-def run_child(arguments: list[str]) -> dict[str, float]:
-    """Run `python ARGUMENTS`, whose last line of output is a JSON object, and return it."""
-    done = subprocess.run([sys.executable, *arguments], capture_output=True, text=True)
+def run_child(arguments: list[str], environ: dict[str, str] | None = None) -> dict[str, float]:
+    """Run `python ARGUMENTS`, whose last line of output is a JSON object, and return it. The child
+    starts in `environ`, by default the one btdeploy's own commands run models in (huge pages)."""
+    environ = engine_environment() if environ is None else environ
+    done = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, env=environ)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(arguments[-2:])} failed:\n{done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def alternate(
-    names: list[str], repeats: int, child_arguments: Callable[[str], list[str]], shapes: list[str]
+    names: list[str],
+    repeats: int,
+    child_arguments: Callable[[str], list[str]],
+    shapes: list[str],
+    child_environment: Callable[[str], dict[str, str] | None] = lambda name: None,
 ) -> dict[str, dict[str, list[float]]]:
     """One child per name and repeat, in rotating order (A B, B A, ...); per name and shape, the
     children's medians in repeat order, so that repeat i of every name pairs."""
     medians: dict[str, dict[str, list[float]]] = {name: {s: [] for s in shapes} for name in names}
     for repeat in range(repeats):
         for name in interleaved_order(names, repeat):
-            got = run_child(child_arguments(name))
+            got = run_child(child_arguments(name), child_environment(name))
             for shape in shapes:
                 medians[name][shape].append(got[shape])
             progress = ", ".join(f"{s} {got[s]:.1f} ms" for s in shapes)

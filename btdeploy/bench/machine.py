@@ -41,11 +41,13 @@ def gpu_description() -> dict[str, Any] | None:
 
 
 def machine_description(threads: int) -> dict[str, Any]:
+    from btdeploy import hugepages
     from btdeploy.artifacts.manifest import tool_versions
 
     return {
         "cpu": cpu_description(),
         "threads_used": threads,
+        "huge_pages": hugepages.status().describe(),  # 1.1-1.2x on ONNX Runtime's CPU provider (hugepages.py)
         "gpu": gpu_description(),
         "os": platform.platform(),
         "versions": tool_versions(),

@@ -88,6 +88,7 @@ def markdown(run: BenchRun) -> str:
         f"- CPU: {cpu.get('model')} ({cpu.get('logical_cores')} logical cores; flags: {flags}),"
         f" {run.settings.threads} thread(s) used",
         f"- GPU: {gpu['name'] if gpu else 'none'}",
+        f"- huge pages: {run.machine.get('huge_pages', 'not recorded')}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
         f"- FP32 matmul peak measured in this run: {run.matmul_peak_gflops:.1f} GFLOP/s (best 2048^3 GEMM of "
         + ", ".join(f"{k} {v:.1f}" for k, v in run.machine.get("matmul_gflops", {}).items())

@@ -7,7 +7,9 @@ in turn); each repeat in a fresh process.
 
 Prints, per repeat, the median of each session by the position it was built in, and how much
 slower the first-built was than the fastest of the others. This is why `btdeploy bench` builds
-every variant once in every position of the build order (bench/runner.py, `build_orders`).
+every variant once in every position of the build order (bench/runner.py, `build_orders`). On
+4 KB pages (`BTDEPLOY_HUGEPAGES=0`) the first-built ran 1-10 % slower; on huge pages, as the
+script starts by default (btdeploy/hugepages.py), within 1.5 % (benchmarks/results/base-peers-cpu).
 """
 
 from __future__ import annotations

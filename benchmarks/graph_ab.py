@@ -1,7 +1,7 @@
 """Two graphs of one exported head, A against B on ONNX Runtime, each alone in its own process.
 
-In one process a session built earlier runs slower than one built later, and by a different
-amount for different graphs (build_order.py; on one Xeon VM the ort INT8 graph lost 13-22 % when
+In one process on 4 KB pages a session built earlier ran slower than one built later, and by a
+different amount for different graphs (build_order.py; on one Xeon VM the ort INT8 graph lost 13-22 % when
 built first, its Q/DQ form 0-5 %), so timing two graphs side by side in one process measures
 their build order as much as the graphs. Here each process builds one graph, as a deployment
 does, warms it up and times it; the processes alternate A, B, B, A, ... so the machine's drift

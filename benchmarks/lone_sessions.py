@@ -1,7 +1,7 @@
 """Each variant alone in its own process, as a deployment runs it: one model per process.
 
-In one process, a session built earlier runs slower than one built later (by 4-6 % on some
-VMs, by up to 15 % on others, and not by the same amount for every graph: build_order.py), so
+In one process, on 4 KB pages, a session built earlier ran slower than one built later (by 4-6 %
+on some VMs, by up to 15 % on others, and not by the same amount for every graph: build_order.py), so
 any in-process comparison mixes the graphs with the places they were built in. Here every
 process builds one variant, warms it up and times it; the processes take turns (the order
 rotated every repeat), so the machine's drift over minutes falls on every variant alike.

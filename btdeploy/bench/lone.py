@@ -1,10 +1,11 @@
 """Timing each backend alone in its own process, as a deployment runs one model per process.
 
-In one process a session built earlier runs slower than one built later, by an amount that
-differs between graphs (benchmarks/build_order.py), so the scripts that decide between two
+On 4 KB pages a session built earlier in a process ran slower than one built later, by an amount
+that differed between graphs (benchmarks/build_order.py), so the scripts that decide between two
 graphs or set btdeploy against a peer (benchmarks/graph_ab.py, benchmarks/lone_sessions.py) run
 each candidate in a child process of its own: the child times one backend with `median_ms`, the
-parent takes the children in turns with `alternate`.
+parent takes the children in turns with `alternate`. The children start as btdeploy's commands
+do, on huge pages (btdeploy/hugepages.py), unless the caller gives another environment.
 """
 
 from __future__ import annotations

@@ -128,10 +128,14 @@ def reexec_with_hugepages(arguments: list[str]) -> None:
     """Replace this process by `python ARGUMENTS` started with the tunable, where wanted: the CLI
     passes `-m btdeploy.cli ...`, a script its `sys.argv`. Call it before anything allocates much:
     glibc reads the tunable only at start-up."""
-    if status().wanted():
-        sys.stdout.flush()
-        sys.stderr.flush()
+    if not sys.executable or not status().wanted():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
         os.execve(sys.executable, [sys.executable, *arguments], with_hugepages(os.environ))
+    except OSError:
+        return  # the interpreter cannot be started again (an embedded one): run on 4 KB pages
 
 
 def huge_resident_mb() -> float | None:

@@ -92,3 +92,17 @@ def test_the_bench_command_restarts_with_huge_pages_and_says_so(
     assert f"huge pages: {recorded}" in (tmp_path / "results.md").read_text()
     if opt_out and before.unavailable() is None:
         assert recorded == "off: BTDEPLOY_HUGEPAGES=0"
+
+
+def test_a_restart_that_cannot_happen_leaves_the_process_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> None:
+        raise PermissionError("no exec here")
+
+    monkeypatch.setattr(hugepages, "status", lambda: HugePageStatus("madvise", (2, 36), None, False))
+    monkeypatch.setattr(hugepages.os, "execve", refuse)
+    hugepages.reexec_with_hugepages(["-m", "btdeploy.cli", "run"])  # returns: the caller goes on
+    called: list[object] = []
+    monkeypatch.setattr(hugepages.os, "execve", lambda *args: called.append(args))
+    hugepages.reexec_with_hugepages(["-m", "btdeploy.cli", "run"])
+    assert called and called[0][1][1:] == ["-m", "btdeploy.cli", "run"]  # type: ignore[index]
+    assert called[0][2]["GLIBC_TUNABLES"].endswith("glibc.malloc.hugetlb=1")  # type: ignore[index]

@@ -5,7 +5,7 @@ glibc leaves what it allocates on 4 KB pages unless the process starts with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc 2.35+; read once, at start-up), and with the
 kernel's transparent huge pages in `madvise` mode, the common default, nothing else asks for
 them. ONNX Runtime reads every prepacked weight on each run from memory it allocated that way;
-on a 2-core Xeon VM, base itm ran 1.10-1.23x faster on 2 MB pages, FP32 and INT8 alike, while
+on a 2-core Xeon VM, base itm ran 1.02-1.23x faster on 2 MB pages (two runs), FP32 and INT8, while
 OpenVINO, which allocates its own way, did not change (`benchmarks/lone_sessions.py --hugepages both`;
 benchmarks/results/base-peers-cpu, tenth look).
 
@@ -90,9 +90,15 @@ class HugePageStatus:
         if self.tunable == "1" or self.thp == "always":
             how = f"{TUNABLES}={HUGETLB}={self.tunable}" if self.tunable else "the kernel's `always` mode"
             return f"on in this process ({how}; kernel mode {self.thp})"
+        if self.tunable is not None:
+            return f"as set: {TUNABLES} gives {HUGETLB}={self.tunable}, which btdeploy's commands keep"
         if self.opted_out:
             return f"off: {OPT_OUT}=0"
-        return f"off in this process; btdeploy's commands turn it on (start your own with {TUNABLES}={SETTING})"
+        return (
+            f"off in this process; btdeploy's commands turn it on (btdeploy {', '.join(ENGINE_COMMANDS)} start "
+            f"with {TUNABLES}={SETTING}, kernel mode {self.thp}); start your own program the same way: "
+            f"{TUNABLES}={SETTING} python app.py"
+        )
 
 
 def status(environ: Mapping[str, str] | None = None) -> HugePageStatus:

@@ -40,6 +40,7 @@ def test_the_kernel_mode_is_the_bracketed_one(tmp_path: Path) -> None:
         ("madvise", (2, 36), None, False, True, "btdeploy's commands turn it on"),
         ("madvise", (2, 36), "1", False, False, "on in this process (GLIBC_TUNABLES=glibc.malloc.hugetlb=1"),
         ("madvise", (2, 36), None, True, False, "off: BTDEPLOY_HUGEPAGES=0"),
+        ("madvise", (2, 36), "0", False, False, "as set: GLIBC_TUNABLES gives glibc.malloc.hugetlb=0"),
         ("always", (2, 36), None, False, False, "on in this process (the kernel's `always` mode"),
         ("never", (2, 36), None, False, False, "transparent huge pages are off in the kernel (`never`)"),
         ("madvise", (2, 31), None, False, False, "glibc 2.31: glibc.malloc.hugetlb needs glibc 2.35"),

@@ -27,18 +27,6 @@ def _driver() -> str | None:
     return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
 
 
-def _huge_pages() -> str:
-    """Whether btdeploy's model-running commands get 2 MB pages here, and how a user's own program does."""
-    here = hugepages.status()
-    if here.wanted():
-        return (
-            f"btdeploy {', '.join(hugepages.ENGINE_COMMANDS)} start with {hugepages.TUNABLES}={hugepages.SETTING} "
-            f"(kernel mode {here.thp}); start your own program the same way: "
-            f"{hugepages.TUNABLES}={hugepages.SETTING} python app.py"
-        )
-    return here.describe()
-
-
 def _artifacts(folder: Path) -> list[str]:
     lines = []
     for head_folder in head_folders(folder, None):
@@ -75,7 +63,7 @@ def doctor_report(folder: Path | None = None) -> tuple[list[str], bool]:
     modelopt_install = "not installed -> pip install 'nvidia-modelopt[onnx]==0.47.0'"
     lines.append(f"nvidia-modelopt  {modelopt or modelopt_install}")
     lines.append(f"tensorrt         {trt or f'not installed -> {INSTALL_TENSORRT} {WHERE}'}")
-    lines.append(f"huge pages       {_huge_pages()}")
+    lines.append(f"huge pages       {hugepages.status().describe()}")
     can_build = bool(found and trt)
     lines.append("")
     lines.append("can run here:")

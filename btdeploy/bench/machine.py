@@ -47,7 +47,7 @@ def machine_description(threads: int) -> dict[str, Any]:
     return {
         "cpu": cpu_description(),
         "threads_used": threads,
-        "huge_pages": hugepages.status().describe(),  # 1.1-1.2x on ONNX Runtime's CPU provider (hugepages.py)
+        "huge_pages": hugepages.status().describe(),  # 1.02-1.23x on ONNX Runtime's CPU provider (hugepages.py)
         "gpu": gpu_description(),
         "os": platform.platform(),
         "versions": tool_versions(),

@@ -63,14 +63,15 @@ def main() -> None:
     if args.child == "difference":
         print(json.dumps(_largest_difference([args.a, args.b], args.head_dir, shapes, args.threads)))
         return
-    from btdeploy.bench.lone import alternate, median_ms, run_child
+    from btdeploy.bench.lone import alternate, child_report, run_child
 
     if args.child:
         backend, config = _backend(args.a if args.child == "A" else args.b, args.head_dir, args.threads)
-        print(json.dumps(median_ms(backend, config, shapes, args.runs)))
+        print(json.dumps(child_report(backend, config, shapes, args.runs)))
         return
     worst = run_child([*sys.argv, "--child", "difference"])
-    medians = alternate(["A", "B"], args.repeats, lambda which: [*sys.argv, "--child", which], shapes)
+    times = alternate(["A", "B"], args.repeats, lambda which: [*sys.argv, "--child", which], shapes)
+    medians = times.medians
     print(f"A: {args.a}\nB: {args.b}")
     print(f"each graph alone in {args.repeats} processes, alternating; {args.runs} runs per shape; ms")
     print("| batch x length | A median | B median | A / B | paired | max abs difference |")
@@ -83,6 +84,9 @@ def main() -> None:
             f"| {shape.replace('x', ' x ')} | {a_median:.1f} | {b_median:.1f} | {a_median / b_median:.3f} "
             f"| {paired:.3f} | {worst[shape]:.2e} |"
         )
+    print("\n| graph | resident MB | of it on huge pages, MB |\n|---|---:|---:|")
+    for which in ("A", "B"):
+        print(f"| {which} | {times.memory_row(which)} |")
 
 
 if __name__ == "__main__":

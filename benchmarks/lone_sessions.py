@@ -13,7 +13,12 @@ Prints per shape the median over processes of each variant's median, the goal ra
 over btdeploy's variant: above 1, btdeploy is faster), and the median of the ratios within each
 repeat (the processes of one repeat ran minutes apart at most). The processes start as btdeploy's
 commands do, with malloc's memory on huge pages (btdeploy/hugepages.py); `--hugepages off` starts
-them on 4 KB pages, `both` runs every variant both ways and sets the two side by side.
+them on 4 KB pages, `both` runs every variant both ways and sets the two side by side, and adds
+the goal ratios with each engine as its own users start it: btdeploy's variants on huge pages, as
+its commands start, the peers on 4 KB pages, malloc's default (OpenVINO gained nothing from the
+tunable on a Xeon VM and its INT8 graph ran up to 6 % slower: benchmarks/results/base-peers-cpu,
+eleventh look). A last
+table gives what each variant's processes held after timing and how much of it was on huge pages.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 # Goal pairs (peer, btdeploy): the peer's median over btdeploy's, as the issue states them.
 GOALS = (("openvino-fp32", "ort-fused"), ("openvino-int8", "ort-int8"), ("openvino-int8", "ort-int8-dynamic"))
@@ -41,10 +47,11 @@ def _environment(name: str) -> dict[str, str]:
     return hugepages.with_hugepages(os.environ)
 
 
-def _print_goals(medians: dict[str, dict[str, list[float]]], shapes: list[str], suffix: str) -> None:
-    goals = [
-        (peer + suffix, ours + suffix) for peer, ours in GOALS if peer + suffix in medians and ours + suffix in medians
-    ]
+def _print_goals(
+    medians: dict[str, dict[str, list[float]]], shapes: list[str], peer_suffix: str, ours_suffix: str
+) -> None:
+    goals = [(peer + peer_suffix, ours + ours_suffix) for peer, ours in GOALS]
+    goals = [(peer, ours) for peer, ours in goals if peer in medians and ours in medians]
     if not goals:
         return
     print("\n| goal ratio | " + " | ".join(shapes) + " |")
@@ -59,8 +66,8 @@ def _ratio(slower: list[float], faster: list[float]) -> str:
     return f"{statistics.median(slower) / statistics.median(faster):.3f} (paired {paired:.3f})"
 
 
-def _child(export: Path, head: str, variant: str, shapes: list[str], runs: int, threads: int) -> dict[str, float]:
-    from btdeploy.bench.lone import median_ms
+def _child(export: Path, head: str, variant: str, shapes: list[str], runs: int, threads: int) -> dict[str, Any]:
+    from btdeploy.bench.lone import child_report
     from btdeploy.bench.variants import VARIANTS, BenchEnv
     from btdeploy.runtime.runtime import find_head
 
@@ -69,7 +76,7 @@ def _child(export: Path, head: str, variant: str, shapes: list[str], runs: int, 
     reason = VARIANTS[variant].unavailable(manifest, env)
     if reason:
         raise SystemExit(f"{variant} cannot run here: {reason}")
-    return median_ms(VARIANTS[variant].build(manifest, env), manifest.config, shapes, runs)
+    return child_report(VARIANTS[variant].build(manifest, env), manifest.config, shapes, runs)
 
 
 def main() -> None:
@@ -96,7 +103,8 @@ def main() -> None:
     variants = args.variants.split(",")
     suffixes = {"on": [""], "off": [SMALL_PAGES], "both": ["", SMALL_PAGES]}[args.hugepages]
     names = [variant + suffix for suffix in suffixes for variant in variants]
-    medians = alternate(names, args.repeats, lambda name: [*sys.argv, "--child", name], shapes, _environment)
+    times = alternate(names, args.repeats, lambda name: [*sys.argv, "--child", name], shapes, _environment)
+    medians = times.medians
     print(f"{args.export} {args.head}: each variant alone in {args.repeats} processes, {args.runs} runs per shape")
     print("| batch x length | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
@@ -104,13 +112,18 @@ def main() -> None:
         row = " | ".join(f"{statistics.median(medians[name][shape]):.1f}" for name in names)
         print(f"| {shape.replace('x', ' x ')} | {row} |")
     for suffix in suffixes:
-        _print_goals(medians, shapes, suffix)
+        _print_goals(medians, shapes, suffix, suffix)
+    if len(suffixes) == 2:  # each engine as its own users start it: btdeploy's commands on huge pages, peers not
+        _print_goals(medians, shapes, SMALL_PAGES, "")
     if len(suffixes) == 2:
         print("\n| 4 KB pages / huge pages | " + " | ".join(shapes) + " |")
         print("|---|" + "---:|" * len(shapes))
         for variant in variants:
             cells = [_ratio(medians[variant + SMALL_PAGES][s], medians[variant][s]) for s in shapes]
             print(f"| {variant} | " + " | ".join(cells) + " |")
+    print("\n| variant | resident MB | of it on huge pages, MB |\n|---|---:|---:|")
+    for name in names:
+        print(f"| {name} | {times.memory_row(name)} |")
 
 
 if __name__ == "__main__":

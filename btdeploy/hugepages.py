@@ -144,10 +144,25 @@ def reexec_with_hugepages(arguments: list[str]) -> None:
         return  # the interpreter cannot be started again (an embedded one): run on 4 KB pages
 
 
-def huge_resident_mb() -> float | None:
-    """Resident memory of this process on transparent huge pages, in MB (None where not reported)."""
+@dataclass(frozen=True)
+class ResidentMemory:
+    """This process's resident memory and how much of it is on transparent huge pages, in MB."""
+
+    resident_mb: float
+    huge_mb: float
+
+    def describe(self) -> str:
+        return f"{self.resident_mb:.0f} MB resident, {self.huge_mb:.0f} MB on huge pages"
+
+
+def resident_memory(rollup: Path = Path("/proc/self/smaps_rollup")) -> ResidentMemory | None:
+    """What this process holds now (None where the kernel does not report it). An engine that
+    allocates its own way shows here with little on huge pages even when malloc asks for them."""
     try:
-        found = re.search(r"AnonHugePages:\s+(\d+) kB", Path("/proc/self/smaps_rollup").read_text())
+        text = rollup.read_text()
     except OSError:
         return None
-    return int(found.group(1)) / 1024 if found else None
+    resident, huge = (re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE) for key in ("Rss", "AnonHugePages"))
+    if resident is None or huge is None:
+        return None
+    return ResidentMemory(int(resident.group(1)) / 1024, int(huge.group(1)) / 1024)

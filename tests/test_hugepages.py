@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from btdeploy import hugepages
@@ -65,7 +66,7 @@ def _clean_environment() -> dict[str, str]:
 
 def test_a_process_started_for_engines_gets_huge_pages_where_the_machine_allows() -> None:
     environ = hugepages.engine_environment(_clean_environment())
-    touch = "import numpy, btdeploy.hugepages as h; a = numpy.ones(2**24); print(h.huge_resident_mb())"
+    touch = "import numpy, btdeploy.hugepages as h; a = numpy.ones(2**24); print(h.resident_memory().huge_mb)"
     got = subprocess.run([sys.executable, "-c", touch], env=environ, capture_output=True, text=True, check=True)
     huge_mb = float(got.stdout.strip().splitlines()[-1])
     if hugepages.status(_clean_environment()).wanted():
@@ -107,3 +108,26 @@ def test_a_restart_that_cannot_happen_leaves_the_process_running(monkeypatch: py
     hugepages.reexec_with_hugepages(["-m", "btdeploy.cli", "run"])
     assert called and called[0][1][1:] == ["-m", "btdeploy.cli", "run"]  # type: ignore[index]
     assert called[0][2]["GLIBC_TUNABLES"].endswith("glibc.malloc.hugetlb=1")  # type: ignore[index]
+
+
+def test_resident_memory_reads_the_kernels_rollup(tmp_path: Path) -> None:
+    rollup = tmp_path / "smaps_rollup"
+    rollup.write_text(
+        "55d0c0000000-7ffd00000000 ---p 00000000 00:00 0 [rollup]\nRss:              524288 kB\n"
+        "Pss:              500000 kB\nAnonymous:        400000 kB\nAnonHugePages:    409600 kB\n"
+    )
+    held = hugepages.resident_memory(rollup)
+    assert held == hugepages.ResidentMemory(512.0, 400.0)
+    assert held.describe() == "512 MB resident, 400 MB on huge pages"
+    assert hugepages.resident_memory(tmp_path / "absent") is None  # not Linux: nothing to say
+    rollup.write_text("Rss: 1 kB\n")
+    assert hugepages.resident_memory(rollup) is None  # a kernel without THP accounting
+
+
+def test_resident_memory_of_this_process_counts_a_new_array() -> None:
+    before = hugepages.resident_memory()
+    assert before is not None  # Linux, as btdeploy's machines and CI are
+    block = np.ones(2**24)  # 128 MB, touched
+    after = hugepages.resident_memory()
+    assert after is not None and after.resident_mb - before.resident_mb > 100
+    del block

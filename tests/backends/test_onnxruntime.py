@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -20,12 +21,14 @@ def test_an_idle_session_leaves_the_cores_to_the_next_one(tiny_export: Path) -> 
     backend = OnnxRuntimeBackend(manifest.folder / "model.onnx", outputs, threads=2)
     feeds = sample_inputs(manifest.config, 2, 8, pad=False)
     idle_cpu_ms = []
-    for _ in range(3):
+    for _ in range(5):
         backend.run(feeds)
         started = time.process_time()
         time.sleep(0.3)
         idle_cpu_ms.append(1e3 * (time.process_time() - started))
-    assert max(idle_cpu_ms) < 5.0, idle_cpu_ms
+    # Spinning shows after every run; the median leaves out a pause in which another thread of the
+    # test process (left by an earlier test) happened to run: one such pause took 7.8 ms in CI.
+    assert statistics.median(idle_cpu_ms) < 5.0, idle_cpu_ms
 
 
 def _cpu_per_wall(backend: OnnxRuntimeBackend, feeds: dict[str, object], runs: int = 30) -> float:

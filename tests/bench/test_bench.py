@@ -425,9 +425,9 @@ def test_lone_sessions_sets_each_goal_pair_side_by_side(optimized: Path) -> None
 
     script = Path(__file__).parents[2] / "benchmarks" / "lone_sessions.py"
     command = [sys.executable, str(script), str(optimized), "--head", "itm", "--variants", "ort-fused,openvino-fp32",
-               "--shapes", "1x4", "--repeats", "2", "--runs", "2", "--threads", "1", "--hugepages", "both"]  # fmt: skip
+               "--shapes", "1x4", "--repeats", "1", "--runs", "2", "--threads", "1", "--hugepages", "both"]  # fmt: skip
     done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
-    assert len([line for line in done.stderr.splitlines() if line.startswith("repeat ")]) == 8
+    assert len([line for line in done.stderr.splitlines() if line.startswith("repeat ")]) == 4  # one process each
     (row,) = _table(done.stdout, "batch x length")
     ours, peer, ours_small, peer_small = (float(cell) for cell in row[1:])
     assert min(ours, peer, ours_small, peer_small) > 0

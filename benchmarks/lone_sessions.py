@@ -113,9 +113,9 @@ def main() -> None:
         print(f"| {shape.replace('x', ' x ')} | {row} |")
     for suffix in suffixes:
         _print_goals(medians, shapes, suffix, suffix)
-    if len(suffixes) == 2:  # each engine as its own users start it: btdeploy's commands on huge pages, peers not
-        _print_goals(medians, shapes, SMALL_PAGES, "")
     if len(suffixes) == 2:
+        # each engine as its own users start it: btdeploy's commands on huge pages, peers not
+        _print_goals(medians, shapes, SMALL_PAGES, "")
         print("\n| 4 KB pages / huge pages | " + " | ".join(shapes) + " |")
         print("|---|" + "---:|" * len(shapes))
         for variant in variants:

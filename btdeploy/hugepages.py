@@ -151,9 +151,6 @@ class ResidentMemory:
     resident_mb: float
     huge_mb: float
 
-    def describe(self) -> str:
-        return f"{self.resident_mb:.0f} MB resident, {self.huge_mb:.0f} MB on huge pages"
-
 
 def resident_memory(rollup: Path = Path("/proc/self/smaps_rollup")) -> ResidentMemory | None:
     """What this process holds now (None where the kernel does not report it). An engine that

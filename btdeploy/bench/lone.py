@@ -3,8 +3,8 @@
 On 4 KB pages a session built earlier in a process ran slower than one built later, by an amount
 that differed between graphs (benchmarks/build_order.py), so the scripts that decide between two
 graphs or set btdeploy against a peer (benchmarks/graph_ab.py, benchmarks/lone_sessions.py) run
-each candidate in a child process of its own: the child times one backend with `median_ms`, the
-parent takes the children in turns with `alternate`. The children start as btdeploy's commands
+each candidate in a child process of its own: the child times one backend and prints
+`child_report`, the parent takes the children in turns with `alternate`. The children start as btdeploy's commands
 do, on huge pages (btdeploy/hugepages.py), unless the caller gives another environment, and
 report beside their times what they held and how much of it was on huge pages: an engine that
 allocates its own way keeps most of its memory on 4 KB pages whatever malloc is told.

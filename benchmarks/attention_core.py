@@ -8,7 +8,8 @@ provider: the kernels btdeploy's graphs can use, and INT8 in the attention core.
 - `Attention` in FP16: ONNX Runtime's CPU kernel for it (what a trt.int8 graph ran on before
   backends/cpu_fp16.py);
 - INT8 core: Q.K^T and P.V as MatMulIntegerToFloat on dynamically quantized uint8 operands (P on
-  the fixed step 1/255), softmax in FP32. Its error is measured against the FP32 block on the same
+  the fixed step 1/255), softmax in FP32; and INT8 Q.K^T with P.V in FP32 (no coarse step on P).
+  Their error is measured against the FP32 block on the same
   inputs, once with N(0, 1) queries (flat attention) and once with queries x4 (peaked attention).
 
 Prints the median per block and the error; times compare within one run only.
@@ -46,7 +47,14 @@ def _session(nodes: list[Any], dtype: int, threads: int, initializers: list[Any]
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _int8_core_nodes() -> tuple[list[Any], list[Any]]:
+def _integer_matmul(left: str, right: str, left_step: str, out: str) -> Any:
+    """MatMulIntegerToFloat of two uint8 operands named `<x>8`, with their `<x>_zero` zero points."""
+    inputs = [f"{left}8", f"{right}8", left_step, f"{right}_step", f"{left}_zero", f"{right}_zero"]
+    return helper.make_node("MatMulIntegerToFloat", inputs, [out], domain="com.microsoft")
+
+
+def _int8_core_nodes(int8_values: bool = True) -> tuple[list[Any], list[Any]]:
+    """Q.K^T on uint8 operands; P.V on uint8 too, or in FP32 when `int8_values` is False."""
     head = WIDTH // HEADS
     initializers = [
         helper.make_tensor("heads", TensorProto.INT64, [4], [1, -1, HEADS, head]),
@@ -65,21 +73,18 @@ def _int8_core_nodes() -> tuple[list[Any], list[Any]]:
         helper.make_node("DynamicQuantizeLinear", ["qt"], ["q8", "q_step", "q_zero"]),
         helper.make_node("DynamicQuantizeLinear", ["kt"], ["k8", "k_step", "k_zero"]),
         helper.make_node("Mul", ["q_step", "scale"], ["qk_step"]),
-        helper.make_node(
-            "MatMulIntegerToFloat",
-            ["q8", "k8", "qk_step", "k_step", "q_zero", "k_zero"],
-            ["logits"],
-            domain="com.microsoft",
-        ),  # fmt: skip
+        _integer_matmul("q", "k", "qk_step", "logits"),
         helper.make_node("Softmax", ["logits"], ["p"], axis=-1),
-        helper.make_node("QuantizeLinear", ["p", "p_step", "p_zero"], ["p8"]),
-        helper.make_node("DynamicQuantizeLinear", ["vt"], ["v8", "v_step", "v_zero"]),
-        helper.make_node(
-            "MatMulIntegerToFloat",
-            ["p8", "v8", "p_step", "v_step", "p_zero", "v_zero"],
-            ["ot"],
-            domain="com.microsoft",
-        ),  # fmt: skip
+    ]
+    if int8_values:
+        nodes += [
+            helper.make_node("QuantizeLinear", ["p", "p_step", "p_zero"], ["p8"]),
+            helper.make_node("DynamicQuantizeLinear", ["vt"], ["v8", "v_step", "v_zero"]),
+            _integer_matmul("p", "v", "p_step", "ot"),
+        ]
+    else:
+        nodes.append(helper.make_node("MatMul", ["p", "vt"], ["ot"]))
+    nodes += [
         helper.make_node("Transpose", ["ot"], ["o4"], perm=[0, 2, 1, 3]),
         helper.make_node("Reshape", ["o4", "merged"], ["o"]),
     ]
@@ -105,12 +110,18 @@ def main() -> None:
     attention = [helper.make_node("Attention", ["q", "k", "v"], ["o"], q_num_heads=HEADS, kv_num_heads=HEADS)]
     mha = [helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["o"], domain="com.microsoft", num_heads=HEADS)]
     int8_nodes, int8_initializers = _int8_core_nodes()
+    scores_nodes, scores_initializers = _int8_core_nodes(int8_values=False)
     fp32 = _session(attention, TensorProto.FLOAT, args.threads)
     sessions = {
         "Attention FP32": (fp32, np.float32, args.runs),
         "MultiHeadAttention FP32": (_session(mha, TensorProto.FLOAT, args.threads), np.float32, args.runs),
         "Attention FP16 (CPU kernel)": (_session(attention, TensorProto.FLOAT16, args.threads), np.float16, 3),
         "INT8 core": (_session(int8_nodes, TensorProto.FLOAT, args.threads, int8_initializers), np.float32, args.runs),
+        "INT8 Q.K^T, FP32 P.V": (
+            _session(scores_nodes, TensorProto.FLOAT, args.threads, scores_initializers),
+            np.float32,
+            args.runs,
+        ),
     }
     rng = np.random.default_rng(0)
     base = {n: rng.standard_normal((1, TOKENS, WIDTH)).astype(np.float32) for n in "qkv"}
@@ -118,7 +129,7 @@ def main() -> None:
     for name, (session, dtype, runs) in sessions.items():
         cast = {n: value.astype(dtype) for n, value in base.items()}
         line = f"  {name:<30} {_median_ms(session, cast, runs):9.3f} ms"
-        if name == "INT8 core":
+        if name.startswith("INT8"):
             for label, query_scale in (("flat", 1.0), ("peaked", 4.0)):
                 feeds = {**base, "q": base["q"] * query_scale}
                 want, got = fp32.run(None, feeds)[0].ravel(), session.run(None, feeds)[0].ravel()

@@ -460,3 +460,45 @@ def test_gelu_kernels_benchmark_times_every_kernel_and_tells_exact_from_approxim
     assert len(exact) == 2 and len(approximate) == 2
     assert all(errors[name] < 1e-5 for name in exact), errors  # float32 rounding of the erf GELU
     assert all(errors[name] > 1e-4 for name in approximate), errors  # tanh's 4.7e-4 at |x| near 2
+
+
+# Nodes per GELU in each form the ceiling script can meet (the Erf chain: Div, Erf, Add, Mul, Mul).
+_GELU_NODES = {"Gelu": 1, "BiasGelu": 1, "QuickGelu": 1, "Erf chain": 5, "QuickGELU chain": 3}
+
+
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+@pytest.mark.parametrize("flavour", ["ort", "trt", "trt-compat"])
+def test_gelu_ceiling_takes_out_every_gelu_and_nothing_else(optimized: Path, flavour: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import onnx
+
+    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+    from btdeploy.model.heads import get_head
+
+    head = optimized / "itm"
+    source, out = head / f"model.{flavour}.onnx", tmp_path / "no_gelu.onnx"
+    script = Path(__file__).parents[2] / "benchmarks" / "gelu_ceiling.py"
+    done = subprocess.run([sys.executable, str(script), str(source), str(out)], check=True, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    counts = done.stdout.split("(")[1].rstrip(")\n").split(", ")
+    removed = {kind: int(count) for count, kind in (c.split(" ", 1) for c in counts)}
+    config = read_manifest(head).config
+    # one FFN per layer: text, vision, and both sides of each cross-modal layer
+    text, vision = config.text_config.num_hidden_layers, config.vision_config.num_hidden_layers
+    layers = text + vision + 2 * config.num_hidden_layers
+    assert sum(removed.values()) == layers, removed
+
+    def working_nodes(path: Path) -> list[str]:
+        return [n.op_type for n in onnx.load(str(path)).graph.node if n.op_type != "Constant"]
+
+    before, after = working_nodes(source), working_nodes(out)
+    assert len(before) - len(after) == sum(_GELU_NODES[kind] * n for kind, n in removed.items())
+    assert not {"Gelu", "BiasGelu", "QuickGelu", "Erf", "Sigmoid"} & set(after)
+    names = list(get_head(read_manifest(head).head).output_names)
+    feeds = sample_inputs(config, batch=2, text_length=5)
+    want = OnnxRuntimeBackend(source, names, ["cpu"], 1).run(feeds)
+    got = OnnxRuntimeBackend(out, names, ["cpu"], 1).run(feeds)
+    assert all(got[n].shape == want[n].shape for n in names)
+    assert max(float(np.abs(got[n] - want[n]).max()) for n in names) > 1e-3  # the activations are really gone

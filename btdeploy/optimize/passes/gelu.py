@@ -63,6 +63,25 @@ def _gelus(graph: Graph) -> Iterator[tuple[str, list[onnx.NodeProto], str]]:
             yield found
 
 
+# The GELU operators a fused graph holds (ONNX Gelu in trt, ONNX Runtime's in ort): input 0 is the activation.
+FUSED_GELUS = {("Gelu", ""), ("Gelu", MS_DOMAIN), ("BiasGelu", MS_DOMAIN), ("QuickGelu", MS_DOMAIN)}
+
+
+def every_gelu(graph: Graph) -> list[tuple[str, list[onnx.NodeProto], str]]:
+    """Each GELU and QuickGELU of any flavour's graph, fused or as exported: (input, nodes, output).
+
+    For BiasGelu the input is the activation before its bias.
+    """
+    found = list(_gelus(graph))
+    found += [(n.input[0], [n], n.output[0]) for n in graph.graph.node if (n.op_type, n.domain or "") in FUSED_GELUS]
+    for sigmoid in graph.each_once(lambda n: n.op_type == "Sigmoid"):
+        quick = _match_quick_gelu(graph, sigmoid)
+        if quick is not None:
+            x, _, nodes, output = quick
+            found.append((x, nodes, output))
+    return found
+
+
 def _fuse_trt(graph: Graph) -> PassResult:
     """The Erf chain becomes ONNX Gelu (opset 20); QuickGELU stays Sigmoid * x."""
     result = PassResult("GELU/QuickGELU + bias")

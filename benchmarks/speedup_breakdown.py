@@ -34,10 +34,10 @@ import torch
 
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.backends.onnxruntime import session_options
-from btdeploy.bench.machine import cpu_description
 from btdeploy.bench.ort_profile import kernel_ms_per_op
 from btdeploy.bench.runner import interleaved_order
 from btdeploy.bench.variants import VARIANTS, BenchEnv
+from btdeploy.cpu import cpu_description
 from btdeploy.hugepages import reexec_with_hugepages
 from btdeploy.model.inputs import sample_inputs
 

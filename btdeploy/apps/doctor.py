@@ -10,6 +10,7 @@ from btdeploy import hugepages
 from btdeploy.artifacts.manifest import head_folders, package_version, read_manifest
 from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.backends.tensorrt.environment import INSTALL_TENSORRT, WHERE
+from btdeploy.cpu import describe_cpu
 
 
 def _driver() -> str | None:
@@ -44,6 +45,7 @@ def doctor_report(folder: Path | None = None) -> tuple[list[str], bool]:
     found = tensorrt_env.gpu()
     ort_version = package_version("onnxruntime-gpu")
     trt = tensorrt_env.tensorrt_version()  # looked up on the module, so tests can stand in for it
+    lines.append(f"CPU              {describe_cpu()}")
     lines.append(f"torch            {torch_version or 'not installed'}")
     if found:
         import torch

@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from collections.abc import Callable
 from typing import Any
 
-INTERESTING_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
-
-
-def cpu_description() -> dict[str, Any]:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name") and model in ("unknown", "", platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {
-        "model": model,
-        "logical_cores": os.cpu_count(),
-        "flags": [flag for flag in INTERESTING_FLAGS if flag in flags],
-    }
+from btdeploy.cpu import cpu_description
 
 
 def gpu_description() -> dict[str, Any] | None:

@@ -187,6 +187,9 @@ def test_doctor_lists_versions_artifacts_and_install_commands(tiny_export: Path,
     assert "tensorrt         not installed -> pip install 'tensorrt>=10.14'" in text
     assert "onnxruntime-gpu  1." in text and "CPUExecutionProvider" in text
     assert "TensorRT build and run: no" in text
+    from btdeploy.cpu import describe_cpu
+
+    assert f"CPU              {describe_cpu()}" in lines  # INT8 speed depends on the instruction sets
     for head in HEADS:
         assert any(line.split()[0] == head and "model.onnx" in line for line in lines if line.startswith("  "))
 

@@ -1,0 +1,42 @@
+"""What CPU this is: its model, its cores, and the instruction sets ONNX Runtime's and OpenVINO's
+kernels choose from. Which engine is faster in INT8 depends on them (AVX2 only, AVX-512 VNNI, AMX:
+benchmarks/results/base-peers-cpu), so bench reports record them and `btdeploy doctor` prints them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+# From /proc/cpuinfo's flags, in this order: the vector widths, then the integer and bfloat16 dot products.
+INSTRUCTION_SETS = (
+    "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8",
+)  # fmt: skip
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """{"model", "logical_cores", "flags"}: the model name, and which of INSTRUCTION_SETS it has."""
+    model, flags = "", set[str]()
+    try:
+        with open(cpuinfo) as handle:
+            for line in handle:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass  # not Linux: the model from platform, no flags
+    return {
+        "model": model or platform.processor() or "unknown",
+        "logical_cores": os.cpu_count(),
+        "flags": [flag for flag in INSTRUCTION_SETS if flag in flags],
+    }
+
+
+def describe_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """One line: model, cores and instruction sets."""
+    cpu = cpu_description(cpuinfo)
+    flags = " ".join(cpu["flags"]) or "instruction sets not known (no /proc/cpuinfo flags)"
+    return f"{cpu['model']}, {cpu['logical_cores']} logical cores; {flags}"

@@ -5,9 +5,9 @@ glibc leaves what it allocates on 4 KB pages unless the process starts with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc 2.35+; read once, at start-up), and with the
 kernel's transparent huge pages in `madvise` mode, the common default, nothing else asks for
 them. ONNX Runtime reads every prepacked weight on each run from memory it allocated that way;
-on a 2-core Xeon VM, base itm ran 1.02-1.23x faster on 2 MB pages (two runs), FP32 and INT8, while
-OpenVINO, which allocates its own way, did not change (`benchmarks/lone_sessions.py --hugepages both`;
-benchmarks/results/base-peers-cpu, tenth look).
+on a 2-core Xeon VM, base itm ran 1.02-1.23x faster on 2 MB pages in two runs and 0.97-1.09x in
+two later ones, FP32 and INT8, while OpenVINO, which allocates its own way, did not gain
+(`benchmarks/lone_sessions.py --hugepages both`; benchmarks/results/base-peers-cpu).
 
 `reexec_with_hugepages` starts the CLI's model-running commands (and each benchmark script that
 times models in its own process) once more with the tunable, before they allocate anything;

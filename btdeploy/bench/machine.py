@@ -28,7 +28,7 @@ def machine_description(threads: int) -> dict[str, Any]:
     return {
         "cpu": cpu_description(),
         "threads_used": threads,
-        "huge_pages": hugepages.status().describe(),  # 1.02-1.23x on ONNX Runtime's CPU provider (hugepages.py)
+        "huge_pages": hugepages.status().describe(),  # up to 1.23x on ONNX Runtime's CPU provider (hugepages.py)
         "gpu": gpu_description(),
         "os": platform.platform(),
         "versions": tool_versions(),

@@ -1,4 +1,6 @@
 """`btdeploy serve` as a child process: started, awaited until every head answers, stopped by its pid.
+Its stderr goes to a temporary log, removed when the server stops cleanly and otherwise kept, with
+its path in the error or on stderr.
 
 The load bench and the server tests use it; the server itself runs in `server.py`."""
 
@@ -74,4 +76,9 @@ class ServerProcess:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self.stop()
+        # The log is kept only where it can explain something: an error, or a server that did not exit cleanly.
+        code = self.stop()
+        if code == 0 and kind is None:
+            self.log.unlink(missing_ok=True)
+        elif code != 0:
+            print(f"btdeploy serve exited with code {code}; its log: {self.log}", file=sys.stderr)

@@ -80,6 +80,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Ite
         yield Server(process.url, export)
         # Shutdown: SIGTERM stops the server, and no Ray process it started is left behind.
         assert process.stop() == 0, process.tail()
+    assert not process.log.exists()  # a clean stop leaves no log behind in the temporary folder
     deadline = time.monotonic() + 30
     while _ray_processes() - before and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -9,8 +9,8 @@ provider: the kernels btdeploy's graphs can use, and INT8 in the attention core.
   backends/cpu_fp16.py);
 - INT8 core: Q.K^T and P.V as MatMulIntegerToFloat on dynamically quantized uint8 operands (P on
   the fixed step 1/255), softmax in FP32; and INT8 Q.K^T with P.V in FP32 (no coarse step on P).
-  Their error is measured against the FP32 block on the same
-  inputs, once with N(0, 1) queries (flat attention) and once with queries x4 (peaked attention).
+  Their error is measured against the FP32 block on the same inputs, once with N(0, 1) queries
+  (flat attention) and once with queries x4 (peaked attention).
 
 Prints the median per block and the error; times compare within one run only.
 """

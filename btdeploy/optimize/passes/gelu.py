@@ -63,6 +63,14 @@ def _gelus(graph: Graph) -> Iterator[tuple[str, list[onnx.NodeProto], str]]:
             yield found
 
 
+def _quick_gelus(graph: Graph) -> Iterator[tuple[str, float, list[onnx.NodeProto], str]]:
+    """Each exported QuickGELU (x * Sigmoid(alpha x)) once, while the caller rewrites it."""
+    for sigmoid in graph.each_once(lambda n: n.op_type == "Sigmoid"):
+        found = _match_quick_gelu(graph, sigmoid)
+        if found is not None:
+            yield found
+
+
 # The GELU operators a fused graph holds (ONNX Gelu in trt, ONNX Runtime's in ort): input 0 is the activation.
 FUSED_GELUS = {("Gelu", ""), ("Gelu", MS_DOMAIN), ("BiasGelu", MS_DOMAIN), ("QuickGelu", MS_DOMAIN)}
 
@@ -74,11 +82,7 @@ def every_gelu(graph: Graph) -> list[tuple[str, list[onnx.NodeProto], str]]:
     """
     found = list(_gelus(graph))
     found += [(n.input[0], [n], n.output[0]) for n in graph.graph.node if (n.op_type, n.domain or "") in FUSED_GELUS]
-    for sigmoid in graph.each_once(lambda n: n.op_type == "Sigmoid"):
-        quick = _match_quick_gelu(graph, sigmoid)
-        if quick is not None:
-            x, _, nodes, output = quick
-            found.append((x, nodes, output))
+    found += [(x, nodes, output) for x, _, nodes, output in _quick_gelus(graph)]
     return found
 
 
@@ -110,11 +114,7 @@ def _fuse_ort(graph: Graph) -> PassResult:
         else:
             graph.replace(nodes, [graph.make_node("Gelu", [x], [output], name="Gelu", domain=MS_DOMAIN)])
         details["gelu"] += 1
-    for sigmoid in graph.each_once(lambda n: n.op_type == "Sigmoid"):
-        quick = _match_quick_gelu(graph, sigmoid)
-        if quick is None:
-            continue
-        x, alpha, nodes, output = quick
+    for x, alpha, nodes, output in _quick_gelus(graph):
         fused = graph.make_node("QuickGelu", [x], [output], name="QuickGelu", domain=MS_DOMAIN, alpha=alpha)
         graph.replace(nodes, [fused])
         details["quick_gelu"] += 1

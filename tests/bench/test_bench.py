@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -309,14 +310,19 @@ def test_the_peer_comparison_pairs_the_rounds() -> None:
         paired_ratio([0.01], [0.01, 0.02])
 
 
-def test_pipeline_steps_sets_runs_side_by_side() -> None:
+def _benchmark_script(name: str) -> Any:
+    """A script of benchmarks/ as a module (they are scripts, not a package)."""
     import importlib.util
 
-    script = Path(__file__).parents[2] / "benchmarks" / "pipeline_steps.py"
-    spec = importlib.util.spec_from_file_location("pipeline_steps", script)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_pipeline_steps_sets_runs_side_by_side() -> None:
+    module = _benchmark_script("pipeline_steps")
     made = {"step": "optimize ort", "seconds": 44.8, "peak_rss_gb": 11.744}
     kept = {"step": "export", "seconds": 6.3, "peak_rss_gb": 0.23, "reused": True}
     first = {"wall_seconds": 90.0, "peak_rss_gb": 11.744, "passed": True, "steps": [kept, made]}
@@ -460,6 +466,48 @@ def test_gelu_kernels_benchmark_times_every_kernel_and_tells_exact_from_approxim
     assert len(exact) == 2 and len(approximate) == 2
     assert all(errors[name] < 1e-5 for name in exact), errors  # float32 rounding of the erf GELU
     assert all(errors[name] > 1e-4 for name in approximate), errors  # tanh's 4.7e-4 at |x| near 2
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_integer_gemm_forms_compute_the_same_dense_layer(gelu: bool) -> None:
+    """The ort form (uint8 input, integer GEMM with bias) and the Q/DQ form OpenVINO reads (int8 input)
+    both equal numpy's quantize -> int8 GEMM -> per-column step -> bias [-> exact GELU]."""
+    import math
+
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    bench = _benchmark_script("integer_gemm")
+    k, n, seed = 64, 48, 3
+    x = np.random.default_rng(1).standard_normal((5, k)).astype(np.float32) * 2
+    ort_form, qdq_form = bench.ort_model(k, n, gelu, seed), bench.qdq_model(k, n, gelu, seed)
+    weights = {i.name: numpy_helper.to_array(i) for i in qdq_form.graph.initializer}
+    steps = np.clip(np.round(x / weights["x_step"]), -128, 127)  # int8 and uint8 - 128 hold the same range
+    want = (steps @ weights["w"].astype(np.float64)) * weights["x_step"] * weights["w_step"] + weights["bias"]
+    if gelu:
+        want = want * 0.5 * (1 + np.vectorize(math.erf)(want / math.sqrt(2)))
+    for form in (ort_form, qdq_form):
+        session = ort.InferenceSession(form.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"x": x})[0]
+        assert got.shape == (5, n)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_integer_gemm_benchmark_times_every_layer_on_both_engines() -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[2] / "benchmarks" / "integer_gemm.py"
+    command = [sys.executable, str(script), "--rows", "4,8", "--threads", "1", "--rounds", "2", "--calls", "1"]
+    done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+    rows = _table(done.stdout, "rows")
+    layers = len(_benchmark_script("integer_gemm").LAYERS)
+    # per row count: every layer on both engines; where it has no GELU also the GEMM alone and OpenVINO's GEMM kernel
+    assert len(rows) == 2 * (4 * layers - 2), done.stdout
+    assert {row[0] for row in rows} == {"4", "8"}
+    for _, layer, engine, ms, rate, ratio in rows:
+        assert float(ms) > 0 and float(rate) > 0
+        assert (ratio != "") == engine.startswith("openvino"), (layer, engine, ratio)
 
 
 # Nodes per GELU in each form the ceiling script can meet (the Erf chain: Div, Erf, Add, Mul, Mul).

@@ -36,6 +36,8 @@ import onnxruntime as ort
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from btdeploy.backends.onnxruntime import session_options
+from btdeploy.backends.openvino import compile_settings
+from btdeploy.bench.runner import interleaved_order
 from btdeploy.hugepages import reexec_with_hugepages
 
 # (name, K, N, with GELU): base's dense layers.
@@ -122,10 +124,8 @@ def openvino_request(model: ModelProto, threads: int, profile: bool = False) -> 
     import openvino as ov
 
     core = ov.Core()
-    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads)}
-    if profile:
-        config["PERF_COUNT"] = "YES"
-    return core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", config).create_infer_request()
+    settings = compile_settings(threads, profile)
+    return core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", settings).create_infer_request()
 
 
 def openvino_run(request: Any, feeds: Feeds) -> np.ndarray:
@@ -184,8 +184,7 @@ def main() -> None:
     keys = list(cases)
     for index in range(args.rounds):
         print(f"round {index + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        shift = index % len(keys)  # a different case goes first each round
-        for key in keys[shift:] + keys[:shift]:
+        for key in interleaved_order(keys, index):
             times[key].append(cases[key](args.calls))
 
     print(f"one dense layer of base, {args.threads} thread(s), median of {args.rounds} rounds x {args.calls} calls\n")

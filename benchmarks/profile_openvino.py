@@ -13,6 +13,7 @@ import sys
 import time
 from collections import defaultdict
 
+from btdeploy.backends.openvino import compile_settings
 from btdeploy.bench.profile_case import parse_profile_case
 from btdeploy.hugepages import reexec_with_hugepages
 
@@ -23,13 +24,8 @@ def main() -> None:
 
     import openvino as ov
 
-    settings = {
-        "INFERENCE_PRECISION_HINT": "f32",
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": str(args.threads),
-        "PERF_COUNT": "YES",
-    }
     core = ov.Core()
+    settings = compile_settings(args.threads, profile=True)
     request = core.compile_model(core.read_model(str(args.model)), "CPU", settings).create_infer_request()
     request.infer(feeds)  # warm-up, excluded below
     per_layer: dict[tuple[str, str], float] = defaultdict(float)

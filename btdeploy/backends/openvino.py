@@ -21,6 +21,17 @@ def openvino_problem() -> str | None:
     return None
 
 
+def compile_settings(threads: int | None, profile: bool = False) -> dict[str, str]:
+    """How every btdeploy compile of an OpenVINO model is set: f32 inference precision, one request
+    at a time, `threads` threads where given, and its per-layer counters where `profile`."""
+    settings = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        settings["INFERENCE_NUM_THREADS"] = str(threads)
+    if profile:
+        settings["PERF_COUNT"] = "YES"
+    return settings
+
+
 class OpenVinoBackend:
     name = "openvino"
 
@@ -28,11 +39,8 @@ class OpenVinoBackend:
         import openvino as ov
 
         core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = str(threads)
         try:
-            self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+            self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", compile_settings(threads))
         except RuntimeError as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise BtDeployError(f"OpenVINO cannot compile {model_path.name} ({first[:200]})") from None

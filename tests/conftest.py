@@ -1,13 +1,28 @@
-"""Shared fixtures: a private cache for preset checkpoints, and tiny exports built once per session."""
+"""Shared fixtures: a private cache for preset checkpoints, and tiny exports built once per session;
+and how tests run a script of benchmarks/."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def run_benchmark(script: str, *args: object, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run benchmarks/<script> with `args` in a fresh interpreter; a failure shows the script's stderr."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, f"{script} exited with {done.returncode}:\n{done.stderr[-4000:]}"
+    return done
+
 
 # Preset checkpoints go to a per-session folder, so tests never read a user's cache.
 _CACHE_SET_BY_TESTS = "BTDEPLOY_CACHE" not in os.environ

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_benchmark
 
 from btdeploy.quantize.quantizer import quantize_head
 from btdeploy.verify.check import check_export
@@ -52,13 +53,9 @@ def test_busy_neighbour_benchmark_times_every_variant_in_both_conditions(trt_itm
     # benchmarks/busy_neighbour.py: ONNX Runtime with and without spin, and OpenVINO, quiet and
     # beside a process spinning on one CPU; that process is gone when the script ends.
     import re
-    import subprocess
-    import sys
 
     quantize_head(trt_itm / "itm", "int8-dynamic", "ort")
-    script = Path(__file__).parents[2] / "benchmarks" / "busy_neighbour.py"
-    command = [sys.executable, str(script), str(trt_itm), "--batch", "1", "--seq-len", "8", "--rounds", "1"]
-    done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    done = run_benchmark("busy_neighbour.py", trt_itm, "--batch", 1, "--seq-len", 8, "--rounds", 1, timeout=300)
     lines = done.stdout.splitlines()
     row = re.compile(r"\| (.+?) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|")
     rows = {m.group(1): m for line in lines if (m := row.match(line))}

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import BENCHMARKS, run_benchmark
 from PIL import Image
 
 from btdeploy.artifacts.manifest import read_manifest
@@ -253,13 +254,8 @@ def test_a_head_with_every_variant_skipped_times_nothing(tiny_export: Path) -> N
 def test_speedup_breakdown_finds_each_kind_of_work(optimized: Path, tmp_path: Path) -> None:
     # The breakdown sorts profiler events by operator name; a renamed GEMM or attention kernel
     # in either library would silently land in "everything else".
-    import subprocess
-    import sys
-
-    script = Path(__file__).parents[2] / "benchmarks" / "speedup_breakdown.py"
-    command = [sys.executable, str(script), str(optimized / "itm"), "--batch", "2", "--seq-len", "8"]
-    command += ["--variants", "ort-fused", "--rounds", "2", "--threads", "1", "--out", str(tmp_path)]
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    run_benchmark("speedup_breakdown.py", optimized / "itm", "--batch", 2, "--seq-len", 8, "--variants", "ort-fused",
+                  "--rounds", 2, "--threads", 1, "--out", tmp_path)  # fmt: skip
     record = json.loads((tmp_path / "breakdown.json").read_text())
     assert set(record["kinds_ms"]) == {"torch-eager", "ort-fused"}
     for variant, kinds in record["kinds_ms"].items():
@@ -314,7 +310,7 @@ def _benchmark_script(name: str) -> Any:
     """A script of benchmarks/ as a module (they are scripts, not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[2] / "benchmarks" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -339,13 +335,10 @@ def test_the_profile_scripts_attribute_kernel_time_to_layers(tiny_export: Path, 
     # Both read the same command line (btdeploy/bench/profile_case.py); each must print a total
     # and per-layer rows whose shares add up to about all of it.
     import re
-    import subprocess
-    import sys
 
-    path = Path(__file__).parents[2] / "benchmarks" / script
     graph = tiny_export / "itm" / "model.onnx"
-    command = [sys.executable, str(path), str(graph), "--batch", "2", "--seq-len", "6", "--runs", "2", "--threads", "1"]
-    lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
+    done = run_benchmark(script, graph, "--batch", 2, "--seq-len", 6, "--runs", 2, "--threads", 1)
+    lines = done.stdout.splitlines()
     assert lines[0].startswith(f"{graph} batch 2 length 6: "), lines[0]
     shares = [float(m.group(1)) for line in lines[1:] if (m := re.search(r"([\d.]+) %$", line))]
     assert len(shares) >= 3
@@ -353,14 +346,9 @@ def test_the_profile_scripts_attribute_kernel_time_to_layers(tiny_export: Path, 
 
 
 def test_interference_times_the_target_in_every_condition(tiny_export: Path) -> None:
-    import subprocess
-    import sys
-
-    path = Path(__file__).parents[2] / "benchmarks" / "interference.py"
-    command = [sys.executable, str(path), str(tiny_export), "--head", "itm", "--target", "ort",
-               "--others", "torch-eager", "--batch", "1", "--seq-len", "4", "--rounds", "2", "--pause", "0.01",
-               "--threads", "1"]  # fmt: skip
-    rows = [line for line in subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
+    done = run_benchmark("interference.py", tiny_export, "--head", "itm", "--target", "ort", "--others", "torch-eager",
+                         "--batch", 1, "--seq-len", 4, "--rounds", 2, "--pause", 0.01, "--threads", 1)  # fmt: skip
+    rows = [line for line in done.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| condition")]  # fmt: skip
     labels = [row.split(" | ")[0].lstrip("| ") for row in rows]
     assert labels == ["alone", "after a pause", "after torch-eager", "after torch-eager, pause"]
@@ -396,14 +384,9 @@ def _ratio_of_printed(ratio: float, a: float, b: float) -> bool:
 
 @pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
 def test_graph_ab_times_each_graph_alone_and_alternates(optimized: Path) -> None:
-    import subprocess
-    import sys
-
     head = optimized / "itm"
-    script = Path(__file__).parents[2] / "benchmarks" / "graph_ab.py"
-    command = [sys.executable, str(script), str(head / "model.onnx"), str(head / "model.ort.onnx"), "--head-dir",
-               str(head), "--shapes", "1x4,2x5", "--repeats", "2", "--runs", "2", "--threads", "1"]  # fmt: skip
-    done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    done = run_benchmark("graph_ab.py", head / "model.onnx", head / "model.ort.onnx", "--head-dir", head, "--shapes",
+                         "1x4,2x5", "--repeats", 2, "--runs", 2, "--threads", 1, timeout=300)  # fmt: skip
     order = [line.split(": ")[1] for line in done.stderr.splitlines() if line.startswith("repeat ")]
     assert order == ["A", "B", "B", "A"]  # one process each, alternating
     rows = _table(done.stdout, "batch x length")
@@ -426,13 +409,9 @@ def _assert_memory_rows(rows: list[list[str]], names: list[str]) -> None:
 
 @pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
 def test_lone_sessions_sets_each_goal_pair_side_by_side(optimized: Path) -> None:
-    import subprocess
-    import sys
-
-    script = Path(__file__).parents[2] / "benchmarks" / "lone_sessions.py"
-    command = [sys.executable, str(script), str(optimized), "--head", "itm", "--variants", "ort-fused,openvino-fp32",
-               "--shapes", "1x4", "--repeats", "1", "--runs", "2", "--threads", "1", "--hugepages", "both"]  # fmt: skip
-    done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    done = run_benchmark("lone_sessions.py", optimized, "--head", "itm", "--variants", "ort-fused,openvino-fp32",
+                         "--shapes", "1x4", "--repeats", 1, "--runs", 2, "--threads", 1, "--hugepages", "both",
+                         timeout=300)  # fmt: skip
     assert len([line for line in done.stderr.splitlines() if line.startswith("repeat ")]) == 4  # one process each
     (row,) = _table(done.stdout, "batch x length")
     ours, peer, ours_small, peer_small = (float(cell) for cell in row[1:])
@@ -452,12 +431,7 @@ def test_lone_sessions_sets_each_goal_pair_side_by_side(optimized: Path) -> None
 
 
 def test_gelu_kernels_benchmark_times_every_kernel_and_tells_exact_from_approximate() -> None:
-    import subprocess
-    import sys
-
-    script = Path(__file__).parents[2] / "benchmarks" / "gelu_kernels.py"
-    command = [sys.executable, str(script), "--shape", "2x32x256", "--threads", "1", "--rounds", "4"]
-    done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+    done = run_benchmark("gelu_kernels.py", "--shape", "2x32x256", "--threads", 1, "--rounds", 4, timeout=120)
     rows = {row[0]: row[1:] for row in _table(done.stdout, "kernel")}
     assert len(rows) == 8 and all(float(ms) > 0 and float(ns) > 0 for ms, ns, _ in rows.values())
     errors = {name: float(error) for name, (_, _, error) in rows.items() if error}
@@ -494,12 +468,7 @@ def test_integer_gemm_forms_compute_the_same_dense_layer(gelu: bool) -> None:
 
 
 def test_integer_gemm_benchmark_times_every_layer_on_both_engines() -> None:
-    import subprocess
-    import sys
-
-    script = Path(__file__).parents[2] / "benchmarks" / "integer_gemm.py"
-    command = [sys.executable, str(script), "--rows", "4,8", "--threads", "1", "--rounds", "2", "--calls", "1"]
-    done = subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+    done = run_benchmark("integer_gemm.py", "--rows", "4,8", "--threads", 1, "--rounds", 2, "--calls", 1, timeout=120)
     rows = _table(done.stdout, "rows")
     layers = len(_benchmark_script("integer_gemm").LAYERS)
     # per row count: every layer on both engines; where it has no GELU also the GEMM alone and OpenVINO's GEMM kernel
@@ -517,9 +486,6 @@ _GELU_NODES = {"Gelu": 1, "BiasGelu": 1, "QuickGelu": 1, "Erf chain": 5, "QuickG
 @pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
 @pytest.mark.parametrize("flavour", ["ort", "trt", "trt-compat"])
 def test_gelu_ceiling_takes_out_every_gelu_and_nothing_else(optimized: Path, flavour: str, tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     import onnx
 
     from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
@@ -527,9 +493,7 @@ def test_gelu_ceiling_takes_out_every_gelu_and_nothing_else(optimized: Path, fla
 
     head = optimized / "itm"
     source, out = head / f"model.{flavour}.onnx", tmp_path / "no_gelu.onnx"
-    script = Path(__file__).parents[2] / "benchmarks" / "gelu_ceiling.py"
-    done = subprocess.run([sys.executable, str(script), str(source), str(out)], check=True, capture_output=True,
-                          text=True, timeout=120)  # fmt: skip
+    done = run_benchmark("gelu_ceiling.py", source, out, timeout=120)
     counts = done.stdout.split("(")[1].rstrip(")\n").split(", ")
     removed = {kind: int(count) for count, kind in (c.split(" ", 1) for c in counts)}
     config = read_manifest(head).config

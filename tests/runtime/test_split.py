@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_benchmark
 
 import btdeploy
 from btdeploy.errors import BtDeployError
@@ -221,12 +222,9 @@ def test_split_spin_benchmark_sets_the_option_sets_side_by_side(split_export: Pa
     # benchmarks/split_spin.py times the split runtime in child processes under ONNX Runtime's
     # default session options and under btdeploy's; btdeploy's leave the cores idle after a run.
     import re
-    import subprocess
-    import sys
 
-    script = Path(__file__).parents[2] / "benchmarks" / "split_spin.py"
-    command = [sys.executable, str(script), str(split_export / "itm"), "--rounds", "1", "--runs", "2", "--threads", "2"]
-    lines = subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()
+    done = run_benchmark("split_spin.py", split_export / "itm", "--rounds", 1, "--runs", 2, "--threads", 2)
+    lines = done.stdout.splitlines()
     row = re.compile(r"\| (\S+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|")
     rows = {m.group(1): m for line in lines if (m := row.match(line))}
     assert set(rows) == {"onnxruntime-default", "btdeploy"}, lines

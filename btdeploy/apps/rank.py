@@ -55,7 +55,7 @@ class Query:
                 )
                 yield start, {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}
             else:
-                pictures = [load_image(path) for path in chunk]
+                pictures = [load_image(path, self.processor.image_processor) for path in chunk]
                 pixels = self.processor.image_processor(pictures, return_tensors="np")["pixel_values"]
                 yield start, {"pixel_values": np.asarray(pixels, dtype=np.float32)}
 
@@ -64,7 +64,8 @@ def _make_query(runtime: Runtime, image: Path | None, text: str | None) -> Query
     processor = load_processor(runtime)
     limit = int(runtime.manifest.data["limits"]["max_text_length"])
     if image is not None:
-        pixels = processor.image_processor([load_image(image)], return_tensors="np")["pixel_values"]  # type: ignore[attr-defined]
+        image_processor = processor.image_processor  # type: ignore[attr-defined]
+        pixels = image_processor([load_image(image, image_processor)], return_tensors="np")["pixel_values"]
         return Query(True, {"pixel_values": np.asarray(pixels, dtype=np.float32)}, processor, limit)
     encoding = processor.tokenizer([text], truncation=True, max_length=limit, return_tensors="np")  # type: ignore[attr-defined]
     inputs = {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}

@@ -23,7 +23,7 @@ def load_processor(runtime: Runtime) -> object:
 def score(runtime: Runtime, image_path: Path, texts: list[str]) -> list[tuple[str, str]]:
     """One (text, answer) pair per text."""
     processor = load_processor(runtime)
-    image = load_image(image_path)
+    image = load_image(image_path, processor.image_processor)  # type: ignore[attr-defined]
     limit = int(runtime.manifest.data["limits"]["max_text_length"])
     encoding = processor(  # type: ignore[operator]
         [image] * len(texts), texts, padding=True, truncation=True, max_length=limit, return_tensors="np"

@@ -30,14 +30,62 @@ def read_captions(path: Path, option: str) -> list[str]:
     return lines
 
 
-def load_image(path: Path) -> Any:
-    """An RGB PIL image, read fully so the file is closed."""
+def load_image(path: Path, image_processor: Any = None) -> Any:
+    """An RGB PIL image, read fully so the file is closed; with `image_processor`, refused here
+    if that processor cannot resize it (`resize_problem`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            picture = image.convert("RGB")
     except FileNotFoundError:
         raise BtDeployError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as error:
         raise BtDeployError(f"image {path} cannot be read ({error}): remove it or replace it") from None
+    problem = None if image_processor is None else resize_problem(picture.width, picture.height, image_processor)
+    if problem:
+        raise BtDeployError(f"image {path} {problem}")
+    return picture
+
+
+# BridgeTower's image processor caps the longer side at this multiple of the shorter one.
+LONGER_OVER_SHORTER = 1333 / 800
+
+
+def resized_size(width: int, height: int, shorter: int, divisor: int) -> tuple[int, int]:
+    """(width, height) after BridgeTower's resize: the shorter side scaled to `shorter`, the
+    longer one capped at LONGER_OVER_SHORTER times that, both rounded down to multiples of `divisor`."""
+    longer = int(LONGER_OVER_SHORTER * shorter)
+    scale = shorter / min(width, height)
+    new_width, new_height = (scale * width, float(shorter)) if height < width else (float(shorter), scale * height)
+    if max(new_width, new_height) > longer:
+        cap = longer / max(new_width, new_height)
+        new_width, new_height = cap * new_width, cap * new_height
+    return int(new_width + 0.5) // divisor * divisor, int(new_height + 0.5) // divisor * divisor
+
+
+def resize_problem(width: int, height: int, image_processor: Any) -> str | None:
+    """Why the checkpoint's image processor cannot take a width x height image, or None.
+
+    An image far longer than it is wide (a banner, a strip) resizes to a side of 0 pixels, and
+    transformers fails deep inside its resize; the limit is about 15:1 at base's 288 pixels and
+    3.4:1 at the tiny preset's 64.
+    """
+    if width < 1 or height < 1:
+        return f"is {width}x{height} pixels: it has no pixels to read; replace it"
+    if not getattr(image_processor, "do_resize", True):
+        return None
+    size = image_processor.size
+    shorter = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    if not shorter:
+        return None  # not BridgeTower's shorter-side resize: nothing known to refuse
+    divisor = int(getattr(image_processor, "size_divisor", None) or 1)
+    if min(resized_size(width, height, int(shorter), divisor)) > 0:
+        return None
+    longest_ratio = int(LONGER_OVER_SHORTER * shorter) / (divisor - 0.5)
+    return (
+        f"is {width}x{height} pixels, more than {longest_ratio:.1f} times as long as it is wide: the "
+        f"checkpoint's processor would resize its shorter side to 0 pixels (it scales that side to {shorter}, "
+        f"caps the longer at {int(LONGER_OVER_SHORTER * shorter)} and rounds both down to multiples of "
+        f"{divisor}); crop or pad it nearer to square"
+    )

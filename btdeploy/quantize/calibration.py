@@ -58,7 +58,7 @@ def load_calibration(
     from transformers import BridgeTowerProcessor
 
     processor = BridgeTowerProcessor.from_pretrained(manifest.processor_dir)
-    pictures = [media.load_image(image_files[i % len(image_files)]) for i in range(size)]
+    pictures = [media.load_image(image_files[i % len(image_files)], processor.image_processor) for i in range(size)]
     lines = [captions[i % len(captions)] for i in range(size)]
     say(f"calibration: {size} pairs from {len(image_files)} images and {len(captions)} captions, length {length}")
     encoding = processor(

@@ -174,8 +174,9 @@ class RankModel:
         found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         missing = [key for key, value in found.items() if value is None]
         if missing:
-            pictures = [decode_image(images[keys.index(key)], keys.index(key)) for key in missing]
-            pixels = self.processor.image_processor(pictures, return_tensors="np")["pixel_values"]
+            image_processor = self.processor.image_processor
+            pictures = [decode_image(images[keys.index(key)], keys.index(key), image_processor) for key in missing]
+            pixels = image_processor(pictures, return_tensors="np")["pixel_values"]
             encoded = self.runtime.encode_images(np.asarray(pixels, dtype=np.float32))
             for row, key in enumerate(missing):
                 features = Features("image", {k: v[row : row + 1] for k, v in encoded.arrays.items()}, encoded.origin)
@@ -395,7 +396,7 @@ class Gateway:
             check_text_lengths(self.processor, parsed.texts, self.limit)
             if task.check:
                 task.check(self.processor, parsed.texts)
-            image = decode_image(parsed.images[0])
+            image = decode_image(parsed.images[0], 0, self.processor.image_processor)
             feeds = await asyncio.to_thread(pair_inputs, self.processor, [image] * len(parsed.texts), parsed.texts)
             values = await self._call(task.head, self.heads[task.head].infer.remote(feeds))
             if "__error__" in values:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.model.heads import match_probability
+from btdeploy.model.media import resize_problem
 from btdeploy.serve.protocol import RequestError
 
 MAX_IMAGE_PIXELS = 64_000_000  # a larger image is refused, not decoded (a decompression bomb)
@@ -91,8 +92,9 @@ def _top_k(value: Any) -> int | None:
     return number
 
 
-def decode_image(data: bytes, index: int = 0) -> Any:
-    """An RGB PIL image from encoded bytes, or a 415 saying the bytes are not an image."""
+def decode_image(data: bytes, index: int, image_processor: Any) -> Any:
+    """An RGB PIL image from encoded bytes; a 415 where the bytes are not an image, a 413 where it
+    is too large, a 400 where the checkpoint's image processor cannot resize it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -101,6 +103,9 @@ def decode_image(data: bytes, index: int = 0) -> Any:
                 raise RequestError(
                     413, f"image {index} is {image.width}x{image.height}: at most {MAX_IMAGE_PIXELS} pixels"
                 )
+            problem = resize_problem(image.width, image.height, image_processor)
+            if problem:
+                raise RequestError(400, f"image {index} {problem}")
             return image.convert("RGB")
     except RequestError:
         raise

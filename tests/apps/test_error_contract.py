@@ -103,6 +103,27 @@ def _damaged_graph(out: Path, tmp: Path) -> list[str]:
     return ["check", str(out), "--heads", "itm", "--flavour", "ort"]
 
 
+def _banner(tmp: Path) -> Path:
+    """An image 4 times as wide as tall: past the tiny preset's processor, which takes 3.4:1."""
+    from PIL import Image
+
+    (tmp / "images").mkdir(exist_ok=True)
+    Image.new("RGB", (256, 64), (10, 200, 30)).save(tmp / "images" / "banner.png")
+    return tmp / "images" / "banner.png"
+
+
+def _run_on_an_elongated_image(out: Path, tmp: Path) -> list[str]:
+    return ["run", str(out), "--head", "itm", "--image", str(_banner(tmp)), "--text", "a green banner"]
+
+
+def _calibrate_on_an_elongated_image(out: Path, tmp: Path) -> list[str]:
+    _banner(tmp)
+    optimize_head(out / "itm", "trt")  # int8 starts from the trt graph
+    (tmp / "captions.txt").write_text("a green banner\n")
+    return ["quantize", str(out / "itm"), "--precision", "int8", "--flavour", "ort", "--calib-images",
+            str(tmp / "images"), "--calib-texts", str(tmp / "captions.txt")]  # fmt: skip
+
+
 CASES: list[tuple[str, Setup, str]] = [
     ("export --out is a file", _export_out_is_a_file, "is a file: give a folder"),
     ("check --report is a folder", _report_is_a_folder, "is a folder: give a file name"),
@@ -115,6 +136,8 @@ CASES: list[tuple[str, Setup, str]] = [
     ("an unknown flavour", _unknown_flavour, "invalid choice: 'tensorrt'"),
     ("an export folder that does not exist", _missing_export, "does not exist: pass the --out folder"),
     ("a damaged optimized graph", _damaged_graph, "is not the graph its manifest recorded"),
+    ("run on an image too elongated to resize", _run_on_an_elongated_image, "banner.png is 256x64 pixels, more than"),
+    ("calibration on an image too elongated", _calibrate_on_an_elongated_image, "banner.png is 256x64 pixels, more"),
 ]
 
 

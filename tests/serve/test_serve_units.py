@@ -140,7 +140,7 @@ def test_task_requests_json_and_raw() -> None:
     assert parsed.images == [png] and parsed.texts == ["a", "b"]
     parsed = parse_task_request(png, "image/png", ["x"], 8, "3")
     assert parsed.images == [png] and parsed.texts == ["x"] and parsed.top_k == 3
-    assert decode_image(png).size == (50, 40)
+    assert decode_image(png, 0, _image_processor()).size == (50, 40)
 
 
 @pytest.mark.parametrize(
@@ -160,10 +160,23 @@ def test_task_requests_refused(body: bytes, content_type: str, texts: list[str],
     assert error.value.status == status
 
 
+def _image_processor() -> object:
+    from transformers import BridgeTowerImageProcessor
+
+    edge = {"shortest_edge": 64}  # the tiny preset's: it resizes images up to 3.4 times as long as wide
+    return BridgeTowerImageProcessor(size=edge, crop_size=edge, do_center_crop=True, size_divisor=32)
+
+
 def test_bytes_that_are_not_an_image() -> None:
     with pytest.raises(RequestError, match="not an image file") as error:
-        decode_image(b"GIF89a but not really")
+        decode_image(b"GIF89a but not really", 0, _image_processor())
     assert error.value.status == 415
+
+
+def test_an_image_the_processor_cannot_resize_is_a_400() -> None:
+    with pytest.raises(RequestError, match=r"image 2 is 200x40 pixels, more than 3.4 times as long") as error:
+        decode_image(_png(size=(40, 200)), 2, _image_processor())
+    assert error.value.status == 400
 
 
 def test_feature_cache_is_bounded_least_recently_used_first() -> None:

@@ -168,13 +168,17 @@ def test_the_preprocess_model_matches_the_processor(
         "TEXT": np.array([[t] for t in texts], dtype=object),
     }
     bad = {"IMAGE": np.array([[b"not an image"]], dtype=object), "TEXT": np.array([[b"x"]], dtype=object)}
-    answer, refused = model.execute([good, bad])
+    buffer = io.BytesIO()
+    Image.new("RGB", (256, 64)).save(buffer, "PNG")  # 4:1, past what the tiny preset's processor resizes
+    banner = {"IMAGE": np.array([[pictures[0]], [buffer.getvalue()]], dtype=object), "TEXT": good["TEXT"]}
+    answer, refused, elongated = model.execute([good, bad, banner])
     processor = BridgeTowerProcessor.from_pretrained(tiny_export / "itm" / "processor")
     images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pictures]
     expected = processor(images, [t.decode() for t in texts], padding=True, return_tensors="np")
     for name in ("input_ids", "attention_mask", "pixel_values"):
         np.testing.assert_array_equal(answer["outputs"][name], expected[name])
     assert refused["error"] == "IMAGE 0 is not an image file PIL can read"
+    assert elongated["error"].startswith("IMAGE 1 is 256x64 pixels, too elongated for the checkpoint's processor")
     # The ensemble's second step on those tensors gives the head's answer.
     import onnxruntime as ort
 

@@ -27,7 +27,19 @@ def preprocess(processor, images, texts, limit):
     lengths = [len(ids) for ids in processor.tokenizer(captions)["input_ids"]]
     if max(lengths) > limit:
         raise ValueError(f"TEXT {lengths.index(max(lengths))} is {max(lengths)} tokens, the model takes {limit}")
-    encoding = processor(pictures, captions, padding=True, return_tensors="np")
+    try:
+        encoding = processor(pictures, captions, padding=True, return_tensors="np")
+    except ValueError:
+        # The processor resizes an image far longer than it is wide to a side of 0 pixels.
+        for index, picture in enumerate(pictures):
+            try:
+                processor.image_processor([picture], return_tensors="np")
+            except ValueError:
+                raise ValueError(
+                    f"IMAGE {index} is {picture.width}x{picture.height} pixels, too elongated for the checkpoint's "
+                    "processor to resize: crop or pad it nearer to square"
+                ) from None
+        raise
     return {
         "input_ids": np.asarray(encoding["input_ids"], dtype=np.int64),
         "attention_mask": np.asarray(encoding["attention_mask"], dtype=np.int64),

@@ -1,0 +1,66 @@
+"""Images the checkpoint's processor cannot resize are refused before it, in the user's words."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from btdeploy.errors import BtDeployError
+from btdeploy.model.media import load_image, resize_problem
+
+
+def _image_processor(shorter: int, divisor: int) -> object:
+    from transformers import BridgeTowerImageProcessor
+
+    # As btdeploy's presets write it (model/checkpoints.build_processor).
+    edge = {"shortest_edge": shorter}
+    return BridgeTowerImageProcessor(size=edge, crop_size=edge, do_center_crop=True, size_divisor=divisor)
+
+
+def _processor_takes(image_processor: object, width: int, height: int) -> bool:
+    picture = Image.new("RGB", (width, height), (120, 30, 200))
+    try:
+        pixels = image_processor([picture], return_tensors="np")["pixel_values"]  # type: ignore[operator]
+    except ValueError:
+        return False
+    return bool(np.isfinite(pixels).all())
+
+
+# (shorter side, divisor): the tiny preset, base, large, and a size 32 does not divide.
+SETTINGS = [(64, 32), (288, 32), (384, 32), (96, 16)]
+
+
+@pytest.mark.parametrize(("shorter", "divisor"), SETTINGS)
+def test_the_refusal_matches_what_the_processor_does(shorter: int, divisor: int) -> None:
+    image_processor = _image_processor(shorter, divisor)
+    short = 20
+    refused_at = None
+    # Walk the long side across the limit, both ways round; the processor is the judge.
+    for long_side in range(short, short * 40, 7):
+        for width, height in ((long_side, short), (short, long_side)):
+            takes = _processor_takes(image_processor, width, height)
+            problem = resize_problem(width, height, image_processor)
+            assert (problem is None) == takes, (width, height, problem)
+            if not takes and refused_at is None:
+                refused_at = long_side / short
+    assert refused_at is not None, "no size was refused: the walk did not cross the limit"
+
+
+def test_the_refusal_says_what_is_wrong_and_what_to_do() -> None:
+    problem = resize_problem(3000, 20, _image_processor(288, 32))
+    assert problem is not None
+    assert problem.startswith("is 3000x20 pixels, more than 15.2 times as long as it is wide")
+    assert problem.endswith("crop or pad it nearer to square")
+    assert resize_problem(1500, 100, _image_processor(288, 32)) is None  # 15:1 still resizes
+
+
+def test_load_image_refuses_an_elongated_image_by_name(tmp_path: Path) -> None:
+    banner = tmp_path / "banner.png"
+    Image.new("RGB", (400, 100), (0, 0, 0)).save(banner)  # 4:1, past the tiny preset's 3.4:1
+    with pytest.raises(BtDeployError, match=r"image .*banner.png is 400x100 pixels, more than 3.4 times"):
+        load_image(banner, _image_processor(64, 32))
+    assert load_image(banner).size == (400, 100)  # without a processor nothing is judged
+    assert load_image(banner, _image_processor(288, 32)).size == (400, 100)

@@ -34,6 +34,7 @@ from btdeploy.progress import say
 from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
 from btdeploy.serve.process import ServerProcess
 from btdeploy.serve.protocol import DATATYPES
+from btdeploy.verify.parity import parse_shapes
 
 REQUEST_TIMEOUT_S = 600
 # A rank request scores one image against many captions (seconds each at base size on 2 cores):
@@ -231,6 +232,7 @@ def run_serve_bench(
     from btdeploy.runtime.runtime import find_head, load
 
     config = find_head(export, "itm").config
+    parse_shapes([1], [text_length], config)  # refuses a length past the model's
     total = max(_requests_per_level(c, min_requests) for c in concurrency)
     feeds = [sample_inputs(config, 1, text_length, seed=10_000 + i, pad=False) for i in range(total)]
     bodies = [binary_body(f) for f in feeds]

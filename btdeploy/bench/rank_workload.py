@@ -28,6 +28,7 @@ from btdeploy.model.heads import get_head
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import say
 from btdeploy.quantize.methods import quantized_graphs
+from btdeploy.verify.parity import parse_shapes
 
 # The whole and split graphs a CPU user runs: plain, ort and each precision of the ort flavour.
 GRAPHS: list[tuple[Flavour | None, Precision]] = [
@@ -98,6 +99,7 @@ def run_rank_bench(
     if len(manifest.stems) == 1:
         raise BtDeployError(f"{manifest.folder} has no split graphs: export with btdeploy export --split")
     config = manifest.config
+    parse_shapes([captions], [text_length], config)  # refuses a length past the model's
     feeds = sample_inputs(config, captions, text_length, seed=11, pad=False)
     head = get_head("itm")
     cases: list[RankCase] = []

@@ -18,6 +18,7 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import say
+from btdeploy.verify.parity import parse_shapes
 
 T = TypeVar("T")
 
@@ -191,6 +192,7 @@ def _bench_head(
     run: BenchRun, manifest: Manifest, variants: list[Variant], env: BenchEnv, settings: BenchSettings
 ) -> None:
     head = get_head(manifest.head)
+    cases = parse_shapes(settings.batch_sizes, settings.text_lengths, manifest.config)  # refuses lengths past the model
     runnable: dict[str, Variant] = {}
     for variant in variants:
         reason = variant.unavailable(manifest, env)
@@ -204,7 +206,6 @@ def _bench_head(
     orders = build_orders(list(runnable), settings.rotate_builds)
     rounds = None if settings.iters is None else -(-settings.iters // len(orders))  # at least iters in all
     seconds = None if settings.seconds is None else settings.seconds / len(orders)
-    cases = [(b, n) for b in settings.batch_sizes for n in settings.text_lengths]
     gathered = {case: _CaseSamples() for case in cases}
     load_rss: dict[str, float] = {}
     try:

@@ -124,6 +124,13 @@ def _calibrate_on_an_elongated_image(out: Path, tmp: Path) -> list[str]:
             str(tmp / "images"), "--calib-texts", str(tmp / "captions.txt")]  # fmt: skip
 
 
+def _bench_past_the_text_length(workload: str) -> Setup:
+    def setup(out: Path, tmp: Path) -> list[str]:
+        return ["bench", str(out), "--workload", workload, "--seq-lens", "600", "--iters", "1", "--requests", "1"]
+
+    return setup
+
+
 CASES: list[tuple[str, Setup, str]] = [
     ("export --out is a file", _export_out_is_a_file, "is a file: give a folder"),
     ("check --report is a folder", _report_is_a_folder, "is a folder: give a file name"),
@@ -138,6 +145,11 @@ CASES: list[tuple[str, Setup, str]] = [
     ("a damaged optimized graph", _damaged_graph, "is not the graph its manifest recorded"),
     ("run on an image too elongated to resize", _run_on_an_elongated_image, "banner.png is 256x64 pixels, more than"),
     ("calibration on an image too elongated", _calibrate_on_an_elongated_image, "banner.png is 256x64 pixels, more"),
+    *[
+        (f"bench --workload {workload} past the model's text length", _bench_past_the_text_length(workload),
+         "--seq-lens 600 is outside 1..512")
+        for workload in ("heads", "rank", "serve")
+    ],  # fmt: skip
 ]
 
 

@@ -146,8 +146,11 @@ CASES: list[tuple[str, Setup, str]] = [
     ("run on an image too elongated to resize", _run_on_an_elongated_image, "banner.png is 256x64 pixels, more than"),
     ("calibration on an image too elongated", _calibrate_on_an_elongated_image, "banner.png is 256x64 pixels, more"),
     *[
-        (f"bench --workload {workload} past the model's text length", _bench_past_the_text_length(workload),
-         "--seq-lens 600 is outside 1..512")
+        (
+            f"bench --workload {workload} past the model's text length",
+            _bench_past_the_text_length(workload),
+            "--seq-lens 600 is outside 1..512",
+        )
         for workload in ("heads", "rank", "serve")
     ],  # fmt: skip
 ]

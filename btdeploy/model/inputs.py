@@ -33,6 +33,8 @@ MODEL_INPUTS: tuple[InputSpec, ...] = (
 
 # The transformers model accepts these and ignores them; so does the runtime.
 IGNORED_INPUTS = ("pixel_mask", "token_type_ids")
+# The transformers model attends to every token when this is not given; so does the runtime.
+ALL_ONES_WHEN_ABSENT = "attention_mask"
 
 
 def sample_inputs(config: Any, batch: int, text_length: int, seed: int = 0, pad: bool = True) -> dict[str, np.ndarray]:

@@ -135,14 +135,13 @@ class SplitRuntimeMixin:
         self, encoding: Mapping[str, Any] | None = None, /, batch_size: int = 64, **inputs: Any
     ) -> Features:
         """Run the text tower once per text, `batch_size` texts at a time. Takes input_ids and
-        attention_mask (a tokenizer's output)."""
+        attention_mask (a tokenizer's output; without a mask every token is attended to)."""
         if encoding is not None:
             inputs = {**dict(encoding), **inputs}
         unknown = [name for name in inputs if name not in ("input_ids", "attention_mask", "token_type_ids")]
         if unknown:
             raise BtDeployError(f"encode_texts takes input_ids and attention_mask, not {', '.join(unknown)}")
-        mask = inputs.get("attention_mask")
-        ids, mask = check_text(self.config, _numpy(inputs.get("input_ids")), _numpy(mask))
+        ids, mask = check_text(self.config, _numpy(inputs.get("input_ids")), inputs.get("attention_mask"))
         arrays = _in_batches(self.backend.text, {"input_ids": ids, "attention_mask": mask}, batch_size)
         return Features("text", arrays, dict(self.backend.origin("text")))
 

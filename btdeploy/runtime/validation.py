@@ -11,7 +11,7 @@ import numpy as np
 from btdeploy.errors import BtDeployError
 from btdeploy.model.configs import max_text_length
 from btdeploy.model.heads import HeadSpec
-from btdeploy.model.inputs import IGNORED_INPUTS
+from btdeploy.model.inputs import ALL_ONES_WHEN_ABSENT, IGNORED_INPUTS
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,14 @@ def prepare_inputs(head: HeadSpec, config: Any, inputs: Mapping[str, Any], check
             f"unknown input(s) {', '.join(map(repr, unknown))}: the {head.name} head takes "
             f"{', '.join(expected)} ({', '.join(IGNORED_INPUTS)} accepted and ignored)"
         )
-    missing = [name for name in expected if inputs.get(name) is None]
+    missing = [name for name in expected if inputs.get(name) is None and name != ALL_ONES_WHEN_ABSENT]
     if missing:
         raise BtDeployError(
             f"missing input(s) {', '.join(missing)}: the {head.name} head needs {', '.join(expected)} "
             "(pass processor(images, texts, return_tensors='pt') as **encoding)"
         )
     device = next((v.device for v in inputs.values() if _is_torch_tensor(v)), None)
-    arrays = {name: inputs[name] for name in expected}
+    arrays = {name: inputs.get(name) for name in expected}
     ids, mask = check_text(config, arrays["input_ids"], arrays["attention_mask"])
     pixels = check_pixels(config, arrays["pixel_values"], check_finite)
     if ids.shape[0] != pixels.shape[0]:
@@ -69,11 +69,13 @@ def prepare_inputs(head: HeadSpec, config: Any, inputs: Mapping[str, Any], check
     return PreparedInputs(feeds={"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}, torch_device=device)
 
 
-def check_text(config: Any, ids: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
-    """input_ids and attention_mask as the text tower takes them (int64), or one line saying what is wrong."""
-    ids, mask = _to_numpy("input_ids", ids), _to_numpy("attention_mask", mask)
+def check_text(config: Any, ids: Any, mask: Any | None) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask as the text tower takes them (int64), or one line saying what is
+    wrong. No mask (None) attends to every token, as transformers' BridgeTowerModel does."""
+    ids = _to_numpy("input_ids", ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise BtDeployError(f"input_ids must be a 2-D integer array [batch, text_length], got {_describe(ids)}")
+    mask = np.ones(ids.shape, dtype=np.int64) if mask is None else _to_numpy("attention_mask", mask)
     if mask.shape != ids.shape or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
         raise BtDeployError(
             f"attention_mask must be an integer or bool array shaped like input_ids {list(ids.shape)}, "

@@ -155,3 +155,23 @@ def test_torch_backend_is_the_reference(tiny_export: Path, feeds: dict[str, np.n
     with torch.no_grad():
         expected = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
     np.testing.assert_allclose(reference(**feeds).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_without_attention_mask_every_token_counts_as_in_transformers(
+    itm: btdeploy.Runtime, tiny_export: Path
+) -> None:
+    from transformers import BridgeTowerForImageAndTextRetrieval
+
+    from btdeploy.model.checkpoints import resolve_model
+
+    feeds = sample_inputs(itm.config, 2, 7, seed=5, pad=False)
+    unmasked = {"input_ids": feeds["input_ids"], "pixel_values": feeds["pixel_values"]}
+    model = BridgeTowerForImageAndTextRetrieval.from_pretrained(resolve_model("tiny").checkpoint).eval()
+    with torch.no_grad():
+        expected = model(**{k: torch.from_numpy(v) for k, v in unmasked.items()}).logits.numpy()
+    np.testing.assert_allclose(itm(**unmasked).logits, expected, atol=1e-5, rtol=0)
+    # A padded batch without its mask attends to the padding too, as the reference does.
+    padded = sample_inputs(itm.config, 2, 7, seed=5, pad=True)
+    assert not padded["attention_mask"].all()
+    without = itm(input_ids=padded["input_ids"], pixel_values=padded["pixel_values"]).logits
+    np.testing.assert_array_equal(without, itm(**{**padded, "attention_mask": np.ones((2, 7), np.int64)}).logits)

@@ -94,6 +94,18 @@ def test_score_over_3x4_equals_the_12_single_runs(split_export: Path, head: str)
                 np.testing.assert_allclose(scores[name][i, j], single[name][0], atol=1e-5, rtol=0)
 
 
+def test_encode_texts_without_a_mask_attends_to_every_token(split_export: Path) -> None:
+    split = btdeploy.load(split_export, head="itm", split=True)
+    texts = sample_inputs(split.config, 3, 8, seed=9)  # padded rows: the mask matters
+    assert not texts["attention_mask"].all()
+    without = split.encode_texts(input_ids=texts["input_ids"])
+    ones = split.encode_texts(input_ids=texts["input_ids"], attention_mask=np.ones((3, 8), np.int64))
+    masked = split.encode_texts(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"])
+    for name, values in without.arrays.items():
+        np.testing.assert_array_equal(values, ones.arrays[name])
+    assert not np.array_equal(without.arrays["text_states"], masked.arrays["text_states"])
+
+
 def test_features_round_trip_bit_identical_and_refuse_strangers(
     split_export: Path, tiny_export: Path, tmp_path: Path
 ) -> None:

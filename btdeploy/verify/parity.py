@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -108,7 +109,7 @@ class ParityRow:
         }
 
 
-def parse_shapes(batch_sizes: list[int], text_lengths: list[int], config: Any) -> list[tuple[int, int]]:
+def parse_shapes(batch_sizes: Sequence[int], text_lengths: Sequence[int], config: Any) -> list[tuple[int, int]]:
     limit = max_text_length(config)
     for length in text_lengths:
         if not 1 <= length <= limit:

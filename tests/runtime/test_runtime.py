@@ -157,9 +157,7 @@ def test_torch_backend_is_the_reference(tiny_export: Path, feeds: dict[str, np.n
     np.testing.assert_allclose(reference(**feeds).logits, expected, atol=1e-6, rtol=0)
 
 
-def test_without_attention_mask_every_token_counts_as_in_transformers(
-    itm: btdeploy.Runtime, tiny_export: Path
-) -> None:
+def test_without_attention_mask_every_token_counts_as_in_transformers(itm: btdeploy.Runtime, tiny_export: Path) -> None:
     from transformers import BridgeTowerForImageAndTextRetrieval
 
     from btdeploy.model.checkpoints import resolve_model

@@ -84,10 +84,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from btdeploy.apps.run import score
     from btdeploy.runtime.runtime import load
 
-    runtime = load(args.dir, head=args.head, providers=args.providers)
+    options = {"providers": args.providers, "flavour": args.flavour, "precision": args.precision}
+    runtime = load(args.dir, head=args.head, backend=args.backend, **options)
     answers = score(runtime, Path(args.image), args.text)
     width = max(len(text) for text, _ in answers)
-    print(f"{args.head} on {args.image}:")
+    print(f"{args.head} on {args.image} ({runtime.backend.description}):")
     for text, answer in answers:
         print(f"  {text:<{width}}  {answer}")
     return 0
@@ -375,7 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--head", required=True, choices=list(HEADS))
     run.add_argument("--image", required=True)
     run.add_argument("--text", action="append", required=True, help="repeat for several texts")
-    run.add_argument("--providers", nargs="*", default=None)
+    run.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
+    run.add_argument("--backend", default="onnxruntime", choices=list(TARGETS))
+    run.add_argument("--flavour", choices=flavours, default=None, help="run the optimized graph of this flavour")
+    run.add_argument(
+        "--precision",
+        choices=[str(p) for p in Precision],
+        default="fp32",
+        help="run model.<flavour>.<precision>.onnx (flavour ort unless given), or the engine of that precision",
+    )
 
     bench = add("bench", cmd_bench, "time every variant of each head side by side, interleaved")
     bench.add_argument("dir", help="export folder")

@@ -75,6 +75,29 @@ def test_run_prints_one_answer_per_text(tiny_export: Path, image: Path, capsys: 
     assert "1 mask(s) ->" in printed and "0 mask(s) ->" in printed
 
 
+def test_run_picks_the_graph_backend_and_precision(
+    tiny_export: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    folder = tmp_path / "itm"
+    shutil.copytree(tiny_export / "itm", folder)
+    assert main(["optimize", str(folder), "--flavour", "ort"]) == 0
+    assert main(["quantize", str(folder), "--precision", "int8-dynamic"]) == 0
+    capsys.readouterr()
+    logits = {}
+    for extra, graph in (([], "(model.onnx on CPU"), (["--precision", "int8-dynamic"], "(model.ort.int8-dynamic.onnx"),
+                         (["--backend", "torch"], "(transformers BridgeTowerForImageAndTextRetrieval")):  # fmt: skip
+        assert main(["run", str(folder), "--head", "itm", "--image", str(image), "--text", "a cat", *extra]) == 0
+        printed = capsys.readouterr().out
+        assert graph in printed.splitlines()[0], printed
+        logits[graph] = float(printed.split("(logit ")[1].split(")")[0])
+    fp32, int8, torch_logit = logits.values()
+    assert abs(fp32 - torch_logit) < 2e-4 and abs(fp32 - int8) <= 0.05  # printed to 4 decimals
+    assert main(["run", str(folder), "--head", "itm", "--image", str(image), "--text", "x", "--precision", "int8"]) == 2
+    assert "model.ort.int8.onnx does not exist: run btdeploy quantize" in capsys.readouterr().err
+
+
 def test_run_on_a_missing_image_is_one_line(
     tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

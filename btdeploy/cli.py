@@ -149,7 +149,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
         if not args.text:
             raise BtDeployError("--images needs --text TEXT")
         texts, images = [args.text], image_files(Path(args.images), "--images")
-    rows, stages = rank(Path(args.dir), images, texts, args.top_k, args.providers, args.batch_size)
+    options = {"providers": args.providers, "flavour": args.flavour, "precision": args.precision}
+    rows, stages = rank(Path(args.dir), images, texts, args.top_k, options, args.batch_size)
     print(f"{stages}")
     print(format_ranking(rows))
     return 0
@@ -369,7 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument(
         "--batch-size", type=int, default=64, help="candidates read and scored at a time (memory stays flat)"
     )
-    rank.add_argument("--providers", nargs="*", default=None)
+    rank.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
+    rank.add_argument("--flavour", choices=flavours, default=None, help="run the optimized graphs of this flavour")
+    rank.add_argument(
+        "--precision",
+        choices=[str(p) for p in Precision],
+        default="fp32",
+        help="run the <flavour>.<precision> graphs (flavour ort unless given) of both heads",
+    )
 
     run = add("run", cmd_run, "score texts against an image with an exported head")
     run.add_argument("dir", help="export folder or one head folder")

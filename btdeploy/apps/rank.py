@@ -133,10 +133,11 @@ def rank(
     images: list[Path],
     texts: list[str],
     top_k: int = 5,
-    providers: list[str] | None = None,
+    options: dict[str, Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> tuple[list[RankedItem], str]:
-    """Rank the items of the larger side against the single item of the other; returns (rows, stages)."""
+    """Rank the items of the larger side against the single item of the other; returns (rows, stages).
+    `options` go to `btdeploy.load` for both heads (providers, flavour, precision)."""
     if top_k < 1:
         raise BtDeployError(f"--top-k {top_k} must be at least 1")
     if batch_size < 1:
@@ -154,7 +155,9 @@ def rank(
     chosen = np.arange(len(candidates))
     cosines: dict[int, float] = {}
     stages = []
-    options = {"providers": providers} if providers else {}
+    options = {name: value for name, value in (options or {}).items() if value is not None}
+    precision = options.get("precision", "fp32")
+    graphs = f"{options.get('flavour') or 'ort'} {precision}" if precision != "fp32" else options.get("flavour", "")
     if _has_head(root, "itc"):
         itc = _load(root, "itc", **options)
         query = _make_query(itc, query_image, query_text)
@@ -162,11 +165,13 @@ def rank(
         similarity = _itc_cosines(itc, query, candidates, batch_size)
         chosen = np.argsort(-similarity, kind="stable")[:top_k]
         cosines = {int(index): float(similarity[index]) for index in chosen}
-        stages.append(f"ITC cosine over {len(candidates)}, top {len(chosen)} to ITM")
+        on = f" ({graphs})" if graphs else ""
+        stages.append(f"ITC cosine over {len(candidates)}{on}, top {len(chosen)} to ITM")
     itm = _load(root, "itm", **options)
     query = _make_query(itm, query_image, query_text)
     probability = _itm_probabilities(itm, query, [candidates[i] for i in chosen], batch_size)
-    stages.append(f"ITM on {len(chosen)}" + (" (split graphs)" if isinstance(itm, SplitRuntime) else ""))
+    where = [w for w in ("split graphs" if isinstance(itm, SplitRuntime) else "", graphs) if w]
+    stages.append(f"ITM on {len(chosen)}" + (f" ({', '.join(where)})" if where else ""))
     ranked = [
         RankedItem(labels[index], float(p), cosines.get(int(index)))
         for index, p in zip(chosen, probability, strict=True)

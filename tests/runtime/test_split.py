@@ -219,6 +219,31 @@ def test_rank_images_against_one_caption_and_bad_arguments(
     assert "--texts /nope.txt is not a file" in capsys.readouterr().err
 
 
+def test_rank_runs_the_quantized_graphs_it_is_given(
+    split_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from btdeploy.apps.rank import rank
+    from btdeploy.cli import main
+    from btdeploy.quantize.quantizer import quantize_head
+
+    out = tmp_path / "out"
+    for head in ("itc", "itm"):
+        shutil.copytree(split_export / head, out / head)
+        quantize_head(out / head, "int8-dynamic", "ort")
+    images, texts, captions = _rank_inputs(tmp_path)
+    image = images / "img0.png"
+    argv = ["rank", str(out), "--image", str(image), "--texts", str(texts), "--top-k", "5"]
+    assert main([*argv, "--precision", "int8-dynamic"]) == 0
+    printed = capsys.readouterr().out
+    assert "ITC cosine over 5 (ort int8-dynamic), top 5 to ITM; ITM on 5 (split graphs, ort int8-dynamic)" in printed
+    fp32 = {r.label: r.itm_probability for r in rank(out, [image], captions, top_k=5)[0]}
+    int8 = {r.label: r.itm_probability for r in rank(out, [image], captions, 5, {"precision": "int8-dynamic"})[0]}
+    assert set(int8) == set(fp32) and max(abs(int8[k] - fp32[k]) for k in fp32) <= 0.05  # type: ignore[operator]
+    (out / "itm" / "fusion.ort.int8-dynamic.onnx").unlink()  # it reads those graphs, or says which is missing
+    assert main([*argv, "--precision", "int8-dynamic"]) == 2
+    assert "fusion.ort.int8-dynamic.onnx does not exist" in capsys.readouterr().err
+
+
 def test_rank_workload_bench_writes_split_and_monolithic(split_export: Path, tmp_path: Path) -> None:
     from btdeploy.bench.rank_workload import run_rank_bench
 

@@ -26,6 +26,23 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` no smaller than `minimum` (counts, seconds)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    return parse
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """A usage error is one line and exit 2, like every other error (argparse prints the usage too)."""
 
@@ -400,11 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variants", default=None, help="comma list (default: all; those that cannot run are skipped)")
     bench.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 16))
     bench.add_argument("--seq-lens", type=_int_list, default=(16, 40, 128))
-    bench.add_argument("--threads", type=int, default=0, help="0: every core")
-    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--threads", type=_at_least(0), default=0, help="0: every core")
+    bench.add_argument("--warmup", type=_at_least(0), default=2)
     amount = bench.add_mutually_exclusive_group()
-    amount.add_argument("--iters", type=int, default=10, help="interleaved rounds per case")
-    amount.add_argument("--seconds", type=float, default=None, help="time per variant and case instead of --iters")
+    amount.add_argument("--iters", type=_at_least(1), default=10, help="interleaved rounds per case")
+    amount.add_argument(
+        "--seconds", type=_at_least(0.1, float), default=None, help="time per variant and case instead of --iters"
+    )
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     bench.add_argument(
         "--build-once",
@@ -420,15 +439,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="heads: every variant per shape; rank: one image against --captions captions (length: first --seq-lens);"
         " serve: btdeploy serve under load at each --concurrency",
     )
-    bench.add_argument("--captions", type=int, default=16, help="captions per image for --workload rank")
+    bench.add_argument("--captions", type=_at_least(1), default=16, help="captions per image for --workload rank")
     serving = bench.add_argument_group("--workload serve: btdeploy serve under load, against btdeploy.load")
     serving.add_argument("--precisions", default="fp32,int8-dynamic", help="the itm graphs to serve, one after another")
     serving.add_argument("--flavour", choices=flavours, default="ort", help="the optimized graph flavour to serve")
     serving.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64), help="concurrent clients per level")
     serving.add_argument(
-        "--requests", type=int, default=16, help="requests per level: at least this, and 2x the clients"
+        "--requests", type=_at_least(1), default=16, help="requests per level: at least this, and 2x the clients"
     )
-    serving.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch when batching is on")
+    serving.add_argument(
+        "--max-batch", type=_at_least(1), default=16, help="the server's --max-batch when batching is on"
+    )
 
     serve = add("serve", cmd_serve, "serve heads over HTTP (Open Inference Protocol and task endpoints) on Ray Serve")
     serve.add_argument("dir", help="export folder")

@@ -90,6 +90,13 @@ def _zero_batch_size(out: Path, tmp: Path) -> list[str]:
     return ["bench", str(out), "--batch-sizes", "0"]
 
 
+def _bench_count(option: str, value: str) -> Setup:
+    def setup(out: Path, tmp: Path) -> list[str]:
+        return ["bench", str(out), option, value]
+
+    return setup
+
+
 def _unknown_flavour(out: Path, tmp: Path) -> list[str]:
     return ["optimize", str(out), "--flavour", "tensorrt"]
 
@@ -140,6 +147,9 @@ CASES: list[tuple[str, Setup, str]] = [
     ("a provider that cannot start", _provider_that_cannot_start, "could not start CUDAExecutionProvider"),
     ("two folders claim one head", _two_folders_claim_one_head, "both hold the itm head"),
     ("bench --batch-sizes 0", _zero_batch_size, "every value must be at least 1"),
+    ("bench --iters 0", _bench_count("--iters", "0"), "argument --iters: must be at least 1, got 0"),
+    ("bench --warmup -1", _bench_count("--warmup", "-1"), "argument --warmup: must be at least 0, got -1"),
+    ("bench --seconds 0", _bench_count("--seconds", "0"), "argument --seconds: must be at least 0.1, got 0"),
     ("an unknown flavour", _unknown_flavour, "invalid choice: 'tensorrt'"),
     ("an export folder that does not exist", _missing_export, "does not exist: pass the --out folder"),
     ("a damaged optimized graph", _damaged_graph, "is not the graph its manifest recorded"),

@@ -492,7 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     triton.add_argument("--precision", choices=[str(p) for p in Precision], default="fp32")
     triton.add_argument("--flavour", choices=flavours, default=None, help="the optimized graph of this flavour")
-    triton.add_argument("--max-batch", type=int, default=None, help="default: the head's engine profile maximum")
+    triton.add_argument(
+        "--max-batch", type=_at_least(1), default=None, help="default: the head's engine profile maximum"
+    )
 
     pipeline = add("pipeline", cmd_pipeline, "the main job: export, optimize, quantize and check every head")
     pipeline.add_argument("--model", default="base", help="preset or checkpoint folder (default: base)")

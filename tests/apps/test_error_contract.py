@@ -150,6 +150,11 @@ CASES: list[tuple[str, Setup, str]] = [
     ("bench --iters 0", _bench_count("--iters", "0"), "argument --iters: must be at least 1, got 0"),
     ("bench --warmup -1", _bench_count("--warmup", "-1"), "argument --warmup: must be at least 0, got -1"),
     ("bench --seconds 0", _bench_count("--seconds", "0"), "argument --seconds: must be at least 0.1, got 0"),
+    (
+        "triton-repo --max-batch 0",
+        lambda out, tmp: ["triton-repo", str(out), "--out", str(tmp / "repo"), "--max-batch", "0"],
+        "argument --max-batch: must be at least 1, got 0",
+    ),
     ("an unknown flavour", _unknown_flavour, "invalid choice: 'tensorrt'"),
     ("an export folder that does not exist", _missing_export, "does not exist: pass the --out folder"),
     ("a damaged optimized graph", _damaged_graph, "is not the graph its manifest recorded"),

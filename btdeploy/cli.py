@@ -313,6 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    def graph_options(sub: argparse.ArgumentParser, verb: str, precision_note: str) -> None:
+        """Which graph a command runs: the same three options, with the same choices, everywhere."""
+        sub.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
+        sub.add_argument(
+            "--flavour", choices=flavours, default=None, help=f"{verb} the optimized graph of this flavour"
+        )
+        sub.add_argument(
+            "--precision",
+            choices=[str(p) for p in Precision],
+            default="fp32",
+            help=f"{verb} model.<flavour>.<precision>.onnx (flavour ort unless given){precision_note}",
+        )
+
     export = add("export", cmd_export, "export heads to ONNX with dynamic batch and text length")
     export.add_argument("--model", default="base", help="preset (tiny, base, large) or checkpoint folder")
     export.add_argument("--heads", default="all", help=f"all, or a comma list of {','.join(HEADS)}")
@@ -329,16 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--batch-sizes", type=_int_list, default=(1, 3))
     check.add_argument("--seq-lens", type=_int_list, default=(5, 40))
     check.add_argument("--backend", default="onnxruntime", choices=list(TARGETS))
-    check.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
+    graph_options(check, "check", " at that precision's tolerances")
     check.add_argument("--report", type=Path, default=None, help="write the rows as JSON")
-    check.add_argument("--flavour", choices=flavours, default=None, help="check the optimized graph")
     check.add_argument("--split", action="store_true", help="check the text, vision and fusion graphs together")
-    check.add_argument(
-        "--precision",
-        choices=[str(p) for p in Precision],
-        default="fp32",
-        help="check model.<flavour>.<precision>.onnx (flavour ort unless given) at that precision's tolerances",
-    )
 
     optimize = add("optimize", cmd_optimize, "fuse attention, bridge and residual add+LayerNorm, GELU")
     optimize.add_argument("dir", help="export folder or one head folder")
@@ -387,29 +393,15 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument(
         "--batch-size", type=int, default=64, help="candidates read and scored at a time (memory stays flat)"
     )
-    rank.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
-    rank.add_argument("--flavour", choices=flavours, default=None, help="run the optimized graphs of this flavour")
-    rank.add_argument(
-        "--precision",
-        choices=[str(p) for p in Precision],
-        default="fp32",
-        help="run the <flavour>.<precision> graphs (flavour ort unless given) of both heads",
-    )
+    graph_options(rank, "run", " for both heads (the split graphs where exported)")
 
     run = add("run", cmd_run, "score texts against an image with an exported head")
     run.add_argument("dir", help="export folder or one head folder")
     run.add_argument("--head", required=True, choices=list(HEADS))
     run.add_argument("--image", required=True)
     run.add_argument("--text", action="append", required=True, help="repeat for several texts")
-    run.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
     run.add_argument("--backend", default="onnxruntime", choices=list(TARGETS))
-    run.add_argument("--flavour", choices=flavours, default=None, help="run the optimized graph of this flavour")
-    run.add_argument(
-        "--precision",
-        choices=[str(p) for p in Precision],
-        default="fp32",
-        help="run model.<flavour>.<precision>.onnx (flavour ort unless given), or the engine of that precision",
-    )
+    graph_options(run, "run", ", or the engine of that precision")
 
     bench = add("bench", cmd_bench, "time every variant of each head side by side, interleaved")
     bench.add_argument("dir", help="export folder")

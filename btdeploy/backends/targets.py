@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,19 @@ class RunOptions:
 
 OPTION_NAMES = tuple(f.name for f in fields(RunOptions))
 _FLAG_DEFAULTS = {f.name: f.default for f in fields(RunOptions) if isinstance(f.default, bool)}
+
+
+def _check_option_types(given: Mapping[str, Any]) -> None:
+    """A flag must be a bool and threads a count: `spin="no"` would otherwise read as True, and a
+    negative thread count went to ONNX Runtime unchecked."""
+    for name, value in given.items():
+        if name in _FLAG_DEFAULTS and not isinstance(value, bool):
+            raise BtDeployError(f"{name}={value!r}: give True or False")
+    threads = given.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, Integral) or threads < 0):
+        raise BtDeployError(f"threads={threads!r}: give a number of threads (0 or None: every core)")
+
+
 GraphKind = tuple[Flavour | None, Precision]
 
 
@@ -105,13 +119,17 @@ class Target:
                 f"the {self.name} backend ({self.description}) does not take {', '.join(map(repr, foreign))}: "
                 f"it takes {', '.join(sorted(self.options))}"
             )
+        _check_option_types(given)
         values: dict[str, Any] = {**self.defaults, **given}
         values["flavour"] = parse_flavour(values.get("flavour"), "flavour")
         values["precision"] = parse_precision(values.get("precision", Precision.FP32), "precision")
         if values["precision"] != Precision.FP32 and values["flavour"] is None and self.flavours:
             values["flavour"] = Flavour.ORT if Flavour.ORT in self.flavours else min(self.flavours)
+        if values.get("threads") is not None:
+            values["threads"] = int(values["threads"])  # a numpy count too
         if "providers" in values:
-            values["providers"] = tuple(values["providers"])
+            providers = values["providers"]
+            values["providers"] = (providers,) if isinstance(providers, str) else tuple(providers)
         resolved = RunOptions(**values)
         kind = (resolved.flavour, resolved.precision)
         if kind not in self.graphs:

@@ -39,6 +39,10 @@ def _one_line(error: pytest.ExceptionInfo[BtDeployError]) -> str:
         ("torch", {"spin": False}, "does not take 'spin'"),
         ("onnxruntime", {"providers": ["cuda"]}, "ONNX Runtime could not start CUDAExecutionProvider"),
         ("tensorflow", {}, "unknown backend 'tensorflow': choose one of onnxruntime, torch, tensorrt, openvino"),
+        ("onnxruntime", {"spin": "no"}, "spin='no': give True or False"),
+        ("onnxruntime", {"threads": -1}, "threads=-1: give a number of threads (0 or None: every core)"),
+        ("onnxruntime", {"threads": 1.5}, "threads=1.5: give a number of threads"),
+        ("onnxruntime", {"providers": "cuda"}, "ONNX Runtime could not start CUDAExecutionProvider"),  # one name
     ],
 )
 def test_load_refuses_bad_options_with_one_line(

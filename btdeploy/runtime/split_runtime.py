@@ -36,6 +36,11 @@ class Features:
     def __len__(self) -> int:
         return int(next(iter(self.arrays.values())).shape[0])
 
+    def __repr__(self) -> str:
+        # The arrays' shapes, not their values: a base image feature is megabytes of numbers.
+        arrays = ", ".join(f"{name} {array.dtype} {list(array.shape)}" for name, array in self.arrays.items())
+        return f"Features({self.kind}, {len(self)} row(s): {arrays}; from {_describe(self.origin)})"
+
     def save(self, path: str | Path) -> None:
         """One .npz: the arrays and a JSON record of the checkpoint, graph and precision."""
         buffer = io.BytesIO()
@@ -76,7 +81,8 @@ class Features:
 
 
 def _describe(origin: Mapping[str, Any]) -> str:
-    return f"{origin.get('graph')} of {origin.get('source')} (config {str(origin.get('config_sha256'))[:12]})"
+    graph, config = str(origin.get("graph_sha256"))[:12], str(origin.get("config_sha256"))[:12]
+    return f"{origin.get('graph')} (sha256 {graph}) of {origin.get('source')} (config {config})"
 
 
 class SplitRuntimeMixin:
@@ -97,7 +103,7 @@ class SplitRuntimeMixin:
         if features.origin != expected:
             raise BtDeployError(
                 f"these {kind} features were computed by {_describe(features.origin)}, this runtime uses "
-                f"{_describe(expected)}: a different checkpoint or precision; encode them again with this runtime"
+                f"{_describe(expected)}: another checkpoint, head or precision; encode them again with this runtime"
             )
 
     def _check_shapes(self, features: Features) -> None:

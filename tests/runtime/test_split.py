@@ -137,8 +137,17 @@ def test_features_round_trip_bit_identical_and_refuse_strangers(
     with pytest.raises(BtDeployError, match="has no split graphs: export with btdeploy export --split"):
         btdeploy.load(other, split=True)
     stranger = Features("image", images.arrays, {**images.origin, "config_sha256": "0" * 64})
-    with pytest.raises(BtDeployError, match="a different checkpoint or precision; encode them again"):
+    with pytest.raises(BtDeployError, match="another checkpoint, head or precision; encode them again"):
         runtime.score(stranger, texts)
+    # Another head's vision tower: same file name and checkpoint, so the message shows both graph hashes.
+    itc_images = btdeploy.load(split_export, head="itc", split=True).encode_images(feeds["pixel_values"])
+    with pytest.raises(BtDeployError) as error:
+        runtime.score(itc_images, texts)
+    hashes = [itc_images.origin["graph_sha256"][:12], images.origin["graph_sha256"][:12]]
+    assert hashes[0] != hashes[1] and all(f"vision.onnx (sha256 {h})" in str(error.value) for h in hashes)
+    # Printing features shows their shapes and origin, not megabytes of values.
+    shown = repr(images)
+    assert shown.startswith("Features(image, 2 row(s): image_states float32 [2, ") and len(shown) < 300
     with pytest.raises(BtDeployError, match="expected text features"):
         runtime.score(images, images)
     (tmp_path / "junk.npz").write_bytes(b"junk")

@@ -7,7 +7,7 @@ import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from btdeploy.errors import BtDeployError
 from btdeploy.hugepages import ENGINE_COMMANDS, reexec_with_hugepages
@@ -41,6 +41,11 @@ def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def _chosen_graph(args: argparse.Namespace) -> dict[str, Any]:
+    """The load options of the graph a command runs, as `graph_options` in build_parser declares them."""
+    return {"providers": args.providers, "flavour": args.flavour, "precision": args.precision}
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -101,8 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from btdeploy.apps.run import score
     from btdeploy.runtime.runtime import load
 
-    options = {"providers": args.providers, "flavour": args.flavour, "precision": args.precision}
-    runtime = load(args.dir, head=args.head, backend=args.backend, **options)
+    runtime = load(args.dir, head=args.head, backend=args.backend, **_chosen_graph(args))
     answers = score(runtime, Path(args.image), args.text)
     width = max(len(text) for text, _ in answers)
     print(f"{args.head} on {args.image} ({runtime.backend.description}):")
@@ -166,8 +170,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         if not args.text:
             raise BtDeployError("--images needs --text TEXT")
         texts, images = [args.text], image_files(Path(args.images), "--images")
-    options = {"providers": args.providers, "flavour": args.flavour, "precision": args.precision}
-    rows, stages = rank(Path(args.dir), images, texts, args.top_k, options, args.batch_size)
+    rows, stages = rank(Path(args.dir), images, texts, args.top_k, _chosen_graph(args), args.batch_size)
     print(f"{stages}")
     print(format_ranking(rows))
     return 0

@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from btdeploy.apps.run import load_processor
+from btdeploy.artifacts.graph_names import Precision
 from btdeploy.artifacts.manifest import head_folders, read_manifest
+from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import match_probability
 from btdeploy.model.media import load_image
@@ -156,8 +158,10 @@ def rank(
     cosines: dict[int, float] = {}
     stages = []
     options = {name: value for name, value in (options or {}).items() if value is not None}
-    precision = options.get("precision", "fp32")
-    graphs = f"{options.get('flavour') or 'ort'} {precision}" if precision != "fp32" else options.get("flavour", "")
+    # Named as the target resolves them (a reduced precision without a flavour is the ort flavour's).
+    resolved = get_target("onnxruntime").resolve(options)
+    reduced = resolved.precision if resolved.precision != Precision.FP32 else None
+    graphs = " ".join(str(part) for part in (resolved.flavour, reduced) if part)
     if _has_head(root, "itc"):
         itc = _load(root, "itc", **options)
         query = _make_query(itc, query_image, query_text)

@@ -52,10 +52,9 @@ def load_image(path: Path, image_processor: Any = None) -> Any:
 LONGER_OVER_SHORTER = 1333 / 800
 
 
-def resized_size(width: int, height: int, shorter: int, divisor: int) -> tuple[int, int]:
+def resized_size(width: int, height: int, shorter: int, longer: int, divisor: int) -> tuple[int, int]:
     """(width, height) after BridgeTower's resize: the shorter side scaled to `shorter`, the
-    longer one capped at LONGER_OVER_SHORTER times that, both rounded down to multiples of `divisor`."""
-    longer = int(LONGER_OVER_SHORTER * shorter)
+    longer one capped at `longer`, both rounded down to multiples of `divisor`."""
     scale = shorter / min(width, height)
     new_width, new_height = (scale * width, float(shorter)) if height < width else (float(shorter), scale * height)
     if max(new_width, new_height) > longer:
@@ -80,12 +79,12 @@ def resize_problem(width: int, height: int, image_processor: Any) -> str | None:
     if not shorter:
         return None  # not BridgeTower's shorter-side resize: nothing known to refuse
     divisor = int(getattr(image_processor, "size_divisor", None) or 1)
-    if min(resized_size(width, height, int(shorter), divisor)) > 0:
+    longer = int(LONGER_OVER_SHORTER * int(shorter))
+    if min(resized_size(width, height, int(shorter), longer, divisor)) > 0:
         return None
-    longest_ratio = int(LONGER_OVER_SHORTER * shorter) / (divisor - 0.5)
     return (
-        f"is {width}x{height} pixels, more than {longest_ratio:.1f} times as long as it is wide: the "
+        f"is {width}x{height} pixels, more than {longer / (divisor - 0.5):.1f} times as long as it is wide: the "
         f"checkpoint's processor would resize its shorter side to 0 pixels (it scales that side to {shorter}, "
-        f"caps the longer at {int(LONGER_OVER_SHORTER * shorter)} and rounds both down to multiples of "
-        f"{divisor}); crop or pad it nearer to square"
+        f"caps the longer at {longer} and rounds both down to multiples of {divisor}); crop or pad it nearer "
+        "to square"
     )

@@ -329,11 +329,11 @@ HEADS: dict[str, HeadSpec] = {
         name="itc",
         model_class="BridgeTowerForContrastiveLearning",
         description="L2-normalised text, image and cross embeddings",
-        outputs=(
+        outputs=(  # transformers' order (BridgeTowerContrastiveOutput), so out[0] and to_tuple() agree
+            OutputSpec("logits", lambda c: [BATCH, 3, _contrastive(c)]),
             OutputSpec("text_embeds", lambda c: [BATCH, _contrastive(c)]),
             OutputSpec("image_embeds", lambda c: [BATCH, _contrastive(c)]),
             OutputSpec("cross_embeds", lambda c: [BATCH, _contrastive(c)]),
-            OutputSpec("logits", lambda c: [BATCH, 3, _contrastive(c)]),
         ),
         head_weight_prefixes=("itc_text_head.", "itc_image_head.", "itc_cross_modal_head.", "logit_scale"),
         behaviour=ItcBehaviour(),

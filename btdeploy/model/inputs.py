@@ -35,6 +35,28 @@ MODEL_INPUTS: tuple[InputSpec, ...] = (
 IGNORED_INPUTS = ("pixel_mask", "token_type_ids")
 # The transformers model attends to every token when this is not given; so does the runtime.
 ALL_ONES_WHEN_ABSENT = "attention_mask"
+# The order of the BridgeTower heads' forward() parameters in transformers: a positional call
+# model(input_ids, attention_mask, token_type_ids, pixel_values) maps through it.
+FORWARD_ORDER = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "pixel_values",
+    "pixel_mask",
+    "inputs_embeds",
+    "image_embeds",
+)
+# What transformers' forward() also takes that an exported graph cannot do: each is accepted
+# at its default (None or False) and refused otherwise, with the reason and what to do instead.
+NOT_EXPORTED = {
+    "inputs_embeds": "the graph starts from input_ids; pass token ids, not embeddings",
+    "image_embeds": "the graph starts from pixel_values; pass the processor's pixels, not embeddings",
+    "labels": "the runtime runs inference and computes no loss; compute it from the outputs",
+    "return_loss": "the runtime runs inference and computes no loss; compute it from the outputs",
+    "output_hidden_states": "the graph returns the head's outputs only; run the transformers model for hidden states",
+    "output_attentions": "the graph returns the head's outputs only; run the transformers model for attentions",
+    "interpolate_pos_encoding": "the graph takes images at the checkpoint's size; resize them with its processor",
+}
 
 
 def sample_inputs(config: Any, batch: int, text_length: int, seed: int = 0, pad: bool = True) -> dict[str, np.ndarray]:

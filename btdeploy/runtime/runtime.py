@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.runtime.outputs import HeadOutput
 from btdeploy.runtime.split_runtime import Features, SplitRuntimeMixin
-from btdeploy.runtime.validation import prepare_inputs
+from btdeploy.runtime.validation import call_inputs, prepare_inputs
 
 
 class Runtime:
@@ -26,16 +25,40 @@ class Runtime:
         self.backend = backend
         self.check_finite = check_finite  # refuse NaN/Inf pixels instead of propagating them
 
-    def __call__(self, encoding: Mapping[str, Any] | None = None, /, **inputs: Any) -> HeadOutput:
-        if encoding is not None:
-            inputs = {**dict(encoding), **inputs}
+    def __call__(self, *args: Any, **keywords: Any) -> Any:
+        """`runtime(**encoding)`, `runtime(encoding)` or positional tensors in transformers' order;
+        `return_dict=False` returns the outputs as a tuple, as transformers does."""
+        inputs, return_dict = call_inputs(self.head, args, keywords)
         prepared = prepare_inputs(self.head, self.config, inputs, self.check_finite)
         values: dict[str, Any] = self.backend.run(prepared.feeds)
         if prepared.torch_device is not None:
             import torch
 
             values = {k: torch.from_numpy(v).to(prepared.torch_device) for k, v in values.items()}
-        return HeadOutput(self.head.name, {name: values[name] for name in self.head.output_names})
+        outputs = HeadOutput(self.head.name, {name: values[name] for name in self.head.output_names})
+        return outputs if return_dict else outputs.to_tuple()
+
+    forward = __call__  # some code calls model.forward(...) directly
+
+    # What code written for a torch module calls on the model it loaded. The backend chose where
+    # the graph runs when it was loaded; outputs come back where the inputs were.
+    def eval(self) -> Runtime:
+        return self
+
+    @property
+    def device(self) -> Any:
+        import torch
+
+        return torch.device("cpu")
+
+    def to(self, device: Any) -> Runtime:
+        if str(device).split(":")[0] != "cpu":
+            raise BtDeployError(
+                f"a loaded runtime does not move to {device}: the backend chooses the device when it loads, "
+                "e.g. btdeploy.load(path, providers=['cuda']) or backend='tensorrt'; outputs come back on "
+                "the device of the tensors you pass"
+            )
+        return self
 
     def __repr__(self) -> str:
         return f"btdeploy.Runtime(head={self.head.name}, backend={self.backend.description})"

@@ -11,7 +11,7 @@ import numpy as np
 from btdeploy.errors import BtDeployError
 from btdeploy.model.configs import max_text_length
 from btdeploy.model.heads import HeadSpec
-from btdeploy.model.inputs import ALL_ONES_WHEN_ABSENT, IGNORED_INPUTS
+from btdeploy.model.inputs import ALL_ONES_WHEN_ABSENT, FORWARD_ORDER, IGNORED_INPUTS, NOT_EXPORTED
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,32 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
                 f"{name} is a ragged list: pad it to one length (processor(..., padding=True))"
             ) from None
     raise BtDeployError(f"{name} must be a numpy array or torch tensor, got {type(value).__name__}")
+
+
+def call_inputs(head: HeadSpec, args: tuple[Any, ...], keywords: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The inputs of one call as transformers' forward() takes them, and whether it wants a dict
+    back: an encoding (processor output) or positional tensors in forward() order, keywords,
+    `return_dict`, and the options a graph cannot honour, refused unless left at their default."""
+    keywords = dict(keywords)
+    return_dict = keywords.pop("return_dict", None)
+    if len(args) == 1 and isinstance(args[0], Mapping):
+        inputs = {**dict(args[0]), **keywords}
+    else:
+        if len(args) > len(FORWARD_ORDER):
+            raise BtDeployError(
+                f"{len(args)} positional inputs, but the {head.name} head takes at most {len(FORWARD_ORDER)} "
+                f"({', '.join(FORWARD_ORDER)}): pass them by name"
+            )
+        inputs = dict(zip(FORWARD_ORDER, args, strict=False))
+        twice = sorted(set(inputs) & set(keywords))
+        if twice:
+            raise BtDeployError(f"{', '.join(twice)} given both by position and by name: pass each once")
+        inputs.update(keywords)
+    for name, reason in NOT_EXPORTED.items():
+        value = inputs.pop(name, None)
+        if value is not None and value is not False:
+            raise BtDeployError(f"{name} is not supported by an exported head: {reason}")
+    return inputs, return_dict is None or bool(return_dict)
 
 
 def prepare_inputs(head: HeadSpec, config: Any, inputs: Mapping[str, Any], check_finite: bool = True) -> PreparedInputs:
@@ -73,6 +99,11 @@ def check_text(config: Any, ids: Any, mask: Any | None) -> tuple[np.ndarray, np.
     """input_ids and attention_mask as the text tower takes them (int64), or one line saying what is
     wrong. No mask (None) attends to every token, as transformers' BridgeTowerModel does."""
     ids = _to_numpy("input_ids", ids)
+    if ids.dtype.kind in "USO":  # texts, not token ids
+        raise BtDeployError(
+            "input_ids holds text, not token ids: tokenize it first, "
+            "e.g. processor(images, texts, return_tensors='pt') or processor.tokenizer(texts, padding=True)"
+        )
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise BtDeployError(f"input_ids must be a 2-D integer array [batch, text_length], got {_describe(ids)}")
     mask = np.ones(ids.shape, dtype=np.int64) if mask is None else _to_numpy("attention_mask", mask)

@@ -173,3 +173,71 @@ def test_without_attention_mask_every_token_counts_as_in_transformers(itm: btdep
     assert not padded["attention_mask"].all()
     without = itm(input_ids=padded["input_ids"], pixel_values=padded["pixel_values"]).logits
     np.testing.assert_array_equal(without, itm(**{**padded, "attention_mask": np.ones((2, 7), np.int64)}).logits)
+
+
+def test_every_transformers_call_form_gives_the_same_answer(
+    itm: btdeploy.Runtime, feeds: dict[str, np.ndarray]
+) -> None:
+    expected = itm(**feeds).logits
+    ids, mask, pixels = feeds["input_ids"], feeds["attention_mask"], feeds["pixel_values"]
+    forms = {
+        "encoding": itm(feeds),
+        "positional, forward() order": itm(ids, mask, None, pixels),
+        "positional and keywords": itm(ids, mask, pixel_values=pixels),
+        "forward": itm.forward(**feeds),
+        "defaults spelled out": itm(**feeds, return_dict=True, output_hidden_states=False, labels=None),
+    }
+    for form, outputs in forms.items():
+        np.testing.assert_array_equal(outputs.logits, expected, err_msg=form)
+    as_tuple = itm(**feeds, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    np.testing.assert_array_equal(as_tuple[0], expected)
+    # What code written for a torch module calls on the model before using it.
+    assert itm.eval() is itm and itm.to("cpu") is itm and itm.to(torch.device("cpu")) is itm
+    assert itm.device == torch.device("cpu")
+    with pytest.raises(BtDeployError, match=r"does not move to cuda:0: the backend chooses the device when it loads"):
+        itm.to("cuda:0")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("output_hidden_states", True, "output_hidden_states is not supported.*run the transformers model"),
+        ("output_attentions", True, "output_attentions is not supported"),
+        ("labels", torch.tensor([1, 0]), "labels is not supported.*computes no loss"),
+        ("inputs_embeds", np.zeros((2, 7, 64), np.float32), "inputs_embeds is not supported.*pass token ids"),
+        ("interpolate_pos_encoding", True, "interpolate_pos_encoding is not supported"),
+    ],
+)
+def test_what_a_graph_cannot_do_is_refused_by_name(
+    itm: btdeploy.Runtime, feeds: dict[str, np.ndarray], option: str, value: Any, message: str
+) -> None:
+    with pytest.raises(BtDeployError, match=message):
+        itm(**feeds, **{option: value})
+
+
+def test_positional_inputs_beyond_forward_or_given_twice_are_refused(
+    itm: btdeploy.Runtime, feeds: dict[str, np.ndarray]
+) -> None:
+    ids, mask, pixels = feeds["input_ids"], feeds["attention_mask"], feeds["pixel_values"]
+    with pytest.raises(BtDeployError, match="attention_mask given both by position and by name"):
+        itm(ids, mask, None, pixels, attention_mask=mask)
+    with pytest.raises(BtDeployError, match="8 positional inputs.*pass them by name"):
+        itm(ids, mask, None, pixels, None, None, None, None)
+
+
+def test_the_contrastive_head_answers_in_transformers_order(tiny_export: Path) -> None:
+    """out[0] and to_tuple() index the outputs as transformers' BridgeTowerContrastiveOutput does."""
+    from transformers import BridgeTowerForContrastiveLearning
+
+    from btdeploy.model.checkpoints import resolve_model
+
+    itc = btdeploy.load(tiny_export, head="itc")
+    feeds = {k: torch.from_numpy(v) for k, v in sample_inputs(itc.config, 2, 7, seed=6).items()}
+    model = BridgeTowerForContrastiveLearning.from_pretrained(resolve_model("tiny").checkpoint).eval()
+    with torch.no_grad():
+        expected = model(**feeds, return_dict=False)
+    got = itc(**feeds, return_dict=False)
+    assert len(got) == 4 and list(itc(**feeds)) == ["logits", "text_embeds", "image_embeds", "cross_embeds"]
+    for index, value in enumerate(got):
+        torch.testing.assert_close(value, expected[index], atol=1e-5, rtol=0)

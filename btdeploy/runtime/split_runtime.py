@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,48 @@ class Features:
     def __len__(self) -> int:
         return int(next(iter(self.arrays.values())).shape[0])
 
+    def __getitem__(self, rows: int | slice | Sequence[int] | np.ndarray) -> Features:
+        """Some rows as features of the same origin: `features[3]` (one row, still scoreable),
+        `features[:100]`, `features[[0, 5]]`."""
+        count = len(self)
+        if isinstance(rows, Integral) and not isinstance(rows, bool):
+            if not -count <= int(rows) < count:
+                raise BtDeployError(f"row {rows} is outside these {count} {self.kind} features")
+            rows = [int(rows)]
+        chosen: slice | np.ndarray = rows if isinstance(rows, slice) else np.asarray(rows)
+        if isinstance(chosen, np.ndarray):
+            if chosen.ndim != 1 or not (np.issubdtype(chosen.dtype, np.integer) or chosen.size == 0):
+                raise BtDeployError(f"index {self.kind} features by a row, a slice or a list of rows, not {rows!r}")
+            if chosen.size and (chosen.min() < -count or chosen.max() >= count):
+                raise BtDeployError(f"rows {chosen.tolist()} reach outside these {count} {self.kind} features")
+            chosen = chosen.astype(np.int64)
+        return Features(self.kind, {name: array[chosen] for name, array in self.arrays.items()}, dict(self.origin))
+
+    def __iter__(self) -> Iterator[Features]:
+        return (self[row] for row in range(len(self)))
+
+    @classmethod
+    def concat(cls, parts: Sequence[Features]) -> Features:
+        """Features encoded in several calls as one set, e.g. a gallery grown over time. They must
+        come from the same graph; texts of different padded lengths are padded to the longest
+        (masked tokens, which the fusion layers do not attend to)."""
+        if not parts:
+            raise BtDeployError("Features.concat needs at least one set of features")
+        first = parts[0]
+        for part in parts:
+            if not isinstance(part, Features) or part.kind != first.kind or part.origin != first.origin:
+                seen = _describe(part.origin) if isinstance(part, Features) else type(part).__name__
+                raise BtDeployError(
+                    f"cannot join {first.kind} features of {_describe(first.origin)} with "
+                    f"{getattr(part, 'kind', '')} features of {seen}: encode them with one runtime"
+                )
+        arrays = [part.arrays for part in parts]
+        if first.kind == "text":
+            longest = max(int(a["attention_mask"].shape[1]) for a in arrays)
+            arrays = [_padded_text(a, longest) for a in arrays]
+        joined = {name: np.concatenate([a[name] for a in arrays]) for name in first.arrays}
+        return Features(first.kind, joined, dict(first.origin))
+
     def __repr__(self) -> str:
         # The arrays' shapes, not their values: a base image feature is megabytes of numbers.
         arrays = ", ".join(f"{name} {array.dtype} {list(array.shape)}" for name, array in self.arrays.items())
@@ -50,6 +93,8 @@ class Features:
 
     @classmethod
     def load(cls, path: str | Path) -> Features:
+        if not Path(path).is_file():
+            raise BtDeployError(f"{path} does not exist: save features with features.save(path) first")
         try:
             with np.load(Path(path), allow_pickle=False) as data:
                 meta = json.loads(bytes(data["__meta__"]).decode())
@@ -78,6 +123,15 @@ class Features:
             wanted = np.int64 if name == "attention_mask" else np.float32
             if array.dtype != wanted:
                 raise BtDeployError(f"{where}: {name} is {array.dtype}, not {np.dtype(wanted)}: encode the items again")
+
+
+def _padded_text(arrays: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """Text features padded to `length` tokens: zero states under a zero mask."""
+    extra = length - int(arrays["attention_mask"].shape[1])
+    if extra == 0:
+        return arrays
+    states = np.pad(arrays["text_states"], ((0, 0), (0, 0), (0, extra), (0, 0)))
+    return {**arrays, "text_states": states, "attention_mask": np.pad(arrays["attention_mask"], ((0, 0), (0, extra)))}
 
 
 def _describe(origin: Mapping[str, Any]) -> str:
@@ -138,12 +192,16 @@ class SplitRuntimeMixin:
         return Features("image", arrays, dict(self.backend.origin("vision")))
 
     def encode_texts(
-        self, encoding: Mapping[str, Any] | None = None, /, batch_size: int = 64, **inputs: Any
+        self, encoding: Any = None, attention_mask: Any = None, /, batch_size: int = 64, **inputs: Any
     ) -> Features:
-        """Run the text tower once per text, `batch_size` texts at a time. Takes input_ids and
-        attention_mask (a tokenizer's output; without a mask every token is attended to)."""
-        if encoding is not None:
+        """Run the text tower once per text, `batch_size` texts at a time. Takes a tokenizer's
+        output, or input_ids and attention_mask (without a mask every token is attended to)."""
+        if isinstance(encoding, Mapping):
             inputs = {**dict(encoding), **inputs}
+        elif encoding is not None:
+            inputs = {**inputs, "input_ids": encoding}
+        if attention_mask is not None:
+            inputs = {**inputs, "attention_mask": attention_mask}
         unknown = [name for name in inputs if name not in ("input_ids", "attention_mask", "token_type_ids")]
         if unknown:
             raise BtDeployError(f"encode_texts takes input_ids and attention_mask, not {', '.join(unknown)}")
@@ -158,8 +216,9 @@ class SplitRuntimeMixin:
         batches of up to batch_size pairs."""
         self._check(images, "image", "vision")
         self._check(texts, "text", "text")
-        if batch_size < 1:
-            raise BtDeployError(f"batch_size {batch_size} must be at least 1")
+        if not len(images) or not len(texts):
+            raise BtDeployError(f"nothing to score: {len(images)} image(s) and {len(texts)} text(s)")
+        batch_size = _checked_batch_size(batch_size)
         n_images, n_texts = len(images), len(texts)
         pairs = [(i, j) for i in range(n_images) for j in range(n_texts)]
         chunks: list[dict[str, np.ndarray]] = []
@@ -179,11 +238,16 @@ class SplitRuntimeMixin:
 
 def _in_batches(run: Any, feeds: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
     """One tower over the rows `batch_size` at a time: its working memory stays bounded."""
-    if batch_size < 1:
-        raise BtDeployError(f"batch_size {batch_size} must be at least 1")
+    batch_size = _checked_batch_size(batch_size)
     rows = len(next(iter(feeds.values())))
     chunks = [run({k: v[start : start + batch_size] for k, v in feeds.items()}) for start in range(0, rows, batch_size)]
     return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
+
+
+def _checked_batch_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise BtDeployError(f"batch_size {value!r} must be a whole number, at least 1")
+    return int(value)
 
 
 def _numpy(value: Any) -> Any:

@@ -171,7 +171,7 @@ class RankModel:
         from btdeploy.runtime.split_runtime import Features
 
         keys = [content_key(data) for data in images]
-        found = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
+        found: dict[str, Any] = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
         missing = [key for key, value in found.items() if value is None]
         if missing:
             image_processor = self.processor.image_processor
@@ -179,12 +179,10 @@ class RankModel:
             pixels = image_processor(pictures, return_tensors="np")["pixel_values"]
             encoded = self.runtime.encode_images(np.asarray(pixels, dtype=np.float32))
             for row, key in enumerate(missing):
-                features = Features("image", {k: v[row : row + 1] for k, v in encoded.arrays.items()}, encoded.origin)
+                features = encoded[row]
                 self.cache.put(key, features)
                 found[key] = features
-        rows: list[Any] = [found[key] for key in keys]
-        arrays = {name: np.concatenate([f.arrays[name] for f in rows]) for name in rows[0].arrays}
-        return Features("image", arrays, rows[0].origin), len(keys) - len(missing)
+        return Features.concat([found[key] for key in keys]), len(keys) - len(missing)
 
     def _rank(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:
         check_text_lengths(self.processor, texts, self.limit)

@@ -155,6 +155,65 @@ def test_features_round_trip_bit_identical_and_refuse_strangers(
         Features.load(tmp_path / "junk.npz")
 
 
+def test_features_encoded_in_parts_join_and_slice_to_the_same_scores(split_export: Path) -> None:
+    """A gallery grown over several calls: joined parts score as one encode of everything, texts
+    of different padded lengths included; rows picked by index, slice or list keep their scores."""
+    for head in ("itm", "mlm"):
+        runtime = btdeploy.load(split_export, head=head, split=True)
+        images = sample_inputs(runtime.config, 4, 4, seed=10)["pixel_values"]
+        short, long = (
+            {k: v for k, v in sample_inputs(runtime.config, rows, length, seed=seed).items() if k != "pixel_values"}
+            for rows, length, seed in ((2, 5, 11), (3, 9, 12))
+        )
+        whole_images = runtime.encode_images(images)
+        joined_images = Features.concat([runtime.encode_images(images[:1]), runtime.encode_images(images[1:])])
+        joined_texts = Features.concat(
+            [runtime.encode_texts(short["input_ids"], short["attention_mask"]), runtime.encode_texts(long)]
+        )
+        assert len(joined_images) == 4 and len(joined_texts) == 5
+        assert joined_texts.arrays["attention_mask"].shape == (5, 9)
+        np.testing.assert_array_equal(joined_images.arrays["image_states"], whole_images.arrays["image_states"])
+        scores = runtime.score(joined_images, joined_texts)
+        for texts, columns in ((short, slice(0, 2)), (long, slice(2, 5))):
+            alone = runtime.score(whole_images, runtime.encode_texts(texts))
+            for name, values in alone.items():
+                got = scores[name][:, columns]
+                if head == "mlm":  # per-token logits: compare the tokens the short texts have
+                    got = got[:, :, : values.shape[2]]
+                np.testing.assert_allclose(got, values, atol=1e-5, rtol=0, err_msg=f"{head} {name}")
+        picked = [whole_images[3], whole_images[1:3], whole_images[[0, -1]]]
+        assert [len(p) for p in picked] == [1, 2, 2] and len(list(whole_images)) == 4
+        for part, rows in zip(picked, ([3], [1, 2], [0, 3]), strict=True):
+            np.testing.assert_array_equal(
+                runtime.score(part, joined_texts)["logits"], scores["logits"][rows], err_msg=f"{head} rows {rows}"
+            )
+    with pytest.raises(BtDeployError, match="row 4 is outside these 4 image features"):
+        whole_images[4]
+    with pytest.raises(BtDeployError, match=r"rows \[0, 7\] reach outside"):
+        whole_images[[0, 7]]
+    with pytest.raises(BtDeployError, match="nothing to score: 0 image"):
+        runtime.score(whole_images[4:], joined_texts)
+    itm_texts = btdeploy.load(split_export, head="itm", split=True).encode_texts(short)
+    with pytest.raises(BtDeployError, match="cannot join text features of text.onnx .* with text features of"):
+        Features.concat([joined_texts, itm_texts])
+    with pytest.raises(BtDeployError, match="cannot join image features .* with text features"):
+        Features.concat([whole_images, joined_texts])
+
+
+def test_split_runtime_arguments_get_one_line_each(split_export: Path, tmp_path: Path) -> None:
+    runtime = btdeploy.load(split_export, head="itm", split=True)
+    feeds = sample_inputs(runtime.config, 2, 6, seed=13)
+    for bad in (0, 2.5, True):
+        with pytest.raises(BtDeployError, match=f"batch_size {bad!r} must be a whole number, at least 1"):
+            runtime.encode_images(feeds["pixel_values"], batch_size=bad)
+    with pytest.raises(BtDeployError, match="input_ids holds text, not token ids: tokenize it first"):
+        runtime.encode_texts(["a cat", "a dog"])
+    with pytest.raises(BtDeployError, match="input_ids is empty"):
+        runtime.encode_texts(feeds["input_ids"][:0], feeds["attention_mask"][:0])
+    with pytest.raises(BtDeployError, match="absent.npz does not exist"):
+        Features.load(tmp_path / "absent.npz")
+
+
 def test_split_graphs_quantize_and_keep_the_floors(split_export: Path, tmp_path: Path) -> None:
     folder = tmp_path / "itm"
     shutil.copytree(split_export / "itm", folder)

@@ -44,7 +44,9 @@ def test_torch_compile_equals_eager(tiny_export: Path) -> None:
     eager = load(tiny_export, head="itm", backend="torch")
     compiled = load(tiny_export, head="itm", backend="torch", compile=True)
     assert "torch.compile" in compiled.backend.description
-    for batch, length in ((1, 5), (3, 11)):  # batch 1 is specialized by dynamo, so (3, 11) compiles again
+    # Compiled with dynamic shapes: the second shape runs the first one's graph (batch 1 would be
+    # specialized by dynamo and compile again, which only tests torch and costs half a minute).
+    for batch, length in ((2, 5), (3, 11)):
         feeds = sample_inputs(eager.config, batch, length, seed=batch)
         assert np.abs(compiled(**feeds).logits - eager(**feeds).logits).max() <= 1e-4
 

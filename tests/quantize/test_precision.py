@@ -487,6 +487,8 @@ def test_quantize_with_reuse_keeps_an_up_to_date_graph_and_remakes_a_changed_one
     assert "reused" not in quantize_head(folder, "int8", "ort", calib_size=CALIB_SIZE + 1, reuse=True)
 
 
+# One config: the comparison is of graph bytes, not of a config's numbers (half a minute for both).
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
 def test_the_lean_fp16_conversion_of_an_int8_graph_is_model_optimizers_own(optimized: Path) -> None:
     """The twin conversion (FP16 outside the Q/DQ) under btdeploy's patches, against Model
     Optimizer's convert_to_f16 as it comes, on the unfused trt-compat INT8 graph."""

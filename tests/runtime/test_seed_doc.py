@@ -2,7 +2,7 @@
 
 The examples are read from the page itself (tests/data/bridgetower_doc.md, a copy of the seed
 document) and executed unchanged except for what must change offline: `requests` serves a
-local picture, hub ids point at the embedded default checkpoint, and the model line becomes
+local picture, hub ids point at a preset checkpoint (tiny), and the model line becomes
 `btdeploy.load(...)`. Each example runs twice, once with the transformers model and once with
 btdeploy, and the two must agree.
 """
@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import multiprocessing
 import re
 import sys
 import types
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import torch
 from PIL import Image
 
 import btdeploy
-from btdeploy.export.exporter import export_head
+from btdeploy.export.exporter import export_heads
 from btdeploy.model.checkpoints import resolve_model
 
 DOC = Path(__file__).parents[1] / "data" / "bridgetower_doc.md"
@@ -94,23 +92,16 @@ def run_example(code: str, checkpoint: Path, export_dir: Path | None) -> tuple[d
     return namespace, printed.getvalue()
 
 
-def _export_base_head(head: str, out: Path) -> str:
-    export_head(resolve_model("base"), head, out)
-    return head
-
-
 @pytest.fixture(scope="module")
-def embedded_default(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The embedded default (the base preset) and its itc, itm and mlm exports.
-
-    Two heads export at a time in child processes: tracing is single-threaded, so on two cores
-    the three take about a third less time than one after another (each child peaks near 5 GB)."""
-    checkpoint = resolve_model("base").checkpoint  # written here once, so the children only read it
-    out = tmp_path_factory.mktemp("base-export")
-    heads = list(HEAD_OF_CLASS.values())
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        assert sorted(pool.map(_export_base_head, heads, [out] * len(heads))) == sorted(heads)
-    return checkpoint, out
+def doc_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A preset checkpoint and its itc, itm and mlm exports. The tiny preset: the examples need
+    the architecture, tokenizer and processor a preset writes, not the base size (the base preset
+    is the same code at another config, tests/model/test_models.py; its pipeline is measured in
+    benchmarks/results/base-main-job)."""
+    source = resolve_model("tiny")
+    out = tmp_path_factory.mktemp("doc-export")
+    export_heads(source, list(HEAD_OF_CLASS.values()), out)
+    return source.checkpoint, out
 
 
 def test_the_page_has_the_three_examples() -> None:
@@ -119,8 +110,8 @@ def test_the_page_has_the_three_examples() -> None:
     assert [MODEL_LINE.search(e).group(1) for e in examples] == list(HEAD_OF_CLASS)  # type: ignore[union-attr]
 
 
-def test_contrastive_example(embedded_default: tuple[Path, Path]) -> None:
-    checkpoint, export_dir = embedded_default
+def test_contrastive_example(doc_models: tuple[Path, Path]) -> None:
+    checkpoint, export_dir = doc_models
     code = doc_examples()[0]
     expected, _ = run_example(code, checkpoint, None)
     got, _ = run_example(code, checkpoint, export_dir)
@@ -133,8 +124,8 @@ def test_contrastive_example(embedded_default: tuple[Path, Path]) -> None:
             torch.testing.assert_close(outputs[name], reference[name], atol=1e-4, rtol=0)
 
 
-def test_retrieval_example(embedded_default: tuple[Path, Path]) -> None:
-    checkpoint, export_dir = embedded_default
+def test_retrieval_example(doc_models: tuple[Path, Path]) -> None:
+    checkpoint, export_dir = doc_models
     code = doc_examples()[1]
     expected, _ = run_example(code, checkpoint, export_dir=None)
     got, _ = run_example(code, checkpoint, export_dir)
@@ -144,8 +135,8 @@ def test_retrieval_example(embedded_default: tuple[Path, Path]) -> None:
         assert abs(value - expected["scores"][text]) <= 1e-4, (text, value, expected["scores"][text])
 
 
-def test_masked_lm_example(embedded_default: tuple[Path, Path]) -> None:
-    checkpoint, export_dir = embedded_default
+def test_masked_lm_example(doc_models: tuple[Path, Path]) -> None:
+    checkpoint, export_dir = doc_models
     code = doc_examples()[2]
     expected, expected_printed = run_example(code, checkpoint, export_dir=None)
     got, got_printed = run_example(code, checkpoint, export_dir)

@@ -81,7 +81,12 @@ def sha256_of_json(data: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def folder_sha256(folder: Path) -> str:
-    """One hash of every file under a folder, by relative name and content (a checkpoint's identity)."""
+def file_hashes(folder: Path) -> dict[str, str]:
+    """The SHA-256 of every file under a folder, by relative name."""
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-    return sha256_of_json({str(p.relative_to(folder)): sha256_of(p) for p in files})
+    return {str(p.relative_to(folder)): sha256_of(p) for p in files}
+
+
+def folder_sha256(folder: Path, hashes: dict[str, str] | None = None) -> str:
+    """One hash of every file under a folder, by relative name and content (a checkpoint's identity)."""
+    return sha256_of_json(file_hashes(folder) if hashes is None else hashes)

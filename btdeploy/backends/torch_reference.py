@@ -8,7 +8,7 @@ import numpy as np
 
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.errors import BtDeployError
-from btdeploy.model.checkpoints import ModelSource, load_head_model
+from btdeploy.model.checkpoints import ModelSource, load_head_model, weights_sha256
 from btdeploy.model.configs import config_fingerprint
 from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.model.towers import head_module
@@ -45,6 +45,13 @@ class TorchBackend:
                 f"the checkpoint {source.spec} this head was exported from is gone: cannot rebuild the reference"
             )
         head = get_head(manifest.head)
+        recorded = model_info.get("weights_sha256")  # absent in exports before it was recorded
+        if recorded is not None and (now := weights_sha256(source.checkpoint)) != recorded:
+            raise BtDeployError(
+                f"the weights at {source.spec} changed since this head was exported (sha256 {recorded[:12]} then, "
+                f"{now[:12]} now): the reference would not be the exported model; export again from them, or "
+                "check against the checkpoint the export was made from"
+            )
         loaded = load_head_model(source, head)
         if config_fingerprint(loaded.config) != model_info["config_sha256"]:
             raise BtDeployError(

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from btdeploy.artifacts.files import folder_sha256, staged_directory
+from btdeploy.artifacts.files import file_hashes, folder_sha256, staged_directory
 from btdeploy.artifacts.graph_names import graph_file
 from btdeploy.artifacts.locks import head_lock
 from btdeploy.artifacts.manifest import (
@@ -22,7 +22,7 @@ from btdeploy.artifacts.manifest import (
 from btdeploy.artifacts.onnx_files import data_file, gather_external_data, graph_bytes, graph_sha256
 from btdeploy.errors import BtDeployError
 from btdeploy.export.patches import fusable_export
-from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model
+from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model, weights_sha256
 from btdeploy.model.configs import config_fingerprint, max_text_length
 from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.model.inputs import sample_inputs
@@ -54,7 +54,8 @@ def export_head(
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise BtDeployError(f"--out {out_dir} is a file: give a folder (each head goes to OUT/<head>/)")
     final = Path(out_dir) / head.name
-    checkpoint_sha256 = folder_sha256(source.checkpoint)
+    hashes = file_hashes(source.checkpoint)
+    checkpoint_sha256, weights = folder_sha256(source.checkpoint, hashes), weights_sha256(source.checkpoint, hashes)
     if reuse:
         kept = _reusable_export(final, source, checkpoint_sha256, opset, split)
         if kept is not None:
@@ -62,7 +63,7 @@ def export_head(
                 "versions); --force exports it again")  # fmt: skip
             return kept
     with step(f"export {head.name}") as cost:
-        manifest = _export(source, head, final, opset, split, checkpoint_sha256)
+        manifest = _export(source, head, final, opset, split, checkpoint_sha256, weights)
     manifest.data["onnx"]["step"] = cost.to_json()  # the whole step, reference load included
     manifest.write()
     say(f"wrote {final / MODEL_NAME} ({graph_bytes(final / MODEL_NAME) / 1e6:.1f} MB)")
@@ -96,7 +97,13 @@ def _reusable_export(
 
 
 def _export(
-    source: ModelSource, head: HeadSpec, final: Path, opset: int, split: bool, checkpoint_sha256: str
+    source: ModelSource,
+    head: HeadSpec,
+    final: Path,
+    opset: int,
+    split: bool,
+    checkpoint_sha256: str,
+    weights: str,
 ) -> Manifest:
     with step(f"loading the {head.name} reference from {source.spec}"):
         loaded = load_head_model(source, head)
@@ -113,6 +120,7 @@ def _export(
         if parts:
             manifest.data["split"] = parts
         manifest.data["model"]["checkpoint_sha256"] = checkpoint_sha256
+        manifest.data["model"]["weights_sha256"] = weights  # what check's reference must be rebuilt from
         manifest.folder = staging
         for stem in manifest.stems:
             manifest.record_graph(staging / graph_file(None, stem=stem))

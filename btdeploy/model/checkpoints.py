@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from btdeploy.artifacts.files import staged_directory
+from btdeploy.artifacts.files import file_hashes, sha256_of_json, staged_directory
 from btdeploy.errors import BtDeployError
 from btdeploy.model.configs import PRESETS, build_config, validate_config
 from btdeploy.model.heads import CHECKPOINT_HEADS, HEADS, HeadSpec
@@ -197,6 +197,16 @@ def build_processor(config: Any) -> Any:
 
 
 # --- loading ----------------------------------------------------------------------------------
+
+# The files transformers reads weights from (sharded or not); tokenizer and processor files and
+# anything else in the folder (a README) do not change what a head computes.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def weights_sha256(folder: Path, hashes: dict[str, str] | None = None) -> str:
+    """One hash of a checkpoint's weight files (from `hashes`, the folder's file hashes, if given)."""
+    hashes = file_hashes(folder) if hashes is None else hashes
+    return sha256_of_json({name: digest for name, digest in hashes.items() if name.endswith(WEIGHT_SUFFIXES)})
 
 
 def load_config(source: ModelSource) -> Any:

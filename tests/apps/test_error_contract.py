@@ -138,6 +138,26 @@ def _bench_past_the_text_length(workload: str) -> Setup:
     return setup
 
 
+def _exported_from_a_copy(out: Path, tmp: Path) -> Path:
+    """The itm head as if exported from a checkpoint folder of the user's (a copy of the preset's)."""
+    checkpoint = tmp / "checkpoint"
+    shutil.copytree(resolve_model("tiny").checkpoint, checkpoint)
+    manifest = json.loads((out / "itm" / "manifest.json").read_text())
+    manifest["model"]["source"] = str(checkpoint)
+    (out / "itm" / "manifest.json").write_text(json.dumps(manifest))
+    return checkpoint
+
+
+def _weights_changed_since_export(out: Path, tmp: Path) -> list[str]:
+    from safetensors.numpy import load_file, save_file
+
+    checkpoint = _exported_from_a_copy(out, tmp)
+    weights = load_file(checkpoint / "model.safetensors")
+    weights["itm_score.fc.bias"] += 1.0  # fine-tuned after the export
+    save_file(weights, checkpoint / "model.safetensors", metadata={"format": "pt"})
+    return ["check", str(out), "--heads", "itm"]
+
+
 CASES: list[tuple[str, Setup, str]] = [
     ("export --out is a file", _export_out_is_a_file, "is a file: give a folder"),
     ("check --report is a folder", _report_is_a_folder, "is a folder: give a file name"),
@@ -158,6 +178,7 @@ CASES: list[tuple[str, Setup, str]] = [
     ("an unknown flavour", _unknown_flavour, "invalid choice: 'tensorrt'"),
     ("an export folder that does not exist", _missing_export, "does not exist: pass the --out folder"),
     ("a damaged optimized graph", _damaged_graph, "is not the graph its manifest recorded"),
+    ("check after the weights changed", _weights_changed_since_export, "changed since this head was exported"),
     ("run on an image too elongated to resize", _run_on_an_elongated_image, "banner.png is 256x64 pixels, more than"),
     ("calibration on an image too elongated", _calibrate_on_an_elongated_image, "banner.png is 256x64 pixels, more"),
     *[
@@ -187,6 +208,15 @@ def test_each_fault_is_one_line_and_exit_2(
     after = _snapshot(tmp_path)
     new = [p for p in after if p not in outside and not p.startswith("work/")]
     assert new == [], f"{name} wrote outside the export folder: {new}"
+
+
+def test_files_beside_the_weights_do_not_stop_check(export: Path, tmp_path: Path) -> None:
+    """Only the weights decide whether check's reference is the exported model: a README or a new
+    tokenizer file added to the checkpoint folder after the export changes nothing."""
+    out = _copy(export, tmp_path / "work")
+    checkpoint = _exported_from_a_copy(out, tmp_path)
+    (checkpoint / "README.md").write_text("# our fine-tune\n")
+    assert main(["check", str(out), "--heads", "itm", "--batch-sizes", "1", "--seq-lens", "5"]) == 0
 
 
 def test_a_full_disk_leaves_the_folder_as_it_was(

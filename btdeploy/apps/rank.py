@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from btdeploy.apps.run import load_processor
+from btdeploy.apps.run import load_processor, refuse_long_texts
 from btdeploy.artifacts.graph_names import Precision
 from btdeploy.artifacts.manifest import head_folders, read_manifest
 from btdeploy.backends.targets import get_target
@@ -45,16 +45,13 @@ class Query:
     is_image: bool  # an image against captions; else a caption against images
     inputs: dict[str, np.ndarray]  # pixel_values, or input_ids + attention_mask, for one item
     processor: Any
-    limit: int  # the model's text length
 
     def candidate_batches(self, candidates: list[Any], batch_size: int) -> Iterator[tuple[int, dict[str, Any]]]:
         """(first index, inputs) per batch: captions tokenized, or images read and preprocessed."""
         for start in range(0, len(candidates), batch_size):
             chunk = candidates[start : start + batch_size]
             if self.is_image:
-                encoding = self.processor.tokenizer(
-                    chunk, padding=True, truncation=True, max_length=self.limit, return_tensors="np"
-                )
+                encoding = self.processor.tokenizer(chunk, padding=True, return_tensors="np")
                 yield start, {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}
             else:
                 pictures = [load_image(path, self.processor.image_processor) for path in chunk]
@@ -64,14 +61,13 @@ class Query:
 
 def _make_query(runtime: Runtime, image: Path | None, text: str | None) -> Query:
     processor = load_processor(runtime)
-    limit = int(runtime.manifest.data["limits"]["max_text_length"])
     if image is not None:
         image_processor = processor.image_processor  # type: ignore[attr-defined]
         pixels = image_processor([load_image(image, image_processor)], return_tensors="np")["pixel_values"]
-        return Query(True, {"pixel_values": np.asarray(pixels, dtype=np.float32)}, processor, limit)
-    encoding = processor.tokenizer([text], truncation=True, max_length=limit, return_tensors="np")  # type: ignore[attr-defined]
+        return Query(True, {"pixel_values": np.asarray(pixels, dtype=np.float32)}, processor)
+    encoding = processor.tokenizer([text], return_tensors="np")  # type: ignore[attr-defined]
     inputs = {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}
-    return Query(False, inputs, processor, limit)
+    return Query(False, inputs, processor)
 
 
 def _pair_inputs(query: Query, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -162,6 +158,8 @@ def rank(
     resolved = get_target("onnxruntime").resolve(options)
     reduced = resolved.precision if resolved.precision != Precision.FP32 else None
     graphs = " ".join(str(part) for part in (resolved.flavour, reduced) if part)
+    itm = _load(root, "itm", **options)
+    refuse_long_texts(load_processor(itm), texts, itm)  # before any work: the captions, or the query
     if _has_head(root, "itc"):
         itc = _load(root, "itc", **options)
         query = _make_query(itc, query_image, query_text)
@@ -171,7 +169,6 @@ def rank(
         cosines = {int(index): float(similarity[index]) for index in chosen}
         on = f" ({graphs})" if graphs else ""
         stages.append(f"ITC cosine over {len(candidates)}{on}, top {len(chosen)} to ITM")
-    itm = _load(root, "itm", **options)
     query = _make_query(itm, query_image, query_text)
     probability = _itm_probabilities(itm, query, [candidates[i] for i in chosen], batch_size)
     where = [w for w in ("split graphs" if isinstance(itm, SplitRuntime) else "", graphs) if w]

@@ -88,3 +88,21 @@ def resize_problem(width: int, height: int, image_processor: Any) -> str | None:
         f"caps the longer at {longer} and rounds both down to multiples of {divisor}); crop or pad it nearer "
         "to square"
     )
+
+
+def text_length_problem(tokenizer: Any, texts: list[str], limit: int, chunk: int = 256) -> str | None:
+    """Why one of the texts cannot be taken whole, or None: the first text longer than the model's
+    `limit` tokens. A text is refused rather than cut, since a cut text gets another answer.
+    Tokenized `chunk` texts at a time, so a long captions file does not sit in memory as ids."""
+    for start in range(0, len(texts), chunk):
+        lengths = [len(ids) for ids in tokenizer(texts[start : start + chunk])["input_ids"]]
+        for offset, length in enumerate(lengths):
+            if length > limit:
+                index = start + offset
+                text = texts[index]
+                preview = text[:40] + ("..." if len(text) > 40 else "")
+                return (
+                    f"text {index + 1} of {len(texts)} ({preview!r}) is {length} tokens, longer than the model's "
+                    f"{limit}: shorten it"
+                )
+    return None

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.model.heads import match_probability
-from btdeploy.model.media import resize_problem
+from btdeploy.model.media import resize_problem, text_length_problem
 from btdeploy.serve.protocol import RequestError
 
 MAX_IMAGE_PIXELS = 64_000_000  # a larger image is refused, not decoded (a decompression bomb)
@@ -115,12 +115,9 @@ def decode_image(data: bytes, index: int, image_processor: Any) -> Any:
 
 def check_text_lengths(processor: Any, texts: list[str], limit: int) -> None:
     """A text longer than the model's positions is refused, not silently cut."""
-    lengths = [len(ids) for ids in processor.tokenizer(texts)["input_ids"]]
-    longest = max(lengths)
-    if longest > limit:
-        raise RequestError(
-            400, f"text {lengths.index(longest)} is {longest} tokens, longer than the model's {limit}: shorten it"
-        )
+    problem = text_length_problem(processor.tokenizer, texts, limit)
+    if problem:
+        raise RequestError(400, problem)
 
 
 def pair_inputs(processor: Any, images: list[Any], texts: list[str]) -> dict[str, np.ndarray]:

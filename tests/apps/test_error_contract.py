@@ -131,6 +131,22 @@ def _calibrate_on_an_elongated_image(out: Path, tmp: Path) -> list[str]:
             str(tmp / "images"), "--calib-texts", str(tmp / "captions.txt")]  # fmt: skip
 
 
+def _photo(tmp: Path) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (80, 64), (200, 30, 10)).save(tmp / "photo.png")
+    return tmp / "photo.png"
+
+
+def _run_on_a_text_past_the_model(out: Path, tmp: Path) -> list[str]:
+    return ["run", str(out), "--head", "itm", "--image", str(_photo(tmp)), "--text", "a cat", "--text", "word " * 600]
+
+
+def _rank_a_caption_past_the_model(out: Path, tmp: Path) -> list[str]:
+    (tmp / "captions.txt").write_text("a cat\ntwo dogs\n" + "word " * 600 + "\n")
+    return ["rank", str(out), "--image", str(_photo(tmp)), "--texts", str(tmp / "captions.txt")]
+
+
 def _bench_past_the_text_length(workload: str) -> Setup:
     def setup(out: Path, tmp: Path) -> list[str]:
         return ["bench", str(out), "--workload", workload, "--seq-lens", "600", "--iters", "1", "--requests", "1"]
@@ -178,6 +194,8 @@ CASES: list[tuple[str, Setup, str]] = [
     ("an unknown flavour", _unknown_flavour, "invalid choice: 'tensorrt'"),
     ("an export folder that does not exist", _missing_export, "does not exist: pass the --out folder"),
     ("a damaged optimized graph", _damaged_graph, "is not the graph its manifest recorded"),
+    ("run on a text past the model's length", _run_on_a_text_past_the_model, "text 2 of 2 ('word word"),
+    ("rank a caption past the model's length", _rank_a_caption_past_the_model, "text 3 of 3 ('word word"),
     ("check after the weights changed", _weights_changed_since_export, "changed since this head was exported"),
     ("run on an image too elongated to resize", _run_on_an_elongated_image, "banner.png is 256x64 pixels, more than"),
     ("calibration on an image too elongated", _calibrate_on_an_elongated_image, "banner.png is 256x64 pixels, more"),

@@ -201,8 +201,20 @@ def head_folders(root: Path, heads: list[str] | None = None) -> list[Path]:
         folders = [root]
     elif root.is_dir():
         folders = sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file())
+    elif root.is_file():
+        raise BtDeployError(
+            f"{root} is a file: pass the folder btdeploy export wrote (the head folder {root.parent}, or the "
+            "export folder above it); the graph is chosen by flavour and precision"
+        )
     else:
-        raise BtDeployError(f"{root} does not exist: pass the --out folder of btdeploy export")
+        raise BtDeployError(
+            f"{root} does not exist: pass the --out folder of btdeploy export (exported graphs, not a hub id "
+            "or a checkpoint)"
+        )
+    if not folders and (root / "config.json").is_file():
+        raise BtDeployError(
+            f"{root} is a checkpoint, not an export: run btdeploy export --model {root} --out OUT, then pass OUT"
+        )
     claimed: dict[str, Path] = {}
     for folder in folders:
         head = read_manifest(folder).head

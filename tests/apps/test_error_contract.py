@@ -193,6 +193,16 @@ CASES: list[tuple[str, Setup, str]] = [
     ),
     ("an unknown flavour", _unknown_flavour, "invalid choice: 'tensorrt'"),
     ("an export folder that does not exist", _missing_export, "does not exist: pass the --out folder"),
+    (
+        "a graph file given for its folder",
+        lambda out, tmp: ["check", str(out / "itm" / "model.onnx")],
+        "model.onnx is a file: pass the folder btdeploy export wrote (the head folder",
+    ),
+    (
+        "a checkpoint given for an export",
+        lambda out, tmp: ["run", str(resolve_model("tiny").checkpoint), "--head", "itm", "--image", "x", "--text", "y"],
+        "is a checkpoint, not an export: run btdeploy export --model",
+    ),
     ("a damaged optimized graph", _damaged_graph, "is not the graph its manifest recorded"),
     ("run on a text past the model's length", _run_on_a_text_past_the_model, "text 2 of 2 ('word word"),
     ("rank a caption past the model's length", _rank_a_caption_past_the_model, "text 3 of 3 ('word word"),

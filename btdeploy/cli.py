@@ -333,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", default="base", help="preset (tiny, base, large) or checkpoint folder")
     export.add_argument("--heads", default="all", help=f"all, or a comma list of {','.join(HEADS)}")
     export.add_argument("--out", required=True, help="output folder; each head goes to OUT/<head>/")
-    export.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    export.add_argument(
+        "--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset of the export (default: %(default)s)"
+    )
     export.add_argument("--seed", type=int, default=0, help="seed for preset weights and missing head weights")
     export.add_argument(
         "--split", action="store_true", help="also write text.onnx, vision.onnx and fusion.onnx (split towers)"
@@ -342,16 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
     check = add("check", cmd_check, "parity of exported heads against the PyTorch reference")
     check.add_argument("dir", help="export folder or one head folder")
     check.add_argument("--heads", default=None, help="comma list (default: every exported head)")
-    check.add_argument("--batch-sizes", type=_int_list, default=(1, 3))
-    check.add_argument("--seq-lens", type=_int_list, default=(5, 40))
-    check.add_argument("--backend", default="onnxruntime", choices=list(TARGETS))
+    check.add_argument("--batch-sizes", type=_int_list, default=(1, 3), help="comma list (default: 1,3)")
+    check.add_argument("--seq-lens", type=_int_list, default=(5, 40), help="text lengths, comma list (default: 5,40)")
+    check.add_argument(
+        "--backend", default="onnxruntime", choices=list(TARGETS), help="what runs the graph (default: %(default)s)"
+    )
     graph_options(check, "check", " at that precision's tolerances")
     check.add_argument("--report", type=Path, default=None, help="write the rows as JSON")
     check.add_argument("--split", action="store_true", help="check the text, vision and fusion graphs together")
 
     optimize = add("optimize", cmd_optimize, "fuse attention, bridge and residual add+LayerNorm, GELU")
     optimize.add_argument("dir", help="export folder or one head folder")
-    optimize.add_argument("--flavour", required=True, choices=flavours)
+    optimize.add_argument(
+        "--flavour",
+        required=True,
+        choices=flavours,
+        help="graph dialect: ort (ONNX Runtime), trt, trt-compat (TensorRT)",
+    )
     optimize.add_argument(
         "--allow-partial",
         action="store_true",
@@ -361,8 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     quantize = add("quantize", cmd_quantize, "write FP16 (AutoCast), INT8 (explicit Q/DQ) or dynamic INT8 graphs")
     quantize.add_argument("dir", help="export folder or one head folder (optimize it first)")
-    quantize.add_argument("--precision", required=True, choices=[str(p) for p in PRECISIONS])
-    quantize.add_argument("--flavour", choices=flavours, default="ort")
+    quantize.add_argument("--precision", required=True, choices=[str(p) for p in PRECISIONS], help="the graph to write")
+    quantize.add_argument(
+        "--flavour", choices=flavours, default="ort", help="the optimized graph it starts from (default: %(default)s)"
+    )
     quantize.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     quantize.add_argument("--calib-images", type=Path, default=None, help="folder of calibration images")
     quantize.add_argument("--calib-texts", type=Path, default=None, help="text file, one caption per line")
@@ -370,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = add("build", cmd_build, "build strongly typed TensorRT engines from the trt precision graphs")
     build.add_argument("dir", help="export folder or one head folder (quantize --flavour trt first)")
-    build.add_argument("--precision", required=True, choices=engine_precisions)
+    build.add_argument("--precision", required=True, choices=engine_precisions, help="the engine's precision")
     build.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     build.add_argument("--batch", default=None, help="MIN:OPT:MAX (default: the head's 1:8:32)")
     build.add_argument("--seq-len", default=None, help="MIN:OPT:MAX text length (default 1:40:512)")
@@ -392,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--texts", default=None, help="text file, one caption per line")
     rank.add_argument("--images", default=None, help="a folder of images, ranked against --text")
     rank.add_argument("--text", default=None, help="one caption, ranked against --images")
-    rank.add_argument("--top-k", type=int, default=5)
+    rank.add_argument("--top-k", type=int, default=5, help="items printed, and passed from ITC to ITM (default: 5)")
     rank.add_argument(
         "--batch-size", type=int, default=64, help="candidates read and scored at a time (memory stays flat)"
     )
@@ -400,26 +411,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = add("run", cmd_run, "score texts against an image with an exported head")
     run.add_argument("dir", help="export folder or one head folder")
-    run.add_argument("--head", required=True, choices=list(HEADS))
-    run.add_argument("--image", required=True)
+    run.add_argument("--head", required=True, choices=list(HEADS), help="the head to run")
+    run.add_argument("--image", required=True, help="image file")
     run.add_argument("--text", action="append", required=True, help="repeat for several texts")
-    run.add_argument("--backend", default="onnxruntime", choices=list(TARGETS))
+    run.add_argument(
+        "--backend", default="onnxruntime", choices=list(TARGETS), help="what runs the graph (default: %(default)s)"
+    )
     graph_options(run, "run", ", or the engine of that precision")
 
     bench = add("bench", cmd_bench, "time every variant of each head side by side, interleaved")
     bench.add_argument("dir", help="export folder")
     bench.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     bench.add_argument("--variants", default=None, help="comma list (default: all; those that cannot run are skipped)")
-    bench.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 16))
-    bench.add_argument("--seq-lens", type=_int_list, default=(16, 40, 128))
+    bench.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 16), help="comma list (default: 1,4,16)")
+    bench.add_argument(
+        "--seq-lens", type=_int_list, default=(16, 40, 128), help="text lengths, comma list (default: 16,40,128)"
+    )
     bench.add_argument("--threads", type=_at_least(0), default=0, help="0: every core")
-    bench.add_argument("--warmup", type=_at_least(0), default=2)
+    bench.add_argument("--warmup", type=_at_least(0), default=2, help="untimed runs per variant and case (default: 2)")
     amount = bench.add_mutually_exclusive_group()
     amount.add_argument("--iters", type=_at_least(1), default=10, help="interleaved rounds per case")
     amount.add_argument(
         "--seconds", type=_at_least(0.1, float), default=None, help="time per variant and case instead of --iters"
     )
-    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    bench.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda where a GPU is visible"
+    )
     bench.add_argument(
         "--build-once",
         action="store_true",
@@ -449,11 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = add("serve", cmd_serve, "serve heads over HTTP (Open Inference Protocol and task endpoints) on Ray Serve")
     serve.add_argument("dir", help="export folder")
     serve.add_argument("--heads", default=None, help="comma list (default: every exported head)")
-    serve.add_argument("--precision", choices=[str(p) for p in Precision], default="fp32")
+    serve.add_argument(
+        "--precision", choices=[str(p) for p in Precision], default="fp32", help="the graphs to serve (default: fp32)"
+    )
     serve.add_argument("--flavour", choices=flavours, default=None, help="serve the optimized graph of this flavour")
     serve.add_argument("--split", action="store_true", help="run the text, vision and fusion graphs")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     serve.add_argument("--replicas", type=int, default=1, help="replicas per head")
     serve.add_argument("--max-replicas", type=int, default=None, help="autoscale from --replicas up to this")
     serve.add_argument("--max-batch", type=int, default=16, help="requests merged into one batch (1: batching off)")
@@ -484,8 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("dir", help="export folder")
     triton.add_argument("--out", required=True, help="repository folder to write (must not exist or be empty)")
     triton.add_argument("--heads", default=None, help="comma list (default: every exported head)")
-    triton.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    triton.add_argument("--precision", choices=[str(p) for p in Precision], default="fp32")
+    triton.add_argument(
+        "--backend",
+        choices=["onnxruntime", "tensorrt"],
+        default="onnxruntime",
+        help="Triton's backend (default: %(default)s)",
+    )
+    triton.add_argument(
+        "--precision", choices=[str(p) for p in Precision], default="fp32", help="the graphs to serve (default: fp32)"
+    )
     triton.add_argument("--flavour", choices=flavours, default=None, help="the optimized graph of this flavour")
     triton.add_argument(
         "--max-batch", type=_at_least(1), default=None, help="default: the head's engine profile maximum"
@@ -493,9 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipeline = add("pipeline", cmd_pipeline, "the main job: export, optimize, quantize and check every head")
     pipeline.add_argument("--model", default="base", help="preset or checkpoint folder (default: base)")
-    pipeline.add_argument("--heads", default="all")
+    pipeline.add_argument("--heads", default="all", help=f"all, or a comma list of {','.join(HEADS)}")
     pipeline.add_argument("--out", default=None, help="default: btdeploy-out/<model>")
-    pipeline.add_argument("--seed", type=int, default=0)
+    pipeline.add_argument("--seed", type=int, default=0, help="seed for preset weights and missing head weights")
     pipeline.add_argument(
         "--precisions", default=",".join(PRECISIONS), help="quantized graphs to write and check, or none"
     )

@@ -188,3 +188,15 @@ def test_pipeline_builds_and_checks_engines_where_tensorrt_runs(
         report = json.loads((out / f"parity.tensorrt.{precision}.json").read_text())
         assert report["passed"] and report["backend"] == "tensorrt" and report["precision"] == precision
     assert "== tensorrt.int8 graph (tensorrt int8 engine) ==" in capsys.readouterr().out
+
+
+def test_every_option_of_every_command_says_what_it_does() -> None:
+    import argparse
+
+    from btdeploy.cli import build_parser
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    silent = [
+        f"{name} {action.dest}" for name, sub in commands.choices.items() for action in sub._actions if not action.help
+    ]
+    assert len(commands.choices) >= 10 and silent == []

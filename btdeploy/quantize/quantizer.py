@@ -99,7 +99,15 @@ def quantize_head(
     with head_lock(folder, f"btdeploy quantize --flavour {chosen} --precision {method.precision}"):
         manifest = read_manifest(folder)
         source_flavour, why = method.source(chosen)
-        sources = {stem: manifest.graph_path(source_flavour, stem=stem) for stem in manifest.stems}
+        try:
+            sources = {stem: manifest.graph_path(source_flavour, stem=stem) for stem in manifest.stems}
+        except BtDeployError as error:
+            if source_flavour == chosen:
+                raise
+            # Asked for one flavour, told to optimize another: say why that graph is the source.
+            raise BtDeployError(
+                f"{method.precision} of the {chosen} flavour starts from the {source_flavour} graph ({why}): {error}"
+            ) from None
         for source in sources.values():
             require_fp16_safe(load_graph(source, "optimize the head again", load_weights=False), f"{source}")
         calibration = None

@@ -206,6 +206,11 @@ CASES: list[tuple[str, Setup, str]] = [
     ("a damaged optimized graph", _damaged_graph, "is not the graph its manifest recorded"),
     ("run on a text past the model's length", _run_on_a_text_past_the_model, "text 2 of 2 ('word word"),
     ("rank a caption past the model's length", _rank_a_caption_past_the_model, "text 3 of 3 ('word word"),
+    (
+        "quantize int8 before the graph it starts from",
+        lambda out, tmp: ["quantize", str(out / "itm"), "--precision", "int8"],
+        "int8 of the ort flavour starts from the trt graph (the ort and trt int8 graphs share one calibration",
+    ),
     ("check after the weights changed", _weights_changed_since_export, "changed since this head was exported"),
     ("run on an image too elongated to resize", _run_on_an_elongated_image, "banner.png is 256x64 pixels, more than"),
     ("calibration on an image too elongated", _calibrate_on_an_elongated_image, "banner.png is 256x64 pixels, more"),

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from btdeploy.apps.run import load_processor, refuse_long_texts
+from btdeploy.apps.run import refuse_long_texts
 from btdeploy.artifacts.graph_names import Precision
 from btdeploy.artifacts.manifest import head_folders, read_manifest
 from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import match_probability
-from btdeploy.model.media import load_image
+from btdeploy.model.media import export_processor, load_image
 from btdeploy.progress import say
 from btdeploy.runtime.runtime import Runtime, SplitRuntime, load
 
@@ -60,7 +60,7 @@ class Query:
 
 
 def _make_query(runtime: Runtime, image: Path | None, text: str | None) -> Query:
-    processor = load_processor(runtime)
+    processor = export_processor(runtime.manifest)
     if image is not None:
         image_processor = processor.image_processor  # type: ignore[attr-defined]
         pixels = image_processor([load_image(image, image_processor)], return_tensors="np")["pixel_values"]
@@ -159,7 +159,7 @@ def rank(
     reduced = resolved.precision if resolved.precision != Precision.FP32 else None
     graphs = " ".join(str(part) for part in (resolved.flavour, reduced) if part)
     itm = _load(root, "itm", **options)
-    refuse_long_texts(load_processor(itm), texts, itm)  # before any work: the captions, or the query
+    refuse_long_texts(export_processor(itm.manifest), texts, itm)  # before any work: the captions, or the query
     if _has_head(root, "itc"):
         itc = _load(root, "itc", **options)
         query = _make_query(itc, query_image, query_text)

@@ -6,19 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from btdeploy.errors import BtDeployError
-from btdeploy.model.media import load_image, text_length_problem
+from btdeploy.model.media import export_processor, load_image, text_length_problem
 from btdeploy.runtime.runtime import Runtime
-
-
-def load_processor(runtime: Runtime) -> object:
-    from transformers import BridgeTowerProcessor
-
-    folder = runtime.manifest.processor_dir
-    if not folder.is_dir():
-        raise BtDeployError(
-            f"{runtime.manifest.folder} has no processor/ folder: export from a checkpoint that has one"
-        )
-    return BridgeTowerProcessor.from_pretrained(folder)
 
 
 def refuse_long_texts(processor: Any, texts: list[str], runtime: Runtime) -> None:
@@ -30,7 +19,7 @@ def refuse_long_texts(processor: Any, texts: list[str], runtime: Runtime) -> Non
 
 def score(runtime: Runtime, image_path: Path, texts: list[str]) -> list[tuple[str, str]]:
     """One (text, answer) pair per text."""
-    processor = load_processor(runtime)
+    processor = export_processor(runtime.manifest)
     image = load_image(image_path, processor.image_processor)  # type: ignore[attr-defined]
     refuse_long_texts(processor, texts, runtime)
     encoding = processor([image] * len(texts), texts, padding=True, return_tensors="np")  # type: ignore[operator]

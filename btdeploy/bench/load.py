@@ -313,9 +313,9 @@ def _rank_bodies(total: int, captions: int) -> tuple[list[tuple[bytes, dict[str,
 
 
 def _rank_chunk_runner(runtime: Any) -> Callable[[list[Any]], list[Any]]:
-    from transformers import BridgeTowerProcessor
+    from btdeploy.model.media import export_processor
 
-    processor = BridgeTowerProcessor.from_pretrained(runtime.manifest.processor_dir)
+    processor = export_processor(runtime.manifest)
     return lambda chunk: [_rank_in_process(runtime, processor, body) for body in chunk]
 
 

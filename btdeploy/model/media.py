@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from btdeploy.artifacts.manifest import Manifest
 from btdeploy.errors import BtDeployError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -106,3 +109,23 @@ def text_length_problem(tokenizer: Any, texts: list[str], limit: int, chunk: int
                     f"{limit}: shorten it"
                 )
     return None
+
+
+def export_processor(manifest: Manifest) -> Any:
+    """The checkpoint's processor, as export copied it beside the head."""
+    from transformers import BridgeTowerProcessor
+
+    if not manifest.processor_dir.is_dir():
+        raise BtDeployError(f"{manifest.folder} has no processor/ folder: export from a checkpoint that has one")
+    return BridgeTowerProcessor.from_pretrained(manifest.processor_dir)
+
+
+def pair_inputs(processor: Any, pictures: list[Any], texts: list[str], **text_options: Any) -> dict[str, np.ndarray]:
+    """The head's inputs for (image, text) pairs, preprocessed as the checkpoint's processor does
+    (texts padded to the longest unless `text_options` say otherwise), in the graph's dtypes."""
+    encoding = processor(images=pictures, text=texts, return_tensors="np", **({"padding": True} | text_options))
+    return {
+        "input_ids": np.asarray(encoding["input_ids"], dtype=np.int64),
+        "attention_mask": np.asarray(encoding["attention_mask"], dtype=np.int64),
+        "pixel_values": np.asarray(encoding["pixel_values"], dtype=np.float32),
+    }

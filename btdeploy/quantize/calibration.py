@@ -53,24 +53,11 @@ def load_calibration(
         raise BtDeployError("give both --calib-images DIR and --calib-texts FILE, or neither")
     image_files = media.image_files(Path(images), "--calib-images")
     captions = media.read_captions(Path(texts), "--calib-texts")
-    if not manifest.processor_dir.is_dir():
-        raise BtDeployError(f"{manifest.folder} has no processor/ folder: export from a checkpoint that has one")
-    from transformers import BridgeTowerProcessor
-
-    processor = BridgeTowerProcessor.from_pretrained(manifest.processor_dir)
+    processor = media.export_processor(manifest)
     pictures = [media.load_image(image_files[i % len(image_files)], processor.image_processor) for i in range(size)]
     lines = [captions[i % len(captions)] for i in range(size)]
     say(f"calibration: {size} pairs from {len(image_files)} images and {len(captions)} captions, length {length}")
-    encoding = processor(
-        images=pictures,
-        text=lines,
-        padding="max_length",
-        truncation=True,
-        max_length=length,
-        return_tensors="np",
-    )
-    feeds = {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask", "pixel_values")}
-    feeds["pixel_values"] = feeds["pixel_values"].astype(np.float32)
+    feeds = media.pair_inputs(processor, pictures, lines, padding="max_length", truncation=True, max_length=length)
     source = {
         "kind": "files",
         "images": str(images),

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import match_probability
+from btdeploy.model.media import export_processor, pair_inputs
 from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
 from btdeploy.serve.feature_cache import FeatureCache, content_key
 from btdeploy.serve.metrics import ServeStats
@@ -34,7 +35,6 @@ from btdeploy.serve.tasks import (
     TASKS,
     check_text_lengths,
     decode_image,
-    pair_inputs,
     parse_task_request,
 )
 
@@ -159,10 +159,8 @@ class RankModel:
     hash of its bytes (bounded, least recently used first), each text's per request."""
 
     def __init__(self, folder: str, options: dict[str, Any], cache_size: int) -> None:
-        from transformers import BridgeTowerProcessor
-
         self.runtime = _load_runtime(folder, options)
-        self.processor = BridgeTowerProcessor.from_pretrained(self.runtime.manifest.processor_dir)
+        self.processor = export_processor(self.runtime.manifest)
         self.limit = int(self.runtime.manifest.data["limits"]["max_text_length"])
         self.cache = FeatureCache(cache_size)
         self.collector = collector()
@@ -238,8 +236,6 @@ class Gateway:
     def __init__(
         self, heads: dict[str, Any], rank: Any | None, folders: dict[str, str], settings: dict[str, Any]
     ) -> None:
-        from transformers import BridgeTowerProcessor
-
         self.settings = ServeSettings(**settings)
         self.heads = heads
         self.rank_model = rank
@@ -247,7 +243,7 @@ class Gateway:
         self.signatures = {name: ModelSignature.from_manifest(m) for name, m in self.manifests.items()}
         self.configs = {name: m.config for name, m in self.manifests.items()}
         first = next(iter(self.manifests.values()))
-        self.processor = BridgeTowerProcessor.from_pretrained(first.processor_dir)
+        self.processor = export_processor(first)
         self.limit = int(first.data["limits"]["max_text_length"])
         self.max_body = int(self.settings.max_body_mb * 1024 * 1024)
         self.collector = collector()

@@ -120,16 +120,6 @@ def check_text_lengths(processor: Any, texts: list[str], limit: int) -> None:
         raise RequestError(400, problem)
 
 
-def pair_inputs(processor: Any, images: list[Any], texts: list[str]) -> dict[str, np.ndarray]:
-    """The head's inputs for (image, text) pairs, preprocessed as the checkpoint's processor does."""
-    encoding = processor(images, texts, padding=True, return_tensors="np")
-    return {
-        "input_ids": np.asarray(encoding["input_ids"], dtype=np.int64),
-        "attention_mask": np.asarray(encoding["attention_mask"], dtype=np.int64),
-        "pixel_values": np.asarray(encoding["pixel_values"], dtype=np.float32),
-    }
-
-
 def _itm_answer(outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any) -> Any:
     logits = outputs["logits"]
     probability = match_probability(logits)

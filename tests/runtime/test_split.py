@@ -243,9 +243,8 @@ def test_rank_one_image_against_captions(
     split_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from btdeploy.apps.rank import rank
-    from btdeploy.apps.run import load_processor
     from btdeploy.cli import main
-    from btdeploy.model.media import load_image
+    from btdeploy.model.media import export_processor, load_image
 
     images, texts, captions = _rank_inputs(tmp_path)
     image = images / "img0.png"
@@ -260,7 +259,7 @@ def test_rank_one_image_against_captions(
     # The ITC stage kept the three best cosines; ITM probabilities equal the whole head's.
     cosines = sorted((r.itc_cosine for r in rows), reverse=True)
     whole_itc = btdeploy.load(split_export, head="itc")
-    processor = load_processor(whole_itc)
+    processor = export_processor(whole_itc.manifest)
     encoding = processor([load_image(image)] * 5, captions, padding=True, return_tensors="np")
     out = whole_itc(**encoding)
     all_cosines = sorted((out.text_embeds * out.image_embeds).sum(-1).tolist(), reverse=True)

@@ -95,6 +95,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         args.flavour,
         args.precision,
         args.split,
+        images=args.images,
+        texts=args.texts,
     )
     print(format_rows(rows))
     passed = all(row.passed for row in rows)
@@ -352,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     graph_options(check, "check", " at that precision's tolerances")
     check.add_argument("--report", type=Path, default=None, help="write the rows as JSON")
     check.add_argument("--split", action="store_true", help="check the text, vision and fusion graphs together")
+    check.add_argument(
+        "--images", type=Path, default=None, help="folder of your images: check on real pairs instead of generated"
+    )
+    check.add_argument(
+        "--texts", type=Path, default=None, help="text file, one caption per line (with --images; image k, caption k)"
+    )
 
     optimize = add("optimize", cmd_optimize, "fuse attention, bridge and residual add+LayerNorm, GELU")
     optimize.add_argument("dir", help="export folder or one head folder")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -18,8 +18,16 @@ from btdeploy.backends.base import Backend
 from btdeploy.backends.targets import RunOptions, get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
+from btdeploy.model.media import (
+    export_processor,
+    image_files,
+    load_image,
+    pair_inputs,
+    read_captions,
+    text_length_problem,
+)
 from btdeploy.progress import step
-from btdeploy.verify.parity import ParityRow, check_head, parse_shapes
+from btdeploy.verify.parity import ParityRow, check_head, generated_batches, parse_shapes
 
 
 def check_export(
@@ -34,12 +42,20 @@ def check_export(
     precision: str = "fp32",
     split: bool = False,
     references: ReferenceCache | None = None,
+    images: Path | None = None,
+    texts: Path | None = None,
 ) -> list[ParityRow]:
     """Reference vs the chosen graph; a reduced `precision` reads model.<flavour>.<precision>.onnx
     (flavour ort unless given) and is held to that precision's tolerances. A `references` cache
-    shared by several checks of the same heads runs the PyTorch reference once per input."""
+    shared by several checks of the same heads runs the PyTorch reference once per input.
+
+    The inputs are generated (padded random ids and pixels at every batch size x text length), or,
+    with `images` and `texts`, real pairs through the checkpoint's processor in batches of the
+    largest batch size: what a release gate on the user's own data needs, INT8 above all."""
     if report is not None and Path(report).is_dir():
         raise BtDeployError(f"--report {report} is a folder: give a file name such as {Path(report) / 'parity.json'}")
+    if (images is None) != (texts is None):
+        raise BtDeployError("give both --images DIR and --texts FILE, or neither")
     target = get_target(backend)
     requested = {"providers": providers, "flavour": flavour, "split": split, "precision": precision}
     # check holds every graph to its full recorded hash, where the target reads graphs itself
@@ -52,18 +68,63 @@ def check_export(
         head = get_head(manifest.head)
         config = manifest.config
         shapes = parse_shapes(list(batch_sizes), list(text_lengths), config)
+        if images is not None and texts is not None:
+            pairs = real_pairs(manifest, Path(images), Path(texts))
+            batches: Iterable[dict[str, np.ndarray]] = pairs.batches(max(batch_sizes))
+            inputs = f"{pairs.describe()}, {max(batch_sizes)} at a time"
+        else:
+            batches = generated_batches(config, shapes)
+            inputs = "batch x length " + ", ".join(f"{b}x{n}" for b, n in shapes)
         # The candidate first: a backend that cannot run here fails before the reference is built.
         candidate = target.make(manifest, options)
         reference = (references or ReferenceCache()).backend(
             manifest, partial(reference_target.make, manifest, reference_options)
         )
-        shape_text = ", ".join(f"{b}x{n}" for b, n in shapes)
-        with step(f"check {head.name}: {candidate.description} vs reference at batch x length {shape_text}"):
-            rows += check_head(head, config, reference, candidate, shapes, options.precision)
+        with step(f"check {head.name}: {candidate.description} vs reference on {inputs}"):
+            rows += check_head(head, reference, candidate, batches, options.precision)
         del reference, candidate
     if report is not None:
-        write_json(Path(report), report_data(rows, backend, options))
+        inputs_record = (
+            {"kind": "files", "images": str(images), "texts": str(texts), "batch_size": max(batch_sizes)}
+            if images is not None
+            else {"kind": "generated", "batch_sizes": list(batch_sizes), "text_lengths": list(text_lengths)}
+        )
+        write_json(Path(report), report_data(rows, backend, options) | {"inputs": inputs_record})
     return rows
+
+
+@dataclass
+class RealPairs:
+    """Image-caption pairs from the user's files: image k with caption k (each list repeated
+    until the longer one is used up), preprocessed batch by batch as the checkpoint's processor does."""
+
+    manifest: Manifest
+    images: list[Path]
+    captions: list[str]
+
+    @property
+    def count(self) -> int:
+        return max(len(self.images), len(self.captions))
+
+    def describe(self) -> str:
+        return f"{self.count} real pair(s) from {len(self.images)} image(s) and {len(self.captions)} caption(s)"
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        processor = export_processor(self.manifest)
+        for start in range(0, self.count, batch_size):
+            rows = range(start, min(start + batch_size, self.count))
+            pictures = [load_image(self.images[i % len(self.images)], processor.image_processor) for i in rows]
+            yield pair_inputs(processor, pictures, [self.captions[i % len(self.captions)] for i in rows])
+
+
+def real_pairs(manifest: Manifest, images: Path, texts: Path) -> RealPairs:
+    """The pairs, with every caption checked against the model's length before anything runs."""
+    pairs = RealPairs(manifest, image_files(images, "--images"), read_captions(texts, "--texts"))
+    limit = int(manifest.data["limits"]["max_text_length"])
+    problem = text_length_problem(export_processor(manifest).tokenizer, pairs.captions, limit)
+    if problem:
+        raise BtDeployError(f"--texts {texts}: {problem}")
+    return pairs
 
 
 @dataclass

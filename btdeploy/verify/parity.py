@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -120,21 +120,25 @@ def parse_shapes(batch_sizes: Sequence[int], text_lengths: Sequence[int], config
     return [(b, n) for b in batch_sizes for n in text_lengths]
 
 
+def generated_batches(config: Any, shapes: list[tuple[int, int]], seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Padded random inputs, one batch per (batch, text length) shape."""
+    for index, (batch, length) in enumerate(shapes):
+        yield sample_inputs(config, batch, length, seed=seed + index)
+
+
 def check_head(
     head: HeadSpec,
-    config: Any,
     reference: Backend,
     candidate: Backend,
-    shapes: list[tuple[int, int]],
+    batches: Iterable[dict[str, np.ndarray]],
     precision: str = "fp32",
-    seed: int = 0,
 ) -> list[ParityRow]:
-    """Run both backends on padded random inputs at every shape; one row per output, worst case kept."""
+    """Run both backends on every batch; one row per output, the worst case kept."""
     rows = [ParityRow(head.name, spec.name, precision, _tolerance(spec, precision)) for spec in head.outputs]
-    for index, (batch, length) in enumerate(shapes):
-        feeds = sample_inputs(config, batch, length, seed=seed + index)
+    for feeds in batches:
         expected = reference.run(feeds)
         got = candidate.run(feeds)
+        batch, length = (int(n) for n in feeds["input_ids"].shape)
         for row, spec in zip(rows, head.outputs, strict=True):
             stats = compare(expected[spec.name], got[spec.name], spec, row.tolerance)
             row.stats.merge(stats)

@@ -1,0 +1,62 @@
+"""`check --images DIR --texts FILE`: parity on the user's own image-caption pairs, preprocessed by
+the checkpoint's processor, instead of generated inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from btdeploy.cli import main
+from btdeploy.errors import BtDeployError
+from btdeploy.model.media import export_processor
+from btdeploy.runtime.runtime import find_head
+from btdeploy.verify.check import check_export
+
+CAPTIONS = ["a cat", "two dogs asleep on a red couch in the afternoon sun", "a bus"]
+
+
+@pytest.fixture()
+def pairs(tmp_path: Path) -> tuple[Path, Path]:
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, size in enumerate([(64, 48), (90, 70), (70, 100), (80, 80), (120, 96)]):
+        pixels = (np.random.default_rng(k).random((size[1], size[0], 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"{k}.png")
+    (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS) + "\n")
+    return images, tmp_path / "captions.txt"
+
+
+def test_real_pairs_go_through_the_processor_in_batches(tiny_export: Path, pairs: tuple[Path, Path]) -> None:
+    images, texts = pairs
+    rows = check_export(tiny_export, ["itm", "mlm"], batch_sizes=(1, 2), images=images, texts=texts)
+    assert [row.head for row in rows] == ["itm", "mlm"] and all(row.passed for row in rows)
+    # Five images, three captions: image k with caption k % 3, two pairs at a time, each batch
+    # padded to its own longest caption as the processor pads it.
+    tokenizer = export_processor(find_head(tiny_export, "itm")).tokenizer
+    captions = [CAPTIONS[k % 3] for k in range(5)]
+    expected = [(len(batch), len(tokenizer(batch, padding=True)["input_ids"][0])) for batch in
+                (captions[0:2], captions[2:4], captions[4:5])]  # fmt: skip
+    for row in rows:
+        assert [(s["batch"], s["text_length"]) for s in row.per_shape] == expected, row.head
+    assert len({length for _, length in expected}) > 1  # the batches really differ in length
+
+
+def test_the_command_records_its_inputs_and_refuses_half_a_pair(
+    tiny_export: Path, pairs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images, texts = pairs
+    report = tmp_path / "parity.json"
+    argv = ["check", str(tiny_export), "--heads", "itm", "--images", str(images), "--texts", str(texts)]
+    assert main([*argv, "--report", str(report)]) == 0
+    assert "5 real pair(s) from 5 image(s) and 3 caption(s), 3 at a time" in capsys.readouterr().err
+    recorded = json.loads(report.read_text())
+    assert recorded["inputs"] == {"kind": "files", "images": str(images), "texts": str(texts), "batch_size": 3}
+    assert main(["check", str(tiny_export), "--heads", "itm", "--images", str(images)]) == 2
+    assert "give both --images DIR and --texts FILE, or neither" in capsys.readouterr().err
+    texts.write_text("a cat\n" + "word " * 600 + "\n")
+    with pytest.raises(BtDeployError, match=r"--texts .*captions.txt: text 2 of 2 \('word word"):
+        check_export(tiny_export, ["itm"], images=images, texts=texts)

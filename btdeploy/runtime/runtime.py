@@ -24,6 +24,7 @@ class Runtime:
         self.config = manifest.config
         self.backend = backend
         self.check_finite = check_finite  # refuse NaN/Inf pixels instead of propagating them
+        self.load_arguments: tuple[Any, ...] | None = None  # set by load(): how to load it again
 
     def __call__(self, *args: Any, **keywords: Any) -> Any:
         """`runtime(**encoding)`, `runtime(encoding)` or positional tensors in transformers' order;
@@ -63,6 +64,14 @@ class Runtime:
     def __repr__(self) -> str:
         return f"btdeploy.Runtime(head={self.head.name}, backend={self.backend.description})"
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled as the way it was loaded (sessions and engines do not pickle): a worker process
+        or a Ray task that receives it loads the same graph again."""
+        arguments = self.load_arguments
+        if arguments is None:
+            raise BtDeployError("this runtime was not made by btdeploy.load, so it cannot be pickled: pass its folder")
+        return (_load_again, arguments)
+
 
 class SplitRuntime(SplitRuntimeMixin, Runtime):
     """A Runtime over the split graphs, with encode_images, encode_texts and score."""
@@ -99,7 +108,13 @@ def load(
     manifest = find_head(path, head)
     built = target.make(manifest, resolved)
     runtime_class = SplitRuntime if resolved.split else Runtime
-    return runtime_class(manifest, built, check_finite)
+    runtime = runtime_class(manifest, built, check_finite)
+    runtime.load_arguments = (str(manifest.folder), backend, check_finite, dict(options))
+    return runtime
+
+
+def _load_again(folder: str, backend: str, check_finite: bool, options: dict[str, Any]) -> Runtime:
+    return load(folder, None, backend, check_finite=check_finite, **options)
 
 
 __all__ = ["load", "Runtime", "SplitRuntime", "Features", "HeadOutput", "find_head"]

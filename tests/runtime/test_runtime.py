@@ -241,3 +241,22 @@ def test_the_contrastive_head_answers_in_transformers_order(tiny_export: Path) -
     assert len(got) == 4 and list(itc(**feeds)) == ["logits", "text_embeds", "image_embeds", "cross_embeds"]
     for index, value in enumerate(got):
         torch.testing.assert_close(value, expected[index], atol=1e-5, rtol=0)
+
+
+def test_a_loaded_runtime_goes_to_another_process(tiny_export: Path, feeds: dict[str, np.ndarray]) -> None:
+    """Pickled as the way it was loaded: a worker process (or a Ray task) loads the same graph."""
+    import multiprocessing
+    import operator
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    runtime = btdeploy.load(tiny_export / "itm", threads=1)
+    again = pickle.loads(pickle.dumps(runtime))
+    assert type(again) is type(runtime) and again.backend.description == runtime.backend.description
+    np.testing.assert_array_equal(again(**feeds).logits, runtime(**feeds).logits)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        answered = pool.submit(operator.call, runtime, **feeds).result(timeout=120)
+    np.testing.assert_array_equal(answered.logits, runtime(**feeds).logits)
+    made_by_hand = btdeploy.Runtime(runtime.manifest, runtime.backend)
+    with pytest.raises(BtDeployError, match="not made by btdeploy.load, so it cannot be pickled"):
+        pickle.dumps(made_by_hand)

@@ -54,6 +54,8 @@ class HeadSummary:
     rows: dict[str, list[ParityRow]] = field(default_factory=dict)  # graph key -> parity rows
     fused: dict[str, str] = field(default_factory=dict)  # flavour -> "attention N/M, bridges N/M"
     steps: list[dict[str, Any]] = field(default_factory=list)  # what each step cost: seconds, peak RSS
+    missing_weights: list[str] = field(default_factory=list)  # head weights the checkpoint lacks (drawn at random)
+    source: str = ""
 
     @property
     def passed(self) -> bool:
@@ -129,6 +131,8 @@ def run_pipeline(
             manifest = export_head(source, head, out, opset, split, reuse=reuse)
             entry["reused"] = manifest.reused
         summary.size_mb = graph_bytes(manifest.model_path) / 1e6
+        summary.missing_weights = list(manifest.data["model"].get("missing_weights", []))
+        summary.source = str(manifest.data["model"]["source"])
         check(summary, CheckedGraph("plain", "onnxruntime", RunOptions()))
         if split:
             check(summary, CheckedGraph("split", "onnxruntime", RunOptions(split=True)))
@@ -182,6 +186,7 @@ def _write_run_record(out: Path, summaries: list[HeadSummary], wall: float, forc
         "machine": platform.processor() or platform.machine(),
         "steps": steps,
         "passed": all(s.passed for s in summaries),
+        "random_head_weights": {s.head: s.missing_weights for s in summaries if s.missing_weights},
     }
     write_json(out / "pipeline.json", record)
 
@@ -204,7 +209,17 @@ def _report(out: Path, summaries: list[HeadSummary], checked: dict[str, CheckedG
     print(f"{'head':<5} {'export':>8} {'onnx MB':>8}  {fused_header} verdict")
     for s in summaries:
         cells = " ".join(f"{s.fused[f]:<26}" for f in flavours)
-        print(f"{s.head:<5} {s.export_s:>7.1f}s {s.size_mb:>8.1f}  {cells} {'PASS' if s.passed else 'FAIL'}")
+        verdict = ("PASS" if s.passed else "FAIL") + (", RANDOM head weights" if s.missing_weights else "")
+        print(f"{s.head:<5} {s.export_s:>7.1f}s {s.size_mb:>8.1f}  {cells} {verdict}")
+    for s in summaries:
+        if s.missing_weights:
+            # The warning at export scrolls away in a long run; the summary is what people read.
+            print(
+                f"  {s.head}: {s.source} has no weights for {len(s.missing_weights)} parameter(s) of this head "
+                f"({', '.join(s.missing_weights[:3])}{' ...' if len(s.missing_weights) > 3 else ''}), drawn at "
+                "random: its graphs match that random model, but its answers are meaningless; export it from a "
+                "checkpoint that has them, or leave it out with --heads"
+            )
     print("\ntime and peak resident memory per step (reused: kept from an earlier run, checked again):")
     for s in summaries:
         made = [f"{e['step']} {e['seconds']:.0f}s/{e['peak_rss_gb']:.1f}GB{' reused' if e.get('reused') else ''}"

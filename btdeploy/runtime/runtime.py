@@ -10,6 +10,7 @@ from btdeploy.backends.base import Backend
 from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HeadSpec, get_head
+from btdeploy.progress import warn
 from btdeploy.runtime.outputs import HeadOutput
 from btdeploy.runtime.split_runtime import Features, SplitRuntimeMixin
 from btdeploy.runtime.validation import call_inputs, prepare_inputs
@@ -107,6 +108,12 @@ def load(
     resolved = target.resolve(options)  # before reading anything, so a typo fails at once
     manifest = find_head(path, head)
     built = target.make(manifest, resolved)
+    missing = manifest.data["model"].get("missing_weights") or []
+    if missing:
+        warn(
+            f"the {manifest.head} head in {manifest.folder} was exported from a checkpoint without its weights "
+            f"({len(missing)} parameter(s) drawn at random): its answers are meaningless"
+        )
     runtime_class = SplitRuntime if resolved.split else Runtime
     runtime = runtime_class(manifest, built, check_finite)
     runtime.load_arguments = (str(manifest.folder), backend, check_finite, dict(options))

@@ -200,3 +200,30 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
         f"{name} {action.dest}" for name, sub in commands.choices.items() for action in sub._actions if not action.help
     ]
     assert len(commands.choices) >= 10 and silent == []
+
+
+def test_a_head_without_weights_in_the_checkpoint_is_flagged_where_people_look(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A released checkpoint may lack a head (base-itm-mlm has no itc weights): the export goes
+    ahead with random weights, and the summary, pipeline.json and load() all say so."""
+    from conftest import NON_DEFAULT_CONFIG, make_checkpoint
+
+    import btdeploy
+    from btdeploy.model.heads import HEADS
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt", NON_DEFAULT_CONFIG, heads=("itm", "mlm"))
+    out = tmp_path / "out"
+    argv = ["pipeline", "--model", str(checkpoint), "--heads", "itm,itc", "--precisions", "none"]
+    assert main([*argv, "--flavours", "ort", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    verdicts = {line.split()[0]: line.split("bridge")[-1].strip() for line in printed.splitlines() if "attn," in line}
+    assert verdicts == {"itm": "PASS", "itc": "PASS, RANDOM head weights"}
+    assert "  itc: " in printed and "drawn at random: its graphs match that random model, but its answers" in printed
+    random = json.loads((out / "pipeline.json").read_text())["random_head_weights"]
+    assert list(random) == ["itc"] and random["itc"]
+    assert all(name.startswith(HEADS["itc"].head_weight_prefixes) for name in random["itc"])
+    btdeploy.load(out, head="itc")
+    assert "the itc head in" in capsys.readouterr().err
+    btdeploy.load(out, head="itm")
+    assert "WARNING" not in capsys.readouterr().err

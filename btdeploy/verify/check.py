@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 
 from btdeploy.artifacts.files import write_json
-from btdeploy.artifacts.graph_names import graph_file
-from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
+from btdeploy.artifacts.graph_names import STEMS, graph_file
+from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest, tool_versions
 from btdeploy.backends.base import Backend
 from btdeploy.backends.targets import RunOptions, get_target
+from btdeploy.cpu import describe_cpu
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
 from btdeploy.model.media import (
@@ -81,7 +82,11 @@ def check_export(
             manifest, partial(reference_target.make, manifest, reference_options)
         )
         with step(f"check {head.name}: {candidate.description} vs reference on {inputs}"):
-            rows += check_head(head, reference, candidate, batches, options.precision)
+            head_rows = check_head(head, reference, candidate, batches, options.precision)
+        graphs = _checked_graphs(manifest, options) if target.reads_onnx else {}
+        for row in head_rows:
+            row.graphs = graphs
+        rows += head_rows
         del reference, candidate
     if report is not None:
         inputs_record = (
@@ -91,6 +96,14 @@ def check_export(
         )
         write_json(Path(report), report_data(rows, backend, options) | {"inputs": inputs_record})
     return rows
+
+
+def _checked_graphs(manifest: Manifest, options: RunOptions) -> dict[str, str]:
+    """The graph files a check ran, with the sha256 it held them to (check verifies every byte), so
+    a report names exactly what passed."""
+    stems = [stem for stem in STEMS if stem != "model"] if options.split else ["model"]
+    files = [graph_file(options.flavour, options.precision, stem) for stem in stems]
+    return {name: str(manifest.data["graphs"].get(name, {}).get("sha256")) for name in files}
 
 
 @dataclass
@@ -182,5 +195,7 @@ def report_data(rows: list[ParityRow], backend: str, options: RunOptions) -> dic
         "precision": options.precision,
         "split": options.split,
         "passed": all(r.passed for r in rows),
+        "versions": tool_versions(),
+        "cpu": describe_cpu(),
         "rows": [r.to_json() for r in rows],
     }

@@ -91,6 +91,7 @@ class ParityRow:
     tolerance: Tolerance
     stats: OutputStats = field(default_factory=OutputStats)
     per_shape: list[dict[str, Any]] = field(default_factory=list)
+    graphs: dict[str, str] = field(default_factory=dict)  # graph file -> the sha256 that was checked
 
     @property
     def passed(self) -> bool:
@@ -106,6 +107,7 @@ class ParityRow:
             "argmax_agreement": self.stats.argmax_agreement,
             "tolerance": {**asdict(self.tolerance), "text": self.tolerance.describe()},
             "per_shape": self.per_shape,
+            "graphs": self.graphs,
         }
 
 

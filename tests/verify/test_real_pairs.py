@@ -3,6 +3,7 @@ the checkpoint's processor, instead of generated inputs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from btdeploy.artifacts.manifest import package_version
 from btdeploy.cli import main
 from btdeploy.errors import BtDeployError
 from btdeploy.model.media import export_processor
@@ -55,6 +57,10 @@ def test_the_command_records_its_inputs_and_refuses_half_a_pair(
     assert "5 real pair(s) from 5 image(s) and 3 caption(s), 3 at a time" in capsys.readouterr().err
     recorded = json.loads(report.read_text())
     assert recorded["inputs"] == {"kind": "files", "images": str(images), "texts": str(texts), "batch_size": 3}
+    # It names exactly what passed: the graph's bytes by hash, the tools and the CPU.
+    graph_hash = hashlib.sha256((tiny_export / "itm" / "model.onnx").read_bytes()).hexdigest()
+    assert [row["graphs"] for row in recorded["rows"]] == [{"model.onnx": graph_hash}]
+    assert recorded["versions"]["onnxruntime-gpu"] == package_version("onnxruntime-gpu") and recorded["cpu"]
     assert main(["check", str(tiny_export), "--heads", "itm", "--images", str(images)]) == 2
     assert "give both --images DIR and --texts FILE, or neither" in capsys.readouterr().err
     texts.write_text("a cat\n" + "word " * 600 + "\n")

@@ -199,6 +199,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         split=args.split,
         flavours=tuple(parse_flavour(f.strip(), "--flavours") for f in args.flavours.split(",") if f.strip()),  # type: ignore[misc]
         force=args.force,
+        check_data=(args.check_images, args.check_texts),
     )
     return 0 if passed else 1
 
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     from btdeploy.model.heads import HEADS
     from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE
     from btdeploy.quantize.methods import PRECISIONS
+    from btdeploy.verify.check import DEFAULT_BATCH_SIZES, DEFAULT_TEXT_LENGTHS
 
     flavours = [str(f) for f in Flavour]
     engine_precisions = [str(p) for p in TARGETS["tensorrt"].precisions]
@@ -346,8 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = add("check", cmd_check, "parity of exported heads against the PyTorch reference")
     check.add_argument("dir", help="export folder or one head folder")
     check.add_argument("--heads", default=None, help="comma list (default: every exported head)")
-    check.add_argument("--batch-sizes", type=_int_list, default=(1, 3), help="comma list (default: 1,3)")
-    check.add_argument("--seq-lens", type=_int_list, default=(5, 40), help="text lengths, comma list (default: 5,40)")
+    check.add_argument("--batch-sizes", type=_int_list, default=DEFAULT_BATCH_SIZES, help="comma list (default: 1,3)")
+    check.add_argument(
+        "--seq-lens", type=_int_list, default=DEFAULT_TEXT_LENGTHS, help="text lengths, comma list (default: 5,40)"
+    )
     check.add_argument(
         "--backend", default="onnxruntime", choices=list(TARGETS), help="what runs the graph (default: %(default)s)"
     )
@@ -543,6 +547,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.add_argument("--calib-images", type=Path, default=None, help="folder of calibration images")
     pipeline.add_argument("--calib-texts", type=Path, default=None, help="text file, one caption per line")
+    pipeline.add_argument(
+        "--check-images",
+        type=Path,
+        default=None,
+        help="check every graph on your image-caption pairs (with --check-texts)",
+    )
+    pipeline.add_argument(
+        "--check-texts", type=Path, default=None, help="text file, one caption per line; use pairs not calibrated on"
+    )
     pipeline.add_argument(
         "--force",
         action="store_true",

@@ -20,14 +20,16 @@ from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, graph
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.artifacts.onnx_files import graph_bytes
 from btdeploy.backends.targets import TARGETS, RunOptions
+from btdeploy.errors import BtDeployError
 from btdeploy.export.exporter import DEFAULT_OPSET, export_head
 from btdeploy.model.checkpoints import resolve_model
 from btdeploy.model.heads import HEADS
+from btdeploy.model.media import image_files, read_captions
 from btdeploy.optimize.optimizer import optimize_head
 from btdeploy.progress import Countdown, clock, say, step
 from btdeploy.quantize.methods import METHODS, PRECISIONS, quantized_graphs
 from btdeploy.quantize.quantizer import quantize_head
-from btdeploy.verify.check import ReferenceCache, check_export, report_data
+from btdeploy.verify.check import ReferenceCache, check_export, inputs_record, report_data
 from btdeploy.verify.parity import ParityRow, format_rows
 
 
@@ -82,9 +84,17 @@ def run_pipeline(
     split: bool = False,
     flavours: tuple[Flavour, ...] = tuple(Flavour),
     force: bool = False,
+    check_data: tuple[Path | None, Path | None] = (None, None),
 ) -> bool:
     """The main job. Graphs already in `out` that this run would make the same way (same checkpoint,
-    source graphs, calibration and tool versions, intact on disk) are kept unless `force`."""
+    source graphs, calibration and tool versions, intact on disk) are kept unless `force`. Every
+    graph is checked on generated inputs, or on the user's pairs given as `check_data` (images, texts)."""
+    check_images, check_texts = check_data
+    if (check_images is None) != (check_texts is None):
+        raise BtDeployError("give both --check-images DIR and --check-texts FILE, or neither")
+    if check_images is not None and check_texts is not None:  # unreadable files fail now, not after the export
+        image_files(Path(check_images), "--check-images")
+        read_captions(Path(check_texts), "--check-texts")
     source = resolve_model(model, seed)
     heads = heads or list(HEADS)
     quantized = [(f, p) for f, p in quantized_graphs() if p in precisions and f in flavours]
@@ -120,7 +130,7 @@ def run_pipeline(
         with timed(summary, f"check {graph.key}"):
             summary.rows[graph.key] = check_export(
                 out, [summary.head], backend=graph.backend, flavour=opts.flavour, precision=opts.precision,
-                split=opts.split, references=references,
+                split=opts.split, references=references, images=check_images, texts=check_texts,
             )  # fmt: skip
         checked[graph.key] = graph
 
@@ -160,7 +170,7 @@ def run_pipeline(
         _record_steps(manifest.folder, summary.steps)
         summaries.append(summary)
     wall = time.monotonic() - started
-    _report(out, summaries, checked)
+    _report(out, summaries, checked, inputs_record(check_images, check_texts))
     _write_run_record(out, summaries, wall, force)
     passed = all(s.passed for s in summaries)
     peak = max((entry["peak_rss_gb"] for s in summaries for entry in s.steps), default=0.0)
@@ -197,10 +207,10 @@ def _optimized_first(flavours: tuple[Flavour, ...], quantized: list[tuple[Flavou
     return [flavour for flavour in Flavour if flavour in needed]
 
 
-def _report(out: Path, summaries: list[HeadSummary], checked: dict[str, CheckedGraph]) -> None:
+def _report(out: Path, summaries: list[HeadSummary], checked: dict[str, CheckedGraph], inputs: dict[str, Any]) -> None:
     for key, graph in checked.items():
         rows = [row for s in summaries for row in s.rows[key]]
-        write_json(out / f"parity.{key}.json", report_data(rows, graph.backend, graph.options))
+        write_json(out / f"parity.{key}.json", report_data(rows, graph.backend, graph.options, inputs))
         print(f"\n== {key} graph ({graph.label}) ==")
         print(format_rows(rows))
     print()

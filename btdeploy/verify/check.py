@@ -30,12 +30,15 @@ from btdeploy.model.media import (
 from btdeploy.progress import step
 from btdeploy.verify.parity import ParityRow, check_head, generated_batches, parse_shapes
 
+DEFAULT_BATCH_SIZES = (1, 3)
+DEFAULT_TEXT_LENGTHS = (5, 40)
+
 
 def check_export(
     root: Path,
     heads: list[str] | None = None,
-    batch_sizes: tuple[int, ...] = (1, 3),
-    text_lengths: tuple[int, ...] = (5, 40),
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+    text_lengths: tuple[int, ...] = DEFAULT_TEXT_LENGTHS,
     backend: str = "onnxruntime",
     providers: list[str] | None = None,
     report: Path | None = None,
@@ -89,13 +92,22 @@ def check_export(
         rows += head_rows
         del reference, candidate
     if report is not None:
-        inputs_record = (
-            {"kind": "files", "images": str(images), "texts": str(texts), "batch_size": max(batch_sizes)}
-            if images is not None
-            else {"kind": "generated", "batch_sizes": list(batch_sizes), "text_lengths": list(text_lengths)}
+        write_json(
+            Path(report), report_data(rows, backend, options, inputs_record(images, texts, batch_sizes, text_lengths))
         )
-        write_json(Path(report), report_data(rows, backend, options) | {"inputs": inputs_record})
     return rows
+
+
+def inputs_record(
+    images: Path | None,
+    texts: Path | None,
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+    text_lengths: tuple[int, ...] = DEFAULT_TEXT_LENGTHS,
+) -> dict[str, Any]:
+    """What a check ran on, for its report: the user's pairs, or generated inputs at these shapes."""
+    if images is not None:
+        return {"kind": "files", "images": str(images), "texts": str(texts), "batch_size": max(batch_sizes)}
+    return {"kind": "generated", "batch_sizes": list(batch_sizes), "text_lengths": list(text_lengths)}
 
 
 def _checked_graphs(manifest: Manifest, options: RunOptions) -> dict[str, str]:
@@ -186,7 +198,7 @@ def _fingerprint(feeds: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def report_data(rows: list[ParityRow], backend: str, options: RunOptions) -> dict[str, Any]:
+def report_data(rows: list[ParityRow], backend: str, options: RunOptions, inputs: dict[str, Any]) -> dict[str, Any]:
     target = get_target(backend)
     return {
         "backend": backend,
@@ -195,6 +207,7 @@ def report_data(rows: list[ParityRow], backend: str, options: RunOptions) -> dic
         "precision": options.precision,
         "split": options.split,
         "passed": all(r.passed for r in rows),
+        "inputs": inputs,
         "versions": tool_versions(),
         "cpu": describe_cpu(),
         "rows": [r.to_json() for r in rows],

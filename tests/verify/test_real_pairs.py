@@ -66,3 +66,23 @@ def test_the_command_records_its_inputs_and_refuses_half_a_pair(
     texts.write_text("a cat\n" + "word " * 600 + "\n")
     with pytest.raises(BtDeployError, match=r"--texts .*captions.txt: text 2 of 2 \('word word"):
         check_export(tiny_export, ["itm"], images=images, texts=texts)
+
+
+def test_the_pipeline_checks_every_graph_on_the_pairs(
+    pairs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images, texts = pairs
+    out = tmp_path / "out"
+    argv = ["pipeline", "--model", "tiny", "--heads", "itm", "--precisions", "int8-dynamic", "--flavours", "ort"]
+    assert main([*argv, "--out", str(out), "--check-images", str(images), "--check-texts", str(texts)]) == 0
+    reports = sorted(out.glob("parity.*.json"))
+    assert [r.name for r in reports] == ["parity.ort.int8-dynamic.json", "parity.ort.json", "parity.plain.json"]
+    for report in reports:
+        recorded = json.loads(report.read_text())
+        assert recorded["inputs"]["kind"] == "files" and recorded["passed"], report.name
+        (row,) = recorded["rows"]
+        assert [s["batch"] for s in row["per_shape"]] == [3, 2], report.name  # 5 pairs, 3 at a time
+    # Half a pair is refused before anything is exported.
+    assert main([*argv, "--out", str(tmp_path / "other"), "--check-images", str(images)]) == 2
+    assert "give both --check-images DIR and --check-texts FILE" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

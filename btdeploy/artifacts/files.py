@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from btdeploy.errors import BtDeployError
+
 
 def _default_mode(directory: bool) -> int:
     """The mode a plain open()/mkdir() would give under the current umask (mkstemp uses 0600)."""
@@ -22,6 +24,8 @@ def _default_mode(directory: bool) -> int:
 
 def write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename it into place."""
+    if path.is_dir():  # the rename would fail with the temporary file's name in the message
+        raise BtDeployError(f"{path} is a folder: give a file name to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -212,6 +212,9 @@ def test_split_runtime_arguments_get_one_line_each(split_export: Path, tmp_path:
         runtime.encode_texts(feeds["input_ids"][:0], feeds["attention_mask"][:0])
     with pytest.raises(BtDeployError, match="absent.npz does not exist"):
         Features.load(tmp_path / "absent.npz")
+    with pytest.raises(BtDeployError, match="is a folder: give a file name to write"):
+        runtime.encode_images(feeds["pixel_values"]).save(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
 
 
 def test_split_graphs_quantize_and_keep_the_floors(split_export: Path, tmp_path: Path) -> None:

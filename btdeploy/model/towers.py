@@ -9,6 +9,7 @@ The maths is transformers' BridgeTowerModel.forward, cut at the tower boundary.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,18 +88,27 @@ def assemble_outputs(head: HeadSpec, values: dict[str, Any]) -> dict[str, Any]:
 
 def head_module(model: Any, head: HeadSpec) -> Any:
     """Wrap a transformers head so it takes the graph's inputs positionally and returns its outputs as a tuple."""
+    return _head_module_class()(model, tuple(head.output_names)).eval()
+
+
+@functools.cache
+def _head_module_class() -> Any:
+    """One class for every wrapper (torch is imported on first use): torch.compile guards on the
+    module's type, and a class made per call made every new runtime recompile, until dynamo's
+    recompile limit silently left later ones eager."""
     import torch
 
     class HeadModule(torch.nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, model: Any, output_names: tuple[str, ...]) -> None:
             super().__init__()
             self.model = model
+            self.output_names = output_names
 
         def forward(self, input_ids: Any, attention_mask: Any, pixel_values: Any) -> tuple[Any, ...]:
             outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
-            return tuple(getattr(outputs, name) for name in head.output_names)
+            return tuple(getattr(outputs, name) for name in self.output_names)
 
-    return HeadModule().eval()
+    return HeadModule
 
 
 def part_modules(model: Any, head: HeadSpec) -> dict[str, Any]:

@@ -107,9 +107,11 @@ def check_text(config: Any, ids: Any, mask: Any | None) -> tuple[np.ndarray, np.
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
         raise BtDeployError(f"input_ids must be a 2-D integer array [batch, text_length], got {_describe(ids)}")
     mask = np.ones(ids.shape, dtype=np.int64) if mask is None else _to_numpy("attention_mask", mask)
-    if mask.shape != ids.shape or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
+    # transformers takes a float mask of 0.0 and 1.0 too (it builds the additive mask from it).
+    float_mask = np.issubdtype(mask.dtype, np.floating)
+    if mask.shape != ids.shape or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_ or float_mask):
         raise BtDeployError(
-            f"attention_mask must be an integer or bool array shaped like input_ids {list(ids.shape)}, "
+            f"attention_mask must be an integer, bool or 0/1 float array shaped like input_ids {list(ids.shape)}, "
             f"got {_describe(mask)}"
         )
     if ids.shape[0] == 0 or ids.shape[1] == 0:

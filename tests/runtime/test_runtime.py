@@ -52,6 +52,11 @@ def test_int32_ids_bool_mask_and_float64_pixels_are_accepted(
         "pixel_values": feeds["pixel_values"].astype(np.float64),
     }
     np.testing.assert_array_equal(itm(**converted).logits, itm(**feeds).logits)
+    # A float mask of 0.0 and 1.0, as transformers takes it; anything else between is refused.
+    float_mask = feeds["attention_mask"].astype(np.float32)
+    np.testing.assert_array_equal(itm(**{**feeds, "attention_mask": float_mask}).logits, itm(**feeds).logits)
+    with pytest.raises(BtDeployError, match="attention_mask must hold only 0 and 1"):
+        itm(**{**feeds, "attention_mask": float_mask * 0.5})
 
 
 def _with(feeds: dict[str, np.ndarray], **changes: Any) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from btdeploy.backends.onnxruntime import session_options
+from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
 
 TOKENS, WIDTH, HEADS = 325, 768, 12
@@ -141,4 +142,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
-    main()
+    script_entry(main)

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
 
 
@@ -80,4 +81,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
-    main()
+    script_entry(main)

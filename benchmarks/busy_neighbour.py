@@ -24,6 +24,7 @@ from typing import Any
 
 import btdeploy
 from btdeploy.backends.openvino import openvino_problem
+from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.runtime.runtime import Runtime, find_head
@@ -94,4 +95,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
-    main()
+    script_entry(main)

@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 
 from btdeploy.artifacts.onnx_files import load_graph, save_graph_atomically
+from btdeploy.cli import script_entry
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.passes.gelu import every_gelu
 
@@ -55,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_entry(main)

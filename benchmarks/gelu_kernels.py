@@ -27,6 +27,7 @@ import torch
 from onnx import TensorProto, helper
 
 from btdeploy.backends.onnxruntime import session_options
+from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
 
 
@@ -91,4 +92,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
-    main()
+    script_entry(main)

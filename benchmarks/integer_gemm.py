@@ -38,6 +38,7 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 from btdeploy.backends.onnxruntime import session_options
 from btdeploy.backends.openvino import compile_settings
 from btdeploy.bench.runner import interleaved_order
+from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
 
 # (name, K, N, with GELU): base's dense layers.
@@ -205,4 +206,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
-    main()
+    script_entry(main)

@@ -23,6 +23,7 @@ import onnx
 
 from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.artifacts.onnx_files import load_graph
+from btdeploy.cli import script_entry
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.passes.integer_matmul import INTEGER_MATMULS
 from btdeploy.runtime.runtime import find_head
@@ -56,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_entry(main)

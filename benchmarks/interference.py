@@ -29,6 +29,7 @@ from pathlib import Path
 
 from btdeploy.artifacts.manifest import head_folders, read_manifest
 from btdeploy.bench.variants import VARIANTS, BenchEnv
+from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
 from btdeploy.model.inputs import sample_inputs
 
@@ -123,4 +124,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
-    main()
+    script_entry(main)

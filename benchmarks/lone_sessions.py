@@ -127,4 +127,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from btdeploy.cli import script_entry
+
+    script_entry(main)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from btdeploy.artifacts.files import write_text
 from btdeploy.bench.figures import pyplot, save_png
+from btdeploy.cli import script_entry
 
 STAMP = re.compile(r"^\[\s*([\d.]+)s\] (.*)$")
 HEAD_START = re.compile(r"^pipeline (\d+)/(\d+): (\w+)$")
@@ -116,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_entry(main)

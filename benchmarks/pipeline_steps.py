@@ -48,4 +48,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from btdeploy.cli import script_entry
+
+    script_entry(main)

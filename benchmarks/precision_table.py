@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from btdeploy.artifacts.onnx_files import graph_bytes
+from btdeploy.cli import script_entry
 
 
 def main(argv: list[str]) -> int:
@@ -37,4 +38,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    script_entry(lambda: main(sys.argv[1:]))

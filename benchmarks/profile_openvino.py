@@ -15,6 +15,7 @@ from collections import defaultdict
 
 from btdeploy.backends.openvino import compile_settings
 from btdeploy.bench.profile_case import parse_profile_case
+from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
 
 
@@ -46,4 +47,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
-    main()
+    script_entry(main)

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from btdeploy.backends.onnxruntime import session_options
 from btdeploy.bench.ort_profile import kernel_ms_per_op
 from btdeploy.bench.profile_case import parse_profile_case
+from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
 
 
@@ -39,4 +40,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
-    main()
+    script_entry(main)

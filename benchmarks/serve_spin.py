@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from btdeploy.bench.load import Level, batches_formed, binary_body, drive, get_json, summarize
+from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.runtime.runtime import find_head
@@ -87,4 +88,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
-    main()
+    script_entry(main)

@@ -37,6 +37,7 @@ from btdeploy.backends.onnxruntime import session_options
 from btdeploy.bench.ort_profile import kernel_ms_per_op
 from btdeploy.bench.runner import interleaved_order
 from btdeploy.bench.variants import VARIANTS, BenchEnv
+from btdeploy.cli import script_entry
 from btdeploy.cpu import cpu_description
 from btdeploy.hugepages import reexec_with_hugepages
 from btdeploy.model.inputs import sample_inputs
@@ -172,4 +173,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
-    main()
+    script_entry(main)

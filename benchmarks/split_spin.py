@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from btdeploy.backends.onnxruntime import STOP_SPINNING_AFTER_RUN, session_options
+from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
 
 OPTION_SETS = ("onnxruntime-default", "btdeploy")
@@ -106,4 +107,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     reexec_with_hugepages(sys.argv)  # timed as btdeploy's commands run models
-    main()
+    script_entry(main)

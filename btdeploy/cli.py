@@ -568,22 +568,36 @@ def main(argv: list[str] | None = None) -> int:
     """Exit 0 on success, 1 when a check ran and failed, 2 for anything the user can fix, 130 on Ctrl-C."""
     if argv is None and len(sys.argv) > 1 and sys.argv[1] in ENGINE_COMMANDS:
         reexec_with_hugepages(["-m", "btdeploy.cli", *sys.argv[1:]])
-    try:
+
+    def run() -> int:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
         return int(args.handler(args))
+
+    return reporting_failures(run, "btdeploy")
+
+
+def reporting_failures(run: Callable[[], int | None], prog: str) -> int:
+    """Run a command; a failure the user can fix is one line `<prog>: error: ...` and exit 2."""
+    try:
+        return int(run() or 0)
     except BtDeployError as error:
-        print(f"btdeploy: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
-        print(f"btdeploy: error: {_describe_os_error(error)}", file=sys.stderr)
+        print(f"{prog}: error: {_describe_os_error(error)}", file=sys.stderr)
         return 2
     except MemoryError:
-        print("btdeploy: error: out of memory: use a smaller batch or a machine with more memory", file=sys.stderr)
+        print(f"{prog}: error: out of memory: use a smaller batch or a machine with more memory", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("btdeploy: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def script_entry(main: Callable[[], int | None]) -> NoReturn:
+    """The `if __name__ == "__main__"` of a script in benchmarks/: btdeploy's error contract."""
+    sys.exit(reporting_failures(main, Path(sys.argv[0]).name))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any
 
 from btdeploy.backends.base import Backend
 from btdeploy.bench.runner import interleaved_order, time_case
+from btdeploy.errors import BtDeployError
 from btdeploy.hugepages import ResidentMemory, engine_environment, resident_memory
 from btdeploy.model.inputs import sample_inputs
 
@@ -59,7 +60,8 @@ def run_child(arguments: list[str], environ: dict[str, str] | None = None) -> di
     environ = engine_environment() if environ is None else environ
     done = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, env=environ)
     if done.returncode != 0:
-        raise SystemExit(f"{' '.join(arguments[-2:])} failed:\n{done.stderr.strip()[-2000:]}")
+        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        raise BtDeployError(f"the child {' '.join(arguments[-2:])} failed: {last}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

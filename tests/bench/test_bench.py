@@ -514,3 +514,21 @@ def test_gelu_ceiling_takes_out_every_gelu_and_nothing_else(optimized: Path, fla
     got = OnnxRuntimeBackend(out, names, ["cpu"], 1).run(feeds)
     assert all(got[n].shape == want[n].shape for n in names)
     assert max(float(np.abs(got[n] - want[n]).max()) for n in names) > 1e-3  # the activations are really gone
+
+
+def test_every_benchmark_script_keeps_the_error_contract(tmp_path: Path) -> None:
+    """Scripts in benchmarks/ are commands too: a bad path is one line and exit 2, never a traceback."""
+    import subprocess
+    import sys
+
+    from conftest import BENCHMARKS
+
+    scripts = sorted(BENCHMARKS.glob("*.py"))
+    entries = [s.name for s in scripts if "script_entry(" in s.read_text() or 'main(["bench"' in s.read_text()]
+    assert entries == [s.name for s in scripts] and len(scripts) > 10
+    for script in ("lone_sessions.py", "pipeline_steps.py", "speedup_breakdown.py"):
+        done = subprocess.run(
+            [sys.executable, str(BENCHMARKS / script), str(tmp_path / "nowhere")], capture_output=True, text=True
+        )
+        errors = [line for line in done.stderr.splitlines() if line.startswith(f"{script}: error: ")]
+        assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, (script, done.stderr)

@@ -159,7 +159,8 @@ def rank(
     reduced = resolved.precision if resolved.precision != Precision.FP32 else None
     graphs = " ".join(str(part) for part in (resolved.flavour, reduced) if part)
     itm = _load(root, "itm", **options)
-    refuse_long_texts(export_processor(itm.manifest), texts, itm)  # before any work: the captions, or the query
+    itm_query = _make_query(itm, query_image, query_text)
+    refuse_long_texts(itm_query.processor, texts, itm)  # before any work: the captions, or the query
     if _has_head(root, "itc"):
         itc = _load(root, "itc", **options)
         query = _make_query(itc, query_image, query_text)
@@ -169,8 +170,7 @@ def rank(
         cosines = {int(index): float(similarity[index]) for index in chosen}
         on = f" ({graphs})" if graphs else ""
         stages.append(f"ITC cosine over {len(candidates)}{on}, top {len(chosen)} to ITM")
-    query = _make_query(itm, query_image, query_text)
-    probability = _itm_probabilities(itm, query, [candidates[i] for i in chosen], batch_size)
+    probability = _itm_probabilities(itm, itm_query, [candidates[i] for i in chosen], batch_size)
     where = [w for w in ("split graphs" if isinstance(itm, SplitRuntime) else "", graphs) if w]
     stages.append(f"ITM on {len(chosen)}" + (f" ({', '.join(where)})" if where else ""))
     ranked = [

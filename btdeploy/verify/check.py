@@ -123,7 +123,7 @@ class RealPairs:
     """Image-caption pairs from the user's files: image k with caption k (each list repeated
     until the longer one is used up), preprocessed batch by batch as the checkpoint's processor does."""
 
-    manifest: Manifest
+    processor: Any  # the export's, loaded once for the length check and every batch
     images: list[Path]
     captions: list[str]
 
@@ -135,7 +135,7 @@ class RealPairs:
         return f"{self.count} real pair(s) from {len(self.images)} image(s) and {len(self.captions)} caption(s)"
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        processor = export_processor(self.manifest)
+        processor = self.processor
         for start in range(0, self.count, batch_size):
             rows = range(start, min(start + batch_size, self.count))
             pictures = [load_image(self.images[i % len(self.images)], processor.image_processor) for i in rows]
@@ -144,9 +144,9 @@ class RealPairs:
 
 def real_pairs(manifest: Manifest, images: Path, texts: Path) -> RealPairs:
     """The pairs, with every caption checked against the model's length before anything runs."""
-    pairs = RealPairs(manifest, image_files(images, "--images"), read_captions(texts, "--texts"))
+    pairs = RealPairs(export_processor(manifest), image_files(images, "--images"), read_captions(texts, "--texts"))
     limit = int(manifest.data["limits"]["max_text_length"])
-    problem = text_length_problem(export_processor(manifest).tokenizer, pairs.captions, limit)
+    problem = text_length_problem(pairs.processor.tokenizer, pairs.captions, limit)
     if problem:
         raise BtDeployError(f"--texts {texts}: {problem}")
     return pairs

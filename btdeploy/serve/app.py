@@ -43,6 +43,11 @@ APP_NAME = "btdeploy"
 COLLECTOR = "btdeploy-metrics"
 NAMESPACE = "btdeploy"
 RANK_HEAD = "itm"
+# What a 404 points to: the routes a client calls (the README's Serving section lists them all).
+ROUTES = (
+    "POST /v1/itm, /v1/itc, /v1/mlm, /v1/rank; POST /v2/models/<head>/infer; "
+    "GET /v2/models/<head>, /v2/health/ready, /metrics"
+)
 # No `from __future__ import annotations` here: FastAPI reads the route annotations (Request) at run time.
 # Ray Serve serializes each deployment class when it is decorated, so every module-level helper
 # a deployment calls is defined above the deployments.
@@ -225,6 +230,13 @@ api = FastAPI(title="btdeploy", docs_url=None, redoc_url=None)
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own refusals ("Not Found", "Method Not Allowed") say what the route would take."""
+    route = f"{request.method} {request.url.path}"
+    allowed = (error.headers or {}).get("Allow")
+    if error.status_code == 405 and allowed:
+        return _error(405, f"{route}: this route takes {allowed}")
+    if error.status_code == 404:
+        return _error(404, f"no route {route}: see {ROUTES}")
     return _error(error.status_code, str(error.detail))
 
 
@@ -349,12 +361,13 @@ class Gateway:
 
         return await self._answer("infer", run)
 
-    async def _task_request(self, request: Request, top_k: str | None = None) -> Any:
+    async def _task_request(self, request: Request, ranks: bool = False) -> Any:
         """Images and texts of a task request: JSON, or the raw image as the body with ?text= captions."""
         body = await self._body(request)
         content_type = request.headers.get("content-type", "")
+        query = request.query_params
         return parse_task_request(
-            body, content_type, request.query_params.getlist("text"), self.settings.max_texts, top_k
+            body, content_type, query.getlist("text"), self.settings.max_texts, query.get("top_k"), ranks
         )
 
     def _check_rows(self, name: str, feeds: dict[str, np.ndarray]) -> None:
@@ -368,7 +381,7 @@ class Gateway:
         async def run() -> Response:
             if self.rank_model is None:
                 raise RequestError(404, f"ranking needs the {RANK_HEAD} head with split graphs: export with --split")
-            task = await self._task_request(request, request.query_params.get("top_k"))
+            task = await self._task_request(request, ranks=True)
             answer = await self._call("rank", self.rank_model.rank.remote(task.images, task.texts, task.top_k))
             if "__error__" in answer:
                 raise RequestError(answer["__status__"], answer["__error__"])

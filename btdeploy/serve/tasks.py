@@ -32,10 +32,26 @@ class TaskRequest:
     top_k: int | None = None
 
 
+TASK_KEYS = ("image", "images", "text", "texts")
+RANK_KEYS = (*TASK_KEYS, "top_k")
+
+
 def parse_task_request(
-    body: bytes, content_type: str, query_texts: list[str], max_texts: int, top_k: str | None = None
+    body: bytes,
+    content_type: str,
+    query_texts: list[str],
+    max_texts: int,
+    top_k: str | None = None,
+    ranks: bool = False,
 ) -> TaskRequest:
-    """The images and texts of a task request, JSON or raw bytes, with one-line reasons for bad ones."""
+    """The images and texts of a task request, JSON or raw bytes, with one-line reasons for bad ones.
+
+    `ranks`: the request is for /v1/rank, the one route that takes `top_k`. A key the route does
+    not take is refused by name rather than ignored, so a misspelled "txts" is not answered as
+    if no texts were sent.
+    """
+    if top_k is not None and not ranks:
+        raise RequestError(400, "top_k is taken by /v1/rank only")
     if content_type.split(";")[0].strip().lower() == "application/json":
         try:
             request = json.loads(body)
@@ -43,6 +59,11 @@ def parse_task_request(
             raise RequestError(400, "the request body is not valid JSON") from None
         if not isinstance(request, dict):
             raise RequestError(400, 'a task request is a JSON object: {"image": "<base64>", "texts": ["..."]}')
+        known = RANK_KEYS if ranks else TASK_KEYS
+        unknown = [key for key in request if key not in known]
+        if unknown:
+            where = "/v1/rank" if ranks else "this route"
+            raise RequestError(400, f"unknown key {unknown[0]!r}: {where} takes {', '.join(known)}")
         images = _listed(request, "image", "images")
         texts = _listed(request, "text", "texts")
         decoded = [_base64(value, index) for index, value in enumerate(images)]
@@ -64,6 +85,8 @@ def _listed(request: dict[str, Any], one: str, many: str) -> list[Any]:
     if one in request and many in request:
         raise RequestError(400, f'give "{one}" or "{many}", not both')
     if one in request:
+        if isinstance(request[one], list):
+            raise RequestError(400, f'"{one}" is one value: give a list as "{many}"')
         return [request[one]]
     value = request.get(many, [])
     if not isinstance(value, list):
@@ -83,10 +106,11 @@ def _base64(value: Any, index: int) -> bytes:
 def _top_k(value: Any) -> int | None:
     if value is None:
         return None
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise RequestError(400, f"top_k must be a whole number, got {value!r}") from None
+    # int() would take 1.5 as 1 and true as 1: only a whole number, or its digits in a query, is one.
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not whole and not (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
+        raise RequestError(400, f"top_k must be a whole number, got {value!r}")
+    number = int(value)
     if number < 1:
         raise RequestError(400, f"top_k must be at least 1, got {number}")
     return number

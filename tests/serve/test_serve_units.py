@@ -138,8 +138,10 @@ def test_task_requests_json_and_raw() -> None:
     body = json.dumps({"image": base64.b64encode(png).decode(), "texts": ["a", "b"]}).encode()
     parsed = parse_task_request(body, "application/json", [], 8)
     assert parsed.images == [png] and parsed.texts == ["a", "b"]
-    parsed = parse_task_request(png, "image/png", ["x"], 8, "3")
+    parsed = parse_task_request(png, "image/png", ["x"], 8, "3", ranks=True)
     assert parsed.images == [png] and parsed.texts == ["x"] and parsed.top_k == 3
+    ranked = json.dumps({"image": base64.b64encode(png).decode(), "texts": ["a"], "top_k": 2}).encode()
+    assert parse_task_request(ranked, "application/json", [], 8, ranks=True).top_k == 2
     assert decode_image(png, 0, _image_processor()).size == (50, 40)
 
 
@@ -152,12 +154,29 @@ def test_task_requests_json_and_raw() -> None:
         (b"rawbytes", "image/png", [], 400, "no text"),
         (b'{"image": "", "texts": ["a", "b", "c"]}', "application/json", [], 413, "at most 2"),
         (b'{"image": "", "texts": [""]}', "application/json", [], 400, "non-empty string"),
+        # A misspelled key is named, not read as "no texts".
+        (b'{"image": "", "txts": ["a"]}', "application/json", [], 400, "unknown key 'txts': this route takes"),
+        (b'{"image": "", "text": ["a", "b"]}', "application/json", [], 400, 'give a list as "texts"'),
+        (b'{"image": "", "texts": ["a"], "top_k": 1}', "application/json", [], 400, "unknown key 'top_k'"),
     ],
 )
 def test_task_requests_refused(body: bytes, content_type: str, texts: list[str], status: int, message: str) -> None:
     with pytest.raises(RequestError, match=message) as error:
         parse_task_request(body, content_type, texts, 2)
     assert error.value.status == status
+
+
+@pytest.mark.parametrize("top_k", [1.5, True, "2.0", "two", [2]])
+def test_rank_top_k_must_be_a_whole_number(top_k: object) -> None:
+    body = json.dumps({"image": "", "texts": ["a"], "top_k": top_k}).encode()
+    with pytest.raises(RequestError, match="top_k must be a whole number") as error:
+        parse_task_request(body, "application/json", [], 2, ranks=True)
+    assert error.value.status == 400
+
+
+def test_top_k_is_refused_outside_rank() -> None:
+    with pytest.raises(RequestError, match="top_k is taken by /v1/rank only"):
+        parse_task_request(_png(), "image/png", ["x"], 2, "3")
 
 
 def _image_processor() -> object:

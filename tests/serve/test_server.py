@@ -250,7 +250,7 @@ def test_200_concurrent_requests_each_get_their_own_answer(server: Server, runti
     assert max(size for size, count in formed.items() if count) > 1, f"no batch merged requests: {formed}"
 
 
-def _bad_requests(server: Server) -> list[tuple[str, bytes, str, int, str]]:
+def _bad_requests(server: Server) -> list[tuple[str, bytes | None, str, int, str]]:
     good = _infer_body(sample_inputs(_config(server), 1, 4))
     wrong_type = json.loads(json.dumps(good))
     wrong_type["inputs"][2]["datatype"] = "FP64"
@@ -284,6 +284,16 @@ def _bad_requests(server: Server) -> list[tuple[str, bytes, str, int, str]]:
         ("/v1/itm?text=a", b"x" * (MAX_BODY_MB * 1024 * 1024 + 1), "image/png", 413, "the limit is"),
         ("/v1/mlm", json.dumps({"image": png, "texts": ["no mask here"]}).encode(), "application/json", 400, "<mask>"),
         ("/v1/nope", b"{}", "application/json", 404, "unknown task"),
+        ("/v1/itc", json.dumps({"image": png, "txts": ["a"]}).encode(), "application/json", 400, "unknown key 'txts'"),
+        (
+            "/v1/rank",
+            json.dumps({"image": png, "texts": ["a", "b"], "top_k": 1.5}).encode(),
+            "application/json",
+            400,
+            "top_k must be a whole number",
+        ),
+        ("/v1/itm", None, "application/json", 405, "GET /v1/itm: this route takes POST"),
+        ("/nope", b"{}", "application/json", 404, "no route POST /nope: see POST /v1/itm"),
     ]
 
 

@@ -64,16 +64,24 @@ class Manifest:
         return list(self.data["split"][stem]["inputs"])
 
     def graph_path(
-        self, flavour: Flavour | None = None, precision: Precision = Precision.FP32, stem: str = "model"
+        self,
+        flavour: Flavour | None = None,
+        precision: Precision = Precision.FP32,
+        stem: str = "model",
+        full_hash: bool = False,
     ) -> Path:
         """<stem>.onnx, the optimized <stem>.<flavour>.onnx, or its <stem>.<flavour>.<precision>.onnx
-        (with a clear error that names the command which makes it when it is absent)."""
+        (with a clear error that names the command which makes it when it is absent).
+
+        Every graph handed out is held to its manifest record (its size; its sha256 with
+        `full_hash`), so no step runs, optimizes, quantizes or ships a graph that was replaced."""
         if stem not in self.stems:
             raise BtDeployError(
                 f"{self.folder} has no {stem} graph: export with --split for the text, vision and fusion graphs"
             )
         path = self.folder / graph_file(flavour, precision, stem)
         if path.is_file():
+            self.verify_graph(path, full=full_hash)
             return path
         if flavour is None:
             raise BtDeployError(f"{path} is missing: export the head again (btdeploy export)")

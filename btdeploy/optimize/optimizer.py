@@ -45,7 +45,10 @@ def optimize_head(
     with head_lock(folder, f"btdeploy optimize --flavour {chosen}"):
         manifest = read_manifest(folder)
         made_by = {
-            stem: manifest.made_by(manifest.graph_path(None, stem=stem), _PACKAGES, allow_partial=allow_partial)
+            # The source is hashed in full: its recorded sha256 is what the new graph says it came from.
+            stem: manifest.made_by(
+                manifest.graph_path(None, stem=stem, full_hash=True), _PACKAGES, allow_partial=allow_partial
+            )
             for stem in manifest.stems
         }
         recorded = manifest.data.get("optimized", {}).get(str(chosen))

@@ -100,7 +100,8 @@ def quantize_head(
         manifest = read_manifest(folder)
         source_flavour, why = method.source(chosen)
         try:
-            sources = {stem: manifest.graph_path(source_flavour, stem=stem) for stem in manifest.stems}
+            # Hashed in full: the quantized graph records its source's sha256 as where it came from.
+            sources = {stem: manifest.graph_path(source_flavour, stem=stem, full_hash=True) for stem in manifest.stems}
         except BtDeployError as error:
             if source_flavour == chosen:
                 raise

@@ -182,8 +182,10 @@ def write_repository(
                 written = f"model.plan ({engine.name})"
                 limit = int(profile["batch"]["max"])
             else:
-                graph = _copy_graph(target.artifact(manifest, options), version_dir)
-                written = str(graph.relative_to(version_dir))
+                source = target.artifact(manifest, options)
+                manifest.verify_graph(source, full=True)  # what Triton serves is the graph that was checked
+                graph = _copy_graph(source, version_dir)
+                written = f"{graph.relative_to(version_dir)} ({source.name})"  # Triton names every graph model.onnx
                 limit = head.engine_batch[2]
             batch = min(max_batch or limit, limit)
             tensors = _tensors(manifest, graph)

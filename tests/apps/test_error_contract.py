@@ -77,6 +77,27 @@ def _graph_swapped_for_another_heads(out: Path, tmp: Path) -> list[str]:
     return ["check", str(out), "--heads", "itm"]
 
 
+def _swapped_before(command: list[str]) -> Setup:
+    """The itm head's plain and ort graphs swapped for other graphs, then a step that reads one:
+    no step may run, optimize, quantize or ship a graph its manifest did not record."""
+
+    def setup(out: Path, tmp: Path) -> list[str]:
+        shutil.copy(out / "mlm" / "model.onnx", out / "itm" / "model.onnx")
+        shutil.copy(out / "itm" / "text.ort.onnx", out / "itm" / "model.ort.onnx")
+        return [arg.format(out=out, tmp=tmp) for arg in command]
+
+    return setup
+
+
+def _one_weight_byte_flipped(out: Path, tmp: Path) -> list[str]:
+    """Same size, other bytes: only the full hash tells, and optimize records that hash as its source."""
+    graph = out / "itm" / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    graph.write_bytes(bytes(data))
+    return ["optimize", str(out), "--heads", "itm", "--flavour", "trt"]
+
+
 def _provider_that_cannot_start(out: Path, tmp: Path) -> list[str]:
     return ["check", str(out), "--heads", "itm", "--providers", "cuda"]
 
@@ -180,6 +201,16 @@ CASES: list[tuple[str, Setup, str]] = [
     ("a manifest config with a bad value", _bad_config_value, "holds a config transformers cannot read"),
     ("a split graph name that is a path", _split_name_is_a_path, "is damaged (unknown split graph"),
     ("another head's graph swapped in", _graph_swapped_for_another_heads, "is not the graph its manifest recorded"),
+    *[
+        (f"{command[0]} on a swapped graph", _swapped_before(command), "is not the graph its manifest recorded")
+        for command in (
+            ["optimize", "{out}", "--heads", "itm", "--flavour", "trt"],
+            ["quantize", "{out}", "--heads", "itm", "--precision", "int8-dynamic"],
+            ["run", "{out}", "--head", "itm", "--backend", "openvino", "--image", "x.png", "--text", "a"],
+            ["triton-repo", "{out}", "--heads", "itm", "--flavour", "ort", "--out", "{tmp}/repo"],
+        )
+    ],  # fmt: skip
+    ("optimize on a graph with one byte flipped", _one_weight_byte_flipped, "(sha256 differs)"),
     ("a provider that cannot start", _provider_that_cannot_start, "could not start CUDAExecutionProvider"),
     ("two folders claim one head", _two_folders_claim_one_head, "both hold the itm head"),
     ("bench --batch-sizes 0", _zero_batch_size, "every value must be at least 1"),

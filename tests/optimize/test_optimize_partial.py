@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import helper
 
+from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.optimizer import optimize_head
@@ -30,6 +31,9 @@ def _break_one_scale(path: Path) -> None:
                 node.input[index] = "planted_scale"
                 graph.toposort()
                 onnx.save(graph.model, str(path))
+                manifest = read_manifest(path.parent)  # recorded, as an export that made it would have
+                manifest.record_graph(path)
+                manifest.write()
                 return
     raise AssertionError("no query scale found: the export changed")
 

@@ -17,6 +17,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HEADS
 from btdeploy.serve.triton_check import check_repository
@@ -111,6 +112,9 @@ def test_external_data_goes_into_a_model_onnx_folder(tiny_export: Path, tmp_path
         location="model.onnx.data",
         size_threshold=0,
     )
+    manifest = read_manifest(export / "itm")  # recorded, as the export of a graph past 2 GB is
+    manifest.record_graph(export / "itm" / "model.onnx")
+    manifest.write()
     repo = write_repository(export, tmp_path / "repo")
     folder = repo / "itm" / "1" / "model.onnx"
     assert folder.is_dir() and sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.onnx.data"]

@@ -86,6 +86,7 @@ def choose_graph(
                 f"--precision {precision})"
             )
         else:
+            manifest.verify_graph(path, full=True)  # the engine records this graph's sha256 as its source
             why = f"TensorRT {tensorrt_version} parses {candidate} graphs (they need {line})"
             return path, why + (f"; passed over: {'; '.join(passed_over)}" if passed_over else "")
     raise BtDeployError(f"no {precision} graph that TensorRT {tensorrt_version} can parse: {'; '.join(passed_over)}")

@@ -26,6 +26,15 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """A comma list of names (variants, precisions, flavours): blanks between commas are dropped,
+    and an empty list is refused rather than read as the default (`--variants "$V"` with V unset)."""
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma list of names, got {text!r}")
+    return values
+
+
 def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
     """An argparse type: a number of `kind` no smaller than `minimum` (counts, seconds)."""
 
@@ -69,6 +78,15 @@ def _describe_os_error(error: OSError) -> str:
     return f"{error.strerror or error}{where}: {hint}"
 
 
+def _chosen_heads(args: argparse.Namespace) -> list[str] | None:
+    """--heads as given, or None (every exported head) when it was left out. An empty value is
+    refused rather than read as "every head": `--heads "$HEADS"` with the variable unset must not
+    check or serve more than was meant."""
+    from btdeploy.model.heads import parse_heads
+
+    return None if args.heads is None else parse_heads(args.heads)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from btdeploy.export.exporter import export_heads
     from btdeploy.model.checkpoints import resolve_model
@@ -79,11 +97,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from btdeploy.model.heads import parse_heads
     from btdeploy.verify.check import check_export
     from btdeploy.verify.parity import format_rows
 
-    heads = parse_heads(args.heads) if args.heads else None
+    heads = _chosen_heads(args)
     rows = check_export(
         Path(args.dir),
         heads,
@@ -119,10 +136,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from btdeploy.artifacts.manifest import head_folders
-    from btdeploy.model.heads import parse_heads
     from btdeploy.optimize.optimizer import optimize_head
 
-    heads = parse_heads(args.heads) if args.heads else None
+    heads = _chosen_heads(args)
     for folder in head_folders(Path(args.dir), heads):
         optimize_head(folder, args.flavour, args.allow_partial)
     return 0
@@ -130,10 +146,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from btdeploy.artifacts.manifest import head_folders
-    from btdeploy.model.heads import parse_heads
     from btdeploy.quantize.quantizer import quantize_head
 
-    heads = parse_heads(args.heads) if args.heads else None
+    heads = _chosen_heads(args)
     for folder in head_folders(Path(args.dir), heads):
         quantize_head(folder, args.precision, args.flavour, args.calib_images, args.calib_texts, args.calib_size)
     return 0
@@ -142,9 +157,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from btdeploy.artifacts.manifest import head_folders
     from btdeploy.backends.tensorrt.build import build_engine
-    from btdeploy.model.heads import parse_heads
 
-    heads = parse_heads(args.heads) if args.heads else None
+    heads = _chosen_heads(args)
     for folder in head_folders(Path(args.dir), heads):
         build_engine(folder, args.precision, args.batch, args.seq_len, args.timing_cache, args.workspace, args.flavour)
     return 0
@@ -185,7 +199,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from btdeploy.quantize.methods import PRECISIONS
 
     out = Path(args.out or f"btdeploy-out/{Path(args.model).name}")
-    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip() and p.strip() != "none")
+    precisions = tuple(p for p in args.precisions if p != "none")
     for precision in precisions:
         if precision not in PRECISIONS:
             raise BtDeployError(f"--precisions {precision!r}: choose from {', '.join(PRECISIONS)}, or none")
@@ -197,7 +211,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         precisions=precisions,
         calibration=(args.calib_images, args.calib_texts),
         split=args.split,
-        flavours=tuple(parse_flavour(f.strip(), "--flavours") for f in args.flavours.split(",") if f.strip()),  # type: ignore[misc]
+        flavours=tuple(parse_flavour(f, "--flavours") for f in args.flavours),  # type: ignore[misc]
         force=args.force,
         check_data=(args.check_images, args.check_texts),
     )
@@ -210,7 +224,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from btdeploy.bench.report import write_reports
     from btdeploy.bench.runner import BenchSettings, run_bench
-    from btdeploy.model.heads import parse_heads
     from btdeploy.progress import say
 
     device = args.device
@@ -241,7 +254,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out = Path(args.out or Path(args.dir) / "bench")
         run_serve_bench(
             Path(args.dir),
-            [p.strip() for p in args.precisions.split(",") if p.strip()],
+            list(args.precisions),
             args.flavour,
             list(args.concurrency),
             args.requests,
@@ -252,8 +265,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         print((out / "serve.md").read_text())
         return 0
-    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    heads = parse_heads(args.heads) if args.heads else None
+    variants = list(args.variants) if args.variants is not None else None
+    heads = _chosen_heads(args)
     run = run_bench(Path(args.dir), heads, variants, settings)
     run.command = "btdeploy bench " + " ".join(shlex.quote(a) for a in args.argv)
     out = Path(args.out or Path(args.dir) / "bench")
@@ -264,13 +277,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from btdeploy.model.heads import parse_heads
     from btdeploy.serve.server import serve_export
     from btdeploy.serve.settings import ServeSettings
 
     settings = ServeSettings(
         export_dir=args.dir,
-        heads=tuple(parse_heads(args.heads)) if args.heads else (),
+        heads=tuple(_chosen_heads(args) or ()),
         precision=args.precision,
         flavour=args.flavour,
         split=args.split,
@@ -292,10 +304,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_triton_repo(args: argparse.Namespace) -> int:
-    from btdeploy.model.heads import parse_heads
     from btdeploy.serve.triton_repo import write_repository
 
-    heads = parse_heads(args.heads) if args.heads else None
+    heads = _chosen_heads(args)
     write_repository(Path(args.dir), Path(args.out), heads, args.backend, args.precision, args.flavour, args.max_batch)
     return 0
 
@@ -434,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = add("bench", cmd_bench, "time every variant of each head side by side, interleaved")
     bench.add_argument("dir", help="export folder")
     bench.add_argument("--heads", default=None, help="comma list (default: every exported head)")
-    bench.add_argument("--variants", default=None, help="comma list (default: all; those that cannot run are skipped)")
+    bench.add_argument(
+        "--variants", type=_names, default=None, help="comma list (default: all; those that cannot run are skipped)"
+    )
     bench.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 16), help="comma list (default: 1,4,16)")
     bench.add_argument(
         "--seq-lens", type=_int_list, default=(16, 40, 128), help="text lengths, comma list (default: 16,40,128)"
@@ -465,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--captions", type=_at_least(1), default=16, help="captions per image for --workload rank")
     serving = bench.add_argument_group("--workload serve: btdeploy serve under load, against btdeploy.load")
-    serving.add_argument("--precisions", default="fp32,int8-dynamic", help="the itm graphs to serve, one after another")
+    serving.add_argument(
+        "--precisions", type=_names, default="fp32,int8-dynamic", help="the itm graphs to serve, one after another"
+    )
     serving.add_argument("--flavour", choices=flavours, default="ort", help="the optimized graph flavour to serve")
     serving.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64), help="concurrent clients per level")
     serving.add_argument(
@@ -535,13 +550,14 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--out", default=None, help="default: btdeploy-out/<model>")
     pipeline.add_argument("--seed", type=int, default=0, help="seed for preset weights and missing head weights")
     pipeline.add_argument(
-        "--precisions", default=",".join(PRECISIONS), help="quantized graphs to write and check, or none"
+        "--precisions", type=_names, default=",".join(PRECISIONS), help="quantized graphs to write and check, or none"
     )
     pipeline.add_argument(
         "--split", action="store_true", help="also export and check the text, vision and fusion graphs"
     )
     pipeline.add_argument(
         "--flavours",
+        type=_names,
         default=",".join(flavours),
         help=f"graph dialects to write and check (default: {','.join(flavours)})",
     )

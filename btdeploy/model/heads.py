@@ -110,6 +110,13 @@ class HeadBehaviour:
         """One human-readable answer per text, for `btdeploy run`."""
         raise NotImplementedError
 
+    def text_problem(self, texts: list[str], tokenizer: Any) -> str | None:
+        """Why this head cannot answer for these texts (`run`, and the server's task routes), or None."""
+        empty = [str(i + 1) for i, text in enumerate(texts) if not text.strip()]
+        if empty:
+            return f"text {', '.join(empty)} of {len(texts)} is empty: every text needs words"
+        return None
+
     def extra_flops(self, config: Any, batch: int, text_tokens: int, image_tokens: int) -> int:
         """FLOPs of the head on top of the shared model, for the whole batch."""
         return 0
@@ -213,6 +220,16 @@ class MlmBehaviour(HeadBehaviour):
 
     def fusion_outputs(self, model: Any, text: Any, image: Any, pooled: Any) -> tuple[Any, ...]:
         return (model.mlm_score(text),)
+
+    def text_problem(self, texts: list[str], tokenizer: Any) -> str | None:
+        token = tokenizer.mask_token
+        unmasked = [str(i + 1) for i, text in enumerate(texts) if token not in text]
+        if unmasked:
+            return (
+                f"text {', '.join(unmasked)} of {len(texts)} has no {token}: "
+                f"every text needs at least one {token} where a word is missing"
+            )
+        return super().text_problem(texts, tokenizer)
 
     def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any) -> list[str]:
         mask_id = processor.tokenizer.mask_token_id

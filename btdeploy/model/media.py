@@ -38,13 +38,20 @@ def load_image(path: Path, image_processor: Any = None) -> Any:
     if that processor cannot resize it (`resize_problem`)."""
     from PIL import Image, UnidentifiedImageError
 
+    if str(path).startswith(("http:/", "https:/")):  # a Path has already folded "://" into ":/"
+        raise BtDeployError(f"image {path} is a URL: btdeploy reads local files, download it first")
+    if path.is_dir():
+        raise BtDeployError(f"image {path} is a folder: give one image file (rank --images takes a folder)")
     try:
         with Image.open(path) as image:
             picture = image.convert("RGB")
     except FileNotFoundError:
         raise BtDeployError(f"image {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as error:
-        raise BtDeployError(f"image {path} cannot be read ({error}): remove it or replace it") from None
+        raise BtDeployError(
+            f"image {path} cannot be read ({error}): "
+            "give an image PIL reads (JPEG, PNG, ...), or take it out of its folder"
+        ) from None
     problem = None if image_processor is None else resize_problem(picture.width, picture.height, image_processor)
     if problem:
         raise BtDeployError(f"image {path} {problem}")

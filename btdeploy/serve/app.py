@@ -401,8 +401,7 @@ class Gateway:
             if len(parsed.images) != 1:
                 raise RequestError(400, f"/v1/{task_name} takes one image; rank many with /v1/rank")
             check_text_lengths(self.processor, parsed.texts, self.limit)
-            if task.check:
-                task.check(self.processor, parsed.texts)
+            task.check(self.processor, parsed.texts)
             image = decode_image(parsed.images[0], 0, self.processor.image_processor)
             feeds = await asyncio.to_thread(pair_inputs, self.processor, [image] * len(parsed.texts), parsed.texts)
             values = await self._call(task.head, self.heads[task.head].infer.remote(feeds))

@@ -223,6 +223,18 @@ CASES: list[tuple[str, Setup, str]] = [
         "argument --max-batch: must be at least 1, got 0",
     ),
     ("an unknown flavour", _unknown_flavour, "invalid choice: 'tensorrt'"),
+    # An empty list (a shell variable left unset) is refused, not read as "all of them".
+    ("check --heads ''", lambda out, tmp: ["check", str(out), "--heads", ""], "--heads is empty"),
+    (
+        "bench --variants ''",
+        lambda out, tmp: ["bench", str(out), "--variants", ""],
+        "argument --variants: expected a comma list of names, got ''",
+    ),
+    (
+        "pipeline --flavours ''",
+        lambda out, tmp: ["pipeline", "--model", "tiny", "--out", str(out), "--flavours", ""],
+        "argument --flavours: expected a comma list of names",
+    ),
     ("an export folder that does not exist", _missing_export, "does not exist: pass the --out folder"),
     (
         "a graph file given for its folder",
@@ -236,6 +248,26 @@ CASES: list[tuple[str, Setup, str]] = [
     ),
     ("a damaged optimized graph", _damaged_graph, "is not the graph its manifest recorded"),
     ("run on a text past the model's length", _run_on_a_text_past_the_model, "text 2 of 2 ('word word"),
+    (
+        "run on an empty text",
+        lambda out, tmp: ["run", str(out), "--head", "itm", "--image", "x.png", "--text", "a", "--text", " "],
+        "text 2 of 2 is empty",
+    ),
+    (
+        "run mlm on a text without <mask>",
+        lambda out, tmp: ["run", str(out), "--head", "mlm", "--image", "x.png", "--text", "a cat"],
+        "text 1 of 1 has no <mask>: every text needs at least one <mask>",
+    ),
+    (
+        "run on a folder for --image",
+        lambda out, tmp: ["run", str(out), "--head", "itm", "--image", str(tmp), "--text", "a"],
+        "is a folder: give one image file",
+    ),
+    (
+        "run on a URL for --image",
+        lambda out, tmp: ["run", str(out), "--head", "itm", "--image", "https://example.com/cat.jpg", "--text", "a"],
+        "is a URL: btdeploy reads local files",
+    ),
     ("rank a caption past the model's length", _rank_a_caption_past_the_model, "text 3 of 3 ('word word"),
     (
         "quantize int8 before the graph it starts from",

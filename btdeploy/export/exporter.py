@@ -45,7 +45,8 @@ def export_head(
 
     With `split`, the text tower, vision tower and fusion graphs (text.onnx, vision.onnx,
     fusion.onnx) are written beside it. With `reuse`, an export already there from the same
-    checkpoint (same files), seed, opset and tool versions, with its graphs intact, is kept."""
+    checkpoint (same files), seed, opset and tool versions, with its graphs intact, is kept (one
+    with split graphs also where `split` is not asked for)."""
     if opset not in SUPPORTED_OPSETS:
         raise BtDeployError(
             f"--opset {opset} is not supported: use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
@@ -84,7 +85,9 @@ def _reusable_export(
         and model.get("seed") == source.seed
         and model.get("checkpoint_sha256") == checkpoint_sha256
         and onnx_record.get("opset") == opset
-        and bool(manifest.data.get("split")) == split
+        # An export with split graphs serves a run that does not ask for them (its whole graph is
+        # the same): re-exporting would throw away the split graphs and every graph made from them.
+        and (bool(manifest.data.get("split")) or not split)
         and manifest.data.get("versions") == tool_versions()
     )
     if not same:

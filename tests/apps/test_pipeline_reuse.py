@@ -116,6 +116,22 @@ def test_an_export_is_kept_only_for_the_same_checkpoint_seed_and_opset(tmp_path:
     assert not export_head(resolve_model("tiny", seed=1), "itc", out, opset=18).reused  # no reuse asked
 
 
+def test_a_run_without_split_keeps_a_split_export_and_what_was_made_from_it(tmp_path: Path) -> None:
+    """A split export holds the whole graph too: a later pipeline without --split reuses it, and
+    the graphs of flavours it was not asked for stay (they were all thrown away with a re-export)."""
+    out = tmp_path / "out"
+    assert run_pipeline("tiny", out, heads=["itm"], precisions=(), flavours=FLAVOURS, split=True)
+    before = _mtimes(out / "itm")
+    assert {"text.onnx", "model.trt.onnx", "fusion.ort.onnx"} <= set(before)
+    assert run_pipeline("tiny", out, heads=["itm"], precisions=(), flavours=(Flavour.ORT,))
+    assert _made(out) == {"export": True, "optimize ort": True}
+    assert _mtimes(out / "itm") == before
+    # Asking for split graphs where there are none still exports again.
+    assert run_pipeline("tiny", out / "plain", heads=["itm"], precisions=(), flavours=())
+    assert run_pipeline("tiny", out / "plain", heads=["itm"], precisions=(), flavours=(), split=True)
+    assert _made(out / "plain") == {"export": False} and (out / "plain" / "itm" / "text.onnx").is_file()
+
+
 def test_a_graph_protobuf_cannot_measure_counts_as_past_the_limit() -> None:
     """Past 2 GB in memory (every large graph) protobuf's ByteSize raises instead of answering: the
     writer must take that as "too large for one file" (and write external data), not stop there."""

@@ -60,7 +60,9 @@ def check_settings(settings: ServeSettings) -> dict[str, Manifest]:
     if settings.replicas < 1 or (settings.max_replicas is not None and settings.max_replicas < settings.replicas):
         raise BtDeployError("--replicas must be at least 1 and --max-replicas at least --replicas")
     if settings.replica_cpus is not None and not 0 < settings.replica_cpus <= 64:
-        raise BtDeployError(f"--replica-cpus {settings.replica_cpus} must be above 0")
+        raise BtDeployError(f"--replica-cpus {settings.replica_cpus} must be above 0 and at most 64")
+    if not 1 <= settings.port <= 65535:
+        raise BtDeployError(f"--port {settings.port} is not a TCP port: give one in 1..65535")
     folders = head_folders(Path(settings.export_dir), list(settings.heads) or None)
     manifests = {manifest.head: manifest for manifest in map(read_manifest, folders)}
     target = get_target(BACKEND)

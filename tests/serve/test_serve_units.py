@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -250,6 +251,17 @@ def test_settings_refuse_a_port_in_use(tiny_export: Path) -> None:
         port = busy.getsockname()[1]
         with pytest.raises(BtDeployError, match=f"cannot listen on 127.0.0.1:{port}"):
             check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), port=port))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"port": 70000}, "--port 70000 is not a TCP port: give one in 1..65535"),
+    ({"port": 0}, "--port 0 is not a TCP port"),
+    ({"replica_cpus": 100.0}, "--replica-cpus 100.0 must be above 0 and at most 64"),
+])  # fmt: skip
+def test_settings_refuse_values_out_of_range(tiny_export: Path, change: dict[str, object], message: str) -> None:
+    settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), **change)  # type: ignore[arg-type]
+    with pytest.raises(BtDeployError, match=re.escape(message)):
+        check_settings(settings)
 
 
 def test_settings_name_the_missing_graph(tiny_export: Path) -> None:

@@ -8,5 +8,8 @@ set -euo pipefail
 model=${1:?usage: recipe.sh MODEL [OUT], MODEL a preset (tiny, base, large) or checkpoint folder}
 out=${2:-btdeploy-out/$(basename "$model")}
 calib=()
-if [[ -n "${CALIB_IMAGES:-}" ]]; then calib=(--calib-images "$CALIB_IMAGES" --calib-texts "$CALIB_TEXTS"); fi
+if [[ -n "${CALIB_IMAGES:-}${CALIB_TEXTS:-}" ]]; then
+  calib=(--calib-images "${CALIB_IMAGES:?CALIB_TEXTS is set: set CALIB_IMAGES=DIR too}"
+         --calib-texts "${CALIB_TEXTS:?CALIB_IMAGES is set: set CALIB_TEXTS=FILE (one caption per line) too}")
+fi
 exec btdeploy pipeline --model "$model" --out "$out" --split "${calib[@]}"

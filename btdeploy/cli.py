@@ -178,13 +178,20 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
     if bool(args.image) == bool(args.images):
         raise BtDeployError("give --image IMG with --texts FILE, or --images DIR with --text TEXT")
+    # The other direction's option would be ignored: refused, so a mixed-up command is not answered.
     if args.image:
+        if args.text is not None:
+            raise BtDeployError("--text goes with --images DIR; with --image IMG give --texts FILE")
         if not args.texts:
             raise BtDeployError("--image needs --texts FILE (one caption per line)")
         texts, images = read_captions(Path(args.texts), "--texts"), [Path(args.image)]
     else:
-        if not args.text:
+        if args.texts is not None:
+            raise BtDeployError("--texts goes with --image IMG; with --images DIR give --text TEXT")
+        if args.text is None:
             raise BtDeployError("--images needs --text TEXT")
+        if not args.text.strip():
+            raise BtDeployError("--text is empty: give the words to rank the images against")
         texts, images = [args.text], image_files(Path(args.images), "--images")
     rows, stages = rank(Path(args.dir), images, texts, args.top_k, _chosen_graph(args), args.batch_size)
     print(f"{stages}")

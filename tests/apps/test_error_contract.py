@@ -270,6 +270,16 @@ CASES: list[tuple[str, Setup, str]] = [
     ),
     ("rank a caption past the model's length", _rank_a_caption_past_the_model, "text 3 of 3 ('word word"),
     (
+        "rank --images with --texts as well",
+        lambda out, tmp: ["rank", str(out), "--images", str(tmp), "--text", "a", "--texts", "c.txt"],
+        "--texts goes with --image IMG; with --images DIR give --text TEXT",
+    ),
+    (
+        "rank --images on an empty --text",
+        lambda out, tmp: ["rank", str(out), "--images", str(tmp), "--text", " "],
+        "--text is empty",
+    ),
+    (
         "quantize int8 before the graph it starts from",
         lambda out, tmp: ["quantize", str(out / "itm"), "--precision", "int8"],
         "int8 of the ort flavour starts from the trt graph (the ort and trt int8 graphs share one calibration",

@@ -59,6 +59,10 @@ def parse_task_request(
             raise RequestError(400, "the request body is not valid JSON") from None
         if not isinstance(request, dict):
             raise RequestError(400, 'a task request is a JSON object: {"image": "<base64>", "texts": ["..."]}')
+        if query_texts:
+            raise RequestError(
+                400, 'give the texts in the JSON body or as ?text=, not both (a JSON body takes "texts")'
+            )
         known = RANK_KEYS if ranks else TASK_KEYS
         unknown = [key for key in request if key not in known]
         if unknown:
@@ -67,6 +71,8 @@ def parse_task_request(
         images = _listed(request, "image", "images")
         texts = _listed(request, "text", "texts")
         decoded = [_base64(value, index) for index, value in enumerate(images)]
+        if "top_k" in request and top_k is not None:
+            raise RequestError(400, "give top_k in the JSON body or as ?top_k=, not both")
         top_k = request.get("top_k", top_k)
     else:
         decoded, texts = ([body] if body else []), query_texts

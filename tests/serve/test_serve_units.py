@@ -175,6 +175,14 @@ def test_rank_top_k_must_be_a_whole_number(top_k: object) -> None:
     assert error.value.status == 400
 
 
+def test_a_json_request_does_not_also_take_query_texts_or_top_k() -> None:
+    body = json.dumps({"image": "", "texts": ["a"], "top_k": 1}).encode()
+    with pytest.raises(RequestError, match="in the JSON body or as \\?text=, not both"):
+        parse_task_request(body, "application/json", ["b"], 2, ranks=True)
+    with pytest.raises(RequestError, match="in the JSON body or as \\?top_k=, not both"):
+        parse_task_request(body, "application/json", [], 2, "2", ranks=True)
+
+
 def test_top_k_is_refused_outside_rank() -> None:
     with pytest.raises(RequestError, match="top_k is taken by /v1/rank only"):
         parse_task_request(_png(), "image/png", ["x"], 2, "3")

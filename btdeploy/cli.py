@@ -347,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--precision",
             choices=[str(p) for p in Precision],
-            default="fp32",
-            help=f"{verb} model.<flavour>.<precision>.onnx (flavour ort unless given){precision_note}",
+            default=None,  # the backend's own default: fp32, or fp16 for TensorRT engines
+            help=f"{verb} model.<flavour>.<precision>.onnx (flavour ort unless given){precision_note}"
+            " (default: fp32; fp16 with --backend tensorrt)",
         )
 
     export = add("export", cmd_export, "export heads to ONNX with dynamic batch and text length")

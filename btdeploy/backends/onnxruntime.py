@@ -122,8 +122,8 @@ class OnnxRuntimeBackend:
         elif dropped:
             raise BtDeployError(
                 f"ONNX Runtime could not start {', '.join(dropped)} for {Path(model_path).name} (it runs on "
-                f"{', '.join(running)}): check the GPU and CUDA libraries, pass providers=['cpu'], or allow the "
-                "fallback with provider_fallback=True"
+                f"{', '.join(running)}): check the GPU and CUDA libraries, or run on the CPU (--providers cpu; "
+                "in btdeploy.load providers=['cpu'], or provider_fallback=True to fall back with a warning)"
             )
         self.providers = running
         self.description = f"{Path(model_path).name} on {', '.join(running)}"

@@ -43,7 +43,7 @@ def check_export(
     providers: list[str] | None = None,
     report: Path | None = None,
     flavour: str | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
     split: bool = False,
     references: ReferenceCache | None = None,
     images: Path | None = None,

@@ -98,6 +98,22 @@ def test_run_picks_the_graph_backend_and_precision(
     assert "model.ort.int8.onnx does not exist: run btdeploy quantize" in capsys.readouterr().err
 
 
+def test_each_backend_takes_its_own_default_precision(
+    tiny_export: Path, image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--backend tensorrt without --precision runs its fp16 engine: the command line's fp32 default
+    had it refused as 'cannot run fp32 trt graphs'. Without a GPU it is refused for that instead."""
+    from btdeploy.backends.targets import get_target
+
+    assert get_target("tensorrt").defaults["precision"] == "fp16"
+    code = main(
+        ["run", str(tiny_export), "--head", "itm", "--image", str(image), "--text", "a", "--backend", "tensorrt"]
+    )
+    err = capsys.readouterr().err
+    if code == 2:
+        assert "fp32" not in err and "tensorrt" in err.lower(), err
+
+
 def test_run_on_a_missing_image_is_one_line(
     tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

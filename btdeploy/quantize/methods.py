@@ -13,7 +13,7 @@ import onnx
 
 from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.errors import BtDeployError
-from btdeploy.quantize.fp16 import autocast_fp16
+from btdeploy.quantize.fp16 import FP16_RANGE_ROWS, autocast_fp16
 from btdeploy.quantize.int8 import calibrated_int8, int8_from_twin, int8_twin_converts
 from btdeploy.quantize.int8_dynamic import dynamic_int8
 
@@ -51,6 +51,11 @@ class QuantizeMethod:
     # When two flavours start from one source graph with the same calibration data, how the graph
     # already written for one becomes the other's, instead of calibrating again; None: never.
     from_twin: FromTwin | None = None
+    # The most calibration rows it reads; None: every row asked for. Fewer are made and held.
+    calibration_rows: int | None = None
+
+    def rows_to_load(self, asked: int) -> int:
+        return asked if self.calibration_rows is None else min(asked, self.calibration_rows)
 
     def source(self, flavour: Flavour) -> tuple[Flavour, str]:
         if self.source_flavour is None or flavour.standard_only:
@@ -80,6 +85,7 @@ METHODS: dict[Precision, QuantizeMethod] = {
             True,
             autocast_fp16,
             from_twin=FromTwin(_always, _same_graph),
+            calibration_rows=FP16_RANGE_ROWS,
         ),
         # The ort and trt int8 graphs share their calibration and Q/DQ; only what stays out of INT8
         # differs (FP32 for ONNX Runtime, FP16 for TensorRT).

@@ -325,6 +325,20 @@ def test_calibration_from_files_is_recorded(optimized: Path, tmp_path: Path) -> 
     assert all(row.passed for row in rows)
 
 
+def test_fp16_makes_only_the_calibration_rows_it_reads(optimized: Path, tmp_path: Path) -> None:
+    """AutoCast's range check reads FP16_RANGE_ROWS rows: a --calib-size of 100,000 made and held
+    them all (5 GB on tiny) before; now the recorded calibration is the rows it read."""
+    from btdeploy.quantize.fp16 import FP16_RANGE_ROWS
+    from btdeploy.quantize.methods import METHODS
+
+    assert METHODS[Precision.FP16].rows_to_load(100_000) == FP16_RANGE_ROWS
+    assert METHODS[Precision.INT8].rows_to_load(100_000) == 100_000  # int8 reads every row asked for
+    folder = tmp_path / "itm"
+    shutil.copytree(optimized / "itm", folder)
+    quantize_head(folder, "fp16", "trt", calib_size=100_000)
+    assert read_manifest(folder).data["precisions"]["trt.fp16"]["calibration"]["size"] == FP16_RANGE_ROWS
+
+
 def test_generated_calibration_is_loud_and_recorded(quantized: Path, capsys: pytest.CaptureFixture[str]) -> None:
     calibration = read_manifest(quantized / "mlm").data["precisions"]["ort.int8"]["calibration"]
     assert calibration["kind"] == "generated" and calibration["size"] == CALIB_SIZE
@@ -387,9 +401,16 @@ def test_an_fp16_graph_two_flavours_share_is_made_once(optimized: Path, tmp_path
     runtimes = [btdeploy.load(folder, flavour=flavour, precision="fp16") for flavour in ("trt", "ort")]
     feeds = sample_inputs(runtimes[0].config, 2, 7)
     np.testing.assert_array_equal(runtimes[0](**feeds).logits, runtimes[1](**feeds).logits)
-    # Other calibration rows make another graph: nothing is shared then.
-    again = quantize_head(folder, "fp16", "ort", calib_size=5)
-    assert "reused_from" not in again and again["calibration"]["size"] == 5
+    # Other calibration rows make another graph: nothing is shared then. (Another --calib-size of
+    # generated rows would not do: AutoCast reads the first 4 rows, and only those are made.)
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 56, 3), dtype=np.uint8)).save(images / "a.png")
+    (tmp_path / "captions.txt").write_text("a dog on a sofa\n")
+    again = quantize_head(folder, "fp16", "ort", images, tmp_path / "captions.txt")
+    assert "reused_from" not in again and again["calibration"]["kind"] == "files"
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])

@@ -31,6 +31,33 @@ class CalibrationData:
         return int(next(iter(self.feeds.values())).shape[0])
 
 
+def _refuse_rows_past_memory(size: int, config: Any, length: int) -> None:
+    """The rows are held in memory while they run one at a time: a count whose inputs alone would
+    take more than half of the memory available is refused here, not killed by the kernel later."""
+    side = int(config.vision_config.image_size)
+    row_bytes = 3 * side * side * 4 + 2 * length * 8  # float32 pixels, int64 ids and mask
+    needed = size * row_bytes
+    available = _available_memory()
+    if available is None:
+        return  # not Linux: nothing to measure against
+    if needed > available / 2:
+        raise BtDeployError(
+            f"--calib-size {size} holds {needed / 2**30:.1f} GB of inputs in memory, more than half of the "
+            f"{available / 2**30:.1f} GB available: use fewer rows"
+        )
+
+
+def _available_memory() -> int | None:
+    """MemAvailable (free memory plus what the page cache would give back), in bytes."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def load_calibration(
     manifest: Manifest, images: Path | None, texts: Path | None, size: int = DEFAULT_CALIB_SIZE
 ) -> CalibrationData:
@@ -39,6 +66,7 @@ def load_calibration(
         raise BtDeployError(f"--calib-size {size} must be at least 1")
     config = manifest.config
     length = min(CALIB_TEXT_LENGTH, max_text_length(config))
+    _refuse_rows_past_memory(size, config, length)
     if images is None and texts is None:
         warn(
             f"no calibration data given (--calib-images DIR --calib-texts FILE): calibrating {manifest.head} on "

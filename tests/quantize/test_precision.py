@@ -351,6 +351,8 @@ def test_generated_calibration_is_loud_and_recorded(quantized: Path, capsys: pyt
         ({"precision": "int8-dynamic", "flavour": "trt"}, "TensorRT cannot parse: use --flavour ort"),
         ({"precision": "int8", "calib_images": Path("/nonexistent")}, "give both --calib-images"),
         ({"precision": "int8", "calib_size": 0}, "--calib-size 0 must be at least 1"),
+        # Refused before any row is made, not killed by the kernel once they fill the memory.
+        ({"precision": "int8", "calib_size": 10**9}, r"--calib-size 1000000000 holds \d+\.\d GB of inputs in memory"),
     ],
 )
 def test_bad_quantize_requests_say_what_to_do(optimized: Path, arguments: dict[str, object], message: str) -> None:

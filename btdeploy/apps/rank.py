@@ -20,7 +20,7 @@ import numpy as np
 
 from btdeploy.apps.run import refuse_long_texts
 from btdeploy.artifacts.graph_names import Precision
-from btdeploy.artifacts.manifest import head_folders, read_manifest
+from btdeploy.artifacts.manifest import head_folders, read_manifest, require_one_checkpoint
 from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import match_probability
@@ -158,6 +158,11 @@ def rank(
     resolved = get_target("onnxruntime").resolve(options)
     reduced = resolved.precision if resolved.precision != Precision.FP32 else None
     graphs = " ".join(str(part) for part in (resolved.flavour, reduced) if part)
+    if _has_head(root, "itc"):  # before any work
+        require_one_checkpoint(
+            [read_manifest(head_folders(root, [head])[0]) for head in ("itm", "itc")],
+            "rank takes its candidates from the itc head and scores them with the itm head",
+        )
     itm = _load(root, "itm", **options)
     itm_query = _make_query(itm, query_image, query_text)
     refuse_long_texts(itm_query.processor, texts, itm)  # before any work: the captions, or the query

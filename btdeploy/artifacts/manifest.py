@@ -176,6 +176,30 @@ class Manifest:
             )
 
 
+def require_one_checkpoint(manifests: list[Manifest], why: str) -> None:
+    """Heads a command uses together must be exports of one checkpoint (the same weight files):
+    a head exported again from a fine-tune into the same folder beside an older one would
+    otherwise be combined with it without a word (`why`: what combines them)."""
+    groups: dict[str, list[Manifest]] = {}
+    for manifest in manifests:
+        model = manifest.data["model"]
+        identity = model.get("weights_sha256") or model.get("checkpoint_sha256")
+        if identity is None:
+            continue  # exported before btdeploy recorded it: nothing to compare
+        groups.setdefault(identity, []).append(manifest)
+    if len(groups) < 2:
+        return
+    described = "; ".join(
+        f"{', '.join(m.head for m in group)} from {group[0].data['model'].get('source')} "
+        f"(seed {group[0].data['model'].get('seed')}, weights {identity[:12]})"
+        for identity, group in groups.items()
+    )
+    raise BtDeployError(
+        f"{why}, but they were exported from different checkpoints: {described}; "
+        "export them again from one checkpoint (btdeploy export --heads ...)"
+    )
+
+
 def read_manifest(folder: Path) -> Manifest:
     path = folder / MANIFEST_NAME
     if not path.is_file():

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
+from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest, require_one_checkpoint
 from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
 
@@ -65,6 +65,7 @@ def check_settings(settings: ServeSettings) -> dict[str, Manifest]:
         raise BtDeployError(f"--port {settings.port} is not a TCP port: give one in 1..65535")
     folders = head_folders(Path(settings.export_dir), list(settings.heads) or None)
     manifests = {manifest.head: manifest for manifest in map(read_manifest, folders)}
+    require_one_checkpoint(list(manifests.values()), "the server preprocesses for every head with one processor")
     target = get_target(BACKEND)
     for manifest in manifests.values():
         split = settings.split and len(manifest.stems) > 1

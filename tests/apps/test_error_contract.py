@@ -98,6 +98,17 @@ def _one_weight_byte_flipped(out: Path, tmp: Path) -> list[str]:
     return ["optimize", str(out), "--heads", "itm", "--flavour", "trt"]
 
 
+def _one_head_from_another_checkpoint(command: list[str]) -> Setup:
+    """itc exported from another checkpoint (the tiny preset at seed 1) beside itm from seed 0."""
+
+    def setup(out: Path, tmp: Path) -> list[str]:
+        export_head(resolve_model("tiny", seed=1), "itc", out)
+        (out / "captions.txt").write_text("a cat\na dog\n")
+        return [arg.format(out=out, tmp=tmp) for arg in command]
+
+    return setup
+
+
 def _provider_that_cannot_start(out: Path, tmp: Path) -> list[str]:
     return ["check", str(out), "--heads", "itm", "--providers", "cuda"]
 
@@ -211,6 +222,11 @@ CASES: list[tuple[str, Setup, str]] = [
         )
     ],  # fmt: skip
     ("optimize on a graph with one byte flipped", _one_weight_byte_flipped, "(sha256 differs)"),
+    (
+        "rank on heads from two checkpoints",
+        _one_head_from_another_checkpoint(["rank", "{out}", "--image", "x.png", "--texts", "{out}/captions.txt"]),
+        "rank takes its candidates from the itc head and scores them with the itm head, but they were exported",
+    ),
     ("a provider that cannot start", _provider_that_cannot_start, "could not start CUDAExecutionProvider"),
     ("two folders claim one head", _two_folders_claim_one_head, "both hold the itm head"),
     ("bench --batch-sizes 0", _zero_batch_size, "every value must be at least 1"),

@@ -272,6 +272,22 @@ def test_settings_refuse_values_out_of_range(tiny_export: Path, change: dict[str
         check_settings(settings)
 
 
+def test_settings_refuse_heads_from_two_checkpoints(tiny_export: Path, tmp_path: Path) -> None:
+    """One processor serves every head: heads exported from different checkpoints are refused
+    (before Ray starts), as rank refuses to combine them."""
+    import shutil
+
+    from btdeploy.export.exporter import export_head
+    from btdeploy.model.checkpoints import resolve_model
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_export / "itm", out / "itm")
+    export_head(resolve_model("tiny", seed=1), "itc", out)
+    with pytest.raises(BtDeployError, match=r"one processor, but they were exported from different checkpoints: "):
+        check_settings(ServeSettings(export_dir=str(out), port=8999))
+    assert check_settings(ServeSettings(export_dir=str(out), heads=("itm",), port=8999)).keys() == {"itm"}
+
+
 def test_settings_name_the_missing_graph(tiny_export: Path) -> None:
     with pytest.raises(BtDeployError, match="btdeploy quantize"):
         check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), precision="int8", flavour="ort"))

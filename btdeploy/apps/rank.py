@@ -160,7 +160,7 @@ def rank(
     graphs = " ".join(str(part) for part in (resolved.flavour, reduced) if part)
     if _has_head(root, "itc"):  # before any work
         require_one_checkpoint(
-            [read_manifest(head_folders(root, [head])[0]) for head in ("itm", "itc")],
+            [read_manifest(folder) for folder in head_folders(root, ["itm", "itc"])],
             "rank takes its candidates from the itc head and scores them with the itm head",
         )
     itm = _load(root, "itm", **options)

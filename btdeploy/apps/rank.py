@@ -158,7 +158,8 @@ def rank(
     resolved = get_target("onnxruntime").resolve(options)
     reduced = resolved.precision if resolved.precision != Precision.FP32 else None
     graphs = " ".join(str(part) for part in (resolved.flavour, reduced) if part)
-    if _has_head(root, "itc"):  # before any work
+    has_itc = _has_head(root, "itc")
+    if has_itc:  # before any work
         require_one_checkpoint(
             [read_manifest(folder) for folder in head_folders(root, ["itm", "itc"])],
             "rank takes its candidates from the itc head and scores them with the itm head",
@@ -166,7 +167,7 @@ def rank(
     itm = _load(root, "itm", **options)
     itm_query = _make_query(itm, query_image, query_text)
     refuse_long_texts(itm_query.processor, texts, itm)  # before any work: the captions, or the query
-    if _has_head(root, "itc"):
+    if has_itc:
         itc = _load(root, "itc", **options)
         query = _make_query(itc, query_image, query_text)
         say(f"rank: ITC cosine over {len(candidates)} candidate(s), {batch_size} at a time")

@@ -381,38 +381,29 @@ def write_serve_report(
     lines += ["", "## Batching against no batching, same server", ""]
     compared = 0
     for workload in dict.fromkeys(level.workload for level in levels):
-
-        def pick(mode: str, concurrency: int, workload: str = workload) -> Level | None:
-            return next(
-                (x for x in levels if x.workload == workload and x.mode == mode and x.concurrency == concurrency), None
-            )
-
-        def ran(mode: str, workload: str = workload) -> set[int]:
-            return {x.concurrency for x in levels if x.workload == workload and x.mode == mode and x.concurrency}
-
+        served = {(x.mode, x.concurrency): x for x in levels if x.workload == workload}
         # At concurrency 16 where both servers ran it (enough requests in flight to merge), else the highest both ran.
-        common = ran("batching") & ran("no batching")
+        common = {c for mode, c in served if mode == "batching"} & {c for mode, c in served if mode == "no batching"}
         if not common:
             continue
         concurrency = COMPARE_CONCURRENCY if COMPARE_CONCURRENCY in common else max(common)
-        on, off = pick("batching", concurrency), pick("no batching", concurrency)
+        on, off = served["batching", concurrency], served["no batching", concurrency]
         merged = next((x for x in levels if x.workload == workload and x.mode == "in-process"), None)
         single = next((x for x in levels if x.workload == workload and x.mode == "in-process, 1 at a time"), None)
-        if on and off:
-            compared += 1
-            gain = on.throughput / off.throughput
-            line = (
-                f"- {workload}, concurrency {concurrency}: {on.throughput:.2f} against {off.throughput:.2f} req/s,"
-                f" **{gain:.2f}x**"
+        compared += 1
+        gain = on.throughput / off.throughput
+        line = (
+            f"- {workload}, concurrency {concurrency}: {on.throughput:.2f} against {off.throughput:.2f} req/s,"
+            f" **{gain:.2f}x**"
+        )
+        if merged and single:
+            best = max(merged.throughput, single.throughput)
+            line += (
+                f"; in this process, merged {merged.throughput:.2f} and one at a time {single.throughput:.2f} req/s"
+                f" (batching can give at most {merged.throughput / single.throughput:.2f}x on this machine);"
+                f" the batching server reaches {on.throughput / best:.2f}x of the better one"
             )
-            if merged and single:
-                best = max(merged.throughput, single.throughput)
-                line += (
-                    f"; in this process, merged {merged.throughput:.2f} and one at a time {single.throughput:.2f} req/s"
-                    f" (batching can give at most {merged.throughput / single.throughput:.2f}x on this machine);"
-                    f" the batching server reaches {on.throughput / best:.2f}x of the better one"
-                )
-            lines.append(line)
+        lines.append(line)
     if not compared:
         lines.append("- no concurrency ran on both servers: nothing to compare")
     write_text(out / "serve.md", "\n".join(lines) + "\n")

@@ -113,8 +113,6 @@ def quantize_head(
             require_fp16_safe(load_graph(source, "optimize the head again", load_weights=False), f"{source}")
         calibration = None
         if method.calibrates:
-            if calib_size < 1:
-                raise BtDeployError(f"--calib-size {calib_size} must be at least 1")
             # Only the rows the method reads are made: AutoCast's range check reads 4, and 100,000
             # generated rows for it had held 5 GB on tiny (about 100 GB on base) for nothing.
             calibration = load_calibration(manifest, calib_images, calib_texts, method.rows_to_load(calib_size))

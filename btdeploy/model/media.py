@@ -130,9 +130,19 @@ def export_processor(manifest: Manifest) -> Any:
 def pair_inputs(processor: Any, pictures: list[Any], texts: list[str], **text_options: Any) -> dict[str, np.ndarray]:
     """The head's inputs for (image, text) pairs, preprocessed as the checkpoint's processor does
     (texts padded to the longest unless `text_options` say otherwise), in the graph's dtypes."""
-    encoding = processor(images=pictures, text=texts, return_tensors="np", **({"padding": True} | text_options))
+    return {**text_inputs(processor, texts, **text_options), "pixel_values": image_inputs(processor, pictures)}
+
+
+def text_inputs(processor: Any, texts: list[str], **text_options: Any) -> dict[str, np.ndarray]:
+    """input_ids and attention_mask of texts, as pair_inputs makes them."""
+    encoding = processor(text=texts, return_tensors="np", **({"padding": True} | text_options))
     return {
         "input_ids": np.asarray(encoding["input_ids"], dtype=np.int64),
         "attention_mask": np.asarray(encoding["attention_mask"], dtype=np.int64),
-        "pixel_values": np.asarray(encoding["pixel_values"], dtype=np.float32),
     }
+
+
+def image_inputs(processor: Any, pictures: list[Any]) -> np.ndarray:
+    """pixel_values of pictures, as pair_inputs makes them (the processor center-crops every
+    image to the checkpoint's size, so batches made apart join)."""
+    return np.asarray(processor(images=pictures, return_tensors="np")["pixel_values"], dtype=np.float32)

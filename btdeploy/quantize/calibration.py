@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
+from btdeploy.artifacts.files import sha256_of, sha256_of_json
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.model import media
-from btdeploy.model.configs import max_text_length
+from btdeploy.model.configs import max_text_length, num_image_tokens
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import say, warn
 
@@ -19,6 +20,7 @@ from btdeploy.progress import say, warn
 # count; each row costs about a second of calibration on base.
 DEFAULT_CALIB_SIZE = 16
 CALIB_TEXT_LENGTH = 40  # the profiles' optimum text length; shorter captions are padded to it
+IMAGE_CHUNK = 16  # calibration images decoded at once
 
 
 @dataclass
@@ -31,19 +33,68 @@ class CalibrationData:
         return int(next(iter(self.feeds.values())).shape[0])
 
 
-def _refuse_rows_past_memory(size: int, config: Any, length: int) -> None:
-    """The rows are held in memory while they run one at a time: a count whose inputs alone would
-    take more than half of the memory available is refused here, not killed by the kernel later."""
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """What `size` calibration rows will be made from, known before any image is decoded: its
+    `source` (with a digest of the images' bytes and the captions the rows read) is what a
+    quantized graph records, so a graph is reused only when the same data would calibrate it."""
+
+    manifest: Manifest
+    size: int
+    length: int
+    source: dict[str, Any]
+    images: tuple[Path, ...] = ()  # the distinct image files the rows read, in row order
+    captions: tuple[str, ...] = ()  # the distinct captions the rows read
+
+    def load(self) -> CalibrationData:
+        """The rows, refused up front when they would not fit in memory."""
+        _refuse_rows_past_memory(self.size, self.manifest, self.length)
+        if not self.images:
+            return CalibrationData(sample_inputs(self.manifest.config, self.size, self.length, seed=1234), self.source)
+        say(
+            f"calibration: {self.size} pairs from {len(self.images)} images and {len(self.captions)} captions, "
+            f"length {self.length}"
+        )
+        processor = media.export_processor(self.manifest)
+        rows = np.arange(self.size)
+        texts = media.text_inputs(
+            processor, [self.captions[i % len(self.captions)] for i in rows],
+            padding="max_length", truncation=True, max_length=self.length,
+        )  # fmt: skip
+        pixels = _image_rows(processor, self.images)
+        return CalibrationData({**texts, "pixel_values": pixels[rows % len(self.images)]}, self.source)
+
+
+def _image_rows(processor: Any, images: tuple[Path, ...]) -> np.ndarray:
+    """Each image once through the processor, IMAGE_CHUNK decoded pictures at a time: a photo
+    holds its full size in memory until the processor shrinks it (36 MB for 12 megapixels), so
+    the pictures of every row at once had held gigabytes for a few hundred rows."""
+    chunks = []
+    for start in range(0, len(images), IMAGE_CHUNK):
+        pictures = [media.load_image(path, processor.image_processor) for path in images[start : start + IMAGE_CHUNK]]
+        chunks.append(media.image_inputs(processor, pictures))  # one size: the processor center-crops
+    return np.concatenate(chunks)
+
+
+def _refuse_rows_past_memory(size: int, manifest: Manifest, length: int) -> None:
+    """The rows are held in memory while they run one at a time, and for a split head so are
+    their text and image states (the fusion graph's inputs, several times the pixels): a count
+    that would take more than half of the memory available is refused here, not killed by the
+    kernel later."""
+    config = manifest.config
     side = int(config.vision_config.image_size)
     row_bytes = 3 * side * side * 4 + 2 * length * 8  # float32 pixels, int64 ids and mask
+    if "fusion" in manifest.stems:
+        tokens = length + num_image_tokens(config)
+        row_bytes += int(config.num_hidden_layers) * tokens * int(config.hidden_size) * 4
     needed = size * row_bytes
     available = _available_memory()
     if available is None:
         return  # not Linux: nothing to measure against
     if needed > available / 2:
         raise BtDeployError(
-            f"--calib-size {size} holds {needed / 2**30:.1f} GB of inputs in memory, more than half of the "
-            f"{available / 2**30:.1f} GB available: use fewer rows"
+            f"--calib-size {size} holds {needed / 2**30:.1f} GB of calibration inputs in memory, more than half of "
+            f"the {available / 2**30:.1f} GB available: use fewer rows"
         )
 
 
@@ -58,34 +109,26 @@ def _available_memory() -> int | None:
     return None
 
 
-def load_calibration(
+def plan_calibration(
     manifest: Manifest, images: Path | None, texts: Path | None, size: int = DEFAULT_CALIB_SIZE
-) -> CalibrationData:
-    """`size` image-caption pairs through the processor, or generated inputs (with a loud warning)."""
+) -> CalibrationPlan:
+    """`size` image-caption pairs from the user's files, or generated inputs (with a loud warning)."""
     if size < 1:
         raise BtDeployError(f"--calib-size {size} must be at least 1")
-    config = manifest.config
-    length = min(CALIB_TEXT_LENGTH, max_text_length(config))
-    _refuse_rows_past_memory(size, config, length)
+    length = min(CALIB_TEXT_LENGTH, max_text_length(manifest.config))
     if images is None and texts is None:
         warn(
             f"no calibration data given (--calib-images DIR --calib-texts FILE): calibrating {manifest.head} on "
             f"{size} GENERATED inputs (random pixels and token ids). Ranges from real images and captions differ; "
             "quantize again with real data before shipping."
         )
-        feeds = sample_inputs(config, size, length, seed=1234)
-        return CalibrationData(
-            feeds, {"kind": "generated", "size": size, "text_length": length, "warning": "not real data"}
-        )
+        source = {"kind": "generated", "size": size, "text_length": length, "warning": "not real data"}
+        return CalibrationPlan(manifest, size, length, source)
     if images is None or texts is None:
         raise BtDeployError("give both --calib-images DIR and --calib-texts FILE, or neither")
     image_files = media.image_files(Path(images), "--calib-images")
     captions = media.read_captions(Path(texts), "--calib-texts")
-    processor = media.export_processor(manifest)
-    pictures = [media.load_image(image_files[i % len(image_files)], processor.image_processor) for i in range(size)]
-    lines = [captions[i % len(captions)] for i in range(size)]
-    say(f"calibration: {size} pairs from {len(image_files)} images and {len(captions)} captions, length {length}")
-    feeds = media.pair_inputs(processor, pictures, lines, padding="max_length", truncation=True, max_length=length)
+    used_images, used_captions = tuple(image_files[:size]), tuple(captions[:size])
     source = {
         "kind": "files",
         "images": str(images),
@@ -94,5 +137,14 @@ def load_calibration(
         "captions": len(captions),
         "size": size,
         "text_length": length,
+        # What the rows read, by content: other images or captions under the same names calibrate anew.
+        "sha256": sha256_of_json({"images": [sha256_of(f) for f in used_images], "captions": used_captions}),
     }
-    return CalibrationData(feeds, source)
+    return CalibrationPlan(manifest, size, length, source, used_images, used_captions)
+
+
+def load_calibration(
+    manifest: Manifest, images: Path | None, texts: Path | None, size: int = DEFAULT_CALIB_SIZE
+) -> CalibrationData:
+    """The calibration rows of `plan_calibration`, made at once."""
+    return plan_calibration(manifest, images, texts, size).load()

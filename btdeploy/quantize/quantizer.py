@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, parse_flavour
@@ -22,7 +23,7 @@ from btdeploy.backends.targets import graph_checks
 from btdeploy.errors import BtDeployError
 from btdeploy.optimize.graph_checks import layernorm_types, qdq_summary, require_fp16_safe
 from btdeploy.progress import say, step
-from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE, CalibrationData, load_calibration
+from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE, CalibrationData, plan_calibration
 from btdeploy.quantize.int8 import ACTIVATION_CODE
 from btdeploy.quantize.methods import QuantizeMethod, get_method
 
@@ -63,23 +64,33 @@ _FUSION_THROUGH = "text and vision towers (FP32 {flavour} graphs)"
 _PACKAGES = ("btdeploy", "nvidia-modelopt", "onnxruntime-gpu", "onnx")  # the tools a quantized graph depends on
 
 
+TOWER_ROWS = 8  # calibration rows run through the FP32 towers at once, for the fusion graph's inputs
+
+
 def _fusion_calibration(manifest: Manifest, calibration: CalibrationData, flavour: Flavour) -> CalibrationData:
     """The fusion graph's inputs: the calibration rows through the FP32 text and vision towers of
-    the flavour being quantized from (the split backend of the target registry)."""
+    the flavour being quantized from (the split backend of the target registry), TOWER_ROWS rows
+    at a time, so the towers' working memory does not grow with --calib-size."""
     from btdeploy.backends.split import build_split_backend
     from btdeploy.backends.targets import get_target
 
     towers = build_split_backend(manifest, get_target("onnxruntime").resolve({"flavour": flavour, "split": True}))
-    fused = {**towers.text(calibration.feeds), **towers.vision(calibration.feeds)}
-    return CalibrationData(fused, _calibration_source(calibration, "fusion", flavour) or {})
+    fused: dict[str, np.ndarray] = {}
+    for start in range(0, calibration.size, TOWER_ROWS):
+        rows = {name: values[start : start + TOWER_ROWS] for name, values in calibration.feeds.items()}
+        for name, values in {**towers.text(rows), **towers.vision(rows)}.items():
+            if name not in fused:  # filled in place: the joined rows are never held twice
+                fused[name] = np.empty((calibration.size, *values.shape[1:]), values.dtype)
+            fused[name][start : start + len(values)] = values
+    return CalibrationData(fused, _calibration_source(calibration.source, "fusion", flavour) or {})
 
 
-def _calibration_source(calibration: CalibrationData | None, stem: str, flavour: Flavour) -> dict[str, Any] | None:
-    if calibration is None:
+def _calibration_source(source: dict[str, Any] | None, stem: str, flavour: Flavour) -> dict[str, Any] | None:
+    if source is None:
         return None
     if stem == "fusion":
-        return {**calibration.source, "through": _FUSION_THROUGH.format(flavour=flavour)}
-    return calibration.source
+        return {**source, "through": _FUSION_THROUGH.format(flavour=flavour)}
+    return source
 
 
 def quantize_head(
@@ -111,21 +122,27 @@ def quantize_head(
             ) from None
         for source in sources.values():
             require_fp16_safe(load_graph(source, "optimize the head again", load_weights=False), f"{source}")
-        calibration = None
+        # Only the rows the method reads are made: AutoCast's range check reads 4, and 100,000
+        # generated rows for it had held 5 GB on tiny (about 100 GB on base) for nothing.
+        plan = None
         if method.calibrates:
-            # Only the rows the method reads are made: AutoCast's range check reads 4, and 100,000
-            # generated rows for it had held 5 GB on tiny (about 100 GB on base) for nothing.
-            calibration = load_calibration(manifest, calib_images, calib_texts, method.rows_to_load(calib_size))
+            plan = plan_calibration(manifest, calib_images, calib_texts, method.rows_to_load(calib_size))
+        wanted = plan.source if plan else None
         made_by = {
-            stem: manifest.made_by(sources[stem], _PACKAGES,
-                                   calibration=_calibration_source(calibration, stem, source_flavour))
+            stem: manifest.made_by(
+                sources[stem], _PACKAGES, calibration=_calibration_source(wanted, stem, source_flavour)
+            )
             for stem in manifest.stems
-        }  # fmt: skip
+        }
         recorded = manifest.precision_record(chosen, method.precision)
         if reuse and recorded is not None and manifest.up_to_date(recorded, made_by):
             say(f"quantize {manifest.head} ({chosen}, {method.precision}): {recorded['file']} is up to date "
                 "(same source graph, calibration and tool versions); --force makes it again")  # fmt: skip
             return dict(recorded, reused=True)
+        calibration = None
+        if plan is not None:
+            with step(f"quantize {manifest.head}: {plan.size} calibration rows ({plan.source['kind']})"):
+                calibration = plan.load()
         summaries: dict[str, dict[str, Any]] = {}
         with GraphBatch() as batch:  # every graph of the head, or none: stage, then swap, then record
             for stem in manifest.stems:

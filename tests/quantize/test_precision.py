@@ -325,6 +325,73 @@ def test_calibration_from_files_is_recorded(optimized: Path, tmp_path: Path) -> 
     assert all(row.passed for row in rows)
 
 
+def _calibration_files(tmp_path: Path, count: int) -> tuple[Path, Path]:
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 255, size=(40 + 8 * index, 56, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images / f"photo{index}.png")
+    texts = tmp_path / "captions.txt"
+    texts.write_text("".join(f"caption number {index}\n" for index in range(count)))
+    return images, texts
+
+
+def test_calibration_reuse_follows_what_the_files_hold(optimized: Path, tmp_path: Path) -> None:
+    """A graph is kept only when the same data would calibrate it: other captions or image bytes
+    under the same names (the same counts) had been taken as the same calibration."""
+    from PIL import Image
+
+    images, texts = _calibration_files(tmp_path, 3)
+    folder = tmp_path / "itm"
+    shutil.copytree(optimized / "itm", folder)
+    first = quantize_head(folder, "int8", "ort", images, texts, calib_size=4, reuse=True)
+    assert quantize_head(folder, "int8", "ort", images, texts, calib_size=4, reuse=True).get("reused")
+    texts.write_text(texts.read_text().replace("number 1", "number one"))
+    second = quantize_head(folder, "int8", "ort", images, texts, calib_size=4, reuse=True)
+    assert not second.get("reused") and second["calibration"]["sha256"] != first["calibration"]["sha256"]
+    Image.fromarray(np.zeros((48, 56, 3), dtype=np.uint8)).save(images / "photo2.png")
+    third = quantize_head(folder, "int8", "ort", images, texts, calib_size=4, reuse=True)
+    assert not third.get("reused") and third["calibration"]["sha256"] != second["calibration"]["sha256"]
+    # The digest is of what the rows read: with 2 rows, a caption added after them leaves it as it was.
+    two_rows = quantize_head(folder, "int8", "ort", images, texts, calib_size=2)
+    texts.write_text(texts.read_text() + "a caption no row reads\n")
+    later = quantize_head(folder, "int8", "ort", images, texts, calib_size=2)
+    assert later["calibration"]["sha256"] == two_rows["calibration"]["sha256"]
+
+
+def test_calibration_images_are_decoded_once_a_chunk_at_a_time(
+    optimized: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every row's picture held at once had taken gigabytes for a few hundred photos: each file is
+    now decoded once, IMAGE_CHUNK at a time, and the rows are what the processor makes of all of
+    them together."""
+    from btdeploy.model import media
+    from btdeploy.quantize import calibration
+
+    images, texts = _calibration_files(tmp_path, 5)
+    monkeypatch.setattr(calibration, "IMAGE_CHUNK", 2)
+    decoded: list[str] = []
+    batches: list[int] = []
+    load_image, image_inputs = media.load_image, media.image_inputs
+    monkeypatch.setattr(media, "load_image", lambda path, *a: decoded.append(path.name) or load_image(path, *a))
+    monkeypatch.setattr(media, "image_inputs", lambda proc, pics: batches.append(len(pics)) or image_inputs(proc, pics))
+    manifest = read_manifest(optimized / "itm")
+    data = load_calibration(manifest, images, texts, 12)
+    assert sorted(decoded) == [f"photo{index}.png" for index in range(5)] and batches == [2, 2, 1]
+    processor = media.export_processor(manifest)
+    files = sorted(images.iterdir())
+    captions = texts.read_text().splitlines()
+    whole = processor(
+        images=[load_image(files[i % 5]) for i in range(12)], text=[captions[i % 5] for i in range(12)],
+        return_tensors="np", padding="max_length", truncation=True, max_length=data.source["text_length"],
+    )  # fmt: skip
+    for name, values in data.feeds.items():
+        np.testing.assert_array_equal(values, whole[name], err_msg=name)
+
+
 def test_fp16_makes_only_the_calibration_rows_it_reads(optimized: Path, tmp_path: Path) -> None:
     """AutoCast's range check reads FP16_RANGE_ROWS rows: a --calib-size of 100,000 made and held
     them all (5 GB on tiny) before; now the recorded calibration is the rows it read."""
@@ -352,7 +419,10 @@ def test_generated_calibration_is_loud_and_recorded(quantized: Path, capsys: pyt
         ({"precision": "int8", "calib_images": Path("/nonexistent")}, "give both --calib-images"),
         ({"precision": "int8", "calib_size": 0}, "--calib-size 0 must be at least 1"),
         # Refused before any row is made, not killed by the kernel once they fill the memory.
-        ({"precision": "int8", "calib_size": 10**9}, r"--calib-size 1000000000 holds \d+\.\d GB of inputs in memory"),
+        (
+            {"precision": "int8", "calib_size": 10**9},
+            r"--calib-size 1000000000 holds \d+\.\d GB of calibration inputs in memory",
+        ),
     ],
 )
 def test_bad_quantize_requests_say_what_to_do(optimized: Path, arguments: dict[str, object], message: str) -> None:

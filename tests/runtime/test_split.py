@@ -228,6 +228,34 @@ def test_split_graphs_quantize_and_keep_the_floors(split_export: Path, tmp_path:
     assert rows and all(row.passed for row in rows), [(r.output, r.stats.cosine) for r in rows]
 
 
+def test_fusion_calibration_runs_the_towers_a_few_rows_at_a_time(
+    split_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fusion graph's calibration inputs had come from one tower run over every row at once,
+    whose working memory grew with --calib-size; they are the same, made TOWER_ROWS rows at a time."""
+    from btdeploy.artifacts.graph_names import Flavour
+    from btdeploy.artifacts.manifest import read_manifest
+    from btdeploy.backends.split import SplitBackend, build_split_backend
+    from btdeploy.backends.targets import get_target
+    from btdeploy.quantize import quantizer
+    from btdeploy.quantize.calibration import load_calibration
+
+    manifest = read_manifest(split_export / "itm")
+    calibration = load_calibration(manifest, None, None, 7)
+    towers = build_split_backend(manifest, get_target("onnxruntime").resolve({"flavour": "ort", "split": True}))
+    whole = {**towers.text(calibration.feeds), **towers.vision(calibration.feeds)}
+    monkeypatch.setattr(quantizer, "TOWER_ROWS", 3)
+    rows: list[int] = []
+    text, vision = SplitBackend.text, SplitBackend.vision
+    monkeypatch.setattr(SplitBackend, "text", lambda self, f: rows.append(len(f["input_ids"])) or text(self, f))
+    monkeypatch.setattr(SplitBackend, "vision", lambda self, f: rows.append(len(f["pixel_values"])) or vision(self, f))
+    fused = quantizer._fusion_calibration(manifest, calibration, Flavour.ORT)
+    assert rows == [3, 3, 3, 3, 1, 1]
+    assert set(fused.feeds) == set(whole)
+    for name, values in whole.items():
+        np.testing.assert_allclose(fused.feeds[name], values, rtol=0, atol=1e-5, err_msg=name)
+
+
 def _rank_inputs(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     from PIL import Image
 

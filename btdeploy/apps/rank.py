@@ -24,7 +24,7 @@ from btdeploy.artifacts.manifest import head_folders, read_manifest, require_one
 from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import match_probability
-from btdeploy.model.media import export_processor, load_image
+from btdeploy.model.media import export_processor, image_inputs, load_image
 from btdeploy.progress import say
 from btdeploy.runtime.runtime import Runtime, SplitRuntime, load
 
@@ -55,16 +55,14 @@ class Query:
                 yield start, {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}
             else:
                 pictures = [load_image(path, self.processor.image_processor) for path in chunk]
-                pixels = self.processor.image_processor(pictures, return_tensors="np")["pixel_values"]
-                yield start, {"pixel_values": np.asarray(pixels, dtype=np.float32)}
+                yield start, {"pixel_values": image_inputs(self.processor, pictures)}
 
 
 def _make_query(runtime: Runtime, image: Path | None, text: str | None) -> Query:
     processor = export_processor(runtime.manifest)
     if image is not None:
-        image_processor = processor.image_processor  # type: ignore[attr-defined]
-        pixels = image_processor([load_image(image, image_processor)], return_tensors="np")["pixel_values"]
-        return Query(True, {"pixel_values": np.asarray(pixels, dtype=np.float32)}, processor)
+        picture = load_image(image, processor.image_processor)  # type: ignore[attr-defined]
+        return Query(True, {"pixel_values": image_inputs(processor, [picture])}, processor)
     encoding = processor.tokenizer([text], return_tensors="np")  # type: ignore[attr-defined]
     inputs = {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}
     return Query(False, inputs, processor)

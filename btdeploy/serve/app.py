@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import match_probability
-from btdeploy.model.media import export_processor, pair_inputs
+from btdeploy.model.media import export_processor, image_inputs, pair_inputs
 from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
 from btdeploy.serve.feature_cache import FeatureCache, content_key
 from btdeploy.serve.metrics import ServeStats
@@ -179,8 +179,7 @@ class RankModel:
         if missing:
             image_processor = self.processor.image_processor
             pictures = [decode_image(images[keys.index(key)], keys.index(key), image_processor) for key in missing]
-            pixels = image_processor(pictures, return_tensors="np")["pixel_values"]
-            encoded = self.runtime.encode_images(np.asarray(pixels, dtype=np.float32))
+            encoded = self.runtime.encode_images(image_inputs(self.processor, pictures))
             for row, key in enumerate(missing):
                 features = encoded[row]
                 self.cache.put(key, features)

@@ -167,7 +167,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from btdeploy.apps.doctor import doctor_report
 
-    lines, _ = doctor_report(Path(args.dir) if args.dir else None)
+    lines, _ = doctor_report(Path(args.dir) if args.dir else None, args.polygraphy)
     print("\n".join(lines))
     return 0
 
@@ -427,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = add("doctor", cmd_doctor, "what this machine can run, and how to install what it cannot")
     doctor.add_argument("dir", nargs="?", default=None, help="an export folder to list artifacts of")
+    doctor.add_argument(
+        "--polygraphy", action="store_true",
+        help="print the Polygraphy command of each TensorRT graph in dir even where TensorRT cannot run",
+    )  # fmt: skip
 
     rank = add("rank", cmd_rank, "rank captions against an image (or images against a caption): ITC, then ITM")
     rank.add_argument("dir", help="export folder with the itm head (and itc for the first stage; --split helps)")

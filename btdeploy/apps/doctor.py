@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 from btdeploy import hugepages
+from btdeploy.artifacts.graph_names import STEMS
 from btdeploy.artifacts.manifest import head_folders, package_version, read_manifest
 from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.backends.tensorrt.environment import INSTALL_TENSORRT, WHERE
@@ -29,17 +30,27 @@ def _driver() -> str | None:
 
 
 def _artifacts(folder: Path) -> list[str]:
+    """Per head its graphs and engines, then its split graphs: named by what follows the stem when
+    text, vision and fusion have the same ones, as they do after a pipeline."""
     lines = []
     for head_folder in head_folders(folder, None):
         manifest = read_manifest(head_folder)
         graphs = sorted(p.name for p in head_folder.glob("model*.onnx"))
         engines = sorted(p.name for p in head_folder.glob("engine.*.plan"))
         lines.append(f"  {manifest.head:<5} {', '.join(graphs + engines)}")
+        split = {stem: sorted(p.name[len(stem) :] for p in head_folder.glob(f"{stem}.*onnx")) for stem in STEMS[1:]}
+        if len({tuple(endings) for endings in split.values()}) == 1:
+            if split["text"]:
+                lines.append(f"        split graphs {{text,vision,fusion}}: {', '.join(split['text'])}")
+            continue
+        for stem, endings in split.items():
+            lines.append(f"        split graphs {stem}: {', '.join(stem + ending for ending in endings) or 'none'}")
     return lines
 
 
-def doctor_report(folder: Path | None = None) -> tuple[list[str], bool]:
-    """Lines to print, and whether the TensorRT path can run here."""
+def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple[list[str], bool]:
+    """Lines to print, and whether the TensorRT path can run here. The Polygraphy commands of the
+    folder's TensorRT graphs are printed where TensorRT runs, or when `polygraphy` asks for them."""
     lines: list[str] = []
     torch_version = package_version("torch")
     found = tensorrt_env.gpu()
@@ -82,10 +93,16 @@ def doctor_report(folder: Path | None = None) -> tuple[list[str], bool]:
         lines.append(f"btdeploy artifacts in {folder}:")
         lines.extend(_artifacts(folder) or ["  none"])
         debug = _polygraphy_commands(folder)
-        if debug:
+        if debug and (can_build or polygraphy):
             lines.append("")
             lines.append("to debug a TensorRT mismatch layer by layer (Polygraphy, installed with btdeploy):")
             lines.extend(debug)
+        elif debug:
+            lines.append("")
+            lines.append(
+                f"{len(debug)} TensorRT graph(s) here: `btdeploy doctor {folder} --polygraphy` prints a Polygraphy "
+                "command per graph to debug a TensorRT mismatch layer by layer, to run where TensorRT runs"
+            )
     return lines, can_build
 
 

@@ -194,6 +194,23 @@ def test_doctor_lists_versions_artifacts_and_install_commands(tiny_export: Path,
         assert any(line.split()[0] == head and "model.onnx" in line for line in lines if line.startswith("  "))
 
 
+def test_doctor_lists_split_graphs(tiny_export: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from btdeploy.apps.doctor import doctor_report
+
+    folder = tmp_path / "out" / "itm"
+    shutil.copytree(tiny_export / "itm", folder)
+    for stem in ("text", "vision", "fusion"):
+        (folder / f"{stem}.onnx").write_bytes(b"stands in for a split graph")
+    lines, _ = doctor_report(folder.parent)
+    assert "        split graphs {text,vision,fusion}: .onnx" in lines
+    (folder / "fusion.ort.onnx").write_bytes(b"only fusion has been optimized")
+    lines, _ = doctor_report(folder.parent)
+    assert "        split graphs text: text.onnx" in lines
+    assert "        split graphs fusion: fusion.onnx, fusion.ort.onnx" in lines
+
+
 def test_doctor_runs_from_the_command_line(tiny_export: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "btdeploy.cli", "doctor", str(tiny_export)], capture_output=True, text=True
@@ -202,7 +219,9 @@ def test_doctor_runs_from_the_command_line(tiny_export: Path) -> None:
     assert "can run here:" in result.stdout and "btdeploy artifacts in" in result.stdout
 
 
-def test_doctor_gives_polygraphy_commands_that_polygraphy_accepts(tiny_export: Path, tmp_path: Path) -> None:
+def test_doctor_gives_polygraphy_commands_that_polygraphy_accepts(
+    tiny_export: Path, tmp_path: Path, no_tensorrt: None
+) -> None:
     import shutil
     import subprocess
 
@@ -211,7 +230,11 @@ def test_doctor_gives_polygraphy_commands_that_polygraphy_accepts(tiny_export: P
     folder = tmp_path / "out"
     shutil.copytree(tiny_export / "itm", folder / "itm")
     (folder / "itm" / "model.trt-compat.fp16.onnx").write_bytes(b"stands in for a quantized graph")
+    # Where TensorRT cannot run, one line says how to get the commands instead of a page of them.
     lines, _ = doctor_report(folder)
+    assert not [line for line in lines if "polygraphy run" in line]
+    assert f"1 TensorRT graph(s) here: `btdeploy doctor {folder} --polygraphy` prints" in "\n".join(lines)
+    lines, _ = doctor_report(folder, polygraphy=True)
     commands = [line.strip() for line in lines if line.strip().startswith("polygraphy run")]
     assert len(commands) == 1 and "model.trt-compat.fp16.onnx --trt --strongly-typed --onnxrt" in commands[0]
     assert "--trt-opt-shapes input_ids:[8,40] attention_mask:[8,40] pixel_values:[8,3,64,64]" in commands[0]

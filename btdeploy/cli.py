@@ -128,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     runtime = load(args.dir, head=args.head, backend=args.backend, **_chosen_graph(args))
     answers = score(runtime, Path(args.image), args.text)
     width = max(len(text) for text, _ in answers)
-    print(f"{args.head} on {args.image} ({runtime.backend.description}):")
+    print(f"{runtime.manifest.head} on {args.image} ({runtime.backend.description}):")
     for text, answer in answers:
         print(f"  {text:<{width}}  {answer}")
     return 0
@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = add("run", cmd_run, "score texts against an image with an exported head")
     run.add_argument("dir", help="export folder or one head folder")
-    run.add_argument("--head", required=True, choices=list(HEADS), help="the head to run")
+    run.add_argument(
+        "--head", choices=list(HEADS), help="the head to run (needed when dir holds several)"
+    )  # fmt: skip
     run.add_argument("--image", required=True, help="image file")
     run.add_argument("--text", action="append", required=True, help="repeat for several texts")
     run.add_argument(

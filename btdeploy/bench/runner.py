@@ -151,6 +151,9 @@ def run_bench(
     from btdeploy.bench.machine import machine_description, matmul_peak_gflops
 
     variants = resolve_variants(variant_names)
+    folders = head_folders(Path(root), heads)
+    for folder in folders:  # every head's shapes refused before the peak is measured, not after
+        parse_shapes(settings.batch_sizes, settings.text_lengths, read_manifest(folder).config)
     env = BenchEnv(threads=settings.threads, device=settings.device)
     torch.set_num_threads(settings.threads)
     run = BenchRun(settings, machine=machine_description(settings.threads))
@@ -163,7 +166,7 @@ def run_bench(
         + ")"
     )
     try:
-        for folder in head_folders(Path(root), heads):
+        for folder in folders:
             _bench_head(run, read_manifest(folder), variants, env, settings)
     except KeyboardInterrupt:
         run.interrupted = True
@@ -192,7 +195,7 @@ def _bench_head(
     run: BenchRun, manifest: Manifest, variants: list[Variant], env: BenchEnv, settings: BenchSettings
 ) -> None:
     head = get_head(manifest.head)
-    cases = parse_shapes(settings.batch_sizes, settings.text_lengths, manifest.config)  # refuses lengths past the model
+    cases = parse_shapes(settings.batch_sizes, settings.text_lengths, manifest.config)
     runnable: dict[str, Variant] = {}
     for variant in variants:
         reason = variant.unavailable(manifest, env)

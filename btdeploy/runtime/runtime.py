@@ -83,7 +83,9 @@ def find_head(path: str | Path, head: str | None = None) -> Manifest:
     folders = head_folders(Path(path), [head] if head else None)
     if len(folders) > 1:
         names = ", ".join(read_manifest(f).head for f in folders)
-        raise BtDeployError(f"{path} holds several heads ({names}): pass head=...")
+        raise BtDeployError(
+            f"{path} holds several heads ({names}): choose one (head=... in Python, --head on the command line)"
+        )
     return read_manifest(folders[0])
 
 

@@ -98,6 +98,19 @@ def test_run_picks_the_graph_backend_and_precision(
     assert "model.ort.int8.onnx does not exist: run btdeploy quantize" in capsys.readouterr().err
 
 
+def test_run_takes_the_head_of_a_head_folder(
+    tiny_export: Path, image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A head folder names its head: --head is needed only for an export folder of several."""
+    assert main(["run", str(tiny_export / "itc"), "--image", str(image), "--text", "a cat"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("itc on ") and "text-image cosine" in printed
+    assert main(["run", str(tiny_export), "--image", str(image), "--text", "a cat"]) == 2
+    assert "holds several heads (base, itc, itm, mlm): choose one (head=... in Python, --head on the command line)" in (
+        capsys.readouterr().err
+    )
+
+
 def test_each_backend_takes_its_own_default_precision(
     tiny_export: Path, image: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -149,6 +149,21 @@ def test_skip_reasons_say_why() -> None:
         resolve_variants(["ort", "ort-turbo"])
 
 
+def test_bench_refuses_a_length_past_the_model_before_measuring_anything(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal had come after the matmul peak, seconds in; it now comes first."""
+    from btdeploy.bench import machine
+
+    def measured(threads: int) -> dict[str, float]:
+        raise AssertionError("the matmul peak was measured before the shapes were checked")
+
+    monkeypatch.setattr(machine, "matmul_peak_gflops", measured)
+    settings = BenchSettings(batch_sizes=(1,), text_lengths=(4, 600), warmup=1, iters=1, threads=1)
+    with pytest.raises(BtDeployError, match=r"--seq-lens 600 is outside 1\.\.512"):
+        run_bench(tiny_export, ["itm"], ["ort"], settings)
+
+
 def test_bench_writes_every_report(tiny_export: Path, tmp_path: Path) -> None:
     settings = BenchSettings(batch_sizes=(1, 2), text_lengths=(4, 9), warmup=1, iters=3, threads=1)
     run = run_bench(tiny_export, ["itm"], ["torch-eager", "ort", "ort-hf-optimizer", "ort-fused", "trt-int8"], settings)

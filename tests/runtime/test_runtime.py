@@ -118,7 +118,7 @@ def test_output_attribute_typo_names_the_real_outputs(itm: btdeploy.Runtime, fee
 
 
 def test_load_needs_a_head_when_the_folder_has_several(tiny_export: Path) -> None:
-    with pytest.raises(BtDeployError, match="holds several heads \\(base, itc, itm, mlm\\): pass head="):
+    with pytest.raises(BtDeployError, match="holds several heads \\(base, itc, itm, mlm\\): choose one \\(head="):
         btdeploy.load(tiny_export)
     with pytest.raises(BtDeployError, match="has no exported head\\(s\\) nope"):
         btdeploy.load(tiny_export, head="nope")

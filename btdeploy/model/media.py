@@ -47,6 +47,9 @@ def load_image(path: Path, image_processor: Any = None) -> Any:
             picture = image.convert("RGB")
     except FileNotFoundError:
         raise BtDeployError(f"image {path} does not exist") from None
+    except Image.DecompressionBombError as error:
+        limit = str(error).rstrip(".")
+        raise BtDeployError(f"image {path} is too large to decode ({limit}): shrink it first") from None
     except (UnidentifiedImageError, OSError) as error:
         raise BtDeployError(
             f"image {path} cannot be read ({error}): "

@@ -139,7 +139,11 @@ def decode_image(data: bytes, index: int, image_processor: Any) -> Any:
             return image.convert("RGB")
     except RequestError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # PIL refuses it before its size can be read
+        raise RequestError(
+            413, f"image {index} is past PIL's decompression limit: at most {MAX_IMAGE_PIXELS} pixels"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError):
         raise RequestError(415, f"image {index} is not an image file PIL can read (JPEG, PNG, ...)") from None
 
 

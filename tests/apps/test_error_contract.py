@@ -155,6 +155,14 @@ def _run_on_an_elongated_image(out: Path, tmp: Path) -> list[str]:
     return ["run", str(out), "--head", "itm", "--image", str(_banner(tmp)), "--text", "a green banner"]
 
 
+def _run_on_a_decompression_bomb(out: Path, tmp: Path) -> list[str]:
+    """225 megapixels in a 27 kB PNG: PIL refuses to decode it with its own exception."""
+    from PIL import Image
+
+    Image.new("1", (15000, 15000)).save(tmp / "huge.png")
+    return ["run", str(out), "--head", "itm", "--image", str(tmp / "huge.png"), "--text", "a"]
+
+
 def _calibrate_on_an_elongated_image(out: Path, tmp: Path) -> list[str]:
     _banner(tmp)
     optimize_head(out / "itm", "trt")  # int8 starts from the trt graph
@@ -303,6 +311,7 @@ CASES: list[tuple[str, Setup, str]] = [
     ("check after the weights changed", _weights_changed_since_export, "changed since this head was exported"),
     ("run on an image too elongated to resize", _run_on_an_elongated_image, "banner.png is 256x64 pixels, more than"),
     ("calibration on an image too elongated", _calibrate_on_an_elongated_image, "banner.png is 256x64 pixels, more"),
+    ("run on an image past PIL's decompression limit", _run_on_a_decompression_bomb, "huge.png is too large to decode"),
     *[
         (
             f"bench --workload {workload} past the model's text length",

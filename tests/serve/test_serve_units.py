@@ -201,6 +201,16 @@ def test_bytes_that_are_not_an_image() -> None:
     assert error.value.status == 415
 
 
+def test_an_image_past_the_decompression_limit_is_a_413() -> None:
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.new("1", (15000, 15000)).save(encoded, format="PNG")  # 225 megapixels in 27 kB
+    with pytest.raises(RequestError, match="image 1 is past PIL's decompression limit") as error:
+        decode_image(encoded.getvalue(), 1, _image_processor())
+    assert error.value.status == 413
+
+
 def test_an_image_the_processor_cannot_resize_is_a_400() -> None:
     with pytest.raises(RequestError, match=r"image 2 is 200x40 pixels, more than 3.4 times as long") as error:
         decode_image(_png(size=(40, 200)), 2, _image_processor())

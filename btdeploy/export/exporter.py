@@ -26,6 +26,7 @@ from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model
 from btdeploy.model.configs import config_fingerprint, max_text_length
 from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.model.inputs import sample_inputs
+from btdeploy.model.tokenizer import vocabulary_problem
 from btdeploy.model.towers import head_module, part_modules, part_specs
 from btdeploy.progress import say, step, warn
 
@@ -116,9 +117,10 @@ def _export(
         with step(f"validating {head.name} with the ONNX checker"):
             external = _store_model(staging)
         parts = _export_parts(loaded, head, staging, opset) if split else None
-        processor_saved = _copy_processor(source, staging / PROCESSOR_DIR)
+        vocab_size = int(loaded.config.text_config.vocab_size)
+        processor_problem = _copy_processor(source, staging / PROCESSOR_DIR, vocab_size)
         manifest = Manifest(
-            final, _manifest_data(source, head, loaded, opset, staging, external, seconds, processor_saved)
+            final, _manifest_data(source, head, loaded, opset, staging, external, seconds, processor_problem)
         )
         if parts:
             manifest.data["split"] = parts
@@ -238,17 +240,21 @@ def _store_model(folder: Path) -> bool:
     return external
 
 
-def _copy_processor(source: ModelSource, target: Path) -> bool:
-    """Keep the checkpoint's processor beside the model, so `run` and the seed examples need nothing else."""
+def _copy_processor(source: ModelSource, target: Path, vocab_size: int) -> str | None:
+    """Keep the checkpoint's processor beside the model, so `run` and the seed examples need nothing
+    else; or say why it cannot be kept (returned, and recorded in the manifest)."""
     from transformers import BridgeTowerProcessor
 
     try:
         processor = BridgeTowerProcessor.from_pretrained(source.checkpoint)
+        problem = vocabulary_problem(processor.tokenizer, vocab_size)
     except Exception as error:
-        warn(f"{source.checkpoint} has no usable processor ({error}); btdeploy run will not work on this export")
-        return False
+        problem = f"no usable processor ({' '.join(str(error).split())})"
+    if problem:
+        warn(f"{source.checkpoint}: {problem}; btdeploy run will not work on this export")
+        return problem
     processor.save_pretrained(target)
-    return True
+    return None
 
 
 def _manifest_data(
@@ -259,7 +265,7 @@ def _manifest_data(
     folder: Path,
     external: bool,
     seconds: float,
-    processor_saved: bool,
+    processor_problem: str | None,
 ) -> dict[str, Any]:
     config = loaded.config
     return {
@@ -287,7 +293,8 @@ def _manifest_data(
         "limits": {"max_text_length": max_text_length(config), "image_size": config.vision_config.image_size},
         "inputs": [{"name": s.name, "dtype": s.dtype, "shape": s.shape(config)} for s in head.inputs],
         "outputs": [{"name": s.name, "dtype": "float32", "shape": s.dims(config)} for s in head.outputs],
-        "processor": PROCESSOR_DIR if processor_saved else None,
+        "processor": None if processor_problem else PROCESSOR_DIR,
+        **({"processor_problem": processor_problem} if processor_problem else {}),
         "versions": tool_versions(),
     }
 

@@ -126,7 +126,12 @@ def export_processor(manifest: Manifest) -> Any:
     from transformers import BridgeTowerProcessor
 
     if not manifest.processor_dir.is_dir():
-        raise BtDeployError(f"{manifest.folder} has no processor/ folder: export from a checkpoint that has one")
+        why = manifest.data.get("processor_problem")
+        raise BtDeployError(
+            f"{manifest.folder} has no processor/ folder"
+            + (f" (the checkpoint had {why})" if why else "")
+            + ": export from a checkpoint that has one"
+        )
     return BridgeTowerProcessor.from_pretrained(manifest.processor_dir)
 
 

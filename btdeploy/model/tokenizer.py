@@ -11,6 +11,21 @@ from typing import Any
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, as in RoBERTa
 
+
+def vocabulary_problem(tokenizer: Any, vocab_size: int) -> str | None:
+    """Why a checkpoint's tokenizer cannot make the model's token ids, or None. Where a checkpoint
+    lacks its vocabulary files, transformers still builds a tokenizer: of the special tokens alone,
+    which turns every word into <unk>, and the model answers every text alike."""
+    entries = len(tokenizer)
+    if entries >= vocab_size // 2:
+        return None
+    return (
+        f"no usable processor: its tokenizer has {entries} entries for the model's vocabulary of {vocab_size}: "
+        "the checkpoint lacks its tokenizer files (tokenizer.json, or vocab.json and merges.txt); "
+        "copy them in beside config.json"
+    )
+
+
 _SUBJECTS = [
     "a cat",
     "two cats",

@@ -105,6 +105,32 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pyte
     assert [p for p in tmp_path.rglob("*") if not p.name.endswith(".lock")] == []
 
 
+def test_a_checkpoint_without_its_tokenizer_files_exports_without_a_processor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """transformers builds a tokenizer of the 5 special tokens where the files are missing; kept as
+    the export's processor, `run` had answered every text as if it were <unk> ... <unk>."""
+    import shutil
+
+    from btdeploy.cli import main
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(resolve_model("tiny").checkpoint, checkpoint)
+    for tokenizer_file in checkpoint.glob("tokenizer*"):
+        tokenizer_file.unlink()
+    manifest = export_head(resolve_model(str(checkpoint)), "itm", tmp_path / "out")
+    assert "its tokenizer has 5 entries for the model's vocabulary of 1000" in capsys.readouterr().err
+    assert not manifest.processor_dir.exists()
+    image = tmp_path / "image.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(image)
+    assert main(["run", str(manifest.folder), "--image", str(image), "--text", "a cat"]) == 2
+    assert "has no processor/ folder (the checkpoint had no usable processor: its tokenizer has 5 entries" in (
+        capsys.readouterr().err
+    )
+
+
 def test_unsupported_opset_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BtDeployError, match="--opset 9 is not supported: use 14..20"):
         export_head(resolve_model("tiny"), "itm", tmp_path, opset=9)

@@ -121,10 +121,8 @@ def text_length_problem(tokenizer: Any, texts: list[str], limit: int, chunk: int
     return None
 
 
-def export_processor(manifest: Manifest) -> Any:
-    """The checkpoint's processor, as export copied it beside the head."""
-    from transformers import BridgeTowerProcessor
-
+def require_processor(manifest: Manifest) -> Path:
+    """The processor folder export copied beside the head, or a refusal saying why there is none."""
     if not manifest.processor_dir.is_dir():
         why = manifest.data.get("processor_problem")
         raise BtDeployError(
@@ -132,7 +130,14 @@ def export_processor(manifest: Manifest) -> Any:
             + (f" (the checkpoint had {why})" if why else "")
             + ": export from a checkpoint that has one"
         )
-    return BridgeTowerProcessor.from_pretrained(manifest.processor_dir)
+    return manifest.processor_dir
+
+
+def export_processor(manifest: Manifest) -> Any:
+    """The checkpoint's processor, as export copied it beside the head."""
+    from transformers import BridgeTowerProcessor
+
+    return BridgeTowerProcessor.from_pretrained(require_processor(manifest))
 
 
 def pair_inputs(processor: Any, pictures: list[Any], texts: list[str], **text_options: Any) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ from typing import Any
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest, require_one_checkpoint
 from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
+from btdeploy.model.media import require_processor
 
 BACKEND = "onnxruntime"  # what a replica runs; TensorRT users serve with Triton (btdeploy triton-repo)
 
@@ -73,8 +74,7 @@ def check_settings(settings: ServeSettings) -> dict[str, Manifest]:
             raise BtDeployError(f"{manifest.folder} has no split graphs: export with --split, or serve without --split")
         options = target.resolve(settings.run_options(split))
         target.artifact(manifest, options)  # names the command that makes a missing graph
-        if not manifest.processor_dir.is_dir():
-            raise BtDeployError(f"{manifest.folder} has no processor/ folder: export from a checkpoint that has one")
+        require_processor(manifest)
     if settings.address is None:
         _check_port(settings.host, settings.port)
     return manifests

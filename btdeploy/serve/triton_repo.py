@@ -18,11 +18,12 @@ from typing import Any
 
 from btdeploy.artifacts.files import staged_directory, write_text
 from btdeploy.artifacts.graph_names import Precision
-from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
+from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest, require_one_checkpoint
 from btdeploy.artifacts.onnx_files import data_file
 from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
+from btdeploy.model.media import require_processor
 from btdeploy.progress import say
 from btdeploy.serve.triton_check import check_repository, graph_io
 from btdeploy.serve.triton_config import parameters, tensor_entry, to_pbtxt
@@ -163,6 +164,9 @@ def write_repository(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BtDeployError(f"{out} exists and is not an empty folder: choose a new --out")
     manifests = [read_manifest(folder) for folder in head_folders(export_dir, heads)]
+    # The preprocess model tokenizes and resizes for every head with the first head's processor.
+    require_processor(manifests[0])
+    require_one_checkpoint(manifests, "the repository's preprocess model serves every head with one processor")
     target = get_target(backend)
     if backend == "tensorrt":
         # Engines are only copied here (Triton runs them), so TensorRT need not run on this machine.
@@ -170,24 +174,35 @@ def write_repository(
             raise BtDeployError(f"TensorRT engines come in {', '.join(map(str, target.precisions))}, not {precision}")
     else:
         options = target.resolve({"precision": precision, **({"flavour": flavour} if flavour else {})})
+    # Every head's source and largest batch, settled before anything is copied.
+    sources: dict[str, tuple[Path, dict[str, Any] | None, int, str]] = {}
+    for manifest in manifests:
+        if backend == "tensorrt":
+            engine, built_for = _engine(manifest, str(Precision(precision)))
+            sources[manifest.head] = (engine, built_for, int(built_for["batch"]["max"]), f"its engine {engine.name}")
+        else:
+            limit = get_head(manifest.head).engine_batch[2]
+            sources[manifest.head] = (target.artifact(manifest, options), None, limit, "the head's batch profile")
+        _, _, limit, what = sources[manifest.head]
+        if max_batch is not None and max_batch > limit:
+            raise BtDeployError(
+                f"--max-batch {max_batch} is past what the {manifest.head} head takes ({limit}, {what}): "
+                f"give at most {limit}"
+            )
     with staged_directory(out) as staging:
         for manifest in manifests:
-            head = get_head(manifest.head)
             version_dir = staging / manifest.head / "1"
             version_dir.mkdir(parents=True)
-            profile, graph = None, None
+            source, profile, limit, _ = sources[manifest.head]
+            graph = None
             if backend == "tensorrt":
-                engine, profile = _engine(manifest, str(Precision(precision)))
-                shutil.copy2(engine, version_dir / "model.plan")
-                written = f"model.plan ({engine.name})"
-                limit = int(profile["batch"]["max"])
+                shutil.copy2(source, version_dir / "model.plan")
+                written = f"model.plan ({source.name})"
             else:
-                source = target.artifact(manifest, options)
                 manifest.verify_graph(source, full=True)  # what Triton serves is the graph that was checked
                 graph = _copy_graph(source, version_dir)
                 written = f"{graph.relative_to(version_dir)} ({source.name})"  # Triton names every graph model.onnx
-                limit = head.engine_batch[2]
-            batch = min(max_batch or limit, limit)
+            batch = max_batch or limit
             tensors = _tensors(manifest, graph)
             config = _head_config(manifest, backend, batch, profile, tensors)
             write_text(staging / manifest.head / "config.pbtxt", to_pbtxt(config))
@@ -201,8 +216,7 @@ def write_repository(
         template = resources.files("btdeploy") / "data" / "triton" / "preprocess_model.py"
         write_text(preprocess / "model.py", template.read_text())
         shutil.copytree(first.processor_dir, preprocess / "processor")
-        limit = min(get_head(m.head).engine_batch[2] for m in manifests)
-        batch = min(max_batch or limit, limit)
+        batch = max_batch or min(limit for _, _, limit, _ in sources.values())
         write_text(staging / PREPROCESS / "config.pbtxt", to_pbtxt(_preprocess_config(first, batch)))
         write_text(staging / "README.md", _readme(manifests, backend, precision))
         problems = check_repository(staging)

@@ -215,8 +215,36 @@ def test_a_tensorrt_repository_reads_the_engine_profile(tiny_export: Path, tmp_p
     assert config.optimization.cuda.graphs and [s.batch_size for s in config.optimization.cuda.graph_spec] == [4, 16]
     assert (repo / "itm" / "1" / "model.plan").read_bytes() == b"placeholder"
     assert check_repository(repo) == []
+    # A larger --max-batch than the engine was built for had been cut to 16 without a word.
+    with pytest.raises(BtDeployError, match=r"--max-batch 32 is past what the itm head takes \(16, its engine engine"):
+        write_repository(export, tmp_path / "too-large", backend="tensorrt", precision="fp16", max_batch=32)
+    assert not (tmp_path / "too-large").exists()
 
 
 def test_an_existing_repository_is_not_overwritten(repo: Path, tiny_export: Path) -> None:
     with pytest.raises(BtDeployError, match="not an empty folder"):
         write_repository(tiny_export, repo)
+
+
+def test_a_repository_needs_one_processor_for_every_head(tiny_export: Path, tmp_path: Path) -> None:
+    """The preprocess model serves every head with the first head's processor: a head without one
+    had failed with a bare 'No such file' after its graph was copied, and heads of two checkpoints
+    were served with one's processor."""
+    import json
+
+    export = tmp_path / "export"
+    for head in ("itc", "itm"):
+        shutil.copytree(tiny_export / head, export / head)
+    shutil.rmtree(export / "itc" / "processor")
+    with pytest.raises(BtDeployError, match="export/itc has no processor/ folder: export from a checkpoint"):
+        write_repository(export, tmp_path / "repo")
+    shutil.copytree(tiny_export / "itc" / "processor", export / "itc" / "processor")
+    record = export / "itm" / "manifest.json"
+    data = json.loads(record.read_text())
+    data["model"]["weights_sha256"] = "f" * 64  # as if itm were exported again from a fine-tune
+    record.write_text(json.dumps(data))
+    with pytest.raises(BtDeployError, match="serves every head with one processor, but they were exported from"):
+        write_repository(export, tmp_path / "repo")
+    with pytest.raises(BtDeployError, match=r"--max-batch 33 is past what the itc head takes \(32, the head's batch"):
+        write_repository(export, tmp_path / "repo", heads=["itc"], max_batch=33)
+    assert not (tmp_path / "repo").exists()

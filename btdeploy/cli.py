@@ -525,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--replica-cpus", type=float, default=None, help="CPUs Ray reserves per replica (default: shared out)"
     )
     serve.add_argument(
-        "--threads", type=int, default=None, help="ONNX Runtime threads per replica (default: every core)"
+        "--threads", type=int, default=None, help="ONNX Runtime threads per replica (0 or default: every core)"
     )
     serve.add_argument(
         "--spin",

@@ -62,6 +62,16 @@ def check_settings(settings: ServeSettings) -> dict[str, Manifest]:
         raise BtDeployError("--replicas must be at least 1 and --max-replicas at least --replicas")
     if settings.replica_cpus is not None and not 0 < settings.replica_cpus <= 64:
         raise BtDeployError(f"--replica-cpus {settings.replica_cpus} must be above 0 and at most 64")
+    if settings.threads is not None and settings.threads < 0:
+        raise BtDeployError(f"--threads {settings.threads} must not be negative (0 or left out: every core)")
+    if settings.timeout_s <= 0:
+        raise BtDeployError(f"--timeout {settings.timeout_s:g} must be above 0 seconds")
+    if settings.max_body_mb <= 0:
+        raise BtDeployError(f"--max-body-mb {settings.max_body_mb:g} must be above 0")
+    if settings.max_texts < 1:
+        raise BtDeployError(f"max_texts {settings.max_texts} must be at least 1")
+    if settings.feature_cache < 0:
+        raise BtDeployError(f"--feature-cache {settings.feature_cache} must not be negative (0 keeps none)")
     if not 1 <= settings.port <= 65535:
         raise BtDeployError(f"--port {settings.port} is not a TCP port: give one in 1..65535")
     folders = head_folders(Path(settings.export_dir), list(settings.heads) or None)

@@ -275,6 +275,11 @@ def test_settings_refuse_a_port_in_use(tiny_export: Path) -> None:
     ({"port": 70000}, "--port 70000 is not a TCP port: give one in 1..65535"),
     ({"port": 0}, "--port 0 is not a TCP port"),
     ({"replica_cpus": 100.0}, "--replica-cpus 100.0 must be above 0 and at most 64"),
+    ({"threads": -2}, "--threads -2 must not be negative (0 or left out: every core)"),
+    ({"timeout_s": 0.0}, "--timeout 0 must be above 0 seconds"),
+    ({"max_body_mb": -1.0}, "--max-body-mb -1 must be above 0"),
+    ({"max_texts": 0}, "max_texts 0 must be at least 1"),
+    ({"feature_cache": -5}, "--feature-cache -5 must not be negative (0 keeps none)"),
 ])  # fmt: skip
 def test_settings_refuse_values_out_of_range(tiny_export: Path, change: dict[str, object], message: str) -> None:
     settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), **change)  # type: ignore[arg-type]

@@ -17,9 +17,11 @@ def image_files(folder: Path, option: str) -> list[Path]:
     """The images in a folder, sorted by name; `option` names the flag in the errors."""
     if not folder.is_dir():
         raise BtDeployError(f"{option} {folder} is not a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise BtDeployError(f"{option} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        nested = sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        where = f" (it has {nested} in its subfolders: btdeploy reads the folder's own files, not its subfolders)"
+        raise BtDeployError(f"{option} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}){where if nested else ''}")
     return files
 
 

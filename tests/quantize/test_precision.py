@@ -437,6 +437,13 @@ def test_bad_calibration_files_are_named(optimized: Path, tmp_path: Path) -> Non
     texts.write_text("a caption\n")
     with pytest.raises(BtDeployError, match="holds no images"):
         quantize_head(optimized / "itm", "int8", "ort", empty, texts)
+    (empty / "cats").mkdir()  # a calibration set in class folders, as ImageNet's is
+    (empty / "cats" / "one.png").write_bytes(b"an image in a subfolder")
+    (empty / "folder.png").mkdir()
+    with pytest.raises(BtDeployError, match=r"holds no images \(.*\) \(it has 1 in its subfolders: btdeploy reads"):
+        quantize_head(optimized / "itm", "int8", "ort", empty, texts)
+    shutil.rmtree(empty / "cats")
+    (empty / "folder.png").rmdir()
     (empty / "broken.png").write_bytes(b"not a png")
     with pytest.raises(BtDeployError, match="broken.png cannot be read"):
         quantize_head(optimized / "itm", "int8", "ort", empty, texts, calib_size=1)

@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    def graph_options(sub: argparse.ArgumentParser, verb: str, precision_note: str) -> None:
+    def graph_options(sub: argparse.ArgumentParser, verb: str, precision_note: str, engines: bool = True) -> None:
         """Which graph a command runs: the same three options, with the same choices, everywhere."""
         sub.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
         sub.add_argument(
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
             choices=[str(p) for p in Precision],
             default=None,  # the backend's own default: fp32, or fp16 for TensorRT engines
             help=f"{verb} model.<flavour>.<precision>.onnx (flavour ort unless given){precision_note}"
-            " (default: fp32; fp16 with --backend tensorrt)",
+            + (" (default: fp32; fp16 with --backend tensorrt)" if engines else " (default: fp32)"),
         )
 
     export = add("export", cmd_export, "export heads to ONNX with dynamic batch and text length")
@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument(
         "--batch-size", type=int, default=64, help="candidates read and scored at a time (memory stays flat)"
     )
-    graph_options(rank, "run", " for both heads (the split graphs where exported)")
+    graph_options(rank, "run", " for both heads (the split graphs where exported)", engines=False)
 
     run = add("run", cmd_run, "score texts against an image with an exported head")
     run.add_argument("dir", help="export folder or one head folder")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,14 @@ def read_captions(path: Path, option: str) -> list[str]:
     """One caption per non-blank line."""
     if not path.is_file():
         raise BtDeployError(f"{option} {path} is not a file: give a text file with one caption per line")
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        text = data.decode("utf-16", errors="replace")  # as Windows editors save "Unicode"
+    elif b"\x00" in data[:65536]:  # text has no NUL bytes; images and archives do
+        raise BtDeployError(f"{option} {path} is not a text file (it holds binary data): give one caption per line")
+    else:
+        text = data.decode("utf-8-sig", errors="replace")  # a byte-order mark is not part of the first caption
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise BtDeployError(f"{option} {path} has no captions: put one caption per line")
     return lines

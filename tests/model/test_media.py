@@ -1,4 +1,4 @@
-"""Images the checkpoint's processor cannot resize are refused before it, in the user's words."""
+"""Images and caption files as the user gives them: what the processor cannot take is refused before it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from btdeploy.errors import BtDeployError
-from btdeploy.model.media import load_image, resize_problem
+from btdeploy.model.media import load_image, read_captions, resize_problem
 
 
 def _image_processor(shorter: int, divisor: int) -> object:
@@ -64,3 +64,21 @@ def test_load_image_refuses_an_elongated_image_by_name(tmp_path: Path) -> None:
         load_image(banner, _image_processor(64, 32))
     assert load_image(banner).size == (400, 100)  # without a processor nothing is judged
     assert load_image(banner, _image_processor(288, 32)).size == (400, 100)
+
+
+def test_caption_files_in_the_encodings_editors_save(tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark had become part of the first caption (tokenized as such), and a
+    UTF-16 file ("Unicode" in Windows editors) had been read as NUL-riddled bytes."""
+    captions = ["a cat on a sofa", "ein Hund im Schnee, müde"]
+    for encoding in ("utf-8", "utf-8-sig", "utf-16", "utf-16-le"):
+        path = tmp_path / f"{encoding}.txt"
+        body = "\r\n".join(captions) + "\r\n"
+        data = body.encode(encoding)
+        if encoding == "utf-16-le":
+            data = b"\xff\xfe" + data  # a mark, as editors write it
+        path.write_bytes(data)
+        assert read_captions(path, "--texts") == captions, encoding
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8)).save(image)
+    with pytest.raises(BtDeployError, match="photo.png is not a text file \\(it holds binary data\\)"):
+        read_captions(image, "--texts")

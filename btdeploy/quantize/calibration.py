@@ -14,7 +14,7 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model import media
 from btdeploy.model.configs import max_text_length, num_image_tokens
 from btdeploy.model.inputs import sample_inputs
-from btdeploy.progress import say, warn
+from btdeploy.progress import RowProgress, say, warn
 
 # Rows run one at a time (btdeploy/quantize/tensor_ranges.py), so memory does not grow with the
 # count; each row costs about a second of calibration on base.
@@ -70,9 +70,11 @@ def _image_rows(processor: Any, images: tuple[Path, ...]) -> np.ndarray:
     holds its full size in memory until the processor shrinks it (36 MB for 12 megapixels), so
     the pictures of every row at once had held gigabytes for a few hundred rows."""
     chunks = []
+    progress = RowProgress(-(-len(images) // IMAGE_CHUNK), f"calibration images ({IMAGE_CHUNK} at a time)")
     for start in range(0, len(images), IMAGE_CHUNK):
         pictures = [media.load_image(path, processor.image_processor) for path in images[start : start + IMAGE_CHUNK]]
         chunks.append(media.image_inputs(processor, pictures))  # one size: the processor center-crops
+        progress.advance()
     return np.concatenate(chunks)
 
 

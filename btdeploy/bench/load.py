@@ -27,7 +27,7 @@ import numpy as np
 from btdeploy.artifacts.files import write_json, write_text
 from btdeploy.artifacts.graph_names import Precision
 from btdeploy.bench.figures import pyplot, save_png
-from btdeploy.bench.machine import machine_description
+from btdeploy.bench.machine import cpu_text, machine_description
 from btdeploy.model.heads import match_probability
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import say
@@ -352,7 +352,7 @@ def write_serve_report(
     lines = [
         "# Serving bench: btdeploy serve (Ray Serve) under load, against btdeploy.load in one process",
         "",
-        f"Machine: {cpu['model']}, {cpu['logical_cores']} logical cores, flags {', '.join(cpu['flags'])}; "
+        f"Machine: {cpu_text(machine)}; "
         f"huge pages {machine['huge_pages']}; no GPU. One replica per deployment. "
         f"itm requests: 1 image-text pair of {text_length} tokens each, "
         f"binary Open Inference Protocol tensors; rank requests: 1 image (of {images}, so the feature cache "

@@ -35,6 +35,14 @@ def machine_description(threads: int) -> dict[str, Any]:
     }
 
 
+def cpu_text(machine: dict[str, Any]) -> str:
+    """The CPU of a machine description as every report names it: model, cores and the instruction
+    sets the kernels choose from (INT8 speed depends on them)."""
+    cpu = machine.get("cpu", {})
+    flags = ", ".join(cpu.get("flags", []))
+    return f"{cpu.get('model', '?')} ({cpu.get('logical_cores', '?')} logical cores; flags: {flags})"
+
+
 def _best_rate(run: Callable[[], object], flop: float, seconds: float) -> float:
     run()  # warm up
     best, deadline = 0.0, time.perf_counter() + seconds

@@ -20,7 +20,7 @@ from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
 from btdeploy.backends.split import SplitBackend, build_split_backend
 from btdeploy.backends.targets import RunOptions
 from btdeploy.bench.figures import pyplot, save_png
-from btdeploy.bench.machine import machine_description
+from btdeploy.bench.machine import cpu_text, machine_description
 from btdeploy.bench.runner import time_case
 from btdeploy.bench.stats import summarize
 from btdeploy.errors import BtDeployError
@@ -132,7 +132,8 @@ def _write(out: Path, cases: list[RankCase], sizes: dict[str, int], captions: in
         "# Ranking one image against many captions: split towers vs the whole ITM head",
         "",
         f"- workload: 1 image x {captions} captions of length {length} (no padding), itm head",
-        f"- CPU: {machine.get('cpu', {}).get('model', '?')}, {threads} thread(s); ONNX Runtime CPU provider",
+        f"- CPU: {cpu_text(machine)}, {threads} thread(s); huge pages {machine['huge_pages']}; ONNX Runtime CPU "
+        "provider",
         "- monolithic: the whole graph on a batch of the image repeated per caption; split: vision tower once, "
         "text tower on the captions, fusion graph on the pairs",
         "- timing interleaved (monolithic, split / split, monolithic ...); medians",

@@ -11,6 +11,7 @@ from typing import Any
 
 from btdeploy.artifacts.files import write_json, write_text
 from btdeploy.bench.figures import pyplot, save_png
+from btdeploy.bench.machine import cpu_text
 from btdeploy.bench.runner import BenchRun, CaseResult
 from btdeploy.bench.stats import PairedRatio, paired_ratio
 from btdeploy.bench.variants import BASELINES, VARIANTS, is_peer, precision_class
@@ -77,16 +78,13 @@ def _rounded(value: float | None) -> float | None:
 
 
 def markdown(run: BenchRun) -> str:
-    cpu = run.machine.get("cpu", {})
     gpu = run.machine.get("gpu")
     versions = run.machine.get("versions", {})
-    flags = ", ".join(cpu.get("flags", []))
     lines = [
         "# btdeploy benchmark",
         "",
         f"- command: `{run.command or '(library call)'}`",
-        f"- CPU: {cpu.get('model')} ({cpu.get('logical_cores')} logical cores; flags: {flags}),"
-        f" {run.settings.threads} thread(s) used",
+        f"- CPU: {cpu_text(run.machine)}, {run.settings.threads} thread(s) used",
         f"- GPU: {gpu['name'] if gpu else 'none'}",
         f"- huge pages: {run.machine.get('huge_pages', 'not recorded')}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),

@@ -32,3 +32,11 @@ def test_without_16_the_comparison_takes_the_highest_both_ran(tmp_path: Path) ->
 def test_nothing_in_common_says_so(tmp_path: Path) -> None:
     levels = [_level("batching", 4, 30.0), _level("no batching", 1, 9.0)]
     assert "no concurrency ran on both servers" in _comparison(levels, tmp_path)
+
+
+def test_the_report_names_the_instruction_sets(tmp_path: Path) -> None:
+    from btdeploy.bench.machine import cpu_description
+
+    write_serve_report([_level("batching", 1, 10.0)], tmp_path, 1, 4, 8, 8)
+    flags = ", ".join(cpu_description()["flags"])
+    assert f"logical cores; flags: {flags})" in (tmp_path / "serve.md").read_text()

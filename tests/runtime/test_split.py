@@ -351,6 +351,10 @@ def test_rank_workload_bench_writes_split_and_monolithic(split_export: Path, tmp
     assert all(len(c.samples_s) == 2 and c.median_ms > 0 for c in cases)
     table = (tmp_path / "rank.md").read_text()
     assert "| plain fp32 |" in table and "| ort fp32 |" in table and (tmp_path / "rank.png").stat().st_size > 0
+    from btdeploy.bench.machine import cpu_description
+
+    # Every report names the instruction sets its times depend on, as the heads bench does.
+    assert f"logical cores; flags: {', '.join(cpu_description()['flags'])})" in table
 
 
 def test_split_spin_benchmark_sets_the_option_sets_side_by_side(split_export: Path) -> None:

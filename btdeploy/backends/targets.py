@@ -136,6 +136,10 @@ class Target:
             runs = ", ".join(describe_graph(k) for k in self.graphs)
             elsewhere = [t.name for t in TARGETS.values() if t is not self and kind in t.graphs]
             hint = f"; {describe_graph(kind)} runs on {' or '.join(elsewhere)}" if elsewhere else ""
+            if not elsewhere:  # no graph of that flavour at that precision: name the ones that exist
+                others = [f"{describe_graph(k)} on {t.name}" for t in TARGETS.values() for k in t.graphs
+                          if k[1] == resolved.precision and k[0] != resolved.flavour]  # fmt: skip
+                hint = f"; {resolved.precision} is run as {', '.join(others)}" if others else ""
             what = describe_graph(kind)
             raise BtDeployError(f"the {self.name} backend cannot run {what} graphs: it runs {runs}{hint}")
         if resolved.split and not self.runs_split:

@@ -40,12 +40,27 @@ def head_lock(folder: Path, step: str) -> Iterator[None]:
             ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(f"btdeploy {step}, pid {os.getpid()}")
+        handle.write(f"{step}, pid {os.getpid()}")
         handle.flush()
         remove_leftovers(folder)
         yield
     finally:
         handle.close()  # releases the lock
+
+
+def writer_of(folder: Path) -> str | None:
+    """The step writing the head folder now (as its lock names it), or None. Readers take no lock;
+    they ask this when a graph is not what the manifest records, since a step swaps its graphs in
+    before it records them."""
+    path = lock_path(Path(folder))
+    if not path.is_file():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "another process"
+    return None  # closing the file released the shared lock
 
 
 def remove_leftovers(folder: Path) -> list[Path]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from btdeploy.artifacts.files import write_json
 from btdeploy.artifacts.graph_names import STEMS, Flavour, Precision, graph_file
+from btdeploy.artifacts.locks import writer_of
 from btdeploy.artifacts.onnx_files import graph_bytes, graph_sha256
 from btdeploy.errors import BtDeployError
 
@@ -170,6 +171,12 @@ class Manifest:
         size = graph_bytes(path)
         if size != record["bytes"] or (full and graph_sha256(path) != record["sha256"]):
             what = f"{size} bytes, recorded {record['bytes']}" if size != record["bytes"] else "sha256 differs"
+            writer = writer_of(self.folder)
+            if writer:
+                raise BtDeployError(
+                    f"{path} is being written by another btdeploy step ({writer}): wait for it to finish, then "
+                    "run this again"
+                )
             raise BtDeployError(
                 f"{path} is not the graph its manifest recorded ({what}): it was replaced or damaged; "
                 "make it again (btdeploy export, optimize or quantize)"

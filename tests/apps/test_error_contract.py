@@ -387,6 +387,24 @@ def test_an_interrupted_step_leaves_the_old_graphs_and_manifest(
     assert _snapshot(out) == before  # no new graph, no temporary file, the manifest untouched
 
 
+def test_a_graph_read_while_a_step_swaps_it_in_is_named_as_such(
+    export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A step swaps its graphs in, then records them: `check` reading between the two had said the
+    graph "was replaced or damaged; make it again" while the step was still at work."""
+    out = _copy(export, tmp_path)
+    graph = out / "itm" / "model.onnx"
+    original = graph.read_bytes()
+    graph.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, other bytes: as mid-swap
+    with head_lock(out / "itm", "btdeploy quantize --flavour ort --precision int8"):
+        assert main(["check", str(out), "--heads", "itm"]) == 2
+    err = capsys.readouterr().err
+    writer = "(btdeploy quantize --flavour ort --precision int8, pid"
+    assert f"model.onnx is being written by another btdeploy step {writer}" in err
+    assert main(["check", str(out), "--heads", "itm"]) == 2  # no step at work: the graph is damaged
+    assert "model.onnx is not the graph its manifest recorded (sha256 differs)" in capsys.readouterr().err
+
+
 def test_a_held_lock_is_a_clear_error_and_leftovers_are_cleaned(
     export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -394,7 +412,7 @@ def test_a_held_lock_is_a_clear_error_and_leftovers_are_cleaned(
     with head_lock(out / "itm", "a test"):
         assert main(["optimize", str(out / "itm"), "--flavour", "trt"]) == 2
     err = capsys.readouterr().err
-    assert "is being written by another btdeploy step (btdeploy a test, pid" in err
+    assert "is being written by another btdeploy step (a test, pid" in err
     (out / "itm" / ".model.trt.onnx.1234.partial").write_bytes(b"killed midway")
     (out / ".itm.abcd.partial").mkdir()
     optimize_head(out / "itm", "trt")

@@ -12,6 +12,7 @@ from typing import Any
 
 from btdeploy.artifacts.files import write_bytes
 from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, parse_flavour
+from btdeploy.artifacts.locks import head_lock
 from btdeploy.artifacts.manifest import Manifest, read_manifest
 from btdeploy.artifacts.onnx_files import graph_sha256
 from btdeploy.backends.tensorrt.engines import ENGINE_PRECISIONS, EngineRecord, engine_file, parse_version, record_file
@@ -112,42 +113,44 @@ def build_engine(
         raise BtDeployError(f"--workspace {workspace_gb}: give the builder's scratch memory in GB, above 0")
     trt = require_tensorrt()  # first, so a machine without it is told at once
     gpu_name, capability = require_gpu()
-    manifest = read_manifest(folder)
-    profile = derive_profile(get_head(manifest.head), manifest.config, batch, seq_len)
-    onnx_path, why = choose_graph(manifest, precision, str(trt.__version__), flavour)
-    say(f"build {manifest.head} {precision}: {onnx_path.name}, because {why}")
-    target = folder / engine_file(precision, str(trt.__version__), capability)
-    say(f"build {manifest.head} {precision}: {onnx_path.name} on {gpu_name}, batch {profile.batch}, "
-        f"text length {profile.text_length} -> {target.name}")  # fmt: skip
-    started = time.monotonic()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network, _parser = _parse(trt, builder, logger, onnx_path)
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
-    config.progress_monitor = _progress_monitor(trt)
-    _add_profile(builder, config, network, profile)
-    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
-    config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise BtDeployError(f"TensorRT failed to build {onnx_path.name}: see its log above")
-    write_bytes(target, bytes(memoryview(serialized)))  # temporary name, renamed when complete
-    if timing_cache:
-        write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
-    record = EngineRecord(
-        precision=precision,
-        tensorrt_version=str(trt.__version__),
-        gpu_name=gpu_name,
-        compute_capability=capability,
-        onnx_file=onnx_path.name,
-        onnx_sha256=graph_sha256(onnx_path),
-        profile=profile.to_json(),
-        build_seconds=round(time.monotonic() - started, 1),
-        workspace_gb=workspace_gb,
-        timing_cache=str(timing_cache) if timing_cache else None,
-    )
-    record.write(record_file(target))
-    say(f"build {manifest.head} {precision}: wrote {target} ({target.stat().st_size / 2**20:.1f} MiB) "
-        f"in {record.build_seconds:.0f}s")  # fmt: skip
-    return target
+    # Under the head's lock, so that no quantize swaps the graph in while it is read.
+    with head_lock(Path(folder), f"btdeploy build --precision {precision}"):
+        manifest = read_manifest(folder)
+        profile = derive_profile(get_head(manifest.head), manifest.config, batch, seq_len)
+        onnx_path, why = choose_graph(manifest, precision, str(trt.__version__), flavour)
+        say(f"build {manifest.head} {precision}: {onnx_path.name}, because {why}")
+        target = folder / engine_file(precision, str(trt.__version__), capability)
+        say(f"build {manifest.head} {precision}: {onnx_path.name} on {gpu_name}, batch {profile.batch}, "
+            f"text length {profile.text_length} -> {target.name}")  # fmt: skip
+        started = time.monotonic()
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        network, _parser = _parse(trt, builder, logger, onnx_path)
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+        config.progress_monitor = _progress_monitor(trt)
+        _add_profile(builder, config, network, profile)
+        cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
+        config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise BtDeployError(f"TensorRT failed to build {onnx_path.name}: see its log above")
+        write_bytes(target, bytes(memoryview(serialized)))  # temporary name, renamed when complete
+        if timing_cache:
+            write_bytes(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+        record = EngineRecord(
+            precision=precision,
+            tensorrt_version=str(trt.__version__),
+            gpu_name=gpu_name,
+            compute_capability=capability,
+            onnx_file=onnx_path.name,
+            onnx_sha256=graph_sha256(onnx_path),
+            profile=profile.to_json(),
+            build_seconds=round(time.monotonic() - started, 1),
+            workspace_gb=workspace_gb,
+            timing_cache=str(timing_cache) if timing_cache else None,
+        )
+        record.write(record_file(target))
+        say(f"build {manifest.head} {precision}: wrote {target} ({target.stat().st_size / 2**20:.1f} MiB) "
+            f"in {record.build_seconds:.0f}s")  # fmt: skip
+        return target

@@ -12,7 +12,7 @@ from btdeploy.artifacts.files import sha256_of, sha256_of_json
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.model import media
-from btdeploy.model.configs import max_text_length, num_image_tokens
+from btdeploy.model.configs import max_text_length
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import RowProgress, say, warn
 
@@ -79,16 +79,12 @@ def _image_rows(processor: Any, images: tuple[Path, ...]) -> np.ndarray:
 
 
 def _refuse_rows_past_memory(size: int, manifest: Manifest, length: int) -> None:
-    """The rows are held in memory while they run one at a time, and for a split head so are
-    their text and image states (the fusion graph's inputs, several times the pixels): a count
-    that would take more than half of the memory available is refused here, not killed by the
+    """The rows' inputs are held in memory while they run one at a time (the fusion graph's text
+    and image states are made a few rows at a time, btdeploy/quantize/rows.py): a count whose
+    inputs would take more than half of the memory available is refused here, not killed by the
     kernel later."""
-    config = manifest.config
-    side = int(config.vision_config.image_size)
+    side = int(manifest.config.vision_config.image_size)
     row_bytes = 3 * side * side * 4 + 2 * length * 8  # float32 pixels, int64 ids and mask
-    if "fusion" in manifest.stems:
-        tokens = length + num_image_tokens(config)
-        row_bytes += int(config.num_hidden_layers) * tokens * int(config.hidden_size) * 4
     needed = size * row_bytes
     available = _available_memory()
     if available is None:

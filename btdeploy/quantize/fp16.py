@@ -19,6 +19,7 @@ from btdeploy.artifacts.weightless import weightless_with_side_file
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
 from btdeploy.progress import RowProgress
 from btdeploy.quantize.modelopt_env import lean_conversion, require_modelopt
+from btdeploy.quantize.rows import CalibrationRows
 
 # How many calibration rows AutoCast's range check runs: each runs the graph with every
 # intermediate tensor as an output (on base ~1.5 s a row); the ranges are kept, the tensors not.
@@ -26,14 +27,14 @@ FP16_RANGE_ROWS = 4
 
 
 def autocast_fp16(
-    source: Path, feeds: dict[str, np.ndarray], workdir: Path, flavour: Flavour
+    source: Path, feeds: CalibrationRows, workdir: Path, flavour: Flavour
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     require_modelopt()
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
-    rows = min(FP16_RANGE_ROWS, len(next(iter(feeds.values()))))
+    rows = min(FP16_RANGE_ROWS, len(feeds))
     npz = workdir / "range.npz"
-    np.savez(npz, **{name: values[:rows] for name, values in feeds.items()})  # type: ignore[arg-type]
+    np.savez(npz, **feeds.take(0, rows))  # type: ignore[arg-type]
     with _streaming_reference_runs():
         model = convert_to_mixed_precision(
             str(source),

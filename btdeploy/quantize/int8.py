@@ -31,6 +31,7 @@ from btdeploy.optimize.passes.integer_matmul import INTEGER_MATMULS
 from btdeploy.optimize.passes.qdq_islands import QDQ_ISLANDS
 from btdeploy.optimize.passes.quantized_layernorm import QUANTIZED_LAYERNORMS
 from btdeploy.quantize.modelopt_env import lean_conversion, require_modelopt
+from btdeploy.quantize.rows import CalibrationRows
 from btdeploy.quantize.tensor_ranges import entropy_ranges
 
 # What is not INT8: TensorRT runs it in FP16; ONNX Runtime's CPU provider wants FP32.
@@ -85,7 +86,7 @@ class Int8Plan:
 
 
 def calibrated_int8(
-    source: Path, feeds: dict[str, np.ndarray], workdir: Path, flavour: Flavour
+    source: Path, feeds: CalibrationRows, workdir: Path, flavour: Flavour
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     calibrated = entropy_ranges(source, _activations, feeds, source.stem)
     model = onnx.load(str(source))  # the session is gone: this is the one copy of the weights held
@@ -101,7 +102,7 @@ def calibrated_int8(
         "full_precision_inputs_restored": restored.fused,
         "mode": "int8 explicit Q/DQ, symmetric",
         "calibration_method": "entropy",
-        "calibration_rows": len(next(iter(feeds.values()))),
+        "calibration_rows": len(feeds),
         "attention_matmuls_excluded": plan.attention_matmuls,
         "matmuls_left_out": dict(plan.left_out),
         **counts,

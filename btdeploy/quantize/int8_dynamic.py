@@ -6,17 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.artifacts.onnx_files import graph_bytes, needs_external_data
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.passes.integer_width import INTEGER_WIDTHS
+from btdeploy.quantize.rows import CalibrationRows
 
 
 def dynamic_int8(
-    source: Path, feeds: dict[str, np.ndarray], workdir: Path, flavour: Flavour
+    source: Path, feeds: CalibrationRows, workdir: Path, flavour: Flavour
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from btdeploy.artifacts.graph_names import Flavour, Precision
@@ -16,8 +15,9 @@ from btdeploy.errors import BtDeployError
 from btdeploy.quantize.fp16 import FP16_RANGE_ROWS, autocast_fp16
 from btdeploy.quantize.int8 import calibrated_int8, int8_from_twin, int8_twin_converts
 from btdeploy.quantize.int8_dynamic import dynamic_int8
+from btdeploy.quantize.rows import CalibrationRows
 
-Run = Callable[[Path, dict[str, np.ndarray], Path, Flavour], tuple[onnx.ModelProto, dict[str, Any]]]
+Run = Callable[[Path, CalibrationRows, Path, Flavour], tuple[onnx.ModelProto, dict[str, Any]]]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, parse_flavour
@@ -26,6 +25,7 @@ from btdeploy.progress import say, step
 from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE, CalibrationData, plan_calibration
 from btdeploy.quantize.int8 import ACTIVATION_CODE
 from btdeploy.quantize.methods import QuantizeMethod, get_method
+from btdeploy.quantize.rows import ArrayRows, CalibrationRows, DerivedRows
 
 
 def _describe(model: onnx.ModelProto, precision: Precision, flavour: Flavour) -> dict[str, Any]:
@@ -67,22 +67,27 @@ _PACKAGES = ("btdeploy", "nvidia-modelopt", "onnxruntime-gpu", "onnx")  # the to
 TOWER_ROWS = 8  # calibration rows run through the FP32 towers at once, for the fusion graph's inputs
 
 
-def _fusion_calibration(manifest: Manifest, calibration: CalibrationData, flavour: Flavour) -> CalibrationData:
+def _fusion_rows(manifest: Manifest, calibration: CalibrationData, flavour: Flavour) -> CalibrationRows:
     """The fusion graph's inputs: the calibration rows through the FP32 text and vision towers of
-    the flavour being quantized from (the split backend of the target registry), TOWER_ROWS rows
-    at a time, so the towers' working memory does not grow with --calib-size."""
+    the flavour being quantized from (the split backend of the target registry), made TOWER_ROWS
+    rows at a time as calibration reads them, so that neither the towers' working memory nor the
+    states held grow with --calib-size."""
     from btdeploy.backends.split import build_split_backend
     from btdeploy.backends.targets import get_target
 
     towers = build_split_backend(manifest, get_target("onnxruntime").resolve({"flavour": flavour, "split": True}))
-    fused: dict[str, np.ndarray] = {}
-    for start in range(0, calibration.size, TOWER_ROWS):
-        rows = {name: values[start : start + TOWER_ROWS] for name, values in calibration.feeds.items()}
-        for name, values in {**towers.text(rows), **towers.vision(rows)}.items():
-            if name not in fused:  # filled in place: the joined rows are never held twice
-                fused[name] = np.empty((calibration.size, *values.shape[1:]), values.dtype)
-            fused[name][start : start + len(values)] = values
-    return CalibrationData(fused, _calibration_source(calibration.source, "fusion", flavour) or {})
+    return DerivedRows(
+        ArrayRows(calibration.feeds), lambda rows: {**towers.text(rows), **towers.vision(rows)}, TOWER_ROWS
+    )
+
+
+def _stem_rows(manifest: Manifest, calibration: CalibrationData | None, stem: str, flavour: Flavour) -> CalibrationRows:
+    """The calibration rows of one graph: its own inputs, or for the fusion graph the towers' states."""
+    if calibration is None:
+        return ArrayRows({})
+    if stem == "fusion":
+        return _fusion_rows(manifest, calibration, flavour)
+    return ArrayRows({name: calibration.feeds[name] for name in manifest.input_names(stem)})
 
 
 def _calibration_source(source: dict[str, Any] | None, stem: str, flavour: Flavour) -> dict[str, Any] | None:
@@ -146,11 +151,9 @@ def quantize_head(
         summaries: dict[str, dict[str, Any]] = {}
         with GraphBatch() as batch:  # every graph of the head, or none: stage, then swap, then record
             for stem in manifest.stems:
-                part_calibration = calibration
-                if calibration is not None and stem == "fusion":
-                    part_calibration = _fusion_calibration(manifest, calibration, source_flavour)
+                rows = _stem_rows(manifest, calibration, stem, source_flavour)
                 summaries[stem] = _quantize_graph(
-                    manifest, method, chosen, stem, (sources[stem], why), part_calibration, made_by, batch
+                    manifest, method, chosen, stem, (sources[stem], why), rows, made_by, batch
                 )
         summary = manifest.record_step(summaries)
         for written in (summary, *summary.get("parts", {}).values()):
@@ -166,7 +169,7 @@ def _quantize_graph(
     flavour: Flavour,
     stem: str,
     source_and_reason: tuple[Path, str],
-    calibration: CalibrationData | None,
+    rows: CalibrationRows,
     made_by: dict[str, dict[str, Any]],
     batch: GraphBatch,
 ) -> dict[str, Any]:
@@ -174,7 +177,6 @@ def _quantize_graph(
     precision = method.precision
     label = manifest.head if stem == "model" else f"{manifest.head} {stem}"
     target = manifest.folder / graph_file(flavour, precision, stem)
-    feeds = {name: calibration.feeds[name] for name in manifest.input_names(stem)} if calibration else {}
     workdir = Path(tempfile.mkdtemp(prefix=".quantize.", suffix=".partial", dir=manifest.folder))
     try:
         with step(f"quantize {label} ({flavour}, {precision}) from {source.name}") as cost:
@@ -184,7 +186,7 @@ def _quantize_graph(
                 # flavour: this flavour's graph is made from it, without calibrating again.
                 model, options = twin
             else:
-                model, options = method.run(_private_copy(source, workdir), feeds, workdir, flavour)
+                model, options = method.run(_private_copy(source, workdir), rows, workdir, flavour)
             require_fp16_safe(model, f"the {precision} graph of {label}")
             facts = _describe(model, precision, flavour)
             for target_name, check in graph_checks(flavour).items():

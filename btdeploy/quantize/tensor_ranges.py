@@ -24,6 +24,7 @@ from btdeploy.artifacts.onnx_files import data_file
 from btdeploy.artifacts.weightless import weightless_with_side_file
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import RowProgress
+from btdeploy.quantize.rows import CalibrationRows
 
 HISTOGRAM_BINS = 128  # ONNX Runtime's EntropyCalibrater defaults, which Model Optimizer keeps
 QUANTIZED_BINS = 128
@@ -36,14 +37,14 @@ class TensorRanges:
 
 
 def entropy_ranges(
-    source: Path, choose: Callable[[onnx.ModelProto], Sequence[str]], feeds: dict[str, np.ndarray], what: str
+    source: Path, choose: Callable[[onnx.ModelProto], Sequence[str]], feeds: CalibrationRows, what: str
 ) -> TensorRanges:
     """The entropy-calibrated range of every tensor `choose` names in `source` (given the graph as
-    loaded, without its external data), over every row of `feeds`. The graph is loaded once and
+    loaded, without its external data), over every row of `feeds`, read one at a time. The graph is loaded once and
     dropped before the session opens."""
     from onnxruntime.quantization.calibrate import HistogramCollector
 
-    rows = int(next(iter(feeds.values())).shape[0])
+    rows = len(feeds)
     if rows < 1:
         raise BtDeployError(f"calibrating {what}: no calibration rows")
     model = onnx.load(str(source), load_external_data=False)
@@ -62,8 +63,7 @@ def entropy_ranges(
     quiet = io.StringIO()  # the collector prints a line per call
     try:
         for index in range(rows):
-            row = {name: values[index : index + 1] for name, values in feeds.items()}
-            outputs = session.run(tensors, row)
+            outputs = session.run(tensors, feeds.take(index, index + 1))
             with contextlib.redirect_stdout(quiet):
                 collector.collect({name: [value] for name, value in zip(tensors, outputs, strict=True)})
             shapes.update({name: tuple(value.shape) for name, value in zip(tensors, outputs, strict=True)})

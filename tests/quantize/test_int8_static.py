@@ -23,6 +23,7 @@ from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
 from btdeploy.optimize.passes.integer_matmul import INTEGER_MATMULS
 from btdeploy.quantize.int8 import calibrated_int8, quantize_weight
+from btdeploy.quantize.rows import ArrayRows
 from btdeploy.quantize.tensor_ranges import entropy_ranges
 
 ROWS = 4
@@ -92,7 +93,7 @@ def test_the_same_qdq_as_model_optimizer(optimized: Path, tmp_path: Path, head: 
     shutil.copyfile(optimized / head / source.name, source)
     feeds = _feeds(optimized / head)
     reference = _model_optimizer_int8(source, feeds, tmp_path / "reference.onnx")
-    ours, options = calibrated_int8(source, feeds, tmp_path, Flavour.ORT)
+    ours, options = calibrated_int8(source, ArrayRows(feeds), tmp_path, Flavour.ORT)
     onnx.checker.check_model(ours)
     # The ort graph holds ONNX Runtime's integer MatMuls; raised, they are the Q/DQ they stand for.
     raised = Graph(ours)
@@ -137,7 +138,7 @@ def test_calibration_reads_an_external_data_graph_without_copying_it(optimized: 
     model = onnx.load(str(source), load_external_data=False)
     weights = {t.name for t in model.graph.initializer}
     tensors = sorted({n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights})
-    found = entropy_ranges(source, lambda _: tensors, _feeds(optimized / "itm"), "itm")
+    found = entropy_ranges(source, lambda _: tensors, ArrayRows(_feeds(optimized / "itm")), "itm")
     assert set(found.ranges) == set(tensors)
     for low, high in found.ranges.values():
         assert np.isfinite(low) and np.isfinite(high) and low <= 0 <= high
@@ -153,5 +154,5 @@ def test_a_graph_onnx_runtime_cannot_run_is_one_line(tmp_path: Path) -> None:
     )  # fmt: skip
     onnx.save(onnx.helper.make_model(graph), str(source))
     with pytest.raises(BtDeployError, match="ONNX Runtime cannot run broken.onnx for calibration"):
-        entropy_ranges(source, lambda _: ["y"], {"x": np.zeros((1, 1, 2), np.float32)}, "broken")
+        entropy_ranges(source, lambda _: ["y"], ArrayRows({"x": np.zeros((1, 1, 2), np.float32)}), "broken")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]

@@ -35,6 +35,7 @@ from btdeploy.quantize.int8 import (
 )
 from btdeploy.quantize.methods import PRECISIONS
 from btdeploy.quantize.quantizer import quantize_head
+from btdeploy.quantize.rows import ArrayRows
 from btdeploy.verify.check import check_export
 
 CALIB_SIZE = 4  # generated rows: enough for ranges on tiny graphs, quick in CI
@@ -564,7 +565,7 @@ def test_the_streaming_fp16_range_check_writes_autocasts_own_graph(
     manifest = read_manifest(optimized / "itm")
     source = manifest.graph_path(flavour)
     feeds = load_calibration(manifest, None, None, 6).feeds
-    streamed, options = autocast_fp16(source, feeds, tmp_path, flavour)
+    streamed, options = autocast_fp16(source, ArrayRows(feeds), tmp_path, flavour)
     assert options["range_rows"] == FP16_RANGE_ROWS
     npz = tmp_path / "rows.npz"
     np.savez(npz, **{name: values[:FP16_RANGE_ROWS] for name, values in feeds.items()})  # type: ignore[arg-type]
@@ -602,7 +603,7 @@ def test_the_lean_fp16_conversion_of_an_int8_graph_is_model_optimizers_own(optim
 
     manifest = read_manifest(optimized / "mlm")
     feeds = load_calibration(manifest, None, None, CALIB_SIZE).feeds
-    int8, _ = calibrated_int8(manifest.graph_path(Flavour.TRT_COMPAT), feeds, manifest.folder, Flavour.ORT)
+    int8, _ = calibrated_int8(manifest.graph_path(Flavour.TRT_COMPAT), ArrayRows(feeds), manifest.folder, Flavour.ORT)
     qdq = Graph(int8)
     int8_flavour_form(qdq, Flavour.TRT_COMPAT)  # Q/DQ and standard LayerNorms again, as the twin conversion sees it
     int8 = qdq.model

@@ -232,7 +232,8 @@ def test_fusion_calibration_runs_the_towers_a_few_rows_at_a_time(
     split_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fusion graph's calibration inputs had come from one tower run over every row at once,
-    whose working memory grew with --calib-size; they are the same, made TOWER_ROWS rows at a time."""
+    all held while calibration read them one by one: they are the same, made TOWER_ROWS rows at a
+    time as they are read, one chunk held at a time."""
     from btdeploy.artifacts.graph_names import Flavour
     from btdeploy.artifacts.manifest import read_manifest
     from btdeploy.backends.split import SplitBackend, build_split_backend
@@ -245,15 +246,18 @@ def test_fusion_calibration_runs_the_towers_a_few_rows_at_a_time(
     towers = build_split_backend(manifest, get_target("onnxruntime").resolve({"flavour": "ort", "split": True}))
     whole = {**towers.text(calibration.feeds), **towers.vision(calibration.feeds)}
     monkeypatch.setattr(quantizer, "TOWER_ROWS", 3)
-    rows: list[int] = []
+    runs: list[int] = []
     text, vision = SplitBackend.text, SplitBackend.vision
-    monkeypatch.setattr(SplitBackend, "text", lambda self, f: rows.append(len(f["input_ids"])) or text(self, f))
-    monkeypatch.setattr(SplitBackend, "vision", lambda self, f: rows.append(len(f["pixel_values"])) or vision(self, f))
-    fused = quantizer._fusion_calibration(manifest, calibration, Flavour.ORT)
-    assert rows == [3, 3, 3, 3, 1, 1]
-    assert set(fused.feeds) == set(whole)
+    monkeypatch.setattr(SplitBackend, "text", lambda self, f: runs.append(len(f["input_ids"])) or text(self, f))
+    monkeypatch.setattr(SplitBackend, "vision", lambda self, f: runs.append(len(f["pixel_values"])) or vision(self, f))
+    rows = quantizer._fusion_rows(manifest, calibration, Flavour.ORT)
+    assert len(rows) == 7 and runs == []  # nothing made before it is read
+    read = [rows.take(index, index + 1) for index in range(len(rows))]  # as calibration reads them
+    assert runs == [3, 3, 3, 3, 1, 1]
     for name, values in whole.items():
-        np.testing.assert_allclose(fused.feeds[name], values, rtol=0, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(np.concatenate([row[name] for row in read]), values, rtol=0, atol=1e-5)
+    first = rows.take(0, 4)  # AutoCast's range rows: across a chunk's end, made at once
+    assert runs[-2:] == [4, 4] and all(len(values) == 4 for values in first.values())
 
 
 def _rank_inputs(tmp_path: Path) -> tuple[Path, Path, list[str]]:

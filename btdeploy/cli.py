@@ -248,17 +248,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         device=device,
         rotate_builds=not args.build_once,
     )
+    out = Path(args.out or Path(args.dir) / "bench")
+    if out.exists() and not out.is_dir():  # refused now, not after minutes of timing
+        raise BtDeployError(f"--out {out} is a file: give a folder for the reports")
     if args.workload == "rank":
         from btdeploy.bench.rank_workload import run_rank_bench
 
-        out = Path(args.out or Path(args.dir) / "bench")
         run_rank_bench(Path(args.dir), args.captions, args.seq_lens[0], args.warmup, args.iters, settings.threads, out)
         print((out / "rank.md").read_text())
         return 0
     if args.workload == "serve":
         from btdeploy.bench.load import run_serve_bench
 
-        out = Path(args.out or Path(args.dir) / "bench")
         run_serve_bench(
             Path(args.dir),
             list(args.precisions),
@@ -276,7 +277,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     heads = _chosen_heads(args)
     run = run_bench(Path(args.dir), heads, variants, settings)
     run.command = "btdeploy bench " + " ".join(shlex.quote(a) for a in args.argv)
-    out = Path(args.out or Path(args.dir) / "bench")
     for path in write_reports(run, out):
         say(f"wrote {path}")
     print((out / "results.md").read_text())

@@ -155,6 +155,13 @@ def _run_on_an_elongated_image(out: Path, tmp: Path) -> list[str]:
     return ["run", str(out), "--head", "itm", "--image", str(_banner(tmp)), "--text", "a green banner"]
 
 
+def _bench_into_a_file(out: Path, tmp: Path) -> list[str]:
+    """Refused before the timing starts: it had been refused only when the reports were written."""
+    (tmp / "reports").write_text("a file in the way")
+    return ["bench", str(out), "--heads", "itm", "--variants", "ort", "--batch-sizes", "1", "--seq-lens", "4",
+            "--iters", "1", "--out", str(tmp / "reports")]  # fmt: skip
+
+
 def _run_on_a_decompression_bomb(out: Path, tmp: Path) -> list[str]:
     """225 megapixels in a 27 kB PNG: PIL refuses to decode it with its own exception."""
     from PIL import Image
@@ -312,6 +319,7 @@ CASES: list[tuple[str, Setup, str]] = [
     ("run on an image too elongated to resize", _run_on_an_elongated_image, "banner.png is 256x64 pixels, more than"),
     ("calibration on an image too elongated", _calibrate_on_an_elongated_image, "banner.png is 256x64 pixels, more"),
     ("run on an image past PIL's decompression limit", _run_on_a_decompression_bomb, "huge.png is too large to decode"),
+    ("bench --out naming a file", _bench_into_a_file, "reports is a file: give a folder for the reports"),
     *[
         (
             f"bench --workload {workload} past the model's text length",

@@ -80,9 +80,8 @@ def _image_rows(processor: Any, images: tuple[Path, ...]) -> np.ndarray:
 
 def _refuse_rows_past_memory(size: int, manifest: Manifest, length: int) -> None:
     """The rows' inputs are held in memory while they run one at a time (the fusion graph's text
-    and image states are made a few rows at a time, btdeploy/quantize/rows.py): a count whose
-    inputs would take more than half of the memory available is refused here, not killed by the
-    kernel later."""
+    and image states are spooled to files, btdeploy/quantize/rows.py): a count whose inputs would
+    take more than half of the memory available is refused here, not killed by the kernel later."""
     side = int(manifest.config.vision_config.image_size)
     row_bytes = 3 * side * side * 4 + 2 * length * 8  # float32 pixels, int64 ids and mask
     needed = size * row_bytes

@@ -6,9 +6,12 @@ graphs, checks the result, and records how it was made in the manifest.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from btdeploy.progress import say, step
 from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE, CalibrationData, plan_calibration
 from btdeploy.quantize.int8 import ACTIVATION_CODE
 from btdeploy.quantize.methods import QuantizeMethod, get_method
-from btdeploy.quantize.rows import ArrayRows, CalibrationRows, DerivedRows
+from btdeploy.quantize.rows import ArrayRows, CalibrationRows, Feeds, SpooledRows
 
 
 def _describe(model: onnx.ModelProto, precision: Precision, flavour: Flavour) -> dict[str, Any]:
@@ -67,27 +70,39 @@ _PACKAGES = ("btdeploy", "nvidia-modelopt", "onnxruntime-gpu", "onnx")  # the to
 TOWER_ROWS = 8  # calibration rows run through the FP32 towers at once, for the fusion graph's inputs
 
 
-def _fusion_rows(manifest: Manifest, calibration: CalibrationData, flavour: Flavour) -> CalibrationRows:
+def _fusion_rows(manifest: Manifest, calibration: CalibrationData, flavour: Flavour) -> SpooledRows:
     """The fusion graph's inputs: the calibration rows through the FP32 text and vision towers of
-    the flavour being quantized from (the split backend of the target registry), made TOWER_ROWS
-    rows at a time as calibration reads them, so that neither the towers' working memory nor the
-    states held grow with --calib-size."""
+    the flavour being quantized from (the split backend of the target registry), TOWER_ROWS rows
+    at a time and spooled to files, so that neither the towers' working memory nor the states
+    held grow with --calib-size, and the towers are gone before the fusion graph is calibrated."""
     from btdeploy.backends.split import build_split_backend
     from btdeploy.backends.targets import get_target
 
-    towers = build_split_backend(manifest, get_target("onnxruntime").resolve({"flavour": flavour, "split": True}))
-    return DerivedRows(
-        ArrayRows(calibration.feeds), lambda rows: {**towers.text(rows), **towers.vision(rows)}, TOWER_ROWS
-    )
+    @functools.cache
+    def towers() -> Any:  # opened when the rows are first read: a graph made from its twin reads none
+        return build_split_backend(manifest, get_target("onnxruntime").resolve({"flavour": flavour, "split": True}))
+
+    def states(rows: Feeds) -> Feeds:
+        return {**towers().text(rows), **towers().vision(rows)}
+
+    return SpooledRows(ArrayRows(calibration.feeds), states, TOWER_ROWS, manifest.folder)
 
 
-def _stem_rows(manifest: Manifest, calibration: CalibrationData | None, stem: str, flavour: Flavour) -> CalibrationRows:
+@contextmanager
+def _stem_rows(
+    manifest: Manifest, calibration: CalibrationData | None, stem: str, flavour: Flavour
+) -> Iterator[CalibrationRows]:
     """The calibration rows of one graph: its own inputs, or for the fusion graph the towers' states."""
     if calibration is None:
-        return ArrayRows({})
-    if stem == "fusion":
-        return _fusion_rows(manifest, calibration, flavour)
-    return ArrayRows({name: calibration.feeds[name] for name in manifest.input_names(stem)})
+        yield ArrayRows({})
+    elif stem == "fusion":
+        spooled = _fusion_rows(manifest, calibration, flavour)
+        try:
+            yield spooled
+        finally:
+            spooled.close()
+    else:
+        yield ArrayRows({name: calibration.feeds[name] for name in manifest.input_names(stem)})
 
 
 def _calibration_source(source: dict[str, Any] | None, stem: str, flavour: Flavour) -> dict[str, Any] | None:
@@ -151,10 +166,10 @@ def quantize_head(
         summaries: dict[str, dict[str, Any]] = {}
         with GraphBatch() as batch:  # every graph of the head, or none: stage, then swap, then record
             for stem in manifest.stems:
-                rows = _stem_rows(manifest, calibration, stem, source_flavour)
-                summaries[stem] = _quantize_graph(
-                    manifest, method, chosen, stem, (sources[stem], why), rows, made_by, batch
-                )
+                with _stem_rows(manifest, calibration, stem, source_flavour) as rows:
+                    summaries[stem] = _quantize_graph(
+                        manifest, method, chosen, stem, (sources[stem], why), rows, made_by, batch
+                    )
         summary = manifest.record_step(summaries)
         for written in (summary, *summary.get("parts", {}).values()):
             _say_written(manifest.head, written)

@@ -1,14 +1,18 @@
 """Calibration rows as the quantizers read them: in order, a few at a time.
 
-Rows held in memory (`ArrayRows`) or made from other rows a chunk at a time (`DerivedRows`: the
-fusion graph's inputs, the text and image states of the towers, several times the size of the
-pixels), so that a split head's calibration holds one chunk of states, not every row's.
+Rows held in memory (`ArrayRows`), or made from other rows a chunk at a time and spooled to files
+(`SpooledRows`: the fusion graph's inputs, the towers' text and image states, several times the
+size of the pixels), so that a split head's calibration holds one chunk of states, and the towers
+that make them are gone before the calibration session opens.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -35,20 +39,52 @@ class ArrayRows:
         return {name: values[start:stop] for name, values in self.arrays.items()}
 
 
-class DerivedRows:
-    """`make` applied to `source`'s rows, `chunk` rows at a time; the last chunk made is kept, so
-    reading the rows in order makes each chunk once."""
+class SpooledRows:
+    """`make` applied to `source`'s rows `chunk` at a time, each chunk written to a file in a
+    temporary folder under `beside` when the rows are first asked for (so nothing is made for a
+    graph that is not calibrated); `make` is then dropped with whatever it holds. Reading holds
+    one chunk. `close()` removes the files."""
 
-    def __init__(self, source: CalibrationRows, make: Callable[[Feeds], Feeds], chunk: int) -> None:
-        self.source, self.make, self.chunk = source, make, chunk
-        self._start, self._stop = 0, 0
-        self._made: Feeds = {}
+    def __init__(self, source: CalibrationRows, make: Callable[[Feeds], Feeds], chunk: int, beside: Path) -> None:
+        self.source, self.chunk, self.beside = source, chunk, beside
+        self._make: Callable[[Feeds], Feeds] | None = make
+        self._folder: Path | None = None
+        self._index = -1
+        self._loaded: Feeds = {}
 
     def __len__(self) -> int:
+        self._spool()
         return len(self.source)
 
     def take(self, start: int, stop: int) -> Feeds:
-        if not self._start <= start < stop <= self._stop:
-            end = min(len(self), max(stop, start + self.chunk))
-            self._made, self._start, self._stop = self.make(self.source.take(start, end)), start, end
-        return {name: values[start - self._start : stop - self._start] for name, values in self._made.items()}
+        self._spool()
+        parts = []
+        for index in range(start // self.chunk, (stop - 1) // self.chunk + 1):
+            first = index * self.chunk
+            rows = self._chunk(index)
+            parts.append({name: values[max(start, first) - first : stop - first] for name, values in rows.items()})
+        if len(parts) == 1:
+            return parts[0]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def close(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+        self._folder, self._make, self._loaded = None, None, {}
+
+    def _spool(self) -> None:
+        if self._make is None:
+            return
+        # A `.partial` name: a step killed midway leaves it for the next step on the head to remove.
+        self._folder = Path(tempfile.mkdtemp(prefix=".calibration-rows.", suffix=".partial", dir=self.beside))
+        for index, start in enumerate(range(0, len(self.source), self.chunk)):
+            made = self._make(self.source.take(start, start + self.chunk))
+            np.savez(self._folder / f"{index}.npz", **made)  # type: ignore[arg-type]
+        self._make = None  # and with it the towers that made the rows
+
+    def _chunk(self, index: int) -> Feeds:
+        if index != self._index:
+            assert self._folder is not None
+            with np.load(self._folder / f"{index}.npz") as stored:
+                self._index, self._loaded = index, {name: stored[name] for name in stored.files}
+        return self._loaded

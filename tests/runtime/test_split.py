@@ -233,7 +233,9 @@ def test_fusion_calibration_runs_the_towers_a_few_rows_at_a_time(
 ) -> None:
     """The fusion graph's calibration inputs had come from one tower run over every row at once,
     all held while calibration read them one by one: they are the same, made TOWER_ROWS rows at a
-    time as they are read, one chunk held at a time."""
+    time and spooled to files when first read, one chunk held at a time, the files gone after."""
+    import shutil
+
     from btdeploy.artifacts.graph_names import Flavour
     from btdeploy.artifacts.manifest import read_manifest
     from btdeploy.backends.split import SplitBackend, build_split_backend
@@ -241,7 +243,9 @@ def test_fusion_calibration_runs_the_towers_a_few_rows_at_a_time(
     from btdeploy.quantize import quantizer
     from btdeploy.quantize.calibration import load_calibration
 
-    manifest = read_manifest(split_export / "itm")
+    folder = tmp_path / "itm"
+    shutil.copytree(split_export / "itm", folder)
+    manifest = read_manifest(folder)
     calibration = load_calibration(manifest, None, None, 7)
     towers = build_split_backend(manifest, get_target("onnxruntime").resolve({"flavour": "ort", "split": True}))
     whole = {**towers.text(calibration.feeds), **towers.vision(calibration.feeds)}
@@ -250,14 +254,19 @@ def test_fusion_calibration_runs_the_towers_a_few_rows_at_a_time(
     text, vision = SplitBackend.text, SplitBackend.vision
     monkeypatch.setattr(SplitBackend, "text", lambda self, f: runs.append(len(f["input_ids"])) or text(self, f))
     monkeypatch.setattr(SplitBackend, "vision", lambda self, f: runs.append(len(f["pixel_values"])) or vision(self, f))
-    rows = quantizer._fusion_rows(manifest, calibration, Flavour.ORT)
-    assert len(rows) == 7 and runs == []  # nothing made before it is read
-    read = [rows.take(index, index + 1) for index in range(len(rows))]  # as calibration reads them
-    assert runs == [3, 3, 3, 3, 1, 1]
+    before = set(folder.iterdir())
+    with quantizer._stem_rows(manifest, calibration, "fusion", Flavour.ORT) as rows:
+        assert runs == [] and set(folder.iterdir()) == before  # nothing made before it is read
+        assert len(rows) == 7 and runs == [3, 3, 3, 3, 1, 1]  # every chunk made once, then spooled
+        spooled = set(folder.iterdir()) - before
+        assert len(spooled) == 1 and next(iter(spooled)).name.endswith(".partial")
+        read = [rows.take(index, index + 1) for index in range(len(rows))]  # as calibration reads them
+        across = rows.take(2, 6)  # rows from three chunks at once (AutoCast reads its first rows so)
+        assert runs == [3, 3, 3, 3, 1, 1]  # reading makes nothing again
+    assert set(folder.iterdir()) == before  # the spooled rows are gone with the step
     for name, values in whole.items():
         np.testing.assert_allclose(np.concatenate([row[name] for row in read]), values, rtol=0, atol=1e-5)
-    first = rows.take(0, 4)  # AutoCast's range rows: across a chunk's end, made at once
-    assert runs[-2:] == [4, 4] and all(len(values) == 4 for values in first.values())
+        np.testing.assert_allclose(across[name], values[2:6], rtol=0, atol=1e-5)
 
 
 def _rank_inputs(tmp_path: Path) -> tuple[Path, Path, list[str]]:

@@ -16,6 +16,9 @@ from pathlib import Path
 
 from btdeploy.errors import BtDeployError
 
+# Head folders whose lock this process holds: a step reading its own sources is not "another step".
+_HELD: set[Path] = set()
+
 
 def lock_path(folder: Path) -> Path:
     return folder.parent / f".{folder.name}.lock"
@@ -43,8 +46,10 @@ def head_lock(folder: Path, step: str) -> Iterator[None]:
         handle.write(f"{step}, pid {os.getpid()}")
         handle.flush()
         remove_leftovers(folder)
+        _HELD.add(folder.resolve())
         yield
     finally:
+        _HELD.discard(folder.resolve())
         handle.close()  # releases the lock
 
 
@@ -53,7 +58,7 @@ def writer_of(folder: Path) -> str | None:
     they ask this when a graph is not what the manifest records, since a step swaps its graphs in
     before it records them."""
     path = lock_path(Path(folder))
-    if not path.is_file():
+    if not path.is_file() or Path(folder).resolve() in _HELD:
         return None
     with open(path) as handle:
         try:

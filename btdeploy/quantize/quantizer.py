@@ -82,8 +82,11 @@ def _fusion_rows(manifest: Manifest, calibration: CalibrationData, flavour: Flav
     def towers() -> Any:  # opened when the rows are first read: a graph made from its twin reads none
         return build_split_backend(manifest, get_target("onnxruntime").resolve({"flavour": flavour, "split": True}))
 
-    def states(rows: Feeds) -> Feeds:
-        return {**towers().text(rows), **towers().vision(rows)}
+    inputs = manifest.input_names("fusion")
+
+    def states(rows: Feeds) -> Feeds:  # the towers' outputs the fusion graph reads (not a head's own)
+        made = {**towers().text(rows), **towers().vision(rows)}
+        return {name: made[name] for name in inputs}
 
     return SpooledRows(ArrayRows(calibration.feeds), states, TOWER_ROWS, manifest.folder)
 

@@ -404,7 +404,14 @@ def test_a_graph_read_while_a_step_swaps_it_in_is_named_as_such(
     graph = out / "itm" / "model.onnx"
     original = graph.read_bytes()
     graph.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, other bytes: as mid-swap
-    with head_lock(out / "itm", "btdeploy quantize --flavour ort --precision int8"):
+    import fcntl
+
+    from btdeploy.artifacts.locks import lock_path
+
+    with open(lock_path(out / "itm"), "w") as held:  # the lock as another process's step holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("btdeploy quantize --flavour ort --precision int8, pid 4242")
+        held.flush()
         assert main(["check", str(out), "--heads", "itm"]) == 2
     err = capsys.readouterr().err
     writer = "(btdeploy quantize --flavour ort --precision int8, pid"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,9 +136,21 @@ def plan_calibration(
         "size": size,
         "text_length": length,
         # What the rows read, by content: other images or captions under the same names calibrate anew.
-        "sha256": sha256_of_json({"images": [sha256_of(f) for f in used_images], "captions": used_captions}),
+        "sha256": sha256_of_json({"images": [_file_sha256(f) for f in used_images], "captions": used_captions}),
     }
     return CalibrationPlan(manifest, size, length, source, used_images, used_captions)
+
+
+def _file_sha256(path: Path) -> str:
+    """An image's sha256, hashed once per process while its size and time stay the same: the
+    pipeline plans calibration for every head, flavour and precision from the same files."""
+    stat = path.stat()
+    return _sha256_of_version(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _sha256_of_version(path: Path, size: int, mtime_ns: int) -> str:
+    return sha256_of(path)
 
 
 def load_calibration(

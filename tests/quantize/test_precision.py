@@ -363,6 +363,28 @@ def test_calibration_reuse_follows_what_the_files_hold(optimized: Path, tmp_path
     assert later["calibration"]["sha256"] == two_rows["calibration"]["sha256"]
 
 
+def test_calibration_files_are_hashed_once_per_version(
+    optimized: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline plans calibration for every head, flavour and precision from the same files:
+    each image is hashed once while it stays as it is, and again once it changes."""
+    from PIL import Image
+
+    from btdeploy.quantize import calibration
+
+    images, texts = _calibration_files(tmp_path, 3)
+    hashed: list[str] = []
+    sha256_of = calibration.sha256_of
+    monkeypatch.setattr(calibration, "sha256_of", lambda path: hashed.append(path.name) or sha256_of(path))
+    manifest = read_manifest(optimized / "itm")
+    first = calibration.plan_calibration(manifest, images, texts, 3).source["sha256"]
+    assert calibration.plan_calibration(manifest, images, texts, 3).source["sha256"] == first
+    assert sorted(hashed) == ["photo0.png", "photo1.png", "photo2.png"]
+    Image.fromarray(np.zeros((48, 56, 3), dtype=np.uint8)).save(images / "photo1.png")
+    assert calibration.plan_calibration(manifest, images, texts, 3).source["sha256"] != first
+    assert sorted(hashed) == ["photo0.png", "photo1.png", "photo1.png", "photo2.png"]
+
+
 def test_calibration_images_are_decoded_once_a_chunk_at_a_time(
     optimized: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

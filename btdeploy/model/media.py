@@ -18,12 +18,16 @@ def image_files(folder: Path, option: str) -> list[Path]:
     """The images in a folder, sorted by name; `option` names the flag in the errors."""
     if not folder.is_dir():
         raise BtDeployError(f"{option} {folder} is not a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in folder.iterdir() if _is_image_file(p))
     if not files:
-        nested = sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        nested = sum(1 for p in folder.rglob("*") if _is_image_file(p))
         where = f" (it has {nested} in its subfolders: btdeploy reads the folder's own files, not its subfolders)"
         raise BtDeployError(f"{option} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}){where if nested else ''}")
     return files
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
 def read_captions(path: Path, option: str) -> list[str]:

@@ -29,10 +29,6 @@ class CalibrationData:
     feeds: dict[str, np.ndarray]  # name -> [size, ...], padded to one text length
     source: dict[str, Any] = field(default_factory=dict)  # recorded in the manifest
 
-    @property
-    def size(self) -> int:
-        return int(next(iter(self.feeds.values())).shape[0])
-
 
 @dataclass(frozen=True)
 class CalibrationPlan:

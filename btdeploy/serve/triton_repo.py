@@ -12,6 +12,7 @@ renamed into place, so a failed run leaves nothing half-written.
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,16 @@ TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:<yy.mm>-py3"
 def _dims(shape: list[Any]) -> list[int]:
     """Dims after the batch axis, -1 for a dynamic one (Triton adds the batch axis itself)."""
     return [dim if isinstance(dim, int) else -1 for dim in shape[1:]]
+
+
+@dataclass(frozen=True)
+class _Served:
+    """What the repository serves for one head, and the largest batch it takes."""
+
+    source: Path  # the engine, or the graph
+    profile: dict[str, Any] | None  # the engine's shape profile; None for a graph
+    max_batch: int
+    max_batch_from: str  # where that largest batch comes from, for the refusal
 
 
 def _engine(manifest: Manifest, precision: str) -> tuple[Path, dict[str, Any]]:
@@ -175,36 +186,40 @@ def write_repository(
     else:
         options = target.resolve({"precision": precision, **({"flavour": flavour} if flavour else {})})
     # Every head's source and largest batch, settled before anything is copied.
-    sources: dict[str, tuple[Path, dict[str, Any] | None, int, str]] = {}
+    served: dict[str, _Served] = {}
     for manifest in manifests:
         if backend == "tensorrt":
             engine, built_for = _engine(manifest, str(Precision(precision)))
-            sources[manifest.head] = (engine, built_for, int(built_for["batch"]["max"]), f"its engine {engine.name}")
+            served[manifest.head] = _Served(
+                engine, built_for, int(built_for["batch"]["max"]), f"its engine {engine.name}"
+            )
         else:
             limit = get_head(manifest.head).engine_batch[2]
-            sources[manifest.head] = (target.artifact(manifest, options), None, limit, "the head's batch profile")
-        _, _, limit, what = sources[manifest.head]
-        if max_batch is not None and max_batch > limit:
+            served[manifest.head] = _Served(target.artifact(manifest, options), None, limit, "the head's batch profile")
+        head = served[manifest.head]
+        if max_batch is not None and max_batch > head.max_batch:
             raise BtDeployError(
-                f"--max-batch {max_batch} is past what the {manifest.head} head takes ({limit}, {what}): "
-                f"give at most {limit}"
+                f"--max-batch {max_batch} is past what the {manifest.head} head takes ({head.max_batch}, "
+                f"{head.max_batch_from}): give at most {head.max_batch}"
             )
     with staged_directory(out) as staging:
         for manifest in manifests:
             version_dir = staging / manifest.head / "1"
             version_dir.mkdir(parents=True)
-            source, profile, limit, _ = sources[manifest.head]
+            head = served[manifest.head]
             graph = None
             if backend == "tensorrt":
-                shutil.copy2(source, version_dir / "model.plan")
-                written = f"model.plan ({source.name})"
+                shutil.copy2(head.source, version_dir / "model.plan")
+                written = f"model.plan ({head.source.name})"
             else:
-                manifest.verify_graph(source, full=True)  # what Triton serves is the graph that was checked
-                graph = _copy_graph(source, version_dir)
-                written = f"{graph.relative_to(version_dir)} ({source.name})"  # Triton names every graph model.onnx
-            batch = max_batch or limit
+                manifest.verify_graph(head.source, full=True)  # what Triton serves is the graph that was checked
+                graph = _copy_graph(head.source, version_dir)
+                written = (
+                    f"{graph.relative_to(version_dir)} ({head.source.name})"  # Triton names every graph model.onnx
+                )
+            batch = max_batch or head.max_batch
             tensors = _tensors(manifest, graph)
-            config = _head_config(manifest, backend, batch, profile, tensors)
+            config = _head_config(manifest, backend, batch, head.profile, tensors)
             write_text(staging / manifest.head / "config.pbtxt", to_pbtxt(config))
             ensemble = staging / f"{manifest.head}_raw"
             (ensemble / "1").mkdir(parents=True)  # an ensemble has a version folder and no files
@@ -216,7 +231,7 @@ def write_repository(
         template = resources.files("btdeploy") / "data" / "triton" / "preprocess_model.py"
         write_text(preprocess / "model.py", template.read_text())
         shutil.copytree(first.processor_dir, preprocess / "processor")
-        batch = max_batch or min(limit for _, _, limit, _ in sources.values())
+        batch = max_batch or min(head.max_batch for head in served.values())
         write_text(staging / PREPROCESS / "config.pbtxt", to_pbtxt(_preprocess_config(first, batch)))
         write_text(staging / "README.md", _readme(manifests, backend, precision))
         problems = check_repository(staging)

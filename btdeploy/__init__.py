@@ -2,7 +2,6 @@
 
 from btdeploy.errors import BtDeployError
 from btdeploy.runtime.runtime import Features, HeadOutput, Runtime, SplitRuntime, load
-
-__version__ = "0.2.1"
+from btdeploy.version import __version__
 
 __all__ = ["BtDeployError", "Features", "HeadOutput", "Runtime", "SplitRuntime", "load", "__version__"]

@@ -54,7 +54,8 @@ def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
 
 def _chosen_graph(args: argparse.Namespace) -> dict[str, Any]:
     """The load options of the graph a command runs, as `graph_options` in build_parser declares them."""
-    return {"providers": args.providers, "flavour": args.flavour, "precision": args.precision}
+    chosen = {"providers": args.providers, "flavour": args.flavour, "precision": args.precision}
+    return chosen | ({"device": args.device} if "device" in args else {})  # rank runs ONNX Runtime only
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -114,6 +115,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         args.split,
         images=args.images,
         texts=args.texts,
+        device=args.device,
     )
     print(format_rows(rows))
     passed = all(row.passed for row in rows)
@@ -339,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     def graph_options(sub: argparse.ArgumentParser, verb: str, precision_note: str, engines: bool = True) -> None:
-        """Which graph a command runs: the same three options, with the same choices, everywhere."""
+        """Which graph a command runs: the same options, with the same choices, everywhere (`engines`:
+        the command takes --backend, so TensorRT engines and the reference's --device too)."""
         sub.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
         sub.add_argument(
             "--flavour", choices=flavours, default=None, help=f"{verb} the optimized graph of this flavour"
@@ -351,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"{verb} model.<flavour>.<precision>.onnx (flavour ort unless given){precision_note}"
             + (" (default: fp32; fp16 with --backend tensorrt)" if engines else " (default: fp32)"),
         )
+        if engines:
+            sub.add_argument(
+                "--device",
+                choices=["cpu", "cuda"],
+                default=None,
+                help="where --backend torch runs the reference model (default: cpu; fp16 and bf16 need cuda)",
+            )
 
     export = add("export", cmd_export, "export heads to ONNX with dynamic batch and text length")
     export.add_argument("--model", default="base", help="preset (tiny, base, large) or checkpoint folder")

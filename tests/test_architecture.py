@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "btdeploy"
 
 # The order of ARCHITECTURE.md: a module may import its own stage and the ones before it.
 STAGES = [
-    {"errors", "progress", "hugepages", "cpu"},
+    {"errors", "progress", "hugepages", "cpu", "version"},
     {"artifacts"},
     {"model"},
     {"backends"},
@@ -25,7 +25,7 @@ STAGES = [
     {"apps"},
     {"serve"},
     {"bench"},
-    {"cli"},
+    {"cli", "__main__"},
     {"__init__"},  # the public API re-exports the runtime
 ]
 

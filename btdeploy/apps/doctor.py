@@ -66,10 +66,19 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
     else:
         lines.append("GPU              none visible to torch (torch.cuda.is_available() is False)")
     lines.append(f"NVIDIA driver    {_driver() or 'none (nvidia-smi not found)'}")
-    if ort_version:
+    cpu_build = package_version("onnxruntime")  # the same module without CUDA: a GPU machine's image may hold it
+    providers: list[str] = []
+    if ort_version or cpu_build:
         import onnxruntime as ort
 
-        lines.append(f"onnxruntime-gpu  {ort_version}, providers: {', '.join(ort.get_available_providers())}")
+        providers = ort.get_available_providers()
+    if ort_version:
+        lines.append(f"onnxruntime-gpu  {ort_version}, providers: {', '.join(providers)}")
+    elif cpu_build:
+        lines.append(
+            f"onnxruntime-gpu  not installed; onnxruntime {cpu_build} (CPU only) is -> pip uninstall -y onnxruntime "
+            "&& pip install onnxruntime-gpu (the same module: never both)"
+        )
     else:
         lines.append("onnxruntime-gpu  not installed -> pip install onnxruntime-gpu (never beside onnxruntime)")
     modelopt = package_version("nvidia-modelopt")
@@ -80,8 +89,17 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
     can_build = bool(found and trt)
     lines.append("")
     lines.append("can run here:")
-    lines.append("  export, optimize, quantize, check and bench on ONNX Runtime CPU: yes")
-    lines.append(f"  ONNX Runtime CUDA: {'yes' if found and ort_version else 'no (needs an NVIDIA GPU)'}")
+    if modelopt:
+        lines.append("  export, optimize, quantize, check and bench on ONNX Runtime CPU: yes")
+    else:
+        lines.append(
+            "  export, optimize, check and bench on ONNX Runtime CPU: yes; quantize: no (needs nvidia-modelopt)"
+        )
+    if not found:
+        lines.append("  ONNX Runtime CUDA: no (needs an NVIDIA GPU)")
+    else:
+        has_cuda = "CUDAExecutionProvider" in providers
+        lines.append(f"  ONNX Runtime CUDA: {'yes' if has_cuda else 'no -> pip install onnxruntime-gpu'}")
     if can_build:
         lines.append("  TensorRT build and run: yes")
     elif found:

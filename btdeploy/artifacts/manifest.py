@@ -33,7 +33,13 @@ def tool_versions(
     packages: tuple[str, ...] = ("btdeploy", "torch", "transformers", "onnx", "onnxruntime-gpu", "numpy"),
 ) -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    versions.update({package: package_version(package) or "not installed" for package in packages})
+    for package in packages:
+        version = package_version(package)
+        if version is None and package == "btdeploy":  # a checkout on PYTHONPATH, not installed
+            from btdeploy.version import __version__ as version
+        if version is None and package == "onnxruntime-gpu" and (cpu_build := package_version("onnxruntime")):
+            package, version = "onnxruntime", cpu_build  # the same module, without CUDA
+        versions[package] = version or "not installed"
     return versions
 
 

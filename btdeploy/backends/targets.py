@@ -227,7 +227,7 @@ ONNXRUNTIME = Target(
 
 def _torch_unavailable(options: RunOptions) -> str | None:
     if options.precision != Precision.FP32 and options.device != "cuda":
-        return f"the PyTorch reference runs {options.precision} on a CUDA GPU only: pass device='cuda'"
+        return f"the PyTorch reference runs {options.precision} on a CUDA GPU only: pass device='cuda' (--device cuda)"
     if options.device == "cuda":
         from btdeploy.backends.tensorrt.environment import gpu
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -65,7 +66,7 @@ def csv_rows(run: BenchRun) -> list[dict[str, Any]]:
                 "gpu_peak_mb": None if case.gpu_peak_mb is None else round(case.gpu_peak_mb, 1),
                 "gflop": round(case.flops / 1e9, 3),
                 "gflops_per_s": round(case.gflops_per_s, 2),
-                "pct_matmul_peak": round(run.percent_of_peak(case), 1),
+                "pct_matmul_peak": _percent_record(run, case),
                 "speedup_vs_torch_eager": _rounded(case.speedups.get("torch-eager")),
                 "speedup_vs_ort_hf_optimizer": _rounded(case.speedups.get("ort-hf-optimizer")),
             }
@@ -77,8 +78,27 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+def _percent_record(run: BenchRun, case: CaseResult) -> float | None:
+    percent = run.percent_of_peak(case)
+    return None if math.isnan(percent) else round(percent, 1)  # no peak on a GPU: null, not NaN
+
+
+def _peak_line(run: BenchRun) -> str:
+    if not run.matmul_peak_gflops:
+        return (
+            "- % peak: not given on the GPU (its peak depends on the precision and the tensor cores); "
+            "GFLOP/s = model FLOPs / median"
+        )
+    return (
+        f"- FP32 matmul peak measured in this run: {run.matmul_peak_gflops:.1f} GFLOP/s (best 2048^3 GEMM of "
+        + ", ".join(f"{k} {v:.1f}" for k, v in run.machine.get("matmul_gflops", {}).items())
+        + "); % peak = model FLOPs / median / peak"
+    )
+
+
 def markdown(run: BenchRun) -> str:
     gpu = run.machine.get("gpu")
+    on_gpu = run.settings.device == "cuda"
     versions = run.machine.get("versions", {})
     lines = [
         "# btdeploy benchmark",
@@ -88,9 +108,7 @@ def markdown(run: BenchRun) -> str:
         f"- GPU: {gpu['name'] if gpu else 'none'}",
         f"- huge pages: {run.machine.get('huge_pages', 'not recorded')}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"- FP32 matmul peak measured in this run: {run.matmul_peak_gflops:.1f} GFLOP/s (best 2048^3 GEMM of "
-        + ", ".join(f"{k} {v:.1f}" for k, v in run.machine.get("matmul_gflops", {}).items())
-        + "); % peak = model FLOPs / median / peak",
+        _peak_line(run),
         f"- timing: {run.settings.warmup} warm-up run(s), then "
         + (
             f"{run.settings.iters} interleaved rounds{_rounds_run(run)}"
@@ -107,16 +125,18 @@ def markdown(run: BenchRun) -> str:
         + "; speedup = baseline median / variant median, same run",
         "",
         "| head | batch | length | variant | median ms | p90 ms | p99 ms | samples/s | GFLOP/s | % peak "
-        "| x torch-eager | x ort-hf-optimizer | RSS MB | first call ms |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| x torch-eager | x ort-hf-optimizer | RSS MB |" + (" GPU MB |" if on_gpu else "") + " first call ms |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if on_gpu else "") + "---:|",
     ]
     for case in run.cases:
         speed = [f"{case.speedups[b]:.2f}" if b in case.speedups else "-" for b in BASELINES]
+        percent = run.percent_of_peak(case)
+        gpu_memory = f" {case.gpu_peak_mb:.0f} |" if case.gpu_peak_mb is not None else " - |"
         lines.append(
             f"| {case.head} | {case.batch} | {case.text_length} | {case.variant} | {case.stats.median_ms:.1f} "
             f"| {case.stats.p90_ms:.1f} | {case.stats.p99_ms:.1f} | {case.stats.throughput:.2f} "
-            f"| {case.gflops_per_s:.1f} | {run.percent_of_peak(case):.0f} | {speed[0]} | {speed[1]} "
-            f"| {case.rss_peak_mb:.0f} | {case.first_call_ms or 0:.0f} |"
+            f"| {case.gflops_per_s:.1f} | {'-' if math.isnan(percent) else f'{percent:.0f}'} | {speed[0]} | {speed[1]} "
+            f"| {case.rss_peak_mb:.0f} |" + (gpu_memory if on_gpu else "") + f" {case.first_call_ms or 0:.0f} |"
         )
     lines += _against_peers(run)
     if run.skips:
@@ -166,8 +186,12 @@ def plot(run: BenchRun, path: Path, head: str) -> bool:
         axis.set_yscale("log")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7)
-    cpu = run.machine.get("cpu", {}).get("model", "?")
-    figure.suptitle(f"BridgeTower {head}: latency per variant ({cpu}, {run.settings.threads} threads)")
+    gpu = run.machine.get("gpu")
+    if run.settings.device == "cuda" and gpu:
+        where = gpu["name"]
+    else:
+        where = f"{run.machine.get('cpu', {}).get('model', '?')}, {run.settings.threads} threads"
+    figure.suptitle(f"BridgeTower {head}: latency per variant ({where})")
     save_png(figure, path)
     return True
 
@@ -263,7 +287,7 @@ def write_reports(run: BenchRun, out: Path) -> list[Path]:
         "skips": [asdict(s) for s in run.skips],
         "against_peers": [item.as_record() for item in peer_comparisons(run)],
         "cases": [
-            {**asdict(c), "gflops_per_s": c.gflops_per_s, "pct_matmul_peak": run.percent_of_peak(c)} for c in run.cases
+            {**asdict(c), "gflops_per_s": c.gflops_per_s, "pct_matmul_peak": _percent_record(run, c)} for c in run.cases
         ],
     }
     write_json(out / "results.json", data)

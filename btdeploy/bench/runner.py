@@ -157,14 +157,15 @@ def run_bench(
     env = BenchEnv(threads=settings.threads, device=settings.device)
     torch.set_num_threads(settings.threads)
     run = BenchRun(settings, machine=machine_description(settings.threads))
-    rates = matmul_peak_gflops(settings.threads)
-    run.machine["matmul_gflops"] = rates
-    run.matmul_peak_gflops = max(rates.values())
-    say(
-        f"bench: FP32 matmul peak at {settings.threads} thread(s): {run.matmul_peak_gflops:.1f} GFLOP/s ("
-        + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
-        + ")"
-    )
+    if settings.device == "cpu":  # a GPU's peak depends on the precision and the tensor cores: no one ceiling
+        rates = matmul_peak_gflops(settings.threads)
+        run.machine["matmul_gflops"] = rates
+        run.matmul_peak_gflops = max(rates.values())
+        say(
+            f"bench: FP32 matmul peak at {settings.threads} thread(s): {run.matmul_peak_gflops:.1f} GFLOP/s ("
+            + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
+            + ")"
+        )
     try:
         for folder in folders:
             _bench_head(run, read_manifest(folder), variants, env, settings)

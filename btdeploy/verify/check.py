@@ -48,10 +48,13 @@ def check_export(
     references: ReferenceCache | None = None,
     images: Path | None = None,
     texts: Path | None = None,
+    device: str | None = None,
 ) -> list[ParityRow]:
     """Reference vs the chosen graph; a reduced `precision` reads model.<flavour>.<precision>.onnx
     (flavour ort unless given) and is held to that precision's tolerances. A `references` cache
     shared by several checks of the same heads runs the PyTorch reference once per input.
+    `device` is where the torch backend runs (fp16 and bf16 on cuda); the reference it is held to
+    stays FP32 on the CPU.
 
     The inputs are generated (padded random ids and pixels at every batch size x text length), or,
     with `images` and `texts`, real pairs through the checkpoint's processor in batches of the
@@ -61,7 +64,7 @@ def check_export(
     if (images is None) != (texts is None):
         raise BtDeployError("give both --images DIR and --texts FILE, or neither")
     target = get_target(backend)
-    requested = {"providers": providers, "flavour": flavour, "split": split, "precision": precision}
+    requested = {"providers": providers, "flavour": flavour, "split": split, "precision": precision, "device": device}
     # check holds every graph to its full recorded hash, where the target reads graphs itself
     options = target.resolve(requested | ({"verify_hash": True} if "verify_hash" in target.options else {}))
     reference_target = get_target("torch")

@@ -158,9 +158,10 @@ def test_pipeline_exports_checks_and_summarises(tmp_path: Path, capsys: pytest.C
     assert printed.count("14/14 attn, 2/2 bridge") == 9 and printed.count("12/12 attn, 2/2 bridge") == 3
 
 
-def test_console_script_reports_errors_without_a_traceback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("module", ["btdeploy.cli", "btdeploy"])  # python -m btdeploy: a checkout, not installed
+def test_console_script_reports_errors_without_a_traceback(tmp_path: Path, module: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "btdeploy.cli", "export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)],
+        [sys.executable, "-m", module, "export", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)],
         capture_output=True,
         text=True,
     )

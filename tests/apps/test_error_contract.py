@@ -266,6 +266,16 @@ CASES: list[tuple[str, Setup, str]] = [
         lambda out, tmp: ["pipeline", "--model", "tiny", "--out", str(out), "--flavours", ""],
         "argument --flavours: expected a comma list of names",
     ),
+    (
+        "check the reference in fp16 on the CPU",
+        lambda out, tmp: ["check", str(out), "--heads", "itm", "--backend", "torch", "--precision", "fp16"],
+        "the PyTorch reference runs fp16 on a CUDA GPU only: pass device='cuda' (--device cuda)",
+    ),
+    (
+        "check --device for ONNX Runtime",
+        lambda out, tmp: ["check", str(out), "--heads", "itm", "--device", "cuda"],
+        "does not take 'device': it takes flavour, precision, provider_fallback, providers",
+    ),
     ("an export folder that does not exist", _missing_export, "does not exist: pass the --out folder"),
     (
         "a graph file given for its folder",

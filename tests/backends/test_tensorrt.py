@@ -194,6 +194,42 @@ def test_doctor_lists_versions_artifacts_and_install_commands(tiny_export: Path,
         assert any(line.split()[0] == head and "model.onnx" in line for line in lines if line.startswith("  "))
 
 
+def test_doctor_on_a_gpu_machine_with_the_cpu_onnxruntime_and_no_modelopt(
+    monkeypatch: pytest.MonkeyPatch, no_tensorrt: None
+) -> None:
+    """A GPU machine's image may hold the CPU build of onnxruntime and no Model Optimizer: doctor
+    says what that costs (no ONNX Runtime CUDA, no quantize) and how to mend it."""
+    import onnxruntime
+
+    from btdeploy.apps import doctor
+
+    monkeypatch.setattr(tensorrt_env, "gpu", lambda: ("NVIDIA H200", (9, 0)))
+    versions = {"torch": "2.11.0", "onnxruntime": "1.30.0"}
+    monkeypatch.setattr(doctor, "package_version", lambda name: versions.get(name))
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    lines, can_build = doctor.doctor_report()
+    text = "\n".join(lines)
+    assert not can_build
+    assert "GPU              NVIDIA H200 (compute capability 9.0)" in text
+    assert "onnxruntime 1.30.0 (CPU only) is -> pip uninstall -y onnxruntime && pip install onnxruntime-gpu" in text
+    assert "ONNX Runtime CUDA: no -> pip install onnxruntime-gpu" in text
+    assert "quantize: no (needs nvidia-modelopt)" in text
+    assert "TensorRT build and run: no -> pip install 'tensorrt>=10.14'" in text
+
+
+def test_versions_from_a_checkout_beside_the_cpu_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recorded versions (manifests, bench reports) name what runs: the checkout's btdeploy version
+    and the CPU onnxruntime where onnxruntime-gpu is absent, not two 'not installed'."""
+    import btdeploy
+    from btdeploy.artifacts import manifest
+
+    versions = {"torch": "2.11.0", "onnxruntime": "1.30.0"}
+    monkeypatch.setattr(manifest, "package_version", lambda name: versions.get(name))
+    recorded = manifest.tool_versions()
+    assert recorded["btdeploy"] == btdeploy.__version__ and recorded["onnxruntime"] == "1.30.0"
+    assert "onnxruntime-gpu" not in recorded and recorded["onnx"] == "not installed"
+
+
 def test_doctor_lists_split_graphs(tiny_export: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -297,6 +297,27 @@ def test_the_report_sets_btdeploy_against_the_fastest_peer_per_precision() -> No
     assert "| itm | 1 | 16 | int8 | ort-int8-dynamic 4.0 ms | openvino-int8 5.0 ms | **1.25x** |" in text
 
 
+def test_a_gpu_run_reports_no_cpu_peak_and_its_gpu_memory(tmp_path: Path) -> None:
+    """On the GPU the CPU's FP32 GEMM peak is no ceiling (the first GPU check printed 10744 % of
+    it): % peak is left out, the GPU memory is a column, and the JSON stays valid (null, not NaN)."""
+    from btdeploy.bench.report import markdown
+    from btdeploy.bench.runner import BenchRun, BenchSettings, CaseResult
+    from btdeploy.bench.stats import summarize
+
+    run = BenchRun(BenchSettings(device="cuda"), machine={"gpu": {"name": "NVIDIA H200"}})
+    for name, median, gpu_mb in (("torch-eager", 30.0, 1300.0), ("torch-eager-fp16", 10.0, 700.0)):
+        stats = summarize([median / 1e3] * 3, 1)
+        run.cases.append(CaseResult(name, "itm", 8, 40, [median / 1e3] * 3, stats, 10**12, 1.0, 1.0, gpu_mb))
+    text = markdown(run)
+    assert "% peak: not given on the GPU" in text and "FP32 matmul peak" not in text
+    assert "| RSS MB | GPU MB | first call ms |" in text
+    row = "| itm | 8 | 40 | torch-eager-fp16 | 10.0 | 10.0 | 10.0 | 100.00 | 100000.0 | - | - | - | 1 | 700 | 0 |"
+    assert row in text
+    write_reports(run, tmp_path)
+    data = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert [case["pct_matmul_peak"] for case in data["cases"]] == [None, None]
+
+
 def test_the_peer_comparison_pairs_the_rounds() -> None:
     # The machine's speed drifts between rounds: here btdeploy met a slow minute where the peer
     # did not, so the medians say 0.40x while btdeploy was ahead in two of three rounds.

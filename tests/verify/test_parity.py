@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from btdeploy.artifacts.graph_names import Precision
 from btdeploy.model.heads import FP32, HEADS
 from btdeploy.verify.parity import compare, passes
 
@@ -54,3 +55,21 @@ def test_cosine_sees_a_sign_flip_that_small_values_hide() -> None:
     stats = compare(ref, -ref, EMBEDS, FP32)
     assert stats.max_abs < FP32.max_abs
     assert stats.cosine < 0 and not passes(stats, FP32)
+
+
+def test_every_precision_a_backend_runs_has_a_tolerance_for_every_output() -> None:
+    """check holds each output to its precision's declared tolerance: a precision some backend runs
+    (bf16 on the PyTorch reference) without one would be a check that cannot run."""
+    from btdeploy.backends.targets import TARGETS
+    from btdeploy.model.heads import HEADS
+
+    precisions = {precision for target in TARGETS.values() for _, precision in target.graphs}
+    assert Precision.BF16 in precisions
+    missing = [
+        f"{head.name}.{output.name}: {precision}"
+        for head in HEADS.values()
+        for output in head.outputs
+        for precision in precisions
+        if precision not in output.tolerances
+    ]
+    assert missing == []

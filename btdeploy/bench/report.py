@@ -87,7 +87,8 @@ def _peak_line(run: BenchRun) -> str:
     if not run.matmul_peak_gflops:
         return (
             "- % peak: not given on the GPU (its peak depends on the precision and the tensor cores); "
-            "GFLOP/s = model FLOPs / median"
+            "GFLOP/s = model FLOPs / median. GPU MB: the process's peak GPU allocation while a case's "
+            "variants ran interleaved (every model built at the time included), so one value per case"
         )
     return (
         f"- FP32 matmul peak measured in this run: {run.matmul_peak_gflops:.1f} GFLOP/s (best 2048^3 GEMM of "

@@ -236,6 +236,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from btdeploy.progress import say
 
     device = args.device
+    if args.workload != "heads" and device == "cuda":
+        raise BtDeployError(f"--workload {args.workload} runs ONNX Runtime on the CPU: leave out --device cuda")
     if device == "auto":
         import torch
 

@@ -164,7 +164,14 @@ class Target:
 def _ort_unavailable(options: RunOptions) -> str | None:
     from btdeploy.backends.onnxruntime import provider_problem
 
-    return provider_problem(options.providers)
+    problem = provider_problem(options.providers)
+    gpu_providers = {"cuda", "tensorrt", "CUDAExecutionProvider", "TensorrtExecutionProvider"}
+    if problem is None and not options.provider_fallback and gpu_providers & set(options.providers or ()):
+        from btdeploy.backends.tensorrt.environment import gpu
+
+        if gpu() is None:  # onnxruntime-gpu lists its GPU providers on any machine; they fail at the session
+            return "ONNX Runtime's GPU providers need an NVIDIA GPU, and torch sees none here"
+    return problem
 
 
 def _ort_artifact(manifest: Manifest, options: RunOptions) -> Path:

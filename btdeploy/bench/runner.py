@@ -154,6 +154,11 @@ def run_bench(
     folders = head_folders(Path(root), heads)
     for folder in folders:  # every head's shapes refused before the peak is measured, not after
         parse_shapes(settings.batch_sizes, settings.text_lengths, read_manifest(folder).config)
+    if settings.device == "cuda":
+        from btdeploy.backends.tensorrt.environment import gpu
+
+        if gpu() is None:  # every variant would be skipped, after minutes of building the CPU ones
+            raise BtDeployError("--device cuda: torch sees no NVIDIA GPU here; bench on the CPU with --device cpu")
     env = BenchEnv(threads=settings.threads, device=settings.device)
     torch.set_num_threads(settings.threads)
     run = BenchRun(settings, machine=machine_description(settings.threads))

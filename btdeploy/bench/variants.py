@@ -14,7 +14,15 @@ from btdeploy.artifacts.files import staged_directory
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.artifacts.onnx_files import PROTOBUF_LIMIT, serialized_bytes
 from btdeploy.backends.base import Backend
-from btdeploy.backends.targets import BenchVariant, RunOptions, Target, bench_variants, variant_graph, with_machine
+from btdeploy.backends.targets import (
+    TARGETS,
+    BenchVariant,
+    RunOptions,
+    Target,
+    bench_variants,
+    variant_graph,
+    with_machine,
+)
 from btdeploy.model.heads import get_head
 from btdeploy.progress import step
 
@@ -79,19 +87,25 @@ def hf_optimized_path(manifest: Manifest) -> Path:
     return target
 
 
+def _hf_optimizer_options(env: BenchEnv) -> RunOptions:
+    """The options of the plain ONNX Runtime variant, which this one runs like."""
+    return with_machine(TARGETS["onnxruntime"], RunOptions(), env.threads, env.device)
+
+
 def _build_hf_optimizer(manifest: Manifest, env: BenchEnv) -> Backend:
     from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
 
-    providers = ["cuda", "cpu"] if env.device == "cuda" else ["cpu"]
-    return OnnxRuntimeBackend(hf_optimized_path(manifest), get_head(manifest.head).output_names, providers, env.threads)
+    options = _hf_optimizer_options(env)
+    path = hf_optimized_path(manifest)
+    return OnnxRuntimeBackend(path, get_head(manifest.head).output_names, options.providers, options.threads)
 
 
-def _always(manifest: Manifest, env: BenchEnv) -> str | None:
-    return None
+def _hf_optimizer_unavailable(manifest: Manifest, env: BenchEnv) -> str | None:
+    return TARGETS["onnxruntime"].unavailable(_hf_optimizer_options(env))
 
 
 # ONNX Runtime's own transformer optimizer: a peer, not a btdeploy target; listed after the plain export.
-_HF_OPTIMIZER = Variant("ort-hf-optimizer", "onnxruntime", "fp32", _always, _build_hf_optimizer)
+_HF_OPTIMIZER = Variant("ort-hf-optimizer", "onnxruntime", "fp32", _hf_optimizer_unavailable, _build_hf_optimizer)
 VARIANTS: dict[str, Variant] = {}
 for _name, (_target, _variant) in bench_variants().items():
     VARIANTS[_name] = _from_target(_target, _variant)

@@ -109,7 +109,7 @@ def _one_head_from_another_checkpoint(command: list[str]) -> Setup:
     return setup
 
 
-def _provider_that_cannot_start(out: Path, tmp: Path) -> list[str]:
+def _gpu_provider_without_a_gpu(out: Path, tmp: Path) -> list[str]:
     return ["check", str(out), "--heads", "itm", "--providers", "cuda"]
 
 
@@ -242,7 +242,7 @@ CASES: list[tuple[str, Setup, str]] = [
         _one_head_from_another_checkpoint(["rank", "{out}", "--image", "x.png", "--texts", "{out}/captions.txt"]),
         "rank takes its candidates from the itc head and scores them with the itm head, but they were exported",
     ),
-    ("a provider that cannot start", _provider_that_cannot_start, "could not start CUDAExecutionProvider"),
+    ("a GPU provider without a GPU", _gpu_provider_without_a_gpu, "GPU providers need an NVIDIA GPU, and torch sees"),
     ("two folders claim one head", _two_folders_claim_one_head, "both hold the itm head"),
     ("bench --batch-sizes 0", _zero_batch_size, "every value must be at least 1"),
     ("bench --iters 0", _bench_count("--iters", "0"), "argument --iters: must be at least 1, got 0"),
@@ -343,8 +343,17 @@ CASES: list[tuple[str, Setup, str]] = [
 
 @pytest.mark.parametrize(("name", "setup", "expected"), CASES, ids=[c[0] for c in CASES])
 def test_each_fault_is_one_line_and_exit_2(
-    export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, setup: Setup, expected: str
+    export: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    setup: Setup,
+    expected: str,
 ) -> None:
+    from btdeploy.backends.tensorrt import environment
+
+    monkeypatch.setattr(environment, "gpu", lambda: None)  # the same faults on a machine with a GPU
     out = _copy(export, tmp_path / "work")
     argv = setup(out, tmp_path)
     outside = _snapshot(tmp_path)

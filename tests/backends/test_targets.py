@@ -8,6 +8,7 @@ import pytest
 
 import btdeploy
 from btdeploy.artifacts.graph_names import Flavour, Precision
+from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.backends.targets import TARGETS, RunOptions, get_target
 from btdeploy.cli import main
 from btdeploy.errors import BtDeployError
@@ -43,17 +44,20 @@ def _one_line(error: pytest.ExceptionInfo[BtDeployError]) -> str:
         ("onnxruntime", {"cuda_graphs": True}, "does not take 'cuda_graphs'"),
         ("torch", {"split": True}, "does not take 'split'"),
         ("torch", {"spin": False}, "does not take 'spin'"),
-        ("onnxruntime", {"providers": ["cuda"]}, "ONNX Runtime could not start CUDAExecutionProvider"),
+        ("onnxruntime", {"providers": ["cuda"]}, "GPU providers need an NVIDIA GPU, and torch sees none here"),
         ("tensorflow", {}, "unknown backend 'tensorflow': choose one of onnxruntime, torch, tensorrt, openvino"),
         ("onnxruntime", {"spin": "no"}, "spin='no': give True or False"),
         ("onnxruntime", {"threads": -1}, "threads=-1: give a number of threads (0 or None: every core)"),
         ("onnxruntime", {"threads": 1.5}, "threads=1.5: give a number of threads"),
-        ("onnxruntime", {"providers": "cuda"}, "ONNX Runtime could not start CUDAExecutionProvider"),  # one name
+        ("onnxruntime", {"providers": "cuda"}, "GPU providers need an NVIDIA GPU"),  # one name
     ],
 )
 def test_load_refuses_bad_options_with_one_line(
-    tiny_export: Path, backend: str, options: dict[str, object], expected: str
+    tiny_export: Path, backend: str, options: dict[str, object], expected: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from btdeploy.backends.tensorrt import environment
+
+    monkeypatch.setattr(environment, "gpu", lambda: None)  # the same refusals on a machine with a GPU
     with pytest.raises(BtDeployError) as error:
         btdeploy.load(tiny_export, head="itm", backend=backend, **options)  # type: ignore[arg-type]
     assert expected in _one_line(error)
@@ -98,3 +102,24 @@ def test_a_provider_fallback_is_allowed_on_request_and_reported_truthfully(tiny_
 
     expected = "CUDAExecutionProvider, CPUExecutionProvider" if torch.cuda.is_available() else "CPUExecutionProvider"
     assert description.endswith(f"on {expected}"), description
+
+
+def test_gpu_providers_without_a_gpu_are_refused_before_the_session_unless_falling_back(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime-gpu lists its CUDA provider on any machine: without a GPU the session failed with
+    ONNX Runtime's own library errors, and `bench --device cuda` stopped at the first ONNX Runtime
+    variant instead of skipping it."""
+    from btdeploy.backends.tensorrt import environment
+    from btdeploy.bench.variants import VARIANTS, BenchEnv
+
+    monkeypatch.setattr(environment, "gpu", lambda: None)
+    with pytest.raises(BtDeployError, match="GPU providers need an NVIDIA GPU, and torch sees none here"):
+        btdeploy.load(tiny_export, head="itm", providers=["cuda", "cpu"])
+    runtime = btdeploy.load(tiny_export, head="itm", providers=["cuda", "cpu"], provider_fallback=True)
+    assert runtime.backend.description.startswith("model.onnx on ")
+    manifest = read_manifest(tiny_export / "itm")
+    on_gpu = BenchEnv(threads=1, device="cuda")
+    for name in ("ort", "ort-hf-optimizer"):
+        assert "need an NVIDIA GPU" in str(VARIANTS[name].unavailable(manifest, on_gpu)), name
+        assert VARIANTS[name].unavailable(manifest, BenchEnv(threads=1, device="cpu")) is None, name

@@ -568,3 +568,22 @@ def test_every_benchmark_script_keeps_the_error_contract(tmp_path: Path) -> None
         )
         errors = [line for line in done.stderr.splitlines() if line.startswith(f"{script}: error: ")]
         assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, (script, done.stderr)
+
+
+def test_a_gpu_bench_without_a_gpu_is_refused_before_any_work(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from btdeploy.backends.tensorrt import environment
+    from btdeploy.bench import machine
+    from btdeploy.cli import main
+
+    def measured(threads: int) -> dict[str, float]:
+        raise AssertionError("the matmul peak was measured before the device was checked")
+
+    monkeypatch.setattr(environment, "gpu", lambda: None)
+    monkeypatch.setattr(machine, "matmul_peak_gflops", measured)
+    settings = BenchSettings(batch_sizes=(1,), text_lengths=(4,), warmup=1, iters=1, threads=1, device="cuda")
+    with pytest.raises(BtDeployError, match="--device cuda: torch sees no NVIDIA GPU here; bench on the CPU"):
+        run_bench(tiny_export, ["itm"], ["torch-eager-fp16", "ort"], settings)
+    assert main(["bench", str(tiny_export), "--workload", "rank", "--device", "cuda"]) == 2
+    assert "--workload rank runs ONNX Runtime on the CPU: leave out --device cuda" in capsys.readouterr().err

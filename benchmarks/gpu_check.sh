@@ -4,7 +4,7 @@
 # 1. What the machine is (CPU and its instruction sets, GPU, driver, packages): env.txt, doctor.txt.
 # 2. What needs only PyTorch on the GPU: the reference model in fp32, fp16 and bf16 on the GPU
 #    checked against the CPU reference (tiny, every head; base itm), and a bench of base itm on
-#    the GPU (PyTorch eager fp32, fp16, bf16).
+#    the GPU (PyTorch eager fp32, fp16, bf16, and torch.compile fp32).
 # 3. What needs TensorRT: tiny and base itm graphs quantized to fp16 and int8, engines built from
 #    the newest graph dialect the installed TensorRT parses and checked, `pytest -m gpu`, and a
 #    bench of TensorRT with and without CUDA graphs against PyTorch fp16.
@@ -78,9 +78,9 @@ for precision in fp16 bf16; do
     --batch-sizes 1,8 --seq-lens 16,40
 done
 
-step "bench base itm on the GPU: PyTorch eager fp32, fp16, bf16"
+step "bench base itm on the GPU: PyTorch eager fp32, fp16, bf16 and torch.compile fp32"
 btdeploy bench "$work/base" --heads itm --device cuda --batch-sizes 1,8,32 --seq-lens 16,40 --iters 30 --build-once \
-  --variants torch-eager,torch-eager-fp16,torch-eager-bf16 --out "$results/bench-torch" >> "$log" 2>&1
+  --variants torch-eager,torch-compile,torch-eager-fp16,torch-eager-bf16 --out "$results/bench-torch" >> "$log" 2>&1
 cat "$results/bench-torch/results.md" 2>/dev/null | tee -a "$log" || true
 
 step "is TensorRT installed (else install the tensorrt extra)?"

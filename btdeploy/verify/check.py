@@ -16,6 +16,7 @@ from btdeploy.artifacts.graph_names import STEMS, graph_file
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest, tool_versions
 from btdeploy.backends.base import Backend
 from btdeploy.backends.targets import RunOptions, get_target
+from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.cpu import describe_cpu
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
@@ -209,6 +210,9 @@ def report_data(rows: list[ParityRow], backend: str, options: RunOptions, inputs
         "flavour": options.flavour,
         "precision": options.precision,
         "split": options.split,
+        # every option the backend reads (the reference's device, ONNX Runtime's providers), and the GPU
+        "options": {name: getattr(options, name) for name in sorted(target.options)},
+        "gpu": (found := tensorrt_env.gpu()) and found[0],
         "passed": all(r.passed for r in rows),
         "inputs": inputs,
         "versions": tool_versions(),

@@ -123,3 +123,24 @@ def test_gpu_providers_without_a_gpu_are_refused_before_the_session_unless_falli
     for name in ("ort", "ort-hf-optimizer"):
         assert "need an NVIDIA GPU" in str(VARIANTS[name].unavailable(manifest, on_gpu)), name
         assert VARIANTS[name].unavailable(manifest, BenchEnv(threads=1, device="cpu")) is None, name
+
+
+def test_a_check_report_names_the_options_it_ran_with_and_the_gpu(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parity report says where the candidate ran (the reference's device, ONNX Runtime's providers):
+    the first GPU check's reports of the reference in fp16 on the GPU did not say it was on the GPU."""
+    import json
+
+    from btdeploy.backends.tensorrt import environment
+    from btdeploy.verify.check import check_export
+
+    monkeypatch.setattr(environment, "gpu", lambda: ("NVIDIA H200", (9, 0)))
+    report = tmp_path / "parity.json"
+    check_export(tiny_export, ["itm"], (1,), (5,), backend="torch", report=report)
+    data = json.loads(report.read_text())
+    assert data["options"] == {"compile": False, "device": "cpu", "precision": "fp32"}
+    assert data["gpu"] == "NVIDIA H200"
+    check_export(tiny_export, ["itm"], (1,), (5,), providers=["cpu"], report=report)
+    data = json.loads(report.read_text())
+    assert data["options"]["providers"] == ["cpu"] and data["options"]["split"] is False

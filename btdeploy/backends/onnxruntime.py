@@ -29,6 +29,12 @@ def provider_problem(providers: tuple[str, ...] | list[str] | None) -> str | Non
     return None
 
 
+def asks_for_a_gpu(providers: tuple[str, ...] | list[str] | None) -> bool:
+    """Whether the providers include one that runs on an NVIDIA GPU (CUDA or TensorRT)."""
+    gpu_providers = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+    return any(_PROVIDER_ALIASES.get(p.lower(), p) in gpu_providers for p in providers or ())
+
+
 def resolve_providers(providers: tuple[str, ...] | list[str] | None) -> list[str]:
     if not providers:
         return ["CPUExecutionProvider"]

@@ -162,11 +162,10 @@ class Target:
 
 
 def _ort_unavailable(options: RunOptions) -> str | None:
-    from btdeploy.backends.onnxruntime import provider_problem
+    from btdeploy.backends.onnxruntime import asks_for_a_gpu, provider_problem
 
     problem = provider_problem(options.providers)
-    gpu_providers = {"cuda", "tensorrt", "CUDAExecutionProvider", "TensorrtExecutionProvider"}
-    if problem is None and not options.provider_fallback and gpu_providers & set(options.providers or ()):
+    if problem is None and not options.provider_fallback and asks_for_a_gpu(options.providers):
         from btdeploy.backends.tensorrt.environment import gpu
 
         if gpu() is None:  # onnxruntime-gpu lists its GPU providers on any machine; they fail at the session

@@ -83,10 +83,11 @@ btdeploy bench "$work/base" --heads itm --device cuda --batch-sizes 1,8,32 --seq
   --variants torch-eager,torch-compile,torch-eager-fp16,torch-eager-bf16 --out "$results/bench-torch" >> "$log" 2>&1
 cat "$results/bench-torch/results.md" 2>/dev/null | tee -a "$log" || true
 
-step "is TensorRT installed (else install the tensorrt extra)?"
-"$python" -c "import tensorrt" 2>/dev/null || "$python" -m pip install -q -e ".[dev,tensorrt]" >> "$log" 2>&1 \
+# The engines are built from Model Optimizer's fp16 and int8 graphs: both must import.
+step "are TensorRT and Model Optimizer installed (else install the tensorrt extra)?"
+"$python" -c "import tensorrt, modelopt.onnx" 2>/dev/null || "$python" -m pip install -q -e ".[dev,tensorrt]" >> "$log" 2>&1 \
   || { "$python" -m pytest -m gpu -q -ra "$gpu_tests" > "$results/pytest-gpu.txt" 2>&1 || true
-       stop "install the tensorrt extra" "TensorRT is not installed and pip could not install it (see $log); \
+       stop "install the tensorrt extra" "TensorRT or Model Optimizer is not installed and pip could not install them (see $log); \
 every step before this one ran, and pytest -m gpu's skip reasons are in $results/pytest-gpu.txt"; }
 btdeploy doctor "$work/tiny" > "$results/doctor.txt"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from btdeploy import hugepages
 from btdeploy.artifacts.graph_names import STEMS
 from btdeploy.artifacts.manifest import head_folders, package_version, read_manifest
+from btdeploy.backends.provider_probe import start_problem
 from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.backends.tensorrt.environment import INSTALL_TENSORRT, WHERE
 from btdeploy.cpu import describe_cpu
@@ -97,9 +98,11 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
         )
     if not found:
         lines.append("  ONNX Runtime CUDA: no (needs an NVIDIA GPU)")
-    else:
-        has_cuda = "CUDAExecutionProvider" in providers
-        lines.append(f"  ONNX Runtime CUDA: {'yes' if has_cuda else 'no -> pip install onnxruntime-gpu'}")
+    elif "CUDAExecutionProvider" not in providers:
+        lines.append("  ONNX Runtime CUDA: no -> pip install onnxruntime-gpu")
+    else:  # listed on any machine: does it start with this machine's CUDA libraries?
+        problem = start_problem("CUDAExecutionProvider")
+        lines.append(f"  ONNX Runtime CUDA: {f'no -> {problem}' if problem else 'yes'}")
     if can_build:
         lines.append("  TensorRT build and run: yes")
     elif found:

@@ -29,10 +29,10 @@ def provider_problem(providers: tuple[str, ...] | list[str] | None) -> str | Non
     return None
 
 
-def asks_for_a_gpu(providers: tuple[str, ...] | list[str] | None) -> bool:
-    """Whether the providers include one that runs on an NVIDIA GPU (CUDA or TensorRT)."""
-    gpu_providers = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-    return any(_PROVIDER_ALIASES.get(p.lower(), p) in gpu_providers for p in providers or ())
+def gpu_providers(providers: tuple[str, ...] | list[str] | None) -> list[str]:
+    """The requested providers that run on an NVIDIA GPU (CUDA, TensorRT), by their full names."""
+    names = [_PROVIDER_ALIASES.get(p.lower(), p) for p in providers or ()]
+    return [name for name in names if name in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
 
 
 def resolve_providers(providers: tuple[str, ...] | list[str] | None) -> list[str]:

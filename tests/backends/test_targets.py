@@ -144,3 +144,56 @@ def test_a_check_report_names_the_options_it_ran_with_and_the_gpu(
     check_export(tiny_export, ["itm"], (1,), (5,), providers=["cpu"], report=report)
     data = json.loads(report.read_text())
     assert data["options"]["providers"] == ["cpu"] and data["options"]["split"] is False
+
+
+def test_a_listed_gpu_provider_that_does_not_start_is_found_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """onnxruntime-gpu built for CUDA 12 on a CUDA 13 machine lists its CUDA provider, prints why it
+    cannot load it, and runs on the CPU: the probe turns that print into the reason, once."""
+    import os
+
+    import onnxruntime
+
+    from btdeploy.backends import provider_probe
+
+    class CudaLibrariesMissing:
+        made = 0
+
+        def __init__(self, model: bytes, providers: list[str]) -> None:
+            CudaLibrariesMissing.made += 1
+            os.write(2, b"\x1b[1;31m[E:onnxruntime:Default] Failed to load library /x/libonnxruntime_providers_cuda.so "
+                        b"with error: libcublasLt.so.12: cannot open shared object file\x1b[m\n")  # fmt: skip
+            print("Falling back to ['CPUExecutionProvider'] and retrying.")
+
+        def get_providers(self) -> list[str]:
+            return ["CPUExecutionProvider"]
+
+    provider_probe.start_problem.cache_clear()
+    monkeypatch.setattr(onnxruntime, "InferenceSession", CudaLibrariesMissing)
+    try:
+        expected = "ONNX Runtime could not start CUDAExecutionProvider here (libcublasLt.so.12: cannot open shared"
+        assert provider_probe.start_problem("CUDAExecutionProvider").startswith(expected)
+        assert provider_probe.start_problem("CUDAExecutionProvider").startswith(expected)
+        assert CudaLibrariesMissing.made == 1  # once per process
+    finally:
+        provider_probe.start_problem.cache_clear()
+    print("after the probe")
+    os.write(2, b"stderr is back\n")
+    printed = capfd.readouterr()
+    assert printed.out == "after the probe\n" and printed.err == "stderr is back\n"  # the probe's prints swallowed
+
+
+def test_load_names_why_a_listed_gpu_provider_does_not_start(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from btdeploy.backends import provider_probe
+    from btdeploy.backends.tensorrt import environment
+
+    monkeypatch.setattr(environment, "gpu", lambda: ("NVIDIA H200", (9, 0)))
+    reason = "ONNX Runtime could not start CUDAExecutionProvider here (libcublasLt.so.12: cannot open shared object)"
+    monkeypatch.setattr(provider_probe, "start_problem", lambda provider: reason)
+    with pytest.raises(BtDeployError) as error:
+        btdeploy.load(tiny_export, head="itm", providers=["cuda", "cpu"])
+    assert _one_line(error) == f"the onnxruntime backend cannot run here: {reason}: btdeploy doctor shows the CUDA " \
+        "and ONNX Runtime versions; or --providers cpu"  # fmt: skip

@@ -217,6 +217,23 @@ def test_doctor_on_a_gpu_machine_with_the_cpu_onnxruntime_and_no_modelopt(
     assert "TensorRT build and run: no -> pip install 'tensorrt>=10.14'" in text
 
 
+def test_doctor_says_why_a_listed_cuda_provider_does_not_start(
+    monkeypatch: pytest.MonkeyPatch, no_tensorrt: None
+) -> None:
+    import onnxruntime
+
+    from btdeploy.apps import doctor
+
+    monkeypatch.setattr(tensorrt_env, "gpu", lambda: ("NVIDIA H200", (9, 0)))
+    listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: listed)
+    reason = "ONNX Runtime could not start CUDAExecutionProvider here (libcublasLt.so.12: cannot open shared object)"
+    monkeypatch.setattr(doctor, "start_problem", lambda provider: reason)
+    assert f"  ONNX Runtime CUDA: no -> {reason}" in doctor.doctor_report()[0]
+    monkeypatch.setattr(doctor, "start_problem", lambda provider: None)
+    assert "  ONNX Runtime CUDA: yes" in doctor.doctor_report()[0]
+
+
 def test_versions_from_a_checkout_beside_the_cpu_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
     """Recorded versions (manifests, bench reports) name what runs: the checkout's btdeploy version
     and the CPU onnxruntime where onnxruntime-gpu is absent, not two 'not installed'."""

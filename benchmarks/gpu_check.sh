@@ -36,9 +36,11 @@ check() {
   step "  $name: exit $status, $(tail -1 "$results/$name.txt")"
 }
 
-step "btdeploy importable (else install it with the dev extra)"
-"$python" -c "import btdeploy" 2>/dev/null || "$python" -m pip install -q -e ".[dev]" >> "$log" 2>&1 \
-  || stop "install btdeploy" "btdeploy is not importable and pip could not install it (see $log)"
+# From the repository root `import btdeploy` finds the checkout anyway: its dependencies say whether it can run.
+step "btdeploy and its dependencies importable (else install it with the dev extra)"
+"$python" -c "import btdeploy.cli, torch, transformers, onnx, onnxruntime, PIL" 2>/dev/null \
+  || "$python" -m pip install -q -e ".[dev]" >> "$log" 2>&1 \
+  || stop "install btdeploy" "btdeploy or a dependency is not importable and pip could not install them (see $log)"
 
 step "what this machine is"
 {

@@ -27,7 +27,11 @@ def _output_captured() -> Iterator[list[str]]:
     file descriptor 2, and its Python fallback notice to sys.stdout."""
     lines: list[str] = []
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to borrow (a daemon): the probe runs, without ONNX Runtime's reason
+        yield lines
+        return
     python_side = io.StringIO()
     with tempfile.TemporaryFile() as sink, redirect_stdout(python_side), redirect_stderr(python_side):
         os.dup2(sink.fileno(), 2)

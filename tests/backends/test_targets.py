@@ -197,3 +197,29 @@ def test_load_names_why_a_listed_gpu_provider_does_not_start(
         btdeploy.load(tiny_export, head="itm", providers=["cuda", "cpu"])
     assert _one_line(error) == f"the onnxruntime backend cannot run here: {reason}: btdeploy doctor shows the CUDA " \
         "and ONNX Runtime versions; or --providers cpu"  # fmt: skip
+
+
+def test_the_probe_runs_without_a_stderr_to_borrow(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime
+
+    from btdeploy.backends import provider_probe
+
+    class NotStarting:
+        def __init__(self, model: bytes, providers: list[str]) -> None:
+            pass
+
+        def get_providers(self) -> list[str]:
+            return ["CPUExecutionProvider"]
+
+    def no_descriptor(fd: int) -> int:
+        raise OSError(9, "Bad file descriptor")
+
+    provider_probe.start_problem.cache_clear()
+    monkeypatch.setattr(onnxruntime, "InferenceSession", NotStarting)
+    monkeypatch.setattr(provider_probe.os, "dup", no_descriptor)
+    try:
+        assert provider_probe.start_problem("CUDAExecutionProvider") == (
+            "ONNX Runtime could not start CUDAExecutionProvider here"
+        )
+    finally:
+        provider_probe.start_problem.cache_clear()

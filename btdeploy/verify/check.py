@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +140,15 @@ class RealPairs:
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         processor = self.processor
+
+        # With more captions than images an image recurs; the last batch's worth stay decoded.
+        @lru_cache(maxsize=batch_size)
+        def picture(index: int) -> Any:
+            return load_image(self.images[index], processor.image_processor)
+
         for start in range(0, self.count, batch_size):
             rows = range(start, min(start + batch_size, self.count))
-            pictures = [load_image(self.images[i % len(self.images)], processor.image_processor) for i in rows]
+            pictures = [picture(i % len(self.images)) for i in rows]
             yield pair_inputs(processor, pictures, [self.captions[i % len(self.captions)] for i in rows])
 
 

@@ -47,6 +47,31 @@ def test_real_pairs_go_through_the_processor_in_batches(tiny_export: Path, pairs
     assert len({length for _, length in expected}) > 1  # the batches really differ in length
 
 
+def test_an_image_that_recurs_is_decoded_once(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One image against many captions (a caption set checked on one picture) decoded the picture
+    once per pair."""
+    from btdeploy.verify import check
+
+    images = tmp_path / "one"
+    images.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((60, 80, 3)) * 255).astype(np.uint8)).save(images / "a.png")
+    texts = tmp_path / "many.txt"
+    texts.write_text("\n".join(f"caption {k}" for k in range(7)) + "\n")
+    decoded: list[Path] = []
+    load_image = check.load_image
+
+    def counted(path: Path, processor: object) -> object:
+        decoded.append(path)
+        return load_image(path, processor)
+
+    monkeypatch.setattr(check, "load_image", counted)
+    pairs = check.real_pairs(find_head(tiny_export, "itm"), images, texts)
+    assert [len(batch["input_ids"]) for batch in pairs.batches(3)] == [3, 3, 1]
+    assert decoded == [images / "a.png"]
+
+
 def test_the_command_records_its_inputs_and_refuses_half_a_pair(
     tiny_export: Path, pairs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

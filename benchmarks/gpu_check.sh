@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, ready for any machine with an NVIDIA GPU, from a fresh clone or a bare checkout.
 #
-# 1. What the machine is (CPU and its instruction sets, GPU, driver, packages): env.txt, doctor.txt.
+# 1. What the machine is (CPU and its instruction sets, GPU, driver, packages): doctor.txt.
 # 2. What needs only PyTorch on the GPU: the reference model in fp32, fp16 and bf16 on the GPU
 #    checked against the CPU reference (tiny, every head; base itm), and a bench of base itm on
 #    the GPU (PyTorch eager fp32, fp16, bf16, and torch.compile fp32).
@@ -42,30 +42,13 @@ step "btdeploy and its dependencies importable (else install it with the dev ext
   || "$python" -m pip install -q -e ".[dev]" >> "$log" 2>&1 \
   || stop "install btdeploy" "btdeploy or a dependency is not importable and pip could not install them (see $log)"
 
-step "what this machine is"
-{
-  date -u
-  uname -srm
-  grep -m1 "model name" /proc/cpuinfo || true
-  echo "logical cores: $(nproc)"
-  echo "instruction sets: $(grep -m1 -o -w -E 'avx2|avx512f|avx512_vnni|avx512_bf16|amx_tile|amx_int8' /proc/cpuinfo \
-    | sort -u | tr '\n' ' ' || true)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: none"
-  "$python" - <<'EOF'
-import importlib.metadata as md
-for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "nvidia-modelopt", "tensorrt", "numpy"):
-    try:
-        print(f"{name} {md.version(name)}")
-    except md.PackageNotFoundError:
-        print(f"{name} not installed")
-EOF
-} > "$results/env.txt" 2>&1
-cat "$results/env.txt" >> "$log"
+step "what this machine is: btdeploy doctor (CPU and instruction sets, GPU, driver, packages)"
+{ date -u; uname -srm; btdeploy doctor; } > "$results/doctor.txt" 2>&1
+cat "$results/doctor.txt" >> "$log"
 
 step "is there an NVIDIA GPU?"
 "$python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
   || stop "is there an NVIDIA GPU?" "no NVIDIA GPU visible to torch (torch.cuda.is_available() is False)"
-btdeploy doctor | tee "$results/doctor.txt" >> "$log"
 
 step "tiny, every head: export, then the reference on the GPU (fp32, fp16, bf16) against the CPU reference"
 btdeploy export --model tiny --out "$work/tiny" >> "$log" 2>&1
@@ -91,7 +74,7 @@ step "are TensorRT and Model Optimizer installed (else install the tensorrt extr
   || { "$python" -m pytest -m gpu -q -ra "$gpu_tests" > "$results/pytest-gpu.txt" 2>&1 || true
        stop "install the tensorrt extra" "TensorRT or Model Optimizer is not installed and pip could not install them (see $log); \
 every step before this one ran, and pytest -m gpu's skip reasons are in $results/pytest-gpu.txt"; }
-btdeploy doctor "$work/tiny" > "$results/doctor.txt"
+btdeploy doctor "$work/tiny" > "$results/doctor.tensorrt.txt"  # now with TensorRT, and the Polygraphy commands
 
 step "tiny and base itm: optimize trt and trt-compat, quantize fp16 and int8"
 for model in tiny base; do

@@ -165,13 +165,14 @@ def _ort_unavailable(options: RunOptions) -> str | None:
     from btdeploy.backends.onnxruntime import gpu_providers, provider_problem
 
     problem = provider_problem(options.providers)
-    if problem is None and not options.provider_fallback and gpu_providers(options.providers):
+    on_gpu = gpu_providers(options.providers)
+    if problem is None and not options.provider_fallback and on_gpu:
         from btdeploy.backends.provider_probe import start_problem
         from btdeploy.backends.tensorrt.environment import gpu
 
         if gpu() is None:  # onnxruntime-gpu lists its GPU providers on any machine; they fail at the session
             return "ONNX Runtime's GPU providers need an NVIDIA GPU, and torch sees none here"
-        for provider in gpu_providers(options.providers):
+        for provider in on_gpu:
             if started := start_problem(provider):  # listed, but its CUDA libraries may not load
                 return f"{started}: btdeploy doctor shows the CUDA and ONNX Runtime versions; or --providers cpu"
     return problem

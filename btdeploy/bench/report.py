@@ -84,7 +84,7 @@ def _percent_record(run: BenchRun, case: CaseResult) -> float | None:
 
 
 def _peak_line(run: BenchRun) -> str:
-    if not run.matmul_peak_gflops:
+    if run.settings.device == "cuda":
         return (
             "- % peak: not given on the GPU (its peak depends on the precision and the tensor cores); "
             "GFLOP/s = model FLOPs / median. GPU MB: the process's peak GPU allocation while a case's "

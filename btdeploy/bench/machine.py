@@ -7,18 +7,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from btdeploy.backends.tensorrt.environment import gpu
 from btdeploy.cpu import cpu_description
 
 
 def gpu_description() -> dict[str, Any] | None:
-    try:
-        import torch
-    except ImportError:
+    """The GPU the backends found (environment.gpu, the one lookup), with its memory."""
+    found = gpu()
+    if found is None:
         return None
-    if not torch.cuda.is_available():
-        return None
-    props = torch.cuda.get_device_properties(0)
-    return {"name": props.name, "memory_gb": round(props.total_memory / 2**30, 1), "sm": f"{props.major}{props.minor}"}
+    import torch
+
+    name, (major, minor) = found
+    memory = torch.cuda.get_device_properties(0).total_memory
+    return {"name": name, "memory_gb": round(memory / 2**30, 1), "sm": f"{major}{minor}"}
 
 
 def machine_description(threads: int) -> dict[str, Any]:

@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--device",
                 choices=["cpu", "cuda"],
                 default=None,
-                help="where --backend torch runs the reference model (default: cpu; fp16 and bf16 need cuda)",
+                help="where --backend torch runs the reference model (default: cpu; fp16 needs cuda, bf16 cuda or a "
+                "CPU with AVX-512 BF16 or AMX)",
             )
 
     export = add("export", cmd_export, "export heads to ONNX with dynamic batch and text length")

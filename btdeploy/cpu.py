@@ -13,7 +13,11 @@ from typing import Any
 # From /proc/cpuinfo's flags, in this order: the vector widths, then the integer and bfloat16 dot products.
 INSTRUCTION_SETS = (
     "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8",
+    "amx_bf16",
 )  # fmt: skip
+# The instructions that multiply bfloat16 natively. Without them torch runs bf16 through FP32
+# conversions, slower than FP32 itself, so the reference offers bf16 on a CPU only with one of them.
+NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
 
 
 def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
@@ -40,3 +44,9 @@ def describe_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     cpu = cpu_description(cpuinfo)
     flags = " ".join(cpu["flags"]) or "instruction sets not known (no /proc/cpuinfo flags)"
     return f"{cpu['model']}, {cpu['logical_cores']} logical cores; {flags}"
+
+
+def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The instruction sets of NATIVE_BF16 this CPU has (empty: bf16 would be emulated)."""
+    flags = cpu_description(cpuinfo)["flags"]
+    return [flag for flag in NATIVE_BF16 if flag in flags]

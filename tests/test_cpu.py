@@ -42,3 +42,16 @@ def test_this_machine_is_described_from_its_own_cpuinfo() -> None:
     cpu = cpu_description()
     assert cpu["model"] == model
     assert set(cpu["flags"]) == flags & set(INSTRUCTION_SETS)
+
+
+def test_native_bfloat16_is_read_from_the_flags(tmp_path: Path) -> None:
+    """torch's bf16 on a CPU is offered only where the CPU multiplies bfloat16 itself."""
+    from btdeploy.cpu import native_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(_CPUINFO)
+    assert native_bf16(cpuinfo) == []  # Zen 3: AVX2 only
+    cpuinfo.write_text(_CPUINFO.replace("sha_ni", "sha_ni avx512f avx512_bf16"))
+    assert native_bf16(cpuinfo) == ["avx512_bf16"]  # Zen 4, Cooper Lake
+    cpuinfo.write_text(_CPUINFO.replace("sha_ni", "amx_bf16 avx512_bf16 amx_tile"))
+    assert native_bf16(cpuinfo) == ["avx512_bf16", "amx_bf16"]  # Sapphire Rapids and later

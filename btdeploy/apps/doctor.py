@@ -12,7 +12,7 @@ from btdeploy.artifacts.manifest import head_folders, package_version, read_mani
 from btdeploy.backends.provider_probe import start_problem
 from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.backends.tensorrt.environment import INSTALL_TENSORRT, WHERE
-from btdeploy.cpu import describe_cpu
+from btdeploy.cpu import NATIVE_BF16, describe_cpu, native_bf16
 
 
 def _driver() -> str | None:
@@ -96,6 +96,13 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
         lines.append(
             "  export, optimize, check and bench on ONNX Runtime CPU: yes; quantize: no (needs nvidia-modelopt)"
         )
+    bf16 = native_bf16()
+    lines.append(
+        f"  the PyTorch reference in bf16 on the CPU: yes ({', '.join(bf16)})"
+        if bf16
+        else f"  the PyTorch reference in bf16 on the CPU: no (needs {' or '.join(NATIVE_BF16)}; "
+        "torch would emulate it, slower than FP32)"
+    )
     if not found:
         lines.append("  ONNX Runtime CUDA: no (needs an NVIDIA GPU)")
     elif "CUDAExecutionProvider" not in providers:

@@ -28,7 +28,7 @@ class Flavour(StrEnum):
 class Precision(StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
-    BF16 = "bf16"  # the PyTorch reference on a GPU only; no graph is written in it
+    BF16 = "bf16"  # the PyTorch reference only (GPU, or a CPU with native bfloat16); no graph is written in it
     INT8 = "int8"
     INT8_DYNAMIC = "int8-dynamic"
 

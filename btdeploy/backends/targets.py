@@ -237,8 +237,16 @@ ONNXRUNTIME = Target(
 
 
 def _torch_unavailable(options: RunOptions) -> str | None:
-    if options.precision != Precision.FP32 and options.device != "cuda":
-        return f"the PyTorch reference runs {options.precision} on a CUDA GPU only: pass device='cuda' (--device cuda)"
+    if options.precision == Precision.FP16 and options.device != "cuda":
+        return "the PyTorch reference runs fp16 on a CUDA GPU only: pass device='cuda' (--device cuda)"
+    if options.precision == Precision.BF16 and options.device == "cpu":
+        from btdeploy.cpu import NATIVE_BF16, native_bf16
+
+        if not native_bf16():
+            return (
+                f"the PyTorch reference runs bf16 on a CPU with native bfloat16 ({' or '.join(NATIVE_BF16)}), "
+                "which this CPU lacks (btdeploy doctor lists its instruction sets): pass device='cuda' (--device cuda)"
+            )
     if options.device == "cuda":
         from btdeploy.backends.tensorrt.environment import gpu
 
@@ -272,8 +280,12 @@ TORCH = Target(
         BenchVariant("torch-eager", RunOptions()),
         # A peer: what a PyTorch user gets from inductor (compile time is the first call, reported apart).
         BenchVariant("torch-compile", RunOptions(compile=True)),
-        BenchVariant("torch-eager-fp16", RunOptions(precision=Precision.FP16, device="cuda")),
-        BenchVariant("torch-eager-bf16", RunOptions(precision=Precision.BF16, device="cuda")),
+        # Reduced float: fp16 on a GPU, bf16 on a GPU or a CPU that multiplies bfloat16 natively.
+        *(
+            BenchVariant(f"torch-{mode}-{precision}", RunOptions(precision=precision, compile=mode == "compile"))
+            for mode in ("eager", "compile")
+            for precision in (Precision.FP16, Precision.BF16)
+        ),
     ),
 )
 

@@ -122,7 +122,15 @@ def is_peer(name: str) -> bool:
     return name in PEER_VARIANTS or VARIANTS[name].engine in PEER_ENGINES
 
 
+REDUCED_FLOAT = "16-bit float"
+
+
 def precision_class(name: str) -> str:
-    """fp32, int8 or reduced float: peers are compared with btdeploy at the same kind of precision."""
+    """fp32, int8 or 16-bit float: peers are compared with btdeploy at the same kind of precision.
+    fp16 and bf16 are one class: a user picks whichever 16-bit float is fastest on the machine and
+    passes its own tolerance (TensorRT fp16 against torch bf16 on a GPU, ort-fp16 against torch
+    bf16 on a CPU with native bfloat16)."""
     precision = VARIANTS[name].precision
-    return "int8" if precision.startswith("int8") else precision
+    if precision.startswith("int8"):
+        return "int8"
+    return REDUCED_FLOAT if precision in ("fp16", "bf16") else precision

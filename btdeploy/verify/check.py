@@ -54,8 +54,8 @@ def check_export(
     """Reference vs the chosen graph; a reduced `precision` reads model.<flavour>.<precision>.onnx
     (flavour ort unless given) and is held to that precision's tolerances. A `references` cache
     shared by several checks of the same heads runs the PyTorch reference once per input.
-    `device` is where the torch backend runs (fp16 and bf16 on cuda); the reference it is held to
-    stays FP32 on the CPU.
+    `device` is where the torch backend runs (fp16 on cuda, bf16 on cuda or a CPU with native
+    bfloat16); the reference it is held to stays FP32 on the CPU.
 
     The inputs are generated (padded random ids and pixels at every batch size x text length), or,
     with `images` and `texts`, real pairs through the checkpoint's processor in batches of the

@@ -146,6 +146,27 @@ def test_a_check_report_names_the_options_it_ran_with_and_the_gpu(
     assert data["options"]["providers"] == ["cpu"] and data["options"]["split"] is False
 
 
+def test_the_reference_runs_bf16_on_a_cpu_that_multiplies_bfloat16(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's bf16 GEMMs on AVX-512 BF16 ran 2.2x its FP32 ones on a Zen 4, and the reference in bf16
+    is a peer a CPU user picks there: offered where the CPU has native bfloat16, refused where it
+    would be emulated (slower than FP32), fp16 on the GPU only, whatever the CPU."""
+    from btdeploy import cpu
+    from btdeploy.verify.check import check_export
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: ["avx512_bf16"])
+    rows = check_export(tiny_export, ["itm", "itc"], (1, 2), (5,), backend="torch", precision="bf16")
+    assert rows and all(row.passed for row in rows), [row for row in rows if not row.passed]
+    assert all(row.stats.max_abs > 1e-4 and row.precision == "bf16" for row in rows)  # it ran in bf16, not FP32
+    with pytest.raises(BtDeployError, match="runs fp16 on a CUDA GPU only"):
+        btdeploy.load(tiny_export, head="itm", backend="torch", precision="fp16")
+    monkeypatch.setattr(cpu, "native_bf16", lambda: [])
+    with pytest.raises(BtDeployError, match=r"bf16 on a CPU with native bfloat16 \(avx512_bf16 or amx_bf16\), "
+                       "which this CPU lacks.*--device cuda"):  # fmt: skip
+        btdeploy.load(tiny_export, head="itm", backend="torch", precision="bf16")
+
+
 def test_a_listed_gpu_provider_that_does_not_start_is_found_with_its_reason(
     monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:

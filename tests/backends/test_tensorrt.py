@@ -217,6 +217,16 @@ def test_doctor_on_a_gpu_machine_with_the_cpu_onnxruntime_and_no_modelopt(
     assert "TensorRT build and run: no -> pip install 'tensorrt>=10.14'" in text
 
 
+def test_doctor_says_whether_the_reference_runs_bf16_on_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from btdeploy.apps import doctor
+
+    monkeypatch.setattr(doctor, "native_bf16", lambda: ["avx512_bf16"])
+    assert "  the PyTorch reference in bf16 on the CPU: yes (avx512_bf16)" in doctor.doctor_report()[0]
+    monkeypatch.setattr(doctor, "native_bf16", lambda: [])
+    refused = "  the PyTorch reference in bf16 on the CPU: no (needs avx512_bf16 or amx_bf16; torch would emulate it"
+    assert any(line.startswith(refused) for line in doctor.doctor_report()[0])
+
+
 def test_doctor_says_why_a_listed_cuda_provider_does_not_start(
     monkeypatch: pytest.MonkeyPatch, no_tensorrt: None
 ) -> None:

@@ -138,7 +138,8 @@ def test_skip_reasons_say_why() -> None:
     cpu, gpu = BenchEnv(threads=2, device="cpu"), BenchEnv(threads=2, device="cuda")
     manifest = Manifest(Path("/nonexistent/itm"), {"head": "itm"})
     assert VARIANTS["torch-eager"].unavailable(manifest, cpu) is None
-    assert "on a CUDA GPU only" in str(VARIANTS["torch-eager-fp16"].unavailable(manifest, cpu))
+    for name in ("torch-eager-fp16", "torch-compile-fp16"):
+        assert "on a CUDA GPU only" in str(VARIANTS[name].unavailable(manifest, cpu)), name
     # Asked for the GPU, the reason is the truth about this machine.
     bf16_on_gpu = VARIANTS["torch-eager-bf16"].unavailable(manifest, gpu)
     assert bf16_on_gpu is None if torch.cuda.is_available() else "needs an NVIDIA GPU" in str(bf16_on_gpu)
@@ -340,6 +341,25 @@ def test_the_peer_comparison_pairs_the_rounds() -> None:
     assert peer_comparisons(run)[0].paired is None and "| - | - |" in markdown(run)
     with pytest.raises(ValueError, match="one per round"):
         paired_ratio([0.01], [0.01, 0.02])
+
+
+def test_fp16_and_bf16_are_compared_as_one_precision_class() -> None:
+    """A user picks whichever 16-bit float is fastest where they run: TensorRT fp16 against torch
+    bf16 on a GPU, ort-fp16 against torch bf16 on a CPU with native bfloat16. FP32 and INT8 peers
+    stay in their own classes."""
+    from btdeploy.bench.report import markdown, peer_comparisons
+    from btdeploy.bench.runner import BenchRun, BenchSettings, CaseResult
+    from btdeploy.bench.stats import summarize
+
+    run = BenchRun(BenchSettings())
+    times = {"ort-fp16": 9.0, "torch-eager-bf16": 6.0, "torch-compile-fp16": 8.0, "ort-fused": 7.0,
+             "torch-compile": 14.0, "ort-int8-dynamic": 3.0}  # fmt: skip
+    for name, ms in times.items():
+        seconds = [ms / 1e3] * 3
+        run.cases.append(CaseResult(name, "itm", 1, 16, seconds, summarize(seconds, 1), 10**9, 1.0, 1.0))
+    found = {item.precision: (item.ours.variant, item.peer.variant) for item in peer_comparisons(run)}
+    assert found == {"fp32": ("ort-fused", "torch-compile"), "16-bit float": ("ort-fp16", "torch-eager-bf16")}
+    assert "| itm | 1 | 16 | 16-bit float | ort-fp16 9.0 ms | torch-eager-bf16 6.0 ms | **0.67x** |" in markdown(run)
 
 
 def _benchmark_script(name: str) -> Any:
@@ -587,3 +607,18 @@ def test_a_gpu_bench_without_a_gpu_is_refused_before_any_work(
         run_bench(tiny_export, ["itm"], ["torch-eager-fp16", "ort"], settings)
     assert main(["bench", str(tiny_export), "--workload", "rank", "--device", "cuda"]) == 2
     assert "--workload rank runs ONNX Runtime on the CPU: leave out --device cuda" in capsys.readouterr().err
+
+
+def test_the_bench_names_the_gpu_the_backends_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One lookup of the GPU (the backends'); the bench adds its memory."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from btdeploy.bench import machine
+
+    monkeypatch.setattr(machine, "gpu", lambda: None)
+    assert machine.gpu_description() is None
+    monkeypatch.setattr(machine, "gpu", lambda: ("NVIDIA H200", (9, 0)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=143771 * 2**20))
+    assert machine.gpu_description() == {"name": "NVIDIA H200", "memory_gb": 140.4, "sm": "90"}

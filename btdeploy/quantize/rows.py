@@ -53,8 +53,7 @@ class SpooledRows:
         self._loaded: Feeds = {}
 
     def __len__(self) -> int:
-        self._spool()
-        return len(self.source)
+        return len(self.source)  # known without making the rows: a progress line asks before any are read
 
     def take(self, start: int, stop: int) -> Feeds:
         self._spool()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,12 @@ from btdeploy.model.checkpoints import ModelSource, load_head_model, weights_sha
 from btdeploy.model.configs import config_fingerprint
 from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.model.towers import head_module
+from btdeploy.progress import say
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    say(message)  # a bench builds the variant once per build order; only the first compiles
 
 
 class TorchBackend:
@@ -27,6 +34,10 @@ class TorchBackend:
         if compile:
             # Inductor with dynamic shapes: batch and text length vary; the first call compiles.
             self.module = torch.compile(self.module, dynamic=True)
+            _say_once(
+                "torch.compile (inductor): the first call compiles, and again for the first batch past 1 "
+                "(a minute or more each on base, on 2 cores); later calls of any shape reuse it"
+            )
         self.head = head
         self.device = device
         self.torch_dtype = torch_dtype

@@ -221,6 +221,7 @@ def _bench_head(
         for order_index, order in enumerate(orders, 1):
             where = f" (build order {order_index}/{len(orders)}: {', '.join(order)})" if len(orders) > 1 else ""
             backends: dict[str, Backend] = {}
+            say(f"bench {head.name}: building {len(order)} variant(s){where}")
             for name in order:
                 before = current_rss_mb()
                 backends[name] = runnable[name].build(manifest, env)

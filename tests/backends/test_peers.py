@@ -37,10 +37,12 @@ def test_openvino_refuses_graphs_with_onnx_runtime_operators(trt_itm: Path) -> N
         load(trt_itm, head="itm", backend="openvino", flavour="ort")
 
 
-def test_torch_compile_equals_eager(tiny_export: Path) -> None:
+def test_torch_compile_equals_eager(tiny_export: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from btdeploy.backends import torch_reference
     from btdeploy.model.inputs import sample_inputs
     from btdeploy.runtime.runtime import load
 
+    torch_reference._say_once.cache_clear()
     eager = load(tiny_export, head="itm", backend="torch")
     compiled = load(tiny_export, head="itm", backend="torch", compile=True)
     assert "torch.compile" in compiled.backend.description
@@ -57,6 +59,8 @@ def test_torch_compile_equals_eager(tiny_export: Path) -> None:
     again = load(tiny_export, head="itm", backend="torch", compile=True)
     assert np.abs(again(**feeds).logits - eager(**feeds).logits).max() <= 1e-4
     assert counters["stats"]["unique_graphs"] == graphs
+    # The minutes of compiling are announced once, not once per bench build.
+    assert capsys.readouterr().err.count("torch.compile (inductor): the first call compiles") == 1
 
 
 def test_busy_neighbour_benchmark_times_every_variant_in_both_conditions(trt_itm: Path) -> None:

@@ -228,7 +228,7 @@ def test_interrupt_keeps_finished_cases(tiny_export: Path, monkeypatch: pytest.M
 
 @pytest.mark.parametrize("rotate", [True, False])
 def test_every_variant_is_built_in_every_position(
-    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rotate: bool
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], rotate: bool
 ) -> None:
     built: list[str] = []
     ran: list[str] = []
@@ -244,11 +244,15 @@ def test_every_variant_is_built_in_every_position(
         monkeypatch.setitem(VARIANTS, name, fake(name))
     settings = BenchSettings(batch_sizes=(1,), text_lengths=(4, 5), warmup=1, iters=4, threads=1, rotate_builds=rotate)
     run = run_bench(tiny_export, ["itm"], ["a", "b", "c"], settings)
+    # Each build is announced: a torch-compile build's first case takes minutes with no other line.
+    announced = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines() if "building" in line]
     if rotate:
         assert built == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+        assert announced == [f"bench itm: building 3 variant(s) (build order {i}/3: {order})"
+                             for i, order in enumerate(("a, b, c", "b, c, a", "c, a, b"), 1)]  # fmt: skip
         builds, rounds = 3, 6  # 4 rounds asked, split over 3 builds: 2 rounds each
     else:
-        assert built == ["a", "b", "c"]
+        assert built == ["a", "b", "c"] and announced == ["bench itm: building 3 variant(s)"]
         builds, rounds = 1, 4
     assert {(c.variant, c.text_length): len(c.samples_s) for c in run.cases} == {
         (v, n): rounds for v in "abc" for n in (4, 5)

@@ -50,3 +50,13 @@ def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     """The instruction sets of NATIVE_BF16 this CPU has (empty: bf16 would be emulated)."""
     flags = cpu_description(cpuinfo)["flags"]
     return [flag for flag in NATIVE_BF16 if flag in flags]
+
+
+def bf16_problem(engine: str) -> str | None:
+    """Why `engine` should not run bf16 on this CPU (it would be emulated), or None."""
+    if native_bf16():
+        return None
+    return (
+        f"{engine} runs bf16 on a CPU with native bfloat16 ({' or '.join(NATIVE_BF16)}), which this CPU lacks "
+        "(btdeploy doctor lists its instruction sets)"
+    )

@@ -97,11 +97,11 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
             "  export, optimize, check and bench on ONNX Runtime CPU: yes; quantize: no (needs nvidia-modelopt)"
         )
     bf16 = native_bf16()
+    bf16_line = "  bf16 on the CPU (the PyTorch reference, OpenVINO):"
     lines.append(
-        f"  the PyTorch reference in bf16 on the CPU: yes ({', '.join(bf16)})"
+        f"{bf16_line} yes ({', '.join(bf16)})"
         if bf16
-        else f"  the PyTorch reference in bf16 on the CPU: no (needs {' or '.join(NATIVE_BF16)}; "
-        "torch would emulate it, slower than FP32)"
+        else f"{bf16_line} no (needs {' or '.join(NATIVE_BF16)}; emulated, it would be slower than FP32)"
     )
     if not found:
         lines.append("  ONNX Runtime CUDA: no (needs an NVIDIA GPU)")

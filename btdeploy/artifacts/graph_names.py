@@ -28,7 +28,7 @@ class Flavour(StrEnum):
 class Precision(StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
-    BF16 = "bf16"  # the PyTorch reference only (GPU, or a CPU with native bfloat16); no graph is written in it
+    BF16 = "bf16"  # computed in, never stored in: a bf16 run (PyTorch, OpenVINO) reads the FP32 graph
     INT8 = "int8"
     INT8_DYNAMIC = "int8-dynamic"
 
@@ -54,10 +54,22 @@ def parse_precision(value: str | Precision, option: str = "--precision") -> Prec
         raise BtDeployError(f"{option} {value!r}: choose one of {', '.join(p.value for p in Precision)}") from None
 
 
+# Precisions an engine computes in from the FP32 graph (OpenVINO's inference precision, the PyTorch
+# reference cast to it): no step writes a graph in them.
+COMPUTED_ONLY = frozenset({Precision.BF16})
+
+
+def stored_precision(precision: Precision) -> Precision:
+    """The precision of the graph a run at `precision` reads."""
+    return Precision.FP32 if precision in COMPUTED_ONLY else precision
+
+
 def graph_file(flavour: Flavour | None, precision: Precision = Precision.FP32, stem: str = "model") -> str:
     """<stem>.onnx (the export), <stem>.<flavour>.onnx (optimize), <stem>.<flavour>.<precision>.onnx (quantize).
 
-    The stem is `model` for the whole head, or `text`, `vision`, `fusion` for its split graphs."""
+    The stem is `model` for the whole head, or `text`, `vision`, `fusion` for its split graphs.
+    A precision no graph is stored in (bf16) names the FP32 graph, which a run at it reads."""
+    precision = stored_precision(precision)
     if flavour is None:
         if precision != Precision.FP32:
             raise BtDeployError(f"a {precision} graph is always an optimized one: name its flavour")

@@ -1,7 +1,8 @@
 """OpenVINO on btdeploy's standard-ONNX graphs: the peer a CPU user would otherwise pick.
 
 Pinned to f32 inference precision, so that it is compared at the same accuracy as ONNX Runtime
-(OpenVINO would otherwise run bf16 on CPUs that have it). INT8 comes from the graph's Q/DQ nodes.
+(OpenVINO would otherwise run bf16 on CPUs that have it), unless bf16 is asked for: then the FP32
+graph runs in bf16 and is held to bf16's tolerance. INT8 comes from the graph's Q/DQ nodes.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ def openvino_problem() -> str | None:
     return None
 
 
-def compile_settings(threads: int | None, profile: bool = False) -> dict[str, str]:
-    """How every btdeploy compile of an OpenVINO model is set: f32 inference precision, one request
-    at a time, `threads` threads where given, and its per-layer counters where `profile`."""
-    settings = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+def compile_settings(threads: int | None, profile: bool = False, inference_precision: str = "f32") -> dict[str, str]:
+    """How every btdeploy compile of an OpenVINO model is set: f32 inference precision unless told
+    (bf16), one request at a time, `threads` threads where given, and its per-layer counters where
+    `profile`."""
+    settings = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         settings["INFERENCE_NUM_THREADS"] = str(threads)
     if profile:
@@ -35,18 +37,22 @@ def compile_settings(threads: int | None, profile: bool = False) -> dict[str, st
 class OpenVinoBackend:
     name = "openvino"
 
-    def __init__(self, model_path: Path, output_names: list[str], threads: int | None = None) -> None:
+    def __init__(
+        self, model_path: Path, output_names: list[str], threads: int | None = None, inference_precision: str = "f32"
+    ) -> None:
         import openvino as ov
 
         core = ov.Core()
+        settings = compile_settings(threads, inference_precision=inference_precision)
         try:
-            self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", compile_settings(threads))
+            self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", settings)
         except RuntimeError as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise BtDeployError(f"OpenVINO cannot compile {model_path.name} ({first[:200]})") from None
         self.request = self.compiled.create_infer_request()
         self.outputs = {name: self.compiled.output(name) for name in output_names}
-        self.description = f"OpenVINO {ov.__version__} CPU (f32 inference precision) on {model_path.name}"
+        precision = f"{inference_precision} inference precision"
+        self.description = f"OpenVINO {ov.__version__} CPU ({precision}) on {model_path.name}"
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.request.infer(feeds)

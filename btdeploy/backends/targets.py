@@ -123,7 +123,9 @@ class Target:
         values: dict[str, Any] = {**self.defaults, **given}
         values["flavour"] = parse_flavour(values.get("flavour"), "flavour")
         values["precision"] = parse_precision(values.get("precision", Precision.FP32), "precision")
-        if values["precision"] != Precision.FP32 and values["flavour"] is None and self.flavours:
+        # A precision without a plain graph (every stored reduced one) takes the target's default flavour.
+        plain = (None, values["precision"]) in self.graphs
+        if values["flavour"] is None and not plain and self.flavours:
             values["flavour"] = Flavour.ORT if Flavour.ORT in self.flavours else min(self.flavours)
         if values.get("threads") is not None:
             values["threads"] = int(values["threads"])  # a numpy count too
@@ -240,13 +242,10 @@ def _torch_unavailable(options: RunOptions) -> str | None:
     if options.precision == Precision.FP16 and options.device != "cuda":
         return "the PyTorch reference runs fp16 on a CUDA GPU only: pass device='cuda' (--device cuda)"
     if options.precision == Precision.BF16 and options.device == "cpu":
-        from btdeploy.cpu import NATIVE_BF16, native_bf16
+        from btdeploy.cpu import bf16_problem
 
-        if not native_bf16():
-            return (
-                f"the PyTorch reference runs bf16 on a CPU with native bfloat16 ({' or '.join(NATIVE_BF16)}), "
-                "which this CPU lacks (btdeploy doctor lists its instruction sets): pass device='cuda' (--device cuda)"
-            )
+        if problem := bf16_problem("the PyTorch reference"):
+            return f"{problem}: pass device='cuda' (--device cuda)"
     if options.device == "cuda":
         from btdeploy.backends.tensorrt.environment import gpu
 
@@ -352,6 +351,11 @@ TENSORRT = Target(
 def _openvino_unavailable(options: RunOptions) -> str | None:
     from btdeploy.backends.openvino import openvino_problem
 
+    if options.precision == Precision.BF16:
+        from btdeploy.cpu import bf16_problem
+
+        if problem := bf16_problem("OpenVINO"):
+            return f"{problem}: run fp32 or int8 here"
     return openvino_problem()
 
 
@@ -362,15 +366,24 @@ def _openvino_artifact(manifest: Manifest, options: RunOptions) -> Path:
 def _openvino_make(manifest: Manifest, options: RunOptions) -> Backend:
     from btdeploy.backends.openvino import OpenVinoBackend
 
-    return OpenVinoBackend(_openvino_artifact(manifest, options), get_head(manifest.head).output_names, options.threads)
+    path = _openvino_artifact(manifest, options)
+    bf16 = options.precision == Precision.BF16
+    return OpenVinoBackend(path, get_head(manifest.head).output_names, options.threads, "bf16" if bf16 else "f32")
 
 
 OPENVINO = Target(
     name="openvino",
-    description="OpenVINO (CPU, f32 inference precision) on the standard-ONNX graphs: a peer to compare with",
+    description="OpenVINO (CPU; f32 inference precision, bf16 when asked) on the standard-ONNX graphs: a peer",
     options=frozenset({"flavour", "precision", "threads"}),
-    # Standard ONNX only: the plain export, and the trt dialect's graphs (Q/DQ INT8 included).
-    graphs=((None, Precision.FP32), (Flavour.TRT, Precision.FP32), (Flavour.TRT, Precision.INT8)),
+    # Standard ONNX only: the plain export, and the trt dialect's graphs (Q/DQ INT8 included); bf16
+    # is OpenVINO's inference precision on the FP32 graphs, where the CPU multiplies bfloat16.
+    graphs=(
+        (None, Precision.FP32),
+        (Flavour.TRT, Precision.FP32),
+        (Flavour.TRT, Precision.INT8),
+        (None, Precision.BF16),
+        (Flavour.TRT, Precision.BF16),
+    ),
     make=_openvino_make,
     unavailable=_openvino_unavailable,
     artifact=_openvino_artifact,
@@ -378,6 +391,8 @@ OPENVINO = Target(
         BenchVariant("openvino-fp32", RunOptions()),
         BenchVariant("openvino-fused-fp32", RunOptions(flavour=Flavour.TRT)),
         BenchVariant("openvino-int8", RunOptions(flavour=Flavour.TRT, precision=Precision.INT8)),
+        BenchVariant("openvino-bf16", RunOptions(precision=Precision.BF16)),
+        BenchVariant("openvino-fused-bf16", RunOptions(flavour=Flavour.TRT, precision=Precision.BF16)),
     ),
 )
 

@@ -221,9 +221,9 @@ def test_doctor_says_whether_the_reference_runs_bf16_on_this_cpu(monkeypatch: py
     from btdeploy.apps import doctor
 
     monkeypatch.setattr(doctor, "native_bf16", lambda: ["avx512_bf16"])
-    assert "  the PyTorch reference in bf16 on the CPU: yes (avx512_bf16)" in doctor.doctor_report()[0]
+    assert "  bf16 on the CPU (the PyTorch reference, OpenVINO): yes (avx512_bf16)" in doctor.doctor_report()[0]
     monkeypatch.setattr(doctor, "native_bf16", lambda: [])
-    refused = "  the PyTorch reference in bf16 on the CPU: no (needs avx512_bf16 or amx_bf16; torch would emulate it"
+    refused = "  bf16 on the CPU (the PyTorch reference, OpenVINO): no (needs avx512_bf16 or amx_bf16; emulated"
     assert any(line.startswith(refused) for line in doctor.doctor_report()[0])
 
 

@@ -429,25 +429,6 @@ def test_fp16_makes_only_the_calibration_rows_it_reads(optimized: Path, tmp_path
     assert read_manifest(folder).data["precisions"]["trt.fp16"]["calibration"]["size"] == FP16_RANGE_ROWS
 
 
-def test_spooled_rows_are_made_when_read_not_when_counted(tmp_path: Path) -> None:
-    """The fusion graph's rows go through the towers chunk by chunk when first read; counting them
-    (a progress line) made them all before, towers and files included."""
-    from btdeploy.quantize.rows import SpooledRows
-
-    made: list[int] = []
-
-    def twice(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        made.append(len(feeds["x"]))
-        return {"y": feeds["x"] * 2}
-
-    rows = SpooledRows(ArrayRows({"x": np.arange(10.0).reshape(10, 1)}), twice, 4, tmp_path)
-    assert len(rows) == 10 and made == [] and list(tmp_path.iterdir()) == []
-    np.testing.assert_array_equal(rows.take(3, 9)["y"][:, 0], np.arange(3.0, 9.0) * 2)
-    assert made == [4, 4, 2]
-    rows.close()
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_generated_calibration_is_loud_and_recorded(quantized: Path, capsys: pytest.CaptureFixture[str]) -> None:
     calibration = read_manifest(quantized / "mlm").data["precisions"]["ort.int8"]["calibration"]
     assert calibration["kind"] == "generated" and calibration["size"] == CALIB_SIZE

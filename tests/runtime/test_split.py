@@ -257,10 +257,11 @@ def test_fusion_calibration_runs_the_towers_a_few_rows_at_a_time(
     before = set(folder.iterdir())
     with quantizer._stem_rows(manifest, calibration, "fusion", Flavour.ORT) as rows:
         assert runs == [] and set(folder.iterdir()) == before  # nothing made before it is read
-        assert len(rows) == 7 and runs == [3, 3, 3, 3, 1, 1]  # every chunk made once, then spooled
+        assert len(rows) == 7 and runs == [] and set(folder.iterdir()) == before  # nor by counting them
+        read = [rows.take(index, index + 1) for index in range(len(rows))]  # as calibration reads them
+        assert runs == [3, 3, 3, 3, 1, 1]  # every chunk made once, at the first read, then spooled
         spooled = set(folder.iterdir()) - before
         assert len(spooled) == 1 and next(iter(spooled)).name.endswith(".partial")
-        read = [rows.take(index, index + 1) for index in range(len(rows))]  # as calibration reads them
         across = rows.take(2, 6)  # rows from three chunks at once (AutoCast reads its first rows so)
         assert runs == [3, 3, 3, 3, 1, 1]  # reading makes nothing again
     assert set(folder.iterdir()) == before  # the spooled rows are gone with the step

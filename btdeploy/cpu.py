@@ -15,8 +15,8 @@ INSTRUCTION_SETS = (
     "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8",
     "amx_bf16",
 )  # fmt: skip
-# The instructions that multiply bfloat16 natively. Without them torch runs bf16 through FP32
-# conversions, slower than FP32 itself, so the reference offers bf16 on a CPU only with one of them.
+# The instructions that multiply bfloat16 natively. Without them bf16 runs through FP32 conversions,
+# slower than FP32 itself, so bf16 is offered on a CPU (the reference, OpenVINO) only with one of them.
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
 
 

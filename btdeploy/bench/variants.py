@@ -128,8 +128,8 @@ REDUCED_FLOAT = "16-bit float"
 def precision_class(name: str) -> str:
     """fp32, int8 or 16-bit float: peers are compared with btdeploy at the same kind of precision.
     fp16 and bf16 are one class: a user picks whichever 16-bit float is fastest on the machine and
-    passes its own tolerance (TensorRT fp16 against torch bf16 on a GPU, ort-fp16 against torch
-    bf16 on a CPU with native bfloat16)."""
+    passes its own tolerance (TensorRT fp16 against torch bf16 on a GPU, ort-fp16 against torch or
+    OpenVINO bf16 on a CPU with native bfloat16)."""
     precision = VARIANTS[name].precision
     if precision.startswith("int8"):
         return "int8"

@@ -63,7 +63,7 @@ INT8 = Tolerance(max_abs=1e-1, min_cosine=0.99, min_argmax_agreement=0.99, of_ra
 PRECISION_TOLERANCES = {
     Precision.FP32: FP32,
     Precision.FP16: FP16,
-    Precision.BF16: BF16,  # the PyTorch reference (GPU, or a CPU with native bfloat16)
+    Precision.BF16: BF16,  # the PyTorch reference and OpenVINO, on the FP32 graphs
     Precision.INT8: INT8,
     Precision.INT8_DYNAMIC: INT8,
 }

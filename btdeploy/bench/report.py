@@ -254,12 +254,10 @@ def _against_peers(run: BenchRun) -> list[str]:
             f"| {item.ours.variant} {item.ours.stats.median_ms:.1f} ms | {item.peer.variant} "
             f"{item.peer.stats.median_ms:.1f} ms | **{item.ratio_of_medians:.2f}x** | {per_round} |"
         )
-    if not rows:
+    unmatched = _peers_alone(run)
+    if not rows and not unmatched:
         return []
-    return [
-        "",
-        "## btdeploy against the peers (same run, same precision class)",
-        "",
+    table = [
         "Per round: the peer's time over btdeploy's in each interleaved round, median (middle half of the "
         "rounds); the two ran seconds apart, so both sides of a ratio met the same minute of the machine.",
         "",
@@ -268,6 +266,23 @@ def _against_peers(run: BenchRun) -> list[str]:
         "|---|---:|---:|---|---|---|---:|---:|---:|",
         *rows,
     ]
+    return ["", "## btdeploy against the peers (same run, same precision class)", "", *(table if rows else []),
+            *unmatched]  # fmt: skip
+
+
+def _peers_alone(run: BenchRun) -> list[str]:
+    """A precision class only peers ran in is named, with the variants that would compare, rather
+    than left out of the table without a word."""
+    ran = {name: is_peer(name) for name in dict.fromkeys(c.variant for c in run.cases)}
+    ours = {precision_class(name) for name, peer in ran.items() if not peer}
+    lines = []
+    for kind in dict.fromkeys(precision_class(name) for name, peer in ran.items() if peer):
+        if kind in ours:
+            continue
+        peers = ", ".join(name for name, peer in ran.items() if peer and precision_class(name) == kind)
+        candidates = ", ".join(n for n in VARIANTS if not is_peer(n) and precision_class(n) == kind)
+        lines.append(f"- {kind}: only peers ran ({peers}); add {candidates or 'a btdeploy variant'} to compare")
+    return ["", *lines] if lines else []
 
 
 def _rounds_run(run: BenchRun) -> str:

@@ -364,6 +364,27 @@ def test_fp16_and_bf16_are_compared_as_one_precision_class() -> None:
     found = {item.precision: (item.ours.variant, item.peer.variant) for item in peer_comparisons(run)}
     assert found == {"fp32": ("ort-fused", "torch-compile"), "16-bit float": ("ort-fp16", "torch-eager-bf16")}
     assert "| itm | 1 | 16 | 16-bit float | ort-fp16 9.0 ms | torch-eager-bf16 6.0 ms | **0.67x** |" in markdown(run)
+    assert "only peers ran" not in markdown(run)
+
+
+def test_a_class_only_peers_ran_in_is_named_with_what_would_compare() -> None:
+    """The second bf16 run had OpenVINO in bf16 and no btdeploy 16-bit variant: the class was left
+    out of the peer table without a word."""
+    from btdeploy.bench.report import markdown
+    from btdeploy.bench.runner import BenchRun, BenchSettings, CaseResult
+    from btdeploy.bench.stats import summarize
+
+    run = BenchRun(BenchSettings())
+    for name, ms in {"ort-fused": 7.0, "openvino-fp32": 7.2, "openvino-fused-bf16": 3.5, "openvino-bf16": 3.6}.items():
+        seconds = [ms / 1e3] * 3
+        run.cases.append(CaseResult(name, "itm", 1, 16, seconds, summarize(seconds, 1), 10**9, 1.0, 1.0))
+    text = markdown(run)
+    assert "| itm | 1 | 16 | fp32 | ort-fused 7.0 ms | openvino-fp32 7.2 ms |" in text
+    note = "- 16-bit float: only peers ran (openvino-fused-bf16, openvino-bf16); add ort-fp16, trt-fp16, "
+    assert note in text and "16-bit float |" not in text
+    run.cases = [case for case in run.cases if case.variant.endswith("bf16")]  # no table at all, the note still
+    assert "## btdeploy against the peers" in markdown(run) and note in markdown(run)
+    assert "| head | batch | length | precision |" not in markdown(run)
 
 
 def _benchmark_script(name: str) -> Any:

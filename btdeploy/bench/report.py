@@ -257,17 +257,18 @@ def _against_peers(run: BenchRun) -> list[str]:
     unmatched = _peers_alone(run)
     if not rows and not unmatched:
         return []
-    table = [
-        "Per round: the peer's time over btdeploy's in each interleaved round, median (middle half of the "
-        "rounds); the two ran seconds apart, so both sides of a ratio met the same minute of the machine.",
-        "",
-        "| head | batch | length | precision | btdeploy's fastest | fastest peer | peer median / btdeploy median "
-        "| per round | rounds btdeploy ahead |",
-        "|---|---:|---:|---|---|---|---:|---:|---:|",
-        *rows,
-    ]
-    return ["", "## btdeploy against the peers (same run, same precision class)", "", *(table if rows else []),
-            *unmatched]  # fmt: skip
+    lines = ["", "## btdeploy against the peers (same run, same precision class)", ""]
+    if rows:
+        lines += [
+            "Per round: the peer's time over btdeploy's in each interleaved round, median (middle half of the "
+            "rounds); the two ran seconds apart, so both sides of a ratio met the same minute of the machine.",
+            "",
+            "| head | batch | length | precision | btdeploy's fastest | fastest peer | peer median / btdeploy median "
+            "| per round | rounds btdeploy ahead |",
+            "|---|---:|---:|---|---|---|---:|---:|---:|",
+            *rows,
+        ]
+    return lines + unmatched
 
 
 def _peers_alone(run: BenchRun) -> list[str]:

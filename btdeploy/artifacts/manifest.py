@@ -13,6 +13,7 @@ from btdeploy.artifacts.graph_names import STEMS, Flavour, Precision, graph_file
 from btdeploy.artifacts.locks import writer_of
 from btdeploy.artifacts.onnx_files import graph_bytes, graph_sha256
 from btdeploy.errors import BtDeployError
+from btdeploy.version import __version__
 
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
@@ -36,7 +37,7 @@ def tool_versions(
     for package in packages:
         version = package_version(package)
         if version is None and package == "btdeploy":  # a checkout on PYTHONPATH, not installed
-            from btdeploy.version import __version__ as version
+            version = __version__
         if version is None and package == "onnxruntime-gpu" and (cpu_build := package_version("onnxruntime")):
             package, version = "onnxruntime", cpu_build  # the same module, without CUDA
         versions[package] = version or "not installed"

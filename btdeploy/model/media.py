@@ -120,9 +120,10 @@ def resize_problem(width: int, height: int, image_processor: Any) -> str | None:
 def text_length_problem(tokenizer: Any, texts: list[str], limit: int, chunk: int = 256) -> str | None:
     """Why one of the texts cannot be taken whole, or None: the first text longer than the model's
     `limit` tokens. A text is refused rather than cut, since a cut text gets another answer.
-    Tokenized `chunk` texts at a time, so a long captions file does not sit in memory as ids."""
+    Tokenized `chunk` texts at a time, so a long captions file does not sit in memory as ids;
+    quietly (`verbose=False`), since the refusal says what the tokenizer's warning would."""
     for start in range(0, len(texts), chunk):
-        lengths = [len(ids) for ids in tokenizer(texts[start : start + chunk])["input_ids"]]
+        lengths = [len(ids) for ids in tokenizer(texts[start : start + chunk], verbose=False)["input_ids"]]
         for offset, length in enumerate(lengths):
             if length > limit:
                 index = start + offset

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from btdeploy.errors import BtDeployError
-from btdeploy.model.media import load_image, read_captions, resize_problem
+from btdeploy.model.media import load_image, read_captions, resize_problem, text_length_problem
 
 
 def _image_processor(shorter: int, divisor: int) -> object:
@@ -82,3 +82,30 @@ def test_caption_files_in_the_encodings_editors_save(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(image)
     with pytest.raises(BtDeployError, match="photo.png is not a text file \\(it holds binary data\\)"):
         read_captions(image, "--texts")
+
+
+def test_a_text_past_the_model_is_refused_without_transformers_warning_first() -> None:
+    """The tokenizer's own "indexing errors" warning had printed above btdeploy's refusal, for
+    a text btdeploy refuses before anything indexes with it."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from btdeploy.model.checkpoints import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("tiny").checkpoint)
+    heard: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: heard.append(record.getMessage())  # type: ignore[method-assign]
+    library = logging.getLogger("transformers")
+    level = library.level
+    library.addHandler(handler)
+    library.setLevel(logging.WARNING)  # as in `btdeploy run`, which loads no checkpoint that quiets it
+    try:
+        problem = text_length_problem(tokenizer, ["a cat", "word " * 600], tokenizer.model_max_length)
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+    assert problem is not None and problem.startswith("text 2 of 2 ('word word"), problem
+    assert "longer than the model's 512" in problem
+    assert heard == []

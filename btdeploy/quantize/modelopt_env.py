@@ -14,15 +14,18 @@ from btdeploy.quantize.redundant_casts import remove_redundant_casts
 
 def require_modelopt() -> None:
     try:
-        import modelopt.onnx  # noqa: F401
+        # AutoCast's modules set their loggers to INFO when first imported, so they are imported
+        # here, before the loggers are quieted, not later by the conversion that uses them.
+        import modelopt.onnx.autocast.convert  # noqa: F401
     except ImportError:
         raise BtDeployError(
             "fp16 and int8 need NVIDIA Model Optimizer: pip install 'nvidia-modelopt[onnx]==0.47.0' "
             "(int8-dynamic needs only ONNX Runtime)"
         ) from None
-    # Model Optimizer logs every node at INFO; btdeploy prints its own progress.
-    for name in ("modelopt", "root"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # Model Optimizer logs every node at INFO (thousands of lines on base); btdeploy prints its own progress.
+    for name in ["root", *logging.root.manager.loggerDict]:
+        if name == "root" or name.startswith("modelopt"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextmanager

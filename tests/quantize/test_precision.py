@@ -429,6 +429,28 @@ def test_fp16_makes_only_the_calibration_rows_it_reads(optimized: Path, tmp_path
     assert read_manifest(folder).data["precisions"]["trt.fp16"]["calibration"]["size"] == FP16_RANGE_ROWS
 
 
+def test_model_optimizer_logs_nothing_of_its_own(tiny_export: Path, tmp_path: Path) -> None:
+    """AutoCast's modules set their loggers to INFO when first imported, after btdeploy had quieted
+    Model Optimizer: the main job on base printed some 4,800 lines of its per-node logs. A fresh
+    process, as a user's, so that the import happens inside the command."""
+    import subprocess
+    import sys
+
+    from btdeploy.optimize.optimizer import optimize_head
+
+    folder = tmp_path / "itm"
+    shutil.copytree(tiny_export / "itm", folder)
+    optimize_head(folder, "trt")
+    done = subprocess.run(
+        [sys.executable, "-m", "btdeploy", "quantize", str(folder), "--flavour", "trt", "--precision", "fp16"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "model.trt.fp16.onnx" in done.stderr  # the command's own progress still shows
+    assert [line for line in (done.stdout + done.stderr).splitlines() if "modelopt" in line] == []
+
+
 def test_generated_calibration_is_loud_and_recorded(quantized: Path, capsys: pytest.CaptureFixture[str]) -> None:
     calibration = read_manifest(quantized / "mlm").data["precisions"]["ort.int8"]["calibration"]
     assert calibration["kind"] == "generated" and calibration["size"] == CALIB_SIZE

@@ -27,6 +27,7 @@ from btdeploy.model.heads import HEADS
 from btdeploy.model.media import image_files, read_captions
 from btdeploy.optimize.optimizer import optimize_head
 from btdeploy.progress import Countdown, clock, say, step
+from btdeploy.quantize.calibration import GENERATED_ADVICE, warn_generated
 from btdeploy.quantize.methods import METHODS, PRECISIONS, quantized_graphs
 from btdeploy.quantize.quantizer import quantize_head
 from btdeploy.verify.check import ReferenceCache, check_export, inputs_record, report_data
@@ -104,6 +105,10 @@ def run_pipeline(
     engine_precisions = list(dict.fromkeys(p for f, p in tensorrt.graphs if (f, p) in quantized))
     if engines_blocked:
         say(f"pipeline: no TensorRT engines on this machine ({engines_blocked})")
+    calibrated = list(dict.fromkeys(str(p) for _, p in quantized if METHODS[p].calibrates))
+    generated = calibration == (None, None) and bool(calibrated)
+    if generated:  # said here and under the summary, not again at every quantize step
+        warn_generated(f"every {' and '.join(calibrated)} graph of this run")
     optimized = _optimized_first(flavours, quantized)
     engines = [] if engines_blocked or tensorrt.build is None else engine_precisions
     per_head = ["export", "check", *(["check"] if split else []), *(["optimize", "check"] * len(optimized)),
@@ -158,7 +163,9 @@ def run_pipeline(
             check(summary, CheckedGraph(str(flavour), "onnxruntime", RunOptions(flavour=flavour)))
         for flavour, precision in quantized:
             with timed(summary, f"quantize {graph_key(flavour, precision)}") as entry:
-                result = quantize_head(manifest.folder, precision, flavour, *calibration, reuse=reuse)
+                result = quantize_head(
+                    manifest.folder, precision, flavour, *calibration, reuse=reuse, announce_generated=False
+                )
                 entry["reused"] = bool(result.get("reused"))
             check(summary, CheckedGraph(graph_key(flavour, precision), "onnxruntime", RunOptions(flavour, precision)))
         for precision in engines:
@@ -171,7 +178,10 @@ def run_pipeline(
         summaries.append(summary)
     wall = time.monotonic() - started
     _report(out, summaries, checked, inputs_record(check_images, check_texts))
-    _write_run_record(out, summaries, wall, force)
+    _write_run_record(out, summaries, wall, force, "generated" if generated else "files" if calibrated else None)
+    if generated:
+        print(f"\ncalibration: the {' and '.join(calibrated)} graphs are calibrated on GENERATED inputs "
+              f"{GENERATED_ADVICE}")  # fmt: skip
     passed = all(s.passed for s in summaries)
     peak = max((entry["peak_rss_gb"] for s in summaries for entry in s.steps), default=0.0)
     print(f"pipeline {'PASSED' if passed else 'FAILED'} in {clock(wall)}, peak RSS {peak:.2f} GB; "
@@ -186,8 +196,11 @@ def _record_steps(folder: Path, steps: list[dict[str, Any]]) -> None:
     manifest.write()
 
 
-def _write_run_record(out: Path, summaries: list[HeadSummary], wall: float, force: bool) -> None:
-    """pipeline.json: wall time, peak memory and every step's cost, for results and comparisons."""
+def _write_run_record(
+    out: Path, summaries: list[HeadSummary], wall: float, force: bool, calibration: str | None
+) -> None:
+    """pipeline.json: wall time, peak memory and every step's cost, for results and comparisons;
+    what the quantized graphs were calibrated on (generated or files; None: nothing calibrated)."""
     steps = [entry for s in summaries for entry in s.steps]
     record = {
         "wall_seconds": round(wall, 1),
@@ -197,6 +210,7 @@ def _write_run_record(out: Path, summaries: list[HeadSummary], wall: float, forc
         "steps": steps,
         "passed": all(s.passed for s in summaries),
         "random_head_weights": {s.head: s.missing_weights for s in summaries if s.missing_weights},
+        "calibration": calibration,
     }
     write_json(out / "pipeline.json", record)
 

@@ -103,19 +103,27 @@ def _available_memory() -> int | None:
     return None
 
 
+GENERATED_ADVICE = (
+    "(random pixels and token ids). Ranges from real images and captions differ; quantize again with real "
+    "data (--calib-images DIR --calib-texts FILE) before shipping."
+)
+
+
+def warn_generated(what: str, rows: int | None = None) -> None:
+    """The loud warning that `what` is calibrated on generated inputs, not on the user's data."""
+    count = f"{rows} " if rows else ""
+    warn(f"no calibration data given: {what} is calibrated on {count}GENERATED inputs {GENERATED_ADVICE}")
+
+
 def plan_calibration(
     manifest: Manifest, images: Path | None, texts: Path | None, size: int = DEFAULT_CALIB_SIZE
 ) -> CalibrationPlan:
-    """`size` image-caption pairs from the user's files, or generated inputs (with a loud warning)."""
+    """`size` image-caption pairs from the user's files, or generated inputs (`warn_generated` says
+    so, where the rows are used)."""
     if size < 1:
         raise BtDeployError(f"--calib-size {size} must be at least 1")
     length = min(CALIB_TEXT_LENGTH, max_text_length(manifest.config))
     if images is None and texts is None:
-        warn(
-            f"no calibration data given (--calib-images DIR --calib-texts FILE): calibrating {manifest.head} on "
-            f"{size} GENERATED inputs (random pixels and token ids). Ranges from real images and captions differ; "
-            "quantize again with real data before shipping."
-        )
         source = {"kind": "generated", "size": size, "text_length": length, "warning": "not real data"}
         return CalibrationPlan(manifest, size, length, source)
     if images is None or texts is None:

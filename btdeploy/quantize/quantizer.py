@@ -25,7 +25,7 @@ from btdeploy.backends.targets import graph_checks
 from btdeploy.errors import BtDeployError
 from btdeploy.optimize.graph_checks import layernorm_types, qdq_summary, require_fp16_safe
 from btdeploy.progress import say, step
-from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE, CalibrationData, plan_calibration
+from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE, CalibrationData, plan_calibration, warn_generated
 from btdeploy.quantize.int8 import ACTIVATION_CODE
 from btdeploy.quantize.methods import QuantizeMethod, get_method
 from btdeploy.quantize.rows import ArrayRows, CalibrationRows, Feeds, SpooledRows
@@ -124,9 +124,12 @@ def quantize_head(
     calib_texts: Path | None = None,
     calib_size: int = DEFAULT_CALIB_SIZE,
     reuse: bool = False,
+    announce_generated: bool = True,
 ) -> dict[str, Any]:
     """Quantize model.onnx's optimized graph (and the split graphs, where the head has them).
-    With `reuse`, graphs already on disk that this run would make the same way are kept."""
+    With `reuse`, graphs already on disk that this run would make the same way are kept.
+    Calibrating on generated inputs is warned of loudly, unless the caller says it once itself
+    (`announce_generated=False`: the pipeline)."""
     chosen = parse_flavour(flavour) or Flavour.ORT
     method = get_method(precision, chosen)
     key = f"{chosen}.{method.precision}"
@@ -163,6 +166,8 @@ def quantize_head(
                 "(same source graph, calibration and tool versions); --force makes it again")  # fmt: skip
             return dict(recorded, reused=True)
         calibration = None
+        if plan is not None and plan.source["kind"] == "generated" and announce_generated:
+            warn_generated(f"the {key} graph of {manifest.head}", plan.size)
         if plan is not None:
             with step(f"quantize {manifest.head}: {plan.size} calibration rows ({plan.source['kind']})"):
                 calibration = plan.load()

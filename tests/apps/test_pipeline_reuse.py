@@ -36,8 +36,9 @@ def test_a_second_run_reuses_every_graph_a_damaged_one_is_remade_and_force_remak
 ) -> None:
     out = tmp_path / "out"
     assert run_pipeline("tiny", out, heads=["itm"], precisions=PRECISIONS, flavours=FLAVOURS)
+    printed = capsys.readouterr()
     # export, 2 x (optimize, check), 4 x (quantize, check), and the plain check: 14 steps counted down.
-    progress = [line for line in capsys.readouterr().err.splitlines() if "] pipeline [" in line]
+    progress = [line for line in printed.err.splitlines() if "] pipeline [" in line]
     assert len(progress) == 14 and "pipeline [1/14] itm export:" in progress[0]
     assert all("elapsed, about" in line and line.endswith(" left") for line in progress[:-1])
     first = _made(out)
@@ -46,6 +47,11 @@ def test_a_second_run_reuses_every_graph_a_damaged_one_is_remade_and_force_remak
     assert not any(first.values())
     record = json.loads((out / "pipeline.json").read_text())
     assert record["passed"] and record["peak_rss_gb"] > 0.1 and record["wall_seconds"] > 0
+    # Generated calibration is said once up front and once under the summary, not at each quantize step.
+    warned = [line for line in printed.err.splitlines() if "GENERATED" in line]
+    assert warned == [line for line in warned if "every fp16 and int8 graph of this run" in line] and len(warned) == 1
+    assert [line for line in printed.out.splitlines() if "GENERATED" in line][0].startswith("calibration: the fp16")
+    assert record["calibration"] == "generated"
     steps = read_manifest(out / "itm").data["pipeline_steps"]
     assert len(steps) == len(record["steps"]) and all(s["peak_rss_gb"] > 0 for s in steps)
     # Each graph's record carries what it cost to make.

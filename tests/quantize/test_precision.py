@@ -451,9 +451,26 @@ def test_model_optimizer_logs_nothing_of_its_own(tiny_export: Path, tmp_path: Pa
     assert [line for line in (done.stdout + done.stderr).splitlines() if "modelopt" in line] == []
 
 
-def test_generated_calibration_is_loud_and_recorded(quantized: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_generated_calibration_is_loud_and_recorded(quantized: Path) -> None:
     calibration = read_manifest(quantized / "mlm").data["precisions"]["ort.int8"]["calibration"]
     assert calibration["kind"] == "generated" and calibration["size"] == CALIB_SIZE
+
+
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+def test_generated_calibration_is_warned_of_where_a_graph_is_made_from_it(
+    optimized: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Once per graph made, naming it; not for a graph kept (it had warned the main job's 24 times,
+    kept graphs included), and not where the caller says it once itself."""
+    folder = tmp_path / "itm"
+    shutil.copytree(optimized / "itm", folder)
+    capsys.readouterr()
+    quantize_head(folder, "int8", "trt", calib_size=CALIB_SIZE)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "GENERATED" in line]
+    assert len(warnings) == 1 and f"the trt.int8 graph of itm is calibrated on {CALIB_SIZE} GENERATED" in warnings[0]
+    assert quantize_head(folder, "int8", "trt", calib_size=CALIB_SIZE, reuse=True)["reused"] is True
+    quantize_head(folder, "fp16", "trt", announce_generated=False)
+    assert "GENERATED" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ TensorRT code uses, so a test can hold the second to the first for every support
 
 Refresh the data (downloads, installs nothing):
 
-    python -m btdeploy.backends.tensorrt.api_names --write 10.3.0 10.13.3.9 10.14.1.48.post1 11.4.0.106
+    python -m btdeploy.backends.tensorrt.api_names --write 10.3.0 10.13.3.9 10.14.1.48.post1 10.16.1.11 11.4.0.106
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from importlib import resources
 from pathlib import Path
 
 # The releases whose names btdeploy's TensorRT code must find: JetPack 6's 10.3 (trt-compat
-# graphs), the first with the ONNX Attention operator (10.14), and the newest 11.x.
-SUPPORTED_RELEASES = ("10.3.0", "10.13.3.9", "10.14.1.48.post1", "11.4.0.106")
+# graphs), the first with the ONNX Attention operator (10.14), the last 10.x (10.16, for users
+# who stay on 10) and the newest 11.x.
+SUPPORTED_RELEASES = ("10.3.0", "10.13.3.9", "10.14.1.48.post1", "10.16.1.11", "11.4.0.106")
 # The modules of btdeploy that call TensorRT itself.
 TENSORRT_MODULES = ("build.py", "runner.py", "environment.py")
 # Variables that hold TensorRT objects in btdeploy's TensorRT code (and `self.<name>` of them).

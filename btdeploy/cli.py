@@ -329,10 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     from btdeploy.model.heads import HEADS
     from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE
     from btdeploy.quantize.methods import PRECISIONS
+    from btdeploy.serve.settings import BACKEND as SERVE_BACKEND
+    from btdeploy.serve.triton_repo import BACKENDS as TRITON_BACKENDS
     from btdeploy.verify.check import DEFAULT_BATCH_SIZES, DEFAULT_TEXT_LENGTHS
 
     flavours = [str(f) for f in Flavour]
     engine_precisions = [str(p) for p in TARGETS["tensorrt"].precisions]
+
+    def precisions_of(*targets: str) -> list[str]:
+        """The precisions any of `targets` runs (serve and Triton cannot run a bf16 graph)."""
+        return list(dict.fromkeys(str(p) for name in targets for p in TARGETS[name].precisions))
 
     parser = _OneLineParser(prog="btdeploy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -521,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("dir", help="export folder")
     serve.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     serve.add_argument(
-        "--precision", choices=[str(p) for p in Precision], default="fp32", help="the graphs to serve (default: fp32)"
+        "--precision", choices=precisions_of(SERVE_BACKEND), default="fp32", help="the graphs to serve (default: fp32)"
     )
     serve.add_argument("--flavour", choices=flavours, default=None, help="serve the optimized graph of this flavour")
     serve.add_argument("--split", action="store_true", help="run the text, vision and fusion graphs")
@@ -558,13 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     triton.add_argument("--out", required=True, help="repository folder to write (must not exist or be empty)")
     triton.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     triton.add_argument(
-        "--backend",
-        choices=["onnxruntime", "tensorrt"],
-        default="onnxruntime",
-        help="Triton's backend (default: %(default)s)",
+        "--backend", choices=TRITON_BACKENDS, default="onnxruntime", help="Triton's backend (default: %(default)s)"
     )
     triton.add_argument(
-        "--precision", choices=[str(p) for p in Precision], default="fp32", help="the graphs to serve (default: fp32)"
+        "--precision",
+        choices=precisions_of(*TRITON_BACKENDS),
+        default="fp32",
+        help="the graphs to serve (default: fp32)",
     )
     triton.add_argument("--flavour", choices=flavours, default=None, help="the optimized graph of this flavour")
     triton.add_argument(

@@ -32,6 +32,8 @@ from btdeploy.serve.triton_config import parameters, tensor_entry, to_pbtxt
 PREPROCESS = "preprocess"
 QUEUE_DELAY_US = 5000
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:<yy.mm>-py3"
+# The btdeploy targets whose artifacts Triton runs: ONNX Runtime graphs and TensorRT engines.
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
 def _dims(shape: list[Any]) -> list[int]:

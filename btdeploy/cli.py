@@ -323,6 +323,7 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from btdeploy.apps.rank import BACKEND as RANK_BACKEND
     from btdeploy.artifacts.graph_names import Flavour, Precision
     from btdeploy.backends.targets import TARGETS
     from btdeploy.export.exporter import DEFAULT_OPSET
@@ -337,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine_precisions = [str(p) for p in TARGETS["tensorrt"].precisions]
 
     def precisions_of(*targets: str) -> list[str]:
-        """The precisions any of `targets` runs (serve and Triton cannot run a bf16 graph)."""
-        return list(dict.fromkeys(str(p) for name in targets for p in TARGETS[name].precisions))
+        """The precisions any of `targets` runs (rank, serve and Triton cannot run a bf16 graph)."""
+        return [str(p) for p in Precision if any(p in TARGETS[name].precisions for name in targets)]
 
     parser = _OneLineParser(prog="btdeploy", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -348,16 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    def graph_options(sub: argparse.ArgumentParser, verb: str, precision_note: str, engines: bool = True) -> None:
-        """Which graph a command runs: the same options, with the same choices, everywhere (`engines`:
-        the command takes --backend, so TensorRT engines and the reference's --device too)."""
+    def graph_options(sub: argparse.ArgumentParser, verb: str, precision_note: str, runs_on: str | None = None) -> None:
+        """Which graph a command runs: the same options, with the same choices, everywhere (`runs_on`:
+        the one target of a command without --backend; else it takes --backend, so TensorRT engines
+        and the reference's --device too)."""
+        engines = runs_on is None
         sub.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
         sub.add_argument(
             "--flavour", choices=flavours, default=None, help=f"{verb} the optimized graph of this flavour"
         )
         sub.add_argument(
             "--precision",
-            choices=[str(p) for p in Precision],
+            choices=precisions_of(*([runs_on] if runs_on else TARGETS)),
             default=None,  # the backend's own default: fp32, or fp16 for TensorRT engines
             help=f"{verb} model.<flavour>.<precision>.onnx (flavour ort unless given){precision_note}"
             + (" (default: fp32; fp16 with --backend tensorrt)" if engines else " (default: fp32)"),
@@ -461,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument(
         "--batch-size", type=int, default=64, help="candidates read and scored at a time (memory stays flat)"
     )
-    graph_options(rank, "run", " for both heads (the split graphs where exported)", engines=False)
+    graph_options(rank, "run", " for both heads (the split graphs where exported)", runs_on=RANK_BACKEND)
 
     run = add("run", cmd_run, "score texts against an image with an exported head")
     run.add_argument("dir", help="export folder or one head folder")

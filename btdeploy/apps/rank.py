@@ -29,6 +29,7 @@ from btdeploy.progress import say
 from btdeploy.runtime.runtime import Runtime, SplitRuntime, load
 
 DEFAULT_BATCH_SIZE = 64
+BACKEND = "onnxruntime"  # what ranks: the split graphs' cached features are ONNX Runtime's
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _itm_probabilities(itm: Runtime, query: Query, candidates: list[Any], batch_
 
 def _load(root: Path, head: str, **options: Any) -> Runtime:
     manifest = read_manifest(head_folders(root, [head])[0])
-    return load(manifest.folder, split=len(manifest.stems) > 1, **options)
+    return load(manifest.folder, backend=BACKEND, split=len(manifest.stems) > 1, **options)
 
 
 def _has_head(root: Path, head: str) -> bool:
@@ -153,7 +154,7 @@ def rank(
     stages = []
     options = {name: value for name, value in (options or {}).items() if value is not None}
     # Named as the target resolves them (a reduced precision without a flavour is the ort flavour's).
-    resolved = get_target("onnxruntime").resolve(options)
+    resolved = get_target(BACKEND).resolve(options)
     reduced = resolved.precision if resolved.precision != Precision.FP32 else None
     graphs = " ".join(str(part) for part in (resolved.flavour, reduced) if part)
     has_itc = _has_head(root, "itc")

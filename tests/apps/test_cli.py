@@ -259,11 +259,13 @@ def test_a_head_without_weights_in_the_checkpoint_is_flagged_where_people_look(
     assert "WARNING" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [["serve"], ["triton-repo", "--out", "repo"]])
-def test_serving_commands_offer_only_precisions_their_backends_run(
+@pytest.mark.parametrize(
+    "command", [["serve"], ["triton-repo", "--out", "repo"], ["rank", "--image", "x.png", "--text", "a"]]
+)
+def test_commands_without_backend_choice_offer_only_precisions_their_backends_run(
     tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
-    """bf16 runs on the PyTorch reference and OpenVINO only; serve (ONNX Runtime replicas) and
+    """bf16 runs on the PyTorch reference and OpenVINO only; rank and serve (ONNX Runtime) and
     Triton (ONNX Runtime, TensorRT) had offered it in --help and refused it after reading the export."""
     argv = [command[0], str(tiny_export), *[str(tmp_path / a) if a == "repo" else a for a in command[1:]]]
     assert main([*argv, "--precision", "bf16"]) == 2

@@ -47,9 +47,11 @@ def head_lock(folder: Path, step: str) -> Iterator[None]:
         handle.flush()
         remove_leftovers(folder)
         _HELD.add(folder.resolve())
-        yield
+        try:
+            yield
+        finally:
+            _HELD.discard(folder.resolve())  # only by the step that added it, not by a refused one
     finally:
-        _HELD.discard(folder.resolve())
         handle.close()  # releases the lock
 
 

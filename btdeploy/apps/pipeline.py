@@ -91,11 +91,9 @@ def run_pipeline(
     source graphs, calibration and tool versions, intact on disk) are kept unless `force`. Every
     graph is checked on generated inputs, or on the user's pairs given as `check_data` (images, texts)."""
     check_images, check_texts = check_data
-    if (check_images is None) != (check_texts is None):
-        raise BtDeployError("give both --check-images DIR and --check-texts FILE, or neither")
-    if check_images is not None and check_texts is not None:  # unreadable files fail now, not after the export
-        image_files(Path(check_images), "--check-images")
-        read_captions(Path(check_texts), "--check-texts")
+    # Unreadable or half-given pairs fail now, not after minutes of export and optimize.
+    _require_pairs(check_data, "--check-images", "--check-texts")
+    _require_pairs(calibration, "--calib-images", "--calib-texts")
     source = resolve_model(model, seed)
     heads = heads or list(HEADS)
     quantized = [(f, p) for f, p in quantized_graphs() if p in precisions and f in flavours]
@@ -187,6 +185,16 @@ def run_pipeline(
     print(f"pipeline {'PASSED' if passed else 'FAILED'} in {clock(wall)}, peak RSS {peak:.2f} GB; "
           f"artifacts in {out}")  # fmt: skip
     return passed
+
+
+def _require_pairs(pairs: tuple[Path | None, Path | None], images_flag: str, texts_flag: str) -> None:
+    """Images and captions given together or not at all, each readable and not empty."""
+    images, texts = pairs
+    if (images is None) != (texts is None):
+        raise BtDeployError(f"give both {images_flag} DIR and {texts_flag} FILE, or neither")
+    if images is not None and texts is not None:
+        image_files(Path(images), images_flag)
+        read_captions(Path(texts), texts_flag)
 
 
 def _record_steps(folder: Path, steps: list[dict[str, Any]]) -> None:

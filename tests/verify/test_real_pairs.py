@@ -107,7 +107,13 @@ def test_the_pipeline_checks_every_graph_on_the_pairs(
         assert recorded["inputs"]["kind"] == "files" and recorded["passed"], report.name
         (row,) = recorded["rows"]
         assert [s["batch"] for s in row["per_shape"]] == [3, 2], report.name  # 5 pairs, 3 at a time
-    # Half a pair is refused before anything is exported.
-    assert main([*argv, "--out", str(tmp_path / "other"), "--check-images", str(images)]) == 2
-    assert "give both --check-images DIR and --check-texts FILE" in capsys.readouterr().err
-    assert not (tmp_path / "other").exists()
+    # Half a pair, or a folder without images, is refused before anything is exported: the
+    # calibration pair had been read only at the first quantize step, after the export and optimizes.
+    for extra, refusal in (
+        (["--check-images", str(images)], "give both --check-images DIR and --check-texts FILE"),
+        (["--calib-images", str(images)], "give both --calib-images DIR and --calib-texts FILE"),
+        (["--calib-images", str(tmp_path), "--calib-texts", str(texts)], "holds no images"),
+    ):
+        assert main([*argv, "--out", str(tmp_path / "other"), "--precisions", "int8", *extra]) == 2
+        assert refusal in capsys.readouterr().err
+        assert not (tmp_path / "other").exists()

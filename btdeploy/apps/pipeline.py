@@ -20,11 +20,10 @@ from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, graph
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.artifacts.onnx_files import graph_bytes
 from btdeploy.backends.targets import TARGETS, RunOptions
-from btdeploy.errors import BtDeployError
 from btdeploy.export.exporter import DEFAULT_OPSET, export_head
 from btdeploy.model.checkpoints import resolve_model
 from btdeploy.model.heads import HEADS
-from btdeploy.model.media import image_files, read_captions
+from btdeploy.model.media import paired_files
 from btdeploy.optimize.optimizer import optimize_head
 from btdeploy.progress import Countdown, clock, say, step
 from btdeploy.quantize.calibration import GENERATED_ADVICE, warn_generated
@@ -92,8 +91,8 @@ def run_pipeline(
     graph is checked on generated inputs, or on the user's pairs given as `check_data` (images, texts)."""
     check_images, check_texts = check_data
     # Unreadable or half-given pairs fail now, not after minutes of export and optimize.
-    _require_pairs(check_data, "--check-images", "--check-texts")
-    _require_pairs(calibration, "--calib-images", "--calib-texts")
+    paired_files(*check_data, ("--check-images", "--check-texts"))
+    paired_files(*calibration, ("--calib-images", "--calib-texts"))
     source = resolve_model(model, seed)
     heads = heads or list(HEADS)
     quantized = [(f, p) for f, p in quantized_graphs() if p in precisions and f in flavours]
@@ -185,16 +184,6 @@ def run_pipeline(
     print(f"pipeline {'PASSED' if passed else 'FAILED'} in {clock(wall)}, peak RSS {peak:.2f} GB; "
           f"artifacts in {out}")  # fmt: skip
     return passed
-
-
-def _require_pairs(pairs: tuple[Path | None, Path | None], images_flag: str, texts_flag: str) -> None:
-    """Images and captions given together or not at all, each readable and not empty."""
-    images, texts = pairs
-    if (images is None) != (texts is None):
-        raise BtDeployError(f"give both {images_flag} DIR and {texts_flag} FILE, or neither")
-    if images is not None and texts is not None:
-        image_files(Path(images), images_flag)
-        read_captions(Path(texts), texts_flag)
 
 
 def _record_steps(folder: Path, steps: list[dict[str, Any]]) -> None:

@@ -47,6 +47,19 @@ def read_captions(path: Path, option: str) -> list[str]:
     return lines
 
 
+def paired_files(
+    images: Path | None, texts: Path | None, options: tuple[str, str]
+) -> tuple[list[Path], list[str]] | None:
+    """A folder of images and a captions file given together, read (`image_files`, `read_captions`),
+    or None where neither is; half a pair is refused. `options` name the two flags in the errors."""
+    images_option, texts_option = options
+    if images is None and texts is None:
+        return None
+    if images is None or texts is None:
+        raise BtDeployError(f"give both {images_option} DIR and {texts_option} FILE, or neither")
+    return image_files(Path(images), images_option), read_captions(Path(texts), texts_option)
+
+
 def load_image(path: Path, image_processor: Any = None) -> Any:
     """An RGB PIL image, read fully so the file is closed; with `image_processor`, refused here
     if that processor cannot resize it (`resize_problem`)."""

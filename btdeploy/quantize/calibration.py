@@ -123,13 +123,11 @@ def plan_calibration(
     if size < 1:
         raise BtDeployError(f"--calib-size {size} must be at least 1")
     length = min(CALIB_TEXT_LENGTH, max_text_length(manifest.config))
-    if images is None and texts is None:
+    pair = media.paired_files(images, texts, ("--calib-images", "--calib-texts"))
+    if pair is None:
         source = {"kind": "generated", "size": size, "text_length": length, "warning": "not real data"}
         return CalibrationPlan(manifest, size, length, source)
-    if images is None or texts is None:
-        raise BtDeployError("give both --calib-images DIR and --calib-texts FILE, or neither")
-    image_files = media.image_files(Path(images), "--calib-images")
-    captions = media.read_captions(Path(texts), "--calib-texts")
+    image_files, captions = pair
     used_images, used_captions = tuple(image_files[:size]), tuple(captions[:size])
     source = {
         "kind": "files",

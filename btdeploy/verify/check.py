@@ -20,14 +20,7 @@ from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.cpu import describe_cpu
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
-from btdeploy.model.media import (
-    export_processor,
-    image_files,
-    load_image,
-    pair_inputs,
-    read_captions,
-    text_length_problem,
-)
+from btdeploy.model.media import export_processor, load_image, pair_inputs, paired_files, text_length_problem
 from btdeploy.progress import step
 from btdeploy.verify.parity import ParityRow, check_head, generated_batches, parse_shapes
 
@@ -62,8 +55,7 @@ def check_export(
     largest batch size: what a release gate on the user's own data needs, INT8 above all."""
     if report is not None and Path(report).is_dir():
         raise BtDeployError(f"--report {report} is a folder: give a file name such as {Path(report) / 'parity.json'}")
-    if (images is None) != (texts is None):
-        raise BtDeployError("give both --images DIR and --texts FILE, or neither")
+    pair = paired_files(images, texts, ("--images", "--texts"))  # read once, for every head
     target = get_target(backend)
     requested = {"providers": providers, "flavour": flavour, "split": split, "precision": precision, "device": device}
     # check holds every graph to its full recorded hash, where the target reads graphs itself
@@ -76,8 +68,8 @@ def check_export(
         head = get_head(manifest.head)
         config = manifest.config
         shapes = parse_shapes(list(batch_sizes), list(text_lengths), config)
-        if images is not None and texts is not None:
-            pairs = real_pairs(manifest, Path(images), Path(texts))
+        if pair is not None:
+            pairs = real_pairs(manifest, *pair, texts_option=f"--texts {texts}")
             batches: Iterable[dict[str, np.ndarray]] = pairs.batches(max(batch_sizes))
             inputs = f"{pairs.describe()}, {max(batch_sizes)} at a time"
         else:
@@ -152,13 +144,14 @@ class RealPairs:
             yield pair_inputs(processor, pictures, [self.captions[i % len(self.captions)] for i in rows])
 
 
-def real_pairs(manifest: Manifest, images: Path, texts: Path) -> RealPairs:
-    """The pairs, with every caption checked against the model's length before anything runs."""
-    pairs = RealPairs(export_processor(manifest), image_files(images, "--images"), read_captions(texts, "--texts"))
+def real_pairs(manifest: Manifest, images: list[Path], captions: list[str], texts_option: str) -> RealPairs:
+    """The pairs, with every caption checked against the model's length before anything runs
+    (`texts_option`: the flag and file the captions came from, for the refusal)."""
+    pairs = RealPairs(export_processor(manifest), images, captions)
     limit = int(manifest.data["limits"]["max_text_length"])
     problem = text_length_problem(pairs.processor.tokenizer, pairs.captions, limit)
     if problem:
-        raise BtDeployError(f"--texts {texts}: {problem}")
+        raise BtDeployError(f"{texts_option}: {problem}")
     return pairs
 
 

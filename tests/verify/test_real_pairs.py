@@ -14,7 +14,7 @@ from PIL import Image
 from btdeploy.artifacts.manifest import package_version
 from btdeploy.cli import main
 from btdeploy.errors import BtDeployError
-from btdeploy.model.media import export_processor
+from btdeploy.model.media import export_processor, paired_files
 from btdeploy.runtime.runtime import find_head
 from btdeploy.verify.check import check_export
 
@@ -67,7 +67,9 @@ def test_an_image_that_recurs_is_decoded_once(
         return load_image(path, processor)
 
     monkeypatch.setattr(check, "load_image", counted)
-    pairs = check.real_pairs(find_head(tiny_export, "itm"), images, texts)
+    pair = paired_files(images, texts, ("--images", "--texts"))
+    assert pair is not None
+    pairs = check.real_pairs(find_head(tiny_export, "itm"), *pair, texts_option=f"--texts {texts}")
     assert [len(batch["input_ids"]) for batch in pairs.batches(3)] == [3, 3, 1]
     assert decoded == [images / "a.png"]
 

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from btdeploy.errors import BtDeployError
 from btdeploy.hugepages import ENGINE_COMMANDS, reexec_with_hugepages
+from btdeploy.version import __version__
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -62,7 +63,19 @@ class _OneLineParser(argparse.ArgumentParser):
     """A usage error is one line and exit 2, like every other error (argparse prints the usage too)."""
 
     def error(self, message: str) -> NoReturn:
-        raise BtDeployError(f"{self.prog}: {message} (see {self.prog} --help)")
+        # The line already starts "btdeploy: error:", so only a subcommand is named again.
+        command = self.prog.partition(" ")[2]
+        raise BtDeployError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # argparse hands a subcommand's unknown arguments up to the top parser, whose refusal
+        # would then point at `btdeploy --help`: the subcommand refuses them itself.
+        parsed, extra = super().parse_known_args(args, namespace)
+        if extra and " " in self.prog:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed, extra
 
 
 def _describe_os_error(error: OSError) -> str:
@@ -342,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         return [str(p) for p in Precision if any(p in TARGETS[name].precisions for name in targets)]
 
     parser = _OneLineParser(prog="btdeploy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"btdeploy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:

@@ -271,3 +271,10 @@ def test_commands_without_backend_choice_offer_only_precisions_their_backends_ru
     assert main([*argv, "--precision", "bf16"]) == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'bf16' (choose from 'fp32', 'fp16', 'int8', 'int8-dynamic')" in err, err
+
+
+def test_version_is_the_installed_distributions() -> None:
+    from importlib.metadata import version
+
+    done = subprocess.run([sys.executable, "-m", "btdeploy", "--version"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == f"btdeploy {version('btdeploy')}", done

@@ -254,6 +254,13 @@ CASES: list[tuple[str, Setup, str]] = [
         "argument --max-batch: must be at least 1, got 0",
     ),
     ("an unknown flavour", _unknown_flavour, "invalid choice: 'tensorrt'"),
+    # A command's unknown option points at that command's help, and the top level is not named twice.
+    (
+        "an option the command does not take",
+        lambda out, tmp: ["run", str(out), "--head", "itm", "--image", "x.png", "--text", "a", "--top-k", "2"],
+        "btdeploy: error: run: unrecognized arguments: --top-k 2 (see btdeploy run --help)",
+    ),
+    ("no command", lambda out, tmp: [], "btdeploy: error: the following arguments are required: command (see btdeploy"),
     # An empty list (a shell variable left unset) is refused, not read as "all of them".
     ("check --heads ''", lambda out, tmp: ["check", str(out), "--heads", ""], "--heads is empty"),
     (

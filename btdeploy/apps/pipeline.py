@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from btdeploy.apps.disk_space import HeadPlan, require_disk_space
 from btdeploy.artifacts.files import write_json
 from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, graph_key
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.artifacts.onnx_files import graph_bytes
 from btdeploy.backends.targets import TARGETS, RunOptions
 from btdeploy.export.exporter import DEFAULT_OPSET, export_head
-from btdeploy.model.checkpoints import resolve_model
-from btdeploy.model.heads import HEADS
+from btdeploy.model.checkpoints import head_weight_count, resolve_model
+from btdeploy.model.heads import HEADS, get_head
 from btdeploy.model.media import paired_files
 from btdeploy.optimize.optimizer import optimize_head
 from btdeploy.progress import Countdown, clock, say, step
@@ -96,6 +97,11 @@ def run_pipeline(
     source = resolve_model(model, seed)
     heads = heads or list(HEADS)
     quantized = [(f, p) for f, p in quantized_graphs() if p in precisions and f in flavours]
+    optimized = _optimized_first(flavours, quantized)
+    # A disk too small for even the least the new graphs take is refused before any work.
+    graphs = [(None, Precision.FP32), *((flavour, Precision.FP32) for flavour in optimized), *quantized]
+    plans = [HeadPlan(head, head_weight_count(source, get_head(head)), graphs) for head in heads]
+    disk = require_disk_space(out, plans, split)
     tensorrt = TARGETS["tensorrt"]
     engines_blocked = tensorrt.unavailable(RunOptions())
     # One engine per precision, from the newest dialect the installed TensorRT parses (build chooses).
@@ -106,7 +112,6 @@ def run_pipeline(
     generated = calibration == (None, None) and bool(calibrated)
     if generated:  # said here and under the summary, not again at every quantize step
         warn_generated(f"every {' and '.join(calibrated)} graph of this run")
-    optimized = _optimized_first(flavours, quantized)
     engines = [] if engines_blocked or tensorrt.build is None else engine_precisions
     per_head = ["export", "check", *(["check"] if split else []), *(["optimize", "check"] * len(optimized)),
                 *(["quantize", "check"] * len(quantized)), *(["build", "check"] * len(engines))]  # fmt: skip
@@ -175,7 +180,8 @@ def run_pipeline(
         summaries.append(summary)
     wall = time.monotonic() - started
     _report(out, summaries, checked, inputs_record(check_images, check_texts))
-    _write_run_record(out, summaries, wall, force, "generated" if generated else "files" if calibrated else None)
+    calibrated_on = "generated" if generated else "files" if calibrated else None
+    _write_run_record(out, summaries, wall, force, calibrated_on, disk)
     if generated:
         print(f"\ncalibration: the {' and '.join(calibrated)} graphs are calibrated on GENERATED inputs "
               f"{GENERATED_ADVICE}")  # fmt: skip
@@ -194,10 +200,11 @@ def _record_steps(folder: Path, steps: list[dict[str, Any]]) -> None:
 
 
 def _write_run_record(
-    out: Path, summaries: list[HeadSummary], wall: float, force: bool, calibration: str | None
+    out: Path, summaries: list[HeadSummary], wall: float, force: bool, calibration: str | None, disk: dict[str, int]
 ) -> None:
     """pipeline.json: wall time, peak memory and every step's cost, for results and comparisons;
-    what the quantized graphs were calibrated on (generated or files; None: nothing calibrated)."""
+    what the quantized graphs were calibrated on (generated or files; None: nothing calibrated);
+    the disk estimate made before the run."""
     steps = [entry for s in summaries for entry in s.steps]
     record = {
         "wall_seconds": round(wall, 1),
@@ -208,6 +215,7 @@ def _write_run_record(
         "passed": all(s.passed for s in summaries),
         "random_head_weights": {s.head: s.missing_weights for s in summaries if s.missing_weights},
         "calibration": calibration,
+        "disk": disk,
     }
     write_json(out / "pipeline.json", record)
 

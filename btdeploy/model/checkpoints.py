@@ -222,6 +222,19 @@ def load_config(source: ModelSource) -> Any:
     return config
 
 
+def head_weight_count(source: ModelSource, head: HeadSpec) -> int:
+    """How many weights the head's model has, from its config alone: the model is built on torch's
+    meta device, so nothing is read or allocated (what the pipeline's disk estimate starts from)."""
+    import torch
+
+    _quiet_transformers()
+    config = _with_contrastive_defaults(load_config(source))
+    head.check_config(config)
+    with torch.device("meta"):
+        model = head.model_class_object()(config)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
 @dataclass
 class LoadedModel:
     model: Any  # the transformers head model, eval mode, eager attention

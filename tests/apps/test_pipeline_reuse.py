@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
 
+from btdeploy.apps import disk_space
 from btdeploy.apps.pipeline import run_pipeline
 from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.artifacts.onnx_files import EXTERNAL_DATA_ENV, data_file
+from btdeploy.cli import main
 from btdeploy.errors import BtDeployError
 
 FLAVOURS = (Flavour.ORT, Flavour.TRT)
@@ -62,9 +65,12 @@ def test_a_second_run_reuses_every_graph_a_damaged_one_is_remade_and_force_remak
     assert manifest.data["precisions"]["trt.int8"]["reused_from"] == "model.ort.int8.onnx"
     assert manifest.data["precisions"]["trt.int8"]["high_precision"] == "fp16"
 
+    assert record["disk"]["new_graph_files"] == 7  # plain, ort, trt and four quantized graphs
+
     before = _mtimes(out / "itm")
     assert run_pipeline("tiny", out, heads=["itm"], precisions=PRECISIONS, flavours=FLAVOURS)
     assert all(_made(out).values())
+    assert json.loads((out / "pipeline.json").read_text())["disk"]["new_graph_files"] == 0  # all on disk already
     assert _mtimes(out / "itm") == before  # nothing rewritten
 
     damaged = out / "itm" / "model.ort.int8.onnx"
@@ -87,6 +93,11 @@ def test_external_data_forced_on_tiny_goes_through_every_step(tmp_path: Path, mo
     graphs = sorted(folder.glob("*.onnx"))
     # model, text, vision, fusion: plain, ort, trt; ort.fp16/int8/int8-dynamic, trt.fp16/int8
     assert len(graphs) == 4 * 8
+    # The disk estimate made before the run is a lower bound of what it wrote, and a close one.
+    disk = json.loads((out / "pipeline.json").read_text())["disk"]
+    written = sum(g.stat().st_size + data_file(g).stat().st_size for g in graphs)
+    assert disk["new_graph_files"] == len(graphs)
+    assert 0.8 * written < disk["new_graph_bytes_at_least"] <= written, (disk, written)
     for graph in graphs:
         assert data_file(graph).is_file(), graph.name
         proto = onnx.load(str(graph), load_external_data=False)
@@ -99,6 +110,21 @@ def test_external_data_forced_on_tiny_goes_through_every_step(tmp_path: Path, mo
     weights.write_bytes(bytes(raw))
     with pytest.raises(BtDeployError, match="sha256 differs"):
         manifest.verify_graph(folder / "model.ort.int8.onnx", full=True)
+
+
+def test_a_disk_too_small_for_the_new_graphs_is_refused_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    free = 5_000_000  # tiny itm's five FP32 graphs alone need more
+    usage = SimpleNamespace(total=10**9, used=10**9 - free, free=free)
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", lambda path: usage)
+    out = tmp_path / "deep" / "out"
+    argv = ["pipeline", "--model", "tiny", "--heads", "itm", "--precisions", "none", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"btdeploy: error: this run writes 4 new graph files to {out}, at least "), err
+    assert "and its disk has 5 MB free: free some space, give --out on a larger disk" in err[-1]
+    assert not (tmp_path / "deep").exists() and not any("pipeline [" in line for line in err)
 
 
 def test_a_bad_external_data_threshold_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

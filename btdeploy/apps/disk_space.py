@@ -1,6 +1,6 @@
 """Whether the graphs a pipeline run will write fit on the disk of its --out, known before any work.
 
-On base the main job writes about 35 GB; a disk that fills up stops it after minutes of work (with
+On base the main job writes 37 GB; a disk that fills up stops it after minutes of work (with
 nothing half-written, but stopped). So the run first adds up the least its new graphs can take and
 refuses at once where even that exceeds the free space. The sum is a lower bound, so a refusal is
 never wrong: every weight is stored at least once per graph, in at least its precision's bytes.

@@ -129,6 +129,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         images=args.images,
         texts=args.texts,
         device=args.device,
+        junit=args.junit,
     )
     print(format_rows(rows))
     passed = all(row.passed for row in rows)
@@ -412,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     graph_options(check, "check", " at that precision's tolerances")
     check.add_argument("--report", type=Path, default=None, help="write the rows as JSON")
+    check.add_argument(
+        "--junit", type=Path, default=None, help="write the rows as JUnit XML, a test case per head and output (for CI)"
+    )
     check.add_argument("--split", action="store_true", help="check the text, vision and fusion graphs together")
     check.add_argument(
         "--images", type=Path, default=None, help="folder of your images: check on real pairs instead of generated"

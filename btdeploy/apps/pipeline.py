@@ -17,7 +17,7 @@ from typing import Any
 
 from btdeploy.apps.disk_space import HeadPlan, require_disk_space
 from btdeploy.artifacts.files import write_json
-from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file, graph_key
+from btdeploy.artifacts.graph_names import Flavour, Precision, graph_key
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.artifacts.onnx_files import graph_bytes
 from btdeploy.backends.targets import TARGETS, RunOptions
@@ -30,7 +30,15 @@ from btdeploy.progress import Countdown, clock, say, step
 from btdeploy.quantize.calibration import GENERATED_ADVICE, warn_generated
 from btdeploy.quantize.methods import METHODS, PRECISIONS, quantized_graphs
 from btdeploy.quantize.quantizer import quantize_head
-from btdeploy.verify.check import ReferenceCache, check_export, inputs_record, report_data
+from btdeploy.verify.check import (
+    ReferenceCache,
+    check_export,
+    graph_label,
+    inputs_record,
+    junit_properties,
+    report_data,
+)
+from btdeploy.verify.junit import junit_suite, write_junit
 from btdeploy.verify.parity import ParityRow, format_rows
 
 
@@ -44,10 +52,7 @@ class CheckedGraph:
 
     @property
     def label(self) -> str:
-        if self.backend != "onnxruntime":
-            return f"{self.backend} {self.options.precision} engine"
-        files = graph_file(self.options.flavour, self.options.precision)
-        return files.replace("model.", "text/vision/fusion.") if self.options.split else files
+        return graph_label(self.backend, self.options)
 
 
 @dataclass
@@ -68,6 +73,8 @@ class HeadSummary:
     def export_s(self) -> float:
         return float(next((s["seconds"] for s in self.steps if s["step"] == "export"), 0.0))
 
+
+JUNIT_FILE = "parity.junit.xml"
 
 # Rough cost of each kind of step, in seconds on base on a 2-core machine: only their ratios matter,
 # they weigh the finished steps against the ones left in the pipeline's remaining-time estimate.
@@ -227,11 +234,15 @@ def _optimized_first(flavours: tuple[Flavour, ...], quantized: list[tuple[Flavou
 
 
 def _report(out: Path, summaries: list[HeadSummary], checked: dict[str, CheckedGraph], inputs: dict[str, Any]) -> None:
+    suites = []
     for key, graph in checked.items():
         rows = [row for s in summaries for row in s.rows[key]]
-        write_json(out / f"parity.{key}.json", report_data(rows, graph.backend, graph.options, inputs))
+        data = report_data(rows, graph.backend, graph.options, inputs)
+        write_json(out / f"parity.{key}.json", data)
+        suites.append(junit_suite(graph.label, rows, junit_properties(data)))
         print(f"\n== {key} graph ({graph.label}) ==")
         print(format_rows(rows))
+    write_junit(out / JUNIT_FILE, suites)  # every graph's rows as test cases, for CI
     print()
     flavours = [str(f) for f in Flavour if any(str(f) in s.fused for s in summaries)]
     fused_header = " ".join(f"{f + ' fused':<26}" for f in flavours)

@@ -22,6 +22,7 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
 from btdeploy.model.media import export_processor, load_image, pair_inputs, paired_files, text_length_problem
 from btdeploy.progress import step
+from btdeploy.verify.junit import junit_suite, write_junit
 from btdeploy.verify.parity import ParityRow, check_head, generated_batches, parse_shapes
 
 DEFAULT_BATCH_SIZES = (1, 3)
@@ -43,6 +44,7 @@ def check_export(
     images: Path | None = None,
     texts: Path | None = None,
     device: str | None = None,
+    junit: Path | None = None,
 ) -> list[ParityRow]:
     """Reference vs the chosen graph; a reduced `precision` reads model.<flavour>.<precision>.onnx
     (flavour ort unless given) and is held to that precision's tolerances. A `references` cache
@@ -53,8 +55,9 @@ def check_export(
     The inputs are generated (padded random ids and pixels at every batch size x text length), or,
     with `images` and `texts`, real pairs through the checkpoint's processor in batches of the
     largest batch size: what a release gate on the user's own data needs, INT8 above all."""
-    if report is not None and Path(report).is_dir():
-        raise BtDeployError(f"--report {report} is a folder: give a file name such as {Path(report) / 'parity.json'}")
+    for flag, path, example in (("--report", report, "parity.json"), ("--junit", junit, "parity.xml")):
+        if path is not None and Path(path).is_dir():
+            raise BtDeployError(f"{flag} {path} is a folder: give a file name such as {Path(path) / example}")
     pair = paired_files(images, texts, ("--images", "--texts"))  # read once, for every head
     target = get_target(backend)
     requested = {"providers": providers, "flavour": flavour, "split": split, "precision": precision, "device": device}
@@ -87,11 +90,23 @@ def check_export(
             row.graphs = graphs
         rows += head_rows
         del reference, candidate
-    if report is not None:
-        write_json(
-            Path(report), report_data(rows, backend, options, inputs_record(images, texts, batch_sizes, text_lengths))
-        )
+    if report is not None or junit is not None:
+        data = report_data(rows, backend, options, inputs_record(images, texts, batch_sizes, text_lengths))
+        if report is not None:
+            write_json(Path(report), data)
+        if junit is not None:
+            write_junit(Path(junit), [junit_suite(graph_label(backend, options), rows, junit_properties(data))])
     return rows
+
+
+def graph_label(backend: str, options: RunOptions) -> str:
+    """What a check ran, as reports title it: `model.ort.int8.onnx`, `text/vision/fusion.ort.onnx`
+    (split), or `tensorrt fp16 engine`."""
+    if not get_target(backend).reads_onnx:
+        return f"{backend} {options.precision} engine"
+    files = graph_file(options.flavour, options.precision)
+    named = files.replace("model.", "/".join(STEMS[1:]) + ".") if options.split else files
+    return named if backend == "onnxruntime" else f"{named} on {backend}"
 
 
 def inputs_record(
@@ -199,6 +214,13 @@ def _fingerprint(feeds: dict[str, np.ndarray]) -> str:
         digest.update(f"{name}:{values.dtype}:{values.shape};".encode())
         digest.update(values.tobytes())
     return digest.hexdigest()
+
+
+def junit_properties(report: dict[str, Any]) -> dict[str, Any]:
+    """What a JUnit suite records of its check: the report's facts, without its rows."""
+    facts = {key: value for key, value in report.items() if key not in ("rows", "versions", "inputs", "options")}
+    inputs = {f"inputs.{key}": value for key, value in report["inputs"].items()}
+    return facts | inputs | {f"versions.{tool}": version for tool, version in report["versions"].items()}
 
 
 def report_data(rows: list[ParityRow], backend: str, options: RunOptions, inputs: dict[str, Any]) -> dict[str, Any]:

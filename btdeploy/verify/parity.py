@@ -72,15 +72,26 @@ def compare(reference: np.ndarray, got: np.ndarray, spec: OutputSpec, tolerance:
     return stats
 
 
-def passes(stats: OutputStats, tolerance: Tolerance) -> bool:
+def shortfalls(stats: OutputStats, tolerance: Tolerance) -> list[str]:
+    """Each floor the output misses, said with its number: the one definition of passing."""
     if stats.non_finite:
-        return False
+        return [f"{stats.non_finite} NaN or Inf values"]
+    missed = []
+    if not tolerance.of_range and stats.max_abs > tolerance.max_abs:
+        missed.append(f"max_abs {stats.max_abs:.2e} > {tolerance.max_abs:g}")
+    if stats.cosine < tolerance.min_cosine:
+        missed.append(f"cosine {stats.cosine:.7f} < {tolerance.min_cosine:g}")
     agreement = stats.argmax_agreement
-    return (
-        (tolerance.of_range or stats.max_abs <= tolerance.max_abs)
-        and stats.cosine >= tolerance.min_cosine
-        and (agreement is None or agreement >= tolerance.min_argmax_agreement)
-    )
+    if agreement is not None and agreement < tolerance.min_argmax_agreement:
+        missed.append(
+            f"argmax agreement {100 * agreement:.1f}% ({stats.argmax_agree} of {stats.argmax_counted} clear positions)"
+            f" < {100 * tolerance.min_argmax_agreement:g}%"
+        )
+    return missed
+
+
+def passes(stats: OutputStats, tolerance: Tolerance) -> bool:
+    return not shortfalls(stats, tolerance)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import onnx
@@ -39,6 +40,14 @@ def test_export_then_check_then_report(tmp_path: Path, capsys: pytest.CaptureFix
     data = json.loads(report.read_text())
     assert data["passed"] is True and len(data["rows"]) == 2
     assert all(len(row["per_shape"]) == 4 for row in data["rows"])
+    junit = tmp_path / "parity.xml"
+    assert main(["check", str(out), "--heads", "itm", "--precision", "fp32", "--junit", str(junit)]) == 0
+    suites = ElementTree.parse(junit).getroot()
+    assert (suites.get("tests"), suites.get("failures")) == ("1", "0")
+    cases = [(c.get("name"), c.find("failure")) for c in suites.iter("testcase")]
+    assert cases == [("logits [model.onnx]", None)]
+    assert main(["check", str(out), "--junit", str(tmp_path)]) == 2  # a folder, refused before the check
+    assert f"--junit {tmp_path} is a folder: give a file name such as" in capsys.readouterr().err
 
 
 def test_check_fails_with_exit_1_when_the_graph_is_wrong(
@@ -58,9 +67,25 @@ def test_check_fails_with_exit_1_when_the_graph_is_wrong(
     manifest = read_manifest(folder)
     manifest.record_graph(folder / "model.onnx")
     manifest.write()
-    assert main(["check", str(folder), "--batch-sizes", "2", "--seq-lens", "6"]) == 1
+    junit, report = tmp_path / "parity.xml", tmp_path / "parity.json"
+    argv = ["check", str(folder), "--batch-sizes", "2", "--seq-lens", "6", "--junit", str(junit)]
+    argv += ["--report", str(report)]
+    assert main(argv) == 1
     printed = capsys.readouterr().out
     assert "FAIL" in printed and "parity FAILED" in printed
+    # The JUnit report CI reads: the row a failed test case, its message the floor missed with the number.
+    suite = ElementTree.parse(junit).getroot().find("testsuite")
+    assert suite is not None and (suite.get("tests"), suite.get("failures")) == ("1", "1")
+    (case,) = suite.iter("testcase")
+    assert (case.get("classname"), case.get("name")) == ("btdeploy.itm", "logits [model.onnx]")
+    failure = case.find("failure")
+    assert failure is not None and failure.text is not None and "model.onnx sha256 " in failure.text
+    row = json.loads(report.read_text())["rows"][0]
+    missed = failure.get("message", "").split("; ")  # every floor missed, each with its number
+    assert [m.split()[0] for m in missed] == ["max_abs", "cosine"], missed
+    assert missed[0].endswith(" > 0.0001") and missed[1].endswith(" < 0.99999"), missed
+    assert float(missed[0].split()[1]) == pytest.approx(row["max_abs"], rel=1e-2)
+    assert float(missed[1].split()[1]) == pytest.approx(row["cosine"], abs=1e-7)
 
 
 def test_run_prints_one_answer_per_text(tiny_export: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:

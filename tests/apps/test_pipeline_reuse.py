@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from xml.etree import ElementTree
 
 import numpy as np
 import onnx
@@ -66,6 +67,12 @@ def test_a_second_run_reuses_every_graph_a_damaged_one_is_remade_and_force_remak
     assert manifest.data["precisions"]["trt.int8"]["high_precision"] == "fp16"
 
     assert record["disk"]["new_graph_files"] == 7  # plain, ort, trt and four quantized graphs
+    # One JUnit suite per checked graph, a test case per output, for CI.
+    suites = ElementTree.parse(out / "parity.junit.xml").getroot().findall("testsuite")
+    names = ["model.onnx", "model.ort.onnx", "model.trt.onnx", "model.ort.fp16.onnx", "model.ort.int8.onnx",
+             "model.trt.fp16.onnx", "model.trt.int8.onnx"]  # fmt: skip
+    assert sorted(s.get("name") for s in suites) == sorted(names)
+    assert all((s.get("tests"), s.get("failures")) == ("1", "0") for s in suites)
 
     before = _mtimes(out / "itm")
     assert run_pipeline("tiny", out, heads=["itm"], precisions=PRECISIONS, flavours=FLAVOURS)

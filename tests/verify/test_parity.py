@@ -6,7 +6,7 @@ import numpy as np
 
 from btdeploy.artifacts.graph_names import Precision
 from btdeploy.model.heads import FP32, HEADS
-from btdeploy.verify.parity import compare, passes
+from btdeploy.verify.parity import compare, passes, shortfalls
 
 LOGITS = HEADS["itm"].output("logits")
 EMBEDS = HEADS["itc"].output("text_embeds")
@@ -25,6 +25,7 @@ def test_an_error_above_the_bound_fails() -> None:
     stats = compare(ref, got, EMBEDS, FP32)
     assert np.isclose(stats.max_abs, 3e-4, rtol=1e-3)
     assert not passes(stats, FP32)
+    assert shortfalls(stats, FP32) == ["max_abs 3.00e-04 > 0.0001"]  # said with its number, nothing else missed
 
 
 def test_nan_or_inf_fails_whatever_else() -> None:
@@ -33,6 +34,7 @@ def test_nan_or_inf_fails_whatever_else() -> None:
     got[0, 0] = np.nan
     stats = compare(ref, got, LOGITS, FP32)
     assert stats.non_finite == 1 and not passes(stats, FP32)
+    assert shortfalls(stats, FP32) == ["1 NaN or Inf values"]
     got[0, 0] = np.inf
     assert not passes(compare(ref, got, LOGITS, FP32), FP32)
 
@@ -48,6 +50,7 @@ def test_argmax_counts_only_clear_margins() -> None:
     stats = compare(ref, got, LOGITS, FP32)
     assert (stats.argmax_counted, stats.argmax_agree) == (2, 1)
     assert stats.argmax_agreement == 0.5 and not passes(stats, FP32)
+    assert "argmax agreement 50.0% (1 of 2 clear positions) < 100%" in shortfalls(stats, FP32)
 
 
 def test_cosine_sees_a_sign_flip_that_small_values_hide() -> None:
@@ -55,6 +58,7 @@ def test_cosine_sees_a_sign_flip_that_small_values_hide() -> None:
     stats = compare(ref, -ref, EMBEDS, FP32)
     assert stats.max_abs < FP32.max_abs
     assert stats.cosine < 0 and not passes(stats, FP32)
+    assert shortfalls(stats, FP32) == ["cosine -1.0000000 < 0.99999"]
 
 
 def test_every_precision_a_backend_runs_has_a_tolerance_for_every_output() -> None:

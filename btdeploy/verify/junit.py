@@ -1,0 +1,48 @@
+"""Parity rows as JUnit XML, the test report CI systems read (GitLab, Jenkins, Azure Pipelines,
+GitHub's test-report actions): a release gate's parity check shows there as test cases, one per
+head and output, with each floor an output missed as its failure message.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from btdeploy.artifacts.files import write_bytes
+from btdeploy.verify.parity import ParityRow, format_rows, shortfalls
+
+
+def junit_suite(name: str, rows: list[ParityRow], properties: dict[str, Any]) -> ET.Element:
+    """One suite: a graph (or engine) checked against the reference, a test case per row."""
+    failed = [row for row in rows if not row.passed]
+    suite = ET.Element("testsuite", name=name, tests=str(len(rows)), failures=str(len(failed)), errors="0", skipped="0")
+    listed = ET.SubElement(suite, "properties")
+    for key, value in properties.items():
+        if value is not None:  # no flavour (the plain export), no GPU
+            ET.SubElement(listed, "property", name=key, value=str(value))
+    for row in rows:
+        case = ET.SubElement(suite, "testcase", classname=f"btdeploy.{row.head}", name=f"{row.output} [{name}]")
+        if not row.passed:
+            failure = ET.SubElement(
+                case, "failure", type="parity", message="; ".join(shortfalls(row.stats, row.tolerance))
+            )
+            graphs = "".join(f"\n{file} sha256 {digest}" for file, digest in row.graphs.items())
+            failure.text = format_rows([row]) + graphs
+    return suite
+
+
+def write_junit(path: Path, suites: list[ET.Element]) -> None:
+    """Every suite in one file, written whole or not at all."""
+    root = ET.Element(
+        "testsuites",
+        name="btdeploy parity",
+        tests=str(sum(int(s.get("tests", 0)) for s in suites)),
+        failures=str(sum(int(s.get("failures", 0)) for s in suites)),
+    )
+    root.extend(suites)
+    ET.indent(root)
+    write_bytes(path, ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n")
+
+
+__all__ = ["junit_suite", "write_junit"]

@@ -196,6 +196,9 @@ def format_rows(rows: list[ParityRow]) -> str:
                 verdict,
             )
         )
+    # Which floor a failed row missed, with its number: the verdict column says only FAIL.
+    lines += [f"{row.head} {row.output} FAILED: {'; '.join(shortfalls(row.stats, row.tolerance))}"
+              for row in rows if not row.passed]  # fmt: skip
     lines.append(
         "of_range: max_abs / max |reference|.  argmax: agreement, agreeing/clear/all positions "
         "(clear: the reference's top-2 margin > 2 x the error bound, the bound taken of the batch's range "

@@ -73,6 +73,7 @@ def test_check_fails_with_exit_1_when_the_graph_is_wrong(
     assert main(argv) == 1
     printed = capsys.readouterr().out
     assert "FAIL" in printed and "parity FAILED" in printed
+    assert "\nitm logits FAILED: max_abs 1.00e-03 > 0.0001; cosine 0." in printed, printed
     # The JUnit report CI reads: the row a failed test case, its message the floor missed with the number.
     suite = ElementTree.parse(junit).getroot().find("testsuite")
     assert suite is not None and (suite.get("tests"), suite.get("failures")) == ("1", "1")

@@ -56,7 +56,8 @@ def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
 def _chosen_graph(args: argparse.Namespace) -> dict[str, Any]:
     """The load options of the graph a command runs, as `graph_options` in build_parser declares them."""
     chosen = {"providers": args.providers, "flavour": args.flavour, "precision": args.precision}
-    return chosen | ({"device": args.device} if "device" in args else {})  # rank runs ONNX Runtime only
+    # rank runs ONNX Runtime only: no reference options
+    return chosen | ({"device": args.device, "checkpoint": args.checkpoint} if "device" in args else {})
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -130,6 +131,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         texts=args.texts,
         device=args.device,
         junit=args.junit,
+        checkpoint=args.checkpoint,
     )
     print(format_rows(rows))
     passed = all(row.passed for row in rows)
@@ -387,6 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help="where --backend torch runs the reference model (default: cpu; fp16 needs cuda, bf16 cuda or a "
                 "CPU with AVX-512 BF16 or AMX)",
+            )
+            sub.add_argument(
+                "--checkpoint",
+                type=Path,
+                default=None,
+                help="the checkpoint folder the heads were exported from, where it has moved since (a CI machine), "
+                "for the PyTorch reference: held to the weights hash the export recorded",
             )
 
     export = add("export", cmd_export, "export heads to ONNX with dynamic batch and text length")

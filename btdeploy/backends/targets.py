@@ -40,6 +40,9 @@ class RunOptions:
     verify_hash: bool = False  # hash each graph against its manifest record (its size is always checked)
     provider_fallback: bool = False  # run on the CPU (and say so) when a requested provider cannot start
     compile: bool = False  # the PyTorch reference through torch.compile (inductor)
+    # The reference's checkpoint folder where it is no longer at the path the export recorded (a CI
+    # machine): held to the weights hash the export recorded.
+    checkpoint: str | None = None
 
 
 OPTION_NAMES = tuple(f.name for f in fields(RunOptions))
@@ -129,6 +132,8 @@ class Target:
             values["flavour"] = Flavour.ORT if Flavour.ORT in self.flavours else min(self.flavours)
         if values.get("threads") is not None:
             values["threads"] = int(values["threads"])  # a numpy count too
+        if values.get("checkpoint") is not None:
+            values["checkpoint"] = str(values["checkpoint"])  # a Path too
         if "providers" in values:
             providers = values["providers"]
             values["providers"] = (providers,) if isinstance(providers, str) else tuple(providers)
@@ -259,7 +264,8 @@ def _torch_unavailable(options: RunOptions) -> str | None:
 def _torch_make(manifest: Manifest, options: RunOptions) -> Backend:
     from btdeploy.backends.torch_reference import TorchBackend
 
-    return TorchBackend.from_manifest(manifest, options.device, str(options.precision), options.compile)
+    checkpoint = Path(options.checkpoint).expanduser() if options.checkpoint is not None else None
+    return TorchBackend.from_manifest(manifest, options.device, str(options.precision), options.compile, checkpoint)
 
 
 def _torch_artifact(manifest: Manifest, options: RunOptions) -> Path:
@@ -269,7 +275,7 @@ def _torch_artifact(manifest: Manifest, options: RunOptions) -> Path:
 TORCH = Target(
     name="torch",
     description="the transformers model itself, rebuilt from the manifest",
-    options=frozenset({"precision", "device", "compile"}),
+    options=frozenset({"precision", "device", "compile", "checkpoint"}),
     graphs=((None, Precision.FP32), (None, Precision.FP16), (None, Precision.BF16)),
     make=_torch_make,
     unavailable=_torch_unavailable,

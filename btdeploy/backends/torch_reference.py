@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,18 +47,36 @@ class TorchBackend:
 
     @classmethod
     def from_manifest(
-        cls, manifest: Manifest, device: str = "cpu", dtype: str = "fp32", compile: bool = False
+        cls,
+        manifest: Manifest,
+        device: str = "cpu",
+        dtype: str = "fp32",
+        compile: bool = False,
+        checkpoint: Path | None = None,
     ) -> TorchBackend:
-        """Rebuild exactly the model that was exported: same source, same seed for anything random."""
+        """Rebuild exactly the model that was exported: same source, same seed for anything random.
+        `checkpoint`: the source's folder where it is no longer at the recorded path."""
         model_info = manifest.data["model"]
-        source = ModelSource(model_info["source"], int(model_info["seed"]))
-        if not source.is_preset and not source.checkpoint.is_dir():
-            raise BtDeployError(
-                f"the checkpoint {source.spec} this head was exported from is gone: cannot rebuild the reference"
-            )
-        head = get_head(manifest.head)
+        seed = int(model_info["seed"])
         recorded = model_info.get("weights_sha256")  # absent in exports before it was recorded
+        if checkpoint is not None:
+            if not (checkpoint / "config.json").is_file():
+                raise BtDeployError(f"{checkpoint} has no config.json: give the checkpoint folder the export came from")
+            source = ModelSource(str(checkpoint.resolve()), seed)
+        else:
+            source = ModelSource(model_info["source"], seed)
+            if not source.is_preset and not source.checkpoint.is_dir():
+                raise BtDeployError(
+                    f"the checkpoint {source.spec} this head was exported from is gone: cannot rebuild the reference; "
+                    "if it has moved, pass its folder (--checkpoint DIR, or checkpoint=DIR with backend='torch')"
+                )
+        head = get_head(manifest.head)
         if recorded is not None and (now := weights_sha256(source.checkpoint)) != recorded:
+            if checkpoint is not None:
+                raise BtDeployError(
+                    f"the weights at {checkpoint} are not the ones this head was exported from (sha256 "
+                    f"{recorded[:12]} recorded, {now[:12]} there): pass the checkpoint the export was made from"
+                )
             raise BtDeployError(
                 f"the weights at {source.spec} changed since this head was exported (sha256 {recorded[:12]} then, "
                 f"{now[:12]} now): the reference would not be the exported model; export again from them, or "

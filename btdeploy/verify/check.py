@@ -45,6 +45,7 @@ def check_export(
     texts: Path | None = None,
     device: str | None = None,
     junit: Path | None = None,
+    checkpoint: Path | None = None,
 ) -> list[ParityRow]:
     """Reference vs the chosen graph; a reduced `precision` reads model.<flavour>.<precision>.onnx
     (flavour ort unless given) and is held to that precision's tolerances. A `references` cache
@@ -54,7 +55,8 @@ def check_export(
 
     The inputs are generated (padded random ids and pixels at every batch size x text length), or,
     with `images` and `texts`, real pairs through the checkpoint's processor in batches of the
-    largest batch size: what a release gate on the user's own data needs, INT8 above all."""
+    largest batch size: what a release gate on the user's own data needs, INT8 above all.
+    `checkpoint` is the reference's checkpoint folder where it is no longer at the recorded path."""
     for flag, path, example in (("--report", report, "parity.json"), ("--junit", junit, "parity.xml")):
         if path is not None and Path(path).is_dir():
             raise BtDeployError(f"{flag} {path} is a folder: give a file name such as {Path(path) / example}")
@@ -62,9 +64,10 @@ def check_export(
     target = get_target(backend)
     requested = {"providers": providers, "flavour": flavour, "split": split, "precision": precision, "device": device}
     # check holds every graph to its full recorded hash, where the target reads graphs itself
-    options = target.resolve(requested | ({"verify_hash": True} if "verify_hash" in target.options else {}))
+    requested |= {"verify_hash": True} if "verify_hash" in target.options else {}
+    options = target.resolve(requested | ({"checkpoint": checkpoint} if "checkpoint" in target.options else {}))
     reference_target = get_target("torch")
-    reference_options = reference_target.resolve({})
+    reference_options = reference_target.resolve({"checkpoint": checkpoint})
     rows: list[ParityRow] = []
     for folder in head_folders(Path(root), heads):
         manifest = read_manifest(folder)

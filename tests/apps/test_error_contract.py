@@ -221,6 +221,24 @@ def _weights_changed_since_export(out: Path, tmp: Path) -> list[str]:
     return ["check", str(out), "--heads", "itm"]
 
 
+def _checkpoint_moved(out: Path, tmp: Path) -> list[str]:
+    checkpoint = _exported_from_a_copy(out, tmp)
+    checkpoint.rename(tmp / "moved")
+    return ["check", str(out), "--heads", "itm"]
+
+
+def _checkpoint_given_with_other_weights(out: Path, tmp: Path) -> list[str]:
+    from safetensors.numpy import load_file, save_file
+
+    _exported_from_a_copy(out, tmp)
+    other = tmp / "other"
+    shutil.copytree(tmp / "checkpoint", other)
+    weights = load_file(other / "model.safetensors")
+    weights["itm_score.fc.bias"] += 1.0  # a fine-tune of it
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    return ["check", str(out), "--heads", "itm", "--checkpoint", str(other)]
+
+
 CASES: list[tuple[str, Setup, str]] = [
     ("export --out is a file", _export_out_is_a_file, "is a file: give a folder"),
     ("check --report is a folder", _report_is_a_folder, "is a folder: give a file name"),
@@ -333,6 +351,27 @@ CASES: list[tuple[str, Setup, str]] = [
         "int8 of the ort flavour starts from the trt graph (the ort and trt int8 graphs share one calibration",
     ),
     ("check after the weights changed", _weights_changed_since_export, "changed since this head was exported"),
+    (
+        "check after the checkpoint moved",
+        _checkpoint_moved,
+        "this head was exported from is gone: cannot rebuild the reference; if it has moved, pass its folder "
+        "(--checkpoint DIR",
+    ),
+    (
+        "check --checkpoint on other weights",
+        _checkpoint_given_with_other_weights,
+        "other are not the ones this head was exported from (sha256 ",
+    ),
+    (
+        "check --checkpoint on a folder that is no checkpoint",
+        lambda out, tmp: ["check", str(out), "--heads", "itm", "--checkpoint", str(tmp)],
+        "has no config.json: give the checkpoint folder the export came from",
+    ),
+    (
+        "run --checkpoint for ONNX Runtime",
+        lambda out, tmp: ["run", str(out), "--head", "itm", "--image", "x", "--text", "a", "--checkpoint", str(tmp)],
+        "does not take 'checkpoint'",
+    ),
     ("run on an image too elongated to resize", _run_on_an_elongated_image, "banner.png is 256x64 pixels, more than"),
     ("calibration on an image too elongated", _calibrate_on_an_elongated_image, "banner.png is 256x64 pixels, more"),
     ("run on an image past PIL's decompression limit", _run_on_a_decompression_bomb, "huge.png is too large to decode"),
@@ -382,6 +421,19 @@ def test_files_beside_the_weights_do_not_stop_check(export: Path, tmp_path: Path
     checkpoint = _exported_from_a_copy(out, tmp_path)
     (checkpoint / "README.md").write_text("# our fine-tune\n")
     assert main(["check", str(out), "--heads", "itm", "--batch-sizes", "1", "--seq-lens", "5"]) == 0
+
+
+def test_a_moved_checkpoint_is_found_by_its_weights(export: Path, tmp_path: Path) -> None:
+    """On a CI machine the checkpoint lies elsewhere than where it was exported from: check and the
+    reference backend take its new folder, held to the recorded weights hash."""
+    out = _copy(export, tmp_path / "work")
+    _exported_from_a_copy(out, tmp_path).rename(tmp_path / "moved")
+    argv = ["check", str(out), "--heads", "itm", "--batch-sizes", "1", "--seq-lens", "5"]
+    assert main([*argv, "--checkpoint", str(tmp_path / "moved")]) == 0
+    reference = btdeploy.load(out, head="itm", backend="torch", checkpoint=tmp_path / "moved")
+    feeds = sample_inputs(reference.config, batch=1, text_length=5)
+    onnx_logits = btdeploy.load(out, head="itm")(**feeds)["logits"]
+    assert np.abs(reference(**feeds)["logits"] - onnx_logits).max() < 1e-4
 
 
 def test_a_full_disk_leaves_the_folder_as_it_was(

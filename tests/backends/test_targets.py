@@ -139,7 +139,7 @@ def test_a_check_report_names_the_options_it_ran_with_and_the_gpu(
     report = tmp_path / "parity.json"
     check_export(tiny_export, ["itm"], (1,), (5,), backend="torch", report=report)
     data = json.loads(report.read_text())
-    assert data["options"] == {"compile": False, "device": "cpu", "precision": "fp32"}
+    assert data["options"] == {"checkpoint": None, "compile": False, "device": "cpu", "precision": "fp32"}
     assert data["gpu"] == "NVIDIA H200"
     check_export(tiny_export, ["itm"], (1,), (5,), providers=["cpu"], report=report)
     data = json.loads(report.read_text())

@@ -89,8 +89,12 @@ def check_export(
         with step(f"check {head.name}: {candidate.description} vs reference on {inputs}"):
             head_rows = check_head(head, reference, candidate, batches, options.precision)
         graphs = _checked_graphs(manifest, options) if target.reads_onnx else {}
+        model = manifest.data["model"]
+        # The reference is held to the recorded weights hash (where the export recorded one).
+        reference_record = {"checkpoint": str(checkpoint or model["source"]), "seed": model["seed"],
+                            "weights_sha256": model.get("weights_sha256")}  # fmt: skip
         for row in head_rows:
-            row.graphs = graphs
+            row.graphs, row.reference = graphs, reference_record
         rows += head_rows
         del reference, candidate
     if report is not None or junit is not None:

@@ -28,7 +28,8 @@ def junit_suite(name: str, rows: list[ParityRow], properties: dict[str, Any]) ->
                 case, "failure", type="parity", message="; ".join(shortfalls(row.stats, row.tolerance))
             )
             graphs = "".join(f"\n{file} sha256 {digest}" for file, digest in row.graphs.items())
-            failure.text = format_rows([row]) + graphs
+            reference = "".join(f"\nreference {key} {value}" for key, value in row.reference.items())
+            failure.text = format_rows([row]) + graphs + reference
     return suite
 
 

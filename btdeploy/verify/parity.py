@@ -103,6 +103,7 @@ class ParityRow:
     stats: OutputStats = field(default_factory=OutputStats)
     per_shape: list[dict[str, Any]] = field(default_factory=list)
     graphs: dict[str, str] = field(default_factory=dict)  # graph file -> the sha256 that was checked
+    reference: dict[str, Any] = field(default_factory=dict)  # the checkpoint and weights hash it was held to
 
     @property
     def passed(self) -> bool:
@@ -119,6 +120,7 @@ class ParityRow:
             "tolerance": {**asdict(self.tolerance), "text": self.tolerance.describe()},
             "per_shape": self.per_shape,
             "graphs": self.graphs,
+            "reference": self.reference,
         }
 
 

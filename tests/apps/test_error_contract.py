@@ -429,7 +429,12 @@ def test_a_moved_checkpoint_is_found_by_its_weights(export: Path, tmp_path: Path
     out = _copy(export, tmp_path / "work")
     _exported_from_a_copy(out, tmp_path).rename(tmp_path / "moved")
     argv = ["check", str(out), "--heads", "itm", "--batch-sizes", "1", "--seq-lens", "5"]
-    assert main([*argv, "--checkpoint", str(tmp_path / "moved")]) == 0
+    report = tmp_path / "parity.json"
+    assert main([*argv, "--checkpoint", str(tmp_path / "moved"), "--report", str(report)]) == 0
+    # The report names the folder the reference came from and the weights hash it was held to.
+    reference = json.loads(report.read_text())["rows"][0]["reference"]
+    recorded = json.loads((out / "itm" / "manifest.json").read_text())["model"]["weights_sha256"]
+    assert reference["checkpoint"] == str(tmp_path / "moved") and reference["weights_sha256"] == recorded
     reference = btdeploy.load(out, head="itm", backend="torch", checkpoint=tmp_path / "moved")
     feeds = sample_inputs(reference.config, batch=1, text_length=5)
     onnx_logits = btdeploy.load(out, head="itm")(**feeds)["logits"]

@@ -30,14 +30,7 @@ from btdeploy.progress import Countdown, clock, say, step
 from btdeploy.quantize.calibration import GENERATED_ADVICE, warn_generated
 from btdeploy.quantize.methods import METHODS, PRECISIONS, quantized_graphs
 from btdeploy.quantize.quantizer import quantize_head
-from btdeploy.verify.check import (
-    ReferenceCache,
-    check_export,
-    graph_label,
-    inputs_record,
-    junit_properties,
-    report_data,
-)
+from btdeploy.verify.check import ReferenceCache, check_export, graph_label, inputs_record, report_data
 from btdeploy.verify.junit import junit_suite, write_junit
 from btdeploy.verify.parity import ParityRow, format_rows
 
@@ -239,7 +232,7 @@ def _report(out: Path, summaries: list[HeadSummary], checked: dict[str, CheckedG
         rows = [row for s in summaries for row in s.rows[key]]
         data = report_data(rows, graph.backend, graph.options, inputs)
         write_json(out / f"parity.{key}.json", data)
-        suites.append(junit_suite(graph.label, rows, junit_properties(data)))
+        suites.append(junit_suite(graph.label, rows, data))
         print(f"\n== {key} graph ({graph.label}) ==")
         print(format_rows(rows))
     write_junit(out / JUNIT_FILE, suites)  # every graph's rows as test cases, for CI

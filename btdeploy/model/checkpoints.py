@@ -227,12 +227,17 @@ def head_weight_count(source: ModelSource, head: HeadSpec) -> int:
     meta device, so nothing is read or allocated (what the pipeline's disk estimate starts from)."""
     import torch
 
+    with torch.device("meta"):
+        model = head.model_class_object()(_head_config(source, head))
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def _head_config(source: ModelSource, head: HeadSpec) -> Any:
+    """The checkpoint's config as the head's model is built from it, refused if the head cannot take it."""
     _quiet_transformers()
     config = _with_contrastive_defaults(load_config(source))
     head.check_config(config)
-    with torch.device("meta"):
-        model = head.model_class_object()(config)
-    return sum(parameter.numel() for parameter in model.parameters())
+    return config
 
 
 @dataclass
@@ -248,9 +253,7 @@ def load_head_model(source: ModelSource, head: HeadSpec) -> LoadedModel:
     Weights the checkpoint lacks are drawn with `randomize_` from the source's seed, so the
     model `check` rebuilds later is exactly the one that was exported.
     """
-    _quiet_transformers()
-    config = _with_contrastive_defaults(load_config(source))
-    head.check_config(config)
+    config = _head_config(source, head)
     folder = source.checkpoint
     try:
         model, info = head.model_class_object().from_pretrained(

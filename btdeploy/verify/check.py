@@ -62,10 +62,13 @@ def check_export(
             raise BtDeployError(f"{flag} {path} is a folder: give a file name such as {Path(path) / example}")
     pair = paired_files(images, texts, ("--images", "--texts"))  # read once, for every head
     target = get_target(backend)
-    requested = {"providers": providers, "flavour": flavour, "split": split, "precision": precision, "device": device}
+    requested: dict[str, Any] = {
+        "providers": providers, "flavour": flavour, "split": split, "precision": precision, "device": device
+    }  # fmt: skip
     # check holds every graph to its full recorded hash, where the target reads graphs itself
     requested |= {"verify_hash": True} if "verify_hash" in target.options else {}
-    options = target.resolve(requested | ({"checkpoint": checkpoint} if "checkpoint" in target.options else {}))
+    requested |= {"checkpoint": checkpoint} if "checkpoint" in target.options else {}  # --backend torch
+    options = target.resolve(requested)
     reference_target = get_target("torch")
     reference_options = reference_target.resolve({"checkpoint": checkpoint})
     rows: list[ParityRow] = []
@@ -102,7 +105,7 @@ def check_export(
         if report is not None:
             write_json(Path(report), data)
         if junit is not None:
-            write_junit(Path(junit), [junit_suite(graph_label(backend, options), rows, junit_properties(data))])
+            write_junit(Path(junit), [junit_suite(graph_label(backend, options), rows, data)])
     return rows
 
 
@@ -221,13 +224,6 @@ def _fingerprint(feeds: dict[str, np.ndarray]) -> str:
         digest.update(f"{name}:{values.dtype}:{values.shape};".encode())
         digest.update(values.tobytes())
     return digest.hexdigest()
-
-
-def junit_properties(report: dict[str, Any]) -> dict[str, Any]:
-    """What a JUnit suite records of its check: the report's facts, without its rows."""
-    facts = {key: value for key, value in report.items() if key not in ("rows", "versions", "inputs", "options")}
-    inputs = {f"inputs.{key}": value for key, value in report["inputs"].items()}
-    return facts | inputs | {f"versions.{tool}": version for tool, version in report["versions"].items()}
 
 
 def report_data(rows: list[ParityRow], backend: str, options: RunOptions, inputs: dict[str, Any]) -> dict[str, Any]:

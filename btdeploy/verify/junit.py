@@ -13,12 +13,13 @@ from btdeploy.artifacts.files import write_bytes
 from btdeploy.verify.parity import ParityRow, format_rows, shortfalls
 
 
-def junit_suite(name: str, rows: list[ParityRow], properties: dict[str, Any]) -> ET.Element:
-    """One suite: a graph (or engine) checked against the reference, a test case per row."""
+def junit_suite(name: str, rows: list[ParityRow], report: dict[str, Any]) -> ET.Element:
+    """One suite: a graph (or engine) checked against the reference, a test case per row; the
+    facts of its JSON `report` (`verify.check.report_data`), without the rows, as properties."""
     failed = [row for row in rows if not row.passed]
     suite = ET.Element("testsuite", name=name, tests=str(len(rows)), failures=str(len(failed)), errors="0", skipped="0")
     listed = ET.SubElement(suite, "properties")
-    for key, value in properties.items():
+    for key, value in _properties(report).items():
         if value is not None:  # no flavour (the plain export), no GPU
             ET.SubElement(listed, "property", name=key, value=str(value))
     for row in rows:
@@ -31,6 +32,12 @@ def junit_suite(name: str, rows: list[ParityRow], properties: dict[str, Any]) ->
             reference = "".join(f"\nreference {key} {value}" for key, value in row.reference.items())
             failure.text = format_rows([row]) + graphs + reference
     return suite
+
+
+def _properties(report: dict[str, Any]) -> dict[str, Any]:
+    facts = {key: value for key, value in report.items() if key not in ("rows", "versions", "inputs", "options")}
+    inputs = {f"inputs.{key}": value for key, value in report["inputs"].items()}
+    return facts | inputs | {f"versions.{tool}": version for tool, version in report["versions"].items()}
 
 
 def write_junit(path: Path, suites: list[ET.Element]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,15 +43,17 @@ class CalibrationPlan:
     source: dict[str, Any]
     images: tuple[Path, ...] = ()  # the distinct image files the rows read, in row order
     captions: tuple[str, ...] = ()  # the distinct captions the rows read
+    asked: int = 0  # the rows asked for, where the files make fewer distinct pairs than that
 
     def load(self) -> CalibrationData:
         """The rows, refused up front when they would not fit in memory."""
         _refuse_rows_past_memory(self.size, self.manifest, self.length)
         if not self.images:
             return CalibrationData(sample_inputs(self.manifest.config, self.size, self.length, seed=1234), self.source)
+        each_once = f" (each pair once: {self.asked} rows would repeat them)" if self.asked > self.size else ""
         say(
-            f"calibration: {self.size} pairs from {len(self.images)} images and {len(self.captions)} captions, "
-            f"length {self.length}"
+            f"calibration: {self.size} pairs from {len(self.images)} images and {len(self.captions)} captions"
+            f"{each_once}, length {self.length}"
         )
         processor = media.export_processor(self.manifest)
         rows = np.arange(self.size)
@@ -128,6 +131,9 @@ def plan_calibration(
         source = {"kind": "generated", "size": size, "text_length": length, "warning": "not real data"}
         return CalibrationPlan(manifest, size, length, source)
     image_files, captions = pair
+    # Row k pairs image k % a with caption k % b, so the pairs repeat after lcm(a, b) rows; a
+    # repeated pair would weigh twice in the ranges and cost a run for nothing, so the rows stop there.
+    asked, size = size, min(size, math.lcm(len(image_files), len(captions)))
     used_images, used_captions = tuple(image_files[:size]), tuple(captions[:size])
     source = {
         "kind": "files",
@@ -140,7 +146,7 @@ def plan_calibration(
         # What the rows read, by content: other images or captions under the same names calibrate anew.
         "sha256": sha256_of_json({"images": [_file_sha256(f) for f in used_images], "captions": used_captions}),
     }
-    return CalibrationPlan(manifest, size, length, source, used_images, used_captions)
+    return CalibrationPlan(manifest, size, length, source, used_images, used_captions, asked)
 
 
 def _file_sha256(path: Path) -> str:

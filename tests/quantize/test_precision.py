@@ -320,7 +320,7 @@ def test_calibration_from_files_is_recorded(optimized: Path, tmp_path: Path) -> 
     shutil.copytree(optimized / "itm", folder)
     quantize_head(folder, "int8", "ort", images, texts, calib_size=5)
     calibration = read_manifest(folder).data["precisions"]["ort.int8"]["calibration"]
-    assert calibration["kind"] == "files" and calibration["size"] == 5
+    assert calibration["kind"] == "files" and calibration["size"] == 3  # 5 asked, 3 distinct pairs
     assert calibration["image_files"] == 3 and calibration["captions"] == 3
     rows = check_export(folder, precision="int8", flavour="ort")
     assert all(row.passed for row in rows)
@@ -395,6 +395,7 @@ def test_calibration_images_are_decoded_once_a_chunk_at_a_time(
     from btdeploy.quantize import calibration
 
     images, texts = _calibration_files(tmp_path, 5)
+    texts.write_text(texts.read_text() + "a sixth caption\n")  # 12 rows, no pair twice (lcm 30)
     monkeypatch.setattr(calibration, "IMAGE_CHUNK", 2)
     decoded: list[str] = []
     batches: list[int] = []
@@ -408,11 +409,33 @@ def test_calibration_images_are_decoded_once_a_chunk_at_a_time(
     files = sorted(images.iterdir())
     captions = texts.read_text().splitlines()
     whole = processor(
-        images=[load_image(files[i % 5]) for i in range(12)], text=[captions[i % 5] for i in range(12)],
+        images=[load_image(files[i % 5]) for i in range(12)], text=[captions[i % 6] for i in range(12)],
         return_tensors="np", padding="max_length", truncation=True, max_length=data.source["text_length"],
     )  # fmt: skip
     for name, values in data.feeds.items():
         np.testing.assert_array_equal(values, whole[name], err_msg=name)
+
+
+def test_calibration_rows_stop_before_a_pair_repeats(
+    optimized: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Row k pairs image k % a with caption k % b: 16 rows asked of 4 images and 4 captions had
+    run each pair 4 times, and 16 of 10 had weighed 6 pairs twice in the ranges. The rows now stop
+    at the distinct pairs (lcm(a, b)), and the output says so."""
+    from btdeploy.quantize import calibration
+
+    manifest = read_manifest(optimized / "itm")
+    images, texts = _calibration_files(tmp_path, 4)
+    plan = calibration.plan_calibration(manifest, images, texts, 16)
+    assert plan.size == 4 and plan.source["size"] == 4
+    feeds = plan.load().feeds
+    assert {name: len(values) for name, values in feeds.items()} == dict.fromkeys(feeds, 4)
+    pairs = {(feeds["input_ids"][k].tobytes(), feeds["pixel_values"][k].tobytes()) for k in range(4)}
+    assert len(pairs) == 4
+    assert "4 pairs from 4 images and 4 captions (each pair once: 16 rows would repeat them)" in capsys.readouterr().err
+    texts.write_text(texts.read_text() + "a fifth caption\na sixth caption\n")  # 4 images, 6 captions: lcm 12
+    assert calibration.plan_calibration(manifest, images, texts, 16).size == 12
+    assert calibration.plan_calibration(manifest, images, texts, 7).size == 7  # fewer asked: as asked
 
 
 def test_fp16_makes_only_the_calibration_rows_it_reads(optimized: Path, tmp_path: Path) -> None:

@@ -235,6 +235,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         parse_heads(args.heads),
         precisions=precisions,
         calibration=(args.calib_images, args.calib_texts),
+        calib_size=args.calib_size,
         split=args.split,
         flavours=tuple(parse_flavour(f, "--flavours") for f in args.flavours),  # type: ignore[misc]
         force=args.force,
@@ -350,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     from btdeploy.serve.triton_repo import BACKENDS as TRITON_BACKENDS
     from btdeploy.verify.check import DEFAULT_BATCH_SIZES, DEFAULT_TEXT_LENGTHS
 
+    calib_size_help = (
+        f"calibration rows: image-caption pairs, or generated rows without files (default {DEFAULT_CALIB_SIZE})"
+    )
+
     flavours = [str(f) for f in Flavour]
     engine_precisions = [str(p) for p in TARGETS["tensorrt"].precisions]
 
@@ -457,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     quantize.add_argument("--calib-images", type=Path, default=None, help="folder of calibration images")
     quantize.add_argument("--calib-texts", type=Path, default=None, help="text file, one caption per line")
-    quantize.add_argument("--calib-size", type=int, default=DEFAULT_CALIB_SIZE, help="image-caption pairs")
+    quantize.add_argument("--calib-size", type=_at_least(1), default=DEFAULT_CALIB_SIZE, help=calib_size_help)
 
     build = add("build", cmd_build, "build strongly typed TensorRT engines from the trt precision graphs")
     build.add_argument("dir", help="export folder or one head folder (quantize --flavour trt first)")
@@ -626,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.add_argument("--calib-images", type=Path, default=None, help="folder of calibration images")
     pipeline.add_argument("--calib-texts", type=Path, default=None, help="text file, one caption per line")
+    pipeline.add_argument("--calib-size", type=_at_least(1), default=DEFAULT_CALIB_SIZE, help=calib_size_help)
     pipeline.add_argument(
         "--check-images",
         type=Path,

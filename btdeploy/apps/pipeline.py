@@ -27,7 +27,7 @@ from btdeploy.model.heads import HEADS, get_head
 from btdeploy.model.media import paired_files
 from btdeploy.optimize.optimizer import optimize_head
 from btdeploy.progress import Countdown, clock, say, step
-from btdeploy.quantize.calibration import GENERATED_ADVICE, warn_generated
+from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE, GENERATED_ADVICE, require_calib_size, warn_generated
 from btdeploy.quantize.methods import METHODS, PRECISIONS, quantized_graphs
 from btdeploy.quantize.quantizer import quantize_head
 from btdeploy.verify.check import ReferenceCache, check_export, graph_label, inputs_record, report_data
@@ -82,6 +82,7 @@ def run_pipeline(
     opset: int = DEFAULT_OPSET,
     precisions: tuple[str, ...] = tuple(PRECISIONS),
     calibration: tuple[Path | None, Path | None] = (None, None),
+    calib_size: int = DEFAULT_CALIB_SIZE,
     split: bool = False,
     flavours: tuple[Flavour, ...] = tuple(Flavour),
     force: bool = False,
@@ -94,6 +95,7 @@ def run_pipeline(
     # Unreadable or half-given pairs fail now, not after minutes of export and optimize.
     paired_files(*check_data, ("--check-images", "--check-texts"))
     paired_files(*calibration, ("--calib-images", "--calib-texts"))
+    require_calib_size(calib_size)
     source = resolve_model(model, seed)
     heads = heads or list(HEADS)
     quantized = [(f, p) for f, p in quantized_graphs() if p in precisions and f in flavours]
@@ -166,7 +168,7 @@ def run_pipeline(
         for flavour, precision in quantized:
             with timed(summary, f"quantize {graph_key(flavour, precision)}") as entry:
                 result = quantize_head(
-                    manifest.folder, precision, flavour, *calibration, reuse=reuse, announce_generated=False
+                    manifest.folder, precision, flavour, *calibration, calib_size, reuse=reuse, announce_generated=False
                 )
                 entry["reused"] = bool(result.get("reused"))
             check(summary, CheckedGraph(graph_key(flavour, precision), "onnxruntime", RunOptions(flavour, precision)))

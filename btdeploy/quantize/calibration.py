@@ -118,13 +118,17 @@ def warn_generated(what: str, rows: int | None = None) -> None:
     warn(f"no calibration data given: {what} is calibrated on {count}GENERATED inputs {GENERATED_ADVICE}")
 
 
+def require_calib_size(size: int) -> None:
+    if size < 1:
+        raise BtDeployError(f"--calib-size {size} must be at least 1")
+
+
 def plan_calibration(
     manifest: Manifest, images: Path | None, texts: Path | None, size: int = DEFAULT_CALIB_SIZE
 ) -> CalibrationPlan:
     """`size` image-caption pairs from the user's files, or generated inputs (`warn_generated` says
     so, where the rows are used)."""
-    if size < 1:
-        raise BtDeployError(f"--calib-size {size} must be at least 1")
+    require_calib_size(size)
     length = min(CALIB_TEXT_LENGTH, max_text_length(manifest.config))
     pair = media.paired_files(images, texts, ("--calib-images", "--calib-texts"))
     if pair is None:

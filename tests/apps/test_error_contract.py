@@ -271,6 +271,11 @@ CASES: list[tuple[str, Setup, str]] = [
         lambda out, tmp: ["triton-repo", str(out), "--out", str(tmp / "repo"), "--max-batch", "0"],
         "argument --max-batch: must be at least 1, got 0",
     ),
+    (
+        "pipeline --calib-size 0",
+        lambda out, tmp: ["pipeline", "--model", "tiny", "--out", str(out), "--calib-size", "0"],
+        "argument --calib-size: must be at least 1, got 0",
+    ),
     ("an unknown flavour", _unknown_flavour, "invalid choice: 'tensorrt'"),
     # A command's unknown option points at that command's help, and the top level is not named twice.
     (

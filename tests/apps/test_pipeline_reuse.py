@@ -193,3 +193,26 @@ def test_a_graph_protobuf_cannot_measure_counts_as_past_the_limit() -> None:
 
     assert serialized_bytes(Unmeasurable()) > PROTOBUF_LIMIT  # type: ignore[arg-type]
     assert needs_external_data(serialized_bytes(Unmeasurable()))  # type: ignore[arg-type]
+
+
+def test_the_pipeline_calibrates_on_the_rows_asked_and_calibrates_again_when_asked_for_more(tmp_path: Path) -> None:
+    """`--calib-size` had been `quantize`'s alone: the main job calibrated on 16 rows whatever the
+    user's calibration folder held."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(3):
+        Image.fromarray(np.full((48, 40 + 8 * index, 3), 40 * index, dtype=np.uint8)).save(images / f"p{index}.png")
+    texts = tmp_path / "captions.txt"
+    texts.write_text("a dog\na cat on a mat\ntwo birds\na red car\n")  # 3 images, 4 captions: 12 distinct rows
+    out = tmp_path / "out"
+    common = ["pipeline", "--model", "tiny", "--heads", "itm", "--flavours", "ort", "--precisions", "int8",
+              "--calib-images", str(images), "--calib-texts", str(texts), "--out", str(out)]  # fmt: skip
+    assert main([*common, "--calib-size", "5"]) == 0
+    calibration = read_manifest(out / "itm").data["precisions"]["ort.int8"]["calibration"]
+    assert (calibration["kind"], calibration["size"]) == ("files", 5)
+    assert main([*common, "--calib-size", "7"]) == 0
+    assert _made(out)["quantize ort.int8"] is False  # other rows: calibrated again, not reused
+    assert read_manifest(out / "itm").data["precisions"]["ort.int8"]["calibration"]["size"] == 7
+

@@ -212,12 +212,13 @@ def weights_sha256(folder: Path, hashes: dict[str, str] | None = None) -> str:
 def load_config(source: ModelSource) -> Any:
     from transformers import BridgeTowerConfig
 
+    folder = source.checkpoint  # a preset's is written here on first use, outside the try below
     try:
-        config = BridgeTowerConfig.from_pretrained(source.checkpoint)
+        config = BridgeTowerConfig.from_pretrained(folder)
     except Exception as error:  # transformers raises many types for a bad config.json
-        raise BtDeployError(f"could not read {source.checkpoint / 'config.json'}: {error}") from None
+        raise BtDeployError(f"could not read {folder / 'config.json'}: {error}") from None
     if getattr(config, "model_type", None) != "bridgetower":
-        raise BtDeployError(f"{source.checkpoint} holds a {config.model_type!r} model, not BridgeTower")
+        raise BtDeployError(f"{folder} holds a {config.model_type!r} model, not BridgeTower")
     validate_config(config)
     return config
 
@@ -227,8 +228,11 @@ def head_weight_count(source: ModelSource, head: HeadSpec) -> int:
     meta device, so nothing is read or allocated (what the pipeline's disk estimate starts from)."""
     import torch
 
+    # The config is read first: a preset's checkpoint is written on first use, which the meta
+    # device would turn into weights without data (the main job had failed on a fresh machine).
+    config = _head_config(source, head)
     with torch.device("meta"):
-        model = head.model_class_object()(_head_config(source, head))
+        model = head.model_class_object()(config)
     return sum(parameter.numel() for parameter in model.parameters())
 
 

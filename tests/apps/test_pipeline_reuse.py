@@ -20,6 +20,7 @@ from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.artifacts.onnx_files import EXTERNAL_DATA_ENV, data_file
 from btdeploy.cli import main
 from btdeploy.errors import BtDeployError
+from btdeploy.model.checkpoints import preset_checkpoint_dir
 
 FLAVOURS = (Flavour.ORT, Flavour.TRT)
 PRECISIONS = ("fp16", "int8")
@@ -216,3 +217,14 @@ def test_the_pipeline_calibrates_on_the_rows_asked_and_calibrates_again_when_ask
     assert _made(out)["quantize ort.int8"] is False  # other rows: calibrated again, not reused
     assert read_manifest(out / "itm").data["precisions"]["ort.int8"]["calibration"]["size"] == 7
 
+
+def test_the_main_job_runs_where_the_preset_checkpoint_is_not_written_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh machine: the disk estimate built the model on torch's meta device, and writing the
+    preset's checkpoint inside it had failed with a traceback (the suite had written it earlier)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BTDEPLOY_CACHE", str(cache))
+    assert run_pipeline("tiny", tmp_path / "out", heads=["itm"], precisions=(), flavours=(Flavour.ORT,))
+    written = preset_checkpoint_dir("tiny", 0)
+    assert written.is_relative_to(cache) and (written / "model.safetensors").is_file()

@@ -47,8 +47,11 @@ def write_json(path: Path, data: Any) -> None:
 
 
 @contextmanager
-def staged_directory(final: Path) -> Iterator[Path]:
+def staged_directory(final: Path, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `final`, on failure it is removed.
+    With `keep_existing` (a folder whose content is fixed by its name, which another process may
+    have written meanwhile), a `final` already there is kept and the staged copy dropped: replacing
+    it would pull the files from under a process reading them.
 
     A folder rather than a file, because an ONNX model past 2 GB is several files
     (model + external data) that must appear together.
@@ -61,6 +64,14 @@ def staged_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if keep_existing:
+        try:
+            os.rename(staging, final)  # fails where another process put `final` first
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not final.is_dir():
+                raise
+        return
     retired = None
     if final.exists():
         retired = final.with_name(f".{final.name}.old-{os.getpid()}")

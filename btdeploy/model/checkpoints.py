@@ -138,7 +138,8 @@ def ensure_preset_checkpoint(preset: str, seed: int) -> Path:
     if (folder / "config.json").is_file():
         return folder
     say(f"writing the {preset} preset checkpoint (seed {seed}) to {folder}")
-    with staged_directory(folder) as staging:
+    # Two processes on a fresh machine may both write it: the same seeded bytes, so the first stays.
+    with staged_directory(folder, keep_existing=True) as staging:
         write_random_checkpoint(build_config(preset), staging, seed)
     return folder
 

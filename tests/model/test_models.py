@@ -71,6 +71,28 @@ def test_preset_checkpoint_loads_every_head_with_no_missing_weights() -> None:
         assert torch.equal(shared, weight[key]), "shared weights differ between heads"
 
 
+def test_a_preset_written_meanwhile_by_another_process_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two commands on a fresh machine both write the preset: the second had moved the first's
+    folder aside and deleted it, from under a process reading its weights. The first now stays
+    (the bytes are the same: seeded) and the second's copy is dropped."""
+    from btdeploy.model import checkpoints
+
+    monkeypatch.setenv("BTDEPLOY_CACHE", str(tmp_path / "cache"))
+    folder = checkpoints.preset_checkpoint_dir("tiny", 0)
+    write = checkpoints.write_random_checkpoint
+
+    def written_by_both(config: object, staging: Path, seed: int) -> None:
+        write(config, staging, seed)
+        folder.mkdir()  # the other process finishes first
+        (folder / "config.json").write_text((staging / "config.json").read_text())
+        (folder / "weights-in-use").write_text("")
+
+    monkeypatch.setattr(checkpoints, "write_random_checkpoint", written_by_both)
+    assert checkpoints.ensure_preset_checkpoint("tiny", 0) == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "weights-in-use"]
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staged copy left behind
+
+
 def test_preset_checkpoint_has_a_working_processor() -> None:
     from PIL import Image
     from transformers import BridgeTowerProcessor

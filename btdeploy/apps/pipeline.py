@@ -22,12 +22,19 @@ from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.artifacts.onnx_files import graph_bytes
 from btdeploy.backends.targets import TARGETS, RunOptions
 from btdeploy.export.exporter import DEFAULT_OPSET, export_head
-from btdeploy.model.checkpoints import head_weight_count, resolve_model
+from btdeploy.model.checkpoints import head_weight_count, load_config, resolve_model
 from btdeploy.model.heads import HEADS, get_head
 from btdeploy.model.media import paired_files
 from btdeploy.optimize.optimizer import optimize_head
 from btdeploy.progress import Countdown, clock, say, step
-from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE, GENERATED_ADVICE, require_calib_size, warn_generated
+from btdeploy.quantize.calibration import (
+    DEFAULT_CALIB_SIZE,
+    GENERATED_ADVICE,
+    calibration_rows,
+    require_calib_size,
+    require_rows_fit_memory,
+    warn_generated,
+)
 from btdeploy.quantize.methods import METHODS, PRECISIONS, quantized_graphs
 from btdeploy.quantize.quantizer import quantize_head
 from btdeploy.verify.check import ReferenceCache, check_export, graph_label, inputs_record, report_data
@@ -94,11 +101,15 @@ def run_pipeline(
     check_images, check_texts = check_data
     # Unreadable or half-given pairs fail now, not after minutes of export and optimize.
     paired_files(*check_data, ("--check-images", "--check-texts"))
-    paired_files(*calibration, ("--calib-images", "--calib-texts"))
+    calibration_pair = paired_files(*calibration, ("--calib-images", "--calib-texts"))
     require_calib_size(calib_size)
     source = resolve_model(model, seed)
     heads = heads or list(HEADS)
     quantized = [(f, p) for f, p in quantized_graphs() if p in precisions and f in flavours]
+    # Calibration rows past the memory are refused now, not at the first quantize step.
+    rows = max((METHODS[p].rows_to_load(calib_size) for _, p in quantized if METHODS[p].calibrates), default=0)
+    if rows:
+        require_rows_fit_memory(calibration_rows(rows, calibration_pair), load_config(source))
     optimized = _optimized_first(flavours, quantized)
     # A disk too small for even the least the new graphs take is refused before any work.
     graphs = [(None, Precision.FP32), *((flavour, Precision.FP32) for flavour in optimized), *quantized]

@@ -80,7 +80,7 @@ def load_image(path: Path, image_processor: Any = None) -> Any:
     except (UnidentifiedImageError, OSError) as error:
         raise BtDeployError(
             f"image {path} cannot be read ({error}): "
-            "give an image PIL reads (JPEG, PNG, ...), or take it out of its folder"
+            "give an image PIL reads (JPEG, PNG, ...); if it is one of a folder of images, move it out"
         ) from None
     problem = None if image_processor is None else resize_problem(picture.width, picture.height, image_processor)
     if problem:

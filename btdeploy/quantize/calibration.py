@@ -47,7 +47,7 @@ class CalibrationPlan:
 
     def load(self) -> CalibrationData:
         """The rows, refused up front when they would not fit in memory."""
-        _refuse_rows_past_memory(self.size, self.manifest, self.length)
+        require_rows_fit_memory(self.size, self.manifest.config)
         if not self.images:
             return CalibrationData(sample_inputs(self.manifest.config, self.size, self.length, seed=1234), self.source)
         each_once = f" (each pair once: {self.asked} rows would repeat them)" if self.asked > self.size else ""
@@ -78,12 +78,24 @@ def _image_rows(processor: Any, images: tuple[Path, ...]) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def _refuse_rows_past_memory(size: int, manifest: Manifest, length: int) -> None:
+def calibration_rows(size: int, pair: tuple[list[Path], list[str]] | None) -> int:
+    """The rows `size` asks for, stopped where a pair would come round again: row k pairs image
+    k % a with caption k % b, so the pairs repeat after lcm(a, b) rows, and a repeated pair would
+    weigh twice in the ranges and cost a run for nothing. Generated rows are all different."""
+    return size if pair is None else min(size, math.lcm(len(pair[0]), len(pair[1])))
+
+
+def calibration_length(config: Any) -> int:
+    return min(CALIB_TEXT_LENGTH, max_text_length(config))
+
+
+def require_rows_fit_memory(size: int, config: Any) -> None:
     """The rows' inputs are held in memory while they run one at a time (the fusion graph's text
     and image states are spooled to files, btdeploy/quantize/rows.py): a count whose inputs would
-    take more than half of the memory available is refused here, not killed by the kernel later."""
-    side = int(manifest.config.vision_config.image_size)
-    row_bytes = 3 * side * side * 4 + 2 * length * 8  # float32 pixels, int64 ids and mask
+    take more than half of the memory available is refused before any work, not killed by the
+    kernel later."""
+    side = int(config.vision_config.image_size)
+    row_bytes = 3 * side * side * 4 + 2 * calibration_length(config) * 8  # float32 pixels, int64 ids and mask
     needed = size * row_bytes
     available = _available_memory()
     if available is None:
@@ -129,15 +141,13 @@ def plan_calibration(
     """`size` image-caption pairs from the user's files, or generated inputs (`warn_generated` says
     so, where the rows are used)."""
     require_calib_size(size)
-    length = min(CALIB_TEXT_LENGTH, max_text_length(manifest.config))
+    length = calibration_length(manifest.config)
     pair = media.paired_files(images, texts, ("--calib-images", "--calib-texts"))
     if pair is None:
         source = {"kind": "generated", "size": size, "text_length": length, "warning": "not real data"}
         return CalibrationPlan(manifest, size, length, source)
     image_files, captions = pair
-    # Row k pairs image k % a with caption k % b, so the pairs repeat after lcm(a, b) rows; a
-    # repeated pair would weigh twice in the ranges and cost a run for nothing, so the rows stop there.
-    asked, size = size, min(size, math.lcm(len(image_files), len(captions)))
+    asked, size = size, calibration_rows(size, pair)
     used_images, used_captions = tuple(image_files[:size]), tuple(captions[:size])
     source = {
         "kind": "files",

@@ -276,6 +276,12 @@ CASES: list[tuple[str, Setup, str]] = [
         lambda out, tmp: ["pipeline", "--model", "tiny", "--out", str(out), "--calib-size", "0"],
         "argument --calib-size: must be at least 1, got 0",
     ),
+    # Refused before the export, not at the first quantize step minutes later.
+    (
+        "pipeline --calib-size past the memory",
+        lambda out, tmp: ["pipeline", "--model", "tiny", "--out", str(tmp / "pipe"), "--calib-size", str(10**9)],
+        "--calib-size 1000000000 holds",
+    ),
     ("an unknown flavour", _unknown_flavour, "invalid choice: 'tensorrt'"),
     # A command's unknown option points at that command's help, and the top level is not named twice.
     (

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -698,3 +700,31 @@ def test_the_lean_fp16_conversion_of_an_int8_graph_is_model_optimizers_own(optim
     casts = sum(1 for node in own.graph.node if node.op_type == "Cast")
     assert casts > 0
     assert lean.SerializeToString() == own.SerializeToString()
+
+
+_INTERRUPT_DURING_MODELOPT_IMPORT = """
+import os, signal, sys
+
+class InterruptMidImport:
+    # Ctrl-C arriving while Model Optimizer's modules are still being imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "modelopt.onnx.autocast":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, InterruptMidImport())
+from btdeploy.quantize.modelopt_env import require_modelopt
+try:
+    require_modelopt()
+except KeyboardInterrupt:
+    print("interrupted; import finished:", "modelopt.onnx.autocast.convert" in sys.modules)
+"""
+
+
+def test_ctrl_c_during_the_model_optimizer_import_waits_for_the_import_to_end() -> None:
+    # Model Optimizer imports `lief` (nanobind): an interrupt inside its initialization aborted the
+    # process from C++ with no cleanup. The interrupt is held until the import is done, then raised.
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERRUPT_DURING_MODELOPT_IMPORT], capture_output=True, text=True, timeout=300
+    )
+    assert done.stdout.strip() == "interrupted; import finished: True", done.stdout + done.stderr[-2000:]

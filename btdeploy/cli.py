@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from btdeploy.errors import BtDeployError
 from btdeploy.hugepages import ENGINE_COMMANDS, reexec_with_hugepages
+from btdeploy.signals import Terminated, sigterm_raises
 from btdeploy.version import __version__
 
 
@@ -650,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 on success, 1 when a check ran and failed, 2 for anything the user can fix, 130 on Ctrl-C."""
+    """Exit 0 on success, 1 when a check ran and failed, 2 for anything the user can fix, 130 on
+    Ctrl-C, 143 on SIGTERM."""
     if argv is None and len(sys.argv) > 1 and sys.argv[1] in ENGINE_COMMANDS:
         reexec_with_hugepages(["-m", "btdeploy.cli", *sys.argv[1:]])
 
@@ -663,9 +665,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def reporting_failures(run: Callable[[], int | None], prog: str) -> int:
-    """Run a command; a failure the user can fix is one line `<prog>: error: ...` and exit 2."""
+    """Run a command; a failure the user can fix is one line `<prog>: error: ...` and exit 2.
+    Ctrl-C and SIGTERM unwind like any exception (staged files removed), exit 130 and 143."""
     try:
-        return int(run() or 0)
+        with sigterm_raises():
+            return int(run() or 0)
     except BtDeployError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
@@ -675,6 +679,9 @@ def reporting_failures(run: Callable[[], int | None], prog: str) -> int:
     except MemoryError:
         print(f"{prog}: error: out of memory: use a smaller batch or a machine with more memory", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,12 +10,14 @@ from typing import Any
 from btdeploy.artifacts.weightless import check_without_weights, infer_shapes_without_weights
 from btdeploy.errors import BtDeployError
 from btdeploy.quantize.redundant_casts import remove_redundant_casts
+from btdeploy.signals import interrupts_deferred
 
 
 def require_modelopt() -> None:
     try:
         # AutoCast's modules set their loggers to INFO when first imported, so they are imported
-        # here, before the loggers are quieted, not later by the conversion that uses them.
+        # here, before the loggers are quieted, not later by the conversion that uses them. They
+        # import lief (nanobind), which Ctrl-C mid-import would abort from C++: held till the end.
         with interrupts_deferred():
             import modelopt.onnx.autocast.convert  # noqa: F401
     except ImportError:
@@ -29,25 +29,6 @@ def require_modelopt() -> None:
     for name in ["root", *logging.root.manager.loggerDict]:
         if name == "root" or name.startswith("modelopt"):
             logging.getLogger(name).setLevel(logging.ERROR)
-
-
-@contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Ctrl-C held until the block ends, then raised. Model Optimizer imports `lief`, a nanobind
-    extension: a KeyboardInterrupt raised while its module initializes ends the process in C++
-    `terminate` (a core dump and a page of import frames, and no cleanup of staged files)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signals reach the main thread only
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        # None: a handler set outside Python; Python's own is the one the CLI expects
-        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
-    if caught:
-        raise KeyboardInterrupt
 
 
 @contextmanager

@@ -1,0 +1,57 @@
+"""How a command stops: SIGTERM unwinds like Ctrl-C (exit 143, staged files removed), and a stop
+signal inside `interrupts_deferred` waits for the block to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+_STAGED_THEN_TERMINATED = """
+import os, signal, sys, time
+from pathlib import Path
+from btdeploy.artifacts.files import staged_directory
+from btdeploy.cli import reporting_failures
+
+def write_slowly():
+    with staged_directory(Path(sys.argv[1]) / "graphs") as staging:
+        (staging / "model.onnx").write_bytes(b"half a graph")
+        os.kill(os.getpid(), signal.SIGTERM)  # a CI job cancelled mid-write
+        time.sleep(30)
+    return 0
+
+sys.exit(reporting_failures(write_slowly, "btdeploy"))
+"""
+
+_DEFERRED = """
+import os, signal, sys
+from btdeploy.signals import Terminated, interrupts_deferred, sigterm_raises
+
+steps = []
+with sigterm_raises():
+    try:
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.{signal})
+            steps.append("the rest of the block ran")
+        steps.append("after the block")
+    except KeyboardInterrupt as stop:
+        steps.append(type(stop).__name__)
+print(steps)
+"""
+
+
+def _python(code: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code, *arguments], capture_output=True, text=True, timeout=120)
+
+
+def test_sigterm_removes_the_staged_folder_and_exits_143(tmp_path: Path) -> None:
+    done = _python(_STAGED_THEN_TERMINATED, str(tmp_path))
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert done.stderr.strip() == "btdeploy: terminated"
+    assert list(tmp_path.iterdir()) == []  # neither the staged folder nor a final one
+
+
+def test_a_stop_signal_inside_a_deferred_block_is_raised_when_the_block_ends() -> None:
+    for name, raised in [("SIGTERM", "Terminated"), ("SIGINT", "KeyboardInterrupt")]:
+        done = _python(_DEFERRED.replace("{signal}", name))
+        assert done.stdout.strip() == str(["the rest of the block ran", raised]), (name, done.stderr[-2000:])

@@ -63,16 +63,20 @@ def require_disk_space(out: Path, plans: list[HeadPlan], split: bool) -> dict[st
     free = shutil.disk_usage(existing).free
     if need > free:
         raise BtDeployError(
-            f"this run writes {count} new graph files to {out}, at least {_size(need)}, and its disk has "
-            f"{_size(free)} free: free some space, give --out on a larger disk, or make fewer graphs "
+            f"this run writes {count} new graph files to {out}, at least {size_text(need)}, and its disk has "
+            f"{size_text(free)} free: free some space, give --out on a larger disk, or make fewer graphs "
             f"(--heads, --flavours, --precisions none)"
         )
     if count:
-        say(f"pipeline: {count} new graph files, at least {_size(need)}; {_size(free)} free on the disk of {out}")
+        say(
+            f"pipeline: {count} new graph files, at least {size_text(need)}; "
+            f"{size_text(free)} free on the disk of {out}"
+        )
     return {"new_graph_files": count, "new_graph_bytes_at_least": need, "free_bytes": free}
 
 
-def _size(count: int) -> str:
+def size_text(count: int) -> str:
+    """A byte count as people read disk sizes (decimal GB, as `df -H`)."""
     return f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB"
 
 

@@ -7,12 +7,14 @@ import subprocess
 from pathlib import Path
 
 from btdeploy import hugepages
+from btdeploy.apps.disk_space import size_text
 from btdeploy.artifacts.graph_names import STEMS
 from btdeploy.artifacts.manifest import head_folders, package_version, read_manifest
 from btdeploy.backends.provider_probe import start_problem
 from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.backends.tensorrt.environment import INSTALL_TENSORRT, WHERE
 from btdeploy.cpu import NATIVE_BF16, describe_cpu, native_bf16
+from btdeploy.model.checkpoints import cache_dir, cache_problem, cached_checkpoints
 
 
 def _driver() -> str | None:
@@ -47,6 +49,31 @@ def _artifacts(folder: Path) -> list[str]:
         for stem, endings in split.items():
             lines.append(f"        split graphs {stem}: {', '.join(stem + ending for ending in endings) or 'none'}")
     return lines
+
+
+def _checkpoint_cache() -> str:
+    """Where the preset checkpoints are written (the first command on a preset writes it: 1.4 GB
+    for base), what is there, and whether it can be written."""
+    root = cache_dir() / "checkpoints"
+    problem = cache_problem()
+    if problem:
+        return f"{root}: cannot be written ({problem}) -> set BTDEPLOY_CACHE to a writable folder"
+    cached = cached_checkpoints()
+    held = [f"{c.folder.name} {size_text(c.size_bytes)}" for c in cached if c.current]
+    stale = [c for c in cached if not c.current]
+    parts = [f"{root} (BTDEPLOY_CACHE moves it): " + (", ".join(held) if held else "none written yet")]
+    if stale:
+        parts.append(
+            f"{len(stale)} of an older format that nothing reads ({size_text(sum(c.size_bytes for c in stale))}): "
+            + ", ".join(c.folder.name for c in stale)
+            + " -> can be deleted"
+        )
+    parts.append("a preset not there is written on first use")
+    path = root
+    while not path.exists():
+        path = path.parent
+    parts.append(f"{size_text(shutil.disk_usage(path).free)} free")
+    return "; ".join(parts)
 
 
 def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple[list[str], bool]:
@@ -87,6 +114,7 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
     lines.append(f"nvidia-modelopt  {modelopt or modelopt_install}")
     lines.append(f"tensorrt         {trt or f'not installed -> {INSTALL_TENSORRT} {WHERE}'}")
     lines.append(f"huge pages       {hugepages.status().describe()}")
+    lines.append(f"checkpoints      {_checkpoint_cache()}")
     can_build = bool(found and trt)
     lines.append("")
     lines.append("can run here:")

@@ -138,10 +138,51 @@ def ensure_preset_checkpoint(preset: str, seed: int) -> Path:
     if (folder / "config.json").is_file():
         return folder
     say(f"writing the {preset} preset checkpoint (seed {seed}) to {folder}")
-    # Two processes on a fresh machine may both write it: the same seeded bytes, so the first stays.
-    with staged_directory(folder, keep_existing=True) as staging:
-        write_random_checkpoint(build_config(preset), staging, seed)
+    try:
+        # Two processes on a fresh machine may both write it: the same seeded bytes, so the first stays.
+        with staged_directory(folder, keep_existing=True) as staging:
+            write_random_checkpoint(build_config(preset), staging, seed)
+    except OSError as error:  # the cache comes from $HOME or BTDEPLOY_CACHE, not from the command line
+        raise BtDeployError(
+            f"cannot write the {preset} preset checkpoint to {folder} ({error.strerror or error}"
+            f"{f': {error.filename}' if error.filename else ''}): set BTDEPLOY_CACHE to a writable folder "
+            "with room for it (`btdeploy doctor` shows the cache)"
+        ) from None
     return folder
+
+
+@dataclass(frozen=True)
+class CachedCheckpoint:
+    """A preset checkpoint folder in the cache; `current` is False for one of an older format,
+    which nothing reads any more."""
+
+    folder: Path
+    current: bool
+    size_bytes: int
+
+
+def cached_checkpoints() -> list[CachedCheckpoint]:
+    """The preset checkpoints written to the cache, each with its size on disk."""
+    root = cache_dir() / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        found.append(CachedCheckpoint(folder, folder.name.endswith(f"-v{CHECKPOINT_FORMAT}"), size))
+    return found
+
+
+def cache_problem() -> str | None:
+    """Why preset checkpoints cannot be written to the cache, or None."""
+    path = cache_dir()
+    while not path.exists():  # the nearest folder that exists is where the first one is made
+        path = path.parent
+    if not path.is_dir():
+        return f"{path} is a file"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return None
 
 
 def write_random_checkpoint(config: Any, folder: Path, seed: int, heads: tuple[str, ...] = CHECKPOINT_HEADS) -> None:

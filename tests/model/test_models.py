@@ -93,6 +93,49 @@ def test_a_preset_written_meanwhile_by_another_process_is_kept(tmp_path: Path, m
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no staged copy left behind
 
 
+def test_a_cache_that_cannot_be_written_is_one_line_naming_btdeploy_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache comes from $HOME or BTDEPLOY_CACHE, not from the command line: the error says
+    which setting to change, where the system's error named only a path the user never gave."""
+    from btdeploy.model import checkpoints
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("BTDEPLOY_CACHE", str(tmp_path / "a-file"))
+    assert checkpoints.cache_problem() == f"{tmp_path / 'a-file'} is a file"
+    with pytest.raises(
+        BtDeployError,
+        match=r"cannot write the tiny preset checkpoint to .*a-file/checkpoints/tiny-seed0-v2 \(Not a directory.*\): "
+        "set BTDEPLOY_CACHE to a writable folder",
+    ):
+        checkpoints.ensure_preset_checkpoint("tiny", 0)
+    monkeypatch.setenv("BTDEPLOY_CACHE", str(tmp_path / "not" / "yet"))
+    assert checkpoints.cache_problem() is None  # made on first use
+    assert checkpoints.cached_checkpoints() == []
+
+
+def test_doctor_shows_the_cached_presets_and_those_of_an_older_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from btdeploy.apps.doctor import doctor_report
+    from btdeploy.model import checkpoints
+
+    monkeypatch.setenv("BTDEPLOY_CACHE", str(tmp_path))
+    current = checkpoints.preset_checkpoint_dir("base", 3)
+    older = current.with_name(f"base-seed3-v{checkpoints.CHECKPOINT_FORMAT - 1}")
+    for folder, size in [(current, 3_000_000), (older, 250_000_000)]:
+        folder.mkdir(parents=True)
+        with open(folder / "model.safetensors", "wb") as handle:
+            handle.truncate(size)  # sparse: the size counts, not the disk it takes
+    assert [(c.folder, c.current, c.size_bytes) for c in checkpoints.cached_checkpoints()] == [
+        (older, False, 250_000_000),
+        (current, True, 3_000_000),
+    ]
+    line = next(line for line in doctor_report()[0] if line.startswith("checkpoints"))
+    assert f"{tmp_path / 'checkpoints'} (BTDEPLOY_CACHE moves it): {current.name} 3 MB; " in line
+    assert f"1 of an older format that nothing reads (250 MB): {older.name} -> can be deleted" in line
+
+
 def test_preset_checkpoint_has_a_working_processor() -> None:
     from PIL import Image
     from transformers import BridgeTowerProcessor

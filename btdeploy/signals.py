@@ -3,6 +3,7 @@ both held back where an interrupt would abort the process instead."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -35,27 +36,64 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+class HeldStops:
+    """The stop signals held by `interrupts_deferred` so far: code that can end its work early
+    (a TensorRT build, through its progress monitor) asks `requested`, from any thread. Python
+    runs signal handlers on the main thread between bytecodes, which a thread blocked in native
+    code never reaches; the interpreter's own C handler also writes each signal's number to the
+    wakeup pipe at once, and `requested` reads it from there."""
+
+    def __init__(self, wakeup: int | None = None) -> None:
+        self.signals: list[int] = []
+        self._wakeup = wakeup  # the read end of the wakeup pipe, non-blocking
+
+    @property
+    def requested(self) -> bool:
+        if not self.signals and self._wakeup is not None:
+            try:
+                # the pipe has every signal Python handles; the stops are the ones asked about
+                self.signals.extend(signum for signum in os.read(self._wakeup, 64) if signum in STOP_SIGNALS)
+            except BlockingIOError:  # nothing there
+                pass
+        return bool(self.signals)
+
+    def close(self) -> None:
+        """Read what the pipe holds, then stop reading it (its descriptor number may be reused)."""
+        if self._wakeup is not None:
+            _ = self.requested
+            self._wakeup = None
+
+
 @contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Ctrl-C and SIGTERM held until the block ends, then delivered. For imports of native
-    extensions that cannot take an exception mid-way: Model Optimizer imports `lief`, a nanobind
-    extension, and a KeyboardInterrupt raised while it initializes ends the process in C++
-    `terminate` (a core dump, a page of import frames and no cleanup)."""
+def interrupts_deferred() -> Iterator[HeldStops]:
+    """Ctrl-C and SIGTERM held until the block ends, then delivered. For native code that cannot
+    take an exception mid-way: Model Optimizer imports `lief`, a nanobind extension, and a
+    KeyboardInterrupt raised while it initializes ends the process in C++ `terminate` (a core
+    dump, a page of import frames and no cleanup); a TensorRT build calls back into Python, where
+    an exception would cross its C++ frames, and ends early instead when its monitor sees the stop."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield HeldStops()  # signals reach the main thread only
         return
-    caught: list[int] = []
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)  # the C handler must never block
+    held = HeldStops(read_end)
 
     def hold(signum: int, _frame: FrameType | None) -> None:
-        caught.append(signum)
+        held.signals.append(signum)
 
     previous = {signum: signal.signal(signum, hold) for signum in STOP_SIGNALS}
+    previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     try:
-        yield
+        yield held
     finally:
+        signal.set_wakeup_fd(previous_wakeup)
         for signum, handler in previous.items():
             # None: a handler set outside Python; Python's own defaults stand in for it
             default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
             signal.signal(signum, default if handler is None else handler)
-    if caught:
-        signal.raise_signal(caught[0])  # the restored handler raises (or ends the process) as it would have
+        held.close()
+        os.close(read_end)
+        os.close(write_end)
+    if held.requested:
+        signal.raise_signal(held.signals[0])  # the restored handler raises (or ends the process) as it would have

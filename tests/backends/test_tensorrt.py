@@ -304,3 +304,43 @@ def test_doctor_gives_polygraphy_commands_that_polygraphy_accepts(
     usage = subprocess.run(["polygraphy", "run", "--help"], capture_output=True, text=True, check=True).stdout
     flags = [word for word in commands[0].split() if word.startswith("--")]
     assert [flag for flag in flags if flag not in usage] == []
+
+
+_STOP_DURING_A_BUILD = """
+import signal, threading, types
+from btdeploy.backends.tensorrt.build import _progress_monitor
+from btdeploy.signals import Terminated, interrupts_deferred, sigterm_raises
+
+class IProgressMonitor:  # TensorRT's base class, standing in
+    def __init__(self):
+        pass
+
+seen = []
+with sigterm_raises():
+    try:
+        with interrupts_deferred() as stops:
+            monitor = _progress_monitor(types.SimpleNamespace(IProgressMonitor=IProgressMonitor), stops)
+            seen.append(monitor.step_complete("tactics", 0))
+
+            def builder_thread():
+                # SIGTERM lands on one of TensorRT's threads while the main thread waits in native
+                # code (here: join), so Python's handler cannot run until the build returns
+                signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+                seen.append(monitor.step_complete("tactics", 1))
+
+            worker = threading.Thread(target=builder_thread)
+            worker.start()
+            worker.join()
+            seen.append("build returned")
+    except Terminated:
+        seen.append("Terminated")
+print(seen)
+"""
+
+
+def test_a_stop_during_an_engine_build_cancels_it_at_the_next_step_then_is_raised() -> None:
+    """The monitor answers False (TensorRT's cancel) as soon as SIGTERM arrives, from whichever
+    thread asks, with no exception inside TensorRT's callback; the stop is raised after the build
+    returns, before anything is written."""
+    done = subprocess.run([sys.executable, "-c", _STOP_DURING_A_BUILD], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == str([True, False, "build returned", "Terminated"]), done.stderr[-2000:]

@@ -80,3 +80,30 @@ def test_a_batch_outside_the_profile_is_refused(engines: Path) -> None:
     runtime = btdeploy.load(engines, head="itm", backend="tensorrt", precision="int8")
     with pytest.raises(BtDeployError, match="batch 9 is outside the engine's profile 1..8"):
         runtime(**sample_inputs(runtime.config, 9, 5))
+
+
+@pytest.mark.parametrize("engines", ["base"], indirect=True)
+def test_ctrl_c_cancels_an_engine_build_and_leaves_the_engines_as_they_were(engines: Path) -> None:
+    """Minutes of native code: the stop is held, the progress monitor cancels the build at its
+    next step, and KeyboardInterrupt is raised when the build returns, before anything is written."""
+    import signal
+    import threading
+    import time
+
+    from btdeploy.artifacts.files import sha256_of
+    from btdeploy.backends.tensorrt.build import build_engine
+
+    folder = engines / "itm"
+    before = {p.name: sha256_of(p) for p in folder.iterdir() if p.is_file()}
+    timer = threading.Timer(5.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_engine(folder, "fp16", batch="1:4:8", seq_len="1:40:128")  # no timing cache: a full build
+    finally:
+        timer.cancel()
+    stopped_after = time.monotonic() - started
+    print(f"build stopped {stopped_after - 5.0:.1f} s after Ctrl-C")
+    assert stopped_after < 65, stopped_after
+    assert {p.name: sha256_of(p) for p in folder.iterdir() if p.is_file()} == before  # no leftovers either

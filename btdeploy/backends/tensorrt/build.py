@@ -22,6 +22,7 @@ from btdeploy.backends.tensorrt.profiles import EngineProfile, derive_profile
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
 from btdeploy.progress import say
+from btdeploy.signals import HeldStops, interrupts_deferred
 
 
 def _network_flags(trt: Any) -> int:
@@ -31,9 +32,10 @@ def _network_flags(trt: Any) -> int:
     return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
-def _progress_monitor(trt: Any) -> Any:
+def _progress_monitor(trt: Any, stops: HeldStops) -> Any:
     class Monitor(trt.IProgressMonitor):  # type: ignore[misc,name-defined]
-        """Prints each build phase once and its steps now and then."""
+        """Prints each build phase once, and ends the build early on Ctrl-C or SIGTERM (held
+        meanwhile, so that no exception is raised inside TensorRT's callback)."""
 
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
@@ -43,7 +45,7 @@ def _progress_monitor(trt: Any) -> Any:
             say(f"  build: {name} ({steps} steps)")
 
         def step_complete(self, name: str, step: int) -> bool:
-            return True  # False would cancel the build
+            return not stops.requested  # False cancels the build
 
         def phase_finish(self, name: str) -> None:
             say(f"  build: {name} done ({time.monotonic() - self.started:.0f}s)")
@@ -128,11 +130,14 @@ def build_engine(
         network, _parser = _parse(trt, builder, logger, onnx_path)
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
-        config.progress_monitor = _progress_monitor(trt)
         _add_profile(builder, config, network, profile)
         cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
         config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
-        serialized = builder.build_serialized_network(network, config)
+        # Minutes in native code: a stop is held, the monitor cancels the build at its next step,
+        # and the stop is raised when the build returns, before anything is written.
+        with interrupts_deferred() as stops:
+            config.progress_monitor = _progress_monitor(trt, stops)
+            serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise BtDeployError(f"TensorRT failed to build {onnx_path.name}: see its log above")
         write_bytes(target, bytes(memoryview(serialized)))  # temporary name, renamed when complete

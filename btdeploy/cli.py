@@ -302,7 +302,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for path in write_reports(run, out):
         say(f"wrote {path}")
     print((out / "results.md").read_text())
-    return 130 if run.interrupted else 0
+    return run.exit_code
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import say
+from btdeploy.signals import Terminated
 from btdeploy.verify.parity import parse_shapes
 
 T = TypeVar("T")
@@ -70,6 +71,7 @@ class BenchRun:
     cases: list[CaseResult] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
     interrupted: bool = False
+    exit_code: int = 0  # 130 after Ctrl-C, 143 after SIGTERM: the finished cases are still reported
     machine: dict[str, Any] = field(default_factory=dict)
     matmul_peak_gflops: float = 0.0
     command: str = ""
@@ -174,9 +176,10 @@ def run_bench(
     try:
         for folder in folders:
             _bench_head(run, read_manifest(folder), variants, env, settings)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         run.interrupted = True
-        say(f"interrupted: keeping the {len(run.cases)} finished case(s)")
+        run.exit_code = 143 if isinstance(stop, Terminated) else 130
+        say(f"{'terminated' if run.exit_code == 143 else 'interrupted'}: keeping the {len(run.cases)} finished case(s)")
     return run
 
 

@@ -25,6 +25,7 @@ from btdeploy.hugepages import thp_mode
 from btdeploy.model.configs import build_config
 from btdeploy.model.heads import HEADS
 from btdeploy.model.inputs import sample_inputs
+from btdeploy.signals import Terminated
 
 
 def test_statistics_of_known_samples() -> None:
@@ -205,7 +206,10 @@ def test_bench_writes_every_report(tiny_export: Path, tmp_path: Path) -> None:
     assert (read_manifest(tiny_export / "itm").folder / "hf-optimizer" / "model.hf-optimizer.onnx").is_file()
 
 
-def test_interrupt_keeps_finished_cases(tiny_export: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("stop", "exit_code"), [(KeyboardInterrupt, 130), (Terminated, 143)])
+def test_interrupt_keeps_finished_cases(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, stop: type[KeyboardInterrupt], exit_code: int
+) -> None:
     calls = {"n": 0}
 
     class Interrupting:
@@ -213,15 +217,15 @@ def test_interrupt_keeps_finished_cases(tiny_export: Path, monkeypatch: pytest.M
 
         def run(self, feeds: dict) -> dict:
             calls["n"] += 1
-            if calls["n"] > 2:  # warm-up + one round of the first case, then Ctrl-C
-                raise KeyboardInterrupt
+            if calls["n"] > 2:  # warm-up + one round of the first case, then Ctrl-C or SIGTERM
+                raise stop
             return {}
 
     fake = Variant("fake", "torch", "fp32", lambda m, e: None, lambda m, e: Interrupting())  # type: ignore[arg-type, return-value]
     monkeypatch.setitem(VARIANTS, "fake", fake)
     settings = BenchSettings(batch_sizes=(1, 2), text_lengths=(4,), warmup=1, iters=1, threads=1)
     run = run_bench(tiny_export, ["itm"], ["fake"], settings)
-    assert run.interrupted
+    assert run.interrupted and run.exit_code == exit_code
     assert [(c.batch, c.text_length) for c in run.cases] == [(1, 4)]
     assert np.isfinite(run.cases[0].stats.median_ms)
 

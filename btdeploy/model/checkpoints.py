@@ -299,11 +299,17 @@ def load_head_model(source: ModelSource, head: HeadSpec) -> LoadedModel:
     Weights the checkpoint lacks are drawn with `randomize_` from the source's seed, so the
     model `check` rebuilds later is exactly the one that was exported.
     """
+    import torch
+
     config = _head_config(source, head)
     folder = source.checkpoint
     try:
+        # Always FP32, whatever dtype the weights were saved in (a fine-tune saved in bf16 or fp16):
+        # transformers would load them as saved, the export would write a bf16 graph ONNX Runtime
+        # cannot load, and the reference would not be the FP32 one every tolerance is measured from.
+        # Precision is decided later, in the graph (quantize).
         model, info = head.model_class_object().from_pretrained(
-            folder, config=config, attn_implementation="eager", output_loading_info=True
+            folder, config=config, attn_implementation="eager", output_loading_info=True, dtype=torch.float32
         )
     except OSError as error:
         raise BtDeployError(f"could not load weights from {folder}: {error}") from None

@@ -92,6 +92,32 @@ def test_non_default_config_exports_and_matches(
     assert runtime(**sample_inputs(runtime.config, 2, 5)).logits.shape == (2, 2)
 
 
+@pytest.mark.parametrize("saved_as", ["bfloat16", "float16"])
+def test_a_checkpoint_saved_in_half_precision_exports_an_fp32_graph(tmp_path: Path, saved_as: str) -> None:
+    """A fine-tune saved in bf16 or fp16: transformers loads it as saved, which had exported a bf16
+    graph ONNX Runtime refuses to load (and called it damaged). The reference is FP32 (the weights
+    widened exactly), so is the graph, and the check holds it to the FP32 floors."""
+    import shutil
+
+    import torch
+
+    from btdeploy.model.checkpoints import ensure_preset_checkpoint
+
+    preset = ensure_preset_checkpoint("tiny", 0)
+    model = HEADS["itm"].model_class_object().from_pretrained(preset, dtype=torch.float32)
+    folder = tmp_path / "fine-tune"
+    model.to(getattr(torch, saved_as)).save_pretrained(folder)
+    for name in preset.iterdir():  # the processor and tokenizer files
+        if name.suffix in {".json", ".txt"} and not (folder / name.name).exists():
+            shutil.copy(name, folder / name.name)
+    manifest = export_head(resolve_model(str(folder)), "itm", tmp_path / "out")
+    graph = onnx.load(str(manifest.folder / "model.onnx"))
+    weight_types = {onnx.TensorProto.DataType.Name(t.data_type) for t in graph.graph.initializer if t.dims}
+    assert "FLOAT" in weight_types and not weight_types & {"BFLOAT16", "FLOAT16"}, weight_types
+    rows = check_export(tmp_path / "out", batch_sizes=(2,), text_lengths=(7,))
+    assert rows and all(row.passed for row in rows), [(r.output, r.stats.max_abs) for r in rows]
+
+
 def test_a_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 

@@ -78,6 +78,23 @@ def session_options(threads: int | None = None, spin: bool = True) -> Any:
     return options
 
 
+def _load_problem(model_path: Path, error: Exception, version: str) -> str:
+    """Why ONNX Runtime refused a graph, and what to do. Bytes it cannot parse are a damaged file;
+    a graph it parses but cannot run (an operator, opset or type this ONNX Runtime lacks: a graph
+    made for a newer one, or not by btdeploy) would only be written the same way again."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if type(error).__name__ in {"InvalidProtobuf", "NoSuchFile"}:
+        return (
+            f"ONNX Runtime cannot load {model_path} ({first_line}); the file is damaged or incomplete: "
+            "export the head again"
+        )
+    return (
+        f"ONNX Runtime {version} cannot run {model_path} ({first_line}): the graph needs an operator, opset or "
+        "type this ONNX Runtime lacks; install the onnxruntime-gpu its manifest records (`versions`), "
+        "or make the graph again with btdeploy here"
+    )
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -105,11 +122,7 @@ class OnnxRuntimeBackend:
         try:
             self.session = ort.InferenceSession(source, sess_options=options, providers=self.providers)
         except Exception as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise BtDeployError(
-                f"ONNX Runtime cannot load {model_path} ({first_line}); the file is damaged or incomplete: "
-                "export the head again"
-            ) from None
+            raise BtDeployError(_load_problem(Path(model_path), error, ort.__version__)) from None
         self.output_names = output_names
         graph_outputs = {o.name for o in self.session.get_outputs()}
         lacking = [name for name in output_names if name not in graph_outputs]

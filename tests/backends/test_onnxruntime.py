@@ -50,3 +50,29 @@ def test_spin_false_keeps_the_workers_from_spinning_between_operators(tiny_expor
     spinning = _cpu_per_wall(OnnxRuntimeBackend(model, outputs, threads=2), feeds)
     sleeping = _cpu_per_wall(OnnxRuntimeBackend(model, outputs, threads=2, spin=False), feeds)
     assert sleeping < 0.85 * spinning, (sleeping, spinning)
+
+
+def test_a_graph_onnx_runtime_parses_but_cannot_run_is_not_called_damaged(tmp_path: Path) -> None:
+    """An operator this ONNX Runtime lacks (a graph made for a newer one): making it again the
+    same way would not help, so the message says what would; bytes it cannot parse are damaged."""
+    import onnx
+    import onnxruntime as ort
+    import pytest
+    from onnx import TensorProto, helper
+
+    from btdeploy.errors import BtDeployError
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    node = helper.make_node("Fused", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [value], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    onnx.save(model, str(tmp_path / "newer.onnx"))
+    with pytest.raises(BtDeployError) as refused:
+        OnnxRuntimeBackend(tmp_path / "newer.onnx", ["y"])
+    message = str(refused.value)
+    assert message.startswith(f"ONNX Runtime {ort.__version__} cannot run {tmp_path / 'newer.onnx'} (")
+    assert "com.example:Fused" in message and "install the onnxruntime-gpu its manifest records" in message
+    assert "damaged" not in message
+    (tmp_path / "cut.onnx").write_bytes(model.SerializeToString()[:-7])
+    with pytest.raises(BtDeployError, match=r"cannot load .*cut.onnx .*; the file is damaged or incomplete"):
+        OnnxRuntimeBackend(tmp_path / "cut.onnx", ["y"])

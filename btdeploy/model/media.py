@@ -60,6 +60,25 @@ def paired_files(
     return image_files(Path(images), images_option), read_captions(Path(texts), texts_option)
 
 
+# EXIF orientations (tag 0x0112) that turn the stored image a quarter: width and height swap.
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def upright_size(image: Any) -> tuple[int, int]:
+    """(width, height) as the image is shown, from its header alone (before decoding)."""
+    turned = image.getexif().get(0x0112) in _QUARTER_TURNS
+    return (image.height, image.width) if turned else (image.width, image.height)
+
+
+def upright_rgb(image: Any) -> Any:
+    """The decoded image as it is shown: turned as its EXIF orientation says (a phone stores a
+    portrait photo sideways with a tag), then RGB; what transformers' `load_image` and image
+    viewers give. Without it a photo reached the model on its side."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image).convert("RGB")
+
+
 def load_image(path: Path, image_processor: Any = None) -> Any:
     """An RGB PIL image, read fully so the file is closed; with `image_processor`, refused here
     if that processor cannot resize it (`resize_problem`)."""
@@ -71,7 +90,7 @@ def load_image(path: Path, image_processor: Any = None) -> Any:
         raise BtDeployError(f"image {path} is a folder: give one image file (rank --images takes a folder)")
     try:
         with Image.open(path) as image:
-            picture = image.convert("RGB")
+            picture = upright_rgb(image)
     except FileNotFoundError:
         raise BtDeployError(f"image {path} does not exist") from None
     except Image.DecompressionBombError as error:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.model.heads import get_head, match_probability
-from btdeploy.model.media import resize_problem, text_length_problem
+from btdeploy.model.media import resize_problem, text_length_problem, upright_rgb, upright_size
 from btdeploy.serve.protocol import RequestError
 
 MAX_IMAGE_PIXELS = 64_000_000  # a larger image is refused, not decoded (a decompression bomb)
@@ -133,10 +133,10 @@ def decode_image(data: bytes, index: int, image_processor: Any) -> Any:
                 raise RequestError(
                     413, f"image {index} is {image.width}x{image.height}: at most {MAX_IMAGE_PIXELS} pixels"
                 )
-            problem = resize_problem(image.width, image.height, image_processor)
+            problem = resize_problem(*upright_size(image), image_processor)
             if problem:
                 raise RequestError(400, f"image {index} {problem}")
-            return image.convert("RGB")
+            return upright_rgb(image)
     except RequestError:
         raise
     except Image.DecompressionBombError:  # PIL refuses it before its size can be read

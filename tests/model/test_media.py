@@ -66,6 +66,33 @@ def test_load_image_refuses_an_elongated_image_by_name(tmp_path: Path) -> None:
     assert load_image(banner, _image_processor(288, 32)).size == (400, 100)
 
 
+def _sideways_photo(path: Path) -> Image.Image:
+    """A portrait photo as a phone stores it: landscape pixels and EXIF orientation 6 (shown turned
+    a quarter clockwise). Returns what a viewer shows."""
+    stored = Image.fromarray((np.random.default_rng(5).random((20, 60, 3)) * 255).astype("uint8"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif)  # PNG: lossless, so pixels compare exactly
+    return stored.transpose(Image.Transpose.ROTATE_270)  # a quarter turn clockwise
+
+
+def test_a_photo_with_an_exif_orientation_is_read_upright(tmp_path: Path) -> None:
+    """As transformers' load_image and image viewers read it; before, a phone's portrait photo reached
+    the model (and calibration) on its side. The same in run and rank (files) and serve (bytes)."""
+    from btdeploy.serve.tasks import decode_image
+
+    shown = _sideways_photo(tmp_path / "portrait.png")
+    for picture in (
+        load_image(tmp_path / "portrait.png", _image_processor(64, 32)),
+        decode_image((tmp_path / "portrait.png").read_bytes(), 0, _image_processor(64, 32)),
+    ):
+        assert picture.size == (20, 60)
+        np.testing.assert_array_equal(np.asarray(picture), np.asarray(shown))
+    # An elongated photo is judged and named by the size it is shown at.
+    with pytest.raises(BtDeployError, match=r"portrait.png is 20x60 pixels, more than [0-9.]+ times as long"):
+        load_image(tmp_path / "portrait.png", _image_processor(32, 32))
+
+
 def test_caption_files_in_the_encodings_editors_save(tmp_path: Path) -> None:
     """A UTF-8 byte-order mark had become part of the first caption (tokenized as such), and a
     UTF-16 file ("Unicode" in Windows editors) had been read as NUL-riddled bytes."""

@@ -161,11 +161,15 @@ def test_the_preprocess_model_matches_the_processor(
     model = module.TritonPythonModel()
     config = {"parameters": {"max_text_length": {"string_value": "512"}}}
     model.initialize({"model_config": json.dumps(config)})
-    pictures = []
-    for seed in (0, 1):
+    pictures, shown = [], []
+    for seed, orientation in ((0, 1), (1, 6)):  # the second as a phone stores a portrait photo: turned by EXIF
+        stored = Image.fromarray((np.random.default_rng(seed).random((30, 40, 3)) * 255).astype("uint8"))
+        exif = Image.Exif()
+        exif[0x0112] = orientation
         buffer = io.BytesIO()
-        Image.fromarray((np.random.default_rng(seed).random((30, 40, 3)) * 255).astype("uint8")).save(buffer, "PNG")
+        stored.save(buffer, "PNG", exif=exif)
         pictures.append(buffer.getvalue())
+        shown.append(stored if orientation == 1 else stored.transpose(Image.Transpose.ROTATE_270))
     texts = [b"a cat on a mat", b"a dog"]
     good = {
         "IMAGE": np.array([[p] for p in pictures], dtype=object),
@@ -177,8 +181,7 @@ def test_the_preprocess_model_matches_the_processor(
     banner = {"IMAGE": np.array([[pictures[0]], [buffer.getvalue()]], dtype=object), "TEXT": good["TEXT"]}
     answer, refused, elongated = model.execute([good, bad, banner])
     processor = BridgeTowerProcessor.from_pretrained(tiny_export / "itm" / "processor")
-    images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pictures]
-    expected = processor(images, [t.decode() for t in texts], padding=True, return_tensors="np")
+    expected = processor(shown, [t.decode() for t in texts], padding=True, return_tensors="np")
     for name in ("input_ids", "attention_mask", "pixel_values"):
         np.testing.assert_array_equal(answer["outputs"][name], expected[name])
     assert refused["error"] == "IMAGE 0 is not an image file PIL can read"

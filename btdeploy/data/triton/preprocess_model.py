@@ -14,13 +14,14 @@ import triton_python_backend_utils as pb_utils
 
 def preprocess(processor, images, texts, limit):
     """input_ids, attention_mask and pixel_values for (image bytes, text) pairs; ValueError names a bad one."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     pictures = []
     for index, data in enumerate(images):
         try:
             with Image.open(io.BytesIO(bytes(data))) as image:
-                pictures.append(image.convert("RGB"))
+                # as shown, turned by its EXIF orientation (upright_rgb; this file runs without btdeploy)
+                pictures.append(ImageOps.exif_transpose(image).convert("RGB"))
         except Exception:
             raise ValueError(f"IMAGE {index} is not an image file PIL can read") from None
     captions = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -673,6 +674,11 @@ def reporting_failures(run: Callable[[], int | None], prog: str) -> int:
     except BtDeployError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of stdout is gone (`btdeploy check out | head`): nothing to report to anyone,
+        # and Python's final flush of stdout would fail again, so it goes to /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command its pipe ended
     except OSError as error:
         print(f"{prog}: error: {_describe_os_error(error)}", file=sys.stderr)
         return 2

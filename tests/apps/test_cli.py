@@ -196,6 +196,23 @@ def test_console_script_reports_errors_without_a_traceback(tmp_path: Path, modul
     assert "is neither a preset (tiny, base, large) nor a checkpoint folder" in result.stderr
 
 
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """`btdeploy doctor | head -1` where head has gone: exit 141 as a shell reports it, not an error
+    telling the user to check a path, and no traceback from Python's last flush of stdout."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "btdeploy", "doctor"], stdout=write_end, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr[-2000:]
+    assert result.stderr == ""
+
+
 def test_optimize_check_and_bench_the_flavours(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     assert main(["export", "--model", "tiny", "--heads", "itm", "--out", str(out)]) == 0

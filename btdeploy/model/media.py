@@ -35,12 +35,22 @@ def read_captions(path: Path, option: str) -> list[str]:
     if not path.is_file():
         raise BtDeployError(f"{option} {path} is not a file: give a text file with one caption per line")
     data = path.read_bytes()
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        text = data.decode("utf-16", errors="replace")  # as Windows editors save "Unicode"
-    elif b"\x00" in data[:65536]:  # text has no NUL bytes; images and archives do
+    utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))  # as Windows editors save "Unicode"
+    if not utf16 and b"\x00" in data[:65536]:  # text has no NUL bytes; images and archives do
         raise BtDeployError(f"{option} {path} is not a text file (it holds binary data): give one caption per line")
-    else:
-        text = data.decode("utf-8-sig", errors="replace")  # a byte-order mark is not part of the first caption
+    try:
+        text = data.decode("utf-16" if utf16 else "utf-8-sig")  # a byte-order mark is not part of the first caption
+    except UnicodeDecodeError as error:
+        # Replacing the bytes would score, check or calibrate on captions nobody wrote.
+        if utf16:
+            raise BtDeployError(
+                f"{option} {path} starts as UTF-16 but is cut or damaged ({error.reason}): save it again"
+            ) from None
+        line = data[: error.start].count(b"\n") + 1
+        raise BtDeployError(
+            f"{option} {path} is not UTF-8: line {line} holds {data[error.start : error.end]!r} "
+            f"({error.reason}); save the file as UTF-8 (an old editor may have saved it as Latin-1 or Windows-1252)"
+        ) from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise BtDeployError(f"{option} {path} has no captions: put one caption per line")

@@ -109,6 +109,17 @@ def test_caption_files_in_the_encodings_editors_save(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(image)
     with pytest.raises(BtDeployError, match="photo.png is not a text file \\(it holds binary data\\)"):
         read_captions(image, "--texts")
+    # Latin-1 / Windows-1252 from an old editor: its bytes had been replaced by U+FFFD, so the
+    # captions scored, checked and calibrated on were ones nobody wrote.
+    (tmp_path / "latin-1.txt").write_bytes("\r\n".join(captions).encode("latin-1"))
+    with pytest.raises(
+        BtDeployError,
+        match=r"latin-1.txt is not UTF-8: line 2 holds b'\\xfc' .*save the file as UTF-8",
+    ):
+        read_captions(tmp_path / "latin-1.txt", "--texts")
+    (tmp_path / "cut.txt").write_bytes("\n".join(captions).encode("utf-16")[:-1])
+    with pytest.raises(BtDeployError, match="cut.txt starts as UTF-16 but is cut or damaged"):
+        read_captions(tmp_path / "cut.txt", "--texts")
 
 
 def test_a_text_past_the_model_is_refused_without_transformers_warning_first() -> None:

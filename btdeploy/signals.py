@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -33,7 +34,13 @@ def sigterm_raises() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        _restore(signal.SIGTERM, previous)
+
+
+def _restore(signum: int, handler: Any) -> None:
+    # None: a handler set outside Python; Python's own defaults stand in for it
+    default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+    signal.signal(signum, default if handler is None else handler)
 
 
 class HeldStops:
@@ -64,6 +71,10 @@ class HeldStops:
             self._wakeup = None
 
 
+def _hold(_signum: int, _frame: FrameType | None) -> None:
+    pass
+
+
 @contextmanager
 def interrupts_deferred() -> Iterator[HeldStops]:
     """Ctrl-C and SIGTERM held until the block ends, then delivered. For native code that cannot
@@ -78,20 +89,18 @@ def interrupts_deferred() -> Iterator[HeldStops]:
     os.set_blocking(read_end, False)
     os.set_blocking(write_end, False)  # the C handler must never block
     held = HeldStops(read_end)
-
-    def hold(signum: int, _frame: FrameType | None) -> None:
-        held.signals.append(signum)
-
-    previous = {signum: signal.signal(signum, hold) for signum in STOP_SIGNALS}
+    # The pipe is set before the handlers change and unset after they are back, so that no stop
+    # between the two is lost: `_hold` only keeps Python's default from raising, the pipe records it.
     previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    previous: dict[signal.Signals, Any] = {}
     try:
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, _hold)
         yield held
     finally:
+        for stop, handler in previous.items():
+            _restore(stop, handler)
         signal.set_wakeup_fd(previous_wakeup)
-        for signum, handler in previous.items():
-            # None: a handler set outside Python; Python's own defaults stand in for it
-            default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
-            signal.signal(signum, default if handler is None else handler)
         held.close()
         os.close(read_end)
         os.close(write_end)

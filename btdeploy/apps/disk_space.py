@@ -12,6 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from btdeploy.artifacts.files import nearest_existing
 from btdeploy.artifacts.graph_names import STEMS, Flavour, Precision, graph_file
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import say
@@ -59,8 +60,7 @@ def require_disk_space(out: Path, plans: list[HeadPlan], split: bool) -> dict[st
     """Refuse, before any work, a run whose new graphs cannot fit on the disk of `out`; else what
     was estimated, for the run's record."""
     need, count = new_graph_bytes(out, plans, split)
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(nearest_existing(out)).free
     if need > free:
         raise BtDeployError(
             f"this run writes {count} new graph files to {out}, at least {size_text(need)}, and its disk has "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from btdeploy import hugepages
 from btdeploy.apps.disk_space import size_text
+from btdeploy.artifacts.files import nearest_existing
 from btdeploy.artifacts.graph_names import STEMS
 from btdeploy.artifacts.manifest import head_folders, package_version, read_manifest
 from btdeploy.backends.provider_probe import start_problem
@@ -69,10 +70,7 @@ def _checkpoint_cache() -> str:
             + " -> can be deleted"
         )
     parts.append("a preset not there is written on first use")
-    path = root
-    while not path.exists():
-        path = path.parent
-    parts.append(f"{size_text(shutil.disk_usage(path).free)} free")
+    parts.append(f"{size_text(shutil.disk_usage(nearest_existing(root)).free)} free")
     return "; ".join(parts)
 
 

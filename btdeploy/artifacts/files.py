@@ -46,6 +46,12 @@ def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest of its parents that exists: where a folder not yet made would go
+    (whose disk has the free space, whose permissions decide)."""
+    return next(p for p in (path, *path.absolute().parents) if p.exists())
+
+
 @contextmanager
 def staged_directory(final: Path, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `final`, on failure it is removed.

@@ -70,11 +70,14 @@ class BenchRun:
     settings: BenchSettings
     cases: list[CaseResult] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
-    interrupted: bool = False
     exit_code: int = 0  # 130 after Ctrl-C, 143 after SIGTERM: the finished cases are still reported
     machine: dict[str, Any] = field(default_factory=dict)
     matmul_peak_gflops: float = 0.0
     command: str = ""
+
+    @property
+    def interrupted(self) -> bool:
+        return self.exit_code != 0
 
     def percent_of_peak(self, case: CaseResult) -> float:
         return 100.0 * case.gflops_per_s / self.matmul_peak_gflops if self.matmul_peak_gflops else float("nan")
@@ -177,7 +180,6 @@ def run_bench(
         for folder in folders:
             _bench_head(run, read_manifest(folder), variants, env, settings)
     except KeyboardInterrupt as stop:
-        run.interrupted = True
         run.exit_code = 143 if isinstance(stop, Terminated) else 130
         say(f"{'terminated' if run.exit_code == 143 else 'interrupted'}: keeping the {len(run.cases)} finished case(s)")
     return run

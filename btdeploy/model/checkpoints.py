@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from btdeploy.artifacts.files import file_hashes, sha256_of_json, staged_directory
+from btdeploy.artifacts.files import file_hashes, nearest_existing, sha256_of_json, staged_directory
 from btdeploy.errors import BtDeployError
 from btdeploy.model.configs import PRESETS, build_config, validate_config
 from btdeploy.model.heads import CHECKPOINT_HEADS, HEADS, HeadSpec
@@ -175,9 +175,7 @@ def cached_checkpoints() -> list[CachedCheckpoint]:
 
 def cache_problem() -> str | None:
     """Why preset checkpoints cannot be written to the cache, or None."""
-    path = cache_dir()
-    while not path.exists():  # the nearest folder that exists is where the first one is made
-        path = path.parent
+    path = nearest_existing(cache_dir())  # where the first folder would be made
     if not path.is_dir():
         return f"{path} is a file"
     if not os.access(path, os.W_OK | os.X_OK):

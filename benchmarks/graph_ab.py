@@ -12,6 +12,14 @@ falls on both alike.
 Prints per shape the median over processes of each graph's median, their ratio (A / B: above 1,
 B is faster), the median of the ratios of neighbouring A and B processes, and the largest
 difference between the two graphs' outputs (both run once in one more process).
+
+Processes minutes apart also meet the VM in different phases (on a 2-core Zen 4 the same graph
+ran at 182 or 240 ms from one process to the next), which can hide a change of a few percent.
+With `--paired` each process builds both graphs (half of them A first, half B first; on 2 MB
+pages, where the build order effect was not seen) and times them round by round, A B then B A;
+it prints per shape the median of the per-round ratios A / B and how many rounds B won.
+
+    python benchmarks/graph_ab.py A.onnx B.onnx --head-dir DIR/itm --paired [--repeats 2] [--runs 30]
 """
 
 from __future__ import annotations
@@ -48,6 +56,42 @@ def _largest_difference(graphs: list[Path], head_dir: Path, shapes: list[str], t
     return worst
 
 
+def _paired_rounds(args: argparse.Namespace, shapes: list[str], order: str) -> dict[str, Any]:
+    """In a child: both graphs built in `order`, timed round by round; per shape each round's A / B."""
+    from btdeploy.bench.lone import WARMUP, shape_feeds
+    from btdeploy.bench.runner import time_case
+
+    built = {which: _backend(args.a if which == "A" else args.b, args.head_dir, args.threads) for which in order}
+    config = built["A"][1]
+    ratios = {}
+    for shape, feeds in shape_feeds(config, shapes).items():
+        samples, _, _ = time_case({which: built[which][0] for which in "AB"}, feeds, WARMUP, args.runs, None)
+        ratios[shape] = [a / b for a, b in zip(samples["A"], samples["B"], strict=True)]
+    return {"ratios": ratios}
+
+
+def _report_paired(args: argparse.Namespace, shapes: list[str], worst: dict[str, float]) -> None:
+    from btdeploy.bench.lone import run_child
+
+    ratios: dict[str, list[float]] = {shape: [] for shape in shapes}
+    for repeat in range(args.repeats):
+        order = "AB" if repeat % 2 == 0 else "BA"
+        got = run_child([*sys.argv, "--child", order])["ratios"]
+        for shape in shapes:
+            ratios[shape] += got[shape]
+        progress = ", ".join(f"{s} {statistics.median(got[s]):.3f}" for s in shapes)
+        print(f"process {repeat + 1}/{args.repeats} (built {order}): A / B {progress}", file=sys.stderr, flush=True)
+    print(f"A: {args.a}\nB: {args.b}")
+    print(f"both graphs in each of {args.repeats} processes (built A first, then B first, ...); "
+          f"{args.runs} rounds per shape in each")  # fmt: skip
+    print("| batch x length | A / B, median of rounds | rounds B won | max abs difference |")
+    print("|---|---:|---:|---:|")
+    for shape in shapes:
+        won = sum(r > 1 for r in ratios[shape])
+        print(f"| {shape.replace('x', ' x ')} | {statistics.median(ratios[shape]):.3f} "
+              f"| {won} of {len(ratios[shape])} | {worst[shape]:.2e} |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("a", type=Path)
@@ -57,7 +101,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8, help="processes per graph")
     parser.add_argument("--runs", type=int, default=8, help="timed runs per shape in each process")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--child", choices=["A", "B", "difference"], help=argparse.SUPPRESS)
+    parser.add_argument("--paired", action="store_true", help="both graphs in each process, round by round")
+    parser.add_argument("--child", choices=["A", "B", "AB", "BA", "difference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     shapes = args.shapes.split(",")
     if args.child == "difference":
@@ -65,6 +110,12 @@ def main() -> None:
         return
     from btdeploy.bench.lone import alternate, child_report, run_child
 
+    if args.child in ("AB", "BA"):
+        print(json.dumps(_paired_rounds(args, shapes, args.child)))
+        return
+    if args.paired:
+        _report_paired(args, shapes, run_child([*sys.argv, "--child", "difference"]))
+        return
     if args.child:
         backend, config = _backend(args.a if args.child == "A" else args.b, args.head_dir, args.threads)
         print(json.dumps(child_report(backend, config, shapes, args.runs)))

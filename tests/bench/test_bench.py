@@ -483,6 +483,22 @@ def test_graph_ab_times_each_graph_alone_and_alternates(optimized: Path) -> None
     _assert_memory_rows(_table(done.stdout, "graph"), ["A", "B"])
 
 
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+def test_graph_ab_paired_times_both_graphs_in_each_process_in_both_build_orders(optimized: Path) -> None:
+    head = optimized / "itm"
+    done = run_benchmark("graph_ab.py", head / "model.onnx", head / "model.ort.onnx", "--head-dir", head, "--shapes",
+                         "1x4,2x5", "--repeats", 2, "--runs", 3, "--threads", 1, "--paired", timeout=300)  # fmt: skip
+    orders = [line.split("(built ")[1][:2] for line in done.stderr.splitlines() if line.startswith("process ")]
+    assert orders == ["AB", "BA"]
+    rows = _table(done.stdout, "batch x length")
+    assert [row[0] for row in rows] == ["1 x 4", "2 x 5"]
+    for _, ratio, won, difference in rows:
+        assert 0.2 < float(ratio) < 5
+        wins, of, rounds = won.split()
+        assert of == "of" and int(rounds) == 6 and 0 <= int(wins) <= 6  # 3 rounds in each of 2 processes
+        assert 0 < float(difference) < 1e-4
+
+
 def _assert_memory_rows(rows: list[list[str]], names: list[str]) -> None:
     """Each child's resident memory as its kernel reported it: a session of the tiny model, so more
     than Python's own few MB and well under 2 GB, with no more on huge pages than resident."""

@@ -71,14 +71,23 @@ def _ops(model: onnx.ModelProto) -> list[str]:
 # --- attention ------------------------------------------------------------------------------
 
 
-def _attention_model(cross: bool, mask: bool, scale_constant: bool = True) -> onnx.ModelProto:
-    """The canonical exported block: projections, scale on Q, head reshapes, (mask), softmax."""
+def _attention_model(
+    cross: bool, mask: bool, scale_constant: bool = True, one_row: bool = False, projected: bool = False
+) -> onnx.ModelProto:
+    """The canonical exported block: projections, scale on Q, head reshapes, (mask), softmax; with
+    `one_row`, the query is row 0 of x (as the cls_rows pass leaves it); with `projected`, an
+    output projection MatMul + bias reads the block."""
     head = WIDTH // HEADS
     kv = "m" if cross else "x"
     inits = [*_weight("q"), *_weight("k"), *_weight("v")]
     inits += [_init("heads_shape", np.array([0, 0, HEADS, head])), _init("flat", np.array([0, 0, WIDTH]))]
     nodes = []
-    for name, source in (("q", "x"), ("k", kv), ("v", kv)):
+    query_source = "x"
+    if one_row:
+        inits += [_init("row_start", np.array([0])), _init("row_end", np.array([1])), _init("row_axis", np.array([1]))]
+        nodes.append(helper.make_node("Slice", ["x", "row_start", "row_end", "row_axis"], ["x_row0"]))
+        query_source = "x_row0"
+    for name, source in (("q", query_source), ("k", kv), ("v", kv)):
         nodes += [
             helper.make_node("MatMul", [source, f"{name}_w"], [f"{name}_mm"]),
             helper.make_node("Add", [f"{name}_mm", f"{name}_b"], [f"{name}_biased"]),
@@ -113,8 +122,14 @@ def _attention_model(cross: bool, mask: bool, scale_constant: bool = True) -> on
         helper.make_node("Softmax", [probs_in], ["probs"], axis=-1),
         helper.make_node("MatMul", ["probs", "v_t"], ["context"]),
         helper.make_node("Transpose", ["context"], ["merged"], perm=[0, 2, 1, 3]),
-        helper.make_node("Reshape", ["merged", "flat"], ["y"]),
+        helper.make_node("Reshape", ["merged", "flat"], ["y" if not projected else "context_flat"]),
     ]
+    if projected:
+        inits += _weight("o")
+        nodes += [
+            helper.make_node("MatMul", ["context_flat", "o_w"], ["o_mm"]),
+            helper.make_node("Add", ["o_b", "o_mm"], ["y"]),
+        ]
     if not scale_constant:
         inputs.append(_float("scale", []))
     return _model(nodes, inputs, ["y"], inits)
@@ -135,10 +150,50 @@ def test_attention_fuses_self_and_cross_blocks(cross: bool, mask: bool) -> None:
     model = _attention_model(cross, mask)
     fused, result = _rewrite(model, ATTENTION)
     assert result.fused == 1 and result.unmatched == []
-    assert result.details == {"self": int(not cross), "cross": int(cross)}
+    assert result.details == {"self": int(not cross), "cross": int(cross), "one_row_absorbed": 0}
     assert _ops(fused).count("Attention") == 1 and "Softmax" not in _ops(fused)
     feeds = _attention_feeds(cross, mask)
     np.testing.assert_allclose(_run(fused, feeds)[0], _run(model, feeds)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", [Flavour.ORT, Flavour.TRT])
+@pytest.mark.parametrize("projected", [False, True])
+def test_attention_drops_the_key_bias_and_moves_the_value_bias(flavour: Flavour, projected: bool) -> None:
+    # The softmax ignores q . bk, and p . (v + bv) = p . v + bv: no bias Add runs over the keys;
+    # bv joins the output projection's bias where one reads the block, else one Add on the context.
+    model = _attention_model(cross=True, mask=True, projected=projected)
+    fused, result = _rewrite(model, ATTENTION, flavour)
+    assert result.fused == 1
+    producers = {o: n for n in fused.graph.node for o in n.output}
+    attention = next(n for n in fused.graph.node if n.op_type == "Attention")
+    assert [producers[name].op_type for name in attention.input[:3]] == ["Add", "MatMul", "MatMul"]
+    assert _ops(fused).count("Add") == 2  # the query bias and, after the block, the value bias or bo + bv Wo
+    feeds = _attention_feeds(cross=True, mask=True)
+    np.testing.assert_allclose(_run(fused, feeds)[0], _run(model, feeds)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(("cross", "mask"), [(False, False), (False, True), (True, True), (True, False)])
+def test_a_one_row_query_attends_to_the_unprojected_keys_in_the_ort_flavour(cross: bool, mask: bool) -> None:
+    model = _attention_model(cross, mask, one_row=True, projected=True)
+    feeds = _attention_feeds(cross, mask)
+    expected = _run(model, feeds)[0]
+    assert expected.shape == (2, 1, WIDTH)
+    fused, result = _rewrite(model, ATTENTION, Flavour.ORT)
+    # Its query reads row 0 and its keys every row: counted as cross-attention, as cls_rows says.
+    assert result.details == {"self": 0, "cross": 1, "one_row_absorbed": 1}
+    # No projection of the keys' source remains: the Attention reads it as one head of its width.
+    source = "m" if cross else "x"
+    assert [n.op_type for n in fused.graph.node if source in n.input] == (
+        ["Unsqueeze"] if cross else ["Slice", "Unsqueeze"]
+    )
+    attention = next(n for n in fused.graph.node if n.op_type == "Attention")
+    assert attention.input[1] == attention.input[2]
+    np.testing.assert_allclose(_run(fused, feeds)[0], expected, atol=1e-5)
+    # The trt flavour keeps a K and a V projection per head.
+    standard, result = _rewrite(model, ATTENTION, Flavour.TRT)
+    assert result.details["one_row_absorbed"] == 0
+    assert sum(n.op_type == "MatMul" and source in n.input for n in standard.graph.node) == 2
+    np.testing.assert_allclose(_run(standard, feeds)[0], expected, atol=1e-5)
 
 
 def test_attention_says_why_a_block_does_not_match() -> None:

@@ -65,6 +65,17 @@ def test_cls_only_heads_compute_one_row_of_the_last_layer(optimized: Path, head:
     # of its attention blocks run for one query row. base and mlm read every row.
     assert cls_rows["fused"] == (4 if head in ("itm", "itc") else 0)
     assert cls_rows["nodes_after"] <= cls_rows["nodes_before"]
+    # In the ort flavour those four attend to their keys' source unprojected (no K/V projection
+    # of every key); the trt flavour keeps one K/V projection per head.
+    absorbed = passes["attention"]["details"]["one_row_absorbed"]
+    assert absorbed == (cls_rows["fused"] if flavour == "ort" else 0)
+    fused = onnx.load(str(optimized / head / f"model.{flavour}.onnx"), load_external_data=False)
+    producers = {o: n for n in fused.graph.node for o in n.output}
+    attention = [n for n in fused.graph.node if n.op_type == "Attention"]
+    key_sources = [producers[n.input[1]].op_type for n in attention]
+    assert key_sources.count("Unsqueeze") == absorbed
+    # No bias Add runs over the keys or values of any block.
+    assert {producers[name].op_type for n in attention for name in n.input[1:3]} <= {"MatMul", "Unsqueeze"}
 
 
 @pytest.mark.parametrize("flavour", ["ort", "trt"])

@@ -16,6 +16,15 @@ The `ort` flavour uses it too because it was the faster one on ONNX Runtime's CP
 on base ITM, batch 4, length 40, com.microsoft.Attention (packed QKV) + MultiHeadAttention
 cost 3.10 s of kernel time per run against 3.01 s for separate Q/K/V MatMuls + ONNX Attention
 (benchmarks/profile_ort.py).
+
+A block whose query is one row (the [CLS] row the cls_rows pass leaves in the last cross-modal
+layers) is fused in the `ort` flavour with its key and value projections absorbed: for one query
+q, q . (x Wk_h + bk_h) = (q Wk_h^T) . x + a constant the softmax ignores, and p . (x Wv_h + bv_h)
+= (p . x) Wv_h + bv_h since p sums to 1. So the Attention operator reads the source x itself as
+a single key/value head of the full width (multi-query attention), and the per-head weights move
+to two small products on the one row: the K and V projections of every key (on base, 325 image
+tokens x 768 x 768 each) are not computed. The trt flavour keeps one K/V projection per head:
+TensorRT's parsing of kv_num_heads < q_num_heads at head size 768 has not run.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.optimize.graph import Graph, attribute
-from btdeploy.optimize.passes.base import GraphPass, PassResult, scalar_operand, split_bias_add
+from btdeploy.optimize.passes.base import GraphPass, PassResult, row_wise, scalar_operand, split_bias_add
 
 TEXT_MASK_INPUT = "attention_mask"
 
@@ -203,29 +212,149 @@ class _MaskCache:
 
 
 def _fused(graph: Graph, block: AttentionBlock, masks: _MaskCache) -> list[onnx.NodeProto]:
-    nodes = [*block.q.nodes, *block.k.nodes, *block.v.nodes]
-    inputs = [block.q.biased, block.k.biased, block.v.biased]
+    # K and V enter without their biases (see _value_bias and the module docstring).
+    nodes = [*block.q.nodes, block.k.nodes[0], block.v.nodes[0]]
+    inputs = [block.q.biased, block.k.matmul_out, block.v.matmul_out]
     if block.mask is not None:
         mask, mask_nodes = masks.bool_for(block.q.biased)
         nodes += mask_nodes
         inputs.append(mask)
-    nodes.append(graph.make_node("Attention", inputs, [block.output], name="Attention",
+    context, value_bias = _value_bias(graph, block)
+    nodes.append(graph.make_node("Attention", inputs, [context], name="Attention",
                                  q_num_heads=block.heads, kv_num_heads=block.heads, scale=block.scale))  # fmt: skip
-    return nodes
+    return nodes + value_bias
+
+
+def _absorbed(graph: Graph, block: AttentionBlock, masks: _MaskCache) -> list[onnx.NodeProto]:
+    """A one-row block with its K/V projections folded into the query and the context (see the
+    module docstring): Attention over the unprojected source, one key/value head of its width."""
+    source, width = block.k.source, block.q.weight.shape[1]
+    head_size = width // block.heads
+    # [in, N*d] -> per head: Wk_h^T as [N, d, in], Wv_h as [N, in, d]
+    per_head = block.k.weight.reshape(-1, block.heads, head_size)
+    k_heads = graph.add_initializer("absorbed_wk", np.ascontiguousarray(per_head.transpose(1, 2, 0)))
+    v_heads = graph.add_initializer(
+        "absorbed_wv", np.ascontiguousarray(block.v.weight.reshape(-1, block.heads, head_size).transpose(1, 0, 2))
+    )
+    split_heads = graph.add_initializer("absorbed_heads", np.array([0, -1, block.heads, head_size], np.int64))
+    merged = graph.add_initializer("absorbed_merged", np.array([0, -1, width], np.int64))
+    axis1 = graph.add_initializer("absorbed_axis1", np.array([1], np.int64))
+    q = graph.make_node("Reshape", [block.q.biased, split_heads], name="absorbed_q_heads")
+    q_t = graph.make_node("Transpose", q.output, name="absorbed_q_bnsd", perm=[0, 2, 1, 3])
+    query = graph.make_node("MatMul", [q_t.output[0], k_heads], name="absorbed_query")
+    kv = graph.make_node("Unsqueeze", [source, axis1], name="absorbed_kv")
+    nodes = [*block.q.nodes, q, q_t, query, kv]
+    inputs = [query.output[0], kv.output[0], kv.output[0]]
+    if block.mask is not None:
+        mask, mask_nodes = masks.bool_for(block.q.biased)
+        nodes += mask_nodes
+        inputs.append(mask)
+    attention = graph.make_node("Attention", inputs, name="Attention", scale=block.scale)
+    context = graph.make_node("MatMul", [attention.output[0], v_heads], name="absorbed_context")
+    context_t = graph.make_node("Transpose", context.output, name="absorbed_context_bsnd", perm=[0, 2, 1, 3])
+    output, value_bias = _value_bias(graph, block)
+    flat = graph.make_node("Reshape", [context_t.output[0], merged], [output], name="absorbed_context_flat")
+    return [*nodes, attention, context, context_t, flat, *value_bias]
+
+
+def _value_bias(graph: Graph, block: AttentionBlock) -> tuple[str, list[onnx.NodeProto]]:
+    """Where the block's context (without the value bias) goes, and the nodes that add that bias.
+
+    The key bias is dropped: it adds q . bk to every score of a query alike, which the softmax
+    ignores. The value bias adds bv to every context row (the probabilities sum to 1), so where
+    the output projection MatMul(., Wo) + bo is the block's only reader it joins that bias as
+    bo + bv Wo and no Add over the keys or the context remains; otherwise one Add on the context."""
+    projection = graph.only_consumer(block.output)
+    weight = graph.constant(projection.input[1]) if projection is not None and projection.op_type == "MatMul" else None
+    reader = graph.only_consumer(projection.output[0]) if projection is not None and weight is not None else None
+    found = split_bias_add(graph, reader.output[0]) if reader is not None else None
+    if (
+        projection is None
+        or weight is None
+        or weight.ndim != 2
+        or found is None
+        or found[1] != projection.output[0]
+        or found[2].shape != (weight.shape[1],)
+    ):
+        context = graph.unique("attention_context")
+        bias = graph.add_initializer("value_bias", block.v.bias.astype(np.float32))
+        return context, [graph.make_node("Add", [context, bias], [block.output], name="value_bias")]
+    add, _, output_bias = found
+    folded = output_bias.astype(np.float64) + block.v.bias.astype(np.float64) @ weight.astype(np.float64)
+    index = 0 if graph.constant(add.input[0]) is not None else 1
+    add.input[index] = graph.add_initializer("output_bias_with_value_bias", folded.astype(np.float32))
+    return block.output, []
+
+
+def _is_slice_of_row0(graph: Graph, node: onnx.NodeProto) -> bool:
+    """Slice(x, [0], [1], [1]): row 0 of the token axis, as the cls_rows pass writes it."""
+    if node.op_type != "Slice" or len(node.input) < 4:
+        return False
+    values = [graph.constant(name) for name in node.input[1:4]]
+    if any(v is None or v.size != 1 for v in values):
+        return False
+    start, end, axis = (int(v.reshape(())) for v in values if v is not None)
+    return (start, end, axis) == (0, 1, 1)
+
+
+class _OneRow:
+    """Which tensors hold one token row: a row-0 Slice, what row-wise operators make from one, and
+    an attention block's output when its query is one row."""
+
+    def __init__(self, graph: Graph, blocks: dict[str, AttentionBlock]) -> None:
+        self.graph, self.blocks = graph, blocks
+        self.memo: dict[str, bool] = {}
+
+    def __call__(self, tensor: str) -> bool:
+        if tensor not in self.memo:
+            self.memo[tensor] = False  # a cycle cannot be one row; the graph is acyclic anyway
+            self.memo[tensor] = self._decide(tensor)
+        return self.memo[tensor]
+
+    def _decide(self, tensor: str) -> bool:
+        if tensor in self.blocks:
+            return self(self.blocks[tensor].q.source)
+        node = self.graph.producer.get(tensor)
+        if node is None:
+            return False
+        if _is_slice_of_row0(self.graph, node):
+            return True
+        activations = [name for name in node.input if name and self.graph.constant(name) is None]
+        return bool(activations) and all(row_wise(self.graph, node, name) and self(name) for name in activations)
 
 
 def fuse_attention(graph: Graph) -> PassResult:
+    return _fuse_attention(graph, absorb_one_row=False)
+
+
+def fuse_attention_absorbing_one_row(graph: Graph) -> PassResult:
+    return _fuse_attention(graph, absorb_one_row=True)
+
+
+def _fuse_attention(graph: Graph, absorb_one_row: bool) -> PassResult:
     result = PassResult("attention")
     masks = _MaskCache(graph)
-    details = {"self": 0, "cross": 0}
+    details = {"self": 0, "cross": 0, "one_row_absorbed": 0}
+    # Which blocks have a one-row query is decided on the unfused graph (fusing a block replaces
+    # the nodes the decision walks); the blocks are then matched again one by one, since every
+    # rewrite copies the graph's node objects.
+    blocks = {}
+    for softmax in graph.graph.node:
+        block = match(graph, softmax) if softmax.op_type == "Softmax" else None
+        if isinstance(block, AttentionBlock):
+            blocks[block.output] = block
+    one_row = _OneRow(graph, blocks)
+    absorbed = {output for output, block in blocks.items() if absorb_one_row and one_row(block.q.source)}
     for softmax in graph.each_once(lambda n: n.op_type == "Softmax"):
         block = match(graph, softmax)
         if isinstance(block, NoMatch):
             result.unmatched.append(f"{softmax.name}: {block.reason}")
             continue
-        fused = _fused(graph, block, masks)
+        one_row_query = block.output in absorbed
+        fused = _absorbed(graph, block, masks) if one_row_query else _fused(graph, block, masks)
         graph.replace(block.nodes + block.q.nodes + block.k.nodes + block.v.nodes, fused)
         details["self" if block.q.source == block.k.source else "cross"] += 1
+        details["one_row_absorbed"] += one_row_query
     if masks.nodes:
         graph.graph.node.extend(masks.nodes)
     if details["self"] + details["cross"]:
@@ -257,5 +386,9 @@ def count_canonical_attention(graph: Graph) -> PassResult:
 # targets parsers without it (TensorRT before 10.14).
 ATTENTION = GraphPass(
     "attention",
-    {Flavour.ORT: fuse_attention, Flavour.TRT: fuse_attention, Flavour.TRT_COMPAT: count_canonical_attention},
+    {
+        Flavour.ORT: fuse_attention_absorbing_one_row,
+        Flavour.TRT: fuse_attention,
+        Flavour.TRT_COMPAT: count_canonical_attention,
+    },
 )

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
-from btdeploy.optimize.graph import Graph
+from btdeploy.optimize.graph import Graph, attribute
 
 MS_DOMAIN = "com.microsoft"
 
@@ -68,3 +68,23 @@ def scalar_operand(graph: Graph, node: onnx.NodeProto) -> tuple[float, str] | No
         if value is not None and value.size == 1:
             return float(value.reshape(())), node.input[1 - index]
     return None
+
+
+# Operators whose output row r (axis 1) reads only row r of an input (see row_wise).
+ROW_WISE = {"LayerNormalization", "MatMul", "Add", "Mul", "Sub", "Div", "Erf", "Sigmoid", "Tanh", "Relu", "Gelu"}
+
+
+def row_wise(graph: Graph, node: onnx.NodeProto, tensor: str) -> bool:
+    """Row r of the output depends only on row r of `tensor` (for this input position)."""
+    if node.op_type not in ROW_WISE:
+        return False
+    if node.op_type == "LayerNormalization":
+        return attribute(node, "axis", -1) == -1 and node.input[0] == tensor
+    if node.op_type == "MatMul":
+        weight = graph.constant(node.input[1])
+        return node.input[0] == tensor and weight is not None and weight.ndim == 2
+    for name in node.input:
+        value = graph.constant(name)
+        if value is not None and value.ndim >= 2 and value.shape[-2] != 1:
+            return False  # a constant with a row axis would need slicing too
+    return True

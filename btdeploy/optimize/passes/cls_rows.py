@@ -21,9 +21,7 @@ import onnx
 
 from btdeploy.optimize.graph import Graph, attribute
 from btdeploy.optimize.passes.attention import AttentionBlock, match
-from btdeploy.optimize.passes.base import GraphPass, PassResult
-
-ROW_WISE = {"LayerNormalization", "MatMul", "Add", "Mul", "Sub", "Div", "Erf", "Sigmoid", "Tanh", "Relu", "Gelu"}
+from btdeploy.optimize.passes.base import ROW_WISE, GraphPass, PassResult, row_wise
 
 
 def _is_pooler(graph: Graph, node: onnx.NodeProto) -> bool:
@@ -31,22 +29,6 @@ def _is_pooler(graph: Graph, node: onnx.NodeProto) -> bool:
         return False
     index = graph.constant(node.input[1])
     return index is not None and index.size == 1 and int(index.reshape(())) == 0
-
-
-def _row_wise(graph: Graph, node: onnx.NodeProto, tensor: str) -> bool:
-    """Row r of the output depends only on row r of `tensor` (for this input position)."""
-    if node.op_type not in ROW_WISE:
-        return False
-    if node.op_type == "LayerNormalization":
-        return attribute(node, "axis", -1) == -1 and node.input[0] == tensor
-    if node.op_type == "MatMul":
-        weight = graph.constant(node.input[1])
-        return node.input[0] == tensor and weight is not None and weight.ndim == 2
-    for name in node.input:
-        value = graph.constant(name)
-        if value is not None and value.ndim >= 2 and value.shape[-2] != 1:
-            return False  # a constant with a row axis would need slicing too
-    return True
 
 
 class _RowZero:
@@ -86,7 +68,7 @@ class _RowZero:
         block = self.query_of.get(id(user))
         if block is not None and user.input[0] == tensor:
             return block.output in marked
-        return _row_wise(self.graph, user, tensor) and all(out in marked for out in user.output)
+        return row_wise(self.graph, user, tensor) and all(out in marked for out in user.output)
 
     def _emit(self, op_type: str, inputs: list[str], **attrs: Any) -> str:
         node = self.graph.make_node(op_type, inputs, name=f"cls_{op_type}", **attrs)
@@ -106,8 +88,7 @@ class _RowZero:
             result = self._attention(self.blocks[tensor])
         elif node is not None and tensor in self.only_row0 and node.op_type in ROW_WISE:
             inputs = [
-                self.row0(name) if g.constant(name) is None and _row_wise(g, node, name) else name
-                for name in node.input
+                self.row0(name) if g.constant(name) is None and row_wise(g, node, name) else name for name in node.input
             ]
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             result = self._emit(node.op_type, inputs, **attrs)

@@ -5,8 +5,9 @@ The ITM and contrastive heads read the last cross-modal layer of each stack thro
 attention, output projection and FFN of hundreds of image tokens whose results are discarded.
 This pass finds every tensor that is only ever read at row 0 (through row-wise operators, the
 pooler's `Gather(axis=1, index 0)`, or as the query of an attention block whose result is itself
-only read at row 0), and computes one row of it instead. Keys and values stay full; a tensor also
-needed in full elsewhere is sliced, so nothing is computed twice.
+only read at row 0), and computes one row of it instead. Keys and values stay full (the attention
+pass then spares their projections in the ort flavour); a tensor also needed in full elsewhere is
+sliced, so nothing is computed twice.
 
 It runs before the attention pass, on the canonical pattern, so the one-row attention blocks are
 fused like the others (as cross-attention: their query and key/value sources differ).

@@ -36,7 +36,14 @@ import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.optimize.graph import Graph, attribute
-from btdeploy.optimize.passes.base import GraphPass, PassResult, row_wise, scalar_operand, split_bias_add
+from btdeploy.optimize.passes.base import (
+    GraphPass,
+    PassResult,
+    bias_after,
+    row_wise,
+    scalar_operand,
+    split_bias_add,
+)
 
 TEXT_MASK_INPUT = "attention_mask"
 
@@ -266,23 +273,19 @@ def _value_bias(graph: Graph, block: AttentionBlock) -> tuple[str, list[onnx.Nod
     bo + bv Wo and no Add over the keys or the context remains; otherwise one Add on the context."""
     projection = graph.only_consumer(block.output)
     weight = graph.constant(projection.input[1]) if projection is not None and projection.op_type == "MatMul" else None
-    reader = graph.only_consumer(projection.output[0]) if projection is not None and weight is not None else None
-    found = split_bias_add(graph, reader.output[0]) if reader is not None else None
-    if (
-        projection is None
-        or weight is None
-        or weight.ndim != 2
-        or found is None
-        or found[1] != projection.output[0]
-        or found[2].shape != (weight.shape[1],)
-    ):
+    after = None
+    if projection is not None and weight is not None and weight.ndim == 2:
+        after = bias_after(graph, projection, weight.shape[1])
+    output_bias = graph.constant(after[1]) if after is not None else None
+    if weight is None or after is None or output_bias is None:
         context = graph.unique("attention_context")
         bias = graph.add_initializer("value_bias", block.v.bias.astype(np.float32))
         return context, [graph.make_node("Add", [context, bias], [block.output], name="value_bias")]
-    add, _, output_bias = found
     folded = output_bias.astype(np.float64) + block.v.bias.astype(np.float64) @ weight.astype(np.float64)
-    index = 0 if graph.constant(add.input[0]) is not None else 1
-    add.input[index] = graph.add_initializer("output_bias_with_value_bias", folded.astype(np.float32))
+    add, bias_name = after
+    add.input[list(add.input).index(bias_name)] = graph.add_initializer(
+        "output_bias_with_value_bias", folded.astype(np.float32)
+    )
     return block.output, []
 
 
@@ -331,20 +334,24 @@ def fuse_attention_absorbing_one_row(graph: Graph) -> PassResult:
     return _fuse_attention(graph, absorb_one_row=True)
 
 
-def _fuse_attention(graph: Graph, absorb_one_row: bool) -> PassResult:
-    result = PassResult("attention")
-    masks = _MaskCache(graph)
-    details = {"self": 0, "cross": 0, "one_row_absorbed": 0}
-    # Which blocks have a one-row query is decided on the unfused graph (fusing a block replaces
-    # the nodes the decision walks); the blocks are then matched again one by one, since every
-    # rewrite copies the graph's node objects.
+def _one_row_blocks(graph: Graph) -> set[str]:
+    """The outputs of the blocks whose query is one row. Decided on the unfused graph (fusing a
+    block replaces the nodes the decision walks); the fusion then matches each block again, since
+    every rewrite copies the graph's node objects."""
     blocks = {}
     for softmax in graph.graph.node:
         block = match(graph, softmax) if softmax.op_type == "Softmax" else None
         if isinstance(block, AttentionBlock):
             blocks[block.output] = block
     one_row = _OneRow(graph, blocks)
-    absorbed = {output for output, block in blocks.items() if absorb_one_row and one_row(block.q.source)}
+    return {output for output, block in blocks.items() if one_row(block.q.source)}
+
+
+def _fuse_attention(graph: Graph, absorb_one_row: bool) -> PassResult:
+    result = PassResult("attention")
+    masks = _MaskCache(graph)
+    details = {"self": 0, "cross": 0, "one_row_absorbed": 0}
+    absorbed = _one_row_blocks(graph) if absorb_one_row else set()
     for softmax in graph.each_once(lambda n: n.op_type == "Softmax"):
         block = match(graph, softmax)
         if isinstance(block, NoMatch):

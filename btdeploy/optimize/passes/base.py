@@ -61,6 +61,18 @@ def split_bias_add(graph: Graph, name: str) -> tuple[onnx.NodeProto, str, np.nda
     return None
 
 
+def bias_after(graph: Graph, matmul: onnx.NodeProto, columns: int) -> tuple[onnx.NodeProto, str] | None:
+    """The Add(MatMul, 1-D bias of the output's width) that is the MatMul's only reader, if any."""
+    add = graph.only_consumer(matmul.output[0])
+    if add is None or add.op_type != "Add":
+        return None
+    found = split_bias_add(graph, add.output[0])
+    if found is None or found[1] != matmul.output[0] or found[2].shape != (columns,):
+        return None
+    bias = next(name for name in add.input if name != matmul.output[0])
+    return add, bias
+
+
 def scalar_operand(graph: Graph, node: onnx.NodeProto) -> tuple[float, str] | None:
     """For a binary node with one scalar constant operand: (that scalar, the other input)."""
     for index in (0, 1):

@@ -22,7 +22,7 @@ import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.optimize.graph import Graph
-from btdeploy.optimize.passes.base import MS_DOMAIN, GraphPass, PassResult, split_bias_add
+from btdeploy.optimize.passes.base import MS_DOMAIN, GraphPass, PassResult, bias_after
 from btdeploy.optimize.passes.integer_width import pad_integer_widths, unpad_integer_widths
 
 INTEGER_MATMUL = "MatMulIntegerToFloat"
@@ -31,18 +31,6 @@ INTEGER_MATMUL = "MatMulIntegerToFloat"
 def _dequantized(graph: Graph, name: str) -> onnx.NodeProto | None:
     node = graph.producer.get(name)
     return node if node is not None and node.op_type == "DequantizeLinear" and len(node.input) == 3 else None
-
-
-def _bias_after(graph: Graph, matmul: onnx.NodeProto, columns: int) -> tuple[onnx.NodeProto, str] | None:
-    """The Add(MatMul, 1-D bias of the output's width) that is the MatMul's only reader, if any."""
-    add = graph.only_consumer(matmul.output[0])
-    if add is None or add.op_type != "Add":
-        return None
-    found = split_bias_add(graph, add.output[0])
-    if found is None or found[1] != matmul.output[0] or found[2].shape != (columns,):
-        return None
-    bias = next(name for name in add.input if name != matmul.output[0])
-    return add, bias
 
 
 def lower_to_integer_matmuls(graph: Graph) -> PassResult:
@@ -65,7 +53,7 @@ def lower_to_integer_matmuls(graph: Graph) -> PassResult:
         inputs = [activation.input[0], weight.input[0], activation.input[1], weight.input[1],
                   activation.input[2], weight.input[2]]  # fmt: skip
         remove, output = [matmul], matmul.output[0]
-        bias = _bias_after(graph, matmul, int(stored.dims[1]))
+        bias = bias_after(graph, matmul, int(stored.dims[1]))
         if bias is not None:
             add, bias_name = bias
             inputs.append(bias_name)

@@ -20,6 +20,7 @@ from btdeploy.optimize.passes.gelu import GELU
 from btdeploy.optimize.passes.integer_matmul import INTEGER_MATMULS
 from btdeploy.optimize.passes.layernorm import BRIDGE_LAYERNORM, RESIDUAL_LAYERNORM
 from btdeploy.optimize.passes.qdq_islands import QDQ_ISLANDS
+from btdeploy.optimize.passes.shared_weights import SHARED_WEIGHTS
 
 WIDTH, HEADS = 8, 2
 RNG = np.random.default_rng(7)
@@ -274,7 +275,7 @@ def test_gelu_and_quick_gelu(flavour: Flavour, ops: list[str]) -> None:
 # --- cleanup and [CLS] rows -----------------------------------------------------------------
 
 
-def test_cleanup_reads_shared_weights_directly_and_drops_dead_nodes() -> None:
+def test_shared_weights_are_read_directly_and_cleanup_drops_dead_nodes() -> None:
     inits = _weight("shared")
     nodes = [
         helper.make_node("Identity", ["shared_w"], ["copy"]),
@@ -282,9 +283,12 @@ def test_cleanup_reads_shared_weights_directly_and_drops_dead_nodes() -> None:
         helper.make_node("Relu", ["h"], ["dead"]),
     ]
     model = _model(nodes, [_float("h", ["b", WIDTH])], ["y"], inits)
-    cleaned, result = _rewrite(model, CLEANUP)
+    direct, shared = _rewrite(model, SHARED_WEIGHTS)
+    assert _ops(direct) == ["Identity", "MatMul", "Relu"] and direct.graph.node[1].input[1] == "shared_w"
+    assert shared.details == {"weight_identities_bypassed": 1} and shared.fused == 1
+    cleaned, result = _rewrite(direct, CLEANUP)
     assert _ops(cleaned) == ["MatMul"] and cleaned.graph.node[0].input[1] == "shared_w"
-    assert result.details["weight_identities_bypassed"] == 1 and result.details["nodes_removed"] == 2
+    assert result.details["nodes_removed"] == 2
     assert result.details["initializers_removed"] == 1  # the unused bias
     feeds = {"h": RNG.standard_normal((2, WIDTH)).astype(np.float32)}
     np.testing.assert_allclose(_run(cleaned, feeds)[0], _run(model, feeds)[0], atol=1e-6)

@@ -90,7 +90,35 @@ def test_shared_weights_are_read_without_identity_copies(optimized: Path, flavou
     initializers = {t.name for t in model.graph.initializer}
     assert [n.name for n in model.graph.node if n.op_type == "Identity" and n.input[0] in initializers] == []
     passes = {p["name"]: p for p in read_manifest(optimized / "itm").data["optimized"][flavour]["passes"]}
-    assert passes["shape/constant cleanup"]["details"]["weight_identities_bypassed"] == len(copies)
+    assert passes["shared weights"]["details"]["weight_identities_bypassed"] == len(copies)
+
+
+def test_a_checkpoint_saved_right_after_initialisation_fuses_every_block(tmp_path: Path) -> None:
+    # transformers initialises every bias to zeros and every LayerNorm weight to ones; the exporter
+    # then reads all equal weights through Identity copies of one tensor, and the fusions, which
+    # find a projection's bias only as a constant, fused no attention block of such a checkpoint.
+    import torch
+    from transformers import BridgeTowerForImageAndTextRetrieval
+
+    from btdeploy.export.exporter import export_head
+    from btdeploy.model.checkpoints import resolve_model
+    from btdeploy.model.configs import build_config
+
+    torch.manual_seed(0)
+    BridgeTowerForImageAndTextRetrieval(build_config("tiny")).save_pretrained(tmp_path / "fresh")
+    export_head(resolve_model(str(tmp_path / "fresh")), "itm", tmp_path / "out")
+    plain = onnx.load(str(tmp_path / "out" / "itm" / "model.onnx"))
+    initializers = {t.name for t in plain.graph.initializer}
+    copies = [n for n in plain.graph.node if n.op_type == "Identity" and n.input[0] in initializers]
+    expected = HEADS["itm"].attention_blocks(read_manifest(tmp_path / "out" / "itm").config)
+    assert len(copies) > 3 * expected, "the exporter no longer shares equal weights: this test checks nothing"
+    for flavour in ("ort", "trt", "trt-compat"):
+        summary = optimize_head(tmp_path / "out" / "itm", flavour)
+        assert summary["attention_fused"] == summary["attention_expected"] == expected, flavour
+        assert summary["bridges_fused"] == HEADS["itm"].bridges(read_manifest(tmp_path / "out" / "itm").config)
+    for flavour in ("ort", "trt"):
+        rows = check_export(tmp_path / "out", batch_sizes=(2,), text_lengths=(7,), flavour=flavour)
+        assert rows and all(row.passed for row in rows), flavour
 
 
 @pytest.mark.parametrize("flavour", ["ort", "trt"])

@@ -12,12 +12,22 @@ from btdeploy.optimize.passes.cleanup import CLEANUP
 from btdeploy.optimize.passes.cls_rows import CLS_ROWS
 from btdeploy.optimize.passes.gelu import GELU
 from btdeploy.optimize.passes.layernorm import BRIDGE_LAYERNORM, RESIDUAL_LAYERNORM
+from btdeploy.optimize.passes.shared_weights import SHARED_WEIGHTS
 
-# Order matters: [CLS]-only rows first (it rewrites the canonical pattern, which the attention
+# Order matters: shared weights first (every other pass finds weights and biases as constants
+# only), [CLS]-only rows next (it rewrites the canonical pattern, which the attention
 # pass then fuses), attention next (it reads the raw bias Adds of the Q/K/V projections),
 # then the Add+LayerNorm pairs (which fold the remaining dense biases), then GELU (which
 # folds the FFN's first bias), then cleanup of whatever lost its last user.
-PASSES: tuple[GraphPass, ...] = (CLS_ROWS, ATTENTION, BRIDGE_LAYERNORM, RESIDUAL_LAYERNORM, GELU, CLEANUP)
+PASSES: tuple[GraphPass, ...] = (
+    SHARED_WEIGHTS,
+    CLS_ROWS,
+    ATTENTION,
+    BRIDGE_LAYERNORM,
+    RESIDUAL_LAYERNORM,
+    GELU,
+    CLEANUP,
+)
 
 # The opset each flavour's graphs are written in: ort and trt use the ONNX Attention operator
 # (opset 23); trt-compat keeps the export's opset (17, at most 20 for TensorRT 10.3's parser).

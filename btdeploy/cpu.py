@@ -18,6 +18,10 @@ INSTRUCTION_SETS = (
 # The instructions that multiply bfloat16 natively. Without them bf16 runs through FP32 conversions,
 # slower than FP32 itself, so bf16 is offered on a CPU (the reference, OpenVINO) only with one of them.
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
+# The instruction sets with which ONNX Runtime's uint8 x int8 GEMMs sum every product in 32 bits.
+# Without them its kernel adds two neighbouring products in a 16-bit integer that saturates
+# (vpmaddubsw), so the ort INT8 graphs answer differently there (benchmarks/u8s8_saturation.py).
+EXACT_INTEGER_SUMS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
 def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
@@ -50,6 +54,12 @@ def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     """The instruction sets of NATIVE_BF16 this CPU has (empty: bf16 would be emulated)."""
     flags = cpu_description(cpuinfo)["flags"]
     return [flag for flag in NATIVE_BF16 if flag in flags]
+
+
+def exact_integer_sums(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The instruction sets of EXACT_INTEGER_SUMS this CPU has (empty: saturating 16-bit pair sums)."""
+    flags = cpu_description(cpuinfo)["flags"]
+    return [flag for flag in EXACT_INTEGER_SUMS if flag in flags]
 
 
 def bf16_problem(engine: str) -> str | None:

@@ -14,7 +14,7 @@ from btdeploy.artifacts.manifest import head_folders, package_version, read_mani
 from btdeploy.backends.provider_probe import start_problem
 from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.backends.tensorrt.environment import INSTALL_TENSORRT, WHERE
-from btdeploy.cpu import NATIVE_BF16, describe_cpu, native_bf16
+from btdeploy.cpu import EXACT_INTEGER_SUMS, NATIVE_BF16, describe_cpu, exact_integer_sums, native_bf16
 from btdeploy.model.checkpoints import cache_dir, cache_problem, cached_checkpoints
 
 
@@ -128,6 +128,15 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
         f"{bf16_line} yes ({', '.join(bf16)})"
         if bf16
         else f"{bf16_line} no (needs {' or '.join(NATIVE_BF16)}; emulated, it would be slower than FP32)"
+    )
+    exact = exact_integer_sums()
+    int8_line = "  INT8 on ONNX Runtime's CPU kernels (the ort int8 graphs):"
+    lines.append(
+        f"{int8_line} yes, every product summed in 32 bits ({', '.join(exact)})"
+        if exact
+        else f"{int8_line} yes, but without {', '.join(EXACT_INTEGER_SUMS)} pairs of products are summed in "
+        "saturating 16-bit integers, so answers differ from a VNNI machine's: check the INT8 graphs here "
+        "(btdeploy check DIR --flavour ort --precision int8)"
     )
     if not found:
         lines.append("  ONNX Runtime CUDA: no (needs an NVIDIA GPU)")

@@ -227,6 +227,27 @@ def test_doctor_says_whether_the_reference_runs_bf16_on_this_cpu(monkeypatch: py
     assert any(line.startswith(refused) for line in doctor.doctor_report()[0])
 
 
+def test_exact_integer_sums_are_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    from btdeploy.cpu import exact_integer_sums
+
+    zen3 = tmp_path / "zen3"
+    zen3.write_text("model name\t: AMD EPYC 7763\nflags\t\t: fpu sse2 avx avx2 fma f16c\n")
+    vnni = tmp_path / "vnni"
+    vnni.write_text("model name\t: AMD EPYC 9654\nflags\t\t: avx avx2 fma avx512f avx512_vnni\n")
+    assert exact_integer_sums(zen3) == [] and exact_integer_sums(vnni) == ["avx512_vnni"]
+
+
+def test_doctor_says_what_int8_sums_this_cpu_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from btdeploy.apps import doctor
+
+    monkeypatch.setattr(doctor, "exact_integer_sums", lambda: ["avx512_vnni"])
+    line = "  INT8 on ONNX Runtime's CPU kernels (the ort int8 graphs): yes, every product summed in 32 bits"
+    assert f"{line} (avx512_vnni)" in doctor.doctor_report()[0]
+    monkeypatch.setattr(doctor, "exact_integer_sums", lambda: [])
+    saturating = [line for line in doctor.doctor_report()[0] if "saturating 16-bit" in line]
+    assert len(saturating) == 1 and "btdeploy check DIR --flavour ort --precision int8" in saturating[0]
+
+
 def test_doctor_says_why_a_listed_cuda_provider_does_not_start(
     monkeypatch: pytest.MonkeyPatch, no_tensorrt: None
 ) -> None:

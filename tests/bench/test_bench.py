@@ -667,3 +667,39 @@ def test_the_bench_names_the_gpu_the_backends_found(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(machine, "gpu", lambda: ("NVIDIA H200", (9, 0)))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=143771 * 2**20))
     assert machine.gpu_description() == {"name": "NVIDIA H200", "memory_gb": 140.4, "sm": "90"}
+
+
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+def test_u8s8_saturation_emulates_the_integer_sums_of_this_cpu(optimized: Path, tmp_path: Path) -> None:
+    # ONNX Runtime's u8 x s8 GEMMs sum exactly with VNNI or AMX and in saturating int16 pairs
+    # without (AVX2). The script emulates both; ONNX Runtime here must match the emulation of this
+    # CPU's class, so the other emulation is what the other class of CPU runs.
+    import shutil
+
+    from btdeploy.cpu import exact_integer_sums
+    from btdeploy.quantize.quantizer import quantize_head
+
+    head = tmp_path / "itm"
+    shutil.copytree(optimized / "itm", head)
+    quantize_head(head, "int8", "ort", calib_size=4, announce_generated=False)
+    quantize_head(head, "int8-dynamic", "ort", announce_generated=False)
+    report = tmp_path / "saturation.json"
+    run_benchmark("u8s8_saturation.py", head, "--shapes", "1x5,3x12", "--json", report, timeout=300)
+    data = json.loads(report.read_text())
+    exact_here = bool(exact_integer_sums())
+    assert data["exact_sums_here"] == exact_here
+    assert [(r["graph"], r["integer_sums"]) for r in data["rows"]] == [
+        (graph, kind)
+        for graph in ("ort.int8", "ort.int8-dynamic")
+        for kind in ("onnxruntime here", "exact (VNNI, AMX)", "saturating (AVX2)")
+    ]
+    # Both kinds of CPU get graphs within the INT8 floors.
+    assert all(r["passed"] for r in data["rows"]), [r["missed"] for r in data["rows"]]
+    static, dynamic = data["agreement"]
+    assert static["saturated_pairs"] > 0 and dynamic["saturated_pairs"] > 0  # saturation really happens
+    assert static["exact_vs_saturating"] > 1e-4
+    # The static graph's activations are quantized the same way by both engines, so ONNX Runtime's
+    # answers sit on the emulation of this CPU's kernel (the dynamic graph's run-time ranges round
+    # differently in ONNX Runtime's fused operator, so its answers sit between the two).
+    here, other = ("exact", "saturating") if exact_here else ("saturating", "exact")
+    assert static[f"onnxruntime_vs_{here}"] < 0.25 * static[f"onnxruntime_vs_{other}"], static

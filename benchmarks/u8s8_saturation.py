@@ -31,10 +31,12 @@ from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
 from btdeploy.cli import script_entry
 from btdeploy.cpu import describe_cpu, exact_integer_sums
 from btdeploy.errors import BtDeployError
+from btdeploy.model.configs import max_text_length
 from btdeploy.model.heads import get_head
 from btdeploy.verify.parity import ParityRow, check_head, generated_batches, shortfalls
 
 INT16 = (-32768, 32767)
+INTEGER_GRAPHS = ("ort.int8", "ort.int8-dynamic")
 
 
 class SaturationCount:
@@ -184,14 +186,27 @@ def main(argv: list[str] | None = None) -> None:
     manifest = read_manifest(args.head_dir)
     head = get_head(manifest.head)
     names = list(head.output_names)
-    shapes = [(int(b), int(n)) for b, n in (shape.split("x") for shape in args.shapes.split(","))]
+    try:
+        shapes = [(int(b), int(n)) for b, n in (shape.split("x") for shape in args.shapes.split(","))]
+    except ValueError:
+        raise BtDeployError(f"--shapes {args.shapes!r}: give batch x text length, e.g. 1x5,3x40") from None
+    limit = max_text_length(manifest.config)
+    if any(b < 1 or not 1 <= n <= limit for b, n in shapes):
+        raise BtDeployError(f"--shapes {args.shapes}: batch at least 1, text length 1..{limit}")
+    graphs = args.graphs.split(",")
+    others = [g for g in graphs if g not in INTEGER_GRAPHS]
+    if others:
+        raise BtDeployError(
+            f"--graphs {','.join(others)}: only {' and '.join(INTEGER_GRAPHS)} hold ONNX Runtime's integer GEMMs "
+            "(the trt graphs hold Q/DQ, which ONNX Runtime fuses on its own)"
+        )
     exact_here = exact_integer_sums()
     print(f"CPU: {describe_cpu()}")
     sums = f"exact ({', '.join(exact_here)})" if exact_here else "saturating"
     print(f"ONNX Runtime's u8 x s8 sums here: {sums}")
     reference = OnnxRuntimeBackend(manifest.graph_path(), names, ["cpu"])
     results, agreement = [], []
-    for graph in args.graphs.split(","):
+    for graph in graphs:
         flavour, precision = graph.split(".", 1)
         path = manifest.graph_path(Flavour(flavour), Precision(precision))
         candidates = {

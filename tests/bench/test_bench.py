@@ -703,3 +703,12 @@ def test_u8s8_saturation_emulates_the_integer_sums_of_this_cpu(optimized: Path, 
     # differently in ONNX Runtime's fused operator, so its answers sit between the two).
     here, other = ("exact", "saturating") if exact_here else ("saturating", "exact")
     assert static[f"onnxruntime_vs_{here}"] < 0.25 * static[f"onnxruntime_vs_{other}"], static
+    # Only the ort INT8 graphs hold integer GEMMs; anything else is refused in one line.
+    import subprocess
+    import sys
+
+    for bad, said in (("--graphs=trt.int8", "only ort.int8 and ort.int8-dynamic"), ("--shapes=1x999", "1..")):
+        done = subprocess.run(
+            [sys.executable, str(BENCHMARKS / "u8s8_saturation.py"), str(head), bad], capture_output=True, text=True
+        )
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr

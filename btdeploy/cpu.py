@@ -50,16 +50,19 @@ def describe_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return f"{cpu['model']}, {cpu['logical_cores']} logical cores; {flags}"
 
 
+def _has(wanted: tuple[str, ...], cpuinfo: Path) -> list[str]:
+    flags = cpu_description(cpuinfo)["flags"]
+    return [flag for flag in wanted if flag in flags]
+
+
 def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     """The instruction sets of NATIVE_BF16 this CPU has (empty: bf16 would be emulated)."""
-    flags = cpu_description(cpuinfo)["flags"]
-    return [flag for flag in NATIVE_BF16 if flag in flags]
+    return _has(NATIVE_BF16, cpuinfo)
 
 
 def exact_integer_sums(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     """The instruction sets of EXACT_INTEGER_SUMS this CPU has (empty: saturating 16-bit pair sums)."""
-    flags = cpu_description(cpuinfo)["flags"]
-    return [flag for flag in EXACT_INTEGER_SUMS if flag in flags]
+    return _has(EXACT_INTEGER_SUMS, cpuinfo)
 
 
 def bf16_problem(engine: str) -> str | None:

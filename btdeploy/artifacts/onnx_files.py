@@ -10,6 +10,7 @@ import onnx
 from google.protobuf.message import EncodeError
 
 from btdeploy.artifacts.files import sha256_of
+from btdeploy.artifacts.streamed_proto import encoded_size, write_encoded
 from btdeploy.errors import BtDeployError
 
 PROTOBUF_LIMIT = 2**31 - 1  # one ONNX protobuf file cannot exceed 2 GB
@@ -102,10 +103,10 @@ class GraphBatch:
 
 
 def serialized_bytes(model: onnx.ModelProto) -> int:
-    """The model's size as one protobuf, or past the 2 GB limit where protobuf cannot even measure it
-    (ByteSize raises on a message it could not serialize: every large graph in memory)."""
+    """The model's size as one protobuf, or past the 2 GB limit where protobuf cannot measure a part
+    of it (ByteSize raises on a message it could not serialize)."""
     try:
-        return int(model.ByteSize())
+        return encoded_size(model)
     except EncodeError:
         return PROTOBUF_LIMIT + 1
 
@@ -130,7 +131,8 @@ def _write_temporary(model: onnx.ModelProto, path: Path) -> list[tuple[Path, Pat
                         entry.value = final_data.name
             onnx.save_model(saved, tmp)
         else:
-            onnx.save_model(model, tmp)
+            with open(tmp, "wb") as stream:
+                write_encoded(model, stream)
         os.chmod(tmp, 0o644)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -40,23 +40,39 @@ def lean_conversion() -> Iterator[None]:
     run), and its dead-node cleanup finds the consumed tensors in one pass instead of one scan
     of the graph per node output (quadratic: half of convert_to_f16's time on the unfused
     trt-compat graph), and so does its removal of redundant Casts (btdeploy/quantize/redundant_casts.py).
-    The graph is the same, byte for byte (tests)."""
+    The graph is the same, byte for byte (tests), except that the Casts of a graph's inputs come
+    in the order of their names: AutoCast lists the tensors to cast from a set, whose order
+    changes from one Python process to the next, so a graph with two float inputs (the split
+    fusion graph's text and image states) came out in either order."""
     import modelopt.onnx.utils as modelopt_utils
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
     original = modelopt_utils.infer_shapes, modelopt_utils.check_model
     original_cleanup = PrecisionConverter._cleanup_no_consumer_nodes
     original_cast_removal = modelopt_utils.remove_redundant_casts
+    original_casts = PrecisionConverter._get_tensors_to_cast
     modelopt_utils.infer_shapes = infer_shapes_without_weights
     modelopt_utils.check_model = check_without_weights
     PrecisionConverter._cleanup_no_consumer_nodes = _cleanup_no_consumer_nodes  # type: ignore[method-assign]
     modelopt_utils.remove_redundant_casts = remove_redundant_casts
+    PrecisionConverter._get_tensors_to_cast = _sorted_tensors_to_cast(original_casts)  # type: ignore[method-assign]
     try:
         yield
     finally:
         modelopt_utils.infer_shapes, modelopt_utils.check_model = original
         PrecisionConverter._cleanup_no_consumer_nodes = original_cleanup  # type: ignore[method-assign]
         modelopt_utils.remove_redundant_casts = original_cast_removal
+        PrecisionConverter._get_tensors_to_cast = original_casts  # type: ignore[method-assign]
+
+
+def _sorted_tensors_to_cast(original: Any) -> Any:
+    """PrecisionConverter._get_tensors_to_cast with its two lists (to cast down, to cast up) sorted."""
+
+    def tensors_to_cast(converter: Any, *args: Any, **kwargs: Any) -> Any:
+        down, up, *rest = original(converter, *args, **kwargs)
+        return (sorted(down), sorted(up), *rest)
+
+    return tensors_to_cast
 
 
 def _cleanup_no_consumer_nodes(converter: Any) -> None:

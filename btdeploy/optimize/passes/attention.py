@@ -283,8 +283,10 @@ def _value_bias(graph: Graph, block: AttentionBlock) -> tuple[str, list[onnx.Nod
         return context, [graph.make_node("Add", [context, bias], [block.output], name="value_bias")]
     folded = output_bias.astype(np.float64) + block.v.bias.astype(np.float64) @ weight.astype(np.float64)
     add, bias_name = after
-    add.input[list(add.input).index(bias_name)] = graph.add_initializer(
-        "output_bias_with_value_bias", folded.astype(np.float32)
+    graph.set_input(
+        add,
+        list(add.input).index(bias_name),
+        graph.add_initializer("output_bias_with_value_bias", folded.astype(np.float32)),
     )
     return block.output, []
 

@@ -109,9 +109,10 @@ def unpad_integer_widths(graph: Graph) -> PassResult:
                 original = name[: -len(PADDED)]
                 if original not in graph.initializers:
                     graph.add_initializer(original, np.ascontiguousarray(value), exact_name=True)
-                node.input[index] = original
-        node.output[0] = cut.output[0]
+                graph.set_input(node, index, original)
+        output = cut.output[0]
         graph.replace([cut], [])
+        graph.set_output(node, 0, output)
         details["gemms_unpadded"] += 1
     if details["gemms_unpadded"]:
         graph.remove_dead()  # the padded copies

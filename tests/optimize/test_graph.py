@@ -1,0 +1,56 @@
+"""The passes' graph view: its indexes stay what indexing the graph afresh gives, edit after edit."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from btdeploy.optimize.graph import Graph
+
+
+def _indexes(graph: Graph) -> tuple[dict[str, str], dict[str, list[str]]]:
+    producer = {name: node.name for name, node in graph.producer.items()}
+    consumers = {name: sorted(n.name for n in users) for name, users in graph.consumers.items() if users}
+    return producer, consumers
+
+
+def _fresh(graph: Graph) -> tuple[dict[str, str], dict[str, list[str]]]:
+    return _indexes(Graph(graph.model))
+
+
+def _chain() -> Graph:
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="relu"),
+        helper.make_node("Neg", ["a"], ["b"], name="neg"),
+        helper.make_node("Add", ["a", "b"], ["c"], name="add"),
+        helper.make_node("Abs", ["c"], ["y"], name="abs"),
+    ]
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes, "g", [value("x", onnx.TensorProto.FLOAT, [2])], [value("y", onnx.TensorProto.FLOAT, [2])]
+    )
+    return Graph(helper.make_model(graph))
+
+
+def test_replace_and_rewiring_keep_the_indexes_true() -> None:
+    graph = _chain()
+    neg, add = (n for n in graph.graph.node if n.name in ("neg", "add"))
+    # Two nodes become one, where the first stood; its output takes over the old one's name.
+    graph.replace([neg, add], [graph.make_node("Sub", ["a", "a"], ["c"], name="sub")])
+    assert [n.op_type for n in graph.graph.node] == ["Relu", "Sub", "Abs"]
+    assert _indexes(graph) == _fresh(graph)
+    assert graph.producer["c"].op_type == "Sub" and "b" not in graph.producer
+    assert [n.op_type for n in graph.consumers["a"]] == ["Sub", "Sub"]
+    # The nodes left keep their objects: a pass may hold one across a rewrite.
+    relu, sub, last = graph.graph.node
+    assert graph.producer["a"] is relu and graph.only_consumer("c") is last
+    graph.set_input(sub, 1, "x")
+    graph.set_output(relu, 0, "r")
+    graph.set_input(sub, 0, "r")
+    assert _indexes(graph) == _fresh(graph)
+    assert graph.only_consumer("r") is sub and "a" not in graph.producer
+    # Nodes added without removing any go to the end; removing without adding leaves a gap.
+    graph.replace([], [graph.make_node("Identity", ["y"], ["z"], name="tail")])
+    graph.replace([last], [])
+    assert [n.op_type for n in graph.graph.node] == ["Relu", "Sub", "Identity"]
+    assert _indexes(graph) == _fresh(graph) and "y" not in graph.producer

@@ -9,12 +9,14 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
 import pytest
 
 import btdeploy
+from btdeploy.artifacts import onnx_files
 from btdeploy.artifacts.files import sha256_of
 from btdeploy.artifacts.locks import head_lock
 from btdeploy.artifacts.onnx_files import GraphBatch
@@ -458,10 +460,11 @@ def test_a_full_disk_leaves_the_folder_as_it_was(
     out = _copy(export, tmp_path)
     before = _snapshot(out)
 
-    def full(*args: object, **kwargs: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device", str(args[1]) if len(args) > 1 else None)
+    def full(model: onnx.ModelProto, stream: BinaryIO) -> None:
+        stream.write(b"\x08" * 4096)  # the disk fills part way through the graph
+        raise OSError(errno.ENOSPC, "No space left on device", getattr(stream, "name", None))
 
-    monkeypatch.setattr(onnx, "save_model", full)
+    monkeypatch.setattr(onnx_files, "write_encoded", full)
     assert main(["optimize", str(out / "itm"), "--flavour", "ort"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("btdeploy: error: No space left on device") and "free some space" in err

@@ -31,9 +31,8 @@ from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
 from btdeploy.cli import script_entry
 from btdeploy.cpu import describe_cpu, exact_integer_sums
 from btdeploy.errors import BtDeployError
-from btdeploy.model.configs import max_text_length
 from btdeploy.model.heads import get_head
-from btdeploy.verify.parity import ParityRow, check_head, generated_batches, shortfalls
+from btdeploy.verify.parity import ParityRow, check_head, generated_batches, parse_batch_by_length, shortfalls
 
 INT16 = (-32768, 32767)
 INTEGER_GRAPHS = ("ort.int8", "ort.int8-dynamic")
@@ -186,13 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = read_manifest(args.head_dir)
     head = get_head(manifest.head)
     names = list(head.output_names)
-    try:
-        shapes = [(int(b), int(n)) for b, n in (shape.split("x") for shape in args.shapes.split(","))]
-    except ValueError:
-        raise BtDeployError(f"--shapes {args.shapes!r}: give batch x text length, e.g. 1x5,3x40") from None
-    limit = max_text_length(manifest.config)
-    if any(b < 1 or not 1 <= n <= limit for b, n in shapes):
-        raise BtDeployError(f"--shapes {args.shapes}: batch at least 1, text length 1..{limit}")
+    shapes = parse_batch_by_length(args.shapes, manifest.config)
     graphs = args.graphs.split(",")
     others = [g for g in graphs if g not in INTEGER_GRAPHS]
     if others:

@@ -25,17 +25,18 @@ from btdeploy.bench.runner import interleaved_order, time_case
 from btdeploy.errors import BtDeployError
 from btdeploy.hugepages import ResidentMemory, engine_environment, resident_memory
 from btdeploy.model.inputs import sample_inputs
+from btdeploy.verify.parity import parse_batch_by_length
 
 WARMUP = 2  # as btdeploy bench
 
 
 def shape_feeds(config: Any, shapes: list[str]) -> dict[str, dict[str, Any]]:
     """Inputs per "BxL" shape, drawn as btdeploy bench draws them (seed = the shape's position)."""
-    feeds = {}
-    for index, shape in enumerate(shapes, 1):
-        batch, length = (int(part) for part in shape.split("x"))
-        feeds[shape] = sample_inputs(config, batch, length, seed=index, pad=False)
-    return feeds
+    pairs = parse_batch_by_length(",".join(shapes), config)
+    return {
+        shape: sample_inputs(config, batch, length, seed=index, pad=False)
+        for index, (shape, (batch, length)) in enumerate(zip(shapes, pairs, strict=True), 1)
+    }
 
 
 def median_ms(backend: Backend, config: Any, shapes: list[str], runs: int) -> dict[str, float]:

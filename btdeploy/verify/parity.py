@@ -135,6 +135,19 @@ def parse_shapes(batch_sizes: Sequence[int], text_lengths: Sequence[int], config
     return [(b, n) for b in batch_sizes for n in text_lengths]
 
 
+def parse_batch_by_length(text: str, config: Any, option: str = "--shapes") -> list[tuple[int, int]]:
+    """Shapes as the bench scripts take them, 1x5,3x40 (batch x text length), as (batch, length) pairs,
+    or one line saying what is wrong."""
+    try:
+        shapes = [(int(batch), int(length)) for batch, length in (shape.split("x") for shape in text.split(","))]
+    except ValueError:
+        raise BtDeployError(f"{option} {text!r}: give batch x text length, e.g. 1x5,3x40") from None
+    limit = max_text_length(config)
+    if any(batch < 1 or not 1 <= length <= limit for batch, length in shapes):
+        raise BtDeployError(f"{option} {text}: batch at least 1, text length 1..{limit}")
+    return shapes
+
+
 def generated_batches(config: Any, shapes: list[tuple[int, int]], seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Padded random inputs, one batch per (batch, text length) shape."""
     for index, (batch, length) in enumerate(shapes):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from btdeploy.artifacts.graph_names import Precision
+from btdeploy.errors import BtDeployError
+from btdeploy.model.configs import build_config, max_text_length
 from btdeploy.model.heads import FP32, HEADS
-from btdeploy.verify.parity import compare, passes, shortfalls
+from btdeploy.verify.parity import compare, parse_batch_by_length, passes, shortfalls
 
 LOGITS = HEADS["itm"].output("logits")
 EMBEDS = HEADS["itc"].output("text_embeds")
@@ -77,3 +80,14 @@ def test_every_precision_a_backend_runs_has_a_tolerance_for_every_output() -> No
         if precision not in output.tolerances
     ]
     assert missing == []
+
+
+def test_bench_shapes_are_read_or_refused_in_one_line() -> None:
+    config = build_config("tiny")
+    limit = max_text_length(config)
+    assert parse_batch_by_length(f"1x5,3x{limit}", config) == [(1, 5), (3, limit)]
+    with pytest.raises(BtDeployError, match=r"--shapes '4by40': give batch x text length"):
+        parse_batch_by_length("4by40", config)
+    for bad in ("0x5", f"1x{limit + 1}", "1x0"):
+        with pytest.raises(BtDeployError, match=rf"--shapes {bad}: batch at least 1, text length 1\.\.{limit}"):
+            parse_batch_by_length(bad, config)

@@ -15,7 +15,7 @@ from typing import Any
 from btdeploy.errors import BtDeployError
 
 
-def _default_mode(directory: bool) -> int:
+def default_mode(directory: bool) -> int:
     """The mode a plain open()/mkdir() would give under the current umask (mkstemp uses 0600)."""
     umask = os.umask(0)
     os.umask(umask)
@@ -31,7 +31,7 @@ def write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        os.chmod(tmp, _default_mode(directory=False))
+        os.chmod(tmp, default_mode(directory=False))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -64,7 +64,7 @@ def staged_directory(final: Path, keep_existing: bool = False) -> Iterator[Path]
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
-    os.chmod(staging, _default_mode(directory=True))
+    os.chmod(staging, default_mode(directory=True))
     try:
         yield staging
     except BaseException:

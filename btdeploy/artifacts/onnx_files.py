@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import EncodeError
 
-from btdeploy.artifacts.files import sha256_of
+from btdeploy.artifacts.files import default_mode, sha256_of
 from btdeploy.artifacts.streamed_proto import encoded_size, write_encoded
+from btdeploy.artifacts.weightless import weightless_with_side_file
 from btdeploy.errors import BtDeployError
 
 PROTOBUF_LIMIT = 2**31 - 1  # one ONNX protobuf file cannot exceed 2 GB
@@ -18,6 +20,9 @@ PROTOBUF_LIMIT = 2**31 - 1  # one ONNX protobuf file cannot exceed 2 GB
 # set lower: tests force the external-data path on tiny graphs, and some deployments (Triton, a
 # memory-mapped load) want it for every graph.
 EXTERNAL_DATA_ENV = "BTDEPLOY_EXTERNAL_DATA_BYTES"
+# Past the threshold, weights up to this many bytes stay in the graph, as onnx.save_model keeps
+# them (it moves a tensor whose sys.getsizeof is 1 KB or more): the files are those it writes.
+INLINE_WEIGHT_BYTES = 1024 - sys.getsizeof(b"") - 1
 
 
 def external_data_threshold() -> int:
@@ -63,10 +68,11 @@ def load_graph(path: Path, what: str, load_weights: bool = True) -> onnx.ModelPr
         raise BtDeployError(f"cannot read {path} ({str(error).strip()[:200]}): {what}") from None
 
 
-def save_graph_atomically(model: onnx.ModelProto, path: Path) -> None:
-    """Write model (and its `.data` past 2 GB) under temporary names, then rename into place."""
+def save_graph_atomically(model: onnx.ModelProto, path: Path, external: bool | None = None) -> None:
+    """Write model (and its `.data` past 2 GB, or whatever its size with `external`) under temporary
+    names, then rename into place. The model itself is left as it was."""
     with GraphBatch() as batch:
-        batch.stage(model, path)
+        batch.stage(model, path, external)
 
 
 class GraphBatch:
@@ -87,14 +93,16 @@ class GraphBatch:
         else:
             self.discard()
 
-    def stage(self, model: onnx.ModelProto, path: Path) -> None:
-        self.staged += _write_temporary(model, path)
+    def stage(self, model: onnx.ModelProto, path: Path, external: bool | None = None) -> None:
+        self.staged += _write_temporary(model, path, external)
 
     def commit(self) -> None:
         # Data files first, so a graph never appears before the weights it names.
-        for tmp, final in sorted(self.staged, key=lambda pair: not pair[1].name.endswith(".data")):
-            os.replace(tmp, final)
-        self.staged = []
+        try:
+            for tmp, final in sorted(self.staged, key=lambda pair: not pair[1].name.endswith(".data")):
+                os.replace(tmp, final)
+        finally:
+            self.discard()  # what a failed rename left under a temporary name
 
     def discard(self) -> None:
         for tmp, _ in self.staged:
@@ -111,34 +119,30 @@ def serialized_bytes(model: onnx.ModelProto) -> int:
         return PROTOBUF_LIMIT + 1
 
 
-def _write_temporary(model: onnx.ModelProto, path: Path) -> list[tuple[Path, Path]]:
-    """Write model (and its `.data` past 2 GB) under temporary names; returns (temporary, final) pairs."""
-    large = needs_external_data(serialized_bytes(model))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
+def _write_temporary(model: onnx.ModelProto, path: Path, external: bool | None) -> list[tuple[Path, Path]]:
+    """Write model (and its `.data` past 2 GB, or with `external`) under temporary names; returns
+    (temporary, final) pairs. The graph names its data file by the final name."""
+    large = needs_external_data(serialized_bytes(model)) if external is None else external
     final_data = data_file(path)
-    tmp_data = path.parent / f".{final_data.name}.partial"
+    pairs = [(path, _temporary(path))] + ([(final_data, _temporary(final_data))] if large else [])
     try:
-        if large:
-            onnx.save_model(
-                model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=tmp_data.name
-            )
-            # The model names its data file; point it at the final name before renaming both.
-            saved = onnx.load(tmp, load_external_data=False)
-            for tensor in saved.graph.initializer:
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = final_data.name
-            onnx.save_model(saved, tmp)
-        else:
-            with open(tmp, "wb") as stream:
-                write_encoded(model, stream)
-        os.chmod(tmp, 0o644)
+        if large:  # a copy of the graph whose weights name the data file (onnx's save strips the model's own)
+            model = weightless_with_side_file(model, pairs[1][1], final_data.name, INLINE_WEIGHT_BYTES)
+        with open(pairs[0][1], "wb") as stream:
+            write_encoded(model, stream)
+        for _, tmp in pairs:  # as a plain open() would make them: a server running as another user reads both
+            os.chmod(tmp, default_mode(directory=False))
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        tmp_data.unlink(missing_ok=True)
+        for _, tmp in pairs:
+            tmp.unlink(missing_ok=True)
         raise
-    return [(Path(tmp), path)] + ([(tmp_data, final_data)] if large else [])
+    return [(tmp, final) for final, tmp in pairs]
+
+
+def _temporary(final: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    return Path(tmp)
 
 
 def gather_external_data(folder: Path, name: str) -> bool:
@@ -150,10 +154,9 @@ def gather_external_data(folder: Path, name: str) -> bool:
     external = needs_external_data(total) or bool(scattered)
     if external:
         model = onnx.load(str(path), load_external_data=True)
-        for extra in scattered:
-            extra.unlink()
-        onnx.save_model(
-            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file(path).name
-        )
+        save_graph_atomically(model, path, external=True)
         del model
+        for extra in scattered:
+            if extra != data_file(path):
+                extra.unlink()
     return external

@@ -33,17 +33,20 @@ def _copy_fields(source: Message, target: Message, skip: Iterable[str]) -> None:
             setattr(target, field.name, value)
 
 
-def _weightless(model: onnx.ModelProto, data_file: str, sink: BinaryIO | None = None) -> tuple[onnx.ModelProto, int]:
-    """`model` with every weight a stub reading `data_file` at its offset, and the weights' total size.
-    With `sink`, the weight bytes are written there in that order. Each tensor's bytes are read once
-    (protobuf copies them on every read). Weights already external keep their own reference."""
+def _weightless(
+    model: onnx.ModelProto, data_file: str, sink: BinaryIO | None = None, inline_up_to: int = WEIGHT_BYTES
+) -> tuple[onnx.ModelProto, int]:
+    """`model` with every weight of more than `inline_up_to` bytes a stub reading `data_file` at its
+    offset, and the weights' total size. With `sink`, the weight bytes are written there in that
+    order, one after another. Each tensor's bytes are read once (protobuf copies them on every
+    read). Weights already external keep their own reference; `model` is left as it was."""
     light = onnx.ModelProto()
     _copy_fields(model, light, skip=("graph",))
     _copy_fields(model.graph, light.graph, skip=("initializer",))
     offset = 0
     for tensor in model.graph.initializer:
         data = b"" if tensor.data_location == onnx.TensorProto.EXTERNAL else tensor.raw_data
-        if len(data) <= WEIGHT_BYTES:
+        if len(data) <= inline_up_to:
             light.graph.initializer.append(tensor)
             continue
         if sink is not None:
@@ -62,11 +65,14 @@ def weightless_copy(model: onnx.ModelProto, data_file: str = "weights.bin") -> o
     return _weightless(model, data_file)[0]
 
 
-def weightless_with_side_file(model: onnx.ModelProto, side_file: Path) -> onnx.ModelProto:
+def weightless_with_side_file(
+    model: onnx.ModelProto, side_file: Path, named: str | None = None, inline_up_to: int = WEIGHT_BYTES
+) -> onnx.ModelProto:
     """A weightless copy of `model` whose weights are written to `side_file`, one tensor at a time:
-    saved beside that file, it is a graph ONNX Runtime and ONNX load with all their weights."""
+    saved beside that file, it is a graph ONNX Runtime and ONNX load with all their weights. The
+    stubs name the file `named` (one it will be renamed to) or its own name."""
     with open(side_file, "wb") as sink:
-        return _weightless(model, side_file.name, sink)[0]
+        return _weightless(model, named or side_file.name, sink, inline_up_to)[0]
 
 
 def with_weights_of(light: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:

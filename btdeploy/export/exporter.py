@@ -19,7 +19,13 @@ from btdeploy.artifacts.manifest import (
     read_manifest,
     tool_versions,
 )
-from btdeploy.artifacts.onnx_files import data_file, gather_external_data, graph_bytes, graph_sha256
+from btdeploy.artifacts.onnx_files import (
+    data_file,
+    gather_external_data,
+    graph_bytes,
+    graph_sha256,
+    save_graph_atomically,
+)
 from btdeploy.errors import BtDeployError
 from btdeploy.export.patches import fusable_export
 from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model, weights_sha256
@@ -204,8 +210,7 @@ def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int
             external = _store_model(work)
         target = staging / f"{name}.onnx"
         if external:
-            model = onnx.load(str(work / MODEL_NAME))
-            onnx.save_model(model, str(target), save_as_external_data=True, location=data_file(target).name)
+            save_graph_atomically(onnx.load(str(work / MODEL_NAME)), target, external=True)
         else:
             (work / MODEL_NAME).rename(target)
         shutil.rmtree(work)

@@ -92,3 +92,28 @@ def test_a_failed_rename_leaves_no_temporary_behind(tmp_path: Path, monkeypatch:
     with pytest.raises(OSError, match="No space"):
         save_graph_atomically(_weights_of_every_size(), tmp_path / "model.onnx", external=True)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
+
+
+def test_weights_exported_one_file_each_are_gathered_into_one_data_file(tmp_path: Path) -> None:
+    """The TorchScript exporter writes a model past 2 GB with one file per large tensor beside it;
+    the export keeps the graph and one `.data` file, and the graph answers as before."""
+    import onnxruntime
+
+    model = _weights_of_every_size()
+    inline = model.SerializeToString()
+    onnx.save_model(model, str(tmp_path / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False)
+    assert len(list(tmp_path.iterdir())) == 4  # the graph and one file per weight past 1 KB
+    assert onnx_files.gather_external_data(tmp_path, "model.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    feed = {"x": np.ones((1, 64), np.float32)}
+    expected = onnxruntime.InferenceSession(inline, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, feed)[0], expected)
+
+
+def test_a_small_export_stays_one_file(tmp_path: Path) -> None:
+    save_graph_atomically(_weights_of_every_size(), tmp_path / "model.onnx")
+    before = (tmp_path / "model.onnx").read_bytes()
+    assert not onnx_files.gather_external_data(tmp_path, "model.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    assert (tmp_path / "model.onnx").read_bytes() == before

@@ -159,9 +159,15 @@ def _copy_graph(source: Path, version_dir: Path) -> Path:
     if external.is_file():
         folder = version_dir / "model.onnx"
         folder.mkdir()
-        shutil.copy2(external, folder / external.name)  # the graph refers to it by this name
-        return Path(shutil.copy2(source, folder / "model.onnx"))
-    return Path(shutil.copy2(source, version_dir / "model.onnx"))
+        _copy(external, folder / external.name)  # the graph refers to it by this name
+        return _copy(source, folder / "model.onnx")
+    return _copy(source, version_dir / "model.onnx")
+
+
+def _copy(source: Path, target: Path) -> Path:
+    """A file of the repository, with the mode a plain open() gives, not its source's: the server
+    (often another user, in a container) reads it, and older btdeploy wrote external data 0600."""
+    return Path(shutil.copyfile(source, target))
 
 
 def write_repository(
@@ -211,7 +217,7 @@ def write_repository(
             head = served[manifest.head]
             graph = None
             if backend == "tensorrt":
-                shutil.copy2(head.source, version_dir / "model.plan")
+                _copy(head.source, version_dir / "model.plan")
                 written = f"model.plan ({head.source.name})"
             else:
                 manifest.verify_graph(head.source, full=True)  # what Triton serves is the graph that was checked

@@ -118,6 +118,12 @@ def test_external_data_goes_into_a_model_onnx_folder(tiny_export: Path, tmp_path
     repo = write_repository(export, tmp_path / "repo")
     folder = repo / "itm" / "1" / "model.onnx"
     assert folder.is_dir() and sorted(p.name for p in folder.iterdir()) == ["model.onnx", "model.onnx.data"]
+    # onnx's writer (as older btdeploy used) made the weights owner-only; the server may be another user
+    assert (export / "itm" / "model.onnx.data").stat().st_mode & 0o077 == 0
+    plain = tmp_path / "plain"
+    plain.touch()
+    for name in ("model.onnx", "model.onnx.data"):
+        assert (folder / name).stat().st_mode == plain.stat().st_mode, name
     runtime = load(tiny_export, head="itm")
     feeds = sample_inputs(runtime.config, 2, 6)
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -145,18 +145,22 @@ def _temporary(final: Path) -> Path:
     return Path(tmp)
 
 
-def gather_external_data(folder: Path, name: str) -> bool:
-    """Store an exported graph as one file, or as `<name>` + `<name>.data` past 2 GB (the TorchScript
-    exporter writes one file per large tensor beside it). Returns whether external data is used."""
+def gather_external_data(folder: Path, name: str, target: Path | None = None) -> bool:
+    """Store an exported graph, `folder/name`, as `target` (by default where it is): one file, or the
+    graph + `<target>.data` past 2 GB (the TorchScript exporter writes one file per large tensor
+    beside it). The exporter's files go. Returns whether external data is used."""
     path = folder / name
+    target = target or path
     scattered = [p for p in folder.iterdir() if p.name != name]
     total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     external = needs_external_data(total) or bool(scattered)
     if external:
         model = onnx.load(str(path), load_external_data=True)
-        save_graph_atomically(model, path, external=True)
+        save_graph_atomically(model, target, external=True)
         del model
-        for extra in scattered:
-            if extra != data_file(path):
+        for extra in [*scattered, *([path] if target != path else [])]:
+            if extra != data_file(target):
                 extra.unlink()
+    elif target != path:
+        path.rename(target)
     return external

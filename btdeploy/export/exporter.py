@@ -24,7 +24,6 @@ from btdeploy.artifacts.onnx_files import (
     gather_external_data,
     graph_bytes,
     graph_sha256,
-    save_graph_atomically,
 )
 from btdeploy.errors import BtDeployError
 from btdeploy.export.patches import fusable_export
@@ -186,7 +185,6 @@ def _trace(
 
 def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int) -> dict[str, Any]:
     """text.onnx, vision.onnx and fusion.onnx; the fusion graph is traced on the towers' outputs."""
-    import onnx
     import torch
 
     config = loaded.config
@@ -207,12 +205,8 @@ def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int
         with step(f"exporting the {head.name} {name} graph"):
             _trace(modules[name], args[name], work / MODEL_NAME, opset, spec.input_names, spec.output_names,
                    spec.dynamic_axes(config), f"the {head.name} {name} graph")  # fmt: skip
-            external = _store_model(work)
-        target = staging / f"{name}.onnx"
-        if external:
-            save_graph_atomically(onnx.load(str(work / MODEL_NAME)), target, external=True)
-        else:
-            (work / MODEL_NAME).rename(target)
+            target = staging / f"{name}.onnx"
+            _store_model(work, target)
         shutil.rmtree(work)
         parts[name] = {
             "file": target.name,
@@ -223,8 +217,9 @@ def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int
     return parts
 
 
-def _store_model(folder: Path) -> bool:
-    """Check the exported graph and store it as one file, or model + one external-data file past 2 GB.
+def _store_model(folder: Path, target: Path | None = None) -> bool:
+    """Check the exported graph and store it (as `target`, by default where it is) as one file, or
+    model + one external-data file past 2 GB.
 
     A graph that holds its weights is checked on a weightless copy: the checker reads a weight's
     type and dims, never its bytes, but parsing them took it 14-22 s on base against about 1 s
@@ -234,12 +229,13 @@ def _store_model(folder: Path) -> bool:
 
     from btdeploy.artifacts.weightless import check_without_weights
 
-    external = gather_external_data(folder, MODEL_NAME)
+    target = target or folder / MODEL_NAME
+    external = gather_external_data(folder, MODEL_NAME, target)
     try:
         if external:
-            onnx.checker.check_model(str(folder / MODEL_NAME), full_check=False)
+            onnx.checker.check_model(str(target), full_check=False)
         else:
-            check_without_weights(onnx.load(str(folder / MODEL_NAME)))
+            check_without_weights(onnx.load(str(target)))
     except onnx.checker.ValidationError as error:
         raise BtDeployError(f"the exported graph fails the ONNX checker: {' '.join(str(error).split())}") from None
     return external

@@ -117,3 +117,27 @@ def test_a_small_export_stays_one_file(tmp_path: Path) -> None:
     assert not onnx_files.gather_external_data(tmp_path, "model.onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
     assert (tmp_path / "model.onnx").read_bytes() == before
+
+
+def test_an_exported_graph_is_gathered_straight_to_its_name(tmp_path: Path) -> None:
+    """A split export's part (text.onnx) is gathered from the exporter's folder to its own name
+    in one write: its weights name `text.onnx.data`, and nothing is left where it was exported."""
+    import onnxruntime
+
+    work, staging = tmp_path / ".text", tmp_path / "staging"
+    work.mkdir(), staging.mkdir()
+    model = _weights_of_every_size()
+    inline = model.SerializeToString()
+    onnx.save_model(model, str(work / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False)
+    assert onnx_files.gather_external_data(work, "model.onnx", staging / "text.onnx")
+    assert list(work.iterdir()) == []
+    assert sorted(p.name for p in staging.iterdir()) == ["text.onnx", "text.onnx.data"]
+    feed = {"x": np.ones((1, 64), np.float32)}
+    expected = onnxruntime.InferenceSession(inline, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    session = onnxruntime.InferenceSession(str(staging / "text.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, feed)[0], expected)
+    small = tmp_path / ".vision"
+    small.mkdir()
+    save_graph_atomically(onnx.ModelProto.FromString(inline), small / "model.onnx")  # onnx's save emptied `model`
+    assert not onnx_files.gather_external_data(small, "model.onnx", staging / "vision.onnx")
+    assert list(small.iterdir()) == [] and (staging / "vision.onnx").read_bytes() == inline

@@ -712,3 +712,44 @@ def test_u8s8_saturation_emulates_the_integer_sums_of_this_cpu(optimized: Path, 
             [sys.executable, str(BENCHMARKS / "u8s8_saturation.py"), str(head), bad], capture_output=True, text=True
         )
         assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+def test_activation_scales_differ_where_the_trt_flavour_moved_the_value_bias(optimized: Path, tmp_path: Path) -> None:
+    # The trt flavour adds each block's value bias after the output projection (the attention
+    # pass); trt-compat keeps it in the attention output. Calibrated on the same rows, the two INT8
+    # graphs must quantize every MatMul input alike except the output projections' inputs.
+    import shutil
+    import subprocess
+    import sys
+
+    import onnx
+
+    from btdeploy.quantize.quantizer import quantize_head
+
+    head = tmp_path / "itm"
+    shutil.copytree(optimized / "itm", head)
+    for flavour in ("trt", "trt-compat", "ort"):  # ort is made from trt's calibration
+        quantize_head(head, "int8", flavour, calib_size=4, announce_generated=False)
+    fused = onnx.load(str(head / "model.trt.onnx")).graph
+    attention_outputs = {o for n in fused.node if n.op_type == "Attention" for o in n.output}
+    output_projections = {n.input[1] for n in fused.node if n.op_type == "MatMul" and n.input[0] in attention_outputs}
+
+    def compared(other: str) -> dict[str, Any]:
+        report = tmp_path / f"{other}.json"
+        run_benchmark("activation_scales.py", head / "model.trt.int8.onnx", head / f"model.{other}.int8.onnx",
+                      "--json", report, timeout=120)  # fmt: skip
+        return json.loads(report.read_text())
+
+    compat = compared("trt-compat")
+    assert compat["matched"] == compat["int8_matmuls"][0] == compat["int8_matmuls"][1] > len(output_projections) > 0
+    assert {r["weight"] for r in compat["rows"] if r["differs"]} == output_projections
+    assert compat["differ_by_maker"] == {"Attention -> Reshape": len(output_projections)}
+    assert compat["largest_agreeing_deviation"] < 1e-3
+    shared = compared("ort")  # the same calibration, in ONNX Runtime's integer GEMMs
+    assert shared["matched"] > 0 and shared["differ"] == 0
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "activation_scales.py"), str(head / "model.trt.onnx"),
+         str(head / "model.trt.int8.onnx")], capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and "holds no INT8 MatMul" in done.stderr and "Traceback" not in done.stderr

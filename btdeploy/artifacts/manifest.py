@@ -11,7 +11,7 @@ from typing import Any
 from btdeploy.artifacts.files import write_json
 from btdeploy.artifacts.graph_names import STEMS, Flavour, Precision, graph_file
 from btdeploy.artifacts.locks import writer_of
-from btdeploy.artifacts.onnx_files import graph_bytes, graph_sha256
+from btdeploy.artifacts.onnx_files import graph_bytes, graph_sha256, missing_weights_problem
 from btdeploy.errors import BtDeployError
 from btdeploy.version import __version__
 
@@ -185,7 +185,8 @@ class Manifest:
                     "run this again"
                 )
             raise BtDeployError(
-                f"{path} is not the graph its manifest recorded ({what}): it was replaced or damaged; "
+                missing_weights_problem(path)
+                or f"{path} is not the graph its manifest recorded ({what}): it was replaced or damaged; "
                 "make it again (btdeploy export, optimize or quantize)"
             )
 

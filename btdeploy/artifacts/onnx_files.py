@@ -23,6 +23,8 @@ EXTERNAL_DATA_ENV = "BTDEPLOY_EXTERNAL_DATA_BYTES"
 # Past the threshold, weights up to this many bytes stay in the graph, as onnx.save_model keeps
 # them (it moves a tensor whose sys.getsizeof is 1 KB or more): the files are those it writes.
 INLINE_WEIGHT_BYTES = 1024 - sys.getsizeof(b"") - 1
+# Graph files up to this size are parsed to see which weight files they name.
+STUB_BYTES = 256 * 2**20
 
 
 def external_data_threshold() -> int:
@@ -46,6 +48,33 @@ def data_file(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
+def missing_weight_files(path: Path) -> list[str]:
+    """The files the graph names for its weights (external data) that are not beside it: a copy
+    that left its `.data` behind. Empty where every one is there, or the graph names none."""
+    try:
+        # A graph that keeps its weights outside is a stub of names and small tensors; a larger
+        # file holds its weights itself and is not parsed (on base, 1.3 GB).
+        if path.stat().st_size > STUB_BYTES:
+            return []
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable: the caller's own message says so
+        return []
+    named = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+    return sorted(name for name in named if not (path.parent / name).is_file())
+
+
+def missing_weights_problem(path: Path) -> str | None:
+    """One line naming the weight files a graph lacks, and what to do; None where none is missing."""
+    missing = missing_weight_files(path)
+    if not missing:
+        return None
+    which, them = ("is", "it") if len(missing) == 1 else ("are", "them")
+    return (
+        f"{path} keeps its weights in {', '.join(missing)}, which {which} not beside it: copy {them} there too "
+        f"(a graph past 2 GB, or written with {EXTERNAL_DATA_ENV}, is two files), or make the graph again"
+    )
+
+
 def graph_bytes(path: Path) -> int:
     """An ONNX graph's size on disk: the file plus its `.data` file, if any."""
     data = data_file(path)
@@ -65,7 +94,8 @@ def load_graph(path: Path, what: str, load_weights: bool = True) -> onnx.ModelPr
     try:
         return onnx.load(str(path), load_external_data=load_weights)
     except Exception as error:
-        raise BtDeployError(f"cannot read {path} ({str(error).strip()[:200]}): {what}") from None
+        problem = missing_weights_problem(path) if load_weights else None
+        raise BtDeployError(problem or f"cannot read {path} ({str(error).strip()[:200]}): {what}") from None
 
 
 def save_graph_atomically(model: onnx.ModelProto, path: Path, external: bool | None = None) -> None:

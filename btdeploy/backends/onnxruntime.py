@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.artifacts.graph_names import Precision
+from btdeploy.artifacts.onnx_files import missing_weights_problem
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import warn
 
@@ -83,6 +84,9 @@ def _load_problem(model_path: Path, error: Exception, version: str) -> str:
     a graph it parses but cannot run (an operator, opset or type this ONNX Runtime lacks: a graph
     made for a newer one, or not by btdeploy) would only be written the same way again."""
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    missing = missing_weights_problem(model_path)
+    if missing:
+        return missing
     if type(error).__name__ in {"InvalidProtobuf", "NoSuchFile"}:
         return (
             f"ONNX Runtime cannot load {model_path} ({first_line}); the file is damaged or incomplete: "

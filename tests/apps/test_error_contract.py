@@ -139,6 +139,19 @@ def _missing_export(out: Path, tmp: Path) -> list[str]:
     return ["check", str(tmp / "nowhere")]
 
 
+def _graph_copied_without_its_weights(out: Path, tmp: Path) -> list[str]:
+    """A graph kept as two files (past 2 GB; here forced) copied to another machine without its .data."""
+    from btdeploy.artifacts.manifest import read_manifest
+
+    graph = out / "itm" / "model.ort.onnx"
+    onnx_files.save_graph_atomically(onnx.load(str(graph)), graph, external=True)
+    manifest = read_manifest(out / "itm")
+    manifest.record_graph(graph)
+    manifest.write()
+    onnx_files.data_file(graph).unlink()
+    return ["check", str(out), "--heads", "itm", "--flavour", "ort"]
+
+
 def _damaged_graph(out: Path, tmp: Path) -> list[str]:
     (out / "itm" / "model.ort.onnx").write_bytes(b"\x00" * 100)
     return ["check", str(out), "--heads", "itm", "--flavour", "ort"]
@@ -326,6 +339,11 @@ CASES: list[tuple[str, Setup, str]] = [
         "is a checkpoint, not an export: run btdeploy export --model",
     ),
     ("a damaged optimized graph", _damaged_graph, "is not the graph its manifest recorded"),
+    (
+        "a graph copied without its weights file",
+        _graph_copied_without_its_weights,
+        "model.ort.onnx keeps its weights in model.ort.onnx.data, which is not beside it: copy it there too",
+    ),
     ("run on a text past the model's length", _run_on_a_text_past_the_model, "text 2 of 2 ('word word"),
     (
         "run on an empty text",

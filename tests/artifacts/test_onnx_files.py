@@ -141,3 +141,34 @@ def test_an_exported_graph_is_gathered_straight_to_its_name(tmp_path: Path) -> N
     save_graph_atomically(onnx.ModelProto.FromString(inline), small / "model.onnx")  # onnx's save emptied `model`
     assert not onnx_files.gather_external_data(small, "model.onnx", staging / "vision.onnx")
     assert list(small.iterdir()) == [] and (staging / "vision.onnx").read_bytes() == inline
+
+
+def test_a_graph_whose_weights_file_was_left_behind_says_which_file(tmp_path: Path) -> None:
+    """A graph past 2 GB is two files; a copy of the graph alone was refused as 'damaged, make it
+    again' (an hour on large) or with ONNX Runtime's file-size error and a hint about operators."""
+    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+    from btdeploy.errors import BtDeployError
+
+    model = _weights_of_every_size()
+    whole, split = tmp_path / "whole.onnx", tmp_path / "split.onnx"
+    save_graph_atomically(model, whole, external=False)
+    save_graph_atomically(model, split, external=True)
+    assert onnx_files.missing_weight_files(whole) == onnx_files.missing_weight_files(split) == []
+    assert onnx_files.missing_weights_problem(split) is None
+    OnnxRuntimeBackend(split, ["y"], ["cpu"])  # loads while the weights are there
+    onnx_files.data_file(split).unlink()
+    assert onnx_files.missing_weight_files(split) == ["split.onnx.data"]
+    for attempt in (
+        lambda: onnx_files.load_graph(split, "export again"),
+        lambda: OnnxRuntimeBackend(split, ["y"], ["cpu"]),
+    ):
+        with pytest.raises(BtDeployError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert message.startswith(f"{split} keeps its weights in split.onnx.data, which is not beside it: copy it")
+        assert "\n" not in message
+    # A graph in one file that cannot be read is still called what it is.
+    whole.write_bytes(b"\x00" * 100)
+    assert onnx_files.missing_weight_files(whole) == []
+    with pytest.raises(BtDeployError, match="cannot read"):
+        onnx_files.load_graph(whole, "export again")

@@ -48,6 +48,12 @@ def data_file(path: Path) -> Path:
     return path.with_name(path.name + ".data")
 
 
+def absent_weight_files(model: onnx.ModelProto, folder: Path) -> list[str]:
+    """The files `model` names for its weights (external data) that are not in `folder`."""
+    named = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+    return sorted(name for name in named if not (folder / name).is_file())
+
+
 def missing_weight_files(path: Path) -> list[str]:
     """The files the graph names for its weights (external data) that are not beside it: a copy
     that left its `.data` behind. Empty where every one is there, or the graph names none."""
@@ -59,8 +65,7 @@ def missing_weight_files(path: Path) -> list[str]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # unreadable: the caller's own message says so
         return []
-    named = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
-    return sorted(name for name in named if not (path.parent / name).is_file())
+    return absent_weight_files(model, path.parent)
 
 
 def missing_weights_problem(path: Path) -> str | None:

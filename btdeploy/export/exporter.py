@@ -19,12 +19,7 @@ from btdeploy.artifacts.manifest import (
     read_manifest,
     tool_versions,
 )
-from btdeploy.artifacts.onnx_files import (
-    data_file,
-    gather_external_data,
-    graph_bytes,
-    graph_sha256,
-)
+from btdeploy.artifacts.onnx_files import data_file, gather_external_data, graph_bytes, graph_sha256
 from btdeploy.errors import BtDeployError
 from btdeploy.export.patches import fusable_export
 from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model, weights_sha256

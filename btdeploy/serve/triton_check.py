@@ -10,6 +10,7 @@ from typing import Any
 
 import onnx
 
+from btdeploy.artifacts.onnx_files import absent_weight_files
 from btdeploy.errors import BtDeployError
 from btdeploy.serve.triton_config import TRITON_TYPES
 
@@ -104,12 +105,9 @@ def _check_onnx(folder: Path, config: Any) -> list[str]:
     if not path.is_file():
         return ["1/model.onnx is missing"]
     model = onnx.load(str(path), load_external_data=False)
-    problems = []
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location" and not (path.parent / entry.value).is_file():
-                problems.append(f"external data file {entry.value} is missing beside {path.name}")
-                break
+    problems = [
+        f"external data file {name} is missing beside {path.name}" for name in absent_weight_files(model, path.parent)
+    ]
     for kind, declared, actual in (
         ("input", config.input, model.graph.input),
         ("output", config.output, model.graph.output),

@@ -128,6 +128,11 @@ def test_external_data_goes_into_a_model_onnx_folder(tiny_export: Path, tmp_path
     feeds = sample_inputs(runtime.config, 2, 6)
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(["logits"], feeds)[0] - runtime(**feeds).logits).max() <= 1e-5
+    assert check_repository(repo) == []
+    (folder / "model.onnx.data").unlink()  # a repository copied without its weights: named once
+    assert [p for p in check_repository(repo) if "external data" in p] == [
+        "itm: external data file model.onnx.data is missing beside model.onnx"
+    ]
 
 
 class _Tensor:

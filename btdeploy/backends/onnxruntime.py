@@ -84,9 +84,6 @@ def _load_problem(model_path: Path, error: Exception, version: str) -> str:
     a graph it parses but cannot run (an operator, opset or type this ONNX Runtime lacks: a graph
     made for a newer one, or not by btdeploy) would only be written the same way again."""
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    missing = missing_weights_problem(model_path)
-    if missing:
-        return missing
     if type(error).__name__ in {"InvalidProtobuf", "NoSuchFile"}:
         return (
             f"ONNX Runtime cannot load {model_path} ({first_line}); the file is damaged or incomplete: "
@@ -116,6 +113,10 @@ class OnnxRuntimeBackend:
 
         if not Path(model_path).is_file():
             raise BtDeployError(f"{model_path} is missing: export the head again (btdeploy export)")
+        # Asked before ONNX Runtime opens the graph: it prints its own file-size error to stderr first.
+        missing = missing_weights_problem(Path(model_path))
+        if missing:
+            raise BtDeployError(missing)
         options = session_options(threads, spin)
         self.providers = resolve_providers(providers)
         # Only a reduced-precision graph holds FP16 operators; only the CPU provider needs the rewrite.

@@ -143,9 +143,12 @@ def test_an_exported_graph_is_gathered_straight_to_its_name(tmp_path: Path) -> N
     assert list(small.iterdir()) == [] and (staging / "vision.onnx").read_bytes() == inline
 
 
-def test_a_graph_whose_weights_file_was_left_behind_says_which_file(tmp_path: Path) -> None:
+def test_a_graph_whose_weights_file_was_left_behind_says_which_file(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """A graph past 2 GB is two files; a copy of the graph alone was refused as 'damaged, make it
-    again' (an hour on large) or with ONNX Runtime's file-size error and a hint about operators."""
+    again' (an hour on large) or with ONNX Runtime's file-size error and a hint about operators,
+    which ONNX Runtime had also printed to stderr itself before btdeploy's line."""
     from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
     from btdeploy.errors import BtDeployError
 
@@ -167,6 +170,7 @@ def test_a_graph_whose_weights_file_was_left_behind_says_which_file(tmp_path: Pa
         message = str(caught.value)
         assert message.startswith(f"{split} keeps its weights in split.onnx.data, which is not beside it: copy it")
         assert "\n" not in message
+    assert "onnxruntime" not in capfd.readouterr().err
     # A graph in one file that cannot be read is still called what it is.
     whole.write_bytes(b"\x00" * 100)
     assert onnx_files.missing_weight_files(whole) == []

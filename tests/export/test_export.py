@@ -157,6 +157,66 @@ def test_a_checkpoint_without_its_tokenizer_files_exports_without_a_processor(
     )
 
 
+def _hub_layout(preset: Path, folder: Path) -> None:
+    """The files of `preset` as a checkpoint downloaded from the hub keeps them: weights in
+    pytorch_model.bin, the image processor's preprocessor_config.json, the tokenizer as
+    vocab.json + merges.txt (no tokenizer.json, no processor_config.json, no safetensors)."""
+    import shutil
+
+    import torch
+    from transformers import BridgeTowerProcessor
+
+    model = HEADS["mlm"].model_class_object().from_pretrained(preset, dtype=torch.float32)
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    BridgeTowerProcessor.from_pretrained(preset).image_processor.save_pretrained(folder)
+    bpe = json.loads((preset / "tokenizer.json").read_text())["model"]
+    (folder / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    shutil.copy(preset / "tokenizer_config.json", folder / "tokenizer_config.json")
+    # As transformers 4 saved RoBERTa's: <mask> takes the space before it (without this file
+    # transformers 5 keeps that space as a token of its own, for btdeploy as for transformers).
+    mask = {"content": "<mask>", "lstrip": True, "normalized": False, "rstrip": False, "single_word": False}
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>"}
+    special |= {"pad_token": "<pad>", "cls_token": "<s>", "mask_token": mask}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+
+
+def test_a_checkpoint_laid_out_as_the_hub_ships_it_answers_like_the_same_weights(
+    tmp_path: Path, tiny_export: Path
+) -> None:
+    """What users download (BridgeTower/bridgetower-base-itm-mlm and the others) is a .bin file,
+    a preprocessor_config.json and the slow tokenizer's vocab.json + merges.txt: the export reads
+    all three, and its processor and graph answer as those of the same weights in btdeploy's files."""
+    from PIL import Image
+    from transformers import BridgeTowerProcessor
+
+    from btdeploy.model.checkpoints import ensure_preset_checkpoint
+
+    hub = tmp_path / "bridgetower-hub"
+    _hub_layout(ensure_preset_checkpoint("tiny", 0), hub)
+    assert sorted(p.name for p in hub.iterdir()) == [
+        "config.json", "merges.txt", "preprocessor_config.json", "pytorch_model.bin", "special_tokens_map.json",
+        "tokenizer_config.json", "vocab.json",
+    ]  # fmt: skip
+    manifest = export_head(resolve_model(str(hub)), "mlm", tmp_path / "out")
+    assert manifest.data["model"]["missing_weights"] == []
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (70, 90, 3), dtype=np.uint8))
+    texts = ["a photo of a <mask> on the grass", "two <mask>"]
+    theirs = BridgeTowerProcessor.from_pretrained(manifest.processor_dir)
+    ours = BridgeTowerProcessor.from_pretrained(tiny_export / "mlm" / "processor")
+    encoded = theirs(images=[image, image], text=texts, padding=True, return_tensors="np")
+    expected = ours(images=[image, image], text=texts, padding=True, return_tensors="np")
+    assert set(encoded) == set(expected)
+    for name in expected:
+        np.testing.assert_array_equal(encoded[name], expected[name], err_msg=name)
+    assert len(set(encoded["input_ids"].ravel().tolist())) > 6  # words, not only special tokens
+    logits = btdeploy.load(manifest.folder)(**encoded).logits
+    np.testing.assert_allclose(logits, btdeploy.load(tiny_export, head="mlm")(**expected).logits, atol=1e-5, rtol=0)
+
+
 def test_unsupported_opset_is_refused(tmp_path: Path) -> None:
     with pytest.raises(BtDeployError, match="--opset 9 is not supported: use 14..20"):
         export_head(resolve_model("tiny"), "itm", tmp_path, opset=9)

@@ -6,7 +6,7 @@ import csv
 import io
 import math
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ def _engine_version(run: BenchRun, engine: str) -> str:
 
 
 def csv_rows(run: BenchRun) -> list[dict[str, Any]]:
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
     rows = []
     for case in run.cases:
         variant = VARIANTS[case.variant]

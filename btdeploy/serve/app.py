@@ -276,7 +276,7 @@ class Gateway:
         """A replica's answer, or a 503 when it failed or did not answer within the timeout."""
         try:
             return await asyncio.wait_for(_awaited(response), self.settings.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             response.cancel()
             raise RequestError(
                 503, f"{head} did not answer within {self.settings.timeout_s:g} s: retry later"

@@ -74,7 +74,8 @@ def _reference_ops(saturate: bool, count: SaturationCount) -> list[Any]:
             raise BtDeployError("a weight with a zero point: btdeploy's INT8 graphs hold symmetric weights")
         if a_zero is None:
             return acc
-        return acc - np.int32(a_zero) * b.astype(np.int32).sum(-2, keepdims=b.ndim > 2)
+        column_sums = b.astype(np.int32).sum(-2)
+        return acc - np.int32(a_zero) * (np.expand_dims(column_sums, -2) if b.ndim > 2 else column_sums)
 
     class MatMulInteger(OpRun):
         def _run(self, a, b, a_zero=None, b_zero=None):  # type: ignore[no-untyped-def]

@@ -32,7 +32,7 @@ def summarize(seconds: list[float], batch: int) -> LatencyStats:
         p90_ms=float(np.percentile(ms, 90)),
         p95_ms=float(np.percentile(ms, 95)),
         p99_ms=float(np.percentile(ms, 99)),
-        min_ms=float(ms.min()),
+        min_ms=float(np.min(ms)),
         std_ms=float(ms.std()),
         throughput=batch / (median / 1e3),
     )

@@ -58,7 +58,7 @@ class CalibrationPlan:
         processor = media.export_processor(self.manifest)
         rows = np.arange(self.size)
         texts = media.text_inputs(
-            processor, [self.captions[i % len(self.captions)] for i in rows],
+            processor, [self.captions[i % len(self.captions)] for i in range(self.size)],
             padding="max_length", truncation=True, max_length=self.length,
         )  # fmt: skip
         pixels = _image_rows(processor, self.images)

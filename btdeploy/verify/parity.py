@@ -58,7 +58,7 @@ def compare(reference: np.ndarray, got: np.ndarray, spec: OutputSpec, tolerance:
     reference_range = float(np.abs(ref).max(initial=0.0))
     bound = tolerance.bound(reference_range)
     stats.max_abs = float(diff.max(initial=0.0))
-    stats.max_rel = float((diff / (np.abs(ref) + bound)).max(initial=0.0)) if bound > 0 else 0.0
+    stats.max_rel = float(np.max(diff / (np.abs(ref) + bound), initial=0.0)) if bound > 0 else 0.0
     stats.of_range = stats.max_abs / reference_range if reference_range > 0 else 0.0
     norms = np.linalg.norm(ref) * np.linalg.norm(out)
     stats.cosine = float(np.dot(ref.ravel(), out.ravel()) / norms) if norms > 0 else float(np.array_equal(ref, out))

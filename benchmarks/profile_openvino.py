@@ -13,7 +13,7 @@ import sys
 import time
 from collections import defaultdict
 
-from btdeploy.backends.openvino import compile_settings
+from btdeploy.backends.openvino import compile_settings, import_openvino
 from btdeploy.bench.profile_case import parse_profile_case
 from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
@@ -23,9 +23,7 @@ def main() -> None:
     args = parse_profile_case(__doc__)
     feeds = args.feeds
 
-    import openvino as ov
-
-    core = ov.Core()
+    core = import_openvino().Core()
     settings = compile_settings(args.threads, profile=True)
     request = core.compile_model(core.read_model(str(args.model)), "CPU", settings).create_infer_request()
     request.infer(feeds)  # warm-up, excluded below

@@ -7,16 +7,39 @@ graph runs in bf16 and is held to bf16's tolerance. INT8 comes from the graph's 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from btdeploy.errors import BtDeployError
 
+TELEMETRY_MODULE = "openvino_telemetry"
+
+
+def import_openvino() -> Any:
+    """`openvino`, imported without its usage telemetry. On import OpenVINO sends an event to
+    Google Analytics unless its user opted out, counts the imports in ~/intel, and forks a child
+    to send from, in a process that may run other threads (Python 3.12 warns of deadlocks there);
+    0.17 s of each import here. Its conversion tools take their own stub where the telemetry
+    module cannot be imported, so that module is hidden while openvino imports, and only then.
+    Where the caller's code imported either first, it is left as they chose."""
+    if "openvino" in sys.modules or TELEMETRY_MODULE in sys.modules:
+        import openvino
+
+        return openvino
+    sys.modules[TELEMETRY_MODULE] = None  # type: ignore[assignment]  # None: Python's "cannot be imported"
+    try:
+        import openvino
+    finally:
+        del sys.modules[TELEMETRY_MODULE]
+    return openvino
+
 
 def openvino_problem() -> str | None:
     try:
-        import openvino  # noqa: F401
+        import_openvino()
     except ImportError:
         return "OpenVINO is not installed: pip install 'btdeploy[peers]'"
     return None
@@ -40,8 +63,7 @@ class OpenVinoBackend:
     def __init__(
         self, model_path: Path, output_names: list[str], threads: int | None = None, inference_precision: str = "f32"
     ) -> None:
-        import openvino as ov
-
+        ov = import_openvino()
         core = ov.Core()
         settings = compile_settings(threads, inference_precision=inference_precision)
         try:

@@ -60,6 +60,53 @@ def test_openvino_in_bf16_reads_the_fp32_graph_and_meets_bf16s_floors(
         load(trt_itm, head="itm", backend="openvino", flavour=flavour, precision="bf16")
 
 
+_IMPORT_AS_BTDEPLOY_DOES = """
+import sys
+from btdeploy.backends.openvino import TELEMETRY_MODULE, import_openvino
+ov = import_openvino()
+ov.Core()
+from openvino.tools.ovc import telemetry_utils
+hidden_then = telemetry_utils.tm.__name__.endswith("telemetry_stub")
+left = TELEMETRY_MODULE in sys.modules
+import openvino_telemetry  # importable again once openvino is in
+print(hidden_then, left)
+"""
+
+
+def test_openvino_is_imported_without_its_usage_telemetry(tmp_path: Path) -> None:
+    """`import openvino` sends a usage event unless its user opted out (off only where CI=true):
+    it wrote ~/intel/openvino_ga_cid and ~/intel/stats on every import here, forking a child to
+    send from. btdeploy's imports of it leave no such file (its conversion tools hold their stub),
+    and the telemetry module is importable again afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in {"CI", "TF_BUILD", "JENKINS_URL"}}
+    env["HOME"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_AS_BTDEPLOY_DOES], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "False"], result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_import_openvino_imports_openvino() -> None:
+    """Any other `import openvino` in the package or the benchmark scripts would send the telemetry."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    pattern = re.compile(r"^\s*(import openvino\b|from openvino\b)", re.MULTILINE)
+    importing = sorted(
+        str(path.relative_to(root))
+        for folder in ("btdeploy", "benchmarks")
+        for path in (root / folder).rglob("*.py")
+        if pattern.search(path.read_text())
+    )
+    assert importing == ["btdeploy/backends/openvino.py"]
+
+
 def test_openvino_refuses_graphs_with_onnx_runtime_operators(trt_itm: Path) -> None:
     from btdeploy.runtime.runtime import load
 

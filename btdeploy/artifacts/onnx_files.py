@@ -25,6 +25,9 @@ EXTERNAL_DATA_ENV = "BTDEPLOY_EXTERNAL_DATA_BYTES"
 INLINE_WEIGHT_BYTES = 1024 - sys.getsizeof(b"") - 1
 # Graph files up to this size are parsed to see which weight files they name.
 STUB_BYTES = 256 * 2**20
+# A graph whose weights are elsewhere is far smaller than this (large's stubs: a few MB); files up
+# to it parse in milliseconds, where a 200 MB one takes about as long as opening its session.
+SMALL_STUB_BYTES = 16 * 2**20
 
 
 def external_data_threshold() -> int:
@@ -54,13 +57,13 @@ def absent_weight_files(model: onnx.ModelProto, folder: Path) -> list[str]:
     return sorted(name for name in named if not (folder / name).is_file())
 
 
-def missing_weight_files(path: Path) -> list[str]:
+def missing_weight_files(path: Path, largest: int = STUB_BYTES) -> list[str]:
     """The files the graph names for its weights (external data) that are not beside it: a copy
     that left its `.data` behind. Empty where every one is there, or the graph names none."""
     try:
-        # A graph that keeps its weights outside is a stub of names and small tensors; a larger
-        # file holds its weights itself and is not parsed (on base, 1.3 GB).
-        if path.stat().st_size > STUB_BYTES:
+        # A graph that keeps its weights outside is a stub of names and small tensors; a file over
+        # `largest` holds its weights itself and is not parsed (on base, 1.3 GB).
+        if path.stat().st_size > largest:
             return []
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # unreadable: the caller's own message says so
@@ -68,9 +71,10 @@ def missing_weight_files(path: Path) -> list[str]:
     return absent_weight_files(model, path.parent)
 
 
-def missing_weights_problem(path: Path) -> str | None:
-    """One line naming the weight files a graph lacks, and what to do; None where none is missing."""
-    missing = missing_weight_files(path)
+def missing_weights_problem(path: Path, largest: int = STUB_BYTES) -> str | None:
+    """One line naming the weight files a graph lacks, and what to do; None where none is missing
+    (or the file is over `largest`, so not read)."""
+    missing = missing_weight_files(path, largest)
     if not missing:
         return None
     which, them = ("is", "it") if len(missing) == 1 else ("are", "them")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.artifacts.graph_names import Precision
-from btdeploy.artifacts.onnx_files import missing_weights_problem
+from btdeploy.artifacts.onnx_files import SMALL_STUB_BYTES, missing_weights_problem
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import warn
 
@@ -84,6 +84,9 @@ def _load_problem(model_path: Path, error: Exception, version: str) -> str:
     a graph it parses but cannot run (an operator, opset or type this ONNX Runtime lacks: a graph
     made for a newer one, or not by btdeploy) would only be written the same way again."""
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    missing = missing_weights_problem(model_path)
+    if missing:
+        return missing
     if type(error).__name__ in {"InvalidProtobuf", "NoSuchFile"}:
         return (
             f"ONNX Runtime cannot load {model_path} ({first_line}); the file is damaged or incomplete: "
@@ -113,8 +116,10 @@ class OnnxRuntimeBackend:
 
         if not Path(model_path).is_file():
             raise BtDeployError(f"{model_path} is missing: export the head again (btdeploy export)")
-        # Asked before ONNX Runtime opens the graph: it prints its own file-size error to stderr first.
-        missing = missing_weights_problem(Path(model_path))
+        # A stub is asked before ONNX Runtime opens it, which would print its own file-size error to
+        # stderr first; a larger file only when the session fails (_load_problem): parsing one
+        # costs about as much as opening its session, on every session.
+        missing = missing_weights_problem(Path(model_path), SMALL_STUB_BYTES)
         if missing:
             raise BtDeployError(missing)
         options = session_options(threads, spin)

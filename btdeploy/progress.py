@@ -128,18 +128,21 @@ class Countdown:
         self.what = what
         self.costs = costs
         self.done = 0
+        self.one_off = 0.0
         self.started = time.monotonic()
 
-    def advance(self, label: str, skipped: bool = False) -> None:
+    def advance(self, label: str, skipped: bool = False, one_off_s: float = 0.0) -> None:
         """One part finished: say so, with the time so far and an estimate of the time left. A
         skipped part (kept from an earlier run) cost next to nothing: it is taken out of the
-        estimate instead of making the rest look quick."""
+        estimate instead of making the rest look quick. `one_off_s` of the part's time will not
+        recur (a compilation): it counts as elapsed but not towards the pace of the rest."""
         if skipped and self.done < len(self.costs):
             self.costs[self.done] = 0.0
         self.done = min(self.done + 1, len(self.costs))
+        self.one_off += one_off_s
         elapsed = time.monotonic() - self.started
         spent, left = sum(self.costs[: self.done]), sum(self.costs[self.done :])
-        remaining = elapsed * left / spent if spent > 0 else 0.0
+        remaining = max(elapsed - self.one_off, 0.0) * left / spent if spent > 0 else 0.0
         say(f"{self.what} [{self.done}/{len(self.costs)}] {label}: {_time_text(elapsed, remaining, left > 0)}")
 
 

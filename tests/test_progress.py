@@ -86,3 +86,18 @@ def test_a_skipped_part_leaves_the_estimate_to_the_parts_that_did_work(
     countdown.advance("made")  # 20 s for 10: the last part (20) should take about 40 s
     lines = capsys.readouterr().err.splitlines()
     assert lines[1].endswith("job [2/3] made: 21s elapsed, about 42s left")
+
+
+def test_one_off_time_counts_as_elapsed_but_not_towards_the_pace(
+    now: list[float], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from btdeploy import progress
+
+    countdown = progress.Countdown("job", [10.0, 10.0, 20.0])
+    now[0] += 100.0
+    countdown.advance("compiled", one_off_s=90.0)  # 10 s of work for 10: the rest (30) takes about 30 s
+    now[0] += 10.0
+    countdown.advance("second")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("job [1/3] compiled: 1m40s elapsed, about 30s left")
+    assert lines[1].endswith("job [2/3] second: 1m50s elapsed, about 20s left")

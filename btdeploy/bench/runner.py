@@ -15,9 +15,9 @@ from btdeploy.bench.memory import current_rss_mb, gpu_peak_mb_and_reset
 from btdeploy.bench.stats import LatencyStats, summarize
 from btdeploy.bench.variants import BASELINES, VARIANTS, BenchEnv, Variant
 from btdeploy.errors import BtDeployError
-from btdeploy.model.heads import get_head
+from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.model.inputs import sample_inputs
-from btdeploy.progress import say
+from btdeploy.progress import Countdown, say
 from btdeploy.signals import Terminated
 from btdeploy.verify.parity import parse_shapes
 
@@ -176,9 +176,20 @@ def run_bench(
             + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
             + ")"
         )
+    plans = [_plan_head(run, read_manifest(folder), variants, env, settings) for folder in folders]
+    plans = [plan for plan in plans if plan.runnable]
+    costs = [cost for plan in plans for cost in _part_costs(plan, settings)]
+    if costs:
+        say(
+            f"bench: {len(costs)} part(s) to time ("
+            + "; ".join(f"{p.head.name}: {len(p.runnable)} variant(s) x {len(p.cases)} shape(s) in {len(p.orders)} "
+                        "build order(s)" for p in plans)
+            + "); --variants, --batch-sizes, --seq-lens, --iters or --build-once make it shorter"
+        )  # fmt: skip
+    countdown = Countdown("bench", costs)
     try:
-        for folder in folders:
-            _bench_head(run, read_manifest(folder), variants, env, settings)
+        for plan in plans:
+            _bench_head(run, plan, env, settings, countdown)
     except KeyboardInterrupt as stop:
         run.exit_code = 143 if isinstance(stop, Terminated) else 130
         say(f"{'terminated' if run.exit_code == 143 else 'interrupted'}: keeping the {len(run.cases)} finished case(s)")
@@ -202,11 +213,23 @@ class _CaseSamples:
             self.first.setdefault(name, seconds)  # the first build's: torch-compile compiles from scratch there
 
 
-def _bench_head(
+@dataclass
+class _HeadPlan:
+    """What the bench will time for one head: its shapes, the variants that run here, the build orders."""
+
+    manifest: Manifest
+    head: HeadSpec
+    cases: list[tuple[int, int]]
+    runnable: dict[str, Variant]
+    orders: list[list[str]]
+
+
+def _plan_head(
     run: BenchRun, manifest: Manifest, variants: list[Variant], env: BenchEnv, settings: BenchSettings
-) -> None:
+) -> _HeadPlan:
+    """Every head is planned before any is timed: the skips are said at once, and the countdown
+    knows the whole run."""
     head = get_head(manifest.head)
-    cases = parse_shapes(settings.batch_sizes, settings.text_lengths, manifest.config)
     runnable: dict[str, Variant] = {}
     for variant in variants:
         reason = variant.unavailable(manifest, env)
@@ -215,22 +238,62 @@ def _bench_head(
             say(f"bench {head.name}: skipping {variant.name}: {reason}")
         else:
             runnable[variant.name] = variant
-    if not runnable:
-        return
-    orders = build_orders(list(runnable), settings.rotate_builds)
-    rounds = None if settings.iters is None else -(-settings.iters // len(orders))  # at least iters in all
+    cases = parse_shapes(settings.batch_sizes, settings.text_lengths, manifest.config)
+    return _HeadPlan(manifest, head, cases, runnable, build_orders(list(runnable), settings.rotate_builds))
+
+
+# The countdown's guess of one run's seconds, before anything is measured: only each part's share of
+# the whole matters (the countdown scales it by the measured pace). Small shapes pay a fixed cost per
+# run (a few ms on the tiny preset), large ones their FLOPs.
+_GUESSED_FLOP_RATE = 200e9
+_GUESSED_RUN_OVERHEAD_S = 0.005
+
+
+def _part_costs(plan: _HeadPlan, settings: BenchSettings) -> list[float]:
+    """A guessed cost of each (build order, shape) part of a head, in the order they run."""
+    costs = []
+    for _order in plan.orders:
+        for batch, length in plan.cases:
+            run_s = forward_flops(plan.manifest.config, plan.head, batch, length) / _GUESSED_FLOP_RATE
+            run_s += _GUESSED_RUN_OVERHEAD_S
+            if settings.seconds is not None:
+                timed = max(settings.seconds / len(plan.orders), 3 * run_s)
+            else:
+                timed = _rounds_per_build(plan, settings) * run_s
+            costs.append(len(plan.runnable) * (settings.warmup * run_s + timed))
+    return costs
+
+
+def _rounds_per_build(plan: _HeadPlan, settings: BenchSettings) -> int:
+    assert settings.iters is not None
+    return -(-settings.iters // len(plan.orders))  # at least iters in all
+
+
+def _one_off_seconds(samples: dict[str, list[float]], first: dict[str, float]) -> float:
+    """The part of the first warm-up calls that will not recur (torch-compile compiling, OpenVINO
+    finishing its plan): beyond twice the variant's median."""
+    return sum(max(0.0, first[name] - 2 * statistics.median(samples[name])) for name in first if samples.get(name))
+
+
+def _bench_head(run: BenchRun, plan: _HeadPlan, env: BenchEnv, settings: BenchSettings, countdown: Countdown) -> None:
+    manifest, head, cases, runnable, orders = plan.manifest, plan.head, plan.cases, plan.runnable, plan.orders
+    rounds = None if settings.iters is None else _rounds_per_build(plan, settings)
     seconds = None if settings.seconds is None else settings.seconds / len(orders)
     gathered = {case: _CaseSamples() for case in cases}
     load_rss: dict[str, float] = {}
     try:
         for order_index, order in enumerate(orders, 1):
-            where = f" (build order {order_index}/{len(orders)}: {', '.join(order)})" if len(orders) > 1 else ""
+            where = f" (build order {order_index}/{len(orders)})" if len(orders) > 1 else ""
+            listed = f" (build order {order_index}/{len(orders)}: {', '.join(order)})" if where else ""
             backends: dict[str, Backend] = {}
-            say(f"bench {head.name}: building {len(order)} variant(s){where}")
+            say(f"bench {head.name}: building {len(order)} variant(s){listed}")
+            building = time.perf_counter()
             for name in order:
                 before = current_rss_mb()
                 backends[name] = runnable[name].build(manifest, env)
                 load_rss.setdefault(name, current_rss_mb() - before)
+            # The first build loads the model and the engines' libraries; later builds are quick.
+            one_off = time.perf_counter() - building if order_index == 1 else 0.0
             for index, (batch, length) in enumerate(cases, 1):
                 feeds = sample_inputs(manifest.config, batch, length, seed=index, pad=False)
                 gpu_peak_mb_and_reset()
@@ -241,7 +304,9 @@ def _bench_head(
                 if gpu_peak is not None:
                     case.gpu_peak = max(case.gpu_peak or 0.0, gpu_peak)
                 medians = ", ".join(f"{n} {1e3 * statistics.median(v):.1f} ms" for n, v in samples.items())
-                say(f"bench {head.name} [{index}/{len(cases)}] batch {batch} length {length}{where}: {medians}")
+                countdown.advance(f"{head.name} batch {batch} length {length}{where}: {medians}",
+                                  one_off_s=one_off + _one_off_seconds(samples, first))  # fmt: skip
+                one_off = 0.0
             del backends
     finally:  # an interrupt keeps every case that has samples
         flops_of = {case: forward_flops(manifest.config, head, *case) for case in cases if gathered[case].samples}

@@ -269,6 +269,56 @@ def test_every_variant_is_built_in_every_position(
     assert timing in table and rounds_line in table
 
 
+def test_the_bench_counts_down_without_taking_a_compilation_for_its_pace(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A torch-compile variant's first call compiles for a minute; taken as the pace of the run,
+    it had made a seven-minute bench say hours. The first build (loading the model) is one-off too."""
+    import time
+
+    from btdeploy.bench import machine
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(machine, "matmul_peak_gflops", lambda threads: {"torch": 100.0})
+
+    class Timed:
+        description = "timed"
+
+        def __init__(self, compile_s: float) -> None:
+            self.compile_s = compile_s
+
+        def run(self, feeds: dict) -> dict:
+            clock[0] += self.compile_s + 0.01  # the first call compiles; every run takes 10 ms
+            self.compile_s = 0.0
+            return {}
+
+    loaded: set[str] = set()
+
+    def fake(name: str, compile_s: float) -> Variant:
+        def build(manifest: object, env: object) -> Timed:
+            first = name not in loaded  # the first build loads the model; later ones reuse the compilation
+            clock[0] += 5.0 if first else 0.1
+            loaded.add(name)
+            return Timed(compile_s if first else 0.0)
+
+        return Variant(name, "torch", "fp32", lambda m, e: None, build)  # type: ignore[arg-type]
+
+    monkeypatch.setitem(VARIANTS, "compiled", fake("compiled", 60.0))
+    monkeypatch.setitem(VARIANTS, "plain", fake("plain", 0.0))
+    settings = BenchSettings(batch_sizes=(1, 2), text_lengths=(4,), warmup=1, iters=4, threads=1)
+    run_bench(tiny_export, ["itm"], ["compiled", "plain"], settings)
+    lines = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    assert "bench: 4 part(s) to time (itm: 2 variant(s) x 2 shape(s) in 2 build order(s)); " in "\n".join(lines)
+    parts = [line for line in lines if line.startswith("bench [")]
+    assert [part.split("]")[0] for part in parts] == [f"bench [{k}/4" for k in range(1, 5)]
+    # Part 1: 10 s of builds and 60 s of compiling, 0.05 s of runs: about 0.15 s are left, not 3.5 minutes.
+    assert parts[0].startswith("bench [1/4] itm batch 1 length 4 (build order 1/2): compiled 10.0 ms, plain 10.0 ms")
+    assert parts[0].endswith(": 1m10s elapsed, about 0s left")
+    assert parts[-1].endswith("elapsed")
+
+
 def test_a_head_with_every_variant_skipped_times_nothing(tiny_export: Path) -> None:
     settings = BenchSettings(batch_sizes=(1,), text_lengths=(4,), warmup=1, iters=None, seconds=0.1, threads=1)
     run = run_bench(tiny_export, ["itm"], ["ort-fused", "trt-int8"], settings)

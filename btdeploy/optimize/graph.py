@@ -164,16 +164,28 @@ class Graph:
         self.refresh()
 
     def remove_dead(self) -> int:
-        """Drop nodes whose outputs nothing uses, and unused initializers; returns nodes removed."""
+        """Drop nodes whose outputs nothing uses, and unused initializers; returns nodes removed.
+
+        Walks back from the graph outputs through producers, so it does not depend on the node
+        list's order: the passes insert fused nodes where they like and sort only at the end (a
+        sweep in list order had dropped a producer listed after its consumer)."""
+        producer = {name: node for node in self.graph.node for name in node.output if name}
         needed = set(self.output_names)
-        kept: list[onnx.NodeProto] = []
-        for node in reversed(list(self.graph.node)):
-            if any(name in needed for name in node.output):
-                kept.append(node)
-                needed.update(name for name in node.input if name)
+        pending = list(needed)
+        live: set[int] = set()
+        while pending:
+            node = producer.get(pending.pop())
+            if node is None or id(node) in live:
+                continue
+            live.add(id(node))
+            for name in node.input:
+                if name and name not in needed:
+                    needed.add(name)
+                    pending.append(name)
+        kept = [node for node in self.graph.node if id(node) in live]
         removed = len(self.graph.node) - len(kept)
         del self.graph.node[:]
-        self.graph.node.extend(reversed(kept))
+        self.graph.node.extend(kept)
         unused = [t for t in self.graph.initializer if t.name not in needed]
         for tensor in unused:
             self.graph.initializer.remove(tensor)

@@ -54,3 +54,18 @@ def test_replace_and_rewiring_keep_the_indexes_true() -> None:
     graph.replace([last], [])
     assert [n.op_type for n in graph.graph.node] == ["Relu", "Sub", "Identity"]
     assert _indexes(graph) == _fresh(graph) and "y" not in graph.producer
+
+
+def test_remove_dead_keeps_a_producer_listed_after_its_consumer() -> None:
+    """Nodes a pass adds go to the end, and the graph is sorted only after the last pass: the
+    [CLS] rows' Slice came after the Add + LayerNorm that read it, and a sweep in list order
+    dropped it (a text tower with tanh GELU, whose unfused GELUs left the list that way)."""
+    graph = _chain()
+    relu, neg, add, last = graph.graph.node
+    graph.replace([], [graph.make_node("Identity", ["a"], ["late"], name="late")])
+    graph.set_input(add, 1, "late")  # add now reads the node listed last; neg is dead
+    graph.replace([], [graph.make_node("Sigmoid", ["x"], ["unused"], name="unused")])
+    assert graph.remove_dead() == 2
+    assert [n.op_type for n in graph.graph.node] == ["Relu", "Add", "Abs", "Identity"]
+    graph.toposort()
+    assert [n.op_type for n in graph.graph.node] == ["Relu", "Identity", "Add", "Abs"]

@@ -148,6 +148,28 @@ def test_interpolate_bridges_fuse_too(non_default_checkpoint: Path, tmp_path: Pa
     assert all(row.passed for row in rows)
 
 
+def test_a_text_tower_with_tanh_gelu_optimizes_and_keeps_parity(non_default_checkpoint: Path, tmp_path: Path) -> None:
+    """hidden_act gelu_new (tanh GELU, which the GELU pass leaves as exported) had left the ort
+    graph's node list out of order where the cleanup swept it, and it dropped the [CLS] rows'
+    Slice: `graph has a cycle or a dangling input`, a traceback from optimize."""
+    import json
+
+    from btdeploy.export.exporter import export_head
+    from btdeploy.model.checkpoints import resolve_model
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(non_default_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["hidden_act"] = "gelu_new"
+    (folder / "config.json").write_text(json.dumps(config))
+    export_head(resolve_model(str(folder), seed=3), "itm", tmp_path / "out")
+    for flavour in ("ort", "trt"):
+        summary = optimize_head(tmp_path / "out" / "itm", flavour)
+        assert summary["attention_fused"] == summary["attention_expected"] == 16
+        rows = check_export(tmp_path / "out", batch_sizes=(2,), text_lengths=(7,), flavour=flavour)
+        assert rows and all(row.passed for row in rows), flavour
+
+
 def test_the_operator_check_rejects_contrib_and_unknown_ops(optimized: Path) -> None:
     ort_graph = onnx.load(str(optimized / "itm" / "model.ort.onnx"))
     verdict = check_tensorrt_ops(ort_graph)

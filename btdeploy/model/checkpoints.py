@@ -16,7 +16,7 @@ from typing import Any
 
 from btdeploy.artifacts.files import file_hashes, nearest_existing, sha256_of_json, staged_directory
 from btdeploy.errors import BtDeployError
-from btdeploy.model.configs import PRESETS, build_config, validate_config
+from btdeploy.model.configs import PRESETS, build_config, unchunk_feed_forward, validate_config
 from btdeploy.model.heads import CHECKPOINT_HEADS, HEADS, HeadSpec
 from btdeploy.progress import say, warn
 
@@ -260,6 +260,7 @@ def load_config(source: ModelSource) -> Any:
     if getattr(config, "model_type", None) != "bridgetower":
         raise BtDeployError(f"{folder} holds a {config.model_type!r} model, not BridgeTower")
     validate_config(config)
+    unchunk_feed_forward(config)
     return config
 
 

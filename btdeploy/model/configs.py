@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from btdeploy.errors import BtDeployError
+from btdeploy.progress import say
 
 # Released checkpoints carry these in config.json; transformers 5.x does not declare them,
 # and the contrastive head needs them.
@@ -76,7 +77,24 @@ def build_config(preset_or_dict: str | dict[str, Any]) -> Any:
         values = preset_or_dict
     config = BridgeTowerConfig(**values)
     validate_config(config)
+    unchunk_feed_forward(config)
     return config
+
+
+_UNCHUNKED_SAID: list[bool] = []
+
+
+def unchunk_feed_forward(config: Any) -> None:
+    """Run the feed-forward layers whole. chunk_size_feed_forward N splits them along the tokens to
+    save memory, with the same outputs, and transformers then runs only inputs whose length is a
+    multiple of N (the export failed on the tiny preset's 17 image tokens for N=4). Said once per process."""
+    chunked = [part for part in (config, config.text_config) if getattr(part, "chunk_size_feed_forward", 0)]
+    if chunked and not _UNCHUNKED_SAID:
+        _UNCHUNKED_SAID.append(True)
+        say(f"config: chunk_size_feed_forward {chunked[0].chunk_size_feed_forward} taken as 0 (the feed-forward "
+            "layers run whole: the same outputs, at any input length)")  # fmt: skip
+    for part in chunked:
+        part.chunk_size_feed_forward = 0
 
 
 def validate_config(config: Any) -> None:
@@ -119,10 +137,22 @@ def validate_config(config: Any) -> None:
             f"num_hidden_layers (cross-modal layers) is {config.num_hidden_layers}; it must be between 1 and "
             f"the text layer count + 1 ({text.num_hidden_layers + 1})"
         )
-    if vision.num_hidden_layers < text.num_hidden_layers:
+    # remove_last_layer builds one CLIP block fewer than num_hidden_layers says.
+    vision_layers = vision.num_hidden_layers - int(bool(getattr(vision, "remove_last_layer", False)))
+    if vision_layers < text.num_hidden_layers:
+        removed = (
+            " (num_hidden_layers less one: remove_last_layer=True)" if vision_layers < vision.num_hidden_layers else ""
+        )
         raise BtDeployError(
-            f"the vision tower has {vision.num_hidden_layers} layers but the text tower {text.num_hidden_layers}: "
+            f"the vision tower has {vision_layers} layers{removed} but the text tower {text.num_hidden_layers}: "
             "BridgeTower walks both towers in step, so the vision tower needs at least as many"
+        )
+    if not getattr(vision, "share_layernorm", True) and getattr(config, "init_layernorm_from_vision_encoder", False):
+        raise BtDeployError(
+            "init_layernorm_from_vision_encoder=True with vision_config.share_layernorm=False is broken in "
+            "transformers itself (it copies ln_post into cross_modal_ln_separate, which the vision tower does "
+            "not have); set init_layernorm_from_vision_encoder to False: it only initialises weights, which "
+            "the checkpoint's own replace"
         )
     if vision.image_size < vision.patch_size:
         raise BtDeployError(f"image_size {vision.image_size} is smaller than one patch ({vision.patch_size})")

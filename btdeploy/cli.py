@@ -251,6 +251,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
     from btdeploy.bench.report import write_reports
+    from btdeploy.bench.runner import DEFAULT_TEXT_LENGTHS as DEFAULT_BENCH_TEXT_LENGTHS
     from btdeploy.bench.runner import BenchSettings, run_bench
     from btdeploy.progress import say
 
@@ -277,7 +278,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.workload == "rank":
         from btdeploy.bench.rank_workload import run_rank_bench
 
-        run_rank_bench(Path(args.dir), args.captions, args.seq_lens[0], args.warmup, args.iters, settings.threads, out)
+        length = (args.seq_lens or DEFAULT_BENCH_TEXT_LENGTHS)[0]
+        run_rank_bench(Path(args.dir), args.captions, length, args.warmup, args.iters, settings.threads, out)
         print((out / "rank.md").read_text())
         return 0
     if args.workload == "serve":
@@ -289,7 +291,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.flavour,
             list(args.concurrency),
             args.requests,
-            args.seq_lens[0],
+            (args.seq_lens or DEFAULT_BENCH_TEXT_LENGTHS)[0],
             args.captions,
             args.max_batch,
             out,
@@ -345,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     from btdeploy.apps.rank import BACKEND as RANK_BACKEND
     from btdeploy.artifacts.graph_names import Flavour, Precision
     from btdeploy.backends.targets import TARGETS
+    from btdeploy.bench.runner import DEFAULT_TEXT_LENGTHS as DEFAULT_BENCH_TEXT_LENGTHS
     from btdeploy.export.exporter import DEFAULT_OPSET
     from btdeploy.model.heads import HEADS
     from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE
@@ -422,7 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     check.add_argument("--batch-sizes", type=_int_list, default=DEFAULT_BATCH_SIZES, help="comma list (default: 1,3)")
     check.add_argument(
-        "--seq-lens", type=_int_list, default=DEFAULT_TEXT_LENGTHS, help="text lengths, comma list (default: 5,40)"
+        "--seq-lens",
+        type=_int_list,
+        default=None,
+        help="text lengths, comma list (default: "
+        + ",".join(map(str, DEFAULT_TEXT_LENGTHS))
+        + ", each at most the model's length)",
     )
     check.add_argument(
         "--backend", default="onnxruntime", choices=list(TARGETS), help="what runs the graph (default: %(default)s)"
@@ -520,7 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 16), help="comma list (default: 1,4,16)")
     bench.add_argument(
-        "--seq-lens", type=_int_list, default=(16, 40, 128), help="text lengths, comma list (default: 16,40,128)"
+        "--seq-lens",
+        type=_int_list,
+        default=None,
+        help="text lengths, comma list (default: "
+        + ",".join(map(str, DEFAULT_BENCH_TEXT_LENGTHS))
+        + ", each at most the model's length)",
     )
     bench.add_argument("--threads", type=_at_least(0), default=0, help="0: every core")
     bench.add_argument("--warmup", type=_at_least(0), default=2, help="untimed runs per variant and case (default: 2)")

@@ -37,9 +37,16 @@ from btdeploy.quantize.calibration import (
 )
 from btdeploy.quantize.methods import METHODS, PRECISIONS, quantized_graphs
 from btdeploy.quantize.quantizer import quantize_head
-from btdeploy.verify.check import ReferenceCache, check_export, graph_label, inputs_record, report_data
+from btdeploy.verify.check import (
+    DEFAULT_TEXT_LENGTHS,
+    ReferenceCache,
+    check_export,
+    graph_label,
+    inputs_record,
+    report_data,
+)
 from btdeploy.verify.junit import junit_suite, write_junit
-from btdeploy.verify.parity import ParityRow, format_rows
+from btdeploy.verify.parity import ParityRow, default_lengths_within, format_rows
 
 
 @dataclass(frozen=True)
@@ -192,7 +199,8 @@ def run_pipeline(
         _record_steps(manifest.folder, summary.steps)
         summaries.append(summary)
     wall = time.monotonic() - started
-    _report(out, summaries, checked, inputs_record(check_images, check_texts))
+    lengths = default_lengths_within(DEFAULT_TEXT_LENGTHS, load_config(source))  # what each check ran
+    _report(out, summaries, checked, inputs_record(check_images, check_texts, text_lengths=lengths))
     calibrated_on = "generated" if generated else "files" if calibrated else None
     _write_run_record(out, summaries, wall, force, calibrated_on, disk)
     if generated:

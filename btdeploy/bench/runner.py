@@ -19,7 +19,7 @@ from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import Countdown, say
 from btdeploy.signals import Terminated
-from btdeploy.verify.parity import parse_shapes
+from btdeploy.verify.parity import default_lengths_within, parse_shapes
 
 T = TypeVar("T")
 
@@ -51,10 +51,13 @@ class Skip:
     reason: str
 
 
+DEFAULT_TEXT_LENGTHS = (16, 40, 128)
+
+
 @dataclass
 class BenchSettings:
     batch_sizes: tuple[int, ...] = (1, 4, 16)
-    text_lengths: tuple[int, ...] = (16, 40, 128)
+    text_lengths: tuple[int, ...] | None = None  # None: DEFAULT_TEXT_LENGTHS, each at most the model's length
     warmup: int = 2
     iters: int | None = 10
     seconds: float | None = None  # per variant and case, instead of a fixed count
@@ -139,6 +142,11 @@ def time_case(
     return samples, rss, first
 
 
+def _shapes(settings: BenchSettings, config: Any) -> list[tuple[int, int]]:
+    lengths = settings.text_lengths or default_lengths_within(DEFAULT_TEXT_LENGTHS, config)
+    return parse_shapes(settings.batch_sizes, lengths, config)
+
+
 def resolve_variants(names: list[str] | None) -> list[Variant]:
     if not names:
         return list(VARIANTS.values())
@@ -158,7 +166,7 @@ def run_bench(
     variants = resolve_variants(variant_names)
     folders = head_folders(Path(root), heads)
     for folder in folders:  # every head's shapes refused before the peak is measured, not after
-        parse_shapes(settings.batch_sizes, settings.text_lengths, read_manifest(folder).config)
+        _shapes(settings, read_manifest(folder).config)
     if settings.device == "cuda":
         from btdeploy.backends.tensorrt.environment import gpu
 
@@ -238,7 +246,7 @@ def _plan_head(
             say(f"bench {head.name}: skipping {variant.name}: {reason}")
         else:
             runnable[variant.name] = variant
-    cases = parse_shapes(settings.batch_sizes, settings.text_lengths, manifest.config)
+    cases = _shapes(settings, manifest.config)
     return _HeadPlan(manifest, head, cases, runnable, build_orders(list(runnable), settings.rotate_builds))
 
 

@@ -134,8 +134,14 @@ def _export(
     return manifest
 
 
+def trace_text_length(head: HeadSpec, config: Any) -> int:
+    """The text length the export traces with (the axis stays dynamic), within the model's positions:
+    a config with max_position_embeddings 12 takes 10 tokens, and the trace at 16 had failed."""
+    return min(head.export_text_length, max_text_length(config))
+
+
 def _torch_to_onnx(loaded: LoadedModel, head: HeadSpec, path: Path, opset: int) -> float:
-    feeds = sample_inputs(loaded.config, head.export_batch, head.export_text_length, seed=1234)
+    feeds = sample_inputs(loaded.config, head.export_batch, trace_text_length(head, loaded.config), seed=1234)
     args = tuple(feeds[name] for name in head.input_names)
     module = head_module(loaded.model, head)
     axes = head.dynamic_axes(loaded.config)
@@ -184,7 +190,7 @@ def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int
 
     config = loaded.config
     specs, modules = part_specs(head), part_modules(loaded.model, head)
-    feeds = sample_inputs(config, head.export_batch, head.export_text_length, seed=1234)
+    feeds = sample_inputs(config, head.export_batch, trace_text_length(head, config), seed=1234)
     with torch.no_grad(), fusable_export():
         text_states = modules["text"](*(torch.from_numpy(feeds[n]) for n in specs["text"].input_names))[0]
         image_states = modules["vision"](torch.from_numpy(feeds["pixel_values"]))[0]

@@ -23,7 +23,7 @@ from btdeploy.model.heads import get_head
 from btdeploy.model.media import export_processor, load_image, pair_inputs, paired_files, text_length_problem
 from btdeploy.progress import step
 from btdeploy.verify.junit import junit_suite, write_junit
-from btdeploy.verify.parity import ParityRow, check_head, generated_batches, parse_shapes
+from btdeploy.verify.parity import ParityRow, check_head, default_lengths_within, generated_batches, parse_shapes
 
 DEFAULT_BATCH_SIZES = (1, 3)
 DEFAULT_TEXT_LENGTHS = (5, 40)
@@ -33,7 +33,7 @@ def check_export(
     root: Path,
     heads: list[str] | None = None,
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
-    text_lengths: tuple[int, ...] = DEFAULT_TEXT_LENGTHS,
+    text_lengths: tuple[int, ...] | None = None,
     backend: str = "onnxruntime",
     providers: list[str] | None = None,
     report: Path | None = None,
@@ -72,11 +72,14 @@ def check_export(
     reference_target = get_target("torch")
     reference_options = reference_target.resolve({"checkpoint": checkpoint})
     rows: list[ParityRow] = []
+    lengths_used: set[int] = set()
     for folder in head_folders(Path(root), heads):
         manifest = read_manifest(folder)
         head = get_head(manifest.head)
         config = manifest.config
-        shapes = parse_shapes(list(batch_sizes), list(text_lengths), config)
+        lengths = text_lengths or default_lengths_within(DEFAULT_TEXT_LENGTHS, config)
+        lengths_used.update(lengths)
+        shapes = parse_shapes(list(batch_sizes), list(lengths), config)
         if pair is not None:
             pairs = real_pairs(manifest, *pair, texts_option=f"--texts {texts}")
             batches: Iterable[dict[str, np.ndarray]] = pairs.batches(max(batch_sizes))
@@ -101,7 +104,9 @@ def check_export(
         rows += head_rows
         del reference, candidate
     if report is not None or junit is not None:
-        data = report_data(rows, backend, options, inputs_record(images, texts, batch_sizes, text_lengths))
+        data = report_data(
+            rows, backend, options, inputs_record(images, texts, batch_sizes, tuple(sorted(lengths_used)))
+        )
         if report is not None:
             write_json(Path(report), data)
         if junit is not None:

@@ -124,6 +124,14 @@ class ParityRow:
         }
 
 
+def default_lengths_within(defaults: Sequence[int], config: Any) -> tuple[int, ...]:
+    """A command's default text lengths as the model takes them: each at most its positions. A
+    length the user gives is refused past them (parse_shapes); a default is not theirs to fix (a
+    config with max_position_embeddings 40, 38 tokens, had failed the pipeline's checks at 40)."""
+    limit = max_text_length(config)
+    return tuple(sorted({min(length, limit) for length in defaults}))
+
+
 def parse_shapes(batch_sizes: Sequence[int], text_lengths: Sequence[int], config: Any) -> list[tuple[int, int]]:
     limit = max_text_length(config)
     for length in text_lengths:

@@ -92,6 +92,36 @@ def test_non_default_config_exports_and_matches(
     assert runtime(**sample_inputs(runtime.config, 2, 5)).logits.shape == (2, 2)
 
 
+def test_a_model_with_few_text_positions_exports_checks_and_benches_at_the_default_lengths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_position_embeddings 12 leaves 10 tokens: the export traced at 16 (a traceback) and the
+    default check lengths (5, 40) and bench lengths (16, 40, 128) refused a length nobody asked
+    for, so the pipeline could not run. Defaults now stop at the model's length; a length given is
+    still refused past it."""
+    from conftest import make_checkpoint
+
+    from btdeploy.bench.runner import BenchSettings, run_bench
+    from btdeploy.model.configs import PRESETS
+
+    values = json.loads(json.dumps(PRESETS["tiny"]))
+    values["text_config"]["max_position_embeddings"] = 12
+    source = resolve_model(str(make_checkpoint(tmp_path / "ckpt", values, heads=("itm",))), seed=3)
+    out = tmp_path / "export"
+    export_head(source, "itm", out)
+    report = tmp_path / "parity.json"
+    rows = check_export(out, report=report)
+    assert rows and all(row.passed for row in rows)
+    assert json.loads(report.read_text())["inputs"]["text_lengths"] == [5, 10]
+    with pytest.raises(BtDeployError, match=r"--seq-lens 40 is outside 1\.\.10"):
+        check_export(out, text_lengths=(5, 40))
+    monkeypatch.setattr("btdeploy.bench.machine.matmul_peak_gflops", lambda threads: {"torch": 100.0})
+    settings = BenchSettings(batch_sizes=(1,), warmup=0, iters=1, threads=1, rotate_builds=False)
+    assert settings.text_lengths is None  # the defaults
+    run = run_bench(out, ["itm"], ["ort"], settings)
+    assert sorted({case.text_length for case in run.cases}) == [10]
+
+
 @pytest.mark.parametrize("saved_as", ["bfloat16", "float16"])
 def test_a_checkpoint_saved_in_half_precision_exports_an_fp32_graph(tmp_path: Path, saved_as: str) -> None:
     """A fine-tune saved in bf16 or fp16: transformers loads it as saved, which had exported a bf16

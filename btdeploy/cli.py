@@ -251,7 +251,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
     from btdeploy.bench.report import write_reports
-    from btdeploy.bench.runner import DEFAULT_TEXT_LENGTHS as DEFAULT_BENCH_TEXT_LENGTHS
     from btdeploy.bench.runner import BenchSettings, run_bench
     from btdeploy.progress import say
 
@@ -275,11 +274,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out or Path(args.dir) / "bench")
     if out.exists() and not out.is_dir():  # refused now, not after minutes of timing
         raise BtDeployError(f"--out {out} is a file: give a folder for the reports")
+    first_length = args.seq_lens[0] if args.seq_lens else None  # rank and serve take one length
     if args.workload == "rank":
         from btdeploy.bench.rank_workload import run_rank_bench
 
-        length = (args.seq_lens or DEFAULT_BENCH_TEXT_LENGTHS)[0]
-        run_rank_bench(Path(args.dir), args.captions, length, args.warmup, args.iters, settings.threads, out)
+        run_rank_bench(Path(args.dir), args.captions, first_length, args.warmup, args.iters, settings.threads, out)
         print((out / "rank.md").read_text())
         return 0
     if args.workload == "serve":
@@ -291,7 +290,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.flavour,
             list(args.concurrency),
             args.requests,
-            (args.seq_lens or DEFAULT_BENCH_TEXT_LENGTHS)[0],
+            first_length,
             args.captions,
             args.max_batch,
             out,

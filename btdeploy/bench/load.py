@@ -28,6 +28,7 @@ from btdeploy.artifacts.files import write_json, write_text
 from btdeploy.artifacts.graph_names import Precision
 from btdeploy.bench.figures import pyplot, save_png
 from btdeploy.bench.machine import cpu_text, machine_description
+from btdeploy.bench.runner import one_text_length
 from btdeploy.model.heads import match_probability
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import say
@@ -225,7 +226,7 @@ def run_serve_bench(
     flavour: str | None,
     concurrency: list[int],
     min_requests: int,
-    text_length: int,
+    text_length: int | None,
     captions: int,
     max_batch: int,
     out: Path,
@@ -233,6 +234,7 @@ def run_serve_bench(
     from btdeploy.runtime.runtime import find_head, load
 
     config = find_head(export, "itm").config
+    text_length = one_text_length(text_length, config)
     parse_shapes([1], [text_length], config)  # refuses a length past the model's
     total = max(_requests_per_level(c, min_requests) for c in concurrency)
     feeds = [sample_inputs(config, 1, text_length, seed=10_000 + i, pad=False) for i in range(total)]

@@ -21,7 +21,7 @@ from btdeploy.backends.split import SplitBackend, build_split_backend
 from btdeploy.backends.targets import RunOptions
 from btdeploy.bench.figures import pyplot, save_png
 from btdeploy.bench.machine import cpu_text, machine_description
-from btdeploy.bench.runner import time_case
+from btdeploy.bench.runner import one_text_length, time_case
 from btdeploy.bench.stats import summarize
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
@@ -91,7 +91,7 @@ def feature_bytes(backend: SplitBackend, pixel_values: np.ndarray) -> int:
 
 
 def run_rank_bench(
-    root: Path, captions: int, text_length: int, warmup: int, iters: int, threads: int, out: Path
+    root: Path, captions: int, text_length: int | None, warmup: int, iters: int, threads: int, out: Path
 ) -> list[RankCase]:
     if captions < 1:
         raise BtDeployError(f"--captions {captions} must be at least 1")
@@ -99,6 +99,7 @@ def run_rank_bench(
     if len(manifest.stems) == 1:
         raise BtDeployError(f"{manifest.folder} has no split graphs: export with btdeploy export --split")
     config = manifest.config
+    text_length = one_text_length(text_length, config)
     parse_shapes([captions], [text_length], config)  # refuses a length past the model's
     feeds = sample_inputs(config, captions, text_length, seed=11, pad=False)
     head = get_head("itm")

@@ -142,6 +142,12 @@ def time_case(
     return samples, rss, first
 
 
+def one_text_length(given: int | None, config: Any) -> int:
+    """The one text length of the rank and serve workloads: the first of --seq-lens, or the first
+    default within the model's length."""
+    return given if given is not None else default_lengths_within(DEFAULT_TEXT_LENGTHS[:1], config)[0]
+
+
 def _shapes(settings: BenchSettings, config: Any) -> list[tuple[int, int]]:
     lengths = settings.text_lengths or default_lengths_within(DEFAULT_TEXT_LENGTHS, config)
     return parse_shapes(settings.batch_sizes, lengths, config)

@@ -97,10 +97,11 @@ def test_a_model_with_few_text_positions_exports_checks_and_benches_at_the_defau
 ) -> None:
     """max_position_embeddings 12 leaves 10 tokens: the export traced at 16 (a traceback) and the
     default check lengths (5, 40) and bench lengths (16, 40, 128) refused a length nobody asked
-    for, so the pipeline could not run. Defaults now stop at the model's length; a length given is
-    still refused past it."""
+    for, so the pipeline could not run (the rank workload's one length, 16, too). Defaults now stop
+    at the model's length; a length given is still refused past it."""
     from conftest import make_checkpoint
 
+    from btdeploy.bench.rank_workload import run_rank_bench
     from btdeploy.bench.runner import BenchSettings, run_bench
     from btdeploy.model.configs import PRESETS
 
@@ -108,7 +109,7 @@ def test_a_model_with_few_text_positions_exports_checks_and_benches_at_the_defau
     values["text_config"]["max_position_embeddings"] = 12
     source = resolve_model(str(make_checkpoint(tmp_path / "ckpt", values, heads=("itm",))), seed=3)
     out = tmp_path / "export"
-    export_head(source, "itm", out)
+    export_head(source, "itm", out, split=True)
     report = tmp_path / "parity.json"
     rows = check_export(out, report=report)
     assert rows and all(row.passed for row in rows)
@@ -120,6 +121,8 @@ def test_a_model_with_few_text_positions_exports_checks_and_benches_at_the_defau
     assert settings.text_lengths is None  # the defaults
     run = run_bench(out, ["itm"], ["ort"], settings)
     assert sorted({case.text_length for case in run.cases}) == [10]
+    run_rank_bench(out, 2, None, warmup=0, iters=1, threads=1, out=tmp_path / "rank")  # its one length: 16
+    assert "1 image x 2 captions of length 10 " in (tmp_path / "rank" / "rank.md").read_text()
 
 
 @pytest.mark.parametrize("saved_as", ["bfloat16", "float16"])

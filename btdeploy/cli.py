@@ -146,12 +146,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from btdeploy.runtime.runtime import load
 
     runtime = load(args.dir, head=args.head, backend=args.backend, **_chosen_graph(args))
-    answers = score(runtime, Path(args.image), args.text)
+    # A text's line breaks and tabs shown escaped: printed as they are, they broke its row in two.
+    answers = [(_one_line(text), answer) for text, answer in score(runtime, Path(args.image), args.text)]
     width = max(len(text) for text, _ in answers)
     print(f"{runtime.manifest.head} on {args.image} ({runtime.backend.description}):")
     for text, answer in answers:
         print(f"  {text:<{width}}  {answer}")
     return 0
+
+
+def _one_line(text: str) -> str:
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:

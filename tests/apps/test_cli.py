@@ -90,7 +90,8 @@ def test_check_fails_with_exit_1_when_the_graph_is_wrong(
 
 
 def test_run_prints_one_answer_per_text(tiny_export: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    texts = ["a cat looking out of the <mask>", "a <mask> sitting on a <mask>"]  # mlm refuses a text without one
+    # mlm refuses a text without one; a line break in a text is shown escaped, on the text's own row.
+    texts = ["a cat looking out of the <mask>", "a <mask> sitting\non a <mask>"]
     for head, marker in (("itm", "match probability"), ("itc", "text-image cosine"), ("mlm", "mask(s) ->")):
         args = ["run", str(tiny_export), "--head", head, "--image", str(image)]
         for text in texts:
@@ -98,6 +99,7 @@ def test_run_prints_one_answer_per_text(tiny_export: Path, image: Path, capsys: 
         assert main(args) == 0
         printed = capsys.readouterr().out
         assert printed.count(marker) == 2, printed
+        assert len(printed.splitlines()) == 3 and "  a <mask> sitting\\non a <mask>  " in printed, printed
     assert "1 mask(s) ->" in printed and "2 mask(s) ->" in printed
 
 

@@ -16,6 +16,17 @@ from btdeploy.signals import Terminated, sigterm_raises
 from btdeploy.version import __version__
 
 
+def _seq_lens_option(parser: argparse.ArgumentParser, defaults: tuple[int, ...]) -> None:
+    """--seq-lens: None when not given, so that the defaults can stop at each model's length."""
+    listed = ",".join(map(str, defaults))
+    parser.add_argument(
+        "--seq-lens",
+        type=_int_list,
+        default=None,
+        help=f"text lengths, comma list (default: {listed}, each at most the model's length)",
+    )
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     """Comma-separated positive integers (batch sizes, text lengths)."""
     try:
@@ -428,14 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("dir", help="export folder or one head folder")
     check.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     check.add_argument("--batch-sizes", type=_int_list, default=DEFAULT_BATCH_SIZES, help="comma list (default: 1,3)")
-    check.add_argument(
-        "--seq-lens",
-        type=_int_list,
-        default=None,
-        help="text lengths, comma list (default: "
-        + ",".join(map(str, DEFAULT_TEXT_LENGTHS))
-        + ", each at most the model's length)",
-    )
+    _seq_lens_option(check, DEFAULT_TEXT_LENGTHS)
     check.add_argument(
         "--backend", default="onnxruntime", choices=list(TARGETS), help="what runs the graph (default: %(default)s)"
     )
@@ -531,14 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants", type=_names, default=None, help="comma list (default: all; those that cannot run are skipped)"
     )
     bench.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 16), help="comma list (default: 1,4,16)")
-    bench.add_argument(
-        "--seq-lens",
-        type=_int_list,
-        default=None,
-        help="text lengths, comma list (default: "
-        + ",".join(map(str, DEFAULT_BENCH_TEXT_LENGTHS))
-        + ", each at most the model's length)",
-    )
+    _seq_lens_option(bench, DEFAULT_BENCH_TEXT_LENGTHS)
     bench.add_argument("--threads", type=_at_least(0), default=0, help="0: every core")
     bench.add_argument("--warmup", type=_at_least(0), default=2, help="untimed runs per variant and case (default: 2)")
     amount = bench.add_mutually_exclusive_group()

@@ -37,16 +37,9 @@ from btdeploy.quantize.calibration import (
 )
 from btdeploy.quantize.methods import METHODS, PRECISIONS, quantized_graphs
 from btdeploy.quantize.quantizer import quantize_head
-from btdeploy.verify.check import (
-    DEFAULT_TEXT_LENGTHS,
-    ReferenceCache,
-    check_export,
-    graph_label,
-    inputs_record,
-    report_data,
-)
+from btdeploy.verify.check import ReferenceCache, check_export, graph_label, inputs_record, report_data
 from btdeploy.verify.junit import junit_suite, write_junit
-from btdeploy.verify.parity import ParityRow, default_lengths_within, format_rows
+from btdeploy.verify.parity import ParityRow, format_rows
 
 
 @dataclass(frozen=True)
@@ -199,8 +192,7 @@ def run_pipeline(
         _record_steps(manifest.folder, summary.steps)
         summaries.append(summary)
     wall = time.monotonic() - started
-    lengths = default_lengths_within(DEFAULT_TEXT_LENGTHS, load_config(source))  # what each check ran
-    _report(out, summaries, checked, inputs_record(check_images, check_texts, text_lengths=lengths))
+    _report(out, summaries, checked, check_data)
     calibrated_on = "generated" if generated else "files" if calibrated else None
     _write_run_record(out, summaries, wall, force, calibrated_on, disk)
     if generated:
@@ -247,11 +239,16 @@ def _optimized_first(flavours: tuple[Flavour, ...], quantized: list[tuple[Flavou
     return [flavour for flavour in Flavour if flavour in needed]
 
 
-def _report(out: Path, summaries: list[HeadSummary], checked: dict[str, CheckedGraph], inputs: dict[str, Any]) -> None:
+def _report(
+    out: Path,
+    summaries: list[HeadSummary],
+    checked: dict[str, CheckedGraph],
+    check_data: tuple[Path | None, Path | None],
+) -> None:
     suites = []
     for key, graph in checked.items():
         rows = [row for s in summaries for row in s.rows[key]]
-        data = report_data(rows, graph.backend, graph.options, inputs)
+        data = report_data(rows, graph.backend, graph.options, inputs_record(*check_data, rows))
         write_json(out / f"parity.{key}.json", data)
         suites.append(junit_suite(graph.label, rows, data))
         print(f"\n== {key} graph ({graph.label}) ==")

@@ -72,13 +72,11 @@ def check_export(
     reference_target = get_target("torch")
     reference_options = reference_target.resolve({"checkpoint": checkpoint})
     rows: list[ParityRow] = []
-    lengths_used: set[int] = set()
     for folder in head_folders(Path(root), heads):
         manifest = read_manifest(folder)
         head = get_head(manifest.head)
         config = manifest.config
         lengths = text_lengths or default_lengths_within(DEFAULT_TEXT_LENGTHS, config)
-        lengths_used.update(lengths)
         shapes = parse_shapes(list(batch_sizes), list(lengths), config)
         if pair is not None:
             pairs = real_pairs(manifest, *pair, texts_option=f"--texts {texts}")
@@ -104,9 +102,7 @@ def check_export(
         rows += head_rows
         del reference, candidate
     if report is not None or junit is not None:
-        data = report_data(
-            rows, backend, options, inputs_record(images, texts, batch_sizes, tuple(sorted(lengths_used)))
-        )
+        data = report_data(rows, backend, options, inputs_record(images, texts, rows, batch_sizes))
         if report is not None:
             write_json(Path(report), data)
         if junit is not None:
@@ -125,15 +121,14 @@ def graph_label(backend: str, options: RunOptions) -> str:
 
 
 def inputs_record(
-    images: Path | None,
-    texts: Path | None,
-    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
-    text_lengths: tuple[int, ...] = DEFAULT_TEXT_LENGTHS,
+    images: Path | None, texts: Path | None, rows: list[ParityRow], batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
 ) -> dict[str, Any]:
-    """What a check ran on, for its report: the user's pairs, or generated inputs at these shapes."""
+    """What a check ran on, for its report: the user's pairs, or generated inputs at these batch
+    sizes and the text lengths the rows ran (the defaults stop at each model's length)."""
     if images is not None:
         return {"kind": "files", "images": str(images), "texts": str(texts), "batch_size": max(batch_sizes)}
-    return {"kind": "generated", "batch_sizes": list(batch_sizes), "text_lengths": list(text_lengths)}
+    lengths = sorted({shape["text_length"] for row in rows for shape in row.per_shape})
+    return {"kind": "generated", "batch_sizes": list(batch_sizes), "text_lengths": lengths}
 
 
 def _checked_graphs(manifest: Manifest, options: RunOptions) -> dict[str, str]:

@@ -27,7 +27,10 @@ from btdeploy.optimize.passes.gelu import every_gelu
 def _kind(nodes: list[onnx.NodeProto]) -> str:
     if len(nodes) == 1:
         return nodes[0].op_type
-    return "Erf chain" if any(n.op_type == "Erf" for n in nodes) else "QuickGELU chain"
+    for op_type, kind in (("Erf", "Erf chain"), ("Tanh", "tanh chain")):
+        if any(n.op_type == op_type for n in nodes):
+            return kind
+    return "QuickGELU chain"
 
 
 def without_gelus(model: onnx.ModelProto) -> Counter[str]:

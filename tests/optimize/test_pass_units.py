@@ -272,6 +272,144 @@ def test_gelu_and_quick_gelu(flavour: Flavour, ops: list[str]) -> None:
     np.testing.assert_allclose(_run(fused, feeds)[0], _run(model, feeds)[0], atol=1e-5)
 
 
+def _scalars(**values: float) -> list[onnx.TensorProto]:
+    return [_init(name, np.array(value, np.float32)) for name, value in values.items()]
+
+
+# Each way a model's code writes its activation, as the exporter emits it: nodes from "x" to "y"
+# (x = MatMul + bias), the scalars they read, and what the GELU pass must find.
+_ROOT_2_OVER_PI = float(np.sqrt(2 / np.pi))
+GELU_FORMS = {
+    "gelu_python: x * 0.5 * (1 + erf(x / sqrt 2))": (
+        [
+            helper.make_node("Mul", ["x", "half"], ["half_x"]),
+            helper.make_node("Div", ["x", "sqrt2"], ["scaled"]),
+            helper.make_node("Erf", ["scaled"], ["erf"]),
+            helper.make_node("Add", ["erf", "one"], ["plus_one"]),
+            helper.make_node("Mul", ["half_x", "plus_one"], ["y"]),
+        ],
+        _scalars(half=0.5, sqrt2=float(np.sqrt(2)), one=1.0),
+        "gelu",
+    ),
+    "gelu_new: Pow(x, 3)": (
+        [
+            helper.make_node("Mul", ["half", "x"], ["half_x"]),
+            helper.make_node("Pow", ["x", "three"], ["cube"]),
+            helper.make_node("Mul", ["cube", "c"], ["scaled_cube"]),
+            helper.make_node("Add", ["x", "scaled_cube"], ["inner"]),
+            helper.make_node("Mul", ["inner", "root"], ["arg"]),
+            helper.make_node("Tanh", ["arg"], ["tanh"]),
+            helper.make_node("Add", ["tanh", "one"], ["plus_one"]),
+            helper.make_node("Mul", ["half_x", "plus_one"], ["y"]),
+        ],
+        _scalars(half=0.5, three=3.0, c=0.044715, root=_ROOT_2_OVER_PI, one=1.0),
+        "gelu_tanh",
+    ),
+    "gelu_pytorch_tanh: x * x * x": (
+        [
+            helper.make_node("Mul", ["x", "x"], ["square"]),
+            helper.make_node("Mul", ["square", "x"], ["cube"]),
+            helper.make_node("Mul", ["cube", "c"], ["scaled_cube"]),
+            helper.make_node("Add", ["x", "scaled_cube"], ["inner"]),
+            helper.make_node("Mul", ["inner", "root"], ["arg"]),
+            helper.make_node("Tanh", ["arg"], ["tanh"]),
+            helper.make_node("Add", ["one", "tanh"], ["plus_one"]),
+            helper.make_node("Mul", ["x", "half"], ["half_x"]),
+            helper.make_node("Mul", ["half_x", "plus_one"], ["y"]),
+        ],
+        _scalars(c=0.044715, root=_ROOT_2_OVER_PI, one=1.0, half=0.5),
+        "gelu_tanh",
+    ),
+    "gelu_fast: tanh(x * 0.79788 * (1 + 0.044715 x^2))": (
+        [
+            helper.make_node("Mul", ["x", "x"], ["square"]),
+            helper.make_node("Mul", ["square", "c"], ["scaled_square"]),
+            helper.make_node("Add", ["scaled_square", "one"], ["factor"]),
+            helper.make_node("Mul", ["x", "root"], ["rooted"]),
+            helper.make_node("Mul", ["rooted", "factor"], ["arg"]),
+            helper.make_node("Tanh", ["arg"], ["tanh"]),
+            helper.make_node("Add", ["tanh", "one"], ["plus_one"]),
+            helper.make_node("Mul", ["x", "plus_one"], ["x_plus"]),
+            helper.make_node("Mul", ["x_plus", "half"], ["y"]),
+        ],
+        _scalars(c=0.044715, root=0.7978845608, one=1.0, half=0.5),
+        "gelu_tanh",
+    ),
+    "ONNX Gelu, approximate tanh (opset 20 export)": (
+        [helper.make_node("Gelu", ["x"], ["y"], approximate="tanh")],
+        [],
+        "gelu_tanh",
+    ),
+    "ONNX Gelu (opset 20 export)": ([helper.make_node("Gelu", ["x"], ["y"])], [], "gelu"),
+    "silu: x * sigmoid(x)": (
+        [helper.make_node("Sigmoid", ["x"], ["gate"]), helper.make_node("Mul", ["gate", "x"], ["y"])],
+        [],
+        "quick_gelu",
+    ),
+    # Not a GELU: the tanh form with another constant, and a pooler's tanh.
+    "tanh form with 0.05 for 0.044715": (
+        [
+            helper.make_node("Pow", ["x", "three"], ["cube"]),
+            helper.make_node("Mul", ["cube", "c"], ["scaled_cube"]),
+            helper.make_node("Add", ["x", "scaled_cube"], ["inner"]),
+            helper.make_node("Mul", ["inner", "root"], ["arg"]),
+            helper.make_node("Tanh", ["arg"], ["tanh"]),
+            helper.make_node("Add", ["tanh", "one"], ["plus_one"]),
+            helper.make_node("Mul", ["x", "plus_one"], ["x_plus"]),
+            helper.make_node("Mul", ["x_plus", "half"], ["y"]),
+        ],
+        _scalars(three=3.0, c=0.05, root=_ROOT_2_OVER_PI, one=1.0, half=0.5),
+        None,
+    ),
+    "tanh alone": ([helper.make_node("Tanh", ["x"], ["y"])], [], None),
+}
+
+# What each flavour makes of each kind, after the MatMul (None: as it was).
+_FUSED_OPS = {
+    Flavour.ORT: {"gelu": ["BiasGelu"], "gelu_tanh": ["FastGelu"], "quick_gelu": ["Add", "QuickGelu"], None: None},
+    Flavour.TRT: {"gelu": ["Add", "Gelu"], "gelu_tanh": ["Add", "Gelu"], "quick_gelu": None, None: None},
+    Flavour.TRT_COMPAT: {"gelu": None, "gelu_tanh": None, "quick_gelu": None, None: None},
+}
+
+
+@pytest.mark.parametrize("flavour", list(Flavour))
+@pytest.mark.parametrize("form", list(GELU_FORMS))
+def test_every_form_of_gelu_is_found_by_what_it_computes(form: str, flavour: Flavour) -> None:
+    """gelu_new and the other tanh forms had stayed as exported (eight operators, each a pass over
+    the FFN's activations) and so had gelu_python's erf arrangement and the ONNX Gelu of an opset-20
+    export, whose bias then stayed a separate Add in the ort graph."""
+    nodes, scalars, kind = GELU_FORMS[form]
+    opset = 20 if nodes[0].op_type == "Gelu" else 17
+    model = _model(
+        [helper.make_node("MatMul", ["h", "ffn_w"], ["mm"]), helper.make_node("Add", ["mm", "ffn_b"], ["x"]), *nodes],
+        [_float("h", ["b", WIDTH])], ["y"], [*_weight("ffn"), *scalars], opset=opset,
+    )  # fmt: skip
+    fused, result = _rewrite(model, GELU, flavour)
+    expected = _FUSED_OPS[flavour][kind]
+    assert _ops(fused) == (_ops(model) if expected is None else ["MatMul", *expected])
+    counted = {k: result.details[k] for k in ("gelu", "gelu_tanh", "quick_gelu")}
+    rewritten_quick = flavour == Flavour.ORT and kind == "quick_gelu"
+    assert counted == {k: int(k == kind and (k != "quick_gelu" or rewritten_quick)) for k in counted}
+    assert result.details["bias_folded"] == int(flavour == Flavour.ORT and kind in ("gelu", "gelu_tanh"))
+    if kind == "quick_gelu" and flavour == Flavour.ORT:
+        assert fused.graph.node[-1].attribute[0].f == pytest.approx(1.0, abs=1e-6)  # SiLU is QuickGELU at alpha 1
+    feeds = {"h": (3 * RNG.standard_normal((4, WIDTH))).astype(np.float32)}
+    np.testing.assert_allclose(_run(fused, feeds)[0], _run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_gelu_whose_inner_value_is_read_elsewhere_stays() -> None:
+    """Fusing would remove a tensor another node reads: the island is left as it is."""
+    nodes, scalars, _ = GELU_FORMS["gelu_new: Pow(x, 3)"]
+    model = _model(
+        [helper.make_node("MatMul", ["h", "ffn_w"], ["mm"]), helper.make_node("Add", ["mm", "ffn_b"], ["x"]), *nodes,
+         helper.make_node("Add", ["y", "tanh"], ["z"])],
+        [_float("h", ["b", WIDTH])], ["z"], [*_weight("ffn"), *scalars],
+    )  # fmt: skip
+    for flavour in (Flavour.ORT, Flavour.TRT):
+        fused, result = _rewrite(model, GELU, flavour)
+        assert result.details["gelu_tanh"] == 0 and _ops(fused) == _ops(model)
+
+
 # --- cleanup and [CLS] rows -----------------------------------------------------------------
 
 

@@ -148,10 +148,11 @@ def test_interpolate_bridges_fuse_too(non_default_checkpoint: Path, tmp_path: Pa
     assert all(row.passed for row in rows)
 
 
-def test_a_text_tower_with_tanh_gelu_optimizes_and_keeps_parity(non_default_checkpoint: Path, tmp_path: Path) -> None:
-    """hidden_act gelu_new (tanh GELU, which the GELU pass leaves as exported) had left the ort
-    graph's node list out of order where the cleanup swept it, and it dropped the [CLS] rows'
-    Slice: `graph has a cycle or a dangling input`, a traceback from optimize."""
+def test_a_tower_with_tanh_gelu_is_fused_as_fully_as_with_gelu(non_default_checkpoint: Path, tmp_path: Path) -> None:
+    """hidden_act gelu_new (tanh GELU, with Pow(x, 3)) had stayed as exported: eight operators per
+    FFN; its Pow also stopped the [CLS]-only rows pass, so the last layer's attention ran for every
+    row. (It had first left the ort graph's node list out of order where the cleanup swept it:
+    `graph has a cycle or a dangling input`, a traceback from optimize.)"""
     import json
 
     from btdeploy.export.exporter import export_head
@@ -162,12 +163,25 @@ def test_a_text_tower_with_tanh_gelu_optimizes_and_keeps_parity(non_default_chec
     config = json.loads((folder / "config.json").read_text())
     config["text_config"]["hidden_act"] = "gelu_new"
     (folder / "config.json").write_text(json.dumps(config))
-    export_head(resolve_model(str(folder), seed=3), "itm", tmp_path / "out")
+    details: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
+    for act, source in (("gelu", non_default_checkpoint), ("gelu_new", folder)):
+        export_head(resolve_model(str(source), seed=3), "itm", tmp_path / act)
+        for flavour in ("ort", "trt"):
+            summary = optimize_head(tmp_path / act / "itm", flavour)
+            assert summary["attention_fused"] == summary["attention_expected"] == 16
+            details[act, flavour] = {p["name"]: p["details"] for p in summary["passes"]}
     for flavour in ("ort", "trt"):
-        summary = optimize_head(tmp_path / "out" / "itm", flavour)
-        assert summary["attention_fused"] == summary["attention_expected"] == 16
-        rows = check_export(tmp_path / "out", batch_sizes=(2,), text_lengths=(7,), flavour=flavour)
+        plain, tanh = details["gelu", flavour], details["gelu_new", flavour]
+        assert tanh["[CLS]-only rows"] == plain["[CLS]-only rows"]
+        assert tanh["[CLS]-only rows"]["attention_blocks_one_row"] > 0
+        assert tanh["GELU/QuickGELU + bias"]["gelu_tanh"] == plain["GELU/QuickGELU + bias"]["gelu"] > 0
+        graph = onnx.load(str(tmp_path / "gelu_new" / "itm" / f"model.{flavour}.onnx"))
+        ops = [n.op_type for n in graph.graph.node]
+        assert "Pow" not in ops and ops.count("Tanh") == plain["[CLS]-only rows"]["poolers"]  # the poolers' alone
+        rows = check_export(tmp_path / "gelu_new", batch_sizes=(2,), text_lengths=(7,), flavour=flavour)
         assert rows and all(row.passed for row in rows), flavour
+    assert details["gelu_new", "ort"]["GELU/QuickGELU + bias"]["bias_folded"] == details["gelu", "ort"][
+        "GELU/QuickGELU + bias"]["bias_folded"]  # fmt: skip
 
 
 def test_the_operator_check_rejects_contrib_and_unknown_ops(optimized: Path) -> None:

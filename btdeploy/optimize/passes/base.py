@@ -83,7 +83,10 @@ def scalar_operand(graph: Graph, node: onnx.NodeProto) -> tuple[float, str] | No
 
 
 # Operators whose output row r (axis 1) reads only row r of an input (see row_wise).
-ROW_WISE = {"LayerNormalization", "MatMul", "Add", "Mul", "Sub", "Div", "Erf", "Sigmoid", "Tanh", "Relu", "Gelu"}
+ROW_WISE = {
+    *("LayerNormalization", "MatMul", "Add", "Mul", "Sub", "Div", "Pow", "Neg"),
+    *("Erf", "Sigmoid", "Tanh", "Relu", "Gelu"),
+}
 
 
 def row_wise(graph: Graph, node: onnx.NodeProto, tensor: str) -> bool:

@@ -428,7 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--heads", default="all", help=f"all, or a comma list of {','.join(HEADS)}")
     export.add_argument("--out", required=True, help="output folder; each head goes to OUT/<head>/")
     export.add_argument(
-        "--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset of the export (default: %(default)s)"
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help="ONNX opset of the export (default: %(default)s; optimize takes 17 or later, where ONNX has "
+        "LayerNormalization)",
     )
     export.add_argument("--seed", type=int, default=0, help="seed for preset weights and missing head weights")
     export.add_argument(

@@ -14,7 +14,7 @@ from btdeploy.backends.targets import graph_checks, graph_requirements
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.optimize.graph_checks import require_fp16_safe
-from btdeploy.optimize.passes import optimize_graph
+from btdeploy.optimize.passes import LEAST_SOURCE_OPSET, optimize_graph
 from btdeploy.progress import say, step
 
 
@@ -44,6 +44,7 @@ def optimize_head(
         raise BtDeployError("--flavour is required: choose one of " + ", ".join(f.value for f in Flavour))
     with head_lock(folder, f"btdeploy optimize --flavour {chosen}"):
         manifest = read_manifest(folder)
+        _require_source_opset(manifest)
         made_by = {
             # The source is hashed in full: its recorded sha256 is what the new graph says it came from.
             stem: manifest.made_by(
@@ -65,6 +66,17 @@ def optimize_head(
         manifest.data.setdefault("optimized", {})[str(chosen)] = summary
         manifest.write()
     return summary
+
+
+def _require_source_opset(manifest: Manifest) -> None:
+    opset = manifest.data.get("onnx", {}).get("opset")
+    if isinstance(opset, int) and opset < LEAST_SOURCE_OPSET:
+        raise BtDeployError(
+            f"optimize {manifest.head}: it was exported at opset {opset}, where LayerNorm is written out as "
+            f"ReduceMean, Sub, Pow, Sqrt and Div; the graph passes fuse ONNX LayerNormalization (opset "
+            f"{LEAST_SOURCE_OPSET}): export again with --opset {LEAST_SOURCE_OPSET} or later (the default), "
+            "or ship model.onnx as it is"
+        )
 
 
 def _optimize_graph(

@@ -29,6 +29,11 @@ PASSES: tuple[GraphPass, ...] = (
     CLEANUP,
 )
 
+# The least opset of an export the passes take: the bridge and residual passes fuse ONNX
+# LayerNormalization, which opset 17 introduced (below it the exporter writes LayerNorm out as
+# ReduceMean, Sub, Pow, Sqrt, Div, which no pass matches).
+LEAST_SOURCE_OPSET = 17
+
 # The opset each flavour's graphs are written in: ort and trt use the ONNX Attention operator
 # (opset 23); trt-compat keeps the export's opset (17, at most 20 for TensorRT 10.3's parser).
 FLAVOUR_OPSET: dict[Flavour, int | None] = {Flavour.ORT: 23, Flavour.TRT: 23, Flavour.TRT_COMPAT: None}
@@ -70,4 +75,4 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     return converted
 
 
-__all__ = ["PASSES", "GraphPass", "PassResult", "optimize_graph"]
+__all__ = ["LEAST_SOURCE_OPSET", "PASSES", "GraphPass", "PassResult", "optimize_graph"]

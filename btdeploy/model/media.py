@@ -80,13 +80,38 @@ def upright_size(image: Any) -> tuple[int, int]:
     return (image.height, image.width) if turned else (image.width, image.height)
 
 
+def depth_problem(image: Any) -> str | None:
+    """Why an image's pixels have no one reading as 8-bit colour, or None. PIL's RGB conversion
+    clips every value to 0..255: a float image in 0..1 became black. 16-bit images are read
+    (`upright_rgb`); 32-bit integer pixels within 0..255 are 8-bit values stored wide."""
+    if image.mode == "F":
+        return (
+            "holds floating-point pixels (PIL mode F), which have no fixed scale (0..1 or 0..255): "
+            "save it with 8 or 16 bits per channel"
+        )
+    if image.mode == "I":
+        low, high = image.getextrema()
+        if low < 0 or high > 255:
+            return (
+                f"holds 32-bit pixels from {low} to {high} (PIL mode I), past the 0..255 of 8-bit colour: "
+                "save it with 8 or 16 bits per channel"
+            )
+    return None
+
+
 def upright_rgb(image: Any) -> Any:
     """The decoded image as it is shown: turned as its EXIF orientation says (a phone stores a
-    portrait photo sideways with a tag), then RGB; what transformers' `load_image` and image
-    viewers give. Without it a photo reached the model on its side."""
-    from PIL import ImageOps
+    portrait photo sideways with a tag), 16-bit grey scaled to 8 bits, then RGB; what image
+    viewers show. Without the turn a photo reached the model on its side; without the scaling
+    (PIL's conversion, and transformers' `load_image`, clip every 16-bit value past 255) a 16-bit
+    scan reached it white."""
+    from PIL import Image, ImageOps
 
-    return ImageOps.exif_transpose(image).convert("RGB")
+    upright = ImageOps.exif_transpose(image)
+    if upright.mode.startswith("I;16"):
+        levels = np.rint(np.asarray(upright, dtype=np.float64) / 257.0)  # 65535 -> 255
+        upright = Image.fromarray(levels.astype(np.uint8), "L")
+    return upright.convert("RGB")
 
 
 def load_image(path: Path, image_processor: Any = None) -> Any:
@@ -100,6 +125,9 @@ def load_image(path: Path, image_processor: Any = None) -> Any:
         raise BtDeployError(f"image {path} is a folder: give one image file (rank --images takes a folder)")
     try:
         with Image.open(path) as image:
+            depth = depth_problem(image)
+            if depth:
+                raise BtDeployError(f"image {path} {depth}")
             picture = upright_rgb(image)
     except FileNotFoundError:
         raise BtDeployError(f"image {path} does not exist") from None

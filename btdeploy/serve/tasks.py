@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.model.heads import get_head, match_probability
-from btdeploy.model.media import resize_problem, text_length_problem, upright_rgb, upright_size
+from btdeploy.model.media import depth_problem, resize_problem, text_length_problem, upright_rgb, upright_size
 from btdeploy.serve.protocol import RequestError
 
 MAX_IMAGE_PIXELS = 64_000_000  # a larger image is refused, not decoded (a decompression bomb)
@@ -123,8 +123,9 @@ def _top_k(value: Any) -> int | None:
 
 
 def decode_image(data: bytes, index: int, image_processor: Any) -> Any:
-    """An RGB PIL image from encoded bytes; a 415 where the bytes are not an image, a 413 where it
-    is too large, a 400 where the checkpoint's image processor cannot resize it."""
+    """An RGB PIL image from encoded bytes; a 415 where the bytes are not an image or its pixels
+    have no 8-bit reading, a 413 where it is too large, a 400 where the checkpoint's image processor
+    cannot resize it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -136,6 +137,9 @@ def decode_image(data: bytes, index: int, image_processor: Any) -> Any:
             problem = resize_problem(*upright_size(image), image_processor)
             if problem:
                 raise RequestError(400, f"image {index} {problem}")
+            depth = depth_problem(image)
+            if depth:
+                raise RequestError(415, f"image {index} {depth}")
             return upright_rgb(image)
     except RequestError:
         raise

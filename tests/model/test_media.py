@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,41 @@ def test_a_photo_with_an_exif_orientation_is_read_upright(tmp_path: Path) -> Non
     # An elongated photo is judged and named by the size it is shown at.
     with pytest.raises(BtDeployError, match=r"portrait.png is 20x60 pixels, more than [0-9.]+ times as long"):
         load_image(tmp_path / "portrait.png", _image_processor(32, 32))
+
+
+def _grey(seed: int) -> np.ndarray:
+    return (np.random.default_rng(seed).random((24, 32)) * 255).astype(np.uint8)
+
+
+def test_sixteen_bit_images_are_read_as_shown_and_float_ones_refused(tmp_path: Path) -> None:
+    """PIL's RGB conversion (and transformers' load_image) clips every 16-bit value past 255, so a
+    16-bit greyscale scan reached the model white; a float image in 0..1 reached it black."""
+    from btdeploy.serve.protocol import RequestError
+    from btdeploy.serve.tasks import decode_image
+
+    grey = _grey(3)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "scan16.png")  # 16-bit PNG, full range
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "scan16.tif")
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / "wide.tif")  # 8-bit values stored as 32-bit
+    expected = np.repeat(grey[..., None], 3, axis=2)
+    for name in ("scan16.png", "scan16.tif", "wide.tif"):
+        assert Image.open(tmp_path / name).mode in ("I;16", "I;16B", "I"), name
+        for picture in (
+            load_image(tmp_path / name, _image_processor(64, 32)),
+            decode_image((tmp_path / name).read_bytes(), 0, _image_processor(64, 32)),
+        ):
+            np.testing.assert_array_equal(np.asarray(picture), expected, err_msg=name)
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "unit.tif")  # mode F, 0..1
+    Image.fromarray(grey.astype(np.int32) * 1000).save(tmp_path / "counts.tif")  # mode I, past 255
+    for name, expected_problem in (
+        ("unit.tif", "holds floating-point pixels (PIL mode F), which have no fixed scale"),
+        ("counts.tif", f"holds 32-bit pixels from {int(grey.min()) * 1000} to {int(grey.max()) * 1000} (PIL mode I)"),
+    ):
+        with pytest.raises(BtDeployError, match=rf"image .*{name} {re.escape(expected_problem)}"):
+            load_image(tmp_path / name, _image_processor(64, 32))
+        with pytest.raises(RequestError) as refused:
+            decode_image((tmp_path / name).read_bytes(), 2, _image_processor(64, 32))
+        assert refused.value.status == 415 and str(refused.value).startswith(f"image 2 {expected_problem}")
 
 
 def test_caption_files_in_the_encodings_editors_save(tmp_path: Path) -> None:

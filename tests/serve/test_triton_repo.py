@@ -190,12 +190,23 @@ def test_the_preprocess_model_matches_the_processor(
     buffer = io.BytesIO()
     Image.new("RGB", (256, 64)).save(buffer, "PNG")  # 4:1, past what the tiny preset's processor resizes
     banner = {"IMAGE": np.array([[pictures[0]], [buffer.getvalue()]], dtype=object), "TEXT": good["TEXT"]}
-    answer, refused, elongated = model.execute([good, bad, banner])
+    grey = (np.random.default_rng(2).random((30, 40)) * 255).astype("uint8")
+    buffer = io.BytesIO()
+    Image.fromarray(grey.astype(np.uint16) * 257).save(buffer, "PNG")  # a 16-bit scan: read as shown, not white
+    scan = {"IMAGE": np.array([[pictures[0]], [buffer.getvalue()]], dtype=object), "TEXT": good["TEXT"]}
+    buffer = io.BytesIO()
+    Image.fromarray(grey.astype(np.float32) / 255).save(buffer, "TIFF")  # float pixels: no one 8-bit reading
+    unit = {"IMAGE": np.array([[buffer.getvalue()]], dtype=object), "TEXT": np.array([[b"x"]], dtype=object)}
+    answer, refused, elongated, scanned, floating = model.execute([good, bad, banner, scan, unit])
     processor = BridgeTowerProcessor.from_pretrained(tiny_export / "itm" / "processor")
     expected = processor(shown, [t.decode() for t in texts], padding=True, return_tensors="np")
     for name in ("input_ids", "attention_mask", "pixel_values"):
         np.testing.assert_array_equal(answer["outputs"][name], expected[name])
     assert refused["error"] == "IMAGE 0 is not an image file PIL can read"
+    scan_shown = [shown[0], Image.fromarray(grey).convert("RGB")]
+    expected_scan = processor.image_processor(scan_shown, return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(scanned["outputs"]["pixel_values"], expected_scan)
+    assert floating["error"].startswith("IMAGE 0 holds floating-point pixels"), floating
     assert elongated["error"].startswith("IMAGE 1 is 256x64 pixels, too elongated for the checkpoint's processor")
     # The ensemble's second step on those tensors gives the head's answer.
     import onnxruntime as ort

@@ -12,18 +12,37 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
+def shown(image):
+    """The image as shown, or why its pixels have no 8-bit reading (upright_rgb and depth_problem
+    in btdeploy; this file runs without btdeploy): turned by its EXIF orientation, 16-bit grey
+    scaled to 8 bits (PIL's conversion clips it to white), float and wide integer pixels refused."""
+    from PIL import Image, ImageOps
+
+    upright = ImageOps.exif_transpose(image)
+    if upright.mode == "F":
+        return None, "holds floating-point pixels, which have no fixed scale"
+    if upright.mode == "I" and not (0 <= upright.getextrema()[0] and upright.getextrema()[1] <= 255):
+        return None, "holds 32-bit pixels past 0..255"
+    if upright.mode.startswith("I;16"):
+        levels = np.rint(np.asarray(upright, dtype=np.float64) / 257.0)
+        upright = Image.fromarray(levels.astype(np.uint8), "L")
+    return upright.convert("RGB"), None
+
+
 def preprocess(processor, images, texts, limit):
     """input_ids, attention_mask and pixel_values for (image bytes, text) pairs; ValueError names a bad one."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     pictures = []
     for index, data in enumerate(images):
         try:
             with Image.open(io.BytesIO(bytes(data))) as image:
-                # as shown, turned by its EXIF orientation (upright_rgb; this file runs without btdeploy)
-                pictures.append(ImageOps.exif_transpose(image).convert("RGB"))
+                picture, problem = shown(image)
         except Exception:
             raise ValueError(f"IMAGE {index} is not an image file PIL can read") from None
+        if problem:
+            raise ValueError(f"IMAGE {index} {problem}: save it with 8 or 16 bits per channel")
+        pictures.append(picture)
     captions = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
     lengths = [len(ids) for ids in processor.tokenizer(captions)["input_ids"]]
     if max(lengths) > limit:

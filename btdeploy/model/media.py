@@ -101,8 +101,8 @@ def depth_problem(image: Any) -> str | None:
 
 def upright_rgb(image: Any) -> Any:
     """The decoded image as it is shown: turned as its EXIF orientation says (a phone stores a
-    portrait photo sideways with a tag), 16-bit grey scaled to 8 bits, then RGB; what image
-    viewers show. Without the turn a photo reached the model on its side; without the scaling
+    portrait photo sideways with a tag), 16-bit grey scaled to 8 bits, transparency over white,
+    then RGB; what image viewers show. Without the turn a photo reached the model on its side; without the scaling
     (PIL's conversion, and transformers' `load_image`, clip every 16-bit value past 255) a 16-bit
     scan reached it white."""
     from PIL import Image, ImageOps
@@ -111,6 +111,11 @@ def upright_rgb(image: Any) -> Any:
     if upright.mode.startswith("I;16"):
         levels = np.rint(np.asarray(upright, dtype=np.float64) / 257.0)  # 65535 -> 255
         upright = Image.fromarray(levels.astype(np.uint8), "L")
+    if "A" in upright.getbands() or upright.info.get("transparency") is not None:
+        # Over white, as a page shows it (and transformers' convert_to_rgb): dropping the alpha
+        # kept whatever colour the file holds under transparent pixels, often black.
+        rgba = upright.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return upright.convert("RGB")
 
 

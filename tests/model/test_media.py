@@ -129,6 +129,32 @@ def test_sixteen_bit_images_are_read_as_shown_and_float_ones_refused(tmp_path: P
         assert refused.value.status == 415 and str(refused.value).startswith(f"image 2 {expected_problem}")
 
 
+def test_transparent_pixels_are_read_over_white(tmp_path: Path) -> None:
+    """Dropping the alpha (PIL's RGB conversion, transformers' load_image) kept the colour a file
+    holds under transparent pixels: a product photo cut out onto a transparent background reached
+    the model on black. Over white, as a page shows it and transformers' convert_to_rgb composites."""
+    from btdeploy.serve.tasks import decode_image
+
+    rgba = np.zeros((24, 32, 4), np.uint8)  # transparent black, as cut-outs are often saved
+    rgba[4:20, 8:24] = (200, 30, 60, 255)  # the opaque subject
+    rgba[0:4, 0:16] = (0, 0, 255, 128)  # a half-transparent blue edge
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
+    palette = Image.new("P", (32, 24), 0)
+    palette.putpalette([0, 0, 0, 200, 30, 60])
+    palette.paste(1, (8, 4, 24, 20))
+    palette.save(tmp_path / "palette.png", transparency=0)  # index 0 transparent
+    expected = np.full((24, 32, 3), 255, np.uint8)
+    expected[4:20, 8:24] = (200, 30, 60)
+    half = expected.copy()
+    half[0:4, 0:16] = np.rint(np.array([0, 0, 255]) * 128 / 255 + 255 * (1 - 128 / 255))
+    for name, shown in (("cutout.png", half), ("palette.png", expected)):
+        for picture in (
+            load_image(tmp_path / name, _image_processor(64, 32)),
+            decode_image((tmp_path / name).read_bytes(), 0, _image_processor(64, 32)),
+        ):
+            assert np.abs(np.asarray(picture).astype(int) - shown).max() <= 1, name  # PIL rounds the blend
+
+
 def test_caption_files_in_the_encodings_editors_save(tmp_path: Path) -> None:
     """A UTF-8 byte-order mark had become part of the first caption (tokenized as such), and a
     UTF-16 file ("Unicode" in Windows editors) had been read as NUL-riddled bytes."""

@@ -207,6 +207,19 @@ def test_the_preprocess_model_matches_the_processor(
     expected_scan = processor.image_processor(scan_shown, return_tensors="np")["pixel_values"]
     np.testing.assert_array_equal(scanned["outputs"]["pixel_values"], expected_scan)
     assert floating["error"].startswith("IMAGE 0 holds floating-point pixels"), floating
+    # The model reads each kind of image as btdeploy does (upright_rgb), without btdeploy.
+    from btdeploy.model.media import upright_rgb
+
+    rgba = np.zeros((30, 40, 4), np.uint8)
+    rgba[5:25, 10:30] = (200, 30, 60, 255)
+    rgba[0:5] = (0, 0, 255, 100)
+    for image in (Image.fromarray(rgba, "RGBA"), Image.fromarray(grey.astype(np.uint16) * 257), Image.fromarray(grey)):
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        with Image.open(buffer) as decoded:
+            picture, problem = module.shown(decoded)
+            assert problem is None
+            np.testing.assert_array_equal(np.asarray(picture), np.asarray(upright_rgb(decoded)))
     assert elongated["error"].startswith("IMAGE 1 is 256x64 pixels, too elongated for the checkpoint's processor")
     # The ensemble's second step on those tensors gives the head's answer.
     import onnxruntime as ort

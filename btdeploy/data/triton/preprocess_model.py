@@ -15,7 +15,8 @@ import triton_python_backend_utils as pb_utils
 def shown(image):
     """The image as shown, or why its pixels have no 8-bit reading (upright_rgb and depth_problem
     in btdeploy; this file runs without btdeploy): turned by its EXIF orientation, 16-bit grey
-    scaled to 8 bits (PIL's conversion clips it to white), float and wide integer pixels refused."""
+    scaled to 8 bits (PIL's conversion clips it to white), transparency over white, float and wide
+    integer pixels refused."""
     from PIL import Image, ImageOps
 
     upright = ImageOps.exif_transpose(image)
@@ -26,6 +27,9 @@ def shown(image):
     if upright.mode.startswith("I;16"):
         levels = np.rint(np.asarray(upright, dtype=np.float64) / 257.0)
         upright = Image.fromarray(levels.astype(np.uint8), "L")
+    if "A" in upright.getbands() or upright.info.get("transparency") is not None:
+        rgba = upright.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"), None
     return upright.convert("RGB"), None
 
 

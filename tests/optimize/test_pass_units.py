@@ -276,62 +276,72 @@ def _scalars(**values: float) -> list[onnx.TensorProto]:
     return [_init(name, np.array(value, np.float32)) for name, value in values.items()]
 
 
+def _nodes(*lines: str) -> list[onnx.NodeProto]:
+    """Nodes written as "Op input input -> output"."""
+    nodes = []
+    for line in lines:
+        op_type, *inputs = line.split(" -> ")[0].split()
+        nodes.append(helper.make_node(op_type, inputs, [line.split(" -> ")[1]]))
+    return nodes
+
+
 # Each way a model's code writes its activation, as the exporter emits it: nodes from "x" to "y"
 # (x = MatMul + bias), the scalars they read, and what the GELU pass must find.
 _ROOT_2_OVER_PI = float(np.sqrt(2 / np.pi))
+_TANH_POW = _nodes(
+    "Mul half x -> half_x",
+    "Pow x three -> cube",
+    "Mul cube c -> scaled_cube",
+    "Add x scaled_cube -> inner",
+    "Mul inner root -> arg",
+    "Tanh arg -> tanh",
+    "Add tanh one -> plus_one",
+    "Mul half_x plus_one -> y",
+)
 GELU_FORMS = {
     "gelu_python: x * 0.5 * (1 + erf(x / sqrt 2))": (
-        [
-            helper.make_node("Mul", ["x", "half"], ["half_x"]),
-            helper.make_node("Div", ["x", "sqrt2"], ["scaled"]),
-            helper.make_node("Erf", ["scaled"], ["erf"]),
-            helper.make_node("Add", ["erf", "one"], ["plus_one"]),
-            helper.make_node("Mul", ["half_x", "plus_one"], ["y"]),
-        ],
+        _nodes(
+            "Mul x half -> half_x",
+            "Div x sqrt2 -> scaled",
+            "Erf scaled -> erf",
+            "Add erf one -> plus_one",
+            "Mul half_x plus_one -> y",
+        ),
         _scalars(half=0.5, sqrt2=float(np.sqrt(2)), one=1.0),
         "gelu",
     ),
     "gelu_new: Pow(x, 3)": (
-        [
-            helper.make_node("Mul", ["half", "x"], ["half_x"]),
-            helper.make_node("Pow", ["x", "three"], ["cube"]),
-            helper.make_node("Mul", ["cube", "c"], ["scaled_cube"]),
-            helper.make_node("Add", ["x", "scaled_cube"], ["inner"]),
-            helper.make_node("Mul", ["inner", "root"], ["arg"]),
-            helper.make_node("Tanh", ["arg"], ["tanh"]),
-            helper.make_node("Add", ["tanh", "one"], ["plus_one"]),
-            helper.make_node("Mul", ["half_x", "plus_one"], ["y"]),
-        ],
+        _TANH_POW,
         _scalars(half=0.5, three=3.0, c=0.044715, root=_ROOT_2_OVER_PI, one=1.0),
         "gelu_tanh",
     ),
     "gelu_pytorch_tanh: x * x * x": (
-        [
-            helper.make_node("Mul", ["x", "x"], ["square"]),
-            helper.make_node("Mul", ["square", "x"], ["cube"]),
-            helper.make_node("Mul", ["cube", "c"], ["scaled_cube"]),
-            helper.make_node("Add", ["x", "scaled_cube"], ["inner"]),
-            helper.make_node("Mul", ["inner", "root"], ["arg"]),
-            helper.make_node("Tanh", ["arg"], ["tanh"]),
-            helper.make_node("Add", ["one", "tanh"], ["plus_one"]),
-            helper.make_node("Mul", ["x", "half"], ["half_x"]),
-            helper.make_node("Mul", ["half_x", "plus_one"], ["y"]),
-        ],
+        _nodes(
+            "Mul x x -> square",
+            "Mul square x -> cube",
+            "Mul cube c -> scaled_cube",
+            "Add x scaled_cube -> inner",
+            "Mul inner root -> arg",
+            "Tanh arg -> tanh",
+            "Add one tanh -> plus_one",
+            "Mul x half -> half_x",
+            "Mul half_x plus_one -> y",
+        ),
         _scalars(c=0.044715, root=_ROOT_2_OVER_PI, one=1.0, half=0.5),
         "gelu_tanh",
     ),
     "gelu_fast: tanh(x * 0.79788 * (1 + 0.044715 x^2))": (
-        [
-            helper.make_node("Mul", ["x", "x"], ["square"]),
-            helper.make_node("Mul", ["square", "c"], ["scaled_square"]),
-            helper.make_node("Add", ["scaled_square", "one"], ["factor"]),
-            helper.make_node("Mul", ["x", "root"], ["rooted"]),
-            helper.make_node("Mul", ["rooted", "factor"], ["arg"]),
-            helper.make_node("Tanh", ["arg"], ["tanh"]),
-            helper.make_node("Add", ["tanh", "one"], ["plus_one"]),
-            helper.make_node("Mul", ["x", "plus_one"], ["x_plus"]),
-            helper.make_node("Mul", ["x_plus", "half"], ["y"]),
-        ],
+        _nodes(
+            "Mul x x -> square",
+            "Mul square c -> scaled_square",
+            "Add scaled_square one -> factor",
+            "Mul x root -> rooted",
+            "Mul rooted factor -> arg",
+            "Tanh arg -> tanh",
+            "Add tanh one -> plus_one",
+            "Mul x plus_one -> x_plus",
+            "Mul x_plus half -> y",
+        ),
         _scalars(c=0.044715, root=0.7978845608, one=1.0, half=0.5),
         "gelu_tanh",
     ),
@@ -340,28 +350,19 @@ GELU_FORMS = {
         [],
         "gelu_tanh",
     ),
-    "ONNX Gelu (opset 20 export)": ([helper.make_node("Gelu", ["x"], ["y"])], [], "gelu"),
+    "ONNX Gelu (opset 20 export)": (_nodes("Gelu x -> y"), [], "gelu"),
     "silu: x * sigmoid(x)": (
-        [helper.make_node("Sigmoid", ["x"], ["gate"]), helper.make_node("Mul", ["gate", "x"], ["y"])],
+        _nodes("Sigmoid x -> gate", "Mul gate x -> y"),
         [],
         "quick_gelu",
     ),
     # Not a GELU: the tanh form with another constant, and a pooler's tanh.
     "tanh form with 0.05 for 0.044715": (
-        [
-            helper.make_node("Pow", ["x", "three"], ["cube"]),
-            helper.make_node("Mul", ["cube", "c"], ["scaled_cube"]),
-            helper.make_node("Add", ["x", "scaled_cube"], ["inner"]),
-            helper.make_node("Mul", ["inner", "root"], ["arg"]),
-            helper.make_node("Tanh", ["arg"], ["tanh"]),
-            helper.make_node("Add", ["tanh", "one"], ["plus_one"]),
-            helper.make_node("Mul", ["x", "plus_one"], ["x_plus"]),
-            helper.make_node("Mul", ["x_plus", "half"], ["y"]),
-        ],
-        _scalars(three=3.0, c=0.05, root=_ROOT_2_OVER_PI, one=1.0, half=0.5),
+        _TANH_POW,
+        _scalars(half=0.5, three=3.0, c=0.05, root=_ROOT_2_OVER_PI, one=1.0),
         None,
     ),
-    "tanh alone": ([helper.make_node("Tanh", ["x"], ["y"])], [], None),
+    "tanh alone": (_nodes("Tanh x -> y"), [], None),
 }
 
 # What each flavour makes of each kind, after the MatMul (None: as it was).

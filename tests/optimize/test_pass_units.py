@@ -433,13 +433,28 @@ def test_shared_weights_are_read_directly_and_cleanup_drops_dead_nodes() -> None
     np.testing.assert_allclose(_run(cleaned, feeds)[0], _run(model, feeds)[0], atol=1e-6)
 
 
-def test_cls_rows_compute_only_the_row_the_pooler_reads() -> None:
-    inits = [*_weight("dense"), _init("zero", np.array(0))]
+# The activations a config's hidden_act exports as besides the GELUs; Clip with its optional min
+# left out ("") as a clamp with only a max exports.
+_ACTIVATIONS = {
+    "none": [],
+    "Clip without a min": [helper.make_node("Clip", ["dense", "", "six"], ["activated"])],
+    "Softplus (mish)": [helper.make_node("Softplus", ["dense"], ["activated"])],
+    "LeakyRelu": [helper.make_node("LeakyRelu", ["dense"], ["activated"], alpha=0.1)],
+}
+
+
+@pytest.mark.parametrize("activation", list(_ACTIVATIONS))
+def test_cls_rows_compute_only_the_row_the_pooler_reads(activation: str) -> None:
+    """With relu6, gelu_10, mish or leaky_relu in a config, the element-wise operator between the
+    dense layer and the pooler had stopped the pass: every row was computed."""
+    inits = [*_weight("dense"), _init("zero", np.array(0)), _init("six", np.array(6.0, np.float32))]
     inits += [_init("gamma", np.ones(WIDTH, np.float32)), _init("beta", np.zeros(WIDTH, np.float32))]
+    between = _ACTIVATIONS[activation]
     nodes = [
         helper.make_node("MatMul", ["h", "dense_w"], ["mm"]),
         helper.make_node("Add", ["mm", "dense_b"], ["dense"]),
-        helper.make_node("LayerNormalization", ["dense", "gamma", "beta"], ["normed"], axis=-1),
+        *between,
+        helper.make_node("LayerNormalization", ["activated" if between else "dense", "gamma", "beta"], ["normed"]),
         helper.make_node("Gather", ["normed", "zero"], ["y"], axis=1),
     ]
     model = _model(nodes, [_float("h", ["b", "s", WIDTH])], ["y"], inits)

@@ -83,9 +83,12 @@ def scalar_operand(graph: Graph, node: onnx.NodeProto) -> tuple[float, str] | No
 
 
 # Operators whose output row r (axis 1) reads only row r of an input (see row_wise).
+# The element-wise ones include every activation a config's hidden_act exports as (Clip for
+# relu6 and gelu_10, Softplus for mish, LeakyRelu): one missing stopped the [CLS]-only rows.
 ROW_WISE = {
-    *("LayerNormalization", "MatMul", "Add", "Mul", "Sub", "Div", "Pow", "Neg"),
-    *("Erf", "Sigmoid", "Tanh", "Relu", "Gelu"),
+    *("LayerNormalization", "MatMul", "Add", "Mul", "Sub", "Div", "Pow", "Neg", "Max", "Min"),
+    *("Erf", "Sigmoid", "Tanh", "Relu", "Gelu", "Clip", "LeakyRelu", "Softplus", "Exp", "Log", "Abs"),
+    *("Sqrt", "Reciprocal", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Softsign", "Cast"),
 }
 
 

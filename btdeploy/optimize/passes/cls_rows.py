@@ -89,7 +89,8 @@ class _RowZero:
             result = self._attention(self.blocks[tensor])
         elif node is not None and tensor in self.only_row0 and node.op_type in ROW_WISE:
             inputs = [
-                self.row0(name) if g.constant(name) is None and row_wise(g, node, name) else name for name in node.input
+                self.row0(name) if name and g.constant(name) is None and row_wise(g, node, name) else name
+                for name in node.input  # "" is an optional input left out (Clip without a min)
             ]
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             result = self._emit(node.op_type, inputs, **attrs)

@@ -26,6 +26,7 @@ from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model
 from btdeploy.model.configs import config_fingerprint, max_text_length
 from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.model.inputs import sample_inputs
+from btdeploy.model.media import image_size_problem
 from btdeploy.model.tokenizer import vocabulary_problem
 from btdeploy.model.towers import head_module, part_modules, part_specs
 from btdeploy.progress import say, step, warn
@@ -117,8 +118,7 @@ def _export(
         with step(f"validating {head.name} with the ONNX checker"):
             external = _store_model(staging)
         parts = _export_parts(loaded, head, staging, opset) if split else None
-        vocab_size = int(loaded.config.text_config.vocab_size)
-        processor_problem = _copy_processor(source, staging / PROCESSOR_DIR, vocab_size)
+        processor_problem = _copy_processor(source, staging / PROCESSOR_DIR, loaded.config)
         manifest = Manifest(
             final, _manifest_data(source, head, loaded, opset, staging, external, seconds, processor_problem)
         )
@@ -242,14 +242,15 @@ def _store_model(folder: Path, target: Path | None = None) -> bool:
     return external
 
 
-def _copy_processor(source: ModelSource, target: Path, vocab_size: int) -> str | None:
+def _copy_processor(source: ModelSource, target: Path, config: Any) -> str | None:
     """Keep the checkpoint's processor beside the model, so `run` and the seed examples need nothing
     else; or say why it cannot be kept (returned, and recorded in the manifest)."""
     from transformers import BridgeTowerProcessor
 
     try:
         processor = BridgeTowerProcessor.from_pretrained(source.checkpoint)
-        problem = vocabulary_problem(processor.tokenizer, vocab_size)
+        problem = vocabulary_problem(processor.tokenizer, int(config.text_config.vocab_size))
+        problem = problem or image_size_problem(processor.image_processor, int(config.vision_config.image_size))
     except Exception as error:
         problem = f"no usable processor ({' '.join(str(error).split())})"
     if problem:

@@ -211,6 +211,25 @@ def text_length_problem(tokenizer: Any, texts: list[str], limit: int, chunk: int
     return None
 
 
+def image_size_problem(image_processor: Any, image_size: int) -> str | None:
+    """Why a checkpoint's image processor cannot feed the model, or None: its pixel_values for a
+    4:3 photo must be the model's image_size square (vision_config.image_size; the graphs take that
+    size alone). A processor_config.json edited for another model had passed export, and every
+    image was then refused at run time with advice to use that same processor."""
+    from PIL import Image
+
+    photo = Image.new("RGB", (4 * image_size, 3 * image_size), (128, 128, 128))
+    made = tuple(np.asarray(image_processor(images=[photo], return_tensors="np")["pixel_values"]).shape[-2:])
+    if made == (image_size, image_size):
+        return None
+    return (
+        f"no usable processor: its image processor makes {made[0]}x{made[1]} pixel_values of a 4:3 image, and "
+        f"the model takes {image_size}x{image_size} (vision_config.image_size): set size and crop_size to "
+        f'{{"shortest_edge": {image_size}}} and do_center_crop to true in processor_config.json '
+        "(or preprocessor_config.json)"
+    )
+
+
 def require_processor(manifest: Manifest) -> Path:
     """The processor folder export copied beside the head, or a refusal saying why there is none."""
     if not manifest.processor_dir.is_dir():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -188,6 +189,40 @@ def test_a_checkpoint_without_its_tokenizer_files_exports_without_a_processor(
     assert "has no processor/ folder (the checkpoint had no usable processor: its tokenizer has 5 entries" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("image_processor", "made"),
+    [
+        ({"size": {"shortest_edge": 96}, "crop_size": {"shortest_edge": 96}}, "96x96"),
+        ({"crop_size": {"shortest_edge": 48}}, "48x48"),
+    ],
+)
+def test_a_processor_that_makes_another_image_size_is_not_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], image_processor: dict[str, Any], made: str
+) -> None:
+    """A processor_config.json for another size (or another crop) had been kept: every image was
+    then refused at run time, with advice to use the checkpoint's processor, the one that made it."""
+    import json
+    import shutil
+
+    from btdeploy.cli import main
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(resolve_model("tiny").checkpoint, checkpoint)
+    config = json.loads((checkpoint / "processor_config.json").read_text())
+    config["image_processor"].update(image_processor)
+    (checkpoint / "processor_config.json").write_text(json.dumps(config))
+    manifest = export_head(resolve_model(str(checkpoint)), "itm", tmp_path / "out")
+    problem = f"its image processor makes {made} pixel_values of a 4:3 image, and the model takes 64x64"
+    assert problem in capsys.readouterr().err
+    assert not manifest.processor_dir.exists()
+    image = tmp_path / "image.png"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(image)
+    assert main(["run", str(manifest.folder), "--image", str(image), "--text", "a cat"]) == 2
+    assert f"has no processor/ folder (the checkpoint had no usable processor: {problem}" in capsys.readouterr().err
 
 
 def _hub_layout(preset: Path, folder: Path) -> None:

@@ -256,6 +256,12 @@ def _copy_processor(source: ModelSource, target: Path, config: Any) -> str | Non
     if problem:
         warn(f"{source.checkpoint}: {problem}; btdeploy run will not work on this export")
         return problem
+    if processor.tokenizer.padding_side != "right":
+        # Every head's answer but mlm's reads each text's first token ([CLS]); padded on the left,
+        # a shorter text of a batch puts a pad there, in transformers too.
+        say(f"{source.checkpoint}: its tokenizer pads on the {processor.tokenizer.padding_side}; BridgeTower reads "
+            "each text's first token, so the export's processor pads on the right")  # fmt: skip
+        processor.tokenizer.padding_side = "right"
     processor.save_pretrained(target)
     return None
 

@@ -225,6 +225,36 @@ def test_a_processor_that_makes_another_image_size_is_not_kept(
     assert f"has no processor/ folder (the checkpoint had no usable processor: {problem}" in capsys.readouterr().err
 
 
+def test_a_tokenizer_that_pads_on_the_left_is_exported_padding_on_the_right(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ITM, ITC and the pooler read each text's first token; with a checkpoint's tokenizer saved
+    padding on the left, the shorter text of a batch got a pad there, and another answer than
+    alone (`run` on two captions: logit -0.0725 for "a cat", -0.0575 alone)."""
+    import json
+    import shutil
+
+    from PIL import Image
+    from transformers import BridgeTowerProcessor
+
+    import btdeploy
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(resolve_model("tiny").checkpoint, checkpoint)
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    manifest = export_head(resolve_model(str(checkpoint)), "itm", tmp_path / "out")
+    assert "its tokenizer pads on the left; BridgeTower reads each text's first token" in capsys.readouterr().err
+    processor = BridgeTowerProcessor.from_pretrained(manifest.processor_dir)
+    model = btdeploy.load(tmp_path / "out", head="itm")
+    image = Image.fromarray((np.random.default_rng(1).random((64, 64, 3)) * 255).astype("uint8"))
+    texts = ["a cat", "a very long caption about a cat on a mat"]
+    together = model(**processor([image, image], texts, padding=True, return_tensors="np")).logits
+    for row, text in enumerate(texts):
+        alone = model(**processor([image], [text], return_tensors="np")).logits
+        np.testing.assert_allclose(together[row], alone[0], atol=1e-5)
+
+
 def _hub_layout(preset: Path, folder: Path) -> None:
     """The files of `preset` as a checkpoint downloaded from the hub keeps them: weights in
     pytorch_model.bin, the image processor's preprocessor_config.json, the tokenizer as

@@ -91,6 +91,9 @@ class HeadBehaviour:
     assembled_outputs: tuple[str, ...] = ()
     # Attention blocks the exporters prune because no output depends on them.
     dead_attention_blocks: int = 0
+    # Every output is read off each text's first token ([CLS], through the pooler or a projection):
+    # a text padded on the left has a pad there, and the answer is another text's.
+    reads_first_token: bool = False
 
     def core(self, model: Any) -> Any:
         """The BridgeTowerModel inside the head model."""
@@ -152,6 +155,8 @@ def match_probability(logits: Any) -> Any:
 
 
 class ItmBehaviour(HeadBehaviour):
+    reads_first_token = True
+
     def fusion_outputs(self, model: Any, text: Any, image: Any, pooled: Any) -> tuple[Any, ...]:
         return (model.itm_score(pooled),)
 
@@ -165,6 +170,7 @@ class ItmBehaviour(HeadBehaviour):
 
 
 class ItcBehaviour(HeadBehaviour):
+    reads_first_token = True
     tower_outputs = {"text": ("text_embeds",), "vision": ("image_embeds",)}
     assembled_outputs = ("logits",)  # stacks the three embeddings
 

@@ -205,7 +205,7 @@ class SplitRuntimeMixin:
         unknown = [name for name in inputs if name not in ("input_ids", "attention_mask", "token_type_ids")]
         if unknown:
             raise BtDeployError(f"encode_texts takes input_ids and attention_mask, not {', '.join(unknown)}")
-        ids, mask = check_text(self.config, _numpy(inputs.get("input_ids")), inputs.get("attention_mask"))
+        ids, mask = check_text(self.config, _numpy(inputs.get("input_ids")), inputs.get("attention_mask"), self.head)
         arrays = _in_batches(self.backend.text, {"input_ids": ids, "attention_mask": mask}, batch_size)
         return Features("text", arrays, dict(self.backend.origin("text")))
 

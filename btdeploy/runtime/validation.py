@@ -85,7 +85,7 @@ def prepare_inputs(head: HeadSpec, config: Any, inputs: Mapping[str, Any], check
         )
     device = next((v.device for v in inputs.values() if _is_torch_tensor(v)), None)
     arrays = {name: inputs.get(name) for name in expected}
-    ids, mask = check_text(config, arrays["input_ids"], arrays["attention_mask"])
+    ids, mask = check_text(config, arrays["input_ids"], arrays["attention_mask"], head)
     pixels = check_pixels(config, arrays["pixel_values"], check_finite)
     if ids.shape[0] != pixels.shape[0]:
         raise BtDeployError(
@@ -95,9 +95,10 @@ def prepare_inputs(head: HeadSpec, config: Any, inputs: Mapping[str, Any], check
     return PreparedInputs(feeds={"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}, torch_device=device)
 
 
-def check_text(config: Any, ids: Any, mask: Any | None) -> tuple[np.ndarray, np.ndarray]:
+def check_text(config: Any, ids: Any, mask: Any | None, head: HeadSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
     """input_ids and attention_mask as the text tower takes them (int64), or one line saying what is
-    wrong. No mask (None) attends to every token, as transformers' BridgeTowerModel does."""
+    wrong. No mask (None) attends to every token, as transformers' BridgeTowerModel does. For a
+    `head` that reads each text's first token, a row padded on the left is refused."""
     ids = _to_numpy("input_ids", ids)
     if ids.dtype.kind in "USO":  # texts, not token ids
         raise BtDeployError(
@@ -136,6 +137,14 @@ def check_text(config: Any, ids: Any, mask: Any | None) -> tuple[np.ndarray, np.
         raise BtDeployError(
             f"attention_mask row(s) {', '.join(map(str, empty_rows[:8]))} are all zeros: every text needs at least "
             "one token (the tokenizer's <s> is always unmasked); drop those rows"
+        )
+    left_padded = np.flatnonzero(~mask[:, 0].astype(bool))
+    if head is not None and head.behaviour.reads_first_token and left_padded.size:
+        # transformers answers these rows from the pad's state, silently; no graph can do better.
+        raise BtDeployError(
+            f"attention_mask row(s) {', '.join(map(str, left_padded[:8]))} start with padding: the {head.name} head "
+            "reads each text's first token, which is a pad there; pad on the right "
+            "(processor.tokenizer.padding_side = 'right')"
         )
     return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask, dtype=np.int64)
 

@@ -9,7 +9,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -573,6 +573,28 @@ def test_degenerate_inputs_are_refused_or_passed_through_on_request(export: Path
         runtime(**feeds)
     passed = btdeploy.load(export, head="itm", check_finite=False)(**feeds)
     assert np.isnan(passed.logits[1]).all() and np.isfinite(passed.logits[0]).all()
+
+
+def test_a_text_padded_on_the_left_is_refused_where_the_head_reads_its_first_token(export: Path) -> None:
+    """itm and itc read each text's first token; padded on the left a shorter text has a pad there,
+    and transformers answers from it silently. The mlm head reads every token and takes it."""
+
+    def left_padded(config: Any) -> dict[str, np.ndarray]:
+        feeds = sample_inputs(config, 2, 6)
+        feeds["attention_mask"][1] = [0, 0, 1, 1, 1, 1]
+        feeds["input_ids"][1] = np.roll(feeds["input_ids"][1], 2)
+        return feeds
+
+    itm = btdeploy.load(export, head="itm")
+    expected = r"attention_mask row\(s\) 1 start with padding: the itm head reads each text's first token, which is"
+    with pytest.raises(BtDeployError, match=expected + r" a pad there; pad on the right \(processor.tokenizer"):
+        itm(**left_padded(itm.config))
+    split = btdeploy.load(export, head="itm", split=True)  # the export has split graphs
+    texts = left_padded(itm.config)
+    with pytest.raises(BtDeployError, match=expected):
+        split.encode_texts(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"])
+    mlm = btdeploy.load(export, head="mlm")
+    assert mlm(**left_padded(mlm.config)).logits.shape[:2] == (2, 6)
 
 
 def test_bf16_pixels_and_transformers_attributes(export: Path) -> None:

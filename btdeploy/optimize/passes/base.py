@@ -73,12 +73,20 @@ def bias_after(graph: Graph, matmul: onnx.NodeProto, columns: int) -> tuple[onnx
     return add, bias
 
 
+def scalar_constant(graph: Graph, name: str) -> float | None:
+    """The value of a one-element numeric constant, else None."""
+    value = graph.constant(name)
+    if value is None or value.size != 1 or value.dtype.kind not in "fiu":
+        return None
+    return float(value.reshape(()))
+
+
 def scalar_operand(graph: Graph, node: onnx.NodeProto) -> tuple[float, str] | None:
     """For a binary node with one scalar constant operand: (that scalar, the other input)."""
     for index in (0, 1):
-        value = graph.constant(node.input[index])
-        if value is not None and value.size == 1:
-            return float(value.reshape(())), node.input[1 - index]
+        value = scalar_constant(graph, node.input[index])
+        if value is not None:
+            return value, node.input[1 - index]
     return None
 
 

@@ -27,7 +27,7 @@ import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.optimize.graph import Graph, attribute
-from btdeploy.optimize.passes.base import MS_DOMAIN, GraphPass, PassResult, split_bias_add
+from btdeploy.optimize.passes.base import MS_DOMAIN, GraphPass, PassResult, scalar_constant, split_bias_add
 
 GELU_KINDS = ("gelu", "gelu_tanh", "quick_gelu")
 
@@ -89,13 +89,6 @@ class Activation:
     alpha: float = 1.0  # QuickGELU's
 
 
-def _scalar(graph: Graph, name: str) -> float | None:
-    value = graph.constant(name)
-    if value is None or value.size != 1 or value.dtype.kind not in "fiu":
-        return None
-    return float(value.reshape(()))
-
-
 def _elementwise(graph: Graph, node: onnx.NodeProto) -> bool:
     """An operator the island may hold: element-wise, every constant input a scalar."""
     if node.op_type not in _UNARY and node.op_type not in _BINARY:
@@ -110,7 +103,7 @@ def _sources(graph: Graph, anchor: onnx.NodeProto) -> list[str]:
     queue = [anchor.input[0]]
     while queue and len(found) < _MAX_NODES:
         name = queue.pop(0)
-        if name in found or _scalar(graph, name) is not None:
+        if name in found or scalar_constant(graph, name) is not None:
             continue
         found.append(name)
         node = graph.producer.get(name)
@@ -126,7 +119,7 @@ def _island(graph: Graph, x: str) -> list[onnx.NodeProto]:
     taken: set[int] = set()
     while frontier and len(nodes) < _MAX_NODES:
         for user in graph.consumers.get(frontier.pop(0), []):
-            ready = all(name in inside or _scalar(graph, name) is not None for name in user.input)
+            ready = all(name in inside or scalar_constant(graph, name) is not None for name in user.input)
             if id(user) not in taken and _elementwise(graph, user) and ready:
                 taken.add(id(user))
                 nodes.append(user)
@@ -161,7 +154,7 @@ def _evaluate(graph: Graph, x: str, nodes: list[onnx.NodeProto]) -> Iterator[tup
     values = {x: _PROBE}
     with np.errstate(all="ignore"):
         for node in nodes:
-            args = [values.get(name, np.full_like(_PROBE, _scalar(graph, name) or 0.0)) for name in node.input]
+            args = [values.get(name, np.full_like(_PROBE, scalar_constant(graph, name) or 0.0)) for name in node.input]
             if node.op_type in _UNARY:
                 result = _UNARY[node.op_type](args[0])
             else:

@@ -150,6 +150,11 @@ def openvino_gemm_kernel(request: Any, feeds: Feeds) -> Timer:
     return timer
 
 
+def _rate_text(gmacs: float) -> str:
+    """Three significant digits: a few rows on a slow machine run below 1 GMAC/s, which `:.0f` printed as 0."""
+    return f"{gmacs:.0f}" if gmacs >= 100 else f"{gmacs:.3g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="325,1300", help="comma list of token counts (325: one image)")
@@ -199,7 +204,7 @@ def main() -> None:
             for engine, ms in medians.items():
                 baseline = COMPARED.get(engine)
                 ratio = f"{ms / medians[baseline]:.2f}" if baseline else ""
-                print(f"| {m} | {layer} | {engine} | {ms:.3f} | {m * k * n / ms / 1e6:.0f} | {ratio} |")
+                print(f"| {m} | {layer} | {engine} | {ms:.3f} | {_rate_text(m * k * n / ms / 1e6)} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -618,6 +618,13 @@ def test_integer_gemm_forms_compute_the_same_dense_layer(gelu: bool) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("gmacs", [0.34, 0.0042, 7.25, 99.96, 1234.4])
+def test_integer_gemm_rate_keeps_three_significant_digits(gmacs: float) -> None:
+    # a few rows on a loaded machine run below 1 GMAC/s; the table once printed them as 0
+    text = _benchmark_script("integer_gemm")._rate_text(gmacs)
+    assert abs(float(text) - gmacs) <= 0.005 * gmacs, text
+
+
 def test_integer_gemm_benchmark_times_every_layer_on_both_engines() -> None:
     done = run_benchmark("integer_gemm.py", "--rows", "4,8", "--threads", 1, "--rounds", 2, "--calls", 1, timeout=120)
     rows = _table(done.stdout, "rows")

@@ -12,5 +12,8 @@ class Backend(Protocol):
     description: str  # what exactly runs: file, providers, device
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch. Feeds are validated and in the graph's dtypes; returns every declared output."""
+        """Run one batch. Feeds are validated and in the graph's dtypes; returns every declared output.
+
+        Callable from several threads at once, as a torch model is: a backend that runs through one
+        request or execution context of its own serializes its runs."""
         ...

@@ -8,6 +8,7 @@ graph runs in bf16 and is held to bf16's tolerance. INT8 comes from the graph's 
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +73,14 @@ class OpenVinoBackend:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise BtDeployError(f"OpenVINO cannot compile {model_path.name} ({first[:200]})") from None
         self.request = self.compiled.create_infer_request()
+        # One request: a second thread calling while it runs gets "Infer Request is busy".
+        self.request_lock = threading.Lock()
         self.outputs = {name: self.compiled.output(name) for name in output_names}
         precision = f"{inference_precision} inference precision"
         self.description = f"OpenVINO {ov.__version__} CPU ({precision}) on {model_path.name}"
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = self.request.infer(feeds)
-        return {name: np.array(results[port]) for name, port in self.outputs.items()}
+        with self.request_lock:
+            results = self.request.infer(feeds)
+            # copied out before the next run writes the request's output tensors
+            return {name: np.array(results[port]) for name, port in self.outputs.items()}

@@ -73,6 +73,24 @@ def test_cuda_graph_replay_matches_a_plain_run(engines: Path) -> None:
 
 
 @pytest.mark.parametrize("engines", ["tiny"], indirect=True)
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_threads_sharing_one_engine_each_get_their_own_answer(engines: Path, cuda_graphs: bool) -> None:
+    """One execution context and one set of buffers per shape: runs from several threads take turns
+    (without that, a second thread of the same shape overwrote the first one's inputs)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import btdeploy
+
+    model = btdeploy.load(engines, head="itm", backend="tensorrt", precision="fp16", cuda_graphs=cuda_graphs)
+    cases = [sample_inputs(model.config, 1 + i % 2, 7, seed=i) for i in range(12)]  # shapes repeat on purpose
+    alone = [model(**case).logits for case in cases]
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(3):
+            for got, want in zip(pool.map(lambda case: model(**case).logits, cases), alone, strict=True):
+                np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("engines", ["tiny"], indirect=True)
 def test_a_batch_outside_the_profile_is_refused(engines: Path) -> None:
     import btdeploy
     from btdeploy.errors import BtDeployError

@@ -265,3 +265,20 @@ def test_a_loaded_runtime_goes_to_another_process(tiny_export: Path, feeds: dict
     made_by_hand = btdeploy.Runtime(runtime.manifest, runtime.backend)
     with pytest.raises(BtDeployError, match="not made by btdeploy.load, so it cannot be pickled"):
         pickle.dumps(made_by_hand)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "torch"])
+def test_threads_calling_one_loaded_model_each_get_their_own_answer(tiny_export: Path, backend: str) -> None:
+    """A threaded server calls one loaded model from several threads at once, as it may a torch
+    model. OpenVINO ran them on one infer request ("Infer Request is busy" from deep inside it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = btdeploy.load(tiny_export, head="itm", backend=backend)
+    cases = [sample_inputs(model.config, 1 + i % 3, 5 + i % 4, seed=i) for i in range(12)]
+    alone = [model(**case).logits for case in cases]
+    with ThreadPoolExecutor(6) as pool:
+        for _ in range(3):
+            together = list(pool.map(lambda case: model(**case).logits, cases))
+            for got, want in zip(together, alone, strict=True):
+                assert got.shape == want.shape
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

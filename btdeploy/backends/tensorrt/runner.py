@@ -4,6 +4,7 @@ Only imported when asked for; needs TensorRT 10.14+ and an NVIDIA GPU (see tenso
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ class TensorRTBackend:
         self.output_names = output_names
         self.dtypes = {n: _torch_dtype(torch, trt, self.engine.get_tensor_dtype(n)) for n in names}
         self.cuda_graphs = cuda_graphs
+        # One context and one set of buffers per shape: a second thread would overwrite the inputs
+        # of a run in flight, so runs take turns.
+        self.run_lock = threading.Lock()
         # Per input shape: device buffers allocated once and reused, and the CUDA graph captured on
         # them (None where capture failed and plain runs are used instead).
         self.buffers: dict[tuple[tuple[int, ...], ...], tuple[dict[str, Any], dict[str, Any]]] = {}
@@ -79,8 +83,12 @@ class TensorRTBackend:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.profile.check_feeds({name: tuple(feeds[name].shape) for name in self.input_names})
-        torch = self.torch
         key = tuple(tuple(feeds[name].shape) for name in self.input_names)
+        with self.run_lock:
+            return self._run_locked(feeds, key)
+
+    def _run_locked(self, feeds: dict[str, np.ndarray], key: tuple[tuple[int, ...], ...]) -> dict[str, np.ndarray]:
+        torch = self.torch
         with torch.cuda.stream(self.stream):
             inputs, outputs = self._buffers(key)
             for name in self.input_names:

@@ -92,7 +92,10 @@ class TorchBackend:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        args = [torch.from_numpy(feeds[name]).to(self.device) for name in self.head.input_names]
+        # A read-only array (np.frombuffer, a memory map) is copied: torch warns of undefined behaviour
+        # on a tensor over one, though the model never writes to its inputs.
+        arrays = [feeds[name] if feeds[name].flags.writeable else feeds[name].copy() for name in self.head.input_names]
+        args = [torch.from_numpy(array).to(self.device) for array in arrays]
         args = [a.to(self.torch_dtype) if a.is_floating_point() else a for a in args]
         with torch.no_grad():
             values = self.module(*args)

@@ -282,3 +282,18 @@ def test_threads_calling_one_loaded_model_each_get_their_own_answer(tiny_export:
             for got, want in zip(together, alone, strict=True):
                 assert got.shape == want.shape
                 np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "torch"])
+def test_read_only_inputs_answer_as_writable_ones_without_a_warning(tiny_export: Path, backend: str) -> None:
+    """Arrays from np.frombuffer or a memory map are read-only; torch warned of undefined behaviour."""
+    import warnings
+
+    model = btdeploy.load(tiny_export, head="itm", backend=backend)
+    feeds = sample_inputs(model.config, 2, 6, seed=8)
+    frozen = {name: value.copy() for name, value in feeds.items()}
+    for value in frozen.values():
+        value.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(model(**frozen).logits, model(**feeds).logits)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.errors import BtDeployError
+from btdeploy.progress import say
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -129,7 +131,18 @@ def load_image(path: Path, image_processor: Any = None) -> Any:
     if path.is_dir():
         raise BtDeployError(f"image {path} is a folder: give one image file (rank --images takes a folder)")
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # PIL's own warning (from inside PIL, once) becomes one line naming the image.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            warned_past = Image.MAX_IMAGE_PIXELS  # None where the program turned PIL's check off
+            if warned_past is not None and image.width * image.height > warned_past:
+                say(
+                    f"image {path} is {image.width}x{image.height} ({image.width * image.height:,} "
+                    "pixels): decoding and resizing it take seconds and gigabytes, for a model that sees it "
+                    "shrunk to its image size; shrink it first where speed matters"
+                )
             depth = depth_problem(image)
             if depth:
                 raise BtDeployError(f"image {path} {depth}")

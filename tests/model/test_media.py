@@ -155,6 +155,26 @@ def test_transparent_pixels_are_read_over_white(tmp_path: Path) -> None:
             assert np.abs(np.asarray(picture).astype(int) - shown).max() <= 1, name  # PIL rounds the blend
 
 
+def test_an_image_past_pils_warning_size_is_read_with_one_line_of_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PIL warns from inside itself past MAX_IMAGE_PIXELS (89 million) and refuses past twice that;
+    the limit is lowered here so that a small file stands for a 100-megapixel photo."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = tmp_path / "large.png"
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(path)  # 1200 pixels: between the two limits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        picture = load_image(path)
+    assert picture.size == (40, 30) and picture.getpixel((0, 0)) == (10, 20, 30)
+    assert "image " + str(path) + " is 40x30 (1,200 pixels)" in capsys.readouterr().err
+    Image.new("RGB", (50, 50)).save(path)  # 2500 pixels: past twice the limit
+    with pytest.raises(BtDeployError, match="is too large to decode .*: shrink it first"):
+        load_image(path)
+
+
 def test_caption_files_in_the_encodings_editors_save(tmp_path: Path) -> None:
     """A UTF-8 byte-order mark had become part of the first caption (tokenized as such), and a
     UTF-16 file ("Unicode" in Windows editors) had been read as NUL-riddled bytes."""

@@ -131,11 +131,13 @@ class Countdown:
         self.one_off = 0.0
         self.started = time.monotonic()
 
-    def advance(self, label: str, skipped: bool = False, one_off_s: float = 0.0) -> None:
+    def advance(self, label: str, skipped: bool = False, one_off_s: float = 0.0, one_off_ahead_s: float = 0.0) -> None:
         """One part finished: say so, with the time so far and an estimate of the time left. A
         skipped part (kept from an earlier run) cost next to nothing: it is taken out of the
         estimate instead of making the rest look quick. `one_off_s` of the part's time will not
-        recur (a compilation): it counts as elapsed but not towards the pace of the rest."""
+        recur (a compilation): it counts as elapsed but not towards the pace of the rest.
+        `one_off_ahead_s`: such time known to come in a later part (a compilation for a new shape),
+        added to the estimate as it is."""
         if skipped and self.done < len(self.costs):
             self.costs[self.done] = 0.0
         self.done = min(self.done + 1, len(self.costs))
@@ -143,6 +145,7 @@ class Countdown:
         elapsed = time.monotonic() - self.started
         spent, left = sum(self.costs[: self.done]), sum(self.costs[self.done :])
         remaining = max(elapsed - self.one_off, 0.0) * left / spent if spent > 0 else 0.0
+        remaining += one_off_ahead_s if left > 0 else 0.0
         say(f"{self.what} [{self.done}/{len(self.costs)}] {label}: {_time_text(elapsed, remaining, left > 0)}")
 
 

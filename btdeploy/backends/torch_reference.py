@@ -39,6 +39,8 @@ class TorchBackend:
                 "torch.compile (inductor): the first call compiles, and again for the first batch past 1 "
                 "(a minute or more each on base, on 2 cores); later calls of any shape reuse it"
             )
+        # Inductor's dynamic shapes specialize a size of 1: batch 1 and batch 4 compile once each.
+        self.compiles_per_size_one_kind = compile
         self.head = head
         self.device = device
         self.torch_dtype = torch_dtype

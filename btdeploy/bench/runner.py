@@ -289,6 +289,25 @@ def _one_off_seconds(samples: dict[str, list[float]], first: dict[str, float]) -
     return sum(max(0.0, first[name] - 2 * statistics.median(samples[name])) for name in first if samples.get(name))
 
 
+def _specialized_kind(batch: int, length: int) -> tuple[bool, bool]:
+    """Shapes torch.compile's dynamic graphs tell apart: a size of 1 is specialized, so each kind
+    compiles once (batch 1 then batch 4 compiled twice; minutes on base)."""
+    return batch == 1, length == 1
+
+
+def _compilation_seconds(
+    backends: dict[str, Backend], samples: dict[str, list[float]], first: dict[str, float]
+) -> float:
+    """The first calls' compilation of the variants that compile per kind of shape: what each new
+    kind ahead will cost again, which the countdown would otherwise leave out (seconds promised,
+    minutes left)."""
+    return sum(
+        max(0.0, first[name] - 2 * statistics.median(samples[name]))
+        for name, backend in backends.items()
+        if getattr(backend, "compiles_per_size_one_kind", False) and samples.get(name) and name in first
+    )
+
+
 def _bench_head(run: BenchRun, plan: _HeadPlan, env: BenchEnv, settings: BenchSettings, countdown: Countdown) -> None:
     manifest, head, cases, runnable, orders = plan.manifest, plan.head, plan.cases, plan.runnable, plan.orders
     rounds = None if settings.iters is None else _rounds_per_build(plan, settings)
@@ -308,6 +327,8 @@ def _bench_head(run: BenchRun, plan: _HeadPlan, env: BenchEnv, settings: BenchSe
                 load_rss.setdefault(name, current_rss_mb() - before)
             # The first build loads the model and the engines' libraries; later builds are quick.
             one_off = time.perf_counter() - building if order_index == 1 else 0.0
+            compiled_s = 0.0  # what the variants that compile per kind of shape took at the first shape
+            kinds_seen: set[tuple[bool, bool]] = set()
             for index, (batch, length) in enumerate(cases, 1):
                 feeds = sample_inputs(manifest.config, batch, length, seed=index, pad=False)
                 gpu_peak_mb_and_reset()
@@ -318,8 +339,14 @@ def _bench_head(run: BenchRun, plan: _HeadPlan, env: BenchEnv, settings: BenchSe
                 if gpu_peak is not None:
                     case.gpu_peak = max(case.gpu_peak or 0.0, gpu_peak)
                 medians = ", ".join(f"{n} {1e3 * statistics.median(v):.1f} ms" for n, v in samples.items())
+                kinds_seen.add(_specialized_kind(batch, length))
+                if order_index == 1 and index == 1:
+                    compiled_s = _compilation_seconds(backends, samples, first)
+                # Later build orders reuse the compiled code (they ran in seconds).
+                kinds_ahead = {_specialized_kind(*c) for c in cases[index:]} - kinds_seen if order_index == 1 else set()
                 countdown.advance(f"{head.name} batch {batch} length {length}{where}: {medians}",
-                                  one_off_s=one_off + _one_off_seconds(samples, first))  # fmt: skip
+                                  one_off_s=one_off + _one_off_seconds(samples, first),
+                                  one_off_ahead_s=len(kinds_ahead) * compiled_s)  # fmt: skip
                 one_off = 0.0
             del backends
     finally:  # an interrupt keeps every case that has samples

@@ -57,6 +57,10 @@ NOT_EXPORTED = {
     "output_attentions": "the graph returns the head's outputs only; run the transformers model for attentions",
     "interpolate_pos_encoding": "the graph takes images at the checkpoint's size; resize them with its processor",
 }
+# The token type of the image tokens, which every head's forward() passes on to BridgeTowerModel:
+# it reads None and 0 as 1 (`image_token_type_idx or 1`), the type the graphs were exported with,
+# and its token type table has no row past 1.
+IMAGE_TOKEN_TYPE = ("image_token_type_idx", 1)
 
 
 def sample_inputs(config: Any, batch: int, text_length: int, seed: int = 0, pad: bool = True) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ import numpy as np
 from btdeploy.errors import BtDeployError
 from btdeploy.model.configs import max_text_length
 from btdeploy.model.heads import HeadSpec
-from btdeploy.model.inputs import ALL_ONES_WHEN_ABSENT, FORWARD_ORDER, IGNORED_INPUTS, NOT_EXPORTED
+from btdeploy.model.inputs import ALL_ONES_WHEN_ABSENT, FORWARD_ORDER, IGNORED_INPUTS, IMAGE_TOKEN_TYPE, NOT_EXPORTED
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,21 @@ def call_inputs(head: HeadSpec, args: tuple[Any, ...], keywords: dict[str, Any])
         value = inputs.pop(name, None)
         if value is not None and value is not False:
             raise BtDeployError(f"{name} is not supported by an exported head: {reason}")
+    _check_image_token_type(inputs.pop(IMAGE_TOKEN_TYPE[0], None))
     return inputs, return_dict is None or bool(return_dict)
+
+
+def _check_image_token_type(value: Any) -> None:
+    name, exported = IMAGE_TOKEN_TYPE
+    try:
+        given = None if value is None else int(value)
+    except (TypeError, ValueError):
+        given = -1  # not a number: refused below with the rest
+    if given not in (None, 0, exported):
+        raise BtDeployError(
+            f"{name}={value!r} is not supported: the graph gives image tokens type {exported}, which transformers "
+            f"also uses for None and 0, and its token type table has no other; leave it out"
+        )
 
 
 def prepare_inputs(head: HeadSpec, config: Any, inputs: Mapping[str, Any], check_finite: bool = True) -> PreparedInputs:

@@ -157,8 +157,13 @@ def test_torch_backend_is_the_reference(tiny_export: Path, feeds: dict[str, np.n
 
     reference = btdeploy.load(tiny_export, head="itm", backend="torch")
     model = BridgeTowerForImageAndTextRetrieval.from_pretrained(resolve_model("tiny").checkpoint).eval()
+    inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
     with torch.no_grad():
-        expected = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+        expected = model(**inputs).logits.numpy()
+        # the image token type the runtime takes at 0, 1 and None: all one to transformers
+        for token_type in (0, 1):
+            same = model(**inputs, image_token_type_idx=token_type).logits.numpy()
+            np.testing.assert_array_equal(same, expected)
     np.testing.assert_allclose(reference(**feeds).logits, expected, atol=1e-6, rtol=0)
 
 
@@ -191,6 +196,9 @@ def test_every_transformers_call_form_gives_the_same_answer(
         "positional and keywords": itm(ids, mask, pixel_values=pixels),
         "forward": itm.forward(**feeds),
         "defaults spelled out": itm(**feeds, return_dict=True, output_hidden_states=False, labels=None),
+        # passed on to BridgeTowerModel, which reads None and 0 as 1 (the reference test holds it to that)
+        "image token type 1": itm(**feeds, image_token_type_idx=1),
+        "image token type 0": itm(**feeds, image_token_type_idx=torch.tensor(0)),
     }
     for form, outputs in forms.items():
         np.testing.assert_array_equal(outputs.logits, expected, err_msg=form)
@@ -212,6 +220,7 @@ def test_every_transformers_call_form_gives_the_same_answer(
         ("labels", torch.tensor([1, 0]), "labels is not supported.*computes no loss"),
         ("inputs_embeds", np.zeros((2, 7, 64), np.float32), "inputs_embeds is not supported.*pass token ids"),
         ("interpolate_pos_encoding", True, "interpolate_pos_encoding is not supported"),
+        ("image_token_type_idx", 2, "image_token_type_idx=2 is not supported: .*type 1.*leave it out"),
     ],
 )
 def test_what_a_graph_cannot_do_is_refused_by_name(

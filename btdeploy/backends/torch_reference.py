@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ class TorchBackend:
         self.head = head
         self.device = device
         self.torch_dtype = torch_dtype
+        self.process = os.getpid()  # a forked child (a web server's workers) finds another
         mode = "torch.compile inductor" if compile else "eager"
         self.description = f"transformers {head.model_class} ({mode}, {dtype}) on {device}"
 
@@ -94,6 +96,8 @@ class TorchBackend:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        if os.getpid() != self.process:
+            self._forked()
         # A read-only array (np.frombuffer, a memory map) is copied: torch warns of undefined behaviour
         # on a tensor over one, though the model never writes to its inputs.
         arrays = [feeds[name] if feeds[name].flags.writeable else feeds[name].copy() for name in self.head.input_names]
@@ -102,3 +106,18 @@ class TorchBackend:
         with torch.no_grad():
             values = self.module(*args)
         return {name: value.float().cpu().numpy() for name, value in zip(self.head.output_names, values, strict=True)}
+
+    def _forked(self) -> None:
+        """First run in a process forked after loading (gunicorn --preload, multiprocessing's fork).
+        torch's CPU thread pool (OpenMP) does not survive fork: a child that ran on more than one
+        thread hung for good, as the transformers model does. On one thread it runs."""
+        import torch
+
+        self.process = os.getpid()
+        if self.device == "cpu" and torch.get_num_threads() > 1:
+            torch.set_num_threads(1)
+            say(
+                "torch backend: this process was forked after the model was loaded, and torch's thread pool "
+                "does not survive fork: it runs on one thread here (load the model in each worker, or start "
+                "them with spawn, for every core)"
+            )

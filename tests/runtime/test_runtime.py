@@ -306,3 +306,29 @@ def test_read_only_inputs_answer_as_writable_ones_without_a_warning(tiny_export:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         np.testing.assert_array_equal(model(**frozen).logits, model(**feeds).logits)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "torch"])
+def test_a_model_loaded_before_a_fork_answers_in_the_child(tiny_export: Path, backend: str) -> None:
+    """A web server loads once and forks its workers (gunicorn --preload). torch's thread pool does
+    not survive fork: the child of a parent that had run on two threads hung for good."""
+    import os
+    import signal
+
+    model = btdeploy.load(tiny_export, head="itm", backend=backend)
+    feeds = sample_inputs(model.config, 4, 24, seed=9)
+    want = model(**feeds).logits  # the parent's thread pool is running now
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe and its exit status
+        try:
+            signal.alarm(60)
+            os.write(write_end, np.ascontiguousarray(model(**feeds).logits, dtype=np.float32).tobytes())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read()
+    _, status = os.waitpid(child, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the child ended with status {status}"
+    np.testing.assert_array_equal(np.frombuffer(answer, np.float32).reshape(want.shape), want)

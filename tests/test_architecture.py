@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "btdeploy"
 
 # The order of ARCHITECTURE.md: a module may import its own stage and the ones before it.
 STAGES = [
-    {"errors", "progress", "hugepages", "cpu", "version", "signals"},
+    {"errors", "progress", "hugepages", "cpu", "version", "signals", "imports"},
     {"artifacts"},
     {"model"},
     {"backends"},
@@ -88,6 +88,35 @@ def test_the_layering_check_catches_an_upward_import(tmp_path: Path) -> None:
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def _unguarded_transformers_imports(source: str) -> list[int]:
+    """Lines importing transformers outside `with transformers_imports():` (btdeploy/imports.py)."""
+    guarded: set[int] = set()
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        calls = [item.context_expr for item in node.items] if isinstance(node, ast.With) else []
+        if any(isinstance(call, ast.Call) and getattr(call.func, "id", "") == "transformers_imports" for call in calls):
+            guarded |= {id(inner) for inner in ast.walk(node)}
+    lines = []
+    for node in ast.walk(tree):
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if any(name.split(".")[0] == "transformers" for name in names) and id(node) not in guarded:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_every_transformers_import_holds_the_import_lock() -> None:
+    """transformers' lazy module is not safe across threads (two heads loaded at once failed)."""
+    offenders = [
+        f"{path.relative_to(PACKAGE)}:{line}"
+        for path in SOURCES
+        for line in _unguarded_transformers_imports(path.read_text())
+    ]
+    assert offenders == [], "import transformers inside `with transformers_imports():` (btdeploy/imports.py)"
+    planted = "from transformers import X\nwith transformers_imports():\n    import transformers.a\n"
+    assert _unguarded_transformers_imports(planted) == [1]
 
 
 HEAD_BRANCH = re.compile(r"""\bhead(?:_name|\.name)?\s*(?:==|!=|in)\s*\(?\s*["'](?:base|itm|itc|mlm)["']""")

@@ -13,6 +13,7 @@ from btdeploy.artifacts.graph_names import STEMS, Flavour, Precision, graph_file
 from btdeploy.artifacts.locks import writer_of
 from btdeploy.artifacts.onnx_files import graph_bytes, graph_sha256, missing_weights_problem
 from btdeploy.errors import BtDeployError
+from btdeploy.imports import transformers_imports
 from btdeploy.version import __version__
 
 MANIFEST_NAME = "manifest.json"
@@ -106,7 +107,8 @@ class Manifest:
 
     @property
     def config(self) -> Any:
-        from transformers import BridgeTowerConfig
+        with transformers_imports():
+            from transformers import BridgeTowerConfig
 
         try:
             return BridgeTowerConfig.from_dict(self.data["model"]["config"])

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from btdeploy.imports import transformers_imports
+
 MASK_VALUE = -10000.0  # exp(-10000) is 0 in FP32 and FP16, like finfo.min, but finite
 
 
@@ -105,7 +107,8 @@ def _finite_mask(config: Any = None, inputs_embeds: Any = None, attention_mask: 
 @contextmanager
 def fusable_export() -> Iterator[None]:
     """Swap in the canonical forms for the duration of an export."""
-    from transformers.models.bridgetower import modeling_bridgetower as mb
+    with transformers_imports():
+        from transformers.models.bridgetower import modeling_bridgetower as mb
 
     swaps: list[tuple[Any, str, Any]] = [
         (mb.BridgeTowerSelfAttention, "forward", _text_self_attention),

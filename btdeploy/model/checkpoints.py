@@ -16,6 +16,7 @@ from typing import Any
 
 from btdeploy.artifacts.files import file_hashes, nearest_existing, sha256_of_json, staged_directory
 from btdeploy.errors import BtDeployError
+from btdeploy.imports import transformers_imports
 from btdeploy.model.configs import PRESETS, build_config, unchunk_feed_forward, validate_config
 from btdeploy.model.heads import CHECKPOINT_HEADS, HEADS, HeadSpec
 from btdeploy.progress import say, warn
@@ -109,7 +110,8 @@ def randomize_(model: Any, seed: int, only: set[str] | None = None) -> None:
 
 
 def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
+    with transformers_imports():
+        from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -191,7 +193,9 @@ def write_random_checkpoint(config: Any, folder: Path, seed: int, heads: tuple[s
     """
     import torch
     from safetensors.torch import save_file
-    from transformers.initialization import no_init_weights
+
+    with transformers_imports():
+        from transformers.initialization import no_init_weights
 
     _quiet_transformers()
     state: dict[str, Any] = {}
@@ -215,7 +219,8 @@ def write_random_checkpoint(config: Any, folder: Path, seed: int, heads: tuple[s
 
 def build_processor(config: Any) -> Any:
     """BridgeTowerProcessor for this config: locally trained tokenizer, image size from the config."""
-    from transformers import BridgeTowerImageProcessor, BridgeTowerProcessor
+    with transformers_imports():
+        from transformers import BridgeTowerImageProcessor, BridgeTowerProcessor
 
     from btdeploy.model.tokenizer import build_tokenizer
 
@@ -250,7 +255,8 @@ def weights_sha256(folder: Path, hashes: dict[str, str] | None = None) -> str:
 
 
 def load_config(source: ModelSource) -> Any:
-    from transformers import BridgeTowerConfig
+    with transformers_imports():
+        from transformers import BridgeTowerConfig
 
     folder = source.checkpoint  # a preset's is written here on first use, outside the try below
     try:

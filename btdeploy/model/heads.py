@@ -10,6 +10,7 @@ from typing import Any
 
 from btdeploy.artifacts.graph_names import Precision
 from btdeploy.errors import BtDeployError
+from btdeploy.imports import transformers_imports
 from btdeploy.model.configs import CONTRASTIVE_DEFAULTS, num_image_tokens
 from btdeploy.model.inputs import BATCH, MODEL_INPUTS, TEXT_LENGTH, InputSpec
 
@@ -301,7 +302,8 @@ class HeadSpec:
         return axes
 
     def model_class_object(self) -> Any:
-        import transformers
+        with transformers_imports():
+            import transformers
 
         return getattr(transformers, self.model_class)
 

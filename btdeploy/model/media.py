@@ -11,6 +11,7 @@ import numpy as np
 
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.errors import BtDeployError
+from btdeploy.imports import transformers_imports
 from btdeploy.progress import say
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -257,7 +258,8 @@ def require_processor(manifest: Manifest) -> Path:
 
 def export_processor(manifest: Manifest) -> Any:
     """The checkpoint's processor, as export copied it beside the head."""
-    from transformers import BridgeTowerProcessor
+    with transformers_imports():
+        from transformers import BridgeTowerProcessor
 
     return BridgeTowerProcessor.from_pretrained(require_processor(manifest))
 

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from btdeploy.imports import transformers_imports
+
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, as in RoBERTa
 
 
@@ -100,7 +102,9 @@ def build_tokenizer(vocab_size: int, trained_size: int = 1000) -> Any:
     predicts them, and the masked-LM example then prints words instead of nothing.
     """
     from tokenizers import AddedToken, ByteLevelBPETokenizer
-    from transformers import RobertaTokenizer
+
+    with transformers_imports():
+        from transformers import RobertaTokenizer
 
     trainer = ByteLevelBPETokenizer()
     trainer.train_from_iterator(

@@ -13,6 +13,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from btdeploy.imports import transformers_imports
 from btdeploy.model.configs import num_image_tokens
 from btdeploy.model.heads import HeadSpec
 from btdeploy.model.inputs import BATCH, TEXT_LENGTH
@@ -115,7 +116,9 @@ def part_modules(model: Any, head: HeadSpec) -> dict[str, Any]:
     """torch modules for the three parts of a loaded transformers head model."""
     import torch
     from torch import nn
-    from transformers.models.bridgetower import modeling_bridgetower as mb
+
+    with transformers_imports():
+        from transformers.models.bridgetower import modeling_bridgetower as mb
 
     behaviour = head.behaviour
     core = behaviour.core(model)

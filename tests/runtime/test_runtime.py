@@ -332,3 +332,36 @@ def test_a_model_loaded_before_a_fork_answers_in_the_child(tiny_export: Path, ba
     _, status = os.waitpid(child, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the child ended with status {status}"
     np.testing.assert_array_equal(np.frombuffer(answer, np.float32).reshape(want.shape), want)
+
+
+_LOAD_TOGETHER = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import btdeploy
+from btdeploy.model.inputs import sample_inputs
+
+specs = [("itm", "onnxruntime"), ("itc", "onnxruntime"), ("mlm", "openvino"), ("itm", "torch"), ("base", "onnxruntime")]
+
+
+def load_and_run(spec):
+    model = btdeploy.load(sys.argv[1], head=spec[0], backend=spec[1])
+    return type(model(**sample_inputs(model.config, 2, 6, seed=1))).__name__
+
+
+with ThreadPoolExecutor(len(specs)) as pool:
+    print(" ".join(pool.map(load_and_run, specs)))
+"""
+
+
+def test_heads_loaded_by_several_threads_at_once_in_a_fresh_process(tiny_export: Path) -> None:
+    """The first imports of transformers race in its lazy module: five heads loaded from a thread
+    pool failed with ImportError: cannot import name 'BridgeTowerConfig' (btdeploy/imports.py)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_TOGETHER, str(tiny_export)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["HeadOutput"] * 5

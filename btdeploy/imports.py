@@ -1,10 +1,12 @@
-"""transformers imported one thread at a time.
+"""The lazy imports that are not safe across threads, made one thread at a time.
 
 transformers resolves `from transformers import X` through a lazy module that is not safe across
-threads: loading two heads at once (btdeploy.load from a thread pool) failed with `ImportError:
-cannot import name 'BridgeTowerConfig'`. Every import of transformers in btdeploy runs inside
-`transformers_imports()` (tests/test_architecture.py holds it to that); once a name has been
-resolved, holding the lock costs next to nothing."""
+threads: loading heads from a thread pool failed with `ImportError: cannot import name
+'BridgeTowerConfig'`. OpenVINO is imported with its telemetry module hidden for the duration
+(backends/openvino.py), which two threads at once would undo for each other. Every import of
+transformers in btdeploy, and that one of OpenVINO, runs inside `serial_imports()`
+(tests/test_architecture.py holds transformers to it); once a module is in, the lock costs next
+to nothing."""
 
 from __future__ import annotations
 
@@ -16,6 +18,6 @@ _LOCK = threading.RLock()  # re-entrant: an import inside may reach another help
 
 
 @contextmanager
-def transformers_imports() -> Iterator[None]:
+def serial_imports() -> Iterator[None]:
     with _LOCK:
         yield

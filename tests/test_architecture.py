@@ -90,13 +90,13 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _unguarded_transformers_imports(source: str) -> list[int]:
-    """Lines importing transformers outside `with transformers_imports():` (btdeploy/imports.py)."""
+def _unguarded_serial_imports(source: str) -> list[int]:
+    """Lines importing transformers outside `with serial_imports():` (btdeploy/imports.py)."""
     guarded: set[int] = set()
     tree = ast.parse(source)
     for node in ast.walk(tree):
         calls = [item.context_expr for item in node.items] if isinstance(node, ast.With) else []
-        if any(isinstance(call, ast.Call) and getattr(call.func, "id", "") == "transformers_imports" for call in calls):
+        if any(isinstance(call, ast.Call) and getattr(call.func, "id", "") == "serial_imports" for call in calls):
             guarded |= {id(inner) for inner in ast.walk(node)}
     lines = []
     for node in ast.walk(tree):
@@ -112,11 +112,11 @@ def test_every_transformers_import_holds_the_import_lock() -> None:
     offenders = [
         f"{path.relative_to(PACKAGE)}:{line}"
         for path in SOURCES
-        for line in _unguarded_transformers_imports(path.read_text())
+        for line in _unguarded_serial_imports(path.read_text())
     ]
-    assert offenders == [], "import transformers inside `with transformers_imports():` (btdeploy/imports.py)"
-    planted = "from transformers import X\nwith transformers_imports():\n    import transformers.a\n"
-    assert _unguarded_transformers_imports(planted) == [1]
+    assert offenders == [], "import transformers inside `with serial_imports():` (btdeploy/imports.py)"
+    planted = "from transformers import X\nwith serial_imports():\n    import transformers.a\n"
+    assert _unguarded_serial_imports(planted) == [1]
 
 
 HEAD_BRANCH = re.compile(r"""\bhead(?:_name|\.name)?\s*(?:==|!=|in)\s*\(?\s*["'](?:base|itm|itc|mlm)["']""")

@@ -13,7 +13,7 @@ from btdeploy.artifacts.graph_names import STEMS, Flavour, Precision, graph_file
 from btdeploy.artifacts.locks import writer_of
 from btdeploy.artifacts.onnx_files import graph_bytes, graph_sha256, missing_weights_problem
 from btdeploy.errors import BtDeployError
-from btdeploy.imports import transformers_imports
+from btdeploy.imports import serial_imports
 from btdeploy.version import __version__
 
 MANIFEST_NAME = "manifest.json"
@@ -107,7 +107,7 @@ class Manifest:
 
     @property
     def config(self) -> Any:
-        with transformers_imports():
+        with serial_imports():
             from transformers import BridgeTowerConfig
 
         try:

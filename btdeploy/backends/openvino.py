@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.errors import BtDeployError
+from btdeploy.imports import serial_imports
 
 TELEMETRY_MODULE = "openvino_telemetry"
 
@@ -26,16 +27,17 @@ def import_openvino() -> Any:
     0.17 s of each import here. Its conversion tools take their own stub where the telemetry
     module cannot be imported, so that module is hidden while openvino imports, and only then.
     Where the caller's code imported either first, it is left as they chose."""
-    if "openvino" in sys.modules or TELEMETRY_MODULE in sys.modules:
-        import openvino
+    with serial_imports():  # the hiding below is for this import alone, in every thread
+        if "openvino" in sys.modules or TELEMETRY_MODULE in sys.modules:
+            import openvino
 
+            return openvino
+        sys.modules[TELEMETRY_MODULE] = None  # type: ignore[assignment]  # None: Python's "cannot be imported"
+        try:
+            import openvino
+        finally:
+            del sys.modules[TELEMETRY_MODULE]
         return openvino
-    sys.modules[TELEMETRY_MODULE] = None  # type: ignore[assignment]  # None: Python's "cannot be imported"
-    try:
-        import openvino
-    finally:
-        del sys.modules[TELEMETRY_MODULE]
-    return openvino
 
 
 def openvino_problem() -> str | None:

@@ -22,7 +22,7 @@ from btdeploy.artifacts.manifest import (
 from btdeploy.artifacts.onnx_files import data_file, gather_external_data, graph_bytes, graph_sha256
 from btdeploy.errors import BtDeployError
 from btdeploy.export.patches import fusable_export
-from btdeploy.imports import transformers_imports
+from btdeploy.imports import serial_imports
 from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model, weights_sha256
 from btdeploy.model.configs import config_fingerprint, max_text_length
 from btdeploy.model.heads import HeadSpec, get_head
@@ -246,7 +246,7 @@ def _store_model(folder: Path, target: Path | None = None) -> bool:
 def _copy_processor(source: ModelSource, target: Path, config: Any) -> str | None:
     """Keep the checkpoint's processor beside the model, so `run` and the seed examples need nothing
     else; or say why it cannot be kept (returned, and recorded in the manifest)."""
-    with transformers_imports():
+    with serial_imports():
         from transformers import BridgeTowerProcessor
 
     try:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from btdeploy.imports import transformers_imports
+from btdeploy.imports import serial_imports
 
 MASK_VALUE = -10000.0  # exp(-10000) is 0 in FP32 and FP16, like finfo.min, but finite
 
@@ -107,7 +107,7 @@ def _finite_mask(config: Any = None, inputs_embeds: Any = None, attention_mask: 
 @contextmanager
 def fusable_export() -> Iterator[None]:
     """Swap in the canonical forms for the duration of an export."""
-    with transformers_imports():
+    with serial_imports():
         from transformers.models.bridgetower import modeling_bridgetower as mb
 
     swaps: list[tuple[Any, str, Any]] = [

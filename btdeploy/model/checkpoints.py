@@ -16,7 +16,7 @@ from typing import Any
 
 from btdeploy.artifacts.files import file_hashes, nearest_existing, sha256_of_json, staged_directory
 from btdeploy.errors import BtDeployError
-from btdeploy.imports import transformers_imports
+from btdeploy.imports import serial_imports
 from btdeploy.model.configs import PRESETS, build_config, unchunk_feed_forward, validate_config
 from btdeploy.model.heads import CHECKPOINT_HEADS, HEADS, HeadSpec
 from btdeploy.progress import say, warn
@@ -110,7 +110,7 @@ def randomize_(model: Any, seed: int, only: set[str] | None = None) -> None:
 
 
 def _quiet_transformers() -> None:
-    with transformers_imports():
+    with serial_imports():
         from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -194,7 +194,7 @@ def write_random_checkpoint(config: Any, folder: Path, seed: int, heads: tuple[s
     import torch
     from safetensors.torch import save_file
 
-    with transformers_imports():
+    with serial_imports():
         from transformers.initialization import no_init_weights
 
     _quiet_transformers()
@@ -219,7 +219,7 @@ def write_random_checkpoint(config: Any, folder: Path, seed: int, heads: tuple[s
 
 def build_processor(config: Any) -> Any:
     """BridgeTowerProcessor for this config: locally trained tokenizer, image size from the config."""
-    with transformers_imports():
+    with serial_imports():
         from transformers import BridgeTowerImageProcessor, BridgeTowerProcessor
 
     from btdeploy.model.tokenizer import build_tokenizer
@@ -255,7 +255,7 @@ def weights_sha256(folder: Path, hashes: dict[str, str] | None = None) -> str:
 
 
 def load_config(source: ModelSource) -> Any:
-    with transformers_imports():
+    with serial_imports():
         from transformers import BridgeTowerConfig
 
     folder = source.checkpoint  # a preset's is written here on first use, outside the try below

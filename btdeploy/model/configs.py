@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from btdeploy.errors import BtDeployError
-from btdeploy.imports import transformers_imports
+from btdeploy.imports import serial_imports
 from btdeploy.progress import say
 
 # Released checkpoints carry these in config.json; transformers 5.x does not declare them,
@@ -68,7 +68,7 @@ LINK_TOWER_TYPES = ("add", "scaled_add", "interpolate")
 
 def build_config(preset_or_dict: str | dict[str, Any]) -> Any:
     """A BridgeTowerConfig from a preset name or a config dict, validated, eager attention."""
-    with transformers_imports():
+    with serial_imports():
         from transformers import BridgeTowerConfig
 
     if isinstance(preset_or_dict, str):

@@ -10,7 +10,7 @@ from typing import Any
 
 from btdeploy.artifacts.graph_names import Precision
 from btdeploy.errors import BtDeployError
-from btdeploy.imports import transformers_imports
+from btdeploy.imports import serial_imports
 from btdeploy.model.configs import CONTRASTIVE_DEFAULTS, num_image_tokens
 from btdeploy.model.inputs import BATCH, MODEL_INPUTS, TEXT_LENGTH, InputSpec
 
@@ -302,7 +302,7 @@ class HeadSpec:
         return axes
 
     def model_class_object(self) -> Any:
-        with transformers_imports():
+        with serial_imports():
             import transformers
 
         return getattr(transformers, self.model_class)

@@ -11,7 +11,7 @@ import numpy as np
 
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.errors import BtDeployError
-from btdeploy.imports import transformers_imports
+from btdeploy.imports import serial_imports
 from btdeploy.progress import say
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -258,7 +258,7 @@ def require_processor(manifest: Manifest) -> Path:
 
 def export_processor(manifest: Manifest) -> Any:
     """The checkpoint's processor, as export copied it beside the head."""
-    with transformers_imports():
+    with serial_imports():
         from transformers import BridgeTowerProcessor
 
     return BridgeTowerProcessor.from_pretrained(require_processor(manifest))

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from btdeploy.imports import transformers_imports
+from btdeploy.imports import serial_imports
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, as in RoBERTa
 
@@ -103,7 +103,7 @@ def build_tokenizer(vocab_size: int, trained_size: int = 1000) -> Any:
     """
     from tokenizers import AddedToken, ByteLevelBPETokenizer
 
-    with transformers_imports():
+    with serial_imports():
         from transformers import RobertaTokenizer
 
     trainer = ByteLevelBPETokenizer()

@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from btdeploy.imports import transformers_imports
+from btdeploy.imports import serial_imports
 from btdeploy.model.configs import num_image_tokens
 from btdeploy.model.heads import HeadSpec
 from btdeploy.model.inputs import BATCH, TEXT_LENGTH
@@ -117,7 +117,7 @@ def part_modules(model: Any, head: HeadSpec) -> dict[str, Any]:
     import torch
     from torch import nn
 
-    with transformers_imports():
+    with serial_imports():
         from transformers.models.bridgetower import modeling_bridgetower as mb
 
     behaviour = head.behaviour

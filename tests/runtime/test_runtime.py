@@ -341,7 +341,7 @@ from concurrent.futures import ThreadPoolExecutor
 import btdeploy
 from btdeploy.model.inputs import sample_inputs
 
-specs = [("itm", "onnxruntime"), ("itc", "onnxruntime"), ("mlm", "openvino"), ("itm", "torch"), ("base", "onnxruntime")]
+specs = [("itm", "onnxruntime"), ("itc", "openvino"), ("mlm", "openvino"), ("itm", "torch"), ("base", "onnxruntime")]
 
 
 def load_and_run(spec):

@@ -17,3 +17,11 @@ class Backend(Protocol):
         Callable from several threads at once, as a torch model is: a backend that runs through one
         request or execution context of its own serializes its runs."""
         ...
+
+
+def torch_feed(array: np.ndarray) -> np.ndarray:
+    """The array as torch.from_numpy takes it without a warning: contiguous, and writable (a
+    read-only one, from np.frombuffer or a memory map, is copied; torch warned of undefined
+    behaviour on it, though no backend writes to its inputs)."""
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.artifacts.manifest import Manifest
+from btdeploy.backends.base import torch_feed
 from btdeploy.errors import BtDeployError
 from btdeploy.model.checkpoints import ModelSource, load_head_model, weights_sha256
 from btdeploy.model.configs import config_fingerprint
@@ -98,10 +99,7 @@ class TorchBackend:
 
         if os.getpid() != self.process:
             self._forked()
-        # A read-only array (np.frombuffer, a memory map) is copied: torch warns of undefined behaviour
-        # on a tensor over one, though the model never writes to its inputs.
-        arrays = [feeds[name] if feeds[name].flags.writeable else feeds[name].copy() for name in self.head.input_names]
-        args = [torch.from_numpy(array).to(self.device) for array in arrays]
+        args = [torch.from_numpy(torch_feed(feeds[name])).to(self.device) for name in self.head.input_names]
         args = [a.to(self.torch_dtype) if a.is_floating_point() else a for a in args]
         with torch.no_grad():
             values = self.module(*args)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.artifacts.manifest import Manifest
+from btdeploy.backends.base import torch_feed
 from btdeploy.backends.tensorrt.engines import EngineRecord, check_compatible, find_engine, record_file
 from btdeploy.backends.tensorrt.environment import require_gpu, require_tensorrt
 from btdeploy.errors import BtDeployError
@@ -92,7 +93,7 @@ class TensorRTBackend:
         with torch.cuda.stream(self.stream):
             inputs, outputs = self._buffers(key)
             for name in self.input_names:
-                inputs[name].copy_(torch.from_numpy(np.ascontiguousarray(feeds[name])), non_blocking=True)
+                inputs[name].copy_(torch.from_numpy(torch_feed(feeds[name])), non_blocking=True)
             graph = self._graph(key) if self.cuda_graphs else None
             if graph is not None:
                 graph.replay()

@@ -11,7 +11,7 @@ NOT_COMPUTED = ("loss", "hidden_states", "attentions", "cross_attentions")
 
 
 class HeadOutput(Mapping[str, Any]):
-    """Like transformers' ModelOutput: `out.logits`, `out["logits"]`, `out[0]`, `out.to_tuple()`;
+    """Like transformers' ModelOutput: `out.logits`, `out["logits"]`, `out[0]`, `out[:2]`, `out.to_tuple()`;
     `out.loss`, `out.hidden_states` and `out.attentions` are None."""
 
     def __init__(self, head: str, values: dict[str, Any]) -> None:
@@ -28,9 +28,11 @@ class HeadOutput(Mapping[str, Any]):
             f"the {self.__dict__.get('_head')!r} head has no output {name!r}; it has {', '.join(values)}"
         )
 
-    def __getitem__(self, key: str | int) -> Any:
-        if isinstance(key, int):
+    def __getitem__(self, key: str | int | slice) -> Any:
+        if not isinstance(key, str):  # a position or a slice, as ModelOutput takes them: out[0], out[:2]
             return self.to_tuple()[key]
+        if key not in self._values:
+            raise KeyError(f"the {self._head!r} head has no output {key!r}; it has {', '.join(self._values)}")
         return self._values[key]
 
     def __iter__(self) -> Iterator[str]:

@@ -255,6 +255,18 @@ def test_the_contrastive_head_answers_in_transformers_order(tiny_export: Path) -
     assert len(got) == 4 and list(itc(**feeds)) == ["logits", "text_embeds", "image_embeds", "cross_embeds"]
     for index, value in enumerate(got):
         torch.testing.assert_close(value, expected[index], atol=1e-5, rtol=0)
+    # the ModelOutput forms: positions of any integer type, slices, and a named key that is not there
+    with torch.no_grad():
+        as_output = model(**feeds)
+    out = itc(**feeds)
+    logits, text_embeds = out[:2]
+    reference_logits, reference_text = as_output[:2]
+    torch.testing.assert_close(logits, reference_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(text_embeds, reference_text, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[np.int64(-4)], as_output[0], atol=1e-5, rtol=0)
+    with pytest.raises(KeyError, match="the 'itc' head has no output 'logit'; it has logits, text_embeds"):
+        out["logit"]
+    assert out.get("logit") is None and "loss" not in out
 
 
 def test_a_loaded_runtime_goes_to_another_process(tiny_export: Path, feeds: dict[str, np.ndarray]) -> None:

@@ -53,6 +53,14 @@ class Runtime:
 
         return torch.device("cpu")
 
+    @property
+    def dtype(self) -> Any:
+        """What `processor(...).to(model.device, model.dtype)` casts the pixels to: every graph
+        takes float32 pixels (an fp16 or int8 graph converts inside; other float pixels are cast)."""
+        import torch
+
+        return torch.float32
+
     def to(self, device: Any) -> Runtime:
         if str(device).split(":")[0] != "cpu":
             raise BtDeployError(

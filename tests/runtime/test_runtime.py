@@ -208,6 +208,12 @@ def test_every_transformers_call_form_gives_the_same_answer(
     # What code written for a torch module calls on the model before using it.
     assert itm.eval() is itm and itm.to("cpu") is itm and itm.to(torch.device("cpu")) is itm
     assert itm.device == torch.device("cpu")
+    # as transformers' examples cast an encoding: BatchFeature.to(model.device, model.dtype)
+    from transformers import BatchFeature
+
+    encoding = BatchFeature({k: torch.from_numpy(v) for k, v in feeds.items()}).to(itm.device, itm.dtype)
+    assert itm.dtype == torch.float32 and encoding["pixel_values"].dtype == torch.float32
+    np.testing.assert_array_equal(itm(**encoding).logits.numpy(), expected)
     with pytest.raises(BtDeployError, match=r"does not move to cuda:0: the backend chooses the device when it loads"):
         itm.to("cuda:0")
 

@@ -70,6 +70,18 @@ class Runtime:
             )
         return self
 
+    def cpu(self) -> Runtime:
+        return self.to("cpu")
+
+    def cuda(self, device: Any = None) -> Runtime:
+        return self.to("cuda" if device is None else f"cuda:{device}" if isinstance(device, int) else device)
+
+    def half(self) -> Runtime:
+        raise BtDeployError(
+            "a loaded runtime does not change precision: load the graph of the precision you want, "
+            "e.g. btdeploy.load(path, precision='fp16') (or 'int8', 'int8-dynamic')"
+        )
+
     def __repr__(self) -> str:
         return f"btdeploy.Runtime(head={self.head.name}, backend={self.backend.description})"
 

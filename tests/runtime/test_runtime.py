@@ -216,6 +216,11 @@ def test_every_transformers_call_form_gives_the_same_answer(
     np.testing.assert_array_equal(itm(**encoding).logits.numpy(), expected)
     with pytest.raises(BtDeployError, match=r"does not move to cuda:0: the backend chooses the device when it loads"):
         itm.to("cuda:0")
+    assert itm.cpu() is itm
+    with pytest.raises(BtDeployError, match=r"does not move to cuda:1: the backend chooses the device"):
+        itm.cuda(1)
+    with pytest.raises(BtDeployError, match=r"does not change precision: .*precision='fp16'"):
+        itm.half()
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -283,29 +284,22 @@ def _rounds_per_build(plan: _HeadPlan, settings: BenchSettings) -> int:
     return -(-settings.iters // len(plan.orders))  # at least iters in all
 
 
-def _one_off_seconds(samples: dict[str, list[float]], first: dict[str, float]) -> float:
+def _one_off_seconds(
+    samples: dict[str, list[float]], first: dict[str, float], names: Collection[str] | None = None
+) -> float:
     """The part of the first warm-up calls that will not recur (torch-compile compiling, OpenVINO
-    finishing its plan): beyond twice the variant's median."""
-    return sum(max(0.0, first[name] - 2 * statistics.median(samples[name])) for name in first if samples.get(name))
+    finishing its plan): beyond twice the variant's median. Of every variant, or of `names`."""
+    return sum(
+        max(0.0, first[name] - 2 * statistics.median(samples[name]))
+        for name in first
+        if (names is None or name in names) and samples.get(name)
+    )
 
 
 def _specialized_kind(batch: int, length: int) -> tuple[bool, bool]:
     """Shapes torch.compile's dynamic graphs tell apart: a size of 1 is specialized, so each kind
     compiles once (batch 1 then batch 4 compiled twice; minutes on base)."""
     return batch == 1, length == 1
-
-
-def _compilation_seconds(
-    backends: dict[str, Backend], samples: dict[str, list[float]], first: dict[str, float]
-) -> float:
-    """The first calls' compilation of the variants that compile per kind of shape: what each new
-    kind ahead will cost again, which the countdown would otherwise leave out (seconds promised,
-    minutes left)."""
-    return sum(
-        max(0.0, first[name] - 2 * statistics.median(samples[name]))
-        for name, backend in backends.items()
-        if getattr(backend, "compiles_per_size_one_kind", False) and samples.get(name) and name in first
-    )
 
 
 def _bench_head(run: BenchRun, plan: _HeadPlan, env: BenchEnv, settings: BenchSettings, countdown: Countdown) -> None:
@@ -341,7 +335,10 @@ def _bench_head(run: BenchRun, plan: _HeadPlan, env: BenchEnv, settings: BenchSe
                 medians = ", ".join(f"{n} {1e3 * statistics.median(v):.1f} ms" for n, v in samples.items())
                 kinds_seen.add(_specialized_kind(batch, length))
                 if order_index == 1 and index == 1:
-                    compiled_s = _compilation_seconds(backends, samples, first)
+                    # What each new kind of shape ahead will cost again: the countdown would
+                    # otherwise promise seconds where minutes are left.
+                    recompiling = [n for n, b in backends.items() if getattr(b, "compiles_per_size_one_kind", False)]
+                    compiled_s = _one_off_seconds(samples, first, recompiling)
                 # Later build orders reuse the compiled code (they ran in seconds).
                 kinds_ahead = {_specialized_kind(*c) for c in cases[index:]} - kinds_seen if order_index == 1 else set()
                 countdown.advance(f"{head.name} batch {batch} length {length}{where}: {medians}",

@@ -60,6 +60,10 @@ def _reference(kind: str, x: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     return x / (1.0 + np.exp(-alpha * x))
 
 
+# The two GELU forms on `_PROBE`, once: every node of every island is held to them.
+_FIXED_FORMS = {kind: _reference(kind, _PROBE) for kind in ("gelu", "gelu_tanh")}
+
+
 def _matches(values: np.ndarray, reference: np.ndarray) -> bool:
     # Constants stored in float32 move the result by about 1e-7; the erf and tanh forms differ by 4.7e-4.
     return bool(np.all(np.isfinite(values))) and bool(np.allclose(values, reference, rtol=1e-5, atol=1e-6))
@@ -67,8 +71,8 @@ def _matches(values: np.ndarray, reference: np.ndarray) -> bool:
 
 def _classify(values: np.ndarray) -> tuple[str, float] | None:
     """The GELU form these outputs on `_PROBE` are, with QuickGELU's alpha; None for anything else."""
-    for kind in ("gelu", "gelu_tanh"):
-        if _matches(values, _reference(kind, _PROBE)):
+    for kind, reference in _FIXED_FORMS.items():
+        if _matches(values, reference):
             return kind, 1.0
     at_one = float(values[np.argmin(np.abs(_PROBE - 1.0))])  # sigmoid(alpha) for x * sigmoid(alpha x)
     if 0.0 < at_one < 1.0:

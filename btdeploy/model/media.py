@@ -128,7 +128,8 @@ def load_image(path: Path, image_processor: Any = None) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     if str(path).startswith(("http:/", "https:/")):  # a Path has already folded "://" into ":/"
-        raise BtDeployError(f"image {path} is a URL: btdeploy reads local files, download it first")
+        url = str(path).replace(":/", "://", 1)  # named as the user wrote it
+        raise BtDeployError(f"image {url} is a URL: btdeploy reads local files, download it first")
     if path.is_dir():
         raise BtDeployError(f"image {path} is a folder: give one image file (rank --images takes a folder)")
     try:

@@ -229,3 +229,10 @@ def test_a_text_past_the_model_is_refused_without_transformers_warning_first() -
     assert problem is not None and problem.startswith("text 2 of 2 ('word word"), problem
     assert "longer than the model's 512" in problem
     assert heard == []
+
+
+@pytest.mark.parametrize("url", ["http://images.cocodataset.org/val2017/000000039769.jpg", "https://example.com/a.png"])
+def test_an_image_url_is_refused_naming_it_as_written(url: str) -> None:
+    with pytest.raises(BtDeployError) as refused:
+        load_image(Path(url))
+    assert str(refused.value) == f"image {url} is a URL: btdeploy reads local files, download it first"

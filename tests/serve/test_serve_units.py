@@ -7,6 +7,8 @@ import io
 import json
 import re
 import socket
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +227,36 @@ def test_feature_cache_is_bounded_least_recently_used_first() -> None:
     cache.put("c", 3)
     assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3 and len(cache) == 2
     assert (cache.hits, cache.misses) == (3, 1)
+
+
+def test_feature_cache_shared_by_the_rank_endpoints_threads() -> None:
+    """The rank endpoint runs each request in a worker thread, all on one cache: a key one thread
+    found could be evicted by another before it was moved to the end (KeyError, an HTTP 500)."""
+    cache = FeatureCache(2)
+    errors: list[str] = []
+
+    def requests(offset: int) -> None:
+        for i in range(50_000):
+            key = str((i + offset) % 3)  # three images on a cache of two: every get races an eviction
+            try:
+                if cache.get(key) is None:
+                    cache.put(key, i)
+            except Exception as error:  # what the request would have failed with
+                errors.append(repr(error))
+                return
+
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often enough to meet inside get() within a second
+    try:
+        threads = [threading.Thread(target=requests, args=(offset,)) for offset in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switching)
+    assert errors == [] and len(cache) == 2
+    assert cache.hits + cache.misses == 4 * 50_000
 
 
 def test_metrics_text_counts_batches() -> None:

@@ -8,12 +8,15 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import say
 from btdeploy.serve.settings import ServeSettings, check_settings, replica_cpus, replicas_spin
+from btdeploy.signals import interrupts_deferred
 
 READY_TIMEOUT_S = 300
 
@@ -40,19 +43,20 @@ def serve_export(settings: ServeSettings) -> int:
         rank_folder = folders[RANK_HEAD]
 
     started_ray = settings.address is None
-    say("starting Ray" if started_ray else f"joining the Ray cluster at {settings.address}")
-    ray.init(
-        address=settings.address,
-        namespace=NAMESPACE,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    # After ray.init, which installs a SIGTERM handler of its own that would skip the shutdown below.
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    say(f"Ray at {ray.get_runtime_context().gcs_address}")
     collector = None
     try:
+        say("starting Ray" if started_ray else f"joining the Ray cluster at {settings.address}")
+        with _stops_held_through(ray):
+            ray.init(
+                address=settings.address,
+                namespace=NAMESPACE,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        # Ours from here (a stop held through ray.init was raised above, as Ctrl-C or Terminated).
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        say(f"Ray at {ray.get_runtime_context().gcs_address}")
         collector = app_collector()
         deployments = len(folders) + (1 if rank_folder else 0)
         cpus = replica_cpus(settings, deployments, float(ray.cluster_resources().get("CPU", 0)))
@@ -73,9 +77,44 @@ def serve_export(settings: ServeSettings) -> int:
             time.sleep(1)
     except (KeyboardInterrupt, _Stop):
         say("stopping")
+    except Exception as error:
+        if not _caused_by_a_stop(error):
+            raise
+        say("stopping")  # the stop was raised inside Ray's compiled code, which wrapped it
     finally:
         _shut_down(serve, ray, started_ray, collector)
     return 0
+
+
+def _caused_by_a_stop(error: BaseException) -> bool:
+    """Whether a stop raised while Ray's compiled code was calling back into Python caused this
+    error (that code turns it into `SystemError: ... returned a result with an exception set`)."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt | _Stop):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+@contextmanager
+def _stops_held_through(ray: Any) -> Iterator[None]:
+    """Ctrl-C and SIGTERM held while Ray starts, then delivered. ray.init installs SIGTERM handlers
+    of its own (sys.exit) and starts processes in stages: a stop part-way through it ended the
+    command with exit 15 and left Ray's agent processes running, orphaned. Ray's handlers are not
+    installed meanwhile; the stop arrives once ray.init has returned, where shutdown stops them all."""
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    installs = getattr(utils, "set_sigterm_handler", None)
+    with interrupts_deferred():
+        if installs is not None:
+            utils.set_sigterm_handler = lambda handler: None  # type: ignore[union-attr]
+        try:
+            yield
+        finally:
+            if installs is not None:
+                utils.set_sigterm_handler = installs  # type: ignore[union-attr]
 
 
 def _wait_ready(url: str, heads: list[str]) -> None:
@@ -97,6 +136,8 @@ def _wait_ready(url: str, heads: list[str]) -> None:
 def _shut_down(serve: Any, ray: Any, started_ray: bool, collector: Any) -> None:
     from btdeploy.serve.app import APP_NAME
 
+    if not ray.is_initialized():  # ray.init failed: nothing started, and Serve would start Ray to look
+        return
     try:
         if started_ray:
             serve.shutdown()  # Serve is ours: its controller and proxies go with it

@@ -384,3 +384,52 @@ def test_a_killed_replica_recovers_and_no_request_hangs(server: Server, runtimes
             break
         time.sleep(2)
     assert status == 200, "the itm replica did not come back"
+
+
+# Python leaves SIGINT ignored where it started ignored (a shell's background job): the child
+# takes Ctrl-C as a terminal gives it, whatever ran this test.
+_WITH_CTRL_C = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); sys.argv[0] = 'btdeploy'; from btdeploy.cli import main; sys.exit(main())"  # noqa: E501
+
+
+@pytest.mark.parametrize(
+    ("stop", "after_line", "delay_s"),
+    [
+        (signal.SIGTERM, "starting Ray", 2.0),  # inside ray.init, while it starts Ray's processes
+        (signal.SIGINT, "starting Ray", 2.0),
+        (signal.SIGTERM, "Ray at", 1.5),  # in the first calls into Ray (its compiled code) after it
+    ],
+    ids=["sigterm-in-ray-init", "ctrl-c-in-ray-init", "sigterm-after-ray-init"],
+)
+def test_a_stop_while_ray_starts_stops_everything_it_started(
+    tiny_export: Path, tmp_path: Path, stop: signal.Signals, after_line: str, delay_s: float
+) -> None:
+    """A SIGTERM inside ray.init had ended the command with exit 15 (Ray's own handler) and left
+    Ray's agent processes running; a stop inside Ray's compiled code had ended it in a traceback."""
+    import subprocess
+    import sys
+
+    from btdeploy.serve.process import free_port
+
+    before = _ray_processes()
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-c", _WITH_CTRL_C, "serve", str(tiny_export), "--heads", "itm"]
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([*command, "--port", str(free_port())], stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while after_line not in log.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, log.read_text()
+        time.sleep(delay_s)
+        process.send_signal(stop)
+        status = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    printed = log.read_text()
+    assert status == 0 and "stopping" in printed and "stopped" in printed, printed
+    assert "Traceback" not in printed and "btdeploy: error" not in printed, printed
+    deadline = time.monotonic() + 30
+    while _ray_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes() - before, f"Ray processes left behind: {printed}"

@@ -317,6 +317,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     heads = _chosen_heads(args)
     run = run_bench(Path(args.dir), heads, variants, settings)
     run.command = "btdeploy bench " + " ".join(shlex.quote(a) for a in args.argv)
+    if run.interrupted and not run.cases:  # an empty report would replace the last run's
+        kept = " (the reports already there are kept)" if (out / "results.md").exists() else ""
+        say(f"no case finished: nothing written to {out}{kept}")
+        return run.exit_code
     for path in write_reports(run, out):
         say(f"wrote {path}")
     print((out / "results.md").read_text())

@@ -230,6 +230,30 @@ def test_interrupt_keeps_finished_cases(
     assert np.isfinite(run.cases[0].stats.median_ms)
 
 
+def test_a_stop_before_any_case_finished_keeps_the_last_runs_reports(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from btdeploy.cli import main
+
+    class StoppedAtOnce:
+        description = "stopped at once"
+
+        def run(self, feeds: dict) -> dict:
+            raise KeyboardInterrupt
+
+    fake = Variant("fake", "torch", "fp32", lambda m, e: None, lambda m, e: StoppedAtOnce())  # type: ignore[arg-type, return-value]
+    monkeypatch.setitem(VARIANTS, "fake", fake)
+    out = tmp_path / "bench"
+    out.mkdir()
+    last_run = {name: f"the last run's {name}" for name in ("results.md", "results.json", "results.csv")}
+    for name, text in last_run.items():
+        (out / name).write_text(text)
+    argv = ["bench", str(tiny_export), "--heads", "itm", "--variants", "fake", "--batch-sizes", "1", "--seq-lens", "4"]
+    assert main([*argv, "--iters", "1", "--out", str(out)]) == 130
+    assert {path.name: path.read_text() for path in out.iterdir()} == last_run
+    assert f"no case finished: nothing written to {out} (the reports already there are kept)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("rotate", [True, False])
 def test_every_variant_is_built_in_every_position(
     tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], rotate: bool

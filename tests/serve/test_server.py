@@ -386,19 +386,15 @@ def test_a_killed_replica_recovers_and_no_request_hangs(server: Server, runtimes
     assert status == 200, "the itm replica did not come back"
 
 
-# Python leaves SIGINT ignored where it started ignored (a shell's background job): the child
-# takes Ctrl-C as a terminal gives it, whatever ran this test.
-_WITH_CTRL_C = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); sys.argv[0] = 'btdeploy'; from btdeploy.cli import main; sys.exit(main())"  # noqa: E501
-
-
 @pytest.mark.parametrize(
     ("stop", "after_line", "delay_s"),
     [
-        (signal.SIGTERM, "starting Ray", 2.0),  # inside ray.init, while it starts Ray's processes
-        (signal.SIGINT, "starting Ray", 2.0),
+        # Inside ray.init, while it starts Ray's processes: Ray's own SIGTERM handler ran (exit 15); Ctrl-C
+        # there (exit 130) left the same processes behind and is held by the same code.
+        (signal.SIGTERM, "starting Ray", 2.0),
         (signal.SIGTERM, "Ray at", 1.5),  # in the first calls into Ray (its compiled code) after it
     ],
-    ids=["sigterm-in-ray-init", "ctrl-c-in-ray-init", "sigterm-after-ray-init"],
+    ids=["sigterm-in-ray-init", "sigterm-after-ray-init"],
 )
 def test_a_stop_while_ray_starts_stops_everything_it_started(
     tiny_export: Path, tmp_path: Path, stop: signal.Signals, after_line: str, delay_s: float
@@ -412,7 +408,7 @@ def test_a_stop_while_ray_starts_stops_everything_it_started(
 
     before = _ray_processes()
     log = tmp_path / "serve.log"
-    command = [sys.executable, "-c", _WITH_CTRL_C, "serve", str(tiny_export), "--heads", "itm"]
+    command = [sys.executable, "-m", "btdeploy.cli", "serve", str(tiny_export), "--heads", "itm"]
     with open(log, "w") as stderr:
         process = subprocess.Popen([*command, "--port", str(free_port())], stdout=subprocess.DEVNULL, stderr=stderr)
     try:

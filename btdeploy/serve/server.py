@@ -16,7 +16,7 @@ from typing import Any
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import say
 from btdeploy.serve.settings import ServeSettings, check_settings, replica_cpus, replicas_spin
-from btdeploy.signals import interrupts_deferred
+from btdeploy.signals import STOP_SIGNALS
 
 READY_TIMEOUT_S = 300
 
@@ -46,7 +46,7 @@ def serve_export(settings: ServeSettings) -> int:
     collector = None
     try:
         say("starting Ray" if started_ray else f"joining the Ray cluster at {settings.address}")
-        with _stops_held_through(ray):
+        with _stops_held_through(ray, hold=started_ray):
             ray.init(
                 address=settings.address,
                 namespace=NAMESPACE,
@@ -54,7 +54,7 @@ def serve_export(settings: ServeSettings) -> int:
                 log_to_driver=False,
                 configure_logging=False,
             )
-        # Ours from here (a stop held through ray.init was raised above, as Ctrl-C or Terminated).
+        # Ours from here (a stop held through ray.init was raised as it returned).
         signal.signal(signal.SIGTERM, _on_sigterm)
         say(f"Ray at {ray.get_runtime_context().gcs_address}")
         collector = app_collector()
@@ -100,21 +100,35 @@ def _caused_by_a_stop(error: BaseException) -> bool:
 
 
 @contextmanager
-def _stops_held_through(ray: Any) -> Iterator[None]:
-    """Ctrl-C and SIGTERM held while Ray starts, then delivered. ray.init installs SIGTERM handlers
-    of its own (sys.exit) and starts processes in stages: a stop part-way through it ended the
-    command with exit 15 and left Ray's agent processes running, orphaned. Ray's handlers are not
-    installed meanwhile; the stop arrives once ray.init has returned, where shutdown stops them all."""
+def _stops_held_through(ray: Any, hold: bool) -> Iterator[None]:
+    """Ray's start, with Ctrl-C and SIGTERM ours rather than Ray's. ray.init installs a SIGTERM
+    handler of its own (sys.exit: exit 15) and, where it starts a local Ray (`hold`), starts processes
+    in stages: a stop part-way through left Ray's agent processes running, orphaned. So there the first
+    stop is held until ray.init returns (the shutdown then stops them all) and a second one stops at
+    once. Joining a cluster starts nothing here, and may wait long for an address that does not
+    answer: a stop acts at once."""
     utils = getattr(getattr(ray, "_private", None), "utils", None)
     installs = getattr(utils, "set_sigterm_handler", None)
-    with interrupts_deferred():
+    held: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        if held or not hold:
+            raise _Stop()
+        held.append(signum)
+        say("stopping once Ray has started (its processes are being started); a second stop ends at once")
+
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    if installs is not None:
+        utils.set_sigterm_handler = lambda handler: None  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
         if installs is not None:
-            utils.set_sigterm_handler = lambda handler: None  # type: ignore[union-attr]
-        try:
-            yield
-        finally:
-            if installs is not None:
-                utils.set_sigterm_handler = installs  # type: ignore[union-attr]
+            utils.set_sigterm_handler = installs  # type: ignore[union-attr]
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+    if held:
+        raise _Stop()
 
 
 def _wait_ready(url: str, heads: list[str]) -> None:

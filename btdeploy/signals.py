@@ -34,10 +34,10 @@ def sigterm_raises() -> Iterator[None]:
     try:
         yield
     finally:
-        _restore(signal.SIGTERM, previous)
+        restore_handler(signal.SIGTERM, previous)
 
 
-def _restore(signum: int, handler: Any) -> None:
+def restore_handler(signum: int, handler: Any) -> None:
     # None: a handler set outside Python; Python's own defaults stand in for it
     default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
     signal.signal(signum, default if handler is None else handler)
@@ -99,7 +99,7 @@ def interrupts_deferred() -> Iterator[HeldStops]:
         yield held
     finally:
         for stop, handler in previous.items():
-            _restore(stop, handler)
+            restore_handler(stop, handler)
         signal.set_wakeup_fd(previous_wakeup)
         held.close()
         os.close(read_end)

@@ -16,7 +16,7 @@ from typing import Any
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import say
 from btdeploy.serve.settings import ServeSettings, check_settings, replica_cpus, replicas_spin
-from btdeploy.signals import STOP_SIGNALS
+from btdeploy.signals import STOP_SIGNALS, restore_handler
 
 READY_TIMEOUT_S = 300
 
@@ -126,7 +126,7 @@ def _stops_held_through(ray: Any, hold: bool) -> Iterator[None]:
         if installs is not None:
             utils.set_sigterm_handler = installs  # type: ignore[union-attr]
         for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+            restore_handler(signum, handler)
     if held:
         raise _Stop()
 

@@ -24,16 +24,18 @@ class HeadOutput(Mapping[str, Any]):
             return values[name]
         if name in NOT_COMPUTED:
             return None
-        raise AttributeError(
-            f"the {self.__dict__.get('_head')!r} head has no output {name!r}; it has {', '.join(values)}"
-        )
+        raise AttributeError(self._no_output(name))
 
     def __getitem__(self, key: str | int | slice) -> Any:
         if not isinstance(key, str):  # a position or a slice, as ModelOutput takes them: out[0], out[:2]
             return self.to_tuple()[key]
         if key not in self._values:
-            raise KeyError(f"the {self._head!r} head has no output {key!r}; it has {', '.join(self._values)}")
+            raise KeyError(self._no_output(key))
         return self._values[key]
+
+    def _no_output(self, name: str) -> str:
+        values = self.__dict__.get("_values", {})  # read without __getattr__, which calls this
+        return f"the {self.__dict__.get('_head')!r} head has no output {name!r}; it has {', '.join(values)}"
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)

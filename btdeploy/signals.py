@@ -19,7 +19,8 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C (staged folders, the bench's finished cases) does the same for it."""
 
 
-def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
+def raise_terminated(_signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM's handler wherever btdeploy takes it: raise `Terminated`."""
     raise Terminated
 
 
@@ -30,7 +31,7 @@ def sigterm_raises() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signals reach the main thread only
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield
     finally:

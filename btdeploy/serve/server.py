@@ -15,18 +15,10 @@ from typing import Any
 
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import say
-from btdeploy.serve.settings import ServeSettings, check_settings, replica_cpus, replicas_spin
-from btdeploy.signals import STOP_SIGNALS, restore_handler
+from btdeploy.serve.settings import JOIN_HINT, ServeSettings, check_settings, replica_cpus, replicas_spin
+from btdeploy.signals import STOP_SIGNALS, Terminated, raise_terminated, restore_handler
 
 READY_TIMEOUT_S = 300
-
-
-class _Stop(Exception):
-    """Raised by the SIGTERM handler so shutdown runs the same way as on Ctrl-C."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Stop()
 
 
 def serve_export(settings: ServeSettings) -> int:
@@ -44,18 +36,26 @@ def serve_export(settings: ServeSettings) -> int:
 
     started_ray = settings.address is None
     collector = None
+    stopping = False
     try:
         say("starting Ray" if started_ray else f"joining the Ray cluster at {settings.address}")
         with _stops_held_through(ray, hold=started_ray):
-            ray.init(
-                address=settings.address,
-                namespace=NAMESPACE,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+            try:
+                ray.init(
+                    address=settings.address,
+                    namespace=NAMESPACE,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+            except ConnectionError as error:  # an OSError, which would be read as a bad path
+                if started_ray:
+                    raise
+                raise BtDeployError(
+                    f"could not join the Ray cluster at {settings.address} ({error}): {JOIN_HINT}"
+                ) from None
         # Ours from here (a stop held through ray.init was raised as it returned).
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, raise_terminated)
         say(f"Ray at {ray.get_runtime_context().gcs_address}")
         collector = app_collector()
         deployments = len(folders) + (1 if rank_folder else 0)
@@ -75,14 +75,16 @@ def serve_export(settings: ServeSettings) -> int:
         print(f"ready on {url}", flush=True)
         while True:
             time.sleep(1)
-    except (KeyboardInterrupt, _Stop):
+    except KeyboardInterrupt:  # Ctrl-C, and SIGTERM as Terminated
+        stopping = True
         say("stopping")
     except Exception as error:
         if not _caused_by_a_stop(error):
             raise
+        stopping = True
         say("stopping")  # the stop was raised inside Ray's compiled code, which wrapped it
     finally:
-        _shut_down(serve, ray, started_ray, collector)
+        _shut_down(serve, ray, started_ray, collector, stopping)
     return 0
 
 
@@ -92,7 +94,7 @@ def _caused_by_a_stop(error: BaseException) -> bool:
     seen: set[int] = set()
     cause: BaseException | None = error
     while cause is not None and id(cause) not in seen:
-        if isinstance(cause, KeyboardInterrupt | _Stop):
+        if isinstance(cause, KeyboardInterrupt):
             return True
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
@@ -105,15 +107,17 @@ def _stops_held_through(ray: Any, hold: bool) -> Iterator[None]:
     handler of its own (sys.exit: exit 15) and, where it starts a local Ray (`hold`), starts processes
     in stages: a stop part-way through left Ray's agent processes running, orphaned. So there the first
     stop is held until ray.init returns (the shutdown then stops them all) and a second one stops at
-    once. Joining a cluster starts nothing here, and may wait long for an address that does not
-    answer: a stop acts at once."""
+    once. Joining a cluster starts nothing here: a stop acts as soon as Ray's compiled code returns
+    (its connection attempts to an address that accepts but is not Ray's take up to 40 s each)."""
     utils = getattr(getattr(ray, "_private", None), "utils", None)
     installs = getattr(utils, "set_sigterm_handler", None)
     held: list[int] = []
 
     def stop(signum: int, frame: Any) -> None:
+        # A KeyboardInterrupt, never an Exception: Ray's connection retries catch Exception, and
+        # a stop raised as one was swallowed there while ray.init kept retrying for minutes.
         if held or not hold:
-            raise _Stop()
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
         held.append(signum)
         say("stopping once Ray has started (its processes are being started); a second stop ends at once")
 
@@ -128,7 +132,7 @@ def _stops_held_through(ray: Any, hold: bool) -> Iterator[None]:
         for signum, handler in previous.items():
             restore_handler(signum, handler)
     if held:
-        raise _Stop()
+        raise Terminated() if held[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _wait_ready(url: str, heads: list[str]) -> None:
@@ -147,10 +151,12 @@ def _wait_ready(url: str, heads: list[str]) -> None:
             time.sleep(0.5)
 
 
-def _shut_down(serve: Any, ray: Any, started_ray: bool, collector: Any) -> None:
+def _shut_down(serve: Any, ray: Any, started_ray: bool, collector: Any, stopping: bool) -> None:
     from btdeploy.serve.app import APP_NAME
 
-    if not ray.is_initialized():  # ray.init failed: nothing started, and Serve would start Ray to look
+    if not ray.is_initialized():  # ray.init failed or was stopped: nothing started, and Serve would start Ray to look
+        if stopping:
+            say("stopped")
         return
     try:
         if started_ray:

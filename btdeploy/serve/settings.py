@@ -87,6 +87,8 @@ def check_settings(settings: ServeSettings) -> dict[str, Manifest]:
         require_processor(manifest)
     if settings.address is None:
         _check_port(settings.host, settings.port)
+    else:
+        _check_cluster_answers(settings.address)
     return manifests
 
 
@@ -123,6 +125,29 @@ def replicas_spin(settings: ServeSettings, deployments: int) -> bool:
     if settings.spin is not None:
         return settings.spin
     return model_replicas(settings, deployments) == 1
+
+
+JOIN_HINT = "give the head node's HOST:PORT as `ray start --head` printed it, or leave --address out to start Ray here"
+JOIN_CHECK_TIMEOUT_S = 5.0
+
+
+def _check_cluster_answers(address: str) -> None:
+    """Something listens at --address before ray.init is asked to join it: Ray retries an address
+    that does not answer for about 14 minutes (20 attempts of about 40 s, in compiled code that a stop
+    waits out)."""
+    if address == "auto":  # Ray finds the cluster started on this machine, or says there is none
+        return
+    if address == "local":
+        raise BtDeployError("--address local would start a new Ray cluster: leave --address out for that")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # an IPv6 host, [::1]:6379
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise BtDeployError(f"--address {address} is not HOST:PORT or auto: {JOIN_HINT}")
+    try:
+        socket.create_connection((host, int(port)), timeout=JOIN_CHECK_TIMEOUT_S).close()
+    except OSError as error:
+        reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or str(error))
+        raise BtDeployError(f"no Ray cluster answers at {address} ({reason}): {JOIN_HINT}") from None
 
 
 def _check_port(host: str, port: int) -> None:

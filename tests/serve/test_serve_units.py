@@ -303,6 +303,59 @@ def test_settings_refuse_a_port_in_use(tiny_export: Path) -> None:
             check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), port=port))
 
 
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])  # closed again: nothing listens there
+
+
+@pytest.mark.parametrize(("address", "message"), [
+    ("127.0.0.1:{closed}", "no Ray cluster answers at 127.0.0.1:{closed} (Connection refused): give the head"),
+    ("6379", "--address 6379 is not HOST:PORT or auto"),
+    ("head:port", "--address head:port is not HOST:PORT or auto"),
+    ("local", "--address local would start a new Ray cluster: leave --address out for that"),
+])  # fmt: skip
+def test_settings_refuse_a_cluster_address_that_cannot_be_joined(tiny_export: Path, address: str, message: str) -> None:
+    """Ray retries an address that does not answer for about 14 minutes, in attempts of about 40 s that
+    a stop waits out: the address is checked before Ray is asked to join it."""
+    closed = _closed_port()
+    settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=address.format(closed=closed))
+    with pytest.raises(BtDeployError, match=re.escape(message.format(closed=closed))):
+        check_settings(settings)
+
+
+def test_a_stop_while_joining_gets_through_rays_retries() -> None:
+    """Ray's connection retries catch Exception: a SIGTERM raised as one was swallowed there, and
+    `btdeploy serve --address` kept retrying for minutes after it."""
+    import os
+    import signal
+    import time
+    from types import SimpleNamespace
+
+    from btdeploy.serve.server import _stops_held_through
+    from btdeploy.signals import Terminated
+
+    attempts = 0
+
+    def join_with_retries() -> None:  # the shape of ray._private.node.Node._init_gcs_client
+        nonlocal attempts
+        for _ in range(20):
+            attempts += 1
+            try:
+                if attempts == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+            except Exception:
+                continue
+
+    ray = SimpleNamespace(_private=SimpleNamespace(utils=SimpleNamespace(set_sigterm_handler=print)))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), _stops_held_through(ray, hold=False):
+        join_with_retries()
+    assert attempts == 1
+    assert signal.getsignal(signal.SIGTERM) is before  # restored on the way out
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"port": 70000}, "--port 70000 is not a TCP port: give one in 1..65535"),
     ({"port": 0}, "--port 0 is not a TCP port"),

@@ -4,6 +4,7 @@ and on Ctrl-C or SIGTERM take down what this command started."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import urllib.error
@@ -51,9 +52,7 @@ def serve_export(settings: ServeSettings) -> int:
             except ConnectionError as error:  # an OSError, which would be read as a bad path
                 if started_ray:
                     raise
-                raise BtDeployError(
-                    f"could not join the Ray cluster at {settings.address} ({error}): {JOIN_HINT}"
-                ) from None
+                raise _join_failure(settings.address or "", error) from None
         # Ours from here (a stop held through ray.init was raised as it returned).
         signal.signal(signal.SIGTERM, raise_terminated)
         say(f"Ray at {ray.get_runtime_context().gcs_address}")
@@ -86,6 +85,19 @@ def serve_export(settings: ServeSettings) -> int:
     finally:
         _shut_down(serve, ray, started_ray, collector, stopping)
     return 0
+
+
+def _join_failure(address: str, error: ConnectionError) -> BtDeployError:
+    """Ray's ConnectionError on joining, with what to try. A cluster that `ray start` began with
+    token authentication (its default where a token exists, ~/.ray/auth_token) answers an explicit
+    address only with RAY_AUTH_MODE=token set: Ray sends its token unasked to `auto` alone."""
+    hint = JOIN_HINT
+    if address != "auto" and "RAY_AUTH_MODE" not in os.environ:
+        hint += (
+            "; if the cluster uses token authentication, set RAY_AUTH_MODE=token (the token is read from"
+            " RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+        )
+    return BtDeployError(f"could not join the Ray cluster at {address} ({error}): {hint}")
 
 
 def _caused_by_a_stop(error: BaseException) -> bool:

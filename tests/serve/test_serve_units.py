@@ -324,6 +324,28 @@ def test_settings_refuse_a_cluster_address_that_cannot_be_joined(tiny_export: Pa
         check_settings(settings)
 
 
+@pytest.mark.parametrize(("address", "auth_mode", "names_token_auth"), [
+    ("10.0.0.7:6379", None, True),
+    ("10.0.0.7:6379", "token", False),  # set already: the token itself was refused, or something else
+    ("auto", None, False),  # Ray sends a token it finds to auto unasked
+])  # fmt: skip
+def test_a_failed_join_names_the_address_and_token_authentication(
+    monkeypatch: pytest.MonkeyPatch, address: str, auth_mode: str | None, names_token_auth: bool
+) -> None:
+    """Ray 2.60's `ray start` turns token authentication on where a token exists, and ray.init sends
+    it to an explicit address only with RAY_AUTH_MODE=token: joining failed with Ray's
+    'Failed to connect', read by the CLI as an OSError ('check the path')."""
+    from btdeploy.serve.server import _join_failure
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    if auth_mode is not None:
+        monkeypatch.setenv("RAY_AUTH_MODE", auth_mode)
+    message = str(_join_failure(address, ConnectionError("Failed to connect to Ray cluster at 10.0.0.7:6379")))
+    assert message.startswith(f"could not join the Ray cluster at {address} (Failed to connect"), message
+    assert "leave --address out to start Ray here" in message
+    assert ("set RAY_AUTH_MODE=token" in message) is names_token_auth, message
+
+
 def test_a_stop_while_joining_gets_through_rays_retries() -> None:
     """Ray's connection retries catch Exception: a SIGTERM raised as one was swallowed there, and
     `btdeploy serve --address` kept retrying for minutes after it."""

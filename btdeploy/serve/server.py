@@ -61,6 +61,7 @@ def serve_export(settings: ServeSettings) -> int:
         cpus = replica_cpus(settings, deployments, float(ray.cluster_resources().get("CPU", 0)))
         settings = replace(settings, replica_cpus=cpus, spin=replicas_spin(settings, deployments))
         serve.start(http_options={"host": settings.host, "port": settings.port})
+        _require_serve_http(_running_http(), settings)
         heads = ", ".join(folders)
         say(
             f"deploying {heads}"
@@ -85,6 +86,28 @@ def serve_export(settings: ServeSettings) -> int:
     finally:
         _shut_down(serve, ray, started_ray, collector, stopping)
     return 0
+
+
+def _running_http() -> tuple[str, int]:
+    """Where the cluster's Serve proxies listen: on a cluster where Serve already ran,
+    serve.start keeps its HTTP options and ignores ours."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    assert client is not None  # serve.start made or found it
+    return str(client.http_config.host), int(client.http_config.port)
+
+
+def _require_serve_http(running: tuple[str, int], settings: ServeSettings) -> None:
+    """The application answers where Serve already listens; --host and --port asking for another
+    place would have waited READY_TIMEOUT_S at the wrong address, then blamed the head."""
+    host, port = running
+    if port == settings.port and host in (settings.host, "0.0.0.0"):
+        return
+    raise BtDeployError(
+        f"Serve already runs on this Ray cluster and listens on {host}:{port} (a running Serve keeps its HTTP"
+        f" options): pass --host {host} --port {port}, or stop Serve on the cluster first (`serve shutdown`)"
+    )
 
 
 def _join_failure(address: str, error: ConnectionError) -> BtDeployError:
@@ -166,17 +189,16 @@ def _wait_ready(url: str, heads: list[str]) -> None:
 def _shut_down(serve: Any, ray: Any, started_ray: bool, collector: Any, stopping: bool) -> None:
     from btdeploy.serve.app import APP_NAME
 
-    if not ray.is_initialized():  # ray.init failed or was stopped: nothing started, and Serve would start Ray to look
-        if stopping:
-            say("stopped")
-        return
-    try:
-        if started_ray:
-            serve.shutdown()  # Serve is ours: its controller and proxies go with it
-        else:
-            serve.delete(APP_NAME)  # a shared cluster keeps Serve running for its other applications
-            if collector is not None:
-                ray.kill(collector)
-    finally:
-        ray.shutdown()  # stops the processes this command started
-    say("stopped")
+    # "stopped" answers the "stopping" of a stop; after a failure the error is the last line
+    if ray.is_initialized():  # else ray.init failed or was stopped: nothing started, and Serve would start Ray to look
+        try:
+            if started_ray:
+                serve.shutdown()  # Serve is ours: its controller and proxies go with it
+            else:
+                serve.delete(APP_NAME)  # a shared cluster keeps Serve running for its other applications
+                if collector is not None:
+                    ray.kill(collector)
+        finally:
+            ray.shutdown()  # stops the processes this command started
+    if stopping:
+        say("stopped")

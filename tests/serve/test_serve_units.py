@@ -346,6 +346,29 @@ def test_a_failed_join_names_the_address_and_token_authentication(
     assert ("set RAY_AUTH_MODE=token" in message) is names_token_auth, message
 
 
+@pytest.mark.parametrize(("running", "asked", "refused"), [
+    (("127.0.0.1", 8000), ("127.0.0.1", 8000), False),
+    (("0.0.0.0", 8000), ("127.0.0.1", 8000), False),  # listens on every address, loopback too
+    (("127.0.0.1", 8000), ("127.0.0.1", 8124), True),
+    (("10.0.0.7", 8000), ("127.0.0.1", 8000), True),
+])  # fmt: skip
+def test_joining_refuses_an_http_place_serve_does_not_listen_on(
+    running: tuple[str, int], asked: tuple[str, int], refused: bool
+) -> None:
+    """A cluster's running Serve keeps its HTTP options: `--port 8124` had waited 300 s at a port
+    nothing listened on, then said the head 'did not become ready'."""
+    from btdeploy.serve.server import _require_serve_http
+
+    settings = ServeSettings(export_dir=".", host=asked[0], port=asked[1])
+    if not refused:
+        _require_serve_http(running, settings)
+        return
+    expected = f"Serve already runs on this Ray cluster and listens on {running[0]}:{running[1]}"
+    with pytest.raises(BtDeployError, match=re.escape(expected)) as error:
+        _require_serve_http(running, settings)
+    assert f"pass --host {running[0]} --port {running[1]}" in str(error.value)
+
+
 def test_a_stop_while_joining_gets_through_rays_retries() -> None:
     """Ray's connection retries catch Exception: a SIGTERM raised as one was swallowed there, and
     `btdeploy serve --address` kept retrying for minutes after it."""

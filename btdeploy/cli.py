@@ -328,9 +328,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from btdeploy.progress import say
     from btdeploy.serve.server import serve_export
     from btdeploy.serve.settings import ServeSettings
 
+    if args.address is None and os.environ.get("RAY_ADDRESS"):  # as Ray's own tools do; said, or it would surprise
+        say(f"--address {os.environ['RAY_ADDRESS']} from RAY_ADDRESS")
     settings = ServeSettings(
         export_dir=args.dir,
         heads=tuple(_chosen_heads(args) or ()),
@@ -343,7 +346,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_replicas=args.max_replicas,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
-        address=args.address,
+        address=args.address or os.environ.get("RAY_ADDRESS") or None,
         replica_cpus=args.replica_cpus,
         threads=args.threads,
         spin=args.spin,
@@ -597,7 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=16, help="requests merged into one batch (1: batching off)")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     serve.add_argument(
-        "--address", default=None, help="join this Ray cluster (auto, or HOST:PORT) instead of starting one"
+        "--address",
+        default=None,
+        help="join this Ray cluster (auto, or HOST:PORT) instead of starting one (default: $RAY_ADDRESS where set)",
     )
     serve.add_argument(
         "--replica-cpus", type=float, default=None, help="CPUs Ray reserves per replica (default: shared out)"

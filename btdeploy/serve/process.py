@@ -27,7 +27,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerProcess:
     """`with ServerProcess(export, ["--max-batch", "16"]) as server: server.url`"""
 
-    def __init__(self, export: Path, arguments: list[str], ready_timeout_s: float = 300) -> None:
+    def __init__(
+        self, export: Path, arguments: list[str], ready_timeout_s: float = 300, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.command = [
             sys.executable,
@@ -40,13 +42,16 @@ class ServerProcess:
             *arguments,
         ]
         self.ready_timeout_s = ready_timeout_s
+        self.env = env  # None: this process's
         self.log = Path(tempfile.mkstemp(prefix="btdeploy-serve-", suffix=".log")[1])
         self.url = ""
         self.process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> ServerProcess:
         with open(self.log, "w") as stderr:
-            self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            self.process = subprocess.Popen(
+                self.command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=self.env
+            )
         assert self.process.stdout is not None
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline and self.process.poll() is None:

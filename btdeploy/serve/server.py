@@ -43,7 +43,9 @@ def serve_export(settings: ServeSettings) -> int:
         with _stops_held_through(ray, hold=started_ray):
             try:
                 ray.init(
-                    address=settings.address,
+                    # "local": a new Ray of our own. Left out, ray.init joins the cluster `ray start` began
+                    # on this machine, whose Serve, and every application on it, our shutdown then stopped.
+                    address=settings.address or "local",
                     namespace=NAMESPACE,
                     include_dashboard=False,
                     log_to_driver=False,

@@ -369,6 +369,38 @@ def test_joining_refuses_an_http_place_serve_does_not_listen_on(
     assert f"pass --host {running[0]} --port {running[1]}" in str(error.value)
 
 
+@pytest.mark.parametrize(("address", "asked"), [(None, "local"), ("10.0.0.7:6379", "10.0.0.7:6379")])
+def test_serve_starts_a_ray_of_its_own_unless_asked_to_join(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, address: str | None, asked: str
+) -> None:
+    """Left without an address, ray.init joins a cluster that `ray start` began on this machine:
+    the command, believing it had started Ray, then stopped that cluster's Serve and every
+    application on it. ("local" starts a new Ray even beside a running one.)"""
+    from types import SimpleNamespace
+
+    from btdeploy.serve import settings as settings_module
+    from btdeploy.serve.process import free_port
+    from btdeploy.serve.server import serve_export
+
+    addresses = []
+
+    def init(address: str | None = None, **options: object) -> None:
+        addresses.append(address)
+        raise KeyboardInterrupt  # a stop: nothing past ray.init is needed here
+
+    ray = SimpleNamespace(init=init, is_initialized=lambda: False, serve=SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setitem(sys.modules, "ray.serve", ray.serve)
+    app = SimpleNamespace(
+        APP_NAME="btdeploy", NAMESPACE="btdeploy", RANK_HEAD="itm", build_application=None, collector=None
+    )
+    monkeypatch.setitem(sys.modules, "btdeploy.serve.app", app)  # it imports Ray Serve
+    monkeypatch.setattr(settings_module, "_check_cluster_answers", lambda address: None)
+    settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=address, port=free_port())
+    assert serve_export(settings) == 0
+    assert addresses == [asked]
+
+
 def test_a_stop_while_joining_gets_through_rays_retries() -> None:
     """Ray's connection retries catch Exception: a SIGTERM raised as one was swallowed there, and
     `btdeploy serve --address` kept retrying for minutes after it."""

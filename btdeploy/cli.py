@@ -332,8 +332,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from btdeploy.serve.server import serve_export
     from btdeploy.serve.settings import ServeSettings
 
-    if args.address is None and os.environ.get("RAY_ADDRESS"):  # as Ray's own tools do; said, or it would surprise
-        say(f"--address {os.environ['RAY_ADDRESS']} from RAY_ADDRESS")
+    address = args.address or os.environ.get("RAY_ADDRESS") or None  # as Ray's own tools read it
+    if address and not args.address:  # said, or joining a cluster would surprise
+        say(f"--address {address} from RAY_ADDRESS")
     settings = ServeSettings(
         export_dir=args.dir,
         heads=tuple(_chosen_heads(args) or ()),
@@ -346,7 +347,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_replicas=args.max_replicas,
         max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms,
-        address=args.address or os.environ.get("RAY_ADDRESS") or None,
+        address=address,
         replica_cpus=args.replica_cpus,
         threads=args.threads,
         spin=args.spin,

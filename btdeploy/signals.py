@@ -19,6 +19,11 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C (staged folders, the bench's finished cases) does the same for it."""
 
 
+def stop_for(signum: int) -> KeyboardInterrupt:
+    """What a stop signal raises where btdeploy raises it itself: Terminated for SIGTERM, else Ctrl-C's."""
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def raise_terminated(_signum: int, _frame: FrameType | None) -> None:
     """SIGTERM's handler wherever btdeploy takes it: raise `Terminated`."""
     raise Terminated

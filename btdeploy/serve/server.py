@@ -17,7 +17,7 @@ from typing import Any
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import say
 from btdeploy.serve.settings import JOIN_HINT, ServeSettings, check_settings, replica_cpus, replicas_spin
-from btdeploy.signals import STOP_SIGNALS, Terminated, raise_terminated, restore_handler
+from btdeploy.signals import STOP_SIGNALS, raise_terminated, restore_handler, stop_for
 
 READY_TIMEOUT_S = 300
 
@@ -52,9 +52,9 @@ def serve_export(settings: ServeSettings) -> int:
                     configure_logging=False,
                 )
             except ConnectionError as error:  # an OSError, which would be read as a bad path
-                if started_ray:
+                if settings.address is None:
                     raise
-                raise _join_failure(settings.address or "", error) from None
+                raise _join_failure(settings.address, error) from None
         # Ours from here (a stop held through ray.init was raised as it returned).
         signal.signal(signal.SIGTERM, raise_terminated)
         say(f"Ray at {ray.get_runtime_context().gcs_address}")
@@ -154,7 +154,7 @@ def _stops_held_through(ray: Any, hold: bool) -> Iterator[None]:
         # A KeyboardInterrupt, never an Exception: Ray's connection retries catch Exception, and
         # a stop raised as one was swallowed there while ray.init kept retrying for minutes.
         if held or not hold:
-            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+            raise stop_for(signum)
         held.append(signum)
         say("stopping once Ray has started (its processes are being started); a second stop ends at once")
 
@@ -169,7 +169,7 @@ def _stops_held_through(ray: Any, hold: bool) -> Iterator[None]:
         for signum, handler in previous.items():
             restore_handler(signum, handler)
     if held:
-        raise Terminated() if held[0] == signal.SIGTERM else KeyboardInterrupt()
+        raise stop_for(held[0])
 
 
 def _wait_ready(url: str, heads: list[str]) -> None:

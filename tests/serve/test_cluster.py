@@ -24,12 +24,17 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat after the command, which may hold spaces: state, parent's pid, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def _descendants(pid: int) -> list[int]:
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:  # the parent's pid is the field after the command, which may hold spaces
-                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            try:
+                parent = int(_stat(entry.name)[1])
             except (OSError, ValueError, IndexError):
                 continue
             parents.setdefault(parent, []).append(int(entry.name))
@@ -43,7 +48,7 @@ def _descendants(pid: int) -> list[int]:
 
 def _running(pid: int) -> bool:
     try:  # a process that has exited stays a zombie until its parent, or init, reaps it
-        return (Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]) != "Z"
+        return _stat(pid)[0] != "Z"
     except (OSError, IndexError):
         return False
 

@@ -55,6 +55,10 @@ def serve_export(settings: ServeSettings) -> int:
                 if settings.address is None:
                     raise
                 raise _join_failure(settings.address, error) from None
+            except ray.exceptions.AuthenticationError as error:
+                if settings.address is None:
+                    raise
+                raise _token_missing(settings.address, error) from None
         # Ours from here (a stop held through ray.init was raised as it returned).
         signal.signal(signal.SIGTERM, raise_terminated)
         say(f"Ray at {ray.get_runtime_context().gcs_address}")
@@ -123,6 +127,16 @@ def _join_failure(address: str, error: ConnectionError) -> BtDeployError:
             " RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
         )
     return BtDeployError(f"could not join the Ray cluster at {address} ({error}): {hint}")
+
+
+def _token_missing(address: str, error: Exception) -> BtDeployError:
+    """RAY_AUTH_MODE=token with no token to send: Ray raises before it tries the address."""
+    first_sentence = str(error).split(". ")[0]
+    return BtDeployError(
+        f"could not join the Ray cluster at {address} ({first_sentence}): put the cluster's token in"
+        " RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token (`ray get-auth-token`"
+        " prints it on the head node), or unset RAY_AUTH_MODE where the cluster runs without token authentication"
+    )
 
 
 def _caused_by_a_stop(error: BaseException) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,9 +133,9 @@ JOIN_CHECK_TIMEOUT_S = 5.0
 
 
 def _check_cluster_answers(address: str) -> None:
-    """Something listens at --address before ray.init is asked to join it: Ray retries an address
-    that does not answer for about 14 minutes (20 attempts of about 40 s, in compiled code that a stop
-    waits out)."""
+    """A Ray cluster answers at --address before ray.init is asked to join it: Ray retries an address
+    where nothing listens, or where something that is not Ray does (its dashboard, Serve's HTTP port),
+    for about 14 minutes (20 attempts of about 40 s, in compiled code that a stop waits out)."""
     if address == "auto":  # Ray finds the cluster started on this machine, or says there is none
         return
     if address == "local":
@@ -144,10 +145,50 @@ def _check_cluster_answers(address: str) -> None:
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise BtDeployError(f"--address {address} is not HOST:PORT or auto: {JOIN_HINT}")
     try:
-        socket.create_connection((host, int(port)), timeout=JOIN_CHECK_TIMEOUT_S).close()
+        with socket.create_connection((host, int(port)), timeout=JOIN_CHECK_TIMEOUT_S) as connection:
+            if _ray_uses_tls():  # the GCS speaks TLS: a plain HTTP/2 greeting would be refused
+                return
+            answer = _http2_greeting(connection)
     except OSError as error:
         reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or str(error))
         raise BtDeployError(f"no Ray cluster answers at {address} ({reason}): {JOIN_HINT}") from None
+    if not _is_http2_settings(answer):
+        first_line = answer.decode("ascii", "replace").strip().splitlines()[0][:60] if answer.strip() else ""
+        said = f"it answered {first_line!r}" if first_line else f"it said nothing in {JOIN_CHECK_TIMEOUT_S:g} s"
+        raise BtDeployError(
+            f"something listens at {address} but it is not a Ray cluster ({said}, where Ray speaks gRPC; "
+            f"Ray's dashboard and Serve's HTTP port are not the address to join): {JOIN_HINT}"
+        )
+
+
+# What an HTTP/2 client sends first: the connection preface and an empty SETTINGS frame (RFC 9113, 3.4).
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS = 4  # frame type
+
+
+def _http2_greeting(connection: socket.socket) -> bytes:
+    """What the server at the other end says to an HTTP/2 client: Ray's GCS and its client server are
+    gRPC servers, which answer with a SETTINGS frame. Empty when it says nothing within the timeout."""
+    connection.sendall(HTTP2_PREFACE)
+    answer = b""
+    try:
+        while len(answer) < 9:
+            chunk = connection.recv(64)
+            if not chunk:
+                break
+            answer += chunk
+    except TimeoutError:
+        pass
+    return answer
+
+
+def _is_http2_settings(answer: bytes) -> bool:
+    # A frame header: 24-bit length, type, flags, stream id 0 (SETTINGS belong to the connection).
+    return len(answer) >= 9 and answer[3] == HTTP2_SETTINGS and answer[5:9] == bytes(4)
+
+
+def _ray_uses_tls() -> bool:
+    return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
 
 
 def _check_port(host: str, port: int) -> None:

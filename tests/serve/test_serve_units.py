@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -324,6 +325,74 @@ def test_settings_refuse_a_cluster_address_that_cannot_be_joined(tiny_export: Pa
         check_settings(settings)
 
 
+class _Listener:
+    """A TCP server on a free loopback port that answers each connection with `reply` (None: says nothing)."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.reply = reply
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            self.held.append(connection)
+            if self.reply is not None:
+                connection.recv(64)
+                connection.sendall(self.reply)
+
+    def close(self) -> None:
+        self.server.close()
+        for connection in self.held:
+            connection.close()
+
+
+@pytest.mark.parametrize(("reply", "said"), [
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "it answered 'HTTP/1.1 400 Bad Request'"),
+    (None, "it said nothing in 0.3 s"),
+])  # fmt: skip
+def test_settings_refuse_an_address_where_something_else_than_ray_listens(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, reply: bytes | None, said: str
+) -> None:
+    """Ray's dashboard or Serve's HTTP port given as --address: Ray retried it for 13 min 40 s, then
+    blamed token authentication."""
+    from btdeploy.serve import settings as settings_module
+
+    monkeypatch.setattr(settings_module, "JOIN_CHECK_TIMEOUT_S", 0.3)
+    listener = _Listener(reply)
+    try:
+        settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=f"127.0.0.1:{listener.port}")
+        with pytest.raises(BtDeployError) as error:
+            check_settings(settings)
+    finally:
+        listener.close()
+    message = str(error.value)
+    expected = f"something listens at 127.0.0.1:{listener.port} but it is not a Ray cluster ({said}"
+    assert message.startswith(expected), message
+    assert "give the head node's HOST:PORT" in message
+
+
+def test_settings_take_an_address_where_a_grpc_server_listens(tiny_export: Path) -> None:
+    """Ray's GCS and its client server are gRPC servers: one without any service passes the check."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+            check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=address))
+    finally:
+        server.stop(grace=None)
+
+
 @pytest.mark.parametrize(("address", "auth_mode", "names_token_auth"), [
     ("10.0.0.7:6379", None, True),
     ("10.0.0.7:6379", "token", False),  # set already: the token itself was refused, or something else
@@ -369,26 +438,19 @@ def test_joining_refuses_an_http_place_serve_does_not_listen_on(
     assert f"pass --host {running[0]} --port {running[1]}" in str(error.value)
 
 
-@pytest.mark.parametrize(("address", "asked"), [(None, "local"), ("10.0.0.7:6379", "10.0.0.7:6379")])
-def test_serve_starts_a_ray_of_its_own_unless_asked_to_join(
-    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, address: str | None, asked: str
-) -> None:
-    """Left without an address, ray.init joins a cluster that `ray start` began on this machine:
-    the command, believing it had started Ray, then stopped that cluster's Serve and every
-    application on it. ("local" starts a new Ray even beside a running one.)"""
+class _AuthenticationError(Exception):  # stands for ray.exceptions.AuthenticationError
+    pass
+
+
+def _serve_with_fake_ray(monkeypatch: pytest.MonkeyPatch, settings: ServeSettings, init: Any) -> int:
+    """serve_export with a stand-in for Ray whose ray.init is `init`, and the address check off."""
     from types import SimpleNamespace
 
     from btdeploy.serve import settings as settings_module
-    from btdeploy.serve.process import free_port
     from btdeploy.serve.server import serve_export
 
-    addresses = []
-
-    def init(address: str | None = None, **options: object) -> None:
-        addresses.append(address)
-        raise KeyboardInterrupt  # a stop: nothing past ray.init is needed here
-
-    ray = SimpleNamespace(init=init, is_initialized=lambda: False, serve=SimpleNamespace())
+    exceptions = SimpleNamespace(AuthenticationError=_AuthenticationError)
+    ray = SimpleNamespace(init=init, is_initialized=lambda: False, serve=SimpleNamespace(), exceptions=exceptions)
     monkeypatch.setitem(sys.modules, "ray", ray)
     monkeypatch.setitem(sys.modules, "ray.serve", ray.serve)
     app = SimpleNamespace(
@@ -396,9 +458,50 @@ def test_serve_starts_a_ray_of_its_own_unless_asked_to_join(
     )
     monkeypatch.setitem(sys.modules, "btdeploy.serve.app", app)  # it imports Ray Serve
     monkeypatch.setattr(settings_module, "_check_cluster_answers", lambda address: None)
+    return serve_export(settings)
+
+
+@pytest.mark.parametrize(("address", "asked"), [(None, "local"), ("10.0.0.7:6379", "10.0.0.7:6379")])
+def test_serve_starts_a_ray_of_its_own_unless_asked_to_join(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, address: str | None, asked: str
+) -> None:
+    """Left without an address, ray.init joins a cluster that `ray start` began on this machine:
+    the command, believing it had started Ray, then stopped that cluster's Serve and every
+    application on it. ("local" starts a new Ray even beside a running one.)"""
+    from btdeploy.serve.process import free_port
+
+    addresses = []
+
+    def init(address: str | None = None, **options: object) -> None:
+        addresses.append(address)
+        raise KeyboardInterrupt  # a stop: nothing past ray.init is needed here
+
     settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=address, port=free_port())
-    assert serve_export(settings) == 0
+    assert _serve_with_fake_ray(monkeypatch, settings, init) == 0
     assert addresses == [asked]
+
+
+def test_joining_with_token_authentication_and_no_token_says_where_the_token_goes(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RAY_AUTH_MODE=token where no token file exists: ray.init raised Ray's AuthenticationError,
+    which the CLI printed as a traceback."""
+    from btdeploy.serve.process import free_port
+
+    def init(address: str | None = None, **options: object) -> None:
+        raise _AuthenticationError(
+            "Token authentication is enabled but no authentication token was found. Ensure that ..."
+        )
+
+    settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), address="10.0.0.7:6379", port=free_port())
+    with pytest.raises(BtDeployError) as error:
+        _serve_with_fake_ray(monkeypatch, settings, init)
+    message = str(error.value)
+    assert message.startswith(
+        "could not join the Ray cluster at 10.0.0.7:6379 (Token authentication is enabled but no"
+        " authentication token was found): put the cluster's token in RAY_AUTH_TOKEN"
+    ), message
+    assert "unset RAY_AUTH_MODE" in message
 
 
 def test_a_stop_while_joining_gets_through_rays_retries() -> None:

@@ -121,6 +121,13 @@ def _join_failure(address: str, error: ConnectionError) -> BtDeployError:
     token authentication (its default where a token exists, ~/.ray/auth_token) answers an explicit
     address only with RAY_AUTH_MODE=token set: Ray sends its token unasked to `auto` alone."""
     hint = JOIN_HINT
+    if address.startswith("ray://"):  # Ray Client: given the GCS port it times out after about 30 s
+        hint += "; a ray:// address takes the Ray Client server's port (10001 unless `ray start` was told otherwise)"
+    elif address != "auto":  # given the Ray Client port, the GCS calls fail as unknown methods
+        hint += (
+            "; HOST:PORT is the head's GCS port (6379 unless `ray start` was told otherwise),"
+            " ray://HOST:PORT the Ray Client's"
+        )
     if address != "auto" and "RAY_AUTH_MODE" not in os.environ:
         hint += (
             "; if the cluster uses token authentication, set RAY_AUTH_MODE=token (the token is read from"

@@ -397,6 +397,7 @@ def test_settings_take_an_address_where_a_grpc_server_listens(tiny_export: Path)
     ("10.0.0.7:6379", None, True),
     ("10.0.0.7:6379", "token", False),  # set already: the token itself was refused, or something else
     ("auto", None, False),  # Ray sends a token it finds to auto unasked
+    ("ray://10.0.0.7:6379", "token", False),
 ])  # fmt: skip
 def test_a_failed_join_names_the_address_and_token_authentication(
     monkeypatch: pytest.MonkeyPatch, address: str, auth_mode: str | None, names_token_auth: bool
@@ -413,6 +414,9 @@ def test_a_failed_join_names_the_address_and_token_authentication(
     assert message.startswith(f"could not join the Ray cluster at {address} (Failed to connect"), message
     assert "leave --address out to start Ray here" in message
     assert ("set RAY_AUTH_MODE=token" in message) is names_token_auth, message
+    # The GCS port given with ray://, or the Ray Client's without it: which port each form takes.
+    assert ("a ray:// address takes the Ray Client server's port" in message) is address.startswith("ray://")
+    assert ("HOST:PORT is the head's GCS port" in message) is (address == "10.0.0.7:6379"), message
 
 
 @pytest.mark.parametrize(("running", "asked", "refused"), [

@@ -6,13 +6,17 @@ threads: loading heads from a thread pool failed with `ImportError: cannot impor
 (backends/openvino.py), which two threads at once would undo for each other. Every import of
 transformers in btdeploy, and that one of OpenVINO, runs inside `serial_imports()`
 (tests/test_architecture.py holds transformers to it); once a module is in, the lock costs next
-to nothing."""
+to nothing. And what installs each optional extra (pyproject.toml), for every message that needs one."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+INSTALL_SERVE = "pip install 'btdeploy[serve]'"  # Ray Serve and tritonclient: serve, triton-repo
+INSTALL_PEERS = "pip install 'btdeploy[peers]'"  # OpenVINO: the peer in bench and check
+INSTALL_BENCH = "pip install 'btdeploy[bench]'"  # matplotlib: the plots
 
 _LOCK = threading.RLock()  # re-entrant: an import inside may reach another helper that takes it
 

@@ -15,6 +15,7 @@ from btdeploy.backends.provider_probe import start_problem
 from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.backends.tensorrt.environment import INSTALL_TENSORRT, WHERE
 from btdeploy.cpu import EXACT_INTEGER_SUMS, NATIVE_BF16, describe_cpu, exact_integer_sums, native_bf16
+from btdeploy.imports import INSTALL_PEERS, INSTALL_SERVE
 from btdeploy.model.checkpoints import cache_dir, cache_problem, cached_checkpoints
 
 
@@ -122,6 +123,11 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
         lines.append(
             "  export, optimize, check and bench on ONNX Runtime CPU: yes; quantize: no (needs nvidia-modelopt)"
         )
+    ray, tritonclient = package_version("ray"), package_version("tritonclient")
+    serving = f"yes (Ray {ray}, tritonclient {tritonclient})" if ray and tritonclient else f"no -> {INSTALL_SERVE}"
+    lines.append(f"  serve and triton-repo: {serving}")
+    peers = package_version("openvino")
+    lines.append(f"  OpenVINO, the peer in bench and check: {f'yes ({peers})' if peers else 'no -> ' + INSTALL_PEERS}")
     bf16 = native_bf16()
     bf16_line = "  bf16 on the CPU (the PyTorch reference, OpenVINO):"
     lines.append(

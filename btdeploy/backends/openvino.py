@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.errors import BtDeployError
-from btdeploy.imports import serial_imports
+from btdeploy.imports import INSTALL_PEERS, serial_imports
 
 TELEMETRY_MODULE = "openvino_telemetry"
 
@@ -44,7 +44,7 @@ def openvino_problem() -> str | None:
     try:
         import_openvino()
     except ImportError:
-        return "OpenVINO is not installed: pip install 'btdeploy[peers]'"
+        return f"OpenVINO is not installed: {INSTALL_PEERS}"
     return None
 
 

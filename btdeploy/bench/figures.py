@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from btdeploy.artifacts.files import write_bytes
+from btdeploy.imports import INSTALL_BENCH
 from btdeploy.progress import warn
 
 
@@ -15,7 +16,7 @@ def pyplot(what: str) -> Any | None:
     try:
         import matplotlib
     except ImportError:
-        warn(f"matplotlib is not installed: no {what} (pip install 'btdeploy[bench]')")
+        warn(f"matplotlib is not installed: no {what} ({INSTALL_BENCH})")
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

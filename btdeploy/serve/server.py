@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from btdeploy.errors import BtDeployError
+from btdeploy.imports import INSTALL_SERVE
 from btdeploy.progress import say
 from btdeploy.serve.settings import JOIN_HINT, ServeSettings, check_settings, replica_cpus, replicas_spin
 from btdeploy.signals import STOP_SIGNALS, raise_terminated, restore_handler, stop_for
@@ -25,9 +26,7 @@ READY_TIMEOUT_S = 300
 def serve_export(settings: ServeSettings) -> int:
     manifests = check_settings(settings)
     folders = {name: str(manifest.folder) for name, manifest in manifests.items()}
-    import ray
-    from ray import serve
-
+    ray, serve = _import_ray_serve()
     from btdeploy.serve.app import APP_NAME, NAMESPACE, RANK_HEAD, build_application
     from btdeploy.serve.app import collector as app_collector
 
@@ -134,6 +133,18 @@ def _join_failure(address: str, error: ConnectionError) -> BtDeployError:
             " RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
         )
     return BtDeployError(f"could not join the Ray cluster at {address} ({error}): {hint}")
+
+
+def _import_ray_serve() -> tuple[Any, Any]:
+    """Ray and Ray Serve, which only the `serve` extra installs."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError as error:  # ray missing, or installed without Serve's own dependencies
+        raise BtDeployError(
+            f"btdeploy serve needs Ray Serve, which is not installed here ({error}): {INSTALL_SERVE}"
+        ) from None
+    return ray, serve
 
 
 def _token_missing(address: str, error: Exception) -> BtDeployError:

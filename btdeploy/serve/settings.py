@@ -159,6 +159,56 @@ def _check_cluster_answers(address: str) -> None:
             f"something listens at {address} but it is not a Ray cluster ({said}, where Ray speaks gRPC; "
             f"Ray's dashboard and Serve's HTTP port are not the address to join): {JOIN_HINT}"
         )
+    _check_ray_services(address, f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+
+
+# The first call each kind of client makes: ray.init asks a HOST:PORT (the head's GCS) for the
+# cluster's id, a ray:// client pings the Ray Client server.
+GCS_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+RAY_CLIENT_METHOD = "/ray.rpc.RayletDriver/ClusterInfo"
+
+
+def _check_ray_services(address: str, target: str) -> None:
+    """The gRPC server at --address has the service its form needs. Given the other one's port, or a
+    gRPC server that is not Ray, ray.init answered after 20-35 s with 'Failed to connect' alone."""
+    try:
+        import grpc  # noqa: F401  (Ray's own dependency)
+    except ImportError:  # no Ray either: serve_export says what to install
+        return
+    through_client = address.startswith("ray://")
+    needed, other = (RAY_CLIENT_METHOD, GCS_METHOD) if through_client else (GCS_METHOD, RAY_CLIENT_METHOD)
+    if _serves(target, needed):
+        return
+    if not _serves(target, other):
+        raise BtDeployError(
+            f"something listens at {address} but it is not a Ray cluster (a gRPC server without Ray's services): "
+            f"{JOIN_HINT}"
+        )
+    if through_client:
+        raise BtDeployError(
+            f"{target} is the head's GCS port, which a ray:// address does not take: give --address {target}"
+            " without ray://, or give ray:// the Ray Client server's port (10001 unless `ray start` was told"
+            " otherwise)"
+        )
+    raise BtDeployError(
+        f"{address} is the Ray Client server's port, not the head's GCS port: give --address ray://{address},"
+        " or the GCS port (6379 unless `ray start` was told otherwise)"
+    )
+
+
+def _serves(target: str, method: str) -> bool:
+    """Whether the gRPC server at `target` has `method`. Only 'unimplemented' says no: any other answer
+    (a refused token, a ping answered 'not found' for want of a session) comes from a server that has it.
+    The request is a ping for the Ray Client and empty for the GCS (all fields left at their defaults)."""
+    import grpc
+
+    request = b"\x08\x06" if method == RAY_CLIENT_METHOD else b""  # ClusterInfoRequest: field 1 (type) = 6, PING
+    with grpc.insecure_channel(target) as channel:
+        try:
+            channel.unary_unary(method)(request, timeout=JOIN_CHECK_TIMEOUT_S)
+        except grpc.RpcError as error:
+            return error.code() != grpc.StatusCode.UNIMPLEMENTED
+    return True
 
 
 # What an HTTP/2 client sends first: the connection preface and an empty SETTINGS frame (RFC 9113, 3.4).

@@ -12,18 +12,26 @@ import onnx
 
 from btdeploy.artifacts.onnx_files import absent_weight_files
 from btdeploy.errors import BtDeployError
+from btdeploy.imports import INSTALL_SERVE
 from btdeploy.serve.triton_config import TRITON_TYPES
+
+
+def model_config_schema() -> Any:
+    """Triton's ModelConfig message class, from tritonclient (the serve extra)."""
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise BtDeployError(f"checking a Triton repository needs tritonclient: {INSTALL_SERVE}") from None
+    return model_config_pb2.ModelConfig
 
 
 def parse_config(text: str) -> Any:
     """A ModelConfig message, or ValueError with the parser's reason."""
+    from google.protobuf import text_format
+
+    schema = model_config_schema()
     try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError:
-        raise BtDeployError("checking a Triton repository needs tritonclient: pip install 'btdeploy[serve]'") from None
-    try:
-        return text_format.Parse(text, model_config_pb2.ModelConfig())
+        return text_format.Parse(text, schema())
     except text_format.ParseError as error:
         raise ValueError(str(error)) from None
 

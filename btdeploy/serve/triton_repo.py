@@ -26,7 +26,7 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
 from btdeploy.model.media import require_processor
 from btdeploy.progress import say
-from btdeploy.serve.triton_check import check_repository, graph_io
+from btdeploy.serve.triton_check import check_repository, graph_io, model_config_schema
 from btdeploy.serve.triton_config import parameters, tensor_entry, to_pbtxt
 
 PREPROCESS = "preprocess"
@@ -182,6 +182,7 @@ def write_repository(
     """Write and check the repository; returns its folder."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BtDeployError(f"{out} exists and is not an empty folder: choose a new --out")
+    model_config_schema()  # the check at the end needs it: said before any graph is copied
     manifests = [read_manifest(folder) for folder in head_folders(export_dir, heads)]
     # The preprocess model tokenizes and resizes for every head with the first head's processor.
     require_processor(manifests[0])

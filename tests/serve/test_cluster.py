@@ -1,19 +1,25 @@
 """`btdeploy serve` joining a Ray cluster that `ray start` began on this machine: it serves, and on
 its stop leaves the cluster and the cluster's Serve running. (Without --address it starts a Ray of
-its own beside such a cluster: tests/serve/test_serve_units.py checks what it asks ray.init.)"""
+its own beside such a cluster: tests/serve/test_serve_units.py checks what it asks ray.init.) Before
+it joins, the cluster's own GCS and Ray Client server tell the two address forms apart."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from btdeploy.errors import BtDeployError
 from btdeploy.serve.process import ServerProcess, free_port
+from btdeploy.serve.settings import ServeSettings, check_settings
 
 
 def _answers(url: str) -> bool:
@@ -73,10 +79,11 @@ def _stop_tree(head: subprocess.Popen[bytes]) -> None:
 def test_serve_joins_a_cluster_and_leaves_it_running(tiny_export: Path, tmp_path: Path) -> None:
     # Token authentication off: not whichever token an earlier Ray on this machine left in ~/.ray.
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
-    gcs_port = free_port()
+    gcs_port, client_port = free_port(), free_port()
     start_log = tmp_path / "ray-start.log"
     ray_start = [sys.executable, "-c", "from ray.scripts.scripts import main; main()", "start", "--head", "--block"]
     options = [f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--num-cpus=2"]
+    options.append(f"--ray-client-server-port={client_port}")
     with open(start_log, "w") as out:
         head = subprocess.Popen([*ray_start, *options, "--disable-usage-stats"], stdout=out, stderr=out, env=env)
     try:
@@ -85,6 +92,7 @@ def test_serve_joins_a_cluster_and_leaves_it_running(tiny_export: Path, tmp_path
             assert head.poll() is None and time.monotonic() < deadline, start_log.read_text()
             time.sleep(0.2)
 
+        _each_address_form_takes_its_own_port(tiny_export, gcs_port, client_port)
         joined = ServerProcess(tiny_export, ["--heads", "itm", "--address", f"127.0.0.1:{gcs_port}"], env=env)
         with joined:
             assert _answers(f"{joined.url}/v2/models/itm/ready")
@@ -94,3 +102,28 @@ def test_serve_joins_a_cluster_and_leaves_it_running(tiny_export: Path, tmp_path
         assert _answers(f"{joined.url}/-/healthz")
     finally:
         _stop_tree(head)
+
+
+def _each_address_form_takes_its_own_port(export: Path, gcs_port: int, client_port: int) -> None:
+    """Ray's own services, asked before ray.init: HOST:PORT takes the GCS port and ray:// the Ray
+    Client server's; each given the other's, ray.init said 'Failed to connect' alone after 20-35 s."""
+    deadline = time.monotonic() + 60  # the Ray Client server may start listening after the runtime says it started
+    while not _listens(client_port):
+        assert time.monotonic() < deadline, f"nothing listens on the Ray Client port {client_port}"
+        time.sleep(0.2)
+
+    def settings(address: str) -> ServeSettings:
+        return ServeSettings(export_dir=str(export), heads=("itm",), address=address)
+
+    check_settings(settings(f"127.0.0.1:{gcs_port}"))
+    check_settings(settings(f"ray://127.0.0.1:{client_port}"))
+    with pytest.raises(BtDeployError, match=f"127.0.0.1:{client_port} is the Ray Client server's port"):
+        check_settings(settings(f"127.0.0.1:{client_port}"))
+    with pytest.raises(BtDeployError, match=f"127.0.0.1:{gcs_port} is the head's GCS port"):
+        check_settings(settings(f"ray://127.0.0.1:{gcs_port}"))
+
+
+def _listens(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False

@@ -377,18 +377,63 @@ def test_settings_refuse_an_address_where_something_else_than_ray_listens(
     assert "give the head node's HOST:PORT" in message
 
 
-def test_settings_take_an_address_where_a_grpc_server_listens(tiny_export: Path) -> None:
-    """Ray's GCS and its client server are gRPC servers: one without any service passes the check."""
+def _grpc_server(answers: dict[str, str | None]) -> tuple[Any, int]:
+    """A gRPC server on a free loopback port with only these methods: each answers an empty reply, or
+    refuses with the status named (as Ray's services refuse a call without the cluster's token)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    class Methods(grpc.GenericRpcHandler):
+        def service(self, details: Any) -> Any:
+            if details.method not in answers:
+                return None  # grpc answers UNIMPLEMENTED
+            refusal = answers[details.method]
+
+            def answer(request: bytes, context: Any) -> bytes:
+                if refusal is not None:
+                    context.abort(getattr(grpc.StatusCode, refusal), "refused")
+                return b""
+
+            return grpc.unary_unary_rpc_method_handler(answer)
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=1), handlers=[Methods()])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    return server, port
+
+
+GCS = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+RAY_CLIENT = "/ray.rpc.RayletDriver/ClusterInfo"
+
+
+@pytest.mark.parametrize(("answers", "given", "refusal"), [
+    ({GCS: None}, "127.0.0.1:{port}", None),
+    ({GCS: "UNAUTHENTICATED"}, "127.0.0.1:{port}", None),  # token authentication: still Ray's GCS
+    ({RAY_CLIENT: None}, "ray://127.0.0.1:{port}", None),
+    ({RAY_CLIENT: "UNAUTHENTICATED"}, "ray://127.0.0.1:{port}", None),
+    ({RAY_CLIENT: None}, "127.0.0.1:{port}",
+     "127.0.0.1:{port} is the Ray Client server's port, not the head's GCS port: give --address ray://127.0.0.1:{port}"),
+    ({GCS: None}, "ray://127.0.0.1:{port}",
+     "127.0.0.1:{port} is the head's GCS port, which a ray:// address does not take: give --address 127.0.0.1:{port}"
+     " without ray://"),
+    ({}, "127.0.0.1:{port}", "something listens at 127.0.0.1:{port} but it is not a Ray cluster (a gRPC server"),
+    ({}, "ray://127.0.0.1:{port}", "something listens at ray://127.0.0.1:{port} but it is not a Ray cluster"),
+])  # fmt: skip
+def test_settings_ask_the_grpc_server_at_the_address_for_the_service_its_form_needs(
+    tiny_export: Path, answers: dict[str, str | None], given: str, refusal: str | None
+) -> None:
+    """Given the Ray Client's port as HOST:PORT, the GCS port as ray://, or a gRPC server that is not
+    Ray, ray.init said 'Failed to connect' alone after 20-35 s."""
+    server, port = _grpc_server(answers)
     try:
-        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
-            check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=address))
+        settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=given.format(port=port))
+        if refusal is None:
+            check_settings(settings)
+        else:
+            with pytest.raises(BtDeployError) as error:
+                check_settings(settings)
+            assert str(error.value).startswith(refusal.format(port=port)), str(error.value)
     finally:
         server.stop(grace=None)
 
@@ -506,6 +551,22 @@ def test_joining_with_token_authentication_and_no_token_says_where_the_token_goe
         " authentication token was found): put the cluster's token in RAY_AUTH_TOKEN"
     ), message
     assert "unset RAY_AUTH_MODE" in message
+
+
+@pytest.mark.parametrize("missing", ["ray", "ray.serve"])
+def test_serve_without_ray_serve_says_what_to_install(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], missing: str
+) -> None:
+    """Without the serve extra, `btdeploy serve` ended in a ModuleNotFoundError traceback from its
+    `import ray`. (ray.serve missing: Ray installed without Serve's own dependencies.)"""
+    from btdeploy.cli import main
+    from btdeploy.serve.process import free_port
+
+    monkeypatch.setitem(sys.modules, missing, None)  # `import` of it now fails as if it were not installed
+    assert main(["serve", str(tiny_export), "--heads", "itm", "--port", str(free_port())]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("btdeploy: error: btdeploy serve needs Ray Serve, which is not installed here"), error
+    assert error.endswith("pip install 'btdeploy[serve]'") and "Traceback" not in error
 
 
 def test_a_stop_while_joining_gets_through_rays_retries() -> None:

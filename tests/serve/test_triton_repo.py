@@ -286,3 +286,19 @@ def test_a_repository_needs_one_processor_for_every_head(tiny_export: Path, tmp_
     with pytest.raises(BtDeployError, match=r"--max-batch 33 is past what the itc head takes \(32, the head's batch"):
         write_repository(export, tmp_path / "repo", heads=["itc"], max_batch=33)
     assert not (tmp_path / "repo").exists()
+
+
+def test_without_tritonclient_nothing_is_copied_before_the_refusal(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schema check at the end needs tritonclient (the serve extra): without it, every graph
+    had been copied into the staging folder before the refusal."""
+    from btdeploy.serve import triton_repo
+
+    staged: list[Path] = []
+    real_staging = triton_repo.staged_directory
+    monkeypatch.setattr(triton_repo, "staged_directory", lambda out: staged.append(out) or real_staging(out))
+    monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)  # as if tritonclient were not installed
+    with pytest.raises(BtDeployError, match=r"needs tritonclient: pip install 'btdeploy\[serve\]'"):
+        write_repository(tiny_export, tmp_path / "repo")
+    assert staged == [] and not (tmp_path / "repo").exists()

@@ -1,5 +1,5 @@
 """Shared fixtures: a private cache for preset checkpoints, and tiny exports built once per session;
-and how tests run a script of benchmarks/."""
+and how tests run a script of benchmarks/ and read the ratios it prints."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def run_benchmark(script: str, *args: object, timeout: float | None = None) -> s
     )
     assert done.returncode == 0, f"{script} exited with {done.returncode}:\n{done.stderr[-4000:]}"
     return done
+
+
+def is_quotient_of_printed(ratio: float, a: float, b: float, ratio_half_digit: float) -> bool:
+    """Whether `ratio` (rounded to within `ratio_half_digit`) is a / b, where a and b were printed to
+    0.1 ms: it lies between the smallest and the largest quotient of the values that print as a and
+    b (a first-order slack fell short: 2.571 from a 2.4 and a 1.0 is 2.45 / 0.953)."""
+    half_digit = 0.05
+    lowest = (a - half_digit) / (b + half_digit)
+    highest = (a + half_digit) / max(b - half_digit, 1e-9)
+    return lowest - ratio_half_digit <= ratio <= highest + ratio_half_digit
 
 
 # Preset checkpoints go to a per-session folder, so tests never read a user's cache.

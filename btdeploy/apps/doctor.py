@@ -126,8 +126,9 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
     ray, tritonclient = package_version("ray"), package_version("tritonclient")
     serving = f"yes (Ray {ray}, tritonclient {tritonclient})" if ray and tritonclient else f"no -> {INSTALL_SERVE}"
     lines.append(f"  serve and triton-repo: {serving}")
-    peers = package_version("openvino")
-    lines.append(f"  OpenVINO, the peer in bench and check: {f'yes ({peers})' if peers else 'no -> ' + INSTALL_PEERS}")
+    openvino = package_version("openvino")
+    peers = f"yes ({openvino})" if openvino else f"no -> {INSTALL_PEERS}"
+    lines.append(f"  OpenVINO, the peer in bench and check: {peers}")
     bf16 = native_bf16()
     bf16_line = "  bf16 on the CPU (the PyTorch reference, OpenVINO):"
     lines.append(

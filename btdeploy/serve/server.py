@@ -17,7 +17,15 @@ from typing import Any
 from btdeploy.errors import BtDeployError
 from btdeploy.imports import INSTALL_SERVE
 from btdeploy.progress import say
-from btdeploy.serve.settings import JOIN_HINT, ServeSettings, check_settings, replica_cpus, replicas_spin
+from btdeploy.serve.settings import (
+    GCS_PORT_DEFAULT,
+    JOIN_HINT,
+    RAY_CLIENT_PORT_DEFAULT,
+    ServeSettings,
+    check_settings,
+    replica_cpus,
+    replicas_spin,
+)
 from btdeploy.signals import STOP_SIGNALS, raise_terminated, restore_handler, stop_for
 
 READY_TIMEOUT_S = 300
@@ -120,13 +128,12 @@ def _join_failure(address: str, error: ConnectionError) -> BtDeployError:
     token authentication (its default where a token exists, ~/.ray/auth_token) answers an explicit
     address only with RAY_AUTH_MODE=token set: Ray sends its token unasked to `auto` alone."""
     hint = JOIN_HINT
-    if address.startswith("ray://"):  # Ray Client: given the GCS port it times out after about 30 s
-        hint += "; a ray:// address takes the Ray Client server's port (10001 unless `ray start` was told otherwise)"
-    elif address != "auto":  # given the Ray Client port, the GCS calls fail as unknown methods
-        hint += (
-            "; HOST:PORT is the head's GCS port (6379 unless `ray start` was told otherwise),"
-            " ray://HOST:PORT the Ray Client's"
-        )
+    # The wrong port for the form is refused before ray.init (settings._check_ray_services) except
+    # with RAY_USE_TLS, where only the connection is checked: here it surfaces after 20-35 s.
+    if address.startswith("ray://"):
+        hint += f"; a ray:// address takes the Ray Client server's port ({RAY_CLIENT_PORT_DEFAULT})"
+    elif address != "auto":
+        hint += f"; HOST:PORT is the head's GCS port ({GCS_PORT_DEFAULT}), ray://HOST:PORT the Ray Client's"
     if address != "auto" and "RAY_AUTH_MODE" not in os.environ:
         hint += (
             "; if the cluster uses token authentication, set RAY_AUTH_MODE=token (the token is read from"

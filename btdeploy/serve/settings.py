@@ -130,6 +130,9 @@ def replicas_spin(settings: ServeSettings, deployments: int) -> bool:
 
 JOIN_HINT = "give the head node's HOST:PORT as `ray start --head` printed it, or leave --address out to start Ray here"
 JOIN_CHECK_TIMEOUT_S = 5.0
+# Where each address form's server listens unless told otherwise, for the messages that name the port.
+GCS_PORT_DEFAULT = "6379 unless `ray start` was told otherwise"
+RAY_CLIENT_PORT_DEFAULT = "10001 unless `ray start` was told otherwise"
 
 
 def _check_cluster_answers(address: str) -> None:
@@ -187,12 +190,11 @@ def _check_ray_services(address: str, target: str) -> None:
     if through_client:
         raise BtDeployError(
             f"{target} is the head's GCS port, which a ray:// address does not take: give --address {target}"
-            " without ray://, or give ray:// the Ray Client server's port (10001 unless `ray start` was told"
-            " otherwise)"
+            f" without ray://, or give ray:// the Ray Client server's port ({RAY_CLIENT_PORT_DEFAULT})"
         )
     raise BtDeployError(
         f"{address} is the Ray Client server's port, not the head's GCS port: give --address ray://{address},"
-        " or the GCS port (6379 unless `ray start` was told otherwise)"
+        f" or the GCS port ({GCS_PORT_DEFAULT})"
     )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import BENCHMARKS, run_benchmark
+from conftest import BENCHMARKS, is_quotient_of_printed, run_benchmark
 from PIL import Image
 
 from btdeploy.artifacts.manifest import read_manifest
@@ -546,13 +546,8 @@ def _table(stdout: str, first_cell: str) -> list[list[str]]:
 
 
 def _ratio_of_printed(ratio: float, a: float, b: float) -> bool:
-    """`ratio` (printed to 3 decimals) is a / b, where a and b were printed to 0.1 ms: it lies
-    between the smallest and the largest quotient of the values that print as a and b (a first-order
-    slack fell short: 2.571 from a 2.4 and a 1.0 is 2.45 / 0.953)."""
-    half_digit, half_ratio_digit = 0.05, 5e-4
-    lowest = (a - half_digit) / (b + half_digit)
-    highest = (a + half_digit) / max(b - half_digit, 1e-9)
-    return lowest - half_ratio_digit <= ratio <= highest + half_ratio_digit
+    """`ratio` (printed to 3 decimals) is a / b, where a and b were printed to 0.1 ms."""
+    return is_quotient_of_printed(ratio, a, b, ratio_half_digit=5e-4)
 
 
 @pytest.mark.parametrize("optimized", ["tiny"], indirect=True)

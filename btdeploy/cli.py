@@ -1,4 +1,5 @@
-"""The `btdeploy` command line: export, optimize, quantize, build, check, run, bench, doctor, pipeline."""
+"""The `btdeploy` command line: pipeline (the main job), export, optimize, quantize, build, check, run, rank,
+bench, serve, triton-repo, doctor."""
 
 from __future__ import annotations
 

@@ -17,15 +17,8 @@ from typing import Any
 from btdeploy.errors import BtDeployError
 from btdeploy.imports import INSTALL_SERVE
 from btdeploy.progress import say
-from btdeploy.serve.settings import (
-    GCS_PORT_DEFAULT,
-    JOIN_HINT,
-    RAY_CLIENT_PORT_DEFAULT,
-    ServeSettings,
-    check_settings,
-    replica_cpus,
-    replicas_spin,
-)
+from btdeploy.serve.cluster_address import GCS_PORT_DEFAULT, JOIN_HINT, RAY_CLIENT_PORT_DEFAULT
+from btdeploy.serve.settings import ServeSettings, check_settings, replica_cpus, replicas_spin
 from btdeploy.signals import STOP_SIGNALS, raise_terminated, restore_handler, stop_for
 
 READY_TIMEOUT_S = 300
@@ -128,8 +121,8 @@ def _join_failure(address: str, error: ConnectionError) -> BtDeployError:
     token authentication (its default where a token exists, ~/.ray/auth_token) answers an explicit
     address only with RAY_AUTH_MODE=token set: Ray sends its token unasked to `auto` alone."""
     hint = JOIN_HINT
-    # The wrong port for the form is refused before ray.init (settings._check_ray_services) except
-    # with RAY_USE_TLS, where only the connection is checked: here it surfaces after 20-35 s.
+    # The wrong port for the form is refused before ray.init (cluster_address), except where gRPC does
+    # not accept the host name in a TLS cluster's certificate: then it surfaces here after 20-35 s.
     if address.startswith("ray://"):
         hint += f"; a ray:// address takes the Ray Client server's port ({RAY_CLIENT_PORT_DEFAULT})"
     elif address != "auto":

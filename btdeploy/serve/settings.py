@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest, r
 from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.media import require_processor
+from btdeploy.serve.cluster_address import check_cluster_address
 
 BACKEND = "onnxruntime"  # what a replica runs; TensorRT users serve with Triton (btdeploy triton-repo)
 
@@ -89,7 +89,7 @@ def check_settings(settings: ServeSettings) -> dict[str, Manifest]:
     if settings.address is None:
         _check_port(settings.host, settings.port)
     else:
-        _check_cluster_answers(settings.address)
+        check_cluster_address(settings.address)
     return manifests
 
 
@@ -126,121 +126,6 @@ def replicas_spin(settings: ServeSettings, deployments: int) -> bool:
     if settings.spin is not None:
         return settings.spin
     return model_replicas(settings, deployments) == 1
-
-
-JOIN_HINT = "give the head node's HOST:PORT as `ray start --head` printed it, or leave --address out to start Ray here"
-JOIN_CHECK_TIMEOUT_S = 5.0
-# Where each address form's server listens unless told otherwise, for the messages that name the port.
-GCS_PORT_DEFAULT = "6379 unless `ray start` was told otherwise"
-RAY_CLIENT_PORT_DEFAULT = "10001 unless `ray start` was told otherwise"
-
-
-def _check_cluster_answers(address: str) -> None:
-    """A Ray cluster answers at --address before ray.init is asked to join it: Ray retries an address
-    where nothing listens, or where something that is not Ray does (its dashboard, Serve's HTTP port),
-    for about 14 minutes (20 attempts of about 40 s, in compiled code that a stop waits out)."""
-    if address == "auto":  # Ray finds the cluster started on this machine, or says there is none
-        return
-    if address == "local":
-        raise BtDeployError("--address local would start a new Ray cluster: leave --address out for that")
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    host = host.strip("[]")  # an IPv6 host, [::1]:6379
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise BtDeployError(f"--address {address} is not HOST:PORT or auto: {JOIN_HINT}")
-    try:
-        with socket.create_connection((host, int(port)), timeout=JOIN_CHECK_TIMEOUT_S) as connection:
-            if _ray_uses_tls():  # the GCS speaks TLS: a plain HTTP/2 greeting would be refused
-                return
-            answer = _http2_greeting(connection)
-    except OSError as error:
-        reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or str(error))
-        raise BtDeployError(f"no Ray cluster answers at {address} ({reason}): {JOIN_HINT}") from None
-    if not _is_http2_settings(answer):
-        first_line = answer.decode("ascii", "replace").strip().splitlines()[0][:60] if answer.strip() else ""
-        said = f"it answered {first_line!r}" if first_line else f"it said nothing in {JOIN_CHECK_TIMEOUT_S:g} s"
-        raise BtDeployError(
-            f"something listens at {address} but it is not a Ray cluster ({said}, where Ray speaks gRPC; "
-            f"Ray's dashboard and Serve's HTTP port are not the address to join): {JOIN_HINT}"
-        )
-    _check_ray_services(address, f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
-
-
-# The first call each kind of client makes: ray.init asks a HOST:PORT (the head's GCS) for the
-# cluster's id, a ray:// client pings the Ray Client server.
-GCS_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
-RAY_CLIENT_METHOD = "/ray.rpc.RayletDriver/ClusterInfo"
-
-
-def _check_ray_services(address: str, target: str) -> None:
-    """The gRPC server at --address has the service its form needs. Given the other one's port, or a
-    gRPC server that is not Ray, ray.init answered after 20-35 s with 'Failed to connect' alone."""
-    try:
-        import grpc  # noqa: F401  (Ray's own dependency)
-    except ImportError:  # no Ray either: serve_export says what to install
-        return
-    through_client = address.startswith("ray://")
-    needed, other = (RAY_CLIENT_METHOD, GCS_METHOD) if through_client else (GCS_METHOD, RAY_CLIENT_METHOD)
-    if _serves(target, needed):
-        return
-    if not _serves(target, other):
-        raise BtDeployError(
-            f"something listens at {address} but it is not a Ray cluster (a gRPC server without Ray's services): "
-            f"{JOIN_HINT}"
-        )
-    if through_client:
-        raise BtDeployError(
-            f"{target} is the head's GCS port, which a ray:// address does not take: give --address {target}"
-            f" without ray://, or give ray:// the Ray Client server's port ({RAY_CLIENT_PORT_DEFAULT})"
-        )
-    raise BtDeployError(
-        f"{address} is the Ray Client server's port, not the head's GCS port: give --address ray://{address},"
-        f" or the GCS port ({GCS_PORT_DEFAULT})"
-    )
-
-
-def _serves(target: str, method: str) -> bool:
-    """Whether the gRPC server at `target` has `method`. Only 'unimplemented' says no: any other answer
-    (a refused token, a ping answered 'not found' for want of a session) comes from a server that has it.
-    The request is a ping for the Ray Client and empty for the GCS (all fields left at their defaults)."""
-    import grpc
-
-    request = b"\x08\x06" if method == RAY_CLIENT_METHOD else b""  # ClusterInfoRequest: field 1 (type) = 6, PING
-    with grpc.insecure_channel(target) as channel:
-        try:
-            channel.unary_unary(method)(request, timeout=JOIN_CHECK_TIMEOUT_S)
-        except grpc.RpcError as error:
-            return error.code() != grpc.StatusCode.UNIMPLEMENTED
-    return True
-
-
-# What an HTTP/2 client sends first: the connection preface and an empty SETTINGS frame (RFC 9113, 3.4).
-HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
-HTTP2_SETTINGS = 4  # frame type
-
-
-def _http2_greeting(connection: socket.socket) -> bytes:
-    """What the server at the other end says to an HTTP/2 client: Ray's GCS and its client server are
-    gRPC servers, which answer with a SETTINGS frame. Empty when it says nothing within the timeout."""
-    connection.sendall(HTTP2_PREFACE)
-    answer = b""
-    try:
-        while len(answer) < 9:
-            chunk = connection.recv(64)
-            if not chunk:
-                break
-            answer += chunk
-    except TimeoutError:
-        pass
-    return answer
-
-
-def _is_http2_settings(answer: bytes) -> bool:
-    # A frame header: 24-bit length, type, flags, stream id 0 (SETTINGS belong to the connection).
-    return len(answer) >= 9 and answer[3] == HTTP2_SETTINGS and answer[5:9] == bytes(4)
-
-
-def _ray_uses_tls() -> bool:
-    return os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true")
 
 
 def _check_port(host: str, port: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -275,6 +276,18 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
         f"{name} {action.dest}" for name, sub in commands.choices.items() for action in sub._actions if not action.help
     ]
     assert len(commands.choices) >= 10 and silent == []
+
+
+def test_the_overview_names_every_command() -> None:
+    import argparse
+
+    from btdeploy.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    listed = re.split(r"[\s,.()]+", (parser.description or "").partition(":")[2])
+    unnamed = [name for name in commands.choices if name not in listed]
+    assert unnamed == []
 
 
 def test_a_head_without_weights_in_the_checkpoint_is_flagged_where_people_look(

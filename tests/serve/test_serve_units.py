@@ -304,140 +304,6 @@ def test_settings_refuse_a_port_in_use(tiny_export: Path) -> None:
             check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), port=port))
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])  # closed again: nothing listens there
-
-
-@pytest.mark.parametrize(("address", "message"), [
-    ("127.0.0.1:{closed}", "no Ray cluster answers at 127.0.0.1:{closed} (Connection refused): give the head"),
-    ("6379", "--address 6379 is not HOST:PORT or auto"),
-    ("head:port", "--address head:port is not HOST:PORT or auto"),
-    ("local", "--address local would start a new Ray cluster: leave --address out for that"),
-])  # fmt: skip
-def test_settings_refuse_a_cluster_address_that_cannot_be_joined(tiny_export: Path, address: str, message: str) -> None:
-    """Ray retries an address that does not answer for about 14 minutes, in attempts of about 40 s that
-    a stop waits out: the address is checked before Ray is asked to join it."""
-    closed = _closed_port()
-    settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=address.format(closed=closed))
-    with pytest.raises(BtDeployError, match=re.escape(message.format(closed=closed))):
-        check_settings(settings)
-
-
-class _Listener:
-    """A TCP server on a free loopback port that answers each connection with `reply` (None: says nothing)."""
-
-    def __init__(self, reply: bytes | None) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.reply = reply
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self.server.accept()
-            except OSError:  # closed
-                return
-            self.held.append(connection)
-            if self.reply is not None:
-                connection.recv(64)
-                connection.sendall(self.reply)
-
-    def close(self) -> None:
-        self.server.close()
-        for connection in self.held:
-            connection.close()
-
-
-@pytest.mark.parametrize(("reply", "said"), [
-    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "it answered 'HTTP/1.1 400 Bad Request'"),
-    (None, "it said nothing in 0.3 s"),
-])  # fmt: skip
-def test_settings_refuse_an_address_where_something_else_than_ray_listens(
-    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, reply: bytes | None, said: str
-) -> None:
-    """Ray's dashboard or Serve's HTTP port given as --address: Ray retried it for 13 min 40 s, then
-    blamed token authentication."""
-    from btdeploy.serve import settings as settings_module
-
-    monkeypatch.setattr(settings_module, "JOIN_CHECK_TIMEOUT_S", 0.3)
-    listener = _Listener(reply)
-    try:
-        settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=f"127.0.0.1:{listener.port}")
-        with pytest.raises(BtDeployError) as error:
-            check_settings(settings)
-    finally:
-        listener.close()
-    message = str(error.value)
-    expected = f"something listens at 127.0.0.1:{listener.port} but it is not a Ray cluster ({said}"
-    assert message.startswith(expected), message
-    assert "give the head node's HOST:PORT" in message
-
-
-def _grpc_server(answers: dict[str, str | None]) -> tuple[Any, int]:
-    """A gRPC server on a free loopback port with only these methods: each answers an empty reply, or
-    refuses with the status named (as Ray's services refuse a call without the cluster's token)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import grpc
-
-    class Methods(grpc.GenericRpcHandler):
-        def service(self, details: Any) -> Any:
-            if details.method not in answers:
-                return None  # grpc answers UNIMPLEMENTED
-            refusal = answers[details.method]
-
-            def answer(request: bytes, context: Any) -> bytes:
-                if refusal is not None:
-                    context.abort(getattr(grpc.StatusCode, refusal), "refused")
-                return b""
-
-            return grpc.unary_unary_rpc_method_handler(answer)
-
-    server = grpc.server(ThreadPoolExecutor(max_workers=1), handlers=[Methods()])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
-
-
-GCS = "/ray.rpc.NodeInfoGcsService/GetClusterId"
-RAY_CLIENT = "/ray.rpc.RayletDriver/ClusterInfo"
-
-
-@pytest.mark.parametrize(("answers", "given", "refusal"), [
-    ({GCS: None}, "127.0.0.1:{port}", None),
-    ({GCS: "UNAUTHENTICATED"}, "127.0.0.1:{port}", None),  # token authentication: still Ray's GCS
-    ({RAY_CLIENT: None}, "ray://127.0.0.1:{port}", None),
-    ({RAY_CLIENT: "UNAUTHENTICATED"}, "ray://127.0.0.1:{port}", None),
-    ({RAY_CLIENT: None}, "127.0.0.1:{port}",
-     "127.0.0.1:{port} is the Ray Client server's port, not the head's GCS port: give --address ray://127.0.0.1:{port}"),
-    ({GCS: None}, "ray://127.0.0.1:{port}",
-     "127.0.0.1:{port} is the head's GCS port, which a ray:// address does not take: give --address 127.0.0.1:{port}"
-     " without ray://"),
-    ({}, "127.0.0.1:{port}", "something listens at 127.0.0.1:{port} but it is not a Ray cluster (a gRPC server"),
-    ({}, "ray://127.0.0.1:{port}", "something listens at ray://127.0.0.1:{port} but it is not a Ray cluster"),
-])  # fmt: skip
-def test_settings_ask_the_grpc_server_at_the_address_for_the_service_its_form_needs(
-    tiny_export: Path, answers: dict[str, str | None], given: str, refusal: str | None
-) -> None:
-    """Given the Ray Client's port as HOST:PORT, the GCS port as ray://, or a gRPC server that is not
-    Ray, ray.init said 'Failed to connect' alone after 20-35 s."""
-    server, port = _grpc_server(answers)
-    try:
-        settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=given.format(port=port))
-        if refusal is None:
-            check_settings(settings)
-        else:
-            with pytest.raises(BtDeployError) as error:
-                check_settings(settings)
-            assert str(error.value).startswith(refusal.format(port=port)), str(error.value)
-    finally:
-        server.stop(grace=None)
-
-
 @pytest.mark.parametrize(("address", "auth_mode", "names_token_auth"), [
     ("10.0.0.7:6379", None, True),
     ("10.0.0.7:6379", "token", False),  # set already: the token itself was refused, or something else
@@ -506,7 +372,7 @@ def _serve_with_fake_ray(monkeypatch: pytest.MonkeyPatch, settings: ServeSetting
         APP_NAME="btdeploy", NAMESPACE="btdeploy", RANK_HEAD="itm", build_application=None, collector=None
     )
     monkeypatch.setitem(sys.modules, "btdeploy.serve.app", app)  # it imports Ray Serve
-    monkeypatch.setattr(settings_module, "_check_cluster_answers", lambda address: None)
+    monkeypatch.setattr(settings_module, "check_cluster_address", lambda address: None)
     return serve_export(settings)
 
 

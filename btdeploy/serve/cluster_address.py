@@ -131,7 +131,7 @@ def _check_answers(address: str, place: tuple[str, int], target: str, tls: RayTl
             raise _refused_certificate(address, tls, "it closed the connection after the handshake")
         if closed and not answer and _speaks_tls(place):  # hung up on plain HTTP/2
             raise BtDeployError(
-                f"the Ray cluster at {address} speaks TLS (it was started with RAY_USE_TLS=1): {TLS_HINT}"
+                f"the server at {address} speaks TLS, as a Ray cluster started with RAY_USE_TLS=1 does: {TLS_HINT}"
             )
         _refuse_not_ray(address, answer, closed)
     _check_ray_services(address, target, tls)

@@ -268,7 +268,7 @@ def test_a_tls_cluster_is_named_where_tls_is_not_asked_for(
         message = _refusal(tiny_export, f"127.0.0.1:{port}")
     finally:
         server.stop(grace=None)
-    expected = f"the Ray cluster at 127.0.0.1:{port} speaks TLS (it was started with RAY_USE_TLS=1): set RAY_USE_TLS=1"
+    expected = f"the server at 127.0.0.1:{port} speaks TLS, as a Ray cluster started with RAY_USE_TLS=1 does: set"
     assert message.startswith(expected), message
     assert "RAY_TLS_SERVER_CERT, RAY_TLS_SERVER_KEY and RAY_TLS_CA_CERT" in message
 

@@ -127,12 +127,13 @@ def _check_answers(address: str, place: tuple[str, int], target: str, tls: RayTl
             "asks for TLS: unset RAY_USE_TLS to join it"
         ) from None
     if not _is_http2_settings(answer):
-        if closed and not answer and tls is not None:  # a TLS server that hangs up after the handshake
-            raise _refused_certificate(address, tls, "it closed the connection after the handshake")
-        if closed and not answer and _speaks_tls(place):  # hung up on plain HTTP/2
-            raise BtDeployError(
-                f"the server at {address} speaks TLS, as a Ray cluster started with RAY_USE_TLS=1 does: {TLS_HINT}"
-            )
+        if closed and not answer:  # hung up at once
+            if tls is not None:  # after the handshake: the certificate is what it refused
+                raise _refused_certificate(address, tls, "it closed the connection after the handshake")
+            if _speaks_tls(place):  # on plain HTTP/2
+                raise BtDeployError(
+                    f"the server at {address} speaks TLS, as a Ray cluster started with RAY_USE_TLS=1 does: {TLS_HINT}"
+                )
         _refuse_not_ray(address, answer, closed)
     _check_ray_services(address, target, tls)
 
@@ -206,7 +207,7 @@ def _speaks_tls(place: tuple[str, int]) -> bool:
         with socket.create_connection(place, timeout=JOIN_CHECK_TIMEOUT_S) as connection:
             context.wrap_socket(connection).close()
     except ssl.SSLError as error:  # a TLS alert (a certificate it wants) still comes from a TLS server
-        return "ALERT" in str(error.reason or "").upper()
+        return "ALERT" in _reason(error).upper()
     except OSError:
         return False
     return True

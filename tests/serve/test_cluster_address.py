@@ -16,149 +16,7 @@ import pytest
 from btdeploy.errors import BtDeployError
 from btdeploy.serve.settings import ServeSettings, check_settings
 
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])  # closed again: nothing listens there
-
-
-@pytest.mark.parametrize(("address", "message"), [
-    ("127.0.0.1:{closed}", "no Ray cluster answers at 127.0.0.1:{closed} (Connection refused): give the head"),
-    ("6379", "--address 6379 is not HOST:PORT or auto"),
-    ("head:port", "--address head:port is not HOST:PORT or auto"),
-    ("local", "--address local would start a new Ray cluster: leave --address out for that"),
-])  # fmt: skip
-def test_settings_refuse_a_cluster_address_that_cannot_be_joined(tiny_export: Path, address: str, message: str) -> None:
-    """Ray retries an address that does not answer for about 14 minutes, in attempts of about 40 s that
-    a stop waits out: the address is checked before Ray is asked to join it."""
-    closed = _closed_port()
-    settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=address.format(closed=closed))
-    with pytest.raises(BtDeployError, match=re.escape(message.format(closed=closed))):
-        check_settings(settings)
-
-
-class _Listener:
-    """A TCP server on a free loopback port that answers each connection with `reply` (None: says nothing)."""
-
-    def __init__(self, reply: bytes | None) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.reply = reply
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self.server.accept()
-            except OSError:  # closed
-                return
-            self.held.append(connection)
-            if self.reply is not None:
-                connection.recv(64)
-                connection.sendall(self.reply)
-
-    def close(self) -> None:
-        self.server.close()
-        for connection in self.held:
-            connection.close()
-
-
-@pytest.mark.parametrize(("reply", "said"), [
-    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "it answered 'HTTP/1.1 400 Bad Request'"),
-    (None, "it said nothing in 0.3 s"),
-])  # fmt: skip
-def test_settings_refuse_an_address_where_something_else_than_ray_listens(
-    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, reply: bytes | None, said: str
-) -> None:
-    """Ray's dashboard or Serve's HTTP port given as --address: Ray retried it for 13 min 40 s, then
-    blamed token authentication."""
-    from btdeploy.serve import cluster_address
-
-    monkeypatch.setattr(cluster_address, "JOIN_CHECK_TIMEOUT_S", 0.3)
-    listener = _Listener(reply)
-    try:
-        settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=f"127.0.0.1:{listener.port}")
-        with pytest.raises(BtDeployError) as error:
-            check_settings(settings)
-    finally:
-        listener.close()
-    message = str(error.value)
-    expected = f"something listens at 127.0.0.1:{listener.port} but it is not a Ray cluster ({said}"
-    assert message.startswith(expected), message
-    assert "give the head node's HOST:PORT" in message
-
-
-def _grpc_server(answers: dict[str, str | None], tls_folder: Path | None = None) -> tuple[Any, int]:
-    """A gRPC server on a free loopback port with only these methods: each answers an empty reply, or
-    refuses with the status named (as Ray's services refuse a call without the cluster's token). With
-    `tls_folder`, over TLS as Ray's are with RAY_USE_TLS: certificate node.crt, clients' signed by ca.crt."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import grpc
-
-    class Methods(grpc.GenericRpcHandler):
-        def service(self, details: Any) -> Any:
-            if details.method not in answers:
-                return None  # grpc answers UNIMPLEMENTED
-            refusal = answers[details.method]
-
-            def answer(request: bytes, context: Any) -> bytes:
-                if refusal is not None:
-                    context.abort(getattr(grpc.StatusCode, refusal), "refused")
-                return b""
-
-            return grpc.unary_unary_rpc_method_handler(answer)
-
-    server = grpc.server(ThreadPoolExecutor(max_workers=1), handlers=[Methods()])
-    if tls_folder is None:
-        port = server.add_insecure_port("127.0.0.1:0")
-    else:
-        node = ((tls_folder / "node.key").read_bytes(), (tls_folder / "node.crt").read_bytes())
-        ca = (tls_folder / "ca.crt").read_bytes()
-        credentials = grpc.ssl_server_credentials([node], root_certificates=ca, require_client_auth=True)
-        port = server.add_secure_port("127.0.0.1:0", credentials)
-    server.start()
-    return server, port
-
-
-GCS = "/ray.rpc.NodeInfoGcsService/GetClusterId"
-RAY_CLIENT = "/ray.rpc.RayletDriver/ClusterInfo"
-
-
-@pytest.mark.parametrize(("answers", "given", "refusal"), [
-    ({GCS: None}, "127.0.0.1:{port}", None),
-    ({GCS: "UNAUTHENTICATED"}, "127.0.0.1:{port}", None),  # token authentication: still Ray's GCS
-    ({RAY_CLIENT: None}, "ray://127.0.0.1:{port}", None),
-    ({RAY_CLIENT: "UNAUTHENTICATED"}, "ray://127.0.0.1:{port}", None),
-    ({RAY_CLIENT: None}, "127.0.0.1:{port}",
-     "127.0.0.1:{port} is the Ray Client server's port, not the head's GCS port: give --address ray://127.0.0.1:{port}"),
-    ({GCS: None}, "ray://127.0.0.1:{port}",
-     "127.0.0.1:{port} is the head's GCS port, which a ray:// address does not take: give --address 127.0.0.1:{port}"
-     " without ray://"),
-    ({}, "127.0.0.1:{port}", "something listens at 127.0.0.1:{port} but it is not a Ray cluster (a gRPC server"),
-    ({}, "ray://127.0.0.1:{port}", "something listens at ray://127.0.0.1:{port} but it is not a Ray cluster"),
-])  # fmt: skip
-def test_settings_ask_the_grpc_server_at_the_address_for_the_service_its_form_needs(
-    tiny_export: Path, answers: dict[str, str | None], given: str, refusal: str | None
-) -> None:
-    """Given the Ray Client's port as HOST:PORT, the GCS port as ray://, or a gRPC server that is not
-    Ray, ray.init said 'Failed to connect' alone after 20-35 s."""
-    server, port = _grpc_server(answers)
-    try:
-        settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=given.format(port=port))
-        if refusal is None:
-            check_settings(settings)
-        else:
-            with pytest.raises(BtDeployError) as error:
-                check_settings(settings)
-            assert str(error.value).startswith(refusal.format(port=port)), str(error.value)
-    finally:
-        server.stop(grace=None)
-
-
-# --- TLS: RAY_USE_TLS with RAY_TLS_SERVER_CERT, RAY_TLS_SERVER_KEY and RAY_TLS_CA_CERT ---
+# TLS as Ray has it: RAY_USE_TLS with RAY_TLS_SERVER_CERT, RAY_TLS_SERVER_KEY and RAY_TLS_CA_CERT.
 
 
 def _certificate(folder: Path, name: str, issuer: tuple[Any, Any] | None) -> tuple[Any, Any]:
@@ -209,8 +67,17 @@ def tls_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _use_tls(
-    monkeypatch: pytest.MonkeyPatch, folder: Path, cert: str = "node", key: str = "node", ca: str = "ca"
+    monkeypatch: pytest.MonkeyPatch,
+    folder: Path,
+    cert: str = "node",
+    key: str = "node",
+    ca: str = "ca",
+    tls: bool = True,
 ) -> None:
+    """Ray's TLS variables as a node of the stand-in cluster has them, or RAY_USE_TLS unset."""
+    if not tls:
+        monkeypatch.delenv("RAY_USE_TLS", raising=False)
+        return
     monkeypatch.setenv("RAY_USE_TLS", "1")
     monkeypatch.setenv("RAY_TLS_SERVER_CERT", str(folder / f"{cert}.crt"))
     monkeypatch.setenv("RAY_TLS_SERVER_KEY", str(folder / f"{key}.key"))
@@ -223,19 +90,138 @@ def _refusal(tiny_export: Path, address: str) -> str:
     return str(error.value)
 
 
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])  # closed again: nothing listens there
+
+
+@pytest.mark.parametrize(("address", "message"), [
+    ("127.0.0.1:{closed}", "no Ray cluster answers at 127.0.0.1:{closed} (Connection refused): give the head"),
+    ("6379", "--address 6379 is not HOST:PORT or auto"),
+    ("head:port", "--address head:port is not HOST:PORT or auto"),
+    ("local", "--address local would start a new Ray cluster: leave --address out for that"),
+])  # fmt: skip
+def test_settings_refuse_a_cluster_address_that_cannot_be_joined(tiny_export: Path, address: str, message: str) -> None:
+    """Ray retries an address that does not answer for about 14 minutes, in attempts of about 40 s that
+    a stop waits out: the address is checked before Ray is asked to join it."""
+    closed = _closed_port()
+    settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=address.format(closed=closed))
+    with pytest.raises(BtDeployError, match=re.escape(message.format(closed=closed))):
+        check_settings(settings)
+
+
+class _Listener:
+    """A TCP server on a free loopback port that answers each connection with `reply` (None: says nothing)."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.reply = reply
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            self.held.append(connection)
+            if self.reply is not None:
+                connection.recv(64)
+                connection.sendall(self.reply)
+
+    def close(self) -> None:
+        self.server.close()
+        for connection in self.held:
+            connection.close()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+@pytest.mark.parametrize(("reply", "said"), [
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "it answered 'HTTP/1.1 400 Bad Request'"),
+    (None, "it said nothing in 0.3 s"),
+])  # fmt: skip
+def test_settings_refuse_an_address_where_something_else_than_ray_listens(
+    tiny_export: Path, tls_folder: Path, monkeypatch: pytest.MonkeyPatch, reply: bytes | None, said: str, tls: bool
+) -> None:
+    """Ray's dashboard or Serve's HTTP port given as --address: Ray retried it for 13 min 40 s, then
+    blamed token authentication. Named as such with RAY_USE_TLS too."""
+    from btdeploy.serve import cluster_address
+
+    monkeypatch.setattr(cluster_address, "JOIN_CHECK_TIMEOUT_S", 0.3)
+    _use_tls(monkeypatch, tls_folder, tls=tls)
+    listener = _Listener(reply)
+    try:
+        message = _refusal(tiny_export, f"127.0.0.1:{listener.port}")
+    finally:
+        listener.close()
+    expected = f"something listens at 127.0.0.1:{listener.port} but it is not a Ray cluster ({said}"
+    assert message.startswith(expected), message
+    assert "give the head node's HOST:PORT" in message
+
+
+def _grpc_server(answers: dict[str, str | None], tls_folder: Path | None = None) -> tuple[Any, int]:
+    """A gRPC server on a free loopback port with only these methods: each answers an empty reply, or
+    refuses with the status named (as Ray's services refuse a call without the cluster's token). With
+    `tls_folder`, over TLS as Ray's are with RAY_USE_TLS: certificate node.crt, clients' signed by ca.crt."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    class Methods(grpc.GenericRpcHandler):
+        def service(self, details: Any) -> Any:
+            if details.method not in answers:
+                return None  # grpc answers UNIMPLEMENTED
+            refusal = answers[details.method]
+
+            def answer(request: bytes, context: Any) -> bytes:
+                if refusal is not None:
+                    context.abort(getattr(grpc.StatusCode, refusal), "refused")
+                return b""
+
+            return grpc.unary_unary_rpc_method_handler(answer)
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=1), handlers=[Methods()])
+    if tls_folder is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        node = ((tls_folder / "node.key").read_bytes(), (tls_folder / "node.crt").read_bytes())
+        ca = (tls_folder / "ca.crt").read_bytes()
+        credentials = grpc.ssl_server_credentials([node], root_certificates=ca, require_client_auth=True)
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    return server, port
+
+
+GCS = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+RAY_CLIENT = "/ray.rpc.RayletDriver/ClusterInfo"
+
+
+@pytest.mark.parametrize("tls", [False, True])
 @pytest.mark.parametrize(("answers", "given", "refusal"), [
     ({GCS: None}, "127.0.0.1:{port}", None),
+    ({GCS: "UNAUTHENTICATED"}, "127.0.0.1:{port}", None),  # token authentication: still Ray's GCS
     ({RAY_CLIENT: None}, "ray://127.0.0.1:{port}", None),
-    ({RAY_CLIENT: None}, "127.0.0.1:{port}", "127.0.0.1:{port} is the Ray Client server's port, not the head's GCS"),
+    ({RAY_CLIENT: "UNAUTHENTICATED"}, "ray://127.0.0.1:{port}", None),
+    ({RAY_CLIENT: None}, "127.0.0.1:{port}",
+     "127.0.0.1:{port} is the Ray Client server's port, not the head's GCS port: give --address ray://127.0.0.1:{port}"),
+    ({GCS: None}, "ray://127.0.0.1:{port}",
+     "127.0.0.1:{port} is the head's GCS port, which a ray:// address does not take: give --address 127.0.0.1:{port}"
+     " without ray://"),
     ({}, "127.0.0.1:{port}", "something listens at 127.0.0.1:{port} but it is not a Ray cluster (a gRPC server"),
+    ({}, "ray://127.0.0.1:{port}", "something listens at ray://127.0.0.1:{port} but it is not a Ray cluster"),
 ])  # fmt: skip
-def test_with_tls_the_grpc_server_is_asked_over_tls(
+def test_settings_ask_the_grpc_server_at_the_address_for_the_service_its_form_needs(
     tiny_export: Path, tls_folder: Path, monkeypatch: pytest.MonkeyPatch,
-    answers: dict[str, str | None], given: str, refusal: str | None,
+    answers: dict[str, str | None], given: str, refusal: str | None, tls: bool,
 ) -> None:  # fmt: skip
-    """With RAY_USE_TLS only a TCP connection was checked: the wrong port surfaced after 20-35 s."""
-    _use_tls(monkeypatch, tls_folder)
-    server, port = _grpc_server(answers, tls_folder)
+    """Given the Ray Client's port as HOST:PORT, the GCS port as ray://, or a gRPC server that is not
+    Ray, ray.init said 'Failed to connect' alone after 20-35 s. Asked over TLS with RAY_USE_TLS (the
+    stand-in then requires this machine's certificate), where only a TCP connection had been checked."""
+    _use_tls(monkeypatch, tls_folder, tls=tls)
+    server, port = _grpc_server(answers, tls_folder if tls else None)
     try:
         if refusal is None:
             check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=given.format(port=port)))
@@ -291,26 +277,6 @@ def test_certificates_the_other_end_refuses_are_named(
     finally:
         server.stop(grace=None)
     assert message.startswith(refusal.format(port=port, folder=tls_folder)), message
-
-
-@pytest.mark.parametrize(("reply", "said"), [
-    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "it answered 'HTTP/1.1 400 Bad Request'"),
-    (None, "it said nothing in 0.3 s"),
-])  # fmt: skip
-def test_with_tls_a_server_that_is_not_ray_is_named_as_such(
-    tiny_export: Path, tls_folder: Path, monkeypatch: pytest.MonkeyPatch, reply: bytes | None, said: str
-) -> None:
-    from btdeploy.serve import cluster_address
-
-    monkeypatch.setattr(cluster_address, "JOIN_CHECK_TIMEOUT_S", 0.3)
-    _use_tls(monkeypatch, tls_folder)
-    listener = _Listener(reply)
-    try:
-        message = _refusal(tiny_export, f"127.0.0.1:{listener.port}")
-    finally:
-        listener.close()
-    expected = f"something listens at 127.0.0.1:{listener.port} but it is not a Ray cluster ({said}"
-    assert message.startswith(expected), message
 
 
 @pytest.mark.parametrize(("change", "refusal"), [

@@ -101,7 +101,10 @@ def interrupts_deferred() -> Iterator[HeldStops]:
     previous: dict[signal.Signals, Any] = {}
     try:
         for signum in STOP_SIGNALS:
-            previous[signum] = signal.signal(signum, _hold)
+            # one this process ignores (`nohup`, a job started with `&` by a script) stays ignored:
+            # holding it would turn a stop the user's shell asked us to ignore into a cancelled build
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, _hold)
         yield held
     finally:
         for stop, handler in previous.items():

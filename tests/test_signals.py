@@ -27,12 +27,17 @@ _DEFERRED = """
 import os, signal, sys
 from btdeploy.signals import Terminated, interrupts_deferred, sigterm_raises
 
+# Ctrl-C's handler as a terminal starts Python: a suite run in the background by a script starts
+# its children with SIGINT ignored, and Python then leaves it ignored
+signal.signal(signal.SIGINT, {sigint_handler})
 steps = []
 with sigterm_raises():
     try:
-        with interrupts_deferred():
+        with interrupts_deferred() as held:
             os.kill(os.getpid(), signal.{signal})
             steps.append("the rest of the block ran")
+            if held.requested:
+                steps.append("held")
         steps.append("after the block")
     except KeyboardInterrupt as stop:
         steps.append(type(stop).__name__)
@@ -51,7 +56,17 @@ def test_sigterm_removes_the_staged_folder_and_exits_143(tmp_path: Path) -> None
     assert list(tmp_path.iterdir()) == []  # neither the staged folder nor a final one
 
 
+def _deferred(stop: str, sigint_handler: str = "signal.default_int_handler") -> str:
+    return _DEFERRED.replace("{signal}", stop).replace("{sigint_handler}", sigint_handler)
+
+
 def test_a_stop_signal_inside_a_deferred_block_is_raised_when_the_block_ends() -> None:
     for name, raised in [("SIGTERM", "Terminated"), ("SIGINT", "KeyboardInterrupt")]:
-        done = _python(_DEFERRED.replace("{signal}", name))
-        assert done.stdout.strip() == str(["the rest of the block ran", raised]), (name, done.stderr[-2000:])
+        done = _python(_deferred(name))
+        assert done.stdout.strip() == str(["the rest of the block ran", "held", raised]), (name, done.stderr[-2000:])
+
+
+def test_a_stop_signal_the_process_ignores_is_not_held_by_a_deferred_block() -> None:
+    # under `nohup` or a script's `&` SIGINT is ignored: a TensorRT build must not be cancelled by it
+    done = _python(_deferred("SIGINT", sigint_handler="signal.SIG_IGN"))
+    assert done.stdout.strip() == str(["the rest of the block ran", "after the block"]), done.stderr[-2000:]

@@ -626,6 +626,31 @@ def test_gelu_kernels_benchmark_times_every_kernel_and_tells_exact_from_approxim
     assert all(errors[name] > 1e-4 for name in approximate), errors  # tanh's 4.7e-4 at |x| near 2
 
 
+def test_attention_core_benchmark_times_every_form_in_one_run_against_onnx_attention() -> None:
+    import re
+
+    done = run_benchmark("attention_core.py", "--batch", 2, "--tokens", 20, "--runs", 2, "--threads", 1, timeout=120)
+    assert done.stdout.splitlines()[0].startswith("one attention block, 2 x 20 x 768, 12 heads")
+    rows = {}
+    for line in done.stdout.splitlines()[1:]:
+        name, ms, ratio, rest = re.fullmatch(r"  (.+?)\s+([\d.]+) ms\s+([\d.]+)x(.*)", line).groups()  # type: ignore[union-attr]
+        cosines = [float(c) for c in re.findall(r"cosine ([\d.]+)", rest)]
+        worst = [float(a) / float(r) for a, r in re.findall(r"max_abs (\S+) of range ([\d.]+)", rest)]
+        rows[name] = (float(ms), float(ratio), cosines, worst)
+    assert list(rows) == ["Attention FP32", "MultiHeadAttention FP32", "Attention FP16 (CPU kernel)", "INT8 core",
+                          "INT8 Q.K^T, FP32 P.V", "OpenVINO Attention FP32"]  # fmt: skip
+    assert rows["Attention FP32"][1] == 1.0 and all(ms > 0 for ms, *_ in rows.values())
+    reference_ms = rows["Attention FP32"][0]
+    for name, (ms, ratio, _, _) in rows.items():  # each ratio is its median over FP32 Attention's (ms to 0.001)
+        slack = ms / reference_ms * (5e-4 / ms + 5e-4 / reference_ms) + 5e-3
+        assert abs(ratio - ms / reference_ms) <= slack, (name, ratio, ms, reference_ms)
+    # the same block in OpenVINO: float rounding only; the INT8 forms: a real, bounded error, both queries
+    assert len(rows["OpenVINO Attention FP32"][2]) == 2 and max(rows["OpenVINO Attention FP32"][3]) < 1e-5
+    for name in ("INT8 core", "INT8 Q.K^T, FP32 P.V"):
+        cosines, worst = rows[name][2], rows[name][3]
+        assert len(cosines) == 2 and all(0.99 < c < 1 for c in cosines) and all(1e-4 < w < 0.2 for w in worst), name
+
+
 @pytest.mark.parametrize("gelu", [False, True])
 def test_integer_gemm_forms_compute_the_same_dense_layer(gelu: bool) -> None:
     """The ort form (uint8 input, integer GEMM with bias) and the Q/DQ form OpenVINO reads (int8 input)

@@ -19,6 +19,13 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C (staged folders, the bench's finished cases) does the same for it."""
 
 
+def heeded_stops() -> list[signal.Signals]:
+    """The stop signals this process heeds: one it ignores (`nohup`, a job a script starts with `&`
+    ignores SIGINT) stays ignored wherever btdeploy takes over the stop signals for a while, so that
+    a stop the user's shell asked it to ignore never cancels a build or a server's start."""
+    return [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+
+
 def stop_for(signum: int) -> KeyboardInterrupt:
     """What a stop signal raises where btdeploy raises it itself: Terminated for SIGTERM, else Ctrl-C's."""
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
@@ -33,8 +40,8 @@ def raise_terminated(_signum: int, _frame: FrameType | None) -> None:
 def sigterm_raises() -> Iterator[None]:
     """SIGTERM raises `Terminated` for the duration of the block. Without it Python dies at once,
     leaving a half-written graph's staged folder (gigabytes on base) beside the artifacts."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signals reach the main thread only
+    if threading.current_thread() is not threading.main_thread() or signal.SIGTERM not in heeded_stops():
+        yield  # signals reach the main thread only; an ignored SIGTERM stays ignored
         return
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
@@ -100,11 +107,8 @@ def interrupts_deferred() -> Iterator[HeldStops]:
     previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     previous: dict[signal.Signals, Any] = {}
     try:
-        for signum in STOP_SIGNALS:
-            # one this process ignores (`nohup`, a job started with `&` by a script) stays ignored:
-            # holding it would turn a stop the user's shell asked us to ignore into a cancelled build
-            if signal.getsignal(signum) is not signal.SIG_IGN:
-                previous[signum] = signal.signal(signum, _hold)
+        for signum in heeded_stops():
+            previous[signum] = signal.signal(signum, _hold)
         yield held
     finally:
         for stop, handler in previous.items():

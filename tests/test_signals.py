@@ -70,3 +70,20 @@ def test_a_stop_signal_the_process_ignores_is_not_held_by_a_deferred_block() -> 
     # under `nohup` or a script's `&` SIGINT is ignored: a TensorRT build must not be cancelled by it
     done = _python(_deferred("SIGINT", sigint_handler="signal.SIG_IGN"))
     assert done.stdout.strip() == str(["the rest of the block ran", "after the block"]), done.stderr[-2000:]
+
+
+_SIGTERM_IGNORED = """
+import os, signal
+from btdeploy.signals import sigterm_raises
+
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a parent that wants the command to outlive its stop
+with sigterm_raises():
+    inside = signal.getsignal(signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+print(inside is signal.SIG_IGN, "ran on")
+"""
+
+
+def test_sigterm_the_process_ignores_stays_ignored() -> None:
+    done = _python(_SIGTERM_IGNORED)
+    assert done.returncode == 0 and done.stdout.strip() == "True ran on", done.stderr[-2000:]

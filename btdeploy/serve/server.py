@@ -19,7 +19,7 @@ from btdeploy.imports import INSTALL_SERVE
 from btdeploy.progress import say
 from btdeploy.serve.cluster_address import GCS_PORT_DEFAULT, JOIN_HINT, RAY_CLIENT_PORT_DEFAULT
 from btdeploy.serve.settings import ServeSettings, check_settings, replica_cpus, replicas_spin
-from btdeploy.signals import STOP_SIGNALS, raise_terminated, restore_handler, stop_for
+from btdeploy.signals import heeded_stops, raise_terminated, restore_handler, stop_for
 
 READY_TIMEOUT_S = 300
 
@@ -60,7 +60,8 @@ def serve_export(settings: ServeSettings) -> int:
                     raise
                 raise _token_missing(settings.address, error) from None
         # Ours from here (a stop held through ray.init was raised as it returned).
-        signal.signal(signal.SIGTERM, raise_terminated)
+        if signal.SIGTERM in heeded_stops():
+            signal.signal(signal.SIGTERM, raise_terminated)
         say(f"Ray at {ray.get_runtime_context().gcs_address}")
         collector = app_collector()
         deployments = len(folders) + (1 if rank_folder else 0)
@@ -190,7 +191,7 @@ def _stops_held_through(ray: Any, hold: bool) -> Iterator[None]:
         held.append(signum)
         say("stopping once Ray has started (its processes are being started); a second stop ends at once")
 
-    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, stop) for signum in heeded_stops()}
     if installs is not None:
         utils.set_sigterm_handler = lambda handler: None  # type: ignore[union-attr]
     try:

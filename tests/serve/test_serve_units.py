@@ -467,6 +467,29 @@ def test_a_stop_while_joining_gets_through_rays_retries() -> None:
     assert signal.getsignal(signal.SIGTERM) is before  # restored on the way out
 
 
+def test_a_stop_signal_the_process_ignores_does_not_stop_rays_start(capsys: pytest.CaptureFixture[str]) -> None:
+    """`nohup btdeploy serve ... &` from a script ignores SIGINT: a SIGINT while Ray starts had been
+    taken as a stop (held, then raised), though the server heeds none once started."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from btdeploy.serve.server import _stops_held_through
+    from btdeploy.signals import restore_handler
+
+    ray = SimpleNamespace(_private=SimpleNamespace(utils=SimpleNamespace(set_sigterm_handler=print)))
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _stops_held_through(ray, hold=True):
+            os.kill(os.getpid(), signal.SIGINT)
+            inside = signal.getsignal(signal.SIGINT)
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        restore_handler(signal.SIGINT, before)
+    assert inside is signal.SIG_IGN and after is signal.SIG_IGN
+    assert "stopping once Ray has started" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"port": 70000}, "--port 70000 is not a TCP port: give one in 1..65535"),
     ({"port": 0}, "--port 0 is not a TCP port"),

@@ -221,19 +221,39 @@ def _wait_ready(url: str, heads: list[str]) -> None:
             time.sleep(0.5)
 
 
+@contextmanager
+def _actor_logs_muted(ray: Any) -> Iterator[None]:
+    """Ray's relayed actor and raylet lines off while this command takes down what it started:
+    Serve's controller ends its own graceful shutdown by killing itself, and Ray then relayed
+    "(raylet) Task ServeController.graceful_shutdown failed ... killed by `ray.kill`" on every
+    clean stop. Errors raised by the shutdown calls still surface. (The switch is the one Ray's
+    own debugger flips; where a Ray release lacks it, nothing changes.)"""
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    if worker is None or not hasattr(worker, "_worker_logs_enabled"):
+        yield
+        return
+    before = worker._worker_logs_enabled
+    worker._worker_logs_enabled = False
+    try:
+        yield
+    finally:
+        worker._worker_logs_enabled = before
+
+
 def _shut_down(serve: Any, ray: Any, started_ray: bool, collector: Any, stopping: bool) -> None:
     from btdeploy.serve.app import APP_NAME
 
     # "stopped" answers the "stopping" of a stop; after a failure the error is the last line
     if ray.is_initialized():  # else ray.init failed or was stopped: nothing started, and Serve would start Ray to look
-        try:
-            if started_ray:
-                serve.shutdown()  # Serve is ours: its controller and proxies go with it
-            else:
-                serve.delete(APP_NAME)  # a shared cluster keeps Serve running for its other applications
-                if collector is not None:
-                    ray.kill(collector)
-        finally:
-            ray.shutdown()  # stops the processes this command started
+        with _actor_logs_muted(ray):
+            try:
+                if started_ray:
+                    serve.shutdown()  # Serve is ours: its controller and proxies go with it
+                else:
+                    serve.delete(APP_NAME)  # a shared cluster keeps Serve running for its other applications
+                    if collector is not None:
+                        ray.kill(collector)
+            finally:
+                ray.shutdown()  # stops the processes this command started
     if stopping:
         say("stopped")

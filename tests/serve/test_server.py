@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -79,7 +80,18 @@ def server(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Ite
         assert process.url == f"http://127.0.0.1:{process.port}"
         yield Server(process.url, export)
         # Shutdown: SIGTERM stops the server, and no Ray process it started is left behind.
+        assert process.process is not None and process.process.stdout is not None
+        stdout = process.process.stdout.fileno()
+        os.set_blocking(stdout, False)
+        with contextlib.suppress(BlockingIOError):
+            os.read(stdout, 1 << 20)  # what Ray relayed while the tests ran
+        os.set_blocking(stdout, True)
         assert process.stop() == 0, process.tail()
+        # The stop printed nothing on stdout: Ray had relayed "(raylet) Task
+        # ServeController.graceful_shutdown failed ... killed by `ray.kill`" there on every clean stop.
+        assert process.process.stdout.read() == ""
+        stop_lines = process.log.read_text().split("] stopping\n")[-1].splitlines()
+        assert len(stop_lines) == 1 and stop_lines[0].endswith("] stopped"), process.tail()
     assert not process.log.exists()  # a clean stop leaves no log behind in the temporary folder
     deadline = time.monotonic() + 30
     while _ray_processes() - before and time.monotonic() < deadline:

@@ -76,7 +76,8 @@ def serve_export(settings: ServeSettings) -> int:
             + f" ({settings.replicas} replica(s) each, {cpus:g} CPU reserved per replica,"
             + f" ONNX Runtime workers {'spinning' if settings.spin else 'not spinning'} between operators)"
         )
-        serve.run(build_application(settings, folders, rank_folder), name=APP_NAME, route_prefix="/")
+        with _serve_reconnect_line_dropped():
+            serve.run(build_application(settings, folders, rank_folder), name=APP_NAME, route_prefix="/")
         url = f"http://{settings.host}:{settings.port}"
         _wait_ready(url, list(folders))
         print(f"ready on {url}", flush=True)
@@ -93,6 +94,28 @@ def serve_export(settings: ServeSettings) -> int:
     finally:
         _shut_down(serve, ray, started_ray, collector, stopping)
     return 0
+
+
+# What serve.run logs as it finds the Serve that serve.start (above it) made or found; the options
+# it says "will not be applied" were applied by serve.start, or refused by _require_serve_http.
+_SERVE_RECONNECT_LINE = "Connecting to existing Serve app"
+
+
+@contextmanager
+def _serve_reconnect_line_dropped() -> Iterator[None]:
+    """serve.run without its "... New http_options/controller_options will not be applied" line,
+    which read on every start as if --host and --port had been ignored."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_SERVE_RECONNECT_LINE)
+
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        serve_logger.removeFilter(keep)
 
 
 def _running_http() -> tuple[str, int]:

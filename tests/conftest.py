@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,22 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ.pop("BTDEPLOY_CACHE", None)
     else:
         os.environ["BTDEPLOY_CACHE"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_as_from_a_terminal() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt in the suite and in every Python it starts, also where the
+    suite was started with SIGINT ignored (`nohup`, a script's `&`), which its children would
+    inherit: the tests that send SIGINT test btdeploy's answer to it, and the ones about an ignored
+    SIGINT ignore it in their own child."""
+    import signal
+
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(scope="session")

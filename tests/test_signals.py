@@ -27,9 +27,7 @@ _DEFERRED = """
 import os, signal, sys
 from btdeploy.signals import Terminated, interrupts_deferred, sigterm_raises
 
-# Ctrl-C's handler as a terminal starts Python: a suite run in the background by a script starts
-# its children with SIGINT ignored, and Python then leaves it ignored
-signal.signal(signal.SIGINT, {sigint_handler})
+signal.signal(signal.SIGINT, {sigint_handler})  # Ctrl-C's own, or ignored as under nohup
 steps = []
 with sigterm_raises():
     try:

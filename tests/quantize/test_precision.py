@@ -745,8 +745,6 @@ def test_the_fp16_conversion_writes_the_same_bytes_in_every_process() -> None:
 _INTERRUPT_DURING_MODELOPT_IMPORT = """
 import os, signal, sys
 
-signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal starts Python, whatever started the suite
-
 class InterruptMidImport:
     # Ctrl-C arriving while Model Optimizer's modules are still being imported
     def find_spec(self, name, path=None, target=None):

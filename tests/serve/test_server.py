@@ -90,9 +90,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Ite
         # The stop printed nothing on stdout: Ray had relayed "(raylet) Task
         # ServeController.graceful_shutdown failed ... killed by `ray.kill`" there on every clean stop.
         assert process.process.stdout.read() == ""
+        log = process.log.read_text()
         # serve.run's "New http_options/controller_options will not be applied" (they had been) is not printed
-        assert "will not be applied" not in process.log.read_text()
-        stop_lines = process.log.read_text().split("] stopping\n")[-1].splitlines()
+        assert "will not be applied" not in log
+        stop_lines = log.split("] stopping\n")[-1].splitlines()
         assert len(stop_lines) == 1 and stop_lines[0].endswith("] stopped"), process.tail()
     assert not process.log.exists()  # a clean stop leaves no log behind in the temporary folder
     deadline = time.monotonic() + 30

@@ -4,11 +4,13 @@ Ray retries an address where nothing listens, or where something that is not Ray
 Serve's HTTP port), for about 14 minutes (20 attempts of about 40 s, in compiled code that a stop
 waits out); given the other address form's port, or a gRPC server that is not Ray, it says 'Failed
 to connect' alone after 20-35 s; with a certificate one end of a TLS cluster refuses, it was still
-retrying after 4 minutes. Each of those is one line here, within about a second.
+retrying after 4 minutes; with a certificate that does not name the host given, it retried for minutes
+(ray:// gave up after 30 s). Each of those is one line here, within about a second.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import ssl
@@ -38,6 +40,10 @@ TLS_HINT = f"set RAY_USE_TLS=1 and {', '.join(TLS_FILES[:2])} and {TLS_FILES[2]}
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 HTTP2_SETTINGS = 4  # frame type
 
+# The hosts ray.init turns into this machine's own address before it dials a HOST:PORT (Ray's
+# is_localhost); a ray:// address is dialed as given.
+RAY_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
 
 @dataclass(frozen=True)
 class RayTls:
@@ -48,7 +54,7 @@ class RayTls:
     ca: bytes
     paths: tuple[str, str, str]
     # Presents this machine's certificate and trusts the cluster's CA. The host name in the cluster's
-    # certificate is left to Ray: only what Ray surely refuses is refused here.
+    # certificate is checked apart (_require_host_named), where Ray checks it, and as leniently.
     context: ssl.SSLContext
 
     def grpc_credentials(self) -> Any:
@@ -160,6 +166,7 @@ def _greeting(address: str, place: tuple[str, int], tls: RayTls | None) -> tuple
                 return b"", False
             except (ssl.SSLError, ConnectionError) as error:
                 raise _NoTls(_reason(error)) from None
+            _require_host_named(address, place, secured.getpeercert() or {})
             try:
                 return _http2_greeting(secured)
             except (ssl.SSLError, ConnectionError) as error:  # TLS 1.3: a refused certificate arrives as an alert
@@ -167,6 +174,62 @@ def _greeting(address: str, place: tuple[str, int], tls: RayTls | None) -> tuple
     except OSError as error:
         reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or str(error))
         raise BtDeployError(f"no Ray cluster answers at {address} ({reason}): {JOIN_HINT}") from None
+
+
+def _require_host_named(address: str, place: tuple[str, int], certificate: dict[str, Any]) -> None:
+    """The cluster's certificate names the host Ray's gRPC client holds it to: the host as given, except a
+    loopback HOST:PORT, which ray.init dials as this machine's own address (a head whose certificate
+    lacks that address does not start). Measured against a `ray start` head with TLS and a certificate
+    naming its addresses only: HOST:PORT by another name was still retrying after 160 s, ray://localhost
+    gave up after 30 s with 'ray client connection timeout'."""
+    host, port = place
+    if not address.startswith("ray://") and host in RAY_LOOPBACK_HOSTS:
+        return
+    names = _certificate_names(certificate)
+    if any(_name_matches(name, host) for name in names):
+        return
+    form = "ray://" if address.startswith("ray://") else ""
+    instead = ""
+    plain = [name for name in names if "*" not in name]
+    if plain:  # a name on the same side of this machine as the host given: no loopback for a remote cluster
+        near = [name for name in plain if _is_loopback(name) == _is_loopback(host)] or plain
+        instead = f"--address {form}{f'[{near[0]}]' if ':' in near[0] else near[0]}:{port}, or "
+    raise BtDeployError(
+        f"the Ray cluster at {address} presented a certificate for {', '.join(names) or 'no host name'}, not for "
+        f"{host}: Ray's client refuses a certificate that does not name the host it dials, after retrying for 30 s "
+        f"(ray://) to minutes; give {instead}the cluster's nodes certificates whose subjectAltName names {host}"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def _certificate_names(certificate: dict[str, Any]) -> list[str]:
+    """The host names and addresses a peer certificate (ssl's getpeercert()) is for: its subjectAltName,
+    or its common name where it has none (as gRPC reads it)."""
+    alternatives = certificate.get("subjectAltName", ())
+    names = [str(value).strip() for kind, value in alternatives if kind in ("DNS", "IP Address")]
+    if names:
+        return names
+    return [str(value) for part in certificate.get("subject", ()) for key, value in part if key == "commonName"]
+
+
+def _name_matches(name: str, host: str) -> bool:
+    """Whether a certificate's name covers `host`: the same address, the same name in any case, or a
+    wildcard for the host's leftmost label ('*.example.com' covers 'head.example.com' only)."""
+    try:
+        return ipaddress.ip_address(name) == ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    name, host = name.lower().rstrip("."), host.lower().rstrip(".")
+    if name.startswith("*."):
+        first, _, rest = host.partition(".")
+        return bool(first) and rest == name[2:]
+    return name == host
 
 
 def _refused_certificate(address: str, tls: RayTls, reason: str) -> BtDeployError:

@@ -19,8 +19,10 @@ from btdeploy.serve.settings import ServeSettings, check_settings
 # TLS as Ray has it: RAY_USE_TLS with RAY_TLS_SERVER_CERT, RAY_TLS_SERVER_KEY and RAY_TLS_CA_CERT.
 
 
-def _certificate(folder: Path, name: str, issuer: tuple[Any, Any] | None) -> tuple[Any, Any]:
-    """A key and certificate named `name` for 127.0.0.1 in `folder` (name.crt, name.key), signed by
+def _certificate(
+    folder: Path, name: str, issuer: tuple[Any, Any] | None, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+) -> tuple[Any, Any]:
+    """A key and certificate named `name` for `hosts` in `folder` (name.crt, name.key), signed by
     `issuer` (its certificate and key), or by itself as a CA."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -44,7 +46,9 @@ def _certificate(folder: Path, name: str, issuer: tuple[Any, Any] | None) -> tup
     if issuer is not None:
         import ipaddress
 
-        names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+        names = [
+            x509.DNSName(host) if host == "localhost" else x509.IPAddress(ipaddress.ip_address(host)) for host in hosts
+        ]
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     certificate = builder.sign(signer_key, hashes.SHA256())
     (folder / f"{name}.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
@@ -56,11 +60,12 @@ def _certificate(folder: Path, name: str, issuer: tuple[Any, Any] | None) -> tup
 
 @pytest.fixture(scope="module")
 def tls_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ca signs node (the cluster's and this machine's certificate, as Ray uses one set for both ends);
-    otherca signs stranger."""
+    """ca signs node (the cluster's and this machine's certificate, as Ray uses one set for both ends)
+    and addressonly (127.0.0.1 without the name localhost); otherca signs stranger."""
     folder = tmp_path_factory.mktemp("tls")
     ca = _certificate(folder, "ca", None)
     _certificate(folder, "node", ca)
+    _certificate(folder, "addressonly", ca, hosts=("127.0.0.1",))
     other = _certificate(folder, "otherca", None)
     _certificate(folder, "stranger", other)
     return folder
@@ -162,10 +167,12 @@ def test_settings_refuse_an_address_where_something_else_than_ray_listens(
     assert "give the head node's HOST:PORT" in message
 
 
-def _grpc_server(answers: dict[str, str | None], tls_folder: Path | None = None) -> tuple[Any, int]:
-    """A gRPC server on a free loopback port with only these methods: each answers an empty reply, or
+def _grpc_server(
+    answers: dict[str, str | None], tls_folder: Path | None = None, certificate: str = "node", host: str = "127.0.0.1"
+) -> tuple[Any, int]:
+    """A gRPC server on a free port of `host` with only these methods: each answers an empty reply, or
     refuses with the status named (as Ray's services refuse a call without the cluster's token). With
-    `tls_folder`, over TLS as Ray's are with RAY_USE_TLS: certificate node.crt, clients' signed by ca.crt."""
+    `tls_folder`, over TLS as Ray's are with RAY_USE_TLS: `certificate` (node.crt), clients' signed by ca.crt."""
     from concurrent.futures import ThreadPoolExecutor
 
     import grpc
@@ -185,12 +192,12 @@ def _grpc_server(answers: dict[str, str | None], tls_folder: Path | None = None)
 
     server = grpc.server(ThreadPoolExecutor(max_workers=1), handlers=[Methods()])
     if tls_folder is None:
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(f"{host}:0")
     else:
-        node = ((tls_folder / "node.key").read_bytes(), (tls_folder / "node.crt").read_bytes())
+        node = ((tls_folder / f"{certificate}.key").read_bytes(), (tls_folder / f"{certificate}.crt").read_bytes())
         ca = (tls_folder / "ca.crt").read_bytes()
         credentials = grpc.ssl_server_credentials([node], root_certificates=ca, require_client_auth=True)
-        port = server.add_secure_port("127.0.0.1:0", credentials)
+        port = server.add_secure_port(f"{host}:0", credentials)
     server.start()
     return server, port
 
@@ -277,6 +284,53 @@ def test_certificates_the_other_end_refuses_are_named(
     finally:
         server.stop(grace=None)
     assert message.startswith(refusal.format(port=port, folder=tls_folder)), message
+
+
+@pytest.mark.parametrize(("certificate", "host", "given", "refusal"), [
+    # Ray dials a loopback HOST:PORT as this machine's own address, which a working head's certificate names
+    ("addressonly", "127.0.0.1", "localhost:{port}", None),
+    ("addressonly", "127.0.0.1", "ray://127.0.0.1:{port}", None),
+    ("addressonly", "127.0.0.1", "ray://localhost:{port}",
+     "the Ray cluster at ray://localhost:{port} presented a certificate for 127.0.0.1, not for localhost: Ray's client"
+     " refuses a certificate that does not name the host it dials, after retrying for 30 s (ray://) to minutes; give"
+     " --address ray://127.0.0.1:{port}, or the cluster's nodes certificates whose subjectAltName names localhost"),
+    # 127.0.0.2 is loopback to Linux but not one of the hosts Ray turns into this machine's address
+    ("node", "127.0.0.2", "127.0.0.2:{port}",
+     "the Ray cluster at 127.0.0.2:{port} presented a certificate for 127.0.0.1, localhost, not for 127.0.0.2: "),
+    ("node", "127.0.0.2", "ray://127.0.0.2:{port}",
+     "the Ray cluster at ray://127.0.0.2:{port} presented a certificate for 127.0.0.1, localhost, not for 127.0.0.2: "),
+])  # fmt: skip
+def test_a_cluster_certificate_that_does_not_name_the_host_ray_dials_is_named(
+    tiny_export: Path, tls_folder: Path, monkeypatch: pytest.MonkeyPatch,
+    certificate: str, host: str, given: str, refusal: str | None,
+) -> None:  # fmt: skip
+    """Against a `ray start` head with TLS whose certificate named its addresses only, HOST:PORT by another
+    name was still retrying after 160 s and ray://localhost gave up after 30 s ('ray client connection
+    timeout'); the check had passed both."""
+    _use_tls(monkeypatch, tls_folder)
+    server, port = _grpc_server({GCS: None, RAY_CLIENT: None}, tls_folder, certificate=certificate, host=host)
+    try:
+        if refusal is None:
+            check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=given.format(port=port)))
+        else:
+            message = _refusal(tiny_export, given.format(port=port))
+            assert message.startswith(refusal.format(port=port)), message
+    finally:
+        server.stop(grace=None)
+
+
+@pytest.mark.parametrize(("name", "host", "covers"), [
+    ("head.example.com", "HEAD.example.com.", True),
+    ("*.example.com", "head.example.com", True),
+    ("*.example.com", "example.com", False),
+    ("*.example.com", "a.head.example.com", False),
+    ("0:0:0:0:0:0:0:1", "::1", True),  # as ssl writes an IPv6 subjectAltName
+    ("10.0.0.1", "10.0.0.10", False),
+])  # fmt: skip
+def test_a_certificate_name_covers_a_host_as_grpc_reads_it(name: str, host: str, covers: bool) -> None:
+    from btdeploy.serve.cluster_address import _name_matches
+
+    assert _name_matches(name, host) is covers
 
 
 @pytest.mark.parametrize(("change", "refusal"), [

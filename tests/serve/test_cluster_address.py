@@ -95,6 +95,15 @@ def _refusal(tiny_export: Path, address: str) -> str:
     return str(error.value)
 
 
+def _accepted_or_refused(tiny_export: Path, address: str, refusal: str | None) -> None:
+    """The settings with this --address pass where `refusal` is None, else fail with a message starting so."""
+    if refusal is None:
+        check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=address))
+    else:
+        message = _refusal(tiny_export, address)
+        assert message.startswith(refusal), message
+
+
 def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -230,11 +239,7 @@ def test_settings_ask_the_grpc_server_at_the_address_for_the_service_its_form_ne
     _use_tls(monkeypatch, tls_folder, tls=tls)
     server, port = _grpc_server(answers, tls_folder if tls else None)
     try:
-        if refusal is None:
-            check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=given.format(port=port)))
-        else:
-            message = _refusal(tiny_export, given.format(port=port))
-            assert message.startswith(refusal.format(port=port)), message
+        _accepted_or_refused(tiny_export, given.format(port=port), refusal and refusal.format(port=port))
     finally:
         server.stop(grace=None)
 
@@ -310,11 +315,7 @@ def test_a_cluster_certificate_that_does_not_name_the_host_ray_dials_is_named(
     _use_tls(monkeypatch, tls_folder)
     server, port = _grpc_server({GCS: None, RAY_CLIENT: None}, tls_folder, certificate=certificate, host=host)
     try:
-        if refusal is None:
-            check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), address=given.format(port=port)))
-        else:
-            message = _refusal(tiny_export, given.format(port=port))
-            assert message.startswith(refusal.format(port=port)), message
+        _accepted_or_refused(tiny_export, given.format(port=port), refusal and refusal.format(port=port))
     finally:
         server.stop(grace=None)
 

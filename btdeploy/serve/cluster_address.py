@@ -149,8 +149,9 @@ class _NoTls(Exception):
 
 
 def _greeting(address: str, place: tuple[str, int], tls: RayTls | None) -> tuple[bytes, bool]:
-    """What the server says to an HTTP/2 client (over TLS with `tls`), and whether it closed the
-    connection: Ray's GCS and its client server are gRPC servers, which answer with a SETTINGS frame."""
+    """What the server says to an HTTP/2 client (over TLS with `tls`, once its certificate is known to
+    name the host Ray dials), and whether it closed the connection: Ray's GCS and its client server are
+    gRPC servers, which answer with a SETTINGS frame."""
     try:
         with socket.create_connection(place, timeout=JOIN_CHECK_TIMEOUT_S) as connection:
             if tls is None:
@@ -183,12 +184,12 @@ def _require_host_named(address: str, place: tuple[str, int], certificate: dict[
     naming its addresses only: HOST:PORT by another name was still retrying after 160 s, ray://localhost
     gave up after 30 s with 'ray client connection timeout'."""
     host, port = place
-    if not address.startswith("ray://") and host in RAY_LOOPBACK_HOSTS:
+    form = "ray://" if address.startswith("ray://") else ""
+    if not form and host in RAY_LOOPBACK_HOSTS:
         return
     names = _certificate_names(certificate)
     if any(_name_matches(name, host) for name in names):
         return
-    form = "ray://" if address.startswith("ray://") else ""
     instead = ""
     plain = [name for name in names if "*" not in name]
     if plain:  # a name on the same side of this machine as the host given: no loopback for a remote cluster

@@ -18,6 +18,18 @@ INSTALL_SERVE = "pip install 'btdeploy[serve]'"  # Ray Serve and tritonclient: s
 INSTALL_PEERS = "pip install 'btdeploy[peers]'"  # OpenVINO: the peer in bench and check
 INSTALL_BENCH = "pip install 'btdeploy[bench]'"  # matplotlib: the plots
 
+
+def onnxruntime_distribution(machine: str | None = None, system: str | None = None) -> str:
+    """The ONNX Runtime package pyproject.toml installs on this platform, by the same markers:
+    `onnxruntime` (CPU only) on aarch64 and macOS, where PyPI has no onnxruntime-gpu 1.24 and
+    nvidia-modelopt takes the CPU package; `onnxruntime-gpu` elsewhere."""
+    import platform
+
+    machine = platform.machine() if machine is None else machine
+    system = platform.system() if system is None else system
+    return "onnxruntime" if machine == "aarch64" or system == "Darwin" else "onnxruntime-gpu"
+
+
 _LOCK = threading.RLock()  # re-entrant: an import inside may reach another helper that takes it
 
 

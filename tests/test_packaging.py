@@ -6,6 +6,9 @@ import re
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -20,3 +23,43 @@ def test_the_oldest_python_admitted_is_the_one_mypy_and_ruff_check_against() -> 
     assert data["tool"]["mypy"]["python_version"] == f"{major}.{minor}"
     assert data["tool"]["ruff"]["target-version"] == f"py{major}{minor}"
     assert sys.version_info[:2] >= (int(major), int(minor))
+
+
+# Platforms a user installs on: (platform_machine, platform_system); python_version 3.11 to 3.13.
+PLATFORMS = [("x86_64", "Linux"), ("aarch64", "Linux"), ("arm64", "Darwin")]
+
+
+def _onnxruntime_requirements(requirements: list[str], environment: dict[str, str]) -> list[Any]:
+    from packaging.requirements import Requirement
+
+    parsed = [Requirement(r) for r in requirements]
+    return [
+        r for r in parsed
+        if r.name in {"onnxruntime", "onnxruntime-gpu"} and (r.marker is None or r.marker.evaluate(environment))
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("machine", "system"), PLATFORMS)
+@pytest.mark.parametrize("python", ["3.11", "3.12", "3.13"])
+def test_one_onnxruntime_package_per_platform_the_one_model_optimizer_takes(
+    machine: str, system: str, python: str
+) -> None:
+    """btdeploy had required onnxruntime-gpu everywhere: on aarch64 (Jetson, Grace) and macOS,
+    where PyPI has no onnxruntime-gpu 1.24 and nvidia-modelopt[onnx] takes the CPU onnxruntime, the
+    README's install found no version; had it found one, both packages (one module) would be installed."""
+    import importlib.metadata as metadata
+
+    from packaging.version import Version
+
+    from btdeploy.imports import onnxruntime_distribution
+
+    environment = {
+        "platform_machine": machine, "platform_system": system, "sys_platform": system.lower(),
+        "python_version": python, "python_full_version": f"{python}.0", "extra": "onnx",
+    }  # fmt: skip
+    ours = _onnxruntime_requirements(tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"], environment)
+    theirs = _onnxruntime_requirements(metadata.requires("nvidia-modelopt") or [], environment)
+    assert len(ours) == 1 and len(theirs) == 1, (ours, theirs)
+    assert ours[0].name == theirs[0].name == onnxruntime_distribution(machine, system)
+    installed = Version(metadata.version("onnxruntime-gpu"))  # the release both must admit: the one tested here
+    assert ours[0].specifier.contains(installed) and theirs[0].specifier.contains(installed)

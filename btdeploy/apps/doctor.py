@@ -15,7 +15,7 @@ from btdeploy.backends.provider_probe import start_problem
 from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.backends.tensorrt.environment import INSTALL_TENSORRT, WHERE
 from btdeploy.cpu import EXACT_INTEGER_SUMS, NATIVE_BF16, describe_cpu, exact_integer_sums, native_bf16
-from btdeploy.imports import INSTALL_PEERS, INSTALL_SERVE
+from btdeploy.imports import INSTALL_PEERS, INSTALL_SERVE, onnxruntime_distribution
 from btdeploy.model.checkpoints import cache_dir, cache_problem, cached_checkpoints
 
 
@@ -99,15 +99,22 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
         import onnxruntime as ort
 
         providers = ort.get_available_providers()
+    platform_package = onnxruntime_distribution()  # aarch64, macOS: the CPU package, as pyproject.toml takes it
     if ort_version:
         lines.append(f"onnxruntime-gpu  {ort_version}, providers: {', '.join(providers)}")
+    elif cpu_build and platform_package == "onnxruntime":
+        lines.append(
+            f"onnxruntime      {cpu_build} (the CPU package this platform installs: PyPI has no onnxruntime-gpu "
+            f"1.24 for it), providers: {', '.join(providers)}"
+        )
     elif cpu_build:
         lines.append(
             f"onnxruntime-gpu  not installed; onnxruntime {cpu_build} (CPU only) is -> pip uninstall -y onnxruntime "
             "&& pip install onnxruntime-gpu (the same module: never both)"
         )
     else:
-        lines.append("onnxruntime-gpu  not installed -> pip install onnxruntime-gpu (never beside onnxruntime)")
+        other = "onnxruntime" if platform_package == "onnxruntime-gpu" else "onnxruntime-gpu"
+        lines.append(f"{platform_package:<16} not installed -> pip install {platform_package} (never beside {other})")
     modelopt = package_version("nvidia-modelopt")
     modelopt_install = "not installed -> pip install 'nvidia-modelopt[onnx]==0.47.0'"
     lines.append(f"nvidia-modelopt  {modelopt or modelopt_install}")
@@ -147,6 +154,10 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
     )
     if not found:
         lines.append("  ONNX Runtime CUDA: no (needs an NVIDIA GPU)")
+    elif "CUDAExecutionProvider" not in providers and platform_package == "onnxruntime":
+        lines.append(
+            "  ONNX Runtime CUDA: no (PyPI has no onnxruntime-gpu 1.24 for this platform; TensorRT runs on the GPU)"
+        )
     elif "CUDAExecutionProvider" not in providers:
         lines.append("  ONNX Runtime CUDA: no -> pip install onnxruntime-gpu")
     else:  # listed on any machine: does it start with this machine's CUDA libraries?

@@ -94,7 +94,7 @@ def _load_problem(model_path: Path, error: Exception, version: str) -> str:
         )
     return (
         f"ONNX Runtime {version} cannot run {model_path} ({first_line}): the graph needs an operator, opset or "
-        "type this ONNX Runtime lacks; install the onnxruntime-gpu its manifest records (`versions`), "
+        "type this ONNX Runtime lacks; install the ONNX Runtime its manifest records (`versions`), "
         "or make the graph again with btdeploy here"
     )
 

@@ -29,7 +29,9 @@ CSV_COLUMNS = [
 
 def _engine_version(run: BenchRun, engine: str) -> str:
     versions = run.machine.get("versions", {})
-    return str(versions.get({"onnxruntime": "onnxruntime-gpu"}.get(engine, engine), ""))
+    if engine == "onnxruntime":  # recorded under the package installed: onnxruntime-gpu or the CPU onnxruntime
+        return str(versions.get("onnxruntime-gpu") or versions.get("onnxruntime", ""))
+    return str(versions.get(engine, ""))
 
 
 def csv_rows(run: BenchRun) -> list[dict[str, Any]]:

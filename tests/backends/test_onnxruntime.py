@@ -77,7 +77,7 @@ def test_a_graph_onnx_runtime_parses_but_cannot_run_is_not_called_damaged(tmp_pa
         OnnxRuntimeBackend(tmp_path / "newer.onnx", ["y"])
     message = str(refused.value)
     assert message.startswith(f"ONNX Runtime {ort.__version__} cannot run {tmp_path / 'newer.onnx'} (")
-    assert "com.example:Fused" in message and "install the onnxruntime-gpu its manifest records" in message
+    assert "com.example:Fused" in message and "install the ONNX Runtime its manifest records" in message
     assert "damaged" not in message
     (tmp_path / "cut.onnx").write_bytes(model.SerializeToString()[:-7])
     with pytest.raises(BtDeployError, match=r"cannot load .*cut.onnx .*; the file is damaged or incomplete"):

@@ -221,6 +221,33 @@ def test_doctor_on_a_gpu_machine_with_the_cpu_onnxruntime_and_no_modelopt(
     assert "  OpenVINO, the peer in bench and check: no -> pip install 'btdeploy[peers]'" in lines
 
 
+def test_doctor_on_an_aarch64_gpu_machine_takes_the_cpu_onnxruntime_as_installed(
+    monkeypatch: pytest.MonkeyPatch, no_tensorrt: None
+) -> None:
+    """On aarch64 (a Jetson, a Grace server) pyproject.toml installs the CPU onnxruntime, since PyPI
+    has no onnxruntime-gpu 1.24 there: doctor must not tell the user to swap it for one."""
+    import platform
+
+    import onnxruntime
+
+    from btdeploy.apps import doctor
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(tensorrt_env, "gpu", lambda: ("NVIDIA Thor", (11, 0)))
+    versions = {"torch": "2.13.0", "onnxruntime": "1.24.4", "nvidia-modelopt": "0.47.0"}
+    monkeypatch.setattr(doctor, "package_version", lambda name: versions.get(name))
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    text = "\n".join(doctor.doctor_report()[0])
+    assert "onnxruntime      1.24.4 (the CPU package this platform installs" in text
+    assert "pip uninstall" not in text and "pip install onnxruntime-gpu" not in text
+    assert "ONNX Runtime CUDA: no (PyPI has no onnxruntime-gpu 1.24 for this platform" in text
+    versions.pop("onnxruntime")
+    assert (
+        "onnxruntime      not installed -> pip install onnxruntime (never beside onnxruntime-gpu)"
+        in (doctor.doctor_report()[0])
+    )
+
+
 def test_doctor_says_whether_the_reference_runs_bf16_on_this_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from btdeploy.apps import doctor
 

@@ -14,6 +14,7 @@ from PIL import Image
 from btdeploy.artifacts.manifest import package_version
 from btdeploy.cli import main
 from btdeploy.errors import BtDeployError
+from btdeploy.imports import onnxruntime_distribution
 from btdeploy.model.media import export_processor, paired_files
 from btdeploy.runtime.runtime import find_head
 from btdeploy.verify.check import check_export
@@ -87,7 +88,8 @@ def test_the_command_records_its_inputs_and_refuses_half_a_pair(
     # It names exactly what passed: the graph's bytes by hash, the tools and the CPU.
     graph_hash = hashlib.sha256((tiny_export / "itm" / "model.onnx").read_bytes()).hexdigest()
     assert [row["graphs"] for row in recorded["rows"]] == [{"model.onnx": graph_hash}]
-    assert recorded["versions"]["onnxruntime-gpu"] == package_version("onnxruntime-gpu") and recorded["cpu"]
+    ort = onnxruntime_distribution()  # the package installed: onnxruntime-gpu, or the CPU one on aarch64
+    assert recorded["versions"][ort] == package_version(ort) and recorded["cpu"]
     assert main(["check", str(tiny_export), "--heads", "itm", "--images", str(images)]) == 2
     assert "give both --images DIR and --texts FILE, or neither" in capsys.readouterr().err
     texts.write_text("a cat\n" + "word " * 600 + "\n")

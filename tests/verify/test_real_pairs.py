@@ -88,7 +88,7 @@ def test_the_command_records_its_inputs_and_refuses_half_a_pair(
     # It names exactly what passed: the graph's bytes by hash, the tools and the CPU.
     graph_hash = hashlib.sha256((tiny_export / "itm" / "model.onnx").read_bytes()).hexdigest()
     assert [row["graphs"] for row in recorded["rows"]] == [{"model.onnx": graph_hash}]
-    ort = onnxruntime_distribution()  # the package installed: onnxruntime-gpu, or the CPU one on aarch64
+    ort = onnxruntime_distribution()  # this platform's package: onnxruntime-gpu, or the CPU one on aarch64, macOS
     assert recorded["versions"][ort] == package_version(ort) and recorded["cpu"]
     assert main(["check", str(tiny_export), "--heads", "itm", "--images", str(images)]) == 2
     assert "give both --images DIR and --texts FILE, or neither" in capsys.readouterr().err

@@ -85,6 +85,8 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
     trt = tensorrt_env.tensorrt_version()  # looked up on the module, so tests can stand in for it
     lines.append(f"CPU              {describe_cpu()}")
     lines.append(f"torch            {torch_version or 'not installed'}")
+    # The reference model's code, and the export's: a bug report or a parity change needs its version.
+    lines.append(f"transformers     {package_version('transformers') or 'not installed'}")
     if found:
         import torch
 

@@ -192,6 +192,9 @@ def test_doctor_lists_versions_artifacts_and_install_commands(tiny_export: Path,
     from btdeploy.cpu import describe_cpu
 
     assert f"CPU              {describe_cpu()}" in lines  # INT8 speed depends on the instruction sets
+    from importlib import metadata
+
+    assert f"transformers     {metadata.version('transformers')}" in lines  # the reference model's code
     for head in HEADS:
         assert any(line.split()[0] == head and "model.onnx" in line for line in lines if line.startswith("  "))
 

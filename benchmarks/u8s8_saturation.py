@@ -29,40 +29,12 @@ from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
 from btdeploy.cli import script_entry
-from btdeploy.cpu import describe_cpu, exact_integer_sums
+from btdeploy.cpu import SaturationCount, describe_cpu, exact_integer_sums, u8s8_gemm
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
 from btdeploy.verify.parity import ParityRow, check_head, generated_batches, parse_batch_by_length, shortfalls
 
-INT16 = (-32768, 32767)
 INTEGER_GRAPHS = ("ort.int8", "ort.int8-dynamic")
-
-
-class SaturationCount:
-    def __init__(self) -> None:
-        self.pairs = 0
-        self.saturated = 0
-
-
-def integer_gemm(a: np.ndarray, b: np.ndarray, saturate: bool, count: SaturationCount) -> np.ndarray:
-    """uint8 a [..., K] times int8 b [K, N] (or per head [H, K, N] against [..., H, S, K]), int32 sums;
-    `saturate`: neighbouring products summed in a saturating int16 first, as vpmaddubsw does."""
-    a, b = a.astype(np.int32), b.astype(np.int32)
-    if not saturate:
-        return a @ b
-    if b.ndim > 2:
-        return np.stack([integer_gemm(a[..., h, :, :], b[h], True, count) for h in range(b.shape[0])], axis=-3)
-    lead, k = a.shape[:-1], a.shape[-1]
-    a = a.reshape(-1, k)
-    if k % 2:
-        a, b = np.pad(a, ((0, 0), (0, 1))), np.pad(b, ((0, 1), (0, 0)))
-    out = np.empty((a.shape[0], b.shape[1]), np.int32)
-    for row in range(0, a.shape[0], 8):  # [8, K/2, N] pairs at a time
-        pairs = a[row : row + 8, 0::2, None] * b[None, 0::2, :] + a[row : row + 8, 1::2, None] * b[None, 1::2, :]
-        count.pairs += pairs.size
-        count.saturated += int(np.count_nonzero((pairs < INT16[0]) | (pairs > INT16[1])))
-        out[row : row + 8] = np.clip(pairs, *INT16).sum(1)
-    return out.reshape(*lead, b.shape[1])
 
 
 def _reference_ops(saturate: bool, count: SaturationCount) -> list[Any]:
@@ -79,13 +51,13 @@ def _reference_ops(saturate: bool, count: SaturationCount) -> list[Any]:
 
     class MatMulInteger(OpRun):
         def _run(self, a, b, a_zero=None, b_zero=None):  # type: ignore[no-untyped-def]
-            return (_zero_point_off(integer_gemm(a, b, saturate, count), b, a_zero, b_zero).astype(np.int32),)
+            return (_zero_point_off(u8s8_gemm(a, b, saturate, count), b, a_zero, b_zero).astype(np.int32),)
 
     class MatMulIntegerToFloat(OpRun):
         op_domain = "com.microsoft"
 
         def _run(self, a, b, a_scale, b_scale, a_zero=None, b_zero=None, bias=None):  # type: ignore[no-untyped-def]
-            acc = _zero_point_off(integer_gemm(a, b, saturate, count), b, a_zero, b_zero)
+            acc = _zero_point_off(u8s8_gemm(a, b, saturate, count), b, a_zero, b_zero)
             y = acc.astype(np.float32) * (a_scale * b_scale).astype(np.float32)
             return ((y if bias is None else y + bias).astype(np.float32),)
 

@@ -10,6 +10,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # From /proc/cpuinfo's flags, in this order: the vector widths, then the integer and bfloat16 dot products.
 INSTRUCTION_SETS = (
     "avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8",
@@ -22,6 +24,7 @@ NATIVE_BF16 = ("avx512_bf16", "amx_bf16")
 # Without them its kernel adds two neighbouring products in a 16-bit integer that saturates
 # (vpmaddubsw), so the ort INT8 graphs answer differently there (benchmarks/u8s8_saturation.py).
 EXACT_INTEGER_SUMS = ("avx512_vnni", "avx_vnni", "amx_int8")
+INT16 = (-32768, 32767)
 
 
 def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
@@ -63,6 +66,42 @@ def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
 def exact_integer_sums(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     """The instruction sets of EXACT_INTEGER_SUMS this CPU has (empty: saturating 16-bit pair sums)."""
     return _has(EXACT_INTEGER_SUMS, cpuinfo)
+
+
+def sums_saturate_here(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether ONNX Runtime's uint8 x int8 GEMMs sum pairs of products in a saturating int16 here."""
+    return not exact_integer_sums(cpuinfo)
+
+
+class SaturationCount:
+    """How many pairs of products `u8s8_gemm` summed, and how many of them saturated."""
+
+    def __init__(self) -> None:
+        self.pairs = 0
+        self.saturated = 0
+
+
+def u8s8_gemm(a: np.ndarray, b: np.ndarray, saturate: bool, count: SaturationCount | None = None) -> np.ndarray:
+    """uint8 a [..., K] times int8 b [K, N] (or per head [H, K, N] against [..., H, S, K]) in int32, as
+    ONNX Runtime's kernel sums them before it takes the zero points off; `saturate`: each two
+    neighbouring products (k, k+1) summed in a saturating int16 first, as vpmaddubsw does."""
+    count = count if count is not None else SaturationCount()
+    a, b = a.astype(np.int32), b.astype(np.int32)
+    if not saturate:
+        return a @ b
+    if b.ndim > 2:
+        return np.stack([u8s8_gemm(a[..., h, :, :], b[h], True, count) for h in range(b.shape[0])], axis=-3)
+    lead, k = a.shape[:-1], a.shape[-1]
+    a = a.reshape(-1, k)
+    if k % 2:
+        a, b = np.pad(a, ((0, 0), (0, 1))), np.pad(b, ((0, 1), (0, 0)))
+    out = np.empty((a.shape[0], b.shape[1]), np.int32)
+    for row in range(0, a.shape[0], 8):  # [8, K/2, N] pairs at a time
+        pairs = a[row : row + 8, 0::2, None] * b[None, 0::2, :] + a[row : row + 8, 1::2, None] * b[None, 1::2, :]
+        count.pairs += pairs.size
+        count.saturated += int(np.count_nonzero((pairs < INT16[0]) | (pairs > INT16[1])))
+        out[row : row + 8] = np.clip(pairs, *INT16).sum(1)
+    return out.reshape(*lead, b.shape[1])
 
 
 def bf16_problem(engine: str) -> str | None:

@@ -25,6 +25,17 @@ def run_benchmark(script: str, *args: object, timeout: float | None = None) -> s
     return done
 
 
+def benchmark_module(name: str) -> Any:
+    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def is_quotient_of_printed(ratio: float, a: float, b: float, ratio_half_digit: float) -> bool:
     """Whether `ratio` (rounded to within `ratio_half_digit`) is a / b, where a and b were printed to
     0.1 ms: it lies between the smallest and the largest quotient of the values that print as a and

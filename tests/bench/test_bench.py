@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import BENCHMARKS, is_quotient_of_printed, run_benchmark
+from conftest import BENCHMARKS, benchmark_module, is_quotient_of_printed, run_benchmark
 from PIL import Image
 
 from btdeploy.artifacts.manifest import read_manifest
@@ -19,6 +19,7 @@ from btdeploy.bench.report import CSV_COLUMNS, write_reports
 from btdeploy.bench.runner import BenchSettings, interleaved_order, resolve_variants, run_bench, time_case
 from btdeploy.bench.stats import summarize
 from btdeploy.bench.variants import VARIANTS, BenchEnv, Variant
+from btdeploy.cpu import SaturationCount, sums_saturate_here, u8s8_gemm
 from btdeploy.errors import BtDeployError
 from btdeploy.export.exporter import head_module
 from btdeploy.hugepages import thp_mode
@@ -475,19 +476,8 @@ def test_a_class_only_peers_ran_in_is_named_with_what_would_compare() -> None:
     assert "| head | batch | length | precision |" not in markdown(run)
 
 
-def _benchmark_script(name: str) -> Any:
-    """A script of benchmarks/ as a module (they are scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pipeline_steps_sets_runs_side_by_side() -> None:
-    module = _benchmark_script("pipeline_steps")
+    module = benchmark_module("pipeline_steps")
     made = {"step": "optimize ort", "seconds": 44.8, "peak_rss_gb": 11.744}
     kept = {"step": "export", "seconds": 6.3, "peak_rss_gb": 0.23, "reused": True}
     first = {"wall_seconds": 90.0, "peak_rss_gb": 11.744, "passed": True, "steps": [kept, made]}
@@ -654,39 +644,52 @@ def test_attention_core_benchmark_times_every_form_in_one_run_against_onnx_atten
 @pytest.mark.parametrize("gelu", [False, True])
 def test_integer_gemm_forms_compute_the_same_dense_layer(gelu: bool) -> None:
     """The ort form (uint8 input, integer GEMM with bias) and the Q/DQ form OpenVINO reads (int8 input)
-    both equal numpy's quantize -> int8 GEMM -> per-column step -> bias [-> exact GELU]."""
+    both equal numpy's quantize -> int8 GEMM -> per-column step -> bias [-> exact GELU], the ort form
+    with the sums this CPU's uint8 x int8 kernel makes (saturating int16 pairs without VNNI)."""
     import math
 
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    bench = _benchmark_script("integer_gemm")
+    bench = benchmark_module("integer_gemm")
     k, n, seed = 64, 48, 3
     x = np.random.default_rng(1).standard_normal((5, k)).astype(np.float32) * 2
     ort_form, qdq_form = bench.ort_model(k, n, gelu, seed), bench.qdq_model(k, n, gelu, seed)
     weights = {i.name: numpy_helper.to_array(i) for i in qdq_form.graph.initializer}
     steps = np.clip(np.round(x / weights["x_step"]), -128, 127)  # int8 and uint8 - 128 hold the same range
-    want = (steps @ weights["w"].astype(np.float64)) * weights["x_step"] * weights["w_step"] + weights["bias"]
-    if gelu:
-        want = want * 0.5 * (1 + np.vectorize(math.erf)(want / math.sqrt(2)))
-    for form in (ort_form, qdq_form):
+    uint8 = (steps + bench.ORT_ZERO).astype(np.uint8)
+    zero_off = bench.ORT_ZERO * weights["w"].astype(np.int64).sum(0)
+    count = SaturationCount()
+    sums = {
+        "exact": steps @ weights["w"].astype(np.float64),
+        "this cpu": u8s8_gemm(uint8, weights["w"], sums_saturate_here(), count) - zero_off,
+    }
+    assert np.array_equal(u8s8_gemm(uint8, weights["w"], False) - zero_off, sums["exact"])
+    if sums_saturate_here():
+        assert count.saturated > 0  # the input reaches the saturation the ort form must then show
+    wants = {}
+    for kind, total in sums.items():
+        want = total * weights["x_step"] * weights["w_step"] + weights["bias"]
+        wants[kind] = want * 0.5 * (1 + np.vectorize(math.erf)(want / math.sqrt(2))) if gelu else want
+    for form, kind in ((ort_form, "this cpu"), (qdq_form, "exact")):
         session = ort.InferenceSession(form.SerializeToString(), providers=["CPUExecutionProvider"])
         got = session.run(None, {"x": x})[0]
         assert got.shape == (5, n)
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        want = wants[kind]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=kind)
 
 
 @pytest.mark.parametrize("gmacs", [0.34, 0.0042, 7.25, 99.96, 1234.4])
 def test_integer_gemm_rate_keeps_three_significant_digits(gmacs: float) -> None:
     # a few rows on a loaded machine run below 1 GMAC/s; the table once printed them as 0
-    text = _benchmark_script("integer_gemm")._rate_text(gmacs)
+    text = benchmark_module("integer_gemm")._rate_text(gmacs)
     assert abs(float(text) - gmacs) <= 0.005 * gmacs, text
 
 
 def test_integer_gemm_benchmark_times_every_layer_on_both_engines() -> None:
     done = run_benchmark("integer_gemm.py", "--rows", "4,8", "--threads", 1, "--rounds", 2, "--calls", 1, timeout=120)
     rows = _table(done.stdout, "rows")
-    layers = len(_benchmark_script("integer_gemm").LAYERS)
+    layers = len(benchmark_module("integer_gemm").LAYERS)
     # per row count: every layer on both engines; where it has no GELU also the GEMM alone and OpenVINO's GEMM kernel
     assert len(rows) == 2 * (4 * layers - 2), done.stdout
     assert {row[0] for row in rows} == {"4", "8"}

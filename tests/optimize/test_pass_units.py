@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from btdeploy.artifacts.graph_names import Flavour
+from btdeploy.cpu import sums_saturate_here, u8s8_gemm
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.passes.attention import ATTENTION
 from btdeploy.optimize.passes.cleanup import CLEANUP
@@ -555,9 +556,12 @@ def test_integer_gemms_are_exact_at_a_width_that_is_not_a_multiple_of_16() -> No
     feeds = _int8_feeds(4, 16, k, n)
     lowered, result = _rewrite(model, INTEGER_MATMULS, Flavour.ORT)
     assert result.details["gemms_padded"] == 2 and result.details["columns_added"] == 24
-    values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
-    rounded = np.clip(np.round(feeds["h"] / np.float32(0.03)), -128, 127).astype(np.float64)  # the uint8 code - 128
-    wanted = [rounded @ (values[f"w{i}"] * values[f"w{i}_scale"]) * 0.03 for i in range(2)]
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    uint8 = np.clip(np.round(feeds["h"] / np.float32(0.03)) + 128, 0, 255).astype(np.uint8)
+    # The sums this CPU's uint8 x int8 kernel makes (saturating int16 pairs without VNNI), zero point off.
+    sums = [u8s8_gemm(uint8, values[f"w{i}"], sums_saturate_here()) - 128 * values[f"w{i}"].astype(np.int64).sum(0)
+            for i in range(2)]  # fmt: skip
+    wanted = [sums[i] * (values[f"w{i}_scale"].astype(np.float64) * 0.03) for i in range(2)]
     wanted = [wanted[0] + values["bias"], wanted[1] + feeds["other"]]
     got = _run(lowered, feeds)
     for index in range(2):
@@ -585,10 +589,24 @@ def test_int8_dynamic_integer_gemms_are_padded_to_whole_tiles() -> None:
     exact = feeds["h"] @ numpy_helper.to_array(model.graph.initializer[0]) + numpy_helper.to_array(
         model.graph.initializer[1]
     )
-    (got,) = _run(padded, feeds)
-    assert got.shape == exact.shape
-    # INT8 rounding of both operands: within 2 % of the outputs' range, however the CPU's kernel tiles.
-    assert np.abs(got - exact).max() <= 0.02 * np.abs(exact).max()
+    # The activation's code, step and zero point as ONNX Runtime computes them, read beside the output.
+    quantizer = next(node for node in padded.graph.node if node.op_type == "DynamicQuantizeLinear")
+    padded.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in quantizer.output)
+    got, codes, step, zero = _run(padded, feeds)
+    assert got.shape == exact.shape and codes.dtype == np.uint8
+    original = {t.name: numpy_helper.to_array(t) for t in dynamic.graph.initializer}
+    weights = original["w_w_quantized"]
+    assert original["w_w_zero_point"] == 0
+    sums = {
+        saturate: u8s8_gemm(codes, weights, saturate) - int(zero) * weights.astype(np.int64).sum(0)
+        for saturate in (False, True)
+    }
+    dense = {key: value * (step * original["w_w_scale"]) + original["w_b"] for key, value in sums.items()}
+    # Exact integer sums: INT8 rounding of both operands, within 2 % of the outputs' range.
+    assert np.abs(dense[False] - exact).max() <= 0.02 * np.abs(exact).max()
+    # The padded graph gives this CPU's sums (saturating int16 pairs without VNNI) wherever it tiles.
+    want = dense[sums_saturate_here()]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert INTEGER_WIDTHS.rewrites.keys() == {Flavour.ORT}  # the trt flavours never read int8-dynamic
 
 

@@ -41,23 +41,20 @@ def _reference_ops(saturate: bool, count: SaturationCount) -> list[Any]:
     """The operators the ort INT8 graphs hold that ONNX's reference evaluator lacks or gets wrong."""
     from onnx.reference.op_run import OpRun
 
-    def _zero_point_off(acc: np.ndarray, b: np.ndarray, a_zero: Any, b_zero: Any) -> np.ndarray:
+    def _sums(a: np.ndarray, b: np.ndarray, a_zero: Any, b_zero: Any) -> np.ndarray:
         if b_zero is not None and np.any(b_zero):
             raise BtDeployError("a weight with a zero point: btdeploy's INT8 graphs hold symmetric weights")
-        if a_zero is None:
-            return acc
-        column_sums = b.astype(np.int32).sum(-2)
-        return acc - np.int32(a_zero) * (np.expand_dims(column_sums, -2) if b.ndim > 2 else column_sums)
+        return u8s8_gemm(a, b, saturate, count, a_zero=0 if a_zero is None else a_zero)
 
     class MatMulInteger(OpRun):
         def _run(self, a, b, a_zero=None, b_zero=None):  # type: ignore[no-untyped-def]
-            return (_zero_point_off(u8s8_gemm(a, b, saturate, count), b, a_zero, b_zero).astype(np.int32),)
+            return (_sums(a, b, a_zero, b_zero).astype(np.int32),)
 
     class MatMulIntegerToFloat(OpRun):
         op_domain = "com.microsoft"
 
         def _run(self, a, b, a_scale, b_scale, a_zero=None, b_zero=None, bias=None):  # type: ignore[no-untyped-def]
-            acc = _zero_point_off(u8s8_gemm(a, b, saturate, count), b, a_zero, b_zero)
+            acc = _sums(a, b, a_zero, b_zero)
             y = acc.astype(np.float32) * (a_scale * b_scale).astype(np.float32)
             return ((y if bias is None else y + bias).astype(np.float32),)
 

@@ -81,16 +81,24 @@ class SaturationCount:
         self.saturated = 0
 
 
-def u8s8_gemm(a: np.ndarray, b: np.ndarray, saturate: bool, count: SaturationCount | None = None) -> np.ndarray:
+def u8s8_gemm(
+    a: np.ndarray, b: np.ndarray, saturate: bool, count: SaturationCount | None = None, a_zero: int | np.ndarray = 0
+) -> np.ndarray:
     """uint8 a [..., K] times int8 b [K, N] (or per head [H, K, N] against [..., H, S, K]) in int32, as
-    ONNX Runtime's kernel sums them before it takes the zero points off; `saturate`: each two
-    neighbouring products (k, k+1) summed in a saturating int16 first, as vpmaddubsw does."""
+    ONNX Runtime's kernel sums them: `saturate`, each two neighbouring products (k, k+1) summed in a
+    saturating int16 first, as vpmaddubsw does; then a's zero point taken off exactly, from b's
+    column sums."""
     count = count if count is not None else SaturationCount()
-    a, b = a.astype(np.int32), b.astype(np.int32)
+    column_sums = b.astype(np.int32).sum(-2)
+    zero_off = np.asarray(a_zero).astype(np.int32) * (np.expand_dims(column_sums, -2) if b.ndim > 2 else column_sums)
+    return _raw_sums(a.astype(np.int32), b.astype(np.int32), saturate, count) - zero_off
+
+
+def _raw_sums(a: np.ndarray, b: np.ndarray, saturate: bool, count: SaturationCount) -> np.ndarray:
     if not saturate:
         return a @ b
     if b.ndim > 2:
-        return np.stack([u8s8_gemm(a[..., h, :, :], b[h], True, count) for h in range(b.shape[0])], axis=-3)
+        return np.stack([_raw_sums(a[..., h, :, :], b[h], True, count) for h in range(b.shape[0])], axis=-3)
     lead, k = a.shape[:-1], a.shape[-1]
     a = a.reshape(-1, k)
     if k % 2:

@@ -9,11 +9,13 @@ neighbouring inputs (k, k+1) in a 16-bit integer that saturates at +-32767: 255 
 does not fit. The activation's zero point is taken off afterwards from the weights' column sums,
 exactly. So the same graph gives different answers on the two kinds of CPU.
 
-Each graph runs here three ways on the same generated batches: on ONNX Runtime on this CPU, and in
-ONNX's reference evaluator with its integer GEMMs summed exactly or the saturating way. Each is
-compared with the FP32 export (the parity metrics and INT8 floors `btdeploy check` uses), and ONNX
-Runtime's answers are set against both emulations: on a VNNI CPU they match the exact sums, on an
-AVX2 one the saturating ones. Slow on base (the reference evaluator runs in numpy): minutes a batch.
+Each graph runs here four ways on the same generated batches: on ONNX Runtime on this CPU, as it
+is and with `exact_sums` (its weights recoded to uint8 where this CPU's kernel saturates:
+btdeploy/backends/exact_sums.py), and in ONNX's reference evaluator with its integer GEMMs summed
+exactly or the saturating way. Each is compared with the FP32 export (the parity metrics and INT8
+floors `btdeploy check` uses), and ONNX Runtime's answers are set against both emulations: on a
+VNNI CPU they match the exact sums, on an AVX2 one the saturating ones; with exact_sums, the exact
+ones on both. Slow on base (the reference evaluator runs in numpy): minutes a batch.
 """
 
 from __future__ import annotations
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         path = manifest.graph_path(Flavour(flavour), Precision(precision))
         candidates = {
             "onnxruntime here": Recording(OnnxRuntimeBackend(path, names, ["cpu"])),
+            # exact_sums: the weights recoded to uint8 where this CPU's kernel would saturate
+            "onnxruntime here, exact_sums": Recording(OnnxRuntimeBackend(path, names, ["cpu"], exact_sums=True)),
             "exact (VNNI, AMX)": Recording(EmulatedIntegerSums(path, names, saturate=False)),
             "saturating (AVX2)": Recording(EmulatedIntegerSums(path, names, saturate=True)),
         }
@@ -182,13 +186,15 @@ def main(argv: list[str] | None = None) -> None:
             batches = generated_batches(manifest.config, shapes, seed=args.seed)
             results.append(_row(graph, kind, check_head(head, reference, backend, batches, "int8")))
         count = candidates["saturating (AVX2)"].backend.count  # type: ignore[attr-defined]
-        here, exact, saturating = candidates.values()
+        here, here_exact, exact, saturating = candidates.values()
         agreement.append({
             "graph": graph,
             "saturated_pairs": count.saturated,
             "pairs": count.pairs,
             "onnxruntime_vs_exact": _largest_difference(here, exact),
             "onnxruntime_vs_saturating": _largest_difference(here, saturating),
+            "onnxruntime_exact_sums_vs_exact": _largest_difference(here_exact, exact),
+            "onnxruntime_exact_sums_vs_saturating": _largest_difference(here_exact, saturating),
             "exact_vs_saturating": _largest_difference(exact, saturating),
         })  # fmt: skip
 
@@ -199,12 +205,14 @@ def main(argv: list[str] | None = None) -> None:
         verdict = "pass" if r["passed"] else "MISSED: " + "; ".join(r["missed"])
         print(f"| {r['graph']} | {r['integer_sums']} | {r['output']} | {r['max_abs']:.3e} | {r['of_range']:.4f} | "
               f"{r['cosine']:.6f} | {verdict} |")  # fmt: skip
-    print("\n| graph | saturated pairs | ONNX Runtime here vs exact | vs saturating | exact vs saturating |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| graph | saturated pairs | ONNX Runtime here vs exact | vs saturating | with exact_sums vs exact | "
+          "vs saturating | exact vs saturating |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for a in agreement:
         share = a["saturated_pairs"] / max(a["pairs"], 1)
         print(f"| {a['graph']} | {a['saturated_pairs']} of {a['pairs']} ({share:.2e}) | "
               f"{a['onnxruntime_vs_exact']:.3e} | {a['onnxruntime_vs_saturating']:.3e} | "
+              f"{a['onnxruntime_exact_sums_vs_exact']:.3e} | {a['onnxruntime_exact_sums_vs_saturating']:.3e} | "
               f"{a['exact_vs_saturating']:.3e} |")  # fmt: skip
     if args.json:
         report = {"cpu": describe_cpu(), "exact_sums_here": bool(exact_here), "rows": results, "agreement": agreement}

@@ -69,7 +69,9 @@ def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
 
 def _chosen_graph(args: argparse.Namespace) -> dict[str, Any]:
     """The load options of the graph a command runs, as `graph_options` in build_parser declares them."""
-    chosen = {"providers": args.providers, "flavour": args.flavour, "precision": args.precision}
+    chosen = {
+        "providers": args.providers, "flavour": args.flavour, "precision": args.precision, "exact_sums": args.exact_sums
+    }  # fmt: skip
     # rank runs ONNX Runtime only: no reference options
     return chosen | ({"device": args.device, "checkpoint": args.checkpoint} if "device" in args else {})
 
@@ -146,6 +148,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         device=args.device,
         junit=args.junit,
         checkpoint=args.checkpoint,
+        exact_sums=args.exact_sums,
     )
     print(format_rows(rows))
     passed = all(row.passed for row in rows)
@@ -352,6 +355,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         replica_cpus=args.replica_cpus,
         threads=args.threads,
         spin=args.spin,
+        exact_sums=args.exact_sums,
         timeout_s=args.timeout,
         max_body_mb=args.max_body_mb,
         feature_cache=args.feature_cache,
@@ -408,6 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
         sub.add_argument(
             "--flavour", choices=flavours, default=None, help=f"{verb} the optimized graph of this flavour"
+        )
+        sub.add_argument(
+            "--exact-sums",
+            action="store_true",
+            help="ONNX Runtime's INT8 graphs: sum every integer product in 32 bits, as a CPU with VNNI or AMX does, "
+            "where this CPU's kernels would saturate (btdeploy doctor says whether they do; slower there)",
         )
         sub.add_argument(
             "--precision",
@@ -594,6 +604,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=precisions_of(SERVE_BACKEND), default="fp32", help="the graphs to serve (default: fp32)"
     )
     serve.add_argument("--flavour", choices=flavours, default=None, help="serve the optimized graph of this flavour")
+    serve.add_argument(
+        "--exact-sums",
+        action="store_true",
+        help="INT8: sum every integer product in 32 bits, as a CPU with VNNI or AMX does, where this CPU's "
+        "kernels would saturate (slower there)",
+    )
     serve.add_argument("--split", action="store_true", help="run the text, vision and fusion graphs")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")

@@ -152,7 +152,8 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
         if exact
         else f"{int8_line} yes, but without {', '.join(EXACT_INTEGER_SUMS)} pairs of products are summed in "
         "saturating 16-bit integers, so answers differ from a VNNI machine's: check the INT8 graphs here "
-        "(btdeploy check DIR --flavour ort --precision int8)"
+        "(btdeploy check DIR --flavour ort --precision int8), or sum as a VNNI machine does, slower "
+        "(--exact-sums; exact_sums=True in btdeploy.load)"
     )
     if not found:
         lines.append("  ONNX Runtime CUDA: no (needs an NVIDIA GPU)")

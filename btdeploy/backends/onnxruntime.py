@@ -9,6 +9,7 @@ import numpy as np
 
 from btdeploy.artifacts.graph_names import Precision
 from btdeploy.artifacts.onnx_files import SMALL_STUB_BYTES, missing_weights_problem
+from btdeploy.cpu import sums_saturate_here
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import warn
 
@@ -111,6 +112,7 @@ class OnnxRuntimeBackend:
         provider_fallback: bool = False,
         reduced_precision: bool = False,
         spin: bool = True,
+        exact_sums: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -124,11 +126,12 @@ class OnnxRuntimeBackend:
             raise BtDeployError(missing)
         options = session_options(threads, spin)
         self.providers = resolve_providers(providers)
-        # Only a reduced-precision graph holds FP16 operators; only the CPU provider needs the rewrite.
-        self.attention_in_fp32 = self.quantize_in_fp32 = 0
-        source: str | bytes = str(model_path)
-        if reduced_precision and self.providers == ["CPUExecutionProvider"]:
-            source, self.attention_in_fp32, self.quantize_in_fp32 = _with_fp32_stand_ins(Path(model_path), options)
+        # Only a reduced-precision graph holds FP16 operators; only the CPU provider needs the rewrites.
+        on_cpu = self.providers == ["CPUExecutionProvider"]
+        rewrite = _CpuRewrites(reduced_precision and on_cpu, exact_sums and on_cpu and sums_saturate_here())
+        source = rewrite.source(Path(model_path), options)
+        self.attention_in_fp32, self.quantize_in_fp32 = rewrite.attention_in_fp32, rewrite.quantize_in_fp32
+        self.unsigned_weights = rewrite.unsigned_weights
         try:
             self.session = ort.InferenceSession(source, sess_options=options, providers=self.providers)
         except Exception as error:
@@ -160,6 +163,8 @@ class OnnxRuntimeBackend:
                    (self.quantize_in_fp32, "QuantizeLinear")) if n]  # fmt: skip
         if widened:
             self.description += f" ({' and '.join(widened)} run in FP32)"
+        if self.unsigned_weights:
+            self.description += f" ({self.unsigned_weights} int8 weights recoded to uint8: exact integer sums)"
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session_feeds: dict[str, Any] = {name: feeds[name] for name in self.input_names}
@@ -170,24 +175,46 @@ class OnnxRuntimeBackend:
         return dict(zip(self.output_names, values, strict=True))
 
 
-def _with_fp32_stand_ins(path: Path, options: Any) -> tuple[str | bytes, int, int]:
-    """The graph to open on the CPU provider: the file itself, or its bytes with every FP16 Attention
-    and FP16 QuantizeLinear run in FP32 (backends/cpu_fp16.py says why), its weights still read
-    from beside the file. Returns the source and how many of each were rewritten."""
-    import onnx
+class _CpuRewrites:
+    """The graph to open on the CPU provider: the file itself, or its bytes rewritten (the graph on
+    disk is left as it is; weights it keeps as external data are still read from beside the file).
+    `fp32_stand_ins`: every FP16 Attention and FP16 QuantizeLinear run in FP32 (backends/cpu_fp16.py
+    says why). `exact_sums`: the integer GEMMs' int8 weights recoded to uint8, held in the bytes
+    (backends/exact_sums.py). The counts say what was rewritten."""
 
-    from btdeploy.artifacts.onnx_files import PROTOBUF_LIMIT, serialized_bytes
-    from btdeploy.backends.cpu_fp16 import attention_in_fp32, quantize_in_fp32
+    def __init__(self, fp32_stand_ins: bool, exact_sums: bool) -> None:
+        self.fp32_stand_ins, self.exact_sums = fp32_stand_ins, exact_sums
+        self.attention_in_fp32 = self.quantize_in_fp32 = self.unsigned_weights = 0
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return str(path), 0, 0  # ONNX Runtime reports the damaged file in the caller's words
-    attention, quantize = attention_in_fp32(model), quantize_in_fp32(model)
-    if not (attention or quantize) or serialized_bytes(model) > PROTOBUF_LIMIT:
-        return str(path), 0, 0
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    return model.SerializeToString(), attention, quantize
+    def source(self, path: Path, options: Any) -> str | bytes:
+        if not (self.fp32_stand_ins or self.exact_sums):
+            return str(path)
+        import onnx
+
+        from btdeploy.artifacts.onnx_files import PROTOBUF_LIMIT, serialized_bytes
+        from btdeploy.backends.cpu_fp16 import attention_in_fp32, quantize_in_fp32
+        from btdeploy.backends.exact_sums import unsigned_weights
+
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception:
+            return str(path)  # ONNX Runtime reports the damaged file in the caller's words
+        if self.fp32_stand_ins:
+            self.attention_in_fp32, self.quantize_in_fp32 = attention_in_fp32(model), quantize_in_fp32(model)
+        if self.exact_sums:
+            self.unsigned_weights = unsigned_weights(model, str(path.parent))
+        if not (self.attention_in_fp32 or self.quantize_in_fp32 or self.unsigned_weights):
+            return str(path)
+        if serialized_bytes(model) > PROTOBUF_LIMIT:
+            if self.unsigned_weights:
+                raise BtDeployError(
+                    f"exact_sums: {path.name} with its recoded weights is over ONNX's 2 GB limit for one graph "
+                    "held in memory; run it without exact_sums, or on a CPU with VNNI or AMX (exact sums natively)"
+                )
+            self.attention_in_fp32 = self.quantize_in_fp32 = 0
+            return str(path)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        return model.SerializeToString()
 
 
 _ONNX_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16"}
@@ -250,7 +277,14 @@ def open_recorded_graph(
     names = [entry["name"] for entry in outputs]
     reduced = _may_hold_fp16(manifest, options)
     backend = OnnxRuntimeBackend(
-        path, names, options.providers, options.threads, options.provider_fallback, reduced, options.spin
+        path,
+        names,
+        options.providers,
+        options.threads,
+        options.provider_fallback,
+        reduced,
+        options.spin,
+        options.exact_sums,
     )
     check_graph_io(backend, inputs, outputs)
     return backend

@@ -34,6 +34,9 @@ class RunOptions:
     providers: tuple[str, ...] | None = None  # ONNX Runtime providers: cpu, cuda
     threads: int | None = None
     spin: bool = True  # ONNX Runtime's workers spin between operators (off: busy processes share the cores)
+    # ONNX Runtime's INT8 GEMMs sum every product in 32 bits, as on a VNNI CPU, where its uint8 x int8
+    # kernels would saturate (backends/exact_sums.py); slower there, nothing changes elsewhere.
+    exact_sums: bool = False
     device: str = "cpu"  # the PyTorch reference's device
     cuda_graphs: bool = False
     split: bool = False  # the text, vision and fusion graphs instead of the whole head
@@ -69,6 +72,8 @@ class BenchVariant:
 
     name: str
     options: RunOptions
+    # Why timing it here would only repeat another variant, or None (it is then skipped with that reason).
+    redundant: Callable[[], str | None] | None = None
 
 
 def describe_graph(kind: GraphKind) -> str:
@@ -182,6 +187,11 @@ def _ort_unavailable(options: RunOptions) -> str | None:
         for provider in on_gpu:
             if started := start_problem(provider):  # listed, but its CUDA libraries may not load
                 return f"{started}: btdeploy doctor shows the CUDA and ONNX Runtime versions; or --providers cpu"
+    if problem is None and options.exact_sums and options.precision not in INTEGER_PRECISIONS:
+        return (
+            f"exact_sums recodes the integer GEMMs of the INT8 graphs, and {options.precision} graphs have none: "
+            f"give precision {' or '.join(INTEGER_PRECISIONS)}"
+        )
     return problem
 
 
@@ -205,8 +215,26 @@ def _ort_make(manifest: Manifest, options: RunOptions) -> Backend:
     return open_recorded_graph(manifest, path, manifest.data["inputs"], manifest.data["outputs"], options)
 
 
+# The precisions whose graphs hold integer GEMMs, which `exact_sums` recodes.
+INTEGER_PRECISIONS = (Precision.INT8, Precision.INT8_DYNAMIC)
+
+
 def _ort_variant(name: str, flavour: Flavour | None, precision: Precision = Precision.FP32) -> BenchVariant:
     return BenchVariant(name, RunOptions(flavour=flavour, precision=precision))
+
+
+def _sums_exact_already() -> str | None:
+    from btdeploy.cpu import exact_integer_sums
+
+    if found := exact_integer_sums():
+        return f"this CPU sums integer products exactly already ({', '.join(found)}): the same run as without"
+    return None
+
+
+def _exact_sums_variant(precision: Precision) -> BenchVariant:
+    """An ort INT8 graph with exact_sums: timed only where it changes the kernel."""
+    options = RunOptions(flavour=Flavour.ORT, precision=precision, exact_sums=True)
+    return BenchVariant(f"ort-{precision}-exact", options, _sums_exact_already)
 
 
 _ORT_GRAPHS: tuple[GraphKind, ...] = (
@@ -219,7 +247,17 @@ ONNXRUNTIME = Target(
     name="onnxruntime",
     description="ONNX Runtime on the exported or optimized graphs",
     options=frozenset(
-        {"flavour", "precision", "providers", "threads", "spin", "split", "verify_hash", "provider_fallback"}
+        {
+            "flavour",
+            "precision",
+            "providers",
+            "threads",
+            "spin",
+            "exact_sums",
+            "split",
+            "verify_hash",
+            "provider_fallback",
+        }  # fmt: skip
     ),
     graphs=_ORT_GRAPHS,
     make=_ort_make,
@@ -235,6 +273,8 @@ ONNXRUNTIME = Target(
             _ort_variant(f"ort-{precision}", Flavour.ORT, precision)
             for precision in (Precision.FP16, Precision.INT8, Precision.INT8_DYNAMIC)
         ),
+        # The same INT8 graphs with exact integer sums where this CPU's kernels would saturate.
+        *(_exact_sums_variant(precision) for precision in INTEGER_PRECISIONS),
     ),
     runs_split=True,
 )

@@ -51,7 +51,8 @@ def _from_target(target: Target, variant: BenchVariant) -> Variant:
 
     def unavailable(manifest: Manifest, env: BenchEnv) -> str | None:
         opts = options(env)
-        return target.unavailable(opts) or target.missing(manifest, opts)
+        redundant = variant.redundant and variant.redundant()
+        return redundant or target.unavailable(opts) or target.missing(manifest, opts)
 
     def build(manifest: Manifest, env: BenchEnv) -> Backend:
         return target.make(manifest, options(env))

@@ -46,6 +46,7 @@ def check_export(
     device: str | None = None,
     junit: Path | None = None,
     checkpoint: Path | None = None,
+    exact_sums: bool = False,
 ) -> list[ParityRow]:
     """Reference vs the chosen graph; a reduced `precision` reads model.<flavour>.<precision>.onnx
     (flavour ort unless given) and is held to that precision's tolerances. A `references` cache
@@ -56,7 +57,8 @@ def check_export(
     The inputs are generated (padded random ids and pixels at every batch size x text length), or,
     with `images` and `texts`, real pairs through the checkpoint's processor in batches of the
     largest batch size: what a release gate on the user's own data needs, INT8 above all.
-    `checkpoint` is the reference's checkpoint folder where it is no longer at the recorded path."""
+    `checkpoint` is the reference's checkpoint folder where it is no longer at the recorded path.
+    `exact_sums`: ONNX Runtime sums the INT8 graphs' integer products as a VNNI CPU does."""
     for flag, path, example in (("--report", report, "parity.json"), ("--junit", junit, "parity.xml")):
         if path is not None and Path(path).is_dir():
             raise BtDeployError(f"{flag} {path} is a folder: give a file name such as {Path(path) / example}")
@@ -68,6 +70,7 @@ def check_export(
     # check holds every graph to its full recorded hash, where the target reads graphs itself
     requested |= {"verify_hash": True} if "verify_hash" in target.options else {}
     requested |= {"checkpoint": checkpoint} if "checkpoint" in target.options else {}  # --backend torch
+    requested |= {"exact_sums": True} if exact_sums else {}
     options = target.resolve(requested)
     reference_target = get_target("torch")
     reference_options = reference_target.resolve({"checkpoint": checkpoint})

@@ -332,7 +332,7 @@ CASES: list[tuple[str, Setup, str]] = [
     (
         "check --device for ONNX Runtime",
         lambda out, tmp: ["check", str(out), "--heads", "itm", "--device", "cuda"],
-        "does not take 'device': it takes flavour, precision, provider_fallback, providers",
+        "does not take 'device': it takes exact_sums, flavour, precision, provider_fallback, providers",
     ),
     ("an export folder that does not exist", _missing_export, "does not exist: pass the --out folder"),
     (

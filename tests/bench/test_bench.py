@@ -152,6 +152,23 @@ def test_skip_reasons_say_why() -> None:
         resolve_variants(["ort", "ort-turbo"])
 
 
+@pytest.mark.parametrize("exact_here", [True, False], ids=["vnni-cpu", "avx2-cpu"])
+def test_exact_sums_variants_are_timed_only_where_they_change_the_kernel(
+    monkeypatch: pytest.MonkeyPatch, exact_here: bool
+) -> None:
+    from btdeploy import cpu as cpu_module
+    from btdeploy.artifacts.manifest import Manifest
+
+    monkeypatch.setattr(cpu_module, "exact_integer_sums", lambda: ["avx512_vnni"] if exact_here else [])
+    manifest = Manifest(Path("/nonexistent/itm"), {"head": "itm"})
+    env = BenchEnv(threads=2, device="cpu")
+    for precision in ("int8", "int8-dynamic"):
+        reason = str(VARIANTS[f"ort-{precision}-exact"].unavailable(manifest, env))
+        assert ("sums integer products exactly already (avx512_vnni)" in reason) == exact_here, reason
+        if not exact_here:  # then only its graph is missing
+            assert f"itm/model.ort.{precision}.onnx does not exist" in reason, reason
+
+
 def test_bench_refuses_a_length_past_the_model_before_measuring_anything(
     tiny_export: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -808,7 +825,7 @@ def test_u8s8_saturation_emulates_the_integer_sums_of_this_cpu(optimized: Path, 
     assert [(r["graph"], r["integer_sums"]) for r in data["rows"]] == [
         (graph, kind)
         for graph in ("ort.int8", "ort.int8-dynamic")
-        for kind in ("onnxruntime here", "exact (VNNI, AMX)", "saturating (AVX2)")
+        for kind in ("onnxruntime here", "onnxruntime here, exact_sums", "exact (VNNI, AMX)", "saturating (AVX2)")
     ]
     # Both kinds of CPU get graphs within the INT8 floors.
     assert all(r["passed"] for r in data["rows"]), [r["missed"] for r in data["rows"]]
@@ -820,6 +837,8 @@ def test_u8s8_saturation_emulates_the_integer_sums_of_this_cpu(optimized: Path, 
     # differently in ONNX Runtime's fused operator, so its answers sit between the two).
     here, other = ("exact", "saturating") if exact_here else ("saturating", "exact")
     assert static[f"onnxruntime_vs_{here}"] < 0.25 * static[f"onnxruntime_vs_{other}"], static
+    # With exact_sums ONNX Runtime sums as a VNNI CPU does, on either class.
+    assert static["onnxruntime_exact_sums_vs_exact"] < 0.25 * static["onnxruntime_exact_sums_vs_saturating"], static
     # Only the ort INT8 graphs hold integer GEMMs; anything else is refused in one line.
     import subprocess
     import sys

@@ -118,13 +118,14 @@ def test_only_graphs_that_may_hold_fp16_are_parsed_for_the_cpu_rewrite(
     from btdeploy.backends import onnxruntime as ort_backend
 
     parsed: list[str] = []
-    real = ort_backend._with_fp32_stand_ins
+    real = ort_backend._CpuRewrites.source
 
-    def recording(path: Path, options: object) -> tuple[str | bytes, int, int]:
-        parsed.append(path.name)
-        return real(path, options)
+    def recording(self: ort_backend._CpuRewrites, path: Path, options: object) -> str | bytes:
+        if self.fp32_stand_ins or self.exact_sums:  # the two rewrites that parse the graph
+            parsed.append(path.name)
+        return real(self, path, options)
 
-    monkeypatch.setattr(ort_backend, "_with_fp32_stand_ins", recording)
+    monkeypatch.setattr(ort_backend._CpuRewrites, "source", recording)
     manifest = read_manifest(quantized / "itm")
     for flavour, precision in [
         (Flavour.ORT, Precision.INT8),  # FP32 around the Q/DQ, as its record says
@@ -772,3 +773,24 @@ def test_ctrl_c_during_the_model_optimizer_import_waits_for_the_import_to_end() 
         [sys.executable, "-c", _INTERRUPT_DURING_MODELOPT_IMPORT], capture_output=True, text=True, timeout=300
     )
     assert done.stdout.strip() == "interrupted; import finished: True", done.stdout + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+@pytest.mark.parametrize("precision", ["int8", "int8-dynamic"])
+def test_exact_sums_recodes_every_integer_gemm_of_the_ort_int8_graphs(quantized: Path, precision: str) -> None:
+    """Every weight of the graphs' integer GEMMs (uint8 activations by int8 weights) turns uint8, so
+    ONNX Runtime sums them as a VNNI CPU does; `check --exact-sums` holds them to the INT8 floors."""
+    from btdeploy.backends.exact_sums import INTEGER_GEMMS, unsigned_weights
+
+    folder = quantized / "itm"
+    model = onnx.load(str(folder / graph_file(Flavour.ORT, Precision(precision))))
+    gemms = [n for n in model.graph.node if (n.domain if n.domain != "ai.onnx" else "", n.op_type) in INTEGER_GEMMS]
+    weights = {n.input[1] for n in gemms}
+    assert gemms and unsigned_weights(model) == len(weights)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert all(types[n.input[1]] == onnx.TensorProto.UINT8 for n in gemms)
+    report = folder.parent / f"exact-{precision}.json"
+    argv = ["check", str(folder), "--flavour", "ort", "--precision", precision, "--exact-sums", "--report", str(report)]
+    assert main(argv) == 0
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["options"]["exact_sums"] is True

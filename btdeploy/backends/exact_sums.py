@@ -31,8 +31,9 @@ def _positions(node: onnx.NodeProto) -> dict[str, int] | None:
     return INTEGER_GEMMS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
 
 
-def _activation_is_uint8(node: onnx.NodeProto, where: dict[str, int], producers: dict[str, onnx.NodeProto],
-                         types: dict[str, int]) -> bool:  # fmt: skip
+def _activation_is_uint8(
+    node: onnx.NodeProto, where: dict[str, int], producers: dict[str, onnx.NodeProto], types: dict[str, int]
+) -> bool:
     zero = node.input[where["a_zero"]] if len(node.input) > where["a_zero"] else ""
     if zero in types:  # the activation's zero point has the activation's type
         return types[zero] == TensorProto.UINT8

@@ -231,6 +231,22 @@ def _sums_exact_already() -> str | None:
     return None
 
 
+def integer_sums(options: RunOptions) -> str | None:
+    """How ONNX Runtime on this CPU sums the uint8 x int8 products of the graph `options` run (the
+    ort INT8 graphs, on the CPU provider), for reports; None for any other graph."""
+    from btdeploy.backends.onnxruntime import gpu_providers
+    from btdeploy.cpu import exact_integer_sums
+
+    uint8_by_int8 = options.flavour == Flavour.ORT and options.precision in INTEGER_PRECISIONS
+    if not uint8_by_int8 or gpu_providers(options.providers):
+        return None
+    if found := exact_integer_sums():
+        return f"exact ({', '.join(found)})"
+    if options.exact_sums:
+        return "exact (exact_sums: int8 weights recoded to uint8)"
+    return "saturating int16 pairs (no VNNI or AMX; exact_sums would sum as a VNNI CPU does)"
+
+
 def _exact_sums_variant(precision: Precision) -> BenchVariant:
     """An ort INT8 graph with exact_sums: timed only where it changes the kernel."""
     options = RunOptions(flavour=Flavour.ORT, precision=precision, exact_sums=True)

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from btdeploy.backends.exact_sums import unsigned_weights
 from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
-from btdeploy.backends.targets import TARGETS
+from btdeploy.backends.targets import TARGETS, integer_sums
 from btdeploy.cpu import sums_saturate_here, u8s8_gemm
 from btdeploy.errors import BtDeployError
 
@@ -36,8 +36,9 @@ def _exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a.astype(np.int64) - A_ZERO) @ b.astype(np.int64)
 
 
-def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], out_type: int,
-           initializers: list[onnx.TensorProto]) -> onnx.ModelProto:  # fmt: skip
+def _model(
+    nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], out_type: int, initializers: list[onnx.TensorProto]
+) -> onnx.ModelProto:
     output = helper.make_tensor_value_info("y", out_type, [ROWS, COLUMNS])
     graph = helper.make_graph(nodes, "g", inputs, [output], initializer=initializers)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
@@ -134,8 +135,8 @@ def test_a_weight_also_read_with_int8_activations_stays_int8() -> None:
 
 def test_the_backend_recodes_only_where_the_sums_saturate_and_leaves_the_file(tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
-    onnx.save(_matmul_integer_to_float(), str(path), save_as_external_data=True, size_threshold=0,
-              location="model.onnx.data")  # fmt: skip
+    model = _matmul_integer_to_float()
+    onnx.save(model, str(path), save_as_external_data=True, size_threshold=0, location="model.onnx.data")
     before = hashlib.sha256(path.read_bytes() + (tmp_path / "model.onnx.data").read_bytes()).hexdigest()
     backend = OnnxRuntimeBackend(path, ["y"], exact_sums=True)
     recoded = 1 if sums_saturate_here() else 0  # a VNNI or AMX CPU sums exactly already
@@ -155,3 +156,20 @@ def test_exact_sums_is_refused_where_there_are_no_integer_gemms() -> None:
         TARGETS["torch"].resolve({"exact_sums": True})
     resolved = TARGETS["onnxruntime"].resolve({"precision": "int8-dynamic", "exact_sums": True})
     assert resolved.exact_sums and resolved.flavour == "ort"
+
+
+@pytest.mark.parametrize("flags", [["avx512_vnni"], []], ids=["vnni-cpu", "avx2-cpu"])
+def test_reports_say_how_the_integer_products_were_summed(monkeypatch: pytest.MonkeyPatch, flags: list[str]) -> None:
+    from btdeploy import cpu
+
+    monkeypatch.setattr(cpu, "exact_integer_sums", lambda: flags)
+    resolve = TARGETS["onnxruntime"].resolve
+    as_is, recoded = (resolve({"precision": "int8", "exact_sums": e}) for e in (False, True))
+    if flags:
+        assert integer_sums(as_is) == integer_sums(recoded) == "exact (avx512_vnni)"
+    else:
+        assert integer_sums(as_is) is not None and integer_sums(as_is).startswith("saturating int16 pairs")
+        assert integer_sums(recoded) == "exact (exact_sums: int8 weights recoded to uint8)"
+    # graphs without uint8 x int8 GEMMs: the Q/DQ trt graph (int8 x int8), FP32
+    assert integer_sums(resolve({"precision": "int8", "flavour": "trt"})) is None
+    assert integer_sums(resolve({})) is None

@@ -794,3 +794,6 @@ def test_exact_sums_recodes_every_integer_gemm_of_the_ort_int8_graphs(quantized:
     assert main(argv) == 0
     data = json.loads(report.read_text())
     assert data["passed"] and data["options"]["exact_sums"] is True
+    assert data["integer_sums"].startswith("exact (")  # VNNI's own, or recoded
+    assert main(argv[:-2] + ["--junit", str(report.with_suffix(".xml"))]) == 0  # a CI gate sees it too
+    assert 'name="integer_sums" value="exact (' in report.with_suffix(".xml").read_text()

@@ -404,6 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
+    def exact_sums_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--exact-sums",
+            action="store_true",
+            help="ONNX Runtime's INT8 graphs: sum every integer product in 32 bits, as a CPU with VNNI or AMX does, "
+            "where this CPU's kernels would saturate (btdeploy doctor says whether they do; slower there)",
+        )
+
     def graph_options(sub: argparse.ArgumentParser, verb: str, precision_note: str, runs_on: str | None = None) -> None:
         """Which graph a command runs: the same options, with the same choices, everywhere (`runs_on`:
         the one target of a command without --backend; else it takes --backend, so TensorRT engines
@@ -413,12 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--flavour", choices=flavours, default=None, help=f"{verb} the optimized graph of this flavour"
         )
-        sub.add_argument(
-            "--exact-sums",
-            action="store_true",
-            help="ONNX Runtime's INT8 graphs: sum every integer product in 32 bits, as a CPU with VNNI or AMX does, "
-            "where this CPU's kernels would saturate (btdeploy doctor says whether they do; slower there)",
-        )
+        exact_sums_option(sub)
         sub.add_argument(
             "--precision",
             choices=precisions_of(*([runs_on] if runs_on else TARGETS)),
@@ -604,12 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", choices=precisions_of(SERVE_BACKEND), default="fp32", help="the graphs to serve (default: fp32)"
     )
     serve.add_argument("--flavour", choices=flavours, default=None, help="serve the optimized graph of this flavour")
-    serve.add_argument(
-        "--exact-sums",
-        action="store_true",
-        help="INT8: sum every integer product in 32 bits, as a CPU with VNNI or AMX does, where this CPU's "
-        "kernels would saturate (slower there)",
-    )
+    exact_sums_option(serve)
     serve.add_argument("--split", action="store_true", help="run the text, vision and fusion graphs")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")

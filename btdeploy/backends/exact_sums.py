@@ -31,10 +31,15 @@ def _positions(node: onnx.NodeProto) -> dict[str, int] | None:
     return INTEGER_GEMMS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
 
 
+def _input(node: onnx.NodeProto, position: int) -> str:
+    """The node's input at `position`, or "" where it is left out (an optional input)."""
+    return node.input[position] if len(node.input) > position else ""
+
+
 def _activation_is_uint8(
     node: onnx.NodeProto, where: dict[str, int], producers: dict[str, onnx.NodeProto], types: dict[str, int]
 ) -> bool:
-    zero = node.input[where["a_zero"]] if len(node.input) > where["a_zero"] else ""
+    zero = _input(node, where["a_zero"])
     if zero in types:  # the activation's zero point has the activation's type
         return types[zero] == TensorProto.UINT8
     producer = producers.get(node.input[where["a"]])
@@ -43,7 +48,7 @@ def _activation_is_uint8(
 
 def _weight_names(node: onnx.NodeProto, where: dict[str, int]) -> list[str]:
     """The weight and, where given, its zero point."""
-    return [node.input[where[r]] for r in ("b", "b_zero") if len(node.input) > where[r] and node.input[where[r]]]
+    return [name for role in ("b", "b_zero") if (name := _input(node, where[role]))]
 
 
 def unsigned_weights(model: onnx.ModelProto, base_dir: str = "") -> int:
@@ -70,10 +75,9 @@ def unsigned_weights(model: onnx.ModelProto, base_dir: str = "") -> int:
     chosen = []
     for node in graph.node:
         where = _positions(node)
-        if where is None or len(node.input) <= where["b"]:
+        if where is None:
             continue
-        weight = node.input[where["b"]]
-        zero = node.input[where["b_zero"]] if len(node.input) > where["b_zero"] else ""
+        weight, zero = _input(node, where["b"]), _input(node, where["b_zero"])
         if types.get(weight) != TensorProto.INT8 or not only_read_as(weight, "b"):
             continue
         if zero and (types.get(zero) != TensorProto.INT8 or not only_read_as(zero, "b_zero")):
@@ -94,7 +98,7 @@ def unsigned_weights(model: onnx.ModelProto, base_dir: str = "") -> int:
     recoded: set[str] = set()
     for node, where in chosen:
         for role in ("b", "b_zero"):
-            name = node.input[where[role]] if len(node.input) > where[role] else ""
+            name = _input(node, where[role])
             if not name:  # a missing weight zero point is 0: 128 in uint8
                 name = f"{node.input[where['b']]}_unsigned_zero_point"
                 if name not in initializers:

@@ -65,12 +65,12 @@ def check_export(
     pair = paired_files(images, texts, ("--images", "--texts"))  # read once, for every head
     target = get_target(backend)
     requested: dict[str, Any] = {
-        "providers": providers, "flavour": flavour, "split": split, "precision": precision, "device": device
+        "providers": providers, "flavour": flavour, "split": split, "precision": precision, "device": device,
+        "exact_sums": exact_sums,
     }  # fmt: skip
     # check holds every graph to its full recorded hash, where the target reads graphs itself
     requested |= {"verify_hash": True} if "verify_hash" in target.options else {}
     requested |= {"checkpoint": checkpoint} if "checkpoint" in target.options else {}  # --backend torch
-    requested |= {"exact_sums": True} if exact_sums else {}
     options = target.resolve(requested)
     reference_target = get_target("torch")
     reference_options = reference_target.resolve({"checkpoint": checkpoint})

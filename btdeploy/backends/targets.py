@@ -223,11 +223,16 @@ def _ort_variant(name: str, flavour: Flavour | None, precision: Precision = Prec
     return BenchVariant(name, RunOptions(flavour=flavour, precision=precision))
 
 
-def _sums_exact_already() -> str | None:
+def _native_exact_sums() -> str | None:
+    """The instruction sets by which this CPU sums integer products exactly, or None (it saturates)."""
     from btdeploy.cpu import exact_integer_sums
 
-    if found := exact_integer_sums():
-        return f"this CPU sums integer products exactly already ({', '.join(found)}): the same run as without"
+    return ", ".join(exact_integer_sums()) or None
+
+
+def _sums_exact_already() -> str | None:
+    if native := _native_exact_sums():
+        return f"this CPU sums integer products exactly already ({native}): the same run as without"
     return None
 
 
@@ -235,13 +240,12 @@ def integer_sums(options: RunOptions) -> str | None:
     """How ONNX Runtime on this CPU sums the uint8 x int8 products of the graph `options` run (the
     ort INT8 graphs, on the CPU provider), for reports; None for any other graph."""
     from btdeploy.backends.onnxruntime import gpu_providers
-    from btdeploy.cpu import exact_integer_sums
 
     uint8_by_int8 = options.flavour == Flavour.ORT and options.precision in INTEGER_PRECISIONS
     if not uint8_by_int8 or gpu_providers(options.providers):
         return None
-    if found := exact_integer_sums():
-        return f"exact ({', '.join(found)})"
+    if native := _native_exact_sums():
+        return f"exact ({native})"
     if options.exact_sums:
         return "exact (exact_sums: int8 weights recoded to uint8)"
     return "saturating int16 pairs (no VNNI or AMX; exact_sums would sum as a VNNI CPU does)"

@@ -128,7 +128,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from btdeploy.verify.check import check_export
+    from btdeploy.backends.targets import SATURATING_SUMS, integer_sums
+    from btdeploy.verify.check import check_export, check_options, graph_label, saturation_advice
     from btdeploy.verify.parity import format_rows
 
     heads = _chosen_heads(args)
@@ -151,6 +152,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         exact_sums=args.exact_sums,
     )
     print(format_rows(rows))
+    if args.backend == "onnxruntime":
+        options = check_options(args.backend, args.providers, args.flavour, args.precision, exact_sums=args.exact_sums)
+        if integer_sums(options) == SATURATING_SUMS:
+            print(saturation_advice([graph_label(args.backend, options)]))
     passed = all(row.passed for row in rows)
     print("parity PASSED" if passed else "parity FAILED")
     return 0 if passed else 1

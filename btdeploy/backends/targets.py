@@ -248,7 +248,11 @@ def integer_sums(options: RunOptions) -> str | None:
         return f"exact ({native})"
     if options.exact_sums:
         return "exact (exact_sums: int8 weights recoded to uint8)"
-    return "saturating int16 pairs (no VNNI or AMX; exact_sums would sum as a VNNI CPU does)"
+    return SATURATING_SUMS
+
+
+# What `integer_sums` says of an ort INT8 graph whose products this CPU sums two at a time in int16.
+SATURATING_SUMS = "saturating int16 pairs (no VNNI or AMX; exact_sums would sum as a VNNI CPU does)"
 
 
 def _exact_sums_variant(precision: Precision) -> BenchVariant:

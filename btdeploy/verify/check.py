@@ -64,14 +64,7 @@ def check_export(
             raise BtDeployError(f"{flag} {path} is a folder: give a file name such as {Path(path) / example}")
     pair = paired_files(images, texts, ("--images", "--texts"))  # read once, for every head
     target = get_target(backend)
-    requested: dict[str, Any] = {
-        "providers": providers, "flavour": flavour, "split": split, "precision": precision, "device": device,
-        "exact_sums": exact_sums,
-    }  # fmt: skip
-    # check holds every graph to its full recorded hash, where the target reads graphs itself
-    requested |= {"verify_hash": True} if "verify_hash" in target.options else {}
-    requested |= {"checkpoint": checkpoint} if "checkpoint" in target.options else {}  # --backend torch
-    options = target.resolve(requested)
+    options = check_options(backend, providers, flavour, precision, split, device, exact_sums, checkpoint)
     reference_target = get_target("torch")
     reference_options = reference_target.resolve({"checkpoint": checkpoint})
     rows: list[ParityRow] = []
@@ -111,6 +104,38 @@ def check_export(
         if junit is not None:
             write_junit(Path(junit), [junit_suite(graph_label(backend, options), rows, data)])
     return rows
+
+
+def check_options(
+    backend: str = "onnxruntime",
+    providers: list[str] | None = None,
+    flavour: str | None = None,
+    precision: str | None = None,
+    split: bool = False,
+    device: str | None = None,
+    exact_sums: bool = False,
+    checkpoint: Path | None = None,
+) -> RunOptions:
+    """The options a check runs `backend` with: the ones asked for, and every graph held to its
+    full recorded hash where the backend reads graphs itself."""
+    target = get_target(backend)
+    requested: dict[str, Any] = {
+        "providers": providers, "flavour": flavour, "split": split, "precision": precision, "device": device,
+        "exact_sums": exact_sums,
+    }  # fmt: skip
+    requested |= {"verify_hash": True} if "verify_hash" in target.options else {}
+    requested |= {"checkpoint": checkpoint} if "checkpoint" in target.options else {}  # --backend torch
+    return target.resolve(requested)
+
+
+def saturation_advice(graphs: list[str]) -> str:
+    """What a check of ort INT8 graphs on a CPU whose integer sums saturate did not hold, and how to."""
+    return (
+        f"integer sums: ONNX Runtime on this CPU (no VNNI or AMX) summed the integer products of "
+        f"{', '.join(graphs)} two at a time in a saturating int16, where a CPU with VNNI or AMX sums them "
+        "exactly; --exact-sums (check, run, rank, serve; exact_sums=True in btdeploy.load) sums them "
+        "exactly here too."
+    )
 
 
 def graph_label(backend: str, options: RunOptions) -> str:

@@ -797,3 +797,30 @@ def test_exact_sums_recodes_every_integer_gemm_of_the_ort_int8_graphs(quantized:
     assert data["integer_sums"].startswith("exact (")  # VNNI's own, or recoded
     assert main(argv[:-2] + ["--junit", str(report.with_suffix(".xml"))]) == 0  # a CI gate sees it too
     assert 'name="integer_sums" value="exact (' in report.with_suffix(".xml").read_text()
+
+
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+@pytest.mark.parametrize("native", [[], ["avx512_vnni"]], ids=["saturating-cpu", "vnni-cpu"])
+def test_check_says_when_the_integer_sums_it_held_saturate(
+    quantized: Path, native: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A check of an ort INT8 graph on a CPU whose integer sums saturate says so under its table, and
+    how to sum exactly; not with --exact-sums, not on a VNNI CPU, not for the trt graph (int8 x int8)."""
+    import btdeploy.cpu
+
+    monkeypatch.setattr(btdeploy.cpu, "exact_integer_sums", lambda *_: list(native))
+    folder = str(quantized / "itm")
+    said = {}
+    for name, argv in {
+        "ort.int8": ["check", folder, "--flavour", "ort", "--precision", "int8"],
+        "ort.int8 exact": ["check", folder, "--flavour", "ort", "--precision", "int8", "--exact-sums"],
+        "trt.int8": ["check", folder, "--flavour", "trt", "--precision", "int8"],
+    }.items():
+        assert main(argv) == 0
+        said[name] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("integer sums:")]
+    if native:
+        assert said == {"ort.int8": [], "ort.int8 exact": [], "trt.int8": []}
+    else:
+        assert len(said["ort.int8"]) == 1 and "model.ort.int8.onnx" in said["ort.int8"][0]
+        assert "--exact-sums" in said["ort.int8"][0]
+        assert said["ort.int8 exact"] == [] and said["trt.int8"] == []

@@ -20,7 +20,7 @@ from btdeploy.artifacts.files import write_json
 from btdeploy.artifacts.graph_names import Flavour, Precision, graph_key
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.artifacts.onnx_files import graph_bytes
-from btdeploy.backends.targets import SATURATING_SUMS, TARGETS, RunOptions, integer_sums
+from btdeploy.backends.targets import TARGETS, RunOptions
 from btdeploy.export.exporter import DEFAULT_OPSET, export_head
 from btdeploy.model.checkpoints import head_weight_count, load_config, resolve_model
 from btdeploy.model.heads import HEADS, get_head
@@ -37,14 +37,7 @@ from btdeploy.quantize.calibration import (
 )
 from btdeploy.quantize.methods import METHODS, PRECISIONS, quantized_graphs
 from btdeploy.quantize.quantizer import quantize_head
-from btdeploy.verify.check import (
-    ReferenceCache,
-    check_export,
-    graph_label,
-    inputs_record,
-    report_data,
-    saturation_advice,
-)
+from btdeploy.verify.check import ReferenceCache, check_export, graph_label, inputs_record, report_data
 from btdeploy.verify.junit import junit_suite, write_junit
 from btdeploy.verify.parity import ParityRow, format_rows
 
@@ -205,10 +198,6 @@ def run_pipeline(
     if generated:
         print(f"\ncalibration: the {' and '.join(calibrated)} graphs are calibrated on GENERATED inputs "
               f"{GENERATED_ADVICE}")  # fmt: skip
-    saturated = [key for key, graph in checked.items() if graph.backend == "onnxruntime"
-                 and integer_sums(graph.options) == SATURATING_SUMS]  # fmt: skip
-    if saturated:
-        print(saturation_advice(saturated))
     passed = all(s.passed for s in summaries)
     peak = max((entry["peak_rss_gb"] for s in summaries for entry in s.steps), default=0.0)
     print(f"pipeline {'PASSED' if passed else 'FAILED'} in {clock(wall)}, peak RSS {peak:.2f} GB; "

@@ -5,10 +5,11 @@ VNNI or AMX its kernel adds two neighbouring products in a saturating int16 firs
 so the same graph answers differently there than on a VNNI server. Its uint8 x uint8 kernel widens
 both sides to 16 bits and sums in 32 bits on every CPU. A weight w in int8 with zero point z is
 the same number as w + 128 in uint8 with zero point z + 128, so recoding the weights changes the
-kernel, not the model: the answers become the exact sums a VNNI CPU computes. It costs time (on
-a 2-core Zen 3, base itm int8-dynamic took 1.16x at 1 x 16 and 1.25x at 4 x 40;
-benchmarks/results/int8-without-vnni), so it is asked for (`exact_sums=True`, `--exact-sums`) and
-applied only where the sums saturate; the graph on disk is left as it is.
+kernel, not the model: the answers become the exact sums a VNNI CPU computes. It is the default
+(`RunOptions.exact_sums`; large itm's static graph failed the INT8 cosine floor with saturating
+sums), applied only where the sums saturate, and costs time there (on a 2-core Zen 3, base itm
+1.19-1.29x; benchmarks/results/int8-without-vnni); `exact_sums=False` keeps ONNX Runtime's own
+kernel. The graph on disk is left as it is.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from btdeploy.artifacts.graph_names import Precision
+from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.artifacts.onnx_files import SMALL_STUB_BYTES, missing_weights_problem
 from btdeploy.cpu import sums_saturate_here
 from btdeploy.errors import BtDeployError
@@ -209,7 +209,8 @@ class _CpuRewrites:
             if self.unsigned_weights:
                 raise BtDeployError(
                     f"exact_sums: {path.name} with its recoded weights is over ONNX's 2 GB limit for one graph "
-                    "held in memory; run it without exact_sums, or on a CPU with VNNI or AMX (exact sums natively)"
+                    "held in memory; run it with exact_sums=False (--no-exact-sums), or on a CPU with VNNI or AMX "
+                    "(exact sums natively)"
                 )
             self.attention_in_fp32 = self.quantize_in_fp32 = 0
             return str(path)
@@ -276,6 +277,9 @@ def open_recorded_graph(
     manifest.verify_graph(path, full=options.verify_hash)
     names = [entry["name"] for entry in outputs]
     reduced = _may_hold_fp16(manifest, options)
+    # Only the ort INT8 graphs multiply uint8 by int8 (the trt ones int8 by int8, exact anywhere):
+    # no other graph is parsed for weights to recode.
+    uint8_by_int8 = options.flavour == Flavour.ORT and options.precision in (Precision.INT8, Precision.INT8_DYNAMIC)
     backend = OnnxRuntimeBackend(
         path,
         names,
@@ -284,7 +288,7 @@ def open_recorded_graph(
         options.provider_fallback,
         reduced,
         options.spin,
-        options.exact_sums,
+        options.exact_sums and uint8_by_int8,
     )
     check_graph_io(backend, inputs, outputs)
     return backend

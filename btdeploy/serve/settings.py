@@ -34,7 +34,7 @@ class ServeSettings:
     threads: int | None = None  # ONNX Runtime threads per replica (default: every core)
     # Whether a replica's ONNX Runtime workers spin between operators; None: `replicas_spin` decides.
     spin: bool | None = None
-    exact_sums: bool = False  # the INT8 graphs' integer sums as a VNNI CPU makes them (backends/exact_sums.py)
+    exact_sums: bool = True  # the INT8 graphs' integer sums as a VNNI CPU makes them (backends/exact_sums.py)
     timeout_s: float = 30.0
     max_body_mb: float = 16.0
     max_texts: int = 64  # per task request
@@ -48,8 +48,8 @@ class ServeSettings:
             options["threads"] = self.threads
         if self.spin is not None:
             options["spin"] = self.spin
-        if self.exact_sums:
-            options["exact_sums"] = True
+        if not self.exact_sums:
+            options["exact_sums"] = False
         return options
 
     def as_dict(self) -> dict[str, Any]:

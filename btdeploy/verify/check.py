@@ -46,7 +46,7 @@ def check_export(
     device: str | None = None,
     junit: Path | None = None,
     checkpoint: Path | None = None,
-    exact_sums: bool = False,
+    exact_sums: bool = True,
 ) -> list[ParityRow]:
     """Reference vs the chosen graph; a reduced `precision` reads model.<flavour>.<precision>.onnx
     (flavour ort unless given) and is held to that precision's tolerances. A `references` cache
@@ -58,7 +58,8 @@ def check_export(
     with `images` and `texts`, real pairs through the checkpoint's processor in batches of the
     largest batch size: what a release gate on the user's own data needs, INT8 above all.
     `checkpoint` is the reference's checkpoint folder where it is no longer at the recorded path.
-    `exact_sums`: ONNX Runtime sums the INT8 graphs' integer products as a VNNI CPU does."""
+    `exact_sums`: ONNX Runtime sums the INT8 graphs' integer products as a VNNI CPU does (False:
+    its saturating kernel, where this CPU has one)."""
     for flag, path, example in (("--report", report, "parity.json"), ("--junit", junit, "parity.xml")):
         if path is not None and Path(path).is_dir():
             raise BtDeployError(f"{flag} {path} is a folder: give a file name such as {Path(path) / example}")
@@ -113,7 +114,7 @@ def check_options(
     precision: str | None = None,
     split: bool = False,
     device: str | None = None,
-    exact_sums: bool = False,
+    exact_sums: bool = True,
     checkpoint: Path | None = None,
 ) -> RunOptions:
     """The options a check runs `backend` with: the ones asked for, and every graph held to its
@@ -129,12 +130,11 @@ def check_options(
 
 
 def saturation_advice(graphs: list[str]) -> str:
-    """What a check of ort INT8 graphs on a CPU whose integer sums saturate did not hold, and how to."""
+    """What a check of ort INT8 graphs on ONNX Runtime's saturating kernel held them to, and what not."""
     return (
-        f"integer sums: ONNX Runtime on this CPU (no VNNI or AMX) summed the integer products of "
-        f"{', '.join(graphs)} two at a time in a saturating int16, where a CPU with VNNI or AMX sums them "
-        "exactly; --exact-sums (check, run, rank, serve; exact_sums=True in btdeploy.load) sums them "
-        "exactly here too."
+        f"integer sums: with --no-exact-sums, ONNX Runtime on this CPU (no VNNI or AMX) summed the integer "
+        f"products of {', '.join(graphs)} two at a time in a saturating int16, where a CPU with VNNI or AMX, "
+        "and this one by default, sums them exactly: this check holds them as they run with exact_sums=False."
     )
 
 

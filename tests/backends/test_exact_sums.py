@@ -149,13 +149,14 @@ def test_the_backend_recodes_only_where_the_sums_saturate_and_leaves_the_file(tm
     assert hashlib.sha256(path.read_bytes() + (tmp_path / "model.onnx.data").read_bytes()).hexdigest() == before
 
 
-def test_exact_sums_is_refused_where_there_are_no_integer_gemms() -> None:
-    with pytest.raises(BtDeployError, match="exact_sums recodes the integer GEMMs of the INT8 graphs, and fp32"):
-        TARGETS["onnxruntime"].resolve({"exact_sums": True})
+def test_exact_sums_is_the_default_and_only_onnx_runtime_takes_it_off() -> None:
+    assert TARGETS["onnxruntime"].resolve({"precision": "int8-dynamic"}).exact_sums is True
+    assert TARGETS["onnxruntime"].resolve({"exact_sums": True}).exact_sums is True  # said, on any graph
+    resolved = TARGETS["onnxruntime"].resolve({"precision": "int8-dynamic", "exact_sums": False})
+    assert resolved.exact_sums is False and resolved.flavour == "ort"
+    assert TARGETS["torch"].resolve({"exact_sums": True}).exact_sums is True  # the default, not asked of it
     with pytest.raises(BtDeployError, match="the torch backend .* does not take 'exact_sums'"):
-        TARGETS["torch"].resolve({"exact_sums": True})
-    resolved = TARGETS["onnxruntime"].resolve({"precision": "int8-dynamic", "exact_sums": True})
-    assert resolved.exact_sums and resolved.flavour == "ort"
+        TARGETS["torch"].resolve({"exact_sums": False})
 
 
 @pytest.mark.parametrize("flags", [["avx512_vnni"], []], ids=["vnni-cpu", "avx2-cpu"])

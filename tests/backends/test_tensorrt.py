@@ -279,8 +279,8 @@ def test_doctor_says_what_int8_sums_this_cpu_runs(monkeypatch: pytest.MonkeyPatc
     assert f"{line} (avx512_vnni)" in doctor.doctor_report()[0]
     monkeypatch.setattr(doctor, "exact_integer_sums", lambda: [])
     saturating = [line for line in doctor.doctor_report()[0] if "saturating 16-bit" in line]
-    assert len(saturating) == 1 and "btdeploy check DIR --flavour ort --precision int8" in saturating[0]
-    assert "--exact-sums" in saturating[0]  # and the remedy
+    assert len(saturating) == 1 and "summed in 32 bits as a VNNI machine does" in saturating[0]  # by default
+    assert "btdeploy check DIR --flavour ort --precision int8 --no-exact-sums" in saturating[0]  # the faster way
 
 
 def test_doctor_says_why_a_listed_cuda_provider_does_not_start(

@@ -14,6 +14,7 @@ from conftest import BENCHMARKS, benchmark_module, is_quotient_of_printed, run_b
 from PIL import Image
 
 from btdeploy.artifacts.manifest import read_manifest
+from btdeploy.backends.targets import bench_variants
 from btdeploy.bench.flops import forward_flops
 from btdeploy.bench.report import CSV_COLUMNS, write_reports
 from btdeploy.bench.runner import BenchSettings, interleaved_order, resolve_variants, run_bench, time_case
@@ -153,7 +154,7 @@ def test_skip_reasons_say_why() -> None:
 
 
 @pytest.mark.parametrize("exact_here", [True, False], ids=["vnni-cpu", "avx2-cpu"])
-def test_exact_sums_variants_are_timed_only_where_they_change_the_kernel(
+def test_saturating_variants_are_timed_only_where_they_change_the_kernel(
     monkeypatch: pytest.MonkeyPatch, exact_here: bool
 ) -> None:
     from btdeploy import cpu as cpu_module
@@ -163,8 +164,11 @@ def test_exact_sums_variants_are_timed_only_where_they_change_the_kernel(
     manifest = Manifest(Path("/nonexistent/itm"), {"head": "itm"})
     env = BenchEnv(threads=2, device="cpu")
     for precision in ("int8", "int8-dynamic"):
-        reason = str(VARIANTS[f"ort-{precision}-exact"].unavailable(manifest, env))
-        assert ("sums integer products exactly already (avx512_vnni)" in reason) == exact_here, reason
+        reason = str(VARIANTS[f"ort-{precision}-saturating"].unavailable(manifest, env))
+        assert ("sums integer products exactly (avx512_vnni)" in reason) == exact_here, reason
+        declared = {name: variant.options for name, (_, variant) in bench_variants().items()}
+        assert declared[f"ort-{precision}-saturating"].exact_sums is False
+        assert declared[f"ort-{precision}"].exact_sums is True  # the default sums exactly
         if not exact_here:  # then only its graph is missing
             assert f"itm/model.ort.{precision}.onnx does not exist" in reason, reason
 

@@ -112,10 +112,16 @@ def test_the_trt_int8_graphs_fp16_attention_and_quantize_run_in_fp32_on_the_cpu(
     assert quantize and backend.quantize_in_fp32 == len(quantize)
 
 
-def test_only_graphs_that_may_hold_fp16_are_parsed_for_the_cpu_rewrite(
-    quantized: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("native", [[], ["avx512_vnni"]], ids=["saturating-cpu", "vnni-cpu"])
+def test_only_graphs_that_may_hold_fp16_or_saturating_gemms_are_parsed_for_the_cpu_rewrite(
+    quantized: Path, monkeypatch: pytest.MonkeyPatch, native: list[str]
 ) -> None:
+    """FP16 operators for their FP32 stand-ins; the ort INT8 graphs' uint8 x int8 GEMMs for exact
+    sums, only where this CPU's kernel would saturate (the trt INT8 graph's are int8 x int8)."""
+    import btdeploy.cpu
     from btdeploy.backends import onnxruntime as ort_backend
+
+    monkeypatch.setattr(btdeploy.cpu, "exact_integer_sums", lambda *_: list(native))
 
     parsed: list[str] = []
     real = ort_backend._CpuRewrites.source
@@ -134,7 +140,8 @@ def test_only_graphs_that_may_hold_fp16_are_parsed_for_the_cpu_rewrite(
         (Flavour.ORT, Precision.FP16),
     ]:
         TARGETS["onnxruntime"].make(manifest, RunOptions(flavour=flavour, precision=precision))
-    assert parsed == ["model.trt.int8.onnx", "model.ort.fp16.onnx"]
+    recoded = [] if native else ["model.ort.int8.onnx", "model.ort.int8-dynamic.onnx"]
+    assert parsed == [*recoded, "model.trt.int8.onnx", "model.ort.fp16.onnx"]
 
 
 def test_int8_qdq_is_symmetric_and_keeps_norms_and_residuals_out(quantized: Path) -> None:
@@ -779,7 +786,7 @@ def test_ctrl_c_during_the_model_optimizer_import_waits_for_the_import_to_end() 
 @pytest.mark.parametrize("precision", ["int8", "int8-dynamic"])
 def test_exact_sums_recodes_every_integer_gemm_of_the_ort_int8_graphs(quantized: Path, precision: str) -> None:
     """Every weight of the graphs' integer GEMMs (uint8 activations by int8 weights) turns uint8, so
-    ONNX Runtime sums them as a VNNI CPU does; `check --exact-sums` holds them to the INT8 floors."""
+    ONNX Runtime sums them as a VNNI CPU does; `check` (exact sums by default) holds them to the INT8 floors."""
     from btdeploy.backends.exact_sums import INTEGER_GEMMS, unsigned_weights
 
     folder = quantized / "itm"
@@ -790,7 +797,7 @@ def test_exact_sums_recodes_every_integer_gemm_of_the_ort_int8_graphs(quantized:
     types = {t.name: t.data_type for t in model.graph.initializer}
     assert all(types[n.input[1]] == onnx.TensorProto.UINT8 for n in gemms)
     report = folder.parent / f"exact-{precision}.json"
-    argv = ["check", str(folder), "--flavour", "ort", "--precision", precision, "--exact-sums", "--report", str(report)]
+    argv = ["check", str(folder), "--flavour", "ort", "--precision", precision, "--report", str(report)]
     assert main(argv) == 0
     data = json.loads(report.read_text())
     assert data["passed"] and data["options"]["exact_sums"] is True
@@ -804,23 +811,28 @@ def test_exact_sums_recodes_every_integer_gemm_of_the_ort_int8_graphs(quantized:
 def test_check_says_when_the_integer_sums_it_held_saturate(
     quantized: Path, native: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A check of an ort INT8 graph on a CPU whose integer sums saturate says so under its table, and
-    how to sum exactly; not with --exact-sums, not on a VNNI CPU, not for the trt graph (int8 x int8)."""
+    """A check of an ort INT8 graph with --no-exact-sums on a CPU whose kernel saturates says so under
+    its table, and records it; by default (exact sums), on a VNNI CPU, or for the trt graph (int8 x int8)
+    it does not."""
     import btdeploy.cpu
 
     monkeypatch.setattr(btdeploy.cpu, "exact_integer_sums", lambda *_: list(native))
     folder = str(quantized / "itm")
-    said = {}
+    said, recorded = {}, {}
     for name, argv in {
         "ort.int8": ["check", folder, "--flavour", "ort", "--precision", "int8"],
-        "ort.int8 exact": ["check", folder, "--flavour", "ort", "--precision", "int8", "--exact-sums"],
-        "trt.int8": ["check", folder, "--flavour", "trt", "--precision", "int8"],
+        "ort.int8 saturating": ["check", folder, "--flavour", "ort", "--precision", "int8", "--no-exact-sums"],
+        "trt.int8": ["check", folder, "--flavour", "trt", "--precision", "int8", "--no-exact-sums"],
     }.items():
-        assert main(argv) == 0
+        report = quantized / f"{name}.json"
+        assert main([*argv, "--report", str(report)]) == 0
         said[name] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("integer sums:")]
+        recorded[name] = json.loads(report.read_text())["integer_sums"]
+    assert said["ort.int8"] == [] and said["trt.int8"] == [] and recorded["trt.int8"] is None
     if native:
-        assert said == {"ort.int8": [], "ort.int8 exact": [], "trt.int8": []}
+        assert said["ort.int8 saturating"] == []
+        assert recorded["ort.int8"] == recorded["ort.int8 saturating"] == "exact (avx512_vnni)"
     else:
-        assert len(said["ort.int8"]) == 1 and "model.ort.int8.onnx" in said["ort.int8"][0]
-        assert "--exact-sums" in said["ort.int8"][0]
-        assert said["ort.int8 exact"] == [] and said["trt.int8"] == []
+        assert len(said["ort.int8 saturating"]) == 1 and "model.ort.int8.onnx" in said["ort.int8 saturating"][0]
+        assert recorded["ort.int8"].startswith("exact (exact_sums")
+        assert recorded["ort.int8 saturating"].startswith("saturating")

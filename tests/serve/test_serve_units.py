@@ -293,9 +293,10 @@ def test_replicas_spin_only_where_one_may_run() -> None:
     for asked in (False, True):
         options = ServeSettings(export_dir=".", spin=asked).run_options(split=False)
         assert get_target("onnxruntime").resolve(options).spin is asked
-    # --exact-sums reaches the replicas' options the same way
-    options = ServeSettings(export_dir=".", precision="int8-dynamic", exact_sums=True).run_options(split=False)
-    assert get_target("onnxruntime").resolve(options).exact_sums is True
+    # exact sums by default; --no-exact-sums reaches the replicas' options the same way
+    for asked in (False, True):
+        options = ServeSettings(export_dir=".", precision="int8-dynamic", exact_sums=asked).run_options(split=False)
+        assert get_target("onnxruntime").resolve(options).exact_sums is asked
 
 
 def test_settings_refuse_a_port_in_use(tiny_export: Path) -> None:
@@ -502,7 +503,6 @@ def test_a_stop_signal_the_process_ignores_does_not_stop_rays_start(capsys: pyte
     ({"max_body_mb": -1.0}, "--max-body-mb -1 must be above 0"),
     ({"max_texts": 0}, "max_texts 0 must be at least 1"),
     ({"feature_cache": -5}, "--feature-cache -5 must not be negative (0 keeps none)"),
-    ({"exact_sums": True}, "exact_sums recodes the integer GEMMs of the INT8 graphs, and fp32 graphs have none"),
 ])  # fmt: skip
 def test_settings_refuse_values_out_of_range(tiny_export: Path, change: dict[str, object], message: str) -> None:
     settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), **change)  # type: ignore[arg-type]

@@ -155,7 +155,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.backend == "onnxruntime":
         options = check_options(args.backend, args.providers, args.flavour, args.precision, exact_sums=args.exact_sums)
         if integer_sums(options) == SATURATING_SUMS:
-            print(saturation_advice([graph_label(args.backend, options)]))
+            print(saturation_advice(graph_label(args.backend, options)))
     passed = all(row.passed for row in rows)
     print("parity PASSED" if passed else "parity FAILED")
     return 0 if passed else 1

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from btdeploy.artifacts.graph_names import Flavour, Precision
+from btdeploy.artifacts.graph_names import Precision
 from btdeploy.artifacts.onnx_files import SMALL_STUB_BYTES, missing_weights_problem
 from btdeploy.cpu import sums_saturate_here
 from btdeploy.errors import BtDeployError
@@ -276,10 +276,9 @@ def open_recorded_graph(
     `options.verify_hash`) and then to its declared inputs and outputs; `options` are RunOptions."""
     manifest.verify_graph(path, full=options.verify_hash)
     names = [entry["name"] for entry in outputs]
+    from btdeploy.backends.targets import multiplies_uint8_by_int8
+
     reduced = _may_hold_fp16(manifest, options)
-    # Only the ort INT8 graphs multiply uint8 by int8 (the trt ones int8 by int8, exact anywhere):
-    # no other graph is parsed for weights to recode.
-    uint8_by_int8 = options.flavour == Flavour.ORT and options.precision in (Precision.INT8, Precision.INT8_DYNAMIC)
     backend = OnnxRuntimeBackend(
         path,
         names,
@@ -288,7 +287,7 @@ def open_recorded_graph(
         options.provider_fallback,
         reduced,
         options.spin,
-        options.exact_sums and uint8_by_int8,
+        options.exact_sums and multiplies_uint8_by_int8(options),  # no other graph is parsed for it
     )
     check_graph_io(backend, inputs, outputs)
     return backend

@@ -216,6 +216,12 @@ def _ort_make(manifest: Manifest, options: RunOptions) -> Backend:
 INTEGER_PRECISIONS = (Precision.INT8, Precision.INT8_DYNAMIC)
 
 
+def multiplies_uint8_by_int8(options: RunOptions) -> bool:
+    """Whether the graph `options` name multiplies uint8 activations by int8 weights: the ort INT8
+    graphs (the trt ones multiply int8 by int8, exact on every CPU)."""
+    return options.flavour == Flavour.ORT and options.precision in INTEGER_PRECISIONS
+
+
 def _ort_variant(name: str, flavour: Flavour | None, precision: Precision = Precision.FP32) -> BenchVariant:
     return BenchVariant(name, RunOptions(flavour=flavour, precision=precision))
 
@@ -238,8 +244,7 @@ def integer_sums(options: RunOptions) -> str | None:
     ort INT8 graphs, on the CPU provider), for reports; None for any other graph."""
     from btdeploy.backends.onnxruntime import gpu_providers
 
-    uint8_by_int8 = options.flavour == Flavour.ORT and options.precision in INTEGER_PRECISIONS
-    if not uint8_by_int8 or gpu_providers(options.providers):
+    if not multiplies_uint8_by_int8(options) or gpu_providers(options.providers):
         return None
     if native := _native_exact_sums():
         return f"exact ({native})"

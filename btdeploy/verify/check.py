@@ -129,12 +129,12 @@ def check_options(
     return target.resolve(requested)
 
 
-def saturation_advice(graphs: list[str]) -> str:
-    """What a check of ort INT8 graphs on ONNX Runtime's saturating kernel held them to, and what not."""
+def saturation_advice(graph: str) -> str:
+    """What a check of an ort INT8 graph on ONNX Runtime's saturating kernel held it to, and what not."""
     return (
         f"integer sums: with --no-exact-sums, ONNX Runtime on this CPU (no VNNI or AMX) summed the integer "
-        f"products of {', '.join(graphs)} two at a time in a saturating int16, where a CPU with VNNI or AMX, "
-        "and this one by default, sums them exactly: this check holds them as they run with exact_sums=False."
+        f"products of {graph} two at a time in a saturating int16, where a CPU with VNNI or AMX, and this "
+        "one by default, sums them exactly: this check holds the graph as it runs with exact_sums=False."
     )
 
 

@@ -274,10 +274,10 @@ def open_recorded_graph(
 ) -> OnnxRuntimeBackend:
     """A session on one of a head's graphs, held to its manifest first (size, or the full hash with
     `options.verify_hash`) and then to its declared inputs and outputs; `options` are RunOptions."""
-    manifest.verify_graph(path, full=options.verify_hash)
-    names = [entry["name"] for entry in outputs]
     from btdeploy.backends.targets import multiplies_uint8_by_int8
 
+    manifest.verify_graph(path, full=options.verify_hash)
+    names = [entry["name"] for entry in outputs]
     reduced = _may_hold_fp16(manifest, options)
     backend = OnnxRuntimeBackend(
         path,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from numbers import Integral
 from pathlib import Path
 from typing import Any
@@ -233,10 +234,15 @@ def _native_exact_sums() -> str | None:
     return ", ".join(exact_integer_sums()) or None
 
 
-def _sums_exact_here() -> str | None:
+def _sums_exact_here(default_variant: str) -> str | None:
+    """Why a saturating variant would repeat `default_variant` here, or None (this CPU's kernel saturates)."""
     if native := _native_exact_sums():
-        return f"this CPU sums integer products exactly ({native}): the same run as ort-int8's"
+        return f"this CPU sums integer products exactly ({native}): the same run as {default_variant}'s"
     return None
+
+
+# What `integer_sums` says of an ort INT8 graph whose products this CPU sums two at a time in int16.
+SATURATING_SUMS = "saturating int16 pairs (exact_sums=False on a CPU without VNNI or AMX)"
 
 
 def integer_sums(options: RunOptions) -> str | None:
@@ -253,14 +259,10 @@ def integer_sums(options: RunOptions) -> str | None:
     return SATURATING_SUMS
 
 
-# What `integer_sums` says of an ort INT8 graph whose products this CPU sums two at a time in int16.
-SATURATING_SUMS = "saturating int16 pairs (exact_sums=False on a CPU without VNNI or AMX)"
-
-
 def _saturating_variant(precision: Precision) -> BenchVariant:
     """An ort INT8 graph on ONNX Runtime's saturating kernel: timed only where it is another kernel."""
     options = RunOptions(flavour=Flavour.ORT, precision=precision, exact_sums=False)
-    return BenchVariant(f"ort-{precision}-saturating", options, _sums_exact_here)
+    return BenchVariant(f"ort-{precision}-saturating", options, partial(_sums_exact_here, f"ort-{precision}"))
 
 
 _ORT_GRAPHS: tuple[GraphKind, ...] = (

@@ -166,6 +166,7 @@ def test_saturating_variants_are_timed_only_where_they_change_the_kernel(
     for precision in ("int8", "int8-dynamic"):
         reason = str(VARIANTS[f"ort-{precision}-saturating"].unavailable(manifest, env))
         assert ("sums integer products exactly (avx512_vnni)" in reason) == exact_here, reason
+        assert (f"the same run as ort-{precision}'s" in reason) == exact_here, reason  # its own default twin
         declared = {name: variant.options for name, (_, variant) in bench_variants().items()}
         assert declared[f"ort-{precision}-saturating"].exact_sums is False
         assert declared[f"ort-{precision}"].exact_sums is True  # the default sums exactly

@@ -46,6 +46,17 @@ def resolve_providers(providers: tuple[str, ...] | list[str] | None) -> list[str
     return [_PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
 
 
+# What btdeploy asks of a provider beyond its defaults. The CUDA provider multiplies FP32 in TF32
+# by default on Ampere and newer GPUs (operands rounded to 10 bits, FP16's step): an FP32 graph
+# would then miss FP32's bound, and every FP32 op an FP16 graph keeps would be rounded as well.
+_PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"CUDAExecutionProvider": {"use_tf32": "0"}}
+
+
+def provider_entries(names: list[str]) -> list[str | tuple[str, dict[str, str]]]:
+    """The providers as InferenceSession takes them: a name, or a name with its options."""
+    return [(name, _PROVIDER_OPTIONS[name]) if name in _PROVIDER_OPTIONS else name for name in names]
+
+
 # The session config entry that stops ONNX Runtime's workers spinning when a run ends ("1").
 STOP_SPINNING_AFTER_RUN = "session.force_spinning_stop"
 # The one that lets them spin between the operators of a run ("1", ONNX Runtime's default) or not.
@@ -132,8 +143,9 @@ class OnnxRuntimeBackend:
         source = rewrite.source(Path(model_path), options)
         self.attention_in_fp32, self.quantize_in_fp32 = rewrite.attention_in_fp32, rewrite.quantize_in_fp32
         self.unsigned_weights = rewrite.unsigned_weights
+        entries = provider_entries(self.providers)
         try:
-            self.session = ort.InferenceSession(source, sess_options=options, providers=self.providers)
+            self.session = ort.InferenceSession(source, sess_options=options, providers=entries)
         except Exception as error:
             raise BtDeployError(_load_problem(Path(model_path), error, ort.__version__)) from None
         self.output_names = output_names

@@ -312,9 +312,16 @@ def load_head_model(source: ModelSource, head: HeadSpec) -> LoadedModel:
         # Always FP32, whatever dtype the weights were saved in (a fine-tune saved in bf16 or fp16):
         # transformers would load them as saved, the export would write a bf16 graph ONNX Runtime
         # cannot load, and the reference would not be the FP32 one every tolerance is measured from.
-        # Precision is decided later, in the graph (quantize).
+        # Precision is decided later, in the graph (quantize). No hub kernels: transformers 5.25 asks
+        # for them by default and fails where the `kernels` package is missing (a GPU machine's own
+        # environment); they come from the hub, and the reference is plain PyTorch.
         model, info = head.model_class_object().from_pretrained(
-            folder, config=config, attn_implementation="eager", output_loading_info=True, dtype=torch.float32
+            folder,
+            config=config,
+            attn_implementation="eager",
+            output_loading_info=True,
+            dtype=torch.float32,
+            use_kernels=False,
         )
     except OSError as error:
         raise BtDeployError(f"could not load weights from {folder}: {error}") from None

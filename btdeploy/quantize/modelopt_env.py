@@ -25,6 +25,15 @@ def require_modelopt() -> None:
             "fp16 and int8 need NVIDIA Model Optimizer: pip install 'nvidia-modelopt[onnx]==0.47.0' "
             "(int8-dynamic needs only ONNX Runtime)"
         ) from None
+    # AutoCast's reference runs, which btdeploy streams (quantize/fp16.py), are Polygraphy's: a
+    # dependency of btdeploy that an environment assembled by hand can lack.
+    try:
+        import polygraphy  # noqa: F401
+    except ImportError:
+        raise BtDeployError(
+            "fp16 and int8 need Polygraphy (AutoCast's reference runs): pip install 'polygraphy>=0.49' "
+            "(int8-dynamic needs only ONNX Runtime)"
+        ) from None
     # Model Optimizer logs every node at INFO (thousands of lines on base); btdeploy prints its own progress.
     for name in ["root", *logging.root.manager.loggerDict]:
         if name == "root" or name.startswith("modelopt"):

@@ -71,6 +71,16 @@ def test_preset_checkpoint_loads_every_head_with_no_missing_weights() -> None:
         assert torch.equal(shared, weight[key]), "shared weights differ between heads"
 
 
+def test_the_reference_loads_where_the_kernels_package_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 5.25 asks for hub kernels by default and raised "Kernels are not available" where
+    the `kernels` package was missing (the H200 machine's own environment): btdeploy asks for none."""
+    import transformers.modeling_utils
+
+    monkeypatch.setattr(transformers.modeling_utils, "is_kernels_available", lambda *args, **kwargs: False)
+    loaded = load_head_model(resolve_model("tiny"), HEADS["itm"])
+    assert not loaded.model.use_kernels
+
+
 def test_a_preset_written_meanwhile_by_another_process_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two commands on a fresh machine both write the preset: the second had moved the first's
     folder aside and deleted it, from under a process reading its weights. The first now stays

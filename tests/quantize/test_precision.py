@@ -773,6 +773,16 @@ except KeyboardInterrupt:
 """
 
 
+def test_fp16_without_polygraphy_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An environment assembled by hand (the H200 machine's) lacked Polygraphy: AutoCast's reference
+    # runs raised ModuleNotFoundError from deep inside quantize/fp16.py.
+    from btdeploy.quantize.modelopt_env import require_modelopt
+
+    monkeypatch.setitem(sys.modules, "polygraphy", None)  # import polygraphy now raises ImportError
+    with pytest.raises(BtDeployError, match=r"need Polygraphy .*pip install 'polygraphy>=0.49'"):
+        require_modelopt()
+
+
 def test_ctrl_c_during_the_model_optimizer_import_waits_for_the_import_to_end() -> None:
     # Model Optimizer imports `lief` (nanobind): an interrupt inside its initialization aborted the
     # process from C++ with no cleanup. The interrupt is held until the import is done, then raised.

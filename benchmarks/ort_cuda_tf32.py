@@ -22,6 +22,7 @@ import numpy as np
 from btdeploy.artifacts.graph_names import parse_flavour
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.backends.onnxruntime import session_options
+from btdeploy.backends.provider_probe import start_problem
 from btdeploy.bench.machine import gpu_description
 from btdeploy.cli import script_entry
 from btdeploy.cpu import describe_cpu
@@ -60,6 +61,8 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=20)
     args = parser.parse_args()
     manifest = read_manifest(args.folder)
+    if problem := start_problem("CUDAExecutionProvider"):
+        raise BtDeployError(problem)
     head = get_head(manifest.head)
     path = manifest.graph_path(None if args.flavour == "none" else parse_flavour(args.flavour))
     print(f"CPU: {describe_cpu()}; GPU: {gpu_description()}")

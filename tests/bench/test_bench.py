@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -772,6 +773,19 @@ def test_every_benchmark_script_keeps_the_error_contract(tmp_path: Path) -> None
         )
         errors = [line for line in done.stderr.splitlines() if line.startswith(f"{script}: error: ")]
         assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, (script, done.stderr)
+
+
+def test_the_tf32_script_without_a_cuda_provider_says_why_before_any_session(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tf32 = benchmark_module("ort_cuda_tf32")
+    reason = "ONNX Runtime could not start CUDAExecutionProvider here (libcublasLt.so.13: cannot open shared object)"
+    monkeypatch.setattr(tf32, "start_problem", lambda provider: reason)
+    monkeypatch.setattr(tf32, "_session", lambda *args: pytest.fail("a session was opened"))
+    monkeypatch.setattr(sys, "argv", ["ort_cuda_tf32.py", str(tiny_export / "itm")])
+    with pytest.raises(BtDeployError) as raised:
+        tf32.main()
+    assert str(raised.value) == reason
 
 
 def test_a_gpu_bench_without_a_gpu_is_refused_before_any_work(

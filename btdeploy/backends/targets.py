@@ -75,8 +75,9 @@ class BenchVariant:
 
     name: str
     options: RunOptions
-    # Why timing it here would only repeat another variant, or None (it is then skipped with that reason).
-    redundant: Callable[[], str | None] | None = None
+    # Why timing it here, with the options it runs with, would only repeat another variant, or None
+    # (it is then skipped with that reason).
+    redundant: Callable[[RunOptions], str | None] | None = None
 
 
 def describe_graph(kind: GraphKind) -> str:
@@ -234,8 +235,12 @@ def _native_exact_sums() -> str | None:
     return ", ".join(exact_integer_sums()) or None
 
 
-def _sums_exact_here(default_variant: str) -> str | None:
+def _sums_exact_here(default_variant: str, options: RunOptions) -> str | None:
     """Why a saturating variant would repeat `default_variant` here, or None (this CPU's kernel saturates)."""
+    from btdeploy.backends.onnxruntime import gpu_providers
+
+    if gpu_providers(options.providers):
+        return f"a GPU provider has no saturating kernel: the same run as {default_variant}'s"
     if native := _native_exact_sums():
         return f"this CPU sums integer products exactly ({native}): the same run as {default_variant}'s"
     return None

@@ -51,7 +51,7 @@ def _from_target(target: Target, variant: BenchVariant) -> Variant:
 
     def unavailable(manifest: Manifest, env: BenchEnv) -> str | None:
         opts = options(env)
-        redundant = variant.redundant and variant.redundant()
+        redundant = variant.redundant and variant.redundant(opts)
         return redundant or target.unavailable(opts) or target.missing(manifest, opts)
 
     def build(manifest: Manifest, env: BenchEnv) -> Backend:

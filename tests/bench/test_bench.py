@@ -173,6 +173,9 @@ def test_saturating_variants_are_timed_only_where_they_change_the_kernel(
         assert declared[f"ort-{precision}"].exact_sums is True  # the default sums exactly
         if not exact_here:  # then only its graph is missing
             assert f"itm/model.ort.{precision}.onnx does not exist" in reason, reason
+        # On a GPU provider there is no saturating kernel, whatever the CPU.
+        on_gpu = str(VARIANTS[f"ort-{precision}-saturating"].unavailable(manifest, BenchEnv(threads=2, device="cuda")))
+        assert on_gpu == f"a GPU provider has no saturating kernel: the same run as ort-{precision}'s", on_gpu
 
 
 def test_bench_refuses_a_length_past_the_model_before_measuring_anything(

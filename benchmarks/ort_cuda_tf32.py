@@ -3,7 +3,7 @@
     python benchmarks/ort_cuda_tf32.py DIR/itm [--flavour ort] [--shapes 1x40,8x40] [--iters 20]
 
 The CUDA provider multiplies FP32 in TF32 by default on Ampere and newer GPUs; btdeploy turns that
-off (backends/onnxruntime.py, _PROVIDER_OPTIONS) so that an FP32 graph meets FP32's bound. This runs
+off (backends/onnxruntime.py, PROVIDER_OPTIONS) so that an FP32 graph meets FP32's bound. This runs
 one FP32 graph on the CPU provider and on the CUDA provider with TF32 off and on, on the same
 generated inputs, and prints, per shape, each CUDA session's largest difference from the CPU
 session in every output and its median latency (inputs from the host, outputs back to it).

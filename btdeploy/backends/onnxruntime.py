@@ -46,15 +46,16 @@ def resolve_providers(providers: tuple[str, ...] | list[str] | None) -> list[str
     return [_PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
 
 
-# What btdeploy asks of a provider beyond its defaults. The CUDA provider multiplies FP32 in TF32
-# by default on Ampere and newer GPUs (operands rounded to 10 bits, FP16's step): an FP32 graph
-# would then miss FP32's bound, and every FP32 op an FP16 graph keeps would be rounded as well.
-_PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"CUDAExecutionProvider": {"use_tf32": "0"}}
+# What btdeploy asks of a provider beyond its defaults, here and in the Triton configs it writes
+# (serve/triton_repo.py). The CUDA provider multiplies FP32 in TF32 by default on Ampere and newer
+# GPUs (operands rounded to 10 bits, FP16's step): an FP32 graph would then miss FP32's bound (on
+# an H200, base itm by 4.7x at batch 32), and every FP32 op an FP16 graph keeps would be rounded too.
+PROVIDER_OPTIONS: dict[str, dict[str, str]] = {"CUDAExecutionProvider": {"use_tf32": "0"}}
 
 
 def provider_entries(names: list[str]) -> list[str | tuple[str, dict[str, str]]]:
     """The providers as InferenceSession takes them: a name, or a name with its options."""
-    return [(name, _PROVIDER_OPTIONS[name]) if name in _PROVIDER_OPTIONS else name for name in names]
+    return [(name, PROVIDER_OPTIONS[name]) if name in PROVIDER_OPTIONS else name for name in names]
 
 
 # The session config entry that stops ONNX Runtime's workers spinning when a run ends ("1").

@@ -99,6 +99,14 @@ def _head_config(
             shapes = {"input_ids": [length], "attention_mask": [length]}
             specs.append({"batch_size": batch, "input": [{"key": k, "value": {"dim": v}} for k, v in shapes.items()]})
         config["optimization"] = {"cuda": {"graphs": True, "graph_spec": specs}}
+    if backend == "onnxruntime":
+        # Triton's ONNX Runtime backend hands a "cuda" accelerator's parameters to the CUDA provider:
+        # the options btdeploy's own sessions open it with (TF32 off).
+        from btdeploy.backends.onnxruntime import PROVIDER_OPTIONS
+
+        cuda = [{"key": key, "value": value} for key, value in PROVIDER_OPTIONS["CUDAExecutionProvider"].items()]
+        accelerator = {"name": "cuda", "parameters": cuda}
+        config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [accelerator]}}
     return config
 
 
@@ -257,7 +265,8 @@ def _readme(manifests: list[Manifest], backend: str, precision: str) -> str:
         "`engine.*.json` in the export): use the Triton release whose TensorRT is that version, on that GPU.\n"
         if backend == "tensorrt"
         else "The graphs use ONNX opset 23 (flavours ort/trt) or 20 (trt-compat): use a Triton release whose "
-        "ONNX Runtime backend is 1.22 or newer for opset 23.\n"
+        "ONNX Runtime backend is 1.22 or newer for opset 23. Each head asks the CUDA provider for FP32 without "
+        "TF32 (`use_tf32`), as btdeploy's parity checks ran it.\n"
     )
     example = manifests[0].head
     return f"""# Triton model repository written by btdeploy

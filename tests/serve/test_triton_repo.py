@@ -51,6 +51,9 @@ def test_every_config_parses_and_agrees_with_its_graph(repo: Path) -> None:
                     model_config_pb2.DataType.Name(tensor.data_type) == ONNX_TO_TRITON[value.type.tensor_type.elem_type]
                 )
                 assert dims[0] == -1 and list(tensor.dims) == dims[1:]
+        # On the GPU, Triton's ONNX Runtime backend opens the CUDA provider as btdeploy does: TF32 off.
+        (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+        assert accelerator.name == "cuda" and dict(accelerator.parameters) == {"use_tf32": "0"}
         ensemble = _config(repo / f"{head}_raw" / "config.pbtxt")
         assert [step.model_name for step in ensemble.ensemble_scheduling.step] == ["preprocess", head]
         assert [t.name for t in ensemble.output] == [t.name for t in config.output]

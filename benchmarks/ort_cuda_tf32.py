@@ -21,7 +21,7 @@ import numpy as np
 
 from btdeploy.artifacts.graph_names import parse_flavour
 from btdeploy.artifacts.manifest import read_manifest
-from btdeploy.backends.onnxruntime import session_options
+from btdeploy.backends.onnxruntime import PROVIDER_OPTIONS, session_options
 from btdeploy.backends.provider_probe import start_problem
 from btdeploy.bench.machine import gpu_description
 from btdeploy.cli import script_entry
@@ -67,10 +67,11 @@ def main() -> int:
     path = manifest.graph_path(None if args.flavour == "none" else parse_flavour(args.flavour))
     print(f"CPU: {describe_cpu()}; GPU: {gpu_description()}")
     print(f"{path.name}, {head.name} head; largest |CUDA - CPU| per output, median of {args.iters} runs")
+    btdeploys = PROVIDER_OPTIONS["CUDAExecutionProvider"]  # what every btdeploy session opens it with
     sessions = {
         "cpu": _session(path, "CPUExecutionProvider"),
-        "cuda, tf32 off": _session(path, ("CUDAExecutionProvider", {"use_tf32": "0"})),
-        "cuda, tf32 on": _session(path, ("CUDAExecutionProvider", {"use_tf32": "1"})),
+        "cuda, tf32 off": _session(path, ("CUDAExecutionProvider", btdeploys)),
+        "cuda, tf32 on": _session(path, ("CUDAExecutionProvider", {**btdeploys, "use_tf32": "1"})),
     }
     for shape in args.shapes.split(","):
         batch, length = (int(n) for n in shape.split("x"))

@@ -224,6 +224,11 @@ class PeerComparison:
         }  # fmt: skip
 
 
+def _btdeploy_default(name: str) -> bool:
+    """A btdeploy variant as users get it: not a peer, not an opt-out that trades accuracy for speed."""
+    return not is_peer(name) and not VARIANTS[name].opt_out
+
+
 def peer_comparisons(run: BenchRun) -> list[PeerComparison]:
     """Per case and precision class: btdeploy's fastest variant against the fastest peer (by median)."""
     found = []
@@ -231,7 +236,7 @@ def peer_comparisons(run: BenchRun) -> list[PeerComparison]:
     for head, batch, length in shapes:
         cases = [c for c in run.cases if (c.head, c.batch, c.text_length) == (head, batch, length)]
         for kind in dict.fromkeys(precision_class(c.variant) for c in cases):
-            ours = [c for c in cases if precision_class(c.variant) == kind and not is_peer(c.variant)]
+            ours = [c for c in cases if precision_class(c.variant) == kind and _btdeploy_default(c.variant)]
             peers = [c for c in cases if precision_class(c.variant) == kind and is_peer(c.variant)]
             if ours and peers:
                 best = min(ours, key=lambda c: c.stats.median_ms)
@@ -256,7 +261,7 @@ def _against_peers(run: BenchRun) -> list[str]:
             f"| {item.ours.variant} {item.ours.stats.median_ms:.1f} ms | {item.peer.variant} "
             f"{item.peer.stats.median_ms:.1f} ms | **{item.ratio_of_medians:.2f}x** | {per_round} |"
         )
-    unmatched = _peers_alone(run)
+    unmatched = _peers_alone(run) + _opt_outs(run)
     if not rows and not unmatched:
         return []
     lines = ["", "## btdeploy against the peers (same run, same precision class)", ""]
@@ -277,14 +282,21 @@ def _peers_alone(run: BenchRun) -> list[str]:
     """A precision class only peers ran in is named, with the variants that would compare, rather
     than left out of the table without a word."""
     ran = {name: is_peer(name) for name in dict.fromkeys(c.variant for c in run.cases)}
-    ours = {precision_class(name) for name, peer in ran.items() if not peer}
+    ours = {precision_class(name) for name in ran if _btdeploy_default(name)}
     lines = []
     for kind in dict.fromkeys(precision_class(name) for name, peer in ran.items() if peer):
         if kind in ours:
             continue
         peers = ", ".join(name for name, peer in ran.items() if peer and precision_class(name) == kind)
-        candidates = ", ".join(n for n in VARIANTS if not is_peer(n) and precision_class(n) == kind)
+        candidates = ", ".join(n for n in VARIANTS if _btdeploy_default(n) and precision_class(n) == kind)
         lines.append(f"- {kind}: only peers ran ({peers}); add {candidates or 'a btdeploy variant'} to compare")
+    return ["", *lines] if lines else []
+
+
+def _opt_outs(run: BenchRun) -> list[str]:
+    """The variants kept off btdeploy's side of the table, each with what running it gives up."""
+    ran = [n for n in dict.fromkeys(c.variant for c in run.cases) if VARIANTS[n].opt_out]
+    lines = [f"- not on btdeploy's side (an opt-out, not its default): {n}, {VARIANTS[n].opt_out}" for n in ran]
     return ["", *lines] if lines else []
 
 

@@ -41,6 +41,7 @@ class Variant:
     unavailable: Callable[[Manifest, BenchEnv], str | None]  # the reason it cannot run, or None
     build: Callable[[Manifest, BenchEnv], Backend]
     graph: str | None = None  # the file in the head folder an ONNX Runtime variant runs
+    opt_out: str | None = None  # what a user gives up to run it (BenchVariant.opt_out)
 
 
 def _from_target(target: Target, variant: BenchVariant) -> Variant:
@@ -58,7 +59,8 @@ def _from_target(target: Target, variant: BenchVariant) -> Variant:
         return target.make(manifest, options(env))
 
     graph = variant_graph(target, variant.options)
-    return Variant(variant.name, target.name, str(variant.options.precision), unavailable, build, graph)
+    precision = str(variant.options.precision)
+    return Variant(variant.name, target.name, precision, unavailable, build, graph, variant.opt_out)
 
 
 HF_OPTIMIZED = "model.hf-optimizer.onnx"

@@ -45,8 +45,16 @@ class Tolerance:
         return 2.0 * self.bound(reference_range)
 
     def describe(self) -> str:
-        limit = f"bound {self.max_abs:g} of range" if self.of_range else f"abs<={self.max_abs:g}"
-        text = f"{limit} cos>={self.min_cosine:g}"
+        """The floors a row is held to; a reduced precision's bound is named as the margin it sets, not a floor.
+
+        Written "bound 0.1 of range", a row off by 0.104 of range read as a failure marked PASS.
+        """
+        if self.of_range:
+            return (
+                f"cos>={self.min_cosine:g} argmax>={100 * self.min_argmax_agreement:g}% "
+                f"margin>{2 * self.max_abs:g} of range"
+            )
+        text = f"abs<={self.max_abs:g} cos>={self.min_cosine:g}"
         return text + (f" argmax>={100 * self.min_argmax_agreement:g}%" if self.min_argmax_agreement < 1 else "")
 
 

@@ -198,7 +198,7 @@ def _argmax_cell(stats: OutputStats) -> str:
     return f"{100 * agreement:.1f}% {stats.argmax_agree}/{stats.argmax_counted}/{stats.argmax_total}"
 
 
-_COLUMNS = "{:<5} {:<15} {:>9} {:>9} {:>10} {:>22}  {:<40} {}"
+_COLUMNS = "{:<5} {:<15} {:>9} {:>9} {:>10} {:>22}  {:<44} {}"
 
 
 def format_rows(rows: list[ParityRow]) -> str:
@@ -224,7 +224,7 @@ def format_rows(rows: list[ParityRow]) -> str:
               for row in rows if not row.passed]  # fmt: skip
     lines.append(
         "of_range: max_abs / max |reference|.  argmax: agreement, agreeing/clear/all positions "
-        "(clear: the reference's top-2 margin > 2 x the error bound, the bound taken of the batch's range "
-        "where the tolerance says 'of range')"
+        "(clear: the reference's top-2 margin > 2 x the abs bound, or > the margin the tolerance gives "
+        "as a fraction of the batch's range)"
     )
     return "\n".join(lines)

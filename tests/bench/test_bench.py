@@ -417,6 +417,33 @@ def test_the_report_sets_btdeploy_against_the_fastest_peer_per_precision() -> No
     assert "| itm | 1 | 16 | int8 | ort-int8-dynamic 4.0 ms | openvino-int8 5.0 ms | **1.25x** |" in text
 
 
+def test_an_opt_out_variant_is_timed_but_kept_off_btdeploys_side_of_the_peer_table() -> None:
+    """The Zen 3 run's peer table set the saturating variant (--no-exact-sums, which large itm's
+    INT8 graph fails its floor with) against OpenVINO: 2.15x, where the default gives 1.69x."""
+    from btdeploy.bench.report import markdown, peer_comparisons
+    from btdeploy.bench.runner import BenchRun, BenchSettings, CaseResult
+    from btdeploy.bench.stats import summarize
+
+    run = BenchRun(BenchSettings())
+    times = {"ort-int8-dynamic": 6.0, "ort-int8-dynamic-saturating": 5.0, "openvino-int8": 9.0}
+    for name, ms in times.items():
+        seconds = [ms / 1e3] * 3
+        run.cases.append(CaseResult(name, "itm", 1, 16, seconds, summarize(seconds, 1), 10**9, 1.0, 1.0))
+    ((kind, ours),) = [(item.precision, item.ours.variant) for item in peer_comparisons(run)]
+    assert (kind, ours) == ("int8", "ort-int8-dynamic")
+    text = markdown(run)
+    assert "| itm | 1 | 16 | int8 | ort-int8-dynamic 6.0 ms | openvino-int8 9.0 ms | **1.50x** |" in text
+    note = "- not on btdeploy's side (an opt-out, not its default): ort-int8-dynamic-saturating, --no-exact-sums"
+    assert note in text
+    assert "| ort-int8-dynamic-saturating | 5.0 |" in text  # still timed, in the latency table
+    # Alone with the peer it compares with nothing, and the note says what would.
+    run.cases = [case for case in run.cases if case.variant != "ort-int8-dynamic"]
+    assert peer_comparisons(run) == []
+    text = markdown(run)
+    candidates = "ort-int8, ort-int8-dynamic, trt-int8, trt-int8-cudagraph"
+    assert f"- int8: only peers ran (openvino-int8); add {candidates} to compare" in text
+
+
 def test_a_gpu_run_reports_no_cpu_peak_and_its_gpu_memory(tmp_path: Path) -> None:
     """On the GPU the CPU's FP32 GEMM peak is no ceiling (the first GPU check printed 10744 % of
     it): % peak is left out, the GPU memory is a column, and the JSON stays valid (null, not NaN)."""

@@ -8,8 +8,8 @@ import pytest
 from btdeploy.artifacts.graph_names import Precision
 from btdeploy.errors import BtDeployError
 from btdeploy.model.configs import build_config, max_text_length
-from btdeploy.model.heads import FP32, HEADS
-from btdeploy.verify.parity import compare, parse_batch_by_length, passes, shortfalls
+from btdeploy.model.heads import FP32, HEADS, INT8
+from btdeploy.verify.parity import ParityRow, compare, format_rows, parse_batch_by_length, passes, shortfalls
 
 LOGITS = HEADS["itm"].output("logits")
 EMBEDS = HEADS["itc"].output("text_embeds")
@@ -54,6 +54,21 @@ def test_argmax_counts_only_clear_margins() -> None:
     assert (stats.argmax_counted, stats.argmax_agree) == (2, 1)
     assert stats.argmax_agreement == 0.5 and not passes(stats, FP32)
     assert "argmax agreement 50.0% (1 of 2 clear positions) < 100%" in shortfalls(stats, FP32)
+
+
+def test_a_reduced_precision_row_past_its_bound_passes_and_its_tolerance_says_why() -> None:
+    # Large itm's trt-compat.int8 logits were off by 0.104 of range with cosine 0.99866: a PASS,
+    # since the bound only sets which argmax margins count. Its row must not print "bound 0.1".
+    ref = np.array([[4.0, -4.0], [-4.0, 4.0], [3.0, -3.0]], dtype=np.float32)
+    got = ref.copy()
+    got[0, 0] += 0.42  # 0.105 of the range 4
+    stats = compare(ref, got, LOGITS, INT8)
+    assert 0.1 < stats.of_range < 0.11 and stats.cosine > 0.99 and passes(stats, INT8)
+    assert INT8.describe() == "cos>=0.99 argmax>=99% margin>0.2 of range"
+    assert FP32.describe() == "abs<=0.0001 cos>=0.99999"
+    table = format_rows([ParityRow("itm", "logits", "int8", INT8, stats)])
+    row = table.splitlines()[2]
+    assert row.endswith("PASS") and "margin>0.2 of range" in row and "bound" not in row
 
 
 def test_cosine_sees_a_sign_flip_that_small_values_hide() -> None:

@@ -52,7 +52,7 @@ class Tolerance:
         if self.of_range:
             return (
                 f"cos>={self.min_cosine:g} argmax>={100 * self.min_argmax_agreement:g}% "
-                f"margin>{2 * self.max_abs:g} of range"
+                f"margin>{self.argmax_margin(1.0):g} of range"  # the argmax margin, per unit of range
             )
         text = f"abs<={self.max_abs:g} cos>={self.min_cosine:g}"
         return text + (f" argmax>={100 * self.min_argmax_agreement:g}%" if self.min_argmax_agreement < 1 else "")

@@ -294,9 +294,12 @@ def _peers_alone(run: BenchRun) -> list[str]:
 
 
 def _opt_outs(run: BenchRun) -> list[str]:
-    """The variants kept off btdeploy's side of the table, each with what running it gives up."""
-    ran = [n for n in dict.fromkeys(c.variant for c in run.cases) if VARIANTS[n].opt_out]
-    lines = [f"- not on btdeploy's side (an opt-out, not its default): {n}, {VARIANTS[n].opt_out}" for n in ran]
+    """The variants kept off btdeploy's side of the table, each with what running it gives up; only
+    in a precision class a peer ran in (elsewhere there is no comparison to keep them out of)."""
+    ran = dict.fromkeys(c.variant for c in run.cases)
+    compared = {precision_class(n) for n in ran if is_peer(n)}
+    kept_out = [n for n in ran if VARIANTS[n].opt_out and precision_class(n) in compared]
+    lines = [f"- not on btdeploy's side (an opt-out, not its default): {n}, {VARIANTS[n].opt_out}" for n in kept_out]
     return ["", *lines] if lines else []
 
 

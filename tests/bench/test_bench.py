@@ -442,6 +442,9 @@ def test_an_opt_out_variant_is_timed_but_kept_off_btdeploys_side_of_the_peer_tab
     text = markdown(run)
     candidates = "ort-int8, ort-int8-dynamic, trt-int8, trt-int8-cudagraph"
     assert f"- int8: only peers ran (openvino-int8); add {candidates} to compare" in text
+    # Without a peer in its class there is no comparison to keep it out of: no note, no peer section.
+    run.cases = [case for case in run.cases if case.variant != "openvino-int8"]
+    assert "## btdeploy against the peers" not in markdown(run) and "opt-out" not in markdown(run)
 
 
 def test_a_gpu_run_reports_no_cpu_peak_and_its_gpu_memory(tmp_path: Path) -> None:

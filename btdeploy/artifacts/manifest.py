@@ -12,8 +12,8 @@ from btdeploy.artifacts.files import write_json
 from btdeploy.artifacts.graph_names import STEMS, Flavour, Precision, graph_file
 from btdeploy.artifacts.locks import writer_of
 from btdeploy.artifacts.onnx_files import graph_bytes, graph_sha256, missing_weights_problem
+from btdeploy.artifacts.stored_config import StoredConfig
 from btdeploy.errors import BtDeployError
-from btdeploy.imports import serial_imports
 from btdeploy.version import __version__
 
 MANIFEST_NAME = "manifest.json"
@@ -106,15 +106,13 @@ class Manifest:
         return self.folder / PROCESSOR_DIR
 
     @property
-    def config(self) -> Any:
-        with serial_imports():
-            from transformers import BridgeTowerConfig
-
+    def config(self) -> StoredConfig:
+        """The model config the export stored, read without transformers (which imports torch)."""
         try:
-            return BridgeTowerConfig.from_dict(self.data["model"]["config"])
-        except Exception as error:  # transformers raises many types for a bad value
+            return StoredConfig.from_export(self.data["model"]["config"])
+        except ValueError as error:
             raise BtDeployError(
-                f"{self.folder / MANIFEST_NAME} holds a config transformers cannot read ({error}): export again"
+                f"{self.folder / MANIFEST_NAME} holds a config that is not a BridgeTower config ({error}): export again"
             ) from None
 
     def write(self) -> None:

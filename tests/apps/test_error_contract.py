@@ -264,7 +264,7 @@ def _checkpoint_given_with_other_weights(out: Path, tmp: Path) -> list[str]:
 CASES: list[tuple[str, Setup, str]] = [
     ("export --out is a file", _export_out_is_a_file, "is a file: give a folder"),
     ("check --report is a folder", _report_is_a_folder, "is a folder: give a file name"),
-    ("a manifest config with a bad value", _bad_config_value, "holds a config transformers cannot read"),
+    ("a manifest config with a bad value", _bad_config_value, "not a BridgeTower config (expected a mapping"),
     ("a split graph name that is a path", _split_name_is_a_path, "is damaged (unknown split graph"),
     ("another head's graph swapped in", _graph_swapped_for_another_heads, "is not the graph its manifest recorded"),
     *[

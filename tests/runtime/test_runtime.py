@@ -388,3 +388,29 @@ def test_heads_loaded_by_several_threads_at_once_in_a_fresh_process(tiny_export:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["HeadOutput"] * 5
+
+
+_LOAD_ALONE = """
+import sys
+
+import btdeploy
+from btdeploy.model.inputs import sample_inputs
+
+model = btdeploy.load(sys.argv[1], head="itm")
+model(**sample_inputs(model.config, 2, 6, seed=1))
+print(model.config.text_config.vocab_size, "torch" in sys.modules, "transformers" in sys.modules)
+"""
+
+
+def test_a_loaded_head_runs_without_torch_or_transformers(tiny_export: Path) -> None:
+    """The runtime reads the config its manifest stored as plain values: rebuilding transformers'
+    config class imported transformers and torch with it, 4.7 s of a 4.8 s tiny load and 210 MB."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_ALONE, str(tiny_export)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((tiny_export / "itm" / "manifest.json").read_text())
+    assert done.stdout.split() == [str(manifest["model"]["config"]["text_config"]["vocab_size"]), "False", "False"]

@@ -157,3 +157,14 @@ def optimized(
         for flavour in ("ort", "trt", "trt-compat"):
             optimize_head(out / head, flavour)
     return out
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's `--dist loadgroup` (the README's test command) a test file runs on one
+    worker, so its module fixtures are built once; and every file of tests/serve/ runs on the
+    same worker, one after another: each starts Ray and counts the Ray processes left afterwards,
+    which a second Ray on the other worker would add to."""
+    for item in items:
+        group = "serve" if item.path.parent.name == "serve" else str(item.path)
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -347,6 +347,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         export_dir=args.dir,
         heads=tuple(_chosen_heads(args) or ()),
+        backend=args.backend,
         precision=args.precision,
         flavour=args.flavour,
         split=args.split,
@@ -385,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     from btdeploy.model.heads import HEADS
     from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE
     from btdeploy.quantize.methods import PRECISIONS
-    from btdeploy.serve.settings import BACKEND as SERVE_BACKEND
+    from btdeploy.serve.settings import BACKENDS as SERVE_BACKENDS
     from btdeploy.serve.triton_repo import BACKENDS as TRITON_BACKENDS
     from btdeploy.verify.check import DEFAULT_BATCH_SIZES, DEFAULT_TEXT_LENGTHS
 
@@ -397,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine_precisions = [str(p) for p in TARGETS["tensorrt"].precisions]
 
     def precisions_of(*targets: str) -> list[str]:
-        """The precisions any of `targets` runs (rank, serve and Triton cannot run a bf16 graph)."""
+        """The precisions any of `targets` runs (rank and Triton cannot run a bf16 graph; serve on openvino can)."""
         return [str(p) for p in Precision if any(p in TARGETS[name].precisions for name in targets)]
 
     parser = _OneLineParser(prog="btdeploy", description=__doc__)
@@ -611,7 +612,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("dir", help="export folder")
     serve.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     serve.add_argument(
-        "--precision", choices=precisions_of(SERVE_BACKEND), default="fp32", help="the graphs to serve (default: fp32)"
+        "--backend",
+        choices=SERVE_BACKENDS,
+        default="onnxruntime",
+        help="what each replica runs (default: %(default)s; openvino: the plain and trt graphs, bf16 where the CPU"
+        " multiplies it)",
+    )
+    serve.add_argument(
+        "--precision",
+        choices=precisions_of(*SERVE_BACKENDS),
+        default="fp32",
+        help="the graphs to serve (default: fp32; bf16: openvino)",
     )
     serve.add_argument("--flavour", choices=flavours, default=None, help="serve the optimized graph of this flavour")
     exact_sums_option(serve)
@@ -630,9 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--replica-cpus", type=float, default=None, help="CPUs Ray reserves per replica (default: shared out)"
     )
-    serve.add_argument(
-        "--threads", type=int, default=None, help="ONNX Runtime threads per replica (0 or default: every core)"
-    )
+    serve.add_argument("--threads", type=int, default=None, help="threads per replica (0 or default: every core)")
     serve.add_argument(
         "--spin",
         action=argparse.BooleanOptionalAction,

@@ -30,7 +30,7 @@ from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
 from btdeploy.serve.feature_cache import FeatureCache, content_key
 from btdeploy.serve.metrics import ServeStats
 from btdeploy.serve.protocol import BINARY_HEADER, ModelSignature, RequestError, binary_outputs_requested
-from btdeploy.serve.settings import GATEWAY_CPUS, ServeSettings
+from btdeploy.serve.settings import GATEWAY_CPUS, RANK_HEAD, ServeSettings
 from btdeploy.serve.tasks import (
     TASKS,
     check_text_lengths,
@@ -42,7 +42,6 @@ LOG = logging.getLogger("ray.serve")
 APP_NAME = "btdeploy"
 COLLECTOR = "btdeploy-metrics"
 NAMESPACE = "btdeploy"
-RANK_HEAD = "itm"
 # What a 404 points to: the routes a client calls (the README's Serving section lists them all).
 ROUTES = (
     "POST /v1/itm, /v1/itc, /v1/mlm, /v1/rank; POST /v2/models/<head>/infer; "
@@ -120,18 +119,18 @@ def _photo_pairs(data: bytes, texts: list[str], processor: Any) -> dict[str, np.
     return pair_inputs(processor, [image] * len(texts), texts)
 
 
-def _load_runtime(folder: str, options: dict[str, Any]) -> Any:
+def _load_runtime(folder: str, backend: str, options: dict[str, Any]) -> Any:
     from btdeploy.runtime.runtime import load
 
-    return load(folder, **options)
+    return load(folder, backend=backend, **options)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class HeadModel:
     """One exported head; concurrent requests are merged into batches of up to max_batch requests."""
 
-    def __init__(self, folder: str, options: dict[str, Any], max_batch: int, batch_wait_s: float) -> None:
-        self.runtime = _load_runtime(folder, options)
+    def __init__(self, folder: str, backend: str, options: dict[str, Any], max_batch: int, batch_wait_s: float) -> None:
+        self.runtime = _load_runtime(folder, backend, options)
         self.head = self.runtime.head
         self.axes = text_axes(self.head, self.runtime.config)
         self.pad_id = int(self.runtime.config.text_config.pad_token_id)
@@ -171,8 +170,8 @@ class RankModel:
     """Ranking on the itm split towers: each image's features are computed once and cached by the
     hash of its bytes (bounded, least recently used first), each text's per request."""
 
-    def __init__(self, folder: str, options: dict[str, Any], cache_size: int) -> None:
-        self.runtime = _load_runtime(folder, options)
+    def __init__(self, folder: str, backend: str, options: dict[str, Any], cache_size: int) -> None:
+        self.runtime = _load_runtime(folder, backend, options)
         self.processor = export_processor(self.runtime.manifest)
         self.limit = int(self.runtime.manifest.data["limits"]["max_text_length"])
         self.cache = FeatureCache(cache_size)
@@ -393,7 +392,11 @@ class Gateway:
     async def rank(self, request: Request) -> Response:
         async def run() -> Response:
             if self.rank_model is None:
-                raise RequestError(404, f"ranking needs the {RANK_HEAD} head with split graphs: export with --split")
+                raise RequestError(
+                    404,
+                    f"ranking needs the {RANK_HEAD} head with split graphs: export with --split"
+                    + ("" if self.settings.backend == "onnxruntime" else ", and serve on onnxruntime, which runs them"),
+                )
             task = await self._task_request(request, ranks=True)
             answer = await self._call("rank", self.rank_model.rank.remote(task.images, task.texts, task.top_k))
             if "__error__" in answer:
@@ -436,6 +439,17 @@ class Gateway:
         return await _awaited(self.collector.batch_sizes.remote())
 
 
+def head_model_arguments(settings: ServeSettings, folder: str) -> tuple[Any, ...]:
+    """What a HeadModel replica is made with (Ray passes them to __init__; a test makes one with them too)."""
+    options = settings.run_options(settings.split)
+    return folder, settings.backend, options, settings.max_batch, settings.batch_wait_ms / 1000
+
+
+def rank_model_arguments(settings: ServeSettings, folder: str) -> tuple[Any, ...]:
+    """What the RankModel replica is made with."""
+    return folder, settings.backend, settings.run_options(True), settings.feature_cache
+
+
 def build_application(settings: ServeSettings, folders: dict[str, str], rank_folder: str | None) -> Any:
     """The bound application: a HeadModel per head, the RankModel when the itm head has split graphs."""
     scaling: dict[str, Any] = {"num_replicas": settings.replicas}
@@ -452,12 +466,12 @@ def build_application(settings: ServeSettings, folders: dict[str, str], rank_fol
     heads = {
         name: HeadModel.options(  # type: ignore[attr-defined]
             name=f"head-{name}", ray_actor_options=actor, max_ongoing_requests=ongoing, **scaling
-        ).bind(folder, settings.run_options(settings.split), settings.max_batch, settings.batch_wait_ms / 1000)
+        ).bind(*head_model_arguments(settings, folder))
         for name, folder in folders.items()
     }
     rank = None
     if rank_folder is not None:
         rank = RankModel.options(ray_actor_options=actor, **scaling).bind(  # type: ignore[attr-defined]
-            rank_folder, settings.run_options(True), settings.feature_cache
+            *rank_model_arguments(settings, rank_folder)
         )
     return Gateway.bind(heads, rank, folders, settings.as_dict())  # type: ignore[attr-defined]

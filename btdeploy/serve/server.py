@@ -18,7 +18,7 @@ from btdeploy.errors import BtDeployError
 from btdeploy.imports import INSTALL_SERVE
 from btdeploy.progress import say
 from btdeploy.serve.cluster_address import GCS_PORT_DEFAULT, JOIN_HINT, RAY_CLIENT_PORT_DEFAULT
-from btdeploy.serve.settings import ServeSettings, check_settings, replica_cpus, replicas_spin
+from btdeploy.serve.settings import RANK_HEAD, ServeSettings, check_settings, replica_cpus, replicas_spin, serves_rank
 from btdeploy.signals import heeded_stops, raise_terminated, restore_handler, stop_for
 
 READY_TIMEOUT_S = 300
@@ -28,12 +28,10 @@ def serve_export(settings: ServeSettings) -> int:
     manifests = check_settings(settings)
     folders = {name: str(manifest.folder) for name, manifest in manifests.items()}
     ray, serve = _import_ray_serve()
-    from btdeploy.serve.app import APP_NAME, NAMESPACE, RANK_HEAD, build_application
+    from btdeploy.serve.app import APP_NAME, NAMESPACE, build_application
     from btdeploy.serve.app import collector as app_collector
 
-    rank_folder = None
-    if RANK_HEAD in manifests and len(manifests[RANK_HEAD].stems) > 1:  # ranking runs its split towers
-        rank_folder = folders[RANK_HEAD]
+    rank_folder = folders[RANK_HEAD] if serves_rank(settings, manifests) else None
 
     started_ray = settings.address is None
     collector = None
@@ -74,7 +72,11 @@ def serve_export(settings: ServeSettings) -> int:
             f"deploying {heads}"
             + (" and rank" if rank_folder else "")
             + f" ({settings.replicas} replica(s) each, {cpus:g} CPU reserved per replica,"
-            + f" ONNX Runtime workers {'spinning' if settings.spin else 'not spinning'} between operators)"
+            + (
+                f" ONNX Runtime workers {'spinning' if settings.spin else 'not spinning'} between operators)"
+                if settings.spin is not None
+                else f" on {settings.backend})"
+            )
         )
         with _serve_reconnect_line_dropped():
             serve.run(build_application(settings, folders, rank_folder), name=APP_NAME, route_prefix="/")

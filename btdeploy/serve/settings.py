@@ -13,13 +13,19 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model.media import require_processor
 from btdeploy.serve.cluster_address import check_cluster_address
 
-BACKEND = "onnxruntime"  # what a replica runs; TensorRT users serve with Triton (btdeploy triton-repo)
+# What a replica may run. TensorRT users serve with Triton (btdeploy triton-repo). OpenVINO runs the
+# standard-ONNX graphs, and on a CPU that multiplies bfloat16 the FP32 graphs in bf16: on a Xeon with
+# AMX, btdeploy's trt graph ran there 3.3-4.1x faster than ONNX Runtime's FP32, as fast as its INT8
+# (benchmarks/results/base-peers-cpu, twenty-fifth look).
+BACKENDS = ("onnxruntime", "openvino")
+RANK_HEAD = "itm"  # the rank endpoint runs this head's split towers
 
 
 @dataclass(frozen=True)
 class ServeSettings:
     export_dir: str
     heads: tuple[str, ...] = ()  # empty: every exported head
+    backend: str = "onnxruntime"  # one of BACKENDS
     precision: str = "fp32"
     flavour: str | None = None
     split: bool = False
@@ -31,8 +37,9 @@ class ServeSettings:
     batch_wait_ms: float = 5.0
     address: str | None = None  # a Ray cluster to join instead of starting one
     replica_cpus: float | None = None  # None: the cluster's CPUs shared out (fractional on a 2-core machine)
-    threads: int | None = None  # ONNX Runtime threads per replica (default: every core)
-    # Whether a replica's ONNX Runtime workers spin between operators; None: `replicas_spin` decides.
+    threads: int | None = None  # threads per replica (default: every core)
+    # Whether a replica's ONNX Runtime workers spin between operators; None: `replicas_spin` decides
+    # (and stays None on a backend that has no such workers).
     spin: bool | None = None
     exact_sums: bool = True  # the INT8 graphs' integer sums as a VNNI CPU makes them (backends/exact_sums.py)
     timeout_s: float = 30.0
@@ -81,7 +88,18 @@ def check_settings(settings: ServeSettings) -> dict[str, Manifest]:
     folders = head_folders(Path(settings.export_dir), list(settings.heads) or None)
     manifests = {manifest.head: manifest for manifest in map(read_manifest, folders)}
     require_one_checkpoint(list(manifests.values()), "the server preprocesses for every head with one processor")
-    target = get_target(BACKEND)
+    if settings.backend not in BACKENDS:
+        raise BtDeployError(
+            f"--backend {settings.backend}: serve runs {' or '.join(BACKENDS)}"
+            " (TensorRT engines are served by Triton: btdeploy triton-repo --backend tensorrt)"
+        )
+    target = get_target(settings.backend)
+    if settings.spin is not None and "spin" not in target.options:
+        raise BtDeployError(
+            f"--spin/--no-spin sets ONNX Runtime's workers; the {settings.backend} backend has none: leave it out"
+        )
+    if settings.split and not target.runs_split:
+        raise BtDeployError(f"--split runs the split graphs on onnxruntime: the {settings.backend} backend cannot")
     for manifest in manifests.values():
         split = settings.split and len(manifest.stems) > 1
         if settings.split and not split:
@@ -120,12 +138,22 @@ def model_replicas(settings: ServeSettings, deployments: int) -> int:
     return deployments * (settings.max_replicas or settings.replicas)
 
 
-def replicas_spin(settings: ServeSettings, deployments: int) -> bool:
+def serves_rank(settings: ServeSettings, manifests: dict[str, Manifest]) -> bool:
+    """Whether the rank endpoint is served: it runs the itm head's split towers, where they were
+    exported and the backend runs split graphs."""
+    head = manifests.get(RANK_HEAD)
+    return head is not None and len(head.stems) > 1 and get_target(settings.backend).runs_split
+
+
+def replicas_spin(settings: ServeSettings, deployments: int) -> bool | None:
     """Whether the replicas' ONNX Runtime workers spin between operators: as asked, or only where
-    one model replica may run. A spinning worker holds its core while it waits; replicas that run
-    at once on the same cores take it from each other (base itm int8-dynamic, two replicas on 2
-    cores: 3.26-4.02 requests/s without spinning, 2.69-3.00 with). One replica alone served about
-    as many either way, and answers a lone request faster spinning (benchmarks/results/serve-base)."""
+    one model replica may run; None on a backend without such workers. A spinning worker holds its
+    core while it waits; replicas that run at once on the same cores take it from each other (base
+    itm int8-dynamic, two replicas on 2 cores: 3.26-4.02 requests/s without spinning, 2.69-3.00
+    with). One replica alone served about as many either way, and answers a lone request faster
+    spinning (benchmarks/results/serve-base)."""
+    if "spin" not in get_target(settings.backend).options:
+        return None
     if settings.spin is not None:
         return settings.spin
     return model_replicas(settings, deployments) == 1

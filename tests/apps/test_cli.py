@@ -317,18 +317,28 @@ def test_a_head_without_weights_in_the_checkpoint_is_flagged_where_people_look(
     assert "WARNING" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "command", [["serve"], ["triton-repo", "--out", "repo"], ["rank", "--image", "x.png", "--text", "a"]]
-)
+@pytest.mark.parametrize("command", [["triton-repo", "--out", "repo"], ["rank", "--image", "x.png", "--text", "a"]])
 def test_commands_without_backend_choice_offer_only_precisions_their_backends_run(
     tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
-    """bf16 runs on the PyTorch reference and OpenVINO only; rank and serve (ONNX Runtime) and
-    Triton (ONNX Runtime, TensorRT) had offered it in --help and refused it after reading the export."""
+    """bf16 runs on the PyTorch reference and OpenVINO only; rank (ONNX Runtime) and Triton (ONNX
+    Runtime, TensorRT) had offered it in --help and refused it after reading the export."""
     argv = [command[0], str(tiny_export), *[str(tmp_path / a) if a == "repo" else a for a in command[1:]]]
     assert main([*argv, "--precision", "bf16"]) == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'bf16' (choose from 'fp32', 'fp16', 'int8', 'int8-dynamic')" in err, err
+
+
+def test_serve_offers_bf16_and_names_the_backend_that_runs_it(
+    tiny_export: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """serve runs bf16 on --backend openvino only; on its default backend the choice is refused in one line."""
+    from btdeploy.serve.process import free_port
+
+    assert main(["serve", str(tiny_export), "--heads", "itm", "--precision", "bf16", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("btdeploy: error: the onnxruntime backend cannot run bf16"), err
+    assert err.endswith("bf16 trt on openvino") and "\n" not in err, err
 
 
 def test_version_is_the_installed_distributions() -> None:

@@ -1,0 +1,85 @@
+"""`btdeploy serve --backend`: what each backend's replicas are made with, and what is refused before Ray starts."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from btdeploy.errors import BtDeployError
+from btdeploy.model.heads import get_head
+from btdeploy.model.inputs import sample_inputs
+from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
+from btdeploy.serve.settings import ServeSettings, check_settings, replicas_spin, serves_rank
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_openvino_settings_are_checked_and_leave_out_onnxruntimes_options(tiny_export: Path) -> None:
+    from btdeploy.backends.targets import get_target
+
+    settings = ServeSettings(export_dir=str(tiny_export), heads=("itm", "mlm"), backend="openvino", port=_free_port())
+    assert check_settings(settings).keys() == {"itm", "mlm"}
+    assert replicas_spin(settings, 1) is None  # OpenVINO has no spinning workers to set
+    assert replicas_spin(ServeSettings(export_dir="."), 1) is True  # ONNX Runtime's, as before
+    resolved = get_target("openvino").resolve(settings.run_options(split=False))
+    assert (resolved.flavour, str(resolved.precision)) == (None, "fp32")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"backend": "tensorrt"}, "--backend tensorrt: serve runs onnxruntime or openvino (TensorRT engines are served"),
+    ({"spin": False}, "--spin/--no-spin sets ONNX Runtime's workers; the openvino backend has none: leave it out"),
+    ({"exact_sums": False, "precision": "int8", "flavour": "trt"}, "does not take 'exact_sums'"),
+    ({"split": True}, "--split runs the split graphs on onnxruntime: the openvino backend cannot"),
+    ({"precision": "int8-dynamic"}, "int8-dynamic is run as int8-dynamic ort on onnxruntime"),
+])  # fmt: skip
+def test_what_openvino_cannot_serve_is_one_line(tiny_export: Path, change: dict[str, Any], message: str) -> None:
+    asked: dict[str, Any] = {"backend": "openvino", **change}
+    settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), port=_free_port(), **asked)
+    with pytest.raises(BtDeployError, match=re.escape(message)):
+        check_settings(settings)
+
+
+def test_rank_is_served_where_the_backend_runs_the_split_towers() -> None:
+    split = {"itm": SimpleNamespace(stems=("text", "vision", "fusion"))}
+    whole = {"itm": SimpleNamespace(stems=("model",))}
+    assert serves_rank(ServeSettings(export_dir="."), split) is True  # type: ignore[arg-type]
+    assert serves_rank(ServeSettings(export_dir="."), whole) is False  # type: ignore[arg-type]
+    assert serves_rank(ServeSettings(export_dir=".", backend="openvino"), split) is False  # type: ignore[arg-type]
+    assert serves_rank(ServeSettings(export_dir="."), {"itc": split["itm"]}) is False  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("head_name", ["itm", "mlm"])
+def test_a_head_replica_runs_on_the_backend_asked_for(
+    tiny_export: Path, head_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica made with the arguments the application binds runs OpenVINO, and a merged batch
+    of requests of different lengths gives each request the answer ONNX Runtime gives it alone."""
+    from btdeploy.backends.openvino import OpenVinoBackend
+    from btdeploy.runtime.runtime import load
+    from btdeploy.serve import app
+
+    monkeypatch.setattr(app, "collector", lambda: SimpleNamespace(record_batch=None))  # no Ray here
+    settings = ServeSettings(export_dir=str(tiny_export), backend="openvino", max_batch=4)
+    folder = str(tiny_export / head_name)
+    replica = app.HeadModel.func_or_class(*app.head_model_arguments(settings, folder))  # type: ignore[attr-defined]
+    assert isinstance(replica.runtime.backend, OpenVinoBackend)
+
+    reference = load(tiny_export, head=head_name)
+    requests = [sample_inputs(reference.config, rows, length, seed=rows + length) for rows, length in [(1, 4), (2, 9)]]
+    merged, slices = merge_requests(requests, int(reference.config.text_config.pad_token_id))
+    parts = split_outputs(replica._run(merged), slices, text_axes(get_head(head_name), reference.config))
+    for request, part in zip(requests, parts, strict=True):
+        alone = reference(**request)
+        for name in get_head(head_name).output_names:
+            assert part[name].shape == np.asarray(alone[name]).shape
+            assert np.abs(part[name] - np.asarray(alone[name])).max() <= 1e-4, name

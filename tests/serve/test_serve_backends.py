@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,19 +14,14 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
+from btdeploy.serve.process import free_port
 from btdeploy.serve.settings import ServeSettings, check_settings, replicas_spin, serves_rank
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_openvino_settings_are_checked_and_leave_out_onnxruntimes_options(tiny_export: Path) -> None:
     from btdeploy.backends.targets import get_target
 
-    settings = ServeSettings(export_dir=str(tiny_export), heads=("itm", "mlm"), backend="openvino", port=_free_port())
+    settings = ServeSettings(export_dir=str(tiny_export), heads=("itm", "mlm"), backend="openvino", port=free_port())
     assert check_settings(settings).keys() == {"itm", "mlm"}
     assert replicas_spin(settings, 1) is None  # OpenVINO has no spinning workers to set
     assert replicas_spin(ServeSettings(export_dir="."), 1) is True  # ONNX Runtime's, as before
@@ -44,7 +38,7 @@ def test_openvino_settings_are_checked_and_leave_out_onnxruntimes_options(tiny_e
 ])  # fmt: skip
 def test_what_openvino_cannot_serve_is_one_line(tiny_export: Path, change: dict[str, Any], message: str) -> None:
     asked: dict[str, Any] = {"backend": "openvino", **change}
-    settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), port=_free_port(), **asked)
+    settings = ServeSettings(export_dir=str(tiny_export), heads=("itm",), port=free_port(), **asked)
     with pytest.raises(BtDeployError, match=re.escape(message)):
         check_settings(settings)
 

@@ -433,9 +433,10 @@ def test_serve_without_ray_serve_says_what_to_install(
     from btdeploy.serve.process import free_port
 
     monkeypatch.setitem(sys.modules, missing, None)  # `import` of it now fails as if it were not installed
-    if "." in missing and missing.split(".")[0] in sys.modules:  # imported by an earlier test in this process:
+    package, _, module = missing.partition(".")
+    if module and package in sys.modules:  # imported by an earlier test in this process:
         # `from ray import serve` would find the attribute on the package first
-        monkeypatch.delattr(sys.modules[missing.split(".")[0]], missing.split(".")[1], raising=False)
+        monkeypatch.delattr(sys.modules[package], module, raising=False)
     assert main(["serve", str(tiny_export), "--heads", "itm", "--port", str(free_port())]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("btdeploy: error: btdeploy serve needs Ray Serve, which is not installed here"), error

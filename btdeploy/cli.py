@@ -307,12 +307,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print((out / "rank.md").read_text())
         return 0
     if args.workload == "serve":
-        from btdeploy.bench.load import run_serve_bench
+        from btdeploy.bench.load import DEFAULT_SERVED, run_serve_bench
 
         run_serve_bench(
             Path(args.dir),
-            list(args.precisions),
-            args.flavour,
+            list(args.variants or DEFAULT_SERVED),
             list(args.concurrency),
             args.requests,
             first_length,
@@ -566,7 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("dir", help="export folder")
     bench.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     bench.add_argument(
-        "--variants", type=_names, default=None, help="comma list (default: all; those that cannot run are skipped)"
+        "--variants",
+        type=_names,
+        default=None,
+        help="comma list (default: all; those that cannot run are skipped). --workload serve: the variants to serve"
+        " one after another, on onnxruntime or openvino (default: ort-fused,ort-int8-dynamic)",
     )
     bench.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 16), help="comma list (default: 1,4,16)")
     _seq_lens_option(bench, DEFAULT_BENCH_TEXT_LENGTHS)
@@ -596,10 +599,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--captions", type=_at_least(1), default=16, help="captions per image for --workload rank")
     serving = bench.add_argument_group("--workload serve: btdeploy serve under load, against btdeploy.load")
-    serving.add_argument(
-        "--precisions", type=_names, default="fp32,int8-dynamic", help="the itm graphs to serve, one after another"
-    )
-    serving.add_argument("--flavour", choices=flavours, default="ort", help="the optimized graph flavour to serve")
     serving.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64), help="concurrent clients per level")
     serving.add_argument(
         "--requests", type=_at_least(1), default=16, help="requests per level: at least this, and 2x the clients"

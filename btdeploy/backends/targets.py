@@ -103,9 +103,13 @@ class Target:
     # The oldest release of the target that takes each flavour's graphs, recorded in the manifest.
     requirements: Mapping[Flavour, str] = field(default_factory=dict)
     build: Callable[..., Path] | None = None  # the step that makes its artifact from a graph
-    runs_split: bool = False
     reads_onnx: bool = True  # runs an ONNX graph itself (not the PyTorch reference, not an engine)
     defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def runs_split(self) -> bool:
+        """Whether it runs a head's split text, vision and fusion graphs (it reads the split option)."""
+        return "split" in self.options
 
     @property
     def flavours(self) -> set[Flavour]:
@@ -161,8 +165,6 @@ class Target:
                 hint = f"; {resolved.precision} is run as {', '.join(others)}" if others else ""
             what = describe_graph(kind)
             raise BtDeployError(f"the {self.name} backend cannot run {what} graphs: it runs {runs}{hint}")
-        if resolved.split and not self.runs_split:
-            raise BtDeployError(f"split=True runs the split graphs on ONNX Runtime: the {self.name} backend cannot")
         reason = self.unavailable(resolved)
         if reason:
             raise BtDeployError(f"the {self.name} backend cannot run here: {reason}")
@@ -315,7 +317,6 @@ ONNXRUNTIME = Target(
         # The same INT8 graphs on ONNX Runtime's saturating kernel, where this CPU has one.
         *(_saturating_variant(precision) for precision in INTEGER_PRECISIONS),
     ),
-    runs_split=True,
 )
 
 

@@ -1,11 +1,13 @@
 """`btdeploy bench --workload serve`: a bounded load against `btdeploy serve` on 127.0.0.1.
 
-Per precision, the same server is started twice, with dynamic batching (`--max-batch`) and without
-(`--max-batch 1`); each is driven at every concurrency with a fixed number of requests, distinct
-inputs per request (Open Inference Protocol, binary tensors), and the same requests run through
-`btdeploy.load` in this process, merged as the server merges them, give the ceiling. The rank
-workload (one image against many captions, /v1/rank) is driven the same way. Reported: throughput,
-p50/p90/p99, errors, answers that differ from the in-process ones, and the batch sizes formed.
+Per bench variant (the names `btdeploy bench` times, on a backend serve runs), the same server is
+started twice, with dynamic batching (`--max-batch`) and without (`--max-batch 1`); each is driven
+at every concurrency with a fixed number of requests, distinct inputs per request (Open Inference
+Protocol, binary tensors), and the same requests run through `btdeploy.load` in this process,
+merged as the server merges them, give the ceiling. The rank workload (one image against many
+captions, /v1/rank) is driven the same way where the variant's backend runs the split towers and
+the export has them. Reported: throughput, p50/p90/p99, errors, answers that differ from the
+in-process ones, and the batch sizes formed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +28,19 @@ import numpy as np
 
 from btdeploy.artifacts.files import write_json, write_text
 from btdeploy.artifacts.graph_names import Precision
+from btdeploy.artifacts.manifest import Manifest
+from btdeploy.backends.targets import RunOptions, Target, bench_variants
 from btdeploy.bench.figures import pyplot, save_png
 from btdeploy.bench.machine import cpu_text, machine_description
 from btdeploy.bench.runner import one_text_length
+from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import match_probability
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import say
 from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
 from btdeploy.serve.process import ServerProcess
 from btdeploy.serve.protocol import DATATYPES
+from btdeploy.serve.settings import BACKENDS, rank_unserved
 from btdeploy.verify.parity import parse_shapes
 
 REQUEST_TIMEOUT_S = 600
@@ -45,9 +51,82 @@ RANK_MIN_REQUESTS = 4
 COMPARE_CONCURRENCY = 16  # batching against no batching: enough requests in flight for batches to form
 
 
+DEFAULT_SERVED = ("ort-fused", "ort-int8-dynamic")
+# The run options `btdeploy serve` takes, as its flags (a variant's option away from its default).
+_SERVE_FLAGS: dict[str, Callable[[Any], list[str]]] = {
+    "flavour": lambda value: ["--flavour", str(value)],
+    "precision": lambda value: ["--precision", str(value)],
+    "exact_sums": lambda value: [] if value else ["--no-exact-sums"],
+    "spin": lambda value: ["--spin" if value else "--no-spin"],
+}
+
+
+@dataclass(frozen=True)
+class ServedVariant:
+    """A bench variant as btdeploy serve runs it: in the server (its flags) and in this process (load's options)."""
+
+    name: str
+    target: Target
+    run_options: RunOptions
+
+    @classmethod
+    def named(cls, name: str) -> ServedVariant:
+        """The bench variant of that name; one line where it is not one serve can run."""
+        known = bench_variants()
+        servable = ", ".join(name for name, (target, _) in known.items() if target.name in BACKENDS)
+        if name not in known:
+            raise BtDeployError(f"unknown variant {name!r} (serve runs {servable})")
+        target, variant = known[name]
+        if target.name not in BACKENDS:
+            raise BtDeployError(f"{name} runs on {target.name}, which btdeploy serve does not run (it runs {servable})")
+        served = cls(name, target, variant.options)
+        unflagged = [option for option in served.options if option not in _SERVE_FLAGS]
+        if unflagged:
+            raise BtDeployError(f"{name} sets {', '.join(unflagged)}, which btdeploy serve has no flag for")
+        return served
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The run options away from their defaults: what btdeploy.load is given in this process."""
+        values = {f.name: (getattr(self.run_options, f.name), f.default) for f in fields(RunOptions)}
+        return {name: value for name, (value, default) in values.items() if value != default}
+
+    @property
+    def precision(self) -> Precision:
+        return self.run_options.precision
+
+    def server_arguments(self) -> list[str]:
+        flags = ["--backend", self.target.name]
+        for name, value in self.options.items():
+            flags += _SERVE_FLAGS[name](value)
+        return flags
+
+
+def served_variants(names: list[str], manifest: Manifest) -> list[ServedVariant]:
+    """The variants to serve, each checked against the server's flags and the export before any starts;
+    every problem in one line."""
+    problems: list[str] = []
+    served: list[ServedVariant] = []
+    for name in names:
+        try:
+            variant = ServedVariant.named(name)
+        except BtDeployError as error:
+            problems.append(str(error))
+            continue
+        target, options = variant.target, variant.run_options
+        reason = target.unavailable(options) or target.missing(manifest, options)
+        if reason:
+            problems.append(f"{name}: {reason}")
+            continue
+        served.append(variant)
+    if problems:
+        raise BtDeployError("--workload serve: " + "; ".join(problems))
+    return served
+
+
 @dataclass
 class Level:
-    workload: str  # "itm <precision>" or "rank <precision>"
+    workload: str  # "itm <variant>" or "rank <variant>"
     mode: str  # "batching", "no batching", "in-process" (merged as the server merges), "in-process, 1 at a time"
     concurrency: int
     requests: int
@@ -214,16 +293,14 @@ def _itm_chunk_runner(runtime: Any) -> Callable[[list[dict[str, np.ndarray]]], l
     return run
 
 
-def _server_arguments(precision: str, flavour: str | None, batch: int) -> list[str]:
-    arguments = ["--heads", "itm", "--precision", precision, "--max-batch", str(batch), "--batch-wait-ms", "10"]
-    arguments += ["--timeout", str(REQUEST_TIMEOUT_S), "--max-body-mb", "64"]
-    return arguments + (["--flavour", flavour] if flavour else [])
+def _server_arguments(variant: ServedVariant, batch: int) -> list[str]:
+    arguments = ["--heads", "itm", *variant.server_arguments(), "--max-batch", str(batch), "--batch-wait-ms", "10"]
+    return arguments + ["--timeout", str(REQUEST_TIMEOUT_S), "--max-body-mb", "64"]
 
 
 def run_serve_bench(
     export: Path,
-    precisions: list[str],
-    flavour: str | None,
+    variant_names: list[str],
     concurrency: list[int],
     min_requests: int,
     text_length: int | None,
@@ -233,42 +310,48 @@ def run_serve_bench(
 ) -> list[Level]:
     from btdeploy.runtime.runtime import find_head, load
 
-    config = find_head(export, "itm").config
+    manifest = find_head(export, "itm")
+    config = manifest.config
     text_length = one_text_length(text_length, config)
     parse_shapes([1], [text_length], config)  # refuses a length past the model's
+    variants = served_variants(variant_names, manifest)  # every problem before a server starts
     total = max(_requests_per_level(c, min_requests) for c in concurrency)
     feeds = [sample_inputs(config, 1, text_length, seed=10_000 + i, pad=False) for i in range(total)]
     bodies = [binary_body(f) for f in feeds]
     rank_bodies, rank_images = _rank_bodies(total, captions)
     levels: list[Level] = []
-    for precision in precisions:
-        options: dict[str, Any] = {"precision": precision, **({"flavour": flavour} if flavour else {})}
-        runtime = load(export, head="itm", **options)
-        say(f"serve bench: itm {precision} in this process ({total} requests, {max_batch} merged at a time)")
-        ceiling, expected = _ceiling(f"itm {precision}", feeds, _itm_chunk_runner(runtime), max_batch)
+    notes: list[str] = []
+    for variant in variants:
+        runtime = load(export, head="itm", backend=variant.target.name, **variant.options)
+        say(f"serve bench: itm {variant.name} in this process ({total} requests, {max_batch} merged at a time)")
+        ceiling, expected = _ceiling(f"itm {variant.name}", feeds, _itm_chunk_runner(runtime), max_batch)
         # One request at a time in this process: with the merged run above, the most batching can give here.
-        single, _ = _ceiling(f"itm {precision}", feeds[: max(16, max_batch)], _itm_chunk_runner(runtime), 1)
+        single, _ = _ceiling(f"itm {variant.name}", feeds[: max(16, max_batch)], _itm_chunk_runner(runtime), 1)
         single.mode = "in-process, 1 at a time"
+        levels += [ceiling, single]
         bound = (
-            runtime.head.output("logits")
-            .tolerances[Precision(precision)]
-            .bound(float(np.abs(np.stack(expected)).max()))
+            runtime.head.output("logits").tolerances[variant.precision].bound(float(np.abs(np.stack(expected)).max()))
         )
-        split = load(export, head="itm", split=True, **options)
-        say(f"serve bench: rank {precision} in this process")
-        rank_count = max(RANK_MIN_REQUESTS, *(c for c in concurrency if c <= RANK_MAX_CONCURRENCY))
-        rank_ceiling, rank_expected = _ceiling(
-            f"rank {precision}", rank_bodies[:rank_count], _rank_chunk_runner(split), 1
-        )
-        levels += [ceiling, single, rank_ceiling]
-        rank_bound = 1e-4 if precision == "fp32" else 0.05  # a probability; INT8 moves it by a few hundredths
-        workloads = (
-            (f"itm {precision}", "itm", "/v2/models/itm/infer", bodies, expected, _itm_logits, bound),
-            (f"rank {precision}", "rank", "/v1/rank", rank_bodies, rank_expected, _rank_probabilities, rank_bound),
-        )
+        workloads = [(f"itm {variant.name}", "itm", "/v2/models/itm/infer", bodies, expected, _itm_logits, bound)]
+        skipped = rank_unserved(variant.target.name, manifest)
+        if skipped:
+            notes.append(f"rank {variant.name}: not run, {skipped}")
+            say(f"serve bench: rank {variant.name} not run: {skipped}")
+        else:
+            split = load(export, head="itm", backend=variant.target.name, split=True, **variant.options)
+            say(f"serve bench: rank {variant.name} in this process")
+            rank_count = max(RANK_MIN_REQUESTS, *(c for c in concurrency if c <= RANK_MAX_CONCURRENCY))
+            rank_ceiling, rank_expected = _ceiling(
+                f"rank {variant.name}", rank_bodies[:rank_count], _rank_chunk_runner(split), 1
+            )
+            levels.append(rank_ceiling)
+            # A probability; INT8 moves it by a few hundredths.
+            rank_bound = 1e-4 if variant.precision == Precision.FP32 else 0.05
+            rank = (f"rank {variant.name}", "rank", "/v1/rank", rank_bodies, rank_expected, _rank_probabilities)
+            workloads.append((*rank, rank_bound))
         for mode, batch in (("batching", max_batch), ("no batching", 1)):
-            say(f"serve bench: starting btdeploy serve ({precision}, {mode})")
-            with ServerProcess(export, _server_arguments(precision, flavour, batch)) as server:
+            say(f"serve bench: starting btdeploy serve ({variant.name}, {mode})")
+            with ServerProcess(export, _server_arguments(variant, batch)) as server:
                 for workload, stats_key, path, pool, answers, read, tolerance in workloads:
                     if stats_key == "rank" and batch == 1:
                         continue  # rank requests are never merged: --max-batch does not change them
@@ -291,7 +374,7 @@ def run_serve_bench(
                             f" {result.errors} errors, {result.wrong} wrong, batches {result.batch_sizes}"
                         )
                         levels.append(result)
-    write_serve_report(levels, out, rank_images, captions, text_length, max_batch)
+    write_serve_report(levels, out, rank_images, captions, text_length, max_batch, notes)
     return levels
 
 
@@ -346,7 +429,13 @@ def _rank_probabilities(answer: bytes) -> np.ndarray:
 
 
 def write_serve_report(
-    levels: list[Level], out: Path, images: int, captions: int, text_length: int, max_batch: int
+    levels: list[Level],
+    out: Path,
+    images: int,
+    captions: int,
+    text_length: int,
+    max_batch: int,
+    notes: list[str] | None = None,
 ) -> None:
     machine = machine_description(0)
     write_json(out / "serve.json", {"machine": machine, "levels": [asdict(level) for level in levels]})
@@ -380,6 +469,7 @@ def write_serve_report(
         "Rank requests are not merged across requests (each already scores one image against many captions"
         f" in one fusion batch), so they run on the batching server only, at concurrency up to {RANK_MAX_CONCURRENCY}.",
     ]
+    lines += [f"- {note}" for note in notes or []]
     lines += ["", "## Batching against no batching, same server", ""]
     compared = 0
     for workload in dict.fromkeys(level.workload for level in levels):

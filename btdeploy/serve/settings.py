@@ -138,11 +138,20 @@ def model_replicas(settings: ServeSettings, deployments: int) -> int:
     return deployments * (settings.max_replicas or settings.replicas)
 
 
+def rank_unserved(backend: str, head: Manifest | None) -> str | None:
+    """Why the rank endpoint is not served, or None: it runs the itm head's split towers, where
+    they were exported and the backend runs split graphs."""
+    if head is None:
+        return f"the {RANK_HEAD} head is not served"
+    if not get_target(backend).runs_split:
+        return f"the {backend} backend does not run the split towers that /v1/rank scores with"
+    if len(head.stems) < 2:
+        return f"{head.folder} has no split graphs (btdeploy export --split makes them)"
+    return None
+
+
 def serves_rank(settings: ServeSettings, manifests: dict[str, Manifest]) -> bool:
-    """Whether the rank endpoint is served: it runs the itm head's split towers, where they were
-    exported and the backend runs split graphs."""
-    head = manifests.get(RANK_HEAD)
-    return head is not None and len(head.stems) > 1 and get_target(settings.backend).runs_split
+    return rank_unserved(settings.backend, manifests.get(RANK_HEAD)) is None
 
 
 def replicas_spin(settings: ServeSettings, deployments: int) -> bool | None:

@@ -419,6 +419,11 @@ CASES: list[tuple[str, Setup, str]] = [
     ("calibration on an image too elongated", _calibrate_on_an_elongated_image, "banner.png is 256x64 pixels, more"),
     ("run on an image past PIL's decompression limit", _run_on_a_decompression_bomb, "huge.png is too large to decode"),
     ("bench --out naming a file", _bench_into_a_file, "reports is a file: give a folder for the reports"),
+    (
+        "bench --workload serve with a variant serve does not run",
+        lambda out, tmp: ["bench", str(out), "--workload", "serve", "--variants", "torch-eager", "--requests", "1"],
+        "--workload serve: torch-eager runs on torch, which btdeploy serve does not run (it runs ort, ort-fused,",
+    ),
     *[
         (
             f"bench --workload {workload} past the model's text length",

@@ -64,6 +64,15 @@ def test_load_refuses_bad_options_with_one_line(
     assert expected in _one_line(error)
 
 
+def test_only_onnxruntime_runs_split_graphs_and_the_others_refuse_the_option() -> None:
+    assert [name for name, target in TARGETS.items() if target.runs_split] == ["onnxruntime"]
+    for name, target in TARGETS.items():
+        if not target.runs_split:
+            with pytest.raises(BtDeployError) as error:
+                target.resolve({"split": True})
+            assert f"the {name} backend" in _one_line(error) and "does not take 'split'" in _one_line(error)
+
+
 def test_the_impossible_pair_names_where_it_runs() -> None:
     with pytest.raises(BtDeployError) as error:
         get_target("torch").resolve({"precision": "int8"})

@@ -45,7 +45,7 @@ def test_what_openvino_cannot_serve_is_one_line(tiny_export: Path, change: dict[
 
 def test_rank_is_served_where_the_backend_runs_the_split_towers() -> None:
     split = {"itm": SimpleNamespace(stems=("text", "vision", "fusion"))}
-    whole = {"itm": SimpleNamespace(stems=("model",))}
+    whole = {"itm": SimpleNamespace(stems=("model",), folder=Path("out/itm"))}
     assert serves_rank(ServeSettings(export_dir="."), split) is True  # type: ignore[arg-type]
     assert serves_rank(ServeSettings(export_dir="."), whole) is False  # type: ignore[arg-type]
     assert serves_rank(ServeSettings(export_dir=".", backend="openvino"), split) is False  # type: ignore[arg-type]
@@ -77,3 +77,28 @@ def test_a_head_replica_runs_on_the_backend_asked_for(
         for name in get_head(head_name).output_names:
             assert part[name].shape == np.asarray(alone[name]).shape
             assert np.abs(part[name] - np.asarray(alone[name])).max() <= 1e-4, name
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_replica_runs_its_graph_once_before_it_takes_requests(
+    tiny_export: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenVINO compiles on its first inference (seconds at base size): the replica pays it while
+    it starts, not the first request."""
+    from btdeploy.runtime import runtime as runtime_module
+    from btdeploy.serve import app
+
+    runs: list[dict[str, tuple[int, ...]]] = []
+    real_load = runtime_module.load
+
+    def counting_load(*arguments: Any, **options: Any) -> Any:
+        runtime = real_load(*arguments, **options)
+        real_run = runtime.backend.run
+        runtime.backend.run = lambda feeds: runs.append({k: v.shape for k, v in feeds.items()}) or real_run(feeds)
+        return runtime
+
+    monkeypatch.setattr(runtime_module, "load", counting_load)
+    monkeypatch.setattr(app, "collector", lambda: SimpleNamespace(record_batch=None))  # no Ray here
+    settings = ServeSettings(export_dir=str(tiny_export), backend=backend)
+    app.HeadModel.func_or_class(*app.head_model_arguments(settings, str(tiny_export / "itm")))  # type: ignore[attr-defined]
+    assert [run["input_ids"] for run in runs] == [(1, app.WARM_UP_TEXT_LENGTH)]

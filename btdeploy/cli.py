@@ -72,7 +72,7 @@ def _chosen_graph(args: argparse.Namespace) -> dict[str, Any]:
     chosen = {
         "providers": args.providers, "flavour": args.flavour, "precision": args.precision, "exact_sums": args.exact_sums
     }  # fmt: skip
-    # rank runs ONNX Runtime only: no reference options
+    # rank runs ONNX Runtime or OpenVINO: no reference options
     return chosen | ({"device": args.device, "checkpoint": args.checkpoint} if "device" in args else {})
 
 
@@ -238,7 +238,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         if not args.text.strip():
             raise BtDeployError("--text is empty: give the words to rank the images against")
         texts, images = [args.text], image_files(Path(args.images), "--images")
-    rows, stages = rank(Path(args.dir), images, texts, args.top_k, _chosen_graph(args), args.batch_size)
+    rows, stages = rank(Path(args.dir), images, texts, args.top_k, _chosen_graph(args), args.batch_size, args.backend)
     print(f"{stages}")
     print(format_ranking(rows))
     return 0
@@ -377,7 +377,7 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from btdeploy.apps.rank import BACKEND as RANK_BACKEND
+    from btdeploy.apps.rank import BACKENDS as RANK_BACKENDS
     from btdeploy.artifacts.graph_names import Flavour, Precision
     from btdeploy.backends.targets import TARGETS
     from btdeploy.bench.runner import DEFAULT_TEXT_LENGTHS as DEFAULT_BENCH_TEXT_LENGTHS
@@ -419,10 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
             "would). --no-exact-sums: that kernel, 1.2-1.3x faster there; check the graph with it first",
         )
 
-    def graph_options(sub: argparse.ArgumentParser, verb: str, precision_note: str, runs_on: str | None = None) -> None:
+    def graph_options(
+        sub: argparse.ArgumentParser, verb: str, precision_note: str, runs_on: tuple[str, ...] | None = None
+    ) -> None:
         """Which graph a command runs: the same options, with the same choices, everywhere (`runs_on`:
-        the one target of a command without --backend; else it takes --backend, so TensorRT engines
-        and the reference's --device too)."""
+        the targets a command runs on, where not every one; else TensorRT engines and the
+        reference's --device too)."""
         engines = runs_on is None
         sub.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
         sub.add_argument(
@@ -431,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         exact_sums_option(sub)
         sub.add_argument(
             "--precision",
-            choices=precisions_of(*([runs_on] if runs_on else TARGETS)),
+            choices=precisions_of(*(runs_on or TARGETS)),
             default=None,  # the backend's own default: fp32, or fp16 for TensorRT engines
             help=f"{verb} model.<flavour>.<precision>.onnx (flavour ort unless given){precision_note}"
             + (" (default: fp32; fp16 with --backend tensorrt)" if engines else " (default: fp32)"),
@@ -547,7 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument(
         "--batch-size", type=int, default=64, help="candidates read and scored at a time (memory stays flat)"
     )
-    graph_options(rank, "run", " for both heads (the split graphs where exported)", runs_on=RANK_BACKEND)
+    rank.add_argument(
+        "--backend", choices=RANK_BACKENDS, default="onnxruntime", help="what runs both heads (default: %(default)s)"
+    )
+    graph_options(rank, "run", " for both heads (the split graphs where exported)", runs_on=RANK_BACKENDS)
 
     run = add("run", cmd_run, "score texts against an image with an exported head")
     run.add_argument("dir", help="export folder or one head folder")

@@ -21,7 +21,7 @@ import numpy as np
 from btdeploy.apps.run import refuse_long_texts
 from btdeploy.artifacts.graph_names import Precision
 from btdeploy.artifacts.manifest import head_folders, read_manifest, require_one_checkpoint
-from btdeploy.backends.targets import get_target
+from btdeploy.backends.targets import TARGETS, get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import match_probability
 from btdeploy.model.media import export_processor, image_inputs, load_image
@@ -29,7 +29,8 @@ from btdeploy.progress import say
 from btdeploy.runtime.runtime import Runtime, SplitRuntime, load
 
 DEFAULT_BATCH_SIZE = 64
-BACKEND = "onnxruntime"  # what ranks: the split graphs' cached features are ONNX Runtime's
+# What ranks: the targets that run a head whole or as its split towers (ONNX Runtime, OpenVINO).
+BACKENDS = tuple(name for name, target in TARGETS.items() if target.runs_split)
 
 
 @dataclass
@@ -116,9 +117,9 @@ def _itm_probabilities(itm: Runtime, query: Query, candidates: list[Any], batch_
     return probabilities
 
 
-def _load(root: Path, head: str, **options: Any) -> Runtime:
+def _load(root: Path, head: str, backend: str, **options: Any) -> Runtime:
     manifest = read_manifest(head_folders(root, [head])[0])
-    return load(manifest.folder, backend=BACKEND, split=len(manifest.stems) > 1, **options)
+    return load(manifest.folder, backend=backend, split=len(manifest.stems) > 1, **options)
 
 
 def _has_head(root: Path, head: str) -> bool:
@@ -132,9 +133,11 @@ def rank(
     top_k: int = 5,
     options: dict[str, Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    backend: str = "onnxruntime",
 ) -> tuple[list[RankedItem], str]:
     """Rank the items of the larger side against the single item of the other; returns (rows, stages).
-    `options` go to `btdeploy.load` for both heads (providers, flavour, precision)."""
+    `options` go to `btdeploy.load` for both heads (providers, flavour, precision), on `backend`
+    (one of BACKENDS)."""
     if top_k < 1:
         raise BtDeployError(f"--top-k {top_k} must be at least 1")
     if batch_size < 1:
@@ -143,6 +146,8 @@ def rank(
         raise BtDeployError("no captions to rank: the texts file is empty")
     if not images:
         raise BtDeployError("no images to rank")
+    if backend not in BACKENDS:
+        raise BtDeployError(f"--backend {backend}: rank runs on {' or '.join(BACKENDS)}")
     if len(images) > 1 and len(texts) > 1:
         raise BtDeployError("rank one image against many captions, or one caption against many images")
     image_query = len(images) == 1
@@ -154,20 +159,21 @@ def rank(
     stages = []
     options = {name: value for name, value in (options or {}).items() if value is not None}
     # Named as the target resolves them (a reduced precision without a flavour is the ort flavour's).
-    resolved = get_target(BACKEND).resolve(options)
+    resolved = get_target(backend).resolve(options)
     reduced = resolved.precision if resolved.precision != Precision.FP32 else None
-    graphs = " ".join(str(part) for part in (resolved.flavour, reduced) if part)
+    named = [backend] if backend != "onnxruntime" else []  # the default engine goes unnamed
+    graphs = " ".join(named + [str(part) for part in (resolved.flavour, reduced) if part])
     has_itc = _has_head(root, "itc")
     if has_itc:  # before any work
         require_one_checkpoint(
             [read_manifest(folder) for folder in head_folders(root, ["itm", "itc"])],
             "rank takes its candidates from the itc head and scores them with the itm head",
         )
-    itm = _load(root, "itm", **options)
+    itm = _load(root, "itm", backend, **options)
     itm_query = _make_query(itm, query_image, query_text)
     refuse_long_texts(itm_query.processor, texts, itm)  # before any work: the captions, or the query
     if has_itc:
-        itc = _load(root, "itc", **options)
+        itc = _load(root, "itc", backend, **options)
         query = _make_query(itc, query_image, query_text)
         say(f"rank: ITC cosine over {len(candidates)} candidate(s), {batch_size} at a time")
         similarity = _itc_cosines(itc, query, candidates, batch_size)

@@ -1,8 +1,9 @@
-"""The split graphs as one backend: text and vision towers, then the fusion graph, on ONNX Runtime."""
+"""The split graphs as one backend: text and vision towers, then the fusion graph, each opened by
+the target that runs them (ONNX Runtime or OpenVINO)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +17,19 @@ from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.model.towers import PARTS as SPLIT_STEMS
 from btdeploy.model.towers import assemble_outputs
 
+# Opens one graph of a head: its file, and the inputs and outputs its manifest records for it.
+GraphOpener = Callable[[Path, list[dict[str, Any]], list[dict[str, Any]]], Backend]
+
 
 class SplitBackend:
     """Backend protocol over the three graphs: text and vision towers, then the fusion graph."""
-
-    name = "onnxruntime-split"
 
     def __init__(self, manifest: Manifest, parts: dict[str, Backend], paths: dict[str, Path]) -> None:
         self.manifest = manifest
         self.parts = parts
         self.paths = paths
-        self.description = ", ".join(paths[s].name for s in SPLIT_STEMS) + " (split)"
+        self.name = f"{parts['fusion'].name}-split"
+        self.description = ", ".join(paths[s].name for s in SPLIT_STEMS) + f" (split, {parts['fusion'].name})"
         self._origins: dict[str, dict[str, Any]] = {}
 
     def origin(self, stem: str) -> dict[str, Any]:
@@ -67,18 +70,22 @@ class SplitBackend:
         return get_head(self.manifest.head)
 
 
-def build_split_backend(manifest: Manifest, options: Any) -> SplitBackend:
-    """The three graphs under one backend; `options` are the onnxruntime target's RunOptions."""
-    from btdeploy.backends.onnxruntime import open_recorded_graph
-
+def split_paths(manifest: Manifest, options: Any) -> dict[str, Path]:
+    """The three graphs of the flavour and precision `options` (RunOptions) name; each missing one
+    is refused with the command that makes it."""
     if len(manifest.stems) == 1:
         raise BtDeployError(
             f"{manifest.folder} has no split graphs: export with btdeploy export --split to load with split=True"
         )
+    return {stem: manifest.graph_path(options.flavour, options.precision, stem) for stem in SPLIT_STEMS}
+
+
+def build_split_backend(manifest: Manifest, options: Any, open_graph: GraphOpener) -> SplitBackend:
+    """The three graphs under one backend, each opened by the target's `open_graph`."""
+    paths = split_paths(manifest, options)
     parts: dict[str, Backend] = {}
-    paths = {stem: manifest.graph_path(options.flavour, options.precision, stem) for stem in SPLIT_STEMS}
     for stem, path in paths.items():
         record = manifest.data["split"][stem]
         inputs, outputs = ([{"name": name} for name in record[side]] for side in ("inputs", "outputs"))
-        parts[stem] = open_recorded_graph(manifest, path, inputs, outputs, options)
+        parts[stem] = open_graph(path, inputs, outputs)
     return SplitBackend(manifest, parts, paths)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from functools import partial
 from numbers import Integral
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import onnx
 
@@ -24,6 +24,9 @@ from btdeploy.backends.tensorrt.engines import ENGINE_PRECISIONS
 from btdeploy.backends.tensorrt.operators import FLAVOUR_LINES
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
+
+if TYPE_CHECKING:
+    from btdeploy.backends.split import GraphOpener, SplitBackend
 
 
 @dataclass(frozen=True)
@@ -199,24 +202,30 @@ def _ort_unavailable(options: RunOptions) -> str | None:
     return problem
 
 
-def _ort_artifact(manifest: Manifest, options: RunOptions) -> Path:
+def _graph_artifact(manifest: Manifest, options: RunOptions) -> Path:
+    """The graph a target that reads ONNX runs: the head's whole graph, or with `split` its three
+    (every one must exist; the fusion graph is returned)."""
     if options.split:
-        from btdeploy.backends.split import SPLIT_STEMS
+        from btdeploy.backends.split import split_paths
 
-        # Every part must exist (graph_path names the command that makes a missing one).
-        return [manifest.graph_path(options.flavour, options.precision, stem) for stem in SPLIT_STEMS][-1]
+        return split_paths(manifest, options)["fusion"]
     return manifest.graph_path(options.flavour, options.precision)
 
 
-def _ort_make(manifest: Manifest, options: RunOptions) -> Backend:
+def _open_graphs(manifest: Manifest, options: RunOptions, open_graph: GraphOpener) -> Backend:
+    """The head's whole graph, or with `split` its three graphs as one backend, each opened by the
+    target's `open_graph` (a file, and the inputs and outputs the manifest records for it)."""
     if options.split:
         from btdeploy.backends.split import build_split_backend
 
-        return build_split_backend(manifest, options)
+        return build_split_backend(manifest, options, open_graph)
+    return open_graph(_graph_artifact(manifest, options), manifest.data["inputs"], manifest.data["outputs"])
+
+
+def _ort_make(manifest: Manifest, options: RunOptions) -> Backend:
     from btdeploy.backends.onnxruntime import open_recorded_graph
 
-    path = _ort_artifact(manifest, options)
-    return open_recorded_graph(manifest, path, manifest.data["inputs"], manifest.data["outputs"], options)
+    return _open_graphs(manifest, options, partial(open_recorded_graph, manifest, options=options))
 
 
 # The precisions whose ort graphs hold uint8 x int8 GEMMs, which `exact_sums` recodes.
@@ -303,7 +312,7 @@ ONNXRUNTIME = Target(
     graphs=_ORT_GRAPHS,
     make=_ort_make,
     unavailable=_ort_unavailable,
-    artifact=_ort_artifact,
+    artifact=_graph_artifact,
     variants=(
         _ort_variant("ort", None),
         _ort_variant("ort-fused", Flavour.ORT),
@@ -445,22 +454,22 @@ def _openvino_unavailable(options: RunOptions) -> str | None:
     return openvino_problem()
 
 
-def _openvino_artifact(manifest: Manifest, options: RunOptions) -> Path:
-    return manifest.graph_path(options.flavour, options.precision)
-
-
 def _openvino_make(manifest: Manifest, options: RunOptions) -> Backend:
     from btdeploy.backends.openvino import OpenVinoBackend
 
-    path = _openvino_artifact(manifest, options)
-    bf16 = options.precision == Precision.BF16
-    return OpenVinoBackend(path, get_head(manifest.head).output_names, options.threads, "bf16" if bf16 else "f32")
+    precision = "bf16" if options.precision == Precision.BF16 else "f32"
+
+    def open_graph(path: Path, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> Backend:
+        manifest.verify_graph(path)  # a truncated or replaced graph is named, not compiled
+        return OpenVinoBackend(path, [output["name"] for output in outputs], options.threads, precision)
+
+    return _open_graphs(manifest, options, open_graph)
 
 
 OPENVINO = Target(
     name="openvino",
     description="OpenVINO (CPU; f32 inference precision, bf16 when asked) on the standard-ONNX graphs: a peer",
-    options=frozenset({"flavour", "precision", "threads"}),
+    options=frozenset({"flavour", "precision", "threads", "split"}),
     # Standard ONNX only: the plain export, and the trt dialect's graphs (Q/DQ INT8 included); bf16
     # is OpenVINO's inference precision on the FP32 graphs, where the CPU multiplies bfloat16.
     graphs=(
@@ -472,7 +481,7 @@ OPENVINO = Target(
     ),
     make=_openvino_make,
     unavailable=_openvino_unavailable,
-    artifact=_openvino_artifact,
+    artifact=_graph_artifact,
     variants=(
         BenchVariant("openvino-fp32", RunOptions()),
         BenchVariant("openvino-fused-fp32", RunOptions(flavour=Flavour.TRT)),
@@ -497,6 +506,11 @@ def build_backend(manifest: Manifest, backend: str = "onnxruntime", **options: A
     """The one way to build a backend: by target name, with options that target checks."""
     target = get_target(backend)
     return target.make(manifest, target.resolve(options))
+
+
+def build_split(manifest: Manifest, backend: str = "onnxruntime", **options: Any) -> SplitBackend:
+    """A head's text, vision and fusion graphs as one backend, on a target that runs them."""
+    return cast("SplitBackend", build_backend(manifest, backend, split=True, **options))
 
 
 def graph_checks(flavour: Flavour) -> dict[str, Callable[[onnx.ModelProto], list[str]]]:

@@ -17,8 +17,8 @@ from btdeploy.artifacts.files import write_json, write_text
 from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
 from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
-from btdeploy.backends.split import SplitBackend, build_split_backend
-from btdeploy.backends.targets import RunOptions
+from btdeploy.backends.split import SplitBackend
+from btdeploy.backends.targets import build_split
 from btdeploy.bench.figures import pyplot, save_png
 from btdeploy.bench.machine import cpu_text, machine_description
 from btdeploy.bench.runner import one_text_length, time_case
@@ -111,8 +111,7 @@ def run_rank_bench(
             continue
         label = f"{flavour or 'plain'} {precision}"
         whole = OnnxRuntimeBackend(manifest.graph_path(flavour, precision), head.output_names, ["cpu"], threads)
-        options = RunOptions(flavour, precision, ("cpu",), threads, split=True)
-        split = build_split_backend(manifest, options)
+        split = build_split(manifest, flavour=flavour, precision=precision, providers="cpu", threads=threads)
         sizes[label] = feature_bytes(split, feeds["pixel_values"])
         runners: dict[str, Any] = {"monolithic": _WholeHead(whole), "split": _SplitTowers(split)}
         expected, got = runners["monolithic"].run(feeds), runners["split"].run(feeds)

@@ -75,12 +75,11 @@ def _fusion_rows(manifest: Manifest, calibration: CalibrationData, flavour: Flav
     the flavour being quantized from (the split backend of the target registry), TOWER_ROWS rows
     at a time and spooled to files, so that neither the towers' working memory nor the states
     held grow with --calib-size, and the towers are gone before the fusion graph is calibrated."""
-    from btdeploy.backends.split import build_split_backend
-    from btdeploy.backends.targets import get_target
+    from btdeploy.backends.targets import build_split
 
     @functools.cache
     def towers() -> Any:  # opened when the rows are first read: a graph made from its twin reads none
-        return build_split_backend(manifest, get_target("onnxruntime").resolve({"flavour": flavour, "split": True}))
+        return build_split(manifest, flavour=flavour)
 
     inputs = manifest.input_names("fusion")
 

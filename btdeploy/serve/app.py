@@ -23,7 +23,6 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from btdeploy.artifacts.manifest import read_manifest
-from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import match_probability
 from btdeploy.model.media import export_processor, image_inputs, pair_inputs
@@ -404,9 +403,7 @@ class Gateway:
     async def rank(self, request: Request) -> Response:
         async def run() -> Response:
             if self.rank_model is None:
-                runs_split = get_target(self.settings.backend).runs_split
-                hint = "" if runs_split else ", and serve on onnxruntime, which runs them"
-                needs = f"ranking needs the {RANK_HEAD} head with split graphs: export with --split{hint}"
+                needs = f"ranking needs the {RANK_HEAD} head with split graphs: export with --split"
                 raise RequestError(404, needs)
             task = await self._task_request(request, ranks=True)
             answer = await self._call("rank", self.rank_model.rank.remote(task.images, task.texts, task.top_k))

@@ -98,8 +98,6 @@ def check_settings(settings: ServeSettings) -> dict[str, Manifest]:
         raise BtDeployError(
             f"--spin/--no-spin sets ONNX Runtime's workers; the {settings.backend} backend has none: leave it out"
         )
-    if settings.split and not target.runs_split:
-        raise BtDeployError(f"--split runs the split graphs on onnxruntime: the {settings.backend} backend cannot")
     for manifest in manifests.values():
         split = settings.split and len(manifest.stems) > 1
         if settings.split and not split:

@@ -64,8 +64,8 @@ def test_load_refuses_bad_options_with_one_line(
     assert expected in _one_line(error)
 
 
-def test_only_onnxruntime_runs_split_graphs_and_the_others_refuse_the_option() -> None:
-    assert [name for name, target in TARGETS.items() if target.runs_split] == ["onnxruntime"]
+def test_the_onnx_runners_run_split_graphs_and_the_others_refuse_the_option() -> None:
+    assert [name for name, target in TARGETS.items() if target.runs_split] == ["onnxruntime", "openvino"]
     for name, target in TARGETS.items():
         if not target.runs_split:
             with pytest.raises(BtDeployError) as error:

@@ -43,6 +43,28 @@ def test_split_heads_match_the_reference(split_export: Path, flavour: str | None
         assert row.passed, (row.head, row.output, row.stats.max_abs)
 
 
+def test_split_heads_on_openvino_match_the_reference_and_onnx_runtime(split_export: Path) -> None:
+    """OpenVINO runs the three split graphs as one backend: the heads pass `btdeploy check`, and its
+    tower features and scores are ONNX Runtime's."""
+    rows = check_export(split_export, batch_sizes=(1, 3), text_lengths=(2, 33), backend="openvino", split=True)
+    assert len(rows) == sum(len(h.outputs) for h in HEADS.values())
+    assert all(row.passed for row in rows), [(row.head, row.output, row.stats.max_abs) for row in rows]
+    on_openvino = btdeploy.load(split_export, head="itm", backend="openvino", split=True)
+    on_ort = btdeploy.load(split_export, head="itm", split=True)
+    assert on_openvino.backend.name == "openvino-split" and on_ort.backend.name == "onnxruntime-split"
+    images = sample_inputs(on_ort.config, 2, 4, seed=16)["pixel_values"]
+    texts = sample_inputs(on_ort.config, 3, 7, seed=17)
+    scores = [
+        runtime.score(
+            runtime.encode_images(images),
+            runtime.encode_texts(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"]),
+        )["logits"]
+        for runtime in (on_openvino, on_ort)
+    ]
+    assert scores[0].shape == scores[1].shape == (2, 3, 2)
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("head", list(HEADS))
 def test_split_equals_the_monolithic_graph(split_export: Path, head: str) -> None:
     whole = btdeploy.load(split_export, head=head, flavour="ort")
@@ -238,8 +260,8 @@ def test_fusion_calibration_runs_the_towers_a_few_rows_at_a_time(
 
     from btdeploy.artifacts.graph_names import Flavour
     from btdeploy.artifacts.manifest import read_manifest
-    from btdeploy.backends.split import SplitBackend, build_split_backend
-    from btdeploy.backends.targets import get_target
+    from btdeploy.backends.split import SplitBackend
+    from btdeploy.backends.targets import build_split
     from btdeploy.quantize import quantizer
     from btdeploy.quantize.calibration import load_calibration
 
@@ -247,7 +269,7 @@ def test_fusion_calibration_runs_the_towers_a_few_rows_at_a_time(
     shutil.copytree(split_export / "itc", folder)
     manifest = read_manifest(folder)
     calibration = load_calibration(manifest, None, None, 7)
-    towers = build_split_backend(manifest, get_target("onnxruntime").resolve({"flavour": "ort", "split": True}))
+    towers = build_split(manifest, flavour="ort")
     whole = {**towers.text(calibration.feeds), **towers.vision(calibration.feeds)}
     monkeypatch.setattr(quantizer, "TOWER_ROWS", 3)
     runs: list[int] = []
@@ -356,6 +378,27 @@ def test_rank_runs_the_quantized_graphs_it_is_given(
     (out / "itm" / "fusion.ort.int8-dynamic.onnx").unlink()  # it reads those graphs, or says which is missing
     assert main([*argv, "--precision", "int8-dynamic"]) == 2
     assert "fusion.ort.int8-dynamic.onnx does not exist" in capsys.readouterr().err
+
+
+def test_rank_on_openvino_orders_as_onnx_runtime_does(
+    split_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from btdeploy.apps.rank import rank
+    from btdeploy.cli import main
+
+    images, texts, captions = _rank_inputs(tmp_path)
+    image = images / "img0.png"
+    argv = ["rank", str(split_export), "--image", str(image), "--texts", str(texts), "--top-k", "3"]
+    assert main([*argv, "--backend", "openvino"]) == 0
+    assert "ITC cosine over 5 (openvino), top 3 to ITM; ITM on 3 (split graphs, openvino)" in capsys.readouterr().out
+    ort = rank(split_export, [image], captions, top_k=5)[0]
+    openvino = rank(split_export, [image], captions, top_k=5, backend="openvino")[0]
+    assert [row.label for row in openvino] == [row.label for row in ort]
+    for mine, theirs in zip(openvino, ort, strict=True):
+        assert abs(mine.itm_probability - theirs.itm_probability) <= 1e-5  # type: ignore[operator]
+        assert abs(mine.itc_cosine - theirs.itc_cosine) <= 1e-5  # type: ignore[operator]
+    assert main([*argv, "--backend", "openvino", "--no-exact-sums"]) == 2  # ONNX Runtime's option
+    assert "the openvino backend" in capsys.readouterr().err
 
 
 def test_rank_workload_bench_writes_split_and_monolithic(split_export: Path, tmp_path: Path) -> None:

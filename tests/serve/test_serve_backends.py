@@ -15,7 +15,7 @@ from btdeploy.model.heads import get_head
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
 from btdeploy.serve.process import free_port
-from btdeploy.serve.settings import ServeSettings, check_settings, replicas_spin, serves_rank
+from btdeploy.serve.settings import ServeSettings, check_settings, rank_unserved, replicas_spin, serves_rank
 
 
 def test_openvino_settings_are_checked_and_leave_out_onnxruntimes_options(tiny_export: Path) -> None:
@@ -33,7 +33,7 @@ def test_openvino_settings_are_checked_and_leave_out_onnxruntimes_options(tiny_e
     ({"backend": "tensorrt"}, "--backend tensorrt: serve runs onnxruntime or openvino (TensorRT engines are served"),
     ({"spin": False}, "--spin/--no-spin sets ONNX Runtime's workers; the openvino backend has none: leave it out"),
     ({"exact_sums": False, "precision": "int8", "flavour": "trt"}, "does not take 'exact_sums'"),
-    ({"split": True}, "--split runs the split graphs on onnxruntime: the openvino backend cannot"),
+    ({"split": True}, "has no split graphs: export with --split, or serve without --split"),
     ({"precision": "int8-dynamic"}, "int8-dynamic is run as int8-dynamic ort on onnxruntime"),
 ])  # fmt: skip
 def test_what_openvino_cannot_serve_is_one_line(tiny_export: Path, change: dict[str, Any], message: str) -> None:
@@ -48,7 +48,10 @@ def test_rank_is_served_where_the_backend_runs_the_split_towers() -> None:
     whole = {"itm": SimpleNamespace(stems=("model",), folder=Path("out/itm"))}
     assert serves_rank(ServeSettings(export_dir="."), split) is True  # type: ignore[arg-type]
     assert serves_rank(ServeSettings(export_dir="."), whole) is False  # type: ignore[arg-type]
-    assert serves_rank(ServeSettings(export_dir=".", backend="openvino"), split) is False  # type: ignore[arg-type]
+    assert serves_rank(ServeSettings(export_dir=".", backend="openvino"), split) is True  # type: ignore[arg-type]
+    assert rank_unserved("torch", split["itm"]) == (  # type: ignore[arg-type]
+        "the torch backend does not run the split towers that /v1/rank scores with"
+    )
     assert serves_rank(ServeSettings(export_dir="."), {"itc": split["itm"]}) is False  # type: ignore[arg-type]
 
 

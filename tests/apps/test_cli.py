@@ -317,16 +317,28 @@ def test_a_head_without_weights_in_the_checkpoint_is_flagged_where_people_look(
     assert "WARNING" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [["triton-repo", "--out", "repo"], ["rank", "--image", "x.png", "--text", "a"]])
-def test_commands_without_backend_choice_offer_only_precisions_their_backends_run(
-    tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+def test_triton_repo_offers_only_precisions_its_backends_run(
+    tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """bf16 runs on the PyTorch reference and OpenVINO only; rank (ONNX Runtime) and Triton (ONNX
-    Runtime, TensorRT) had offered it in --help and refused it after reading the export."""
-    argv = [command[0], str(tiny_export), *[str(tmp_path / a) if a == "repo" else a for a in command[1:]]]
-    assert main([*argv, "--precision", "bf16"]) == 2
+    """bf16 runs on the PyTorch reference and OpenVINO only; Triton (ONNX Runtime, TensorRT) had
+    offered it in --help and refused it after reading the export."""
+    assert main(["triton-repo", str(tiny_export), "--out", str(tmp_path / "repo"), "--precision", "bf16"]) == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'bf16' (choose from 'fp32', 'fp16', 'int8', 'int8-dynamic')" in err, err
+
+
+def test_rank_offers_bf16_and_names_the_backend_that_runs_it(
+    tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """rank runs on ONNX Runtime or OpenVINO: bf16 is OpenVINO's, refused on ONNX Runtime before any work."""
+    from PIL import Image
+
+    image, texts = tmp_path / "x.png", tmp_path / "captions.txt"
+    Image.new("RGB", (40, 30)).save(image)
+    texts.write_text("a cat\na dog\n")
+    assert main(["rank", str(tiny_export), "--image", str(image), "--texts", str(texts), "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "the onnxruntime backend cannot run bf16" in err and "openvino" in err, err
 
 
 def test_serve_offers_bf16_and_names_the_backend_that_runs_it(

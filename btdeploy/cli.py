@@ -281,7 +281,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     device = args.device
     if args.workload != "heads" and device == "cuda":
-        raise BtDeployError(f"--workload {args.workload} runs ONNX Runtime on the CPU: leave out --device cuda")
+        engines = "ONNX Runtime or OpenVINO"
+        raise BtDeployError(f"--workload {args.workload} runs {engines} on the CPU: leave out --device cuda")
     if device == "auto":
         import torch
 
@@ -303,7 +304,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.workload == "rank":
         from btdeploy.bench.rank_workload import run_rank_bench
 
-        run_rank_bench(Path(args.dir), args.captions, first_length, args.warmup, args.iters, settings.threads, out)
+        rank_args = (args.captions, first_length, args.warmup, args.iters, settings.threads, out, args.variants)
+        run_rank_bench(Path(args.dir), *rank_args)
         print((out / "rank.md").read_text())
         return 0
     if args.workload == "serve":
@@ -574,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_names,
         default=None,
         help="comma list (default: all; those that cannot run are skipped). --workload serve: the variants to serve"
-        " one after another, on onnxruntime or openvino (default: ort-fused,ort-int8-dynamic)",
+        " one after another, on onnxruntime or openvino (default: ort-fused,ort-int8-dynamic). --workload rank:"
+        " variants whose backend runs the split towers (default: ort,ort-fused and the ort precisions exported)",
     )
     bench.add_argument("--batch-sizes", type=_int_list, default=(1, 4, 16), help="comma list (default: 1,4,16)")
     _seq_lens_option(bench, DEFAULT_BENCH_TEXT_LENGTHS)

@@ -90,6 +90,22 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -
     return out
 
 
+@pytest.fixture(scope="session")
+def served_export(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Path:
+    """Tiny itm with its split towers, optimized in both flavours, and its dynamic INT8 graph (the serve tests')."""
+    from btdeploy.export.exporter import export_heads
+    from btdeploy.model.checkpoints import resolve_model
+    from btdeploy.optimize.optimizer import optimize_head
+    from btdeploy.quantize.quantizer import quantize_head
+
+    out = tmp_path_factory.mktemp("serve-bench-export")
+    export_heads(resolve_model("tiny"), ["itm"], out, split=True)
+    for flavour in ("ort", "trt"):
+        optimize_head(out / "itm", flavour)
+    quantize_head(out / "itm", "int8-dynamic", "ort")
+    return out
+
+
 # A config unlike every preset: scaled_add link towers, a single vision attention head
 # (vision hidden 64), 48 px images in 12 px patches, 4 text layers of which 2 are cross-modal,
 # more vision layers than text layers.

@@ -2,46 +2,40 @@
 
 The whole head runs the image tower once per caption (a batch of N copies of the image); the
 split graphs run it once, the text tower on the N captions, and the fusion graph on N pairs.
-Both are timed interleaved, at every precision for which both kinds of graph exist."""
+Both are timed interleaved, for each bench variant asked whose backend runs the split towers
+(ONNX Runtime's graphs by default; OpenVINO's by name)."""
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from btdeploy.artifacts.files import write_json, write_text
-from btdeploy.artifacts.graph_names import Flavour, Precision
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
-from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+from btdeploy.backends.base import Backend
 from btdeploy.backends.split import SplitBackend
-from btdeploy.backends.targets import build_split
+from btdeploy.backends.targets import RunOptions, Target, bench_variants, with_machine
 from btdeploy.bench.figures import pyplot, save_png
 from btdeploy.bench.machine import cpu_text, machine_description
 from btdeploy.bench.runner import one_text_length, time_case
 from btdeploy.bench.stats import summarize
 from btdeploy.errors import BtDeployError
-from btdeploy.model.heads import get_head
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import say
-from btdeploy.quantize.methods import quantized_graphs
 from btdeploy.verify.parity import parse_shapes
 
-# The whole and split graphs a CPU user runs: plain, ort and each precision of the ort flavour.
-GRAPHS: list[tuple[Flavour | None, Precision]] = [
-    (None, Precision.FP32),
-    (Flavour.ORT, Precision.FP32),
-    *((flavour, precision) for flavour, precision in quantized_graphs() if flavour == Flavour.ORT),
-]
+# What a CPU user runs: the plain export, the ort flavour and each precision quantize makes of it.
+DEFAULT_RANKED = ("ort", "ort-fused", "ort-fp16", "ort-int8", "ort-int8-dynamic")
 
 
 class _WholeHead:
     """The monolithic graph on one image repeated once per caption."""
 
-    def __init__(self, backend: OnnxRuntimeBackend) -> None:
+    def __init__(self, backend: Backend) -> None:
         self.backend = backend
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -66,20 +60,63 @@ class _SplitTowers:
 
 @dataclass
 class RankCase:
-    graph: str
+    variant: str
     precision: str
     kind: str  # "monolithic" or "split"
     samples_s: list[float]
     median_ms: float
 
 
-def _available(manifest: Manifest, flavour: Flavour | None, precision: Precision) -> bool:
-    try:
-        for stem in manifest.stems:
-            manifest.graph_path(flavour, precision, stem)
-    except BtDeployError:
-        return False
-    return True
+@dataclass(frozen=True)
+class RankedVariant:
+    """A bench variant whose backend runs the split towers, with the bench's machine options."""
+
+    name: str
+    target: Target
+    options: RunOptions  # the whole head's; the split towers' add split=True
+
+    def unavailable(self, manifest: Manifest, redundant: str | None) -> str | None:
+        split = replace(self.options, split=True)
+        return (
+            redundant
+            or self.target.unavailable(self.options)
+            or self.target.missing(manifest, self.options)
+            or self.target.missing(manifest, split)
+        )
+
+    def build(self, manifest: Manifest) -> tuple[Backend, SplitBackend]:
+        split = self.target.make(manifest, replace(self.options, split=True))
+        return self.target.make(manifest, self.options), split  # type: ignore[return-value]
+
+
+def ranked_variants(names: list[str] | None, manifest: Manifest, threads: int) -> list[RankedVariant]:
+    """The variants to time. Named ones that cannot run here are refused, every problem in one line,
+    before any is timed; of the defaults, those whose graphs are missing are skipped and said so."""
+    known = bench_variants()
+    runs_split = ", ".join(name for name, (target, _) in known.items() if target.runs_split)
+    problems: list[str] = []
+    chosen: list[RankedVariant] = []
+    for name in names or DEFAULT_RANKED:
+        if name not in known:
+            problems.append(f"unknown variant {name!r} (rank runs {runs_split})")
+            continue
+        target, variant = known[name]
+        if not target.runs_split:
+            problems.append(f"{name} runs on {target.name}, which has no split towers (rank runs {runs_split})")
+            continue
+        ranked = RankedVariant(name, target, with_machine(target, variant.options, threads, "cpu"))
+        reason = ranked.unavailable(manifest, variant.redundant and variant.redundant(ranked.options))
+        if reason and names:
+            problems.append(f"{name}: {reason}")
+        elif reason:
+            say(f"bench rank: skipping {name}: {reason}")
+        else:
+            chosen.append(ranked)
+    if problems:
+        raise BtDeployError("--workload rank: " + "; ".join(problems))
+    if not chosen:
+        raise BtDeployError(f"--workload rank: none of {', '.join(DEFAULT_RANKED)} can run here (said above)")
+    return chosen
 
 
 def feature_bytes(backend: SplitBackend, pixel_values: np.ndarray) -> int:
@@ -91,7 +128,14 @@ def feature_bytes(backend: SplitBackend, pixel_values: np.ndarray) -> int:
 
 
 def run_rank_bench(
-    root: Path, captions: int, text_length: int | None, warmup: int, iters: int, threads: int, out: Path
+    root: Path,
+    captions: int,
+    text_length: int | None,
+    warmup: int,
+    iters: int,
+    threads: int,
+    out: Path,
+    variants: list[str] | None = None,
 ) -> list[RankCase]:
     if captions < 1:
         raise BtDeployError(f"--captions {captions} must be at least 1")
@@ -101,69 +145,76 @@ def run_rank_bench(
     config = manifest.config
     text_length = one_text_length(text_length, config)
     parse_shapes([captions], [text_length], config)  # refuses a length past the model's
+    chosen = ranked_variants(variants, manifest, threads)
     feeds = sample_inputs(config, captions, text_length, seed=11, pad=False)
-    head = get_head("itm")
     cases: list[RankCase] = []
     sizes: dict[str, int] = {}
-    for flavour, precision in GRAPHS:
-        if not _available(manifest, flavour, precision):
-            say(f"bench rank: skipping {flavour or 'plain'} {precision}: its whole or split graphs are missing")
-            continue
-        label = f"{flavour or 'plain'} {precision}"
-        whole = OnnxRuntimeBackend(manifest.graph_path(flavour, precision), head.output_names, ["cpu"], threads)
-        split = build_split(manifest, flavour=flavour, precision=precision, providers="cpu", threads=threads)
-        sizes[label] = feature_bytes(split, feeds["pixel_values"])
+    differences: dict[str, float] = {}  # the split towers' logits against the whole head's, max abs
+    for variant in chosen:
+        whole, split = variant.build(manifest)
+        sizes[variant.name] = feature_bytes(split, feeds["pixel_values"])
         runners: dict[str, Any] = {"monolithic": _WholeHead(whole), "split": _SplitTowers(split)}
         expected, got = runners["monolithic"].run(feeds), runners["split"].run(feeds)
-        worst = float(np.abs(expected["logits"] - got["logits"]).max())
+        worst = differences[variant.name] = float(np.abs(expected["logits"] - got["logits"]).max())
         samples, _, _ = time_case(runners, feeds, warmup, iters, None)
+        precision = str(variant.options.precision)
         for kind, values in samples.items():
-            cases.append(RankCase(label, precision, kind, values, summarize(values, captions).median_ms))
+            cases.append(RankCase(variant.name, precision, kind, values, summarize(values, captions).median_ms))
         mono, parts = (summarize(samples[k], captions).median_ms for k in ("monolithic", "split"))
-        say(f"bench rank {label}: monolithic {mono:.1f} ms, split {parts:.1f} ms ({mono / parts:.2f}x); "
+        say(f"bench rank {variant.name}: monolithic {mono:.1f} ms, split {parts:.1f} ms ({mono / parts:.2f}x); "
             f"split vs whole logits max diff {worst:.1e}")  # fmt: skip
-    _write(out, cases, sizes, captions, text_length, threads)
+    _write(out, cases, sizes, differences, captions, text_length, threads)
     return cases
 
 
-def _write(out: Path, cases: list[RankCase], sizes: dict[str, int], captions: int, length: int, threads: int) -> None:
+def _write(
+    out: Path,
+    cases: list[RankCase],
+    sizes: dict[str, int],
+    differences: dict[str, float],
+    captions: int,
+    length: int,
+    threads: int,
+) -> None:
     machine = machine_description(threads)
     lines = [
         "# Ranking one image against many captions: split towers vs the whole ITM head",
         "",
         f"- workload: 1 image x {captions} captions of length {length} (no padding), itm head",
-        f"- CPU: {cpu_text(machine)}, {threads} thread(s); huge pages {machine['huge_pages']}; ONNX Runtime CPU "
-        "provider",
+        f"- CPU: {cpu_text(machine)}, {threads} thread(s); huge pages {machine['huge_pages']}; each variant's "
+        "engine on the CPU (ort-*: ONNX Runtime's CPU provider, openvino-*: OpenVINO)",
         "- monolithic: the whole graph on a batch of the image repeated per caption; split: vision tower once, "
         "text tower on the captions, fusion graph on the pairs",
-        "- timing interleaved (monolithic, split / split, monolithic ...); medians",
+        "- timing interleaved (monolithic, split / split, monolithic ...); medians; split vs whole: the largest"
+        " difference of the itm logits between the two, same inputs",
         "",
-        "| graph | monolithic ms | split ms | speedup | one image's cached features |",
-        "|---|---:|---:|---:|---:|",
+        "| variant | monolithic ms | split ms | speedup | one image's cached features | split vs whole, max abs |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    by_graph: dict[str, dict[str, RankCase]] = {}
+    by_variant: dict[str, dict[str, RankCase]] = {}
     for case in cases:
-        by_graph.setdefault(case.graph, {})[case.kind] = case
-    for graph, kinds in by_graph.items():
+        by_variant.setdefault(case.variant, {})[case.kind] = case
+    for name, kinds in by_variant.items():
         mono, split = kinds["monolithic"].median_ms, kinds["split"].median_ms
-        lines.append(f"| {graph} | {mono:.1f} | {split:.1f} | {mono / split:.2f}x | {sizes[graph] / 2**20:.2f} MiB |")
+        size = f"{sizes[name] / 2**20:.2f} MiB"
+        lines.append(f"| {name} | {mono:.1f} | {split:.1f} | {mono / split:.2f}x | {size} | {differences[name]:.1e} |")
     write_text(out / "rank.md", "\n".join(lines) + "\n")
     write_json(out / "rank.json", {"captions": captions, "text_length": length, "threads": threads,
-                                   "feature_bytes": sizes, "machine": machine,
+                                   "feature_bytes": sizes, "split_vs_whole_max_abs": differences, "machine": machine,
                                    "cases": [case.__dict__ for case in cases]})  # fmt: skip
-    _plot(out / "rank.png", by_graph, captions)
+    _plot(out / "rank.png", by_variant, captions)
 
 
-def _plot(path: Path, by_graph: dict[str, dict[str, RankCase]], captions: int) -> None:
+def _plot(path: Path, by_variant: dict[str, dict[str, RankCase]], captions: int) -> None:
     plt = pyplot("rank plot")
     if plt is None:
         return
-    graphs = list(by_graph)
-    x = np.arange(len(graphs))
+    names = list(by_variant)
+    x = np.arange(len(names))
     figure, axis = plt.subplots(figsize=(7, 4))
     for offset, kind in ((-0.2, "monolithic"), (0.2, "split")):
-        axis.bar(x + offset, [by_graph[g][kind].median_ms for g in graphs], width=0.4, label=kind)
-    axis.set_xticks(x, graphs)
+        axis.bar(x + offset, [by_variant[n][kind].median_ms for n in names], width=0.4, label=kind)
+    axis.set_xticks(x, names)
     axis.set_ylabel("median ms")
     axis.set_title(f"itm: 1 image x {captions} captions")
     axis.legend()

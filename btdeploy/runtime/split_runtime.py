@@ -24,6 +24,7 @@ from btdeploy.model.towers import assemble_outputs
 from btdeploy.runtime.validation import check_pixels, check_text
 
 FEATURES_FORMAT = 1
+SCORE_BATCH = 16  # pairs per run of the fusion graph in score()
 
 
 @dataclass
@@ -209,7 +210,7 @@ class SplitRuntimeMixin:
         arrays = _in_batches(self.backend.text, {"input_ids": ids, "attention_mask": mask}, batch_size)
         return Features("text", arrays, dict(self.backend.origin("text")))
 
-    def score(self, images: Features, texts: Features, batch_size: int = 16) -> dict[str, np.ndarray]:
+    def score(self, images: Features, texts: Features, batch_size: int = SCORE_BATCH) -> dict[str, np.ndarray]:
         """The head's outputs for every (image, text) pair: arrays shaped [images, texts, ...].
 
         Each tower ran once per item (in encode_*); here only the fusion graph runs, on

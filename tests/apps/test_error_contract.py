@@ -420,6 +420,11 @@ CASES: list[tuple[str, Setup, str]] = [
     ("run on an image past PIL's decompression limit", _run_on_a_decompression_bomb, "huge.png is too large to decode"),
     ("bench --out naming a file", _bench_into_a_file, "reports is a file: give a folder for the reports"),
     (
+        "bench --workload rank with a variant that has no split towers",
+        lambda out, tmp: ["bench", str(out), "--workload", "rank", "--variants", "ort-fused,torch-compile"],
+        "--workload rank: torch-compile runs on torch, which has no split towers (rank runs ort, ort-fused,",
+    ),
+    (
         "bench --workload serve with a variant serve does not run",
         lambda out, tmp: ["bench", str(out), "--workload", "serve", "--variants", "torch-eager", "--requests", "1"],
         "--workload serve: torch-eager runs on torch, which btdeploy serve does not run (it runs ort, ort-fused,",

@@ -837,7 +837,9 @@ def test_a_gpu_bench_without_a_gpu_is_refused_before_any_work(
     with pytest.raises(BtDeployError, match="--device cuda: torch sees no NVIDIA GPU here; bench on the CPU"):
         run_bench(tiny_export, ["itm"], ["torch-eager-fp16", "ort"], settings)
     assert main(["bench", str(tiny_export), "--workload", "rank", "--device", "cuda"]) == 2
-    assert "--workload rank runs ONNX Runtime on the CPU: leave out --device cuda" in capsys.readouterr().err
+    assert (
+        "--workload rank runs ONNX Runtime or OpenVINO on the CPU: leave out --device cuda" in capsys.readouterr().err
+    )
 
 
 def test_the_bench_names_the_gpu_the_backends_found(monkeypatch: pytest.MonkeyPatch) -> None:

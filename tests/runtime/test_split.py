@@ -3,6 +3,8 @@ and all-pairs scoring that runs each tower once per item."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -405,15 +407,50 @@ def test_rank_workload_bench_writes_split_and_monolithic(split_export: Path, tmp
     from btdeploy.bench.rank_workload import run_rank_bench
 
     cases = run_rank_bench(split_export, 6, 12, warmup=1, iters=2, threads=1, out=tmp_path)
-    kinds = {(c.graph, c.kind) for c in cases}
-    assert kinds == {(g, k) for g in ("plain fp32", "ort fp32") for k in ("monolithic", "split")}
+    kinds = {(c.variant, c.kind) for c in cases}
+    assert kinds == {(v, k) for v in ("ort", "ort-fused") for k in ("monolithic", "split")}  # no quantized graphs
     assert all(len(c.samples_s) == 2 and c.median_ms > 0 for c in cases)
     table = (tmp_path / "rank.md").read_text()
-    assert "| plain fp32 |" in table and "| ort fp32 |" in table and (tmp_path / "rank.png").stat().st_size > 0
+    assert "| ort |" in table and "| ort-fused |" in table and (tmp_path / "rank.png").stat().st_size > 0
     from btdeploy.bench.machine import cpu_description
 
     # Every report names the instruction sets its times depend on, as the heads bench does.
     assert f"logical cores; flags: {', '.join(cpu_description()['flags'])})" in table
+
+
+def test_rank_workload_bench_times_openvino_by_name(split_export: Path, tmp_path: Path) -> None:
+    """OpenVINO runs the split towers too: named, its variant is timed beside ONNX Runtime's, and
+    each variant's split towers give its whole head's scores."""
+    from btdeploy.bench.rank_workload import run_rank_bench
+
+    cases = run_rank_bench(
+        split_export, 5, 9, warmup=0, iters=1, threads=1, out=tmp_path, variants=["openvino-fp32", "ort"]
+    )
+    assert [(c.variant, c.kind) for c in cases] == [
+        (v, k) for v in ("openvino-fp32", "ort") for k in ("monolithic", "split")
+    ]
+    report = json.loads((tmp_path / "rank.json").read_text())
+    assert report["split_vs_whole_max_abs"].keys() == {"openvino-fp32", "ort"}
+    assert all(value <= 1e-4 for value in report["split_vs_whole_max_abs"].values()), report
+    assert "| openvino-fp32 |" in (tmp_path / "rank.md").read_text()
+
+
+@pytest.mark.parametrize(("variants", "message"), [
+    (["ort-fuzed"], "unknown variant 'ort-fuzed' (rank runs ort, ort-fused, trt-graph,"),
+    (["torch-eager"], "torch-eager runs on torch, which has no split towers (rank runs ort,"),
+    # Named but not made: every problem at once, each with the command that makes its graph.
+    (["ort-int8-dynamic", "openvino-int8"], "model.ort.int8-dynamic.onnx does not exist: run btdeploy quantize"),
+])  # fmt: skip
+def test_rank_workload_bench_refuses_what_it_cannot_time_in_one_line(
+    split_export: Path, tmp_path: Path, variants: list[str], message: str
+) -> None:
+    from btdeploy.bench.rank_workload import run_rank_bench
+
+    with pytest.raises(BtDeployError, match=re.escape(message)) as refused:
+        run_rank_bench(split_export, 2, 4, warmup=0, iters=1, threads=1, out=tmp_path, variants=variants)
+    assert "\n" not in str(refused.value) and not (tmp_path / "rank.md").exists()
+    if len(variants) == 2:
+        assert "; openvino-int8: " in str(refused.value) and "--flavour trt --precision int8" in str(refused.value)
 
 
 def test_split_spin_benchmark_sets_the_option_sets_side_by_side(split_export: Path) -> None:

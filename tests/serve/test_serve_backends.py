@@ -82,26 +82,66 @@ def test_a_head_replica_runs_on_the_backend_asked_for(
             assert np.abs(part[name] - np.asarray(alone[name])).max() <= 1e-4, name
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_a_replica_runs_its_graph_once_before_it_takes_requests(
-    tiny_export: Path, backend: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """OpenVINO compiles on its first inference (seconds at base size): the replica pays it while
-    it starts, not the first request."""
+def _counting_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
+    """Every graph run of the runtimes `load` makes from now on: (graph, rows, text length or 0)."""
     from btdeploy.runtime import runtime as runtime_module
-    from btdeploy.serve import app
 
-    runs: list[dict[str, tuple[int, ...]]] = []
+    runs: list[tuple[str, int, int]] = []
     real_load = runtime_module.load
+
+    def counted(graph: str, run: Any) -> Any:
+        def run_and_count(*feeds: dict[str, np.ndarray]) -> Any:
+            mask = next((f["attention_mask"] for f in feeds if "attention_mask" in f), None)
+            rows = len(next(iter(feeds[0].values())))
+            runs.append((graph, rows, 0 if mask is None else int(mask.shape[1])))
+            return run(*feeds)
+
+        return run_and_count
 
     def counting_load(*arguments: Any, **options: Any) -> Any:
         runtime = real_load(*arguments, **options)
-        real_run = runtime.backend.run
-        runtime.backend.run = lambda feeds: runs.append({k: v.shape for k, v in feeds.items()}) or real_run(feeds)
+        graphs = ("vision", "text", "fusion") if options.get("split") else ("run",)
+        for graph in graphs:
+            setattr(runtime.backend, graph, counted(graph, getattr(runtime.backend, graph)))
         return runtime
 
     monkeypatch.setattr(runtime_module, "load", counting_load)
+    return runs
+
+
+@pytest.mark.parametrize(("backend", "max_batch", "rows"), [
+    ("onnxruntime", 16, [1]),  # ONNX Runtime's first batch of 16 costs what the next one does
+    ("openvino", 16, [1, 16]),  # OpenVINO compiles for each new shape: the largest batch runs too
+    ("openvino", 1, [1]),  # no batching, no batch to run
+])  # fmt: skip
+def test_a_replica_runs_the_shapes_it_serves_before_it_takes_requests(
+    tiny_export: Path, backend: str, max_batch: int, rows: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenVINO compiles on its first inference and for each new batch size (seconds at base size):
+    the replica pays it while it starts, not the first requests."""
+    from btdeploy.serve import app
+
+    runs = _counting_runs(monkeypatch)
     monkeypatch.setattr(app, "collector", lambda: SimpleNamespace(record_batch=None))  # no Ray here
-    settings = ServeSettings(export_dir=str(tiny_export), backend=backend)
+    settings = ServeSettings(export_dir=str(tiny_export), backend=backend, max_batch=max_batch)
     app.HeadModel.func_or_class(*app.head_model_arguments(settings, str(tiny_export / "itm")))  # type: ignore[attr-defined]
-    assert [run["input_ids"] for run in runs] == [(1, app.WARM_UP_TEXT_LENGTH)]
+    assert runs == [("run", count, app.WARM_UP_TEXT_LENGTH) for count in rows]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_the_rank_replica_runs_a_rank_requests_shapes_before_it_takes_requests(
+    served_export: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first rank request ran the text and fusion graphs on many rows for the first time
+    (base itm on OpenVINO in bf16: 1.2 s more than the next one): the replica runs one image
+    against a fusion batch of captions while it starts, and caches nothing."""
+    from btdeploy.runtime.split_runtime import SCORE_BATCH
+    from btdeploy.serve import app
+
+    runs = _counting_runs(monkeypatch)
+    monkeypatch.setattr(app, "collector", lambda: SimpleNamespace(record_batch=None))  # no Ray here
+    settings = ServeSettings(export_dir=str(served_export), backend=backend, flavour="trt")
+    replica = app.RankModel.func_or_class(*app.rank_model_arguments(settings, str(served_export / "itm")))  # type: ignore[attr-defined]
+    length = app.WARM_UP_TEXT_LENGTH
+    assert runs == [("vision", 1, 0), ("text", SCORE_BATCH, length), ("fusion", SCORE_BATCH, length)]
+    assert len(replica.cache) == 0

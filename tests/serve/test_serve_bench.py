@@ -19,22 +19,6 @@ from btdeploy.serve.settings import BACKENDS, ServeSettings, rank_unserved
 SERVABLE = [name for name, (target, _) in bench_variants().items() if target.name in BACKENDS]
 
 
-@pytest.fixture(scope="module")
-def served_export(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Path:
-    """Tiny itm with its split towers, optimized in both flavours, and its dynamic INT8 graph."""
-    from btdeploy.export.exporter import export_heads
-    from btdeploy.model.checkpoints import resolve_model
-    from btdeploy.optimize.optimizer import optimize_head
-    from btdeploy.quantize.quantizer import quantize_head
-
-    out = tmp_path_factory.mktemp("serve-bench-export")
-    export_heads(resolve_model("tiny"), ["itm"], out, split=True)
-    for flavour in ("ort", "trt"):
-        optimize_head(out / "itm", flavour)
-    quantize_head(out / "itm", "int8-dynamic", "ort")
-    return out
-
-
 @pytest.mark.parametrize("name", SERVABLE)
 def test_each_variants_flags_make_serve_run_that_variant(
     name: str, tiny_export: Path, monkeypatch: pytest.MonkeyPatch

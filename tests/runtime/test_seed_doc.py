@@ -4,7 +4,8 @@ The examples are read from the page itself (tests/data/bridgetower_doc.md, a cop
 document) and executed unchanged except for what must change offline: `requests` serves a
 local picture, hub ids point at a preset checkpoint (tiny), and the model line becomes
 `btdeploy.load(...)`. Each example runs twice, once with the transformers model and once with
-btdeploy, and the two must agree.
+btdeploy, and the two must agree: on each backend `load` runs the ONNX graphs with (ONNX Runtime,
+OpenVINO), whole and as split towers.
 """
 
 from __future__ import annotations
@@ -70,12 +71,23 @@ def fake_requests() -> types.ModuleType:
     return module
 
 
-def run_example(code: str, checkpoint: Path, export_dir: Path | None) -> tuple[dict[str, Any], str]:
+# The ways `btdeploy.load` runs an exported head, as the keyword arguments of the model line.
+LOADS = {
+    "onnxruntime": "",
+    "onnxruntime-split": ", split=True",
+    "openvino": ', backend="openvino"',
+    "openvino-split": ', backend="openvino", split=True',
+}
+
+
+def run_example(
+    code: str, checkpoint: Path, export_dir: Path | None, load_options: str = ""
+) -> tuple[dict[str, Any], str]:
     head_class = MODEL_LINE.search(code)
     assert head_class, "the example has no `model = BridgeTower*.from_pretrained(...)` line"
     if export_dir is not None:
         head = HEAD_OF_CLASS[head_class.group(1)]
-        code = MODEL_LINE.sub(f'model = btdeploy.load("{export_dir}", head="{head}")', code)
+        code = MODEL_LINE.sub(f'model = btdeploy.load("{export_dir}", head="{head}"{load_options})', code)
     code = HUB_ID.sub(f'"{checkpoint}"', code)
     namespace: dict[str, Any] = {"btdeploy": btdeploy}
     printed = io.StringIO()
@@ -94,14 +106,19 @@ def run_example(code: str, checkpoint: Path, export_dir: Path | None) -> tuple[d
 
 @pytest.fixture(scope="module")
 def doc_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A preset checkpoint and its itc, itm and mlm exports. The tiny preset: the examples need
+    """A preset checkpoint and its itc, itm and mlm exports, whole and split. The tiny preset: the examples need
     the architecture, tokenizer and processor a preset writes, not the base size (the base preset
     is the same code at another config, tests/model/test_models.py; its pipeline is measured in
     benchmarks/results/base-main-job)."""
     source = resolve_model("tiny")
     out = tmp_path_factory.mktemp("doc-export")
-    export_heads(source, list(HEAD_OF_CLASS.values()), out)
+    export_heads(source, list(HEAD_OF_CLASS.values()), out, split=True)
     return source.checkpoint, out
+
+
+@pytest.fixture(params=list(LOADS))
+def load_options(request: pytest.FixtureRequest) -> str:
+    return LOADS[request.param]
 
 
 def test_the_page_has_the_three_examples() -> None:
@@ -110,11 +127,11 @@ def test_the_page_has_the_three_examples() -> None:
     assert [MODEL_LINE.search(e).group(1) for e in examples] == list(HEAD_OF_CLASS)  # type: ignore[union-attr]
 
 
-def test_contrastive_example(doc_models: tuple[Path, Path]) -> None:
+def test_contrastive_example(doc_models: tuple[Path, Path], load_options: str) -> None:
     checkpoint, export_dir = doc_models
     code = doc_examples()[0]
     expected, _ = run_example(code, checkpoint, None)
-    got, _ = run_example(code, checkpoint, export_dir)
+    got, _ = run_example(code, checkpoint, export_dir, load_options)
     assert list(got["scores"]) == list(expected["scores"]) and len(got["scores"]) == 2
     for text, outputs in got["scores"].items():
         reference = expected["scores"][text]
@@ -124,22 +141,22 @@ def test_contrastive_example(doc_models: tuple[Path, Path]) -> None:
             torch.testing.assert_close(outputs[name], reference[name], atol=1e-4, rtol=0)
 
 
-def test_retrieval_example(doc_models: tuple[Path, Path]) -> None:
+def test_retrieval_example(doc_models: tuple[Path, Path], load_options: str) -> None:
     checkpoint, export_dir = doc_models
     code = doc_examples()[1]
     expected, _ = run_example(code, checkpoint, export_dir=None)
-    got, _ = run_example(code, checkpoint, export_dir)
+    got, _ = run_example(code, checkpoint, export_dir, load_options)
     assert set(got["scores"]) == set(expected["scores"]) and len(got["scores"]) == 2
     for text, value in got["scores"].items():
         assert isinstance(value, float)
         assert abs(value - expected["scores"][text]) <= 1e-4, (text, value, expected["scores"][text])
 
 
-def test_masked_lm_example(doc_models: tuple[Path, Path]) -> None:
+def test_masked_lm_example(doc_models: tuple[Path, Path], load_options: str) -> None:
     checkpoint, export_dir = doc_models
     code = doc_examples()[2]
     expected, expected_printed = run_example(code, checkpoint, export_dir=None)
-    got, got_printed = run_example(code, checkpoint, export_dir)
+    got, got_printed = run_example(code, checkpoint, export_dir, load_options)
     torch.testing.assert_close(got["outputs"].logits, expected["outputs"].logits, atol=1e-4, rtol=0)
     # Random weights predict near-ties; the decoded words agree wherever the top-2 margin is clear.
     top2 = expected["outputs"].logits.topk(2, dim=-1).values

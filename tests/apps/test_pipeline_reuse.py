@@ -112,6 +112,24 @@ def test_external_data_forced_on_tiny_goes_through_every_step(tmp_path: Path, mo
         assert data_file(graph).is_file(), graph.name
         proto = onnx.load(str(graph), load_external_data=False)
         assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer), graph.name
+    # OpenVINO reads the same files (large's graphs are past 2 GB): whole and split, FP32 and the
+    # Q/DQ INT8 graph, it answers as ONNX Runtime does on each, within the precision's floors.
+    import btdeploy
+    from btdeploy.artifacts.graph_names import Precision
+    from btdeploy.model.heads import get_head
+    from btdeploy.model.inputs import sample_inputs
+    from btdeploy.verify.parity import compare, shortfalls
+
+    logits = get_head("itm").output("logits")
+    for precision in (Precision.FP32, Precision.INT8):
+        options = {"head": "itm", "flavour": "trt", "precision": precision}
+        ort = btdeploy.load(out, **options)
+        feeds = sample_inputs(ort.config, 2, 7, seed=23)
+        expected = np.asarray(ort(**feeds)["logits"])
+        tolerance = logits.tolerances[precision]
+        for split in (False, True):
+            got = np.asarray(btdeploy.load(out, backend="openvino", split=split, **options)(**feeds)["logits"])
+            assert not shortfalls(compare(expected, got, logits, tolerance), tolerance), (precision, split)
     # The recorded hash covers the weights: a flipped byte in a .data file is refused.
     manifest = read_manifest(folder)
     weights = data_file(folder / "model.ort.int8.onnx")

@@ -25,7 +25,7 @@ from btdeploy.bench.runner import one_text_length, time_case
 from btdeploy.bench.stats import summarize
 from btdeploy.errors import BtDeployError
 from btdeploy.model.inputs import sample_inputs
-from btdeploy.progress import say
+from btdeploy.progress import Countdown, RowProgress, say
 from btdeploy.verify.parity import parse_shapes
 
 # What a CPU user runs: the plain export, the ort flavour and each precision quantize makes of it.
@@ -56,6 +56,19 @@ class _SplitTowers:
         text = self.backend.text(feeds)
         pairs = {name: np.repeat(values, captions, axis=0) for name, values in image.items()}
         return self.backend.fusion(text, pairs)
+
+
+class _Reported:
+    """A runner whose runs count towards a progress line: one variant's timing takes minutes at
+    large size (the whole head on 16 captions, ten rounds), and said nothing until it ended."""
+
+    def __init__(self, runner: Any, progress: RowProgress) -> None:
+        self.runner, self.progress = runner, progress
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values: dict[str, np.ndarray] = self.runner.run(feeds)
+        self.progress.advance()
+        return values
 
 
 @dataclass
@@ -150,10 +163,14 @@ def run_rank_bench(
     cases: list[RankCase] = []
     sizes: dict[str, int] = {}
     differences: dict[str, float] = {}  # the split towers' logits against the whole head's, max abs
+    countdown = Countdown("bench rank", [1.0] * len(chosen))
     for variant in chosen:
         whole, split = variant.build(manifest)
         sizes[variant.name] = feature_bytes(split, feeds["pixel_values"])
-        runners: dict[str, Any] = {"monolithic": _WholeHead(whole), "split": _SplitTowers(split)}
+        # Each way runs once for the check below, then warm-up and timed runs: a line every 10 s.
+        progress = RowProgress(2 * (1 + warmup + iters), f"bench rank {variant.name}: runs")
+        ways = {"monolithic": _WholeHead(whole), "split": _SplitTowers(split)}
+        runners: dict[str, Any] = {kind: _Reported(way, progress) for kind, way in ways.items()}
         expected, got = runners["monolithic"].run(feeds), runners["split"].run(feeds)
         worst = differences[variant.name] = float(np.abs(expected["logits"] - got["logits"]).max())
         samples, _, _ = time_case(runners, feeds, warmup, iters, None)
@@ -161,8 +178,8 @@ def run_rank_bench(
         for kind, values in samples.items():
             cases.append(RankCase(variant.name, precision, kind, values, summarize(values, captions).median_ms))
         mono, parts = (summarize(samples[k], captions).median_ms for k in ("monolithic", "split"))
-        say(f"bench rank {variant.name}: monolithic {mono:.1f} ms, split {parts:.1f} ms ({mono / parts:.2f}x); "
-            f"split vs whole logits max diff {worst:.1e}")  # fmt: skip
+        countdown.advance(f"{variant.name}: monolithic {mono:.1f} ms, split {parts:.1f} ms ({mono / parts:.2f}x); "
+                          f"split vs whole logits max diff {worst:.1e}")  # fmt: skip
     _write(out, cases, sizes, differences, captions, text_length, threads)
     return cases
 

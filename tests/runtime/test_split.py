@@ -418,9 +418,11 @@ def test_rank_workload_bench_writes_split_and_monolithic(split_export: Path, tmp
     assert f"logical cores; flags: {', '.join(cpu_description()['flags'])})" in table
 
 
-def test_rank_workload_bench_times_openvino_by_name(split_export: Path, tmp_path: Path) -> None:
+def test_rank_workload_bench_times_openvino_by_name(
+    split_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """OpenVINO runs the split towers too: named, its variant is timed beside ONNX Runtime's, and
-    each variant's split towers give its whole head's scores."""
+    each variant's split towers give its whole head's scores; every run and variant shows progress."""
     from btdeploy.bench.rank_workload import run_rank_bench
 
     cases = run_rank_bench(
@@ -433,6 +435,11 @@ def test_rank_workload_bench_times_openvino_by_name(split_export: Path, tmp_path
     assert report["split_vs_whole_max_abs"].keys() == {"openvino-fp32", "ort"}
     assert all(value <= 1e-4 for value in report["split_vs_whole_max_abs"].values()), report
     assert "| openvino-fp32 |" in (tmp_path / "rank.md").read_text()
+    said = capsys.readouterr().err
+    # The check run and one timed run of each way: 4 runs a variant, the last always said.
+    assert "bench rank openvino-fp32: runs: 4/4" in said and "bench rank ort: runs: 4/4" in said
+    assert re.search(r"bench rank \[1/2\] openvino-fp32: monolithic [\d.]+ ms, split .* left", said), said
+    assert "bench rank [2/2] ort: monolithic" in said
 
 
 @pytest.mark.parametrize(("variants", "message"), [

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 INSTALL_SERVE = "pip install 'btdeploy[serve]'"  # Ray Serve and tritonclient: serve, triton-repo
-INSTALL_PEERS = "pip install 'btdeploy[peers]'"  # OpenVINO: the peer in bench and check
+INSTALL_PEERS = "pip install 'btdeploy[peers]'"  # OpenVINO: a backend, and a peer in bench
 INSTALL_BENCH = "pip install 'btdeploy[bench]'"  # matplotlib: the plots
 
 

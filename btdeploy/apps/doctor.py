@@ -137,7 +137,7 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
     lines.append(f"  serve and triton-repo: {serving}")
     openvino = package_version("openvino")
     peers = f"yes ({openvino})" if openvino else f"no -> {INSTALL_PEERS}"
-    lines.append(f"  OpenVINO, the peer in bench and check: {peers}")
+    lines.append(f"  OpenVINO (run, rank, serve and check with --backend openvino; a peer in bench): {peers}")
     bf16 = native_bf16()
     bf16_line = "  bf16 on the CPU (the PyTorch reference, OpenVINO):"
     lines.append(

@@ -188,7 +188,7 @@ def test_doctor_lists_versions_artifacts_and_install_commands(tiny_export: Path,
     assert "onnxruntime-gpu  1." in text and "CPUExecutionProvider" in text
     assert "TensorRT build and run: no" in text
     assert "serve and triton-repo: yes (Ray 2." in text  # the dev install holds every extra
-    assert "OpenVINO, the peer in bench and check: yes (20" in text
+    assert "OpenVINO (run, rank, serve and check with --backend openvino; a peer in bench): yes (20" in text
     from btdeploy.cpu import describe_cpu
 
     assert f"CPU              {describe_cpu()}" in lines  # INT8 speed depends on the instruction sets
@@ -221,7 +221,8 @@ def test_doctor_on_a_gpu_machine_with_the_cpu_onnxruntime_and_no_modelopt(
     assert "quantize: no (needs nvidia-modelopt)" in text
     assert "TensorRT build and run: no -> pip install 'tensorrt>=10.14'" in text
     assert "  serve and triton-repo: no -> pip install 'btdeploy[serve]'" in lines  # the extras not installed
-    assert "  OpenVINO, the peer in bench and check: no -> pip install 'btdeploy[peers]'" in lines
+    openvino = "  OpenVINO (run, rank, serve and check with --backend openvino; a peer in bench)"
+    assert f"{openvino}: no -> pip install 'btdeploy[peers]'" in lines
 
 
 def test_doctor_on_an_aarch64_gpu_machine_takes_the_cpu_onnxruntime_as_installed(

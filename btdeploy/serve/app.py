@@ -149,7 +149,7 @@ def _warm_up_head(runtime: Any, backend: str, max_batch: int) -> None:
 
 def _warm_up_rank(runtime: Any) -> None:
     """Run a rank request's shapes once: one image, a fusion batch of captions, and their scores.
-    The first multi-row run of the text and fusion graphs paid 0.4 s and 0.9 s more on OpenVINO
+    The first multi-row run of the text and fusion graphs paid 0.4 s and up to 0.9 s more on OpenVINO
     (base itm, bf16) and 0.2 s more for the text graph on ONNX Runtime."""
     from btdeploy.model.inputs import sample_inputs
     from btdeploy.runtime.split_runtime import SCORE_BATCH

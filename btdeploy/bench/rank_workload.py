@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from btdeploy.artifacts.files import write_json, write_text
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
 from btdeploy.backends.base import Backend
 from btdeploy.backends.split import SplitBackend
-from btdeploy.backends.targets import RunOptions, Target, bench_variants, with_machine
+from btdeploy.backends.targets import BenchVariant, RunOptions, Target, bench_variants, with_machine
 from btdeploy.bench.figures import pyplot, save_png
 from btdeploy.bench.machine import cpu_text, machine_description
 from btdeploy.bench.runner import one_text_length, time_case
@@ -84,22 +84,26 @@ class RankCase:
 class RankedVariant:
     """A bench variant whose backend runs the split towers, with the bench's machine options."""
 
-    name: str
     target: Target
-    options: RunOptions  # the whole head's; the split towers' add split=True
+    variant: BenchVariant
+    options: RunOptions  # the whole head's, with the bench's threads; the split towers' add split=True
 
-    def unavailable(self, manifest: Manifest, redundant: str | None) -> str | None:
-        split = replace(self.options, split=True)
+    @property
+    def name(self) -> str:
+        return self.variant.name
+
+    def unavailable(self, manifest: Manifest) -> str | None:
+        """Why it is not timed here (it would repeat another variant, cannot run, or a graph is missing), or None."""
         return (
-            redundant
+            (self.variant.redundant and self.variant.redundant(self.options))
             or self.target.unavailable(self.options)
             or self.target.missing(manifest, self.options)
-            or self.target.missing(manifest, split)
+            or self.target.missing(manifest, replace(self.options, split=True))
         )
 
     def build(self, manifest: Manifest) -> tuple[Backend, SplitBackend]:
-        split = self.target.make(manifest, replace(self.options, split=True))
-        return self.target.make(manifest, self.options), split  # type: ignore[return-value]
+        split = cast("SplitBackend", self.target.make(manifest, replace(self.options, split=True)))
+        return self.target.make(manifest, self.options), split
 
 
 def ranked_variants(names: list[str] | None, manifest: Manifest, threads: int) -> list[RankedVariant]:
@@ -117,8 +121,8 @@ def ranked_variants(names: list[str] | None, manifest: Manifest, threads: int) -
         if not target.runs_split:
             problems.append(f"{name} runs on {target.name}, which has no split towers (rank runs {runs_split})")
             continue
-        ranked = RankedVariant(name, target, with_machine(target, variant.options, threads, "cpu"))
-        reason = ranked.unavailable(manifest, variant.redundant and variant.redundant(ranked.options))
+        ranked = RankedVariant(target, variant, with_machine(target, variant.options, threads, "cpu"))
+        reason = ranked.unavailable(manifest)
         if reason and names:
             problems.append(f"{name}: {reason}")
         elif reason:

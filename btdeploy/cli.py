@@ -304,8 +304,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.workload == "rank":
         from btdeploy.bench.rank_workload import run_rank_bench
 
-        rank_args = (args.captions, first_length, args.warmup, args.iters, settings.threads, out, args.variants)
-        run_rank_bench(Path(args.dir), *rank_args)
+        run_rank_bench(
+            Path(args.dir), args.captions, first_length, args.warmup, args.iters, settings.threads, out, args.variants
+        )
         print((out / "rank.md").read_text())
         return 0
     if args.workload == "serve":

@@ -537,6 +537,13 @@ def bench_variants() -> dict[str, tuple[Target, BenchVariant]]:
     return {variant.name: (target, variant) for target in _BENCH_ORDER for variant in target.variants}
 
 
+def bench_skip_reason(target: Target, variant: BenchVariant, manifest: Manifest, options: RunOptions) -> str | None:
+    """Why a bench, timing `variant` with `options`, leaves it out here: it would repeat another
+    variant, its target cannot run on this machine, or its artifact is missing; or None."""
+    redundant = variant.redundant and variant.redundant(options)
+    return redundant or target.unavailable(options) or target.missing(manifest, options)
+
+
 def with_machine(target: Target, options: RunOptions, threads: int, device: str) -> RunOptions:
     """A variant's options with the bench's thread count and device, where the target reads them."""
     providers = ("cuda", "cpu") if device == "cuda" else ("cpu",)

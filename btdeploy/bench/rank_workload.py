@@ -18,7 +18,14 @@ from btdeploy.artifacts.files import write_json, write_text
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
 from btdeploy.backends.base import Backend
 from btdeploy.backends.split import SplitBackend
-from btdeploy.backends.targets import BenchVariant, RunOptions, Target, bench_variants, with_machine
+from btdeploy.backends.targets import (
+    BenchVariant,
+    RunOptions,
+    Target,
+    bench_skip_reason,
+    bench_variants,
+    with_machine,
+)
 from btdeploy.bench.figures import pyplot, save_png
 from btdeploy.bench.machine import cpu_text, machine_description
 from btdeploy.bench.runner import one_text_length, time_case
@@ -93,12 +100,9 @@ class RankedVariant:
         return self.variant.name
 
     def unavailable(self, manifest: Manifest) -> str | None:
-        """Why it is not timed here (it would repeat another variant, cannot run, or a graph is missing), or None."""
-        return (
-            (self.variant.redundant and self.variant.redundant(self.options))
-            or self.target.unavailable(self.options)
-            or self.target.missing(manifest, self.options)
-            or self.target.missing(manifest, replace(self.options, split=True))
+        """Why the heads bench would leave it out, or why its split towers cannot run; or None."""
+        return bench_skip_reason(self.target, self.variant, manifest, self.options) or self.target.missing(
+            manifest, replace(self.options, split=True)
         )
 
     def build(self, manifest: Manifest) -> tuple[Backend, SplitBackend]:

@@ -19,6 +19,7 @@ from btdeploy.backends.targets import (
     BenchVariant,
     RunOptions,
     Target,
+    bench_skip_reason,
     bench_variants,
     variant_graph,
     with_machine,
@@ -51,9 +52,7 @@ def _from_target(target: Target, variant: BenchVariant) -> Variant:
         return with_machine(target, variant.options, env.threads, env.device)
 
     def unavailable(manifest: Manifest, env: BenchEnv) -> str | None:
-        opts = options(env)
-        redundant = variant.redundant and variant.redundant(opts)
-        return redundant or target.unavailable(opts) or target.missing(manifest, opts)
+        return bench_skip_reason(target, variant, manifest, options(env))
 
     def build(manifest: Manifest, env: BenchEnv) -> Backend:
         return target.make(manifest, options(env))

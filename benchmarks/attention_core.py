@@ -36,7 +36,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from btdeploy.backends.onnxruntime import session_options
-from btdeploy.backends.openvino import compile_settings, import_openvino, openvino_problem
+from btdeploy.backends.openvino import compile_on_cpu, compile_settings, import_openvino, openvino_problem
 from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
 
@@ -69,7 +69,7 @@ def _openvino(nodes: list[Any], threads: int) -> Run:
     with tempfile.TemporaryDirectory() as folder:  # OpenVINO reads ONNX from a file
         path = Path(folder) / "block.onnx"
         path.write_bytes(_block(nodes, TensorProto.FLOAT))
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", compile_settings(threads))
+        compiled = compile_on_cpu(core, core.read_model(str(path)), compile_settings(threads))
     request = compiled.create_infer_request()
     return lambda feeds: request.infer(feeds)[0]
 

@@ -36,7 +36,7 @@ import onnxruntime as ort
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from btdeploy.backends.onnxruntime import session_options
-from btdeploy.backends.openvino import compile_settings, import_openvino
+from btdeploy.backends.openvino import compile_on_cpu, compile_settings, import_openvino
 from btdeploy.bench.runner import interleaved_order
 from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
@@ -124,7 +124,7 @@ def ort_session(model: ModelProto, threads: int) -> Callable[[Feeds], np.ndarray
 def openvino_request(model: ModelProto, threads: int, profile: bool = False) -> Any:
     core = import_openvino().Core()
     settings = compile_settings(threads, profile)
-    return core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU", settings).create_infer_request()
+    return compile_on_cpu(core, core.read_model(model.SerializeToString(), b""), settings).create_infer_request()
 
 
 def openvino_run(request: Any, feeds: Feeds) -> np.ndarray:

@@ -13,7 +13,7 @@ import sys
 import time
 from collections import defaultdict
 
-from btdeploy.backends.openvino import compile_settings, import_openvino
+from btdeploy.backends.openvino import compile_on_cpu, compile_settings, import_openvino
 from btdeploy.bench.profile_case import parse_profile_case
 from btdeploy.cli import script_entry
 from btdeploy.hugepages import reexec_with_hugepages
@@ -25,7 +25,7 @@ def main() -> None:
 
     core = import_openvino().Core()
     settings = compile_settings(args.threads, profile=True)
-    request = core.compile_model(core.read_model(str(args.model)), "CPU", settings).create_infer_request()
+    request = compile_on_cpu(core, core.read_model(str(args.model)), settings).create_infer_request()
     request.infer(feeds)  # warm-up, excluded below
     per_layer: dict[tuple[str, str], float] = defaultdict(float)
     walls = []

@@ -3,8 +3,10 @@ both held back where an interrupt would abort the process instead."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,3 +121,29 @@ def interrupts_deferred() -> Iterator[HeldStops]:
         os.close(write_end)
     if held.requested:
         signal.raise_signal(held.signals[0])  # the restored handler raises (or ends the process) as it would have
+
+
+class _SignalStack(ctypes.Structure):
+    """Linux's stack_t, the argument of sigaltstack(2)."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextmanager
+def signal_stack_kept() -> Iterator[None]:
+    """The calling thread's alternate signal stack (where Python's handlers run) as it was before the
+    block. OpenVINO's compile_model sets one of its own on the thread and puts back what it found when
+    that model is freed: models freed in another order than they were compiled (the three split graphs,
+    a backend dropped before a later one) left the thread on freed memory, and the next Ctrl-C or
+    SIGTERM handled there crashed the process (SIGSEGV, exit 139) instead of stopping it. Linux only
+    (the layout of stack_t differs elsewhere; OpenVINO's CPU path is tested here on Linux)."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    sigaltstack = ctypes.CDLL(None, use_errno=True).sigaltstack
+    before = _SignalStack()
+    sigaltstack(None, ctypes.byref(before))
+    try:
+        yield
+    finally:
+        sigaltstack(ctypes.byref(before), None)

@@ -85,3 +85,25 @@ print(inside is signal.SIG_IGN, "ran on")
 def test_sigterm_the_process_ignores_stays_ignored() -> None:
     done = _python(_SIGTERM_IGNORED)
     assert done.returncode == 0 and done.stdout.strip() == "True ran on", done.stderr[-2000:]
+
+
+def test_signal_stack_kept_puts_back_the_threads_signal_stack() -> None:
+    """What a library sets as this thread's signal stack inside the block is undone on the way out."""
+    import ctypes
+
+    from btdeploy.signals import _SignalStack, signal_stack_kept
+
+    sigaltstack = ctypes.CDLL(None).sigaltstack
+
+    def current() -> tuple[int | None, int, int]:
+        stack = _SignalStack()
+        assert sigaltstack(None, ctypes.byref(stack)) == 0
+        return stack.ss_sp, stack.ss_flags, stack.ss_size
+
+    before = current()
+    memory = ctypes.create_string_buffer(1 << 16)
+    theirs = _SignalStack(ctypes.cast(memory, ctypes.c_void_p), 0, len(memory))
+    with signal_stack_kept():
+        assert sigaltstack(ctypes.byref(theirs), None) == 0
+        assert current() == (theirs.ss_sp, 0, len(memory))
+    assert current() == before

@@ -16,6 +16,7 @@ import numpy as np
 
 from btdeploy.errors import BtDeployError
 from btdeploy.imports import INSTALL_PEERS, serial_imports
+from btdeploy.signals import signal_stack_kept
 
 TELEMETRY_MODULE = "openvino_telemetry"
 
@@ -60,6 +61,14 @@ def compile_settings(threads: int | None, profile: bool = False, inference_preci
     return settings
 
 
+def compile_on_cpu(core: Any, model: Any, settings: dict[str, str]) -> Any:
+    """`core.compile_model(model, "CPU", settings)`, the one way btdeploy and its benchmarks compile: the
+    signal stack OpenVINO sets on this thread, freed with the model, does not stay this thread's
+    (`signals.signal_stack_kept`), so a Ctrl-C after models are freed stops the process cleanly."""
+    with signal_stack_kept():
+        return core.compile_model(model, "CPU", settings)
+
+
 class OpenVinoBackend:
     name = "openvino"
 
@@ -70,7 +79,7 @@ class OpenVinoBackend:
         core = ov.Core()
         settings = compile_settings(threads, inference_precision=inference_precision)
         try:
-            self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", settings)
+            self.compiled = compile_on_cpu(core, core.read_model(str(model_path)), settings)
         except RuntimeError as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise BtDeployError(f"OpenVINO cannot compile {model_path.name} ({first[:200]})") from None

@@ -171,3 +171,41 @@ def _command_line(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except FileNotFoundError:
         return ""
+
+
+_MODELS_FREED_OUT_OF_ORDER_THEN_CTRL_C = """
+import gc, os, signal, sys, time
+from pathlib import Path
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from btdeploy.backends.openvino import OpenVinoBackend
+path = Path(sys.argv[1])
+x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in "xy")
+graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+backends = [OpenVinoBackend(path, ["y"]) for _ in range(3)]
+assert [b.run({"x": np.array([-1.0, 2.0], np.float32)})["y"].tolist() for b in backends] == [[0.0, 2.0]] * 3
+for kept in ([0, 2], [2], []):  # the middle one first, as the three split graphs can go
+    backends = [b if i in kept else None for i, b in enumerate(backends)]
+    gc.collect()
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(1)
+except KeyboardInterrupt:
+    print("stopped by Ctrl-C")
+"""
+
+
+def test_ctrl_c_after_openvino_models_are_freed_stops_the_process(tmp_path: Path) -> None:
+    """OpenVINO's compile_model sets a signal stack of its own on the thread and puts back what it found
+    when the model is freed: models freed out of order left the thread on freed memory, and Ctrl-C then
+    crashed the process (SIGSEGV, exit -11) where it should raise KeyboardInterrupt. A child process,
+    since the crash takes the process with it."""
+    import subprocess
+    import sys
+
+    script = [sys.executable, "-c", _MODELS_FREED_OUT_OF_ORDER_THEN_CTRL_C, str(tmp_path / "relu.onnx")]
+    result = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == "stopped by Ctrl-C"

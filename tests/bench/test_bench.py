@@ -128,10 +128,14 @@ def test_flops_agree_with_torch_flop_counter(head: str) -> None:
     feeds = sample_inputs(config, batch, length)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         module(*[torch.from_numpy(feeds[n]) for n in HEADS[head].input_names])
-    # nn.MultiheadAttention runs the vision attention in a fused CPU kernel the counter does
-    # not see: add its two MatMuls (5 tokens, width 64, 2 layers) by hand.
-    unseen = batch * 2 * 2 * (2 * 5 * 5 * 64)
-    assert forward_flops(config, HEADS[head], batch, length) == counter.get_total_flops() + unseen
+    # nn.MultiheadAttention runs the vision attention's two MatMuls (5 tokens, width 64, 2
+    # layers) in a fused CPU kernel: torch 2.13 and 2.14's counter does not see it, 2.15's counts
+    # it as scaled-dot-product attention. Either way they enter once, counted by hand.
+    vision_attention = batch * 2 * 2 * (2 * 5 * 5 * 64)
+    counted = counter.get_flop_counts()["Global"]
+    fused = sum(flops for op, flops in counted.items() if "scaled_dot_product" in str(op))
+    assert fused in (0, vision_attention)
+    assert forward_flops(config, HEADS[head], batch, length) == counter.get_total_flops() - fused + vision_attention
 
 
 def test_skip_reasons_say_why() -> None:

@@ -8,6 +8,7 @@ rotated every repeat), so the machine's drift over minutes falls on every varian
 
     python benchmarks/lone_sessions.py DIR [--head itm] [--variants ort-fused,openvino-fp32,ort-int8,openvino-int8]
         [--shapes 1x16,4x40] [--repeats 4] [--runs 8] [--threads 2] [--hugepages on|off|both]
+        [--python LABEL=PATH ...]
 
 Prints per shape the median over processes of each variant's median, the goal ratios (the peer
 over btdeploy's variant: above 1, btdeploy is faster), and the median of the ratios within each
@@ -19,6 +20,13 @@ its commands start, the peers on 4 KB pages, malloc's default (OpenVINO gained n
 tunable on a Xeon VM and its INT8 graph ran up to 6 % slower: benchmarks/results/base-peers-cpu,
 eleventh look). A last
 table gives what each variant's processes held after timing and how much of it was on huge pages.
+
+`--python LABEL=PATH` (repeatable) runs every variant under each of these interpreters, named
+"VARIANT @LABEL": the same graphs on another ONNX Runtime, from a venv made with
+`python -m venv --system-site-packages` and `pip install onnxruntime==V` there (its own
+onnxruntime comes first on its path; this btdeploy and every other package are the machine's).
+The peers run under each too, a control: they do not use ONNX Runtime, so their times must agree.
+A table then sets each variant's time under every later interpreter over its time under the first.
 """
 
 from __future__ import annotations
@@ -27,13 +35,17 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from btdeploy.errors import BtDeployError
+
 # Goal pairs (peer, btdeploy): the peer's median over btdeploy's, as the issue states them.
 GOALS = (("openvino-fp32", "ort-fused"), ("openvino-int8", "ort-int8"), ("openvino-int8", "ort-int8-dynamic"))
 SMALL_PAGES = " (4 KB pages)"  # the name of a variant run with --hugepages off
+UNDER = " @"  # "VARIANT @LABEL": the variant run under the interpreter --python gave that label
 
 
 def _environment(name: str) -> dict[str, str]:
@@ -45,6 +57,27 @@ def _environment(name: str) -> dict[str, str]:
     if reason:
         raise SystemExit(f"huge pages cannot be used here: {reason}; run with --hugepages off")
     return hugepages.with_hugepages(os.environ)
+
+
+def _interpreters(pairs: list[str]) -> dict[str, str]:
+    """--python LABEL=PATH options as {LABEL: PATH}, this interpreter first as "this" when any is given."""
+    pythons = {"this": sys.executable} if pairs else {}
+    for pair in pairs:
+        label, equals, path = pair.partition("=")
+        if not equals or not label or not Path(path).is_file():
+            raise BtDeployError(f"--python takes LABEL=PATH to an interpreter, not {pair!r}: give a python that exists")
+        pythons[label] = path
+    return pythons
+
+
+def _onnxruntime_version(python: str) -> str:
+    """The ONNX Runtime an interpreter imports (its venv's own, where it has one)."""
+    code = "import onnxruntime; print(onnxruntime.__version__, onnxruntime.__file__)"
+    done = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["?"])[-1]
+        raise BtDeployError(f"{python} cannot import onnxruntime ({last}): install one in its venv")
+    return done.stdout.strip()
 
 
 def _print_goals(
@@ -91,19 +124,36 @@ def main() -> None:
     parser.add_argument(
         "--hugepages", choices=["on", "off", "both"], default="on", help="malloc's memory on 2 MB pages"
     )
+    parser.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="also run every variant under this interpreter (another venv's ONNX Runtime); repeatable",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shapes = args.shapes.split(",")
     if args.child:
-        variant = args.child.removesuffix(SMALL_PAGES)
+        variant = args.child.removesuffix(SMALL_PAGES).split(UNDER)[0]
         print(json.dumps(_child(args.export, args.head, variant, shapes, args.runs, args.threads)))
         return
     from btdeploy.bench.lone import alternate
 
     variants = args.variants.split(",")
+    pythons = _interpreters(args.python)
+    labels = [UNDER + label for label in pythons] or [""]
     suffixes = {"on": [""], "off": [SMALL_PAGES], "both": ["", SMALL_PAGES]}[args.hugepages]
-    names = [variant + suffix for suffix in suffixes for variant in variants]
-    times = alternate(names, args.repeats, lambda name: [*sys.argv, "--child", name], shapes, _environment)
+    names = [variant + label + suffix for suffix in suffixes for label in labels for variant in variants]
+
+    def child_python(name: str) -> str | None:
+        return pythons.get(name.removesuffix(SMALL_PAGES).partition(UNDER)[2])
+
+    for label, path in pythons.items():
+        print(f"@{label}: {path}, onnxruntime {_onnxruntime_version(path)}", flush=True)
+    times = alternate(
+        names, args.repeats, lambda name: [*sys.argv, "--child", name], shapes, _environment, child_python
+    )
     medians = times.medians
     print(f"{args.export} {args.head}: each variant alone in {args.repeats} processes, {args.runs} runs per shape")
     print("| batch x length | " + " | ".join(names) + " |")
@@ -112,15 +162,26 @@ def main() -> None:
         row = " | ".join(f"{statistics.median(medians[name][shape]):.1f}" for name in names)
         print(f"| {shape.replace('x', ' x ')} | {row} |")
     for suffix in suffixes:
-        _print_goals(medians, shapes, suffix, suffix)
+        for label in labels:
+            _print_goals(medians, shapes, label + suffix, label + suffix)
+    if len(labels) > 1:
+        print(f"\n| under each interpreter / under {labels[0].strip()} | " + " | ".join(shapes) + " |")
+        print("|---|" + "---:|" * len(shapes))
+        for suffix in suffixes:
+            for label in labels[1:]:
+                for variant in variants:
+                    first, other = medians[variant + labels[0] + suffix], medians[variant + label + suffix]
+                    cells = [_ratio(other[s], first[s]) for s in shapes]
+                    print(f"| {variant}{label}{suffix} | " + " | ".join(cells) + " |")
     if len(suffixes) == 2:
         # each engine as its own users start it: btdeploy's commands on huge pages, peers not
-        _print_goals(medians, shapes, SMALL_PAGES, "")
+        for label in labels:
+            _print_goals(medians, shapes, label + SMALL_PAGES, label)
         print("\n| 4 KB pages / huge pages | " + " | ".join(shapes) + " |")
         print("|---|" + "---:|" * len(shapes))
-        for variant in variants:
-            cells = [_ratio(medians[variant + SMALL_PAGES][s], medians[variant][s]) for s in shapes]
-            print(f"| {variant} | " + " | ".join(cells) + " |")
+        for name in (variant + label for label in labels for variant in variants):
+            cells = [_ratio(medians[name + SMALL_PAGES][s], medians[name][s]) for s in shapes]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     print("\n| variant | resident MB | of it on huge pages, MB |\n|---|---:|---:|")
     for name in names:
         print(f"| {name} | {times.memory_row(name)} |")

@@ -55,11 +55,12 @@ def child_report(backend: Backend, config: Any, shapes: list[str], runs: int) ->
     return {"ms": medians, "memory": None if memory is None else vars(memory)}
 
 
-def run_child(arguments: list[str], environ: dict[str, str] | None = None) -> dict[str, Any]:
+def run_child(arguments: list[str], environ: dict[str, str] | None = None, python: str | None = None) -> dict[str, Any]:
     """Run `python ARGUMENTS`, whose last line of output is a JSON object, and return it. The child
-    starts in `environ`, by default the one btdeploy's own commands run models in (huge pages)."""
+    starts in `environ`, by default the one btdeploy's own commands run models in (huge pages), under
+    `python`, by default this one (another venv's, to time the same graph on another ONNX Runtime)."""
     environ = engine_environment() if environ is None else environ
-    done = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, env=environ)
+    done = subprocess.run([python or sys.executable, *arguments], capture_output=True, text=True, env=environ)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
         raise BtDeployError(f"the child {' '.join(arguments[-2:])} failed: {last}")
@@ -89,12 +90,13 @@ def alternate(
     child_arguments: Callable[[str], list[str]],
     shapes: list[str],
     child_environment: Callable[[str], dict[str, str] | None] = lambda name: None,
+    child_python: Callable[[str], str | None] = lambda name: None,
 ) -> LoneTimes:
     """One child per name and repeat (each prints `child_report`), in rotating order (A B, B A, ...)."""
     times = LoneTimes({name: {s: [] for s in shapes} for name in names}, {name: [] for name in names})
     for repeat in range(repeats):
         for name in interleaved_order(names, repeat):
-            got = run_child(child_arguments(name), child_environment(name))
+            got = run_child(child_arguments(name), child_environment(name), child_python(name))
             for shape in shapes:
                 times.medians[name][shape].append(got["ms"][shape])
             times.memory[name].append(None if got["memory"] is None else ResidentMemory(**got["memory"]))

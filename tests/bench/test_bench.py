@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -662,6 +663,53 @@ def test_lone_sessions_sets_each_goal_pair_side_by_side(optimized: Path) -> None
     _assert_memory_rows(memory, names)
     if thp_mode() == "madvise":  # only malloc's asking puts memory on huge pages there
         assert all(float(huge_mb) < 16 for _, _, huge_mb in memory[2:])  # started without the tunable
+
+
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+def test_lone_sessions_runs_every_variant_under_each_interpreter(optimized: Path, tmp_path: Path) -> None:
+    # another interpreter: this one behind a wrapper that leaves a line per child it starts
+    calls = tmp_path / "calls.txt"
+    wrapper = tmp_path / "python-other"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    done = run_benchmark("lone_sessions.py", optimized, "--head", "itm", "--variants", "ort-fused,openvino-fp32",
+                         "--shapes", "1x4", "--repeats", 1, "--runs", 2, "--threads", 1, "--python", f"other={wrapper}",
+                         timeout=300)  # fmt: skip
+    started = calls.read_text().splitlines()
+    # the version probe, then one child per variant under the wrapper, none of this label's children elsewhere
+    assert len(started) == 3 and started[0].startswith("-c ")
+    assert sorted(line.split("--child ")[1] for line in started[1:]) == ["openvino-fp32 @other", "ort-fused @other"]
+    (row,) = _table(done.stdout, "batch x length")
+    times = dict(zip(["ort-fused @this", "openvino-fp32 @this", "ort-fused @other", "openvino-fp32 @other"],
+                     (float(cell) for cell in row[1:]), strict=True))  # fmt: skip
+    ratios = {cells[0]: cells[1] for cells in _table(done.stdout, "under each interpreter / under @this")}
+    assert sorted(ratios) == ["openvino-fp32 @other", "ort-fused @other"]
+    for name, cell in ratios.items():
+        variant = name.split(" @")[0]
+        assert _ratio_of_printed(float(cell.split()[0]), times[name], times[f"{variant} @this"]), (name, cell)
+    goals = [table[0] for (table,) in _tables(done.stdout, "goal ratio")]
+    assert goals == ["openvino-fp32 @this / ort-fused @this", "openvino-fp32 @other / ort-fused @other"]
+
+
+def test_lone_sessions_refuses_an_interpreter_it_cannot_find(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "lone_sessions.py"), str(tmp_path), "--python", f"new={tmp_path / 'none'}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "lone_sessions.py: error: --python takes LABEL=PATH to an interpreter" in done.stderr
+
+
+def test_skip_layernorm_kernel_times_each_form_of_the_kernel() -> None:
+    import onnxruntime
+
+    args = ("--rows", 8, "--width", 32, "--threads", 1, "--runs", 5)
+    done = run_benchmark("skip_layernorm_kernel.py", *args, timeout=120)
+    assert done.stdout.startswith(f"onnxruntime {onnxruntime.__version__}, 8 x 32, 1 threads")
+    rows = _table(done.stdout, "bias")
+    forms = [("False", "False"), ("False", "True"), ("True", "False"), ("True", "True")]
+    assert [(bias, out) for bias, out, _ in rows] == forms
+    assert all(float(us) > 0 for _, _, us in rows)
 
 
 def test_gelu_kernels_benchmark_times_every_kernel_and_tells_exact_from_approximate() -> None:

@@ -59,6 +59,12 @@ def _environment(name: str) -> dict[str, str]:
     return hugepages.with_hugepages(os.environ)
 
 
+def _variant_and_label(name: str) -> tuple[str, str]:
+    """ "VARIANT @LABEL (4 KB pages)" as (VARIANT, LABEL); LABEL is "" where --python gave none."""
+    variant, _, label = name.removesuffix(SMALL_PAGES).partition(UNDER)
+    return variant, label
+
+
 def _interpreters(pairs: list[str]) -> dict[str, str]:
     """--python LABEL=PATH options as {LABEL: PATH}, this interpreter first as "this" when any is given."""
     pythons = {"this": sys.executable} if pairs else {}
@@ -135,7 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     shapes = args.shapes.split(",")
     if args.child:
-        variant = args.child.removesuffix(SMALL_PAGES).split(UNDER)[0]
+        variant = _variant_and_label(args.child)[0]
         print(json.dumps(_child(args.export, args.head, variant, shapes, args.runs, args.threads)))
         return
     from btdeploy.bench.lone import alternate
@@ -147,7 +153,7 @@ def main() -> None:
     names = [variant + label + suffix for suffix in suffixes for label in labels for variant in variants]
 
     def child_python(name: str) -> str | None:
-        return pythons.get(name.removesuffix(SMALL_PAGES).partition(UNDER)[2])
+        return pythons.get(_variant_and_label(name)[1])
 
     for label, path in pythons.items():
         print(f"@{label}: {path}, onnxruntime {_onnxruntime_version(path)}", flush=True)

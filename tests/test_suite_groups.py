@@ -1,28 +1,23 @@
 """The README's test command runs on two workers: a test file stays on one worker, and the files
-of tests/serve/ share one (each starts Ray and counts the Ray processes it leaves). The groups
-only hold if conftest.py marks them before pytest-xdist reads the marks: marked after, every test
-went to whichever worker was free and two servers ran at once."""
+of tests/serve/ share one (each starts Ray and counts the Ray processes it leaves). conftest.py's
+scheduler reads the groups from each node id's file part; pytest 9.2 dropped the group suffix of
+xdist's `xdist_group` marks, on which the groups had hung, and every file went to both workers."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 
 
 def test_each_file_is_one_group_and_the_serve_files_share_one(tmp_path: Path) -> None:
-    # Tests that need no export: the check is of where they run, not of what they do.
-    files = [
-        "serve/test_cluster_address.py::test_settings_refuse_an_address_where_something_else_than_ray_listens",
-        "serve/test_cluster_address.py::test_a_certificate_name_covers_a_host_as_grpc_reads_it",
-        "serve/test_serve_units.py::test_task_requests_json_and_raw",
-        "serve/test_serve_units.py::test_feature_cache_is_bounded_least_recently_used_first",
-        "test_progress.py",
-        "test_cpu.py",
-    ]
+    # Quick files that need no export, with enough tests that xdist's plain `load` would have
+    # put some of each file on either worker: the check is of where they run, not of what they do.
+    files = ["serve/test_cluster_address.py", "serve/test_serve_units.py", "test_progress.py", "test_cpu.py"]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-v", "-n", "2", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner'}"]
         + [str(TESTS / name) for name in files],
@@ -32,10 +27,10 @@ def test_each_file_is_one_group_and_the_serve_files_share_one(tmp_path: Path) ->
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ran = re.findall(r"PASSED (\S+?)::\S+@(\S+)", done.stdout)
-    assert {Path(path).name for path, _ in ran} == {Path(name.split("::")[0]).name for name in files}, done.stdout[
-        -3000:
-    ]
-    for path, group in ran:
-        expected = "serve" if path.startswith("tests/serve/") else str(TESTS.parent / path)
-        assert group == expected, (path, group)
+    workers: dict[str, set[str]] = defaultdict(set)
+    for worker, path in re.findall(r"^\[(gw\d+)\] \[ *\d+%\] PASSED (tests/\S+?\.py)::", done.stdout, re.MULTILINE):
+        workers[path].add(worker)
+    assert set(workers) == {f"tests/{name}" for name in files}, done.stdout[-3000:]
+    for path, ran_on in workers.items():
+        assert len(ran_on) == 1, f"{path} ran on {sorted(ran_on)}"
+    assert workers["tests/serve/test_cluster_address.py"] == workers["tests/serve/test_serve_units.py"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -706,10 +707,12 @@ def test_skip_layernorm_kernel_times_each_form_of_the_kernel() -> None:
     args = ("--rows", 8, "--width", 32, "--threads", 1, "--runs", 5)
     done = run_benchmark("skip_layernorm_kernel.py", *args, timeout=120)
     assert done.stdout.startswith(f"onnxruntime {onnxruntime.__version__}, 8 x 32, 1 threads")
-    rows = _table(done.stdout, "bias")
-    forms = [("False", "False"), ("False", "True"), ("True", "False"), ("True", "True")]
-    assert [(bias, out) for bias, out, _ in rows] == forms
-    assert all(float(us) > 0 for _, _, us in rows)
+    rows = _table(done.stdout, "kernel")
+    fused = [("SkipLayerNormalization", bias, out) for bias in ("False", "True") for out in ("False", "True")]
+    assert [tuple(row[:3]) for row in rows] == fused + [("Add + LayerNormalization", "False", "True")]
+    assert all(float(us) > 0 for *_, us in rows)
+    difference = re.search(r"against Add \+ LayerNormalization: (\S+)$", done.stdout, re.MULTILINE)
+    assert difference and float(difference.group(1)) < 1e-5, done.stdout  # one LayerNorm, two kernels
 
 
 def test_gelu_kernels_benchmark_times_every_kernel_and_tells_exact_from_approximate() -> None:
@@ -840,6 +843,49 @@ def test_gelu_ceiling_takes_out_every_gelu_and_nothing_else(optimized: Path, fla
     got = OnnxRuntimeBackend(out, names, ["cpu"], 1).run(feeds)
     assert all(got[n].shape == want[n].shape for n in names)
     assert max(float(np.abs(got[n] - want[n]).max()) for n in names) > 1e-3  # the activations are really gone
+
+
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+def test_unfused_skip_layernorm_computes_the_same_in_standard_kernels(optimized: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+    from btdeploy.model.heads import get_head
+
+    head = optimized / "itm"
+    source, out = head / "model.ort.onnx", tmp_path / "unfused.onnx"
+    done = run_benchmark("unfuse_skip_layernorm.py", source, out, timeout=120)
+
+    def ops(path: Path) -> list[str]:
+        return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+    before, after = ops(source), ops(out)
+    fused = before.count("SkipLayerNormalization")
+    config = read_manifest(head).config
+    # every residual pair of every layer and each bridge is one SkipLayerNormalization in the ort graph
+    assert fused >= 2 * (config.text_config.num_hidden_layers + config.num_hidden_layers), before
+    assert f"{fused} SkipLayerNormalization written back" in done.stdout
+    assert "SkipLayerNormalization" not in after
+    assert after.count("LayerNormalization") == before.count("LayerNormalization") + fused
+    assert after.count("Add") - before.count("Add") >= fused  # one per pair, two where a bias was folded in
+    names = list(get_head(read_manifest(head).head).output_names)
+    feeds = sample_inputs(config, batch=2, text_length=5)
+    want = OnnxRuntimeBackend(source, names, ["cpu"], 1).run(feeds)
+    got = OnnxRuntimeBackend(out, names, ["cpu"], 1).run(feeds)
+    for name in names:  # the same arithmetic, float32 rounding apart
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+def test_unfusing_a_graph_without_skip_layernorm_says_what_to_give(optimized: Path, tmp_path: Path) -> None:
+    source = optimized / "itm" / "model.trt.onnx"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "unfuse_skip_layernorm.py"), str(source), str(tmp_path / "out.onnx")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"unfuse_skip_layernorm.py: error: {source} holds no SkipLayerNormalization" in done.stderr
+    assert not (tmp_path / "out.onnx").exists()
 
 
 def test_every_benchmark_script_keeps_the_error_contract(tmp_path: Path) -> None:

@@ -71,13 +71,12 @@ def main() -> None:
     rng = np.random.default_rng(1)
     feeds = {n: rng.random((1, args.rows, args.width), np.float32) for n in ("x", "skip")}
     print(f"onnxruntime {ort.__version__}, {args.rows} x {args.width}, {args.threads} threads")
-    fused = {
-        ("SkipLayerNormalization", bias, sum_output): (bias, sum_output)
+    options = session_options(args.threads)
+    models: dict[Form, bytes] = {
+        ("SkipLayerNormalization", bias, sum_output): _fused(args.rows, args.width, bias, sum_output)
         for bias in (False, True)
         for sum_output in (False, True)
     }
-    options = session_options(args.threads)
-    models = {form: _fused(args.rows, args.width, *flags) for form, flags in fused.items()}
     models[UNFUSED] = _unfused(args.rows, args.width)
     # ONNX Runtime's optimizer fuses an Add + LayerNormalization pair into SkipLayerNormalization at
     # its extended level: the unfused form runs at the basic level, so that it stays two nodes.

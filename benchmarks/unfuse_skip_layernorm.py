@@ -8,8 +8,9 @@ com.microsoft.SkipLayerNormalization (optimize/passes/layernorm.py). Its CPU ker
 from ONNX Runtime 1.30.0 on (base-peers-cpu, twenty-seventh look); this writes each one back as the
 pair it replaced (input + skip, + its bias where it has one, then LayerNormalization; its sum
 output, where a later residual reads it, from the last Add), the same arithmetic in two standard
-kernels. Timed against the original with graph_ab.py under each ONNX Runtime release (run the
-script with that venv's python), the ratio says which form the release runs faster.
+kernels (optimize/passes/layernorm.py's `split_skip_layernorm`, which also writes the trt INT8
+graphs' pairs back). Timed against the original with graph_ab.py under each ONNX Runtime release
+(run the script with that venv's python), the ratio says which form the release runs faster.
 """
 
 from __future__ import annotations
@@ -22,37 +23,19 @@ import onnx
 from btdeploy.artifacts.onnx_files import load_graph, save_graph_atomically
 from btdeploy.cli import script_entry
 from btdeploy.errors import BtDeployError
-from btdeploy.optimize.graph import Graph, attribute
-from btdeploy.optimize.passes.base import MS_DOMAIN
-
-
-def _pair(graph: Graph, fused: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """Add (+ bias Add) + LayerNormalization computing what `fused` computes."""
-    x, skip, gamma, beta, *rest = fused.input
-    bias = rest[0] if rest and rest[0] else ""
-    outputs = list(fused.output) + [""] * (4 - len(fused.output))
-    if outputs[1] or outputs[2]:
-        raise BtDeployError(f"{fused.name} writes its mean or inverse deviation, which LayerNormalization "
-                            "keeps to itself: give a graph btdeploy optimized")  # fmt: skip
-    summed = outputs[3] or graph.unique("skip_sum")
-    nodes = []
-    if bias:
-        partial = graph.unique("skip_partial_sum")
-        nodes.append(graph.make_node("Add", [x, skip], [partial], name="SkipAdd"))
-        nodes.append(graph.make_node("Add", [partial, bias], [summed], name="SkipBiasAdd"))
-    else:
-        nodes.append(graph.make_node("Add", [x, skip], [summed], name="SkipAdd"))
-    epsilon = float(attribute(fused, "epsilon", 1e-12))  # the contrib operator's default
-    nodes.append(graph.make_node("LayerNormalization", [summed, gamma, beta], [outputs[0]], axis=-1, epsilon=epsilon))
-    return nodes
+from btdeploy.optimize.graph import Graph
+from btdeploy.optimize.passes.layernorm import is_skip_layernorm, split_skip_layernorm
 
 
 def unfused(model: onnx.ModelProto) -> int:
     """Write every SkipLayerNormalization of `model` back as its pair, in place; how many."""
     graph = Graph(model)
-    found = [n for n in graph.graph.node if n.op_type == "SkipLayerNormalization" and n.domain == MS_DOMAIN]
+    found = [n for n in graph.graph.node if is_skip_layernorm(n)]
     for fused in found:
-        graph.replace([fused], _pair(graph, fused))
+        if any(fused.output[1:3]):
+            raise BtDeployError(f"{fused.name} writes its mean or inverse deviation, which LayerNormalization "
+                                "keeps to itself: give a graph btdeploy optimized")  # fmt: skip
+        split_skip_layernorm(graph, fused)
     return len(found)
 
 

@@ -5,7 +5,8 @@ com.microsoft.SkipLayerNormalization(a, b, gamma, beta[, bias]): one kernel inst
 a dense layer's bias folded in, and, where the sum itself is used again (the vision tower's
 pre-LN residual), the sum taken from SkipLayerNormalization's fourth output.
 In the `trt` and `trt-compat` flavours the pair is already what TensorRT fuses (Add -> native LayerNormalization,
-FP32); the pass checks that form and counts it, rewriting nothing.
+FP32); the pass checks that form and counts it, rewriting nothing. `split_skip_layernorm` writes a
+SkipLayerNormalization back as its pair (the trt INT8 graphs' form in passes/quantized_layernorm.py).
 
 The bridge layers are told apart from the residual ones by the exporter's module scope in
 the node name (`..._link_tower.N/LayerNorm`), which the TorchScript exporter always writes.
@@ -64,6 +65,29 @@ def fuse_add_layernorm(graph: Graph, layer_norm: onnx.NodeProto, fold_bias: bool
     )  # fmt: skip
     graph.replace(remove, [fused])
     return True
+
+
+def is_skip_layernorm(node: onnx.NodeProto) -> bool:
+    return node.op_type == "SkipLayerNormalization" and node.domain == MS_DOMAIN
+
+
+def split_skip_layernorm(graph: Graph, fused: onnx.NodeProto) -> None:
+    """The inverse of `fuse_add_layernorm`: one SkipLayerNormalization back as Add (then the Add of
+    its folded bias, where it has one) -> LayerNormalization, its sum output from the last Add."""
+    first, second, gamma, beta, *rest = fused.input
+    bias = rest[0] if rest else ""
+    summed = fused.output[3] if len(fused.output) > 3 and fused.output[3] else graph.unique("residual_sum")
+    nodes = []
+    if bias:
+        partial = graph.unique("residual_partial_sum")
+        nodes.append(graph.make_node("Add", [first, second], [partial], name="Add"))
+        first, second = partial, bias
+    nodes.append(graph.make_node("Add", [first, second], [summed], name="Add"))
+    nodes.append(graph.make_node(
+        "LayerNormalization", [summed, gamma, beta], [fused.output[0]], name="LayerNormalization",
+        axis=-1, epsilon=float(attribute(fused, "epsilon", 1e-12)),  # the contrib operator's default
+    ))  # fmt: skip
+    graph.replace([fused], nodes)
 
 
 def _fuse(graph: Graph, bridges: bool, name: str) -> PassResult:

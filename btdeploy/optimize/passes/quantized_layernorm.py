@@ -20,11 +20,14 @@ Add -> LayerNormalization (the trt INT8 graph can be made from the ort one: quan
 from __future__ import annotations
 
 from btdeploy.artifacts.graph_names import Flavour
-from btdeploy.optimize.graph import Graph, attribute
+from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.passes.base import MS_DOMAIN, GraphPass, PassResult
-from btdeploy.optimize.passes.layernorm import fuse_add_layernorm, is_add_layernorm
-
-SKIP_LAYERNORM = "SkipLayerNormalization"
+from btdeploy.optimize.passes.layernorm import (
+    fuse_add_layernorm,
+    is_add_layernorm,
+    is_skip_layernorm,
+    split_skip_layernorm,
+)
 
 
 def fuse_pairs(graph: Graph) -> PassResult:
@@ -41,17 +44,10 @@ def fuse_pairs(graph: Graph) -> PassResult:
 def split_pairs(graph: Graph) -> PassResult:
     """trt: every SkipLayerNormalization back to Add -> LayerNormalization."""
     result = PassResult("quantized add+LayerNorm")
-    for node in graph.each_once(lambda n: n.op_type == SKIP_LAYERNORM and n.domain == MS_DOMAIN):
+    for node in graph.each_once(is_skip_layernorm):
         if len(node.input) > 4 and node.input[4]:
             raise ValueError(f"{node.name} folds a bias: it was not written by the quantized add+LayerNorm pass")
-        first, second, gamma, beta = node.input[:4]
-        summed = node.output[3] if len(node.output) > 3 and node.output[3] else graph.unique("residual_sum")
-        add = graph.make_node("Add", [first, second], [summed], name="Add")
-        layer_norm = graph.make_node(
-            "LayerNormalization", [summed, gamma, beta], [node.output[0]], name="LayerNormalization",
-            axis=-1, epsilon=float(attribute(node, "epsilon", 1e-5)),
-        )  # fmt: skip
-        graph.replace([node], [add, layer_norm])
+        split_skip_layernorm(graph, node)
         result.fused += 1
     result.details = {"skip_layernorms_split": result.fused}
     return result

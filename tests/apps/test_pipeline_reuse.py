@@ -5,6 +5,9 @@ external data forced by a low size threshold on the tiny model."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from xml.etree import ElementTree
@@ -34,6 +37,14 @@ def _made(out: Path) -> dict[str, bool]:
 
 def _mtimes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.onnx")}
+
+
+def _graph_hashes(folder: Path) -> dict[str, str]:
+    """Each graph's sha256 as the manifest records it, checked against the file."""
+    manifest = read_manifest(folder)
+    for name in manifest.data["graphs"]:
+        manifest.verify_graph(folder / name, full=True)
+    return {name: record["sha256"] for name, record in manifest.data["graphs"].items()}
 
 
 def test_a_second_run_reuses_every_graph_a_damaged_one_is_remade_and_force_remakes_all(
@@ -77,6 +88,7 @@ def test_a_second_run_reuses_every_graph_a_damaged_one_is_remade_and_force_remak
     assert sorted(s.get("name") for s in suites) == sorted(names)
     assert all((s.get("tests"), s.get("failures")) == ("1", "0") for s in suites)
 
+    first_hashes = _graph_hashes(out / "itm")
     before = _mtimes(out / "itm")
     assert run_pipeline("tiny", out, heads=["itm"], precisions=PRECISIONS, flavours=FLAVOURS)
     assert all(_made(out).values())
@@ -89,9 +101,20 @@ def test_a_second_run_reuses_every_graph_a_damaged_one_is_remade_and_force_remak
     again = _made(out)
     assert [step for step, reused in again.items() if not reused] == ["quantize ort.int8"]
     read_manifest(out / "itm").verify_graph(damaged, full=True)  # made again, as recorded
+    assert _graph_hashes(out / "itm") == first_hashes  # and the same bytes as the first time
 
-    assert run_pipeline("tiny", out, heads=["itm"], precisions=PRECISIONS, flavours=FLAVOURS, force=True)
+    # --force makes every graph again, here in a fresh interpreter with other string hashes (set
+    # order): the same bytes, so a release gate can compare a graph's recorded hash between runs.
+    seed = str(int(os.environ.get("PYTHONHASHSEED") or 0) + 1)  # this process: random, or the one given
+    command = [sys.executable, "-m", "btdeploy.cli", "pipeline", "--model", "tiny", "--heads", "itm", "--out", str(out),
+               "--precisions", ",".join(PRECISIONS), "--flavours", ",".join(FLAVOURS), "--force"]  # fmt: skip
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
     assert not any(_made(out).values())
+    remade = _mtimes(out / "itm")
+    assert all(remade[name] != before[name] for name in before)  # every graph written again ...
+    assert _graph_hashes(out / "itm") == first_hashes  # ... to the same bytes
 
 
 def test_external_data_forced_on_tiny_goes_through_every_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

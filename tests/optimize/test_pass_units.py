@@ -664,3 +664,14 @@ def test_int8_layernorm_pairs_become_skip_layernorm_for_ort_and_back() -> None:
     with_bias, _ = _rewrite(model, RESIDUAL_LAYERNORM, Flavour.ORT)
     with pytest.raises(ValueError, match="folds a bias"):
         _rewrite(with_bias, QUANTIZED_LAYERNORMS, Flavour.TRT)
+    # One whose mean is read has no Add + LayerNormalization form: refused before anything changes.
+    from btdeploy.errors import BtDeployError
+    from btdeploy.optimize.passes.layernorm import split_skip_layernorm
+
+    graph = Graph(fused)
+    node = next(n for n in graph.graph.node if n.op_type == "SkipLayerNormalization")
+    node.output[1] = "mean"
+    before = fused.SerializeToString()
+    with pytest.raises(BtDeployError, match="writes its mean or inverse deviation"):
+        split_skip_layernorm(graph, node)
+    assert fused.SerializeToString() == before

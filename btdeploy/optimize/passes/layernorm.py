@@ -17,6 +17,7 @@ from __future__ import annotations
 import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
+from btdeploy.errors import BtDeployError
 from btdeploy.optimize.graph import Graph, attribute
 from btdeploy.optimize.passes.base import MS_DOMAIN, GraphPass, PassResult, split_bias_add
 
@@ -73,7 +74,11 @@ def is_skip_layernorm(node: onnx.NodeProto) -> bool:
 
 def split_skip_layernorm(graph: Graph, fused: onnx.NodeProto) -> None:
     """The inverse of `fuse_add_layernorm`: one SkipLayerNormalization back as Add (then the Add of
-    its folded bias, where it has one) -> LayerNormalization, its sum output from the last Add."""
+    its folded bias, where it has one) -> LayerNormalization, its sum output from the last Add.
+    A node whose mean or inverse deviation is read is refused: LayerNormalization has no such outputs."""
+    if any(fused.output[1:3]):
+        raise BtDeployError(f"{fused.name} writes its mean or inverse deviation, which LayerNormalization "
+                            "keeps to itself: give a graph btdeploy optimized")  # fmt: skip
     first, second, gamma, beta, *rest = fused.input
     bias = rest[0] if rest else ""
     summed = fused.output[3] if len(fused.output) > 3 and fused.output[3] else graph.unique("residual_sum")

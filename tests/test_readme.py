@@ -1,8 +1,12 @@
-"""The README's command blocks in the order a user copies them: every `quantize` line comes after
-the `optimize` line that makes the graph it starts from (the quantize methods say which)."""
+"""The README's command blocks as a user copies them: every `btdeploy` line is one the CLI accepts
+(an option renamed or a choice dropped would otherwise leave the README behind), and every
+`quantize` line comes after the `optimize` line that makes the graph it starts from (the quantize
+methods say which)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import shlex
 from pathlib import Path
@@ -10,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from btdeploy.artifacts.graph_names import Flavour
+from btdeploy.cli import build_parser
+from btdeploy.errors import BtDeployError
 from btdeploy.quantize.methods import get_method
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -26,6 +32,21 @@ def _blocks(text: str) -> list[list[list[str]]]:
                     commands.append(shlex.split(part)[1:])
         blocks.append(commands)
     return blocks
+
+
+def _refused(blocks: list[list[list[str]]]) -> list[str]:
+    """Each command the CLI's parser refuses, with its one-line reason (nothing is run)."""
+    refused = []
+    for words in (words for commands in blocks for words in commands):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # what `--help` prints
+                build_parser().parse_args(words)
+        except SystemExit as done:  # --help and --version end the parse
+            if done.code:
+                refused.append(f"{shlex.join(words)}: exit {done.code}")
+        except BtDeployError as error:
+            refused.append(f"{shlex.join(words)}: {error}")
+    return refused
 
 
 def _option(words: list[str], name: str, default: str) -> str:
@@ -46,6 +67,24 @@ def _unmet_quantize_sources(blocks: list[list[list[str]]]) -> list[str]:
                 if (words[1], source.value) not in optimized:
                     unmet.append(f"{shlex.join(words)} (starts from the {source} graph)")
     return unmet
+
+
+def test_every_command_in_the_readme_parses() -> None:
+    blocks = _blocks(README.read_text())
+    assert sum(len(commands) for commands in blocks) >= 20
+    assert _refused(blocks) == []
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        "btdeploy check out/ --precision int4\n",  # a precision the CLI has not
+        "btdeploy check out/ --tolerance 1e-3\n",  # an option it has not
+        "btdeploy quantize out/ --flavour ort\n",  # --precision left out
+    ],
+)
+def test_the_parse_check_finds_a_command_the_cli_refuses(block: str) -> None:
+    assert len(_refused(_blocks(f"```bash\n{block}```\n"))) == 1
 
 
 def test_every_quantize_line_follows_the_optimize_line_it_starts_from() -> None:

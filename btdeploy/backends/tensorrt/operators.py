@@ -29,9 +29,8 @@ class OpCheck:
         return not self.unsupported
 
 
-LINES = ("10.3", "10.14")  # 11.x parses what 10.14 does (the same list)
 # The TensorRT line whose parser each flavour's graphs target, newest first: `build` takes the
-# first one the installed TensorRT can parse.
+# first one the installed TensorRT can parse (11.x parses what 10.14 does: the same list).
 FLAVOUR_LINES = {Flavour.TRT: "10.14", Flavour.TRT_COMPAT: "10.3"}
 
 

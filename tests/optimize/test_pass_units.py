@@ -13,13 +13,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.cpu import sums_saturate_here, u8s8_gemm
+from btdeploy.errors import BtDeployError
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.passes.attention import ATTENTION
 from btdeploy.optimize.passes.cleanup import CLEANUP
 from btdeploy.optimize.passes.cls_rows import CLS_ROWS
 from btdeploy.optimize.passes.gelu import GELU
 from btdeploy.optimize.passes.integer_matmul import INTEGER_MATMULS
-from btdeploy.optimize.passes.layernorm import BRIDGE_LAYERNORM, RESIDUAL_LAYERNORM
+from btdeploy.optimize.passes.layernorm import BRIDGE_LAYERNORM, RESIDUAL_LAYERNORM, split_skip_layernorm
 from btdeploy.optimize.passes.qdq_islands import QDQ_ISLANDS
 from btdeploy.optimize.passes.shared_weights import SHARED_WEIGHTS
 
@@ -665,9 +666,6 @@ def test_int8_layernorm_pairs_become_skip_layernorm_for_ort_and_back() -> None:
     with pytest.raises(ValueError, match="folds a bias"):
         _rewrite(with_bias, QUANTIZED_LAYERNORMS, Flavour.TRT)
     # One whose mean is read has no Add + LayerNormalization form: refused before anything changes.
-    from btdeploy.errors import BtDeployError
-    from btdeploy.optimize.passes.layernorm import split_skip_layernorm
-
     graph = Graph(fused)
     node = next(n for n in graph.graph.node if n.op_type == "SkipLayerNormalization")
     node.output[1] = "mean"

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import EncodeError
+from onnx.external_data_helper import load_external_data_for_model
 
 from btdeploy.artifacts.files import default_mode, sha256_of
-from btdeploy.artifacts.streamed_proto import encoded_size, write_encoded
+from btdeploy.artifacts.streamed_proto import encoded_size, read_model, write_encoded
 from btdeploy.artifacts.weightless import weightless_with_side_file
 from btdeploy.errors import BtDeployError
 
@@ -23,11 +24,6 @@ EXTERNAL_DATA_ENV = "BTDEPLOY_EXTERNAL_DATA_BYTES"
 # Past the threshold, weights up to this many bytes stay in the graph, as onnx.save_model keeps
 # them (it moves a tensor whose sys.getsizeof is 1 KB or more): the files are those it writes.
 INLINE_WEIGHT_BYTES = 1024 - sys.getsizeof(b"") - 1
-# Graph files up to this size are parsed to see which weight files they name.
-STUB_BYTES = 256 * 2**20
-# A graph whose weights are elsewhere is far smaller than this (large's stubs: a few MB); files up
-# to it parse in milliseconds, where a 200 MB one takes about as long as opening its session.
-SMALL_STUB_BYTES = 16 * 2**20
 
 
 def external_data_threshold() -> int:
@@ -57,24 +53,20 @@ def absent_weight_files(model: onnx.ModelProto, folder: Path) -> list[str]:
     return sorted(name for name in named if not (folder / name).is_file())
 
 
-def missing_weight_files(path: Path, largest: int = STUB_BYTES) -> list[str]:
+def missing_weight_files(path: Path) -> list[str]:
     """The files the graph names for its weights (external data) that are not beside it: a copy
-    that left its `.data` behind. Empty where every one is there, or the graph names none."""
+    that left its `.data` behind. Empty where every one is there, or the graph names none. The
+    weights are not read (milliseconds on base's 1.3 GB graphs)."""
     try:
-        # A graph that keeps its weights outside is a stub of names and small tensors; a file over
-        # `largest` holds its weights itself and is not parsed (on base, 1.3 GB).
-        if path.stat().st_size > largest:
-            return []
-        model = onnx.load(str(path), load_external_data=False)
+        model = read_model(path, weights_up_to=INLINE_WEIGHT_BYTES)
     except Exception:  # unreadable: the caller's own message says so
         return []
     return absent_weight_files(model, path.parent)
 
 
-def missing_weights_problem(path: Path, largest: int = STUB_BYTES) -> str | None:
-    """One line naming the weight files a graph lacks, and what to do; None where none is missing
-    (or the file is over `largest`, so not read)."""
-    missing = missing_weight_files(path, largest)
+def missing_weights_problem(path: Path) -> str | None:
+    """One line naming the weight files a graph lacks, and what to do; None where none is missing."""
+    missing = missing_weight_files(path)
     if not missing:
         return None
     which, them = ("is", "it") if len(missing) == 1 else ("are", "them")
@@ -97,11 +89,16 @@ def graph_sha256(path: Path) -> str:
 
 
 def load_graph(path: Path, what: str, load_weights: bool = True) -> onnx.ModelProto:
-    """Read a graph, or one line saying it is damaged and what to do."""
+    """Read a graph, or one line saying it is damaged and what to do. Without `load_weights` every
+    weight past INLINE_WEIGHT_BYTES stays on disk, whether the graph keeps it in its `.data` file or
+    in itself: the graph then looks the same either way, and reading it takes milliseconds."""
     if not path.is_file():
         raise BtDeployError(f"{path} is missing: {what}")
     try:
-        return onnx.load(str(path), load_external_data=load_weights)
+        model = read_model(path, weights_up_to=None if load_weights else INLINE_WEIGHT_BYTES)
+        if load_weights:
+            load_external_data_for_model(model, str(path.parent))
+        return model
     except Exception as error:
         problem = missing_weights_problem(path) if load_weights else None
         raise BtDeployError(problem or f"cannot read {path} ({str(error).strip()[:200]}): {what}") from None
@@ -194,7 +191,7 @@ def gather_external_data(folder: Path, name: str, target: Path | None = None) ->
     total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     external = needs_external_data(total) or bool(scattered)
     if external:
-        model = onnx.load(str(path), load_external_data=True)
+        model = load_graph(path, "export the head again")
         save_graph_atomically(model, target, external=True)
         del model
         for extra in [*scattered, *([path] if target != path else [])]:

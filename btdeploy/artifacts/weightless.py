@@ -9,6 +9,7 @@ tensors small enough to be shapes or axes (which inference reads) keep their byt
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,8 @@ from google.protobuf.message import Message
 
 # Above this size a tensor is a weight; below, it may be a shape, axes or a scalar that inference reads.
 WEIGHT_BYTES = 1024
+# Types stored two values to a byte.
+_PACKED_4BIT = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, t)}
 
 
 def _copy_fields(source: Message, target: Message, skip: Iterable[str]) -> None:
@@ -38,26 +41,42 @@ def _weightless(
 ) -> tuple[onnx.ModelProto, int]:
     """`model` with every weight of more than `inline_up_to` bytes a stub reading `data_file` at its
     offset, and the weights' total size. With `sink`, the weight bytes are written there in that
-    order, one after another. Each tensor's bytes are read once (protobuf copies them on every
-    read). Weights already external keep their own reference; `model` is left as it was."""
+    order, one after another, each read once (protobuf copies them on every read); without one
+    they are not read. Weights already external keep their own reference; `model` is left as it was."""
     light = onnx.ModelProto()
     _copy_fields(model, light, skip=("graph",))
     _copy_fields(model.graph, light.graph, skip=("initializer",))
     offset = 0
     for tensor in model.graph.initializer:
-        data = b"" if tensor.data_location == onnx.TensorProto.EXTERNAL else tensor.raw_data
-        if len(data) <= inline_up_to:
+        external = tensor.data_location == onnx.TensorProto.EXTERNAL
+        if external or raw_size(tensor) <= inline_up_to:
             light.graph.initializer.append(tensor)
             continue
-        if sink is not None:
+        data = tensor.raw_data if sink is not None else None
+        size = raw_size(tensor) if data is None else len(data)
+        if sink is not None and data is not None:
             sink.write(data)
         stub = light.graph.initializer.add()
         _copy_fields(tensor, stub, skip=("raw_data",))
         stub.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", data_file), ("offset", str(offset)), ("length", str(len(data)))):
+        for key, value in (("location", data_file), ("offset", str(offset)), ("length", str(size))):
             stub.external_data.add(key=key, value=value)
-        offset += len(data)
+        offset += size
     return light, offset
+
+
+def raw_size(tensor: onnx.TensorProto) -> int:
+    """`len(tensor.raw_data)`, from the tensor's dims and type where they give it: protobuf copies
+    a bytes field on every read (on base 1.3 GB for the weights of one graph)."""
+    if not tensor.HasField("raw_data"):
+        return 0
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _PACKED_4BIT:
+        return (count + 1) // 2
+    try:
+        return count * int(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+    except (KeyError, TypeError, ValueError):  # a type numpy does not hold: read it
+        return len(tensor.raw_data)
 
 
 def weightless_copy(model: onnx.ModelProto, data_file: str = "weights.bin") -> onnx.ModelProto:
@@ -76,17 +95,37 @@ def weightless_with_side_file(
 
 
 def with_weights_of(light: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
-    """`light` (a weightless copy, perhaps inferred since) with the weights of `model` put back."""
-    # A stub is an external tensor whose original is held in memory.
+    """`light` (a weightless copy, perhaps inferred or converted since) with the weights of `model`
+    put back, each copied once. A stub of no weight `model` holds is an error."""
+    # A stub is an external tensor whose original is held in memory; the original replaces it whole.
     held = {t.name: t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
     for stub in light.graph.initializer:
-        original = held.get(stub.name)
-        if original is None or stub.data_location != onnx.TensorProto.EXTERNAL:
+        if stub.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        stub.ClearField("external_data")
-        stub.ClearField("data_location")
-        stub.raw_data = original.raw_data
+        original = held.get(stub.name)
+        if original is not None:
+            stub.CopyFrom(original)
+        elif not any(t.name == stub.name for t in model.graph.initializer):
+            raise RuntimeError(f"{stub.name}: a weight the model it stands for does not hold")
     return light
+
+
+def with_structure_of(model: onnx.ModelProto, light: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with everything but its weights taken from `light` (a weightless copy of it, converted
+    or inferred since), its weights left where they are: nothing the size of a weight is copied.
+    Where `light` names other weights than `model` (added or dropped), `light` takes the weights."""
+    if [t.name for t in light.graph.initializer] != [t.name for t in model.graph.initializer]:
+        return with_weights_of(light, model)
+    for kept, new in zip(model.graph.initializer, light.graph.initializer, strict=True):
+        stub = new.data_location == onnx.TensorProto.EXTERNAL and kept.data_location != onnx.TensorProto.EXTERNAL
+        if not stub:  # a small tensor, which the conversion may have rewritten
+            kept.CopyFrom(new)
+    for target, source, keep in ((model, light, "graph"), (model.graph, light.graph, "initializer")):
+        for field, _ in target.ListFields():
+            if field.name != keep:
+                target.ClearField(field.name)
+        _copy_fields(source, target, skip=(keep,))
+    return model
 
 
 def infer_shapes_without_weights(model: onnx.ModelProto, **options: object) -> onnx.ModelProto:

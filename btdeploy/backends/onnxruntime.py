@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.artifacts.graph_names import Precision
-from btdeploy.artifacts.onnx_files import SMALL_STUB_BYTES, missing_weights_problem
+from btdeploy.artifacts.onnx_files import missing_weights_problem
 from btdeploy.cpu import sums_saturate_here
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import warn
@@ -130,10 +130,8 @@ class OnnxRuntimeBackend:
 
         if not Path(model_path).is_file():
             raise BtDeployError(f"{model_path} is missing: export the head again (btdeploy export)")
-        # A stub is asked before ONNX Runtime opens it, which would print its own file-size error to
-        # stderr first; a larger file only when the session fails (_load_problem): parsing one
-        # costs about as much as opening its session, on every session.
-        missing = missing_weights_problem(Path(model_path), SMALL_STUB_BYTES)
+        # Asked before ONNX Runtime opens the graph, which would print its own file-size error to stderr first.
+        missing = missing_weights_problem(Path(model_path))
         if missing:
             raise BtDeployError(missing)
         options = session_options(threads, spin)
@@ -202,14 +200,12 @@ class _CpuRewrites:
     def source(self, path: Path, options: Any) -> str | bytes:
         if not (self.fp32_stand_ins or self.exact_sums):
             return str(path)
-        import onnx
-
-        from btdeploy.artifacts.onnx_files import PROTOBUF_LIMIT, serialized_bytes
+        from btdeploy.artifacts.onnx_files import PROTOBUF_LIMIT, load_graph, serialized_bytes
         from btdeploy.backends.cpu_fp16 import attention_in_fp32, quantize_in_fp32
         from btdeploy.backends.exact_sums import unsigned_weights
 
-        try:
-            model = onnx.load(str(path), load_external_data=False)
+        try:  # the weights stay on disk, read from there by ONNX Runtime (and by unsigned_weights where recoded)
+            model = load_graph(path, "", load_weights=False)
         except Exception:
             return str(path)  # ONNX Runtime reports the damaged file in the caller's words
         if self.fp32_stand_ins:

@@ -19,7 +19,7 @@ from btdeploy.artifacts.manifest import (
     read_manifest,
     tool_versions,
 )
-from btdeploy.artifacts.onnx_files import data_file, gather_external_data, graph_bytes, graph_sha256
+from btdeploy.artifacts.onnx_files import data_file, gather_external_data, graph_bytes, graph_sha256, load_graph
 from btdeploy.errors import BtDeployError
 from btdeploy.export.patches import fusable_export
 from btdeploy.imports import serial_imports
@@ -237,7 +237,7 @@ def _store_model(folder: Path, target: Path | None = None) -> bool:
         if external:
             onnx.checker.check_model(str(target), full_check=False)
         else:
-            check_without_weights(onnx.load(str(target)))
+            check_without_weights(load_graph(target, "export again"))
     except onnx.checker.ValidationError as error:
         raise BtDeployError(f"the exported graph fails the ONNX checker: {' '.join(str(error).split())}") from None
     return external

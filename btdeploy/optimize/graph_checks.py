@@ -34,8 +34,8 @@ def _float_constants(model: onnx.ModelProto) -> Iterator[tuple[str, np.ndarray]]
     """Every floating-point constant with its value."""
     for name, tensor in _constant_tensors(model).items():
         if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
-            if tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.raw_data:
-                continue  # weights on disk: trained values, not masks
+            if tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.HasField("raw_data"):
+                continue  # weights left on disk (a .data file, or a graph read without them): trained values, not masks
             yield name, numpy_helper.to_array(tensor)
 
 

@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from btdeploy.artifacts.graph_names import Flavour
+from btdeploy.artifacts.onnx_files import load_graph
 from btdeploy.errors import BtDeployError
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
@@ -89,7 +90,7 @@ def calibrated_int8(
     source: Path, feeds: CalibrationRows, workdir: Path, flavour: Flavour
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     calibrated = entropy_ranges(source, _activations, feeds, source.stem)
-    model = onnx.load(str(source))  # the session is gone: this is the one copy of the weights held
+    model = load_graph(source, "optimize the head again")  # the session is gone: the one copy of the weights held
     plan = _plan(model)
     _leave_out_small_gemms(plan, calibrated.shapes, model)
     code = ACTIVATION_CODE[flavour]

@@ -9,7 +9,7 @@ from typing import Any
 import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
-from btdeploy.artifacts.onnx_files import graph_bytes, needs_external_data
+from btdeploy.artifacts.onnx_files import graph_bytes, load_graph, needs_external_data
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.passes.integer_width import INTEGER_WIDTHS
 from btdeploy.quantize.rows import CalibrationRows
@@ -33,7 +33,7 @@ def dynamic_int8(
         # The com.microsoft nodes defeat ONNX shape inference; every tensor here is FP32.
         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
     )
-    model = onnx.load(str(output))
+    model = load_graph(output, "quantize again")
     graph = Graph(model)
     padded = INTEGER_WIDTHS.run(graph, flavour)  # integer GEMMs at widths ONNX Runtime's AMX kernel gets right
     model = graph.model

@@ -4,8 +4,8 @@ The graph runs once per row with the chosen tensors as extra outputs; each row i
 per-tensor histograms by ONNX Runtime's own HistogramCollector (the collector its static
 quantizer uses, with the same settings Model Optimizer gives it) and dropped. What is held is
 one ONNX Runtime session and one row's tensors, whatever the number of rows or the graph size:
-the weights are never held twice (the graph the session reads is written with its weights in a
-side file, or reads the source's side file).
+the weights are never held twice, nor written again (the graph the session reads is the source's
+structure, whose weights it reads from the source's own files).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from btdeploy.artifacts.onnx_files import data_file
-from btdeploy.artifacts.weightless import weightless_with_side_file
+from btdeploy.artifacts.onnx_files import load_graph
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import RowProgress
 from btdeploy.quantize.rows import CalibrationRows
@@ -39,15 +38,14 @@ class TensorRanges:
 def entropy_ranges(
     source: Path, choose: Callable[[onnx.ModelProto], Sequence[str]], feeds: CalibrationRows, what: str
 ) -> TensorRanges:
-    """The entropy-calibrated range of every tensor `choose` names in `source` (given the graph as
-    loaded, without its external data), over every row of `feeds`, read one at a time. The graph is loaded once and
-    dropped before the session opens."""
+    """The entropy-calibrated range of every tensor `choose` names in `source` (given the graph
+    without its weights), over every row of `feeds`, read one at a time."""
     from onnxruntime.quantization.calibrate import HistogramCollector
 
     rows = len(feeds)
     if rows < 1:
         raise BtDeployError(f"calibrating {what}: no calibration rows")
-    model = onnx.load(str(source), load_external_data=False)
+    model = load_graph(source, "optimize the head again", load_weights=False)
     tensors = list(choose(model))
     if not tensors:
         return TensorRanges({}, {})
@@ -80,14 +78,13 @@ def entropy_ranges(
 
 
 def _write_with_outputs(source: Path, model: onnx.ModelProto, tensors: Sequence[str]) -> list[Path]:
-    """`model` with `tensors` as extra outputs, written beside `source` (the graph file first): weights
-    it holds in memory go to its own side file, those in the source's side file are read from there."""
+    """`model` (read without its weights) with `tensors` as extra outputs, written beside `source`,
+    whose files its weights name by relative path."""
     augmented = source.with_name(f".{source.stem}.calibrate.onnx")
-    light = weightless_with_side_file(model, data_file(augmented))
-    present = {o.name for o in light.graph.output}
-    light.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in present)
-    onnx.save(light, str(augmented))
-    return [augmented, data_file(augmented)]
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in present)
+    onnx.save(model, str(augmented))
+    return [augmented]
 
 
 def _open_session(source: Path, written: list[Path]) -> Any:

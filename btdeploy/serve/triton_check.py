@@ -10,7 +10,7 @@ from typing import Any
 
 import onnx
 
-from btdeploy.artifacts.onnx_files import absent_weight_files
+from btdeploy.artifacts.onnx_files import absent_weight_files, load_graph
 from btdeploy.errors import BtDeployError
 from btdeploy.imports import INSTALL_SERVE
 from btdeploy.serve.triton_config import TRITON_TYPES
@@ -86,7 +86,7 @@ def graph_io(path: Path) -> dict[str, list[tuple[str, str, list[int]]]]:
     """(name, numpy dtype, dims with -1 for dynamic) of a graph's inputs and outputs, weights not read."""
     import numpy as np
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_graph(path, "write the repository again", load_weights=False)
     io = {}
     for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
         io[kind] = [
@@ -112,7 +112,7 @@ def _check_onnx(folder: Path, config: Any) -> list[str]:
         path = path / "model.onnx"
     if not path.is_file():
         return ["1/model.onnx is missing"]
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_graph(path, "write the repository again", load_weights=False)
     problems = [
         f"external data file {name} is missing beside {path.name}" for name in absent_weight_files(model, path.parent)
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -12,8 +13,10 @@ from btdeploy.artifacts.weightless import (
     WEIGHT_BYTES,
     check_without_weights,
     infer_shapes_without_weights,
+    raw_size,
     weightless_copy,
     weightless_with_side_file,
+    with_structure_of,
     with_weights_of,
 )
 
@@ -47,3 +50,39 @@ def test_the_weightless_check_passes_a_good_graph_and_refuses_a_broken_one(graph
     graph.graph.node[5].input[0] = "no_such_tensor"
     with pytest.raises(onnx.checker.ValidationError, match="no_such_tensor"):
         check_without_weights(graph)
+
+
+def test_the_byte_size_of_a_weight_is_known_without_reading_it() -> None:
+    from onnx import helper, numpy_helper
+
+    arrays = [np.zeros((3, 5), dtype) for dtype in (np.float32, np.float16, np.int8, np.uint8, np.int64, np.bool_)]
+    tensors = [numpy_helper.from_array(a, f"t{i}") for i, a in enumerate(arrays)]
+    tensors.append(helper.make_tensor("packed", onnx.TensorProto.INT4, [7], bytes(4), raw=True))  # 2 a byte
+    tensors.append(helper.make_tensor("typed", onnx.TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]))  # float_data
+    assert [raw_size(t) for t in tensors] == [len(t.raw_data) for t in tensors]
+    assert [raw_size(t) for t in tensors][-2:] == [4, 0]
+
+
+def test_a_converted_structure_takes_the_weights_where_they_are(graph: onnx.ModelProto) -> None:
+    """The light copy's nodes, opsets and small tensors come into the model, its weights stay; a
+    light copy that names other weights takes them instead, and a stub of no weight is an error."""
+    light = weightless_copy(graph)
+    light.opset_import[0].version += 1
+    light.graph.node[0].name = "renamed"
+    small = next(t for t in light.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
+    small.doc_string = "rewritten"
+    expected = with_weights_of(onnx.ModelProto.FromString(light.SerializeToString()), graph)
+    kept = onnx.ModelProto.FromString(graph.SerializeToString())
+    assert with_structure_of(kept, light).SerializeToString() == expected.SerializeToString()
+
+    extra = weightless_copy(graph)
+    extra.graph.initializer.add().CopyFrom(onnx.numpy_helper.from_array(np.zeros(2), "new"))
+    taken = with_structure_of(onnx.ModelProto.FromString(graph.SerializeToString()), extra)
+    assert [t.name for t in taken.graph.initializer][-1] == "new"
+    assert taken.graph.initializer[0].SerializeToString() == graph.graph.initializer[0].SerializeToString()
+
+    orphan = weightless_copy(graph)
+    stub = next(t for t in orphan.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    stub.name = "nowhere"
+    with pytest.raises(RuntimeError, match="nowhere: a weight the model it stands for does not hold"):
+        with_structure_of(graph, orphan)

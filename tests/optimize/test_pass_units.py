@@ -608,8 +608,8 @@ def test_int8_dynamic_integer_gemms_are_padded_to_whole_tiles() -> None:
 
 
 def test_the_opset_upgrade_without_weights_equals_the_version_converter(tiny_export: Path) -> None:
-    """convert_opset lifts the weights out while ONNX's converter runs (it copies the whole model
-    twice): the graph it returns is the converter's, byte for byte."""
+    """convert_opset runs ONNX's converter on a weightless copy (it copies the whole model twice)
+    and keeps the weights where they are: the graph it returns is the converter's, byte for byte."""
     from onnx import version_converter
 
     from btdeploy.optimize.passes import convert_opset

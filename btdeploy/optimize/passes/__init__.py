@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
+from btdeploy.artifacts.weightless import weightless_copy, with_structure_of
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.passes.attention import ATTENTION
 from btdeploy.optimize.passes.base import GraphPass, PassResult
@@ -50,29 +51,14 @@ def optimize_graph(model: onnx.ModelProto, flavour: Flavour) -> tuple[onnx.Model
     return graph.model, results
 
 
-# Weights at least this large are lifted out of the graph while the version converter runs.
-_LIFTED_BYTES = 1024
-
-
 def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     """ONNX's version converter without the weights: it copies the whole model through C++ twice
     (on base, 1.3 GB of weights became a 10 GB peak). Upgrading an opset rewrites operators and
-    their attributes, never a stored weight, so the large weights are lifted out by name first and
-    put back into the converted graph. The model given is consumed (its weights move)."""
+    their attributes, never a stored weight, so it runs on a weightless copy and `model` takes the
+    converted graph's structure, its weights staying where they are."""
     from onnx import version_converter
 
-    lifted: dict[str, bytes] = {}
-    for tensor in model.graph.initializer:
-        if len(tensor.raw_data) >= _LIFTED_BYTES:
-            lifted[tensor.name] = tensor.raw_data
-            tensor.ClearField("raw_data")
-    converted = version_converter.convert_version(model, opset)
-    for tensor in converted.graph.initializer:
-        if tensor.name in lifted and not tensor.raw_data:
-            tensor.raw_data = lifted.pop(tensor.name)
-    if lifted:
-        raise RuntimeError(f"the version converter dropped {len(lifted)} weights, e.g. {next(iter(lifted))}")
-    return converted
+    return with_structure_of(model, version_converter.convert_version(weightless_copy(model), opset))
 
 
 __all__ = ["LEAST_SOURCE_OPSET", "PASSES", "GraphPass", "PassResult", "optimize_graph"]

@@ -1,5 +1,6 @@
 """The layout's rules, checked on the source: stages import only downward, heads are not
-branched on outside their declaration, and every pass declares the flavours it serves."""
+branched on outside their declaration, graphs are read by one function, and every pass declares
+the flavours it serves."""
 
 from __future__ import annotations
 
@@ -117,6 +118,30 @@ def test_every_transformers_import_holds_the_import_lock() -> None:
     assert offenders == [], "import transformers inside `with serial_imports():` (btdeploy/imports.py)"
     planted = "from transformers import X\nwith serial_imports():\n    import transformers.a\n"
     assert _unguarded_serial_imports(planted) == [1]
+
+
+def _direct_graph_reads(source: str) -> list[int]:
+    """Lines that call onnx's own model readers."""
+    tree = ast.parse(source)
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "onnx"
+        and node.func.attr in {"load", "load_model", "load_model_from_string"}
+    ]
+
+
+def test_every_graph_is_read_by_load_graph() -> None:
+    """onnx.load holds two copies of every weight, even when asked for none (on base 2.5 GB for a
+    1.3 GB graph): graphs are read by artifacts/onnx_files.load_graph only."""
+    offenders = [
+        f"{path.relative_to(PACKAGE)}:{line}" for path in SOURCES for line in _direct_graph_reads(path.read_text())
+    ]
+    assert offenders == [], "read graphs with btdeploy.artifacts.onnx_files.load_graph"
+    assert _direct_graph_reads("import onnx\nm = onnx.load(str(p), load_external_data=False)\n") == [2]
 
 
 HEAD_BRANCH = re.compile(r"""\bhead(?:_name|\.name)?\s*(?:==|!=|in)\s*\(?\s*["'](?:base|itm|itc|mlm)["']""")

@@ -26,6 +26,8 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from btdeploy.artifacts.weightless import point_at
+
 # The messages taken apart; every other message (a weight, a node) is encoded whole.
 _OPENED = (onnx.ModelProto, onnx.GraphProto)
 _LENGTH_DELIMITED = 2  # the wire type of an embedded message
@@ -155,22 +157,19 @@ def _read_graph(
 def _weight_stub(view: mmap.mmap, start: int, end: int, file_name: str, longest: int) -> onnx.TensorProto | None:
     """The tensor encoded in view[start:end] with its raw bytes left in the file, or None where it
     holds at most `longest` of them (or none: small tensors and typed fields are parsed whole)."""
-    raw = [(body, field_end) for number, wire, _, body, field_end in _fields(view, start, end) if number == _RAW_DATA]
-    if not raw or raw[-1][1] - raw[-1][0] <= longest:
+    raw = [field for field in _fields(view, start, end) if field[0] == _RAW_DATA]
+    if not raw or raw[-1][4] - raw[-1][3] <= longest:
         return None
     tensor = onnx.TensorProto()
     at = start
-    for number, _, field_start, _, field_end in _fields(view, start, end):
-        if number == _RAW_DATA:
-            tensor.MergeFromString(view[at:field_start])
-            at = field_end
+    for _, _, field_start, _, field_end in raw:  # every field but the raw bytes, parsed as it lies
+        tensor.MergeFromString(view[at:field_start])
+        at = field_end
     tensor.MergeFromString(view[at:end])
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         return None  # bytes both here and elsewhere: left to protobuf and onnx as they are
-    offset, length = raw[-1][0], raw[-1][1] - raw[-1][0]  # the last of a repeated field is the one kept
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", file_name), ("offset", str(offset)), ("length", str(length))):
-        tensor.external_data.add(key=key, value=value)
+    body, field_end = raw[-1][3], raw[-1][4]  # the last of a repeated field is the one kept
+    point_at(tensor, file_name, body, field_end - body)
     return tensor
 
 

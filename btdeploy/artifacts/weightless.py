@@ -48,21 +48,26 @@ def _weightless(
     _copy_fields(model.graph, light.graph, skip=("initializer",))
     offset = 0
     for tensor in model.graph.initializer:
-        external = tensor.data_location == onnx.TensorProto.EXTERNAL
-        if external or raw_size(tensor) <= inline_up_to:
+        size = 0 if tensor.data_location == onnx.TensorProto.EXTERNAL else raw_size(tensor)
+        if size <= inline_up_to:
             light.graph.initializer.append(tensor)
             continue
-        data = tensor.raw_data if sink is not None else None
-        size = raw_size(tensor) if data is None else len(data)
-        if sink is not None and data is not None:
+        if sink is not None:
+            data = tensor.raw_data
             sink.write(data)
+            size = len(data)
         stub = light.graph.initializer.add()
         _copy_fields(tensor, stub, skip=("raw_data",))
-        stub.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", data_file), ("offset", str(offset)), ("length", str(size))):
-            stub.external_data.add(key=key, value=value)
+        point_at(stub, data_file, offset, size)
         offset += size
     return light, offset
+
+
+def point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `tensor` (without its raw bytes) read them from `location` at `offset`: ONNX's external data."""
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
 
 
 def raw_size(tensor: onnx.TensorProto) -> int:
@@ -99,13 +104,14 @@ def with_weights_of(light: onnx.ModelProto, model: onnx.ModelProto) -> onnx.Mode
     put back, each copied once. A stub of no weight `model` holds is an error."""
     # A stub is an external tensor whose original is held in memory; the original replaces it whole.
     held = {t.name: t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
+    names = {t.name for t in model.graph.initializer}
     for stub in light.graph.initializer:
         if stub.data_location != onnx.TensorProto.EXTERNAL:
             continue
         original = held.get(stub.name)
         if original is not None:
             stub.CopyFrom(original)
-        elif not any(t.name == stub.name for t in model.graph.initializer):
+        elif stub.name not in names:
             raise RuntimeError(f"{stub.name}: a weight the model it stands for does not hold")
     return light
 

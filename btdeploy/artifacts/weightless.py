@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -75,13 +76,18 @@ def raw_size(tensor: onnx.TensorProto) -> int:
     a bytes field on every read (on base 1.3 GB for the weights of one graph)."""
     if not tensor.HasField("raw_data"):
         return 0
+    return _size_from_dims(tensor) or len(tensor.raw_data)  # a type numpy does not hold: read it
+
+
+def _size_from_dims(tensor: onnx.TensorProto) -> int | None:
+    """A tensor's byte size from its dims and type, or None for a type numpy does not hold."""
     count = math.prod(tensor.dims)
     if tensor.data_type in _PACKED_4BIT:
         return (count + 1) // 2
     try:
         return count * int(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
-    except (KeyError, TypeError, ValueError):  # a type numpy does not hold: read it
-        return len(tensor.raw_data)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def weightless_copy(model: onnx.ModelProto, data_file: str = "weights.bin") -> onnx.ModelProto:
@@ -134,20 +140,73 @@ def with_structure_of(model: onnx.ModelProto, light: onnx.ModelProto) -> onnx.Mo
     return model
 
 
+def read_external_weights(model: onnx.ModelProto, graph: Path) -> list[tuple[onnx.TensorProto, list[tuple[str, str]]]]:
+    """Read into `model` (the graph at `graph`, read without its weights) every weight it leaves
+    in a file, and return each tensor read with the reference it had. One left in the graph file
+    itself (load_graph's structure read) comes back as the file holds it, without a data location."""
+    read = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = [(entry.key, entry.value) for entry in tensor.external_data]
+        onnx.external_data_helper.load_external_data_for_tensor(tensor, str(graph.parent))
+        del tensor.external_data[:]
+        if dict(entries).get("location") == graph.name:
+            tensor.ClearField("data_location")
+        else:
+            tensor.data_location = onnx.TensorProto.DEFAULT  # as onnx's own load of a weights file leaves it
+        read.append((tensor, entries))
+    return read
+
+
+@contextmanager
+def external_weights_read(model: onnx.ModelProto, graph: Path) -> Iterator[None]:
+    """For the block, every weight `model` leaves in a file read into it (read_external_weights);
+    afterwards each points at its file again and the bytes are dropped."""
+    read: list[tuple[onnx.TensorProto, list[tuple[str, str]]]] = []
+    try:
+        read = read_external_weights(model, graph)
+        yield
+    finally:
+        for tensor, entries in read:
+            tensor.ClearField("raw_data")
+            for key, value in entries:
+                tensor.external_data.add(key=key, value=value)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
 def infer_shapes_without_weights(model: onnx.ModelProto, **options: object) -> onnx.ModelProto:
-    """onnx.shape_inference.infer_shapes(model, **options), run on a weightless copy: a new model
-    with the inferred types and shapes and the weights of `model` (copied once)."""
+    """onnx.shape_inference.infer_shapes(model, **options), run on a weightless copy: `model` itself
+    takes the inferred structure, its weights left where they are (with_structure_of). Unlike ONNX's
+    own, which returns a new model, it changes `model`: its callers (Model Optimizer's conversions)
+    all replace the model they pass with the one returned."""
     inferred = onnx.shape_inference.infer_shapes(weightless_copy(model), **options)  # type: ignore[arg-type]
-    return with_weights_of(inferred, model)
+    return with_structure_of(model, inferred)
 
 
 def check_without_weights(model: onnx.ModelProto) -> None:
     """onnx.checker.check_model on a weightless copy of `model` (its weights' types, dims and sizes are
     checked, their bytes are not read): the checker otherwise serializes the whole model."""
     light, size = _weightless(model, "weights.bin")
+    for tensor in light.graph.initializer:  # weights left in another file: the checker looks for that file
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and _external_location(tensor) != "weights.bin":
+            length = _external_length(tensor)
+            del tensor.external_data[:]
+            point_at(tensor, "weights.bin", size, length)
+            size += length
     with tempfile.TemporaryDirectory(prefix="btdeploy-check-") as folder:
         path = Path(folder) / "model.onnx"
         onnx.save(light, str(path))
         with open(Path(folder) / "weights.bin", "wb") as side:
             side.truncate(size)  # a sparse file as long as the weights: the checker reads where they would be
         onnx.checker.check_model(str(path))
+
+
+def _external_location(tensor: onnx.TensorProto) -> str:
+    return next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+
+
+def _external_length(tensor: onnx.TensorProto) -> int:
+    """The byte length an external tensor's reference gives, or else its dims and type."""
+    given = next((entry.value for entry in tensor.external_data if entry.key == "length"), None)
+    return int(given) if given is not None else _size_from_dims(tensor) or 0

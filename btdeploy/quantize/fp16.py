@@ -6,16 +6,21 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import onnx
 
 from btdeploy.artifacts.graph_names import Flavour
-from btdeploy.artifacts.onnx_files import data_file
-from btdeploy.artifacts.weightless import weightless_with_side_file
+from btdeploy.artifacts.onnx_files import data_file, load_graph
+from btdeploy.artifacts.weightless import (
+    external_weights_read,
+    read_external_weights,
+    weightless_with_side_file,
+)
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
 from btdeploy.progress import RowProgress
 from btdeploy.quantize.modelopt_env import lean_conversion, require_modelopt
@@ -35,7 +40,7 @@ def autocast_fp16(
     rows = min(FP16_RANGE_ROWS, len(feeds))
     npz = workdir / "range.npz"
     np.savez(npz, **feeds.take(0, rows))  # type: ignore[arg-type]
-    with _streaming_reference_runs():
+    with _streaming_reference_runs(source):
         model = convert_to_mixed_precision(
             str(source),
             low_precision_type="fp16",
@@ -54,28 +59,76 @@ def autocast_fp16(
 
 
 @contextmanager
-def _streaming_reference_runs() -> Iterator[None]:
+def _streaming_reference_runs(source: Path) -> Iterator[None]:
     """AutoCast's reference run keeps every intermediate tensor of every calibration row until
     it has run them all (on base, 4 rows peaked at 14.8 GB); AutoCast only needs each tensor's
     range. For the duration of one conversion its runner is replaced by one that folds each
-    row into running ranges and drops the tensors, and reads the weights from a side file
-    instead of a deep copy and a serialized copy of the model; and its shape inferences and
-    model checks run on weightless copies (btdeploy/artifacts/weightless.py). The graph is the
-    same, byte for byte."""
+    row into running ranges and drops the tensors; its shape inferences and model checks run on
+    weightless copies (btdeploy/artifacts/weightless.py); and its model holds no weight until
+    something reads their values (_WeightsLeftInTheFile). The graph is the same, byte for byte."""
     import modelopt.onnx.autocast.convert as autocast_convert
+    from modelopt.onnx.autocast.nodeclassifier import NodeClassifier
+    from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
-    original = autocast_convert.ReferenceRunner
-    autocast_convert.ReferenceRunner = _streaming_runner_class(original)  # type: ignore[misc]
+    weights = _WeightsLeftInTheFile(source)
+    original_runner, original_onnx = autocast_convert.ReferenceRunner, autocast_convert.onnx
+    original_classify, original_convert = NodeClassifier.run, PrecisionConverter.convert
+
+    def classify(classifier: Any, *args: Any, **kwargs: Any) -> Any:
+        # Its initializer range rule reads every weight of the model it was given; the converter
+        # works on a copy of that model, made while the weights were still in the file.
+        with ExitStack() as held:
+            for model in weights.models:
+                held.enter_context(external_weights_read(model, source))
+            return original_classify(classifier, *args, **kwargs)
+
+    def convert(converter: Any, *args: Any, **kwargs: Any) -> Any:
+        read_external_weights(converter.model, source)
+        return original_convert(converter, *args, **kwargs)
+
+    autocast_convert.ReferenceRunner = _streaming_runner_class(original_runner, source)  # type: ignore[misc]
+    autocast_convert.onnx = weights  # type: ignore[assignment]
+    NodeClassifier.run = classify  # type: ignore[method-assign]
+    PrecisionConverter.convert = convert  # type: ignore[method-assign]
     try:
         with lean_conversion():
             yield
     finally:
-        autocast_convert.ReferenceRunner = original  # type: ignore[misc]
+        autocast_convert.ReferenceRunner, autocast_convert.onnx = original_runner, original_onnx  # type: ignore[misc]
+        NodeClassifier.run, PrecisionConverter.convert = original_classify, original_convert  # type: ignore[method-assign]
 
 
-def _streaming_runner_class(base: type) -> type:
-    import tempfile
+class _WeightsLeftInTheFile:
+    """The onnx module as AutoCast's convert.py sees it during one conversion. Its read of the
+    source (onnx.load without external data, which for a graph that holds its weights still
+    parses every weight; its sanitizer's cleanup and its converter's deep copy then copy them
+    all) becomes btdeploy's structure read: every weight an external reference into the file
+    that holds it. Its load of those references is not done: the models it named are kept in
+    `models`, for the node classifier to read their weights while it runs, and the converter
+    reads the weights of its own copy when it starts. So the sanitizer, the type inference and
+    the reference run (whose session reads the weights from the file) never hold them."""
 
+    def __init__(self, source: Path) -> None:
+        self.source = source
+        self.models: list[onnx.ModelProto] = []
+        self.external_data_helper = SimpleNamespace(load_external_data_for_model=self._keep_in_file)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(onnx, name)
+
+    def load(self, path: str, load_external_data: bool = True) -> onnx.ModelProto:
+        """AutoCast's read of its source, without the weights."""
+        if load_external_data or Path(path).resolve() != self.source.resolve():
+            raise RuntimeError(f"AutoCast read {path}, not the structure of {self.source} btdeploy expected")
+        return load_graph(self.source, "optimize the head again", load_weights=False)
+
+    def _keep_in_file(self, model: onnx.ModelProto, folder: str) -> None:
+        if Path(folder).resolve() != self.source.parent.resolve():
+            raise RuntimeError(f"AutoCast read weights from {folder}, not from {self.source.parent}")
+        self.models.append(model)
+
+
+def _streaming_runner_class(base: type, source: Path) -> type:
     from modelopt.onnx import utils as onnx_utils
     from modelopt.onnx.autocast.referencerunner import TensorStats
     from polygraphy import constants
@@ -87,8 +140,10 @@ def _streaming_runner_class(base: type) -> type:
             rows = list(self._load_inputs(inputs))
             progress = RowProgress(len(rows), "fp16 range check (AutoCast)")
             ranges: OrderedDict[str, Any] = OrderedDict()
-            with tempfile.TemporaryDirectory(prefix="btdeploy-autocast-") as folder:
-                graph = Path(folder) / "model.onnx"
+            # Beside the source, whose files the model's weight references name by relative path;
+            # a weight the model holds in memory goes to the side file.
+            graph = source.with_name(f".{source.stem}.autocast-ranges.onnx")
+            try:
                 marked = weightless_with_side_file(self.model, data_file(graph))
                 onnx_utils.clear_stale_value_info(marked)
                 onnx.save(ModifyOutputs(marked, outputs=constants.MARK_ALL)(), str(graph))
@@ -100,6 +155,9 @@ def _streaming_runner_class(base: type) -> type:
                             _fold(ranges, name, np.asarray(values), TensorStats)
                         del outputs
                         progress.advance()
+            finally:
+                graph.unlink(missing_ok=True)
+                data_file(graph).unlink(missing_ok=True)
             return ranges
 
     return StreamingReferenceRunner

@@ -9,9 +9,11 @@ import numpy as np
 import onnx
 import pytest
 
+from btdeploy.artifacts.onnx_files import load_graph, save_graph_atomically
 from btdeploy.artifacts.weightless import (
     WEIGHT_BYTES,
     check_without_weights,
+    external_weights_read,
     infer_shapes_without_weights,
     raw_size,
     weightless_copy,
@@ -40,9 +42,12 @@ def test_a_weightless_copy_holds_no_weight_bytes_and_gets_them_back(graph: onnx.
 def test_shape_inference_without_weights_equals_onnx_on_the_whole_model(graph: onnx.ModelProto) -> None:
     del graph.graph.value_info[:]
     whole = onnx.shape_inference.infer_shapes(graph, strict_mode=True)
+    weight = next(t for t in graph.graph.initializer if len(t.raw_data) > WEIGHT_BYTES)
     light = infer_shapes_without_weights(graph, strict_mode=True)
     assert len(whole.graph.value_info) > 100
     assert light.SerializeToString() == whole.SerializeToString()
+    # The model itself took the inferred structure; its weights stayed where they were.
+    assert light is graph and any(t is weight for t in light.graph.initializer)
 
 
 def test_the_weightless_check_passes_a_good_graph_and_refuses_a_broken_one(graph: onnx.ModelProto) -> None:
@@ -86,3 +91,22 @@ def test_a_converted_structure_takes_the_weights_where_they_are(graph: onnx.Mode
     stub.name = "nowhere"
     with pytest.raises(RuntimeError, match="nowhere: a weight the model it stands for does not hold"):
         with_structure_of(graph, orphan)
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["weights-in-the-graph", "weights-in-a-data-file"])
+def test_weights_left_in_their_file_are_read_for_a_block_and_dropped_after(
+    graph: onnx.ModelProto, tmp_path: Path, external: bool
+) -> None:
+    """A structure read (every weight a reference into the file that holds it) passes the model
+    check; for a block its weights are read in, to the bytes a whole read gives, and afterwards it
+    is the structure read again."""
+    path = tmp_path / "model.onnx"
+    save_graph_atomically(graph, path, external=external)
+    light = load_graph(path, "make it again", load_weights=False)
+    structure = light.SerializeToString()
+    assert len(structure) < graph.ByteSize() // 10
+    check_without_weights(light)  # the references name a file the check's own folder does not hold
+    whole = load_graph(path, "make it again").SerializeToString()
+    with external_weights_read(light, path):
+        assert light.SerializeToString() == whole
+    assert light.SerializeToString() == structure

@@ -648,23 +648,47 @@ def test_the_trt_int8_graph_reuses_the_ort_calibration_and_not_the_reverse(
         int8_from_twin(onnx.ModelProto(), Flavour.TRT, Flavour.ORT)
 
 
-@pytest.mark.parametrize("flavour", [Flavour.TRT, Flavour.TRT_COMPAT])
+@pytest.mark.parametrize(
+    ("flavour", "external"), [(Flavour.TRT, False), (Flavour.TRT_COMPAT, False), (Flavour.TRT, True)]
+)
 def test_the_streaming_fp16_range_check_writes_autocasts_own_graph(
-    optimized: Path, tmp_path: Path, flavour: Flavour
+    optimized: Path, tmp_path: Path, flavour: Flavour, external: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """btdeploy runs AutoCast's reference one row at a time, its inferences without weights and its
-    cleanup in one pass; the graph must be the one AutoCast's own all-rows-at-once run makes, byte
-    for byte (the unfused trt-compat graph has the most casts to clean up)."""
+    cleanup in one pass, and leaves the weights in the source's files until its classifier reads
+    them; the graph must be the one AutoCast's own all-rows-at-once run makes, byte for byte (the
+    unfused trt-compat graph has the most casts to clean up; a graph past 2 GB keeps its weights
+    in a data file)."""
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
+    from btdeploy.artifacts.onnx_files import data_file, load_graph, save_graph_atomically
     from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
+    from btdeploy.quantize import fp16
     from btdeploy.quantize.fp16 import FP16_RANGE_ROWS, autocast_fp16
 
     manifest = read_manifest(optimized / "itm")
     source = manifest.graph_path(flavour)
+    if external:
+        source = tmp_path / "source" / source.name
+        source.parent.mkdir()
+        save_graph_atomically(load_graph(manifest.graph_path(flavour), "make it again"), source, external=True)
     feeds = load_calibration(manifest, None, None, 6).feeds
+    # The range check's session reads every weight from the source's files: none is written again.
+    rewritten: list[int] = []
+    real_side_file = fp16.weightless_with_side_file
+
+    def side_file(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+        light = real_side_file(model, path)
+        rewritten.append(path.stat().st_size)
+        return light
+
+    monkeypatch.setattr(fp16, "weightless_with_side_file", side_file)
     streamed, options = autocast_fp16(source, ArrayRows(feeds), tmp_path, flavour)
     assert options["range_rows"] == FP16_RANGE_ROWS
+    assert rewritten == [0]
+    assert sorted(p.name for p in source.parent.iterdir() if "autocast" in p.name) == []  # its graph is gone
+    if external:
+        assert data_file(source).is_file()
     npz = tmp_path / "rows.npz"
     np.savez(npz, **{name: values[:FP16_RANGE_ROWS] for name, values in feeds.items()})  # type: ignore[arg-type]
     whole = convert_to_mixed_precision(str(source), low_precision_type="fp16", keep_io_types=True,

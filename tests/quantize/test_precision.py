@@ -279,6 +279,41 @@ def test_dynamic_int8_quantizes_every_weight_matmul(quantized: Path) -> None:
         assert float_weight_matmuls == [], name
 
 
+def test_dynamic_int8_in_memory_is_onnx_runtimes_own_quantization(
+    optimized: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """btdeploy reads the source once, infers it without its weights and takes the quantized model
+    as ONNX Runtime's save hands it over; the graph must be the one ONNX Runtime's own
+    quantize_dynamic writes, byte for byte once the weights' explicit default data locations
+    (which its reload from a weights file sets) are set aside, and nothing may be written."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from btdeploy.artifacts.onnx_files import load_graph
+    from btdeploy.optimize.passes.integer_width import INTEGER_WIDTHS
+    from btdeploy.quantize import int8_dynamic
+
+    source = read_manifest(optimized / "itm").graph_path(Flavour.ORT)
+    reads: list[Path] = []
+    real_load = int8_dynamic.load_graph
+    monkeypatch.setattr(int8_dynamic, "load_graph", lambda path, what: reads.append(path) or real_load(path, what))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    ours, _ = int8_dynamic.dynamic_int8(source, ArrayRows({}), workdir, Flavour.ORT)
+    assert reads == [source] and list(workdir.iterdir()) == []
+
+    quantize_dynamic(str(source), str(tmp_path / "own.onnx"), op_types_to_quantize=["MatMul"], per_channel=False,
+                     weight_type=QuantType.QInt8,
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})  # fmt: skip
+    graph = Graph(load_graph(tmp_path / "own.onnx", "quantize again"))
+    INTEGER_WIDTHS.run(graph, Flavour.ORT)
+    own = graph.model
+    explicit = [t for t in own.graph.initializer if t.HasField("data_location")]
+    assert explicit and not any(t.HasField("data_location") for t in ours.graph.initializer)
+    for tensor in explicit:
+        tensor.ClearField("data_location")
+    assert ours.SerializeToString() == own.SerializeToString()
+
+
 def _computed_from_constants(model: onnx.ModelProto) -> set[str]:
     """Initializers and whatever is computed from them alone (a weight read through Identity counts)."""
     constant = {t.name for t in model.graph.initializer}

@@ -125,10 +125,25 @@ def with_weights_of(light: onnx.ModelProto, model: onnx.ModelProto) -> onnx.Mode
 def with_structure_of(model: onnx.ModelProto, light: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with everything but its weights taken from `light` (a weightless copy of it, converted
     or inferred since), its weights left where they are: nothing the size of a weight is copied.
-    Where `light` names other weights than `model` (added or dropped), `light` takes the weights."""
-    if [t.name for t in light.graph.initializer] != [t.name for t in model.graph.initializer]:
+    Weights `light` dropped go, those it added come, and the order is `light`'s (a repeated field
+    sorts without copying its elements). Where a name repeats, `light` takes the weights instead."""
+    order = {t.name: index for index, t in enumerate(light.graph.initializer)}
+    if len(order) < len(light.graph.initializer) or len({t.name for t in model.graph.initializer}) < len(
+        model.graph.initializer
+    ):
         return with_weights_of(light, model)
-    for kept, new in zip(model.graph.initializer, light.graph.initializer, strict=True):
+    held = model.graph.initializer
+    present = {t.name for t in held}
+    added = [t for t in light.graph.initializer if t.name not in present]
+    for tensor in added:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise RuntimeError(f"{tensor.name}: a weight the model it stands for does not hold")
+    for index in reversed([i for i, t in enumerate(held) if t.name not in order]):
+        del held[index]
+    for tensor in added:
+        held.add().CopyFrom(tensor)
+    held.sort(key=lambda t: order[t.name])
+    for kept, new in zip(held, light.graph.initializer, strict=True):
         stub = new.data_location == onnx.TensorProto.EXTERNAL and kept.data_location != onnx.TensorProto.EXTERNAL
         if not stub:  # a small tensor, which the conversion may have rewritten
             kept.CopyFrom(new)

@@ -7,7 +7,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from btdeploy.artifacts.weightless import check_without_weights, infer_shapes_without_weights
+from btdeploy.artifacts.weightless import (
+    check_without_weights,
+    infer_shapes_without_weights,
+    weightless_copy,
+    with_structure_of,
+)
 from btdeploy.errors import BtDeployError
 from btdeploy.quantize.redundant_casts import remove_redundant_casts
 from btdeploy.signals import interrupts_deferred
@@ -49,22 +54,29 @@ def lean_conversion() -> Iterator[None]:
     run), and its dead-node cleanup finds the consumed tensors in one pass instead of one scan
     of the graph per node output (quadratic: half of convert_to_f16's time on the unfused
     trt-compat graph), and so does its removal of redundant Casts (btdeploy/quantize/redundant_casts.py).
+    Its sanitizer's dead-node cleanup (GraphSurgeon's import and export) and opset upgrade
+    (onnxscript's, on the trt-compat graphs' opset 17) copy every weight in and out; neither
+    touches a weight, so both run on a weightless copy whose structure the model then takes.
     The graph is the same, byte for byte (tests), except that the Casts of a graph's inputs come
     in the order of their names: AutoCast lists the tensors to cast from a set, whose order
     changes from one Python process to the next, so a graph with two float inputs (the split
     fusion graph's text and image states) came out in either order."""
     import modelopt.onnx.utils as modelopt_utils
+    from modelopt.onnx.autocast.graphsanitizer import GraphSanitizer
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
     original = modelopt_utils.infer_shapes, modelopt_utils.check_model
     original_cleanup = PrecisionConverter._cleanup_no_consumer_nodes
     original_cast_removal = modelopt_utils.remove_redundant_casts
     original_casts = PrecisionConverter._get_tensors_to_cast
+    original_sanitizing = GraphSanitizer.cleanup_model, GraphSanitizer.convert_opset
     modelopt_utils.infer_shapes = infer_shapes_without_weights
     modelopt_utils.check_model = check_without_weights
     PrecisionConverter._cleanup_no_consumer_nodes = _cleanup_no_consumer_nodes  # type: ignore[method-assign]
     modelopt_utils.remove_redundant_casts = remove_redundant_casts
     PrecisionConverter._get_tensors_to_cast = _sorted_tensors_to_cast(original_casts)  # type: ignore[method-assign]
+    GraphSanitizer.cleanup_model = _on_the_structure(original_sanitizing[0])  # type: ignore[method-assign]
+    GraphSanitizer.convert_opset = _on_the_structure(original_sanitizing[1])  # type: ignore[method-assign]
     try:
         yield
     finally:
@@ -72,6 +84,23 @@ def lean_conversion() -> Iterator[None]:
         PrecisionConverter._cleanup_no_consumer_nodes = original_cleanup  # type: ignore[method-assign]
         modelopt_utils.remove_redundant_casts = original_cast_removal
         PrecisionConverter._get_tensors_to_cast = original_casts  # type: ignore[method-assign]
+        GraphSanitizer.cleanup_model, GraphSanitizer.convert_opset = original_sanitizing  # type: ignore[method-assign]
+
+
+def _on_the_structure(step: Any) -> Any:
+    """A GraphSanitizer step run on a weightless copy of its model, the model then taking the
+    copy's structure (with_structure_of; where the step added or dropped a weight, the copy
+    takes the weights instead, each copied once)."""
+
+    def run(sanitizer: Any) -> None:
+        model = sanitizer.model
+        sanitizer.model = weightless_copy(model)
+        try:
+            step(sanitizer)
+        finally:
+            sanitizer.model = with_structure_of(model, sanitizer.model)
+
+    return run
 
 
 def _sorted_tensors_to_cast(original: Any) -> Any:

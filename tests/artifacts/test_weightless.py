@@ -86,11 +86,25 @@ def test_a_converted_structure_takes_the_weights_where_they_are(graph: onnx.Mode
     assert [t.name for t in taken.graph.initializer][-1] == "new"
     assert taken.graph.initializer[0].SerializeToString() == graph.graph.initializer[0].SerializeToString()
 
+    # Reordered, one weight dropped and one small tensor added (GraphSurgeon's cleanup orders the
+    # initializers its own way): the model takes that order, and its weights are not copied.
+    shuffled = weightless_copy(graph)
+    tensors = list(shuffled.graph.initializer)
+    del shuffled.graph.initializer[:]
+    shuffled.graph.initializer.extend([*tensors[::-1][1:], onnx.numpy_helper.from_array(np.zeros(2), "new")])
+    expected = with_weights_of(onnx.ModelProto.FromString(shuffled.SerializeToString()), graph)
+    kept = onnx.ModelProto.FromString(graph.SerializeToString())
+    weight = next(t for t in kept.graph.initializer if len(t.raw_data) > WEIGHT_BYTES and t.name != tensors[-1].name)
+    assert with_structure_of(kept, shuffled).SerializeToString() == expected.SerializeToString()
+    assert any(t is weight for t in kept.graph.initializer)
+
     orphan = weightless_copy(graph)
     stub = next(t for t in orphan.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
     stub.name = "nowhere"
+    before = graph.SerializeToString()
     with pytest.raises(RuntimeError, match="nowhere: a weight the model it stands for does not hold"):
         with_structure_of(graph, orphan)
+    assert graph.SerializeToString() == before  # refused before anything changed
 
 
 @pytest.mark.parametrize("external", [False, True], ids=["weights-in-the-graph", "weights-in-a-data-file"])

@@ -128,12 +128,10 @@ def with_structure_of(model: onnx.ModelProto, light: onnx.ModelProto) -> onnx.Mo
     Weights `light` dropped go, those it added come, and the order is `light`'s (a repeated field
     sorts without copying its elements). Where a name repeats, `light` takes the weights instead."""
     order = {t.name: index for index, t in enumerate(light.graph.initializer)}
-    if len(order) < len(light.graph.initializer) or len({t.name for t in model.graph.initializer}) < len(
-        model.graph.initializer
-    ):
-        return with_weights_of(light, model)
     held = model.graph.initializer
     present = {t.name for t in held}
+    if len(order) < len(light.graph.initializer) or len(present) < len(held):
+        return with_weights_of(light, model)
     added = [t for t in light.graph.initializer if t.name not in present]
     for tensor in added:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -155,11 +153,13 @@ def with_structure_of(model: onnx.ModelProto, light: onnx.ModelProto) -> onnx.Mo
     return model
 
 
-def read_external_weights(model: onnx.ModelProto, graph: Path) -> list[tuple[onnx.TensorProto, list[tuple[str, str]]]]:
+Reference = tuple[onnx.TensorProto, list[tuple[str, str]]]  # a tensor read in, and the reference it had
+
+
+def read_external_weights(model: onnx.ModelProto, graph: Path, read: list[Reference] | None = None) -> None:
     """Read into `model` (the graph at `graph`, read without its weights) every weight it leaves
-    in a file, and return each tensor read with the reference it had. One left in the graph file
-    itself (load_graph's structure read) comes back as the file holds it, without a data location."""
-    read = []
+    in a file, noting in `read` each tensor read with the reference it had. One left in the graph
+    file itself (load_graph's structure read) comes back as the file holds it, without a data location."""
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -170,17 +170,17 @@ def read_external_weights(model: onnx.ModelProto, graph: Path) -> list[tuple[onn
             tensor.ClearField("data_location")
         else:
             tensor.data_location = onnx.TensorProto.DEFAULT  # as onnx's own load of a weights file leaves it
-        read.append((tensor, entries))
-    return read
+        if read is not None:
+            read.append((tensor, entries))
 
 
 @contextmanager
 def external_weights_read(model: onnx.ModelProto, graph: Path) -> Iterator[None]:
     """For the block, every weight `model` leaves in a file read into it (read_external_weights);
-    afterwards each points at its file again and the bytes are dropped."""
-    read: list[tuple[onnx.TensorProto, list[tuple[str, str]]]] = []
+    afterwards each points at its file again and the bytes are dropped, even if reading failed."""
+    read: list[Reference] = []
     try:
-        read = read_external_weights(model, graph)
+        read_external_weights(model, graph, read)
         yield
     finally:
         for tensor, entries in read:

@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 import onnx
 from google.protobuf.message import Message
+from onnx.external_data_helper import ExternalDataInfo
 
 # Above this size a tensor is a weight; below, it may be a shape, axes or a scalar that inference reads.
 WEIGHT_BYTES = 1024
@@ -164,9 +165,10 @@ def read_external_weights(model: onnx.ModelProto, graph: Path, read: list[Refere
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         entries = [(entry.key, entry.value) for entry in tensor.external_data]
+        in_the_graph_file = ExternalDataInfo(tensor).location == graph.name
         onnx.external_data_helper.load_external_data_for_tensor(tensor, str(graph.parent))
         del tensor.external_data[:]
-        if dict(entries).get("location") == graph.name:
+        if in_the_graph_file:
             tensor.ClearField("data_location")
         else:
             tensor.data_location = onnx.TensorProto.DEFAULT  # as onnx's own load of a weights file leaves it
@@ -204,7 +206,7 @@ def check_without_weights(model: onnx.ModelProto) -> None:
     checked, their bytes are not read): the checker otherwise serializes the whole model."""
     light, size = _weightless(model, "weights.bin")
     for tensor in light.graph.initializer:  # weights left in another file: the checker looks for that file
-        if tensor.data_location == onnx.TensorProto.EXTERNAL and _external_location(tensor) != "weights.bin":
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and ExternalDataInfo(tensor).location != "weights.bin":
             length = _external_length(tensor)
             del tensor.external_data[:]
             point_at(tensor, "weights.bin", size, length)
@@ -217,11 +219,7 @@ def check_without_weights(model: onnx.ModelProto) -> None:
         onnx.checker.check_model(str(path))
 
 
-def _external_location(tensor: onnx.TensorProto) -> str:
-    return next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
-
-
 def _external_length(tensor: onnx.TensorProto) -> int:
     """The byte length an external tensor's reference gives, or else its dims and type."""
-    given = next((entry.value for entry in tensor.external_data if entry.key == "length"), None)
-    return int(given) if given is not None else _size_from_dims(tensor) or 0
+    given = ExternalDataInfo(tensor).length
+    return given if given is not None else _size_from_dims(tensor) or 0

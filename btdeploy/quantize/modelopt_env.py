@@ -89,8 +89,8 @@ def lean_conversion() -> Iterator[None]:
 
 def _on_the_structure(step: Any) -> Any:
     """A GraphSanitizer step run on a weightless copy of its model, the model then taking the
-    copy's structure (with_structure_of; where the step added or dropped a weight, the copy
-    takes the weights instead, each copied once)."""
+    copy's structure (with_structure_of: the weights stay where they are, whether the step
+    reordered, dropped or added initializers)."""
 
     def run(sanitizer: Any) -> None:
         model = sanitizer.model

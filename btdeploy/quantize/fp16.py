@@ -24,6 +24,7 @@ from btdeploy.artifacts.weightless import (
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
 from btdeploy.progress import RowProgress
 from btdeploy.quantize.modelopt_env import lean_conversion, require_modelopt
+from btdeploy.quantize.replaced import OnnxModuleSeenBy, replaced
 from btdeploy.quantize.rows import CalibrationRows
 
 # How many calibration rows AutoCast's range check runs: each runs the graph with every
@@ -71,7 +72,6 @@ def _streaming_reference_runs(source: Path) -> Iterator[None]:
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
     weights = _WeightsLeftInTheFile(source)
-    original_runner, original_onnx = autocast_convert.ReferenceRunner, autocast_convert.onnx
     original_classify, original_convert = NodeClassifier.run, PrecisionConverter.convert
 
     def classify(classifier: Any, *args: Any, **kwargs: Any) -> Any:
@@ -86,19 +86,20 @@ def _streaming_reference_runs(source: Path) -> Iterator[None]:
         read_external_weights(converter.model, source)
         return original_convert(converter, *args, **kwargs)
 
-    autocast_convert.ReferenceRunner = _streaming_runner_class(original_runner, source)  # type: ignore[misc]
-    autocast_convert.onnx = weights  # type: ignore[assignment]
-    NodeClassifier.run = classify  # type: ignore[method-assign]
-    PrecisionConverter.convert = convert  # type: ignore[method-assign]
-    try:
-        with lean_conversion():
-            yield
-    finally:
-        autocast_convert.ReferenceRunner, autocast_convert.onnx = original_runner, original_onnx  # type: ignore[misc]
-        NodeClassifier.run, PrecisionConverter.convert = original_classify, original_convert  # type: ignore[method-assign]
+    runner = _streaming_runner_class(autocast_convert.ReferenceRunner, source)
+    with (
+        replaced(
+            (autocast_convert, "ReferenceRunner", runner),
+            (autocast_convert, "onnx", weights),
+            (NodeClassifier, "run", classify),
+            (PrecisionConverter, "convert", convert),
+        ),
+        lean_conversion(),
+    ):
+        yield
 
 
-class _WeightsLeftInTheFile:
+class _WeightsLeftInTheFile(OnnxModuleSeenBy):
     """The onnx module as AutoCast's convert.py sees it during one conversion. Its read of the
     source (onnx.load without external data, which for a graph that holds its weights still
     parses every weight; its sanitizer's cleanup and its converter's deep copy then copy them
@@ -112,9 +113,6 @@ class _WeightsLeftInTheFile:
         self.source = source
         self.models: list[onnx.ModelProto] = []
         self.external_data_helper = SimpleNamespace(load_external_data_for_model=self._keep_in_file)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(onnx, name)
 
     def load(self, path: str, load_external_data: bool = True) -> onnx.ModelProto:
         """AutoCast's read of its source, without the weights."""
@@ -134,6 +132,7 @@ def _streaming_runner_class(base: type, source: Path) -> type:
     from polygraphy import constants
     from polygraphy.backend.onnx import ModifyOutputs
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.logger import G_LOGGER
 
     class StreamingReferenceRunner(base):  # type: ignore[misc, valid-type]
         def run(self, inputs: Any = None) -> OrderedDict[str, Any]:
@@ -148,7 +147,9 @@ def _streaming_runner_class(base: type, source: Path) -> type:
                 onnx_utils.clear_stale_value_info(marked)
                 onnx.save(ModifyOutputs(marked, outputs=constants.MARK_ALL)(), str(graph))
                 del marked
-                with OnnxrtRunner(SessionFromOnnx(str(graph), providers=self.providers)) as runner:
+                # Polygraphy announces each session at INFO on stdout; btdeploy prints its own progress.
+                quiet = G_LOGGER.verbosity(G_LOGGER.WARNING)
+                with quiet, OnnxrtRunner(SessionFromOnnx(str(graph), providers=self.providers)) as runner:
                     for feeds in rows:
                         outputs = runner.infer(feeds)
                         for name, values in {**feeds, **outputs}.items():

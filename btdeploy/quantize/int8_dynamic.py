@@ -16,6 +16,7 @@ from btdeploy.artifacts.onnx_files import load_graph
 from btdeploy.artifacts.weightless import infer_shapes_without_weights
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.passes.integer_width import INTEGER_WIDTHS
+from btdeploy.quantize.replaced import OnnxModuleSeenBy, replaced
 from btdeploy.quantize.rows import CalibrationRows
 
 
@@ -78,32 +79,22 @@ def _quantized_in_memory(source: Path) -> Iterator[list[onnx.ModelProto]]:
         return inferred(load_graph(source, "optimize the head again"))
 
     quantized: list[onnx.ModelProto] = []
-    saving = _SaveHandedOver(quantized)
-    reloads = (base_quantizer, onnx_quantizer)
-    original_read, original_onnx = quantize_module.load_model_with_shape_infer, onnx_model.onnx
-    original_reloads = [module.save_and_reload_model_with_shape_infer for module in reloads]
-    quantize_module.load_model_with_shape_infer = read
-    for module in reloads:
-        module.save_and_reload_model_with_shape_infer = inferred
-    onnx_model.onnx = saving  # type: ignore[assignment]
-    try:
+    with replaced(
+        (quantize_module, "load_model_with_shape_infer", read),
+        (base_quantizer, "save_and_reload_model_with_shape_infer", inferred),
+        (onnx_quantizer, "save_and_reload_model_with_shape_infer", inferred),
+        (onnx_model, "onnx", _SaveHandedOver(quantized)),
+    ):
         yield quantized
-    finally:
-        quantize_module.load_model_with_shape_infer, onnx_model.onnx = original_read, original_onnx
-        for module, original in zip(reloads, original_reloads, strict=True):
-            module.save_and_reload_model_with_shape_infer = original
     if len(quantized) != 1:
         raise RuntimeError(f"quantize_dynamic saved {len(quantized)} models, not the one btdeploy takes")
 
 
-class _SaveHandedOver:
+class _SaveHandedOver(OnnxModuleSeenBy):
     """The onnx module as ONNX Runtime's ONNXModel sees it: its save_model keeps the model."""
 
     def __init__(self, kept: list[onnx.ModelProto]) -> None:
         self.kept = kept
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(onnx, name)
 
     def save_model(self, model: onnx.ModelProto, path: object, *args: Any, **kwargs: Any) -> None:
         self.kept.append(model)

@@ -15,6 +15,7 @@ from btdeploy.artifacts.weightless import (
 )
 from btdeploy.errors import BtDeployError
 from btdeploy.quantize.redundant_casts import remove_redundant_casts
+from btdeploy.quantize.replaced import replaced
 from btdeploy.signals import interrupts_deferred
 
 
@@ -65,26 +66,16 @@ def lean_conversion() -> Iterator[None]:
     from modelopt.onnx.autocast.graphsanitizer import GraphSanitizer
     from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
 
-    original = modelopt_utils.infer_shapes, modelopt_utils.check_model
-    original_cleanup = PrecisionConverter._cleanup_no_consumer_nodes
-    original_cast_removal = modelopt_utils.remove_redundant_casts
-    original_casts = PrecisionConverter._get_tensors_to_cast
-    original_sanitizing = GraphSanitizer.cleanup_model, GraphSanitizer.convert_opset
-    modelopt_utils.infer_shapes = infer_shapes_without_weights
-    modelopt_utils.check_model = check_without_weights
-    PrecisionConverter._cleanup_no_consumer_nodes = _cleanup_no_consumer_nodes  # type: ignore[method-assign]
-    modelopt_utils.remove_redundant_casts = remove_redundant_casts
-    PrecisionConverter._get_tensors_to_cast = _sorted_tensors_to_cast(original_casts)  # type: ignore[method-assign]
-    GraphSanitizer.cleanup_model = _on_the_structure(original_sanitizing[0])  # type: ignore[method-assign]
-    GraphSanitizer.convert_opset = _on_the_structure(original_sanitizing[1])  # type: ignore[method-assign]
-    try:
+    with replaced(
+        (modelopt_utils, "infer_shapes", infer_shapes_without_weights),
+        (modelopt_utils, "check_model", check_without_weights),
+        (modelopt_utils, "remove_redundant_casts", remove_redundant_casts),
+        (PrecisionConverter, "_cleanup_no_consumer_nodes", _cleanup_no_consumer_nodes),
+        (PrecisionConverter, "_get_tensors_to_cast", _sorted_tensors_to_cast(PrecisionConverter._get_tensors_to_cast)),
+        (GraphSanitizer, "cleanup_model", _on_the_structure(GraphSanitizer.cleanup_model)),
+        (GraphSanitizer, "convert_opset", _on_the_structure(GraphSanitizer.convert_opset)),
+    ):
         yield
-    finally:
-        modelopt_utils.infer_shapes, modelopt_utils.check_model = original
-        PrecisionConverter._cleanup_no_consumer_nodes = original_cleanup  # type: ignore[method-assign]
-        modelopt_utils.remove_redundant_casts = original_cast_removal
-        PrecisionConverter._get_tensors_to_cast = original_casts  # type: ignore[method-assign]
-        GraphSanitizer.cleanup_model, GraphSanitizer.convert_opset = original_sanitizing  # type: ignore[method-assign]
 
 
 def _on_the_structure(step: Any) -> Any:

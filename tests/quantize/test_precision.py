@@ -521,6 +521,8 @@ def test_model_optimizer_logs_nothing_of_its_own(tiny_export: Path, tmp_path: Pa
     assert done.returncode == 0, done.stderr[-2000:]
     assert "model.trt.fp16.onnx" in done.stderr  # the command's own progress still shows
     assert [line for line in (done.stdout + done.stderr).splitlines() if "modelopt" in line] == []
+    # Nor Polygraphy's: its session announcements ("[I] Creating ONNX-Runtime Inference Session").
+    assert [line for line in (done.stdout + done.stderr).splitlines() if line.startswith(("[I]", "[V]"))] == []
 
 
 def test_generated_calibration_is_loud_and_recorded(quantized: Path) -> None:
@@ -905,3 +907,47 @@ def test_check_says_when_the_integer_sums_it_held_saturate(
         assert len(said["ort.int8 saturating"]) == 1 and "model.ort.int8.onnx" in said["ort.int8 saturating"][0]
         assert recorded["ort.int8"].startswith("exact (exact_sums")
         assert recorded["ort.int8 saturating"].startswith("saturating")
+
+
+def _quantizer_module_contents() -> dict[str, dict[str, object]]:
+    """What each module and class that btdeploy's quantize steps swap attributes of holds."""
+    import modelopt.onnx.autocast.convert as autocast_convert
+    import modelopt.onnx.utils as modelopt_utils
+    from modelopt.onnx.autocast.graphsanitizer import GraphSanitizer
+    from modelopt.onnx.autocast.nodeclassifier import NodeClassifier
+    from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
+    from onnxruntime.quantization import base_quantizer, onnx_model, onnx_quantizer
+
+    owners = [autocast_convert, modelopt_utils, GraphSanitizer, NodeClassifier, PrecisionConverter,
+              base_quantizer, onnx_model, onnx_quantizer, sys.modules["onnxruntime.quantization.quantize"]]  # fmt: skip
+    return {getattr(owner, "__name__", repr(owner)): dict(vars(owner)) for owner in owners}
+
+
+def test_the_quantizers_modules_are_as_they_were_after_each_conversion_and_each_failure(
+    optimized: Path, tmp_path: Path
+) -> None:
+    """fp16, int8 and int8-dynamic swap attributes of Model Optimizer's and ONNX Runtime's modules for
+    one conversion; afterwards, whether it finished or failed, every module must hold what it held
+    before, the same objects, and nothing more."""
+    from btdeploy.quantize.fp16 import autocast_fp16
+    from btdeploy.quantize.int8_dynamic import dynamic_int8
+
+    manifest = read_manifest(optimized / "itm")
+    standard, ort = manifest.graph_path(Flavour.TRT), manifest.graph_path(Flavour.ORT)  # AutoCast's and ORT's sources
+    feeds = load_calibration(manifest, None, None, 2).feeds
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a graph")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    autocast_fp16(standard, ArrayRows(feeds), workdir, Flavour.TRT)  # imports everything the swaps touch
+    before = _quantizer_module_contents()
+    autocast_fp16(standard, ArrayRows(feeds), workdir, Flavour.TRT)
+    dynamic_int8(ort, ArrayRows({}), workdir, Flavour.ORT)
+    for convert in (autocast_fp16, dynamic_int8):
+        with pytest.raises(BtDeployError, match="broken.onnx"):
+            convert(broken, ArrayRows(feeds), workdir, Flavour.ORT)
+    after = _quantizer_module_contents()
+    for owner, contents in before.items():
+        changed = [name for name in contents.keys() | after[owner].keys()
+                   if contents.get(name, None) is not after[owner].get(name, None)]  # fmt: skip
+        assert changed == [], f"{owner}: {changed}"

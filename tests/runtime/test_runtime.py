@@ -335,8 +335,8 @@ def test_read_only_inputs_answer_as_writable_ones_without_a_warning(tiny_export:
 def test_a_model_loaded_before_a_fork_answers_in_the_child(tiny_export: Path, backend: str) -> None:
     """A web server loads once and forks its workers (gunicorn --preload). torch's thread pool does
     not survive fork: the child of a parent that had run on two threads hung for good."""
+    import faulthandler
     import os
-    import signal
 
     model = btdeploy.load(tiny_export, head="itm", backend=backend)
     feeds = sample_inputs(model.config, 4, 24, seed=9)
@@ -345,7 +345,10 @@ def test_a_model_loaded_before_a_fork_answers_in_the_child(tiny_export: Path, ba
     child = os.fork()
     if child == 0:  # pragma: no cover - the child reports through the pipe and its exit status
         try:
-            signal.alarm(60)
+            # A child that hangs prints every thread's stack (captured with the test's stderr) and
+            # exits 1: one hang on openvino in CI (06 Dec 2026) ended by a bare alarm said nothing
+            # of where; 530 forks in a loop, some beside a busy process, did not hang again.
+            faulthandler.dump_traceback_later(60, exit=True)
             os.write(write_end, np.ascontiguousarray(model(**feeds).logits, dtype=np.float32).tobytes())
         finally:
             os._exit(0)
@@ -353,7 +356,9 @@ def test_a_model_loaded_before_a_fork_answers_in_the_child(tiny_export: Path, ba
     with os.fdopen(read_end, "rb") as pipe:
         answer = pipe.read()
     _, status = os.waitpid(child, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the child ended with status {status}"
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
+        f"the child ended with status {status}; a hang's stacks are in the captured stderr"
+    )
     np.testing.assert_array_equal(np.frombuffer(answer, np.float32).reshape(want.shape), want)
 
 

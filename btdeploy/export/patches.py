@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from btdeploy.imports import serial_imports
+from btdeploy.swaps import replaced
 
 MASK_VALUE = -10000.0  # exp(-10000) is 0 in FP32 and FP16, like finfo.min, but finite
 
@@ -110,19 +111,12 @@ def fusable_export() -> Iterator[None]:
     with serial_imports():
         from transformers.models.bridgetower import modeling_bridgetower as mb
 
-    swaps: list[tuple[Any, str, Any]] = [
+    with replaced(
         (mb.BridgeTowerSelfAttention, "forward", _text_self_attention),
         (mb.BridgeTowerCrossAttention, "forward", _text_cross_attention),
         (mb.BridgeTowerResidualAttention, "attention", _vision_attention),
         (mb.BridgeTowerVisionTransformer, "forward_pre", _vision_forward_pre),
         (mb.BridgeTowerVisionTransformer, "forward_post", _vision_forward_post),
         (mb, "create_bidirectional_mask", _finite_mask),
-    ]
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
-    try:
-        for owner, name, replacement in swaps:
-            setattr(owner, name, replacement)
+    ):
         yield
-    finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)

@@ -24,8 +24,9 @@ from btdeploy.artifacts.weightless import (
 from btdeploy.optimize.graph_checks import FULL_PRECISION_OPS
 from btdeploy.progress import RowProgress
 from btdeploy.quantize.modelopt_env import lean_conversion, require_modelopt
-from btdeploy.quantize.replaced import OnnxModuleSeenBy, replaced
+from btdeploy.quantize.onnx_stand_in import OnnxModuleSeenBy
 from btdeploy.quantize.rows import CalibrationRows
+from btdeploy.swaps import replaced
 
 # How many calibration rows AutoCast's range check runs: each runs the graph with every
 # intermediate tensor as an output (on base ~1.5 s a row); the ranges are kept, the tensors not.

@@ -16,8 +16,9 @@ from btdeploy.artifacts.onnx_files import load_graph
 from btdeploy.artifacts.weightless import infer_shapes_without_weights
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.passes.integer_width import INTEGER_WIDTHS
-from btdeploy.quantize.replaced import OnnxModuleSeenBy, replaced
+from btdeploy.quantize.onnx_stand_in import OnnxModuleSeenBy
 from btdeploy.quantize.rows import CalibrationRows
+from btdeploy.swaps import replaced
 
 
 def dynamic_int8(

@@ -15,8 +15,8 @@ from btdeploy.artifacts.weightless import (
 )
 from btdeploy.errors import BtDeployError
 from btdeploy.quantize.redundant_casts import remove_redundant_casts
-from btdeploy.quantize.replaced import replaced
 from btdeploy.signals import interrupts_deferred
+from btdeploy.swaps import replaced
 
 
 def require_modelopt() -> None:

@@ -368,3 +368,22 @@ def test_the_export_check_refuses_a_broken_graph_in_one_line(
     with pytest.raises(BtDeployError, match="fails the ONNX checker.*not_a_tensor") as caught:
         _store_model(write(["x", "not_a_tensor"]))
     assert "\n" not in str(caught.value)
+
+
+def test_the_export_patches_leave_transformers_as_they_found_it() -> None:
+    """fusable_export swaps BridgeTower's forwards and mask builder for one export; afterwards,
+    whether the export finished or failed, every class and the module hold what they held."""
+    from transformers.models.bridgetower import modeling_bridgetower as mb
+
+    from btdeploy.export.patches import fusable_export
+
+    owners = [mb, mb.BridgeTowerSelfAttention, mb.BridgeTowerCrossAttention, mb.BridgeTowerResidualAttention,
+              mb.BridgeTowerVisionTransformer]  # fmt: skip
+    before = [dict(vars(owner)) for owner in owners]
+    with fusable_export():
+        assert mb.BridgeTowerSelfAttention.forward is not before[1].get("forward")
+    with pytest.raises(KeyError), fusable_export():
+        raise KeyError("the export failed")
+    for owner, held in zip(owners, before, strict=True):
+        now = vars(owner)
+        assert [name for name in held.keys() | now.keys() if held.get(name) is not now.get(name)] == [], owner

@@ -1,9 +1,10 @@
-"""Attributes of the quantizers' own modules swapped for one conversion and put back after it.
+"""Attributes of other libraries' modules and classes swapped for the duration of one call.
 
-Model Optimizer and ONNX Runtime's quantizers read and write whole models at fixed points; the
-quantize steps put btdeploy's streamed reads and weightless copies at those points for the duration
-of one call (fp16, int8_dynamic, modelopt_env). Every swap goes through `replaced`, so each is
-undone on every way out, an error or Ctrl-C included, and in one order.
+The export puts btdeploy's canonical forms in transformers' BridgeTower classes (export/patches.py);
+the quantize steps put btdeploy's streamed reads and weightless copies where Model Optimizer and
+ONNX Runtime's quantizers read and write whole models (quantize/fp16.py, int8_dynamic.py,
+modelopt_env.py). Every such swap goes through `replaced`, so each is undone on every way out,
+an error or Ctrl-C included, and in one order.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-
-import onnx
 
 _ABSENT = object()
 
@@ -34,11 +33,3 @@ def replaced(*swaps: tuple[Any, str, Any]) -> Iterator[None]:
                     delattr(owner, name)
             else:
                 setattr(owner, name, original)
-
-
-class OnnxModuleSeenBy:
-    """The onnx module as one quantizer module sees it while a subclass stands in for it:
-    what the subclass defines is its own, everything else is onnx's."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(onnx, name)

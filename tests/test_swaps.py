@@ -1,4 +1,4 @@
-"""The swaps the quantize steps make in the quantizers' modules are undone on every way out."""
+"""The swaps the export and the quantize steps make in other libraries' modules are undone on every way out."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import types
 import onnx
 import pytest
 
-from btdeploy.quantize.replaced import OnnxModuleSeenBy, replaced
+from btdeploy.quantize.onnx_stand_in import OnnxModuleSeenBy
+from btdeploy.swaps import replaced
 
 
 class _Base:

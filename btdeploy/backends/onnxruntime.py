@@ -11,6 +11,7 @@ from btdeploy.artifacts.graph_names import Precision
 from btdeploy.artifacts.onnx_files import missing_weights_problem
 from btdeploy.cpu import sums_saturate_here
 from btdeploy.errors import BtDeployError
+from btdeploy.forks import LoadedProcess, keep_through_forks
 from btdeploy.progress import warn
 
 _PROVIDER_ALIASES = {
@@ -169,6 +170,9 @@ class OnnxRuntimeBackend:
                 "in btdeploy.load providers=['cpu'], or provider_fallback=True to fall back with a warning)"
             )
         self.providers = running
+        on_gpu = running != ["CPUExecutionProvider"]
+        self.loaded_in = LoadedProcess(self.name, "ONNX Runtime's thread pool", on_gpu=on_gpu, kept=True)
+        keep_through_forks(self)
         self.description = f"{Path(model_path).name} on {', '.join(running)}"
         widened = [f"{n} FP16 {what}" for n, what in ((self.attention_in_fp32, "attention cores"),
                    (self.quantize_in_fp32, "QuantizeLinear")) if n]  # fmt: skip
@@ -178,6 +182,8 @@ class OnnxRuntimeBackend:
             self.description += f" ({self.unsigned_weights} int8 weights recoded to uint8: exact integer sums)"
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.loaded_in.first_run_in_child():
+            self.loaded_in.say_one_thread()
         session_feeds: dict[str, Any] = {name: feeds[name] for name in self.input_names}
         try:
             values = self.session.run(self.output_names, session_feeds)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.errors import BtDeployError
+from btdeploy.forks import LoadedProcess, keep_through_forks
 from btdeploy.imports import INSTALL_PEERS, serial_imports
 from btdeploy.signals import signal_stack_kept
 
@@ -86,12 +87,21 @@ class OpenVinoBackend:
         self.request = self.compiled.create_infer_request()
         # One request: a second thread calling while it runs gets "Infer Request is busy".
         self.request_lock = threading.Lock()
+        self.loaded_in = LoadedProcess(self.name, "OpenVINO's thread pool (TBB)", kept=True, process_wide=True)
+        keep_through_forks(self, renew=_new_request_lock)
         self.outputs = {name: self.compiled.output(name) for name in output_names}
         precision = f"{inference_precision} inference precision"
         self.description = f"OpenVINO {ov.__version__} CPU ({precision}) on {model_path.name}"
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.loaded_in.first_run_in_child():
+            self.loaded_in.say_one_thread()
         with self.request_lock:
             results = self.request.infer(feeds)
             # copied out before the next run writes the request's output tensors
             return {name: np.array(results[port]) for name, port in self.outputs.items()}
+
+
+def _new_request_lock(backend: OpenVinoBackend) -> None:
+    """In a forked child: a lock a parent's thread held at the fork would stay held there for good."""
+    backend.request_lock = threading.Lock()

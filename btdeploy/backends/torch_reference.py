@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import numpy as np
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.backends.base import torch_feed
 from btdeploy.errors import BtDeployError
+from btdeploy.forks import LoadedProcess
 from btdeploy.model.checkpoints import ModelSource, load_head_model, weights_sha256
 from btdeploy.model.configs import config_fingerprint
 from btdeploy.model.heads import HeadSpec, get_head
@@ -46,7 +46,7 @@ class TorchBackend:
         self.head = head
         self.device = device
         self.torch_dtype = torch_dtype
-        self.process = os.getpid()  # a forked child (a web server's workers) finds another
+        self.loaded_in = LoadedProcess(self.name, "torch's thread pool", on_gpu=device != "cpu", process_wide=True)
         mode = "torch.compile inductor" if compile else "eager"
         self.description = f"transformers {head.model_class} ({mode}, {dtype}) on {device}"
 
@@ -97,7 +97,7 @@ class TorchBackend:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        if os.getpid() != self.process:
+        if self.loaded_in.first_run_in_child():
             self._forked()
         args = [torch.from_numpy(torch_feed(feeds[name])).to(self.device) for name in self.head.input_names]
         args = [a.to(self.torch_dtype) if a.is_floating_point() else a for a in args]
@@ -111,11 +111,6 @@ class TorchBackend:
         thread hung for good, as the transformers model does. On one thread it runs."""
         import torch
 
-        self.process = os.getpid()
-        if self.device == "cpu" and torch.get_num_threads() > 1:
+        if torch.get_num_threads() > 1:
             torch.set_num_threads(1)
-            say(
-                "torch backend: this process was forked after the model was loaded, and torch's thread pool "
-                "does not survive fork: it runs on one thread here (load the model in each worker, or start "
-                "them with spawn, for every core)"
-            )
+            self.loaded_in.say_one_thread()

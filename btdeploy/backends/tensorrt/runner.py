@@ -15,6 +15,7 @@ from btdeploy.backends.base import torch_feed
 from btdeploy.backends.tensorrt.engines import EngineRecord, check_compatible, find_engine, record_file
 from btdeploy.backends.tensorrt.environment import require_gpu, require_tensorrt
 from btdeploy.errors import BtDeployError
+from btdeploy.forks import LoadedProcess
 from btdeploy.progress import say, warn
 
 
@@ -45,6 +46,7 @@ class TensorRTBackend:
         # One context and one set of buffers per shape: a second thread would overwrite the inputs
         # of a run in flight, so runs take turns.
         self.run_lock = threading.Lock()
+        self.loaded_in = LoadedProcess(self.name, "TensorRT", on_gpu=True)
         # Per input shape: device buffers allocated once and reused, and the CUDA graph captured on
         # them (None where capture failed and plain runs are used instead).
         self.buffers: dict[tuple[tuple[int, ...], ...], tuple[dict[str, Any], dict[str, Any]]] = {}
@@ -83,6 +85,7 @@ class TensorRTBackend:
             raise BtDeployError("TensorRT failed to run the engine: see its log above")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.loaded_in.first_run_in_child()  # refused in a forked child: its CUDA context is the parent's
         self.profile.check_feeds({name: tuple(feeds[name].shape) for name in self.input_names})
         key = tuple(tuple(feeds[name].shape) for name in self.input_names)
         with self.run_lock:

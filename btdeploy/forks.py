@@ -1,0 +1,100 @@
+"""Models loaded before a fork: what a forked child (gunicorn --preload, multiprocessing's fork start
+method) can still do with the model it inherited.
+
+A child inherits the engine's memory but none of its threads. What that means, measured with base
+itm on a 2-core machine (`tests/runtime/test_runtime.py` holds the tiny model to it):
+
+- ONNX Runtime and OpenVINO run the inherited model on the calling thread alone (2 x 40: 1.48 s
+  against the parent's 0.80 s, 1.43 against 0.73). A model loaded in the child runs on both cores
+  with ONNX Runtime (0.78 s); with OpenVINO it too runs on one (1.38 s) once the parent had compiled
+  any model (0.67 s where the parent had only imported openvino): TBB's pool is the process's.
+- Freeing the inherited model never returns: ONNX Runtime's session waits in
+  `pthread_cond_destroy` for the parent's workers, OpenVINO's compiled model spins on a core in
+  TBB's observer list. A worker that ends normally frees it at exit, so it hung on its way out
+  (tiny itm, whether or not the parent had run it). So `keep_through_forks` holds such a backend
+  for the life of every child: never freed there.
+- torch's OpenMP pool hangs a child that runs on more than one thread: the torch backend drops to
+  one thread in the child.
+- A CUDA context does not survive a fork at all: a GPU model in a child is refused with the way out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from btdeploy.errors import BtDeployError
+from btdeploy.progress import say
+
+_KEPT: weakref.WeakSet[Any] = weakref.WeakSet()
+_RENEWALS: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
+_NOTICES_SAID: set[str] = set()  # pools whose one-thread notice this process printed
+
+
+def keep_through_forks(backend: Any, renew: Callable[[Any], None] | None = None) -> None:
+    """Hold `backend` in every child forked from now on, for the child's whole life (its native
+    pool's destructor never returns there); `renew(backend)` runs in the child right after the fork
+    to replace what a parent's thread may have held at that moment (a lock)."""
+    _KEPT.add(backend)
+    if renew is not None:
+        _RENEWALS[backend] = renew
+
+
+def _after_fork_in_child() -> None:
+    _NOTICES_SAID.clear()
+    for backend in list(_KEPT):
+        # One reference this process never gives back: no collection, not even at exit, frees it.
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(backend))
+        renew = _RENEWALS.get(backend)
+        if renew is not None:
+            renew(backend)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class LoadedProcess:
+    """The process a backend was loaded in, and what its run in another one (a forked child) does.
+
+    `pool` names the engine's threads in the notice ("ONNX Runtime's thread pool"); a model
+    `on_gpu` is refused in a child; `kept`: the backend is held there for good
+    (`keep_through_forks`), which the notice says; `process_wide`: the pool is the process's, not
+    the model's, so a model loaded in the child runs on one thread too (OpenVINO's TBB, torch's
+    OpenMP), and the notice's remedy says to load none before the fork."""
+
+    def __init__(
+        self, backend_name: str, pool: str, on_gpu: bool = False, kept: bool = False, process_wide: bool = False
+    ) -> None:
+        self.pid = os.getpid()
+        self.backend_name, self.pool, self.on_gpu, self.kept = backend_name, pool, on_gpu, kept
+        self.process_wide = process_wide
+
+    def first_run_in_child(self) -> bool:
+        """True once per child: on the first run in a process other than the one it was loaded in.
+        Raises for a model on a GPU, whose CUDA context the child does not have."""
+        if os.getpid() == self.pid:
+            return False
+        if self.on_gpu:
+            raise BtDeployError(
+                f"{self.backend_name} backend: this process was forked after the model was loaded on a GPU, "
+                "and a CUDA context does not survive fork: load the model in each worker, or start the "
+                "workers with spawn"
+            )
+        self.pid = os.getpid()
+        return True
+
+    def say_one_thread(self) -> None:
+        """The child's notice, once per pool and process (split towers hold three models)."""
+        if self.pool in _NOTICES_SAID:
+            return
+        _NOTICES_SAID.add(self.pool)
+        kept = ", and stays in memory until the process ends" if self.kept else ""
+        where = " and none before the fork" if self.process_wide else ""
+        say(
+            f"{self.backend_name} backend: this process was forked after the model was loaded, and "
+            f"{self.pool} does not survive fork: it runs on one thread here{kept} (load the model in each "
+            f"worker{where}, or start them with spawn, for every core)"
+        )

@@ -1,0 +1,95 @@
+"""forks.py: what a forked child keeps of the models its parent loaded, and what it says."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import os
+import threading
+import weakref
+from collections.abc import Callable
+
+from btdeploy.errors import BtDeployError
+from btdeploy.forks import LoadedProcess, keep_through_forks
+
+
+class _Pool:
+    """Stands in for a backend holding a native pool."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+def _in_child(work: Callable[[], str]) -> str:
+    """`work()` in a forked child of this process; what it returned (or raised) comes back as text."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - reports through the pipe
+        try:
+            try:
+                answer = work()
+            except Exception as error:
+                answer = f"{type(error).__name__}: {error}"
+            os.write(write_end, answer.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read().decode()
+    os.waitpid(child, 0)
+    return answer
+
+
+def test_a_kept_backend_outlives_its_last_reference_in_a_child_and_renews_its_lock() -> None:
+    kept, dropped = _Pool(), _Pool()
+    kept.lock.acquire()  # as a parent's thread may hold it at the fork
+    keep_through_forks(kept, renew=lambda backend: setattr(backend, "lock", threading.Lock()))
+    refs = [weakref.ref(kept), weakref.ref(dropped)]
+
+    def drop_both() -> str:
+        nonlocal kept, dropped
+        unlocked = kept.lock.acquire(timeout=1)
+        del kept, dropped
+        gc.collect()
+        return f"{unlocked} {refs[0]() is not None} {refs[1]() is not None}"
+
+    # the kept one is alive with a fresh lock, the other freed
+    assert _in_child(drop_both) == "True True False"
+    kept.lock.release()
+    del kept
+    gc.collect()
+    assert refs[0]() is None  # in the parent it is freed as usual
+
+
+def test_a_run_in_a_child_is_told_once_and_a_gpu_model_is_refused() -> None:
+    cpu = LoadedProcess("onnxruntime", "ONNX Runtime's thread pool", kept=True)
+    wide = LoadedProcess("openvino", "OpenVINO's thread pool (TBB)", process_wide=True)
+    gpu = LoadedProcess("tensorrt", "TensorRT", on_gpu=True)
+    assert not cpu.first_run_in_child() and not gpu.first_run_in_child()  # the parent runs as usual
+
+    def runs() -> str:
+        firsts = [cpu.first_run_in_child(), cpu.first_run_in_child()]
+        wide.first_run_in_child()
+        said = io.StringIO()
+        with contextlib.redirect_stderr(said):
+            for loaded in (cpu, cpu, wide):
+                loaded.say_one_thread()
+        try:
+            gpu.first_run_in_child()
+        except BtDeployError as error:
+            return f"{firsts} | {error} | {said.getvalue()}"
+        return f"{firsts} | not refused | {said.getvalue()}"
+
+    firsts, refusal, said = _in_child(runs).split(" | ")
+    assert firsts == "[True, False]"
+    assert refusal == (
+        "tensorrt backend: this process was forked after the model was loaded on a GPU, and a CUDA context "
+        "does not survive fork: load the model in each worker, or start the workers with spawn"
+    )
+    notices = [line for line in said.splitlines() if "forked after" in line]
+    assert len(notices) == 2, notices  # one per pool, though cpu said it twice
+    ort, openvino = notices
+    assert "ONNX Runtime's thread pool does not survive fork: it runs on one thread here, and stays in memory" in ort
+    assert "(load the model in each worker, or start them with spawn, for every core)" in ort
+    assert "load the model in each worker and none before the fork" in openvino and "in memory" not in openvino

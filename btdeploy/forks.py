@@ -13,8 +13,10 @@ itm on a 2-core machine (`tests/runtime/test_runtime.py` holds the tiny model to
   TBB's observer list. A worker that ends normally frees it at exit, so it hung on its way out
   (tiny itm, whether or not the parent had run it). So `keep_through_forks` holds such a backend
   for the life of every child: never freed there.
-- torch's OpenMP pool hangs a child that runs on more than one thread: the torch backend drops to
-  one thread in the child.
+- torch's OpenMP pool hangs a child that runs on more than one thread, the inherited model and one
+  loaded in the child alike (tiny itm, the parent having run on two threads): the torch backend
+  drops to one thread in a child of a process that had loaded a torch model.
+- A model freed in the child that loaded it ends as usual (tiny itm, ONNX Runtime and OpenVINO).
 - A CUDA context does not survive a fork at all: a GPU model in a child is refused with the way out.
 """
 
@@ -32,6 +34,7 @@ from btdeploy.progress import say
 _KEPT: weakref.WeakSet[Any] = weakref.WeakSet()
 _RENEWALS: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
 _NOTICES_SAID: set[str] = set()  # pools whose one-thread notice this process printed
+_POOLS_STARTED: dict[str, int] = {}  # a process-wide pool -> the process a model of it was first loaded in
 
 
 def keep_through_forks(backend: Any, renew: Callable[[Any], None] | None = None) -> None:
@@ -62,39 +65,49 @@ class LoadedProcess:
     `pool` names the engine's threads in the notice ("ONNX Runtime's thread pool"); a model
     `on_gpu` is refused in a child; `kept`: the backend is held there for good
     (`keep_through_forks`), which the notice says; `process_wide`: the pool is the process's, not
-    the model's, so a model loaded in the child runs on one thread too (OpenVINO's TBB, torch's
-    OpenMP), and the notice's remedy says to load none before the fork."""
+    the model's (OpenVINO's TBB, torch's OpenMP), so a model loaded in a child whose parent had loaded
+    one runs on one thread too (torch's had hung there), and the notice's remedy says to load none
+    before the fork."""
 
     def __init__(
         self, backend_name: str, pool: str, on_gpu: bool = False, kept: bool = False, process_wide: bool = False
     ) -> None:
-        self.pid = os.getpid()
+        self.loaded_pid = os.getpid()
+        self.checked_in: int | None = None  # the process whose first run was looked at
         self.backend_name, self.pool, self.on_gpu, self.kept = backend_name, pool, on_gpu, kept
-        self.process_wide = process_wide
+        self.process_wide = process_wide and not on_gpu
+        if self.process_wide:  # loading may start the pool already (OpenVINO's compile does)
+            _POOLS_STARTED.setdefault(pool, self.loaded_pid)
 
     def first_run_in_child(self) -> bool:
-        """True once per child: on the first run in a process other than the one it was loaded in.
-        Raises for a model on a GPU, whose CUDA context the child does not have."""
-        if os.getpid() == self.pid:
+        """True once per process, on the first run in a child that inherited this model or, for a
+        process-wide pool, the pool a parent's model started. Raises for a model
+        loaded on a GPU before the fork, whose CUDA context the child does not have."""
+        here = os.getpid()
+        if self.checked_in == here:
             return False
-        if self.on_gpu:
+        if self.on_gpu and self.loaded_pid != here:
             raise BtDeployError(
                 f"{self.backend_name} backend: this process was forked after the model was loaded on a GPU, "
                 "and a CUDA context does not survive fork: load the model in each worker, or start the "
                 "workers with spawn"
             )
-        self.pid = os.getpid()
-        return True
+        self.checked_in = here
+        # A child inherits the record of the process that started the pool, so it reads another pid.
+        pool_started_in = _POOLS_STARTED.setdefault(self.pool, here) if self.process_wide else here
+        return self.loaded_pid != here or pool_started_in != here
 
     def say_one_thread(self) -> None:
         """The child's notice, once per pool and process (split towers hold three models)."""
         if self.pool in _NOTICES_SAID:
             return
         _NOTICES_SAID.add(self.pool)
-        kept = ", and stays in memory until the process ends" if self.kept else ""
+        inherited = self.loaded_pid != os.getpid()
+        what = "the model was loaded" if inherited else "its parent had loaded a model"
+        kept = ", and stays in memory until the process ends" if self.kept and inherited else ""
         where = " and none before the fork" if self.process_wide else ""
         say(
-            f"{self.backend_name} backend: this process was forked after the model was loaded, and "
-            f"{self.pool} does not survive fork: it runs on one thread here{kept} (load the model in each "
-            f"worker{where}, or start them with spawn, for every core)"
+            f"{self.backend_name} backend: this process was forked after {what}, and {self.pool} does not "
+            f"survive fork: it runs on one thread here{kept} (load the model in each worker{where}, or start "
+            "them with spawn, for every core)"
         )

@@ -93,3 +93,24 @@ def test_a_run_in_a_child_is_told_once_and_a_gpu_model_is_refused() -> None:
     assert "ONNX Runtime's thread pool does not survive fork: it runs on one thread here, and stays in memory" in ort
     assert "(load the model in each worker, or start them with spawn, for every core)" in ort
     assert "load the model in each worker and none before the fork" in openvino and "in memory" not in openvino
+
+
+def test_a_pool_that_is_the_whole_processs_runs_on_one_thread_in_a_child_for_a_model_loaded_there() -> None:
+    LoadedProcess("torch", "torch's thread pool", process_wide=True)  # the parent's: the pool starts here
+    assert not LoadedProcess("torch", "torch's thread pool", process_wide=True).first_run_in_child()
+
+    def loaded_in_the_child() -> str:
+        wide = LoadedProcess("torch", "torch's thread pool", process_wide=True)
+        per_model = LoadedProcess("onnxruntime", "ONNX Runtime's thread pool", kept=True)
+        gpu = LoadedProcess("tensorrt", "TensorRT", on_gpu=True)  # loaded here: its CUDA context is this process's
+        said = io.StringIO()
+        with contextlib.redirect_stderr(said):
+            firsts = [wide.first_run_in_child(), wide.first_run_in_child(), per_model.first_run_in_child()]
+            wide.say_one_thread()
+        return f"{firsts} {gpu.first_run_in_child()} | {said.getvalue()}"
+
+    firsts, said = _in_child(loaded_in_the_child).split(" | ")
+    assert firsts == "[True, False, False] False"
+    assert "torch backend: this process was forked after its parent had loaded a model" in said
+    assert "runs on one thread here (load the model in each worker and none before the fork" in said
+    assert "in memory" not in said  # a model the child loaded itself is freed as usual

@@ -106,9 +106,10 @@ class TorchBackend:
         return {name: value.float().cpu().numpy() for name, value in zip(self.head.output_names, values, strict=True)}
 
     def _forked(self) -> None:
-        """First run in a process forked after loading (gunicorn --preload, multiprocessing's fork).
-        torch's CPU thread pool (OpenMP) does not survive fork: a child that ran on more than one
-        thread hung for good, as the transformers model does. On one thread it runs."""
+        """First run in a process forked after a torch model was loaded (gunicorn --preload,
+        multiprocessing's fork): this one, or one the parent loaded before this was loaded here.
+        torch's CPU thread pool (OpenMP) is the process's and does not survive fork: a child that ran
+        on more than one thread hung for good, as the transformers model does. On one thread it runs."""
         import torch
 
         if torch.get_num_threads() > 1:

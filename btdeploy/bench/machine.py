@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from btdeploy.backends.tensorrt.environment import gpu
@@ -21,6 +22,20 @@ def gpu_description() -> dict[str, Any] | None:
     name, (major, minor) = found
     memory = torch.cuda.get_device_properties(0).total_memory
     return {"name": name, "memory_gb": round(memory / 2**30, 1), "sm": f"{major}{minor}"}
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set for a block and put back after it: a bench run from Python (a
+    notebook, the tests) leaves the caller's setting as it found it."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def machine_description(threads: int) -> dict[str, Any]:
@@ -68,13 +83,9 @@ def matmul_peak_gflops(threads: int, size: int = 2048, seconds: float = 2.0) -> 
 
     flop = 2.0 * size**3
     rates: dict[str, float] = {}
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         a, b = torch.randn(size, size), torch.randn(size, size)
         rates["torch"] = _best_rate(lambda: torch.mm(a, b), flop, seconds)
-    finally:
-        torch.set_num_threads(previous)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "b"], ["c"])],
         "gemm",

@@ -166,8 +166,15 @@ def resolve_variants(names: list[str] | None) -> list[Variant]:
 def run_bench(
     root: Path, heads: list[str] | None, variant_names: list[str] | None, settings: BenchSettings
 ) -> BenchRun:
-    import torch
+    from btdeploy.bench.machine import torch_threads
 
+    with torch_threads(settings.threads):
+        return _run_bench(root, heads, variant_names, settings)
+
+
+def _run_bench(
+    root: Path, heads: list[str] | None, variant_names: list[str] | None, settings: BenchSettings
+) -> BenchRun:
     from btdeploy.bench.machine import machine_description, matmul_peak_gflops
 
     variants = resolve_variants(variant_names)
@@ -180,7 +187,6 @@ def run_bench(
         if gpu() is None:  # every variant would be skipped, after minutes of building the CPU ones
             raise BtDeployError("--device cuda: torch sees no NVIDIA GPU here; bench on the CPU with --device cpu")
     env = BenchEnv(threads=settings.threads, device=settings.device)
-    torch.set_num_threads(settings.threads)
     run = BenchRun(settings, machine=machine_description(settings.threads))
     if settings.device == "cpu":  # a GPU's peak depends on the precision and the tensor cores: no one ceiling
         rates = matmul_peak_gflops(settings.threads)

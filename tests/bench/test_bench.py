@@ -201,7 +201,9 @@ def test_bench_refuses_a_length_past_the_model_before_measuring_anything(
 
 def test_bench_writes_every_report(tiny_export: Path, tmp_path: Path) -> None:
     settings = BenchSettings(batch_sizes=(1, 2), text_lengths=(4, 9), warmup=1, iters=3, threads=1)
+    torch.set_num_threads(2)
     run = run_bench(tiny_export, ["itm"], ["torch-eager", "ort", "ort-hf-optimizer", "ort-fused", "trt-int8"], settings)
+    assert torch.get_num_threads() == 2  # the caller's setting put back (it had left 1 for the rest of the process)
     assert {(c.variant, c.batch, c.text_length) for c in run.cases} == {
         (v, b, n) for v in ("torch-eager", "ort", "ort-hf-optimizer") for b in (1, 2) for n in (4, 9)
     }

@@ -11,8 +11,8 @@ itm on a 2-core machine (`tests/runtime/test_runtime.py` holds the tiny model to
 - Freeing the inherited model never returns: ONNX Runtime's session waits in
   `pthread_cond_destroy` for the parent's workers, OpenVINO's compiled model spins on a core in
   TBB's observer list. A worker that ends normally frees it at exit, so it hung on its way out
-  (tiny itm, whether or not the parent had run it). So `keep_through_forks` holds such a backend
-  for the life of every child: never freed there.
+  (tiny itm, whether or not the parent had run it). So such a backend is held for the life of
+  every child (`LoadedProcess(..., kept=True)`): never freed there.
 - torch's OpenMP pool hangs a child that runs on more than one thread, the inherited model and one
   loaded in the child alike (tiny itm, the parent having run on two threads): the torch backend
   drops to one thread in a child of a process that had loaded a torch model.
@@ -31,27 +31,17 @@ from typing import Any
 from btdeploy.errors import BtDeployError
 from btdeploy.progress import say
 
-_KEPT: weakref.WeakSet[Any] = weakref.WeakSet()
-_RENEWALS: weakref.WeakKeyDictionary[Any, Callable[[Any], None]] = weakref.WeakKeyDictionary()
+# Backends every child holds for good -> what to renew in the child (see LoadedProcess's `kept`).
+_KEPT: weakref.WeakKeyDictionary[Any, Callable[[Any], None] | None] = weakref.WeakKeyDictionary()
 _NOTICES_SAID: set[str] = set()  # pools whose one-thread notice this process printed
 _POOLS_STARTED: dict[str, int] = {}  # a process-wide pool -> the process a model of it was first loaded in
 
 
-def keep_through_forks(backend: Any, renew: Callable[[Any], None] | None = None) -> None:
-    """Hold `backend` in every child forked from now on, for the child's whole life (its native
-    pool's destructor never returns there); `renew(backend)` runs in the child right after the fork
-    to replace what a parent's thread may have held at that moment (a lock)."""
-    _KEPT.add(backend)
-    if renew is not None:
-        _RENEWALS[backend] = renew
-
-
 def _after_fork_in_child() -> None:
     _NOTICES_SAID.clear()
-    for backend in list(_KEPT):
+    for backend, renew in list(_KEPT.items()):
         # One reference this process never gives back: no collection, not even at exit, frees it.
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(backend))
-        renew = _RENEWALS.get(backend)
         if renew is not None:
             renew(backend)
 
@@ -60,22 +50,32 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class LoadedProcess:
-    """The process a backend was loaded in, and what its run in another one (a forked child) does.
+    """The process `backend` was loaded in, and what its run in another one (a forked child) does.
 
     `pool` names the engine's threads in the notice ("ONNX Runtime's thread pool"); a model
-    `on_gpu` is refused in a child; `kept`: the backend is held there for good
-    (`keep_through_forks`), which the notice says; `process_wide`: the pool is the process's, not
-    the model's (OpenVINO's TBB, torch's OpenMP), so a model loaded in a child whose parent had loaded
-    one runs on one thread too (torch's had hung there), and the notice's remedy says to load none
-    before the fork."""
+    `on_gpu` is refused in a child. `kept`: every child forked from now on holds the backend for
+    its whole life (its native pool's destructor never returns there), which the notice says;
+    `renew(backend)` runs in the child right after the fork to replace what a parent's thread may
+    have held at that moment (a lock). `process_wide`: the pool is the process's, not the model's
+    (OpenVINO's TBB, torch's OpenMP), so a model loaded in a child whose parent had loaded one runs
+    on one thread too (torch's had hung there), and the notice's remedy says to load none before
+    the fork."""
 
     def __init__(
-        self, backend_name: str, pool: str, on_gpu: bool = False, kept: bool = False, process_wide: bool = False
+        self,
+        backend: Any,
+        pool: str,
+        on_gpu: bool = False,
+        kept: bool = False,
+        renew: Callable[[Any], None] | None = None,
+        process_wide: bool = False,
     ) -> None:
         self.loaded_pid = os.getpid()
         self.checked_in: int | None = None  # the process whose first run was looked at
-        self.backend_name, self.pool, self.on_gpu, self.kept = backend_name, pool, on_gpu, kept
+        self.backend_name, self.pool, self.on_gpu, self.kept = backend.name, pool, on_gpu, kept
         self.process_wide = process_wide and not on_gpu
+        if kept:
+            _KEPT[backend] = renew
         if self.process_wide:  # loading may start the pool already (OpenVINO's compile does)
             _POOLS_STARTED.setdefault(pool, self.loaded_pid)
 
@@ -94,8 +94,7 @@ class LoadedProcess:
             )
         self.checked_in = here
         # A child inherits the record of the process that started the pool, so it reads another pid.
-        pool_started_in = _POOLS_STARTED.setdefault(self.pool, here) if self.process_wide else here
-        return self.loaded_pid != here or pool_started_in != here
+        return self.loaded_pid != here or (self.process_wide and _POOLS_STARTED[self.pool] != here)
 
     def say_one_thread(self) -> None:
         """The child's notice, once per pool and process (split towers hold three models)."""

@@ -11,13 +11,14 @@ import weakref
 from collections.abc import Callable
 
 from btdeploy.errors import BtDeployError
-from btdeploy.forks import LoadedProcess, keep_through_forks
+from btdeploy.forks import LoadedProcess
 
 
 class _Pool:
     """Stands in for a backend holding a native pool."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "onnxruntime") -> None:
+        self.name = name
         self.lock = threading.Lock()
 
 
@@ -44,7 +45,7 @@ def _in_child(work: Callable[[], str]) -> str:
 def test_a_kept_backend_outlives_its_last_reference_in_a_child_and_renews_its_lock() -> None:
     kept, dropped = _Pool(), _Pool()
     kept.lock.acquire()  # as a parent's thread may hold it at the fork
-    keep_through_forks(kept, renew=lambda backend: setattr(backend, "lock", threading.Lock()))
+    kept.loaded_in = LoadedProcess(kept, "a pool", kept=True, renew=lambda b: setattr(b, "lock", threading.Lock()))
     refs = [weakref.ref(kept), weakref.ref(dropped)]
 
     def drop_both() -> str:
@@ -63,9 +64,9 @@ def test_a_kept_backend_outlives_its_last_reference_in_a_child_and_renews_its_lo
 
 
 def test_a_run_in_a_child_is_told_once_and_a_gpu_model_is_refused() -> None:
-    cpu = LoadedProcess("onnxruntime", "ONNX Runtime's thread pool", kept=True)
-    wide = LoadedProcess("openvino", "OpenVINO's thread pool (TBB)", process_wide=True)
-    gpu = LoadedProcess("tensorrt", "TensorRT", on_gpu=True)
+    cpu = LoadedProcess(_Pool("onnxruntime"), "ONNX Runtime's thread pool", kept=True)
+    wide = LoadedProcess(_Pool("openvino"), "OpenVINO's thread pool (TBB)", process_wide=True)
+    gpu = LoadedProcess(_Pool("tensorrt"), "TensorRT", on_gpu=True)
     assert not cpu.first_run_in_child() and not gpu.first_run_in_child()  # the parent runs as usual
 
     def runs() -> str:
@@ -96,13 +97,14 @@ def test_a_run_in_a_child_is_told_once_and_a_gpu_model_is_refused() -> None:
 
 
 def test_a_pool_that_is_the_whole_processs_runs_on_one_thread_in_a_child_for_a_model_loaded_there() -> None:
-    LoadedProcess("torch", "torch's thread pool", process_wide=True)  # the parent's: the pool starts here
-    assert not LoadedProcess("torch", "torch's thread pool", process_wide=True).first_run_in_child()
+    LoadedProcess(_Pool("torch"), "torch's thread pool", process_wide=True)  # the parent's: the pool starts here
+    assert not LoadedProcess(_Pool("torch"), "torch's thread pool", process_wide=True).first_run_in_child()
 
     def loaded_in_the_child() -> str:
-        wide = LoadedProcess("torch", "torch's thread pool", process_wide=True)
-        per_model = LoadedProcess("onnxruntime", "ONNX Runtime's thread pool", kept=True)
-        gpu = LoadedProcess("tensorrt", "TensorRT", on_gpu=True)  # loaded here: its CUDA context is this process's
+        wide = LoadedProcess(_Pool("torch"), "torch's thread pool", process_wide=True)
+        per_model = LoadedProcess(_Pool("onnxruntime"), "ONNX Runtime's thread pool", kept=True)
+        # loaded here: its CUDA context is this process's
+        gpu = LoadedProcess(_Pool("tensorrt"), "TensorRT", on_gpu=True)
         said = io.StringIO()
         with contextlib.redirect_stderr(said):
             firsts = [wide.first_run_in_child(), wide.first_run_in_child(), per_model.first_run_in_child()]

@@ -11,7 +11,7 @@ from btdeploy.artifacts.graph_names import Precision
 from btdeploy.artifacts.onnx_files import missing_weights_problem
 from btdeploy.cpu import sums_saturate_here
 from btdeploy.errors import BtDeployError
-from btdeploy.forks import LoadedProcess, keep_through_forks
+from btdeploy.forks import LoadedProcess
 from btdeploy.progress import warn
 
 _PROVIDER_ALIASES = {
@@ -171,8 +171,7 @@ class OnnxRuntimeBackend:
             )
         self.providers = running
         on_gpu = running != ["CPUExecutionProvider"]
-        self.loaded_in = LoadedProcess(self.name, "ONNX Runtime's thread pool", on_gpu=on_gpu, kept=True)
-        keep_through_forks(self)
+        self.loaded_in = LoadedProcess(self, "ONNX Runtime's thread pool", on_gpu=on_gpu, kept=True)
         self.description = f"{Path(model_path).name} on {', '.join(running)}"
         widened = [f"{n} FP16 {what}" for n, what in ((self.attention_in_fp32, "attention cores"),
                    (self.quantize_in_fp32, "QuantizeLinear")) if n]  # fmt: skip

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from btdeploy.errors import BtDeployError
-from btdeploy.forks import LoadedProcess, keep_through_forks
+from btdeploy.forks import LoadedProcess
 from btdeploy.imports import INSTALL_PEERS, serial_imports
 from btdeploy.signals import signal_stack_kept
 
@@ -87,8 +87,8 @@ class OpenVinoBackend:
         self.request = self.compiled.create_infer_request()
         # One request: a second thread calling while it runs gets "Infer Request is busy".
         self.request_lock = threading.Lock()
-        self.loaded_in = LoadedProcess(self.name, "OpenVINO's thread pool (TBB)", kept=True, process_wide=True)
-        keep_through_forks(self, renew=_new_request_lock)
+        pool = "OpenVINO's thread pool (TBB)"
+        self.loaded_in = LoadedProcess(self, pool, kept=True, renew=_new_request_lock, process_wide=True)
         self.outputs = {name: self.compiled.output(name) for name in output_names}
         precision = f"{inference_precision} inference precision"
         self.description = f"OpenVINO {ov.__version__} CPU ({precision}) on {model_path.name}"

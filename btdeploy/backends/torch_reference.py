@@ -46,7 +46,7 @@ class TorchBackend:
         self.head = head
         self.device = device
         self.torch_dtype = torch_dtype
-        self.loaded_in = LoadedProcess(self.name, "torch's thread pool", on_gpu=device != "cpu", process_wide=True)
+        self.loaded_in = LoadedProcess(self, "torch's thread pool", on_gpu=device != "cpu", process_wide=True)
         mode = "torch.compile inductor" if compile else "eager"
         self.description = f"transformers {head.model_class} ({mode}, {dtype}) on {device}"
 

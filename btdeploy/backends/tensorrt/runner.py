@@ -46,7 +46,7 @@ class TensorRTBackend:
         # One context and one set of buffers per shape: a second thread would overwrite the inputs
         # of a run in flight, so runs take turns.
         self.run_lock = threading.Lock()
-        self.loaded_in = LoadedProcess(self.name, "TensorRT", on_gpu=True)
+        self.loaded_in = LoadedProcess(self, "TensorRT", on_gpu=True)
         # Per input shape: device buffers allocated once and reused, and the CUDA graph captured on
         # them (None where capture failed and plain runs are used instead).
         self.buffers: dict[tuple[tuple[int, ...], ...], tuple[dict[str, Any], dict[str, Any]]] = {}

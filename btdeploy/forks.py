@@ -17,6 +17,13 @@ itm on a 2-core machine (`tests/runtime/test_runtime.py` holds the tiny model to
   loaded in the child alike (tiny itm, the parent having run on two threads): the torch backend
   drops to one thread in a child of a process that had loaded a torch model.
 - A model freed in the child that loaded it ends as usual (tiny itm, ONNX Runtime and OpenVINO).
+- A fork while a pool's worker holds one of the pool's locks leaves that lock held in the child for
+  good, and the child's run waits on it forever: ONNX Runtime in `pthread_mutex_lock` (tiny itm,
+  forked right after a run: 6 of 200 children), OpenVINO in `tbb::spawn` (3 in 12,300). The workers
+  run for about 0.1 ms (ONNX Runtime) and 1 ms (TBB) after a run ends, on their way to sleep, and
+  sleep without the pool's locks. So before each fork a process that has started a CPU pool waits
+  until its other threads sleep (`wait_for_sleeping_threads`): 0 of 1000 and 0 of 6000 hung
+  (benchmarks/fork_stress.py; benchmarks/results/forked-workers/).
 - A CUDA context does not survive a fork at all: a GPU model in a child is refused with the way out.
 """
 
@@ -24,6 +31,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +43,62 @@ from btdeploy.progress import say
 # Backends every child holds for good -> what to renew in the child (see LoadedProcess's `kept`).
 _KEPT: weakref.WeakKeyDictionary[Any, Callable[[Any], None] | None] = weakref.WeakKeyDictionary()
 _NOTICES_SAID: set[str] = set()  # pools whose one-thread notice this process printed
-_POOLS_STARTED: dict[str, int] = {}  # a process-wide pool -> the process a model of it was first loaded in
+_POOLS_STARTED: dict[str, int] = {}  # a CPU pool -> the process a model of it was first loaded in
+# How long a fork waits for the process's other threads to sleep: far above a pool's settling
+# (1 ms), short enough not to hold up a server that forks while a thread of its own keeps working.
+SETTLE_LIMIT_S = 0.5
+_BUSY_FORK_SAID: list[int] = []  # the process that said its fork could not wait for sleeping threads
+
+
+def running_threads_besides_this_one() -> int | None:
+    """How many of this process's other threads the kernel has running or ready to run (state R), or
+    None where /proc cannot say (not Linux)."""
+    me = threading.get_native_id()
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    running = 0
+    for thread in threads:
+        if int(thread) == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{thread}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()  # the name in brackets may hold spaces
+        except OSError:
+            continue  # it ended meanwhile
+        running += fields[0] == b"R"
+    return running
+
+
+def wait_for_sleeping_threads(limit_s: float = SETTLE_LIMIT_S) -> bool:
+    """Wait until every other thread of this process sleeps, seen twice in a row, for at most
+    `limit_s`. A pool's worker holds its locks only while it runs, so a fork made then leaves
+    none of them held in the child. False where they were still running at the limit."""
+    deadline = time.monotonic() + limit_s
+    calm = 0
+    while calm < 2:
+        running = running_threads_besides_this_one()
+        if running is None:
+            return True  # nothing to look at: fork as Python would
+        calm = calm + 1 if running == 0 else 0
+        if calm < 2:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0002)
+    return True
+
+
+def _before_fork() -> None:
+    if not _POOLS_STARTED or wait_for_sleeping_threads(SETTLE_LIMIT_S):
+        return
+    if os.getpid() not in _BUSY_FORK_SAID:
+        _BUSY_FORK_SAID.append(os.getpid())
+        say(
+            f"btdeploy: this process forks while some of its threads still run after {SETTLE_LIMIT_S} s "
+            "of waiting: a thread-pool lock one of them holds stays locked in the child, whose runs could "
+            "hang there; fork while no model runs, or start the workers with spawn"
+        )
 
 
 def _after_fork_in_child() -> None:
@@ -46,7 +110,9 @@ def _after_fork_in_child() -> None:
             renew(backend)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+# os.register_at_fork calls the before-hooks in reverse order of registration: this one, registered
+# on btdeploy's import, runs after those registered later, nearest the fork.
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 class LoadedProcess:
@@ -76,7 +142,7 @@ class LoadedProcess:
         self.process_wide = process_wide and not on_gpu
         if kept:
             _KEPT[backend] = renew
-        if self.process_wide:  # loading may start the pool already (OpenVINO's compile does)
+        if not on_gpu:  # loading may start the pool already (OpenVINO's compile does)
             _POOLS_STARTED.setdefault(pool, self.loaded_pid)
 
     def first_run_in_child(self) -> bool:

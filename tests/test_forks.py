@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import io
 import os
 import threading
 import weakref
 from collections.abc import Callable
+
+import pytest
 
 from btdeploy.errors import BtDeployError
 from btdeploy.forks import LoadedProcess
@@ -116,3 +119,33 @@ def test_a_pool_that_is_the_whole_processs_runs_on_one_thread_in_a_child_for_a_m
     assert "torch backend: this process was forked after its parent had loaded a model" in said
     assert "runs on one thread here (load the model in each worker and none before the fork" in said
     assert "in memory" not in said  # a model the child loaded itself is freed as usual
+
+
+def test_a_fork_waits_for_the_other_threads_to_sleep_and_says_when_they_would_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pool's worker holds its locks only while it runs: forked then, the child would find a lock
+    held by a thread it does not have. A thread hashing (without the GIL) stands in for a busy worker."""
+    from btdeploy import forks
+
+    busy = threading.Event()
+
+    def work() -> None:
+        busy.set()
+        hashlib.sha512(bytes(512 << 20))  # 0.7 s of one core here, the GIL released (zero pages: no memory)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    busy.wait()
+    assert (forks.running_threads_besides_this_one() or 0) >= 1
+    assert not forks.wait_for_sleeping_threads(limit_s=0.05)
+    monkeypatch.setattr(forks, "_POOLS_STARTED", {"a pool": os.getpid()})  # as loading a CPU model records
+    monkeypatch.setattr(forks, "SETTLE_LIMIT_S", 0.05)
+    monkeypatch.setattr(forks, "_BUSY_FORK_SAID", [])
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        assert _in_child(lambda: "forked") == "forked"  # the fork goes ahead after the limit, once told
+    assert "this process forks while some of its threads still run after 0.05 s of waiting" in said.getvalue()
+    assert "fork while no model runs, or start the workers with spawn" in said.getvalue()
+    worker.join()
+    assert forks.wait_for_sleeping_threads(limit_s=5)

@@ -1043,3 +1043,16 @@ def test_activation_scales_differ_where_the_trt_flavour_moved_the_value_bias(opt
          str(head / "model.trt.int8.onnx")], capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 2 and "holds no INT8 MatMul" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_fork_stress_forks_right_after_runs_and_counts_the_children_that_end(tiny_export: Path, backend: str) -> None:
+    """Each child answers twice and ends; the count line is what the forked-workers results quote."""
+    done = run_benchmark("fork_stress.py", tiny_export, "--backend", backend, "--forks", 8, timeout=600)
+    last = done.stdout.strip().splitlines()[-1]
+    # Every fork waited for the pool's workers to sleep: none running at the fork itself.
+    assert last == (
+        f"{backend} itm, children running the inherited model, forked 0 s after a run (wait for sleeping threads: "
+        "at most 0.5 s): 0 of 8 hung; another thread running at the fork in 0 of 8"
+    )
+    assert "8 of 8 forks, 0 hung" in done.stderr

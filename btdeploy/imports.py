@@ -10,6 +10,7 @@ to nothing. And what installs each optional extra (pyproject.toml), for every me
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,16 @@ def onnxruntime_distribution(machine: str | None = None, system: str | None = No
 
 
 _LOCK = threading.RLock()  # re-entrant: an import inside may reach another helper that takes it
+
+
+def _new_lock_in_child() -> None:
+    """A thread that held the lock at a fork is not in the child: its next import would wait for good.
+    (A with-block of the forking thread itself releases the old lock it entered.)"""
+    global _LOCK
+    _LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 @contextmanager

@@ -149,3 +149,24 @@ def test_a_fork_waits_for_the_other_threads_to_sleep_and_says_when_they_would_no
     assert "fork while no model runs, or start the workers with spawn" in said.getvalue()
     worker.join()
     assert forks.wait_for_sleeping_threads(limit_s=5)
+
+
+def test_a_lock_held_by_another_thread_at_the_fork_is_free_in_the_child() -> None:
+    """serial_imports' lock, held while another thread imports transformers, would stay held in the child."""
+    from btdeploy import imports
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with imports.serial_imports():
+            held.set()
+            release.wait()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    try:
+        assert _in_child(lambda: str(imports._LOCK.acquire(timeout=2))) == "True"
+    finally:
+        release.set()
+        holder.join()

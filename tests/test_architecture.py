@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "btdeploy"
 
 # The order of ARCHITECTURE.md: a module may import its own stage and the ones before it.
 STAGES = [
-    {"errors", "progress", "hugepages", "cpu", "version", "signals", "imports", "swaps", "forks"},
+    {"errors", "progress", "hugepages", "cpu", "version", "signals", "imports", "swaps", "forks", "heap"},
     {"artifacts"},
     {"model"},
     {"backends"},

@@ -1,0 +1,27 @@
+"""Memory a freed model leaves in glibc's heap, given back to the system.
+
+ONNX Runtime allocates a session's weights with malloc in pieces below glibc's mmap threshold, so
+when the session is freed they go back to the heap, which keeps them for the process's next
+allocations: base itm's session held 1.74 GB, and 1.15 GB of it stayed resident after `del model`,
+0.04 GB after `malloc_trim(0)` (46 ms). A server that swaps models, or a program that loads one,
+answers and goes on with other work, would otherwise keep that memory from the rest of the machine.
+The ONNX Runtime and torch backends call it when they are freed (torch's reference of base itm:
+0.64 GB resident after `del model` before, 0.42 GB after, of which its imports hold 0.37); OpenVINO
+maps its own memory and gives it back itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+
+def give_back_freed_heap() -> bool:
+    """`malloc_trim(0)`: glibc returns the free memory at the top of its heaps and in their middles
+    to the kernel. False where the C library has no such call (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

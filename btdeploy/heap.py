@@ -8,7 +8,7 @@ answers and goes on with other work, would otherwise keep that memory from the r
 The ONNX Runtime and torch backends call it when they are freed (torch's reference of base itm:
 0.64 GB resident after `del model` before, 0.42 GB after, of which its imports hold 0.37); OpenVINO
 maps its own memory and gives it back itself. A model loaded later in the process pays for it, its
-memory fresh: base itm reloaded in 2.3-2.4 s against 1.8-1.9 s here (README, "Freeing a model").
+memory fresh: base itm reloaded in 2.3-2.7 s against 1.8-1.9 s here (README, "Freeing a model").
 """
 
 from __future__ import annotations

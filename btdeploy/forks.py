@@ -42,12 +42,12 @@ from btdeploy.progress import say
 
 # Backends every child holds for good -> what to renew in the child (see LoadedProcess's `kept`).
 _KEPT: weakref.WeakKeyDictionary[Any, Callable[[Any], None] | None] = weakref.WeakKeyDictionary()
-_NOTICES_SAID: set[str] = set()  # pools whose one-thread notice this process printed
+_NOTICES_SAID: set[str] = set()  # what this process said once: a pool's one-thread notice, the busy fork's
 _POOLS_STARTED: dict[str, int] = {}  # a CPU pool -> the process a model of it was first loaded in
 # How long a fork waits for the process's other threads to sleep: far above a pool's settling
 # (1 ms), short enough not to hold up a server that forks while a thread of its own keeps working.
 SETTLE_LIMIT_S = 0.5
-_BUSY_FORK_SAID: list[int] = []  # the process that said its fork could not wait for sleeping threads
+_BUSY_FORK = "a fork while threads run"  # its notice's key in _NOTICES_SAID
 
 
 def running_threads_besides_this_one() -> int | None:
@@ -71,7 +71,7 @@ def running_threads_besides_this_one() -> int | None:
     return running
 
 
-def wait_for_sleeping_threads(limit_s: float = SETTLE_LIMIT_S) -> bool:
+def wait_for_sleeping_threads(limit_s: float) -> bool:
     """Wait until every other thread of this process sleeps, seen twice in a row, for at most
     `limit_s`. A pool's worker holds its locks only while it runs, so a fork made then leaves
     none of them held in the child. False where they were still running at the limit."""
@@ -92,8 +92,8 @@ def wait_for_sleeping_threads(limit_s: float = SETTLE_LIMIT_S) -> bool:
 def _before_fork() -> None:
     if not _POOLS_STARTED or wait_for_sleeping_threads(SETTLE_LIMIT_S):
         return
-    if os.getpid() not in _BUSY_FORK_SAID:
-        _BUSY_FORK_SAID.append(os.getpid())
+    if _BUSY_FORK not in _NOTICES_SAID:
+        _NOTICES_SAID.add(_BUSY_FORK)
         say(
             f"btdeploy: this process forks while some of its threads still run after {SETTLE_LIMIT_S} s "
             "of waiting: a thread-pool lock one of them holds stays locked in the child, whose runs could "

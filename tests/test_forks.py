@@ -141,7 +141,7 @@ def test_a_fork_waits_for_the_other_threads_to_sleep_and_says_when_they_would_no
     assert not forks.wait_for_sleeping_threads(limit_s=0.05)
     monkeypatch.setattr(forks, "_POOLS_STARTED", {"a pool": os.getpid()})  # as loading a CPU model records
     monkeypatch.setattr(forks, "SETTLE_LIMIT_S", 0.05)
-    monkeypatch.setattr(forks, "_BUSY_FORK_SAID", [])
+    monkeypatch.setattr(forks, "_NOTICES_SAID", set())
     said = io.StringIO()
     with contextlib.redirect_stderr(said):
         assert _in_child(lambda: "forked") == "forked"  # the fork goes ahead after the limit, once told

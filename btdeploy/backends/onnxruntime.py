@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from btdeploy.artifacts.onnx_files import missing_weights_problem
 from btdeploy.cpu import sums_saturate_here
 from btdeploy.errors import BtDeployError
 from btdeploy.forks import LoadedProcess
-from btdeploy.heap import give_back_freed_heap
+from btdeploy.heap import free_and_give_back
 from btdeploy.progress import warn
 
 _PROVIDER_ALIASES = {
@@ -183,11 +182,8 @@ class OnnxRuntimeBackend:
             self.description += f" ({self.unsigned_weights} int8 weights recoded to uint8: exact integer sums)"
 
     def __del__(self) -> None:
-        # The session's weights go back to glibc's heap, which would keep them (btdeploy/heap.py).
         # Never in a child that inherited this backend: forks.py holds it there for good.
-        with contextlib.suppress(Exception):  # at interpreter exit the module's names may be gone already
-            self.session = None
-            give_back_freed_heap()
+        free_and_give_back(self, "session")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.loaded_in.first_run_in_child():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from btdeploy.artifacts.manifest import Manifest
 from btdeploy.backends.base import torch_feed
 from btdeploy.errors import BtDeployError
 from btdeploy.forks import LoadedProcess
-from btdeploy.heap import give_back_freed_heap
+from btdeploy.heap import free_and_give_back
 from btdeploy.model.checkpoints import ModelSource, load_head_model, weights_sha256
 from btdeploy.model.configs import config_fingerprint
 from btdeploy.model.heads import HeadSpec, get_head
@@ -97,11 +96,8 @@ class TorchBackend:
         return cls(loaded.model, head, device, dtype, compile)
 
     def __del__(self) -> None:
-        # The weights go back to glibc's heap, which would keep them (btdeploy/heap.py). Where the
-        # module is in a reference cycle it goes later, with the collector.
-        with contextlib.suppress(Exception):  # at interpreter exit the module's names may be gone already
-            self.module = None
-            give_back_freed_heap()
+        # Where the module is in a reference cycle it goes later, with the collector.
+        free_and_give_back(self, "module")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

@@ -93,11 +93,10 @@ import gc, sys
 import numpy as np, onnx
 from onnx import TensorProto, helper, numpy_helper
 from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+from btdeploy.hugepages import resident_memory
 
 def resident_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+    return resident_memory().resident_mb
 
 # 32 weights of 4 MB: pieces under glibc's mmap threshold, as a transformer's layers are.
 weights = np.random.default_rng(0).standard_normal((32, 1024, 1024), dtype=np.float32)

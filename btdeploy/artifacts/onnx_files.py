@@ -13,7 +13,7 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from btdeploy.artifacts.files import default_mode, sha256_of
 from btdeploy.artifacts.streamed_proto import encoded_size, read_model, write_encoded
-from btdeploy.artifacts.weightless import weightless_with_side_file
+from btdeploy.artifacts.weightless import NO_WEIGHTS, WeightBytes, weightless_with_side_file
 from btdeploy.errors import BtDeployError
 
 PROTOBUF_LIMIT = 2**31 - 1  # one ONNX protobuf file cannot exceed 2 GB
@@ -104,11 +104,14 @@ def load_graph(path: Path, what: str, load_weights: bool = True) -> onnx.ModelPr
         raise BtDeployError(problem or f"cannot read {path} ({str(error).strip()[:200]}): {what}") from None
 
 
-def save_graph_atomically(model: onnx.ModelProto, path: Path, external: bool | None = None) -> None:
+def save_graph_atomically(
+    model: onnx.ModelProto, path: Path, external: bool | None = None, apart: WeightBytes = NO_WEIGHTS
+) -> None:
     """Write model (and its `.data` past 2 GB, or whatever its size with `external`) under temporary
-    names, then rename into place. The model itself is left as it was."""
+    names, then rename into place; the stubs of the weights `apart` holds get those bytes. The model
+    itself is left as it was."""
     with GraphBatch() as batch:
-        batch.stage(model, path, external)
+        batch.stage(model, path, external, apart)
 
 
 class GraphBatch:
@@ -129,8 +132,10 @@ class GraphBatch:
         else:
             self.discard()
 
-    def stage(self, model: onnx.ModelProto, path: Path, external: bool | None = None) -> None:
-        self.staged += _write_temporary(model, path, external)
+    def stage(
+        self, model: onnx.ModelProto, path: Path, external: bool | None = None, apart: WeightBytes = NO_WEIGHTS
+    ) -> None:
+        self.staged += _write_temporary(model, path, external, apart)
 
     def commit(self) -> None:
         # Data files first, so a graph never appears before the weights it names.
@@ -146,26 +151,29 @@ class GraphBatch:
         self.staged = []
 
 
-def serialized_bytes(model: onnx.ModelProto) -> int:
+def serialized_bytes(model: onnx.ModelProto, apart: WeightBytes = NO_WEIGHTS) -> int:
     """The model's size as one protobuf, or past the 2 GB limit where protobuf cannot measure a part
     of it (ByteSize raises on a message it could not serialize)."""
     try:
-        return encoded_size(model)
+        return encoded_size(model, apart)
     except EncodeError:
         return PROTOBUF_LIMIT + 1
 
 
-def _write_temporary(model: onnx.ModelProto, path: Path, external: bool | None) -> list[tuple[Path, Path]]:
+def _write_temporary(
+    model: onnx.ModelProto, path: Path, external: bool | None, apart: WeightBytes
+) -> list[tuple[Path, Path]]:
     """Write model (and its `.data` past 2 GB, or with `external`) under temporary names; returns
     (temporary, final) pairs. The graph names its data file by the final name."""
-    large = needs_external_data(serialized_bytes(model)) if external is None else external
+    large = needs_external_data(serialized_bytes(model, apart)) if external is None else external
     final_data = data_file(path)
     pairs = [(path, _temporary(path))] + ([(final_data, _temporary(final_data))] if large else [])
     try:
         if large:  # a copy of the graph whose weights name the data file (onnx's save strips the model's own)
-            model = weightless_with_side_file(model, pairs[1][1], final_data.name, INLINE_WEIGHT_BYTES)
+            model = weightless_with_side_file(model, pairs[1][1], final_data.name, INLINE_WEIGHT_BYTES, apart)
+            apart = NO_WEIGHTS  # the copy holds every weight as a reference, or inline
         with open(pairs[0][1], "wb") as stream:
-            write_encoded(model, stream)
+            write_encoded(model, stream, apart)
         for _, tmp in pairs:  # as a plain open() would make them: a server running as another user reads both
             os.chmod(tmp, default_mode(directory=False))
     except BaseException:
@@ -179,24 +187,3 @@ def _temporary(final: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
     os.close(fd)
     return Path(tmp)
-
-
-def gather_external_data(folder: Path, name: str, target: Path | None = None) -> bool:
-    """Store an exported graph, `folder/name`, as `target` (by default where it is): one file, or the
-    graph + `<target>.data` past 2 GB (the TorchScript exporter writes one file per large tensor
-    beside it). The exporter's files go. Returns whether external data is used."""
-    path = folder / name
-    target = target or path
-    scattered = [p for p in folder.iterdir() if p.name != name]
-    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-    external = needs_external_data(total) or bool(scattered)
-    if external:
-        model = load_graph(path, "export the head again")
-        save_graph_atomically(model, target, external=True)
-        del model
-        for extra in [*scattered, *([path] if target != path else [])]:
-            if extra != data_file(target):
-                extra.unlink()
-    elif target != path:
-        path.rename(target)
-    return external

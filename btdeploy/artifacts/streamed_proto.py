@@ -26,7 +26,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from btdeploy.artifacts.weightless import point_at
+from btdeploy.artifacts.weightless import NO_WEIGHTS, WeightBytes, held_bytes, point_at
 
 # The messages taken apart; every other message (a weight, a node) is encoded whole.
 _OPENED = (onnx.ModelProto, onnx.GraphProto)
@@ -39,24 +39,26 @@ _RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 _PIECE_BYTES = 1 << 24
 
 
-def encoded_size(message: Message) -> int:
-    """`message.ByteSize()`, without encoding the model whole. Raises EncodeError, as ByteSize
-    does, where one part is past protobuf's 2 GB."""
+def encoded_size(message: Message, apart: WeightBytes = NO_WEIGHTS) -> int:
+    """`message.ByteSize()`, without encoding the model whole (with the weights `apart` holds in
+    their stubs' place). Raises EncodeError, as ByteSize does, where one part is past protobuf's 2 GB."""
     if not _opened(message):
-        return int(message.ByteSize())
+        held = held_bytes(message, apart) if isinstance(message, onnx.TensorProto) else None
+        return int(message.ByteSize()) + (0 if held is None else len(_raw_data_header(held)) + held.nbytes)
     total = 0
     for field, value in message.ListFields():
         if field.type != FieldDescriptor.TYPE_MESSAGE:
             continue
         tag = len(_varint(field.number << 3 | _LENGTH_DELIMITED))
         for item in _items(value):
-            size = encoded_size(item)
+            size = encoded_size(item, apart)
             total += tag + len(_varint(size)) + size
     return total + int(_scalars(message).ByteSize())
 
 
-def write_encoded(message: Message, stream: BinaryIO) -> None:
-    """Write `message.SerializeToString()` to `stream`, a field at a time."""
+def write_encoded(message: Message, stream: BinaryIO, apart: WeightBytes = NO_WEIGHTS) -> None:
+    """Write `message.SerializeToString()` to `stream`, a field at a time; a stub of a weight
+    `apart` holds is written with those bytes as its raw_data."""
     if not _opened(message):
         stream.write(message.SerializeToString())
         return
@@ -66,12 +68,22 @@ def write_encoded(message: Message, stream: BinaryIO) -> None:
             continue
         tag = _varint(field.number << 3 | _LENGTH_DELIMITED)
         for item in _items(value):
+            held = held_bytes(item, apart) if isinstance(item, onnx.TensorProto) else None
             if _opened(item):
-                stream.write(tag + _varint(encoded_size(item)))
-                write_encoded(item, stream)
+                stream.write(tag + _varint(encoded_size(item, apart)))
+                write_encoded(item, stream, apart)
+            elif held is not None:
+                # The stub's fields, then raw_data: where protobuf puts it after dims, type and name.
+                data, header = item.SerializeToString(), _raw_data_header(held)
+                stream.write(tag + _varint(len(data) + len(header) + held.nbytes) + data + header)
+                stream.write(held)
             else:
                 data = item.SerializeToString()
                 stream.write(tag + _varint(len(data)) + data)
+
+
+def _raw_data_header(data: memoryview) -> bytes:
+    return _varint(_RAW_DATA << 3 | _LENGTH_DELIMITED) + _varint(data.nbytes)
 
 
 def _opened(message: Message) -> bool:

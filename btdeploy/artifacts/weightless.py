@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +22,11 @@ from onnx.external_data_helper import ExternalDataInfo
 
 # Above this size a tensor is a weight; below, it may be a shape, axes or a scalar that inference reads.
 WEIGHT_BYTES = 1024
+# Weights whose bytes are held apart from the model, by initializer name: the model holds a stub of
+# each (its name, type and dims, no data) and the writers put these bytes in its place. The export
+# hands over torch's own tensors this way (export/held_weights.py), never copied into protobuf.
+WeightBytes = Mapping[str, memoryview]
+NO_WEIGHTS: WeightBytes = {}
 # Types stored two values to a byte.
 _PACKED_4BIT = {getattr(onnx.TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, t)}
 
@@ -38,8 +43,19 @@ def _copy_fields(source: Message, target: Message, skip: Iterable[str]) -> None:
             setattr(target, field.name, value)
 
 
+def held_bytes(tensor: onnx.TensorProto, apart: WeightBytes) -> memoryview | None:
+    """The bytes `apart` holds for `tensor`, where it is a stub of theirs (no data of its own)."""
+    if not apart or tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    return apart.get(tensor.name)
+
+
 def _weightless(
-    model: onnx.ModelProto, data_file: str, sink: BinaryIO | None = None, inline_up_to: int = WEIGHT_BYTES
+    model: onnx.ModelProto,
+    data_file: str,
+    sink: BinaryIO | None = None,
+    inline_up_to: int = WEIGHT_BYTES,
+    apart: WeightBytes = NO_WEIGHTS,
 ) -> tuple[onnx.ModelProto, int]:
     """`model` with every weight of more than `inline_up_to` bytes a stub reading `data_file` at its
     offset, and the weights' total size. With `sink`, the weight bytes are written there in that
@@ -50,14 +66,20 @@ def _weightless(
     _copy_fields(model.graph, light.graph, skip=("initializer",))
     offset = 0
     for tensor in model.graph.initializer:
-        size = 0 if tensor.data_location == onnx.TensorProto.EXTERNAL else raw_size(tensor)
+        held = held_bytes(tensor, apart)
+        if held is not None:
+            size = held.nbytes
+        else:
+            size = 0 if tensor.data_location == onnx.TensorProto.EXTERNAL else raw_size(tensor)
         if size <= inline_up_to:
             light.graph.initializer.append(tensor)
+            if held is not None:
+                light.graph.initializer[-1].raw_data = held.tobytes()
             continue
         if sink is not None:
-            data = tensor.raw_data
+            data = tensor.raw_data if held is None else held
             sink.write(data)
-            size = len(data)
+            size = len(data) if held is None else held.nbytes
         stub = light.graph.initializer.add()
         _copy_fields(tensor, stub, skip=("raw_data",))
         point_at(stub, data_file, offset, size)
@@ -97,13 +119,17 @@ def weightless_copy(model: onnx.ModelProto, data_file: str = "weights.bin") -> o
 
 
 def weightless_with_side_file(
-    model: onnx.ModelProto, side_file: Path, named: str | None = None, inline_up_to: int = WEIGHT_BYTES
+    model: onnx.ModelProto,
+    side_file: Path,
+    named: str | None = None,
+    inline_up_to: int = WEIGHT_BYTES,
+    apart: WeightBytes = NO_WEIGHTS,
 ) -> onnx.ModelProto:
     """A weightless copy of `model` whose weights are written to `side_file`, one tensor at a time:
     saved beside that file, it is a graph ONNX Runtime and ONNX load with all their weights. The
     stubs name the file `named` (one it will be renamed to) or its own name."""
     with open(side_file, "wb") as sink:
-        return _weightless(model, named or side_file.name, sink, inline_up_to)[0]
+        return _weightless(model, named or side_file.name, sink, inline_up_to, apart)[0]
 
 
 def with_weights_of(light: onnx.ModelProto, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -201,10 +227,10 @@ def infer_shapes_without_weights(model: onnx.ModelProto, **options: object) -> o
     return with_structure_of(model, inferred)
 
 
-def check_without_weights(model: onnx.ModelProto) -> None:
+def check_without_weights(model: onnx.ModelProto, apart: WeightBytes = NO_WEIGHTS) -> None:
     """onnx.checker.check_model on a weightless copy of `model` (its weights' types, dims and sizes are
     checked, their bytes are not read): the checker otherwise serializes the whole model."""
-    light, size = _weightless(model, "weights.bin")
+    light, size = _weightless(model, "weights.bin", apart=apart)
     for tensor in light.graph.initializer:  # weights left in another file: the checker looks for that file
         if tensor.data_location == onnx.TensorProto.EXTERNAL and ExternalDataInfo(tensor).location != "weights.bin":
             length = _external_length(tensor)

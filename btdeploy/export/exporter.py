@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -19,8 +18,17 @@ from btdeploy.artifacts.manifest import (
     read_manifest,
     tool_versions,
 )
-from btdeploy.artifacts.onnx_files import data_file, gather_external_data, graph_bytes, graph_sha256, load_graph
+from btdeploy.artifacts.onnx_files import (
+    data_file,
+    graph_bytes,
+    graph_sha256,
+    load_graph,
+    needs_external_data,
+    save_graph_atomically,
+    serialized_bytes,
+)
 from btdeploy.errors import BtDeployError
+from btdeploy.export.held_weights import ExportedGraph, weights_held_back
 from btdeploy.export.patches import fusable_export
 from btdeploy.imports import serial_imports
 from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model, weights_sha256
@@ -115,9 +123,10 @@ def _export(
         loaded = load_head_model(source, head)
     with head_lock(final, f"btdeploy export --heads {head.name}"), staged_directory(final) as staging:
         with step(f"exporting {head.name} to ONNX (opset {opset})"):
-            seconds = _torch_to_onnx(loaded, head, staging / MODEL_NAME, opset)
-        with step(f"validating {head.name} with the ONNX checker"):
-            external = _store_model(staging)
+            exported, seconds = _torch_to_onnx(loaded, head, staging / MODEL_NAME, opset)
+        with step(f"checking {head.name} with the ONNX checker and writing it"):
+            external = _store_model(exported, staging / MODEL_NAME)
+            del exported
         parts = _export_parts(loaded, head, staging, opset) if split else None
         processor_problem = _copy_processor(source, staging / PROCESSOR_DIR, loaded.config)
         manifest = Manifest(
@@ -141,7 +150,7 @@ def trace_text_length(head: HeadSpec, config: Any) -> int:
     return min(head.export_text_length, max_text_length(config))
 
 
-def _torch_to_onnx(loaded: LoadedModel, head: HeadSpec, path: Path, opset: int) -> float:
+def _torch_to_onnx(loaded: LoadedModel, head: HeadSpec, path: Path, opset: int) -> tuple[ExportedGraph, float]:
     feeds = sample_inputs(loaded.config, head.export_batch, trace_text_length(head, loaded.config), seed=1234)
     args = tuple(feeds[name] for name in head.input_names)
     module = head_module(loaded.model, head)
@@ -158,14 +167,16 @@ def _trace(
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
     what: str,
-) -> float:
-    """torch.onnx.export under the export patches. Export at batch 2 and a mid text length with
-    padding, so no axis is specialised to 1 and the mask path is traced with zeros in it."""
+) -> tuple[ExportedGraph, float]:
+    """torch.onnx.export under the export patches, the weights held back (export/held_weights.py):
+    torch writes the graph alone to `path`, which the graph with its weights replaces. Export at
+    batch 2 and a mid text length with padding, so no axis is specialised to 1 and the mask path is
+    traced with zeros in it."""
     import torch
 
     tensors = tuple(torch.from_numpy(a) if not isinstance(a, torch.Tensor) else a for a in args)
     started = time.monotonic()
-    with warnings.catch_warnings(), torch.no_grad(), fusable_export():
+    with warnings.catch_warnings(), torch.no_grad(), fusable_export(), weights_held_back() as held:
         warnings.simplefilter("ignore")  # tracer warnings about Python branches, all on static config
         try:
             torch.onnx.export(
@@ -182,7 +193,7 @@ def _trace(
         except Exception as error:
             raise BtDeployError(f"torch.onnx.export failed for {what}: {error}") from None
     module.eval()  # the exporter restores the training flag it found; keep eval for any later use
-    return time.monotonic() - started
+    return held.graph(load_graph(path, "export again")), time.monotonic() - started
 
 
 def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int) -> dict[str, Any]:
@@ -202,14 +213,12 @@ def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int
     }
     parts: dict[str, Any] = {}
     for name, spec in specs.items():
-        work = staging / f".{name}"
-        work.mkdir()
+        target = staging / f"{name}.onnx"
         with step(f"exporting the {head.name} {name} graph"):
-            _trace(modules[name], args[name], work / MODEL_NAME, opset, spec.input_names, spec.output_names,
-                   spec.dynamic_axes(config), f"the {head.name} {name} graph")  # fmt: skip
-            target = staging / f"{name}.onnx"
-            _store_model(work, target)
-        shutil.rmtree(work)
+            exported, _ = _trace(modules[name], args[name], target, opset, spec.input_names, spec.output_names,
+                                 spec.dynamic_axes(config), f"the {head.name} {name} graph")  # fmt: skip
+            _store_model(exported, target)
+            del exported
         parts[name] = {
             "file": target.name,
             "sha256": graph_sha256(target),
@@ -219,27 +228,22 @@ def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int
     return parts
 
 
-def _store_model(folder: Path, target: Path | None = None) -> bool:
-    """Check the exported graph and store it (as `target`, by default where it is) as one file, or
-    model + one external-data file past 2 GB.
+def _store_model(exported: ExportedGraph, target: Path) -> bool:
+    """Check the exported graph and write it as `target`: one file, or the graph + `<target>.data`
+    past 2 GB. Returns whether external data is used.
 
-    A graph that holds its weights is checked on a weightless copy: the checker reads a weight's
-    type and dims, never its bytes, but parsing them took it 14-22 s on base against about 1 s
-    for the load and the copy. A graph with its weights beside it is checked by path, which then
-    reads the graph alone."""
+    The checker runs on a weightless copy: it reads a weight's type and dims, never its bytes, but
+    parsing them took it 14-22 s on base against about 1 s for the load and the copy."""
     import onnx
 
     from btdeploy.artifacts.weightless import check_without_weights
 
-    target = target or folder / MODEL_NAME
-    external = gather_external_data(folder, MODEL_NAME, target)
     try:
-        if external:
-            onnx.checker.check_model(str(target), full_check=False)
-        else:
-            check_without_weights(load_graph(target, "export again"))
+        check_without_weights(exported.model, exported.weights)
     except onnx.checker.ValidationError as error:
         raise BtDeployError(f"the exported graph fails the ONNX checker: {' '.join(str(error).split())}") from None
+    external = needs_external_data(serialized_bytes(exported.model, exported.weights))
+    save_graph_atomically(exported.model, target, external, exported.weights)
     return external
 
 

@@ -53,6 +53,32 @@ def test_weights_written_beside_the_graph_are_laid_out_as_onnx_lays_them_out(tmp
     assert moved == {"edge_out", "big", "w"}
 
 
+@pytest.mark.parametrize("external", [False, True])
+def test_weights_held_apart_are_written_where_the_model_would_hold_them(tmp_path: Path, external: bool) -> None:
+    """A weight may be a stub (name, type, dims) whose bytes are held apart, as the export hands over
+    torch's tensors: the files are those written from the model holding every weight, one file or
+    with its `.data`, weights below onnx's inline limit kept in the graph; the size is the same."""
+    from btdeploy.artifacts.streamed_proto import encoded_size
+
+    whole = _weights_of_every_size()
+    light, apart = onnx.ModelProto(), {}
+    light.CopyFrom(whole)
+    for tensor in light.graph.initializer:
+        if tensor.HasField("raw_data") and not tensor.doc_string:  # the export's stubs have no later fields
+            apart[tensor.name] = memoryview(bytearray(tensor.raw_data))
+            tensor.ClearField("raw_data")
+    assert sorted(apart) == ["big", "edge_in", "edge_out", "tiny"]
+    assert encoded_size(light, apart) == whole.ByteSize() > encoded_size(light) + 70_000
+    save_graph_atomically(whole, tmp_path / "whole.onnx", external)
+    save_graph_atomically(light, tmp_path / "apart.onnx", external, apart)
+    assert all(not t.HasField("raw_data") for t in light.graph.initializer if t.name in apart)  # left as it was
+    names = [".onnx", ".onnx.data"] if external else [".onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{g}{n}" for g in ("whole", "apart") for n in names)
+    for name in names:
+        data = (tmp_path / f"apart{name}").read_bytes()
+        assert data == (tmp_path / f"whole{name}").read_bytes().replace(b"whole.onnx.data", b"apart.onnx.data"), name
+
+
 def test_a_graph_saved_with_its_weights_beside_it_keeps_them_in_memory(tmp_path: Path) -> None:
     """onnx.save_model strips the weights from the model it saves (they then name the temporary file
     they went to): a second save, or a session from the same model, found none."""
@@ -92,55 +118,6 @@ def test_a_failed_rename_leaves_no_temporary_behind(tmp_path: Path, monkeypatch:
     with pytest.raises(OSError, match="No space"):
         save_graph_atomically(_weights_of_every_size(), tmp_path / "model.onnx", external=True)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")] == []
-
-
-def test_weights_exported_one_file_each_are_gathered_into_one_data_file(tmp_path: Path) -> None:
-    """The TorchScript exporter writes a model past 2 GB with one file per large tensor beside it;
-    the export keeps the graph and one `.data` file, and the graph answers as before."""
-    import onnxruntime
-
-    model = _weights_of_every_size()
-    inline = model.SerializeToString()
-    onnx.save_model(model, str(tmp_path / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False)
-    assert len(list(tmp_path.iterdir())) == 4  # the graph and one file per weight past 1 KB
-    assert onnx_files.gather_external_data(tmp_path, "model.onnx")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
-    feed = {"x": np.ones((1, 64), np.float32)}
-    expected = onnxruntime.InferenceSession(inline, providers=["CPUExecutionProvider"]).run(None, feed)[0]
-    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_array_equal(session.run(None, feed)[0], expected)
-
-
-def test_a_small_export_stays_one_file(tmp_path: Path) -> None:
-    save_graph_atomically(_weights_of_every_size(), tmp_path / "model.onnx")
-    before = (tmp_path / "model.onnx").read_bytes()
-    assert not onnx_files.gather_external_data(tmp_path, "model.onnx")
-    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
-    assert (tmp_path / "model.onnx").read_bytes() == before
-
-
-def test_an_exported_graph_is_gathered_straight_to_its_name(tmp_path: Path) -> None:
-    """A split export's part (text.onnx) is gathered from the exporter's folder to its own name
-    in one write: its weights name `text.onnx.data`, and nothing is left where it was exported."""
-    import onnxruntime
-
-    work, staging = tmp_path / ".text", tmp_path / "staging"
-    work.mkdir(), staging.mkdir()
-    model = _weights_of_every_size()
-    inline = model.SerializeToString()
-    onnx.save_model(model, str(work / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=False)
-    assert onnx_files.gather_external_data(work, "model.onnx", staging / "text.onnx")
-    assert list(work.iterdir()) == []
-    assert sorted(p.name for p in staging.iterdir()) == ["text.onnx", "text.onnx.data"]
-    feed = {"x": np.ones((1, 64), np.float32)}
-    expected = onnxruntime.InferenceSession(inline, providers=["CPUExecutionProvider"]).run(None, feed)[0]
-    session = onnxruntime.InferenceSession(str(staging / "text.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_array_equal(session.run(None, feed)[0], expected)
-    small = tmp_path / ".vision"
-    small.mkdir()
-    save_graph_atomically(onnx.ModelProto.FromString(inline), small / "model.onnx")  # onnx's save emptied `model`
-    assert not onnx_files.gather_external_data(small, "model.onnx", staging / "vision.onnx")
-    assert list(small.iterdir()) == [] and (staging / "vision.onnx").read_bytes() == inline
 
 
 def test_a_graph_whose_weights_file_was_left_behind_says_which_file(

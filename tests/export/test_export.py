@@ -341,33 +341,35 @@ def test_a_model_past_the_protobuf_limit_goes_to_one_external_data_file(
 def test_the_export_check_refuses_a_broken_graph_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, external: bool
 ) -> None:
-    """The exported graph is checked without parsing its weights (or by path where they lie beside
-    it); a graph the ONNX checker refuses is still refused, with its reason, and a good one passes."""
+    """The exported graph is checked on a weightless copy, its weights' bytes held apart; a graph the
+    ONNX checker refuses is still refused, with its reason, and nothing is written; a good one passes."""
     from onnx import TensorProto, helper
 
-    from btdeploy.export.exporter import MODEL_NAME, _store_model
+    from btdeploy.export.exporter import _store_model
+    from btdeploy.export.held_weights import ExportedGraph
 
     if external:
         monkeypatch.setenv("BTDEPLOY_EXTERNAL_DATA_BYTES", "1024")
-    weight = helper.make_tensor("w", TensorProto.FLOAT, [512], np.ones(512, np.float32).tobytes(), raw=True)
 
-    def write(inputs: list[str]) -> Path:
-        folder = tmp_path / f"graph-{len(list(tmp_path.iterdir()))}"
-        folder.mkdir()
+    def exported(inputs: list[str]) -> ExportedGraph:
+        stub = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[512])  # its bytes are held apart
         graph = helper.make_graph(
             [helper.make_node("Add", inputs, ["y"], name="add")],
             "g",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [512])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [512])],
-            [weight],
+            [stub],
         )
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(folder / MODEL_NAME))
-        return folder
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        return ExportedGraph(model, {"w": memoryview(np.ones(512, np.float32)).cast("B")})
 
-    assert _store_model(write(["x", "w"])) is external
+    assert _store_model(exported(["x", "w"]), tmp_path / "good.onnx") is external
+    written = onnx.load(str(tmp_path / "good.onnx"))
+    assert [onnx.numpy_helper.to_array(t).sum() for t in written.graph.initializer] == [512.0]
     with pytest.raises(BtDeployError, match="fails the ONNX checker.*not_a_tensor") as caught:
-        _store_model(write(["x", "not_a_tensor"]))
+        _store_model(exported(["x", "not_a_tensor"]), tmp_path / "broken.onnx")
     assert "\n" not in str(caught.value)
+    assert not list(tmp_path.glob("broken*"))
 
 
 def test_the_export_patches_leave_transformers_as_they_found_it() -> None:

@@ -79,7 +79,7 @@ def _weightless(
         if sink is not None:
             data = tensor.raw_data if held is None else held
             sink.write(data)
-            size = len(data) if held is None else held.nbytes
+            size = memoryview(data).nbytes
         stub = light.graph.initializer.add()
         _copy_fields(tensor, stub, skip=("raw_data",))
         point_at(stub, data_file, offset, size)

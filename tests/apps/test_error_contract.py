@@ -500,7 +500,7 @@ def test_a_full_disk_leaves_the_folder_as_it_was(
     out = _copy(export, tmp_path)
     before = _snapshot(out)
 
-    def full(model: onnx.ModelProto, stream: BinaryIO) -> None:
+    def full(model: onnx.ModelProto, stream: BinaryIO, *held_apart: object) -> None:
         stream.write(b"\x08" * 4096)  # the disk fills part way through the graph
         raise OSError(errno.ENOSPC, "No space left on device", getattr(stream, "name", None))
 
@@ -519,11 +519,11 @@ def test_an_interrupted_step_leaves_the_old_graphs_and_manifest(
     staged = GraphBatch.stage
     calls = []
 
-    def interrupted(self: GraphBatch, model: onnx.ModelProto, path: Path) -> None:
+    def interrupted(self: GraphBatch, model: onnx.ModelProto, path: Path, *options: Any) -> None:
         calls.append(path.name)
         if len(calls) == 3:  # the whole graph and the text graph are written, the vision graph is not
             raise KeyboardInterrupt
-        staged(self, model, path)
+        staged(self, model, path, *options)
 
     monkeypatch.setattr(GraphBatch, "stage", interrupted)
     with pytest.raises(KeyboardInterrupt):

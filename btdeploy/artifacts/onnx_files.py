@@ -106,12 +106,13 @@ def load_graph(path: Path, what: str, load_weights: bool = True) -> onnx.ModelPr
 
 def save_graph_atomically(
     model: onnx.ModelProto, path: Path, external: bool | None = None, apart: WeightBytes = NO_WEIGHTS
-) -> None:
+) -> bool:
     """Write model (and its `.data` past 2 GB, or whatever its size with `external`) under temporary
     names, then rename into place; the stubs of the weights `apart` holds get those bytes. The model
-    itself is left as it was."""
+    itself is left as it was. Returns whether the weights went to `.data`."""
     with GraphBatch() as batch:
         batch.stage(model, path, external, apart)
+        return len(batch.staged) > 1
 
 
 class GraphBatch:

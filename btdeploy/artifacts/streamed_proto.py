@@ -43,7 +43,7 @@ def encoded_size(message: Message, apart: WeightBytes = NO_WEIGHTS) -> int:
     """`message.ByteSize()`, without encoding the model whole (with the weights `apart` holds in
     their stubs' place). Raises EncodeError, as ByteSize does, where one part is past protobuf's 2 GB."""
     if not _opened(message):
-        held = held_bytes(message, apart) if isinstance(message, onnx.TensorProto) else None
+        held = held_bytes(message, apart)
         return int(message.ByteSize()) + (0 if held is None else len(_raw_data_header(held)) + held.nbytes)
     total = 0
     for field, value in message.ListFields():
@@ -68,7 +68,7 @@ def write_encoded(message: Message, stream: BinaryIO, apart: WeightBytes = NO_WE
             continue
         tag = _varint(field.number << 3 | _LENGTH_DELIMITED)
         for item in _items(value):
-            held = held_bytes(item, apart) if isinstance(item, onnx.TensorProto) else None
+            held = held_bytes(item, apart)
             if _opened(item):
                 stream.write(tag + _varint(encoded_size(item, apart)))
                 write_encoded(item, stream, apart)

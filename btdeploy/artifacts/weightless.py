@@ -43,11 +43,13 @@ def _copy_fields(source: Message, target: Message, skip: Iterable[str]) -> None:
             setattr(target, field.name, value)
 
 
-def held_bytes(tensor: onnx.TensorProto, apart: WeightBytes) -> memoryview | None:
-    """The bytes `apart` holds for `tensor`, where it is a stub of theirs (no data of its own)."""
-    if not apart or tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
+def held_bytes(message: Message, apart: WeightBytes) -> memoryview | None:
+    """The bytes `apart` holds for `message`, where it is a tensor stub of theirs (no data of its own)."""
+    if not apart or not isinstance(message, onnx.TensorProto):
         return None
-    return apart.get(tensor.name)
+    if message.HasField("raw_data") or message.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    return apart.get(message.name)
 
 
 def _weightless(
@@ -99,10 +101,10 @@ def raw_size(tensor: onnx.TensorProto) -> int:
     a bytes field on every read (on base 1.3 GB for the weights of one graph)."""
     if not tensor.HasField("raw_data"):
         return 0
-    return _size_from_dims(tensor) or len(tensor.raw_data)  # a type numpy does not hold: read it
+    return size_from_dims(tensor) or len(tensor.raw_data)  # a type numpy does not hold: read it
 
 
-def _size_from_dims(tensor: onnx.TensorProto) -> int | None:
+def size_from_dims(tensor: onnx.TensorProto) -> int | None:
     """A tensor's byte size from its dims and type, or None for a type numpy does not hold."""
     count = math.prod(tensor.dims)
     if tensor.data_type in _PACKED_4BIT:
@@ -248,4 +250,4 @@ def check_without_weights(model: onnx.ModelProto, apart: WeightBytes = NO_WEIGHT
 def _external_length(tensor: onnx.TensorProto) -> int:
     """The byte length an external tensor's reference gives, or else its dims and type."""
     given = ExternalDataInfo(tensor).length
-    return given if given is not None else _size_from_dims(tensor) or 0
+    return given if given is not None else size_from_dims(tensor) or 0

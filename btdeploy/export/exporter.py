@@ -23,9 +23,7 @@ from btdeploy.artifacts.onnx_files import (
     graph_bytes,
     graph_sha256,
     load_graph,
-    needs_external_data,
     save_graph_atomically,
-    serialized_bytes,
 )
 from btdeploy.errors import BtDeployError
 from btdeploy.export.held_weights import ExportedGraph, weights_held_back
@@ -242,9 +240,7 @@ def _store_model(exported: ExportedGraph, target: Path) -> bool:
         check_without_weights(exported.model, exported.weights)
     except onnx.checker.ValidationError as error:
         raise BtDeployError(f"the exported graph fails the ONNX checker: {' '.join(str(error).split())}") from None
-    external = needs_external_data(serialized_bytes(exported.model, exported.weights))
-    save_graph_atomically(exported.model, target, external, exported.weights)
-    return external
+    return save_graph_atomically(exported.model, target, apart=exported.weights)
 
 
 def _copy_processor(source: ModelSource, target: Path, config: Any) -> str | None:

@@ -16,7 +16,6 @@ Constant node, they are unnamed as below it, the weights the same bytes. Base it
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Any
 
 import onnx
 
-from btdeploy.artifacts.weightless import WeightBytes
+from btdeploy.artifacts.weightless import WeightBytes, size_from_dims
 from btdeploy.errors import BtDeployError
 from btdeploy.swaps import replaced
 
@@ -100,10 +99,6 @@ def _tensor_bytes(tensor: Any) -> memoryview:
 
 def _same_size(stub: onnx.TensorProto, data: memoryview) -> None:
     """The stub's type and dims (torch's graph input) must describe the tensor handed over."""
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(stub.data_type).itemsize
-    except (KeyError, TypeError, ValueError):
-        return  # a type numpy does not hold: its size cannot be checked here
-    expected = math.prod(stub.dims) * itemsize
-    if expected != data.nbytes:
+    expected = size_from_dims(stub)
+    if expected is not None and expected != data.nbytes:  # None: a type numpy does not hold
         raise RuntimeError(f"{stub.name}: the graph declares {expected} bytes, the tensor holds {data.nbytes}")

@@ -123,7 +123,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from btdeploy.model.checkpoints import resolve_model
     from btdeploy.model.heads import parse_heads
 
-    export_heads(resolve_model(args.model, args.seed), parse_heads(args.heads), Path(args.out), args.opset, args.split)
+    source = resolve_model(args.model, args.seed)
+    export_heads(source, parse_heads(args.heads), Path(args.out), args.opset, args.split, args.exporter)
     return 0
 
 
@@ -267,6 +268,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         flavours=tuple(parse_flavour(f, "--flavours") for f in args.flavours),  # type: ignore[misc]
         force=args.force,
         check_data=(args.check_images, args.check_texts),
+        exporter=args.exporter,
     )
     return 0 if passed else 1
 
@@ -384,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     from btdeploy.artifacts.graph_names import Flavour, Precision
     from btdeploy.backends.targets import TARGETS
     from btdeploy.bench.runner import DEFAULT_TEXT_LENGTHS as DEFAULT_BENCH_TEXT_LENGTHS
-    from btdeploy.export.exporter import DEFAULT_OPSET
+    from btdeploy.export.exporter import DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS
     from btdeploy.model.heads import HEADS
     from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE
     from btdeploy.quantize.methods import PRECISIONS
@@ -392,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     from btdeploy.serve.triton_repo import BACKENDS as TRITON_BACKENDS
     from btdeploy.verify.check import DEFAULT_BATCH_SIZES, DEFAULT_TEXT_LENGTHS
 
+    exporter_help = (
+        "torch's ONNX exporter (default: %(default)s; dynamo is torch.export-based, the one torch keeps "
+        "once its deprecated TorchScript exporter goes)"
+    )
     calib_size_help = (
         f"calibration rows: image-caption pairs, or generated rows without files (default {DEFAULT_CALIB_SIZE})"
     )
@@ -472,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--split", action="store_true", help="also write text.onnx, vision.onnx and fusion.onnx (split towers)"
     )
+    export.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER, help=exporter_help)
 
     check = add("check", cmd_check, "parity of exported heads against the PyTorch reference")
     check.add_argument("dir", help="export folder or one head folder")
@@ -692,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument(
         "--split", action="store_true", help="also export and check the text, vision and fusion graphs"
     )
+    pipeline.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER, help=exporter_help)
     pipeline.add_argument(
         "--flavours",
         type=_names,

@@ -21,7 +21,7 @@ from btdeploy.artifacts.graph_names import Flavour, Precision, graph_key
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.artifacts.onnx_files import graph_bytes
 from btdeploy.backends.targets import TARGETS, RunOptions
-from btdeploy.export.exporter import DEFAULT_OPSET, export_head
+from btdeploy.export.exporter import DEFAULT_EXPORTER, DEFAULT_OPSET, export_head
 from btdeploy.model.checkpoints import head_weight_count, load_config, resolve_model
 from btdeploy.model.heads import HEADS, get_head
 from btdeploy.model.media import paired_files
@@ -94,6 +94,7 @@ def run_pipeline(
     flavours: tuple[Flavour, ...] = tuple(Flavour),
     force: bool = False,
     check_data: tuple[Path | None, Path | None] = (None, None),
+    exporter: str = DEFAULT_EXPORTER,
 ) -> bool:
     """The main job. Graphs already in `out` that this run would make the same way (same checkpoint,
     source graphs, calibration and tool versions, intact on disk) are kept unless `force`. Every
@@ -158,7 +159,7 @@ def run_pipeline(
         say(f"pipeline {index}/{len(heads)}: {head}")
         summary = HeadSummary(head)
         with timed(summary, "export") as entry:
-            manifest = export_head(source, head, out, opset, split, reuse=reuse)
+            manifest = export_head(source, head, out, opset, split, reuse=reuse, exporter=exporter)
             entry["reused"] = manifest.reused
         summary.size_mb = graph_bytes(manifest.model_path) / 1e6
         summary.missing_weights = list(manifest.data["model"].get("missing_weights", []))

@@ -28,6 +28,7 @@ from btdeploy.artifacts.onnx_files import (
 from btdeploy.errors import BtDeployError
 from btdeploy.export.held_weights import ExportedGraph, weights_held_back
 from btdeploy.export.patches import fusable_export
+from btdeploy.export.torch_export import export_with_torch_export
 from btdeploy.imports import serial_imports
 from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model, weights_sha256
 from btdeploy.model.configs import config_fingerprint, max_text_length
@@ -40,6 +41,14 @@ from btdeploy.progress import say, step, warn
 
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = range(14, 21)  # what the TorchScript exporter emits
+# torch's exporters: TorchScript (the default, deprecated by torch) and torch.export ("dynamo",
+# export/torch_export.py). Both graphs go through the same passes, quantizers and checks.
+EXPORTERS = ("torchscript", "dynamo")
+DEFAULT_EXPORTER = "torchscript"
+_EXPORTER_NAMES = {
+    "torchscript": "torch.onnx (TorchScript), btdeploy.patches.fusable_export",
+    "dynamo": "torch.onnx (torch.export, dynamo=True), btdeploy.patches.fusable_export",
+}
 
 
 def export_head(
@@ -49,13 +58,17 @@ def export_head(
     opset: int = DEFAULT_OPSET,
     split: bool = False,
     reuse: bool = False,
+    exporter: str = DEFAULT_EXPORTER,
 ) -> Manifest:
     """Export one head to out_dir/<head>/model.onnx with its manifest; all-or-nothing.
 
     With `split`, the text tower, vision tower and fusion graphs (text.onnx, vision.onnx,
     fusion.onnx) are written beside it. With `reuse`, an export already there from the same
-    checkpoint (same files), seed, opset and tool versions, with its graphs intact, is kept (one
-    with split graphs also where `split` is not asked for)."""
+    checkpoint (same files), seed, opset, exporter and tool versions, with its graphs intact, is
+    kept (one with split graphs also where `split` is not asked for). `exporter` is one of
+    EXPORTERS: torch's TorchScript exporter or its torch.export-based one."""
+    if exporter not in EXPORTERS:
+        raise BtDeployError(f"--exporter {exporter} is not known: use one of {', '.join(EXPORTERS)}")
     if opset not in SUPPORTED_OPSETS:
         raise BtDeployError(
             f"--opset {opset} is not supported: use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
@@ -67,13 +80,13 @@ def export_head(
     hashes = file_hashes(source.checkpoint)
     checkpoint_sha256, weights = folder_sha256(source.checkpoint, hashes), weights_sha256(source.checkpoint, hashes)
     if reuse:
-        kept = _reusable_export(final, source, checkpoint_sha256, opset, split)
+        kept = _reusable_export(final, source, checkpoint_sha256, opset, split, exporter)
         if kept is not None:
-            say(f"export {head.name}: {final / MODEL_NAME} is up to date (same checkpoint, seed, opset and tool "
-                "versions); --force exports it again")  # fmt: skip
+            say(f"export {head.name}: {final / MODEL_NAME} is up to date (same checkpoint, seed, opset, exporter "
+                "and tool versions); --force exports it again")  # fmt: skip
             return kept
     with step(f"export {head.name}") as cost:
-        manifest = _export(source, head, final, opset, split, checkpoint_sha256, weights)
+        manifest = _export(source, head, final, opset, split, checkpoint_sha256, weights, exporter)
     manifest.data["onnx"]["step"] = cost.to_json()  # the whole step, reference load included
     manifest.write()
     say(f"wrote {final / MODEL_NAME} ({graph_bytes(final / MODEL_NAME) / 1e6:.1f} MB)")
@@ -81,7 +94,7 @@ def export_head(
 
 
 def _reusable_export(
-    final: Path, source: ModelSource, checkpoint_sha256: str, opset: int, split: bool
+    final: Path, source: ModelSource, checkpoint_sha256: str, opset: int, split: bool, exporter: str
 ) -> Manifest | None:
     """The export already in `final`, when this run would write the same graphs; else None."""
     try:
@@ -94,6 +107,7 @@ def _reusable_export(
         and model.get("seed") == source.seed
         and model.get("checkpoint_sha256") == checkpoint_sha256
         and onnx_record.get("opset") == opset
+        and onnx_record.get("exporter") == _EXPORTER_NAMES[exporter]
         # An export with split graphs serves a run that does not ask for them (its whole graph is
         # the same): re-exporting would throw away the split graphs and every graph made from them.
         and (bool(manifest.data.get("split")) or not split)
@@ -116,19 +130,20 @@ def _export(
     split: bool,
     checkpoint_sha256: str,
     weights: str,
+    exporter: str,
 ) -> Manifest:
     with step(f"loading the {head.name} reference from {source.spec}"):
         loaded = load_head_model(source, head)
     with head_lock(final, f"btdeploy export --heads {head.name}"), staged_directory(final) as staging:
-        with step(f"exporting {head.name} to ONNX (opset {opset})"):
-            exported, seconds = _torch_to_onnx(loaded, head, staging / MODEL_NAME, opset)
+        with step(f"exporting {head.name} to ONNX (opset {opset}, {exporter} exporter)"):
+            exported, seconds = _torch_to_onnx(loaded, head, staging / MODEL_NAME, opset, exporter)
         with step(f"checking {head.name} with the ONNX checker and writing it"):
             external = _store_model(exported, staging / MODEL_NAME)
             del exported
-        parts = _export_parts(loaded, head, staging, opset) if split else None
+        parts = _export_parts(loaded, head, staging, opset, exporter) if split else None
         processor_problem = _copy_processor(source, staging / PROCESSOR_DIR, loaded.config)
         manifest = Manifest(
-            final, _manifest_data(source, head, loaded, opset, staging, external, seconds, processor_problem)
+            final, _manifest_data(source, head, loaded, opset, exporter, staging, external, seconds, processor_problem)
         )
         if parts:
             manifest.data["split"] = parts
@@ -148,12 +163,15 @@ def trace_text_length(head: HeadSpec, config: Any) -> int:
     return min(head.export_text_length, max_text_length(config))
 
 
-def _torch_to_onnx(loaded: LoadedModel, head: HeadSpec, path: Path, opset: int) -> tuple[ExportedGraph, float]:
+def _torch_to_onnx(
+    loaded: LoadedModel, head: HeadSpec, path: Path, opset: int, exporter: str
+) -> tuple[ExportedGraph, float]:
     feeds = sample_inputs(loaded.config, head.export_batch, trace_text_length(head, loaded.config), seed=1234)
     args = tuple(feeds[name] for name in head.input_names)
     module = head_module(loaded.model, head)
     axes = head.dynamic_axes(loaded.config)
-    return _trace(module, args, path, opset, head.input_names, head.output_names, axes, f"the {head.name} head")
+    names = (head.input_names, head.output_names)
+    return _trace(module, args, path, opset, exporter, *names, axes, f"the {head.name} head")
 
 
 def _trace(
@@ -161,6 +179,7 @@ def _trace(
     args: tuple[Any, ...],
     path: Path,
     opset: int,
+    exporter: str,
     input_names: list[str],
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
@@ -169,11 +188,16 @@ def _trace(
     """torch.onnx.export under the export patches, the weights held back (export/held_weights.py):
     torch writes the graph alone to `path`, which the graph with its weights replaces. Export at
     batch 2 and a mid text length with padding, so no axis is specialised to 1 and the mask path is
-    traced with zeros in it."""
+    traced with zeros in it. The dynamo exporter hands its graph back in memory (export/torch_export.py)."""
     import torch
 
     tensors = tuple(torch.from_numpy(a) if not isinstance(a, torch.Tensor) else a for a in args)
     started = time.monotonic()
+    if exporter == "dynamo":
+        with torch.no_grad(), fusable_export():
+            exported = export_with_torch_export(module, tensors, opset, input_names, output_names, dynamic_axes, what)
+        module.eval()
+        return exported, time.monotonic() - started
     with warnings.catch_warnings(), torch.no_grad(), fusable_export(), weights_held_back() as held:
         warnings.simplefilter("ignore")  # tracer warnings about Python branches, all on static config
         try:
@@ -194,7 +218,7 @@ def _trace(
     return held.graph(load_graph(path, "export again")), time.monotonic() - started
 
 
-def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int) -> dict[str, Any]:
+def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int, exporter: str) -> dict[str, Any]:
     """text.onnx, vision.onnx and fusion.onnx; the fusion graph is traced on the towers' outputs."""
     import torch
 
@@ -213,7 +237,8 @@ def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int
     for name, spec in specs.items():
         target = staging / f"{name}.onnx"
         with step(f"exporting the {head.name} {name} graph"):
-            exported, _ = _trace(modules[name], args[name], target, opset, spec.input_names, spec.output_names,
+            names = (spec.input_names, spec.output_names)
+            exported, _ = _trace(modules[name], args[name], target, opset, exporter, *names,
                                  spec.dynamic_axes(config), f"the {head.name} {name} graph")  # fmt: skip
             _store_model(exported, target)
             del exported
@@ -273,6 +298,7 @@ def _manifest_data(
     head: HeadSpec,
     loaded: LoadedModel,
     opset: int,
+    exporter: str,
     folder: Path,
     external: bool,
     seconds: float,
@@ -297,7 +323,7 @@ def _manifest_data(
             "external_data": data_file(folder / MODEL_NAME).name if external else None,
             "sha256": graph_sha256(folder / MODEL_NAME),
             "opset": opset,
-            "exporter": "torch.onnx (TorchScript), btdeploy.patches.fusable_export",
+            "exporter": _EXPORTER_NAMES[exporter],
             "export_shape": {"batch": head.export_batch, "text_length": head.export_text_length},
             "export_seconds": round(seconds, 2),
         },
@@ -311,13 +337,18 @@ def _manifest_data(
 
 
 def export_heads(
-    source: ModelSource, heads: list[str], out_dir: Path, opset: int = DEFAULT_OPSET, split: bool = False
+    source: ModelSource,
+    heads: list[str],
+    out_dir: Path,
+    opset: int = DEFAULT_OPSET,
+    split: bool = False,
+    exporter: str = DEFAULT_EXPORTER,
 ) -> list[Manifest]:
     manifests = []
     for index, head in enumerate(heads, 1):
         say(f"head {index}/{len(heads)}: {head}")
-        manifests.append(export_head(source, head, out_dir, opset, split))
+        manifests.append(export_head(source, head, out_dir, opset, split, exporter=exporter))
     return manifests
 
 
-__all__ = ["export_head", "export_heads", "DEFAULT_OPSET", "MANIFEST_NAME"]
+__all__ = ["export_head", "export_heads", "DEFAULT_EXPORTER", "DEFAULT_OPSET", "EXPORTERS", "MANIFEST_NAME"]

@@ -63,7 +63,7 @@ class HeldWeights:
             stub.name = value.name
             stub.data_type = value.type.tensor_type.elem_type
             stub.dims.extend(dim.dim_value for dim in value.type.tensor_type.shape.dim)
-            weights[value.name] = _tensor_bytes(tensor)
+            weights[value.name] = tensor_bytes(tensor)
             _same_size(stub, weights[value.name])
         self.tensors = None  # the memoryviews keep what is written alive; nothing else needs the rest
         return ExportedGraph(model, weights)
@@ -88,7 +88,7 @@ def weights_held_back() -> Iterator[HeldWeights]:
         yield held
 
 
-def _tensor_bytes(tensor: Any) -> memoryview:
+def tensor_bytes(tensor: Any) -> memoryview:
     """The tensor's bytes as they lie in memory (ONNX's raw_data is little-endian, as torch's CPUs
     are): a view, not a copy, unless the tensor was not contiguous."""
     import torch

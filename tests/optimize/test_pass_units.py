@@ -23,6 +23,7 @@ from btdeploy.optimize.passes.integer_matmul import INTEGER_MATMULS
 from btdeploy.optimize.passes.layernorm import BRIDGE_LAYERNORM, RESIDUAL_LAYERNORM, split_skip_layernorm
 from btdeploy.optimize.passes.qdq_islands import QDQ_ISLANDS
 from btdeploy.optimize.passes.shared_weights import SHARED_WEIGHTS
+from btdeploy.optimize.passes.weight_layouts import WEIGHT_LAYOUTS
 
 WIDTH, HEADS = 8, 2
 RNG = np.random.default_rng(7)
@@ -433,6 +434,32 @@ def test_shared_weights_are_read_directly_and_cleanup_drops_dead_nodes() -> None
     assert result.details["initializers_removed"] == 1  # the unused bias
     feeds = {"h": RNG.standard_normal((2, WIDTH)).astype(np.float32)}
     np.testing.assert_allclose(_run(cleaned, feeds)[0], _run(model, feeds)[0], atol=1e-6)
+
+
+def test_weights_behind_layout_operators_become_initializers() -> None:
+    # The dynamo exporter's packed in-projection: MatMul(x, Transpose(Slice(packed))); and a Transpose
+    # of an activation, which must stay.
+    packed = RNG.standard_normal((3 * WIDTH, WIDTH)).astype(np.float32)
+    inits = [
+        _init("packed", packed),
+        *(_init(n, np.array([v])) for n, v in (("start", WIDTH), ("end", 2 * WIDTH), ("axis", 0))),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["packed", "start", "end", "axis"], ["k_rows"]),
+        helper.make_node("Transpose", ["k_rows"], ["k_w"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "k_w"], ["k"]),
+        helper.make_node("Transpose", ["k"], ["y"], perm=[1, 0]),
+    ]
+    model = _model(nodes, [_float("h", ["b", WIDTH])], ["y"], inits, opset=17)
+    folded, result = _rewrite(model, WEIGHT_LAYOUTS)
+    assert _ops(folded) == ["MatMul", "Transpose"]
+    assert result.fused == 2 and result.details == {"transpose_folded": 1, "slice_folded": 1}
+    weight = Graph(folded).constant("k_w")
+    assert weight is not None
+    np.testing.assert_array_equal(weight, packed[WIDTH : 2 * WIDTH].T)  # the folding is exact
+    feeds = {"h": RNG.standard_normal((2, WIDTH)).astype(np.float32)}
+    np.testing.assert_array_equal(_run(folded, feeds)[0], _run(model, feeds)[0])
+    assert _rewrite(folded, WEIGHT_LAYOUTS)[1].fused == 0  # nothing left to fold
 
 
 # The activations a config's hidden_act exports as besides the GELUs; Clip with its optional min

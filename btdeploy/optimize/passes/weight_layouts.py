@@ -1,0 +1,46 @@
+"""Weights behind layout operators: a Transpose, Slice, Reshape, Squeeze or Unsqueeze that reads only
+constants becomes the initializer it computes.
+
+torch's dynamo exporter (`btdeploy export --exporter dynamo`) folds constants only up to a size, so
+the vision tower's packed in-projection reaches its Q, K and V MatMuls as Transpose(Slice(weight))
+at run time. The fusions find a projection's weight only where it is a constant, and quantizers
+only quantize MatMuls whose weight is one, so this pass runs first. The TorchScript exporter folds
+them itself: there the pass finds nothing. The cleanup pass drops the weights left unread.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from onnx.reference import ReferenceEvaluator
+
+from btdeploy.optimize.graph import Graph
+from btdeploy.optimize.passes.base import GraphPass, PassResult
+
+# Operators that move or select a weight's elements and compute nothing: folding them is exact.
+LAYOUT_OPS = ("Transpose", "Slice", "Reshape", "Squeeze", "Unsqueeze")
+
+
+def fold_weight_layouts(graph: Graph) -> PassResult:
+    result = PassResult("weight layouts")
+    folded: Counter[str] = Counter()
+    outputs = graph.output_names
+    for node in list(graph.graph.node):  # in graph order: a chain folds from its weight down
+        if node.op_type not in LAYOUT_OPS or node.domain not in ("", "ai.onnx") or node.output[0] in outputs:
+            continue
+        values = [graph.constant(name) if name else None for name in node.input]
+        if any(value is None for name, value in zip(node.input, values, strict=True) if name):
+            continue
+        feeds = {name: value for name, value in zip(node.input, values, strict=True) if name}
+        (computed,) = ReferenceEvaluator(node).run(None, feeds)
+        name, op_type = node.output[0], node.op_type
+        graph.replace([node], [])
+        graph.add_initializer(name, np.asarray(computed), exact_name=True)
+        folded[op_type] += 1
+    result.fused = sum(folded.values())
+    result.details = {f"{op.lower()}_folded": folded[op] for op in LAYOUT_OPS if folded[op]}
+    return result
+
+
+WEIGHT_LAYOUTS = GraphPass.every_flavour("weight layouts", fold_weight_layouts)

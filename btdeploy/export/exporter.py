@@ -41,14 +41,15 @@ from btdeploy.progress import say, step, warn
 
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = range(14, 21)  # what the TorchScript exporter emits
-# torch's exporters: TorchScript (the default, deprecated by torch) and torch.export ("dynamo",
-# export/torch_export.py). Both graphs go through the same passes, quantizers and checks.
-EXPORTERS = ("torchscript", "dynamo")
-DEFAULT_EXPORTER = "torchscript"
+# torch's exporters, each with the name its manifests record: TorchScript (the default, deprecated
+# by torch) and torch.export ("dynamo", export/torch_export.py). Both graphs go through the same
+# passes, quantizers and checks.
 _EXPORTER_NAMES = {
     "torchscript": "torch.onnx (TorchScript), btdeploy.patches.fusable_export",
     "dynamo": "torch.onnx (torch.export, dynamo=True), btdeploy.patches.fusable_export",
 }
+EXPORTERS = tuple(_EXPORTER_NAMES)
+DEFAULT_EXPORTER = "torchscript"
 
 
 def export_head(
@@ -185,20 +186,38 @@ def _trace(
     dynamic_axes: dict[str, dict[int, str]],
     what: str,
 ) -> tuple[ExportedGraph, float]:
-    """torch.onnx.export under the export patches, the weights held back (export/held_weights.py):
-    torch writes the graph alone to `path`, which the graph with its weights replaces. Export at
-    batch 2 and a mid text length with padding, so no axis is specialised to 1 and the mask path is
-    traced with zeros in it. The dynamo exporter hands its graph back in memory (export/torch_export.py)."""
+    """`module` on `args` to ONNX with `exporter`, under the export patches: the graph, each weight a
+    stub with its bytes apart, and the seconds it took. Export at batch 2 and a mid text length with
+    padding, so no axis is specialised to 1 and the mask path is traced with zeros in it."""
     import torch
 
     tensors = tuple(torch.from_numpy(a) if not isinstance(a, torch.Tensor) else a for a in args)
+    names = (input_names, output_names)
     started = time.monotonic()
-    if exporter == "dynamo":
-        with torch.no_grad(), fusable_export():
-            exported = export_with_torch_export(module, tensors, opset, input_names, output_names, dynamic_axes, what)
-        module.eval()
-        return exported, time.monotonic() - started
-    with warnings.catch_warnings(), torch.no_grad(), fusable_export(), weights_held_back() as held:
+    with torch.no_grad(), fusable_export():
+        if exporter == "dynamo":
+            exported = export_with_torch_export(module, tensors, opset, *names, dynamic_axes, what)
+        else:
+            exported = _torchscript_export(module, tensors, path, opset, *names, dynamic_axes, what)
+    module.eval()  # the exporters restore the training flag they found; keep eval for any later use
+    return exported, time.monotonic() - started
+
+
+def _torchscript_export(
+    module: Any,
+    tensors: tuple[Any, ...],
+    path: Path,
+    opset: int,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    what: str,
+) -> ExportedGraph:
+    """The TorchScript exporter with the weights held back (export/held_weights.py): torch writes the
+    graph alone to `path`, which is read back and takes its weights as stubs."""
+    import torch
+
+    with warnings.catch_warnings(), weights_held_back() as held:
         warnings.simplefilter("ignore")  # tracer warnings about Python branches, all on static config
         try:
             torch.onnx.export(
@@ -214,8 +233,7 @@ def _trace(
             )
         except Exception as error:
             raise BtDeployError(f"torch.onnx.export failed for {what}: {error}") from None
-    module.eval()  # the exporter restores the training flag it found; keep eval for any later use
-    return held.graph(load_graph(path, "export again")), time.monotonic() - started
+    return held.graph(load_graph(path, "export again"))
 
 
 def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int, exporter: str) -> dict[str, Any]:

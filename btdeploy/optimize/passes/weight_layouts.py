@@ -29,10 +29,9 @@ def fold_weight_layouts(graph: Graph) -> PassResult:
     for node in list(graph.graph.node):  # in graph order: a chain folds from its weight down
         if node.op_type not in LAYOUT_OPS or node.domain not in ("", "ai.onnx") or node.output[0] in outputs:
             continue
-        values = [graph.constant(name) if name else None for name in node.input]
-        if any(value is None for name, value in zip(node.input, values, strict=True) if name):
+        feeds = {name: graph.constant(name) for name in node.input if name}  # "": an optional input left out
+        if any(value is None for value in feeds.values()):
             continue
-        feeds = {name: value for name, value in zip(node.input, values, strict=True) if name}
         (computed,) = ReferenceEvaluator(node).run(None, feeds)
         name, op_type = node.output[0], node.op_type
         graph.replace([node], [])

@@ -28,7 +28,7 @@ from btdeploy.artifacts.onnx_files import (
 from btdeploy.errors import BtDeployError
 from btdeploy.export.held_weights import ExportedGraph, weights_held_back
 from btdeploy.export.patches import fusable_export
-from btdeploy.export.torch_export import export_with_torch_export
+from btdeploy.export.torch_export import LEAST_CONVERTIBLE_OPSET, export_with_torch_export
 from btdeploy.imports import serial_imports
 from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model, weights_sha256
 from btdeploy.model.configs import config_fingerprint, max_text_length
@@ -52,6 +52,12 @@ EXPORTERS = tuple(_EXPORTER_NAMES)
 DEFAULT_EXPORTER = "torchscript"
 
 
+def exported_with(manifest: Manifest) -> str | None:
+    """Which of EXPORTERS wrote this head's graphs (None: an export from before manifests said)."""
+    recorded = manifest.data.get("onnx", {}).get("exporter")
+    return next((key for key, name in _EXPORTER_NAMES.items() if name == recorded), None)
+
+
 def export_head(
     source: ModelSource,
     head_name: str,
@@ -73,6 +79,13 @@ def export_head(
     if opset not in SUPPORTED_OPSETS:
         raise BtDeployError(
             f"--opset {opset} is not supported: use {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}"
+        )
+    if exporter == "dynamo" and opset < LEAST_CONVERTIBLE_OPSET:
+        # said before the model loads and exports for minutes, only for ONNX's converter to fail
+        raise BtDeployError(
+            f"--opset {opset} with --exporter dynamo: its graphs convert down to opset {LEAST_CONVERTIBLE_OPSET} "
+            f"at the oldest (LayerNormalization came with it): export at --opset {LEAST_CONVERTIBLE_OPSET} or "
+            "later, or with --exporter torchscript"
         )
     head = get_head(head_name)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
@@ -369,4 +382,12 @@ def export_heads(
     return manifests
 
 
-__all__ = ["export_head", "export_heads", "DEFAULT_EXPORTER", "DEFAULT_OPSET", "EXPORTERS", "MANIFEST_NAME"]
+__all__ = [
+    "export_head",
+    "export_heads",
+    "exported_with",
+    "DEFAULT_EXPORTER",
+    "DEFAULT_OPSET",
+    "EXPORTERS",
+    "MANIFEST_NAME",
+]

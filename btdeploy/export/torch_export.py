@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +31,7 @@ from btdeploy.export.held_weights import ExportedGraph, tensor_bytes
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
 LEAST_EXPORTER_OPSET = 18  # the oldest opset torch's dynamo exporter writes
+LEAST_CONVERTIBLE_OPSET = 17  # the oldest its graphs convert to
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
 
 
@@ -186,14 +188,17 @@ def _convert_down(model: onnx.ModelProto, opset: int, what: str) -> onnx.ModelPr
     """ONNX's version converter on the weightless graph (its stubs still external references)."""
     from onnx import version_converter
 
-    advice = f"export with --opset {LEAST_EXPORTER_OPSET} or later, or --exporter torchscript"
+    # LayerNormalization, in every block, came with opset 17: the converter cannot go below it
+    advice = f"export at --opset {LEAST_CONVERTIBLE_OPSET} or later, or with --exporter torchscript"
     _int64_as_typed_field(model)
     try:
         converted = version_converter.convert_version(model, opset)
     except Exception as error:
+        # its assertions read "<source file>:<line>: adapt: Assertion `false` failed: <reason>"
+        reason = re.sub(r"^.*Assertion `[^`]*` failed: ", "", " ".join(str(error).split()))[:300]
         raise BtDeployError(
             f"{what}: ONNX could not convert the dynamo exporter's opset {LEAST_EXPORTER_OPSET} graph to "
-            f"opset {opset} ({' '.join(str(error).split())[:300]}): {advice}"
+            f"opset {opset} ({reason}): {advice}"
         ) from None
     for node in converted.graph.node:
         _drop_newer_attributes(node, opset, f"{what}: {advice}")
@@ -230,7 +235,9 @@ def _drop_newer_attributes(node: onnx.NodeProto, opset: int, advice: str) -> Non
 
 
 def _stubs_without_location(model: onnx.ModelProto) -> None:
-    """Each initializer a stub as ExportedGraph holds them: type and dims, no data, no location."""
+    """Each initializer a stub as ExportedGraph holds them: type and dims, no data, no location field
+    (not even DEFAULT written out: the graph then serializes as the TorchScript exporter's does, which
+    the byte-for-byte comparisons of quantize and the weights files rely on)."""
     for tensor in model.graph.initializer:
         del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.ClearField("data_location")

@@ -153,16 +153,23 @@ def test_a_checkpoint_saved_in_half_precision_exports_an_fp32_graph(tmp_path: Pa
     assert rows and all(row.passed for row in rows), [(r.output, r.stats.max_abs) for r in rows]
 
 
-def test_a_failed_export_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("exporter", "said"),
+    [("torchscript", "torch.onnx.export failed"), ("dynamo", r"torch.onnx.export \(dynamo\) failed")],
+)
+def test_a_failed_export_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exporter: str, said: str
+) -> None:
     import torch
 
     def broken_export(*args: object, **kwargs: object) -> None:
-        Path(str(args[2])).write_bytes(b"half a model")
+        if len(args) > 2:  # the TorchScript exporter is handed the file to write
+            Path(str(args[2])).write_bytes(b"half a model")
         raise RuntimeError("simulated exporter crash")
 
     monkeypatch.setattr(torch.onnx, "export", broken_export)
-    with pytest.raises(BtDeployError, match="torch.onnx.export failed for the itm head: simulated exporter crash"):
-        export_head(resolve_model("tiny"), "itm", tmp_path)
+    with pytest.raises(BtDeployError, match=f"{said} for the itm head: simulated exporter crash"):
+        export_head(resolve_model("tiny"), "itm", tmp_path, exporter=exporter)
     assert [p for p in tmp_path.rglob("*") if not p.name.endswith(".lock")] == []
 
 

@@ -18,7 +18,8 @@ from btdeploy.optimize.optimizer import optimize_head
 
 
 def _break_one_scale(path: Path) -> None:
-    """Read one block's query scale through an Identity, so it is no longer a constant."""
+    """Read one block's query scale through an Identity of a Constant node, so it is no longer a
+    constant to the fusions (an Identity of an initializer, the shared-weights pass would undo)."""
     model = onnx.load(str(path))
     graph = Graph(model)
     for node in graph.graph.node:
@@ -27,7 +28,10 @@ def _break_one_scale(path: Path) -> None:
         for index, name in enumerate(node.input):
             value = graph.constant(name)
             if value is not None and value.size == 1 and np.isclose(float(value.reshape(())), 32**-0.5):
-                graph.graph.node.append(helper.make_node("Identity", [name], ["planted_scale"], name="planted"))
+                scale = helper.make_tensor("planted_value", onnx.TensorProto.FLOAT, [], [float(value.reshape(()))])
+                graph.graph.node.append(helper.make_node("Constant", [], ["planted_value"], value=scale))
+                planted = helper.make_node("Identity", ["planted_value"], ["planted_scale"], name="planted")
+                graph.graph.node.append(planted)
                 node.input[index] = "planted_scale"
                 graph.toposort()
                 onnx.save(graph.model, str(path))

@@ -46,6 +46,7 @@ class _RowZero:
         self.memo: dict[str, str] = {}
         self.new_nodes: list[onnx.NodeProto] = []
         self.attention_blocks = 0
+        self.slices = 0  # tensors also read in full elsewhere, whose row 0 is sliced off
 
     def _mark(self) -> set[str]:
         """Tensors read only at row 0, found walking the graph backwards."""
@@ -100,6 +101,7 @@ class _RowZero:
                 self._const("cls_end", np.array([1], np.int64)),
             )
             result = self._emit("Slice", [tensor, zero, one, one])
+            self.slices += 1
         self.memo[tensor] = result
         return result
 
@@ -135,7 +137,11 @@ def compute_cls_rows(graph: Graph) -> PassResult:
         graph.toposort()
         graph.remove_dead()
     result.fused = rows.attention_blocks
-    result.details = {"poolers": len(poolers), "attention_blocks_one_row": rows.attention_blocks}
+    result.details = {
+        "poolers": len(poolers),
+        "attention_blocks_one_row": rows.attention_blocks,
+        "full_tensors_sliced": rows.slices,
+    }
     return result
 
 

@@ -77,11 +77,27 @@ def export_with_torch_export(
     weights = _hold_weights(graph)
     model = _serialize(program.model)
     del program, graph
+    _release_traced_graph()
     _release_matchers()
     if opset < LEAST_EXPORTER_OPSET:
         model = _convert_down(model, opset, what)
     _stubs_without_location(model)
     return ExportedGraph(model, weights)
+
+
+def _release_traced_graph() -> None:
+    """torch.export keeps a module-level map from each fake tensor it traced to the FX node that made
+    it, and never empties it: the whole traced graph stayed alive after the export, its GraphModule,
+    every node's metadata and a fake tensor per value (684 on tiny itm; they hold no data, so on base
+    itm the process holds 0.01 GB less, 0.55 GB after the export). Emptied here; the next export
+    fills it again."""
+    try:
+        from torch.fx.experimental import proxy_tensor
+    except ImportError:
+        return
+    held = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
+    if isinstance(held, dict):
+        held.clear()
 
 
 def _release_matchers() -> None:

@@ -61,6 +61,13 @@ def test_no_tensor_of_the_exporter_outlives_the_export(dynamo_export: Path) -> N
     # wrapped in the exporter's TorchTensor (212 of them on tiny itc; 1.5 GB on base itm).
     gc.collect()
     assert not [found for found in gc.get_objects() if type(found).__name__ == "TorchTensor"]
+    # torch.export's map from each traced fake tensor to its node had kept the traced graph alive.
+    traced = [
+        found
+        for found in gc.get_objects()
+        if type(found).__name__ == "GraphModule" and any("bridgetower" in node.name for node in found.graph.nodes)
+    ]
+    assert traced == []
 
 
 def test_the_reductions_keep_their_axes_through_the_opset_conversion(dynamo_export: Path) -> None:

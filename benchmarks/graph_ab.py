@@ -20,6 +20,11 @@ pages, where the build order effect was not seen) and times them round by round,
 it prints per shape the median of the per-round ratios A / B and how many rounds B won.
 
     python benchmarks/graph_ab.py A.onnx B.onnx --head-dir DIR/itm --paired [--repeats 2] [--runs 30]
+
+`--b-config KEY=VALUE` (repeatable) adds an ONNX Runtime session config entry to B's session
+only, so that A and B may be one graph with and without an option:
+
+    python benchmarks/graph_ab.py G.onnx G.onnx --head-dir DIR/itm --paired --b-config session.set_denormal_as_zero=1
 """
 
 from __future__ import annotations
@@ -33,22 +38,36 @@ from pathlib import Path
 from typing import Any
 
 
-def _backend(graph: Path, head_dir: Path, threads: int) -> tuple[Any, Any]:  # (the backend, the config)
+def _backend(which: str, args: argparse.Namespace) -> tuple[Any, Any]:  # (the backend, the config)
+    """Graph A or B on ONNX Runtime's CPU provider; B's session with the `--b-config` entries."""
     from btdeploy.artifacts.manifest import read_manifest
-    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
+    from btdeploy.backends import onnxruntime
     from btdeploy.model.heads import get_head
+    from btdeploy.swaps import replaced
 
-    manifest = read_manifest(head_dir)
+    manifest = read_manifest(args.head_dir)
     outputs = get_head(manifest.head).output_names
-    return OnnxRuntimeBackend(graph, outputs, ["cpu"], threads), manifest.config
+    entries = dict(entry.split("=", 1) for entry in args.b_config) if which == "B" else {}
+    plain_options = onnxruntime.session_options
+
+    def options(threads: int | None = None, spin: bool = True) -> Any:
+        made = plain_options(threads, spin)
+        for key, value in entries.items():
+            made.add_session_config_entry(key, value)
+        return made
+
+    graph = args.a if which == "A" else args.b
+    with replaced((onnxruntime, "session_options", options)):
+        backend = onnxruntime.OnnxRuntimeBackend(graph, outputs, ["cpu"], args.threads)
+    return backend, manifest.config
 
 
-def _largest_difference(graphs: list[Path], head_dir: Path, shapes: list[str], threads: int) -> dict[str, float]:
+def _largest_difference(args: argparse.Namespace, shapes: list[str]) -> dict[str, float]:
     import numpy as np
 
     from btdeploy.bench.lone import shape_feeds
 
-    (a, config), (b, _) = (_backend(g, head_dir, threads) for g in graphs)
+    (a, config), (b, _) = (_backend(which, args) for which in "AB")
     worst = {}
     for shape, feeds in shape_feeds(config, shapes).items():
         a_out, b_out = a.run(feeds), b.run(feeds)
@@ -61,7 +80,7 @@ def _paired_rounds(args: argparse.Namespace, shapes: list[str], order: str) -> d
     from btdeploy.bench.lone import WARMUP, shape_feeds
     from btdeploy.bench.runner import time_case
 
-    built = {which: _backend(args.a if which == "A" else args.b, args.head_dir, args.threads) for which in order}
+    built = {which: _backend(which, args) for which in order}
     config = built["A"][1]
     ratios = {}
     for shape, feeds in shape_feeds(config, shapes).items():
@@ -81,7 +100,7 @@ def _report_paired(args: argparse.Namespace, shapes: list[str], worst: dict[str,
             ratios[shape] += got[shape]
         progress = ", ".join(f"{s} {statistics.median(got[s]):.3f}" for s in shapes)
         print(f"process {repeat + 1}/{args.repeats} (built {order}): A / B {progress}", file=sys.stderr, flush=True)
-    print(f"A: {args.a}\nB: {args.b}")
+    print(f"A: {args.a}\nB: {args.b} {' '.join(args.b_config)}".rstrip())
     print(f"both graphs in each of {args.repeats} processes (built A first, then B first, ...); "
           f"{args.runs} rounds per shape in each")  # fmt: skip
     print("| batch x length | A / B, median of rounds | rounds B won | max abs difference |")
@@ -102,11 +121,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=8, help="timed runs per shape in each process")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--paired", action="store_true", help="both graphs in each process, round by round")
+    parser.add_argument("--b-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="an ONNX Runtime session config entry for B's session only (repeatable)")  # fmt: skip
     parser.add_argument("--child", choices=["A", "B", "AB", "BA", "difference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if any("=" not in entry for entry in args.b_config):
+        parser.error(f"--b-config takes KEY=VALUE, not {args.b_config}")
     shapes = args.shapes.split(",")
     if args.child == "difference":
-        print(json.dumps(_largest_difference([args.a, args.b], args.head_dir, shapes, args.threads)))
+        print(json.dumps(_largest_difference(args, shapes)))
         return
     from btdeploy.bench.lone import alternate, child_report, run_child
 
@@ -117,13 +140,13 @@ def main() -> None:
         _report_paired(args, shapes, run_child([*sys.argv, "--child", "difference"]))
         return
     if args.child:
-        backend, config = _backend(args.a if args.child == "A" else args.b, args.head_dir, args.threads)
+        backend, config = _backend(args.child, args)
         print(json.dumps(child_report(backend, config, shapes, args.runs)))
         return
     worst = run_child([*sys.argv, "--child", "difference"])
     times = alternate(["A", "B"], args.repeats, lambda which: [*sys.argv, "--child", which], shapes)
     medians = times.medians
-    print(f"A: {args.a}\nB: {args.b}")
+    print(f"A: {args.a}\nB: {args.b} {' '.join(args.b_config)}".rstrip())
     print(f"each graph alone in {args.repeats} processes, alternating; {args.runs} runs per shape; ms")
     print("| batch x length | A median | B median | A / B | paired | max abs difference |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -636,6 +636,33 @@ def test_graph_ab_paired_times_both_graphs_in_each_process_in_both_build_orders(
         assert 0 < float(difference) < 1e-4
 
 
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+def test_graph_ab_b_config_sets_the_option_on_bs_session_only(optimized: Path) -> None:
+    import argparse
+
+    from btdeploy.backends import onnxruntime as onnxruntime_backend
+
+    graph_ab = benchmark_module("graph_ab")
+    head, key = optimized / "itm", "session.set_denormal_as_zero"
+    args = argparse.Namespace(
+        a=head / "model.ort.onnx", b=head / "model.ort.onnx", head_dir=head, threads=1, b_config=[f"{key}=1"]
+    )
+    (a, _), (b, _) = graph_ab._backend("A", args), graph_ab._backend("B", args)
+    b_options, a_options = b.session.get_session_options(), a.session.get_session_options()
+    assert b_options.get_session_config_entry(key) == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        a_options.get_session_config_entry(key)
+    for options in (a_options, b_options):  # btdeploy's own entries stay on both
+        assert options.get_session_config_entry(onnxruntime_backend.SPIN_WITHIN_RUN) == "1"
+    assert onnxruntime_backend.session_options.__qualname__ == "session_options"  # the swap was undone
+    refused = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "graph_ab.py"), str(args.a), str(args.b), "--head-dir", str(head),
+         "--b-config", key],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--b-config takes KEY=VALUE" in refused.stderr
+
+
 def _assert_memory_rows(rows: list[list[str]], names: list[str]) -> None:
     """Each child's resident memory as its kernel reported it: a session of the tiny model, so more
     than Python's own few MB and well under 2 GB, with no more on huge pages than resident."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from btdeploy.errors import BtDeployError
 from btdeploy.export.held_weights import ExportedGraph, weights_held_back
 from btdeploy.export.patches import fusable_export
 from btdeploy.export.torch_export import LEAST_CONVERTIBLE_OPSET, export_with_torch_export
+from btdeploy.export.trace_request import TraceRequest
 from btdeploy.imports import serial_imports
 from btdeploy.model.checkpoints import LoadedModel, ModelSource, load_head_model, weights_sha256
 from btdeploy.model.configs import config_fingerprint, max_text_length
@@ -184,48 +186,27 @@ def _torch_to_onnx(
     args = tuple(feeds[name] for name in head.input_names)
     module = head_module(loaded.model, head)
     axes = head.dynamic_axes(loaded.config)
-    names = (head.input_names, head.output_names)
-    return _trace(module, args, path, opset, exporter, *names, axes, f"the {head.name} head")
+    request = TraceRequest(module, args, opset, head.input_names, head.output_names, axes, f"the {head.name} head")
+    return _trace(request, path, exporter)
 
 
-def _trace(
-    module: Any,
-    args: tuple[Any, ...],
-    path: Path,
-    opset: int,
-    exporter: str,
-    input_names: list[str],
-    output_names: list[str],
-    dynamic_axes: dict[str, dict[int, str]],
-    what: str,
-) -> tuple[ExportedGraph, float]:
-    """`module` on `args` to ONNX with `exporter`, under the export patches: the graph, each weight a
-    stub with its bytes apart, and the seconds it took. Export at batch 2 and a mid text length with
-    padding, so no axis is specialised to 1 and the mask path is traced with zeros in it."""
+def _trace(request: TraceRequest, path: Path, exporter: str) -> tuple[ExportedGraph, float]:
+    """The request's module on its inputs (numpy arrays or tensors) to ONNX with `exporter`, under the
+    export patches: the graph, each weight a stub with its bytes apart, and the seconds it took.
+    Export at batch 2 and a mid text length with padding, so no axis is specialised to 1 and the mask
+    path is traced with zeros in it."""
     import torch
 
-    tensors = tuple(torch.from_numpy(a) if not isinstance(a, torch.Tensor) else a for a in args)
-    names = (input_names, output_names)
+    tensors = tuple(torch.from_numpy(a) if not isinstance(a, torch.Tensor) else a for a in request.tensors)
+    request = replace(request, tensors=tensors)
     started = time.monotonic()
     with torch.no_grad(), fusable_export():
-        if exporter == "dynamo":
-            exported = export_with_torch_export(module, tensors, opset, *names, dynamic_axes, what)
-        else:
-            exported = _torchscript_export(module, tensors, path, opset, *names, dynamic_axes, what)
-    module.eval()  # the exporters restore the training flag they found; keep eval for any later use
+        exported = export_with_torch_export(request) if exporter == "dynamo" else _torchscript_export(request, path)
+    request.module.eval()  # the exporters restore the training flag they found; keep eval for any later use
     return exported, time.monotonic() - started
 
 
-def _torchscript_export(
-    module: Any,
-    tensors: tuple[Any, ...],
-    path: Path,
-    opset: int,
-    input_names: list[str],
-    output_names: list[str],
-    dynamic_axes: dict[str, dict[int, str]],
-    what: str,
-) -> ExportedGraph:
+def _torchscript_export(request: TraceRequest, path: Path) -> ExportedGraph:
     """The TorchScript exporter with the weights held back (export/held_weights.py): torch writes the
     graph alone to `path`, which is read back and takes its weights as stubs."""
     import torch
@@ -234,18 +215,18 @@ def _torchscript_export(
         warnings.simplefilter("ignore")  # tracer warnings about Python branches, all on static config
         try:
             torch.onnx.export(
-                module,
-                tensors,
+                request.module,
+                request.tensors,
                 str(path),
                 dynamo=False,
-                opset_version=opset,
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_axes=dynamic_axes,
+                opset_version=request.opset,
+                input_names=request.input_names,
+                output_names=request.output_names,
+                dynamic_axes=request.dynamic_axes,
                 do_constant_folding=True,
             )
         except Exception as error:
-            raise BtDeployError(f"torch.onnx.export failed for {what}: {error}") from None
+            raise BtDeployError(f"torch.onnx.export failed for {request.what}: {error}") from None
     return held.graph(load_graph(path, "export again"))
 
 
@@ -268,9 +249,9 @@ def _export_parts(loaded: LoadedModel, head: HeadSpec, staging: Path, opset: int
     for name, spec in specs.items():
         target = staging / f"{name}.onnx"
         with step(f"exporting the {head.name} {name} graph"):
-            names = (spec.input_names, spec.output_names)
-            exported, _ = _trace(modules[name], args[name], target, opset, exporter, *names,
-                                 spec.dynamic_axes(config), f"the {head.name} {name} graph")  # fmt: skip
+            request = TraceRequest(modules[name], args[name], opset, spec.input_names, spec.output_names,
+                                   spec.dynamic_axes(config), f"the {head.name} {name} graph")  # fmt: skip
+            exported, _ = _trace(request, target, exporter)
             _store_model(exported, target)
             del exported
         parts[name] = {

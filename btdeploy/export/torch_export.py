@@ -28,6 +28,7 @@ import onnx
 from btdeploy.artifacts.weightless import WEIGHT_BYTES
 from btdeploy.errors import BtDeployError
 from btdeploy.export.held_weights import ExportedGraph, tensor_bytes
+from btdeploy.export.trace_request import TraceRequest
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
 LEAST_EXPORTER_OPSET = 18  # the oldest opset torch's dynamo exporter writes
@@ -35,33 +36,26 @@ LEAST_CONVERTIBLE_OPSET = 17  # the oldest its graphs convert to
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")
 
 
-def export_with_torch_export(
-    module: Any,
-    tensors: tuple[Any, ...],
-    opset: int,
-    input_names: list[str],
-    output_names: list[str],
-    dynamic_axes: dict[str, dict[int, str]],
-    what: str,
-) -> ExportedGraph:
-    """`module` on `tensors` through torch.export and ONNX Script, the axes in `dynamic_axes` left
-    dynamic, in `opset`. The exporter writes opset 18 or later; an older opset is converted to here,
+def export_with_torch_export(request: TraceRequest) -> ExportedGraph:
+    """The request's module on its tensors through torch.export and ONNX Script, its dynamic axes left
+    dynamic, in its opset. The exporter writes opset 18 or later; an older opset is converted to here,
     without the weights (torch's own conversion drops the module scopes and copies every weight)."""
     import torch
 
+    opset, what = request.opset, request.what
     with _quiet(), warnings.catch_warnings():
         # dynamic_axes (what the heads declare) rather than dynamic_shapes: torch warns; the graph's
         # axes are named as the TorchScript exporter names them (the tests hold both to that).
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
-                module,
-                tensors,
+                request.module,
+                request.tensors,
                 dynamo=True,
                 opset_version=max(opset, LEAST_EXPORTER_OPSET),
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_axes=dynamic_axes,
+                input_names=request.input_names,
+                output_names=request.output_names,
+                dynamic_axes=request.dynamic_axes,
                 optimize=True,
                 verbose=False,
             )

@@ -21,6 +21,7 @@ from btdeploy.optimize.passes.cls_rows import CLS_ROWS
 from btdeploy.optimize.passes.gelu import GELU
 from btdeploy.optimize.passes.integer_matmul import INTEGER_MATMULS
 from btdeploy.optimize.passes.layernorm import BRIDGE_LAYERNORM, RESIDUAL_LAYERNORM, split_skip_layernorm
+from btdeploy.optimize.passes.no_op_casts import NO_OP_CASTS
 from btdeploy.optimize.passes.qdq_islands import QDQ_ISLANDS
 from btdeploy.optimize.passes.shared_weights import SHARED_WEIGHTS
 from btdeploy.optimize.passes.weight_layouts import WEIGHT_LAYOUTS
@@ -434,6 +435,56 @@ def test_shared_weights_are_read_directly_and_cleanup_drops_dead_nodes() -> None
     assert result.details["initializers_removed"] == 1  # the unused bias
     feeds = {"h": RNG.standard_normal((2, WIDTH)).astype(np.float32)}
     np.testing.assert_allclose(_run(cleaned, feeds)[0], _run(model, feeds)[0], atol=1e-6)
+
+
+def test_no_op_casts_are_dropped_and_the_pair_behind_one_fuses() -> None:
+    # As the TorchScript export writes them: the pixels through two Casts to FP32 in a row, a
+    # bridge-read vision layer's residual sum through one before its LayerNorm, and itc's
+    # embeddings through one into the graph's output.
+    gamma = (1 + 0.1 * RNG.standard_normal(WIDTH)).astype(np.float32)
+    beta = (0.1 * RNG.standard_normal(WIDTH)).astype(np.float32)
+    to_float = {"to": TensorProto.FLOAT}
+    layer_norm = "/encoder/layer.0/output/LayerNorm"
+    nodes = [
+        helper.make_node("Cast", ["x"], ["x_cast"], name="pixels_cast", **to_float),
+        helper.make_node("Cast", ["x_cast"], ["x_cast_again"], name="pixels_cast_again", **to_float),
+        helper.make_node("Add", ["x_cast_again", "residual"], ["summed"], name="/resblocks.1/Add_4"),
+        helper.make_node("Cast", ["summed"], ["summed_cast"], name="sum_cast", **to_float),
+        helper.make_node("LayerNormalization", ["summed_cast", "gamma", "beta"], ["y"], name=layer_norm, axis=-1),
+        helper.make_node("Cast", ["y"], ["y_out"], name="output_cast", **to_float),
+        helper.make_node("Relu", ["y"], ["y_relu"], name="other_reader"),  # reads what the output Cast read
+        helper.make_node("Cast", ["ids"], ["ids_float"], name="real_cast", **to_float),  # int64 to FP32: kept
+        helper.make_node("Cast", ["x"], ["x_out"], name="input_to_output", **to_float),  # input to output: kept
+    ]
+    inputs = [
+        _float("x", ["b", WIDTH]),
+        _float("residual", ["b", WIDTH]),
+        helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", WIDTH]),
+    ]
+    outputs = ["y_out", "y_relu", "ids_float", "x_out"]
+    model = _model(nodes, inputs, outputs, [_init("gamma", gamma), _init("beta", beta)])
+    assert _rewrite(model, RESIDUAL_LAYERNORM)[1].fused == 0  # the Cast hides the pair
+    direct, result = _rewrite(model, NO_OP_CASTS)
+    assert result.details == {"no_op_casts_bypassed": 3, "output_casts_dropped": 1} and result.fused == 4
+    assert result.unmatched == []
+    nodes_by_name = {node.name: node for node in direct.graph.node}
+    assert sorted(name for name, node in nodes_by_name.items() if node.op_type == "Cast") == [
+        "input_to_output",
+        "real_cast",
+    ]
+    assert list(nodes_by_name["/resblocks.1/Add_4"].input) == ["x", "residual"]
+    assert nodes_by_name[layer_norm].input[0] == "summed" and list(nodes_by_name[layer_norm].output) == ["y_out"]
+    assert list(nodes_by_name["other_reader"].input) == ["y_out"]
+    assert [o.name for o in direct.graph.output] == outputs  # the graph's interface unchanged
+    fused, residual = _rewrite(direct, RESIDUAL_LAYERNORM)
+    assert residual.fused == 1 and "SkipLayerNormalization" in _ops(fused)
+    feeds = {
+        "x": RNG.standard_normal((3, WIDTH)).astype(np.float32),
+        "residual": RNG.standard_normal((3, WIDTH)).astype(np.float32),
+        "ids": RNG.integers(0, 50, (3, WIDTH)),
+    }
+    for got, want in zip(_run(fused, feeds), _run(model, feeds), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_weights_behind_layout_operators_become_initializers() -> None:

@@ -103,6 +103,34 @@ def test_shared_weights_are_read_without_identity_copies(optimized: Path, flavou
     assert passes["shared weights"]["details"]["weight_identities_bypassed"] == len(copies)
 
 
+def _no_op_casts(model: onnx.ModelProto) -> list[str]:
+    """The Casts to the type their input already has, by ONNX's type inference."""
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {t.name: t.data_type for t in inferred.initializer}
+    types |= {v.name: v.type.tensor_type.elem_type for v in [*inferred.input, *inferred.value_info]}
+    to = {n.name: next(a.i for a in n.attribute if a.name == "to") for n in inferred.node if n.op_type == "Cast"}
+    return [n.name for n in inferred.node if n.op_type == "Cast" and types.get(n.input[0]) == to[n.name]]
+
+
+@pytest.mark.parametrize("flavour", ["ort", "trt"])
+@pytest.mark.parametrize("head", list(HEADS))
+def test_no_cast_to_the_type_a_tensor_already_has_is_left(optimized: Path, head: str, flavour: str) -> None:
+    # The TorchScript export casts the pixels and each bridge-read vision layer's residual sum from
+    # FP32 to FP32 (and itc's embeddings on their way out); the Cast between such a sum and its
+    # LayerNorm had hidden the pair from the residual fusion (six of them on base).
+    from btdeploy.export.exporter import exported_with
+
+    manifest = read_manifest(optimized / head)
+    plain = _no_op_casts(onnx.load(str(optimized / head / "model.onnx")))
+    if exported_with(manifest) == "torchscript":
+        assert len(plain) >= 2 + 1, plain  # the pixels' two, and at least one bridge-read residual sum
+    details = {p["name"]: p for p in manifest.data["optimized"][flavour]["passes"]}["no-op casts"]["details"]
+    assert details["no_op_casts_bypassed"] + details["output_casts_dropped"] == len(plain)
+    fused = onnx.load(str(optimized / head / f"model.{flavour}.onnx"))
+    assert _no_op_casts(fused) == []
+    assert [o.name for o in fused.graph.output] == HEADS[head].output_names
+
+
 def test_a_checkpoint_saved_right_after_initialisation_fuses_every_block(tmp_path: Path) -> None:
     # transformers initialises every bias to zeros and every LayerNorm weight to ones; the TorchScript
     # exporter then reads all equal weights through Identity copies of one tensor, and the fusions,

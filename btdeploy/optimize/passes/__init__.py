@@ -13,17 +13,20 @@ from btdeploy.optimize.passes.cleanup import CLEANUP
 from btdeploy.optimize.passes.cls_rows import CLS_ROWS
 from btdeploy.optimize.passes.gelu import GELU
 from btdeploy.optimize.passes.layernorm import BRIDGE_LAYERNORM, RESIDUAL_LAYERNORM
+from btdeploy.optimize.passes.no_op_casts import NO_OP_CASTS
 from btdeploy.optimize.passes.shared_weights import SHARED_WEIGHTS
 from btdeploy.optimize.passes.weight_layouts import WEIGHT_LAYOUTS
 
 # Order matters: weight layouts and shared weights first (every other pass finds weights and
-# biases as constants only), [CLS]-only rows next (it rewrites the canonical pattern, which the attention
+# biases as constants only), then no-op casts (a Cast between two nodes hides their pattern from
+# the fusions), [CLS]-only rows next (it rewrites the canonical pattern, which the attention
 # pass then fuses), attention next (it reads the raw bias Adds of the Q/K/V projections),
 # then the Add+LayerNorm pairs (which fold the remaining dense biases), then GELU (which
 # folds the FFN's first bias), then cleanup of whatever lost its last user.
 PASSES: tuple[GraphPass, ...] = (
     WEIGHT_LAYOUTS,
     SHARED_WEIGHTS,
+    NO_OP_CASTS,
     CLS_ROWS,
     ATTENTION,
     BRIDGE_LAYERNORM,

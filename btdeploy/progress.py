@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+
+from btdeploy.heap import give_back_freed_heap
 
 _START = time.monotonic()
 # Peak resident memory (MB) of each step still open, innermost last: an inner step resets the
@@ -53,21 +53,7 @@ def _return_freed_memory() -> None:
     """Hand the heap memory freed so far back to the system (glibc's malloc_trim). Without it a
     step's freed model copies stay resident, so the next step starts high and its peak, and the
     process's, carry memory nothing uses (on base, INT8 calibration after AutoCast: +4 GB)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _glibc() -> Any:
-    """glibc, loaded once; None elsewhere (nothing to trim)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
+    give_back_freed_heap()
 
 
 def _fold_peak() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import onnx
 from onnx.reference import ReferenceEvaluator
 
 from btdeploy.optimize.graph import Graph
@@ -20,6 +21,15 @@ from btdeploy.optimize.passes.base import GraphPass, PassResult
 
 # Operators that move or select a weight's elements and compute nothing: folding them is exact.
 LAYOUT_OPS = ("Transpose", "Slice", "Reshape", "Squeeze", "Unsqueeze")
+
+
+def _detached(node: onnx.NodeProto) -> onnx.NodeProto:
+    """A copy of `node` that holds none of its model's memory. A submessage keeps its whole model
+    alive (protobuf's arena), and an evaluator lives in reference cycles until the cyclic collector
+    runs: given the model's own node, it kept base's 1.4 GB graph resident through later steps."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
 
 
 def fold_weight_layouts(graph: Graph) -> PassResult:
@@ -32,7 +42,7 @@ def fold_weight_layouts(graph: Graph) -> PassResult:
         feeds = {name: graph.constant(name) for name in node.input if name}  # "": an optional input left out
         if any(value is None for value in feeds.values()):
             continue
-        (computed,) = ReferenceEvaluator(node).run(None, feeds)
+        (computed,) = ReferenceEvaluator(_detached(node)).run(None, feeds)
         name, op_type = node.output[0], node.op_type
         graph.replace([node], [])
         graph.add_initializer(name, np.asarray(computed), exact_name=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from btdeploy.optimize.graph import Graph
 
@@ -69,3 +70,14 @@ def test_remove_dead_keeps_a_producer_listed_after_its_consumer() -> None:
     assert [n.op_type for n in graph.graph.node] == ["Relu", "Add", "Abs", "Identity"]
     graph.toposort()
     assert [n.op_type for n in graph.graph.node] == ["Relu", "Identity", "Add", "Abs"]
+
+
+def test_an_added_initializer_is_indexed_as_the_graphs_own() -> None:
+    """The index held the copy `append` had been handed, not the graph's: the weight twice in memory,
+    and an edit made through the index lost to the model."""
+    graph = _chain()
+    name = graph.add_initializer("w", np.arange(4, dtype=np.float32))
+    graph.initializers[name].CopyFrom(numpy_helper.from_array(np.full(4, 7.0, np.float32), name))
+    stored = [t for t in graph.graph.initializer if t.name == name]
+    assert len(stored) == 1
+    np.testing.assert_array_equal(numpy_helper.to_array(stored[0]), np.full(4, 7.0, np.float32))

@@ -506,6 +506,7 @@ def test_weights_behind_layout_operators_become_initializers() -> None:
     folded, result = _rewrite(model, WEIGHT_LAYOUTS)
     assert _ops(folded) == ["MatMul", "Transpose"]
     assert result.fused == 2 and result.details == {"transpose_folded": 1, "slice_folded": 1}
+    assert [t.name for t in folded.graph.initializer] == ["packed", "start", "end", "axis", "k_w"]  # not k_rows
     weight = Graph(folded).constant("k_w")
     assert weight is not None
     np.testing.assert_array_equal(weight, packed[WIDTH : 2 * WIDTH].T)  # the folding is exact

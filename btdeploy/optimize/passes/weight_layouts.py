@@ -36,17 +36,22 @@ def fold_weight_layouts(graph: Graph) -> PassResult:
     result = PassResult("weight layouts")
     folded: Counter[str] = Counter()
     outputs = graph.output_names
+    computed: dict[str, np.ndarray] = {}  # folded outputs, made initializers only where still read
     for node in list(graph.graph.node):  # in graph order: a chain folds from its weight down
         if node.op_type not in LAYOUT_OPS or node.domain not in ("", "ai.onnx") or node.output[0] in outputs:
             continue
-        feeds = {name: graph.constant(name) for name in node.input if name}  # "": an optional input left out
+        # "": an optional input left out
+        feeds = {name: computed[name] if name in computed else graph.constant(name) for name in node.input if name}
         if any(value is None for value in feeds.values()):
             continue
-        (computed,) = ReferenceEvaluator(_detached(node)).run(None, feeds)
-        name, op_type = node.output[0], node.op_type
+        (value,) = ReferenceEvaluator(_detached(node)).run(None, feeds)
         graph.replace([node], [])
-        graph.add_initializer(name, np.asarray(computed), exact_name=True)
-        folded[op_type] += 1
+        computed[node.output[0]] = np.asarray(value)
+        folded[node.op_type] += 1
+    for name, value in computed.items():
+        # A chain's inner links (the packed weight's Slice before its Transpose) are never stored.
+        if graph.consumers.get(name):
+            graph.add_initializer(name, value, exact_name=True)
     result.fused = sum(folded.values())
     result.details = {f"{op.lower()}_folded": folded[op] for op in LAYOUT_OPS if folded[op]}
     return result

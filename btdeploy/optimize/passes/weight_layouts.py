@@ -45,9 +45,10 @@ def fold_weight_layouts(graph: Graph) -> PassResult:
         if any(value is None for value in feeds.values()):
             continue
         (value,) = ReferenceEvaluator(_detached(node)).run(None, feeds)
+        name, op_type = node.output[0], node.op_type  # read before the node leaves the graph
         graph.replace([node], [])
-        computed[node.output[0]] = np.asarray(value)
-        folded[node.op_type] += 1
+        computed[name] = np.asarray(value)
+        folded[op_type] += 1
     for name, value in computed.items():
         # A chain's inner links (the packed weight's Slice before its Transpose) are never stored.
         if graph.consumers.get(name):

@@ -37,6 +37,7 @@ def test_each_step_reports_its_own_peak() -> None:
 CYCLE_SCRIPT = """
 import gc
 import numpy as np
+from btdeploy import progress
 from btdeploy.progress import step
 
 class Holder:
@@ -48,6 +49,7 @@ def cycle_holding_400_mb():
     a.block = np.ones(400 * 2**20 // 8)
 
 gc.disable()
+progress.COLLECT_EVERY_S = 0.0
 cycle_holding_400_mb()
 with step("next"):
     np.ones(10)
@@ -55,6 +57,9 @@ with step("outer"):
     cycle_holding_400_mb()
     with step("nested"):
         np.ones(10)
+progress.COLLECT_EVERY_S = 3600.0
+with step("soon"):  # the last collection was under COLLECT_EVERY_S ago
+    np.ones(10)
 """
 
 
@@ -64,9 +69,10 @@ def test_an_outermost_step_starts_without_the_garbage_of_reference_cycles() -> N
     )
     found = re.findall(r"\] (\w+): done in [\d.]+s, peak RSS ([\d.]+) GB", result.stderr)
     peaks = {name: float(gb) * 1024 for name, gb in found}
-    assert set(peaks) == {"next", "outer", "nested"}, result.stderr
-    assert peaks["nested"] - peaks["next"] >= 350  # a nested step does not collect (0.1-0.2 s each)
+    assert set(peaks) == {"next", "outer", "nested", "soon"}, result.stderr
     assert peaks["next"] < 300, result.stderr  # the cycle's 400 MB was freed before the step began
+    assert peaks["nested"] - peaks["next"] >= 350  # a nested step does not collect
+    assert peaks["soon"] - peaks["next"] >= 350  # nor one soon after the last collection
 
 
 @pytest.fixture

@@ -69,6 +69,18 @@ def test_every_module_belongs_to_a_stage() -> None:
         _stage(_module_name(path))
 
 
+def test_architecture_names_every_module() -> None:
+    """ARCHITECTURE.md is the map of the package: a module it does not name is one a reader cannot find."""
+    text = (PACKAGE.parent / "ARCHITECTURE.md").read_text()
+    unnamed = [
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path.stem != "__init__" and not re.search(rf"\b{re.escape(path.stem)}\b", text)
+    ]
+    assert len(list(PACKAGE.rglob("*.py"))) > 40
+    assert not unnamed, f"ARCHITECTURE.md does not name {unnamed}: say what each owns in its stage's row"
+
+
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_stages_import_only_downward(path: Path) -> None:
     importer = _module_name(path)

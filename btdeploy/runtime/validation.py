@@ -58,6 +58,7 @@ def call_inputs(head: HeadSpec, args: tuple[Any, ...], keywords: dict[str, Any])
                 f"({', '.join(FORWARD_ORDER)}): pass them by name"
             )
         inputs = dict(zip(FORWARD_ORDER, args, strict=False))
+        _check_image_in_token_type_slot(inputs.get("token_type_ids"))
         twice = sorted(set(inputs) & set(keywords))
         if twice:
             raise BtDeployError(f"{', '.join(twice)} given both by position and by name: pass each once")
@@ -68,6 +69,17 @@ def call_inputs(head: HeadSpec, args: tuple[Any, ...], keywords: dict[str, Any])
             raise BtDeployError(f"{name} is not supported by an exported head: {reason}")
     _check_image_token_type(inputs.pop(IMAGE_TOKEN_TYPE[0], None))
     return inputs, return_dict is None or bool(return_dict)
+
+
+def _check_image_in_token_type_slot(value: Any) -> None:
+    """model(ids, mask, pixels) puts the images where forward() takes token_type_ids, which the
+    head ignores: say so, where it would otherwise answer that pixel_values is missing."""
+    if getattr(value, "ndim", None) == 4:
+        raise BtDeployError(
+            "the third positional input is token_type_ids, as in transformers' forward(input_ids, attention_mask, "
+            "token_type_ids, pixel_values, ...), and this one holds images: pass pixel_values by name "
+            "(model(input_ids, attention_mask, pixel_values=...)), or None in third place"
+        )
 
 
 def _check_image_token_type(value: Any) -> None:

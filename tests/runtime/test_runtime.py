@@ -249,6 +249,11 @@ def test_positional_inputs_beyond_forward_or_given_twice_are_refused(
         itm(ids, mask, None, pixels, attention_mask=mask)
     with pytest.raises(BtDeployError, match="8 positional inputs.*pass them by name"):
         itm(ids, mask, None, pixels, None, None, None, None)
+    # transformers' third parameter is token_type_ids: images there are named, not "missing pixel_values"
+    with pytest.raises(BtDeployError, match="third positional input is token_type_ids.*pass pixel_values by name"):
+        itm(ids, mask, pixels)
+    with pytest.raises(BtDeployError, match="third positional input is token_type_ids"):
+        itm(ids, mask, torch.from_numpy(pixels))
 
 
 def test_the_contrastive_head_answers_in_transformers_order(tiny_export: Path) -> None:

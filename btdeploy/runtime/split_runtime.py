@@ -151,7 +151,11 @@ class SplitRuntimeMixin:
 
     def _check(self, features: Features, kind: str, stem: str) -> None:
         if not isinstance(features, Features) or features.kind != kind:
-            raise BtDeployError(f"expected {kind} features from encode_{kind}s(...)")
+            given = f"{features.kind} features" if isinstance(features, Features) else type(features).__name__
+            raise BtDeployError(
+                f"expected {kind} features from encode_{kind}s(...), got {given}: call score(images, texts), "
+                "each from this runtime's encode_images and encode_texts"
+            )
         features.validate(f"the {kind} features")
         self._check_shapes(features)
         expected = self.backend.origin(stem)

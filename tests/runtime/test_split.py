@@ -172,8 +172,10 @@ def test_features_round_trip_bit_identical_and_refuse_strangers(
     # Printing features shows their shapes and origin, not megabytes of values.
     shown = repr(images)
     assert shown.startswith("Features(image, 2 row(s): image_states float32 [2, ") and len(shown) < 300
-    with pytest.raises(BtDeployError, match="expected text features"):
+    with pytest.raises(BtDeployError, match="expected text features .*, got image features: call score"):
         runtime.score(images, images)
+    with pytest.raises(BtDeployError, match="expected image features .*, got ndarray"):
+        runtime.score(feeds["pixel_values"], texts)
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(BtDeployError, match="is not a btdeploy features file"):
         Features.load(tmp_path / "junk.npz")

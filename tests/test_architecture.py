@@ -75,7 +75,8 @@ def test_architecture_names_every_module() -> None:
     unnamed = [
         str(path.relative_to(PACKAGE))
         for path in PACKAGE.rglob("*.py")
-        if path.stem != "__init__" and not re.search(rf"\b{re.escape(path.stem)}\b", text)
+        # as code: `stem`, `stem.py`, `folder/stem` or `stem.attribute`, not a word of the prose
+        if path.stem != "__init__" and not re.search(rf"`(?:[\w/]*/)?{re.escape(path.stem)}(?:\.py)?[`/ (.]", text)
     ]
     assert len(list(PACKAGE.rglob("*.py"))) > 40
     assert not unnamed, f"ARCHITECTURE.md does not name {unnamed}: say what each owns in its stage's row"

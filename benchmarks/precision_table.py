@@ -6,16 +6,24 @@ Each PARITY_JSON is a `btdeploy check --report` file; sizes come from the head f
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from btdeploy.artifacts.onnx_files import graph_bytes
 from btdeploy.cli import script_entry
+from btdeploy.errors import BtDeployError
 
 
-def main(argv: list[str]) -> int:
-    root, reports = Path(argv[0]), [Path(a) for a in argv[1:]]
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("export", type=Path, help="the export folder the reports checked (head folders inside)")
+    parser.add_argument("reports", type=Path, nargs="+", help="btdeploy check --report files")
+    args = parser.parse_args(argv)
+    root, reports = args.export, args.reports
+    missing = [str(report) for report in reports if not report.is_file()]
+    if missing:
+        raise BtDeployError(f"no report {', '.join(missing)}: give the files `btdeploy check --report` wrote")
     columns = ["head", "graph", "worst output", "cosine", "max_abs", "of range", "argmax agreed/clear/all", "size MiB"]
     print("| " + " | ".join(columns) + " | verdict |")
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
@@ -38,4 +46,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    script_entry(lambda: main(sys.argv[1:]))
+    script_entry(main)

@@ -1,15 +1,19 @@
 """The README's command blocks as a user copies them: every `btdeploy` line is one the CLI accepts
-(an option renamed or a choice dropped would otherwise leave the README behind), and every
+(an option renamed or a choice dropped would otherwise leave the README behind), every
 `quantize` line comes after the `optimize` line that makes the graph it starts from (the quantize
-methods say which)."""
+methods say which), and every `python benchmarks/...` command it quotes takes the arguments shown."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import re
+import runpy
 import shlex
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,3 +107,61 @@ def test_every_quantize_line_follows_the_optimize_line_it_starts_from() -> None:
 )
 def test_the_order_check_finds_a_quantize_line_without_its_source(block: str, unmet: int) -> None:
     assert len(_unmet_quantize_sources(_blocks(f"```bash\n{block}```\n"))) == unmet
+
+
+BENCHMARKS = README.parent / "benchmarks"
+
+
+class _Parsed(Exception):
+    """Raised by the patched parse_args once a script's arguments parsed: nothing of the script runs."""
+
+
+def _script_commands(text: str) -> list[list[str]]:
+    """Each `python benchmarks/NAME.py ARGS` the text quotes inline (a span may wrap), as [NAME.py, ARGS...]."""
+    spans = re.findall(r"`python benchmarks/([^`]+)`", text.replace("\n", " "))
+    return [shlex.split(span.replace("...", "")) for span in spans]
+
+
+def _script_refusal(words: list[str]) -> str | None:
+    """Why the script would not take these arguments, or None: its main() runs up to its own parse."""
+    path = BENCHMARKS / words[0]
+    if not path.is_file():
+        return f"benchmarks/{words[0]} does not exist"
+    script: dict[str, Any] = runpy.run_path(str(path), run_name="readme_check")  # not __main__: nothing runs
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
+        parse(parser, *args, **kwargs)
+        raise _Parsed
+
+    argv, argparse.ArgumentParser.parse_args = sys.argv, parse_then_stop  # type: ignore[assignment]
+    sys.argv = [str(path), *words[1:]]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as said:
+            script["main"]()
+    except _Parsed:
+        return None
+    except SystemExit as done:
+        return f"{shlex.join(words)}: exit {done.code}, {said.getvalue().strip().splitlines()[-1:]}"
+    finally:
+        argparse.ArgumentParser.parse_args, sys.argv = parse, argv  # type: ignore[method-assign]
+    return f"{shlex.join(words)}: main() returned without parsing its arguments"
+
+
+def test_every_benchmark_script_the_readme_quotes_takes_the_arguments_shown() -> None:
+    commands = _script_commands(README.read_text())
+    assert len(commands) >= 15
+    assert [refusal for words in commands if (refusal := _script_refusal(words))] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "refused"),
+    [
+        ("`python benchmarks/profile_ort.py G.onnx --batch 4 --seq-len 40`", False),
+        ("`python benchmarks/profile_ort.py G.onnx --batches 4`", True),  # an option it has not
+        ("`python benchmarks/no_such_script.py DIR`", True),
+    ],
+)
+def test_the_script_check_finds_arguments_a_script_refuses(text: str, refused: bool) -> None:
+    (words,) = _script_commands(text)
+    assert (_script_refusal(words) is not None) == refused

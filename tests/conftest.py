@@ -1,5 +1,5 @@
 """Shared fixtures: a private cache for preset checkpoints, and tiny exports built once per session;
-and how tests run a script of benchmarks/ and read the ratios it prints."""
+how tests run a script of benchmarks/ and read the ratios it prints; and whether the CLI parses a command."""
 
 from __future__ import annotations
 
@@ -32,8 +32,28 @@ def benchmark_module(name: str) -> Any:
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import does: a script's dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def cli_refusal(words: list[str]) -> str | None:
+    """Why btdeploy's CLI parser refuses `btdeploy WORDS`, in one line, or None (nothing is run)."""
+    import contextlib
+    import io
+    import shlex
+
+    from btdeploy.cli import build_parser
+    from btdeploy.errors import BtDeployError
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            build_parser().parse_args(words)  # what `--help` and a refusal print is not wanted here
+    except SystemExit as done:  # --help and --version end the parse
+        return f"{shlex.join(words)}: exit {done.code}" if done.code else None
+    except BtDeployError as error:
+        return f"{shlex.join(words)}: {error}"
+    return None
 
 
 def is_quotient_of_printed(ratio: float, a: float, b: float, ratio_half_digit: float) -> bool:

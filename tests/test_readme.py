@@ -9,17 +9,15 @@ import argparse
 import contextlib
 import io
 import re
-import runpy
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import BENCHMARKS, benchmark_module, cli_refusal
 
 from btdeploy.artifacts.graph_names import Flavour
-from btdeploy.cli import build_parser
-from btdeploy.errors import BtDeployError
 from btdeploy.quantize.methods import get_method
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -40,17 +38,7 @@ def _blocks(text: str) -> list[list[list[str]]]:
 
 def _refused(blocks: list[list[list[str]]]) -> list[str]:
     """Each command the CLI's parser refuses, with its one-line reason (nothing is run)."""
-    refused = []
-    for words in (words for commands in blocks for words in commands):
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # what `--help` prints
-                build_parser().parse_args(words)
-        except SystemExit as done:  # --help and --version end the parse
-            if done.code:
-                refused.append(f"{shlex.join(words)}: exit {done.code}")
-        except BtDeployError as error:
-            refused.append(f"{shlex.join(words)}: {error}")
-    return refused
+    return [refusal for commands in blocks for words in commands if (refusal := cli_refusal(words))]
 
 
 def _option(words: list[str], name: str, default: str) -> str:
@@ -109,9 +97,6 @@ def test_the_order_check_finds_a_quantize_line_without_its_source(block: str, un
     assert len(_unmet_quantize_sources(_blocks(f"```bash\n{block}```\n"))) == unmet
 
 
-BENCHMARKS = README.parent / "benchmarks"
-
-
 class _Parsed(Exception):
     """Raised by the patched parse_args once a script's arguments parsed: nothing of the script runs."""
 
@@ -127,7 +112,7 @@ def _script_refusal(words: list[str]) -> str | None:
     path = BENCHMARKS / words[0]
     if not path.is_file():
         return f"benchmarks/{words[0]} does not exist"
-    script: dict[str, Any] = runpy.run_path(str(path), run_name="readme_check")  # not __main__: nothing runs
+    script = benchmark_module(path.stem)  # imported, not run as __main__: nothing of it runs yet
     parse = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
@@ -138,7 +123,7 @@ def _script_refusal(words: list[str]) -> str | None:
     sys.argv = [str(path), *words[1:]]
     try:
         with contextlib.redirect_stderr(io.StringIO()) as said:
-            script["main"]()
+            script.main()
     except _Parsed:
         return None
     except SystemExit as done:

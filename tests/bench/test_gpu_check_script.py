@@ -4,17 +4,14 @@ command it holds must parse, and every bench variant it names must exist, before
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 import shlex
 from pathlib import Path
 
 import pytest
+from conftest import cli_refusal
 
 from btdeploy.bench.variants import VARIANTS
-from btdeploy.cli import build_parser
-from btdeploy.errors import BtDeployError
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
 
@@ -53,14 +50,9 @@ def _commands(script: str) -> list[list[str]]:
 def _problems(commands: list[list[str]]) -> list[str]:
     problems = []
     for words in commands:
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                build_parser().parse_args(words)
-        except SystemExit as done:
-            if done.code:
-                problems.append(f"{shlex.join(words)}: the CLI refuses it (exit {done.code})")
-        except BtDeployError as error:
-            problems.append(f"{shlex.join(words)}: {error}")
+        refusal = cli_refusal(words)
+        if refusal:
+            problems.append(refusal)
         if "--variants" in words:
             unknown = [v for v in words[words.index("--variants") + 1].split(",") if v not in VARIANTS]
             if unknown:

@@ -1,5 +1,6 @@
 """Shared fixtures: a private cache for preset checkpoints, and tiny exports built once per session;
-how tests run a script of benchmarks/ and read the ratios it prints; and whether the CLI parses a command."""
+how tests run a script of benchmarks/ and read the ratios it prints; whether the CLI parses a command;
+and a spy that records the calls of a function it stands in for."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -23,6 +24,20 @@ def run_benchmark(script: str, *args: object, timeout: float | None = None) -> s
     )
     assert done.returncode == 0, f"{script} exited with {done.returncode}:\n{done.stderr[-4000:]}"
     return done
+
+
+Returned = TypeVar("Returned")
+
+
+def spying(wrapped: Callable[..., Returned], note: Callable[..., object]) -> Callable[..., Returned]:
+    """`wrapped`, which first hands its arguments to `note`: how a test records the calls of a
+    function it monkeypatches, e.g. `spying(real, lambda path: seen.append(path))`."""
+
+    def spy(*args: Any, **keywords: Any) -> Returned:
+        note(*args, **keywords)
+        return wrapped(*args, **keywords)
+
+    return spy
 
 
 def benchmark_module(name: str) -> Any:
@@ -71,7 +86,7 @@ _CACHE_SET_BY_TESTS = "BTDEPLOY_CACHE" not in os.environ
 
 
 @pytest.fixture(scope="session", autouse=True)
-def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("btdeploy-cache")
     previous = os.environ.get("BTDEPLOY_CACHE")
     os.environ["BTDEPLOY_CACHE"] = str(folder)

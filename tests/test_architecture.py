@@ -114,8 +114,9 @@ def _unguarded_serial_imports(source: str) -> list[int]:
             guarded |= {id(inner) for inner in ast.walk(node)}
     lines = []
     for node in ast.walk(tree):
-        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-        names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if not isinstance(node, ast.Import | ast.ImportFrom):
+            continue
+        names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [alias.name for alias in node.names]
         if any(name.split(".")[0] == "transformers" for name in names) and id(node) not in guarded:
             lines.append(node.lineno)
     return lines

@@ -23,6 +23,7 @@ class _Pool:
     def __init__(self, name: str = "onnxruntime") -> None:
         self.name = name
         self.lock = threading.Lock()
+        self.loaded_in: LoadedProcess | None = None  # set as btdeploy's loaders set it
 
 
 def _in_child(work: Callable[[], str]) -> str:

@@ -1,16 +1,22 @@
-"""What pyproject.toml promises about Python versions is what the checkers hold the code to."""
+"""What pyproject.toml promises about Python versions is what the checkers hold the code to, and
+what a user installing btdeploy from a wheel gets."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = ROOT / "pyproject.toml"
+PACKAGE = ROOT / "btdeploy"
 
 
 def test_the_oldest_python_admitted_is_the_one_mypy_and_ruff_check_against() -> None:
@@ -64,3 +70,35 @@ def test_one_onnxruntime_package_per_platform_the_one_model_optimizer_takes(
     # The release both must admit: the one tested here (the CPU package's on aarch64 and macOS).
     installed = Version(metadata.version(onnxruntime_distribution()))
     assert ours[0].specifier.contains(installed) and theirs[0].specifier.contains(installed)
+
+
+def _package_files(folder: Path) -> set[str]:
+    return {
+        path.relative_to(folder.parent).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
+
+
+def _build_wheel(tmp_path: Path) -> zipfile.ZipFile:
+    """A wheel built from a copy of the project, as pip builds one (setuptools' PEP 517 backend),
+    so that nothing is written into the checkout."""
+    source = tmp_path / "source"
+    shutil.copytree(PACKAGE, source / "btdeploy", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    out = tmp_path / "dist"
+    script = f"from setuptools import build_meta; print(build_meta.build_wheel({str(out)!r}))"
+    done = subprocess.run([sys.executable, "-c", script], cwd=source, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return zipfile.ZipFile(out / done.stdout.strip().splitlines()[-1])
+
+
+def test_the_wheel_holds_every_file_of_the_package_and_its_type_marker(tmp_path: Path) -> None:
+    with _build_wheel(tmp_path) as wheel:
+        shipped = {name for name in wheel.namelist() if name.startswith("btdeploy/")}
+    expected = _package_files(PACKAGE)
+    assert "btdeploy/py.typed" in expected  # type checkers read btdeploy's annotations only with it
+    assert any(name.startswith("btdeploy/data/") for name in expected)
+    assert sorted(expected - shipped) == [], "left out of the wheel: add them to package-data in pyproject.toml"
+    assert sorted(shipped - expected) == []

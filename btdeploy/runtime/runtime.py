@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest
 from btdeploy.backends.base import Backend
@@ -109,11 +109,38 @@ def find_head(path: str | Path, head: str | None = None) -> Manifest:
     return read_manifest(folders[0])
 
 
+# With split=True the result has encode_images, encode_texts and score, and the overloads say so
+# to a type checker, so that user code calling them checks without a cast.
+@overload
 def load(
     path: str | Path,
     head: str | None = None,
     backend: str = "onnxruntime",
     *,
+    split: Literal[True],
+    check_finite: bool = True,
+    **options: Any,
+) -> SplitRuntime: ...
+
+
+@overload
+def load(
+    path: str | Path,
+    head: str | None = None,
+    backend: str = "onnxruntime",
+    *,
+    split: bool = False,
+    check_finite: bool = True,
+    **options: Any,
+) -> Runtime: ...
+
+
+def load(
+    path: str | Path,
+    head: str | None = None,
+    backend: str = "onnxruntime",
+    *,
+    split: bool = False,
     check_finite: bool = True,
     **options: Any,
 ) -> Runtime:
@@ -127,6 +154,8 @@ def load(
     Options a backend does not take, and graphs it cannot run, are refused with one line.
     Inputs holding NaN or Inf are refused unless `check_finite=False`."""
     target = get_target(backend)
+    if split:
+        options["split"] = split
     resolved = target.resolve(options)  # before reading anything, so a typo fails at once
     manifest = find_head(path, head)
     built = target.make(manifest, resolved)

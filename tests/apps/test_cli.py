@@ -15,7 +15,8 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
-from btdeploy.artifacts.manifest import read_manifest
+from btdeploy.artifacts.manifest import Manifest, read_manifest
+from btdeploy.backends.base import Backend
 from btdeploy.backends.tensorrt.operators import check_tensorrt_ops
 from btdeploy.cli import main
 
@@ -251,8 +252,8 @@ def test_pipeline_builds_and_checks_engines_where_tensorrt_runs(
         built.append(path.name)
         return path
 
-    def make(manifest: object, options: targets.RunOptions) -> object:
-        path, _ = choose_graph(manifest, options.precision, "10.3.0")  # type: ignore[arg-type]
+    def make(manifest: Manifest, options: targets.RunOptions) -> Backend:
+        path, _ = choose_graph(manifest, options.precision, "10.3.0")
         return OnnxRuntimeBackend(path, ["logits"], ["cpu"])
 
     stand_in = dataclasses.replace(targets.TENSORRT, unavailable=lambda options: None, build=build, make=make)

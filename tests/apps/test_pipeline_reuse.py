@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 from xml.etree import ElementTree
 
 import numpy as np
@@ -85,7 +86,7 @@ def test_a_second_run_reuses_every_graph_a_damaged_one_is_remade_and_force_remak
     suites = ElementTree.parse(out / "parity.junit.xml").getroot().findall("testsuite")
     names = ["model.onnx", "model.ort.onnx", "model.trt.onnx", "model.ort.fp16.onnx", "model.ort.int8.onnx",
              "model.trt.fp16.onnx", "model.trt.int8.onnx"]  # fmt: skip
-    assert sorted(s.get("name") for s in suites) == sorted(names)
+    assert sorted(str(s.get("name")) for s in suites) == sorted(names)
     assert all((s.get("tests"), s.get("failures")) == ("1", "0") for s in suites)
 
     first_hashes = _graph_hashes(out / "itm")
@@ -145,7 +146,7 @@ def test_external_data_forced_on_tiny_goes_through_every_step(tmp_path: Path, mo
 
     logits = get_head("itm").output("logits")
     for precision in (Precision.FP32, Precision.INT8):
-        options = {"head": "itm", "flavour": "trt", "precision": precision}
+        options: dict[str, Any] = {"head": "itm", "flavour": "trt", "precision": precision}
         ort = btdeploy.load(out, **options)
         feeds = sample_inputs(ort.config, 2, 7, seed=23)
         expected = np.asarray(ort(**feeds)["logits"])

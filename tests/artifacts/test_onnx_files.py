@@ -39,7 +39,8 @@ def test_weights_written_beside_the_graph_are_laid_out_as_onnx_lays_them_out(tmp
     model = _weights_of_every_size()
     before = model.SerializeToString()
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
-    ours.mkdir(), theirs.mkdir()
+    ours.mkdir()
+    theirs.mkdir()
     save_graph_atomically(model, ours / "model.onnx", external=True)
     onnx.save_model(
         onnx.ModelProto.FromString(before), str(theirs / "model.onnx"),

@@ -7,6 +7,8 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
 from btdeploy.model.heads import get_head
@@ -32,7 +34,7 @@ def test_an_idle_session_leaves_the_cores_to_the_next_one(tiny_export: Path) -> 
     assert statistics.median(idle_cpu_ms) < 5.0, idle_cpu_ms
 
 
-def _waits_per_run(backend: OnnxRuntimeBackend, feeds: dict[str, object], runs: int = 30) -> float:
+def _waits_per_run(backend: OnnxRuntimeBackend, feeds: dict[str, np.ndarray], runs: int = 30) -> float:
     """The process's voluntary context switches per run: a thread that blocks (sleeps until woken)
     makes one, a spinning one none, whether or not another process holds the other core."""
     backend.run(feeds)

@@ -63,9 +63,11 @@ def test_graphs_on_the_cuda_provider_meet_the_floors(graphs: Path, flavour: str 
 def test_the_fused_graph_runs_on_the_gpu_and_agrees_with_the_cpu(graphs: Path) -> None:
     """Within FP32's bound of the CPU provider (with the CUDA provider's default TF32, base at batch 32 was not)."""
     import btdeploy
+    from btdeploy.backends.onnxruntime import OnnxRuntimeBackend
 
     on_gpu = btdeploy.load(graphs, head="itm", flavour="ort", providers=CUDA)
     on_cpu = btdeploy.load(graphs, head="itm", flavour="ort", providers=["cpu"])
+    assert isinstance(on_gpu.backend, OnnxRuntimeBackend)
     assert on_gpu.backend.providers[0] == "CUDAExecutionProvider", on_gpu.backend.providers
     bound = HEADS["itm"].output("logits").tolerances[Precision.FP32].max_abs
     for seed, (batch, length) in enumerate([(1, 5), (3, 40), (2, 17)]):

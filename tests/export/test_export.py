@@ -285,7 +285,7 @@ def _hub_layout(preset: Path, folder: Path) -> None:
     # As transformers 4 saved RoBERTa's: <mask> takes the space before it (without this file
     # transformers 5 keeps that space as a token of its own, for btdeploy as for transformers).
     mask = {"content": "<mask>", "lstrip": True, "normalized": False, "rstrip": False, "single_word": False}
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>"}
+    special: dict[str, Any] = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>"}
     special |= {"pad_token": "<pad>", "cls_token": "<s>", "mask_token": mask}
     (folder / "special_tokens_map.json").write_text(json.dumps(special))
 
@@ -368,7 +368,7 @@ def test_the_export_check_refuses_a_broken_graph_in_one_line(
             [stub],
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        return ExportedGraph(model, {"w": memoryview(np.ones(512, np.float32)).cast("B")})
+        return ExportedGraph(model, {"w": np.ones(512, np.float32).data.cast("B")})
 
     assert _store_model(exported(["x", "w"]), tmp_path / "good.onnx") is external
     written = onnx.load(str(tmp_path / "good.onnx"))

@@ -60,7 +60,7 @@ def test_torch_encodes_no_weight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     import torch
 
     handed: list[int] = []
-    encode = torch._C.Graph._export_onnx
+    encode = torch._C.Graph._export_onnx  # type: ignore[attr-defined]  # private, not in torch's stubs
 
     def spy(graph: Any, params: Any, *rest: Any) -> Any:
         handed.append(len(params))
@@ -79,7 +79,7 @@ def test_torch_encodes_no_weight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     model = onnx.load(str(tmp_path / "itm" / "model.onnx"))
     assert handed == [0]
     assert held_counts == [len(model.graph.initializer)] and held_counts[0] > 50
-    assert torch._C.Graph._export_onnx is spy  # the swap was undone
+    assert torch._C.Graph._export_onnx is spy  # type: ignore[attr-defined]  # the swap was undone
 
 
 # torch.onnx.export called directly, as btdeploy's exporter calls it under its own filter: torch's notices
@@ -92,6 +92,8 @@ def test_weights_of_every_type_and_shape_come_out_as_torch_writes_them(tmp_path:
     import torch
 
     class Module(torch.nn.Module):
+        keep: torch.Tensor  # a buffer
+
         def __init__(self) -> None:
             super().__init__()
             generator = torch.Generator().manual_seed(0)

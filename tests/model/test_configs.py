@@ -97,7 +97,8 @@ def test_the_refused_layer_configs_really_fail_in_transformers(changes: dict[str
     from transformers import BridgeTowerConfig, BridgeTowerModel
 
     config = BridgeTowerConfig(**_tiny(**changes))
-    size = config.vision_config.image_size
+    vision: Any = config.vision_config  # transformers types it as a config, a dict or None
+    size = vision.image_size
     with pytest.raises((IndexError, AttributeError), match=failure), torch.no_grad():
         BridgeTowerModel(config).eval()(
             input_ids=torch.randint(5, 100, (1, 6)), pixel_values=torch.randn(1, 3, size, size)

@@ -52,6 +52,7 @@ def test_replace_and_rewiring_keep_the_indexes_true() -> None:
     assert graph.only_consumer("r") is sub and "a" not in graph.producer
     # Nodes added without removing any go to the end; removing without adding leaves a gap.
     graph.replace([], [graph.make_node("Identity", ["y"], ["z"], name="tail")])
+    assert last is not None
     graph.replace([last], [])
     assert [n.op_type for n in graph.graph.node] == ["Relu", "Sub", "Identity"]
     assert _indexes(graph) == _fresh(graph) and "y" not in graph.producer

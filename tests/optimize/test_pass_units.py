@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -17,6 +18,7 @@ from btdeploy.cpu import sums_saturate_here, u8s8_gemm
 from btdeploy.errors import BtDeployError
 from btdeploy.optimize.graph import Graph
 from btdeploy.optimize.passes.attention import ATTENTION
+from btdeploy.optimize.passes.base import GraphPass, PassResult
 from btdeploy.optimize.passes.cleanup import CLEANUP
 from btdeploy.optimize.passes.cls_rows import CLS_ROWS
 from btdeploy.optimize.passes.gelu import GELU
@@ -63,7 +65,9 @@ def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarra
     return list(session.run(None, feeds))
 
 
-def _rewrite(model: onnx.ModelProto, graph_pass, flavour: Flavour = Flavour.ORT):  # type: ignore[no-untyped-def]
+def _rewrite(
+    model: onnx.ModelProto, graph_pass: GraphPass, flavour: Flavour = Flavour.ORT
+) -> tuple[onnx.ModelProto, PassResult]:
     graph = Graph(onnx.ModelProto.FromString(model.SerializeToString()))
     result = graph_pass.run(graph, flavour)
     graph.toposort()
@@ -303,7 +307,8 @@ _TANH_POW = _nodes(
     "Add tanh one -> plus_one",
     "Mul half_x plus_one -> y",
 )
-GELU_FORMS = {
+# Each form: its nodes, its scalar initializers, and the kind of GELU it is (None: not one).
+GELU_FORMS: dict[str, tuple[list[onnx.NodeProto], list[onnx.TensorProto], str | None]] = {
     "gelu_python: x * 0.5 * (1 + erf(x / sqrt 2))": (
         _nodes(
             "Mul x half -> half_x",
@@ -371,7 +376,7 @@ GELU_FORMS = {
 }
 
 # What each flavour makes of each kind, after the MatMul (None: as it was).
-_FUSED_OPS = {
+_FUSED_OPS: dict[Flavour, dict[str | None, list[str] | None]] = {
     Flavour.ORT: {"gelu": ["BiasGelu"], "gelu_tanh": ["FastGelu"], "quick_gelu": ["Add", "QuickGelu"], None: None},
     Flavour.TRT: {"gelu": ["Add", "Gelu"], "gelu_tanh": ["Add", "Gelu"], "quick_gelu": None, None: None},
     Flavour.TRT_COMPAT: {"gelu": None, "gelu_tanh": None, "quick_gelu": None, None: None},
@@ -444,7 +449,7 @@ def test_no_op_casts_are_dropped_and_the_pair_behind_one_fuses() -> None:
     # embeddings through one into the graph's output.
     gamma = (1 + 0.1 * RNG.standard_normal(WIDTH)).astype(np.float32)
     beta = (0.1 * RNG.standard_normal(WIDTH)).astype(np.float32)
-    to_float = {"to": TensorProto.FLOAT}
+    to_float: dict[str, Any] = {"to": TensorProto.FLOAT}
     layer_norm = "/encoder/layer.0/output/LayerNorm"
     nodes = [
         helper.make_node("Cast", ["x"], ["x_cast"], name="pixels_cast", **to_float),
@@ -479,7 +484,7 @@ def test_no_op_casts_are_dropped_and_the_pair_behind_one_fuses() -> None:
     assert [o.name for o in direct.graph.output] == outputs  # the graph's interface unchanged
     fused, residual = _rewrite(direct, RESIDUAL_LAYERNORM)
     assert residual.fused == 1 and "SkipLayerNormalization" in _ops(fused)
-    feeds = {
+    feeds: dict[str, np.ndarray] = {
         "x": RNG.standard_normal((3, WIDTH)).astype(np.float32),
         "residual": RNG.standard_normal((3, WIDTH)).astype(np.float32),
         "ids": RNG.integers(0, 50, (3, WIDTH)),

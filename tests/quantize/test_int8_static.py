@@ -106,10 +106,10 @@ def test_the_same_qdq_as_model_optimizer(optimized: Path, tmp_path: Path, head: 
     assert set(got_scales) == set(want_scales)
     for tensor, scale in want_scales.items():
         assert got_scales[tensor] == pytest.approx(scale, rel=1e-6), tensor
-    for name, (values, scale) in want_weights.items():
+    for name, (values, weight_scales) in want_weights.items():
         assert values.dtype == got_weights[name][0].dtype == np.int8
         np.testing.assert_array_equal(got_weights[name][0], values, err_msg=name)
-        np.testing.assert_array_equal(got_weights[name][1], scale, err_msg=name)
+        np.testing.assert_array_equal(got_weights[name][1], weight_scales, err_msg=name)
     # Only MatMuls read a rounded activation: the residual stream and the norms read full precision.
     dequantized = {n.output[0] for n in ours.graph.node if n.op_type == "DequantizeLinear"}
     readers = {n.op_type for n in ours.graph.node if any(i in dequantized for i in n.input)}

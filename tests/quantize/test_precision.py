@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import benchmark_module
+from conftest import benchmark_module, spying
 from onnx import numpy_helper
 
 from btdeploy.artifacts.graph_names import Flavour, Precision, graph_file
@@ -54,8 +54,8 @@ def quantized(optimized: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         for precision in PRECISIONS:
             quantize_head(out / head, precision, "ort", calib_size=CALIB_SIZE)
         if head in TRT_HEADS:
-            for precision in ("fp16", "int8"):
-                quantize_head(out / head, precision, "trt", calib_size=CALIB_SIZE)
+            for trt_precision in ("fp16", "int8"):
+                quantize_head(out / head, trt_precision, "trt", calib_size=CALIB_SIZE)
     return out
 
 
@@ -295,7 +295,7 @@ def test_dynamic_int8_in_memory_is_onnx_runtimes_own_quantization(
     source = read_manifest(optimized / "itm").graph_path(Flavour.ORT)
     reads: list[Path] = []
     real_load = int8_dynamic.load_graph
-    monkeypatch.setattr(int8_dynamic, "load_graph", lambda path, what: reads.append(path) or real_load(path, what))
+    monkeypatch.setattr(int8_dynamic, "load_graph", spying(real_load, lambda path, what: reads.append(path)))
     workdir = tmp_path / "work"
     workdir.mkdir()
     ours, _ = int8_dynamic.dynamic_int8(source, ArrayRows({}), workdir, Flavour.ORT)
@@ -424,7 +424,7 @@ def test_calibration_files_are_hashed_once_per_version(
     images, texts = _calibration_files(tmp_path, 3)
     hashed: list[str] = []
     sha256_of = calibration.sha256_of
-    monkeypatch.setattr(calibration, "sha256_of", lambda path: hashed.append(path.name) or sha256_of(path))
+    monkeypatch.setattr(calibration, "sha256_of", spying(sha256_of, lambda path: hashed.append(path.name)))
     manifest = read_manifest(optimized / "itm")
     first = calibration.plan_calibration(manifest, images, texts, 3).source["sha256"]
     assert calibration.plan_calibration(manifest, images, texts, 3).source["sha256"] == first
@@ -449,8 +449,8 @@ def test_calibration_images_are_decoded_once_a_chunk_at_a_time(
     decoded: list[str] = []
     batches: list[int] = []
     load_image, image_inputs = media.load_image, media.image_inputs
-    monkeypatch.setattr(media, "load_image", lambda path, *a: decoded.append(path.name) or load_image(path, *a))
-    monkeypatch.setattr(media, "image_inputs", lambda proc, pics: batches.append(len(pics)) or image_inputs(proc, pics))
+    monkeypatch.setattr(media, "load_image", spying(load_image, lambda path, *a: decoded.append(path.name)))
+    monkeypatch.setattr(media, "image_inputs", spying(image_inputs, lambda proc, pics: batches.append(len(pics))))
     manifest = read_manifest(optimized / "itm")
     data = load_calibration(manifest, images, texts, 12)
     assert sorted(decoded) == [f"photo{index}.png" for index in range(5)] and batches == [2, 2, 1]

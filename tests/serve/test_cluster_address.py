@@ -280,7 +280,7 @@ def test_a_tls_cluster_is_named_where_tls_is_not_asked_for(
      " verify ("),
 ])  # fmt: skip
 def test_certificates_the_other_end_refuses_are_named(
-    tiny_export: Path, tls_folder: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, str], refusal: str
+    tiny_export: Path, tls_folder: Path, monkeypatch: pytest.MonkeyPatch, files: dict[str, Any], refusal: str
 ) -> None:
     _use_tls(monkeypatch, tls_folder, **files)
     server, port = _grpc_server({GCS: None}, tls_folder)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import spying
 
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.backends.targets import bench_variants
@@ -29,7 +30,7 @@ def test_each_variants_flags_make_serve_run_that_variant(
 
     served = ServedVariant.named(name)
     asked: list[ServeSettings] = []
-    monkeypatch.setattr(server, "serve_export", lambda settings: asked.append(settings) or 0)
+    monkeypatch.setattr(server, "serve_export", spying(lambda settings: 0, lambda settings: asked.append(settings)))
     assert main(["serve", str(tiny_export), *served.server_arguments()]) == 0
     settings = asked[0]
     assert settings.backend == bench_variants()[name][0].name

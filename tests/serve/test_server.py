@@ -11,6 +11,7 @@ import os
 import signal
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from btdeploy.artifacts.graph_names import Precision
 from btdeploy.model.heads import HEADS, get_head
 from btdeploy.model.inputs import sample_inputs
 
@@ -162,7 +164,7 @@ def test_protocol_infer_equals_load(server: Server, runtimes: dict[str, Any], he
         assert value.shape == np.asarray(expected[name]).shape
         assert (
             np.abs(value - np.asarray(expected[name])).max()
-            <= get_head(head_name).output(name).tolerances["fp32"].max_abs
+            <= get_head(head_name).output(name).tolerances[Precision.FP32].max_abs
         )
 
 
@@ -207,7 +209,7 @@ def test_task_endpoints_equal_load(server: Server, runtimes: dict[str, Any]) -> 
     probability = np.exp(logits[:, 1]) / np.exp(logits).sum(-1)
     assert np.abs(np.array([a["match_probability"] for a in itm["answers"]]) - probability).max() <= 1e-5
     # The same request with the raw image as the body and the captions in the query.
-    query = "&".join("text=" + urllib.request.quote(t) for t in texts)
+    query = "&".join("text=" + urllib.parse.quote(t) for t in texts)
     status, raw = server.request(f"/v1/itm?{query}", png, "image/png")
     assert status == 200 and json.loads(raw)["answers"] == itm["answers"]
     status, itc = server.json("/v1/itc", body)
@@ -332,8 +334,8 @@ def test_bad_requests_get_a_one_line_reason_and_the_server_keeps_serving(
 
 
 def test_metrics_count_requests_and_batches(server: Server) -> None:
-    status, text = server.request("/metrics")
-    text = text.decode()
+    status, body = server.request("/metrics")
+    text = body.decode()
     assert status == 200
     counts = {
         line.split()[0]: float(line.split()[1])

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from conftest import spying
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -300,7 +301,7 @@ def test_without_tritonclient_nothing_is_copied_before_the_refusal(
 
     staged: list[Path] = []
     real_staging = triton_repo.staged_directory
-    monkeypatch.setattr(triton_repo, "staged_directory", lambda out: staged.append(out) or real_staging(out))
+    monkeypatch.setattr(triton_repo, "staged_directory", spying(real_staging, lambda out: staged.append(out)))
     monkeypatch.setitem(sys.modules, "tritonclient.grpc", None)  # as if tritonclient were not installed
     with pytest.raises(BtDeployError, match=r"needs tritonclient: pip install 'btdeploy\[serve\]'"):
         write_repository(tiny_export, tmp_path / "repo")

@@ -9,6 +9,7 @@ import re
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,9 @@ def test_decode_round_trips_json_and_binary(itm_signature: tuple[ModelSignature,
         (lambda r: r.update(outputs=[{"name": "nope"}]), "has no output(s) nope"),
     ],
 )
-def test_decode_refuses_bad_tensors(itm_signature: tuple[ModelSignature, object], change, message: str) -> None:
+def test_decode_refuses_bad_tensors(
+    itm_signature: tuple[ModelSignature, object], change: Callable[[dict[str, Any]], object], message: str
+) -> None:
     signature, config = itm_signature
     request = json.loads(_request(sample_inputs(config, 2, 6)))
     change(request)

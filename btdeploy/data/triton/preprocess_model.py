@@ -4,22 +4,25 @@ the head's inputs out, preprocessed with the checkpoint's own processor (in ./pr
 It runs inside Triton's container, which needs `pip install transformers pillow`.
 """
 
+from __future__ import annotations
+
 import io
 import json
 import os
+from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
-def shown(image):
+def shown(image: Any) -> tuple[Any, str | None]:
     """The image as shown, or why its pixels have no 8-bit reading (upright_rgb and depth_problem
     in btdeploy; this file runs without btdeploy): turned by its EXIF orientation, 16-bit grey
     scaled to 8 bits (PIL's conversion clips it to white), transparency over white, float and wide
     integer pixels refused."""
     from PIL import Image, ImageOps
 
-    upright = ImageOps.exif_transpose(image)
+    upright: Any = ImageOps.exif_transpose(image)  # PIL types its extrema per band layout; read as one band here
     if upright.mode == "F":
         return None, "holds floating-point pixels, which have no fixed scale"
     if upright.mode == "I" and not (0 <= upright.getextrema()[0] and upright.getextrema()[1] <= 255):
@@ -33,7 +36,7 @@ def shown(image):
     return upright.convert("RGB"), None
 
 
-def preprocess(processor, images, texts, limit):
+def preprocess(processor: Any, images: Any, texts: Any, limit: int) -> dict[str, np.ndarray]:
     """input_ids, attention_mask and pixel_values for (image bytes, text) pairs; ValueError names a bad one."""
     from PIL import Image
 
@@ -72,7 +75,7 @@ def preprocess(processor, images, texts, limit):
 
 
 class TritonPythonModel:
-    def initialize(self, args):
+    def initialize(self, args: dict[str, str]) -> None:
         from transformers import BridgeTowerProcessor
 
         here = os.path.dirname(os.path.abspath(__file__))
@@ -80,7 +83,7 @@ class TritonPythonModel:
         parameters = json.loads(args["model_config"]).get("parameters", {})
         self.limit = int(parameters["max_text_length"]["string_value"])
 
-    def execute(self, requests):
+    def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
         for request in requests:
             images = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{graph}] {kind} ...", flush=True)
             batches = generated_batches(manifest.config, shapes, seed=args.seed)
             results.append(_row(graph, kind, check_head(head, reference, backend, batches, "int8")))
-        count = candidates["saturating (AVX2)"].backend.count  # type: ignore[attr-defined]
+        count = candidates["saturating (AVX2)"].backend.count
         here, here_exact, exact, saturating = candidates.values()
         agreement.append({
             "graph": graph,

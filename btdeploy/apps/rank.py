@@ -63,9 +63,9 @@ class Query:
 def _make_query(runtime: Runtime, image: Path | None, text: str | None) -> Query:
     processor = export_processor(runtime.manifest)
     if image is not None:
-        picture = load_image(image, processor.image_processor)  # type: ignore[attr-defined]
+        picture = load_image(image, processor.image_processor)
         return Query(True, {"pixel_values": image_inputs(processor, [picture])}, processor)
-    encoding = processor.tokenizer([text], return_tensors="np")  # type: ignore[attr-defined]
+    encoding = processor.tokenizer([text], return_tensors="np")
     inputs = {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}
     return Query(False, inputs, processor)
 

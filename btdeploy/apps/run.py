@@ -20,12 +20,12 @@ def refuse_long_texts(processor: Any, texts: list[str], runtime: Runtime) -> Non
 def score(runtime: Runtime, image_path: Path, texts: list[str]) -> list[tuple[str, str]]:
     """One (text, answer) pair per text."""
     processor = export_processor(runtime.manifest)
-    problem = runtime.head.behaviour.text_problem(texts, processor.tokenizer)  # type: ignore[attr-defined]
+    problem = runtime.head.behaviour.text_problem(texts, processor.tokenizer)
     if problem:
         raise BtDeployError(problem)
-    image = load_image(image_path, processor.image_processor)  # type: ignore[attr-defined]
+    image = load_image(image_path, processor.image_processor)
     refuse_long_texts(processor, texts, runtime)
-    encoding = processor([image] * len(texts), texts, padding=True, return_tensors="np")  # type: ignore[operator]
+    encoding = processor([image] * len(texts), texts, padding=True, return_tensors="np")
     outputs = runtime(**encoding)
     answers = runtime.head.behaviour.answers(outputs, texts, encoding, processor)
     return list(zip(texts, answers, strict=True))

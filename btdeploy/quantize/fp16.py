@@ -135,7 +135,7 @@ def _streaming_runner_class(base: type, source: Path) -> type:
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.logger import G_LOGGER
 
-    class StreamingReferenceRunner(base):  # type: ignore[misc, valid-type]
+    class StreamingReferenceRunner(base):  # type: ignore[misc,valid-type,unused-ignore]
         def run(self, inputs: Any = None) -> OrderedDict[str, Any]:
             rows = list(self._load_inputs(inputs))
             progress = RowProgress(len(rows), "fp16 range check (AutoCast)")

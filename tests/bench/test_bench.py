@@ -76,7 +76,7 @@ def test_time_case_interleaves_after_warmup() -> None:
 
 def test_time_case_by_seconds_runs_at_least_three_rounds() -> None:
     log: list[str] = []
-    samples, _, first = time_case({"a": Recorder("a", log)}, {}, warmup=0, iters=None, seconds=0.0)  # type: ignore[dict-item]
+    samples, _, first = time_case({"a": Recorder("a", log)}, {}, warmup=0, iters=None, seconds=0.0)
     assert len(samples["a"]) == 3 and first == {}
 
 
@@ -301,7 +301,7 @@ def test_every_variant_is_built_in_every_position(
             built.append(name)
             return Recorder(name, ran)
 
-        return Variant(name, "torch", "fp32", lambda m, e: None, build)  # type: ignore[arg-type]
+        return Variant(name, "torch", "fp32", lambda m, e: None, build)
 
     for name in ("a", "b", "c"):
         monkeypatch.setitem(VARIANTS, name, fake(name))

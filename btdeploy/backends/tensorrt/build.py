@@ -33,7 +33,7 @@ def _network_flags(trt: Any) -> int:
 
 
 def _progress_monitor(trt: Any, stops: HeldStops) -> Any:
-    class Monitor(trt.IProgressMonitor):  # type: ignore[misc,name-defined]
+    class Monitor(trt.IProgressMonitor):  # type: ignore[misc,name-defined,unused-ignore]
         """Prints each build phase once, and ends the build early on Ctrl-C or SIGTERM (held
         meanwhile, so that no exception is raised inside TensorRT's callback)."""
 

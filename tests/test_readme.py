@@ -1,7 +1,8 @@
 """The README's command blocks as a user copies them: every `btdeploy` line is one the CLI accepts
 (an option renamed or a choice dropped would otherwise leave the README behind), every
 `quantize` line comes after the `optimize` line that makes the graph it starts from (the quantize
-methods say which), and every `python benchmarks/...` command it quotes takes the arguments shown."""
+methods say which), every `python benchmarks/...` command it quotes takes the arguments shown, and
+the options it lists for each backend of `btdeploy.load` are the ones that backend takes."""
 
 from __future__ import annotations
 
@@ -150,3 +151,28 @@ def test_every_benchmark_script_the_readme_quotes_takes_the_arguments_shown() ->
 def test_the_script_check_finds_arguments_a_script_refuses(text: str, refused: bool) -> None:
     (words,) = _script_commands(text)
     assert (_script_refusal(words) is not None) == refused
+
+
+def _listed_backend_options(text: str) -> dict[str, set[str]]:
+    """The Python runtime's paragraph "Each backend takes its own options and nothing else:
+    `name` takes `option` (...), ..." as each backend's set of options."""
+    start = text.index("Each backend takes its own options and nothing else:")
+    paragraph = text[start : text.index("A misspelled option", start)]
+    names = list(re.finditer(r"`(\w+)` takes ", paragraph))
+    listed = {}
+    for here, after in zip(names, [*names[1:], None], strict=True):
+        segment = paragraph[here.end() : after.start() if after else len(paragraph)]
+        listed[here.group(1)] = set(re.findall(r"`(\w+)`", segment))
+    return listed
+
+
+def test_the_readme_lists_each_backends_options_as_the_backend_takes_them() -> None:
+    from btdeploy.backends.targets import TARGETS
+
+    listed = _listed_backend_options(README.read_text())
+    assert {name: set(target.options) for name, target in TARGETS.items()} == listed
+
+
+def test_the_option_list_check_finds_an_option_left_out() -> None:
+    text = README.read_text().replace("`spin`, ", "", 1)
+    assert "spin" not in _listed_backend_options(text)["onnxruntime"]

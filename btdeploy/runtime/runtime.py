@@ -144,8 +144,9 @@ def load(
     check_finite: bool = True,
     **options: Any,
 ) -> Runtime:
-    """Load an exported head. `backend`: onnxruntime (default), torch (the reference) or
-    tensorrt (an engine from btdeploy build; `precision="fp16"|"int8"`, `cuda_graphs=True`).
+    """Load an exported head. `backend`: onnxruntime (default), openvino (the plain or trt graph,
+    `precision="int8"|"bf16"`), torch (the reference) or tensorrt (an engine from btdeploy build;
+    `precision="fp16"|"int8"`, `cuda_graphs=True`).
 
     With `flavour="ort"` or `"trt"`, ONNX Runtime runs that optimized graph (btdeploy optimize)
     instead of the plain export; with `split=True` it runs the text, vision and fusion graphs

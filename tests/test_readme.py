@@ -2,7 +2,8 @@
 (an option renamed or a choice dropped would otherwise leave the README behind), every
 `quantize` line comes after the `optimize` line that makes the graph it starts from (the quantize
 methods say which), every `python benchmarks/...` command it quotes takes the arguments shown, and
-the options it lists for each backend of `btdeploy.load` are the ones that backend takes."""
+the options it lists for each backend of `btdeploy.load` are the ones that backend takes; and every
+`--option` the docs name in prose is one that btdeploy, a benchmark script or the quoted tool takes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 from conftest import BENCHMARKS, benchmark_module, cli_refusal
 
 from btdeploy.artifacts.graph_names import Flavour
+from btdeploy.cli import build_parser
 from btdeploy.quantize.methods import get_method
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -176,3 +178,41 @@ def test_the_readme_lists_each_backends_options_as_the_backend_takes_them() -> N
 def test_the_option_list_check_finds_an_option_left_out() -> None:
     text = README.read_text().replace("`spin`, ", "", 1)
     assert "spin" not in _listed_backend_options(text)["onnxruntime"]
+
+
+# Options of other tools the README quotes, each with its tool.
+OTHER_TOOLS_OPTIONS = {
+    "--data-binary": "curl", "--dist": "pytest-xdist", "--dry-run": "pip", "--ignore-installed": "pip",
+    "--index-url": "pip", "--python-platform": "uv pip compile", "--system-site-packages": "venv",
+    "--gpus": "docker run", "--rm": "docker run", "--model-repository": "tritonserver",
+    "--preload": "gunicorn", "--max-requests": "gunicorn",
+}  # fmt: skip
+
+
+def _unknown_options(text: str) -> list[str]:
+    """Each `--option` the README names that no btdeploy command, benchmark script or quoted
+    tool takes: prose outside the command blocks, which the parse checks above do not read."""
+    known = set(OTHER_TOOLS_OPTIONS)
+    parser = build_parser()
+    commands = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            commands += action.choices.values()
+    known.update(option for command in commands for action in command._actions for option in action.option_strings)
+    for script in BENCHMARKS.glob("*.py"):
+        known.update(re.findall(r'"(--[a-z][a-z0-9-]*)"', script.read_text()))
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", text))
+    return sorted(named - known)
+
+
+def test_every_option_the_docs_name_exists() -> None:
+    """The README, ARCHITECTURE.md and the benchmark results' READMEs, whose commands are how a
+    result is measured again."""
+    root = README.parent
+    documents = [README, root / "ARCHITECTURE.md", *sorted((root / "benchmarks" / "results").rglob("README.md"))]
+    unknown = {str(doc.relative_to(root)): found for doc in documents if (found := _unknown_options(doc.read_text()))}
+    assert unknown == {}
+
+
+def test_the_option_check_finds_a_renamed_option() -> None:
+    assert _unknown_options(README.read_text() + " `--calib-image DIR`") == ["--calib-image"]

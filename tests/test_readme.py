@@ -3,7 +3,8 @@
 `quantize` line comes after the `optimize` line that makes the graph it starts from (the quantize
 methods say which), every `python benchmarks/...` command it quotes takes the arguments shown, and
 the options it lists for each backend of `btdeploy.load` are the ones that backend takes; and every
-`--option` the docs name in prose is one that btdeploy, a benchmark script or the quoted tool takes."""
+`--option` the docs name in prose is one that btdeploy, a benchmark script or the quoted tool takes;
+and every relative link of the docs reaches a file or a heading."""
 
 from __future__ import annotations
 
@@ -216,3 +217,36 @@ def test_every_option_the_docs_name_exists() -> None:
 
 def test_the_option_check_finds_a_renamed_option() -> None:
     assert _unknown_options(README.read_text() + " `--calib-image DIR`") == ["--calib-image"]
+
+
+def _heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _broken_links(doc: Path, text: str) -> list[str]:
+    """Relative links of a Markdown file whose file is missing, and #anchors it has no heading for."""
+    anchors = {_heading_anchor(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        if (path and not (doc.parent / path).exists()) or (not path and anchor not in anchors):
+            broken.append(target)
+    return broken
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    """The README's contents line and its links to results, and the results' links to their runs:
+    a result moved or renamed would leave them pointing at nothing."""
+    root = README.parent
+    documents = [README, root / "ARCHITECTURE.md", *sorted(root.glob("export/*.md"))]
+    documents += sorted((root / "benchmarks").rglob("*.md"))
+    broken = {str(doc.relative_to(root)): found for doc in documents if (found := _broken_links(doc, doc.read_text()))}
+    assert broken == {}
+
+
+def test_the_link_check_finds_a_missing_file_and_a_missing_heading() -> None:
+    text = "# Setup\n[ok](#setup) [gone](#nowhere) [file](ARCHITECTURE.md) [lost](results/nothing.md)"
+    assert _broken_links(README, text) == ["#nowhere", "results/nothing.md"]

@@ -76,7 +76,10 @@ def _package_files(folder: Path) -> set[str]:
     return {
         path.relative_to(folder.parent).as_posix()
         for path in folder.rglob("*")
-        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+        if path.is_file()
+        and "__pycache__" not in path.parts
+        and path.suffix != ".pyc"
+        and not path.name.startswith(".")
     }
 
 
@@ -84,7 +87,7 @@ def _build_wheel(tmp_path: Path) -> zipfile.ZipFile:
     """A wheel built from a copy of the project, as pip builds one (setuptools' PEP 517 backend),
     so that nothing is written into the checkout."""
     source = tmp_path / "source"
-    shutil.copytree(PACKAGE, source / "btdeploy", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(PACKAGE, source / "btdeploy", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
     out = tmp_path / "dist"

@@ -141,6 +141,7 @@ def markdown(run: BenchRun) -> str:
             f"| {case.gflops_per_s:.1f} | {'-' if math.isnan(percent) else f'{percent:.0f}'} | {speed[0]} | {speed[1]} "
             f"| {case.rss_peak_mb:.0f} |" + (gpu_memory if on_gpu else "") + f" {case.first_call_ms or 0:.0f} |"
         )
+    lines += _per_round(run)
     lines += _against_peers(run)
     if run.skips:
         lines += ["", "Skipped:", ""]
@@ -197,6 +198,65 @@ def plot(run: BenchRun, path: Path, head: str) -> bool:
     figure.suptitle(f"BridgeTower {head}: latency per variant ({where})")
     save_png(figure, path)
     return True
+
+
+@dataclass(frozen=True)
+class RoundSpeedup:
+    """One variant against one baseline of its case, round by round: on a VM whose speed drifts
+    between minutes, the ratio of the two medians can set one's slow minutes against the other's
+    fast ones, where each round's ratio cannot."""
+
+    case: CaseResult
+    baseline: CaseResult
+    paired: PairedRatio
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "head": self.case.head, "batch": self.case.batch, "text_length": self.case.text_length,
+            "variant": self.case.variant, "baseline": self.baseline.variant,
+            "ratio_of_medians": self.baseline.stats.median_ms / self.case.stats.median_ms,
+            "paired": asdict(self.paired),
+        }  # fmt: skip
+
+
+def round_speedups(run: BenchRun) -> list[RoundSpeedup]:
+    """Every variant against each baseline of its case that ran the same rounds (a time-bounded
+    run can give two variants different round counts: no pairing then)."""
+    found = []
+    for case in run.cases:
+        for name in BASELINES:
+            baseline = next(
+                (c for c in run.cases if c.variant == name and (c.head, c.batch, c.text_length)
+                 == (case.head, case.batch, case.text_length)),
+                None,
+            )  # fmt: skip
+            if baseline is None or baseline is case or len(baseline.samples_s) != len(case.samples_s):
+                continue
+            found.append(RoundSpeedup(case, baseline, paired_ratio(case.samples_s, baseline.samples_s)))
+    return found
+
+
+def _per_round(run: BenchRun) -> list[str]:
+    rows = [
+        f"| {item.case.head} | {item.case.batch} | {item.case.text_length} | {item.case.variant} "
+        f"| {item.baseline.variant} | {item.baseline.stats.median_ms / item.case.stats.median_ms:.2f}x "
+        f"| {item.paired.median:.2f}x ({item.paired.low:.2f}-{item.paired.high:.2f}) "
+        f"| {item.paired.ahead} of {item.paired.rounds} |"
+        for item in round_speedups(run)
+    ]
+    if not rows:
+        return []
+    return [
+        "",
+        "## Speedups round by round",
+        "",
+        "The baseline's time over the variant's in each interleaved round: median (middle half of the rounds), "
+        "and the rounds in which the variant was the faster.",
+        "",
+        "| head | batch | length | variant | against | ratio of medians | per round | rounds faster |",
+        "|---|---:|---:|---|---|---:|---:|---:|",
+        *rows,
+    ]
 
 
 @dataclass(frozen=True)
@@ -319,6 +379,7 @@ def write_reports(run: BenchRun, out: Path) -> list[Path]:
         "settings": asdict(run.settings),
         "interrupted": run.interrupted,
         "skips": [asdict(s) for s in run.skips],
+        "round_speedups": [item.as_record() for item in round_speedups(run)],
         "against_peers": [item.as_record() for item in peer_comparisons(run)],
         "cases": [
             {**asdict(c), "gflops_per_s": c.gflops_per_s, "pct_matmul_peak": _percent_record(run, c)} for c in run.cases

@@ -232,7 +232,11 @@ def test_bench_writes_every_report(tiny_export: Path, tmp_path: Path) -> None:
     assert len(data["against_peers"]) == 4 and all(r["paired"]["rounds"] == 3 for r in data["against_peers"])
     table = (tmp_path / "results" / "results.md").read_text()
     main, peers = table.split("## btdeploy against the peers")
+    main, rounds = main.split("## Speedups round by round")
     assert "FP32 matmul peak measured in this run" in main and main.count("| itm |") == 12
+    # Per case: ort against both baselines, and each baseline against the other.
+    assert rounds.count("| itm |") == len(data["round_speedups"]) == 16
+    assert all(r["paired"]["rounds"] == 3 for r in data["round_speedups"])
     # One row per case: btdeploy's only variant here (ort) against the faster of torch-eager and ort-hf-optimizer.
     assert peers.count("| itm |") == 4 and peers.count("| fp32 | ort ") == 4
     assert "`ort-fused` (itm): " in table and "itm/model.ort.onnx does not exist: run btdeploy optimize" in table
@@ -498,6 +502,26 @@ def test_the_peer_comparison_pairs_the_rounds() -> None:
     assert peer_comparisons(run)[0].paired is None and "| - | - |" in markdown(run)
     with pytest.raises(ValueError, match="one per round"):
         paired_ratio([0.01], [0.01, 0.02])
+
+
+def test_speedups_are_also_given_round_by_round() -> None:
+    # torch-eager met a slow minute in the third round: the medians say 4x, the rounds 2x.
+    from btdeploy.bench.report import markdown, round_speedups
+    from btdeploy.bench.runner import BenchRun, BenchSettings, CaseResult
+    from btdeploy.bench.stats import summarize
+
+    run = BenchRun(BenchSettings())
+    for name, ms in {"torch-eager": [10.0, 20.0, 30.0], "ort-fused": [5.0, 5.0, 30.0]}.items():
+        seconds = [v / 1e3 for v in ms]
+        run.cases.append(CaseResult(name, "itm", 1, 16, seconds, summarize(seconds, 1), 10**9, 1.0, 1.0))
+    (item,) = round_speedups(run)  # the baseline is not set against itself
+    # Per round 2x, 4x and 1x: median 2, middle half 1.5 to 3, faster in two rounds (the third a tie).
+    assert (item.case.variant, item.baseline.variant) == ("ort-fused", "torch-eager")
+    assert (item.paired.median, item.paired.low, item.paired.high, item.paired.ahead) == pytest.approx((2, 1.5, 3, 2))
+    assert "| itm | 1 | 16 | ort-fused | torch-eager | 4.00x | 2.00x (1.50-3.00) | 2 of 3 |" in markdown(run)
+    assert item.as_record()["ratio_of_medians"] == pytest.approx(4.0)
+    run.cases[1].samples_s.append(0.005)  # a time-bounded run: different round counts, no pairing
+    assert round_speedups(run) == [] and "## Speedups round by round" not in markdown(run)
 
 
 def test_fp16_and_bf16_are_compared_as_one_precision_class() -> None:

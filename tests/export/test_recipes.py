@@ -37,6 +37,12 @@ def test_a_recipe_passes_the_model_out_folder_and_calibration_to_the_pipeline(tm
     ]  # fmt: skip
 
 
+def test_the_large_recipe_runs_every_head_and_precision(tmp_path: Path) -> None:
+    # It had kept to itm and mlm in FP32, from before every head fitted in memory (9.8 GB at most now).
+    result = _recipe(tmp_path, "large.sh", "out")
+    assert result.returncode == 0 and result.stdout.split() == ["pipeline", "--model", "large", "--out", "out"]
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [

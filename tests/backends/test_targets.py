@@ -22,6 +22,14 @@ def _one_line(error: pytest.ExceptionInfo[BtDeployError]) -> str:
     return message
 
 
+def test_split_false_is_every_backends_default(tiny_export: Path) -> None:
+    # load() names split in its signature (so that a type checker knows what split=True returns);
+    # passed as False it asks for what every backend does anyway.
+    runtime = btdeploy.load(tiny_export, head="itm", backend="torch", split=False)
+    assert type(runtime) is btdeploy.Runtime and runtime.load_arguments is not None
+    assert "split" not in runtime.load_arguments[3]
+
+
 @pytest.mark.parametrize(
     ("backend", "options", "expected"),
     [
@@ -45,6 +53,7 @@ def _one_line(error: pytest.ExceptionInfo[BtDeployError]) -> str:
         ("onnxruntime", {"flavour": "tensorrt"}, "flavour 'tensorrt': choose one of ort, trt"),
         ("onnxruntime", {"cuda_graphs": True}, "does not take 'cuda_graphs'"),
         ("torch", {"split": True}, "does not take 'split'"),
+        ("onnxruntime", {"split": "yes"}, "split='yes': give True or False"),
         ("torch", {"spin": False}, "does not take 'spin'"),
         ("onnxruntime", {"providers": ["cuda"]}, "GPU providers need an NVIDIA GPU, and torch sees none here"),
         ("tensorflow", {}, "unknown backend 'tensorflow': choose one of onnxruntime, torch, tensorrt, openvino"),

@@ -7,7 +7,9 @@ Reads only the progress lines every btdeploy version prints: `pipeline i/N: HEAD
 start, and `quantize HEAD (FLAVOUR, PRECISION) from SOURCE: done in Xs, peak RSS Y GB` per graph.
 A head's wall time runs from its start line to the next head's (the last head ends at the last
 stamped line, and counts only when the run finished: a stopped run's last head is left out), so
-it includes everything the head did: export, checks, optimize, quantize.
+it includes everything the head did: export, checks, optimize, quantize. A run finished where the
+log holds the summary's `pipeline PASSED|FAILED` line (stdout) or its last step's countdown line,
+`pipeline [N/N] ...` (stderr: a log of the progress lines alone, `2> run.log`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from btdeploy.cli import script_entry
 STAMP = re.compile(r"^\[\s*([\d.]+)s\] (.*)$")
 HEAD_START = re.compile(r"^pipeline (\d+)/(\d+): (\w+)$")
 FINISHED = re.compile(r"^pipeline (PASSED|FAILED) in ")
+LAST_STEP = re.compile(r"^pipeline \[(\d+)/\1\] ")  # step N of N: the countdown's last line
 QUANTIZE_DONE = re.compile(
     r"^quantize (\w+) \(([\w-]+), ([\w-]+)\) from \S+: done in ([\d.]+)s, (?:process )?peak RSS ([\d.]+) GB$"
 )
@@ -48,6 +51,7 @@ def read_run(path: Path, label: str) -> Run:
             continue
         at, message = float(stamped.group(1)), stamped.group(2)
         run.last = at
+        finished = finished or bool(LAST_STEP.match(message))
         if head := HEAD_START.match(message):
             starts.append((head.group(3), at))
         elif done := QUANTIZE_DONE.match(message):

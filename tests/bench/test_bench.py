@@ -577,6 +577,28 @@ def test_pipeline_steps_sets_runs_side_by_side() -> None:
     assert lines[4] == "| **whole run** | **1.5 min / 11.74 GB** | **0.5 min / 2.00 GB FAILED** |"
 
 
+def test_pipeline_runs_reads_a_real_runs_progress_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """pipeline_runs.py reads the lines `btdeploy pipeline` prints, not lines of its own making: a
+    tiny run's stderr (the progress log alone, as `2> run.log` keeps it), every head counted; the
+    same log cut before the last step ends leaves the last head out, as a stopped run's."""
+    from btdeploy.apps.pipeline import run_pipeline
+    from btdeploy.artifacts.graph_names import Flavour
+
+    module = benchmark_module("pipeline_runs")
+    run_pipeline("tiny", tmp_path / "out", heads=["itm", "mlm"], precisions=("int8-dynamic",), flavours=(Flavour.ORT,))
+    log = tmp_path / "run.log"
+    log.write_text(capsys.readouterr().err)
+    run = module.read_run(log, "a")
+    assert list(run.head_seconds) == ["itm", "mlm"] and all(s > 0 for s in run.head_seconds.values())
+    assert set(run.quantize) == {("itm", "ort.int8-dynamic"), ("mlm", "ort.int8-dynamic")}
+    assert all(seconds >= 0 and peak > 0 for seconds, peak in run.quantize.values())
+    lines = log.read_text().splitlines()
+    last_step = max(i for i, line in enumerate(lines) if "pipeline [" in line)
+    cut = tmp_path / "cut.log"
+    cut.write_text("\n".join(lines[:last_step]))
+    assert list(module.read_run(cut, "b").head_seconds) == ["itm"]
+
+
 @pytest.mark.parametrize("script", ["profile_ort.py", "profile_openvino.py"])
 def test_the_profile_scripts_attribute_kernel_time_to_layers(tiny_export: Path, script: str) -> None:
     # Both read the same command line (btdeploy/bench/profile_case.py); each must print a total

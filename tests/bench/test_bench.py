@@ -599,6 +599,22 @@ def test_pipeline_runs_reads_a_real_runs_progress_lines(tmp_path: Path, capsys: 
     assert list(module.read_run(cut, "b").head_seconds) == ["itm"]
 
 
+def test_precision_table_gives_each_heads_worst_row_of_a_check_report(tiny_export: Path, tmp_path: Path) -> None:
+    from btdeploy.cli import main
+
+    report = tmp_path / "parity.json"
+    assert main(["check", str(tiny_export), "--batch-sizes", "1", "--seq-lens", "5", "--report", str(report)]) == 0
+    rows = json.loads(report.read_text())["rows"]
+    printed = run_benchmark("precision_table.py", tiny_export, report).stdout.splitlines()
+    assert printed[0].startswith("| head | graph | worst output | cosine |") and len(printed) == 2 + len(HEADS)
+    for line in printed[2:]:
+        head, graph, output, cosine, *_, size, verdict = (cell.strip() for cell in line.strip("|").split("|"))
+        worst = min((row for row in rows if row["head"] == head), key=lambda row: row["cosine"])
+        assert (graph, output, verdict) == ("model.onnx", worst["output"], "PASS")
+        assert float(cosine) == pytest.approx(worst["cosine"], abs=5e-7)
+        assert float(size) == pytest.approx((tiny_export / head / "model.onnx").stat().st_size / 2**20, abs=0.05)
+
+
 @pytest.mark.parametrize("script", ["profile_ort.py", "profile_openvino.py"])
 def test_the_profile_scripts_attribute_kernel_time_to_layers(tiny_export: Path, script: str) -> None:
     # Both read the same command line (btdeploy/bench/profile_case.py); each must print a total

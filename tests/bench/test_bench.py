@@ -615,6 +615,28 @@ def test_precision_table_gives_each_heads_worst_row_of_a_check_report(tiny_expor
         assert float(size) == pytest.approx((tiny_export / head / "model.onnx").stat().st_size / 2**20, abs=0.05)
 
 
+def test_integer_matmul_bias_times_two_int8_forms_that_compute_the_same(tiny_export: Path, tmp_path: Path) -> None:
+    """The ort INT8 graph as btdeploy writes it (integer GEMMs with the bias inside) against the
+    Q/DQ form ONNX Runtime would fuse itself: the script's A / B is the quotient of the medians it
+    prints, and the two forms' outputs agree."""
+    import shutil
+
+    from btdeploy.optimize.optimizer import optimize_head
+    from btdeploy.quantize.quantizer import quantize_head
+
+    shutil.copytree(tiny_export / "itm", tmp_path / "itm")
+    optimize_head(tmp_path / "itm", "trt")  # the ort flavour's int8 starts from the trt graph's calibration
+    quantize_head(tmp_path / "itm", "int8", "ort", calib_size=4)
+    done = run_benchmark("integer_matmul_bias.py", tmp_path, "--head", "itm", "--shapes", "1x8,2x5", "--repeats", 2,
+                         "--runs", 2)  # fmt: skip
+    rows = [line for line in done.stdout.splitlines() if re.match(r"\| \d+ x \d+ \|", line)]
+    assert len(rows) == 2, done.stdout
+    for row in rows:
+        _, a, b, ratio, _, difference = (cell.strip() for cell in row.strip("|").split("|"))
+        assert is_quotient_of_printed(float(ratio), float(a), float(b), 0.0005)
+        assert float(difference) <= 1e-5  # the same integer products, the bias added in float either way
+
+
 @pytest.mark.parametrize("script", ["profile_ort.py", "profile_openvino.py"])
 def test_the_profile_scripts_attribute_kernel_time_to_layers(tiny_export: Path, script: str) -> None:
     # Both read the same command line (btdeploy/bench/profile_case.py); each must print a total

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 from btdeploy.errors import BtDeployError
 from btdeploy.hugepages import ENGINE_COMMANDS, reexec_with_hugepages
@@ -381,89 +381,91 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from btdeploy.apps.rank import BACKENDS as RANK_BACKENDS
-    from btdeploy.artifacts.graph_names import Flavour, Precision
+# The parser, a function per command. Each imports what its choices and defaults come from when
+# the parser is built, so that `btdeploy --help` and the CPU path load no heavy package.
+Commands: TypeAlias = "argparse._SubParsersAction[Any]"
+
+EXPORTER_HELP = (
+    "torch's ONNX exporter (default: %(default)s; dynamo is torch.export-based, the one torch keeps "
+    "once its deprecated TorchScript exporter goes)"
+)
+CALIB_SIZE_HELP = "calibration rows: image-caption pairs, or generated rows without files (default %(default)s)"
+
+
+def _add(
+    commands: Commands, name: str, handler: Callable[[argparse.Namespace], int], help_text: str
+) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def _flavours() -> list[str]:
+    from btdeploy.artifacts.graph_names import Flavour
+
+    return [str(f) for f in Flavour]
+
+
+def _precisions_of(*targets: str) -> list[str]:
+    """The precisions any of `targets` runs (rank and Triton cannot run a bf16 graph; serve on openvino can)."""
+    from btdeploy.artifacts.graph_names import Precision
     from btdeploy.backends.targets import TARGETS
-    from btdeploy.bench.runner import DEFAULT_TEXT_LENGTHS as DEFAULT_BENCH_TEXT_LENGTHS
+
+    return [str(p) for p in Precision if any(p in TARGETS[name].precisions for name in targets)]
+
+
+def _exact_sums_option(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--exact-sums",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ONNX Runtime's ort INT8 graphs: sum every integer product in 32 bits, as a CPU with VNNI or AMX "
+        "does, also where this CPU's faster kernel would saturate (the default; btdeploy doctor says whether it "
+        "would). --no-exact-sums: that kernel, 1.2-1.3x faster there; check the graph with it first",
+    )
+
+
+def _graph_options(
+    sub: argparse.ArgumentParser, verb: str, precision_note: str, runs_on: tuple[str, ...] | None = None
+) -> None:
+    """Which graph a command runs: the same options, with the same choices, everywhere (`runs_on`:
+    the targets a command runs on, where not every one; else TensorRT engines and the
+    reference's --device too)."""
+    from btdeploy.backends.targets import TARGETS
+
+    engines = runs_on is None
+    sub.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
+    sub.add_argument("--flavour", choices=_flavours(), default=None, help=f"{verb} the optimized graph of this flavour")
+    _exact_sums_option(sub)
+    sub.add_argument(
+        "--precision",
+        choices=_precisions_of(*(runs_on or TARGETS)),
+        default=None,  # the backend's own default: fp32, or fp16 for TensorRT engines
+        help=f"{verb} model.<flavour>.<precision>.onnx (flavour ort unless given){precision_note}"
+        + (" (default: fp32; fp16 with --backend tensorrt)" if engines else " (default: fp32)"),
+    )
+    if engines:
+        sub.add_argument(
+            "--device",
+            choices=["cpu", "cuda"],
+            default=None,
+            help="where --backend torch runs the reference model (default: cpu; fp16 needs cuda, bf16 cuda or a "
+            "CPU with AVX-512 BF16 or AMX)",
+        )
+        sub.add_argument(
+            "--checkpoint",
+            type=Path,
+            default=None,
+            help="the checkpoint folder the heads were exported from, where it has moved since (a CI machine), "
+            "for the PyTorch reference: held to the weights hash the export recorded",
+        )
+
+
+def _export_command(commands: Commands) -> None:
     from btdeploy.export.exporter import DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS
     from btdeploy.model.heads import HEADS
-    from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE
-    from btdeploy.quantize.methods import PRECISIONS
-    from btdeploy.serve.settings import BACKENDS as SERVE_BACKENDS
-    from btdeploy.serve.triton_repo import BACKENDS as TRITON_BACKENDS
-    from btdeploy.verify.check import DEFAULT_BATCH_SIZES, DEFAULT_TEXT_LENGTHS
 
-    exporter_help = (
-        "torch's ONNX exporter (default: %(default)s; dynamo is torch.export-based, the one torch keeps "
-        "once its deprecated TorchScript exporter goes)"
-    )
-    calib_size_help = (
-        f"calibration rows: image-caption pairs, or generated rows without files (default {DEFAULT_CALIB_SIZE})"
-    )
-
-    flavours = [str(f) for f in Flavour]
-    engine_precisions = [str(p) for p in TARGETS["tensorrt"].precisions]
-
-    def precisions_of(*targets: str) -> list[str]:
-        """The precisions any of `targets` runs (rank and Triton cannot run a bf16 graph; serve on openvino can)."""
-        return [str(p) for p in Precision if any(p in TARGETS[name].precisions for name in targets)]
-
-    parser = _OneLineParser(prog="btdeploy", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"btdeploy {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(handler=handler)
-        return sub
-
-    def exact_sums_option(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
-            "--exact-sums",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="ONNX Runtime's ort INT8 graphs: sum every integer product in 32 bits, as a CPU with VNNI or AMX "
-            "does, also where this CPU's faster kernel would saturate (the default; btdeploy doctor says whether it "
-            "would). --no-exact-sums: that kernel, 1.2-1.3x faster there; check the graph with it first",
-        )
-
-    def graph_options(
-        sub: argparse.ArgumentParser, verb: str, precision_note: str, runs_on: tuple[str, ...] | None = None
-    ) -> None:
-        """Which graph a command runs: the same options, with the same choices, everywhere (`runs_on`:
-        the targets a command runs on, where not every one; else TensorRT engines and the
-        reference's --device too)."""
-        engines = runs_on is None
-        sub.add_argument("--providers", nargs="*", default=None, help="ONNX Runtime providers: cpu, cuda")
-        sub.add_argument(
-            "--flavour", choices=flavours, default=None, help=f"{verb} the optimized graph of this flavour"
-        )
-        exact_sums_option(sub)
-        sub.add_argument(
-            "--precision",
-            choices=precisions_of(*(runs_on or TARGETS)),
-            default=None,  # the backend's own default: fp32, or fp16 for TensorRT engines
-            help=f"{verb} model.<flavour>.<precision>.onnx (flavour ort unless given){precision_note}"
-            + (" (default: fp32; fp16 with --backend tensorrt)" if engines else " (default: fp32)"),
-        )
-        if engines:
-            sub.add_argument(
-                "--device",
-                choices=["cpu", "cuda"],
-                default=None,
-                help="where --backend torch runs the reference model (default: cpu; fp16 needs cuda, bf16 cuda or a "
-                "CPU with AVX-512 BF16 or AMX)",
-            )
-            sub.add_argument(
-                "--checkpoint",
-                type=Path,
-                default=None,
-                help="the checkpoint folder the heads were exported from, where it has moved since (a CI machine), "
-                "for the PyTorch reference: held to the weights hash the export recorded",
-            )
-
-    export = add("export", cmd_export, "export heads to ONNX with dynamic batch and text length")
+    export = _add(commands, "export", cmd_export, "export heads to ONNX with dynamic batch and text length")
     export.add_argument("--model", default="base", help="preset (tiny, base, large) or checkpoint folder")
     export.add_argument("--heads", default="all", help=f"all, or a comma list of {','.join(HEADS)}")
     export.add_argument("--out", required=True, help="output folder; each head goes to OUT/<head>/")
@@ -478,9 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--split", action="store_true", help="also write text.onnx, vision.onnx and fusion.onnx (split towers)"
     )
-    export.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER, help=exporter_help)
+    export.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER, help=EXPORTER_HELP)
 
-    check = add("check", cmd_check, "parity of exported heads against the PyTorch reference")
+
+def _check_command(commands: Commands) -> None:
+    from btdeploy.backends.targets import TARGETS
+    from btdeploy.verify.check import DEFAULT_BATCH_SIZES, DEFAULT_TEXT_LENGTHS
+
+    check = _add(commands, "check", cmd_check, "parity of exported heads against the PyTorch reference")
     check.add_argument("dir", help="export folder or one head folder")
     check.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     check.add_argument("--batch-sizes", type=_int_list, default=DEFAULT_BATCH_SIZES, help="comma list (default: 1,3)")
@@ -488,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--backend", default="onnxruntime", choices=list(TARGETS), help="what runs the graph (default: %(default)s)"
     )
-    graph_options(check, "check", " at that precision's tolerances")
+    _graph_options(check, "check", " at that precision's tolerances")
     check.add_argument("--report", type=Path, default=None, help="write the rows as JSON")
     check.add_argument(
         "--junit", type=Path, default=None, help="write the rows as JUnit XML, a test case per head and output (for CI)"
@@ -501,7 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--texts", type=Path, default=None, help="text file, one caption per line (with --images; image k, caption k)"
     )
 
-    optimize = add("optimize", cmd_optimize, "fuse attention, bridge and residual add+LayerNorm, GELU")
+
+def _optimize_command(commands: Commands) -> None:
+    flavours = _flavours()
+    optimize = _add(commands, "optimize", cmd_optimize, "fuse attention, bridge and residual add+LayerNorm, GELU")
     optimize.add_argument("dir", help="export folder or one head folder")
     optimize.add_argument(
         "--flavour",
@@ -516,7 +526,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     optimize.add_argument("--heads", default=None, help="comma list (default: every exported head)")
 
-    quantize = add("quantize", cmd_quantize, "write FP16 (AutoCast), INT8 (explicit Q/DQ) or dynamic INT8 graphs")
+
+def _quantize_command(commands: Commands) -> None:
+    from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE
+    from btdeploy.quantize.methods import PRECISIONS
+
+    flavours = _flavours()
+
+    quantize = _add(
+        commands, "quantize", cmd_quantize, "write FP16 (AutoCast), INT8 (explicit Q/DQ) or dynamic INT8 graphs"
+    )
     quantize.add_argument("dir", help="export folder or one head folder (optimize it first)")
     quantize.add_argument("--precision", required=True, choices=[str(p) for p in PRECISIONS], help="the graph to write")
     quantize.add_argument(
@@ -525,9 +544,15 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     quantize.add_argument("--calib-images", type=Path, default=None, help="folder of calibration images")
     quantize.add_argument("--calib-texts", type=Path, default=None, help="text file, one caption per line")
-    quantize.add_argument("--calib-size", type=_at_least(1), default=DEFAULT_CALIB_SIZE, help=calib_size_help)
+    quantize.add_argument("--calib-size", type=_at_least(1), default=DEFAULT_CALIB_SIZE, help=CALIB_SIZE_HELP)
 
-    build = add("build", cmd_build, "build strongly typed TensorRT engines from the trt precision graphs")
+
+def _build_command(commands: Commands) -> None:
+    from btdeploy.backends.targets import TARGETS
+
+    engine_precisions = [str(p) for p in TARGETS["tensorrt"].precisions]
+
+    build = _add(commands, "build", cmd_build, "build strongly typed TensorRT engines from the trt precision graphs")
     build.add_argument("dir", help="export folder or one head folder (quantize --flavour trt first)")
     build.add_argument("--precision", required=True, choices=engine_precisions, help="the engine's precision")
     build.add_argument("--heads", default=None, help="comma list (default: every exported head)")
@@ -542,14 +567,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="the graph dialect to build from (default: the newest the installed TensorRT parses)",
     )
 
-    doctor = add("doctor", cmd_doctor, "what this machine can run, and how to install what it cannot")
+
+def _doctor_command(commands: Commands) -> None:
+    doctor = _add(commands, "doctor", cmd_doctor, "what this machine can run, and how to install what it cannot")
     doctor.add_argument("dir", nargs="?", default=None, help="an export folder to list artifacts of")
     doctor.add_argument(
         "--polygraphy", action="store_true",
         help="print the Polygraphy command of each TensorRT graph in dir even where TensorRT cannot run",
     )  # fmt: skip
 
-    rank = add("rank", cmd_rank, "rank captions against an image (or images against a caption): ITC, then ITM")
+
+def _rank_command(commands: Commands) -> None:
+    from btdeploy.apps.rank import BACKENDS as RANK_BACKENDS
+
+    rank = _add(
+        commands, "rank", cmd_rank, "rank captions against an image (or images against a caption): ITC, then ITM"
+    )
     rank.add_argument("dir", help="export folder with the itm head (and itc for the first stage; --split helps)")
     rank.add_argument("--image", default=None, help="one image, ranked against --texts")
     rank.add_argument("--texts", default=None, help="text file, one caption per line")
@@ -562,9 +595,14 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument(
         "--backend", choices=RANK_BACKENDS, default="onnxruntime", help="what runs both heads (default: %(default)s)"
     )
-    graph_options(rank, "run", " for both heads (the split graphs where exported)", runs_on=RANK_BACKENDS)
+    _graph_options(rank, "run", " for both heads (the split graphs where exported)", runs_on=RANK_BACKENDS)
 
-    run = add("run", cmd_run, "score texts against an image with an exported head")
+
+def _run_command(commands: Commands) -> None:
+    from btdeploy.backends.targets import TARGETS
+    from btdeploy.model.heads import HEADS
+
+    run = _add(commands, "run", cmd_run, "score texts against an image with an exported head")
     run.add_argument("dir", help="export folder or one head folder")
     run.add_argument(
         "--head", choices=list(HEADS), help="the head to run (needed when dir holds several)"
@@ -574,9 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--backend", default="onnxruntime", choices=list(TARGETS), help="what runs the graph (default: %(default)s)"
     )
-    graph_options(run, "run", ", or the engine of that precision")
+    _graph_options(run, "run", ", or the engine of that precision")
 
-    bench = add("bench", cmd_bench, "time every variant of each head side by side, interleaved")
+
+def _bench_command(commands: Commands) -> None:
+    from btdeploy.bench.runner import DEFAULT_TEXT_LENGTHS as DEFAULT_BENCH_TEXT_LENGTHS
+
+    bench = _add(commands, "bench", cmd_bench, "time every variant of each head side by side, interleaved")
     bench.add_argument("dir", help="export folder")
     bench.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     bench.add_argument(
@@ -623,7 +665,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch", type=_at_least(1), default=16, help="the server's --max-batch when batching is on"
     )
 
-    serve = add("serve", cmd_serve, "serve heads over HTTP (Open Inference Protocol and task endpoints) on Ray Serve")
+
+def _serve_command(commands: Commands) -> None:
+    from btdeploy.serve.settings import BACKENDS as SERVE_BACKENDS
+
+    flavours = _flavours()
+
+    serve = _add(
+        commands, "serve", cmd_serve, "serve heads over HTTP (Open Inference Protocol and task endpoints) on Ray Serve"
+    )
     serve.add_argument("dir", help="export folder")
     serve.add_argument("--heads", default=None, help="comma list (default: every exported head)")
     serve.add_argument(
@@ -635,12 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--precision",
-        choices=precisions_of(*SERVE_BACKENDS),
+        choices=_precisions_of(*SERVE_BACKENDS),
         default="fp32",
         help="the graphs to serve (default: fp32; bf16: openvino)",
     )
     serve.add_argument("--flavour", choices=flavours, default=None, help="serve the optimized graph of this flavour")
-    exact_sums_option(serve)
+    _exact_sums_option(serve)
     serve.add_argument("--split", action="store_true", help="run the text, vision and fusion graphs")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
@@ -670,7 +720,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies get 413")
     serve.add_argument("--feature-cache", type=int, default=256, help="image features the rank endpoint keeps")
 
-    triton = add("triton-repo", cmd_triton_repo, "write a Triton Inference Server model repository")
+
+def _triton_repo_command(commands: Commands) -> None:
+    from btdeploy.serve.triton_repo import BACKENDS as TRITON_BACKENDS
+
+    flavours = _flavours()
+
+    triton = _add(commands, "triton-repo", cmd_triton_repo, "write a Triton Inference Server model repository")
     triton.add_argument("dir", help="export folder")
     triton.add_argument("--out", required=True, help="repository folder to write (must not exist or be empty)")
     triton.add_argument("--heads", default=None, help="comma list (default: every exported head)")
@@ -679,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     triton.add_argument(
         "--precision",
-        choices=precisions_of(*TRITON_BACKENDS),
+        choices=_precisions_of(*TRITON_BACKENDS),
         default="fp32",
         help="the graphs to serve (default: fp32)",
     )
@@ -688,7 +744,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch", type=_at_least(1), default=None, help="default: the head's engine profile maximum"
     )
 
-    pipeline = add("pipeline", cmd_pipeline, "the main job: export, optimize, quantize and check every head")
+
+def _pipeline_command(commands: Commands) -> None:
+    from btdeploy.export.exporter import DEFAULT_EXPORTER, EXPORTERS
+    from btdeploy.model.heads import HEADS
+    from btdeploy.quantize.calibration import DEFAULT_CALIB_SIZE
+    from btdeploy.quantize.methods import PRECISIONS
+
+    flavours = _flavours()
+
+    pipeline = _add(commands, "pipeline", cmd_pipeline, "the main job: export, optimize, quantize and check every head")
     pipeline.add_argument("--model", default="base", help="preset or checkpoint folder (default: base)")
     pipeline.add_argument("--heads", default="all", help=f"all, or a comma list of {','.join(HEADS)}")
     pipeline.add_argument("--out", default=None, help="default: btdeploy-out/<model>")
@@ -699,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument(
         "--split", action="store_true", help="also export and check the text, vision and fusion graphs"
     )
-    pipeline.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER, help=exporter_help)
+    pipeline.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER, help=EXPORTER_HELP)
     pipeline.add_argument(
         "--flavours",
         type=_names,
@@ -708,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pipeline.add_argument("--calib-images", type=Path, default=None, help="folder of calibration images")
     pipeline.add_argument("--calib-texts", type=Path, default=None, help="text file, one caption per line")
-    pipeline.add_argument("--calib-size", type=_at_least(1), default=DEFAULT_CALIB_SIZE, help=calib_size_help)
+    pipeline.add_argument("--calib-size", type=_at_least(1), default=DEFAULT_CALIB_SIZE, help=CALIB_SIZE_HELP)
     pipeline.add_argument(
         "--check-images",
         type=Path,
@@ -723,6 +788,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="make every graph again, even those already in --out from the same checkpoint, data and tool versions",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="btdeploy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"btdeploy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (
+        _export_command, _check_command, _optimize_command, _quantize_command, _build_command, _doctor_command,
+        _rank_command, _run_command, _bench_command, _serve_command, _triton_repo_command, _pipeline_command,
+    ):  # fmt: skip
+        add_command(commands)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from btdeploy import hugepages
@@ -75,22 +76,46 @@ def _checkpoint_cache() -> str:
     return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class _Found:
+    """What the installed-packages part of the report found, which the can-run part reads."""
+
+    gpu: tuple[str, tuple[int, int]] | None
+    tensorrt: str | None
+    modelopt: str | None
+    providers: list[str]
+    platform_package: str  # the ONNX Runtime package this platform installs
+
+    @property
+    def can_build(self) -> bool:
+        return bool(self.gpu and self.tensorrt)
+
+
 def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple[list[str], bool]:
     """Lines to print, and whether the TensorRT path can run here. The Polygraphy commands of the
     folder's TensorRT graphs are printed where TensorRT runs, or when `polygraphy` asks for them."""
+    lines, found = _installed()
+    lines += ["", "can run here:", *_can_run(found)]
+    if folder is not None:
+        lines += ["", *_folder(folder, found.can_build or polygraphy)]
+    return lines, found.can_build
+
+
+def _installed() -> tuple[list[str], _Found]:
+    """The CPU, the GPU, and each package btdeploy uses, with how to install what is missing."""
     lines: list[str] = []
     torch_version = package_version("torch")
-    found = tensorrt_env.gpu()
+    gpu = tensorrt_env.gpu()
     ort_version = package_version("onnxruntime-gpu")
     trt = tensorrt_env.tensorrt_version()  # looked up on the module, so tests can stand in for it
     lines.append(f"CPU              {describe_cpu()}")
     lines.append(f"torch            {torch_version or 'not installed'}")
     # The reference model's code, and the export's: a bug report or a parity change needs its version.
     lines.append(f"transformers     {package_version('transformers') or 'not installed'}")
-    if found:
+    if gpu:
         import torch
 
-        name, (major, minor) = found
+        name, (major, minor) = gpu
         lines.append(f"GPU              {name} (compute capability {major}.{minor}), CUDA {torch.version.cuda}")
     else:
         lines.append("GPU              none visible to torch (torch.cuda.is_available() is False)")
@@ -123,10 +148,13 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
     lines.append(f"tensorrt         {trt or f'not installed -> {INSTALL_TENSORRT} {WHERE}'}")
     lines.append(f"huge pages       {hugepages.status().describe()}")
     lines.append(f"checkpoints      {_checkpoint_cache()}")
-    can_build = bool(found and trt)
-    lines.append("")
-    lines.append("can run here:")
-    if modelopt:
+    return lines, _Found(gpu, trt, modelopt, providers, platform_package)
+
+
+def _can_run(found: _Found) -> list[str]:
+    """Each part of btdeploy: whether it runs on this machine, and what it needs where it does not."""
+    lines: list[str] = []
+    if found.modelopt:
         lines.append("  export, optimize, quantize, check and bench on ONNX Runtime CPU: yes")
     else:
         lines.append(
@@ -156,39 +184,41 @@ def doctor_report(folder: Path | None = None, polygraphy: bool = False) -> tuple
         "btdeploy.load): check a graph that way first (btdeploy check DIR --flavour ort --precision int8 "
         "--no-exact-sums)"
     )
-    if not found:
+    if not found.gpu:
         lines.append("  ONNX Runtime CUDA: no (needs an NVIDIA GPU)")
-    elif "CUDAExecutionProvider" not in providers and platform_package == "onnxruntime":
+    elif "CUDAExecutionProvider" not in found.providers and found.platform_package == "onnxruntime":
         lines.append(
             "  ONNX Runtime CUDA: no (PyPI has no onnxruntime-gpu 1.24 for this platform; TensorRT runs on the GPU)"
         )
-    elif "CUDAExecutionProvider" not in providers:
+    elif "CUDAExecutionProvider" not in found.providers:
         lines.append("  ONNX Runtime CUDA: no -> pip install onnxruntime-gpu")
     else:  # listed on any machine: does it start with this machine's CUDA libraries?
         problem = start_problem("CUDAExecutionProvider")
         lines.append(f"  ONNX Runtime CUDA: {f'no -> {problem}' if problem else 'yes'}")
-    if can_build:
+    if found.can_build:
         lines.append("  TensorRT build and run: yes")
-    elif found:
+    elif found.gpu:
         lines.append(f"  TensorRT build and run: no -> {INSTALL_TENSORRT}")
     else:
         lines.append("  TensorRT build and run: no -> needs an NVIDIA GPU; there, " + INSTALL_TENSORRT)
-    if folder is not None:
+    return lines
+
+
+def _folder(folder: Path, with_polygraphy: bool) -> list[str]:
+    """The artifacts of an export folder, and how to debug its TensorRT graphs with Polygraphy."""
+    lines = [f"btdeploy artifacts in {folder}:", *(_artifacts(folder) or ["  none"])]
+    debug = _polygraphy_commands(folder)
+    if debug and with_polygraphy:
         lines.append("")
-        lines.append(f"btdeploy artifacts in {folder}:")
-        lines.extend(_artifacts(folder) or ["  none"])
-        debug = _polygraphy_commands(folder)
-        if debug and (can_build or polygraphy):
-            lines.append("")
-            lines.append("to debug a TensorRT mismatch layer by layer (Polygraphy, installed with btdeploy):")
-            lines.extend(debug)
-        elif debug:
-            lines.append("")
-            lines.append(
-                f"{len(debug)} TensorRT graph(s) here: `btdeploy doctor {folder} --polygraphy` prints a Polygraphy "
-                "command per graph to debug a TensorRT mismatch layer by layer, to run where TensorRT runs"
-            )
-    return lines, can_build
+        lines.append("to debug a TensorRT mismatch layer by layer (Polygraphy, installed with btdeploy):")
+        lines.extend(debug)
+    elif debug:
+        lines.append("")
+        lines.append(
+            f"{len(debug)} TensorRT graph(s) here: `btdeploy doctor {folder} --polygraphy` prints a Polygraphy "
+            "command per graph to debug a TensorRT mismatch layer by layer, to run where TensorRT runs"
+        )
+    return lines
 
 
 def _polygraphy_commands(folder: Path) -> list[str]:

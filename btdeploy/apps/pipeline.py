@@ -22,7 +22,7 @@ from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.artifacts.onnx_files import graph_bytes
 from btdeploy.backends.targets import TARGETS, RunOptions
 from btdeploy.export.exporter import DEFAULT_EXPORTER, DEFAULT_OPSET, export_head
-from btdeploy.model.checkpoints import head_weight_count, load_config, resolve_model
+from btdeploy.model.checkpoints import ModelSource, head_weight_count, load_config, resolve_model
 from btdeploy.model.heads import HEADS, get_head
 from btdeploy.model.media import paired_files
 from btdeploy.optimize.optimizer import optimize_head
@@ -81,6 +81,54 @@ JUNIT_FILE = "parity.junit.xml"
 STEP_COSTS = {"export": 60.0, "check": 15.0, "optimize": 25.0, "build": 120.0, "quantize": 90.0}
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """What one pipeline run makes of each head, decided (and its inputs refused where bad) before any work."""
+
+    source: ModelSource
+    out: Path
+    opset: int
+    split: bool
+    reuse: bool
+    exporter: str
+    optimized: list[Flavour]  # every flavour first: fp16 and int8 of the ort flavour start from the trt graph
+    quantized: list[tuple[Flavour, Precision]]
+    calibration: tuple[Path | None, Path | None]
+    calib_size: int
+    engines: list[Precision]  # TensorRT engines, where TensorRT runs here
+
+
+class StepRunner:
+    """Runs the steps of every head: each one timed into its head's summary, then counted down;
+    each check's rows kept, with the graph it checked, for the reports."""
+
+    def __init__(self, out: Path, countdown: Countdown, check_data: tuple[Path | None, Path | None]) -> None:
+        self.out = out
+        self.countdown = countdown
+        self.images, self.texts = check_data
+        self.references = ReferenceCache()
+        self.checked: dict[str, CheckedGraph] = {}
+
+    @contextmanager
+    def timed(self, summary: HeadSummary, name: str) -> Iterator[dict[str, Any]]:
+        """One pipeline step: its time and peak memory go to the summary, then the countdown moves."""
+        entry: dict[str, Any] = {"head": summary.head, "step": name}
+        with step(f"pipeline {summary.head}: {name}") as cost:
+            yield entry
+        summary.steps.append({**entry, **cost.to_json()})
+        kept = bool(entry.get("reused"))
+        self.countdown.advance(f"{summary.head} {name}" + (" (kept)" if kept else ""), skipped=kept)
+
+    def check(self, summary: HeadSummary, graph: CheckedGraph) -> None:
+        opts = graph.options
+        with self.timed(summary, f"check {graph.key}"):
+            summary.rows[graph.key] = check_export(
+                self.out, [summary.head], backend=graph.backend, flavour=opts.flavour, precision=opts.precision,
+                split=opts.split, references=self.references, images=self.images, texts=self.texts,
+            )  # fmt: skip
+        self.checked[graph.key] = graph
+
+
 def run_pipeline(
     model: str,
     out: Path,
@@ -99,7 +147,6 @@ def run_pipeline(
     """The main job. Graphs already in `out` that this run would make the same way (same checkpoint,
     source graphs, calibration and tool versions, intact on disk) are kept unless `force`. Every
     graph is checked on generated inputs, or on the user's pairs given as `check_data` (images, texts)."""
-    check_images, check_texts = check_data
     # Unreadable or half-given pairs fail now, not after minutes of export and optimize.
     paired_files(*check_data, ("--check-images", "--check-texts"))
     calibration_pair = paired_files(*calibration, ("--calib-images", "--calib-texts"))
@@ -127,73 +174,18 @@ def run_pipeline(
     if generated:  # said here and under the summary, not again at every quantize step
         warn_generated(f"every {' and '.join(calibrated)} graph of this run")
     engines = [] if engines_blocked or tensorrt.build is None else engine_precisions
+    plan = RunPlan(source, out, opset, split, not force, exporter, optimized, quantized, calibration, calib_size,
+                   engines)  # fmt: skip
     per_head = ["export", "check", *(["check"] if split else []), *(["optimize", "check"] * len(optimized)),
                 *(["quantize", "check"] * len(quantized)), *(["build", "check"] * len(engines))]  # fmt: skip
-    countdown = Countdown("pipeline", [STEP_COSTS[kind] for _ in heads for kind in per_head])
-    reuse = not force
-    references = ReferenceCache()
+    runner = StepRunner(out, Countdown("pipeline", [STEP_COSTS[kind] for _ in heads for kind in per_head]), check_data)
     started = time.monotonic()
-    summaries: list[HeadSummary] = []
-    checked: dict[str, CheckedGraph] = {}
-
-    @contextmanager
-    def timed(summary: HeadSummary, name: str) -> Iterator[dict[str, Any]]:
-        """One pipeline step: its time and peak memory go to the summary, then the countdown moves."""
-        entry: dict[str, Any] = {"head": summary.head, "step": name}
-        with step(f"pipeline {summary.head}: {name}") as cost:
-            yield entry
-        summary.steps.append({**entry, **cost.to_json()})
-        kept = bool(entry.get("reused"))
-        countdown.advance(f"{summary.head} {name}" + (" (kept)" if kept else ""), skipped=kept)
-
-    def check(summary: HeadSummary, graph: CheckedGraph) -> None:
-        opts = graph.options
-        with timed(summary, f"check {graph.key}"):
-            summary.rows[graph.key] = check_export(
-                out, [summary.head], backend=graph.backend, flavour=opts.flavour, precision=opts.precision,
-                split=opts.split, references=references, images=check_images, texts=check_texts,
-            )  # fmt: skip
-        checked[graph.key] = graph
-
+    summaries = []
     for index, head in enumerate(heads, 1):
         say(f"pipeline {index}/{len(heads)}: {head}")
-        summary = HeadSummary(head)
-        with timed(summary, "export") as entry:
-            manifest = export_head(source, head, out, opset, split, reuse=reuse, exporter=exporter)
-            entry["reused"] = manifest.reused
-        summary.size_mb = graph_bytes(manifest.model_path) / 1e6
-        summary.missing_weights = list(manifest.data["model"].get("missing_weights", []))
-        summary.source = str(manifest.data["model"]["source"])
-        check(summary, CheckedGraph("plain", "onnxruntime", RunOptions()))
-        if split:
-            check(summary, CheckedGraph("split", "onnxruntime", RunOptions(split=True)))
-        # Every flavour first: fp16 and int8 of the ort flavour start from the trt graph.
-        for flavour in optimized:
-            with timed(summary, f"optimize {flavour}") as entry:
-                result = optimize_head(manifest.folder, flavour, reuse=reuse)
-                entry["reused"] = bool(result.get("reused"))
-            summary.fused[flavour] = (
-                f"{result['attention_fused']}/{result['attention_expected']} attn, "
-                f"{result['bridges_fused']}/{result['bridges_expected']} bridge"
-            )
-            check(summary, CheckedGraph(str(flavour), "onnxruntime", RunOptions(flavour=flavour)))
-        for flavour, precision in quantized:
-            with timed(summary, f"quantize {graph_key(flavour, precision)}") as entry:
-                result = quantize_head(
-                    manifest.folder, precision, flavour, *calibration, calib_size, reuse=reuse, announce_generated=False
-                )
-                entry["reused"] = bool(result.get("reused"))
-            check(summary, CheckedGraph(graph_key(flavour, precision), "onnxruntime", RunOptions(flavour, precision)))
-        for precision in engines:
-            assert tensorrt.build is not None
-            with timed(summary, f"build tensorrt.{precision}"):
-                tensorrt.build(manifest.folder, precision)
-            check(summary, CheckedGraph(f"tensorrt.{precision}", "tensorrt", RunOptions(precision=precision)))
-        references.forget(manifest.folder)
-        _record_steps(manifest.folder, summary.steps)
-        summaries.append(summary)
+        summaries.append(_run_head(plan, runner, head))
     wall = time.monotonic() - started
-    _report(out, summaries, checked, check_data)
+    _report(out, summaries, runner.checked, check_data)
     calibrated_on = "generated" if generated else "files" if calibrated else None
     _write_run_record(out, summaries, wall, force, calibrated_on, disk)
     if generated:
@@ -204,6 +196,48 @@ def run_pipeline(
     print(f"pipeline {'PASSED' if passed else 'FAILED'} in {clock(wall)}, peak RSS {peak:.2f} GB; "
           f"artifacts in {out}")  # fmt: skip
     return passed
+
+
+def _run_head(plan: RunPlan, runner: StepRunner, head: str) -> HeadSummary:
+    """One head through every step of the plan, each graph checked after it is made."""
+    summary = HeadSummary(head)
+    with runner.timed(summary, "export") as entry:
+        manifest = export_head(plan.source, head, plan.out, plan.opset, plan.split, reuse=plan.reuse,
+                               exporter=plan.exporter)  # fmt: skip
+        entry["reused"] = manifest.reused
+    summary.size_mb = graph_bytes(manifest.model_path) / 1e6
+    summary.missing_weights = list(manifest.data["model"].get("missing_weights", []))
+    summary.source = str(manifest.data["model"]["source"])
+    runner.check(summary, CheckedGraph("plain", "onnxruntime", RunOptions()))
+    if plan.split:
+        runner.check(summary, CheckedGraph("split", "onnxruntime", RunOptions(split=True)))
+    for flavour in plan.optimized:
+        with runner.timed(summary, f"optimize {flavour}") as entry:
+            result = optimize_head(manifest.folder, flavour, reuse=plan.reuse)
+            entry["reused"] = bool(result.get("reused"))
+        summary.fused[flavour] = (
+            f"{result['attention_fused']}/{result['attention_expected']} attn, "
+            f"{result['bridges_fused']}/{result['bridges_expected']} bridge"
+        )
+        runner.check(summary, CheckedGraph(str(flavour), "onnxruntime", RunOptions(flavour=flavour)))
+    for flavour, precision in plan.quantized:
+        key = graph_key(flavour, precision)
+        with runner.timed(summary, f"quantize {key}") as entry:
+            result = quantize_head(
+                manifest.folder, precision, flavour, *plan.calibration, plan.calib_size, reuse=plan.reuse,
+                announce_generated=False,
+            )  # fmt: skip
+            entry["reused"] = bool(result.get("reused"))
+        runner.check(summary, CheckedGraph(key, "onnxruntime", RunOptions(flavour, precision)))
+    tensorrt = TARGETS["tensorrt"]
+    for precision in plan.engines:
+        assert tensorrt.build is not None
+        with runner.timed(summary, f"build tensorrt.{precision}"):
+            tensorrt.build(manifest.folder, precision)
+        runner.check(summary, CheckedGraph(f"tensorrt.{precision}", "tensorrt", RunOptions(precision=precision)))
+    runner.references.forget(manifest.folder)
+    _record_steps(manifest.folder, summary.steps)
+    return summary
 
 
 def _record_steps(folder: Path, steps: list[dict[str, Any]]) -> None:

@@ -219,20 +219,28 @@ class RoundSpeedup:
         }  # fmt: skip
 
 
-def round_speedups(run: BenchRun) -> list[RoundSpeedup]:
-    """Every variant against each baseline of its case that ran the same rounds (a time-bounded
-    run can give two variants different round counts: no pairing then)."""
-    found = []
+def _cases_by_shape(run: BenchRun) -> list[list[CaseResult]]:
+    """The run's cases grouped by head, batch and text length, in the order they ran."""
+    shapes: dict[tuple[str, int, int], list[CaseResult]] = {}
     for case in run.cases:
-        for name in BASELINES:
-            baseline = next(
-                (c for c in run.cases if c.variant == name and (c.head, c.batch, c.text_length)
-                 == (case.head, case.batch, case.text_length)),
-                None,
-            )  # fmt: skip
-            if baseline is None or baseline is case or len(baseline.samples_s) != len(case.samples_s):
-                continue
-            found.append(RoundSpeedup(case, baseline, paired_ratio(case.samples_s, baseline.samples_s)))
+        shapes.setdefault((case.head, case.batch, case.text_length), []).append(case)
+    return list(shapes.values())
+
+
+def _paired(ours: CaseResult, theirs: CaseResult) -> PairedRatio | None:
+    """`theirs / ours` round by round, or None where a time-bounded run gave them different round counts."""
+    return paired_ratio(ours.samples_s, theirs.samples_s) if len(ours.samples_s) == len(theirs.samples_s) else None
+
+
+def round_speedups(run: BenchRun) -> list[RoundSpeedup]:
+    """Every variant against each baseline of its case that ran the same rounds."""
+    found = []
+    for cases in _cases_by_shape(run):
+        baselines = [c for name in BASELINES for c in cases if c.variant == name]
+        for case in cases:
+            for baseline in baselines:
+                if baseline is not case and (paired := _paired(case, baseline)):
+                    found.append(RoundSpeedup(case, baseline, paired))
     return found
 
 
@@ -292,18 +300,16 @@ def _btdeploy_default(name: str) -> bool:
 def peer_comparisons(run: BenchRun) -> list[PeerComparison]:
     """Per case and precision class: btdeploy's fastest variant against the fastest peer (by median)."""
     found = []
-    shapes = dict.fromkeys((c.head, c.batch, c.text_length) for c in run.cases)
-    for head, batch, length in shapes:
-        cases = [c for c in run.cases if (c.head, c.batch, c.text_length) == (head, batch, length)]
+    for cases in _cases_by_shape(run):
         for kind in dict.fromkeys(precision_class(c.variant) for c in cases):
             ours = [c for c in cases if precision_class(c.variant) == kind and _btdeploy_default(c.variant)]
             peers = [c for c in cases if precision_class(c.variant) == kind and is_peer(c.variant)]
             if ours and peers:
                 best = min(ours, key=lambda c: c.stats.median_ms)
                 peer = min(peers, key=lambda c: c.stats.median_ms)
-                same_rounds = len(best.samples_s) == len(peer.samples_s)
-                paired = paired_ratio(best.samples_s, peer.samples_s) if same_rounds else None
-                found.append(PeerComparison(head, batch, length, kind, best, peer, paired))
+                found.append(
+                    PeerComparison(best.head, best.batch, best.text_length, kind, best, peer, _paired(best, peer))
+                )
     return found
 
 

@@ -71,6 +71,16 @@ def cli_refusal(words: list[str]) -> str | None:
     return None
 
 
+def cli_commands() -> dict[str, Any]:
+    """btdeploy's subcommands by name, each its argparse parser."""
+    import argparse
+
+    from btdeploy.cli import build_parser
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
 def is_quotient_of_printed(ratio: float, a: float, b: float, ratio_half_digit: float) -> bool:
     """Whether `ratio` (rounded to within `ratio_half_digit`) is a / b, where a and b were printed to
     0.1 ms: it lies between the smallest and the largest quotient of the values that print as a and

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import re
 import shlex
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BENCHMARKS, benchmark_module, cli_refusal
+from conftest import BENCHMARKS, benchmark_module, cli_commands, cli_refusal
 
 from btdeploy.artifacts.graph_names import Flavour
 from btdeploy.cli import build_parser
@@ -190,29 +191,33 @@ OTHER_TOOLS_OPTIONS = {
 }  # fmt: skip
 
 
-def _unknown_options(text: str) -> list[str]:
-    """Each `--option` the README names that no btdeploy command, benchmark script or quoted
-    tool takes: prose outside the command blocks, which the parse checks above do not read."""
-    known = set(OTHER_TOOLS_OPTIONS)
-    parser = build_parser()
-    commands = [parser]
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            commands += action.choices.values()
-    known.update(option for command in commands for action in command._actions for option in action.option_strings)
+@functools.cache
+def _known_options() -> frozenset[str]:
+    """Every option a btdeploy command, a benchmark script or a quoted tool takes."""
+    parsers = [build_parser(), *cli_commands().values()]
+    known = {option for parser in parsers for action in parser._actions for option in action.option_strings}
     for script in BENCHMARKS.glob("*.py"):
         known.update(re.findall(r'"(--[a-z][a-z0-9-]*)"', script.read_text()))
-    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", text))
-    return sorted(named - known)
+    return frozenset(known | set(OTHER_TOOLS_OPTIONS))
+
+
+def _unknown_options(text: str) -> list[str]:
+    """Each `--option` a document names that nothing takes: prose outside the command blocks,
+    which the parse checks above do not read."""
+    return sorted(set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", text)) - _known_options())
+
+
+# The docs a user reads: the README, ARCHITECTURE.md, the recipes' README and every Markdown file
+# under benchmarks/ (the results' commands are how a result is measured again).
+DOCUMENTS = [README, README.parent / "ARCHITECTURE.md", *sorted((README.parent / "export").glob("*.md"))]
+DOCUMENTS += sorted((README.parent / "benchmarks").rglob("*.md"))
 
 
 def test_every_option_the_docs_name_exists() -> None:
-    """The README, ARCHITECTURE.md and the benchmark results' READMEs, whose commands are how a
-    result is measured again."""
-    root = README.parent
-    documents = [README, root / "ARCHITECTURE.md", *sorted((root / "benchmarks" / "results").rglob("README.md"))]
-    unknown = {str(doc.relative_to(root)): found for doc in documents if (found := _unknown_options(doc.read_text()))}
-    assert unknown == {}
+    unknown = {
+        str(doc.relative_to(README.parent)): found for doc in DOCUMENTS if (found := _unknown_options(doc.read_text()))
+    }
+    assert len(DOCUMENTS) > 100 and unknown == {}
 
 
 def test_the_option_check_finds_a_renamed_option() -> None:
@@ -240,10 +245,11 @@ def _broken_links(doc: Path, text: str) -> list[str]:
 def test_every_relative_link_in_the_docs_resolves() -> None:
     """The README's contents line and its links to results, and the results' links to their runs:
     a result moved or renamed would leave them pointing at nothing."""
-    root = README.parent
-    documents = [README, root / "ARCHITECTURE.md", *sorted(root.glob("export/*.md"))]
-    documents += sorted((root / "benchmarks").rglob("*.md"))
-    broken = {str(doc.relative_to(root)): found for doc in documents if (found := _broken_links(doc, doc.read_text()))}
+    broken = {
+        str(doc.relative_to(README.parent)): found
+        for doc in DOCUMENTS
+        if (found := _broken_links(doc, doc.read_text()))
+    }
     assert broken == {}
 
 

@@ -12,6 +12,7 @@ from xml.etree import ElementTree
 import numpy as np
 import onnx
 import pytest
+from conftest import cli_commands
 from onnx import numpy_helper
 from PIL import Image
 
@@ -268,26 +269,16 @@ def test_pipeline_builds_and_checks_engines_where_tensorrt_runs(
 
 
 def test_every_option_of_every_command_says_what_it_does() -> None:
-    import argparse
-
-    from btdeploy.cli import build_parser
-
-    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    silent = [
-        f"{name} {action.dest}" for name, sub in commands.choices.items() for action in sub._actions if not action.help
-    ]
-    assert len(commands.choices) >= 10 and silent == []
+    commands = cli_commands()
+    silent = [f"{name} {action.dest}" for name, sub in commands.items() for action in sub._actions if not action.help]
+    assert len(commands) >= 10 and silent == []
 
 
 def test_the_overview_names_every_command() -> None:
-    import argparse
-
     from btdeploy.cli import build_parser
 
-    parser = build_parser()
-    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    listed = re.split(r"[\s,.()]+", (parser.description or "").partition(":")[2])
-    unnamed = [name for name in commands.choices if name not in listed]
+    listed = re.split(r"[\s,.()]+", (build_parser().description or "").partition(":")[2])
+    unnamed = [name for name in cli_commands() if name not in listed]
     assert unnamed == []
 
 

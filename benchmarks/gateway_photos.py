@@ -26,6 +26,7 @@ import numpy as np
 from btdeploy.bench.load import drive
 from btdeploy.bench.machine import cpu_text, machine_description
 from btdeploy.cli import script_entry
+from btdeploy.errors import BtDeployError
 from btdeploy.runtime.runtime import find_head
 from btdeploy.serve.process import ServerProcess
 
@@ -46,26 +47,34 @@ def photo(megapixels: float) -> bytes:
 
 
 class LivenessPoll:
-    """Polls the liveness route every 10 ms on its own connection, keeping each answer's latency."""
+    """Polls the liveness route every 10 ms on its own connection, keeping each answer's latency;
+    an answer other than 200, or no answer, fails the run when the poll ends."""
 
     def __init__(self, url: str) -> None:
         self.url = urllib.parse.urlsplit(url)
         self.latencies_ms: list[float] = []
+        self.failure: str | None = None
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._poll)
 
     def _poll(self) -> None:
         connection = http.client.HTTPConnection(self.url.hostname or "127.0.0.1", self.url.port, timeout=120)
-        while not self.stopping.is_set():
-            started = time.perf_counter()
-            connection.request("GET", LIVE)
-            reply = connection.getresponse()
-            reply.read()
-            if reply.status != 200:
-                raise RuntimeError(f"{LIVE} answered {reply.status}")
-            self.latencies_ms.append((time.perf_counter() - started) * 1000)
-            self.stopping.wait(0.01)
-        connection.close()
+        stopped = False
+        try:
+            while not stopped:  # at least one answer, however short the phase: the table's quantiles need one
+                started = time.perf_counter()
+                connection.request("GET", LIVE)
+                reply = connection.getresponse()
+                reply.read()
+                if reply.status != 200:
+                    self.failure = f"{LIVE} answered {reply.status}"
+                    return
+                self.latencies_ms.append((time.perf_counter() - started) * 1000)
+                stopped = self.stopping.wait(0.01)
+        except OSError as error:  # the thread's own exception would not reach the table
+            self.failure = f"{LIVE} did not answer: {error}"
+        finally:
+            connection.close()
 
     def __enter__(self) -> LivenessPoll:
         self.thread.start()
@@ -74,6 +83,8 @@ class LivenessPoll:
     def __exit__(self, *exc: object) -> None:
         self.stopping.set()
         self.thread.join()
+        if self.failure is not None:
+            raise BtDeployError(self.failure)
 
 
 def quantiles(latencies_ms: list[float]) -> str:
@@ -104,7 +115,7 @@ def main() -> None:
             busy_s = run["seconds"]
             failed = sum(status != 200 for status in run["statuses"])
             if failed:
-                raise RuntimeError(f"{failed} of {len(bodies)} photo requests failed: {run['statuses']}")
+                raise BtDeployError(f"{failed} of {len(bodies)} photo requests failed: {run['statuses']}")
             task_p50 = float(np.median(run["latencies"])) * 1000
             rows.append((round_index + 1, idle.latencies_ms, busy.latencies_ms, busy_s, task_p50))
             print(f"round {round_index + 1}/{args.rounds}: {len(bodies)} photo requests in {busy_s:.2f} s",

@@ -1,6 +1,6 @@
 """Shared fixtures: a private cache for preset checkpoints, and tiny exports built once per session;
 how tests run a script of benchmarks/ and read the ratios it prints; whether the CLI parses a command;
-and a spy that records the calls of a function it stands in for."""
+a spy that records the calls of a function it stands in for; and the Ray processes a server leaves."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
@@ -81,14 +82,37 @@ def cli_commands() -> dict[str, Any]:
     return dict(commands.choices)
 
 
-def is_quotient_of_printed(ratio: float, a: float, b: float, ratio_half_digit: float) -> bool:
+def is_quotient_of_printed(ratio: float, a: float, b: float, ratio_half_digit: float, half_digit: float = 0.05) -> bool:
     """Whether `ratio` (rounded to within `ratio_half_digit`) is a / b, where a and b were printed to
-    0.1 ms: it lies between the smallest and the largest quotient of the values that print as a and
-    b (a first-order slack fell short: 2.571 from a 2.4 and a 1.0 is 2.45 / 0.953)."""
-    half_digit = 0.05
+    within `half_digit` (0.05: to 0.1 ms): it lies between the smallest and the largest quotient of
+    the values that print as a and b (a first-order slack fell short: 2.571 from a 2.4 and a 1.0 is
+    2.45 / 0.953)."""
     lowest = (a - half_digit) / (b + half_digit)
     highest = (a + half_digit) / max(b - half_digit, 1e-9)
     return lowest - ratio_half_digit <= ratio <= highest + ratio_half_digit
+
+
+def ray_processes() -> set[int]:
+    """The pids of Ray's processes on this machine: its GCS server, raylets and workers."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"gcs_server" in command or b"raylet" in command or command.startswith(b"ray::"):
+                found.add(int(entry.name))
+    return found
+
+
+def ray_processes_left(before: set[int], wait_s: float = 30) -> set[int]:
+    """The Ray processes not in `before` that are still there after up to `wait_s` seconds (a stopped
+    server's take a moment to exit)."""
+    deadline = time.monotonic() + wait_s
+    while ray_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return ray_processes() - before
 
 
 # Preset checkpoints go to a per-session folder, so tests never read a user's cache.

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import ray_processes, ray_processes_left
 
 from btdeploy.artifacts.graph_names import Precision
 from btdeploy.model.heads import HEADS, get_head
@@ -54,19 +55,6 @@ class Server:
         return status, json.loads(body)
 
 
-def _ray_processes() -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if b"gcs_server" in command or b"raylet" in command or command.startswith(b"ray::"):
-                found.add(int(entry.name))
-    return found
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Iterator[Server]:
     from btdeploy.export.exporter import export_heads
@@ -75,7 +63,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Ite
 
     export = tmp_path_factory.mktemp("serve-export")
     export_heads(resolve_model("tiny"), list(HEADS), export, split=True)
-    before = _ray_processes()
+    before = ray_processes()
     arguments = ["--timeout", str(TIMEOUT_S), "--max-body-mb", str(MAX_BODY_MB), "--max-batch", "8"]
     process = ServerProcess(export, [*arguments, "--batch-wait-ms", "20"])
     with process:
@@ -98,10 +86,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Ite
         stop_lines = log.split("] stopping\n")[-1].splitlines()
         assert len(stop_lines) == 1 and stop_lines[0].endswith("] stopped"), process.tail()
     assert not process.log.exists()  # a clean stop leaves no log behind in the temporary folder
-    deadline = time.monotonic() + 30
-    while _ray_processes() - before and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _ray_processes() - before, "Ray processes left behind"
+    assert not ray_processes_left(before), "Ray processes left behind"
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +360,7 @@ def test_a_killed_replica_recovers_and_no_request_hangs(server: Server, runtimes
     runtime = runtimes["itm"]
     requests = [sample_inputs(runtime.config, 1, 4 + i % 5, seed=5000 + i) for i in range(60)]
     expected = [runtime(**feeds).logits for feeds in requests]
-    replica = [pid for pid in _ray_processes() if b"head-itm" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    replica = [pid for pid in ray_processes() if b"head-itm" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(replica) == 1, replica
 
     def call(index: int) -> tuple[int, str, float]:
@@ -423,7 +408,7 @@ def test_a_stop_while_ray_starts_stops_everything_it_started(
 
     from btdeploy.serve.process import free_port
 
-    before = _ray_processes()
+    before = ray_processes()
     log = tmp_path / "serve.log"
     command = [sys.executable, "-m", "btdeploy.cli", "serve", str(tiny_export), "--heads", "itm"]
     with open(log, "w") as stderr:
@@ -442,7 +427,4 @@ def test_a_stop_while_ray_starts_stops_everything_it_started(
     printed = log.read_text()
     assert status == 0 and "stopping" in printed and "stopped" in printed, printed
     assert "Traceback" not in printed and "btdeploy: error" not in printed, printed
-    deadline = time.monotonic() + 30
-    while _ray_processes() - before and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _ray_processes() - before, f"Ray processes left behind: {printed}"
+    assert not ray_processes_left(before), f"Ray processes left behind: {printed}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -246,7 +247,8 @@ def image_size_problem(image_processor: Any, image_size: int) -> str | None:
 
 
 def require_processor(manifest: Manifest) -> Path:
-    """The processor folder export copied beside the head, or a refusal saying why there is none."""
+    """The processor folder export copied beside the head, or a refusal saying why there is none or
+    which of its files is damaged."""
     if not manifest.processor_dir.is_dir():
         why = manifest.data.get("processor_problem")
         raise BtDeployError(
@@ -254,6 +256,13 @@ def require_processor(manifest: Manifest) -> Path:
             + (f" (the checkpoint had {why})" if why else "")
             + ": export from a checkpoint that has one"
         )
+    for path in sorted(manifest.processor_dir.glob("*.json")):  # cheap, and said before a server starts
+        try:
+            json.loads(path.read_bytes())
+        except ValueError as error:
+            raise BtDeployError(
+                f"{path} is damaged ({error}): export the head again, or copy the checkpoint's processor files there"
+            ) from None
     return manifest.processor_dir
 
 
@@ -262,7 +271,14 @@ def export_processor(manifest: Manifest) -> Any:
     with serial_imports():
         from transformers import BridgeTowerProcessor
 
-    return BridgeTowerProcessor.from_pretrained(require_processor(manifest))
+    folder = require_processor(manifest)
+    try:
+        return BridgeTowerProcessor.from_pretrained(folder)
+    except Exception as error:  # transformers raises many types for a damaged or edited file
+        raise BtDeployError(
+            f"{folder} cannot be read as the head's processor ({' '.join(str(error).split())}): "
+            "export the head again, or copy the checkpoint's processor files there"
+        ) from None
 
 
 def pair_inputs(processor: Any, pictures: list[Any], texts: list[str], **text_options: Any) -> dict[str, np.ndarray]:

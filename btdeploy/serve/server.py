@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import urllib.error
@@ -12,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from btdeploy.errors import BtDeployError
@@ -79,7 +81,12 @@ def serve_export(settings: ServeSettings) -> int:
             )
         )
         with _serve_reconnect_line_dropped():
-            serve.run(build_application(settings, folders, rank_folder), name=APP_NAME, route_prefix="/")
+            try:
+                serve.run(build_application(settings, folders, rank_folder), name=APP_NAME, route_prefix="/")
+            except RuntimeError as error:  # Ray's "Deploying application ... failed", without the replica's error
+                if not str(error).startswith("Deploying application"):
+                    raise
+                raise _deploy_failure(ray, error) from None
         url = f"http://{settings.host}:{settings.port}"
         _wait_ready(url, list(folders))
         print(f"ready on {url}", flush=True)
@@ -159,6 +166,43 @@ def _join_failure(address: str, error: ConnectionError) -> BtDeployError:
             " RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
         )
     return BtDeployError(f"could not join the Ray cluster at {address} ({error}): {hint}")
+
+
+def _deploy_failure(ray: Any, error: RuntimeError) -> BtDeployError:
+    """serve.run's deploy failure in one line, with the error a replica raised as it started (Serve's
+    controller logs it; serve.run names only the deployment) and where Ray's logs are."""
+    logs = _serve_logs(ray)
+    cause = replica_error(logs) if logs is not None else None
+    where = f"Ray's logs: {logs}" if logs is not None else "Ray's logs are on the cluster's head node"
+    if cause is None:
+        return BtDeployError(f"a replica did not start ({' '.join(str(error).split())}); {where}")
+    return BtDeployError(f"a replica did not start: {cause} ({where})")
+
+
+def _serve_logs(ray: Any) -> Path | None:
+    """The Serve log folder of the Ray node this process started or joined on this machine, or None."""
+    try:
+        node = ray._private.worker._global_node  # no public API names the session's folder
+        logs = Path(node.get_logs_dir_path()) / "serve"
+    except Exception:  # a Ray without that attribute, or a client connection (ray://) with no local node
+        return None
+    return logs if logs.is_dir() else None
+
+
+ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+
+
+def replica_error(logs: Path) -> str | None:
+    """The last exception Serve's controller logged (a replica's constructor raising), as
+    `Type: message`; btdeploy's own errors as their message alone. None where there is none."""
+    found = None
+    for log in sorted(logs.glob("controller_*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            match = ERROR_LINE.match(line.strip())
+            if match:
+                kind, message = match.groups()
+                found = message if kind == "BtDeployError" else f"{kind}: {message}"
+    return found
 
 
 def _import_ray_serve() -> tuple[Any, Any]:

@@ -227,6 +227,18 @@ def _rank_a_caption_past_the_model(out: Path, tmp: Path) -> list[str]:
     return ["rank", str(out), "--image", str(_photo(tmp)), "--texts", str(tmp / "captions.txt")]
 
 
+def _processor_file(name: str, content: str, command: str) -> Setup:
+    """The head's processor file `name` replaced by `content` (a copy cut short, an edit gone wrong)."""
+
+    def setup(out: Path, tmp: Path) -> list[str]:
+        (out / "itm" / "processor" / name).write_text(content)
+        if command == "serve":  # refused before Ray starts: nothing listens, so no port is taken
+            return ["serve", str(out), "--heads", "itm", "--port", "1"]
+        return ["run", str(out), "--head", "itm", "--image", str(_photo(tmp)), "--text", "a cat"]
+
+    return setup
+
+
 def _bench_past_the_text_length(workload: str) -> Setup:
     def setup(out: Path, tmp: Path) -> list[str]:
         return ["bench", str(out), "--workload", workload, "--seq-lens", "600", "--iters", "1", "--requests", "1"]
@@ -435,6 +447,19 @@ CASES: list[tuple[str, Setup, str]] = [
     ("calibration on an image too elongated", _calibrate_on_an_elongated_image, "banner.png is 256x64 pixels, more"),
     ("run on an image past PIL's decompression limit", _run_on_a_decompression_bomb, "huge.png is too large to decode"),
     ("bench --out naming a file", _bench_into_a_file, "reports is a file: give a folder for the reports"),
+    *[
+        (
+            f"{command} with a processor file cut short",
+            _processor_file("tokenizer.json", '{"version": "1.0", "trunc', command),
+            "processor/tokenizer.json is damaged (Unterminated string starting at: line 1 column 20",
+        )
+        for command in ("run", "serve")
+    ],
+    (
+        "run with a processor transformers cannot read",
+        _processor_file("tokenizer.json", "{}", "run"),
+        "processor cannot be read as the head's processor (",
+    ),
     (
         "bench --workload rank with a variant that has no split towers",
         lambda out, tmp: ["bench", str(out), "--workload", "rank", "--variants", "ort-fused,torch-compile"],

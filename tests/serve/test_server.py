@@ -428,3 +428,27 @@ def test_a_stop_while_ray_starts_stops_everything_it_started(
     assert status == 0 and "stopping" in printed and "stopped" in printed, printed
     assert "Traceback" not in printed and "btdeploy: error" not in printed, printed
     assert not ray_processes_left(before), f"Ray processes left behind: {printed}"
+
+
+def test_a_replica_that_cannot_start_is_one_line_with_its_own_error(tiny_export: Path, tmp_path: Path) -> None:
+    """A processor that parses but that transformers cannot read passes serve's checks and fails in
+    the replica: serve.run had ended the command in a traceback naming only the deployment."""
+    import shutil
+    import subprocess
+    import sys
+
+    from btdeploy.serve.process import free_port
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export / "itm", export / "itm")
+    (export / "itm" / "processor" / "tokenizer.json").write_text("{}")
+    before = ray_processes()
+    command = [sys.executable, "-m", "btdeploy.cli", "serve", str(export), "--heads", "itm"]
+    done = subprocess.run([*command, "--port", str(free_port())], capture_output=True, text=True, timeout=300)
+    assert not ray_processes_left(before), f"Ray processes left behind: {done.stderr}"
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    processor = export / "itm" / "processor"
+    assert last.startswith(f"btdeploy: error: a replica did not start: {processor} cannot be read as the head's"), last
+    logs = last.rsplit("(Ray's logs: ", 1)[-1].rstrip(")")
+    assert Path(logs).is_dir() and any(Path(logs).glob("controller_*.log")), last

@@ -80,13 +80,15 @@ def serve_export(settings: ServeSettings) -> int:
                 else f" on {settings.backend})"
             )
         )
+        logs = _serve_logs(ray)
+        logged_before = _log_sizes(logs)  # a cluster joined may have logged other applications' errors
         with _serve_reconnect_line_dropped():
             try:
                 serve.run(build_application(settings, folders, rank_folder), name=APP_NAME, route_prefix="/")
             except RuntimeError as error:  # Ray's "Deploying application ... failed", without the replica's error
                 if not str(error).startswith("Deploying application"):
                     raise
-                raise _deploy_failure(ray, error) from None
+                raise _deploy_failure(error, logs, logged_before) from None
         url = f"http://{settings.host}:{settings.port}"
         _wait_ready(url, list(folders))
         print(f"ready on {url}", flush=True)
@@ -168,11 +170,10 @@ def _join_failure(address: str, error: ConnectionError) -> BtDeployError:
     return BtDeployError(f"could not join the Ray cluster at {address} ({error}): {hint}")
 
 
-def _deploy_failure(ray: Any, error: RuntimeError) -> BtDeployError:
+def _deploy_failure(error: RuntimeError, logs: Path | None, logged_before: dict[Path, int]) -> BtDeployError:
     """serve.run's deploy failure in one line, with the error a replica raised as it started (Serve's
     controller logs it; serve.run names only the deployment) and where Ray's logs are."""
-    logs = _serve_logs(ray)
-    cause = replica_error(logs) if logs is not None else None
+    cause = replica_error(logs, logged_before) if logs is not None else None
     where = f"Ray's logs: {logs}" if logs is not None else "Ray's logs are on the cluster's head node"
     if cause is None:
         return BtDeployError(f"a replica did not start ({' '.join(str(error).split())}); {where}")
@@ -189,15 +190,23 @@ def _serve_logs(ray: Any) -> Path | None:
     return logs if logs.is_dir() else None
 
 
+def _log_sizes(logs: Path | None) -> dict[Path, int]:
+    return {} if logs is None else {log: log.stat().st_size for log in logs.glob("controller_*.log")}
+
+
 ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
 
 
-def replica_error(logs: Path) -> str | None:
-    """The last exception Serve's controller logged (a replica's constructor raising), as
-    `Type: message`; btdeploy's own errors as their message alone. None where there is none."""
+def replica_error(logs: Path, logged_before: dict[Path, int]) -> str | None:
+    """The last exception Serve's controller logged since `logged_before` (the size of each of its
+    logs then): a replica's constructor raising, as `Type: message`, btdeploy's own errors as their
+    message alone. None where there is none."""
     found = None
-    for log in sorted(logs.glob("controller_*.log")):
-        for line in log.read_text(errors="replace").splitlines():
+    for log in sorted(logs.glob("controller_*.log"), key=lambda log: log.stat().st_mtime):  # the newest last
+        with open(log, "rb") as stream:
+            stream.seek(logged_before.get(log, 0))
+            text = stream.read().decode(errors="replace")
+        for line in text.splitlines():
             match = ERROR_LINE.match(line.strip())
             if match:
                 kind, message = match.groups()

@@ -538,3 +538,20 @@ def test_settings_name_the_missing_graph(tiny_export: Path) -> None:
         check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), precision="int8", flavour="ort"))
     with pytest.raises(BtDeployError, match="export with --split"):
         check_settings(ServeSettings(export_dir=str(tiny_export), heads=("itm",), split=True))
+
+
+def test_the_replica_error_is_the_last_one_logged_since_the_deploy_began(tmp_path: Path) -> None:
+    """A cluster joined may have logged other applications' errors before this deploy: only what
+    Serve's controller wrote after serve.run began names the replica's error."""
+    from btdeploy.serve.server import _log_sizes, replica_error
+
+    log = tmp_path / "controller_123.log"
+    log.write_text("Traceback (most recent call last):\nValueError: another application's replica\n")
+    before = _log_sizes(tmp_path)
+    assert replica_error(tmp_path, before) is None
+    with open(log, "a") as stream:
+        stream.write("INFO deploying\n  raise BtDeployError(\nbtdeploy.errors.BtDeployError: first problem\n")
+        stream.write("Traceback (most recent call last):\nray.exceptions.RayActorError: the actor died\n")
+    assert replica_error(tmp_path, before) == "RayActorError: the actor died"
+    (tmp_path / "controller_456.log").write_text("btdeploy.errors.BtDeployError: the graph is damaged\n")
+    assert replica_error(tmp_path, before) == "the graph is damaged"  # a restarted controller's log, read whole

@@ -1,5 +1,5 @@
 """Shared fixtures: a private cache for preset checkpoints, and tiny exports built once per session;
-how tests run a script of benchmarks/ and read the ratios it prints; whether the CLI parses a command;
+how tests run a script of benchmarks/ and read the tables and ratios it prints; whether the CLI parses a command;
 a spy that records the calls of a function it stands in for; and the Ray processes a server leaves."""
 
 from __future__ import annotations
@@ -90,6 +90,25 @@ def is_quotient_of_printed(ratio: float, a: float, b: float, ratio_half_digit: f
     lowest = (a - half_digit) / (b + half_digit)
     highest = (a + half_digit) / max(b - half_digit, 1e-9)
     return lowest - ratio_half_digit <= ratio <= highest + ratio_half_digit
+
+
+def markdown_tables(stdout: str, first_cell: str) -> list[list[list[str]]]:
+    """The rows (cells stripped) of every Markdown table a script printed whose header starts with `first_cell`."""
+    lines = stdout.splitlines()
+    tables = []
+    for start in (i for i, line in enumerate(lines) if line.startswith(f"| {first_cell} |")):
+        rows = []
+        for line in lines[start + 2 :]:
+            if not line.startswith("| "):
+                break
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        tables.append(rows)
+    return tables
+
+
+def markdown_table(stdout: str, first_cell: str) -> list[list[str]]:
+    """The rows of the first printed Markdown table whose header starts with `first_cell`."""
+    return markdown_tables(stdout, first_cell)[0]
 
 
 def ray_processes() -> set[int]:

@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import BENCHMARKS, benchmark_module, is_quotient_of_printed, run_benchmark
+from conftest import (
+    BENCHMARKS,
+    benchmark_module,
+    is_quotient_of_printed,
+    markdown_table,
+    markdown_tables,
+    run_benchmark,
+)
 from PIL import Image
 
 from btdeploy.artifacts.manifest import read_manifest
@@ -664,28 +671,24 @@ def test_interference_times_the_target_in_every_condition(tiny_export: Path) -> 
         assert 0 < minimum <= median
 
 
-def _tables(stdout: str, first_cell: str) -> list[list[list[str]]]:
-    """The rows of every printed markdown table whose header starts with `first_cell`."""
-    lines = stdout.splitlines()
-    tables = []
-    for start in (i for i, line in enumerate(lines) if line.startswith(f"| {first_cell} |")):
-        rows = []
-        for line in lines[start + 2 :]:
-            if not line.startswith("| "):
-                break
-            rows.append([cell.strip() for cell in line.strip("|").split("|")])
-        tables.append(rows)
-    return tables
-
-
-def _table(stdout: str, first_cell: str) -> list[list[str]]:
-    """The rows of the first printed markdown table whose header starts with `first_cell`."""
-    return _tables(stdout, first_cell)[0]
-
-
 def _ratio_of_printed(ratio: float, a: float, b: float) -> bool:
     """`ratio` (printed to 3 decimals) is a / b, where a and b were printed to 0.1 ms."""
     return is_quotient_of_printed(ratio, a, b, ratio_half_digit=5e-4)
+
+
+@pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
+def test_build_order_times_each_session_by_the_position_it_was_built_in(optimized: Path) -> None:
+    done = run_benchmark("build_order.py", optimized / "itm" / "model.ort.onnx", "--sessions", 3, "--rounds", 3,
+                         "--repeats", 2, "--threads", 1, timeout=300)  # fmt: skip
+    assert [line for line in done.stderr.splitlines() if line.startswith("repeat ")] == [
+        "repeat 1/2 ...", "repeat 2/2 ..."
+    ]  # fmt: skip
+    rows = markdown_table(done.stdout, "repeat")
+    assert [row[0] for row in rows] == ["1", "2"]  # one fresh process per repeat
+    for _, *built, ratio in rows:
+        medians = [float(cell) for cell in built]
+        assert len(medians) == 3 and min(medians) > 0
+        assert _ratio_of_printed(float(ratio), medians[0], min(medians[1:])), (ratio, medians)
 
 
 @pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
@@ -695,13 +698,13 @@ def test_graph_ab_times_each_graph_alone_and_alternates(optimized: Path) -> None
                          "1x4,2x5", "--repeats", 2, "--runs", 2, "--threads", 1, timeout=300)  # fmt: skip
     order = [line.split(": ")[1] for line in done.stderr.splitlines() if line.startswith("repeat ")]
     assert order == ["A", "B", "B", "A"]  # one process each, alternating
-    rows = _table(done.stdout, "batch x length")
+    rows = markdown_table(done.stdout, "batch x length")
     assert [row[0] for row in rows] == ["1 x 4", "2 x 5"]
     for _, a_ms, b_ms, ratio, paired, difference in rows:
         assert float(a_ms) > 0 and float(b_ms) > 0 and float(paired) > 0
         assert _ratio_of_printed(float(ratio), float(a_ms), float(b_ms)), (ratio, a_ms, b_ms)
         assert 0 < float(difference) < 1e-4  # the fused graph differs from the export by rounding only
-    _assert_memory_rows(_table(done.stdout, "graph"), ["A", "B"])
+    _assert_memory_rows(markdown_table(done.stdout, "graph"), ["A", "B"])
 
 
 @pytest.mark.parametrize("optimized", ["tiny"], indirect=True)
@@ -711,7 +714,7 @@ def test_graph_ab_paired_times_both_graphs_in_each_process_in_both_build_orders(
                          "1x4,2x5", "--repeats", 2, "--runs", 3, "--threads", 1, "--paired", timeout=300)  # fmt: skip
     orders = [line.split("(built ")[1][:2] for line in done.stderr.splitlines() if line.startswith("process ")]
     assert orders == ["AB", "BA"]
-    rows = _table(done.stdout, "batch x length")
+    rows = markdown_table(done.stdout, "batch x length")
     assert [row[0] for row in rows] == ["1 x 4", "2 x 5"]
     for _, ratio, won, difference in rows:
         assert 0.2 < float(ratio) < 5
@@ -762,10 +765,10 @@ def test_lone_sessions_sets_each_goal_pair_side_by_side(optimized: Path) -> None
                          "--shapes", "1x4", "--repeats", 1, "--runs", 2, "--threads", 1, "--hugepages", "both",
                          timeout=300)  # fmt: skip
     assert len([line for line in done.stderr.splitlines() if line.startswith("repeat ")]) == 4  # one process each
-    (row,) = _table(done.stdout, "batch x length")
+    (row,) = markdown_table(done.stdout, "batch x length")
     ours, peer, ours_small, peer_small = (float(cell) for cell in row[1:])
     assert min(ours, peer, ours_small, peer_small) > 0
-    huge, small, shipped = (table for (table,) in _tables(done.stdout, "goal ratio"))
+    huge, small, shipped = (table for (table,) in markdown_tables(done.stdout, "goal ratio"))
     assert huge[0] == "openvino-fp32 / ort-fused"
     assert small[0] == "openvino-fp32 (4 KB pages) / ort-fused (4 KB pages)"
     assert shipped[0] == "openvino-fp32 (4 KB pages) / ort-fused"  # each engine as its users start it
@@ -773,7 +776,7 @@ def test_lone_sessions_sets_each_goal_pair_side_by_side(optimized: Path) -> None
     for (_, cell), slower, faster in pairs:
         assert _ratio_of_printed(float(cell.split()[0]), slower, faster), (cell, slower, faster)
     names = ["ort-fused", "openvino-fp32", "ort-fused (4 KB pages)", "openvino-fp32 (4 KB pages)"]
-    memory = _table(done.stdout, "variant")
+    memory = markdown_table(done.stdout, "variant")
     _assert_memory_rows(memory, names)
     if thp_mode() == "madvise":  # only malloc's asking puts memory on huge pages there
         assert all(float(huge_mb) < 16 for _, _, huge_mb in memory[2:])  # started without the tunable
@@ -793,15 +796,15 @@ def test_lone_sessions_runs_every_variant_under_each_interpreter(optimized: Path
     # the version probe, then one child per variant under the wrapper, none of this label's children elsewhere
     assert len(started) == 3 and started[0].startswith("-c ")
     assert sorted(line.split("--child ")[1] for line in started[1:]) == ["openvino-fp32 @other", "ort-fused @other"]
-    (row,) = _table(done.stdout, "batch x length")
+    (row,) = markdown_table(done.stdout, "batch x length")
     times = dict(zip(["ort-fused @this", "openvino-fp32 @this", "ort-fused @other", "openvino-fp32 @other"],
                      (float(cell) for cell in row[1:]), strict=True))  # fmt: skip
-    ratios = {cells[0]: cells[1] for cells in _table(done.stdout, "under each interpreter / under @this")}
+    ratios = {cells[0]: cells[1] for cells in markdown_table(done.stdout, "under each interpreter / under @this")}
     assert sorted(ratios) == ["openvino-fp32 @other", "ort-fused @other"]
     for name, cell in ratios.items():
         variant = name.split(" @")[0]
         assert _ratio_of_printed(float(cell.split()[0]), times[name], times[f"{variant} @this"]), (name, cell)
-    goals = [table[0] for (table,) in _tables(done.stdout, "goal ratio")]
+    goals = [table[0] for (table,) in markdown_tables(done.stdout, "goal ratio")]
     assert goals == ["openvino-fp32 @this / ort-fused @this", "openvino-fp32 @other / ort-fused @other"]
 
 
@@ -820,7 +823,7 @@ def test_skip_layernorm_kernel_times_each_form_of_the_kernel() -> None:
     args = ("--rows", 8, "--width", 32, "--threads", 1, "--runs", 5)
     done = run_benchmark("skip_layernorm_kernel.py", *args, timeout=120)
     assert done.stdout.startswith(f"onnxruntime {onnxruntime.__version__}, 8 x 32, 1 threads")
-    rows = _table(done.stdout, "kernel")
+    rows = markdown_table(done.stdout, "kernel")
     fused = [("SkipLayerNormalization", bias, out) for bias in ("False", "True") for out in ("False", "True")]
     assert [tuple(row[:3]) for row in rows] == fused + [("Add + LayerNormalization", "False", "True")]
     assert all(float(us) > 0 for *_, us in rows)
@@ -830,7 +833,7 @@ def test_skip_layernorm_kernel_times_each_form_of_the_kernel() -> None:
 
 def test_gelu_kernels_benchmark_times_every_kernel_and_tells_exact_from_approximate() -> None:
     done = run_benchmark("gelu_kernels.py", "--shape", "2x32x256", "--threads", 1, "--rounds", 4, timeout=120)
-    rows = {row[0]: row[1:] for row in _table(done.stdout, "kernel")}
+    rows = {row[0]: row[1:] for row in markdown_table(done.stdout, "kernel")}
     assert len(rows) == 8 and all(float(ms) > 0 and float(ns) > 0 for ms, ns, _ in rows.values())
     errors = {name: float(error) for name, (_, _, error) in rows.items() if error}
     exact = [name for name in errors if "approximation" not in name]
@@ -911,7 +914,7 @@ def test_integer_gemm_rate_keeps_three_significant_digits(gmacs: float) -> None:
 
 def test_integer_gemm_benchmark_times_every_layer_on_both_engines() -> None:
     done = run_benchmark("integer_gemm.py", "--rows", "4,8", "--threads", 1, "--rounds", 2, "--calls", 1, timeout=120)
-    rows = _table(done.stdout, "rows")
+    rows = markdown_table(done.stdout, "rows")
     layers = len(benchmark_module("integer_gemm").LAYERS)
     # per row count: every layer on both engines; where it has no GELU also the GEMM alone and OpenVINO's GEMM kernel
     assert len(rows) == 2 * (4 * layers - 2), done.stdout

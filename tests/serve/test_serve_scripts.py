@@ -10,18 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BENCHMARKS, is_quotient_of_printed, ray_processes, ray_processes_left, run_benchmark
+from conftest import (
+    BENCHMARKS,
+    is_quotient_of_printed,
+    markdown_table,
+    ray_processes,
+    ray_processes_left,
+    run_benchmark,
+)
 
 from btdeploy.bench.machine import cpu_text, machine_description
-
-
-def table_rows(stdout: str) -> list[list[str]]:
-    """The cells of each data row of the Markdown table(s) in `stdout`."""
-    rows = []
-    for line in stdout.splitlines():
-        if line.startswith("|") and not line.startswith("|--") and not line.startswith("|:"):
-            rows.append([cell.strip() for cell in line.strip("|").split("|")])
-    return rows[1:] if rows else rows  # the first is the header
 
 
 def test_gateway_photos_times_the_liveness_route_idle_and_while_photos_arrive(served_export: Path) -> None:
@@ -35,7 +33,7 @@ def test_gateway_photos_times_the_liveness_route_idle_and_while_photos_arrive(se
     request_line = r"^4 requests to /v1/itm, each a [\d.]+ MB JPEG of 0.3 megapixels and 2 captions, 2 clients"
     assert re.search(request_line, done.stdout, re.M), done.stdout
     assert re.findall(r"^round (\d)/2: 4 photo requests in [\d.]+ s$", done.stderr, re.M) == ["1", "2"], done.stderr
-    rows = table_rows(done.stdout)
+    rows = markdown_table(done.stdout, "round")
     assert [(row[0], row[1]) for row in rows] == [
         ("1", "idle"), ("1", "photos arrive"), ("2", "idle"), ("2", "photos arrive")
     ]  # fmt: skip
@@ -57,7 +55,7 @@ def test_serve_spin_serves_every_request_in_the_batches_it_reports(served_export
     )  # fmt: skip
     assert not ray_processes_left(before), "Ray processes left behind"
     assert re.findall(r"^round 1/1, (--\S+): [\d.]+ req/s, 0 errors$", done.stderr, re.M) == ["--no-spin", "--spin"]
-    rows = {row[0]: row for row in table_rows(done.stdout)}
+    rows = {row[0]: row for row in markdown_table(done.stdout, "setting")}
     assert list(rows) == ["--no-spin", "--spin"]
     for setting, (_, rate, p50, p99, errors, formed) in rows.items():
         assert float(rate) > 0 and 0 < float(p50) <= float(p99), setting

@@ -168,7 +168,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     runtime = load(args.dir, head=args.head, backend=args.backend, **_chosen_graph(args))
     # A text's line breaks and tabs shown escaped: printed as they are, they broke its row in two.
-    answers = [(_one_line(text), answer) for text, answer in score(runtime, Path(args.image), args.text)]
+    scored = score(runtime, Path(args.image), args.text, args.top_k)
+    answers = [(_one_line(text), answer) for text, answer in scored]
     width = max(len(text) for text, _ in answers)
     print(f"{runtime.manifest.head} on {args.image} ({runtime.backend.description}):")
     for text, answer in answers:
@@ -609,6 +610,12 @@ def _run_command(commands: Commands) -> None:
     )  # fmt: skip
     run.add_argument("--image", required=True, help="image file")
     run.add_argument("--text", action="append", required=True, help="repeat for several texts")
+    run.add_argument(
+        "--top-k",
+        type=_at_least(1),
+        default=1,
+        help="the mlm head: also list the K most likely tokens for each <mask>, with their probabilities (default: 1)",
+    )
     run.add_argument(
         "--backend", default="onnxruntime", choices=list(TARGETS), help="what runs the graph (default: %(default)s)"
     )

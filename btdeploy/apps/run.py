@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from btdeploy.errors import BtDeployError
+from btdeploy.model.heads import HEADS
+from btdeploy.model.masked_words import top_k_problem
 from btdeploy.model.media import export_processor, load_image, text_length_problem
 from btdeploy.runtime.runtime import Runtime
 
@@ -17,15 +19,25 @@ def refuse_long_texts(processor: Any, texts: list[str], runtime: Runtime) -> Non
         raise BtDeployError(problem)
 
 
-def score(runtime: Runtime, image_path: Path, texts: list[str]) -> list[tuple[str, str]]:
-    """One (text, answer) pair per text."""
+def score(runtime: Runtime, image_path: Path, texts: list[str], top_k: int = 1) -> list[tuple[str, str]]:
+    """One (text, answer) pair per text; `top_k` candidates in each where the head ranks some (mlm)."""
+    behaviour = runtime.head.behaviour
+    if top_k != 1 and not behaviour.takes_top_k:
+        takers = ", ".join(name for name, head in HEADS.items() if head.behaviour.takes_top_k)
+        raise BtDeployError(
+            f"--top-k lists the {takers} head's candidates for each <mask>; the {runtime.head.name} head has one "
+            "answer per text: leave --top-k out"
+        )
+    problem = top_k_problem(top_k)
+    if problem:
+        raise BtDeployError(f"--top-k: {problem}")
     processor = export_processor(runtime.manifest)
-    problem = runtime.head.behaviour.text_problem(texts, processor.tokenizer)
+    problem = behaviour.text_problem(texts, processor.tokenizer)
     if problem:
         raise BtDeployError(problem)
     image = load_image(image_path, processor.image_processor)
     refuse_long_texts(processor, texts, runtime)
     encoding = processor([image] * len(texts), texts, padding=True, return_tensors="np")
     outputs = runtime(**encoding)
-    answers = runtime.head.behaviour.answers(outputs, texts, encoding, processor)
+    answers = behaviour.answers(outputs, texts, encoding, processor, top_k)
     return list(zip(texts, answers, strict=True))

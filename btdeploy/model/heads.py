@@ -103,6 +103,8 @@ class HeadBehaviour:
     # Every output is read off each text's first token ([CLS], through the pooler or a projection):
     # a text padded on the left has a pad there, and the answer is another text's.
     reads_first_token: bool = False
+    # Its answer has candidates to rank (the masked-LM head's tokens per <mask>): `run --top-k`, /v1/<task>?top_k=.
+    takes_top_k: bool = False
 
     def core(self, model: Any) -> Any:
         """The BridgeTowerModel inside the head model."""
@@ -123,8 +125,9 @@ class HeadBehaviour:
     def assemble(self, values: dict[str, Any]) -> dict[str, Any]:
         return values
 
-    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any) -> list[str]:
-        """One human-readable answer per text, for `btdeploy run`."""
+    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1) -> list[str]:
+        """One human-readable answer per text, for `btdeploy run`; `top_k` candidates where the head
+        has several per text (`takes_top_k`)."""
         raise NotImplementedError
 
     def text_problem(self, texts: list[str], tokenizer: Any) -> str | None:
@@ -149,7 +152,7 @@ class BaseBehaviour(HeadBehaviour):
     def fusion_outputs(self, model: Any, text: Any, image: Any, pooled: Any) -> tuple[Any, ...]:
         return text, image, pooled
 
-    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any) -> list[str]:
+    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1) -> list[str]:
         import numpy as np
 
         return [f"pooler_output norm {np.linalg.norm(p):.4f}" for p in outputs.pooler_output]
@@ -169,7 +172,7 @@ class ItmBehaviour(HeadBehaviour):
     def fusion_outputs(self, model: Any, text: Any, image: Any, pooled: Any) -> tuple[Any, ...]:
         return (model.itm_score(pooled),)
 
-    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any) -> list[str]:
+    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1) -> list[str]:
         logits = outputs.logits
         pairs = zip(match_probability(logits), logits[:, 1], strict=True)
         return [f"match probability {p:.4f} (logit {lg:+.4f})" for p, lg in pairs]
@@ -207,7 +210,7 @@ class ItcBehaviour(HeadBehaviour):
         stacked = np.stack([values["text_embeds"], values["image_embeds"], values["cross_embeds"]], 1)
         return {**values, "logits": stacked}
 
-    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any) -> list[str]:
+    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1) -> list[str]:
         similarity = (outputs.text_embeds * outputs.image_embeds).sum(-1)
         return [f"text-image cosine {s:+.4f}" for s in similarity]
 
@@ -237,6 +240,7 @@ class ItcBehaviour(HeadBehaviour):
 class MlmBehaviour(HeadBehaviour):
     # It reads only text features, so the last image-side cross layer (self + cross attention) is dead.
     dead_attention_blocks = 2
+    takes_top_k = True
 
     def fusion_outputs(self, model: Any, text: Any, image: Any, pooled: Any) -> tuple[Any, ...]:
         return (model.mlm_score(text),)
@@ -251,17 +255,21 @@ class MlmBehaviour(HeadBehaviour):
             )
         return super().text_problem(texts, tokenizer)
 
-    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any) -> list[str]:
-        mask_id = processor.tokenizer.mask_token_id
-        predicted = outputs.logits.argmax(-1)
+    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1) -> list[str]:
+        from btdeploy.model.masked_words import fill_masks
+
+        filled = fill_masks(
+            outputs.logits, encoding["input_ids"], encoding["attention_mask"], processor.tokenizer, top_k
+        )
         answers = []
-        for row in range(len(texts)):
-            ids = encoding["input_ids"][row].copy()
-            masked = ids == mask_id
-            ids[masked] = predicted[row][masked]
-            keep = encoding["attention_mask"][row].astype(bool)
-            filled = processor.decode(ids[keep].tolist(), skip_special_tokens=True)
-            answers.append(f"{int(masked.sum())} mask(s) -> {filled!r}")
+        for text in filled:
+            answer = f"{len(text.candidates)} mask(s) -> {text.filled!r}"
+            if top_k > 1:
+                answer += "".join(
+                    f"; mask {index}: " + ", ".join(f"{c.token!r} {c.probability:.3f}" for c in per_mask)
+                    for index, per_mask in enumerate(text.candidates, 1)
+                )
+            answers.append(answer)
         return answers
 
     def extra_flops(self, config: Any, batch: int, text_tokens: int, image_tokens: int) -> int:

@@ -404,7 +404,7 @@ class Gateway:
 
         return await self._answer("infer", run)
 
-    async def _task_request(self, request: Request, ranks: bool = False) -> Any:
+    async def _task_request(self, request: Request, route: str) -> Any:
         """Images and texts of a task request: JSON, or the raw image as the body with ?text= captions."""
         body = await self._body(request)
         content_type = request.headers.get("content-type", "")
@@ -416,7 +416,7 @@ class Gateway:
             query.getlist("text"),
             self.settings.max_texts,
             query.get("top_k"),
-            ranks,
+            route,
         )
 
     def _check_rows(self, name: str, feeds: dict[str, np.ndarray]) -> None:
@@ -431,7 +431,7 @@ class Gateway:
             if self.rank_model is None:
                 needs = f"ranking needs the {RANK_HEAD} head with split graphs: export with --split"
                 raise RequestError(404, needs)
-            task = await self._task_request(request, ranks=True)
+            task = await self._task_request(request, "/v1/rank")
             answer = await self._call("rank", self.rank_model.rank.remote(task.images, task.texts, task.top_k))
             if "__error__" in answer:
                 raise RequestError(answer["__status__"], answer["__error__"])
@@ -447,17 +447,18 @@ class Gateway:
             task = TASKS[task_name]
             if task.head not in self.heads:
                 raise RequestError(404, f"the {task.head} head is not served here: start with --heads including it")
-            parsed = await self._task_request(request)
+            parsed = await self._task_request(request, f"/v1/{task_name}")
             if len(parsed.images) != 1:
                 raise RequestError(400, f"/v1/{task_name} takes one image; rank many with /v1/rank")
             check_text_lengths(self.processor, parsed.texts, self.limit)
-            task.check(self.processor, parsed.texts)
+            top_k = parsed.top_k or 1
+            task.check(self.processor, parsed.texts, top_k)
             feeds = await asyncio.to_thread(_photo_pairs, parsed.images[0], parsed.texts, self.processor)
             values = await self._call(task.head, self.heads[task.head].infer.remote(feeds))
             if "__error__" in values:
                 raise RequestError(400, values["__error__"])
             return JSONResponse(
-                {"task": task_name, "answers": task.answer(values, parsed.texts, feeds, self.processor)}
+                {"task": task_name, "answers": task.answer(values, parsed.texts, feeds, self.processor, top_k)}
             )
 
         return await self._answer("task", run)

@@ -13,12 +13,13 @@ import binascii
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from btdeploy.model.heads import get_head, match_probability
+from btdeploy.model.masked_words import fill_masks, top_k_problem
 from btdeploy.model.media import depth_problem, resize_problem, text_length_problem, upright_rgb, upright_size
 from btdeploy.serve.protocol import RequestError
 
@@ -33,7 +34,14 @@ class TaskRequest:
 
 
 TASK_KEYS = ("image", "images", "text", "texts")
-RANK_KEYS = (*TASK_KEYS, "top_k")
+TOP_K_KEYS = (*TASK_KEYS, "top_k")
+
+
+def top_k_routes() -> tuple[str, ...]:
+    """The routes that take `top_k`: /v1/rank (how many candidates), and each task whose head ranks
+    candidates of its own (/v1/mlm: tokens per <mask>)."""
+    tasks = [f"/v1/{name}" for name, task in TASKS.items() if get_head(task.head).behaviour.takes_top_k]
+    return ("/v1/rank", *tasks)
 
 
 def parse_task_request(
@@ -42,16 +50,17 @@ def parse_task_request(
     query_texts: list[str],
     max_texts: int,
     top_k: str | None = None,
-    ranks: bool = False,
+    route: str = "/v1/itm",
 ) -> TaskRequest:
     """The images and texts of a task request, JSON or raw bytes, with one-line reasons for bad ones.
 
-    `ranks`: the request is for /v1/rank, the one route that takes `top_k`. A key the route does
-    not take is refused by name rather than ignored, so a misspelled "txts" is not answered as
-    if no texts were sent.
+    `route`: the route asked, which decides whether `top_k` is taken (`top_k_routes`). A key the
+    route does not take is refused by name rather than ignored, so a misspelled "txts" is not
+    answered as if no texts were sent.
     """
-    if top_k is not None and not ranks:
-        raise RequestError(400, "top_k is taken by /v1/rank only")
+    takes_top_k = route in top_k_routes()
+    if top_k is not None and not takes_top_k:
+        raise RequestError(400, f"top_k is taken by {' and '.join(top_k_routes())} only")
     if content_type.split(";")[0].strip().lower() == "application/json":
         try:
             request = json.loads(body)
@@ -63,11 +72,10 @@ def parse_task_request(
             raise RequestError(
                 400, 'give the texts in the JSON body or as ?text=, not both (a JSON body takes "texts")'
             )
-        known = RANK_KEYS if ranks else TASK_KEYS
+        known = TOP_K_KEYS if takes_top_k else TASK_KEYS
         unknown = [key for key in request if key not in known]
         if unknown:
-            where = "/v1/rank" if ranks else "this route"
-            raise RequestError(400, f"unknown key {unknown[0]!r}: {where} takes {', '.join(known)}")
+            raise RequestError(400, f"unknown key {unknown[0]!r}: {route} takes {', '.join(known)}")
         images = _listed(request, "image", "images")
         texts = _listed(request, "text", "texts")
         decoded = [_base64(value, index) for index, value in enumerate(images)]
@@ -158,7 +166,9 @@ def check_text_lengths(processor: Any, texts: list[str], limit: int) -> None:
         raise RequestError(400, problem)
 
 
-def _itm_answer(outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any) -> Any:
+def _itm_answer(
+    outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any, top_k: int
+) -> Any:
     logits = outputs["logits"]
     probability = match_probability(logits)
     return [
@@ -167,39 +177,41 @@ def _itm_answer(outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[st
     ]
 
 
-def _itc_answer(outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any) -> Any:
+def _itc_answer(
+    outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any, top_k: int
+) -> Any:
     cosine = (outputs["text_embeds"] * outputs["image_embeds"]).sum(-1)
     return [{"text": text, "cosine": float(c)} for text, c in zip(texts, cosine, strict=True)]
 
 
-def _mlm_answer(outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any) -> Any:
-    mask_id = processor.tokenizer.mask_token_id
-    predicted = outputs["logits"].argmax(-1)
-    answers = []
-    for row, text in enumerate(texts):
-        ids = feeds["input_ids"][row].copy()
-        masked = ids == mask_id
-        ids[masked] = predicted[row][masked]
-        keep = feeds["attention_mask"][row].astype(bool)
-        answers.append(
-            {
-                "text": text,
-                "filled": processor.decode(ids[keep].tolist(), skip_special_tokens=True),
-                "predicted_tokens": [processor.decode([int(t)]) for t in predicted[row][masked]],
-            }
-        )
-    return answers
+def _mlm_answer(
+    outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any, top_k: int
+) -> Any:
+    filled = fill_masks(outputs["logits"], feeds["input_ids"], feeds["attention_mask"], processor.tokenizer, top_k)
+    return [
+        {
+            "text": text,
+            "filled": answer.filled,
+            "predicted_tokens": answer.predicted_tokens,
+            "candidates": [[asdict(candidate) for candidate in per_mask] for per_mask in answer.candidates],
+        }
+        for text, answer in zip(texts, filled, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
 class Task:
     head: str
     description: str
-    answer: Callable[[dict[str, np.ndarray], list[str], dict[str, np.ndarray], Any], Any]
+    answer: Callable[[dict[str, np.ndarray], list[str], dict[str, np.ndarray], Any, int], Any]
 
-    def check(self, processor: Any, texts: list[str]) -> None:
-        """The head's own rule for its texts (the masked-LM head needs a <mask>), as `btdeploy run` applies it."""
+    def check(self, processor: Any, texts: list[str], top_k: int) -> None:
+        """The head's own rule for its texts (the masked-LM head needs a <mask>), as `btdeploy run`
+        applies it, and the bounds of `top_k` where the head takes it."""
         problem = get_head(self.head).behaviour.text_problem(texts, processor.tokenizer)
+        if problem:
+            raise RequestError(400, problem)
+        problem = top_k_problem(top_k)
         if problem:
             raise RequestError(400, problem)
 

@@ -106,6 +106,43 @@ def test_run_prints_one_answer_per_text(tiny_export: Path, image: Path, capsys: 
     assert "1 mask(s) ->" in printed and "2 mask(s) ->" in printed
 
 
+def test_run_top_k_lists_the_likeliest_tokens_of_each_mask(
+    tiny_export: Path, image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each <mask>'s K tokens and probabilities, held to a softmax and top-k computed by torch on
+    the logits btdeploy.load gives for the same encoding."""
+    import ast
+    import re
+
+    import torch
+    from PIL import Image
+    from transformers import BridgeTowerProcessor
+
+    import btdeploy
+
+    texts = ["a cat looking out of the <mask>", "a <mask> sitting on a <mask>"]
+    args = ["run", str(tiny_export), "--head", "mlm", "--image", str(image), "--top-k", "3"]
+    assert main([*args, "--text", texts[0], "--text", texts[1]]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    processor = BridgeTowerProcessor.from_pretrained(tiny_export / "mlm" / "processor")
+    encoding = processor([Image.open(image).convert("RGB")] * 2, texts, padding=True, return_tensors="np")
+    logits = torch.from_numpy(btdeploy.load(tiny_export, head="mlm")(**encoding)["logits"])
+    for row, line in enumerate(lines):
+        masked = torch.from_numpy(encoding["input_ids"][row] == processor.tokenizer.mask_token_id)
+        best = torch.softmax(logits[row][masked].double(), -1).topk(3)
+        listed = re.findall(r"; mask (\d): (.*?)(?=; mask \d:|$)", line)
+        assert [int(number) for number, _ in listed] == list(range(1, int(masked.sum()) + 1)), line
+        for (_, cells), probabilities, ids in zip(listed, best.values, best.indices, strict=True):
+            printed = re.findall(r"('.*?'|\".*?\") (\d\.\d{3})", cells)
+            assert [ast.literal_eval(token) for token, _ in printed] == [processor.decode([int(i)]) for i in ids], line
+            assert [float(p) for _, p in printed] == pytest.approx(probabilities.tolist(), abs=5e-4), line
+    for head in ("itm", "itc"):  # one answer per text: nothing to rank
+        assert main(["run", str(tiny_export), "--head", head, "--image", str(image), "--text", "a", *args[-2:]]) == 2
+        assert "--top-k lists the mlm head's candidates for each <mask>" in capsys.readouterr().err
+    assert main([*args[:-1], "101", "--text", texts[0]]) == 2
+    assert "--top-k: top_k for the masked words must be 1..100, got 101" in capsys.readouterr().err
+
+
 def test_run_picks_the_graph_backend_and_precision(
     tiny_export: Path, image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -145,10 +145,10 @@ def test_task_requests_json_and_raw() -> None:
     body = json.dumps({"image": base64.b64encode(png).decode(), "texts": ["a", "b"]}).encode()
     parsed = parse_task_request(body, "application/json", [], 8)
     assert parsed.images == [png] and parsed.texts == ["a", "b"]
-    parsed = parse_task_request(png, "image/png", ["x"], 8, "3", ranks=True)
+    parsed = parse_task_request(png, "image/png", ["x"], 8, "3", route="/v1/rank")
     assert parsed.images == [png] and parsed.texts == ["x"] and parsed.top_k == 3
     ranked = json.dumps({"image": base64.b64encode(png).decode(), "texts": ["a"], "top_k": 2}).encode()
-    assert parse_task_request(ranked, "application/json", [], 8, ranks=True).top_k == 2
+    assert parse_task_request(ranked, "application/json", [], 8, route="/v1/rank").top_k == 2
     assert decode_image(png, 0, _image_processor()).size == (50, 40)
 
 
@@ -162,7 +162,7 @@ def test_task_requests_json_and_raw() -> None:
         (b'{"image": "", "texts": ["a", "b", "c"]}', "application/json", [], 413, "at most 2"),
         (b'{"image": "", "texts": [""]}', "application/json", [], 400, "non-empty string"),
         # A misspelled key is named, not read as "no texts".
-        (b'{"image": "", "txts": ["a"]}', "application/json", [], 400, "unknown key 'txts': this route takes"),
+        (b'{"image": "", "txts": ["a"]}', "application/json", [], 400, "unknown key 'txts': /v1/itm takes"),
         (b'{"image": "", "text": ["a", "b"]}', "application/json", [], 400, 'give a list as "texts"'),
         (b'{"image": "", "texts": ["a"], "top_k": 1}', "application/json", [], 400, "unknown key 'top_k'"),
     ],
@@ -177,21 +177,25 @@ def test_task_requests_refused(body: bytes, content_type: str, texts: list[str],
 def test_rank_top_k_must_be_a_whole_number(top_k: object) -> None:
     body = json.dumps({"image": "", "texts": ["a"], "top_k": top_k}).encode()
     with pytest.raises(RequestError, match="top_k must be a whole number") as error:
-        parse_task_request(body, "application/json", [], 2, ranks=True)
+        parse_task_request(body, "application/json", [], 2, route="/v1/rank")
     assert error.value.status == 400
 
 
 def test_a_json_request_does_not_also_take_query_texts_or_top_k() -> None:
     body = json.dumps({"image": "", "texts": ["a"], "top_k": 1}).encode()
     with pytest.raises(RequestError, match="in the JSON body or as \\?text=, not both"):
-        parse_task_request(body, "application/json", ["b"], 2, ranks=True)
+        parse_task_request(body, "application/json", ["b"], 2, route="/v1/rank")
     with pytest.raises(RequestError, match="in the JSON body or as \\?top_k=, not both"):
-        parse_task_request(body, "application/json", [], 2, "2", ranks=True)
+        parse_task_request(body, "application/json", [], 2, "2", route="/v1/rank")
 
 
-def test_top_k_is_refused_outside_rank() -> None:
-    with pytest.raises(RequestError, match="top_k is taken by /v1/rank only"):
+def test_top_k_is_taken_by_rank_and_mlm_only() -> None:
+    """/v1/mlm ranks the tokens for each <mask>; /v1/itm and /v1/itc have one answer per text."""
+    with pytest.raises(RequestError, match="top_k is taken by /v1/rank and /v1/mlm only"):
         parse_task_request(_png(), "image/png", ["x"], 2, "3")
+    with pytest.raises(RequestError, match="unknown key 'top_k': /v1/itc takes image, images, text, texts$"):
+        parse_task_request(b'{"image": "", "texts": ["a"], "top_k": 1}', "application/json", [], 2, route="/v1/itc")
+    assert parse_task_request(_png(), "image/png", ["a <mask>"], 2, "4", route="/v1/mlm").top_k == 4
 
 
 def _image_processor() -> object:

@@ -184,6 +184,8 @@ def _expected_pairs(server: Server, runtime: Any, png: bytes, texts: list[str]) 
 
 
 def test_task_endpoints_equal_load(server: Server, runtimes: dict[str, Any]) -> None:
+    import torch
+
     png = _png(1)
     texts = ["a cat on a <mask>", "two dogs in the <mask> park"]
     body = {"image": base64.b64encode(png).decode(), "texts": texts}
@@ -208,6 +210,18 @@ def test_task_endpoints_equal_load(server: Server, runtimes: dict[str, Any]) -> 
         masked = encoding["input_ids"][row] == processor.tokenizer.mask_token_id
         tokens = [processor.decode([int(t)]) for t in expected.logits[row].argmax(-1)[masked]]
         assert answer["predicted_tokens"] == tokens and answer["text"] == texts[row]
+        assert [[c["token"] for c in per_mask] for per_mask in answer["candidates"]] == [[t] for t in tokens]
+    # ?top_k=: each <mask>'s likeliest tokens and their probabilities, as torch's softmax and topk give them.
+    status, ranked = server.json("/v1/mlm?top_k=3", body)
+    assert status == 200, ranked
+    for row, answer in enumerate(ranked["answers"]):
+        masked = torch.from_numpy(encoding["input_ids"][row] == processor.tokenizer.mask_token_id)
+        best = torch.softmax(torch.from_numpy(expected.logits[row])[masked].double(), -1).topk(3)
+        assert len(answer["candidates"]) == int(masked.sum())
+        for per_mask, probabilities, ids in zip(answer["candidates"], best.values, best.indices, strict=True):
+            assert [c["token"] for c in per_mask] == [processor.decode([int(i)]) for i in ids]
+            assert [c["probability"] for c in per_mask] == pytest.approx(probabilities.tolist(), abs=1e-5)
+        assert answer["filled"] == mlm["answers"][row]["filled"]
 
 
 def test_rank_uses_cached_image_features(server: Server) -> None:
@@ -285,6 +299,20 @@ def _bad_requests(server: Server) -> list[tuple[str, bytes | None, str, int, str
         ("/v1/itm?text=a", b"these bytes are no image", "image/png", 415, "not an image file"),
         ("/v1/itm?text=a", b"x" * (MAX_BODY_MB * 1024 * 1024 + 1), "image/png", 413, "the limit is"),
         ("/v1/mlm", json.dumps({"image": png, "texts": ["no mask here"]}).encode(), "application/json", 400, "<mask>"),
+        (
+            "/v1/mlm?top_k=101",
+            json.dumps({"image": png, "texts": ["a <mask>"]}).encode(),
+            "application/json",
+            400,
+            "top_k for the masked words must be 1..100, got 101",
+        ),
+        (
+            "/v1/itm?top_k=2",
+            json.dumps({"image": png, "texts": ["a"]}).encode(),
+            "application/json",
+            400,
+            "top_k is taken by /v1/rank and /v1/mlm only",
+        ),
         ("/v1/nope", b"{}", "application/json", 404, "unknown task"),
         ("/v1/itc", json.dumps({"image": png, "txts": ["a"]}).encode(), "application/json", 400, "unknown key 'txts'"),
         (

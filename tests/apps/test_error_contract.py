@@ -331,8 +331,8 @@ CASES: list[tuple[str, Setup, str]] = [
     # A command's unknown option points at that command's help, and the top level is not named twice.
     (
         "an option the command does not take",
-        lambda out, tmp: ["run", str(out), "--head", "itm", "--image", "x.png", "--text", "a", "--top-k", "2"],
-        "btdeploy: error: run: unrecognized arguments: --top-k 2 (see btdeploy run --help)",
+        lambda out, tmp: ["run", str(out), "--head", "itm", "--image", "x.png", "--text", "a", "--batch-size", "2"],
+        "btdeploy: error: run: unrecognized arguments: --batch-size 2 (see btdeploy run --help)",
     ),
     ("no command", lambda out, tmp: [], "btdeploy: error: the following arguments are required: command (see btdeploy"),
     # An empty list (a shell variable left unset) is refused, not read as "all of them".

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -167,13 +168,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from btdeploy.runtime.runtime import load
 
     runtime = load(args.dir, head=args.head, backend=args.backend, **_chosen_graph(args))
+    answers = score(runtime, Path(args.image), args.text, args.top_k)
+    if args.json:
+        graph = {"head": runtime.manifest.head, "image": args.image, "graph": runtime.backend.description}
+        print(json.dumps({**graph, "answers": answers}, indent=2, ensure_ascii=False))
+        return 0
     # A text's line breaks and tabs shown escaped: printed as they are, they broke its row in two.
-    scored = score(runtime, Path(args.image), args.text, args.top_k)
-    answers = [(_one_line(text), answer) for text, answer in scored]
-    width = max(len(text) for text, _ in answers)
+    texts = [_one_line(answer["text"]) for answer in answers]
+    width = max(len(text) for text in texts)
     print(f"{runtime.manifest.head} on {args.image} ({runtime.backend.description}):")
-    for text, answer in answers:
-        print(f"  {text:<{width}}  {answer}")
+    for text, answer in zip(texts, answers, strict=True):
+        print(f"  {text:<{width}}  {runtime.head.behaviour.answer_line(answer)}")
     return 0
 
 
@@ -615,6 +620,9 @@ def _run_command(commands: Commands) -> None:
         type=_at_least(1),
         default=1,
         help="the mlm head: also list the K most likely tokens for each <mask>, with their probabilities (default: 1)",
+    )
+    run.add_argument(
+        "--json", action="store_true", help="print the answers as JSON, as the server's /v1/<head> route returns them"
     )
     run.add_argument(
         "--backend", default="onnxruntime", choices=list(TARGETS), help="what runs the graph (default: %(default)s)"

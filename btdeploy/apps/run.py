@@ -19,8 +19,9 @@ def refuse_long_texts(processor: Any, texts: list[str], runtime: Runtime) -> Non
         raise BtDeployError(problem)
 
 
-def score(runtime: Runtime, image_path: Path, texts: list[str], top_k: int = 1) -> list[tuple[str, str]]:
-    """One (text, answer) pair per text; `top_k` candidates in each where the head ranks some (mlm)."""
+def score(runtime: Runtime, image_path: Path, texts: list[str], top_k: int = 1) -> list[dict[str, Any]]:
+    """Each text's answer, as the head gives it (`answers`: the values the server's task routes
+    return); `top_k` candidates in each where the head ranks some (mlm)."""
     behaviour = runtime.head.behaviour
     if top_k != 1 and not behaviour.takes_top_k:
         takers = ", ".join(name for name, head in HEADS.items() if head.behaviour.takes_top_k)
@@ -39,5 +40,4 @@ def score(runtime: Runtime, image_path: Path, texts: list[str], top_k: int = 1) 
     refuse_long_texts(processor, texts, runtime)
     encoding = processor([image] * len(texts), texts, padding=True, return_tensors="np")
     outputs = runtime(**encoding)
-    answers = behaviour.answers(outputs, texts, encoding, processor, top_k)
-    return list(zip(texts, answers, strict=True))
+    return behaviour.answers(outputs, texts, encoding, processor, top_k)

@@ -125,9 +125,16 @@ class HeadBehaviour:
     def assemble(self, values: dict[str, Any]) -> dict[str, Any]:
         return values
 
-    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1) -> list[str]:
-        """One human-readable answer per text, for `btdeploy run`; `top_k` candidates where the head
-        has several per text (`takes_top_k`)."""
+    def answers(
+        self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1
+    ) -> list[dict[str, Any]]:
+        """Each text's answer in JSON values, from the head's outputs (a HeadOutput or a dict of
+        arrays) and the encoding they ran on: what the server's /v1/<head> returns and `btdeploy run`
+        prints (`answer_line`); `top_k` candidates where the head ranks some (`takes_top_k`)."""
+        raise NotImplementedError
+
+    def answer_line(self, answer: dict[str, Any]) -> str:
+        """One answer as `btdeploy run` prints it after its text."""
         raise NotImplementedError
 
     def text_problem(self, texts: list[str], tokenizer: Any) -> str | None:
@@ -152,10 +159,16 @@ class BaseBehaviour(HeadBehaviour):
     def fusion_outputs(self, model: Any, text: Any, image: Any, pooled: Any) -> tuple[Any, ...]:
         return text, image, pooled
 
-    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1) -> list[str]:
+    def answers(
+        self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1
+    ) -> list[dict[str, Any]]:
         import numpy as np
 
-        return [f"pooler_output norm {np.linalg.norm(p):.4f}" for p in outputs.pooler_output]
+        norms = np.linalg.norm(outputs["pooler_output"], axis=-1)
+        return [{"text": text, "pooler_output_norm": float(n)} for text, n in zip(texts, norms, strict=True)]
+
+    def answer_line(self, answer: dict[str, Any]) -> str:
+        return f"pooler_output norm {answer['pooler_output_norm']:.4f}"
 
 
 def match_probability(logits: Any) -> Any:
@@ -172,10 +185,15 @@ class ItmBehaviour(HeadBehaviour):
     def fusion_outputs(self, model: Any, text: Any, image: Any, pooled: Any) -> tuple[Any, ...]:
         return (model.itm_score(pooled),)
 
-    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1) -> list[str]:
-        logits = outputs.logits
-        pairs = zip(match_probability(logits), logits[:, 1], strict=True)
-        return [f"match probability {p:.4f} (logit {lg:+.4f})" for p, lg in pairs]
+    def answers(
+        self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1
+    ) -> list[dict[str, Any]]:
+        logits = outputs["logits"]
+        rows = zip(texts, match_probability(logits), logits[:, 1], strict=True)
+        return [{"text": text, "match_probability": float(p), "logit": float(lg)} for text, p, lg in rows]
+
+    def answer_line(self, answer: dict[str, Any]) -> str:
+        return f"match probability {answer['match_probability']:.4f} (logit {answer['logit']:+.4f})"
 
     def extra_flops(self, config: Any, batch: int, text_tokens: int, image_tokens: int) -> int:
         return batch * _linear_flops(1, 2 * int(config.hidden_size), 2)
@@ -210,9 +228,14 @@ class ItcBehaviour(HeadBehaviour):
         stacked = np.stack([values["text_embeds"], values["image_embeds"], values["cross_embeds"]], 1)
         return {**values, "logits": stacked}
 
-    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1) -> list[str]:
-        similarity = (outputs.text_embeds * outputs.image_embeds).sum(-1)
-        return [f"text-image cosine {s:+.4f}" for s in similarity]
+    def answers(
+        self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1
+    ) -> list[dict[str, Any]]:
+        cosine = (outputs["text_embeds"] * outputs["image_embeds"]).sum(-1)
+        return [{"text": text, "cosine": float(c)} for text, c in zip(texts, cosine, strict=True)]
+
+    def answer_line(self, answer: dict[str, Any]) -> str:
+        return f"text-image cosine {answer['cosine']:+.4f}"
 
     def extra_flops(self, config: Any, batch: int, text_tokens: int, image_tokens: int) -> int:
         hidden, embed = int(config.hidden_size), int(config.contrastive_hidden_size)
@@ -255,22 +278,32 @@ class MlmBehaviour(HeadBehaviour):
             )
         return super().text_problem(texts, tokenizer)
 
-    def answers(self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1) -> list[str]:
+    def answers(
+        self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1
+    ) -> list[dict[str, Any]]:
+        from dataclasses import asdict
+
         from btdeploy.model.masked_words import fill_masks
 
         filled = fill_masks(
-            outputs.logits, encoding["input_ids"], encoding["attention_mask"], processor.tokenizer, top_k
+            outputs["logits"], encoding["input_ids"], encoding["attention_mask"], processor.tokenizer, top_k
         )
-        answers = []
-        for text in filled:
-            answer = f"{len(text.candidates)} mask(s) -> {text.filled!r}"
-            if top_k > 1:
-                answer += "".join(
-                    f"; mask {index}: " + ", ".join(f"{c.token!r} {c.probability:.3f}" for c in per_mask)
-                    for index, per_mask in enumerate(text.candidates, 1)
-                )
-            answers.append(answer)
-        return answers
+        return [
+            {
+                "text": text,
+                "filled": answer.filled,
+                "predicted_tokens": answer.predicted_tokens,
+                "candidates": [[asdict(candidate) for candidate in per_mask] for per_mask in answer.candidates],
+            }
+            for text, answer in zip(texts, filled, strict=True)
+        ]
+
+    def answer_line(self, answer: dict[str, Any]) -> str:
+        line = f"{len(answer['candidates'])} mask(s) -> {answer['filled']!r}"
+        if any(len(per_mask) > 1 for per_mask in answer["candidates"]):  # asked for with --top-k
+            for index, per_mask in enumerate(answer["candidates"], 1):
+                line += f"; mask {index}: " + ", ".join(f"{c['token']!r} {c['probability']:.3f}" for c in per_mask)
+        return line
 
     def extra_flops(self, config: Any, batch: int, text_tokens: int, image_tokens: int) -> int:
         hidden = int(config.hidden_size)

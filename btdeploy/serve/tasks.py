@@ -3,7 +3,8 @@
 A task request is JSON (`{"image": base64, "texts": [...]}`, or `"images"` and `"text"` for
 ranking) or the raw image bytes as the body with the captions as `?text=` query parameters.
 Preprocessing uses the checkpoint's own processor, as `btdeploy run` does; answers are numbers
-in JSON. Each task is declared once in TASKS: the head it runs and how its answer is read.
+in JSON. Each task is declared once in TASKS: the head it runs; its answer is the head's own
+(`answers` in model/heads.py), which `btdeploy run --json` prints too.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import base64
 import binascii
 import io
 import json
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from btdeploy.model.heads import get_head, match_probability
-from btdeploy.model.masked_words import fill_masks, top_k_problem
+from btdeploy.model.heads import get_head
+from btdeploy.model.masked_words import top_k_problem
 from btdeploy.model.media import depth_problem, resize_problem, text_length_problem, upright_rgb, upright_size
 from btdeploy.serve.protocol import RequestError
 
@@ -166,44 +166,16 @@ def check_text_lengths(processor: Any, texts: list[str], limit: int) -> None:
         raise RequestError(400, problem)
 
 
-def _itm_answer(
-    outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any, top_k: int
-) -> Any:
-    logits = outputs["logits"]
-    probability = match_probability(logits)
-    return [
-        {"text": text, "match_probability": float(p), "logit": float(logit[1])}
-        for text, p, logit in zip(texts, probability, logits, strict=True)
-    ]
-
-
-def _itc_answer(
-    outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any, top_k: int
-) -> Any:
-    cosine = (outputs["text_embeds"] * outputs["image_embeds"]).sum(-1)
-    return [{"text": text, "cosine": float(c)} for text, c in zip(texts, cosine, strict=True)]
-
-
-def _mlm_answer(
-    outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any, top_k: int
-) -> Any:
-    filled = fill_masks(outputs["logits"], feeds["input_ids"], feeds["attention_mask"], processor.tokenizer, top_k)
-    return [
-        {
-            "text": text,
-            "filled": answer.filled,
-            "predicted_tokens": answer.predicted_tokens,
-            "candidates": [[asdict(candidate) for candidate in per_mask] for per_mask in answer.candidates],
-        }
-        for text, answer in zip(texts, filled, strict=True)
-    ]
-
-
 @dataclass(frozen=True)
 class Task:
     head: str
     description: str
-    answer: Callable[[dict[str, np.ndarray], list[str], dict[str, np.ndarray], Any, int], Any]
+
+    def answer(
+        self, outputs: dict[str, np.ndarray], texts: list[str], feeds: dict[str, np.ndarray], processor: Any, top_k: int
+    ) -> list[dict[str, Any]]:
+        """The head's answers, as `btdeploy run --json` prints them."""
+        return get_head(self.head).behaviour.answers(outputs, texts, feeds, processor, top_k)
 
     def check(self, processor: Any, texts: list[str], top_k: int) -> None:
         """The head's own rule for its texts (the masked-LM head needs a <mask>), as `btdeploy run`
@@ -217,7 +189,7 @@ class Task:
 
 
 TASKS = {
-    "itm": Task("itm", "match probability of the image with each caption", _itm_answer),
-    "itc": Task("itc", "text-image cosine of the contrastive embeddings per caption", _itc_answer),
-    "mlm": Task("mlm", "each caption with its <mask> tokens filled in", _mlm_answer),
+    "itm": Task("itm", "match probability of the image with each caption"),
+    "itc": Task("itc", "text-image cosine of the contrastive embeddings per caption"),
+    "mlm": Task("mlm", "each caption with its <mask> tokens filled in"),
 }

@@ -106,6 +106,51 @@ def test_run_prints_one_answer_per_text(tiny_export: Path, image: Path, capsys: 
     assert "1 mask(s) ->" in printed and "2 mask(s) ->" in printed
 
 
+def test_run_json_gives_the_answers_the_text_lines_print(
+    tiny_export: Path, image: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json prints each head's answers as values (what /v1/<head> returns); held to numbers torch
+    computes from load()'s outputs for the same encoding, and to the text lines of the same run."""
+    import torch
+    from PIL import Image
+    from transformers import BridgeTowerProcessor
+
+    import btdeploy
+
+    texts = ["a cat on a <mask>", "two <mask> in a park"]
+    for head in ("itm", "itc", "mlm", "base"):
+        args = ["run", str(tiny_export), "--head", head, "--image", str(image), "--text", texts[0], "--text", texts[1]]
+        assert main([*args, "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert (printed["head"], printed["image"]) == (head, str(image))
+        answers = printed["answers"]
+        assert [answer["text"] for answer in answers] == texts
+        processor = BridgeTowerProcessor.from_pretrained(tiny_export / head / "processor")
+        encoding = processor([Image.open(image).convert("RGB")] * 2, texts, padding=True, return_tensors="np")
+        outputs = {k: torch.from_numpy(v) for k, v in btdeploy.load(tiny_export, head=head)(**encoding).items()}
+        if head == "itm":
+            expected = torch.softmax(outputs["logits"].double(), -1)[:, 1]
+            assert [a["match_probability"] for a in answers] == pytest.approx(expected.tolist(), abs=1e-6)
+        elif head == "itc":
+            expected = (outputs["text_embeds"] * outputs["image_embeds"]).sum(-1)
+            assert [a["cosine"] for a in answers] == pytest.approx(expected.tolist(), abs=1e-6)
+        elif head == "mlm":
+            masked = torch.from_numpy(encoding["input_ids"] == processor.tokenizer.mask_token_id)
+            best = outputs["logits"].argmax(-1)
+            assert [a["predicted_tokens"] for a in answers] == [
+                [processor.decode([int(t)]) for t in best[row][masked[row]]] for row in range(2)
+            ]
+        else:
+            expected = outputs["pooler_output"].norm(dim=-1)
+            assert [a["pooler_output_norm"] for a in answers] == pytest.approx(expected.tolist(), rel=1e-6)
+        assert main(args) == 0  # the text lines say what the values say
+        lines = capsys.readouterr().out.splitlines()[1:]
+        for line, answer in zip(lines, answers, strict=True):
+            for value in answer.values():
+                if isinstance(value, float):
+                    assert f"{value:.4f}".lstrip("-") in line, (line, answer)
+
+
 def test_run_top_k_lists_the_likeliest_tokens_of_each_mask(
     tiny_export: Path, image: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

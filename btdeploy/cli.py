@@ -246,6 +246,10 @@ def cmd_rank(args: argparse.Namespace) -> int:
             raise BtDeployError("--text is empty: give the words to rank the images against")
         texts, images = [args.text], image_files(Path(args.images), "--images")
     rows, stages = rank(Path(args.dir), images, texts, args.top_k, _chosen_graph(args), args.batch_size, args.backend)
+    if args.json:
+        query = "image" if args.image else "text"
+        print(json.dumps({"query": query, "stages": stages, "ranking": [row.as_json() for row in rows]}, indent=2))
+        return 0
     print(f"{stages}")
     print(format_ranking(rows))
     return 0
@@ -595,6 +599,7 @@ def _rank_command(commands: Commands) -> None:
     rank.add_argument("--images", default=None, help="a folder of images, ranked against --text")
     rank.add_argument("--text", default=None, help="one caption, ranked against --images")
     rank.add_argument("--top-k", type=int, default=5, help="items printed, and passed from ITC to ITM (default: 5)")
+    rank.add_argument("--json", action="store_true", help="print the ranking as JSON, keyed as serve's /v1/rank")
     rank.add_argument(
         "--batch-size", type=int, default=64, help="candidates read and scored at a time (memory stays flat)"
     )

@@ -38,6 +38,16 @@ class RankedItem:
     label: str  # the caption, or the image file name
     itm_probability: float | None
     itc_cosine: float | None
+    index: int  # its place among the candidates (the captions file's line, the folder's sorted images)
+
+    def as_json(self) -> dict[str, Any]:
+        """Named as the server's /v1/rank names its rows."""
+        return {
+            "item": self.label,
+            "index": self.index,
+            "match_probability": self.itm_probability,
+            "itc_cosine": self.itc_cosine,
+        }
 
 
 @dataclass
@@ -185,7 +195,7 @@ def rank(
     where = [w for w in ("split graphs" if isinstance(itm, SplitRuntime) else "", graphs) if w]
     stages.append(f"ITM on {len(chosen)}" + (f" ({', '.join(where)})" if where else ""))
     ranked = [
-        RankedItem(labels[index], float(p), cosines.get(int(index)))
+        RankedItem(labels[index], float(p), cosines.get(int(index)), int(index))
         for index, p in zip(chosen, probability, strict=True)
     ]
     ranked.sort(key=lambda item: -(item.itm_probability or 0.0))

@@ -347,6 +347,18 @@ def test_rank_one_image_against_captions(
     logits = whole_itm(**processor([load_image(image)] * 3, chosen, padding=True, return_tensors="np")).logits
     expected = np.exp(logits[:, 1]) / np.exp(logits).sum(-1)
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    # --json: the same rows, each with its line in the captions file, and the run's stages.
+    assert (
+        main(["rank", str(split_export), "--image", str(image), "--texts", str(texts), "--top-k", "3", "--json"]) == 0
+    )
+    printed_json = json.loads(capsys.readouterr().out)
+    assert printed_json["query"] == "image" and printed_json["stages"] in printed
+    ranking = printed_json["ranking"]
+    assert [row["item"] for row in ranking] == table
+    assert [captions[row["index"]] for row in ranking] == table
+    np.testing.assert_allclose([row["match_probability"] for row in ranking], expected, atol=1e-5)
+    cosines_in_order = [c for r in rows if (c := r.itc_cosine) is not None]
+    np.testing.assert_allclose([row["itc_cosine"] for row in ranking], cosines_in_order, atol=1e-6)
 
 
 def test_rank_images_against_one_caption_and_bad_arguments(

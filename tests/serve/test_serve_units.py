@@ -196,6 +196,8 @@ def test_top_k_is_taken_by_rank_and_mlm_only() -> None:
     with pytest.raises(RequestError, match="unknown key 'top_k': /v1/itc takes image, images, text, texts$"):
         parse_task_request(b'{"image": "", "texts": ["a"], "top_k": 1}', "application/json", [], 2, route="/v1/itc")
     assert parse_task_request(_png(), "image/png", ["a <mask>"], 2, "4", route="/v1/mlm").top_k == 4
+    body = json.dumps({"image": base64.b64encode(_png()).decode(), "texts": ["a <mask>"], "top_k": 5}).encode()
+    assert parse_task_request(body, "application/json", [], 2, route="/v1/mlm").top_k == 5
 
 
 def _image_processor() -> object:

@@ -612,10 +612,12 @@ def test_precision_table_gives_each_heads_worst_row_of_a_check_report(tiny_expor
     report = tmp_path / "parity.json"
     assert main(["check", str(tiny_export), "--batch-sizes", "1", "--seq-lens", "5", "--report", str(report)]) == 0
     rows = json.loads(report.read_text())["rows"]
-    printed = run_benchmark("precision_table.py", tiny_export, report).stdout.splitlines()
-    assert printed[0].startswith("| head | graph | worst output | cosine |") and len(printed) == 2 + len(HEADS)
-    for line in printed[2:]:
-        head, graph, output, cosine, *_, size, verdict = (cell.strip() for cell in line.strip("|").split("|"))
+    printed = run_benchmark("precision_table.py", tiny_export, report).stdout
+    assert printed.startswith("| head | graph | worst output | cosine |")
+    assert len(printed.splitlines()) == 2 + len(HEADS)  # the table alone
+    table = markdown_table(printed, "head")
+    assert len(table) == len(HEADS)
+    for head, graph, output, cosine, *_, size, verdict in table:
         worst = min((row for row in rows if row["head"] == head), key=lambda row: row["cosine"])
         assert (graph, output, verdict) == ("model.onnx", worst["output"], "PASS")
         assert float(cosine) == pytest.approx(worst["cosine"], abs=5e-7)
@@ -636,10 +638,9 @@ def test_integer_matmul_bias_times_two_int8_forms_that_compute_the_same(tiny_exp
     quantize_head(tmp_path / "itm", "int8", "ort", calib_size=4)
     done = run_benchmark("integer_matmul_bias.py", tmp_path, "--head", "itm", "--shapes", "1x8,2x5", "--repeats", 2,
                          "--runs", 2)  # fmt: skip
-    rows = [line for line in done.stdout.splitlines() if re.match(r"\| \d+ x \d+ \|", line)]
-    assert len(rows) == 2, done.stdout
-    for row in rows:
-        _, a, b, ratio, _, difference = (cell.strip() for cell in row.strip("|").split("|"))
+    rows = markdown_table(done.stdout, "batch x length")
+    assert [row[0] for row in rows] == ["1 x 8", "2 x 5"], done.stdout
+    for _, a, b, ratio, _, difference in rows:
         assert is_quotient_of_printed(float(ratio), float(a), float(b), 0.0005)
         assert float(difference) <= 1e-5  # the same integer products, the bias added in float either way
 

@@ -170,8 +170,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     runtime = load(args.dir, head=args.head, backend=args.backend, **_chosen_graph(args))
     answers = score(runtime, Path(args.image), args.text, args.top_k)
     if args.json:
-        graph = {"head": runtime.manifest.head, "image": args.image, "graph": runtime.backend.description}
-        print(json.dumps({**graph, "answers": answers}, indent=2, ensure_ascii=False))
+        header = {"head": runtime.manifest.head, "image": args.image, "graph": runtime.backend.description}
+        print(json.dumps({**header, "answers": answers}, indent=2, ensure_ascii=False))
         return 0
     # A text's line breaks and tabs shown escaped: printed as they are, they broke its row in two.
     texts = [_one_line(answer["text"]) for answer in answers]

@@ -248,7 +248,15 @@ def image_size_problem(image_processor: Any, image_size: int) -> str | None:
 
 def require_processor(manifest: Manifest) -> Path:
     """The processor folder export copied beside the head, or a refusal saying why there is none or
-    which of its files is damaged."""
+    which of its files is damaged (cheap, and said before a server starts)."""
+    folder = _processor_folder(manifest)
+    damaged = _damaged_processor_file(folder)
+    if damaged:
+        raise BtDeployError(damaged)
+    return folder
+
+
+def _processor_folder(manifest: Manifest) -> Path:
     if not manifest.processor_dir.is_dir():
         why = manifest.data.get("processor_problem")
         raise BtDeployError(
@@ -256,14 +264,17 @@ def require_processor(manifest: Manifest) -> Path:
             + (f" (the checkpoint had {why})" if why else "")
             + ": export from a checkpoint that has one"
         )
-    for path in sorted(manifest.processor_dir.glob("*.json")):  # cheap, and said before a server starts
+    return manifest.processor_dir
+
+
+def _damaged_processor_file(folder: Path) -> str | None:
+    """Which of the processor's JSON files does not parse, and what to do, or None."""
+    for path in sorted(folder.glob("*.json")):
         try:
             json.loads(path.read_bytes())
         except ValueError as error:
-            raise BtDeployError(
-                f"{path} is damaged ({error}): export the head again, or copy the checkpoint's processor files there"
-            ) from None
-    return manifest.processor_dir
+            return f"{path} is damaged ({error}): export the head again, or copy the checkpoint's processor files there"
+    return None
 
 
 def export_processor(manifest: Manifest) -> Any:
@@ -271,12 +282,14 @@ def export_processor(manifest: Manifest) -> Any:
     with serial_imports():
         from transformers import BridgeTowerProcessor
 
-    folder = require_processor(manifest)
+    folder = _processor_folder(manifest)
     try:
         return BridgeTowerProcessor.from_pretrained(folder)
     except Exception as error:  # transformers raises many types for a damaged or edited file
+        # The files are parsed on their own only now, to name the one that is cut short.
         raise BtDeployError(
-            f"{folder} cannot be read as the head's processor ({' '.join(str(error).split())}): "
+            _damaged_processor_file(folder)
+            or f"{folder} cannot be read as the head's processor ({' '.join(str(error).split())}): "
             "export the head again, or copy the checkpoint's processor files there"
         ) from None
 

@@ -37,13 +37,6 @@ TASK_KEYS = ("image", "images", "text", "texts")
 TOP_K_KEYS = (*TASK_KEYS, "top_k")
 
 
-def top_k_routes() -> tuple[str, ...]:
-    """The routes that take `top_k`: /v1/rank (how many candidates), and each task whose head ranks
-    candidates of its own (/v1/mlm: tokens per <mask>)."""
-    tasks = [f"/v1/{name}" for name, task in TASKS.items() if get_head(task.head).behaviour.takes_top_k]
-    return ("/v1/rank", *tasks)
-
-
 def parse_task_request(
     body: bytes,
     content_type: str,
@@ -54,13 +47,13 @@ def parse_task_request(
 ) -> TaskRequest:
     """The images and texts of a task request, JSON or raw bytes, with one-line reasons for bad ones.
 
-    `route`: the route asked, which decides whether `top_k` is taken (`top_k_routes`). A key the
+    `route`: the route asked, which decides whether `top_k` is taken (TOP_K_ROUTES). A key the
     route does not take is refused by name rather than ignored, so a misspelled "txts" is not
     answered as if no texts were sent.
     """
-    takes_top_k = route in top_k_routes()
+    takes_top_k = route in TOP_K_ROUTES
     if top_k is not None and not takes_top_k:
-        raise RequestError(400, f"top_k is taken by {' and '.join(top_k_routes())} only")
+        raise RequestError(400, f"top_k is taken by {' and '.join(TOP_K_ROUTES)} only")
     if content_type.split(";")[0].strip().lower() == "application/json":
         try:
             request = json.loads(body)
@@ -193,3 +186,10 @@ TASKS = {
     "itc": Task("itc", "text-image cosine of the contrastive embeddings per caption"),
     "mlm": Task("mlm", "each caption with its <mask> tokens filled in"),
 }
+
+# The routes that take `top_k`: /v1/rank (how many candidates), and each task whose head ranks
+# candidates of its own (/v1/mlm: tokens per <mask>).
+TOP_K_ROUTES = (
+    "/v1/rank",
+    *(f"/v1/{name}" for name, task in TASKS.items() if get_head(task.head).behaviour.takes_top_k),
+)

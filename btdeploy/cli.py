@@ -245,13 +245,12 @@ def cmd_rank(args: argparse.Namespace) -> int:
         if not args.text.strip():
             raise BtDeployError("--text is empty: give the words to rank the images against")
         texts, images = [args.text], image_files(Path(args.images), "--images")
-    rows, stages = rank(Path(args.dir), images, texts, args.top_k, _chosen_graph(args), args.batch_size, args.backend)
+    ranking = rank(Path(args.dir), images, texts, args.top_k, _chosen_graph(args), args.batch_size, args.backend)
     if args.json:
-        query = "image" if args.image else "text"
-        print(json.dumps({"query": query, "stages": stages, "ranking": [row.as_json() for row in rows]}, indent=2))
+        print(json.dumps(ranking.as_json(), indent=2))
         return 0
-    print(f"{stages}")
-    print(format_ranking(rows))
+    print(ranking.stages)
+    print(format_ranking(ranking.rows))
     return 0
 
 

@@ -1,17 +1,20 @@
-"""`btdeploy rank`: one image against many captions (or one caption against many images).
+"""Ranking, for `btdeploy rank` and the server's /v1/rank alike: one image against many captions
+(or one caption against many images).
 
-First stage, where the export has the ITC head: text-image cosine of the contrastive embeddings
-(each tower once per item). Second stage: ITM match probability for the top K, on the split
-graphs where the export has them (the query's tower once), else on the whole ITM head.
+First stage, where the itc head is there: text-image cosine of the contrastive embeddings (each
+tower once per item), its top K to the second. Second stage: ITM match probability, on the split
+graphs where the export has them (the query's tower once), else on the whole ITM head. Without
+the itc head every candidate goes to ITM; without K, every candidate the first stage scored.
 
 Candidates stream through in batches of `batch_size`: the query is preprocessed and encoded
 once, each batch of candidates is read, preprocessed, scored and dropped, and only one score
-per candidate is kept, so memory stays flat in the number of candidates.
+per candidate is kept, so memory stays flat in the number of candidates. Where the images come
+from (files, or a request's bytes with a feature cache) is an `ImageFiles`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,21 +30,24 @@ from btdeploy.model.heads import match_probability
 from btdeploy.model.media import export_processor, image_inputs, load_image
 from btdeploy.progress import say
 from btdeploy.runtime.runtime import Runtime, SplitRuntime, load
+from btdeploy.runtime.split_runtime import Features
 
 DEFAULT_BATCH_SIZE = 64
 # What ranks: the targets that run a head whole or as its split towers (ONNX Runtime, OpenVINO).
 BACKENDS = tuple(name for name, target in TARGETS.items() if target.runs_split)
+# The heads of the two stages.
+CANDIDATE_HEAD = "itc"
+SCORING_HEAD = "itm"
 
 
 @dataclass
 class RankedItem:
-    label: str  # the caption, or the image file name
+    label: str  # the caption, or the image's name
     itm_probability: float | None
     itc_cosine: float | None
     index: int  # its place among the candidates (the captions file's line, the folder's sorted images)
 
     def as_json(self) -> dict[str, Any]:
-        """Named as the server's /v1/rank names its rows."""
         return {
             "item": self.label,
             "index": self.index,
@@ -51,80 +57,167 @@ class RankedItem:
 
 
 @dataclass
-class Query:
-    """The single item of a ranking, preprocessed once, and how to preprocess the candidates."""
+class Ranking:
+    query: str  # "image": captions ranked against one image; "text": images against one caption
+    stages: str  # what ran, on which graphs
+    rows: list[RankedItem]  # best first
 
-    is_image: bool  # an image against captions; else a caption against images
-    inputs: dict[str, np.ndarray]  # pixel_values, or input_ids + attention_mask, for one item
-    processor: Any
-
-    def candidate_batches(self, candidates: list[Any], batch_size: int) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(first index, inputs) per batch: captions tokenized, or images read and preprocessed."""
-        for start in range(0, len(candidates), batch_size):
-            chunk = candidates[start : start + batch_size]
-            if self.is_image:
-                encoding = self.processor.tokenizer(chunk, padding=True, return_tensors="np")
-                yield start, {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}
-            else:
-                pictures = [load_image(path, self.processor.image_processor) for path in chunk]
-                yield start, {"pixel_values": image_inputs(self.processor, pictures)}
+    def as_json(self) -> dict[str, Any]:
+        """What `rank --json` prints and /v1/rank answers."""
+        return {"query": self.query, "stages": self.stages, "ranking": [row.as_json() for row in self.rows]}
 
 
-def _make_query(runtime: Runtime, image: Path | None, text: str | None) -> Query:
-    processor = export_processor(runtime.manifest)
-    if image is not None:
-        picture = load_image(image, processor.image_processor)
-        return Query(True, {"pixel_values": image_inputs(processor, [picture])}, processor)
-    encoding = processor.tokenizer([text], return_tensors="np")
-    inputs = {name: np.asarray(encoding[name]) for name in ("input_ids", "attention_mask")}
-    return Query(False, inputs, processor)
+class ImageFiles:
+    """The images of a ranking, named by path or URL: each read when its batch comes, labelled by
+    its file name. A subclass reads them from elsewhere (the server: a request's bytes)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def label(self, item: Any, index: int) -> str:
+        return Path(item).name
+
+    def pictures(self, items: list[Any], first: int) -> list[Any]:
+        """The items as RGB pictures; `first`: the index of the first, for messages."""
+        return [load_image(item, self.processor.image_processor) for item in items]
+
+    def pixels(self, items: list[Any], first: int) -> np.ndarray:
+        return image_inputs(self.processor, self.pictures(items, first))
+
+    def features(self, runtime: SplitRuntime, items: list[Any], first: int) -> Features:
+        """The vision tower's features of the items, on `runtime`'s split graphs."""
+        return runtime.encode_images(self.pixels(items, first))
 
 
-def _pair_inputs(query: Query, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The whole head's inputs for (query, candidate) pairs: the query repeated per candidate."""
-    rows = len(next(iter(batch.values())))
-    repeated = {name: np.repeat(values, rows, axis=0) for name, values in query.inputs.items()}
-    return {**repeated, **batch}
+@dataclass
+class _Side:
+    """The items of one side of a ranking, as the model takes them a batch at a time."""
+
+    images: ImageFiles
+    is_image: bool
+    items: list[Any]
+
+    def batches(self, batch_size: int) -> Iterator[tuple[int, list[Any]]]:
+        for start in range(0, len(self.items), batch_size):
+            yield start, self.items[start : start + batch_size]
+
+    def text_inputs(self, texts: list[str]) -> dict[str, np.ndarray]:
+        encoding = self.images.processor.tokenizer(texts, padding=True, return_tensors="np")
+        return {name: np.asarray(encoding[name], dtype=np.int64) for name in ("input_ids", "attention_mask")}
+
+    def inputs(self, items: list[Any], first: int) -> dict[str, np.ndarray]:
+        """The whole head's inputs for these items: pixel_values, or input_ids + attention_mask."""
+        if self.is_image:
+            return {"pixel_values": self.images.pixels(items, first)}
+        return self.text_inputs(items)
+
+    def features(self, runtime: SplitRuntime, items: list[Any], first: int) -> Features:
+        if self.is_image:
+            return self.images.features(runtime, items, first)
+        return runtime.encode_texts(self.text_inputs(items))
 
 
-def _encode(runtime: SplitRuntime, inputs: dict[str, np.ndarray]) -> Any:
-    if "pixel_values" in inputs:
-        return runtime.encode_images(inputs["pixel_values"])
-    return runtime.encode_texts(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+def describe_graphs(backend: str, options: dict[str, Any]) -> str:
+    """The graphs a ranking runs as its stage line names them: the engine where it is not the
+    default one, then the flavour and a reduced precision as the target resolves them."""
+    resolved = get_target(backend).resolve({name: value for name, value in options.items() if value is not None})
+    reduced = resolved.precision if resolved.precision != Precision.FP32 else None
+    named = [backend] if backend != "onnxruntime" else []
+    return " ".join(named + [str(part) for part in (resolved.flavour, reduced) if part])
 
 
-def _itc_cosines(itc: Runtime, query: Query, candidates: list[Any], batch_size: int) -> np.ndarray:
-    """Text-image cosine of the query against every candidate; split graphs need only the towers."""
-    cosines = np.empty(len(candidates), dtype=np.float32)
-    query_embeds = None
-    if isinstance(itc, SplitRuntime):
-        features = _encode(itc, query.inputs).arrays
-        query_embeds = features["image_embeds" if query.is_image else "text_embeds"][0]
-    for start, batch in query.candidate_batches(candidates, batch_size):
-        if isinstance(itc, SplitRuntime):
-            features = _encode(itc, batch).arrays
-            embeds = features["text_embeds" if query.is_image else "image_embeds"]
-            values = embeds @ query_embeds
-        else:
-            outputs = itc(**_pair_inputs(query, batch))
-            values = (np.asarray(outputs.text_embeds) * np.asarray(outputs.image_embeds)).sum(-1)
-        cosines[start : start + len(values)] = values
-    return cosines
+class Ranker:
+    """The two stages on loaded heads: `itc` (or None: ITM on every candidate) and `itm`."""
+
+    def __init__(self, itm: Runtime, itc: Runtime | None, graphs: str = "", batch_size: int = DEFAULT_BATCH_SIZE):
+        self.itm = itm
+        self.itc = itc
+        self.graphs = graphs
+        self.batch_size = batch_size
+        self.processor = export_processor(itm.manifest)
+
+    def check_texts(self, texts: list[str]) -> None:
+        refuse_long_texts(self.processor, texts, self.itm)
+
+    def rank(
+        self, images: list[Any], texts: list[str], top_k: int | None = None, image_source: ImageFiles | None = None
+    ) -> Ranking:
+        """The candidates of the larger side ranked against the single item of the other, the best
+        `top_k` kept (all where None). `image_source` reads the images (default: as files)."""
+        if len(images) > 1 and len(texts) > 1:
+            raise BtDeployError("rank one image against many texts, or one text against many images")
+        if not images or not texts:
+            raise BtDeployError(f"nothing to rank: {len(images)} image(s) and {len(texts)} text(s)")
+        if top_k is not None and top_k < 1:
+            raise BtDeployError(f"top_k {top_k} must be at least 1")
+        self.check_texts(texts)  # before any work: the captions, or the query
+        source = image_source or ImageFiles(self.processor)
+        image_query = len(images) == 1
+        query = _Side(source, image_query, images if image_query else texts)
+        candidates = _Side(source, not image_query, texts if image_query else images)
+        count = len(candidates.items)
+        labels = texts if image_query else [source.label(item, index) for index, item in enumerate(images)]
+        chosen = np.arange(count)
+        cosines: dict[int, float] = {}
+        stages = []
+        on = f" ({self.graphs})" if self.graphs else ""
+        if self.itc is not None:
+            similarity = self._scores(self.itc, query, candidates, COSINE)
+            chosen = np.argsort(-similarity, kind="stable")[: top_k or count]
+            cosines = {int(index): float(similarity[index]) for index in chosen}
+            stages.append(f"ITC cosine over {count}{on}, top {len(chosen)} to ITM")
+        scored = _Side(source, candidates.is_image, [candidates.items[i] for i in chosen])
+        probability = self._scores(self.itm, query, scored, MATCH, [int(i) for i in chosen])
+        where = [w for w in ("split graphs" if isinstance(self.itm, SplitRuntime) else "", self.graphs) if w]
+        stages.append(f"ITM on {len(chosen)}" + (f" ({', '.join(where)})" if where else ""))
+        rows = [
+            RankedItem(labels[index], float(p), cosines.get(int(index)), int(index))
+            for index, p in zip(chosen, probability, strict=True)
+        ]
+        rows.sort(key=lambda item: -(item.itm_probability or 0.0))  # stable: ties keep the first stage's order
+        return Ranking("image" if image_query else "text", "; ".join(stages), rows[: top_k or len(rows)])
+
+    def _scores(
+        self, runtime: Runtime, query: _Side, candidates: _Side, stage: _Stage, indices: list[int] | None = None
+    ) -> np.ndarray:
+        """One score per candidate against the query; split graphs run the query's tower once.
+        `indices`: the candidates' places among all of them (for messages and image names)."""
+        values = np.empty(len(candidates.items), dtype=np.float32)
+        places = indices if indices is not None else list(range(len(candidates.items)))
+        if isinstance(runtime, SplitRuntime):
+            query_features = query.features(runtime, query.items, 0)
+            for start, items in candidates.batches(self.batch_size):
+                batch = candidates.features(runtime, items, places[start])
+                images, texts = (query_features, batch) if query.is_image else (batch, query_features)
+                found = stage.on_features(runtime, images, texts)
+                values[start : start + len(found)] = found
+            return values
+        query_inputs = query.inputs(query.items, 0)
+        for start, items in candidates.batches(self.batch_size):
+            repeated = {name: np.repeat(array, len(items), axis=0) for name, array in query_inputs.items()}
+            found = stage.on_outputs(runtime(**repeated, **candidates.inputs(items, places[start])))
+            values[start : start + len(found)] = found
+        return values
 
 
-def _itm_probabilities(itm: Runtime, query: Query, candidates: list[Any], batch_size: int) -> np.ndarray:
-    """ITM match probability of the query with every candidate."""
-    probabilities = np.empty(len(candidates), dtype=np.float32)
-    query_features = _encode(itm, query.inputs) if isinstance(itm, SplitRuntime) else None
-    for start, batch in query.candidate_batches(candidates, batch_size):
-        if isinstance(itm, SplitRuntime) and query_features is not None:
-            features = _encode(itm, batch)
-            images, texts = (query_features, features) if query.is_image else (features, query_features)
-            logits = itm.score(images, texts, batch_size)["logits"].reshape(-1, 2)
-        else:
-            logits = np.asarray(itm(**_pair_inputs(query, batch)).logits)
-        probabilities[start : start + len(logits)] = match_probability(logits)
-    return probabilities
+@dataclass(frozen=True)
+class _Stage:
+    """How a stage scores pairs: from the split towers' features, or from the whole head's outputs."""
+
+    on_features: Callable[[SplitRuntime, Features, Features], np.ndarray]
+    on_outputs: Callable[[Any], np.ndarray]
+
+
+# ITC: the text-image cosine of each pair (the embeddings are unit vectors); split, the towers' embeddings suffice.
+COSINE = _Stage(
+    on_features=lambda runtime, images, texts: (images.arrays["image_embeds"] @ texts.arrays["text_embeds"].T).ravel(),
+    on_outputs=lambda outputs: (np.asarray(outputs.text_embeds) * np.asarray(outputs.image_embeds)).sum(-1),
+)
+# ITM: the match probability of each pair, split through the fusion graph.
+MATCH = _Stage(
+    on_features=lambda runtime, images, texts: match_probability(runtime.score(images, texts)["logits"].reshape(-1, 2)),
+    on_outputs=lambda outputs: match_probability(np.asarray(outputs.logits)),
+)
 
 
 def _load(root: Path, head: str, backend: str, **options: Any) -> Runtime:
@@ -144,8 +237,8 @@ def rank(
     options: dict[str, Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     backend: str = "onnxruntime",
-) -> tuple[list[RankedItem], str]:
-    """Rank the items of the larger side against the single item of the other; returns (rows, stages).
+) -> Ranking:
+    """`btdeploy rank`: the exported heads under `root` loaded and the best `top_k` ranked.
     `options` go to `btdeploy.load` for both heads (providers, flavour, precision), on `backend`
     (one of BACKENDS)."""
     if top_k < 1:
@@ -160,46 +253,21 @@ def rank(
         raise BtDeployError(f"--backend {backend}: rank runs on {' or '.join(BACKENDS)}")
     if len(images) > 1 and len(texts) > 1:
         raise BtDeployError("rank one image against many captions, or one caption against many images")
-    image_query = len(images) == 1
-    candidates: list[Any] = texts if image_query else images
-    labels = texts if image_query else [path.name for path in images]
-    query_image, query_text = (images[0], None) if image_query else (None, texts[0])
-    chosen = np.arange(len(candidates))
-    cosines: dict[int, float] = {}
-    stages = []
     options = {name: value for name, value in (options or {}).items() if value is not None}
-    # Named as the target resolves them (a reduced precision without a flavour is the ort flavour's).
-    resolved = get_target(backend).resolve(options)
-    reduced = resolved.precision if resolved.precision != Precision.FP32 else None
-    named = [backend] if backend != "onnxruntime" else []  # the default engine goes unnamed
-    graphs = " ".join(named + [str(part) for part in (resolved.flavour, reduced) if part])
-    has_itc = _has_head(root, "itc")
+    graphs = describe_graphs(backend, options)
+    has_itc = _has_head(root, CANDIDATE_HEAD)
     if has_itc:  # before any work
         require_one_checkpoint(
-            [read_manifest(folder) for folder in head_folders(root, ["itm", "itc"])],
+            [read_manifest(folder) for folder in head_folders(root, [SCORING_HEAD, CANDIDATE_HEAD])],
             "rank takes its candidates from the itc head and scores them with the itm head",
         )
-    itm = _load(root, "itm", backend, **options)
-    itm_query = _make_query(itm, query_image, query_text)
-    refuse_long_texts(itm_query.processor, texts, itm)  # before any work: the captions, or the query
+    ranker = Ranker(_load(root, SCORING_HEAD, backend, **options), None, graphs, batch_size)
+    ranker.check_texts(texts)  # before the itc head loads
     if has_itc:
-        itc = _load(root, "itc", backend, **options)
-        query = _make_query(itc, query_image, query_text)
-        say(f"rank: ITC cosine over {len(candidates)} candidate(s), {batch_size} at a time")
-        similarity = _itc_cosines(itc, query, candidates, batch_size)
-        chosen = np.argsort(-similarity, kind="stable")[:top_k]
-        cosines = {int(index): float(similarity[index]) for index in chosen}
-        on = f" ({graphs})" if graphs else ""
-        stages.append(f"ITC cosine over {len(candidates)}{on}, top {len(chosen)} to ITM")
-    probability = _itm_probabilities(itm, itm_query, [candidates[i] for i in chosen], batch_size)
-    where = [w for w in ("split graphs" if isinstance(itm, SplitRuntime) else "", graphs) if w]
-    stages.append(f"ITM on {len(chosen)}" + (f" ({', '.join(where)})" if where else ""))
-    ranked = [
-        RankedItem(labels[index], float(p), cosines.get(int(index)), int(index))
-        for index, p in zip(chosen, probability, strict=True)
-    ]
-    ranked.sort(key=lambda item: -(item.itm_probability or 0.0))
-    return ranked[:top_k], "; ".join(stages)
+        ranker.itc = _load(root, CANDIDATE_HEAD, backend, **options)
+    first = "ITC cosine" if has_itc else "ITM"
+    say(f"rank: {first} over {max(len(images), len(texts))} candidate(s), {batch_size} at a time")
+    return ranker.rank(images, texts, top_k)
 
 
 def format_ranking(rows: list[RankedItem]) -> str:

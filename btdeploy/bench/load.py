@@ -34,7 +34,6 @@ from btdeploy.bench.figures import pyplot, save_png
 from btdeploy.bench.machine import cpu_text, machine_description
 from btdeploy.bench.runner import one_text_length
 from btdeploy.errors import BtDeployError
-from btdeploy.model.heads import match_probability
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.progress import say
 from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
@@ -399,25 +398,23 @@ def _rank_bodies(total: int, captions: int) -> tuple[list[tuple[bytes, dict[str,
 
 
 def _rank_chunk_runner(runtime: Any) -> Callable[[list[Any]], list[Any]]:
-    from btdeploy.model.media import export_processor
+    """The server's ranking in this process, on the same itm split graphs, its image features not
+    cached (each request runs the vision tower, as the server does for an image it has not seen)."""
+    from btdeploy.apps.rank import Ranker
+    from btdeploy.serve.feature_cache import FeatureCache
+    from btdeploy.serve.rank_images import RequestImages
 
-    processor = export_processor(runtime.manifest)
-    return lambda chunk: [_rank_in_process(runtime, processor, body) for body in chunk]
+    ranker = Ranker(runtime, None)
+    return lambda chunk: [_rank_in_process(ranker, RequestImages(ranker.processor, FeatureCache(0)), b) for b in chunk]
 
 
-def _rank_in_process(runtime: Any, processor: Any, body: tuple[bytes, dict[str, str]]) -> np.ndarray:
-    from PIL import Image
-
+def _rank_in_process(ranker: Any, source: Any, body: tuple[bytes, dict[str, str]]) -> np.ndarray:
     request = json.loads(body[0])
-    image = Image.open(io.BytesIO(base64.b64decode(request["image"]))).convert("RGB")
-    pixels = processor.image_processor([image], return_tensors="np")["pixel_values"]
-    images = runtime.encode_images(np.asarray(pixels, np.float32))
-    encoding = processor.tokenizer(request["texts"], padding=True, return_tensors="np")
-    texts = runtime.encode_texts(
-        input_ids=encoding["input_ids"].astype(np.int64), attention_mask=encoding["attention_mask"].astype(np.int64)
-    )
-    logits = runtime.score(images, texts)["logits"].reshape(-1, 2)
-    return match_probability(logits)
+    ranking = ranker.rank([base64.b64decode(request["image"])], request["texts"], None, source)
+    values = np.empty(len(ranking.rows), np.float32)
+    for row in ranking.rows:
+        values[row.index] = row.itm_probability
+    return values
 
 
 def _rank_probabilities(answer: bytes) -> np.ndarray:

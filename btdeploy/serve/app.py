@@ -2,7 +2,7 @@
 
     Gateway (FastAPI ingress: Open Inference Protocol, task endpoints, /metrics)
       -> HeadModel per head (@serve.batch merges concurrent requests into one run)
-      -> RankModel (the itm split towers, image features cached by content hash)
+      -> RankModel (the ranking `btdeploy rank` makes: ITC, then the itm split towers; image features cached)
 
 Replicas ask for a fraction of a CPU, so every head schedules on a 2-core machine; more replicas
 (or autoscaling) and more machines come from Ray. The same application runs on a Ray cluster.
@@ -22,15 +22,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from btdeploy.apps.rank import CANDIDATE_HEAD, SCORING_HEAD
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.errors import BtDeployError
-from btdeploy.model.heads import match_probability
-from btdeploy.model.media import export_processor, image_inputs, pair_inputs
+from btdeploy.model.media import export_processor, pair_inputs
 from btdeploy.serve.batching import merge_requests, split_outputs, text_axes
-from btdeploy.serve.feature_cache import FeatureCache, content_key
+from btdeploy.serve.feature_cache import FeatureCache
 from btdeploy.serve.metrics import ServeStats
 from btdeploy.serve.protocol import BINARY_HEADER, ModelSignature, RequestError, binary_outputs_requested
-from btdeploy.serve.settings import GATEWAY_CPUS, RANK_HEAD, ServeSettings
+from btdeploy.serve.settings import GATEWAY_CPUS, ServeSettings
 from btdeploy.serve.tasks import (
     TASKS,
     check_text_lengths,
@@ -147,17 +147,23 @@ def _warm_up_head(runtime: Any, backend: str, max_batch: int) -> None:
         runtime(**sample_inputs(runtime.config, count, _warm_up_length(runtime), pad=False))
 
 
-def _warm_up_rank(runtime: Any) -> None:
-    """Run a rank request's shapes once: one image, a fusion batch of captions, and their scores.
+def _warm_up_rank(itm: Any, itc: Any | None) -> None:
+    """Run a rank request's shapes once: one image, a fusion batch of captions, and their scores
+    (on the itc head its towers alone, whose embeddings give the cosines; a whole head one row).
     The first multi-row run of the text and fusion graphs paid 0.4 s and up to 0.9 s more on OpenVINO
     (base itm, bf16) and 0.2 s more for the text graph on ONNX Runtime."""
     from btdeploy.model.inputs import sample_inputs
     from btdeploy.runtime.split_runtime import SCORE_BATCH
 
-    feeds = sample_inputs(runtime.config, SCORE_BATCH, _warm_up_length(runtime), pad=False)
-    images = runtime.encode_images(feeds["pixel_values"][:1])
-    texts = runtime.encode_texts(input_ids=feeds["input_ids"], attention_mask=feeds["attention_mask"])
-    runtime.score(images, texts)
+    feeds = sample_inputs(itm.config, SCORE_BATCH, _warm_up_length(itm), pad=False)
+    images = itm.encode_images(feeds["pixel_values"][:1])
+    texts = itm.encode_texts(input_ids=feeds["input_ids"], attention_mask=feeds["attention_mask"])
+    itm.score(images, texts)
+    if itc is not None and hasattr(itc, "encode_images"):
+        itc.encode_images(feeds["pixel_values"][:1])
+        itc.encode_texts(input_ids=feeds["input_ids"], attention_mask=feeds["attention_mask"])
+    elif itc is not None:
+        itc(**{name: values[:1] for name, values in feeds.items()})
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -203,60 +209,40 @@ class HeadModel:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class RankModel:
-    """Ranking on the itm split towers: each image's features are computed once and cached by the
-    hash of its bytes (bounded, least recently used first), each text's per request."""
+    """The ranking `btdeploy rank` makes (apps/rank.py): ITC cosine first where the itc head is
+    served, then ITM match probability on the itm split towers. Each image's tower features are
+    computed once and cached by the hash of its bytes (bounded, least recently used first), each
+    text's per request."""
 
-    def __init__(self, folder: str, backend: str, options: dict[str, Any], cache_size: int) -> None:
-        self.runtime = _load_runtime(folder, backend, options)
-        _warm_up_rank(self.runtime)
-        self.processor = export_processor(self.runtime.manifest)
-        self.limit = int(self.runtime.manifest.data["limits"]["max_text_length"])
+    def __init__(
+        self,
+        folder: str,
+        itc_folder: str | None,
+        backend: str,
+        options: dict[str, Any],
+        itc_options: dict[str, Any],
+        cache_size: int,
+    ) -> None:
+        from btdeploy.apps.rank import Ranker, describe_graphs
+
+        itm = _load_runtime(folder, backend, options)
+        itc = _load_runtime(itc_folder, backend, itc_options) if itc_folder else None
+        _warm_up_rank(itm, itc)
+        self.ranker = Ranker(itm, itc, describe_graphs(backend, options))
         self.cache = FeatureCache(cache_size)
         self.collector = collector()
 
-    def _image_features(self, images: list[bytes]) -> tuple[Any, int]:
-        from btdeploy.runtime.split_runtime import Features
-
-        keys = [content_key(data) for data in images]
-        found: dict[str, Any] = {key: self.cache.get(key) for key in dict.fromkeys(keys)}
-        missing = [key for key, value in found.items() if value is None]
-        if missing:
-            image_processor = self.processor.image_processor
-            pictures = [decode_image(images[keys.index(key)], keys.index(key), image_processor) for key in missing]
-            encoded = self.runtime.encode_images(image_inputs(self.processor, pictures))
-            for row, key in enumerate(missing):
-                features = encoded[row]
-                self.cache.put(key, features)
-                found[key] = features
-        return Features.concat([found[key] for key in keys]), len(keys) - len(missing)
-
     def _rank(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:
-        check_text_lengths(self.processor, texts, self.limit)
+        from btdeploy.serve.rank_images import RequestImages
+
         started = time.perf_counter()
-        image_features, cached = self._image_features(images)
-        encoding = self.processor.tokenizer(texts, padding=True, return_tensors="np")
-        text_features = self.runtime.encode_texts(
-            input_ids=encoding["input_ids"].astype(np.int64), attention_mask=encoding["attention_mask"].astype(np.int64)
-        )
-        logits = self.runtime.score(image_features, text_features)["logits"]  # [images, texts, 2]
-        probability = match_probability(logits).reshape(-1)
-        labels = texts if len(images) == 1 else [f"image {i}" for i in range(len(images))]
-        order = np.argsort(-probability, kind="stable")[: top_k or len(labels)]
-        self.collector.record_batch.remote("rank", 1, int(probability.size), time.perf_counter() - started, False)
-        return {
-            "query": "image" if len(images) == 1 else "text",
-            "ranking": [
-                {"item": labels[i], "index": int(i), "match_probability": float(probability[i])} for i in order
-            ],
-            "cached_images": cached,
-        }
+        source = RequestImages(self.ranker.processor, self.cache)
+        ranking = self.ranker.rank(images, texts, top_k, source)
+        candidates = max(len(images), len(texts))
+        self.collector.record_batch.remote("rank", 1, candidates, time.perf_counter() - started, False)
+        return {**ranking.as_json(), "cached_images": source.found_in_cache(images)}
 
     async def rank(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:
-        if len(images) > 1 and len(texts) > 1:
-            return {
-                "__status__": 400,
-                "__error__": "rank one image against many texts, or one text against many images",
-            }
         try:
             return await asyncio.to_thread(self._rank, images, texts, top_k)
         except RequestError as error:
@@ -429,7 +415,7 @@ class Gateway:
     async def rank(self, request: Request) -> Response:
         async def run() -> Response:
             if self.rank_model is None:
-                needs = f"ranking needs the {RANK_HEAD} head with split graphs: export with --split"
+                needs = f"ranking needs the {SCORING_HEAD} head with split graphs: export with --split"
                 raise RequestError(404, needs)
             task = await self._task_request(request, "/v1/rank")
             answer = await self._call("rank", self.rank_model.rank.remote(task.images, task.texts, task.top_k))
@@ -480,9 +466,11 @@ def head_model_arguments(settings: ServeSettings, folder: str) -> tuple[Any, ...
     return folder, settings.backend, options, settings.max_batch, settings.batch_wait_ms / 1000
 
 
-def rank_model_arguments(settings: ServeSettings, folder: str) -> tuple[Any, ...]:
-    """What the RankModel replica is made with."""
-    return folder, settings.backend, settings.run_options(True), settings.feature_cache
+def rank_model_arguments(settings: ServeSettings, folder: str, itc_folder: str | None = None) -> tuple[Any, ...]:
+    """What the RankModel replica is made with: the itm head's split graphs, and the itc head's
+    (split where exported) when it is served."""
+    itc_options = settings.run_options(itc_folder is not None and len(read_manifest(Path(itc_folder)).stems) > 1)
+    return folder, itc_folder, settings.backend, settings.run_options(True), itc_options, settings.feature_cache
 
 
 def build_application(settings: ServeSettings, folders: dict[str, str], rank_folder: str | None) -> Any:
@@ -507,6 +495,6 @@ def build_application(settings: ServeSettings, folders: dict[str, str], rank_fol
     rank = None
     if rank_folder is not None:
         rank = RankModel.options(ray_actor_options=actor, **scaling).bind(  # type: ignore[attr-defined]
-            *rank_model_arguments(settings, rank_folder)
+            *rank_model_arguments(settings, rank_folder, folders.get(CANDIDATE_HEAD))
         )
     return Gateway.bind(heads, rank, folders, settings.as_dict())  # type: ignore[attr-defined]

@@ -16,11 +16,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from btdeploy.apps.rank import SCORING_HEAD
 from btdeploy.errors import BtDeployError
 from btdeploy.imports import INSTALL_SERVE
 from btdeploy.progress import say
 from btdeploy.serve.cluster_address import GCS_PORT_DEFAULT, JOIN_HINT, RAY_CLIENT_PORT_DEFAULT
-from btdeploy.serve.settings import RANK_HEAD, ServeSettings, check_settings, replica_cpus, replicas_spin, serves_rank
+from btdeploy.serve.settings import ServeSettings, check_settings, replica_cpus, replicas_spin, serves_rank
 from btdeploy.signals import heeded_stops, raise_terminated, restore_handler, stop_for
 
 READY_TIMEOUT_S = 300
@@ -33,7 +34,7 @@ def serve_export(settings: ServeSettings) -> int:
     from btdeploy.serve.app import APP_NAME, NAMESPACE, build_application
     from btdeploy.serve.app import collector as app_collector
 
-    rank_folder = folders[RANK_HEAD] if serves_rank(settings, manifests) else None
+    rank_folder = folders[SCORING_HEAD] if serves_rank(settings, manifests) else None
 
     started_ray = settings.address is None
     collector = None

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from btdeploy.apps.rank import SCORING_HEAD
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest, require_one_checkpoint
 from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
@@ -18,7 +19,6 @@ from btdeploy.serve.cluster_address import check_cluster_address
 # AMX, btdeploy's trt graph ran there 3.3-4.1x faster than ONNX Runtime's FP32, as fast as its INT8
 # (benchmarks/results/base-peers-cpu, twenty-fifth look).
 BACKENDS = ("onnxruntime", "openvino")
-RANK_HEAD = "itm"  # the rank endpoint runs this head's split towers
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ def rank_unserved(backend: str, head: Manifest | None) -> str | None:
     """Why the rank endpoint is not served, or None: it runs the itm head's split towers, where
     they were exported and the backend runs split graphs."""
     if head is None:
-        return f"the {RANK_HEAD} head is not served"
+        return f"the {SCORING_HEAD} head is not served"
     if not get_target(backend).runs_split:
         return f"the {backend} backend does not run the split towers that /v1/rank scores with"
     if len(head.stems) < 2:
@@ -149,7 +149,7 @@ def rank_unserved(backend: str, head: Manifest | None) -> str | None:
 
 
 def serves_rank(settings: ServeSettings, manifests: dict[str, Manifest]) -> bool:
-    return rank_unserved(settings.backend, manifests.get(RANK_HEAD)) is None
+    return rank_unserved(settings.backend, manifests.get(SCORING_HEAD)) is None
 
 
 def replicas_spin(settings: ServeSettings, deployments: int) -> bool | None:

@@ -15,9 +15,9 @@ import json, resource, sys
 from pathlib import Path
 from btdeploy.apps.rank import rank
 root, image, captions = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]).read_text().splitlines()
-rows, stages = rank(root, [image], captions, top_k=3, batch_size=int(sys.argv[4]))
-print(json.dumps({"peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "stages": stages,
-                  "top": [r.label for r in rows]}))
+ranking = rank(root, [image], captions, top_k=3, batch_size=int(sys.argv[4]))
+print(json.dumps({"peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "stages": ranking.stages,
+                  "top": [r.label for r in ranking.rows]}))
 """
 
 

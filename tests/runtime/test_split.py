@@ -328,7 +328,7 @@ def test_rank_one_image_against_captions(
     assert main(["rank", str(split_export), "--image", str(image), "--texts", str(texts), "--top-k", "3"]) == 0
     printed = capsys.readouterr().out
     assert "ITC cosine over 5, top 3 to ITM; ITM on 3 (split graphs)" in printed
-    rows, _ = rank(split_export, [image], captions, top_k=3)
+    rows = rank(split_export, [image], captions, top_k=3).rows
     table = [line.split(maxsplit=3)[3] for line in printed.splitlines()[3:]]
     assert len(rows) == 3 and [r.label for r in rows] == table
     probabilities = [p for r in rows if (p := r.itm_probability) is not None]
@@ -393,8 +393,8 @@ def test_rank_runs_the_quantized_graphs_it_is_given(
     assert main([*argv, "--precision", "int8-dynamic"]) == 0
     printed = capsys.readouterr().out
     assert "ITC cosine over 5 (ort int8-dynamic), top 5 to ITM; ITM on 5 (split graphs, ort int8-dynamic)" in printed
-    fp32 = {r.label: r.itm_probability for r in rank(out, [image], captions, top_k=5)[0]}
-    int8 = {r.label: r.itm_probability for r in rank(out, [image], captions, 5, {"precision": "int8-dynamic"})[0]}
+    fp32 = {r.label: r.itm_probability for r in rank(out, [image], captions, top_k=5).rows}
+    int8 = {r.label: r.itm_probability for r in rank(out, [image], captions, 5, {"precision": "int8-dynamic"}).rows}
     assert set(int8) == set(fp32) and max(abs(int8[k] - fp32[k]) for k in fp32) <= 0.05  # type: ignore[operator]
     (out / "itm" / "fusion.ort.int8-dynamic.onnx").unlink()  # it reads those graphs, or says which is missing
     assert main([*argv, "--precision", "int8-dynamic"]) == 2
@@ -412,8 +412,8 @@ def test_rank_on_openvino_orders_as_onnx_runtime_does(
     argv = ["rank", str(split_export), "--image", str(image), "--texts", str(texts), "--top-k", "3"]
     assert main([*argv, "--backend", "openvino"]) == 0
     assert "ITC cosine over 5 (openvino), top 3 to ITM; ITM on 3 (split graphs, openvino)" in capsys.readouterr().out
-    ort = rank(split_export, [image], captions, top_k=5)[0]
-    openvino = rank(split_export, [image], captions, top_k=5, backend="openvino")[0]
+    ort = rank(split_export, [image], captions, top_k=5).rows
+    openvino = rank(split_export, [image], captions, top_k=5, backend="openvino").rows
     assert [row.label for row in openvino] == [row.label for row in ort]
     for mine, theirs in zip(openvino, ort, strict=True):
         assert abs(mine.itm_probability - theirs.itm_probability) <= 1e-5  # type: ignore[operator]

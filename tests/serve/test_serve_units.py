@@ -381,9 +381,7 @@ def _serve_with_fake_ray(monkeypatch: pytest.MonkeyPatch, settings: ServeSetting
     ray = SimpleNamespace(init=init, is_initialized=lambda: False, serve=SimpleNamespace(), exceptions=exceptions)
     monkeypatch.setitem(sys.modules, "ray", ray)
     monkeypatch.setitem(sys.modules, "ray.serve", ray.serve)
-    app = SimpleNamespace(
-        APP_NAME="btdeploy", NAMESPACE="btdeploy", RANK_HEAD="itm", build_application=None, collector=None
-    )
+    app = SimpleNamespace(APP_NAME="btdeploy", NAMESPACE="btdeploy", build_application=None, collector=None)
     monkeypatch.setitem(sys.modules, "btdeploy.serve.app", app)  # it imports Ray Serve
     monkeypatch.setattr(settings_module, "check_cluster_address", lambda address: None)
     return serve_export(settings)

@@ -233,15 +233,50 @@ def test_rank_uses_cached_image_features(server: Server) -> None:
     status, second = server.json("/v1/rank", body)
     assert (first["cached_images"], second["cached_images"]) == (0, 1)
     assert second["ranking"] == first["ranking"]
+    # Without top_k every caption reaches ITM, ordered as /v1/itm scores them; each with its /v1/itc cosine.
+    assert first["stages"] == "ITC cosine over 3, top 3 to ITM; ITM on 3 (split graphs)"
     _, itm = server.json("/v1/itm", body)
+    _, itc = server.json("/v1/itc", body)
     expected = sorted((-a["match_probability"], i) for i, a in enumerate(itm["answers"]))
     assert [r["index"] for r in first["ranking"]] == [i for _, i in expected]
     for row in first["ranking"]:
         assert abs(row["match_probability"] - itm["answers"][row["index"]]["match_probability"]) <= 1e-5
+        assert abs(row["itc_cosine"] - itc["answers"][row["index"]]["cosine"]) <= 1e-5
     # The reverse: one caption against several images, the known one from the cache.
     images = [base64.b64encode(p).decode() for p in (_png(3), png)]
     status, reverse = server.json("/v1/rank", {"images": images, "text": texts[0], "top_k": 1})
     assert status == 200 and reverse["cached_images"] == 1 and len(reverse["ranking"]) == 1
+
+
+def test_rank_answers_as_the_rank_command_ranks(server: Server, tmp_path: Path) -> None:
+    """/v1/rank and `btdeploy rank` are one ranking: ITC's top K to ITM, the same rows and numbers."""
+    from btdeploy.apps.rank import rank
+
+    image = tmp_path / "query.png"
+    image.write_bytes(_png(4))
+    texts = ["a red car", "a bowl of fruit", "a man riding a horse", "two dogs", "the sea", "a tall tree"]
+    status, served = server.json("/v1/rank", {"image": base64.b64encode(_png(4)).decode(), "texts": texts, "top_k": 2})
+    assert status == 200, served
+    ranked = rank(server.export, [image], texts, top_k=2)
+    assert served["query"] == "image" and served["stages"] == ranked.stages
+    assert ranked.stages == "ITC cosine over 6, top 2 to ITM; ITM on 2 (split graphs)"
+    assert [(r["item"], r["index"]) for r in served["ranking"]] == [(r.label, r.index) for r in ranked.rows]
+    for mine, theirs in zip(served["ranking"], ranked.rows, strict=True):
+        assert abs(mine["match_probability"] - theirs.itm_probability) <= 1e-6
+        assert abs(mine["itc_cosine"] - theirs.itc_cosine) <= 1e-6
+    # Images against a caption: the same candidates chosen, named by their place in the request.
+    files = []
+    for seed in (5, 6, 7):
+        files.append(tmp_path / f"photo{seed}.png")
+        files[-1].write_bytes(_png(seed))
+    photos = [base64.b64encode(path.read_bytes()).decode() for path in files]
+    status, served = server.json("/v1/rank", {"images": photos, "text": texts[3], "top_k": 2})
+    assert status == 200, served
+    ranked = rank(server.export, files, [texts[3]], top_k=2)
+    assert [r["index"] for r in served["ranking"]] == [r.index for r in ranked.rows]
+    assert [r["item"] for r in served["ranking"]] == [f"image {r.index}" for r in ranked.rows]
+    for mine, theirs in zip(served["ranking"], ranked.rows, strict=True):
+        assert abs(mine["match_probability"] - theirs.itm_probability) <= 1e-6
 
 
 def test_200_concurrent_requests_each_get_their_own_answer(server: Server, runtimes: dict[str, Any]) -> None:

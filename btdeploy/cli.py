@@ -1,4 +1,4 @@
-"""The `btdeploy` command line: pipeline (the main job), export, optimize, quantize, build, check, run, rank,
+"""The `btdeploy` command line: pipeline (the main job), export, optimize, quantize, build, check, run, rank, index,
 bench, serve, triton-repo, doctor."""
 
 from __future__ import annotations
@@ -225,32 +225,54 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
+    from btdeploy.apps.gallery import rank_gallery
     from btdeploy.apps.rank import format_ranking, rank
     from btdeploy.model.media import image_files, read_captions
 
-    if bool(args.image) == bool(args.images):
-        raise BtDeployError("give --image IMG with --texts FILE, or --images DIR with --text TEXT")
+    if sum(map(bool, (args.image, args.images, args.gallery))) != 1:
+        raise BtDeployError(
+            "give --image IMG with --texts FILE, --images DIR with --text TEXT, or --gallery FILE with --text TEXT"
+        )
     # The other direction's option would be ignored: refused, so a mixed-up command is not answered.
     if args.image:
         if args.text is not None:
-            raise BtDeployError("--text goes with --images DIR; with --image IMG give --texts FILE")
+            raise BtDeployError("--text goes with --images DIR or --gallery FILE; with --image IMG give --texts FILE")
         if not args.texts:
             raise BtDeployError("--image needs --texts FILE (one caption per line)")
         texts, images = read_captions(Path(args.texts), "--texts"), [Path(args.image)]
     else:
+        given = "--images DIR" if args.images else "--gallery FILE"
         if args.texts is not None:
-            raise BtDeployError("--texts goes with --image IMG; with --images DIR give --text TEXT")
+            raise BtDeployError(f"--texts goes with --image IMG; with {given} give --text TEXT")
         if args.text is None:
-            raise BtDeployError("--images needs --text TEXT")
+            raise BtDeployError(f"{given.split()[0]} needs --text TEXT")
         if not args.text.strip():
             raise BtDeployError("--text is empty: give the words to rank the images against")
-        texts, images = [args.text], image_files(Path(args.images), "--images")
-    ranking = rank(Path(args.dir), images, texts, args.top_k, _chosen_graph(args), args.batch_size, args.backend)
+        texts, images = [args.text], [] if args.gallery else image_files(Path(args.images), "--images")
+    arguments = (args.top_k, _chosen_graph(args), args.batch_size, args.backend)
+    if args.gallery:
+        ranking = rank_gallery(Path(args.dir), Path(args.gallery), texts[0], *arguments)
+    else:
+        ranking = rank(Path(args.dir), images, texts, *arguments)
     if args.json:
         print(json.dumps(ranking.as_json(), indent=2))
         return 0
     print(ranking.stages)
     print(format_ranking(ranking.rows))
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from btdeploy.apps.gallery import index_images
+
+    report = index_images(
+        Path(args.dir), Path(args.images), Path(args.out), _chosen_graph(args), args.batch_size, args.backend
+    )
+    print(
+        f"{report.gallery.folder}: {len(report.gallery.names)} image(s) in {args.out} ({report.encoded} encoded, "
+        f"{report.reused} reused, {report.dropped} dropped) in {report.seconds:.1f} s, "
+        f"by {report.gallery.origin.get('graph')}"
+    )
     return 0
 
 
@@ -587,8 +609,6 @@ def _doctor_command(commands: Commands) -> None:
 
 
 def _rank_command(commands: Commands) -> None:
-    from btdeploy.apps.rank import BACKENDS as RANK_BACKENDS
-
     rank = _add(
         commands, "rank", cmd_rank, "rank captions against an image (or images against a caption): ITC, then ITM"
     )
@@ -596,16 +616,38 @@ def _rank_command(commands: Commands) -> None:
     rank.add_argument("--image", default=None, help="one image, ranked against --texts")
     rank.add_argument("--texts", default=None, help="text file, one caption per line")
     rank.add_argument("--images", default=None, help="a folder of images, ranked against --text")
-    rank.add_argument("--text", default=None, help="one caption, ranked against --images")
+    rank.add_argument(
+        "--gallery", default=None, help="a folder's images as btdeploy index stored them, ranked against --text"
+    )
+    rank.add_argument("--text", default=None, help="one caption, ranked against --images or --gallery")
     rank.add_argument("--top-k", type=int, default=5, help="items printed, and passed from ITC to ITM (default: 5)")
     rank.add_argument("--json", action="store_true", help="print the ranking as JSON, keyed as serve's /v1/rank")
-    rank.add_argument(
+    _ranking_runs(rank, "both heads")
+
+
+def _index_command(commands: Commands) -> None:
+    index = _add(
+        commands, "index", cmd_index, "store the ITC embedding of a folder's images, for rank --gallery (new ones only)"
+    )
+    index.add_argument("dir", help="export folder with the itc head's split graphs (export --heads itc,itm --split)")
+    index.add_argument("--images", required=True, help="the folder of images (its own files, not its subfolders)")
+    index.add_argument(
+        "--out", required=True, help="the gallery file (.npz); one already there is updated: unchanged images kept"
+    )
+    _ranking_runs(index, "the itc head's vision tower")
+
+
+def _ranking_runs(sub: argparse.ArgumentParser, what: str) -> None:
+    """How rank and index run their heads: the batch, the backend and the graph."""
+    from btdeploy.apps.rank import BACKENDS as RANK_BACKENDS
+
+    sub.add_argument(
         "--batch-size", type=int, default=64, help="candidates read and scored at a time (memory stays flat)"
     )
-    rank.add_argument(
-        "--backend", choices=RANK_BACKENDS, default="onnxruntime", help="what runs both heads (default: %(default)s)"
+    sub.add_argument(
+        "--backend", choices=RANK_BACKENDS, default="onnxruntime", help=f"what runs {what} (default: %(default)s)"
     )
-    _graph_options(rank, "run", " for both heads (the split graphs where exported)", runs_on=RANK_BACKENDS)
+    _graph_options(sub, "run", f" for {what} (the split graphs where exported)", runs_on=RANK_BACKENDS)
 
 
 def _run_command(commands: Commands) -> None:
@@ -815,7 +857,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     for add_command in (
         _export_command, _check_command, _optimize_command, _quantize_command, _build_command, _doctor_command,
-        _rank_command, _run_command, _bench_command, _serve_command, _triton_repo_command, _pipeline_command,
+        _rank_command, _index_command, _run_command, _bench_command, _serve_command, _triton_repo_command,
+        _pipeline_command,
     ):  # fmt: skip
         add_command(commands)
     return parser

@@ -220,7 +220,8 @@ MATCH = _Stage(
 )
 
 
-def _load(root: Path, head: str, backend: str, **options: Any) -> Runtime:
+def load_head(root: Path, head: str, backend: str, **options: Any) -> Runtime:
+    """A head of the export under `root`, on its split graphs where it has them."""
     manifest = read_manifest(head_folders(root, [head])[0])
     return load(manifest.folder, backend=backend, split=len(manifest.stems) > 1, **options)
 
@@ -237,10 +238,11 @@ def rank(
     options: dict[str, Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     backend: str = "onnxruntime",
+    image_source: Callable[[Ranker], ImageFiles] | None = None,
 ) -> Ranking:
     """`btdeploy rank`: the exported heads under `root` loaded and the best `top_k` ranked.
     `options` go to `btdeploy.load` for both heads (providers, flavour, precision), on `backend`
-    (one of BACKENDS)."""
+    (one of BACKENDS); `image_source` makes the reader of the images (default: files)."""
     if top_k < 1:
         raise BtDeployError(f"--top-k {top_k} must be at least 1")
     if batch_size < 1:
@@ -261,13 +263,13 @@ def rank(
             [read_manifest(folder) for folder in head_folders(root, [SCORING_HEAD, CANDIDATE_HEAD])],
             "rank takes its candidates from the itc head and scores them with the itm head",
         )
-    ranker = Ranker(_load(root, SCORING_HEAD, backend, **options), None, graphs, batch_size)
+    ranker = Ranker(load_head(root, SCORING_HEAD, backend, **options), None, graphs, batch_size)
     ranker.check_texts(texts)  # before the itc head loads
     if has_itc:
-        ranker.itc = _load(root, CANDIDATE_HEAD, backend, **options)
+        ranker.itc = load_head(root, CANDIDATE_HEAD, backend, **options)
     first = "ITC cosine" if has_itc else "ITM"
     say(f"rank: {first} over {max(len(images), len(texts))} candidate(s), {batch_size} at a time")
-    return ranker.rank(images, texts, top_k)
+    return ranker.rank(images, texts, top_k, image_source(ranker) if image_source else None)
 
 
 def format_ranking(rows: list[RankedItem]) -> str:

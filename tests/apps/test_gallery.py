@@ -1,0 +1,222 @@
+"""`btdeploy index` and `rank --gallery`: the stored ITC embeddings rank as the folder itself does,
+indexing again runs the vision tower on new and changed images only, and every fault is one line."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import spying
+from PIL import Image
+
+from btdeploy.errors import BtDeployError
+
+CAPTION = "a red car by the sea"
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Path:
+    """Tiny itc and itm with their split towers, also optimized (another vision graph)."""
+    from btdeploy.export.exporter import export_heads
+    from btdeploy.model.checkpoints import resolve_model
+    from btdeploy.optimize.optimizer import optimize_head
+
+    out = tmp_path_factory.mktemp("gallery-export")
+    export_heads(resolve_model("tiny"), ["itc", "itm"], out, split=True)
+    for head in ("itc", "itm"):
+        optimize_head(out / head, "ort")
+    return out
+
+
+def _photo(path: Path, seed: int) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 255, size=(50 + seed, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _photos(folder: Path, seeds: range) -> list[Path]:
+    folder.mkdir(exist_ok=True)
+    return [_photo(folder / f"photo{seed:02d}.png", seed) for seed in seeds]
+
+
+def _vision_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many images each run of a split runtime's vision tower took."""
+    from btdeploy.runtime.runtime import SplitRuntime
+
+    rows: list[int] = []
+    real = SplitRuntime.encode_images
+    monkeypatch.setattr(
+        SplitRuntime, "encode_images", spying(real, lambda runtime, pixels, *a, **k: rows.append(len(pixels)))
+    )
+    return rows
+
+
+def test_the_gallery_ranks_as_the_folder_does(export: Path, tmp_path: Path) -> None:
+    import btdeploy
+    from btdeploy.apps.gallery import Gallery, index_images, rank_gallery
+    from btdeploy.apps.rank import rank
+
+    files = _photos(tmp_path / "photos", range(9))
+    report = index_images(export, tmp_path / "photos", tmp_path / "gallery.npz", batch_size=4)
+    assert (report.encoded, report.reused, report.dropped) == (9, 0, 0)
+    gallery = Gallery.load(tmp_path / "gallery.npz")
+    assert gallery.names == [path.name for path in files] and gallery.folder == (tmp_path / "photos").resolve()
+    # The stored rows are the itc vision tower's embeddings of each image.
+    itc = btdeploy.load(export, head="itc", split=True)
+    from btdeploy.model.media import export_processor, image_inputs, load_image
+
+    processor = export_processor(itc.manifest)
+    expected = itc.encode_images(image_inputs(processor, [load_image(path) for path in files])).arrays["image_embeds"]
+    np.testing.assert_allclose(gallery.embeddings, expected, rtol=0, atol=1e-6)
+    stored = rank_gallery(export, tmp_path / "gallery.npz", CAPTION, top_k=3, batch_size=4)
+    direct = rank(export, files, [CAPTION], top_k=3, batch_size=4)
+    assert stored.stages == direct.stages == "ITC cosine over 9, top 3 to ITM; ITM on 3 (split graphs)"
+    assert [(row.label, row.index) for row in stored.rows] == [(row.label, row.index) for row in direct.rows]
+    for mine, theirs in zip(stored.rows, direct.rows, strict=True):
+        assert abs(mine.itc_cosine - theirs.itc_cosine) <= 1e-6  # type: ignore[operator]
+        assert abs(mine.itm_probability - theirs.itm_probability) <= 1e-6  # type: ignore[operator]
+
+
+def test_indexing_again_runs_the_tower_on_new_and_changed_images_only(
+    export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from btdeploy.apps.gallery import Gallery, index_images
+
+    folder, out = tmp_path / "photos", tmp_path / "gallery.npz"
+    files = _photos(folder, range(6))
+    index_images(export, folder, out)
+    before = Gallery.load(out)
+    files[1].unlink()  # gone
+    _photo(files[2], 40)  # changed in place
+    _photo(folder / "photo99.png", 99)  # new
+    rows = _vision_rows(monkeypatch)
+    report = index_images(export, folder, out)
+    assert (report.encoded, report.reused, report.dropped) == (2, 4, 2)
+    assert rows == [2]  # one run of the vision tower, on the changed and the new image
+    after = Gallery.load(out)
+    assert after.names == ["photo00.png", "photo02.png", "photo03.png", "photo04.png", "photo05.png", "photo99.png"]
+    for name in ("photo00.png", "photo03.png", "photo04.png", "photo05.png"):
+        assert np.array_equal(after.embeddings[after.names.index(name)], before.embeddings[before.names.index(name)])
+    changed = after.embeddings[after.names.index("photo02.png")]
+    assert not np.allclose(changed, before.embeddings[before.names.index("photo02.png")], atol=1e-3)
+    rows.clear()
+    assert index_images(export, folder, out).encoded == 0 and rows == []  # nothing new: no tower run
+
+
+def test_a_gallery_of_another_graph_is_refused_and_indexed_anew(export: Path, tmp_path: Path) -> None:
+    from btdeploy.apps.gallery import index_images, rank_gallery
+
+    folder, out = tmp_path / "photos", tmp_path / "gallery.npz"
+    _photos(folder, range(3))
+    index_images(export, folder, out)
+    refusal = r"gallery.npz was indexed with vision.onnx, this rank runs vision.ort.onnx"
+    with pytest.raises(BtDeployError, match=refusal):
+        rank_gallery(export, out, CAPTION, options={"flavour": "ort"})
+    report = index_images(export, folder, out, {"flavour": "ort"})
+    assert (report.encoded, report.reused, report.gallery.origin["graph"]) == (3, 0, "vision.ort.onnx")
+    assert len(rank_gallery(export, out, CAPTION, top_k=2, options={"flavour": "ort"}).rows) == 2
+
+
+def test_an_image_changed_or_gone_since_indexing_is_named(export: Path, tmp_path: Path) -> None:
+    from btdeploy.apps.gallery import index_images, rank_gallery
+
+    folder, out = tmp_path / "photos", tmp_path / "gallery.npz"
+    files = _photos(folder, range(4))
+    index_images(export, folder, out)
+    _photo(files[0], 50)
+    _photo(files[0], 0)  # the same bytes again: still the indexed image
+    assert len(rank_gallery(export, out, CAPTION, top_k=4).rows) == 4
+    _photo(files[3], 51)
+    with pytest.raises(BtDeployError, match=rf"{files[3]} changed since .*gallery.npz was indexed: run btdeploy index"):
+        rank_gallery(export, out, CAPTION, top_k=4)
+    files[3].unlink()
+    with pytest.raises(BtDeployError, match=rf"{files[3]} is gone since .*gallery.npz was indexed"):
+        rank_gallery(export, out, CAPTION, top_k=4)
+
+
+def test_index_keeps_what_it_did_not_make(export: Path, tmp_path: Path) -> None:
+    """A file at --out that is not a gallery is refused, not overwritten; a failure midway leaves
+    the gallery there as it was, and no half-written file."""
+    from btdeploy.apps.gallery import index_images
+
+    folder = tmp_path / "photos"
+    _photos(folder, range(3))
+    other = tmp_path / "notes.npz"
+    other.write_bytes(b"someone else's file")
+    with pytest.raises(BtDeployError, match=r"--out .*notes.npz is not a btdeploy gallery .*: give another --out"):
+        index_images(export, folder, other)
+    assert other.read_bytes() == b"someone else's file"
+    with pytest.raises(BtDeployError, match=r"is a folder: give the gallery's file name"):
+        index_images(export, folder, folder)
+    out = tmp_path / "gallery.npz"
+    index_images(export, folder, out)
+    kept = out.read_bytes()
+    (folder / "photo09.png").write_bytes(b"not a png")
+    with pytest.raises(BtDeployError, match="photo09.png"):
+        index_images(export, folder, out)
+    assert out.read_bytes() == kept
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["gallery.npz", "notes.npz", "photos"]
+
+
+def test_gallery_refusals_name_what_to_do(
+    export: Path, tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from btdeploy.cli import main
+
+    folder = tmp_path / "photos"
+    _photos(folder, range(2))
+    whole = tmp_path / "whole"
+    shutil.copytree(export / "itm", whole / "itm")
+    cases: list[tuple[list[str], str]] = [
+        (["index", str(whole), "--images", str(folder), "--out", "g.npz"], "index needs the itc head: "),
+        (["rank", str(whole), "--gallery", "g.npz", "--text", "a"], "rank --gallery needs the itc head: "),
+        (["index", str(tiny_export), "--images", str(folder), "--out", "g.npz"], "index needs the itc head's split"),
+        (["rank", str(tiny_export), "--gallery", "g.npz", "--text", "a"], "rank --gallery needs the itc head's split"),
+        (["rank", str(export), "--gallery", str(tmp_path / "none.npz"), "--text", "a"], "does not exist: make it with"),
+        (["rank", str(export), "--gallery", "g.npz", "--texts", "t.txt"], "--texts goes with --image IMG; with --gal"),
+        (["rank", str(export), "--gallery", "g.npz", "--images", str(folder), "--text", "a"], "or --gallery FILE with"),
+        (["rank", str(export), "--gallery", "g.npz"], "--gallery needs --text TEXT"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+
+
+def test_index_and_rank_gallery_from_the_command_line(
+    export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from btdeploy.cli import main
+
+    folder, out = tmp_path / "photos", tmp_path / "gallery.npz"
+    _photos(folder, range(5))
+    assert main(["index", str(export), "--images", str(folder), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "5 image(s) in" in captured.out and "(5 encoded, 0 reused, 0 dropped)" in captured.out
+    assert "index: vision tower on 5 image(s)" in captured.err  # progress
+    assert main(["rank", str(export), "--gallery", str(out), "--text", CAPTION, "--top-k", "2", "--json"]) == 0
+    printed: dict[str, Any] = json.loads(capsys.readouterr().out)
+    assert printed["query"] == "text" and len(printed["ranking"]) == 2
+    assert all(row["item"] == f"photo{row['index']:02d}.png" for row in printed["ranking"])
+
+
+def test_the_gallery_bench_times_both_ways_and_checks_they_agree(export: Path, tmp_path: Path) -> None:
+    from conftest import is_quotient_of_printed, markdown_table, run_benchmark
+
+    done = run_benchmark("gallery_rank.py", export, "--sizes", "3,6", "--top-k", 2, "--rounds", 2, "--out", tmp_path)
+    rows = markdown_table(done.stdout, "images")
+    assert [row[0] for row in rows] == ["3", "6"]
+    for row in rows:
+        index_s, folder_s, gallery_s = (float(cell) for cell in row[1:4])
+        assert min(index_s, folder_s, gallery_s) > 0
+        speedup = float(row[4].rstrip("x"))
+        assert is_quotient_of_printed(speedup, folder_s, gallery_s, 0.05, half_digit=0.0005)
+    assert "flags: " in done.stdout and (tmp_path / "results.md").read_text().strip() in done.stdout
+    assert (tmp_path / "gallery_rank.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(Path(tempfile.gettempdir()).glob("btdeploy-gallery-*"))  # its photos removed

@@ -400,6 +400,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         max_body_mb=args.max_body_mb,
         feature_cache=args.feature_cache,
+        gallery=str(Path(args.gallery).resolve()) if args.gallery else None,  # replicas start elsewhere
     )
     return serve_export(settings)
 
@@ -780,6 +781,9 @@ def _serve_command(commands: Commands) -> None:
     )
     serve.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies get 413")
     serve.add_argument("--feature-cache", type=int, default=256, help="image features the rank endpoint keeps")
+    serve.add_argument(
+        "--gallery", default=None, help="a gallery btdeploy index made: POST /v1/search ranks its images by caption"
+    )
 
 
 def _triton_repo_command(commands: Commands) -> None:

@@ -54,6 +54,16 @@ class Gallery:
     def paths(self) -> list[Path]:
         return [self.folder / name for name in self.names]
 
+    def require_origin(self, expected: dict[str, Any], where: Path, ranks: str = "this rank runs") -> None:
+        """Embeddings of the vision graph a ranking runs, or one line: those of another graph,
+        precision or checkpoint do not compare with its text tower's."""
+        if self.origin != expected:
+            raise BtDeployError(
+                f"{where} was indexed with {self.origin.get('graph')}, {ranks} {expected.get('graph')} (another "
+                "graph, precision or checkpoint): index again with the same --flavour and --precision, or rank "
+                "with those the gallery was made with"
+            )
+
     def save(self, path: Path) -> None:
         """One .npz, written to a temporary name and renamed when complete."""
         meta = {
@@ -222,12 +232,7 @@ class GalleryImages(ImageFiles):
         if runtime.head.name != CANDIDATE_HEAD:
             return super().features(runtime, items, first)
         expected = runtime.backend.origin("vision")
-        if self.gallery.origin != expected:
-            raise BtDeployError(
-                f"{self.where} was indexed with {self.gallery.origin.get('graph')}, this rank runs "
-                f"{expected.get('graph')} (another graph, precision or checkpoint): index again with the same "
-                "--flavour and --precision as rank, or rank with those the gallery was made with"
-            )
+        self.gallery.require_origin(expected, self.where)
         rows = [self.rows[item] for item in items]
         return Features("image", {EMBEDDINGS: self.gallery.embeddings[rows]}, dict(expected))
 

@@ -36,13 +36,7 @@ class SplitBackend:
         """What a tower's features come from: checkpoint, graph file and its hash. Hashed once per
         tower, not on every encode or score (a base tower graph is hundreds of MB)."""
         if stem not in self._origins:
-            path = self.paths[stem]
-            self._origins[stem] = {
-                "config_sha256": self.manifest.data["model"]["config_sha256"],
-                "source": self.manifest.data["model"]["source"],
-                "graph": path.name,
-                "graph_sha256": graph_sha256(path),
-            }
+            self._origins[stem] = tower_origin(self.manifest, self.paths[stem])
         return self._origins[stem]
 
     def text(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -68,6 +62,17 @@ class SplitBackend:
     @property
     def head(self) -> HeadSpec:
         return get_head(self.manifest.head)
+
+
+def tower_origin(manifest: Manifest, path: Path) -> dict[str, Any]:
+    """What the features a tower graph makes come from: the checkpoint, the graph file and its hash
+    (saved features and galleries record it; another graph's are refused)."""
+    return {
+        "config_sha256": manifest.data["model"]["config_sha256"],
+        "source": manifest.data["model"]["source"],
+        "graph": path.name,
+        "graph_sha256": graph_sha256(path),
+    }
 
 
 def split_paths(manifest: Manifest, options: Any) -> dict[str, Path]:

@@ -35,6 +35,7 @@ from btdeploy.serve.tasks import (
     TASKS,
     check_text_lengths,
     decode_image,
+    parse_search_request,
     parse_task_request,
 )
 
@@ -44,7 +45,7 @@ COLLECTOR = "btdeploy-metrics"
 NAMESPACE = "btdeploy"
 # What a 404 points to: the routes a client calls (the README's Serving section lists them all).
 ROUTES = (
-    "POST /v1/itm, /v1/itc, /v1/mlm, /v1/rank; POST /v2/models/<head>/infer; "
+    "POST /v1/itm, /v1/itc, /v1/mlm, /v1/rank, /v1/search; POST /v2/models/<head>/infer; "
     "GET /v2/models/<head>, /v2/health/ready, /metrics"
 )
 # No `from __future__ import annotations` here: FastAPI reads the route annotations (Request) at run time.
@@ -117,6 +118,16 @@ def _photo_pairs(data: bytes, texts: list[str], processor: Any) -> dict[str, np.
     health checks included, waited for it."""
     image = decode_image(data, 0, processor.image_processor)
     return pair_inputs(processor, [image] * len(texts), texts)
+
+
+async def _answered(work: Any, *args: Any) -> dict[str, Any]:
+    """A replica's answer from a worker thread, or the refusal the gateway turns into a 4xx."""
+    try:
+        return dict(await asyncio.to_thread(work, *args))
+    except RequestError as error:
+        return {"__status__": error.status, "__error__": error.reason}
+    except BtDeployError as error:
+        return {"__status__": 400, "__error__": str(error)}
 
 
 WARM_UP_TEXT_LENGTH = 8
@@ -222,7 +233,9 @@ class RankModel:
         options: dict[str, Any],
         itc_options: dict[str, Any],
         cache_size: int,
+        gallery: str | None = None,
     ) -> None:
+        from btdeploy.apps.gallery import Gallery
         from btdeploy.apps.rank import Ranker, describe_graphs
 
         itm = _load_runtime(folder, backend, options)
@@ -230,6 +243,8 @@ class RankModel:
         _warm_up_rank(itm, itc)
         self.ranker = Ranker(itm, itc, describe_graphs(backend, options))
         self.cache = FeatureCache(cache_size)
+        self.gallery_path = Path(gallery) if gallery else None
+        self.gallery = Gallery.load(self.gallery_path) if self.gallery_path else None
         self.collector = collector()
 
     def _rank(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:
@@ -242,13 +257,21 @@ class RankModel:
         self.collector.record_batch.remote("rank", 1, candidates, time.perf_counter() - started, False)
         return {**ranking.as_json(), "cached_images": source.found_in_cache(images)}
 
+    def _search(self, text: str, top_k: int | None) -> dict[str, Any]:
+        from btdeploy.apps.gallery import GalleryImages
+
+        assert self.gallery is not None and self.gallery_path is not None  # the gateway asks only then
+        started = time.perf_counter()
+        source = GalleryImages(self.ranker.processor, self.gallery, self.gallery_path)
+        ranking = self.ranker.rank(self.gallery.paths(), [text], top_k, source)
+        self.collector.record_batch.remote("search", 1, len(self.gallery.names), time.perf_counter() - started, False)
+        return ranking.as_json()
+
     async def rank(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:
-        try:
-            return await asyncio.to_thread(self._rank, images, texts, top_k)
-        except RequestError as error:
-            return {"__status__": error.status, "__error__": error.reason}
-        except BtDeployError as error:
-            return {"__status__": 400, "__error__": str(error)}
+        return await _answered(self._rank, images, texts, top_k)
+
+    async def search(self, text: str, top_k: int | None) -> dict[str, Any]:
+        return await _answered(self._search, text, top_k)
 
     def ready(self) -> bool:
         return True
@@ -425,11 +448,31 @@ class Gateway:
 
         return await self._answer("rank", run)
 
+    @api.post("/v1/search")
+    async def search(self, request: Request) -> Response:
+        async def run() -> Response:
+            if self.rank_model is None or self.settings.gallery is None:
+                raise RequestError(
+                    404, "this server has no gallery to search: start it with --gallery FILE (btdeploy index makes one)"
+                )
+            body = await self._body(request)
+            query = request.query_params
+            parsed = parse_search_request(
+                body, request.headers.get("content-type", ""), query.getlist("text"), query.get("top_k")
+            )
+            answer = await self._call("rank", self.rank_model.search.remote(parsed.texts[0], parsed.top_k))
+            if "__error__" in answer:
+                raise RequestError(answer["__status__"], answer["__error__"])
+            return JSONResponse(answer)
+
+        return await self._answer("search", run)
+
     @api.post("/v1/{task_name}")
     async def task(self, task_name: str, request: Request) -> Response:
         async def run() -> Response:
             if task_name not in TASKS:
-                raise RequestError(404, f"unknown task {task_name!r}: this server has {', '.join([*TASKS, 'rank'])}")
+                routes = ", ".join([*TASKS, "rank", "search"])
+                raise RequestError(404, f"unknown task {task_name!r}: this server has {routes}")
             task = TASKS[task_name]
             if task.head not in self.heads:
                 raise RequestError(404, f"the {task.head} head is not served here: start with --heads including it")
@@ -470,7 +513,8 @@ def rank_model_arguments(settings: ServeSettings, folder: str, itc_folder: str |
     """What the RankModel replica is made with: the itm head's split graphs, and the itc head's
     (split where exported) when it is served."""
     itc_options = settings.run_options(itc_folder is not None and len(read_manifest(Path(itc_folder)).stems) > 1)
-    return folder, itc_folder, settings.backend, settings.run_options(True), itc_options, settings.feature_cache
+    options = settings.run_options(True)
+    return folder, itc_folder, settings.backend, options, itc_options, settings.feature_cache, settings.gallery
 
 
 def build_application(settings: ServeSettings, folders: dict[str, str], rank_folder: str | None) -> Any:

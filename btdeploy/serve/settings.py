@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from btdeploy.apps.rank import SCORING_HEAD
+from btdeploy.apps.rank import CANDIDATE_HEAD, SCORING_HEAD
 from btdeploy.artifacts.manifest import Manifest, head_folders, read_manifest, require_one_checkpoint
 from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
@@ -46,6 +46,7 @@ class ServeSettings:
     max_body_mb: float = 16.0
     max_texts: int = 64  # per task request
     feature_cache: int = 256  # image features kept by the rank endpoint, per replica
+    gallery: str | None = None  # a gallery `btdeploy index` made, searched by /v1/search
 
     def run_options(self, split: bool) -> dict[str, Any]:
         options: dict[str, Any] = {"precision": self.precision, "split": split}
@@ -105,11 +106,40 @@ def check_settings(settings: ServeSettings) -> dict[str, Manifest]:
         options = target.resolve(settings.run_options(split))
         target.artifact(manifest, options)  # names the command that makes a missing graph
         require_processor(manifest)
+    if settings.gallery is not None:
+        check_gallery(settings, manifests)
     if settings.address is None:
         _check_port(settings.host, settings.port)
     else:
         check_cluster_address(settings.address)
     return manifests
+
+
+def check_gallery(settings: ServeSettings, manifests: dict[str, Manifest]) -> None:
+    """A gallery /v1/search can rank: the rank endpoint served, the itc head's split graphs served
+    with it, and the gallery made by the vision graph those settings run (hashed here, before Ray)."""
+    from btdeploy.apps.gallery import Gallery
+    from btdeploy.backends.split import split_paths, tower_origin
+
+    assert settings.gallery is not None
+    unserved = rank_unserved(settings.backend, manifests.get(SCORING_HEAD))
+    if unserved:
+        raise BtDeployError(f"--gallery is searched by the rank endpoint, which is not served: {unserved}")
+    itc = manifests.get(CANDIDATE_HEAD)
+    if itc is None or len(itc.stems) < 2:
+        raise BtDeployError(
+            f"--gallery needs the {CANDIDATE_HEAD} head's split graphs served (its text tower matches the stored "
+            "embeddings): export --heads itc,itm --split, and serve both"
+        )
+    gallery = Gallery.load(Path(settings.gallery))
+    if not gallery.folder.is_dir():
+        raise BtDeployError(
+            f"--gallery {settings.gallery} indexes {gallery.folder}, which is not a folder here: index the images "
+            "where the server reads them"
+        )
+    options = get_target(settings.backend).resolve(settings.run_options(True))
+    vision = split_paths(itc, options)["vision"]
+    gallery.require_origin(tower_origin(itc, vision), Path(settings.gallery), "this server runs")
 
 
 GATEWAY_CPUS = 0.1

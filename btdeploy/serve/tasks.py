@@ -88,6 +88,36 @@ def parse_task_request(
     return TaskRequest(decoded, list(texts), _top_k(top_k))
 
 
+SEARCH_KEYS = ("text", "top_k")
+
+
+def parse_search_request(body: bytes, content_type: str, query_texts: list[str], top_k: str | None) -> TaskRequest:
+    """The caption (and top_k) of a /v1/search request: `{"text": "...", "top_k": 5}` as JSON, or
+    `?text=...&top_k=5` with no body."""
+    if content_type.split(";")[0].strip().lower() == "application/json" and body:
+        try:
+            request = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RequestError(400, "the request body is not valid JSON") from None
+        if not isinstance(request, dict):
+            raise RequestError(400, 'a search request is a JSON object: {"text": "...", "top_k": 5}')
+        unknown = [key for key in request if key not in SEARCH_KEYS]
+        if unknown:
+            raise RequestError(400, f"unknown key {unknown[0]!r}: /v1/search takes {', '.join(SEARCH_KEYS)}")
+        if query_texts or top_k is not None:
+            raise RequestError(400, "give the text and top_k in the JSON body or in the query, not both")
+        texts, top_k = ([request["text"]] if "text" in request else []), request.get("top_k")
+    elif body:
+        raise RequestError(400, '/v1/search takes no image: send {"text": "..."} as JSON, or ?text=... and no body')
+    else:
+        texts = query_texts
+    if len(texts) != 1:
+        raise RequestError(400, f"/v1/search ranks the gallery against one text, got {len(texts)}")
+    if not isinstance(texts[0], str) or not texts[0].strip():
+        raise RequestError(400, "the text must be a non-empty string")
+    return TaskRequest([], texts, _top_k(top_k))
+
+
 def _listed(request: dict[str, Any], one: str, many: str) -> list[Any]:
     if one in request and many in request:
         raise RequestError(400, f'give "{one}" or "{many}", not both')

@@ -220,3 +220,41 @@ def test_the_gallery_bench_times_both_ways_and_checks_they_agree(export: Path, t
     assert "flags: " in done.stdout and (tmp_path / "results.md").read_text().strip() in done.stdout
     assert (tmp_path / "gallery_rank.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(Path(tempfile.gettempdir()).glob("btdeploy-gallery-*"))  # its photos removed
+
+
+def test_serve_checks_its_gallery_before_ray_starts(export: Path, tmp_path: Path) -> None:
+    """`serve --gallery`: refused in one line where /v1/search could not rank it, before Ray starts."""
+    from btdeploy.apps.gallery import index_images
+    from btdeploy.artifacts.manifest import head_folders, read_manifest
+    from btdeploy.serve.settings import ServeSettings, check_gallery
+
+    folder, out = tmp_path / "photos", tmp_path / "gallery.npz"
+    _photos(folder, range(2))
+    index_images(export, folder, out)
+    manifests = {m.head: m for m in map(read_manifest, head_folders(export))}
+    check_gallery(ServeSettings(export_dir=str(export), gallery=str(out)), manifests)  # as made: taken
+    check_gallery(ServeSettings(export_dir=str(export), gallery=str(out), backend="openvino"), manifests)
+    refusals = [
+        (
+            ServeSettings(export_dir=str(export), gallery=str(out), flavour="ort"),
+            manifests,
+            "this server runs vision.ort",
+        ),
+        (
+            ServeSettings(export_dir=str(export), gallery=str(out)),
+            {"itm": manifests["itm"]},
+            "needs the itc head's split",
+        ),
+        (
+            ServeSettings(export_dir=str(export), gallery=str(out)),
+            {"itc": manifests["itc"]},
+            "the itm head is not served",
+        ),
+        (ServeSettings(export_dir=str(export), gallery=str(tmp_path / "no.npz")), manifests, "no.npz does not exist"),
+    ]
+    for settings, served, message in refusals:
+        with pytest.raises(BtDeployError, match=message):
+            check_gallery(settings, served)
+    folder.rename(tmp_path / "moved")
+    with pytest.raises(BtDeployError, match=r"indexes .*photos, which is not a folder here"):
+        check_gallery(ServeSettings(export_dir=str(export), gallery=str(out)), manifests)

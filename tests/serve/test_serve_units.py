@@ -559,3 +559,27 @@ def test_the_replica_error_is_the_last_one_logged_since_the_deploy_began(tmp_pat
     assert replica_error(tmp_path, before) == "RayActorError: the actor died"
     (tmp_path / "controller_456.log").write_text("btdeploy.errors.BtDeployError: the graph is damaged\n")
     assert replica_error(tmp_path, before) == "the graph is damaged"  # a restarted controller's log, read whole
+
+
+def test_a_search_request_is_one_text_and_an_optional_top_k() -> None:
+    from btdeploy.serve.tasks import parse_search_request
+
+    parsed = parse_search_request(json.dumps({"text": "a cat", "top_k": 3}).encode(), "application/json", [], None)
+    assert (parsed.texts, parsed.top_k, parsed.images) == (["a cat"], 3, [])
+    parsed = parse_search_request(b"", "", ["a dog"], "2")
+    assert (parsed.texts, parsed.top_k) == (["a dog"], 2)
+    assert parse_search_request(b"", "application/json", ["a dog"], None).top_k is None
+    refusals = [
+        ((b"\x89PNG...", "image/png", ["a"], None), "/v1/search takes no image"),
+        ((json.dumps({"text": "a"}).encode(), "application/json", ["b"], None), "in the JSON body or in the query"),
+        ((json.dumps({"texts": ["a"]}).encode(), "application/json", [], None), "unknown key 'texts'"),
+        ((json.dumps(["a"]).encode(), "application/json", [], None), "a search request is a JSON object"),
+        ((b"", "", [], None), "against one text, got 0"),
+        ((b"", "", ["a", "b"], None), "against one text, got 2"),
+        ((b"", "", [" "], None), "a non-empty string"),
+        ((json.dumps({"text": 7}).encode(), "application/json", [], None), "a non-empty string"),
+        ((b"", "", ["a"], "1.5"), "top_k must be a whole number"),
+    ]
+    for arguments, message in refusals:
+        with pytest.raises(RequestError, match=re.escape(message)):
+            parse_search_request(*arguments)

@@ -57,14 +57,21 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> Iterator[Server]:
+    from btdeploy.apps.gallery import index_images
     from btdeploy.export.exporter import export_heads
     from btdeploy.model.checkpoints import resolve_model
     from btdeploy.serve.process import ServerProcess
 
     export = tmp_path_factory.mktemp("serve-export")
     export_heads(resolve_model("tiny"), list(HEADS), export, split=True)
+    photos = export / "photos"
+    photos.mkdir()
+    for seed in range(6):
+        (photos / f"photo{seed}.png").write_bytes(_png(20 + seed))
+    index_images(export, photos, export / "gallery.npz")
     before = ray_processes()
     arguments = ["--timeout", str(TIMEOUT_S), "--max-body-mb", str(MAX_BODY_MB), "--max-batch", "8"]
+    arguments += ["--gallery", str(export / "gallery.npz")]
     process = ServerProcess(export, [*arguments, "--batch-wait-ms", "20"])
     with process:
         assert process.url == f"http://127.0.0.1:{process.port}"
@@ -279,6 +286,31 @@ def test_rank_answers_as_the_rank_command_ranks(server: Server, tmp_path: Path) 
         assert abs(mine["match_probability"] - theirs.itm_probability) <= 1e-6
 
 
+def test_search_ranks_the_gallery_as_the_rank_command_does(server: Server) -> None:
+    """/v1/search and `btdeploy rank --gallery` are one ranking of the stored embeddings."""
+    from btdeploy.apps.gallery import rank_gallery
+
+    caption = "a man riding a horse"
+    status, served = server.json("/v1/search", {"text": caption, "top_k": 3})
+    assert status == 200, served
+    ranked = rank_gallery(server.export, server.export / "gallery.npz", caption, top_k=3)
+    assert served["query"] == "text" and served["stages"] == ranked.stages
+    assert ranked.stages == "ITC cosine over 6, top 3 to ITM; ITM on 3 (split graphs)"
+    assert [(r["item"], r["index"]) for r in served["ranking"]] == [(r.label, r.index) for r in ranked.rows]
+    for mine, theirs in zip(served["ranking"], ranked.rows, strict=True):
+        assert abs(mine["match_probability"] - theirs.itm_probability) <= 1e-6
+        assert abs(mine["itc_cosine"] - theirs.itc_cosine) <= 1e-6
+    # The query form, without top_k: every image to ITM, each with the probability it had above.
+    status, reply = server.request("/v1/search?" + urllib.parse.urlencode({"text": caption}), b"")
+    every = json.loads(reply)
+    assert status == 200 and every["stages"] == "ITC cosine over 6, top 6 to ITM; ITM on 6 (split graphs)", every
+    assert sorted(r["index"] for r in every["ranking"]) == list(range(6))
+    probabilities = [r["match_probability"] for r in every["ranking"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+    found = {r["index"]: r["match_probability"] for r in every["ranking"]}
+    assert all(abs(found[r.index] - r.itm_probability) <= 1e-6 for r in ranked.rows)
+
+
 def test_200_concurrent_requests_each_get_their_own_answer(server: Server, runtimes: dict[str, Any]) -> None:
     runtime = runtimes["itm"]
     requests = [sample_inputs(runtime.config, 1 + i % 2, 3 + i % 11, seed=1000 + i) for i in range(200)]
@@ -349,6 +381,10 @@ def _bad_requests(server: Server) -> list[tuple[str, bytes | None, str, int, str
             "top_k is taken by /v1/rank and /v1/mlm only",
         ),
         ("/v1/nope", b"{}", "application/json", 404, "unknown task"),
+        ("/v1/search?text=a", _png(4), "image/png", 400, "/v1/search takes no image"),
+        ("/v1/search?text=a&text=b", b"", "application/json", 400, "against one text, got 2"),
+        ("/v1/search", json.dumps({"txt": "a"}).encode(), "application/json", 400, "unknown key 'txt'"),
+        ("/v1/search", json.dumps({"text": "a", "top_k": 0}).encode(), "application/json", 400, "at least 1"),
         ("/v1/itc", json.dumps({"image": png, "txts": ["a"]}).encode(), "application/json", 400, "unknown key 'txts'"),
         (
             "/v1/rank",

@@ -55,12 +55,7 @@ def parse_task_request(
     if top_k is not None and not takes_top_k:
         raise RequestError(400, f"top_k is taken by {' and '.join(TOP_K_ROUTES)} only")
     if content_type.split(";")[0].strip().lower() == "application/json":
-        try:
-            request = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RequestError(400, "the request body is not valid JSON") from None
-        if not isinstance(request, dict):
-            raise RequestError(400, 'a task request is a JSON object: {"image": "<base64>", "texts": ["..."]}')
+        request = _json_object(body, 'a task request is a JSON object: {"image": "<base64>", "texts": ["..."]}')
         if query_texts:
             raise RequestError(
                 400, 'give the texts in the JSON body or as ?text=, not both (a JSON body takes "texts")'
@@ -95,12 +90,7 @@ def parse_search_request(body: bytes, content_type: str, query_texts: list[str],
     """The caption (and top_k) of a /v1/search request: `{"text": "...", "top_k": 5}` as JSON, or
     `?text=...&top_k=5` with no body."""
     if content_type.split(";")[0].strip().lower() == "application/json" and body:
-        try:
-            request = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RequestError(400, "the request body is not valid JSON") from None
-        if not isinstance(request, dict):
-            raise RequestError(400, 'a search request is a JSON object: {"text": "...", "top_k": 5}')
+        request = _json_object(body, 'a search request is a JSON object: {"text": "...", "top_k": 5}')
         unknown = [key for key in request if key not in SEARCH_KEYS]
         if unknown:
             raise RequestError(400, f"unknown key {unknown[0]!r}: /v1/search takes {', '.join(SEARCH_KEYS)}")
@@ -116,6 +106,17 @@ def parse_search_request(body: bytes, content_type: str, query_texts: list[str],
     if not isinstance(texts[0], str) or not texts[0].strip():
         raise RequestError(400, "the text must be a non-empty string")
     return TaskRequest([], texts, _top_k(top_k))
+
+
+def _json_object(body: bytes, what: str) -> dict[str, Any]:
+    """The request body as a JSON object; `what`: the refusal of valid JSON of another kind."""
+    try:
+        request = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestError(400, "the request body is not valid JSON") from None
+    if not isinstance(request, dict):
+        raise RequestError(400, what)
+    return request
 
 
 def _listed(request: dict[str, Any], one: str, many: str) -> list[Any]:

@@ -255,6 +255,14 @@ def test_rank_uses_cached_image_features(server: Server) -> None:
     assert status == 200 and reverse["cached_images"] == 1 and len(reverse["ranking"]) == 1
 
 
+def _assert_same_rows(served: list[dict[str, Any]], ranked: list[Any]) -> None:
+    """The server's ranking rows are the command's: items, places and numbers."""
+    assert [(r["item"], r["index"]) for r in served] == [(r.label, r.index) for r in ranked]
+    for mine, theirs in zip(served, ranked, strict=True):
+        assert abs(mine["match_probability"] - theirs.itm_probability) <= 1e-6
+        assert abs(mine["itc_cosine"] - theirs.itc_cosine) <= 1e-6
+
+
 def test_rank_answers_as_the_rank_command_ranks(server: Server, tmp_path: Path) -> None:
     """/v1/rank and `btdeploy rank` are one ranking: ITC's top K to ITM, the same rows and numbers."""
     from btdeploy.apps.rank import rank
@@ -267,10 +275,7 @@ def test_rank_answers_as_the_rank_command_ranks(server: Server, tmp_path: Path) 
     ranked = rank(server.export, [image], texts, top_k=2)
     assert served["query"] == "image" and served["stages"] == ranked.stages
     assert ranked.stages == "ITC cosine over 6, top 2 to ITM; ITM on 2 (split graphs)"
-    assert [(r["item"], r["index"]) for r in served["ranking"]] == [(r.label, r.index) for r in ranked.rows]
-    for mine, theirs in zip(served["ranking"], ranked.rows, strict=True):
-        assert abs(mine["match_probability"] - theirs.itm_probability) <= 1e-6
-        assert abs(mine["itc_cosine"] - theirs.itc_cosine) <= 1e-6
+    _assert_same_rows(served["ranking"], ranked.rows)
     # Images against a caption: the same candidates chosen, named by their place in the request.
     files = []
     for seed in (5, 6, 7):
@@ -296,10 +301,7 @@ def test_search_ranks_the_gallery_as_the_rank_command_does(server: Server) -> No
     ranked = rank_gallery(server.export, server.export / "gallery.npz", caption, top_k=3)
     assert served["query"] == "text" and served["stages"] == ranked.stages
     assert ranked.stages == "ITC cosine over 6, top 3 to ITM; ITM on 3 (split graphs)"
-    assert [(r["item"], r["index"]) for r in served["ranking"]] == [(r.label, r.index) for r in ranked.rows]
-    for mine, theirs in zip(served["ranking"], ranked.rows, strict=True):
-        assert abs(mine["match_probability"] - theirs.itm_probability) <= 1e-6
-        assert abs(mine["itc_cosine"] - theirs.itc_cosine) <= 1e-6
+    _assert_same_rows(served["ranking"], ranked.rows)
     # The query form, without top_k: every image to ITM, each with the probability it had above.
     status, reply = server.request("/v1/search?" + urllib.parse.urlencode({"text": caption}), b"")
     every = json.loads(reply)

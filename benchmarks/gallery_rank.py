@@ -43,7 +43,7 @@ def _photos(folder: Path, count: int) -> list[Path]:
 
 
 def _measure(root: Path, sizes: list[int], top_k: int, rounds: int, work: Path) -> list[dict[str, float]]:
-    from btdeploy.apps.gallery import Gallery, GalleryImages, index_images
+    from btdeploy.apps.gallery import Gallery, GalleryItems, index_images
     from btdeploy.apps.rank import CANDIDATE_HEAD, SCORING_HEAD, Ranker, load_head
     from btdeploy.bench.runner import interleaved_order
     from btdeploy.progress import say
@@ -57,10 +57,10 @@ def _measure(root: Path, sizes: list[int], top_k: int, rounds: int, work: Path) 
         index_images(root, folder, work / f"gallery-{size}.npz")
         index_s = time.perf_counter() - started
         gallery = Gallery.load(work / f"gallery-{size}.npz")
-        source = GalleryImages(ranker.processor, gallery, work / f"gallery-{size}.npz")
+        source = GalleryItems(ranker.processor, gallery, work / f"gallery-{size}.npz")
         ways = {
             "folder": partial(ranker.rank, files, [CAPTION], top_k),
-            "gallery": partial(ranker.rank, gallery.paths(), [CAPTION], top_k, source),
+            "gallery": partial(ranker.rank, gallery.candidates(), [CAPTION], top_k, source),
         }
         rankings = {name: run() for name, run in ways.items()}  # warm-up, and the check
         folder_rows, gallery_rows = (rankings[name].rows for name in ("folder", "gallery"))

@@ -224,36 +224,45 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `rank` ranks (the candidates, by option) and what it ranks them against (the query's options).
+RANK_QUERIES = {"--texts": ("--image",), "--images": ("--text",), "--gallery": ("--text", "--image")}
+RANK_PARTNERS = {
+    source: " or ".join(f"{query} {'IMG' if query == '--image' else 'TEXT'}" for query in queries)
+    for source, queries in RANK_QUERIES.items()
+}
+RANK_USAGE = "give --image IMG with --texts FILE, or --images DIR with --text TEXT, or --gallery FILE with either"
+
+
 def cmd_rank(args: argparse.Namespace) -> int:
     from btdeploy.apps.gallery import rank_gallery
     from btdeploy.apps.rank import format_ranking, rank
     from btdeploy.model.media import image_files, read_captions
 
-    if sum(map(bool, (args.image, args.images, args.gallery))) != 1:
-        raise BtDeployError(
-            "give --image IMG with --texts FILE, --images DIR with --text TEXT, or --gallery FILE with --text TEXT"
-        )
-    # The other direction's option would be ignored: refused, so a mixed-up command is not answered.
-    if args.image:
-        if args.text is not None:
-            raise BtDeployError("--text goes with --images DIR or --gallery FILE; with --image IMG give --texts FILE")
-        if not args.texts:
-            raise BtDeployError("--image needs --texts FILE (one caption per line)")
-        texts, images = read_captions(Path(args.texts), "--texts"), [Path(args.image)]
-    else:
-        given = "--images DIR" if args.images else "--gallery FILE"
-        if args.texts is not None:
-            raise BtDeployError(f"--texts goes with --image IMG; with {given} give --text TEXT")
-        if args.text is None:
-            raise BtDeployError(f"{given.split()[0]} needs --text TEXT")
-        if not args.text.strip():
-            raise BtDeployError("--text is empty: give the words to rank the images against")
-        texts, images = [args.text], [] if args.gallery else image_files(Path(args.images), "--images")
+    # A mixed-up command is refused, not answered with one of its options ignored.
+    given = {"--texts": args.texts, "--images": args.images, "--gallery": args.gallery}
+    sources = [option for option, value in given.items() if value is not None]
+    queries = [option for option, value in {"--image": args.image, "--text": args.text}.items() if value is not None]
+    if len(sources) > 1:
+        first, other = sources[:2]
+        named = f"{other} {'DIR' if other == '--images' else 'FILE'}"
+        raise BtDeployError(f"{first} goes with {RANK_PARTNERS[first]}; with {named} give {RANK_PARTNERS[other]}")
+    if len(queries) != 1 or len(sources) != 1:
+        if len(sources) == 1 and not queries:
+            raise BtDeployError(f"{sources[0]} needs {RANK_PARTNERS[sources[0]]}")
+        raise BtDeployError(RANK_USAGE)
+    (source,), (query,) = sources, queries
+    if query not in RANK_QUERIES[source]:
+        raise BtDeployError(f"{query} does not go with {source}: {RANK_USAGE}")
+    if args.text is not None and not args.text.strip():
+        raise BtDeployError("--text is empty: give the words to rank the images against")
     arguments = (args.top_k, _chosen_graph(args), args.batch_size, args.backend)
     if args.gallery:
-        ranking = rank_gallery(Path(args.dir), Path(args.gallery), texts[0], *arguments)
+        against = Path(args.image) if args.image else args.text
+        ranking = rank_gallery(Path(args.dir), Path(args.gallery), against, *arguments)
+    elif args.texts:
+        ranking = rank(Path(args.dir), [Path(args.image)], read_captions(Path(args.texts), "--texts"), *arguments)
     else:
-        ranking = rank(Path(args.dir), images, texts, *arguments)
+        ranking = rank(Path(args.dir), image_files(Path(args.images), "--images"), [args.text], *arguments)
     if args.json:
         print(json.dumps(ranking.as_json(), indent=2))
         return 0
@@ -263,15 +272,17 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from btdeploy.apps.gallery import index_images
+    from btdeploy.apps.gallery import index_images, index_texts
 
-    report = index_images(
-        Path(args.dir), Path(args.images), Path(args.out), _chosen_graph(args), args.batch_size, args.backend
-    )
+    if (args.images is None) == (args.texts is None):
+        raise BtDeployError("give --images DIR (a gallery of images) or --texts FILE (one of captions), not both")
+    index = index_images if args.images else index_texts
+    source = Path(args.images or args.texts)
+    report = index(Path(args.dir), source, Path(args.out), _chosen_graph(args), args.batch_size, args.backend)
+    gallery = report.gallery
     print(
-        f"{report.gallery.folder}: {len(report.gallery.names)} image(s) in {args.out} ({report.encoded} encoded, "
-        f"{report.reused} reused, {report.dropped} dropped) in {report.seconds:.1f} s, "
-        f"by {report.gallery.origin.get('graph')}"
+        f"{source}: {len(gallery.names)} {gallery.kind}(s) in {args.out} ({report.encoded} encoded, "
+        f"{report.reused} reused, {report.dropped} dropped) in {report.seconds:.1f} s, by {gallery.origin.get('graph')}"
     )
     return 0
 
@@ -614,11 +625,13 @@ def _rank_command(commands: Commands) -> None:
         commands, "rank", cmd_rank, "rank captions against an image (or images against a caption): ITC, then ITM"
     )
     rank.add_argument("dir", help="export folder with the itm head (and itc for the first stage; --split helps)")
-    rank.add_argument("--image", default=None, help="one image, ranked against --texts")
+    rank.add_argument("--image", default=None, help="one image, ranked against --texts or a --gallery of captions")
     rank.add_argument("--texts", default=None, help="text file, one caption per line")
     rank.add_argument("--images", default=None, help="a folder of images, ranked against --text")
     rank.add_argument(
-        "--gallery", default=None, help="a folder's images as btdeploy index stored them, ranked against --text"
+        "--gallery",
+        default=None,
+        help="images or captions as btdeploy index stored them, ranked against --text or --image",
     )
     rank.add_argument("--text", default=None, help="one caption, ranked against --images or --gallery")
     rank.add_argument("--top-k", type=int, default=5, help="items printed, and passed from ITC to ITM (default: 5)")
@@ -628,14 +641,15 @@ def _rank_command(commands: Commands) -> None:
 
 def _index_command(commands: Commands) -> None:
     index = _add(
-        commands, "index", cmd_index, "store the ITC embedding of a folder's images, for rank --gallery (new ones only)"
+        commands, "index", cmd_index, "store the ITC embeddings of a folder's images or of captions, for rank --gallery"
     )
     index.add_argument("dir", help="export folder with the itc head's split graphs (export --heads itc,itm --split)")
-    index.add_argument("--images", required=True, help="the folder of images (its own files, not its subfolders)")
+    index.add_argument("--images", default=None, help="a folder of images (its own files, not its subfolders)")
+    index.add_argument("--texts", default=None, help="or a text file of captions, one per line (labels to rank)")
     index.add_argument(
         "--out", required=True, help="the gallery file (.npz); one already there is updated: unchanged images kept"
     )
-    _ranking_runs(index, "the itc head's vision tower")
+    _ranking_runs(index, "the itc head's tower")
 
 
 def _ranking_runs(sub: argparse.ArgumentParser, what: str) -> None:

@@ -9,7 +9,7 @@ the itc head every candidate goes to ITM; without K, every candidate the first s
 Candidates stream through in batches of `batch_size`: the query is preprocessed and encoded
 once, each batch of candidates is read, preprocessed, scored and dropped, and only one score
 per candidate is kept, so memory stays flat in the number of candidates. Where the images come
-from (files, or a request's bytes with a feature cache) is an `ImageFiles`.
+from (files, or a request's bytes with a feature cache) is an `ItemReader`.
 """
 
 from __future__ import annotations
@@ -67,14 +67,16 @@ class Ranking:
         return {"query": self.query, "stages": self.stages, "ranking": [row.as_json() for row in self.rows]}
 
 
-class ImageFiles:
-    """The images of a ranking, named by path or URL: each read when its batch comes, labelled by
-    its file name. A subclass reads them from elsewhere (the server: a request's bytes)."""
+class ItemReader:
+    """Where a ranking's items come from: images read as files (or URLs) when their batch comes,
+    labelled by file name, and texts tokenized by the export's processor. A subclass reads them
+    from elsewhere (the server: a request's bytes; a gallery: stored embeddings)."""
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
 
     def label(self, item: Any, index: int) -> str:
+        """An image's name in the ranking (texts are named by themselves)."""
         return Path(item).name
 
     def pictures(self, items: list[Any], first: int) -> list[Any]:
@@ -84,16 +86,28 @@ class ImageFiles:
     def pixels(self, items: list[Any], first: int) -> np.ndarray:
         return image_inputs(self.processor, self.pictures(items, first))
 
-    def features(self, runtime: SplitRuntime, items: list[Any], first: int) -> Features:
+    def image_features(self, runtime: SplitRuntime, items: list[Any], first: int) -> Features:
         """The vision tower's features of the items, on `runtime`'s split graphs."""
         return runtime.encode_images(self.pixels(items, first))
+
+    def check_texts(self, ranker: Ranker, texts: list[str]) -> None:
+        """Texts past the model's length refused before any work (a cut text gets another answer)."""
+        refuse_long_texts(self.processor, texts, ranker.itm)
+
+    def text_inputs(self, texts: list[str]) -> dict[str, np.ndarray]:
+        encoding = self.processor.tokenizer(texts, padding=True, return_tensors="np")
+        return {name: np.asarray(encoding[name], dtype=np.int64) for name in ("input_ids", "attention_mask")}
+
+    def text_features(self, runtime: SplitRuntime, texts: list[str], first: int) -> Features:
+        """The text tower's features of the texts, on `runtime`'s split graphs."""
+        return runtime.encode_texts(self.text_inputs(texts))
 
 
 @dataclass
 class _Side:
     """The items of one side of a ranking, as the model takes them a batch at a time."""
 
-    images: ImageFiles
+    reader: ItemReader
     is_image: bool
     items: list[Any]
 
@@ -101,20 +115,16 @@ class _Side:
         for start in range(0, len(self.items), batch_size):
             yield start, self.items[start : start + batch_size]
 
-    def text_inputs(self, texts: list[str]) -> dict[str, np.ndarray]:
-        encoding = self.images.processor.tokenizer(texts, padding=True, return_tensors="np")
-        return {name: np.asarray(encoding[name], dtype=np.int64) for name in ("input_ids", "attention_mask")}
-
     def inputs(self, items: list[Any], first: int) -> dict[str, np.ndarray]:
         """The whole head's inputs for these items: pixel_values, or input_ids + attention_mask."""
         if self.is_image:
-            return {"pixel_values": self.images.pixels(items, first)}
-        return self.text_inputs(items)
+            return {"pixel_values": self.reader.pixels(items, first)}
+        return self.reader.text_inputs(items)
 
     def features(self, runtime: SplitRuntime, items: list[Any], first: int) -> Features:
         if self.is_image:
-            return self.images.features(runtime, items, first)
-        return runtime.encode_texts(self.text_inputs(items))
+            return self.reader.image_features(runtime, items, first)
+        return self.reader.text_features(runtime, items, first)
 
 
 def describe_graphs(backend: str, options: dict[str, Any]) -> str:
@@ -136,22 +146,19 @@ class Ranker:
         self.batch_size = batch_size
         self.processor = export_processor(itm.manifest)
 
-    def check_texts(self, texts: list[str]) -> None:
-        refuse_long_texts(self.processor, texts, self.itm)
-
     def rank(
-        self, images: list[Any], texts: list[str], top_k: int | None = None, image_source: ImageFiles | None = None
+        self, images: list[Any], texts: list[str], top_k: int | None = None, reader: ItemReader | None = None
     ) -> Ranking:
         """The candidates of the larger side ranked against the single item of the other, the best
-        `top_k` kept (all where None). `image_source` reads the images (default: as files)."""
+        `top_k` kept (all where None). `reader` reads the items (default: images as files)."""
         if len(images) > 1 and len(texts) > 1:
             raise BtDeployError("rank one image against many texts, or one text against many images")
         if not images or not texts:
             raise BtDeployError(f"nothing to rank: {len(images)} image(s) and {len(texts)} text(s)")
         if top_k is not None and top_k < 1:
             raise BtDeployError(f"top_k {top_k} must be at least 1")
-        self.check_texts(texts)  # before any work: the captions, or the query
-        source = image_source or ImageFiles(self.processor)
+        source = reader or ItemReader(self.processor)
+        source.check_texts(self, texts)  # before any work: the captions, or the query
         image_query = len(images) == 1
         query = _Side(source, image_query, images if image_query else texts)
         candidates = _Side(source, not image_query, texts if image_query else images)
@@ -238,11 +245,11 @@ def rank(
     options: dict[str, Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     backend: str = "onnxruntime",
-    image_source: Callable[[Ranker], ImageFiles] | None = None,
+    reader: Callable[[Ranker], ItemReader] | None = None,
 ) -> Ranking:
     """`btdeploy rank`: the exported heads under `root` loaded and the best `top_k` ranked.
     `options` go to `btdeploy.load` for both heads (providers, flavour, precision), on `backend`
-    (one of BACKENDS); `image_source` makes the reader of the images (default: files)."""
+    (one of BACKENDS); `reader` makes the ranking's ItemReader (default: images as files)."""
     if top_k < 1:
         raise BtDeployError(f"--top-k {top_k} must be at least 1")
     if batch_size < 1:
@@ -264,12 +271,13 @@ def rank(
             "rank takes its candidates from the itc head and scores them with the itm head",
         )
     ranker = Ranker(load_head(root, SCORING_HEAD, backend, **options), None, graphs, batch_size)
-    ranker.check_texts(texts)  # before the itc head loads
+    items = reader(ranker) if reader else ItemReader(ranker.processor)
+    items.check_texts(ranker, texts)  # before the itc head loads
     if has_itc:
         ranker.itc = load_head(root, CANDIDATE_HEAD, backend, **options)
     first = "ITC cosine" if has_itc else "ITM"
     say(f"rank: {first} over {max(len(images), len(texts))} candidate(s), {batch_size} at a time")
-    return ranker.rank(images, texts, top_k, image_source(ranker) if image_source else None)
+    return ranker.rank(images, texts, top_k, items)
 
 
 def format_ranking(rows: list[RankedItem]) -> str:

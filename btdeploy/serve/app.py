@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from btdeploy.apps.gallery import gallery_kind
 from btdeploy.apps.rank import CANDIDATE_HEAD, SCORING_HEAD
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.errors import BtDeployError
@@ -257,21 +258,24 @@ class RankModel:
         self.collector.record_batch.remote("rank", 1, candidates, time.perf_counter() - started, False)
         return {**ranking.as_json(), "cached_images": source.found_in_cache(images)}
 
-    def _search(self, text: str, top_k: int | None) -> dict[str, Any]:
-        from btdeploy.apps.gallery import GalleryImages
+    def _search(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:
+        """The gallery ranked against the request's one text (a gallery of images) or image (of captions)."""
+        from btdeploy.apps.gallery import GalleryItems, ranked_against
+        from btdeploy.serve.rank_images import RequestImages
 
         assert self.gallery is not None and self.gallery_path is not None  # the gateway asks only then
         started = time.perf_counter()
-        source = GalleryImages(self.ranker.processor, self.gallery, self.gallery_path)
-        ranking = self.ranker.rank(self.gallery.paths(), [text], top_k, source)
+        query = RequestImages(self.ranker.processor, self.cache)
+        reader = GalleryItems(self.ranker.processor, self.gallery, self.gallery_path, query)
+        ranking = self.ranker.rank(*ranked_against(self.gallery, (images or texts)[0]), top_k, reader)
         self.collector.record_batch.remote("search", 1, len(self.gallery.names), time.perf_counter() - started, False)
         return ranking.as_json()
 
     async def rank(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:
         return await _answered(self._rank, images, texts, top_k)
 
-    async def search(self, text: str, top_k: int | None) -> dict[str, Any]:
-        return await _answered(self._search, text, top_k)
+    async def search(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:
+        return await _answered(self._search, images, texts, top_k)
 
     def ready(self) -> bool:
         return True
@@ -310,6 +314,7 @@ class Gateway:
         self.processor = export_processor(first)
         self.limit = int(first.data["limits"]["max_text_length"])
         self.max_body = int(self.settings.max_body_mb * 1024 * 1024)
+        self.gallery_kind = gallery_kind(Path(self.settings.gallery)) if self.settings.gallery else None
         self.collector = collector()
 
     async def _body(self, request: Request) -> bytes:
@@ -457,10 +462,13 @@ class Gateway:
                 )
             body = await self._body(request)
             query = request.query_params
-            parsed = parse_search_request(
-                body, request.headers.get("content-type", ""), query.getlist("text"), query.get("top_k")
+            takes = "image" if self.gallery_kind == "text" else "text"
+            content_type = request.headers.get("content-type", "")
+            parsed = await asyncio.to_thread(
+                parse_search_request, body, content_type, query.getlist("text"), query.get("top_k"), takes
             )
-            answer = await self._call("rank", self.rank_model.search.remote(parsed.texts[0], parsed.top_k))
+            search = self.rank_model.search.remote(parsed.images, parsed.texts, parsed.top_k)
+            answer = await self._call("rank", search)
             if "__error__" in answer:
                 raise RequestError(answer["__status__"], answer["__error__"])
             return JSONResponse(answer)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from btdeploy.apps.rank import ImageFiles
+from btdeploy.apps.rank import ItemReader
 from btdeploy.model.media import image_inputs
 from btdeploy.runtime.runtime import SplitRuntime
 from btdeploy.runtime.split_runtime import Features
@@ -16,7 +16,7 @@ from btdeploy.serve.feature_cache import FeatureCache, content_key
 from btdeploy.serve.tasks import decode_image
 
 
-class RequestImages(ImageFiles):
+class RequestImages(ItemReader):
     """One request's images (made per request: it counts what that request found in the cache)."""
 
     def __init__(self, processor: Any, cache: FeatureCache) -> None:
@@ -34,7 +34,7 @@ class RequestImages(ImageFiles):
         self.encoded.update(content_key(data) for data in items)  # a whole head runs their tower again
         return super().pixels(items, first)
 
-    def features(self, runtime: SplitRuntime, items: list[Any], first: int) -> Features:
+    def image_features(self, runtime: SplitRuntime, items: list[Any], first: int) -> Features:
         """Each image's features for this runtime's head: from the cache, or its tower run once (an
         image given twice in a request included). A cache entry holds every head's for the image."""
         head = runtime.head.name

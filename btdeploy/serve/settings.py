@@ -117,8 +117,8 @@ def check_settings(settings: ServeSettings) -> dict[str, Manifest]:
 
 def check_gallery(settings: ServeSettings, manifests: dict[str, Manifest]) -> None:
     """A gallery /v1/search can rank: the rank endpoint served, the itc head's split graphs served
-    with it, and the gallery made by the vision graph those settings run (hashed here, before Ray)."""
-    from btdeploy.apps.gallery import Gallery
+    with it, and the gallery made by the tower graph those settings run (hashed here, before Ray)."""
+    from btdeploy.apps.gallery import TOWERS, Gallery
     from btdeploy.backends.split import split_paths, tower_origin
 
     assert settings.gallery is not None
@@ -132,14 +132,14 @@ def check_gallery(settings: ServeSettings, manifests: dict[str, Manifest]) -> No
             "embeddings): export --heads itc,itm --split, and serve both"
         )
     gallery = Gallery.load(Path(settings.gallery))
-    if not gallery.folder.is_dir():
+    if gallery.folder is not None and not gallery.folder.is_dir():
         raise BtDeployError(
             f"--gallery {settings.gallery} indexes {gallery.folder}, which is not a folder here: index the images "
             "where the server reads them"
         )
     options = get_target(settings.backend).resolve(settings.run_options(True))
-    vision = split_paths(itc, options)["vision"]
-    gallery.require_origin(tower_origin(itc, vision), Path(settings.gallery), "this server runs")
+    tower = split_paths(itc, options)[TOWERS[gallery.kind][0]]
+    gallery.require_origin(tower_origin(itc, tower), Path(settings.gallery), "this server runs")
 
 
 GATEWAY_CPUS = 0.1

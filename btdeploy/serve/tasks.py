@@ -83,29 +83,38 @@ def parse_task_request(
     return TaskRequest(decoded, list(texts), _top_k(top_k))
 
 
-SEARCH_KEYS = ("text", "top_k")
-
-
-def parse_search_request(body: bytes, content_type: str, query_texts: list[str], top_k: str | None) -> TaskRequest:
-    """The caption (and top_k) of a /v1/search request: `{"text": "...", "top_k": 5}` as JSON, or
-    `?text=...&top_k=5` with no body."""
-    if content_type.split(";")[0].strip().lower() == "application/json" and body:
-        request = _json_object(body, 'a search request is a JSON object: {"text": "...", "top_k": 5}')
-        unknown = [key for key in request if key not in SEARCH_KEYS]
+def parse_search_request(
+    body: bytes, content_type: str, query_texts: list[str], top_k: str | None, takes: str = "text"
+) -> TaskRequest:
+    """The query (and top_k) of a /v1/search request. A gallery of images `takes` a text:
+    `{"text": "...", "top_k": 5}` as JSON, or `?text=...&top_k=5` with no body. A gallery of captions
+    takes an image: `{"image": "<base64>", "top_k": 5}`, or the image file as the body with `?top_k=`."""
+    keys = (takes, "top_k")
+    is_json = content_type.split(";")[0].strip().lower() == "application/json" and body
+    if is_json:
+        request = _json_object(body, f'a search request is a JSON object: {{"{takes}": ..., "top_k": 5}}')
+        unknown = [key for key in request if key not in keys]
         if unknown:
-            raise RequestError(400, f"unknown key {unknown[0]!r}: /v1/search takes {', '.join(SEARCH_KEYS)}")
+            raise RequestError(400, f"unknown key {unknown[0]!r}: /v1/search of this gallery takes {', '.join(keys)}")
         if query_texts or top_k is not None:
-            raise RequestError(400, "give the text and top_k in the JSON body or in the query, not both")
-        texts, top_k = ([request["text"]] if "text" in request else []), request.get("top_k")
-    elif body:
-        raise RequestError(400, '/v1/search takes no image: send {"text": "..."} as JSON, or ?text=... and no body')
-    else:
-        texts = query_texts
-    if len(texts) != 1:
-        raise RequestError(400, f"/v1/search ranks the gallery against one text, got {len(texts)}")
-    if not isinstance(texts[0], str) or not texts[0].strip():
+            raise RequestError(400, f"give the {takes} and top_k in the JSON body or in the query, not both")
+        given, top_k = ([request[takes]] if takes in request else []), request.get("top_k")
+    if takes == "image":
+        if query_texts:
+            raise RequestError(400, "this server's gallery holds captions: /v1/search ranks them against an image")
+        images = [_base64(value, index) for index, value in enumerate(given)] if is_json else ([body] if body else [])
+        if len(images) != 1:
+            raise RequestError(400, 'no image: send {"image": "<base64>"} as JSON, or the image file as the body')
+        return TaskRequest(images, [], _top_k(top_k))
+    if not is_json:
+        if body:
+            raise RequestError(400, '/v1/search takes no image: send {"text": "..."} as JSON, or ?text=... and no body')
+        given = query_texts
+    if len(given) != 1:
+        raise RequestError(400, f"/v1/search ranks the gallery against one text, got {len(given)}")
+    if not isinstance(given[0], str) or not given[0].strip():
         raise RequestError(400, "the text must be a non-empty string")
-    return TaskRequest([], texts, _top_k(top_k))
+    return TaskRequest([], given, _top_k(top_k))
 
 
 def _json_object(body: bytes, what: str) -> dict[str, Any]:

@@ -177,9 +177,15 @@ def test_gallery_refusals_name_what_to_do(
         (["index", str(tiny_export), "--images", str(folder), "--out", "g.npz"], "index needs the itc head's split"),
         (["rank", str(tiny_export), "--gallery", "g.npz", "--text", "a"], "rank --gallery needs the itc head's split"),
         (["rank", str(export), "--gallery", str(tmp_path / "none.npz"), "--text", "a"], "does not exist: make it with"),
-        (["rank", str(export), "--gallery", "g.npz", "--texts", "t.txt"], "--texts goes with --image IMG; with --gal"),
-        (["rank", str(export), "--gallery", "g.npz", "--images", str(folder), "--text", "a"], "or --gallery FILE with"),
-        (["rank", str(export), "--gallery", "g.npz"], "--gallery needs --text TEXT"),
+        (
+            ["rank", str(export), "--gallery", "g.npz", "--texts", "t.txt"],
+            "--texts goes with --image IMG; with --gallery",
+        ),
+        (["rank", str(export), "--gallery", "g.npz", "--images", str(folder), "--text", "a"], "--images goes with"),
+        (["rank", str(export), "--gallery", "g.npz"], "--gallery needs --text TEXT or --image IMG"),
+        (["rank", str(export), "--images", str(folder), "--image", "x.png"], "--image does not go with --images"),
+        (["index", str(export), "--images", str(folder), "--texts", "t.txt", "--out", "g.npz"], "not both"),
+        (["index", str(export), "--out", "g.npz"], "give --images DIR (a gallery of images) or --texts FILE"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -258,3 +264,77 @@ def test_serve_checks_its_gallery_before_ray_starts(export: Path, tmp_path: Path
     folder.rename(tmp_path / "moved")
     with pytest.raises(BtDeployError, match=r"indexes .*photos, which is not a folder here"):
         check_gallery(ServeSettings(export_dir=str(export), gallery=str(out)), manifests)
+
+
+LABELS = ["a red car", "a bowl of fruit", "two dogs in the snow", "a man riding a horse", "the sea at night"]
+
+
+def test_a_gallery_of_captions_ranks_as_the_captions_file_does(
+    export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Labels indexed once: an image is ranked against them without the text tower on each label."""
+    from btdeploy.apps.gallery import Gallery, index_texts, rank_gallery
+    from btdeploy.apps.rank import rank
+    from btdeploy.runtime.runtime import SplitRuntime
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    out = tmp_path / "labels.npz"
+    report = index_texts(export, labels, out)
+    assert (report.encoded, report.gallery.kind, report.gallery.names) == (5, "text", LABELS)
+    image = _photo(tmp_path / "query.png", 7)
+    texts: list[int] = []
+    real = SplitRuntime.encode_texts
+    monkeypatch.setattr(
+        SplitRuntime, "encode_texts", spying(real, lambda rt, enc, *a, **k: texts.append(len(enc["input_ids"])))
+    )
+    stored = rank_gallery(export, out, image, top_k=2)
+    assert texts == [2]  # the text tower ran on the two labels ITM scores, not on all five
+    direct = rank(export, [image], LABELS, top_k=2)
+    assert stored.stages == direct.stages == "ITC cosine over 5, top 2 to ITM; ITM on 2 (split graphs)"
+    assert [(r.label, r.index) for r in stored.rows] == [(r.label, r.index) for r in direct.rows]
+    for mine, theirs in zip(stored.rows, direct.rows, strict=True):
+        assert abs(mine.itc_cosine - theirs.itc_cosine) <= 1e-6  # type: ignore[operator]
+        assert abs(mine.itm_probability - theirs.itm_probability) <= 1e-6  # type: ignore[operator]
+    # Labels added and removed: only the new ones run the tower; the kinds are not mixed.
+    labels.write_text("\n".join([*LABELS[1:], "a yellow taxi"]) + "\n")
+    again = index_texts(export, labels, out)
+    assert (again.encoded, again.reused, again.dropped) == (1, 4, 1)
+    assert np.array_equal(Gallery.load(out).embeddings[:4], report.gallery.embeddings[1:])
+    with pytest.raises(BtDeployError, match=r"labels.npz holds texts: rank it against --image IMG"):
+        rank_gallery(export, out, "a caption")
+    with pytest.raises(BtDeployError, match=r"is a gallery of texts, this index makes one of images"):
+        from btdeploy.apps.gallery import index_images
+
+        _photos(tmp_path / "photos", range(2))
+        index_images(export, tmp_path / "photos", out)
+
+
+def test_the_rank_replica_searches_a_gallery_of_captions_with_a_request_image(
+    export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/v1/search of a caption gallery: the request's image against the stored labels, as rank --gallery does."""
+    from types import SimpleNamespace
+
+    from btdeploy.apps.gallery import index_texts, rank_gallery
+    from btdeploy.serve import app
+    from btdeploy.serve.settings import ServeSettings, check_gallery
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    out = tmp_path / "labels.npz"
+    index_texts(export, labels, out)
+    settings = ServeSettings(export_dir=str(export), gallery=str(out))
+    from btdeploy.artifacts.manifest import head_folders, read_manifest
+
+    check_gallery(settings, {m.head: m for m in map(read_manifest, head_folders(export))})
+    monkeypatch.setattr(app, "collector", lambda: SimpleNamespace(record_batch=SimpleNamespace(remote=print)))
+    arguments = app.rank_model_arguments(settings, str(export / "itm"), str(export / "itc"))
+    replica = app.RankModel.func_or_class(*arguments)  # type: ignore[attr-defined]
+    image = _photo(tmp_path / "query.png", 8)
+    answer = replica._search([image.read_bytes()], [], 3)
+    expected = rank_gallery(export, out, image, top_k=3)
+    assert answer["query"] == "image" and answer["stages"] == expected.stages
+    assert [(r["item"], r["index"]) for r in answer["ranking"]] == [(r.label, r.index) for r in expected.rows]
+    for mine, theirs in zip(answer["ranking"], expected.rows, strict=True):
+        assert abs(mine["match_probability"] - theirs.itm_probability) <= 1e-6

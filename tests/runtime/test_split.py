@@ -371,7 +371,9 @@ def test_rank_images_against_one_caption_and_bad_arguments(
     printed = capsys.readouterr().out
     assert sorted(line.split()[-1] for line in printed.splitlines()[3:]) == ["img0.png", "img1.png", "img2.png"]
     assert main(["rank", str(split_export), "--image", str(images / "img0.png"), "--images", str(images)]) == 2
-    assert "give --image IMG with --texts FILE, or --images DIR with --text TEXT" in capsys.readouterr().err
+    assert (
+        "give --image IMG with --texts FILE, or --images DIR with --text TEXT, or --gallery" in capsys.readouterr().err
+    )
     assert main(["rank", str(split_export), "--image", str(images / "img0.png"), "--texts", "/nope.txt"]) == 2
     assert "--texts /nope.txt is not a file" in capsys.readouterr().err
 

@@ -583,3 +583,23 @@ def test_a_search_request_is_one_text_and_an_optional_top_k() -> None:
     for arguments, message in refusals:
         with pytest.raises(RequestError, match=re.escape(message)):
             parse_search_request(*arguments)
+
+
+def test_a_search_of_captions_takes_one_image() -> None:
+    from btdeploy.serve.tasks import parse_search_request
+
+    png = b"\x89PNG\r\n\x1a\n..."
+    body = json.dumps({"image": base64.b64encode(png).decode(), "top_k": 2}).encode()
+    parsed = parse_search_request(body, "application/json", [], None, takes="image")
+    assert (parsed.images, parsed.texts, parsed.top_k) == ([png], [], 2)
+    parsed = parse_search_request(png, "image/png", [], "4", takes="image")
+    assert (parsed.images, parsed.top_k) == ([png], 4)
+    refusals = [
+        ((b"", "", ["a cat"], None), "this server's gallery holds captions: /v1/search ranks them against an image"),
+        ((b"", "", [], None), "no image: send"),
+        ((json.dumps({"text": "a"}).encode(), "application/json", [], None), "takes image, top_k"),
+        ((json.dumps({"image": "%%"}).encode(), "application/json", [], None), "image 0 is not valid base64"),
+    ]
+    for arguments, message in refusals:
+        with pytest.raises(RequestError, match=re.escape(message)):
+            parse_search_request(*arguments, takes="image")

@@ -269,6 +269,13 @@ def test_serve_checks_its_gallery_before_ray_starts(export: Path, tmp_path: Path
 LABELS = ["a red car", "a bowl of fruit", "two dogs in the snow", "a man riding a horse", "the sea at night"]
 
 
+def _labels(folder: Path) -> tuple[Path, Path]:
+    """A captions file of LABELS, and where its gallery goes."""
+    labels = folder / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    return labels, folder / "labels.npz"
+
+
 def test_a_gallery_of_captions_ranks_as_the_captions_file_does(
     export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -277,9 +284,7 @@ def test_a_gallery_of_captions_ranks_as_the_captions_file_does(
     from btdeploy.apps.rank import rank
     from btdeploy.runtime.runtime import SplitRuntime
 
-    labels = tmp_path / "labels.txt"
-    labels.write_text("\n".join(LABELS) + "\n")
-    out = tmp_path / "labels.npz"
+    labels, out = _labels(tmp_path)
     report = index_texts(export, labels, out)
     assert (report.encoded, report.gallery.kind, report.gallery.names) == (5, "text", LABELS)
     image = _photo(tmp_path / "query.png", 7)
@@ -320,9 +325,7 @@ def test_the_rank_replica_searches_a_gallery_of_captions_with_a_request_image(
     from btdeploy.serve import app
     from btdeploy.serve.settings import ServeSettings, check_gallery
 
-    labels = tmp_path / "labels.txt"
-    labels.write_text("\n".join(LABELS) + "\n")
-    out = tmp_path / "labels.npz"
+    labels, out = _labels(tmp_path)
     index_texts(export, labels, out)
     settings = ServeSettings(export_dir=str(export), gallery=str(out))
     from btdeploy.artifacts.manifest import head_folders, read_manifest

@@ -193,9 +193,11 @@ def _index(
     stacked = np.stack(embeddings).astype(np.float32)
     gallery = Gallery(kind, names, hashes, stacked, origin, folder)
     gallery.save(out)
-    reused = len(names) - len(new)
-    dropped = (len(previous.names) - reused) if previous is not None else 0
-    return IndexReport(gallery, len(new), reused, dropped, time.monotonic() - started)
+    dropped = 0  # rows of the previous gallery no item of this one is
+    if previous is not None:
+        current = set(zip(names, hashes, strict=True)) if previous.folder == folder else set()
+        dropped = sum(pair not in current for pair in zip(previous.names, previous.hashes, strict=True))
+    return IndexReport(gallery, len(new), len(names) - len(new), dropped, time.monotonic() - started)
 
 
 def index_images(

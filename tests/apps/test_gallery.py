@@ -307,6 +307,9 @@ def test_a_gallery_of_captions_ranks_as_the_captions_file_does(
     again = index_texts(export, labels, out)
     assert (again.encoded, again.reused, again.dropped) == (1, 4, 1)
     assert np.array_equal(Gallery.load(out).embeddings[:4], report.gallery.embeddings[1:])
+    labels.write_text("\n".join([*LABELS[1:], "a yellow taxi", LABELS[1]]) + "\n")  # a label twice
+    twice = index_texts(export, labels, out)
+    assert (twice.encoded, twice.reused, twice.dropped, len(twice.gallery.names)) == (0, 6, 0, 6)
     with pytest.raises(BtDeployError, match=r"labels.npz holds texts: rank it against --image IMG"):
         rank_gallery(export, out, "a caption")
     with pytest.raises(BtDeployError, match=r"is a gallery of texts, this index makes one of images"):

@@ -165,13 +165,14 @@ def _warm_up_rank(itm: Any, itc: Any | None) -> None:
     The first multi-row run of the text and fusion graphs paid 0.4 s and up to 0.9 s more on OpenVINO
     (base itm, bf16) and 0.2 s more for the text graph on ONNX Runtime."""
     from btdeploy.model.inputs import sample_inputs
+    from btdeploy.runtime.runtime import SplitRuntime
     from btdeploy.runtime.split_runtime import SCORE_BATCH
 
     feeds = sample_inputs(itm.config, SCORE_BATCH, _warm_up_length(itm), pad=False)
     images = itm.encode_images(feeds["pixel_values"][:1])
     texts = itm.encode_texts(input_ids=feeds["input_ids"], attention_mask=feeds["attention_mask"])
     itm.score(images, texts)
-    if itc is not None and hasattr(itc, "encode_images"):
+    if isinstance(itc, SplitRuntime):
         itc.encode_images(feeds["pixel_values"][:1])
         itc.encode_texts(input_ids=feeds["input_ids"], attention_mask=feeds["attention_mask"])
     elif itc is not None:

@@ -1,4 +1,4 @@
-"""A /v1/rank request's images for the shared ranking (`apps/rank.py`): decoded from the request's
+"""A /v1/rank or /v1/search request's images for the shared ranking (`apps/rank.py`): decoded from the request's
 bytes, and each tower's features kept in the replica's cache by the image's content hash, so an
 image seen before runs no tower."""
 

@@ -128,7 +128,7 @@ def check_gallery(settings: ServeSettings, manifests: dict[str, Manifest]) -> No
     itc = manifests.get(CANDIDATE_HEAD)
     if itc is None or len(itc.stems) < 2:
         raise BtDeployError(
-            f"--gallery needs the {CANDIDATE_HEAD} head's split graphs served (its text tower matches the stored "
+            f"--gallery needs the {CANDIDATE_HEAD} head's split graphs served (its towers make and match the stored "
             "embeddings): export --heads itc,itm --split, and serve both"
         )
     gallery = Gallery.load(Path(settings.gallery))

@@ -82,12 +82,12 @@ def _measure(
         if kind == "image":
             ways = {
                 "direct": partial(ranker.rank, files, [CAPTION], top_k),
-                "gallery": partial(ranker.rank, gallery.candidates(), [CAPTION], top_k, reader),
+                "gallery": partial(ranker.rank, gallery.candidates, [CAPTION], top_k, reader),
             }
         else:
             ways = {
                 "direct": partial(ranker.rank, [query_image], labels, top_k),
-                "gallery": partial(ranker.rank, [query_image], gallery.candidates(), top_k, reader),
+                "gallery": partial(ranker.rank, [query_image], gallery.candidates, top_k, reader),
             }
         rankings = {name: run() for name, run in ways.items()}  # warm-up, and the check
         direct_rows, gallery_rows = (rankings[name].rows for name in ("direct", "gallery"))

@@ -16,6 +16,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,18 @@ class Gallery:
     origin: dict[str, Any]  # checkpoint, graph file and its hash (as Features record them)
     folder: Path | None = None  # where the images are (absolute); None for captions
 
+    @cached_property
     def candidates(self) -> list[Any]:
-        """What a ranking takes as the candidates: the images' paths, or the captions."""
+        """What a ranking takes as the candidates: the images' paths, or the captions (made once:
+        a server ranks the same gallery on every request)."""
         if self.folder is None:
             return list(self.names)
         return [self.folder / name for name in self.names]
+
+    @cached_property
+    def rows(self) -> dict[Any, int]:
+        """Each candidate's row."""
+        return {item: row for row, item in enumerate(self.candidates)}
 
     def require_origin(self, expected: dict[str, Any], where: Path, ranks: str = "this rank runs") -> None:
         """Embeddings of the tower graph a ranking runs, or one line: those of another graph,
@@ -253,7 +261,7 @@ class GalleryItems(ItemReader):
         self.gallery = gallery
         self.where = where  # the gallery file, for messages
         self.others = others or ItemReader(processor)
-        self.rows = {item: row for row, item in enumerate(gallery.candidates())}
+        self.rows = gallery.rows
         self.of_images = gallery.kind == "image"
 
     def label(self, item: Any, index: int) -> str:
@@ -313,8 +321,8 @@ def gallery_kind(path: Path) -> str:
 def ranked_against(gallery: Gallery, query: Any) -> tuple[list[Any], list[Any]]:
     """The (images, texts) a ranking of the gallery against one query takes."""
     if gallery.kind == "image":
-        return gallery.candidates(), [query]
-    return [query], gallery.candidates()
+        return gallery.candidates, [query]
+    return [query], gallery.candidates
 
 
 def rank_gallery(

@@ -79,6 +79,11 @@ def test_the_gallery_ranks_as_the_folder_does(export: Path, tmp_path: Path) -> N
     for mine, theirs in zip(stored.rows, direct.rows, strict=True):
         assert abs(mine.itc_cosine - theirs.itc_cosine) <= 1e-6  # type: ignore[operator]
         assert abs(mine.itm_probability - theirs.itm_probability) <= 1e-6  # type: ignore[operator]
+    # The same graphs on OpenVINO rank from the gallery ONNX Runtime indexed (its origin is the graph's).
+    openvino = rank_gallery(export, tmp_path / "gallery.npz", CAPTION, top_k=3, backend="openvino")
+    assert [row.index for row in openvino.rows] == [row.index for row in stored.rows]
+    for mine, theirs in zip(openvino.rows, stored.rows, strict=True):
+        assert abs(mine.itm_probability - theirs.itm_probability) <= 1e-5  # type: ignore[operator]
 
 
 def test_indexing_again_runs_the_tower_on_new_and_changed_images_only(

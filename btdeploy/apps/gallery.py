@@ -170,10 +170,17 @@ def _candidate_tower(root: Path, options: dict[str, Any] | None, batch_size: int
 
 
 def _index(
-    tower: SplitRuntime, out: Path, kind: str, names: list[str], hashes: list[str], folder: Path | None, batch_size: int
+    tower: SplitRuntime,
+    out: Path,
+    kind: str,
+    names: list[str],
+    hashes: list[str],
+    folder: Path | None,
+    batch_size: int,
+    started: float,
 ) -> IndexReport:
-    """Embeddings of every item, those of items the gallery at `out` already holds unchanged reused."""
-    started = time.monotonic()
+    """Embeddings of every item, those of items the gallery at `out` already holds unchanged reused;
+    `started`: when the command began (time.monotonic), for the report."""
     stem, output = TOWERS[kind]
     origin = dict(tower.backend.origin(stem))
     previous = _previous(out, kind, origin)
@@ -217,6 +224,7 @@ def index_images(
     backend: str = "onnxruntime",
 ) -> IndexReport:
     """The ITC embedding of every image in `folder`, saved at `out`; rows of unchanged images reused."""
+    started = time.monotonic()
     files = image_files(folder, "--images")
     tower = _candidate_tower(root, options, batch_size, backend)
     hashing = RowProgress(len(files), f"index: hashing {len(files)} image(s) in {folder}")
@@ -224,7 +232,7 @@ def index_images(
     for path in files:
         hashes.append(_file_hash(path))
         hashing.advance()
-    return _index(tower, out, "image", [path.name for path in files], hashes, folder.resolve(), batch_size)
+    return _index(tower, out, "image", [path.name for path in files], hashes, folder.resolve(), batch_size, started)
 
 
 def index_texts(
@@ -236,11 +244,12 @@ def index_texts(
     backend: str = "onnxruntime",
 ) -> IndexReport:
     """The ITC embedding of every caption in the file (one per line), saved at `out`."""
+    started = time.monotonic()
     texts = read_captions(captions, "--texts")
     tower = _candidate_tower(root, options, batch_size, backend)
     refuse_long_texts(export_processor(tower.manifest), texts, tower)  # before any work
     hashes = [hashlib.sha256(text.encode()).hexdigest() for text in texts]
-    return _index(tower, out, "text", texts, hashes, None, batch_size)
+    return _index(tower, out, "text", texts, hashes, None, batch_size, started)
 
 
 def _file_hash(path: Path) -> str:

@@ -26,7 +26,7 @@ from btdeploy.artifacts.graph_names import Precision
 from btdeploy.artifacts.manifest import head_folders, read_manifest, require_one_checkpoint
 from btdeploy.backends.targets import TARGETS, get_target
 from btdeploy.errors import BtDeployError
-from btdeploy.model.heads import match_probability
+from btdeploy.model.heads import match_probability, text_image_cosine
 from btdeploy.model.media import export_processor, image_inputs, load_image
 from btdeploy.progress import say
 from btdeploy.runtime.runtime import Runtime, SplitRuntime, load
@@ -151,6 +151,11 @@ class Ranker:
     ) -> Ranking:
         """The candidates of the larger side ranked against the single item of the other, the best
         `top_k` kept (all where None). `reader` reads the items (default: images as files)."""
+        return self.ranked(images, texts, top_k, self.checked(images, texts, top_k, reader))
+
+    def checked(self, images: list[Any], texts: list[str], top_k: int | None, reader: ItemReader | None) -> ItemReader:
+        """The reader of a ranking whose request is sound, texts within the model's length included:
+        refused before any work."""
         if len(images) > 1 and len(texts) > 1:
             raise BtDeployError("rank one image against many texts, or one text against many images")
         if not images or not texts:
@@ -158,7 +163,11 @@ class Ranker:
         if top_k is not None and top_k < 1:
             raise BtDeployError(f"top_k {top_k} must be at least 1")
         source = reader or ItemReader(self.processor)
-        source.check_texts(self, texts)  # before any work: the captions, or the query
+        source.check_texts(self, texts)
+        return source
+
+    def ranked(self, images: list[Any], texts: list[str], top_k: int | None, source: ItemReader) -> Ranking:
+        """`rank` once `checked` has passed the request."""
         image_query = len(images) == 1
         query = _Side(source, image_query, images if image_query else texts)
         candidates = _Side(source, not image_query, texts if image_query else images)
@@ -218,7 +227,7 @@ class _Stage:
 # ITC: the text-image cosine of each pair (the embeddings are unit vectors); split, the towers' embeddings suffice.
 COSINE = _Stage(
     on_features=lambda runtime, images, texts: (images.arrays["image_embeds"] @ texts.arrays["text_embeds"].T).ravel(),
-    on_outputs=lambda outputs: (np.asarray(outputs.text_embeds) * np.asarray(outputs.image_embeds)).sum(-1),
+    on_outputs=lambda outputs: text_image_cosine(np.asarray(outputs.text_embeds), np.asarray(outputs.image_embeds)),
 )
 # ITM: the match probability of each pair, split through the fusion graph.
 MATCH = _Stage(
@@ -271,13 +280,12 @@ def rank(
             "rank takes its candidates from the itc head and scores them with the itm head",
         )
     ranker = Ranker(load_head(root, SCORING_HEAD, backend, **options), None, graphs, batch_size)
-    items = reader(ranker) if reader else ItemReader(ranker.processor)
-    items.check_texts(ranker, texts)  # before the itc head loads
+    items = ranker.checked(images, texts, top_k, reader(ranker) if reader else None)  # before the itc head loads
     if has_itc:
         ranker.itc = load_head(root, CANDIDATE_HEAD, backend, **options)
     first = "ITC cosine" if has_itc else "ITM"
     say(f"rank: {first} over {max(len(images), len(texts))} candidate(s), {batch_size} at a time")
-    return ranker.rank(images, texts, top_k, items)
+    return ranker.ranked(images, texts, top_k, items)
 
 
 def format_ranking(rows: list[RankedItem]) -> str:

@@ -179,6 +179,11 @@ def match_probability(logits: Any) -> Any:
     return shifted[..., 1] / shifted.sum(-1)
 
 
+def text_image_cosine(text_embeds: Any, image_embeds: Any) -> Any:
+    """The ITC head's text-image cosine of each pair: its embeddings are unit vectors (numpy)."""
+    return (text_embeds * image_embeds).sum(-1)
+
+
 class ItmBehaviour(HeadBehaviour):
     reads_first_token = True
 
@@ -231,7 +236,7 @@ class ItcBehaviour(HeadBehaviour):
     def answers(
         self, outputs: Any, texts: list[str], encoding: Any, processor: Any, top_k: int = 1
     ) -> list[dict[str, Any]]:
-        cosine = (outputs["text_embeds"] * outputs["image_embeds"]).sum(-1)
+        cosine = text_image_cosine(outputs["text_embeds"], outputs["image_embeds"])
         return [{"text": text, "cosine": float(c)} for text, c in zip(texts, cosine, strict=True)]
 
     def answer_line(self, answer: dict[str, Any]) -> str:

@@ -46,6 +46,11 @@ GALLERY_FORMAT = 1
 TOWERS = {"image": ("vision", "image_embeds"), "text": ("text", "text_embeds")}
 
 
+class GalleryFault(BtDeployError):
+    """What is wrong is the gallery, not the query: made by another graph, or an image it indexed
+    changed or gone since. A server answers it 503: its operator, not the client, must index again."""
+
+
 @dataclass
 class Gallery:
     """Images of one folder, or captions, with their ITC embeddings and the tower graph that made them."""
@@ -74,7 +79,7 @@ class Gallery:
         """Embeddings of the tower graph a ranking runs, or one line: those of another graph,
         precision or checkpoint do not compare with its other tower's."""
         if self.origin != expected:
-            raise BtDeployError(
+            raise GalleryFault(
                 f"{where} was indexed with {self.origin.get('graph')}, {ranks} {expected.get('graph')} (another "
                 "graph, precision or checkpoint): index again with the same --flavour and --precision, or rank "
                 "with those the gallery was made with"
@@ -252,12 +257,12 @@ def index_texts(
     return _index(tower, out, "text", texts, hashes, None, batch_size, started)
 
 
-def _file_hash(path: Path) -> str:
+def _file_hash(path: Path, fault: type[BtDeployError] = BtDeployError) -> str:
     try:
         return sha256_of(path)
     except OSError as error:
         reason = f"cannot read {path} ({error.strerror})"
-        raise BtDeployError(f"{reason}: make it readable or move it out of the folder") from None
+        raise fault(f"{reason}: make it readable or move it out of the folder") from None
 
 
 class GalleryItems(ItemReader):
@@ -286,11 +291,11 @@ class GalleryItems(ItemReader):
         for item in items:
             row = self.rows[item]
             if not item.is_file():
-                raise BtDeployError(
+                raise GalleryFault(
                     f"{item} is gone since {self.where} was indexed: run btdeploy index again on {self.gallery.folder}"
                 )
-            if _file_hash(item) != self.gallery.hashes[row]:
-                raise BtDeployError(
+            if _file_hash(item, GalleryFault) != self.gallery.hashes[row]:
+                raise GalleryFault(
                     f"{item} changed since {self.where} was indexed: run btdeploy index again on {self.gallery.folder}"
                 )
         return super().pictures(items, first)

@@ -237,16 +237,15 @@ class RankModel:
         cache_size: int,
         gallery: str | None = None,
     ) -> None:
-        from btdeploy.apps.gallery import Gallery
         from btdeploy.apps.rank import Ranker, describe_graphs
+        from btdeploy.serve.served_gallery import ServedGallery
 
         itm = _load_runtime(folder, backend, options)
         itc = _load_runtime(itc_folder, backend, itc_options) if itc_folder else None
         _warm_up_rank(itm, itc)
         self.ranker = Ranker(itm, itc, describe_graphs(backend, options))
         self.cache = FeatureCache(cache_size)
-        self.gallery_path = Path(gallery) if gallery else None
-        self.gallery = Gallery.load(self.gallery_path) if self.gallery_path else None
+        self.gallery = ServedGallery(Path(gallery)) if gallery else None
         self.collector = collector()
 
     def _rank(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:
@@ -261,15 +260,19 @@ class RankModel:
 
     def _search(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:
         """The gallery ranked against the request's one text (a gallery of images) or image (of captions)."""
-        from btdeploy.apps.gallery import GalleryItems, ranked_against
+        from btdeploy.apps.gallery import GalleryFault, GalleryItems, ranked_against
         from btdeploy.serve.rank_images import RequestImages
 
-        assert self.gallery is not None and self.gallery_path is not None  # the gateway asks only then
+        assert self.gallery is not None  # the gateway asks only then
         started = time.perf_counter()
-        query = RequestImages(self.ranker.processor, self.cache)
-        reader = GalleryItems(self.ranker.processor, self.gallery, self.gallery_path, query)
-        ranking = self.ranker.rank(*ranked_against(self.gallery, (images or texts)[0]), top_k, reader)
-        self.collector.record_batch.remote("search", 1, len(self.gallery.names), time.perf_counter() - started, False)
+        try:
+            gallery = self.gallery.current()
+            query = RequestImages(self.ranker.processor, self.cache)
+            reader = GalleryItems(self.ranker.processor, gallery, self.gallery.path, query)
+            ranking = self.ranker.rank(*ranked_against(gallery, (images or texts)[0]), top_k, reader)
+        except GalleryFault as fault:  # the server's gallery, not the request: the operator indexes again
+            raise RequestError(503, str(fault)) from None
+        self.collector.record_batch.remote("search", 1, len(gallery.names), time.perf_counter() - started, False)
         return ranking.as_json()
 
     async def rank(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:

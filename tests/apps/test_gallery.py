@@ -350,3 +350,61 @@ def test_the_rank_replica_searches_a_gallery_of_captions_with_a_request_image(
     assert [(r["item"], r["index"]) for r in answer["ranking"]] == [(r.label, r.index) for r in expected.rows]
     for mine, theirs in zip(answer["ranking"], expected.rows, strict=True):
         assert abs(mine["match_probability"] - theirs.itm_probability) <= 1e-6
+
+
+def test_a_running_rank_replica_searches_the_gallery_index_replaced(
+    export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve --gallery: images indexed after the replica started are searched without a restart;
+    a gallery the replica cannot search is a 503 that says what to do, and mending the file mends it."""
+    from types import SimpleNamespace
+
+    from btdeploy.apps.gallery import index_images, index_texts, rank_gallery
+    from btdeploy.serve import app
+    from btdeploy.serve.protocol import RequestError
+    from btdeploy.serve.settings import ServeSettings
+
+    folder, out = tmp_path / "photos", tmp_path / "gallery.npz"
+    files = _photos(folder, range(3))
+    index_images(export, folder, out)
+    monkeypatch.setattr(app, "collector", lambda: SimpleNamespace(record_batch=SimpleNamespace(remote=print)))
+    settings = ServeSettings(export_dir=str(export), gallery=str(out))
+    arguments = app.rank_model_arguments(settings, str(export / "itm"), str(export / "itc"))
+    replica = app.RankModel.func_or_class(*arguments)  # type: ignore[attr-defined]
+
+    def searched(top_k: int | None = None) -> list[tuple[str, int]]:
+        answer = replica._search([], [CAPTION], top_k)
+        expected = rank_gallery(export, out, CAPTION, top_k=top_k or 100)
+        assert [(r["item"], r["index"]) for r in answer["ranking"]] == [(r.label, r.index) for r in expected.rows]
+        for mine, theirs in zip(answer["ranking"], expected.rows, strict=True):
+            assert abs(mine["match_probability"] - theirs.itm_probability) <= 1e-6
+        return [(r["item"], r["index"]) for r in answer["ranking"]]
+
+    def refused(pattern: str) -> None:
+        with pytest.raises(RequestError, match=pattern) as caught:
+            replica._search([], [CAPTION], None)
+        assert caught.value.status == 503
+
+    assert len(searched()) == 3 and replica.gallery.reads == 1
+    files += [_photo(folder / f"photo{seed:02d}.png", seed) for seed in (3, 4)]
+    index_images(export, folder, out)  # while the replica runs
+    assert sorted(searched()) == sorted((path.name, row) for row, path in enumerate(files))
+    assert len(searched(2)) == 2 and replica.gallery.reads == 2  # read once per replacement, not per search
+    _photo(files[1], 60)  # changed, not indexed again
+    refused(rf"{files[1]} changed since .*gallery.npz was indexed: run btdeploy index again")
+    index_images(export, folder, out)
+    assert len(searched()) == 5 and replica.gallery.reads == 3
+    # Replacements this replica cannot search: another graph's, the other kind, not a gallery, none.
+    index_images(export, folder, out, {"flavour": "ort"})
+    refused(r"gallery.npz was indexed with vision.ort.onnx, this rank runs vision.onnx .*: index again")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(LABELS) + "\n")
+    index_texts(export, labels, tmp_path / "labels.npz")
+    shutil.copyfile(tmp_path / "labels.npz", out)
+    refused(r"gallery.npz now holds texts, this server searches images: index images to that path, or restart")
+    out.write_bytes(b"not a gallery")
+    refused(r"gallery.npz is not a btdeploy gallery .*\(the file was replaced since the server started\)")
+    out.unlink()
+    refused(r"gallery.npz cannot be read since the server started \(No such file or directory\): index again")
+    index_images(export, folder, out)  # mended
+    assert len(searched(3)) == 3

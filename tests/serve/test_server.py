@@ -313,6 +313,29 @@ def test_search_ranks_the_gallery_as_the_rank_command_does(server: Server) -> No
     assert all(abs(found[r.index] - r.itm_probability) <= 1e-6 for r in ranked.rows)
 
 
+def test_search_reads_the_gallery_index_replaced_while_serving(server: Server) -> None:
+    """Images indexed while the server runs are searched at once; an image changed since is a 503
+    naming it (the operator's to mend, not the client's). The gallery is as it was afterwards."""
+    from btdeploy.apps.gallery import index_images
+
+    photos, gallery = server.export / "photos", server.export / "gallery.npz"
+    added = photos / "photo6.png"
+    added.write_bytes(_png(40))
+    index_images(server.export, photos, gallery)
+    try:
+        status, reply = server.json("/v1/search", {"text": "a cat"})
+        assert status == 200 and reply["stages"].startswith("ITC cosine over 7, top 7 to ITM"), reply
+        assert "photo6.png" in [row["item"] for row in reply["ranking"]]
+        added.write_bytes(_png(41))  # changed, not indexed again
+        status, reply = server.json("/v1/search", {"text": "a cat"})
+        assert status == 503 and f"{added} changed since {gallery} was indexed: run btdeploy index" in reply["error"]
+    finally:
+        added.unlink()
+        index_images(server.export, photos, gallery)
+    status, reply = server.json("/v1/search", {"text": "a cat", "top_k": 2})
+    assert status == 200 and reply["stages"] == "ITC cosine over 6, top 2 to ITM; ITM on 2 (split graphs)", reply
+
+
 def test_200_concurrent_requests_each_get_their_own_answer(server: Server, runtimes: dict[str, Any]) -> None:
     runtime = runtimes["itm"]
     requests = [sample_inputs(runtime.config, 1 + i % 2, 3 + i % 11, seed=1000 + i) for i in range(200)]

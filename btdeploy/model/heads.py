@@ -86,6 +86,21 @@ class OutputSpec:
     tolerances: dict[Precision, Tolerance] = field(default_factory=lambda: dict(PRECISION_TOLERANCES))
 
 
+@dataclass(frozen=True)
+class RetrievalSpec:
+    """A head that embeds texts and images apart (its `text` and `image` outputs): over the user's
+    image-caption pairs, `check` ranks every image for each caption and every caption for each image
+    by the cosine of their embeddings, on the reference and on the graph, and holds the two cosine
+    matrices to each other as logits (the top-1 of every query whose reference margin is clear)."""
+
+    text: str
+    image: str
+    outputs: tuple[OutputSpec, ...] = (
+        OutputSpec("text_to_image", lambda c: ["captions", "images"], is_logits=True),
+        OutputSpec("image_to_text", lambda c: ["images", "captions"], is_logits=True),
+    )
+
+
 def _linear_flops(tokens: int, fan_in: int, fan_out: int) -> int:
     return 2 * tokens * fan_in * fan_out
 
@@ -332,6 +347,7 @@ class HeadSpec:
     # TensorRT optimization profile (min, opt, max); the image size is fixed by the config.
     engine_batch: tuple[int, int, int] = (1, 8, 32)
     engine_text_length: tuple[int, int, int] = (1, 40, 512)
+    retrieval: RetrievalSpec | None = None  # checked over real pairs (`check --images --texts`)
 
     @property
     def input_names(self) -> list[str]:
@@ -421,6 +437,7 @@ HEADS: dict[str, HeadSpec] = {
         ),
         head_weight_prefixes=("itc_text_head.", "itc_image_head.", "itc_cross_modal_head.", "logit_scale"),
         behaviour=ItcBehaviour(),
+        retrieval=RetrievalSpec("text_embeds", "image_embeds"),
     ),
     "mlm": HeadSpec(
         name="mlm",

@@ -24,6 +24,7 @@ from btdeploy.model.media import export_processor, load_image, pair_inputs, pair
 from btdeploy.progress import step
 from btdeploy.verify.junit import junit_suite, write_junit
 from btdeploy.verify.parity import ParityRow, check_head, default_lengths_within, generated_batches, parse_shapes
+from btdeploy.verify.retrieval import PairedEmbeddings, retrieval_rows
 
 DEFAULT_BATCH_SIZES = (1, 3)
 DEFAULT_TEXT_LENGTHS = (5, 40)
@@ -75,10 +76,13 @@ def check_export(
         config = manifest.config
         lengths = text_lengths or default_lengths_within(DEFAULT_TEXT_LENGTHS, config)
         shapes = parse_shapes(list(batch_sizes), list(lengths), config)
+        paired = None  # a retrieval head's embeddings of the pairs, ranked when every batch has run
         if pair is not None:
             pairs = real_pairs(manifest, *pair, texts_option=f"--texts {texts}")
             batches: Iterable[dict[str, np.ndarray]] = pairs.batches(max(batch_sizes))
             inputs = f"{pairs.describe()}, {max(batch_sizes)} at a time"
+            if head.retrieval is not None:
+                paired = PairedEmbeddings(head.retrieval, len(pairs.captions), len(pairs.images))
         else:
             batches = generated_batches(config, shapes)
             inputs = "batch x length " + ", ".join(f"{b}x{n}" for b, n in shapes)
@@ -88,7 +92,10 @@ def check_export(
             manifest, partial(reference_target.make, manifest, reference_options)
         )
         with step(f"check {head.name}: {candidate.description} vs reference on {inputs}"):
-            head_rows = check_head(head, reference, candidate, batches, options.precision)
+            observe = paired.observe if paired is not None else None
+            head_rows = check_head(head, reference, candidate, batches, options.precision, observe)
+        if paired is not None:
+            head_rows += retrieval_rows(head, paired, options.precision)
         graphs = _checked_graphs(manifest, options) if target.reads_onnx else {}
         model = manifest.data["model"]
         # The reference is held to the recorded weights hash (where the export recorded one).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -104,6 +104,7 @@ class ParityRow:
     per_shape: list[dict[str, Any]] = field(default_factory=list)
     graphs: dict[str, str] = field(default_factory=dict)  # graph file -> the sha256 that was checked
     reference: dict[str, Any] = field(default_factory=dict)  # the checkpoint and weights hash it was held to
+    retrieval: dict[str, Any] | None = None  # a retrieval row's ranking measures (verify/retrieval.py)
 
     @property
     def passed(self) -> bool:
@@ -121,6 +122,7 @@ class ParityRow:
             "per_shape": self.per_shape,
             "graphs": self.graphs,
             "reference": self.reference,
+            **({"retrieval": self.retrieval} if self.retrieval is not None else {}),
         }
 
 
@@ -168,12 +170,16 @@ def check_head(
     candidate: Backend,
     batches: Iterable[dict[str, np.ndarray]],
     precision: str = "fp32",
+    observe: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None,
 ) -> list[ParityRow]:
-    """Run both backends on every batch; one row per output, the worst case kept."""
-    rows = [ParityRow(head.name, spec.name, precision, _tolerance(spec, precision)) for spec in head.outputs]
+    """Run both backends on every batch; one row per output, the worst case kept. `observe` sees
+    each batch's (reference, backend) outputs: what a measure over every batch at once gathers."""
+    rows = [ParityRow(head.name, spec.name, precision, precision_tolerance(spec, precision)) for spec in head.outputs]
     for feeds in batches:
         expected = reference.run(feeds)
         got = candidate.run(feeds)
+        if observe is not None:
+            observe(expected, got)
         batch, length = (int(n) for n in feeds["input_ids"].shape)
         for row, spec in zip(rows, head.outputs, strict=True):
             stats = compare(expected[spec.name], got[spec.name], spec, row.tolerance)
@@ -182,7 +188,7 @@ def check_head(
     return rows
 
 
-def _tolerance(spec: OutputSpec, precision: str) -> Tolerance:
+def precision_tolerance(spec: OutputSpec, precision: str) -> Tolerance:
     tolerance = spec.tolerances.get(Precision(precision))
     if tolerance is None:
         raise BtDeployError(f"no {precision} tolerance is declared for output {spec.name}")
@@ -222,9 +228,30 @@ def format_rows(rows: list[ParityRow]) -> str:
     # Which floor a failed row missed, with its number: the verdict column says only FAIL.
     lines += [f"{row.head} {row.output} FAILED: {'; '.join(shortfalls(row.stats, row.tolerance))}"
               for row in rows if not row.passed]  # fmt: skip
+    lines += [describe_retrieval(row) for row in rows if row.retrieval is not None]
     lines.append(
         "of_range: max_abs / max |reference|.  argmax: agreement, agreeing/clear/all positions "
         "(clear: the reference's top-2 margin > 2 x the abs bound, or > the margin the tolerance gives "
         "as a fraction of the batch's range)"
     )
     return "\n".join(lines)
+
+
+ITEM_NAMES = {"text": "caption", "image": "image"}  # what a retrieval row's queries and items are
+
+
+def describe_retrieval(row: ParityRow) -> str:
+    """One line: what a retrieval user reads off the row."""
+    found = row.retrieval
+    assert found is not None
+    queries, items = (ITEM_NAMES[kind] for kind in row.output.split("_to_"))
+    swaps = found["queries"] - found["top1_same"]
+    closest = f" (every swap within {found['largest_swapped_margin']:.2g} of the reference's cosine)" if swaps else ""
+    k = found["k"]
+    recall_1, recall_k = found["recall_at_1"], found["recall_at_k"]
+    return (
+        f"{row.head} {row.output}: each of {found['queries']} {queries}s ranks {found['items']} {items}s; top-1 as the "
+        f"reference {found['top1_same']}/{found['queries']}{closest}; top-{k} overlap {found['top_k_overlap']:.3f}; "
+        f"Recall@1 {recall_1['reference']:.3f} reference, {recall_1['graph']:.3f} graph; "
+        f"Recall@{k} {recall_k['reference']:.3f}, {recall_k['graph']:.3f}"
+    )

@@ -1,0 +1,128 @@
+"""`check --images --texts` on the itc head ranks every image for each caption and every caption for
+each image, on the reference and on the graph: held to each other as logits are, and reported as
+retrieval is measured (top-1 as the reference, top-K overlap, Recall@K against the pairs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from btdeploy.model.heads import get_head
+from btdeploy.verify import retrieval
+from btdeploy.verify.parity import shortfalls
+from btdeploy.verify.retrieval import PairedEmbeddings, retrieval_rows, retrieval_summary
+
+CAPTIONS = ["a cat", "two dogs asleep on a red couch", "a bus", "the sea at night"]
+
+
+def test_the_summary_counts_swaps_overlap_and_recall(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three queries, three items, each query's own item on the diagonal; worked by hand."""
+    monkeypatch.setattr(retrieval, "TOP_K", 2)
+    reference = np.array([[0.9, 0.5, 0.1], [0.2, 0.8, 0.7], [0.3, 0.4, 0.6]])
+    got = np.array([[0.9, 0.5, 0.1], [0.2, 0.7, 0.8], [0.65, 0.4, 0.6]])
+    found = retrieval_summary(reference, got, np.eye(3, dtype=bool))
+    # Query 0 keeps its top-1; query 1 swaps items 1 and 2 (0.1 apart in the reference); query 2
+    # takes item 0, which the reference put 0.3 below its own top-1 (item 2).
+    assert (found["queries"], found["items"], found["k"], found["top1_same"]) == (3, 3, 2, 1)
+    assert found["largest_swapped_margin"] == pytest.approx(0.3)
+    # Top 2: {0,1}/{0,1}, {1,2}/{2,1}, {2,1}/{0,2}: overlaps 1, 1 and 1/2.
+    assert found["top_k_overlap"] == pytest.approx(2.5 / 3)
+    assert found["recall_at_1"] == {"reference": 1.0, "graph": pytest.approx(1 / 3)}
+    assert found["recall_at_k"] == {"reference": 1.0, "graph": 1.0}
+    same = retrieval_summary(reference, reference, np.eye(3, dtype=bool))
+    assert same["top1_same"] == 3 and same["largest_swapped_margin"] is None and same["top_k_overlap"] == 1.0
+
+
+def _embeddings(rows: int, dim: int, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((rows, dim))
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_a_graph_that_ranks_otherwise_fails_the_fp32_floor() -> None:
+    """Images whose embeddings come back in another order: every clear top-1 moves, and the rows fail."""
+    head = get_head("itc")
+    assert head.retrieval is not None
+    paired = PairedEmbeddings(head.retrieval, captions=6, images=6)
+    texts, images = _embeddings(6, 16, 0), _embeddings(6, 16, 1)
+    texts = 0.3 * texts + images  # each caption nearest its own image, by a clear margin
+    shuffled = images[[1, 2, 3, 4, 5, 0]]
+    for start in (0, 4):  # two batches, as check runs them
+        rows = slice(start, min(start + 4, 6))
+        paired.observe(
+            {"text_embeds": texts[rows], "image_embeds": images[rows]},
+            {"text_embeds": texts[rows], "image_embeds": shuffled[rows]},
+        )
+    text_to_image, image_to_text = retrieval_rows(head, paired, "fp32")
+    assert (text_to_image.output, image_to_text.output) == ("text_to_image", "image_to_text")
+    for row in (text_to_image, image_to_text):
+        assert not row.passed and row.retrieval is not None
+        assert row.stats.argmax_counted == 6 and row.stats.argmax_agree == 0, row.stats
+        assert any(line.startswith("argmax agreement 0.0%") for line in shortfalls(row.stats, row.tolerance))
+        assert row.retrieval["top1_same"] == 0
+        assert row.retrieval["recall_at_1"] == {"reference": 1.0, "graph": 0.0}
+    # The same embeddings on both sides pass, every query agreeing.
+    same = PairedEmbeddings(head.retrieval, captions=6, images=6)
+    same.observe({"text_embeds": texts, "image_embeds": images}, {"text_embeds": texts, "image_embeds": images})
+    assert all(row.passed and row.stats.argmax_agree == 6 for row in retrieval_rows(head, same, "fp32"))
+    # One caption, or one image, has nothing to rank: no rows.
+    one = PairedEmbeddings(head.retrieval, captions=1, images=6)
+    one.observe({"text_embeds": texts, "image_embeds": images}, {"text_embeds": texts, "image_embeds": images})
+    assert retrieval_rows(head, one, "fp32") == []
+
+
+@pytest.fixture()
+def pairs(tmp_path: Path) -> tuple[Path, Path]:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(3):
+        pixels = (np.random.default_rng(k).random((50 + 10 * k, 64, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{k}.png")
+    (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS) + "\n")
+    return folder, tmp_path / "captions.txt"
+
+
+def test_check_ranks_the_pairs_as_the_runtime_does(
+    tiny_export: Path, pairs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three images, four captions (row k: image k % 3, caption k % 4): the retrieval rows' graph
+    side is the ranking btdeploy's own runtime makes of each caption and image alone."""
+    import btdeploy
+    from btdeploy.cli import main
+    from btdeploy.model.media import export_processor, load_image
+
+    folder, texts = pairs
+    report = tmp_path / "parity.json"
+    argv = ["check", str(tiny_export), "--heads", "itc", "--images", str(folder), "--texts", str(texts)]
+    assert main([*argv, "--batch-sizes", "3", "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    rows = {row["output"]: row for row in json.loads(report.read_text())["rows"]}
+    assert list(rows) == ["logits", "text_embeds", "image_embeds", "cross_embeds", "text_to_image", "image_to_text"]
+    model = btdeploy.load(tiny_export, head="itc")
+    processor = export_processor(model.manifest)
+    pictures = [load_image(folder / f"{k}.png", processor.image_processor) for k in range(3)]
+    image_embeds = np.concatenate(
+        [model(**processor(images=picture, text=["x"], return_tensors="np")).image_embeds for picture in pictures]
+    )
+    text_embeds = np.concatenate(
+        [model(**processor(images=pictures[0], text=[caption], return_tensors="np")).text_embeds
+         for caption in CAPTIONS]
+    )  # fmt: skip
+    cosines = text_embeds @ image_embeds.T
+    truth = np.zeros((4, 3), dtype=bool)
+    for row in range(4):
+        truth[row % 4, row % 3] = True
+    for output, matrix, own in (("text_to_image", cosines, truth), ("image_to_text", cosines.T, truth.T)):
+        row = rows[output]
+        assert row["passed"] and row["max_abs"] <= 1e-4, row
+        found = row["retrieval"]
+        queries, items = matrix.shape
+        assert (found["queries"], found["items"], found["k"]) == (queries, items, min(5, items))
+        top1 = matrix.argmax(axis=1)
+        assert found["recall_at_1"]["graph"] == pytest.approx(own[np.arange(queries), top1].mean())
+        assert found["top1_same"] == queries  # FP32: the graph ranks as the reference
+        line = f"itc {output}: each of {queries} {'caption' if output[0] == 't' else 'image'}s ranks {items} "
+        assert line in printed

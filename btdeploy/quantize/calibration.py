@@ -16,6 +16,7 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model import media
 from btdeploy.model.configs import max_text_length
 from btdeploy.model.inputs import sample_inputs
+from btdeploy.model.scenes import scenes
 from btdeploy.progress import RowProgress, say, warn
 
 # Rows run one at a time (btdeploy/quantize/tensor_ranges.py), so memory does not grow with the
@@ -49,7 +50,7 @@ class CalibrationPlan:
         """The rows, refused up front when they would not fit in memory."""
         require_rows_fit_memory(self.size, self.manifest.config)
         if not self.images:
-            return CalibrationData(sample_inputs(self.manifest.config, self.size, self.length, seed=1234), self.source)
+            return CalibrationData(generated_rows(self.manifest, self.size, self.length), self.source)
         each_once = f" (each pair once: {self.asked} rows would repeat them)" if self.asked > self.size else ""
         say(
             f"calibration: {self.size} pairs from {len(self.images)} images and {len(self.captions)} captions"
@@ -63,6 +64,24 @@ class CalibrationPlan:
         )  # fmt: skip
         pixels = _image_rows(processor, self.images)
         return CalibrationData({**texts, "pixel_values": pixels[rows % len(self.images)]}, self.source)
+
+
+GENERATED_SEED = 1234
+GENERATED_IMAGES = "random pixels and synthetic scenes, row by row in turn"
+
+
+def generated_rows(manifest: Manifest, size: int, length: int) -> dict[str, np.ndarray]:
+    """Generated calibration rows: random token ids, and pixels that are random on the even rows
+    and a synthetic scene through the checkpoint's processor on the odd ones (model/scenes.py), so
+    the ranges cover both the noise `check` generates and what pictures make."""
+    from PIL import Image
+
+    feeds = sample_inputs(manifest.config, size, length, seed=GENERATED_SEED)
+    pictures = scenes(size // 2, int(manifest.config.vision_config.image_size), GENERATED_SEED)
+    if pictures:
+        processor = media.export_processor(manifest)
+        feeds["pixel_values"][1::2] = media.image_inputs(processor, [Image.fromarray(p) for p in pictures])
+    return feeds
 
 
 def _image_rows(processor: Any, images: tuple[Path, ...]) -> np.ndarray:
@@ -119,8 +138,8 @@ def _available_memory() -> int | None:
 
 
 GENERATED_ADVICE = (
-    "(random pixels and token ids). Ranges from real images and captions differ; quantize again with real "
-    "data (--calib-images DIR --calib-texts FILE) before shipping."
+    "(random token ids; random pixels and synthetic scenes). Ranges from real images and captions differ; "
+    "quantize again with real data (--calib-images DIR --calib-texts FILE) before shipping."
 )
 
 
@@ -144,7 +163,8 @@ def plan_calibration(
     length = calibration_length(manifest.config)
     pair = media.paired_files(images, texts, ("--calib-images", "--calib-texts"))
     if pair is None:
-        source = {"kind": "generated", "size": size, "text_length": length, "warning": "not real data"}
+        source = {"kind": "generated", "size": size, "text_length": length, "images": GENERATED_IMAGES}
+        source["warning"] = "not real data"
         return CalibrationPlan(manifest, size, length, source)
     image_files, captions = pair
     asked, size = size, calibration_rows(size, pair)

@@ -43,7 +43,8 @@ class PairedEmbeddings:
 
     def observe(self, expected: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> None:
         """One batch of pairs: a caption's embedding does not depend on the image beside it, so its
-        first row stands for it (and an image's likewise)."""
+        first row stands for it (and an image's likewise; dynamic INT8, whose scales span the batch,
+        answers a recurring one slightly differently per batch, within its floors)."""
         batch = len(expected[self.spec.text])
         for offset in range(batch):
             row = self.rows + offset

@@ -9,9 +9,6 @@ scenes passed on pictures it had never seen.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import numpy as np
 
 MAX_SHAPES = 6
@@ -40,22 +37,3 @@ def scenes(count: int, size: int, seed: int) -> list[np.ndarray]:
         image += rng.normal(0.0, rng.uniform(0, 12), image.shape)
         pictures.append(np.clip(np.rint(image), 0, 255).astype(np.uint8))
     return pictures
-
-
-# How generated inputs' pixels are made, as calibration records and check reports say it.
-NOISE_AND_SCENES = "random pixels and synthetic scenes, row by row in turn"
-
-
-def put_scenes(feeds: dict[str, np.ndarray], rows: Sequence[int], processor: Any, seed: int) -> dict[str, np.ndarray]:
-    """`feeds` with the pixels of `rows` replaced by scenes drawn from `seed`, as the checkpoint's
-    `processor` makes pixels of a picture (resized, cropped and normalised)."""
-    from PIL import Image
-
-    from btdeploy.model.media import image_inputs
-
-    rows = list(rows)
-    if rows:
-        size = int(feeds["pixel_values"].shape[-1])
-        pictures = [Image.fromarray(picture) for picture in scenes(len(rows), size, seed)]
-        feeds["pixel_values"][rows] = image_inputs(processor, pictures)
-    return feeds

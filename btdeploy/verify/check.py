@@ -21,7 +21,6 @@ from btdeploy.cpu import describe_cpu
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
 from btdeploy.model.media import export_processor, load_image, pair_inputs, paired_files, text_length_problem
-from btdeploy.model.scenes import NOISE_AND_SCENES
 from btdeploy.progress import step
 from btdeploy.verify.junit import junit_suite, write_junit
 from btdeploy.verify.parity import ParityRow, check_head, default_lengths_within, generated_batches, parse_shapes
@@ -85,9 +84,8 @@ def check_export(
             if head.retrieval is not None:
                 paired = PairedEmbeddings(head.retrieval, len(pairs.captions), len(pairs.images))
         else:
-            batches = generated_batches(config, shapes, processor=export_processor(manifest))
-            sizes = ", ".join(f"{b}x{n}" for b, n in shapes)
-            inputs = f"batch x length {sizes} (random ids; pixels random and scenes in turn)"
+            batches = generated_batches(config, shapes)
+            inputs = "batch x length " + ", ".join(f"{b}x{n}" for b, n in shapes)
         # The candidate first: a backend that cannot run here fails before the reference is built.
         candidate = target.make(manifest, options)
         reference = (references or ReferenceCache()).backend(
@@ -165,7 +163,7 @@ def inputs_record(
     if images is not None:
         return {"kind": "files", "images": str(images), "texts": str(texts), "batch_size": max(batch_sizes)}
     lengths = sorted({shape["text_length"] for row in rows for shape in row.per_shape})
-    return {"kind": "generated", "batch_sizes": list(batch_sizes), "text_lengths": lengths, "images": NOISE_AND_SCENES}
+    return {"kind": "generated", "batch_sizes": list(batch_sizes), "text_lengths": lengths}
 
 
 def _checked_graphs(manifest: Manifest, options: RunOptions) -> dict[str, str]:

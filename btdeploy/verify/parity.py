@@ -14,7 +14,6 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model.configs import max_text_length
 from btdeploy.model.heads import HeadSpec, OutputSpec, Tolerance
 from btdeploy.model.inputs import sample_inputs
-from btdeploy.model.scenes import put_scenes
 
 
 @dataclass
@@ -159,21 +158,10 @@ def parse_batch_by_length(text: str, config: Any, option: str = "--shapes") -> l
     return shapes
 
 
-def generated_batches(
-    config: Any, shapes: list[tuple[int, int]], seed: int = 0, processor: Any = None
-) -> Iterator[dict[str, np.ndarray]]:
-    """Padded random inputs, one batch per (batch, text length) shape. With the checkpoint's
-    `processor`, every other row (counted through all the batches) holds a synthetic scene instead
-    of random pixels (model/scenes.py): graphs calibrated on noise alone had passed a check on
-    noise and missed the floors on pictures."""
-    first = 0  # the first row's number in the count through all batches
+def generated_batches(config: Any, shapes: list[tuple[int, int]], seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Padded random inputs, one batch per (batch, text length) shape."""
     for index, (batch, length) in enumerate(shapes):
-        feeds = sample_inputs(config, batch, length, seed=seed + index)
-        if processor is not None:
-            odd = [row for row in range(batch) if (first + row) % 2 == 1]
-            feeds = put_scenes(feeds, odd, processor, seed + index)
-        first += batch
-        yield feeds
+        yield sample_inputs(config, batch, length, seed=seed + index)
 
 
 def check_head(

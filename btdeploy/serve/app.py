@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from btdeploy.apps.gallery import gallery_kind
+from btdeploy.apps.gallery import GalleryFault, gallery_kind
 from btdeploy.apps.rank import CANDIDATE_HEAD, SCORING_HEAD
 from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.errors import BtDeployError
@@ -122,11 +122,14 @@ def _photo_pairs(data: bytes, texts: list[str], processor: Any) -> dict[str, np.
 
 
 async def _answered(work: Any, *args: Any) -> dict[str, Any]:
-    """A replica's answer from a worker thread, or the refusal the gateway turns into a 4xx."""
+    """A replica's answer from a worker thread, or the refusal the gateway turns into an error
+    status: 503 where the server's gallery is at fault (its operator indexes again), else 400."""
     try:
         return dict(await asyncio.to_thread(work, *args))
     except RequestError as error:
         return {"__status__": error.status, "__error__": error.reason}
+    except GalleryFault as fault:
+        return {"__status__": 503, "__error__": str(fault)}
     except BtDeployError as error:
         return {"__status__": 400, "__error__": str(error)}
 
@@ -260,18 +263,15 @@ class RankModel:
 
     def _search(self, images: list[bytes], texts: list[str], top_k: int | None) -> dict[str, Any]:
         """The gallery ranked against the request's one text (a gallery of images) or image (of captions)."""
-        from btdeploy.apps.gallery import GalleryFault, GalleryItems, ranked_against
+        from btdeploy.apps.gallery import GalleryItems, ranked_against
         from btdeploy.serve.rank_images import RequestImages
 
         assert self.gallery is not None  # the gateway asks only then
         started = time.perf_counter()
-        try:
-            gallery = self.gallery.current()
-            query = RequestImages(self.ranker.processor, self.cache)
-            reader = GalleryItems(self.ranker.processor, gallery, self.gallery.path, query)
-            ranking = self.ranker.rank(*ranked_against(gallery, (images or texts)[0]), top_k, reader)
-        except GalleryFault as fault:  # the server's gallery, not the request: the operator indexes again
-            raise RequestError(503, str(fault)) from None
+        gallery = self.gallery.current()
+        query = RequestImages(self.ranker.processor, self.cache)
+        reader = GalleryItems(self.ranker.processor, gallery, self.gallery.path, query)
+        ranking = self.ranker.rank(*ranked_against(gallery, (images or texts)[0]), top_k, reader)
         self.collector.record_batch.remote("search", 1, len(gallery.names), time.perf_counter() - started, False)
         return ranking.as_json()
 
@@ -347,6 +347,13 @@ class Gateway:
             raise RequestError(
                 503, f"a {head} replica failed ({type(e).__name__}); it restarts by itself: retry"
             ) from None
+
+    async def _ranked(self, response: Any) -> Response:
+        """The rank replica's answer as JSON, or its refusal (`_answered`) with the status it gave."""
+        answer = await self._call("rank", response)
+        if "__error__" in answer:
+            raise RequestError(answer["__status__"], answer["__error__"])
+        return JSONResponse(answer)
 
     async def _answer(self, route: str, handler: Any) -> Response:
         started = time.perf_counter()
@@ -450,10 +457,7 @@ class Gateway:
                 needs = f"ranking needs the {SCORING_HEAD} head with split graphs: export with --split"
                 raise RequestError(404, needs)
             task = await self._task_request(request, "/v1/rank")
-            answer = await self._call("rank", self.rank_model.rank.remote(task.images, task.texts, task.top_k))
-            if "__error__" in answer:
-                raise RequestError(answer["__status__"], answer["__error__"])
-            return JSONResponse(answer)
+            return await self._ranked(self.rank_model.rank.remote(task.images, task.texts, task.top_k))
 
         return await self._answer("rank", run)
 
@@ -471,11 +475,7 @@ class Gateway:
             parsed = await asyncio.to_thread(
                 parse_search_request, body, content_type, query.getlist("text"), query.get("top_k"), takes
             )
-            search = self.rank_model.search.remote(parsed.images, parsed.texts, parsed.top_k)
-            answer = await self._call("rank", search)
-            if "__error__" in answer:
-                raise RequestError(answer["__status__"], answer["__error__"])
-            return JSONResponse(answer)
+            return await self._ranked(self.rank_model.search.remote(parsed.images, parsed.texts, parsed.top_k))
 
         return await self._answer("search", run)
 

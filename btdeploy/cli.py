@@ -152,6 +152,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         junit=args.junit,
         checkpoint=args.checkpoint,
         exact_sums=args.exact_sums,
+        every_pair=args.all_pairs,
     )
     print(format_rows(rows))
     if args.backend == "onnxruntime":
@@ -549,6 +550,11 @@ def _check_command(commands: Commands) -> None:
     )
     check.add_argument(
         "--texts", type=Path, default=None, help="text file, one caption per line (with --images; image k, caption k)"
+    )
+    check.add_argument(
+        "--all-pairs",
+        action="store_true",
+        help="with --images/--texts: every caption with every image (captions x images rows), so itm ranks them too",
     )
 
 

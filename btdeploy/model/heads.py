@@ -86,19 +86,40 @@ class OutputSpec:
     tolerances: dict[Precision, Tolerance] = field(default_factory=lambda: dict(PRECISION_TOLERANCES))
 
 
+RANKINGS = (  # a retrieval head's two directions, held to each other as logits are
+    OutputSpec("text_to_image", lambda c: ["captions", "images"], is_logits=True),
+    OutputSpec("image_to_text", lambda c: ["images", "captions"], is_logits=True),
+)
+
+
 @dataclass(frozen=True)
-class RetrievalSpec:
+class EmbeddingRetrieval:
     """A head that embeds texts and images apart (its `text` and `image` outputs): over the user's
     image-caption pairs, `check` ranks every image for each caption and every caption for each image
-    by the cosine of their embeddings, on the reference and on the graph, and holds the two cosine
+    by the cosine of their embeddings, on the reference and on the graph, and holds the two score
     matrices to each other as logits (the top-1 of every query whose reference margin is clear)."""
 
     text: str
     image: str
-    outputs: tuple[OutputSpec, ...] = (
-        OutputSpec("text_to_image", lambda c: ["captions", "images"], is_logits=True),
-        OutputSpec("image_to_text", lambda c: ["images", "captions"], is_logits=True),
-    )
+    score: str = "cosine"
+    every_pair: bool = False  # a caption's embedding does not depend on the image beside it
+    outputs: tuple[OutputSpec, ...] = RANKINGS
+
+
+@dataclass(frozen=True)
+class MatchRetrieval:
+    """A head that scores each pair as it is given (its `logits` output, column 1 = match): the same
+    ranking from the log-odds of matching, logit 1 - logit 0 (the order of the match probability
+    `rank` sorts by, without the softmax's saturation), which needs every caption run with every
+    image (`check --all-pairs`)."""
+
+    logits: str
+    score: str = "match log-odds"
+    every_pair: bool = True
+    outputs: tuple[OutputSpec, ...] = RANKINGS
+
+
+RetrievalSpec = EmbeddingRetrieval | MatchRetrieval
 
 
 def _linear_flops(tokens: int, fan_in: int, fan_out: int) -> int:
@@ -347,7 +368,7 @@ class HeadSpec:
     # TensorRT optimization profile (min, opt, max); the image size is fixed by the config.
     engine_batch: tuple[int, int, int] = (1, 8, 32)
     engine_text_length: tuple[int, int, int] = (1, 40, 512)
-    retrieval: RetrievalSpec | None = None  # checked over real pairs (`check --images --texts`)
+    retrieval: RetrievalSpec | None = None  # ranked over real pairs (`check --images --texts`)
 
     @property
     def input_names(self) -> list[str]:
@@ -424,6 +445,7 @@ HEADS: dict[str, HeadSpec] = {
         outputs=(OutputSpec("logits", lambda c: [BATCH, 2], is_logits=True),),
         head_weight_prefixes=("itm_score.",),
         behaviour=ItmBehaviour(),
+        retrieval=MatchRetrieval("logits"),
     ),
     "itc": HeadSpec(
         name="itc",
@@ -437,7 +459,7 @@ HEADS: dict[str, HeadSpec] = {
         ),
         head_weight_prefixes=("itc_text_head.", "itc_image_head.", "itc_cross_modal_head.", "logit_scale"),
         behaviour=ItcBehaviour(),
-        retrieval=RetrievalSpec("text_embeds", "image_embeds"),
+        retrieval=EmbeddingRetrieval("text_embeds", "image_embeds"),
     ),
     "mlm": HeadSpec(
         name="mlm",

@@ -21,10 +21,10 @@ from btdeploy.cpu import describe_cpu
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
 from btdeploy.model.media import export_processor, load_image, pair_inputs, paired_files, text_length_problem
-from btdeploy.progress import step
+from btdeploy.progress import RowProgress, say, step
 from btdeploy.verify.junit import junit_suite, write_junit
 from btdeploy.verify.parity import ParityRow, check_head, default_lengths_within, generated_batches, parse_shapes
-from btdeploy.verify.retrieval import PairedEmbeddings, retrieval_rows
+from btdeploy.verify.retrieval import PairedScores, PairLayout, retrieval_rows
 
 DEFAULT_BATCH_SIZES = (1, 3)
 DEFAULT_TEXT_LENGTHS = (5, 40)
@@ -48,6 +48,7 @@ def check_export(
     junit: Path | None = None,
     checkpoint: Path | None = None,
     exact_sums: bool = True,
+    every_pair: bool = False,
 ) -> list[ParityRow]:
     """Reference vs the chosen graph; a reduced `precision` reads model.<flavour>.<precision>.onnx
     (flavour ort unless given) and is held to that precision's tolerances. A `references` cache
@@ -60,11 +61,14 @@ def check_export(
     largest batch size: what a release gate on the user's own data needs, INT8 above all.
     `checkpoint` is the reference's checkpoint folder where it is no longer at the recorded path.
     `exact_sums`: ONNX Runtime sums the INT8 graphs' integer products as a VNNI CPU does (False:
-    its saturating kernel, where this CPU has one)."""
+    its saturating kernel, where this CPU has one). `every_pair`: run every caption with every
+    image instead of image k with caption k, so that itm ranks them too (captions x images rows)."""
     for flag, path, example in (("--report", report, "parity.json"), ("--junit", junit, "parity.xml")):
         if path is not None and Path(path).is_dir():
             raise BtDeployError(f"{flag} {path} is a folder: give a file name such as {Path(path) / example}")
     pair = paired_files(images, texts, ("--images", "--texts"))  # read once, for every head
+    if every_pair and pair is None:
+        raise BtDeployError("--all-pairs runs every caption with every image: give --images DIR and --texts FILE")
     target = get_target(backend)
     options = check_options(backend, providers, flavour, precision, split, device, exact_sums, checkpoint)
     reference_target = get_target("torch")
@@ -76,13 +80,17 @@ def check_export(
         config = manifest.config
         lengths = text_lengths or default_lengths_within(DEFAULT_TEXT_LENGTHS, config)
         shapes = parse_shapes(list(batch_sizes), list(lengths), config)
-        paired = None  # a retrieval head's embeddings of the pairs, ranked when every batch has run
+        paired = None  # a retrieval head's scores of the pairs, ranked when every batch has run
         if pair is not None:
-            pairs = real_pairs(manifest, *pair, texts_option=f"--texts {texts}")
-            batches: Iterable[dict[str, np.ndarray]] = pairs.batches(max(batch_sizes))
+            pairs = real_pairs(manifest, *pair, texts_option=f"--texts {texts}", every_pair=every_pair)
+            # Counted as they run: every caption with every image of a large set runs for minutes.
+            total = -(-pairs.layout.rows // max(batch_sizes))
+            batches: Iterable[dict[str, np.ndarray]] = _counted(pairs.batches(max(batch_sizes)), total, head.name)
             inputs = f"{pairs.describe()}, {max(batch_sizes)} at a time"
             if head.retrieval is not None:
-                paired = PairedEmbeddings(head.retrieval, len(pairs.captions), len(pairs.images))
+                paired = PairedScores(head.retrieval, pairs.layout)
+                if head.retrieval.every_pair and not every_pair:
+                    say(f"check {head.name}: ranks the pairs with --all-pairs (every caption with every image)")
         else:
             batches = generated_batches(config, shapes)
             inputs = "batch x length " + ", ".join(f"{b}x{n}" for b, n in shapes)
@@ -106,12 +114,21 @@ def check_export(
         rows += head_rows
         del reference, candidate
     if report is not None or junit is not None:
-        data = report_data(rows, backend, options, inputs_record(images, texts, rows, batch_sizes))
+        data = report_data(rows, backend, options, inputs_record(images, texts, rows, batch_sizes, every_pair))
         if report is not None:
             write_json(Path(report), data)
         if junit is not None:
             write_junit(Path(junit), [junit_suite(graph_label(backend, options), rows, data)])
     return rows
+
+
+def _counted(batches: Iterable[dict[str, np.ndarray]], total: int, head: str) -> Iterator[dict[str, np.ndarray]]:
+    """The batches, each counted when the check has compared it (from the first batch on: the
+    models are loaded by then)."""
+    progress = RowProgress(total, f"check {head}: batches")
+    for feeds in batches:
+        yield feeds
+        progress.advance()
 
 
 def check_options(
@@ -156,12 +173,17 @@ def graph_label(backend: str, options: RunOptions) -> str:
 
 
 def inputs_record(
-    images: Path | None, texts: Path | None, rows: list[ParityRow], batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    images: Path | None,
+    texts: Path | None,
+    rows: list[ParityRow],
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+    every_pair: bool = False,
 ) -> dict[str, Any]:
     """What a check ran on, for its report: the user's pairs, or generated inputs at these batch
     sizes and the text lengths the rows ran (the defaults stop at each model's length)."""
     if images is not None:
-        return {"kind": "files", "images": str(images), "texts": str(texts), "batch_size": max(batch_sizes)}
+        files = {"images": str(images), "texts": str(texts), "batch_size": max(batch_sizes)}
+        return {"kind": "files", **files, "every_pair": every_pair}
     lengths = sorted({shape["text_length"] for row in rows for shape in row.per_shape})
     return {"kind": "generated", "batch_sizes": list(batch_sizes), "text_lengths": lengths}
 
@@ -176,38 +198,44 @@ def _checked_graphs(manifest: Manifest, options: RunOptions) -> dict[str, str]:
 
 @dataclass
 class RealPairs:
-    """Image-caption pairs from the user's files: image k with caption k (each list repeated
-    until the longer one is used up), preprocessed batch by batch as the checkpoint's processor does."""
+    """Image-caption pairs from the user's files, in the rows their PairLayout gives (image k with
+    caption k, or every caption with every image), preprocessed batch by batch as the checkpoint's
+    processor does."""
 
     processor: Any  # the export's, loaded once for the length check and every batch
     images: list[Path]
     captions: list[str]
+    every_pair: bool = False
 
     @property
-    def count(self) -> int:
-        return max(len(self.images), len(self.captions))
+    def layout(self) -> PairLayout:
+        return PairLayout(len(self.captions), len(self.images), self.every_pair)
 
     def describe(self) -> str:
-        return f"{self.count} real pair(s) from {len(self.images)} image(s) and {len(self.captions)} caption(s)"
+        made = "pairs (every caption with every image)" if self.every_pair else "real pair(s)"
+        return f"{self.layout.rows} {made} from {len(self.images)} image(s) and {len(self.captions)} caption(s)"
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        processor = self.processor
+        processor, layout = self.processor, self.layout
 
-        # With more captions than images an image recurs; the last batch's worth stay decoded.
+        # An image recurs where the captions outnumber the images, or with every pair: the last
+        # batch's worth stay decoded.
         @lru_cache(maxsize=batch_size)
         def picture(index: int) -> Any:
             return load_image(self.images[index], processor.image_processor)
 
-        for start in range(0, self.count, batch_size):
-            rows = range(start, min(start + batch_size, self.count))
-            pictures = [picture(i % len(self.images)) for i in rows]
-            yield pair_inputs(processor, pictures, [self.captions[i % len(self.captions)] for i in rows])
+        for start in range(0, layout.rows, batch_size):
+            rows = [layout.indices(row) for row in range(start, min(start + batch_size, layout.rows))]
+            pictures = [picture(image) for _, image in rows]
+            yield pair_inputs(processor, pictures, [self.captions[caption] for caption, _ in rows])
 
 
-def real_pairs(manifest: Manifest, images: list[Path], captions: list[str], texts_option: str) -> RealPairs:
+def real_pairs(
+    manifest: Manifest, images: list[Path], captions: list[str], texts_option: str, every_pair: bool = False
+) -> RealPairs:
     """The pairs, with every caption checked against the model's length before anything runs
     (`texts_option`: the flag and file the captions came from, for the refusal)."""
-    pairs = RealPairs(export_processor(manifest), images, captions)
+    pairs = RealPairs(export_processor(manifest), images, captions, every_pair)
     limit = int(manifest.data["limits"]["max_text_length"])
     problem = text_length_problem(pairs.processor.tokenizer, pairs.captions, limit)
     if problem:

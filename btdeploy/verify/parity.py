@@ -246,12 +246,14 @@ def describe_retrieval(row: ParityRow) -> str:
     assert found is not None
     queries, items = (ITEM_NAMES[kind] for kind in row.output.split("_to_"))
     swaps = found["queries"] - found["top1_same"]
-    closest = f" (every swap within {found['largest_swapped_margin']:.2g} of the reference's cosine)" if swaps else ""
+    score = found["score"]
+    closest = f" (every swap within {found['largest_swapped_margin']:.2g} of the reference's {score})" if swaps else ""
     k = found["k"]
     recall_1, recall_k = found["recall_at_1"], found["recall_at_k"]
     return (
-        f"{row.head} {row.output}: each of {found['queries']} {queries}s ranks {found['items']} {items}s; top-1 as the "
-        f"reference {found['top1_same']}/{found['queries']}{closest}; top-{k} overlap {found['top_k_overlap']:.3f}; "
+        f"{row.head} {row.output}: each of {found['queries']} {queries}s ranks {found['items']} {items}s by {score}; "
+        f"top-1 as the reference {found['top1_same']}/{found['queries']}{closest}; "
+        f"top-{k} overlap {found['top_k_overlap']:.3f}; "
         f"Recall@1 {recall_1['reference']:.3f} reference, {recall_1['graph']:.3f} graph; "
         f"Recall@{k} {recall_k['reference']:.3f}, {recall_k['graph']:.3f}"
     )

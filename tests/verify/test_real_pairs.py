@@ -84,7 +84,8 @@ def test_the_command_records_its_inputs_and_refuses_half_a_pair(
     assert main([*argv, "--report", str(report)]) == 0
     assert "5 real pair(s) from 5 image(s) and 3 caption(s), 3 at a time" in capsys.readouterr().err
     recorded = json.loads(report.read_text())
-    assert recorded["inputs"] == {"kind": "files", "images": str(images), "texts": str(texts), "batch_size": 3}
+    files = {"images": str(images), "texts": str(texts), "batch_size": 3, "every_pair": False}
+    assert recorded["inputs"] == {"kind": "files", **files}
     # It names exactly what passed: the graph's bytes by hash, the tools and the CPU.
     graph_hash = hashlib.sha256((tiny_export / "itm" / "model.onnx").read_bytes()).hexdigest()
     assert [row["graphs"] for row in recorded["rows"]] == [{"model.onnx": graph_hash}]
@@ -92,6 +93,9 @@ def test_the_command_records_its_inputs_and_refuses_half_a_pair(
     assert recorded["versions"][ort] == package_version(ort) and recorded["cpu"]
     assert main(["check", str(tiny_export), "--heads", "itm", "--images", str(images)]) == 2
     assert "give both --images DIR and --texts FILE, or neither" in capsys.readouterr().err
+    assert main(["check", str(tiny_export), "--heads", "itm", "--all-pairs"]) == 2
+    refusal = "--all-pairs runs every caption with every image: give --images DIR and --texts FILE"
+    assert refusal in capsys.readouterr().err
     texts.write_text("a cat\n" + "word " * 600 + "\n")
     with pytest.raises(BtDeployError, match=r"--texts .*captions.txt: text 2 of 2 \('word word"):
         check_export(tiny_export, ["itm"], images=images, texts=texts)

@@ -1,4 +1,4 @@
-"""Picture-like images made from a seed, for calibrating where the user gave no images.
+"""Picture-like images made from a seed, for calibrating and checking where the user gave no images.
 
 Random pixels are nothing like a picture: a photo, an icon or a diagram is mostly flat or slowly
 graded regions with edges between them, and the vision tower's activations on those have other
@@ -8,6 +8,9 @@ these scenes row by row in turn passed on pictures it had never seen (0.998).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,3 +40,18 @@ def scenes(count: int, size: int, seed: int) -> list[np.ndarray]:
         image += rng.normal(0.0, rng.uniform(0, 12), image.shape)
         pictures.append(np.clip(np.rint(image), 0, 255).astype(np.uint8))
     return pictures
+
+
+def put_scenes(feeds: dict[str, np.ndarray], rows: Sequence[int], processor: Any, seed: int) -> dict[str, np.ndarray]:
+    """`feeds` with the pixels of `rows` replaced by scenes drawn from `seed`, as the checkpoint's
+    `processor` makes the pixels of a picture (resized, cropped and normalised)."""
+    from PIL import Image
+
+    from btdeploy.model.media import image_inputs
+
+    rows = list(rows)
+    if rows:
+        size = int(feeds["pixel_values"].shape[-1])
+        pictures = [Image.fromarray(picture) for picture in scenes(len(rows), size, seed)]
+        feeds["pixel_values"][rows] = image_inputs(processor, pictures)
+    return feeds

@@ -16,7 +16,7 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model import media
 from btdeploy.model.configs import max_text_length
 from btdeploy.model.inputs import sample_inputs
-from btdeploy.model.scenes import scenes
+from btdeploy.model.scenes import put_scenes
 from btdeploy.progress import RowProgress, say, warn
 
 # Rows run one at a time (btdeploy/quantize/tensor_ranges.py), so memory does not grow with the
@@ -73,15 +73,9 @@ GENERATED_IMAGES = "random pixels and synthetic scenes, row by row in turn"
 def generated_rows(manifest: Manifest, size: int, length: int) -> dict[str, np.ndarray]:
     """Generated calibration rows: random token ids, and pixels that are random on the even rows
     and a synthetic scene through the checkpoint's processor on the odd ones (model/scenes.py), so
-    the ranges cover both the noise `check` generates and what pictures make."""
-    from PIL import Image
-
+    the ranges cover both noise and what pictures make, as `check`'s generated inputs hold both."""
     feeds = sample_inputs(manifest.config, size, length, seed=GENERATED_SEED)
-    pictures = scenes(size // 2, int(manifest.config.vision_config.image_size), GENERATED_SEED)
-    if pictures:
-        processor = media.export_processor(manifest)
-        feeds["pixel_values"][1::2] = media.image_inputs(processor, [Image.fromarray(p) for p in pictures])
-    return feeds
+    return put_scenes(feeds, range(1, size, 2), media.export_processor(manifest), GENERATED_SEED)
 
 
 def _image_rows(processor: Any, images: tuple[Path, ...]) -> np.ndarray:

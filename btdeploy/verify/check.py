@@ -23,7 +23,14 @@ from btdeploy.model.heads import get_head
 from btdeploy.model.media import export_processor, load_image, pair_inputs, paired_files, text_length_problem
 from btdeploy.progress import RowProgress, say, step
 from btdeploy.verify.junit import junit_suite, write_junit
-from btdeploy.verify.parity import ParityRow, check_head, default_lengths_within, generated_batches, parse_shapes
+from btdeploy.verify.parity import (
+    GENERATED_PIXELS,
+    ParityRow,
+    check_head,
+    default_lengths_within,
+    generated_batches,
+    parse_shapes,
+)
 from btdeploy.verify.retrieval import PairedScores, PairLayout, retrieval_rows
 
 DEFAULT_BATCH_SIZES = (1, 3)
@@ -92,8 +99,9 @@ def check_export(
                 if head.retrieval.every_pair and not every_pair:
                     say(f"check {head.name}: ranks the pairs with --all-pairs (every caption with every image)")
         else:
-            batches = generated_batches(config, shapes)
-            inputs = "batch x length " + ", ".join(f"{b}x{n}" for b, n in shapes)
+            batches = generated_batches(config, shapes, processor=export_processor(manifest))
+            sizes = ", ".join(f"{b}x{n}" for b, n in shapes)
+            inputs = f"batch x length {sizes} (random ids; {GENERATED_PIXELS})"
         # The candidate first: a backend that cannot run here fails before the reference is built.
         candidate = target.make(manifest, options)
         reference = (references or ReferenceCache()).backend(
@@ -185,7 +193,7 @@ def inputs_record(
         files = {"images": str(images), "texts": str(texts), "batch_size": max(batch_sizes)}
         return {"kind": "files", **files, "every_pair": every_pair}
     lengths = sorted({shape["text_length"] for row in rows for shape in row.per_shape})
-    return {"kind": "generated", "batch_sizes": list(batch_sizes), "text_lengths": lengths}
+    return {"kind": "generated", "batch_sizes": list(batch_sizes), "text_lengths": lengths, "images": GENERATED_PIXELS}
 
 
 def _checked_graphs(manifest: Manifest, options: RunOptions) -> dict[str, str]:

@@ -14,6 +14,7 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model.configs import max_text_length
 from btdeploy.model.heads import HeadSpec, OutputSpec, Tolerance
 from btdeploy.model.inputs import sample_inputs
+from btdeploy.model.scenes import put_scenes
 
 
 @dataclass
@@ -158,10 +159,24 @@ def parse_batch_by_length(text: str, config: Any, option: str = "--shapes") -> l
     return shapes
 
 
-def generated_batches(config: Any, shapes: list[tuple[int, int]], seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Padded random inputs, one batch per (batch, text length) shape."""
+# How `check` makes the pixels of its generated inputs, as its report records it.
+GENERATED_PIXELS = "random pixels in a batch of one row, synthetic scenes in a batch of several"
+
+
+def generated_batches(
+    config: Any, shapes: list[tuple[int, int]], seed: int = 0, processor: Any = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Padded random inputs, one batch per (batch, text length) shape. With the checkpoint's
+    `processor`, a batch of several rows holds synthetic scenes instead of random pixels
+    (model/scenes.py): graphs calibrated on noise alone had passed a check on noise and missed the
+    floors on pictures. A batch of one row keeps its noise: a lone scene's two ITM logits can be
+    small enough (about 0.25 with random weights) that INT8's few hundredths turn the pair by
+    degrees, where the batch's cosine over several rows measures the graph rather than one row."""
     for index, (batch, length) in enumerate(shapes):
-        yield sample_inputs(config, batch, length, seed=seed + index)
+        feeds = sample_inputs(config, batch, length, seed=seed + index)
+        if processor is not None and batch > 1:
+            feeds = put_scenes(feeds, range(batch), processor, seed + index)
+        yield feeds
 
 
 def check_head(

@@ -20,6 +20,7 @@ from btdeploy.artifacts.manifest import Manifest, read_manifest
 from btdeploy.backends.base import Backend
 from btdeploy.backends.tensorrt.operators import check_tensorrt_ops
 from btdeploy.cli import main
+from btdeploy.verify.parity import GENERATED_PIXELS as PIXELS
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,7 @@ def test_export_then_check_then_report(tmp_path: Path, capsys: pytest.CaptureFix
     data = json.loads(report.read_text())
     assert data["passed"] is True and len(data["rows"]) == 2
     assert all(len(row["per_shape"]) == 4 for row in data["rows"])
+    assert data["inputs"] == {"kind": "generated", "batch_sizes": [1, 2], "text_lengths": [3, 17], "images": PIXELS}
     junit = tmp_path / "parity.xml"
     assert main(["check", str(out), "--heads", "itm", "--precision", "fp32", "--junit", str(junit)]) == 0
     suites = ElementTree.parse(junit).getroot()

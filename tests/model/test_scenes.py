@@ -55,3 +55,30 @@ def test_generated_calibration_rows_alternate_noise_and_scenes(tiny_export: Path
         levels = np.rint((pixels * std + mean) * 255).transpose(1, 2, 0)
         assert _flat_fraction(levels) > 0.8
     assert plan_calibration(manifest, None, None, 5).source["images"] == GENERATED_IMAGES
+
+
+def test_checks_on_generated_inputs_see_scenes_in_batches_of_several_rows(tiny_export: Path) -> None:
+    """A batch of one row keeps the noise; every row of a larger batch is a scene of its own, with
+    the same token ids as before."""
+    from btdeploy.artifacts.manifest import read_manifest
+    from btdeploy.model.media import export_processor
+    from btdeploy.verify.parity import generated_batches
+
+    manifest = read_manifest(tiny_export / "itc")
+    processor = export_processor(manifest)
+    shapes = [(1, 5), (3, 7)]
+    plain = list(generated_batches(manifest.config, shapes))
+    given = list(generated_batches(manifest.config, shapes, processor=processor))
+    for noise, batch in zip(plain, given, strict=True):
+        assert np.array_equal(noise["input_ids"], batch["input_ids"])
+        assert np.array_equal(noise["attention_mask"], batch["attention_mask"])
+    assert np.array_equal(given[0]["pixel_values"], plain[0]["pixel_values"])
+    image_processor = processor.image_processor
+    mean = np.asarray(image_processor.image_mean)[:, None, None]
+    std = np.asarray(image_processor.image_std)[:, None, None]
+    for row in range(3):
+        pixels = given[1]["pixel_values"][row]
+        assert not np.allclose(pixels, plain[1]["pixel_values"][row])
+        levels = np.rint(np.clip(pixels * std + mean, 0, 1) * 255).transpose(1, 2, 0)
+        assert _flat_fraction(levels) > 0.8, row
+    assert len({given[1]["pixel_values"][row].tobytes() for row in range(3)}) == 3

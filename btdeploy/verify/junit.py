@@ -1,6 +1,7 @@
 """Parity rows as JUnit XML, the test report CI systems read (GitLab, Jenkins, Azure Pipelines,
 GitHub's test-report actions): a release gate's parity check shows there as test cases, one per
-head and output, with each floor an output missed as its failure message.
+head and output, with each floor an output missed as its failure message (and a ranking row's
+retrieval line, top-1 as the reference and Recall@K, as its output where it passes).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from btdeploy.artifacts.files import write_bytes
-from btdeploy.verify.parity import ParityRow, format_rows, shortfalls
+from btdeploy.verify.parity import ParityRow, describe_retrieval, format_rows, shortfalls
 
 
 def junit_suite(name: str, rows: list[ParityRow], report: dict[str, Any]) -> ET.Element:
@@ -31,6 +32,8 @@ def junit_suite(name: str, rows: list[ParityRow], report: dict[str, Any]) -> ET.
             graphs = "".join(f"\n{file} sha256 {digest}" for file, digest in row.graphs.items())
             reference = "".join(f"\nreference {key} {value}" for key, value in row.reference.items())
             failure.text = format_rows([row]) + graphs + reference
+        elif row.retrieval is not None:  # a passing ranking row still says what a retrieval user reads
+            ET.SubElement(case, "system-out").text = describe_retrieval(row)
     return suite
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -184,8 +185,14 @@ def test_check_ranks_every_pair_by_match_as_the_runtime_scores_it(
     assert "check itm: ranks the pairs with --all-pairs" in capsys.readouterr().err
     assert [row["output"] for row in json.loads(report.read_text())["rows"]] == ["logits"]
 
-    assert main([*argv, "--batch-sizes", "5", "--all-pairs", "--report", str(report)]) == 0
+    junit = tmp_path / "parity.xml"
+    assert main([*argv, "--batch-sizes", "5", "--all-pairs", "--report", str(report), "--junit", str(junit)]) == 0
     printed = capsys.readouterr()
+    # CI's test report shows the ranking line under each passing ranking row.
+    outputs = {case.get("name"): case.findtext("system-out") for case in ElementTree.parse(junit).iter("testcase")}
+    assert outputs["logits [model.onnx]"] is None
+    for output in ("text_to_image", "image_to_text"):
+        assert (outputs[f"{output} [model.onnx]"] or "").startswith(f"itm {output}: each of "), outputs
     assert "12 pairs (every caption with every image) from 3 image(s) and 4 caption(s), 5 at a time" in printed.err
     assert "check itm: batches: 3/3, " in printed.err  # counted as they run
     recorded = json.loads(report.read_text())

@@ -294,6 +294,12 @@ def export_processor(manifest: Manifest) -> Any:
         ) from None
 
 
+def processor_if_any(manifest: Manifest) -> Any | None:
+    """The export's processor, or None where the checkpoint had none (a damaged one is still
+    refused): generated inputs draw synthetic scenes through it, and keep to noise without it."""
+    return export_processor(manifest) if manifest.processor_dir.is_dir() else None
+
+
 def pair_inputs(processor: Any, pictures: list[Any], texts: list[str], **text_options: Any) -> dict[str, np.ndarray]:
     """The head's inputs for (image, text) pairs, preprocessed as the checkpoint's processor does
     (texts padded to the longest unless `text_options` say otherwise), in the graph's dtypes."""

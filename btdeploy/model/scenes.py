@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 MAX_SHAPES = 6
+# What generated inputs hold where the export has no processor to draw scenes through.
+NOISE_ALONE = "random pixels alone (the export has no processor to draw synthetic scenes through)"
 
 
 def scenes(count: int, size: int, seed: int) -> list[np.ndarray]:

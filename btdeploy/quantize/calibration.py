@@ -16,7 +16,7 @@ from btdeploy.errors import BtDeployError
 from btdeploy.model import media
 from btdeploy.model.configs import max_text_length
 from btdeploy.model.inputs import sample_inputs
-from btdeploy.model.scenes import put_scenes
+from btdeploy.model.scenes import NOISE_ALONE, put_scenes
 from btdeploy.progress import RowProgress, say, warn
 
 # Rows run one at a time (btdeploy/quantize/tensor_ranges.py), so memory does not grow with the
@@ -73,9 +73,11 @@ GENERATED_IMAGES = "random pixels and synthetic scenes, row by row in turn"
 def generated_rows(manifest: Manifest, size: int, length: int) -> dict[str, np.ndarray]:
     """Generated calibration rows: random token ids, and pixels that are random on the even rows
     and a synthetic scene through the checkpoint's processor on the odd ones (model/scenes.py), so
-    the ranges cover both noise and what pictures make, as `check`'s generated inputs hold both."""
+    the ranges cover both noise and what pictures make, as `check`'s generated inputs hold both
+    (random on every row where the export has no processor)."""
     feeds = sample_inputs(manifest.config, size, length, seed=GENERATED_SEED)
-    return put_scenes(feeds, range(1, size, 2), media.export_processor(manifest), GENERATED_SEED)
+    processor = media.processor_if_any(manifest)
+    return feeds if processor is None else put_scenes(feeds, range(1, size, 2), processor, GENERATED_SEED)
 
 
 def _image_rows(processor: Any, images: tuple[Path, ...]) -> np.ndarray:
@@ -132,7 +134,8 @@ def _available_memory() -> int | None:
 
 
 GENERATED_ADVICE = (
-    "(random token ids; random pixels and synthetic scenes). Ranges from real images and captions differ; "
+    "(random token ids; random pixels, and synthetic scenes where the export has a processor). Ranges from real "
+    "images and captions differ; "
     "quantize again with real data (--calib-images DIR --calib-texts FILE) before shipping."
 )
 
@@ -157,7 +160,8 @@ def plan_calibration(
     length = calibration_length(manifest.config)
     pair = media.paired_files(images, texts, ("--calib-images", "--calib-texts"))
     if pair is None:
-        source = {"kind": "generated", "size": size, "text_length": length, "images": GENERATED_IMAGES}
+        pixels = GENERATED_IMAGES if manifest.processor_dir.is_dir() else NOISE_ALONE
+        source = {"kind": "generated", "size": size, "text_length": length, "images": pixels}
         source["warning"] = "not real data"
         return CalibrationPlan(manifest, size, length, source)
     image_files, captions = pair

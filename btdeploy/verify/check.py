@@ -20,7 +20,15 @@ from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.cpu import describe_cpu
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import get_head
-from btdeploy.model.media import export_processor, load_image, pair_inputs, paired_files, text_length_problem
+from btdeploy.model.media import (
+    export_processor,
+    load_image,
+    pair_inputs,
+    paired_files,
+    processor_if_any,
+    text_length_problem,
+)
+from btdeploy.model.scenes import NOISE_ALONE
 from btdeploy.progress import RowProgress, say, step
 from btdeploy.verify.junit import junit_suite, write_junit
 from btdeploy.verify.parity import (
@@ -29,6 +37,7 @@ from btdeploy.verify.parity import (
     check_head,
     default_lengths_within,
     generated_batches,
+    generated_pixels,
     parse_shapes,
 )
 from btdeploy.verify.retrieval import PairedScores, PairLayout, retrieval_rows
@@ -99,9 +108,10 @@ def check_export(
                 if head.retrieval.every_pair and not every_pair:
                     say(f"check {head.name}: ranks the pairs with --all-pairs (every caption with every image)")
         else:
-            batches = generated_batches(config, shapes, processor=export_processor(manifest))
+            processor = processor_if_any(manifest)
+            batches = generated_batches(config, shapes, processor=processor)
             sizes = ", ".join(f"{b}x{n}" for b, n in shapes)
-            inputs = f"batch x length {sizes} (random ids; {GENERATED_PIXELS})"
+            inputs = f"batch x length {sizes} (random ids; {NOISE_ALONE if processor is None else GENERATED_PIXELS})"
         # The candidate first: a backend that cannot run here fails before the reference is built.
         candidate = target.make(manifest, options)
         reference = (references or ReferenceCache()).backend(
@@ -112,6 +122,10 @@ def check_export(
             head_rows = check_head(head, reference, candidate, batches, options.precision, observe)
         if paired is not None:
             head_rows += retrieval_rows(head, paired, options.precision)
+        if pair is None:  # each batch's report says how its pixels were made
+            for row in head_rows:
+                for shape, (batch, _) in zip(row.per_shape, shapes, strict=True):
+                    shape["pixels"] = generated_pixels(batch, processor)
         graphs = _checked_graphs(manifest, options) if target.reads_onnx else {}
         model = manifest.data["model"]
         # The reference is held to the recorded weights hash (where the export recorded one).
@@ -193,7 +207,9 @@ def inputs_record(
         files = {"images": str(images), "texts": str(texts), "batch_size": max(batch_sizes)}
         return {"kind": "files", **files, "every_pair": every_pair}
     lengths = sorted({shape["text_length"] for row in rows for shape in row.per_shape})
-    return {"kind": "generated", "batch_sizes": list(batch_sizes), "text_lengths": lengths, "images": GENERATED_PIXELS}
+    scenes = any(shape.get("pixels") == "scenes" for row in rows for shape in row.per_shape)
+    pixels = GENERATED_PIXELS if scenes else "random pixels"
+    return {"kind": "generated", "batch_sizes": list(batch_sizes), "text_lengths": lengths, "images": pixels}
 
 
 def _checked_graphs(manifest: Manifest, options: RunOptions) -> dict[str, str]:

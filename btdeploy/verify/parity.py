@@ -174,9 +174,15 @@ def generated_batches(
     degrees, where the batch's cosine over several rows measures the graph rather than one row."""
     for index, (batch, length) in enumerate(shapes):
         feeds = sample_inputs(config, batch, length, seed=seed + index)
-        if processor is not None and batch > 1:
+        if generated_pixels(batch, processor) == "scenes":
             feeds = put_scenes(feeds, range(batch), processor, seed + index)
         yield feeds
+
+
+def generated_pixels(batch: int, processor: Any) -> str:
+    """What `generated_batches` puts in a batch of `batch` rows: "scenes", or "random" pixels (a
+    lone row, or an export without a processor to draw scenes through)."""
+    return "scenes" if processor is not None and batch > 1 else "random"
 
 
 def check_head(

@@ -45,6 +45,8 @@ def test_export_then_check_then_report(tmp_path: Path, capsys: pytest.CaptureFix
     assert data["passed"] is True and len(data["rows"]) == 2
     assert all(len(row["per_shape"]) == 4 for row in data["rows"])
     assert data["inputs"] == {"kind": "generated", "batch_sizes": [1, 2], "text_lengths": [3, 17], "images": PIXELS}
+    for row in data["rows"]:  # a lone row keeps its noise, a batch of two holds scenes
+        assert [shape["pixels"] for shape in row["per_shape"]] == ["random", "random", "scenes", "scenes"]
     junit = tmp_path / "parity.xml"
     assert main(["check", str(out), "--heads", "itm", "--precision", "fp32", "--junit", str(junit)]) == 0
     suites = ElementTree.parse(junit).getroot()

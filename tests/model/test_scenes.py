@@ -82,3 +82,24 @@ def test_checks_on_generated_inputs_see_scenes_in_batches_of_several_rows(tiny_e
         levels = np.rint(np.clip(pixels * std + mean, 0, 1) * 255).transpose(1, 2, 0)
         assert _flat_fraction(levels) > 0.8, row
     assert len({given[1]["pixel_values"][row].tobytes() for row in range(3)}) == 3
+
+
+def test_an_export_without_a_processor_is_calibrated_and_checked_on_noise(tiny_export: Path, tmp_path: Path) -> None:
+    """A checkpoint saved without its processor has no scenes to draw: generated calibration and the
+    check's generated batches keep to random pixels, and say so, where they had refused to run."""
+    import shutil
+
+    from btdeploy.artifacts.manifest import read_manifest
+    from btdeploy.model.scenes import NOISE_ALONE
+    from btdeploy.quantize.calibration import generated_rows, plan_calibration
+    from btdeploy.verify.check import check_export, inputs_record
+
+    shutil.copytree(tiny_export / "itm", tmp_path / "itm")
+    shutil.rmtree(tmp_path / "itm" / "processor")
+    manifest = read_manifest(tmp_path / "itm")
+    noise = sample_inputs(manifest.config, 4, 9, seed=1234)
+    assert np.array_equal(generated_rows(manifest, 4, 9)["pixel_values"], noise["pixel_values"])
+    assert plan_calibration(manifest, None, None, 4).source["images"] == NOISE_ALONE
+    rows = check_export(tmp_path, ["itm"], batch_sizes=(1, 2), text_lengths=(6,))
+    assert rows[0].passed and [shape["pixels"] for shape in rows[0].per_shape] == ["random", "random"]
+    assert inputs_record(None, None, rows, (1, 2))["images"] == "random pixels"

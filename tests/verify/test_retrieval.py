@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 from xml.etree import ElementTree
 
 import numpy as np
@@ -150,22 +151,7 @@ def test_check_ranks_the_pairs_as_the_runtime_does(
         [model(**processor(images=pictures[0], text=[caption], return_tensors="np")).text_embeds
          for caption in CAPTIONS]
     )  # fmt: skip
-    cosines = text_embeds @ image_embeds.T
-    truth = np.zeros((4, 3), dtype=bool)
-    for row in range(4):
-        truth[row % 4, row % 3] = True
-    for output, matrix, own in (("text_to_image", cosines, truth), ("image_to_text", cosines.T, truth.T)):
-        row = rows[output]
-        assert row["passed"] and row["max_abs"] <= 1e-4, row
-        found = row["retrieval"]
-        queries, items = matrix.shape
-        assert (found["queries"], found["items"], found["k"]) == (queries, items, min(5, items))
-        top1 = matrix.argmax(axis=1)
-        assert found["recall_at_1"]["graph"] == pytest.approx(own[np.arange(queries), top1].mean())
-        assert found["top1_same"] == queries  # FP32: the graph ranks as the reference
-        line = f"itc {output}: each of {queries} {'caption' if output[0] == 't' else 'image'}s ranks {items} "
-        line += f"{'image' if output[0] == 't' else 'caption'}s by cosine; "
-        assert line in printed
+    _ranked_as_the_runtime(rows, text_embeds @ image_embeds.T, "itc", "cosine", printed)
 
 
 def test_check_ranks_every_pair_by_match_as_the_runtime_scores_it(
@@ -208,15 +194,25 @@ def test_check_ranks_every_pair_by_match_as_the_runtime_scores_it(
         for i, picture in enumerate(pictures):
             (logits,) = model(**processor(images=picture, text=[caption], return_tensors="np")).logits
             odds[c, i] = logits[1] - logits[0]
+    _ranked_as_the_runtime(rows, odds, "itm", "match log-odds", printed.out)
+
+
+def _ranked_as_the_runtime(
+    rows: dict[str, dict[str, Any]], scores: np.ndarray, head: str, score: str, printed: str
+) -> None:
+    """The report's ranking rows of four captions and three images (paired image k with caption k
+    % 4) against `scores` [captions, images], which btdeploy's runtime gave each caption and image
+    alone: FP32 parity, and the graph's recall and top-1 those of the runtime's own ranking."""
     truth = np.zeros((4, 3), dtype=bool)
     for k in range(4):
         truth[k % 4, k % 3] = True
-    for output, matrix, own in (("text_to_image", odds, truth), ("image_to_text", odds.T, truth.T)):
+    for output, matrix, own in (("text_to_image", scores, truth), ("image_to_text", scores.T, truth.T)):
         row = rows[output]
         assert row["passed"] and row["max_abs"] <= 1e-4, row
         found = row["retrieval"]
-        assert found["score"] == "match log-odds"
         queries, items = matrix.shape
-        assert (found["queries"], found["items"]) == (queries, items)
+        assert (found["score"], found["queries"], found["items"], found["k"]) == (score, queries, items, min(5, items))
         assert found["recall_at_1"]["graph"] == pytest.approx(own[np.arange(queries), matrix.argmax(axis=1)].mean())
-        assert f"itm {output}: each of {queries} " in printed.out
+        assert found["top1_same"] == queries  # FP32: the graph ranks as the reference
+        query, item = ("caption", "image") if output == "text_to_image" else ("image", "caption")
+        assert f"{head} {output}: each of {queries} {query}s ranks {items} {item}s by {score}; " in printed

@@ -105,8 +105,8 @@ def check_export(
             inputs = f"{pairs.describe()}, {max(batch_sizes)} at a time"
             if head.retrieval is not None:
                 paired = PairedScores(head.retrieval, pairs.layout)
-                if head.retrieval.every_pair and not every_pair:
-                    say(f"check {head.name}: ranks the pairs with --all-pairs (every caption with every image)")
+                if (why := paired.unrankable()) is not None:
+                    say(f"check {head.name}: no ranking rows: {why}")
         else:
             processor = processor_if_any(manifest)
             batches = generated_batches(config, shapes, processor=processor)

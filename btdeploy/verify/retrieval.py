@@ -69,10 +69,17 @@ class PairedScores:
 
     @property
     def rankable(self) -> bool:
-        """Two of each at least (one caption or one image has nothing to rank), and every pair run
-        where only a pair's own row holds its score."""
-        enough = self.layout.captions >= 2 and self.layout.images >= 2
-        return enough and (self.layout.every_pair or not self.spec.every_pair)
+        return self.unrankable() is None
+
+    def unrankable(self) -> str | None:
+        """Why the pairs cannot be ranked, or None: one caption or one image has nothing to rank,
+        and a head that scores only the pairs it runs needs every pair run."""
+        layout = self.layout
+        if layout.captions < 2 or layout.images < 2:
+            return f"{layout.captions} caption(s) and {layout.images} image(s): ranking needs two of each"
+        if self.spec.every_pair and not layout.every_pair:
+            return "it ranks with --all-pairs (every caption with every image)"
+        return None
 
     def observe(self, expected: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> None:
         """One batch of rows. A caption's embedding does not depend on the image beside it, so its

@@ -75,6 +75,7 @@ def test_itm_ranks_by_the_log_odds_of_each_pair_and_only_over_every_pair() -> No
     lone = PairedScores(head.retrieval, PairLayout(captions=3, images=3))
     lone.observe({"logits": logits[:3]}, {"logits": logits[:3]})
     assert not lone.rankable and retrieval_rows(head, lone, "fp32") == []
+    assert lone.unrankable() == "it ranks with --all-pairs (every caption with every image)"
 
 
 def _embeddings(rows: int, dim: int, seed: int) -> np.ndarray:
@@ -112,6 +113,7 @@ def test_a_graph_that_ranks_otherwise_fails_the_fp32_floor() -> None:
     one = PairedScores(head.retrieval, PairLayout(captions=1, images=6))
     one.observe({"text_embeds": texts, "image_embeds": images}, {"text_embeds": texts, "image_embeds": images})
     assert retrieval_rows(head, one, "fp32") == []
+    assert one.unrankable() == "1 caption(s) and 6 image(s): ranking needs two of each"
 
 
 @pytest.fixture()
@@ -168,7 +170,7 @@ def test_check_ranks_every_pair_by_match_as_the_runtime_scores_it(
     report = tmp_path / "parity.json"
     argv = ["check", str(tiny_export), "--heads", "itm", "--images", str(folder), "--texts", str(texts)]
     assert main([*argv, "--batch-sizes", "5", "--report", str(report)]) == 0
-    assert "check itm: ranks the pairs with --all-pairs" in capsys.readouterr().err
+    assert "check itm: no ranking rows: it ranks with --all-pairs (every caption" in capsys.readouterr().err
     assert [row["output"] for row in json.loads(report.read_text())["rows"]] == ["logits"]
 
     junit = tmp_path / "parity.xml"

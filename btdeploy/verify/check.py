@@ -97,6 +97,7 @@ def check_export(
         lengths = text_lengths or default_lengths_within(DEFAULT_TEXT_LENGTHS, config)
         shapes = parse_shapes(list(batch_sizes), list(lengths), config)
         paired = None  # a retrieval head's scores of the pairs, ranked when every batch has run
+        processor = None  # generated inputs draw scenes through it, where the export has one
         if pair is not None:
             pairs = real_pairs(manifest, *pair, texts_option=f"--texts {texts}", every_pair=every_pair)
             # Counted as they run: every caption with every image of a large set runs for minutes.

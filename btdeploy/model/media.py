@@ -256,8 +256,14 @@ def require_processor(manifest: Manifest) -> Path:
     return folder
 
 
+def has_processor(manifest: Manifest) -> bool:
+    """Whether export copied the checkpoint's processor beside the head (a checkpoint saved without
+    one has none)."""
+    return manifest.processor_dir.is_dir()
+
+
 def _processor_folder(manifest: Manifest) -> Path:
-    if not manifest.processor_dir.is_dir():
+    if not has_processor(manifest):
         why = manifest.data.get("processor_problem")
         raise BtDeployError(
             f"{manifest.folder} has no processor/ folder"
@@ -297,7 +303,7 @@ def export_processor(manifest: Manifest) -> Any:
 def processor_if_any(manifest: Manifest) -> Any | None:
     """The export's processor, or None where the checkpoint had none (a damaged one is still
     refused): generated inputs draw synthetic scenes through it, and keep to noise without it."""
-    return export_processor(manifest) if manifest.processor_dir.is_dir() else None
+    return export_processor(manifest) if has_processor(manifest) else None
 
 
 def pair_inputs(processor: Any, pictures: list[Any], texts: list[str], **text_options: Any) -> dict[str, np.ndarray]:

@@ -134,9 +134,9 @@ def _available_memory() -> int | None:
 
 
 GENERATED_ADVICE = (
-    "(random token ids; random pixels, and synthetic scenes where the export has a processor). Ranges from real "
-    "images and captions differ; "
-    "quantize again with real data (--calib-images DIR --calib-texts FILE) before shipping."
+    "(random token ids; random pixels, and synthetic scenes where the export has a processor). Ranges from "
+    "real images and captions differ; quantize again with real data (--calib-images DIR --calib-texts FILE) "
+    "before shipping."
 )
 
 
@@ -160,7 +160,7 @@ def plan_calibration(
     length = calibration_length(manifest.config)
     pair = media.paired_files(images, texts, ("--calib-images", "--calib-texts"))
     if pair is None:
-        pixels = GENERATED_IMAGES if manifest.processor_dir.is_dir() else NOISE_ALONE
+        pixels = GENERATED_IMAGES if media.has_processor(manifest) else NOISE_ALONE  # as generated_rows draws them
         source = {"kind": "generated", "size": size, "text_length": length, "images": pixels}
         source["warning"] = "not real data"
         return CalibrationPlan(manifest, size, length, source)

@@ -341,11 +341,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads or os.cpu_count() or 1,
         device=device,
         rotate_builds=not args.build_once,
+        baselines=tuple(dict.fromkeys(args.baselines)) if args.baselines else None,
     )
     out = Path(args.out or Path(args.dir) / "bench")
     if out.exists() and not out.is_dir():  # refused now, not after minutes of timing
         raise BtDeployError(f"--out {out} is a file: give a folder for the reports")
     first_length = args.seq_lens[0] if args.seq_lens else None  # rank and serve take one length
+    if args.workload != "heads" and settings.baselines is not None:
+        raise BtDeployError(
+            f"--baselines sets the speedups of --workload heads; --workload {args.workload} reports its own "
+            "comparisons: leave --baselines out"
+        )
     if args.workload == "rank":
         from btdeploy.bench.rank_workload import run_rank_bench
 
@@ -699,6 +705,7 @@ def _run_command(commands: Commands) -> None:
 
 def _bench_command(commands: Commands) -> None:
     from btdeploy.bench.runner import DEFAULT_TEXT_LENGTHS as DEFAULT_BENCH_TEXT_LENGTHS
+    from btdeploy.bench.variants import BASELINES as BENCH_BASELINES
 
     bench = _add(commands, "bench", cmd_bench, "time every variant of each head side by side, interleaved")
     bench.add_argument("dir", help="export folder")
@@ -728,6 +735,13 @@ def _bench_command(commands: Commands) -> None:
         action="store_true",
         help="build each variant once, in the order given (default: once in every position of the build"
         " order, the rounds split between the builds, because the variant built first can run slower)",
+    )
+    bench.add_argument(
+        "--baselines",
+        type=_names,
+        default=None,
+        help=f"variants every speedup is against, each timed in the same rounds (default: {','.join(BENCH_BASELINES)};"
+        " e.g. openvino-int8 sets every variant against OpenVINO's INT8)",
     )
     bench.add_argument("--out", default=None, help="results folder (default: DIR/bench)")
     bench.add_argument(

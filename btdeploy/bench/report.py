@@ -15,7 +15,7 @@ from btdeploy.bench.figures import pyplot, save_png
 from btdeploy.bench.machine import cpu_text
 from btdeploy.bench.runner import BenchRun, CaseResult
 from btdeploy.bench.stats import PairedRatio, paired_ratio
-from btdeploy.bench.variants import BASELINES, VARIANTS, is_peer, precision_class
+from btdeploy.bench.variants import VARIANTS, is_peer, precision_class
 
 # The first columns are those of ONNX Runtime's transformers benchmark CSV, where they fit.
 CSV_COLUMNS = [
@@ -102,6 +102,7 @@ def _peak_line(run: BenchRun) -> str:
 def markdown(run: BenchRun) -> str:
     gpu = run.machine.get("gpu")
     on_gpu = run.settings.device == "cuda"
+    baselines = run.settings.speedups_against
     versions = run.machine.get("versions", {})
     lines = [
         "# btdeploy benchmark",
@@ -127,19 +128,23 @@ def markdown(run: BenchRun) -> str:
         )
         + "; speedup = baseline median / variant median, same run",
         "",
-        "| head | batch | length | variant | median ms | p90 ms | p99 ms | samples/s | GFLOP/s | % peak "
-        "| x torch-eager | x ort-hf-optimizer | RSS MB |" + (" GPU MB |" if on_gpu else "") + " first call ms |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if on_gpu else "") + "---:|",
-    ]
+        "| head | batch | length | variant | median ms | p90 ms | p99 ms | samples/s | GFLOP/s | % peak | "
+        + "".join(f"x {name} | " for name in baselines)
+        + "RSS MB |"
+        + (" GPU MB |" if on_gpu else "")
+        + " first call ms |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(baselines) + "---:|"
+        + ("---:|" if on_gpu else "") + "---:|",
+    ]  # fmt: skip
     for case in run.cases:
-        speed = [f"{case.speedups[b]:.2f}" if b in case.speedups else "-" for b in BASELINES]
+        speed = "".join(f"{case.speedups[b]:.2f} | " if b in case.speedups else "- | " for b in baselines)
         percent = run.percent_of_peak(case)
         gpu_memory = f" {case.gpu_peak_mb:.0f} |" if case.gpu_peak_mb is not None else " - |"
         lines.append(
             f"| {case.head} | {case.batch} | {case.text_length} | {case.variant} | {case.stats.median_ms:.1f} "
             f"| {case.stats.p90_ms:.1f} | {case.stats.p99_ms:.1f} | {case.stats.throughput:.2f} "
-            f"| {case.gflops_per_s:.1f} | {'-' if math.isnan(percent) else f'{percent:.0f}'} | {speed[0]} | {speed[1]} "
-            f"| {case.rss_peak_mb:.0f} |" + (gpu_memory if on_gpu else "") + f" {case.first_call_ms or 0:.0f} |"
+            f"| {case.gflops_per_s:.1f} | {'-' if math.isnan(percent) else f'{percent:.0f}'} | {speed}"
+            f"{case.rss_peak_mb:.0f} |" + (gpu_memory if on_gpu else "") + f" {case.first_call_ms or 0:.0f} |"
         )
     lines += _per_round(run)
     lines += _against_peers(run)
@@ -236,7 +241,7 @@ def round_speedups(run: BenchRun) -> list[RoundSpeedup]:
     """Every variant against each baseline of its case that ran the same rounds."""
     found = []
     for cases in _cases_by_shape(run):
-        baselines = [c for name in BASELINES for c in cases if c.variant == name]
+        baselines = [c for name in run.settings.speedups_against for c in cases if c.variant == name]
         for case in cases:
             for baseline in baselines:
                 if baseline is not case and (paired := _paired(case, baseline)):

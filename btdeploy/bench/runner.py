@@ -67,6 +67,13 @@ class BenchSettings:
     # Build every variant once in each position of the build order (see `build_orders`); False:
     # build each once, in the order given (faster; the variant built first may be disadvantaged).
     rotate_builds: bool = True
+    # The variants every speedup in the reports is against, each timed in the same rounds (a peer
+    # such as openvino-int8 sets every variant against it). None: BASELINES, where the run times them.
+    baselines: tuple[str, ...] | None = None
+
+    @property
+    def speedups_against(self) -> tuple[str, ...]:
+        return self.baselines or BASELINES
 
 
 @dataclass
@@ -154,13 +161,25 @@ def _shapes(settings: BenchSettings, config: Any) -> list[tuple[int, int]]:
     return parse_shapes(settings.batch_sizes, lengths, config)
 
 
-def resolve_variants(names: list[str] | None) -> list[Variant]:
+def resolve_variants(names: list[str] | None, option: str = "--variants") -> list[Variant]:
     if not names:
         return list(VARIANTS.values())
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise BtDeployError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+        raise BtDeployError(f"{option}: unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     return [VARIANTS[n] for n in names]
+
+
+def check_baselines(baselines: tuple[str, ...], variants: list[Variant]) -> None:
+    """Each baseline a variant that this run times: a ratio needs both sides from the same rounds."""
+    resolve_variants(list(baselines), "--baselines")
+    timed = [variant.name for variant in variants]
+    missing = [name for name in baselines if name not in timed]
+    if missing:
+        raise BtDeployError(
+            f"--baselines {', '.join(missing)}: not among the variants this run times ({', '.join(timed)}); "
+            "add it to --variants: a speedup is measured against a baseline timed in the same rounds"
+        )
 
 
 def run_bench(
@@ -178,6 +197,8 @@ def _run_bench(
     from btdeploy.bench.machine import machine_description, matmul_peak_gflops
 
     variants = resolve_variants(variant_names)
+    if settings.baselines is not None:
+        check_baselines(settings.baselines, variants)
     folders = head_folders(Path(root), heads)
     for folder in folders:  # every head's shapes refused before the peak is measured, not after
         _shapes(settings, read_manifest(folder).config)
@@ -374,7 +395,8 @@ def _bench_head(run: BenchRun, plan: _HeadPlan, env: BenchEnv, settings: BenchSe
                 for name, values in case.samples.items()
             }
             for result in results.values():
-                for baseline in BASELINES:
+                # The CSV's two columns read the default baselines, the reports the chosen ones.
+                for baseline in dict.fromkeys((*BASELINES, *settings.speedups_against)):
                     if baseline in results:
                         result.speedups[baseline] = results[baseline].stats.median_ms / result.stats.median_ms
             run.cases.extend(results.values())

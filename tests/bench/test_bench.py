@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -529,6 +530,60 @@ def test_speedups_are_also_given_round_by_round() -> None:
     assert item.as_record()["ratio_of_medians"] == pytest.approx(4.0)
     run.cases[1].samples_s.append(0.005)  # a time-bounded run: different round counts, no pairing
     assert round_speedups(run) == [] and "## Speedups round by round" not in markdown(run)
+
+
+def test_chosen_baselines_set_every_variant_against_them(
+    tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A peer as the baseline: every speedup (table column and round by round) is against it, and
+    # the CSV keeps the default baselines' columns, as ONNX Runtime's benchmark CSV has them.
+    from btdeploy.bench import machine
+
+    monkeypatch.setattr(machine, "matmul_peak_gflops", lambda threads: {"torch": 100.0})
+    settings = BenchSettings(batch_sizes=(1,), text_lengths=(4,), warmup=0, iters=3, threads=1, baselines=("ort",))
+    run = run_bench(tiny_export, ["itm"], ["torch-eager", "ort"], settings)
+    by_name = {case.variant: case for case in run.cases}
+    eager, ort = by_name["torch-eager"], by_name["ort"]
+    assert eager.speedups["ort"] == pytest.approx(ort.stats.median_ms / eager.stats.median_ms)
+    assert ort.speedups["torch-eager"] == pytest.approx(eager.stats.median_ms / ort.stats.median_ms)
+    write_reports(run, tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| head | batch |"))
+    assert "| x ort |" in header and "x torch-eager" not in header and "x ort-hf-optimizer" not in header
+    row = next(line for line in table.splitlines() if line.startswith("| itm | 1 | 4 | torch-eager |"))
+    assert row.count("|") == header.count("|") and f"| {eager.speedups['ort']:.2f} |" in row
+    data = json.loads((tmp_path / "results.json").read_text())
+    # Round by round: torch-eager against ort only (ort is not set against itself).
+    assert [(r["variant"], r["baseline"]) for r in data["round_speedups"]] == [("torch-eager", "ort")]
+    ratios = [o / e for o, e in zip(ort.samples_s, eager.samples_s, strict=True)]
+    assert data["round_speedups"][0]["paired"]["median"] == pytest.approx(float(np.median(ratios)))
+    assert data["settings"]["baselines"] == ["ort"]
+    rows = {r["variant"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
+    assert float(rows["ort"]["speedup_vs_torch_eager"]) == pytest.approx(ort.speedups["torch-eager"], abs=1e-3)
+
+
+def test_a_baseline_the_run_does_not_time_is_refused_before_any_work(
+    tiny_export: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from btdeploy.bench import machine
+    from btdeploy.cli import main
+
+    def measured(threads: int) -> dict[str, float]:
+        raise AssertionError("the matmul peak was measured before the baselines were checked")
+
+    monkeypatch.setattr(machine, "matmul_peak_gflops", measured)
+    settings = BenchSettings(batch_sizes=(1,), text_lengths=(4,), warmup=0, iters=1, threads=1)
+    with pytest.raises(BtDeployError, match="--baselines openvino-int8: not among the variants this run times \\(ort, "
+                       "torch-eager\\); add it to --variants"):  # fmt: skip
+        run_bench(tiny_export, ["itm"], ["ort", "torch-eager"], replace(settings, baselines=("openvino-int8",)))
+    with pytest.raises(BtDeployError, match="--baselines: unknown variant\\(s\\) openvino-int4: choose from"):
+        run_bench(tiny_export, ["itm"], ["ort"], replace(settings, baselines=("openvino-int4",)))
+    # Without --baselines, defaults the run does not time are simply absent.
+    assert settings.speedups_against == ("torch-eager", "ort-hf-optimizer")
+    assert main(["bench", str(tiny_export), "--workload", "rank", "--baselines", "ort"]) == 2
+    assert "--baselines sets the speedups of --workload heads; --workload rank reports its own" in (
+        capsys.readouterr().err
+    )
 
 
 def test_fp16_and_bf16_are_compared_as_one_precision_class() -> None:

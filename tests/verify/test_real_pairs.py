@@ -75,6 +75,38 @@ def test_an_image_that_recurs_is_decoded_once(
     assert decoded == [images / "a.png"]
 
 
+def test_with_every_pair_each_image_is_decoded_once_and_batches_are_as_the_processor_makes_them(
+    tiny_export: Path, pairs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every caption with every image runs caption by caption, so an image recurs once per caption,
+    further apart than a batch: it had been decoded and preprocessed again each time."""
+    from btdeploy.model.media import load_image, pair_inputs
+    from btdeploy.verify import check
+
+    decoded: list[Path] = []
+
+    def counted(path: Path, processor: object) -> object:
+        decoded.append(path)
+        return load_image(path, processor)
+
+    monkeypatch.setattr(check, "load_image", counted)
+    pair = paired_files(*pairs, ("--images", "--texts"))
+    assert pair is not None
+    manifest = find_head(tiny_export, "itm")
+    every = check.real_pairs(manifest, *pair, texts_option="--texts captions.txt", every_pair=True)
+    batches = list(every.batches(2))
+    assert sorted(decoded) == sorted(pair[0]) and len(decoded) == 5  # five images, three captions, 15 rows
+    # The same inputs as the processor makes of each batch's pictures and captions at once.
+    rows = [every.layout.indices(row) for row in range(15)]
+    for start, batch in zip(range(0, 15, 2), batches, strict=True):
+        chunk = rows[start : start + 2]
+        pictures = [load_image(pair[0][image], every.processor.image_processor) for _, image in chunk]
+        expected = pair_inputs(every.processor, pictures, [pair[1][caption] for caption, _ in chunk])
+        assert list(batch) == list(expected)
+        for name in expected:
+            assert batch[name].dtype == expected[name].dtype and np.array_equal(batch[name], expected[name]), name
+
+
 def test_the_command_records_its_inputs_and_refuses_half_a_pair(
     tiny_export: Path, pairs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

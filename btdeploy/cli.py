@@ -165,11 +165,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from btdeploy.apps.run import score
-    from btdeploy.runtime.runtime import load
+    from btdeploy.apps.run import run_request, score
+    from btdeploy.backends.targets import get_target
+    from btdeploy.runtime.runtime import find_head, load
 
-    runtime = load(args.dir, head=args.head, backend=args.backend, **_chosen_graph(args))
-    answers = score(runtime, Path(args.image), args.text, args.top_k)
+    graph = _chosen_graph(args)
+    get_target(args.backend).resolve(graph)  # an option the backend does not take: refused at once
+    # The texts and the image are checked (and the image read) before the model loads.
+    request = run_request(find_head(args.dir, args.head), Path(args.image), args.text, args.top_k)
+    runtime = load(args.dir, head=args.head, backend=args.backend, **graph)
+    answers = score(runtime, request)
     if args.json:
         header = {"head": runtime.manifest.head, "image": args.image, "graph": runtime.backend.description}
         print(json.dumps({**header, "answers": answers}, indent=2, ensure_ascii=False))

@@ -36,7 +36,7 @@ from btdeploy.apps.run import refuse_long_texts
 from btdeploy.artifacts.files import sha256_of, write_bytes
 from btdeploy.artifacts.manifest import head_folders, read_manifest
 from btdeploy.errors import BtDeployError
-from btdeploy.model.media import export_processor, image_files, read_captions
+from btdeploy.model.media import export_processor, image_files, read_captions, require_readable_images
 from btdeploy.progress import RowProgress, say
 from btdeploy.runtime.runtime import SplitRuntime
 from btdeploy.runtime.split_runtime import Features
@@ -236,6 +236,7 @@ def index_images(
     hashes = []
     for path in files:
         hashes.append(_file_hash(path))
+        require_readable_images([path], "index")  # a file that is no image refused before the embeddings
         hashing.advance()
     return _index(tower, out, "image", [path.name for path in files], hashes, folder.resolve(), batch_size, started)
 
@@ -252,7 +253,7 @@ def index_texts(
     started = time.monotonic()
     texts = read_captions(captions, "--texts")
     tower = _candidate_tower(root, options, batch_size, backend)
-    refuse_long_texts(export_processor(tower.manifest), texts, tower)  # before any work
+    refuse_long_texts(export_processor(tower.manifest), texts, tower.manifest)  # before any work
     hashes = [hashlib.sha256(text.encode()).hexdigest() for text in texts]
     return _index(tower, out, "text", texts, hashes, None, batch_size, started)
 
@@ -358,6 +359,9 @@ def rank_gallery(
     if gallery.kind == wanted:
         against = "--text TEXT" if gallery.kind == "image" else "--image IMG"
         raise BtDeployError(f"--gallery {gallery_path} holds {gallery.kind}s: rank it against {against}")
+
+    if isinstance(query, Path):
+        require_readable_images([query], "rank")  # before the heads load
 
     def reader(ranker: Ranker) -> ItemReader:
         return GalleryItems(ranker.processor, gallery, gallery_path)

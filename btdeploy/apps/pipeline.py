@@ -24,12 +24,13 @@ from btdeploy.backends.targets import TARGETS, RunOptions
 from btdeploy.export.exporter import DEFAULT_EXPORTER, DEFAULT_OPSET, export_head
 from btdeploy.model.checkpoints import ModelSource, head_weight_count, load_config, resolve_model
 from btdeploy.model.heads import HEADS, get_head
-from btdeploy.model.media import paired_files
+from btdeploy.model.media import paired_files, require_readable_images
 from btdeploy.optimize.optimizer import optimize_head
 from btdeploy.progress import Countdown, clock, say, step
 from btdeploy.quantize.calibration import (
     DEFAULT_CALIB_SIZE,
     GENERATED_ADVICE,
+    calibration_images,
     calibration_rows,
     require_calib_size,
     require_rows_fit_memory,
@@ -148,9 +149,13 @@ def run_pipeline(
     source graphs, calibration and tool versions, intact on disk) are kept unless `force`. Every
     graph is checked on generated inputs, or on the user's pairs given as `check_data` (images, texts)."""
     # Unreadable or half-given pairs fail now, not after minutes of export and optimize.
-    paired_files(*check_data, ("--check-images", "--check-texts"))
+    check_pair = paired_files(*check_data, ("--check-images", "--check-texts"))
     calibration_pair = paired_files(*calibration, ("--calib-images", "--calib-texts"))
     require_calib_size(calib_size)
+    if check_pair:
+        require_readable_images(check_pair[0], "--check-images")
+    if calibration_pair:
+        require_readable_images(calibration_images(calibration_pair, calib_size), "--calib-images")
     source = resolve_model(model, seed)
     heads = heads or list(HEADS)
     quantized = [(f, p) for f, p in quantized_graphs() if p in precisions and f in flavours]

@@ -27,7 +27,7 @@ from btdeploy.artifacts.manifest import head_folders, read_manifest, require_one
 from btdeploy.backends.targets import TARGETS, get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import match_probability, text_image_cosine
-from btdeploy.model.media import export_processor, image_inputs, load_image
+from btdeploy.model.media import export_processor, image_inputs, load_image, require_readable_images
 from btdeploy.progress import say
 from btdeploy.runtime.runtime import Runtime, SplitRuntime, load
 from btdeploy.runtime.split_runtime import Features
@@ -92,7 +92,7 @@ class ItemReader:
 
     def check_texts(self, ranker: Ranker, texts: list[str]) -> None:
         """Texts past the model's length refused before any work (a cut text gets another answer)."""
-        refuse_long_texts(self.processor, texts, ranker.itm)
+        refuse_long_texts(self.processor, texts, ranker.itm.manifest)
 
     def text_inputs(self, texts: list[str]) -> dict[str, np.ndarray]:
         encoding = self.processor.tokenizer(texts, padding=True, return_tensors="np")
@@ -279,6 +279,8 @@ def rank(
             [read_manifest(folder) for folder in head_folders(root, [SCORING_HEAD, CANDIDATE_HEAD])],
             "rank takes its candidates from the itc head and scores them with the itm head",
         )
+    if reader is None:  # image files: each one's header read before the heads load
+        require_readable_images(images, "rank")
     ranker = Ranker(load_head(root, SCORING_HEAD, backend, **options), None, graphs, batch_size)
     items = ranker.checked(images, texts, top_k, reader(ranker) if reader else None)  # before the itc head loads
     if has_itc:

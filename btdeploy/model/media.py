@@ -5,6 +5,8 @@ from __future__ import annotations
 import codecs
 import json
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import numpy as np
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.imports import serial_imports
-from btdeploy.progress import say
+from btdeploy.progress import RowProgress, say
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -123,9 +125,10 @@ def upright_rgb(image: Any) -> Any:
     return upright.convert("RGB")
 
 
-def load_image(path: Path, image_processor: Any = None) -> Any:
-    """An RGB PIL image, read fully so the file is closed; with `image_processor`, refused here
-    if that processor cannot resize it (`resize_problem`)."""
+@contextmanager
+def _opened_image(path: Path) -> Iterator[Any]:
+    """The image file opened, its header read and its pixels not yet decoded; whatever fails in the
+    block, opening or decoding, is one line naming the image."""
     from PIL import Image, UnidentifiedImageError
 
     if str(path).startswith(("http:/", "https:/")):  # a Path has already folded "://" into ":/"
@@ -139,17 +142,7 @@ def load_image(path: Path, image_processor: Any = None) -> Any:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
         with image:
-            warned_past = Image.MAX_IMAGE_PIXELS  # None where the program turned PIL's check off
-            if warned_past is not None and image.width * image.height > warned_past:
-                say(
-                    f"image {path} is {image.width}x{image.height} ({image.width * image.height:,} "
-                    "pixels): decoding and resizing it take seconds and gigabytes, for a model that sees it "
-                    "shrunk to its image size; shrink it first where speed matters"
-                )
-            depth = depth_problem(image)
-            if depth:
-                raise BtDeployError(f"image {path} {depth}")
-            picture = upright_rgb(image)
+            yield image
     except FileNotFoundError:
         raise BtDeployError(f"image {path} does not exist") from None
     except Image.DecompressionBombError as error:
@@ -160,10 +153,46 @@ def load_image(path: Path, image_processor: Any = None) -> Any:
             f"image {path} cannot be read ({error}): "
             "give an image PIL reads (JPEG, PNG, ...); if it is one of a folder of images, move it out"
         ) from None
+
+
+def load_image(path: Path, image_processor: Any = None) -> Any:
+    """An RGB PIL image, read fully so the file is closed; with `image_processor`, refused here
+    if that processor cannot resize it (`resize_problem`)."""
+    from PIL import Image
+
+    with _opened_image(path) as image:
+        warned_past = Image.MAX_IMAGE_PIXELS  # None where the program turned PIL's check off
+        if warned_past is not None and image.width * image.height > warned_past:
+            say(
+                f"image {path} is {image.width}x{image.height} ({image.width * image.height:,} "
+                "pixels): decoding and resizing it take seconds and gigabytes, for a model that sees it "
+                "shrunk to its image size; shrink it first where speed matters"
+            )
+        depth = depth_problem(image)
+        if depth:
+            raise BtDeployError(f"image {path} {depth}")
+        picture = upright_rgb(image)
     problem = None if image_processor is None else resize_problem(picture.width, picture.height, image_processor)
     if problem:
         raise BtDeployError(f"image {path} {problem}")
     return picture
+
+
+# Past this many images, checking their headers takes seconds: it says how far it got.
+HEADERS_WITH_PROGRESS = 2000
+
+
+def require_readable_images(paths: Sequence[Path], what: str) -> None:
+    """Each image's file opened and its header read, without decoding its pixels: a missing,
+    unreadable or non-image file refused before any model loads, where decoding it when its
+    batch comes had refused it after seconds of loading or minutes of work. `what` names the
+    images in the progress line of a large folder."""
+    progress = RowProgress(len(paths), f"{what}: reading the headers") if len(paths) >= HEADERS_WITH_PROGRESS else None
+    for path in paths:
+        with _opened_image(Path(path)):
+            pass
+        if progress:
+            progress.advance()
 
 
 # BridgeTower's image processor caps the longer side at this multiple of the shorter one.

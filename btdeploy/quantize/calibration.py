@@ -100,6 +100,11 @@ def calibration_rows(size: int, pair: tuple[list[Path], list[str]] | None) -> in
     return size if pair is None else min(size, math.lcm(len(pair[0]), len(pair[1])))
 
 
+def calibration_images(pair: tuple[list[Path], list[str]], size: int) -> list[Path]:
+    """The images `size` calibration rows of the user's pairs read (row k: image k % a)."""
+    return pair[0][: calibration_rows(size, pair)]
+
+
 def calibration_length(config: Any) -> int:
     return min(CALIB_TEXT_LENGTH, max_text_length(config))
 
@@ -166,7 +171,8 @@ def plan_calibration(
         return CalibrationPlan(manifest, size, length, source)
     image_files, captions = pair
     asked, size = size, calibration_rows(size, pair)
-    used_images, used_captions = tuple(image_files[:size]), tuple(captions[:size])
+    used_images, used_captions = tuple(calibration_images(pair, asked)), tuple(captions[:size])
+    media.require_readable_images(used_images, "--calib-images")  # before anything is decoded or hashed
     source = {
         "kind": "files",
         "images": str(images),

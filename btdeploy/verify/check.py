@@ -26,6 +26,7 @@ from btdeploy.model.media import (
     load_image,
     paired_files,
     processor_if_any,
+    require_readable_images,
     text_inputs,
     text_length_problem,
 )
@@ -84,6 +85,8 @@ def check_export(
         if path is not None and Path(path).is_dir():
             raise BtDeployError(f"{flag} {path} is a folder: give a file name such as {Path(path) / example}")
     pair = paired_files(images, texts, ("--images", "--texts"))  # read once, for every head
+    if pair:
+        require_readable_images(pair[0], "--images")
     if every_pair and pair is None:
         raise BtDeployError("--all-pairs runs every caption with every image: give --images DIR and --texts FILE")
     target = get_target(backend)

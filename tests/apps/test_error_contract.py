@@ -104,6 +104,9 @@ def _swapped_before(command: list[str]) -> Setup:
     def setup(out: Path, tmp: Path) -> list[str]:
         shutil.copy(out / "mlm" / "model.onnx", out / "itm" / "model.onnx")
         shutil.copy(out / "itm" / "text.ort.onnx", out / "itm" / "model.ort.onnx")
+        from PIL import Image
+
+        Image.new("RGB", (64, 64), (20, 120, 40)).save(tmp / "photo.png")  # run reads its image before the graph
         return [arg.format(out=out, tmp=tmp) for arg in command]
 
     return setup
@@ -186,6 +189,13 @@ def _banner(tmp: Path) -> Path:
 
 def _run_on_an_elongated_image(out: Path, tmp: Path) -> list[str]:
     return ["run", str(out), "--head", "itm", "--image", str(_banner(tmp)), "--text", "a green banner"]
+
+
+def _rank_a_folder_with_a_note(out: Path, tmp: Path) -> list[str]:
+    """A note saved under an image's name among the pictures: refused by its header before the heads load."""
+    _banner(tmp)
+    (tmp / "images" / "note.png").write_text("not a picture")
+    return ["rank", str(out), "--images", str(tmp / "images"), "--text", "a green banner"]
 
 
 def _bench_into_a_file(out: Path, tmp: Path) -> list[str]:
@@ -295,7 +305,7 @@ CASES: list[tuple[str, Setup, str]] = [
         for command in (
             ["optimize", "{out}", "--heads", "itm", "--flavour", "trt"],
             ["quantize", "{out}", "--heads", "itm", "--precision", "int8-dynamic"],
-            ["run", "{out}", "--head", "itm", "--backend", "openvino", "--image", "x.png", "--text", "a"],
+            ["run", "{out}", "--head", "itm", "--backend", "openvino", "--image", "{tmp}/photo.png", "--text", "a"],
             ["triton-repo", "{out}", "--heads", "itm", "--flavour", "ort", "--out", "{tmp}/repo"],
         )
     ],  # fmt: skip
@@ -443,6 +453,7 @@ CASES: list[tuple[str, Setup, str]] = [
         lambda out, tmp: ["run", str(out), "--head", "itm", "--image", "x", "--text", "a", "--checkpoint", str(tmp)],
         "does not take 'checkpoint'",
     ),
+    ("rank a folder holding a file that is no image", _rank_a_folder_with_a_note, "note.png cannot be read (cannot"),
     ("run on an image too elongated to resize", _run_on_an_elongated_image, "banner.png is 256x64 pixels, more than"),
     ("calibration on an image too elongated", _calibrate_on_an_elongated_image, "banner.png is 256x64 pixels, more"),
     ("run on an image past PIL's decompression limit", _run_on_a_decompression_bomb, "huge.png is too large to decode"),

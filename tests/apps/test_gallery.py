@@ -145,6 +145,30 @@ def test_an_image_changed_or_gone_since_indexing_is_named(export: Path, tmp_path
         rank_gallery(export, out, CAPTION, top_k=4)
 
 
+def test_an_unreadable_image_is_refused_before_any_embedding(
+    export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By its header while the folder is hashed, where decoding its batch had refused it after the
+    embeddings of every image before it, all of them lost."""
+    import btdeploy.apps.gallery
+    from btdeploy.apps.gallery import index_images, index_texts, rank_gallery
+
+    folder, out = tmp_path / "photos", tmp_path / "gallery.npz"
+    _photos(folder, range(3))
+    (folder / "photo03.png").write_bytes(b"a note, not a picture")
+    embedded = _vision_rows(monkeypatch)
+    with pytest.raises(BtDeployError, match=r"photo03.png cannot be read \(cannot identify image file"):
+        index_images(export, folder, out)
+    assert embedded == [] and not out.exists()
+    # A query image for a gallery of captions is read before the heads load.
+    captions = tmp_path / "captions.txt"
+    captions.write_text(f"{CAPTION}\na red square\n")
+    index_texts(export, captions, out)
+    monkeypatch.setattr(btdeploy.apps.gallery, "rank", lambda *args, **kwargs: pytest.fail("ranked"))
+    with pytest.raises(BtDeployError, match=r"photo03.png cannot be read"):
+        rank_gallery(export, out, folder / "photo03.png")
+
+
 def test_index_keeps_what_it_did_not_make(export: Path, tmp_path: Path) -> None:
     """A file at --out that is not a gallery is refused, not overwritten; a failure midway leaves
     the gallery there as it was, and no half-written file."""

@@ -40,6 +40,11 @@ def _captions(path: Path) -> Path:
     return path
 
 
+def _pairs_with_a_note(tmp_path: Path) -> list[str]:
+    """A folder of images holding a note under an image's name, and a captions file: DIR FILE."""
+    return [str(_images(tmp_path / "images", broken=True)), str(_captions(tmp_path / "captions.txt"))]
+
+
 def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     assert main(argv) == 2
     return capsys.readouterr().err.strip()
@@ -123,10 +128,8 @@ def test_check_refuses_an_unreadable_image_before_any_model(
     tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(btdeploy.verify.check, "get_target", _no_work)
-    folder = _images(tmp_path / "images", broken=True)
-    captions = _captions(tmp_path / "captions.txt")
-    argv = ["check", str(tiny_export), "--heads", "itm", "--images", str(folder), "--texts", str(captions)]
-    err = _refused(argv, capsys)
+    images, captions = _pairs_with_a_note(tmp_path)
+    err = _refused(["check", str(tiny_export), "--heads", "itm", "--images", images, "--texts", captions], capsys)
     assert "2.png cannot be read" in err, err
 
 
@@ -135,11 +138,10 @@ def test_the_pipeline_refuses_an_unreadable_image_before_the_export(
     option: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(btdeploy.apps.pipeline, "resolve_model", _no_work)
-    folder = _images(tmp_path / "images", broken=True)
-    captions = _captions(tmp_path / "captions.txt")
+    images, captions = _pairs_with_a_note(tmp_path)
     out = tmp_path / "out"
     argv = ["pipeline", "--model", "tiny", "--heads", "itm", "--out", str(out)]
-    err = _refused([*argv, f"--{option}-images", str(folder), f"--{option}-texts", str(captions)], capsys)
+    err = _refused([*argv, f"--{option}-images", images, f"--{option}-texts", captions], capsys)
     assert "2.png cannot be read" in err and not out.exists(), err
 
 

@@ -4,6 +4,7 @@ in the pipeline)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -102,6 +103,16 @@ def test_run_refuses_an_unreadable_image_before_loading(
     # The text is refused first where both are wrong, as before: the request is checked whole.
     err = _refused(["run", str(tiny_export), "--head", "mlm", "--image", str(note), "--text", "no mask"], capsys)
     assert "text 1 of 1 has no <mask>" in err, err
+    # A text past the model's length and a damaged processor, which the README says run refuses
+    # before any work, are refused before the load too (both had been said after it).
+    photo = _images(tmp_path / "images", broken=False) / "0.png"
+    err = _refused(["run", str(tiny_export), "--head", "itm", "--image", str(photo), "--text", "word " * 600], capsys)
+    assert "text 1 of 1 ('word word" in err and "shorten it" in err, err
+    copy = tmp_path / "export"
+    shutil.copytree(tiny_export / "itm", copy / "itm")
+    (copy / "itm" / "processor" / "tokenizer.json").write_text('{"cut short')
+    err = _refused(["run", str(copy), "--head", "itm", "--image", str(photo), "--text", "hi"], capsys)
+    assert "tokenizer.json is damaged" in err, err
 
 
 @pytest.mark.parametrize("which", ["--image", "--images"])

@@ -19,6 +19,9 @@ from btdeploy.version import __version__
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
 PROCESSOR_DIR = "processor"
+# Why export found btdeploy's own reading of the processor (model/preprocessor) not transformers',
+# where it did: the commands then read it with transformers.
+PROCESSOR_READ_BY_TRANSFORMERS = "processor_read_by_transformers"
 
 
 def package_version(package: str) -> str | None:
@@ -104,6 +107,12 @@ class Manifest:
     @property
     def processor_dir(self) -> Path:
         return self.folder / PROCESSOR_DIR
+
+    @property
+    def processor_read_by_transformers(self) -> str | None:
+        """Why export found btdeploy's reading of the processor not transformers', or None."""
+        why = self.data.get(PROCESSOR_READ_BY_TRANSFORMERS)
+        return str(why) if why else None
 
     @property
     def config(self) -> StoredConfig:

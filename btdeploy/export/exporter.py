@@ -15,6 +15,7 @@ from btdeploy.artifacts.manifest import (
     MANIFEST_NAME,
     MODEL_NAME,
     PROCESSOR_DIR,
+    PROCESSOR_READ_BY_TRANSFORMERS,
     Manifest,
     read_manifest,
     tool_versions,
@@ -37,6 +38,7 @@ from btdeploy.model.configs import config_fingerprint, max_text_length
 from btdeploy.model.heads import HeadSpec, get_head
 from btdeploy.model.inputs import sample_inputs
 from btdeploy.model.media import image_size_problem
+from btdeploy.model.preprocessor import disagreement, unread_setting
 from btdeploy.model.tokenizer import vocabulary_problem
 from btdeploy.model.towers import head_module, part_modules, part_specs
 from btdeploy.progress import say, step, warn
@@ -157,10 +159,12 @@ def _export(
             external = _store_model(exported, staging / MODEL_NAME)
             del exported
         parts = _export_parts(loaded, head, staging, opset, exporter) if split else None
-        processor_problem = _copy_processor(source, staging / PROCESSOR_DIR, loaded.config)
+        processor_problem, read_by_transformers = _copy_processor(source, staging / PROCESSOR_DIR, loaded.config)
         manifest = Manifest(
             final, _manifest_data(source, head, loaded, opset, exporter, staging, external, seconds, processor_problem)
         )
+        if read_by_transformers:
+            manifest.data[PROCESSOR_READ_BY_TRANSFORMERS] = read_by_transformers
         if parts:
             manifest.data["split"] = parts
         manifest.data["model"]["checkpoint_sha256"] = checkpoint_sha256
@@ -280,9 +284,11 @@ def _store_model(exported: ExportedGraph, target: Path) -> bool:
     return save_graph_atomically(exported.model, target, apart=exported.weights)
 
 
-def _copy_processor(source: ModelSource, target: Path, config: Any) -> str | None:
+def _copy_processor(source: ModelSource, target: Path, config: Any) -> tuple[str | None, str | None]:
     """Keep the checkpoint's processor beside the model, so `run` and the seed examples need nothing
-    else; or say why it cannot be kept (returned, and recorded in the manifest)."""
+    else; or say why it cannot be kept (the first of the two returned, recorded in the manifest).
+    The second: why btdeploy's own reading of the copy (model/preprocessor) is not transformers'
+    on a probe, where it is not, so that commands read that copy with transformers instead."""
     with serial_imports():
         from transformers import BridgeTowerProcessor
 
@@ -294,7 +300,7 @@ def _copy_processor(source: ModelSource, target: Path, config: Any) -> str | Non
         problem = f"no usable processor ({' '.join(str(error).split())})"
     if problem:
         warn(f"{source.checkpoint}: {problem}; btdeploy run will not work on this export")
-        return problem
+        return problem, None
     if processor.tokenizer.padding_side != "right":
         # Every head's answer but mlm's reads each text's first token ([CLS]); padded on the left,
         # a shorter text of a batch puts a pad there, in transformers too.
@@ -302,7 +308,12 @@ def _copy_processor(source: ModelSource, target: Path, config: Any) -> str | Non
             "each text's first token, so the export's processor pads on the right")  # fmt: skip
         processor.tokenizer.padding_side = "right"
     processor.save_pretrained(target)
-    return None
+    unread = unread_setting(target)
+    differs = None if unread else disagreement(target, BridgeTowerProcessor.from_pretrained(target))
+    if unread or differs:
+        say(f"{source.checkpoint}: its processor is read with transformers at run time, which imports torch "
+            f"(btdeploy's own reading does not read it: {unread or differs})")  # fmt: skip
+    return None, unread or differs
 
 
 def _manifest_data(

@@ -15,6 +15,7 @@ import numpy as np
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.imports import serial_imports
+from btdeploy.model.preprocessor import LONGER_OVER_SHORTER, Preprocessor, resized_size, unread_setting
 from btdeploy.progress import RowProgress, say
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -195,21 +196,6 @@ def require_readable_images(paths: Sequence[Path], what: str) -> None:
             progress.advance()
 
 
-# BridgeTower's image processor caps the longer side at this multiple of the shorter one.
-LONGER_OVER_SHORTER = 1333 / 800
-
-
-def resized_size(width: int, height: int, shorter: int, longer: int, divisor: int) -> tuple[int, int]:
-    """(width, height) after BridgeTower's resize: the shorter side scaled to `shorter`, the
-    longer one capped at `longer`, both rounded down to multiples of `divisor`."""
-    scale = shorter / min(width, height)
-    new_width, new_height = (scale * width, float(shorter)) if height < width else (float(shorter), scale * height)
-    if max(new_width, new_height) > longer:
-        cap = longer / max(new_width, new_height)
-        new_width, new_height = cap * new_width, cap * new_height
-    return int(new_width + 0.5) // divisor * divisor, int(new_height + 0.5) // divisor * divisor
-
-
 def resize_problem(width: int, height: int, image_processor: Any) -> str | None:
     """Why the checkpoint's image processor cannot take a width x height image, or None.
 
@@ -277,11 +263,14 @@ def image_size_problem(image_processor: Any, image_size: int) -> str | None:
 
 def require_processor(manifest: Manifest) -> Path:
     """The processor folder export copied beside the head, or a refusal saying why there is none or
-    which of its files is damaged (cheap, and said before a server starts)."""
+    which of its files is damaged (cheap, and said before a server starts): each JSON file parsed,
+    and read whole where btdeploy reads it (a tokenizer.json that parses but is no tokenizer)."""
     folder = _processor_folder(manifest)
     damaged = _damaged_processor_file(folder)
     if damaged:
         raise BtDeployError(damaged)
+    if not (manifest.processor_read_by_transformers or unread_setting(folder)):
+        Preprocessor.from_folder(folder)
     return folder
 
 
@@ -313,11 +302,24 @@ def _damaged_processor_file(folder: Path) -> str | None:
 
 
 def export_processor(manifest: Manifest) -> Any:
-    """The checkpoint's processor, as export copied it beside the head."""
+    """The checkpoint's processor, as export copied it beside the head: read by btdeploy's own
+    `Preprocessor` (no transformers, so no torch: seconds and hundreds of MB less for every
+    command and server that only runs graphs), or by transformers' BridgeTowerProcessor where
+    the folder holds a setting that reading does not cover (`preprocessor.unread_setting`)."""
+    folder = _processor_folder(manifest)
+    damaged = _damaged_processor_file(folder)
+    if damaged:
+        raise BtDeployError(damaged)
+    if manifest.processor_read_by_transformers or unread_setting(folder):
+        return transformers_processor(folder)
+    return Preprocessor.from_folder(folder)
+
+
+def transformers_processor(folder: Path) -> Any:
+    """transformers' BridgeTowerProcessor of a processor folder, a damaged file named."""
     with serial_imports():
         from transformers import BridgeTowerProcessor
 
-    folder = _processor_folder(manifest)
     try:
         return BridgeTowerProcessor.from_pretrained(folder)
     except Exception as error:  # transformers raises many types for a damaged or edited file

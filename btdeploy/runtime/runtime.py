@@ -10,6 +10,7 @@ from btdeploy.backends.base import Backend
 from btdeploy.backends.targets import get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HeadSpec, get_head
+from btdeploy.model.media import export_processor
 from btdeploy.progress import warn
 from btdeploy.runtime.outputs import HeadOutput
 from btdeploy.runtime.split_runtime import Features, SplitRuntimeMixin
@@ -170,6 +171,14 @@ def load(
     runtime = runtime_class(manifest, built, check_finite)
     runtime.load_arguments = (str(manifest.folder), backend, check_finite, dict(options))
     return runtime
+
+
+def load_processor(path: str | Path, head: str | None = None) -> Any:
+    """The processor export kept beside a head, called as transformers' BridgeTowerProcessor is
+    (`model(**processor(image, text, return_tensors="np"))`): read without transformers, so
+    with `load` images and texts run through a head without importing torch
+    (model/preprocessor; transformers reads the rare folder that reading does not cover)."""
+    return export_processor(find_head(path, head))
 
 
 def _load_again(folder: str, backend: str, check_finite: bool, options: dict[str, Any]) -> Runtime:

@@ -466,6 +466,14 @@ CASES: list[tuple[str, Setup, str]] = [
         )
         for command in ("run", "serve")
     ],
+    *[
+        (
+            f"{command} with a BPE tokenizer.json that is no tokenizer",
+            _processor_file("tokenizer.json", '{"model": {"type": "BPE", "vocab": "none"}}', command),
+            "processor/tokenizer.json cannot be read as a tokenizer (",
+        )
+        for command in ("run", "serve")
+    ],
     (
         "run with a processor transformers cannot read",
         _processor_file("tokenizer.json", "{}", "run"),

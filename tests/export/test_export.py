@@ -233,6 +233,38 @@ def test_a_processor_that_makes_another_image_size_is_not_kept(
     assert f"has no processor/ folder (the checkpoint had no usable processor: {problem}" in capsys.readouterr().err
 
 
+def test_a_processor_btdeploy_does_not_read_whole_is_recorded_and_read_with_transformers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A setting btdeploy's own reading of the processor leaves out (model/preprocessor) is said at
+    export and recorded in the manifest; `run` then reads the folder with transformers and still
+    answers, as it does for a folder read both ways."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from btdeploy.cli import main
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(resolve_model("tiny").checkpoint, checkpoint)
+    config = json.loads((checkpoint / "processor_config.json").read_text())
+    config["image_processor"]["do_convert_rgb"] = True
+    (checkpoint / "processor_config.json").write_text(json.dumps(config))
+    manifest = export_head(resolve_model(str(checkpoint)), "itm", tmp_path / "out")
+    why = "image processor settings do_convert_rgb"
+    assert (
+        f"its processor is read with transformers at run time, which imports torch (btdeploy's own reading does "
+        f"not read it: {why})" in capsys.readouterr().err
+    )
+    assert manifest.processor_read_by_transformers == why
+    image = tmp_path / "image.png"
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(image)
+    assert main(["run", str(manifest.folder), "--image", str(image), "--text", "a cat", "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out)["answers"]
+    assert 0 < answers[0]["match_probability"] < 1
+
+
 def test_a_tokenizer_that_pads_on_the_left_is_exported_padding_on_the_right(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,13 +11,15 @@ from btdeploy import hugepages
 from btdeploy.apps.disk_space import size_text
 from btdeploy.artifacts.files import nearest_existing
 from btdeploy.artifacts.graph_names import STEMS
-from btdeploy.artifacts.manifest import head_folders, package_version, read_manifest
+from btdeploy.artifacts.manifest import Manifest, head_folders, package_version, read_manifest
 from btdeploy.backends.provider_probe import start_problem
 from btdeploy.backends.tensorrt import environment as tensorrt_env
 from btdeploy.backends.tensorrt.environment import INSTALL_TENSORRT, WHERE
 from btdeploy.cpu import EXACT_INTEGER_SUMS, NATIVE_BF16, describe_cpu, exact_integer_sums, native_bf16
+from btdeploy.errors import BtDeployError
 from btdeploy.imports import INSTALL_PEERS, INSTALL_SERVE, onnxruntime_distribution
 from btdeploy.model.checkpoints import cache_dir, cache_problem, cached_checkpoints
+from btdeploy.model.media import has_processor, read_by_transformers
 
 
 def _driver() -> str | None:
@@ -44,6 +46,7 @@ def _artifacts(folder: Path) -> list[str]:
         graphs = sorted(p.name for p in head_folder.glob("model*.onnx"))
         engines = sorted(p.name for p in head_folder.glob("engine.*.plan"))
         lines.append(f"  {manifest.head:<5} {', '.join(graphs + engines)}")
+        lines.extend(f"        {line}" for line in _processor_lines(manifest))
         split = {stem: sorted(p.name[len(stem) :] for p in head_folder.glob(f"{stem}.*onnx")) for stem in STEMS[1:]}
         if len({tuple(endings) for endings in split.values()}) == 1:
             if split["text"]:
@@ -52,6 +55,18 @@ def _artifacts(folder: Path) -> list[str]:
         for stem, endings in split.items():
             lines.append(f"        split graphs {stem}: {', '.join(stem + ending for ending in endings) or 'none'}")
     return lines
+
+
+def _processor_lines(manifest: Manifest) -> list[str]:
+    """A line where the head's processor is not read by btdeploy itself (the commands then import
+    transformers and torch, seconds more to start) or cannot be read; none where all is well."""
+    if not has_processor(manifest):
+        return []
+    try:
+        why = read_by_transformers(manifest)
+    except BtDeployError as error:
+        return [f"processor: {error}"]
+    return [f"processor read with transformers, which imports torch: {why}"] if why else []
 
 
 def _checkpoint_cache() -> str:

@@ -269,7 +269,7 @@ def require_processor(manifest: Manifest) -> Path:
     damaged = _damaged_processor_file(folder)
     if damaged:
         raise BtDeployError(damaged)
-    if not (manifest.processor_read_by_transformers or unread_setting(folder)):
+    if not read_by_transformers(manifest):
         Preprocessor.from_folder(folder)
     return folder
 
@@ -310,9 +310,16 @@ def export_processor(manifest: Manifest) -> Any:
     damaged = _damaged_processor_file(folder)
     if damaged:
         raise BtDeployError(damaged)
-    if manifest.processor_read_by_transformers or unread_setting(folder):
+    if read_by_transformers(manifest):
         return transformers_processor(folder)
     return Preprocessor.from_folder(folder)
+
+
+def read_by_transformers(manifest: Manifest) -> str | None:
+    """Why the head's processor folder is read with transformers rather than btdeploy's own
+    reading, or None: export found the readings differ, or the folder holds a setting that
+    reading does not cover (copied there by hand after export, say)."""
+    return manifest.processor_read_by_transformers or unread_setting(manifest.processor_dir)
 
 
 def transformers_processor(folder: Path) -> Any:

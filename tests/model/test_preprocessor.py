@@ -293,3 +293,28 @@ def test_the_start_benchmark_times_both_readings_and_sees_torch_in_one(tiny_expo
     assert [row[0] for row in warm] == ["btdeploy", "transformers"]
     assert all(0 < float(row[2]) <= float(row[1]) <= float(row[3]) for row in warm), warm
     assert not list(tiny_export.rglob("picture.png")), "the benchmark's picture was written into the export"
+
+
+def test_doctor_names_a_processor_read_with_transformers_and_one_that_cannot_be_read(
+    tmp_path: Path, tiny_export: Path
+) -> None:
+    import shutil
+
+    from btdeploy.apps.doctor import doctor_report
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    clean = [line for line in doctor_report(export)[0] if line.strip().startswith("processor")]
+    assert clean == [], clean  # every head read by btdeploy: nothing to say
+    _edit_json(export / "itm" / "processor" / "processor_config.json",
+               lambda d: d["image_processor"].update(do_convert_rgb=True))  # fmt: skip
+    (export / "mlm" / "processor" / "tokenizer_config.json").write_text('{"cut": ')
+    lines = doctor_report(export)[0]
+    itm = lines.index(next(line for line in lines if line.startswith("  itm ")))
+    assert lines[itm + 1] == (
+        "        processor read with transformers, which imports torch: image processor settings do_convert_rgb"
+    )
+    mlm = lines.index(next(line for line in lines if line.startswith("  mlm ")))
+    assert lines[mlm + 1].startswith(
+        f"        processor: {export / 'mlm' / 'processor' / 'tokenizer_config.json'} is damaged ("
+    ), lines[mlm + 1]

@@ -380,9 +380,15 @@ class Gateway:
 
     @api.get("/v2/health/ready")
     async def ready(self) -> Response:
+        """Ready once every replica the server runs is: the heads', and the rank endpoint's where it
+        is served (its replica loads two heads' towers after the heads are up; reported ready
+        before, a prober's first requests had shared the CPU with that load)."""
+
         async def check() -> Response:
             for name, handle in self.heads.items():
                 await self._call(name, handle.ready.remote())
+            if self.rank_model is not None:
+                await self._call("rank", self.rank_model.ready.remote())
             return JSONResponse({"ready": True})
 
         return await self._answer("health", check)

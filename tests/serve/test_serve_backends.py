@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -146,3 +147,47 @@ def test_the_rank_replica_runs_a_rank_requests_shapes_before_it_takes_requests(
     length = app.WARM_UP_TEXT_LENGTH
     assert runs == [("vision", 1, 0), ("text", SCORE_BATCH, length), ("fusion", SCORE_BATCH, length)]
     assert len(replica.cache) == 0
+
+
+class _Replica:
+    """A deployment handle's stand-in: `ready.remote()` answers once `up` is set."""
+
+    def __init__(self) -> None:
+        self.up = asyncio.Event()
+        # A task, as Ray's response is: awaited, and cancelled where the gateway stops waiting.
+        self.ready = SimpleNamespace(remote=lambda: asyncio.ensure_future(self._ready()))
+
+    async def _ready(self) -> bool:
+        await self.up.wait()
+        return True
+
+
+def test_the_server_is_ready_only_once_the_rank_replica_is(tiny_export: Path) -> None:
+    """The rank replica loads its towers after the heads' replicas are up: /v2/health/ready had
+    said ready before it, and a prober's first requests shared the CPU with that load."""
+    import json
+
+    from btdeploy.serve import app
+
+    head, rank = _Replica(), _Replica()
+    # The gateway's own state for this route, without Ray: Serve's ingress makes __init__ a coroutine.
+    gateway_class = app.Gateway.func_or_class  # type: ignore[attr-defined]
+    gateway = gateway_class.__new__(gateway_class)
+    gateway.settings = ServeSettings(export_dir=str(tiny_export), timeout_s=0.3)
+    gateway.heads, gateway.rank_model = {"itm": head}, rank
+    gateway.collector = SimpleNamespace(record_request=SimpleNamespace(remote=lambda *args: None))
+
+    async def answers() -> list[tuple[int, dict[str, Any]]]:
+        replies = []
+        for replica in (head, rank, None):
+            reply = await gateway.ready()
+            replies.append((reply.status_code, json.loads(reply.body)))
+            if replica is not None:
+                replica.up.set()
+        return replies
+
+    replies = asyncio.run(answers())
+    assert [status for status, _ in replies] == [503, 503, 200], replies
+    assert "itm did not answer within 0.3 s" in replies[0][1]["error"], replies
+    assert "rank did not answer within 0.3 s" in replies[1][1]["error"], replies
+    assert replies[2][1] == {"ready": True}

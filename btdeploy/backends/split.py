@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from btdeploy.artifacts.manifest import Manifest
-from btdeploy.artifacts.onnx_files import graph_sha256
 from btdeploy.backends.base import Backend
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HeadSpec, get_head
@@ -33,8 +32,8 @@ class SplitBackend:
         self._origins: dict[str, dict[str, Any]] = {}
 
     def origin(self, stem: str) -> dict[str, Any]:
-        """What a tower's features come from: checkpoint, graph file and its hash. Hashed once per
-        tower, not on every encode or score (a base tower graph is hundreds of MB)."""
+        """What a tower's features come from: checkpoint, graph file and its hash (the manifest's
+        record, read once per tower)."""
         if stem not in self._origins:
             self._origins[stem] = tower_origin(self.manifest, self.paths[stem])
         return self._origins[stem]
@@ -71,7 +70,7 @@ def tower_origin(manifest: Manifest, path: Path) -> dict[str, Any]:
         "config_sha256": manifest.data["model"]["config_sha256"],
         "source": manifest.data["model"]["source"],
         "graph": path.name,
-        "graph_sha256": graph_sha256(path),
+        "graph_sha256": manifest.recorded_sha256(path),
     }
 
 

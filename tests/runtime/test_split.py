@@ -13,6 +13,7 @@ import pytest
 from conftest import run_benchmark, spying
 
 import btdeploy
+from btdeploy.artifacts.manifest import read_manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import HEADS
 from btdeploy.model.inputs import sample_inputs
@@ -128,6 +129,31 @@ def test_encode_texts_without_a_mask_attends_to_every_token(split_export: Path) 
     for name, values in without.arrays.items():
         np.testing.assert_array_equal(values, ones.arrays[name])
     assert not np.array_equal(without.arrays["text_states"], masked.arrays["text_states"])
+
+
+def test_features_name_their_tower_by_its_recorded_hash_without_hashing_it_again(
+    split_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tower's features carry its graph's sha256, as the manifest recorded it when the graph was
+    written and held to its size on load: `rank` and `index` had hashed each tower graph again
+    (0.3 s a base tower). A graph with no record is hashed, as before."""
+    from btdeploy.artifacts import manifest as manifest_module
+    from btdeploy.artifacts.onnx_files import graph_sha256
+
+    folder = split_export / "itm"
+    actual = graph_sha256(folder / "vision.onnx")
+    hashed: list[Path] = []
+    monkeypatch.setattr(manifest_module, "graph_sha256", spying(graph_sha256, hashed.append))
+    pixels = sample_inputs(read_manifest(folder).config, 2, 5, seed=1)["pixel_values"]
+    features = btdeploy.load(folder, split=True).encode_images(pixels)
+    assert features.origin["graph_sha256"] == actual and hashed == []
+    unrecorded = tmp_path / "itm"
+    shutil.copytree(folder, unrecorded)
+    data = json.loads((unrecorded / "manifest.json").read_text())
+    del data["graphs"]["vision.onnx"]
+    (unrecorded / "manifest.json").write_text(json.dumps(data))
+    again = btdeploy.load(unrecorded, split=True).encode_images(pixels)
+    assert again.origin["graph_sha256"] == actual and hashed == [unrecorded / "vision.onnx"]
 
 
 def test_features_round_trip_bit_identical_and_refuse_strangers(

@@ -265,12 +265,18 @@ def require_processor(manifest: Manifest) -> Path:
     """The processor folder export copied beside the head, or a refusal saying why there is none or
     which of its files is damaged (cheap, and said before a server starts): each JSON file parsed,
     and read whole where btdeploy reads it (a tokenizer.json that parses but is no tokenizer)."""
+    folder = _parsed_processor_folder(manifest)
+    if not read_by_transformers(manifest):
+        Preprocessor.from_folder(folder)
+    return folder
+
+
+def _parsed_processor_folder(manifest: Manifest) -> Path:
+    """The processor folder, each of its JSON files parsed (the damaged one named)."""
     folder = _processor_folder(manifest)
     damaged = _damaged_processor_file(folder)
     if damaged:
         raise BtDeployError(damaged)
-    if not read_by_transformers(manifest):
-        Preprocessor.from_folder(folder)
     return folder
 
 
@@ -305,11 +311,8 @@ def export_processor(manifest: Manifest) -> Any:
     """The checkpoint's processor, as export copied it beside the head: read by btdeploy's own
     `Preprocessor` (no transformers, so no torch: seconds and hundreds of MB less for every
     command and server that only runs graphs), or by transformers' BridgeTowerProcessor where
-    the folder holds a setting that reading does not cover (`preprocessor.unread_setting`)."""
-    folder = _processor_folder(manifest)
-    damaged = _damaged_processor_file(folder)
-    if damaged:
-        raise BtDeployError(damaged)
+    `read_by_transformers` says why."""
+    folder = _parsed_processor_folder(manifest)
     if read_by_transformers(manifest):
         return transformers_processor(folder)
     return Preprocessor.from_folder(folder)

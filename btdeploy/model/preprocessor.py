@@ -118,7 +118,8 @@ def unread_setting(folder: Path) -> str | None:
     config = _read_json(folder / TOKENIZER_CONFIG) if (folder / TOKENIZER_CONFIG).is_file() else {}
     if config.get("tokenizer_class", TOKENIZER_CLASSES[0]) not in TOKENIZER_CLASSES:
         return f"tokenizer {config.get('tokenizer_class')!r}"
-    model_type = _read_json(folder / TOKENIZER_FILE).get("model", {}).get("type")
+    model = _read_json(folder / TOKENIZER_FILE).get("model")
+    model_type = model.get("type") if isinstance(model, dict) else None
     if model_type != "BPE":  # transformers' decode cleans up spaces for the other models
         return f"tokenizer model {model_type!r}"
     return None

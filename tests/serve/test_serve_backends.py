@@ -170,8 +170,10 @@ def test_the_server_is_ready_only_once_the_rank_replica_is(tiny_export: Path) ->
     from btdeploy.serve import app
 
     head, rank = _Replica(), _Replica()
-    # The gateway's own state for this route, without Ray: Serve's ingress makes __init__ a coroutine.
-    gateway_class = app.Gateway.func_or_class  # type: ignore[attr-defined]
+    # The gateway's own state for this route, without Ray: the class under Serve's ingress wrapper,
+    # whose __init__ and __del__ are coroutines that need Serve's event loop.
+    gateway_class = app.Gateway.func_or_class.__mro__[1]  # type: ignore[attr-defined]
+    assert gateway_class.__qualname__ == "Gateway", gateway_class
     gateway = gateway_class.__new__(gateway_class)
     gateway.settings = ServeSettings(export_dir=str(tiny_export), timeout_s=0.3)
     gateway.heads, gateway.rank_model = {"itm": head}, rank

@@ -319,6 +319,29 @@ def _actor_logs_muted(ray: Any) -> Iterator[None]:
         worker._worker_logs_enabled = before
 
 
+# How long a stop waits to see one of Ray's processes exit: a stop sent to the whole process group
+# reaches them as it reaches this command, and its dashboard and log monitor exit within 50 ms.
+_RAY_EXIT_WAIT_S = 0.3
+
+
+def _ray_stopped_with_us(ray: Any) -> bool:
+    """Whether a process of the Ray node this command started (its dashboard, log monitor, GCS,
+    raylet) has exited: a SIGTERM sent to the whole process group (`timeout`, a CI runner,
+    `kill -- -PGID`) reaches them too, and Serve's graceful shutdown then waited its full 30 s
+    ("Controller failed to shut down within 30.0s") before `ray.shutdown` took everything down
+    anyway. Ray blocks SIGINT in them, so a terminal's Ctrl-C leaves them running."""
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    if node is None or not hasattr(node, "dead_processes"):
+        return False  # another Ray release: Serve's own shutdown, as before
+    deadline = time.monotonic() + _RAY_EXIT_WAIT_S
+    while True:
+        if node.dead_processes():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 def _shut_down(serve: Any, ray: Any, started_ray: bool, collector: Any, stopping: bool) -> None:
     from btdeploy.serve.app import APP_NAME
 
@@ -327,7 +350,8 @@ def _shut_down(serve: Any, ray: Any, started_ray: bool, collector: Any, stopping
         with _actor_logs_muted(ray):
             try:
                 if started_ray:
-                    serve.shutdown()  # Serve is ours: its controller and proxies go with it
+                    if not _ray_stopped_with_us(ray):  # else ray.shutdown below ends Serve with Ray
+                        serve.shutdown()  # Serve is ours: its controller and proxies go with it
                 else:
                     serve.delete(APP_NAME)  # a shared cluster keeps Serve running for its other applications
                     if collector is not None:

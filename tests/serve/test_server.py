@@ -554,6 +554,44 @@ def test_a_stop_while_ray_starts_stops_everything_it_started(
     assert not ray_processes_left(before), f"Ray processes left behind: {printed}"
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm-to-the-group", "sigint-to-the-group"])
+def test_a_stop_sent_to_the_whole_process_group_stops_everything_without_the_controller_wait(
+    tiny_export: Path, tmp_path: Path, stop: signal.Signals
+) -> None:
+    """`timeout`, CI runners and a terminal's Ctrl-C signal the whole process group, the Ray node's
+    own processes included. A SIGTERM so sent ends Ray's dashboard and log monitor as it reaches
+    the command, and Serve's graceful shutdown had then waited its full 30 s ("Controller failed to
+    shut down within 30.0s") before Ray was taken down; a SIGINT, which Ray blocks in them, never
+    had that wait."""
+    import subprocess
+    import sys
+
+    from btdeploy.serve.process import free_port
+
+    before = ray_processes()
+    log, out = tmp_path / "serve.log", tmp_path / "serve.out"
+    command = [sys.executable, "-m", "btdeploy.cli", "serve", str(tiny_export), "--heads", "itm"]
+    with open(log, "w") as stderr, open(out, "w") as stdout:
+        process = subprocess.Popen(
+            [*command, "--port", str(free_port())], stdout=stdout, stderr=stderr, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while "ready on" not in out.read_text() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process.poll() is None and "ready on" in out.read_text(), log.read_text()
+        os.killpg(process.pid, stop)
+        status = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    printed = log.read_text()
+    assert status == 0 and "stopping" in printed and "stopped" in printed, printed
+    assert "Controller failed to shut down" not in printed, printed
+    assert "Traceback" not in printed and "btdeploy: error" not in printed, printed
+    assert not ray_processes_left(before), f"Ray processes left behind: {printed}"
+
+
 def test_a_replica_that_cannot_start_is_one_line_with_its_own_error(tiny_export: Path, tmp_path: Path) -> None:
     """A processor that parses but that transformers cannot read passes serve's checks and fails in
     the replica: serve.run had ended the command in a traceback naming only the deployment."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import json
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -15,7 +14,13 @@ import numpy as np
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.errors import BtDeployError
 from btdeploy.imports import serial_imports
-from btdeploy.model.preprocessor import LONGER_OVER_SHORTER, Preprocessor, resized_size, unread_setting
+from btdeploy.model.preprocessor import (
+    LONGER_OVER_SHORTER,
+    Preprocessor,
+    resized_size,
+    settings_files,
+    unread_setting,
+)
 from btdeploy.progress import RowProgress, say
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -265,19 +270,16 @@ def require_processor(manifest: Manifest) -> Path:
     """The processor folder export copied beside the head, or a refusal saying why there is none or
     which of its files is damaged (cheap, and said before a server starts): each JSON file parsed,
     and read whole where btdeploy reads it (a tokenizer.json that parses but is no tokenizer)."""
-    folder = _parsed_processor_folder(manifest)
-    if not read_by_transformers(manifest):
-        Preprocessor.from_folder(folder)
+    folder, files = _parsed_processor_folder(manifest)
+    if not read_by_transformers(manifest, files):
+        Preprocessor.from_folder(folder, files)
     return folder
 
 
-def _parsed_processor_folder(manifest: Manifest) -> Path:
-    """The processor folder, each of its JSON files parsed (the damaged one named)."""
+def _parsed_processor_folder(manifest: Manifest) -> tuple[Path, dict[str, Any]]:
+    """The processor folder and each of its JSON files, parsed once (the damaged one named)."""
     folder = _processor_folder(manifest)
-    damaged = _damaged_processor_file(folder)
-    if damaged:
-        raise BtDeployError(damaged)
-    return folder
+    return folder, settings_files(folder)
 
 
 def has_processor(manifest: Manifest) -> bool:
@@ -299,11 +301,10 @@ def _processor_folder(manifest: Manifest) -> Path:
 
 def _damaged_processor_file(folder: Path) -> str | None:
     """Which of the processor's JSON files does not parse, and what to do, or None."""
-    for path in sorted(folder.glob("*.json")):
-        try:
-            json.loads(path.read_bytes())
-        except ValueError as error:
-            return f"{path} is damaged ({error}): export the head again, or copy the checkpoint's processor files there"
+    try:
+        settings_files(folder)
+    except BtDeployError as error:
+        return str(error)
     return None
 
 
@@ -312,17 +313,18 @@ def export_processor(manifest: Manifest) -> Any:
     `Preprocessor` (no transformers, so no torch: seconds and hundreds of MB less for every
     command and server that only runs graphs), or by transformers' BridgeTowerProcessor where
     `read_by_transformers` says why."""
-    folder = _parsed_processor_folder(manifest)
-    if read_by_transformers(manifest):
+    folder, files = _parsed_processor_folder(manifest)
+    if read_by_transformers(manifest, files):
         return transformers_processor(folder)
-    return Preprocessor.from_folder(folder)
+    return Preprocessor.from_folder(folder, files)
 
 
-def read_by_transformers(manifest: Manifest) -> str | None:
+def read_by_transformers(manifest: Manifest, files: dict[str, Any] | None = None) -> str | None:
     """Why the head's processor folder is read with transformers rather than btdeploy's own
     reading, or None: export found the readings differ, or the folder holds a setting that
-    reading does not cover (copied there by hand after export, say)."""
-    return manifest.processor_read_by_transformers or unread_setting(manifest.processor_dir)
+    reading does not cover (copied there by hand after export, say). `files`: the folder's
+    parsed JSON files, where already read."""
+    return manifest.processor_read_by_transformers or unread_setting(manifest.processor_dir, files)
 
 
 def transformers_processor(folder: Path) -> Any:

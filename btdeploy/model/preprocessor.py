@@ -69,34 +69,43 @@ def _edge(value: Any) -> int | None:
     return None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as error:
-        raise BtDeployError(
-            f"{path} is damaged ({error}): export the head again, or copy the checkpoint's processor files there"
-        ) from None
-    if not isinstance(data, dict):
-        raise BtDeployError(f"{path} holds no settings object: export the head again")
-    return data
+def settings_files(folder: Path) -> dict[str, Any]:
+    """Every JSON file of a processor folder, parsed once, by file name; the first that does not
+    parse refused, named, with what to do."""
+    files = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            files[path.name] = json.loads(path.read_bytes())
+        except (OSError, ValueError) as error:
+            raise BtDeployError(
+                f"{path} is damaged ({error}): export the head again, or copy the checkpoint's processor files there"
+            ) from None
+    return files
 
 
-def image_settings(folder: Path) -> dict[str, Any] | None:
+def _settings_object(files: dict[str, Any], folder: Path, name: str) -> dict[str, Any] | None:
+    """The settings a parsed file holds, None where there is no such file."""
+    if name not in files:
+        return None
+    if not isinstance(files[name], dict):
+        raise BtDeployError(f"{folder / name} holds no settings object: export the head again")
+    return dict(files[name])
+
+
+def image_settings(folder: Path, files: dict[str, Any]) -> dict[str, Any] | None:
     """The image processor's settings as transformers finds them (processor_config.json's
     "image_processor", else preprocessor_config.json), or None where neither file has them."""
-    combined = folder / PROCESSOR_CONFIG
-    if combined.is_file():
-        settings = _read_json(combined).get("image_processor")
-        if isinstance(settings, dict):
-            return settings
-    legacy = folder / LEGACY_IMAGE_CONFIG
-    return _read_json(legacy) if legacy.is_file() else None
+    combined = _settings_object(files, folder, PROCESSOR_CONFIG)
+    if combined is not None and isinstance(combined.get("image_processor"), dict):
+        return dict(combined["image_processor"])
+    return _settings_object(files, folder, LEGACY_IMAGE_CONFIG)
 
 
-def unread_setting(folder: Path) -> str | None:
+def unread_setting(folder: Path, files: dict[str, Any] | None = None) -> str | None:
     """What in the processor folder this module does not read as transformers would, or None
-    where it reads all of it."""
-    settings = image_settings(folder)
+    where it reads all of it (`files`: the folder's `settings_files`, where already parsed)."""
+    files = settings_files(folder) if files is None else files
+    settings = image_settings(folder, files)
     if settings is None:
         return "no image processor settings"
     kind = settings.get("image_processor_type")
@@ -113,12 +122,13 @@ def unread_setting(folder: Path) -> str | None:
     for key in FORCED_ON:
         if settings.get(key) is False:
             return f"{key} false"
-    if not (folder / TOKENIZER_FILE).is_file():
+    tokenizer = _settings_object(files, folder, TOKENIZER_FILE)
+    if tokenizer is None:
         return f"no {TOKENIZER_FILE}"
-    config = _read_json(folder / TOKENIZER_CONFIG) if (folder / TOKENIZER_CONFIG).is_file() else {}
+    config = _settings_object(files, folder, TOKENIZER_CONFIG) or {}
     if config.get("tokenizer_class", TOKENIZER_CLASSES[0]) not in TOKENIZER_CLASSES:
         return f"tokenizer {config.get('tokenizer_class')!r}"
-    model = _read_json(folder / TOKENIZER_FILE).get("model")
+    model = tokenizer.get("model")
     model_type = model.get("type") if isinstance(model, dict) else None
     if model_type != "BPE":  # transformers' decode cleans up spaces for the other models
         return f"tokenizer model {model_type!r}"
@@ -136,7 +146,8 @@ class TextTokenizer:
     """The tokenizer of tokenizer.json with tokenizer_config.json's special tokens, length and
     padding side: ids as transformers' fast tokenizer makes them."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, config: dict[str, Any]) -> None:
+        """`config`: tokenizer_config.json's settings ({} where there is none)."""
         from tokenizers import Tokenizer
 
         path = folder / TOKENIZER_FILE
@@ -150,7 +161,6 @@ class TextTokenizer:
         backend.no_padding()  # padding and truncation are done per call below, not in the shared backend,
         backend.no_truncation()  # so threads that tokenize at once do not set them for each other
         self._backend = backend
-        config = _read_json(folder / TOKENIZER_CONFIG) if (folder / TOKENIZER_CONFIG).is_file() else {}
         # RobertaTokenizer's own defaults where the file names none
         self.mask_token = _token_text(config.get("mask_token", "<mask>"))
         self.pad_token = _token_text(config.get("pad_token", "<pad>"))
@@ -339,10 +349,13 @@ class Preprocessor:
         self.image_processor = image_processor
 
     @classmethod
-    def from_folder(cls, folder: Path) -> Preprocessor:
-        settings = image_settings(folder)
+    def from_folder(cls, folder: Path, files: dict[str, Any] | None = None) -> Preprocessor:
+        """`files`: the folder's `settings_files`, where already parsed."""
+        files = settings_files(folder) if files is None else files
+        settings = image_settings(folder, files)
         assert settings is not None  # unread_setting says so first
-        return cls(TextTokenizer(folder), ImagePreprocessor.from_settings(settings))
+        config = _settings_object(files, folder, TOKENIZER_CONFIG) or {}
+        return cls(TextTokenizer(folder, config), ImagePreprocessor.from_settings(settings))
 
     def __call__(
         self,

@@ -3,8 +3,10 @@
 
 First stage, where the itc head is there: text-image cosine of the contrastive embeddings (each
 tower once per item), its top K to the second. Second stage: ITM match probability, on the split
-graphs where the export has them (the query's tower once), else on the whole ITM head. Without
-the itc head every candidate goes to ITM; without K, every candidate the first stage scored.
+graphs where the export has them (the query's tower once), else on the whole ITM head; where the
+two heads share their towers (`Ranker.shares_towers`) on the features the first stage kept for its
+top K, so that only the itm fusion graph runs. Without the itc head every candidate goes to ITM;
+without K, every candidate the first stage scored.
 
 Candidates stream through in batches of `batch_size`: the query is preprocessed and encoded
 once, each batch of candidates is read, preprocessed, scored and dropped, and only one score
@@ -23,7 +25,7 @@ import numpy as np
 
 from btdeploy.apps.run import refuse_long_texts
 from btdeploy.artifacts.graph_names import Precision
-from btdeploy.artifacts.manifest import head_folders, read_manifest, require_one_checkpoint
+from btdeploy.artifacts.manifest import head_folders, read_manifest, require_one_checkpoint, weights_identity
 from btdeploy.backends.targets import TARGETS, get_target
 from btdeploy.errors import BtDeployError
 from btdeploy.model.heads import match_probability, text_image_cosine
@@ -35,6 +37,8 @@ from btdeploy.runtime.split_runtime import Features
 DEFAULT_BATCH_SIZE = 64
 # What ranks: the targets that run a head whole or as its split towers (ONNX Runtime, OpenVINO).
 BACKENDS = tuple(name for name, target in TARGETS.items() if target.runs_split)
+# The split graph that makes each kind of features.
+TOWER_OF = {"image": "vision", "text": "text"}
 # The heads of the two stages.
 CANDIDATE_HEAD = "itc"
 SCORING_HEAD = "itm"
@@ -146,6 +150,21 @@ class Ranker:
         self.batch_size = batch_size
         self.processor = export_processor(itm.manifest)
 
+    @property
+    def shares_towers(self) -> bool:
+        """Whether the itm stage may score the features the itc stage's towers made: both heads on
+        FP32 split graphs of one checkpoint, on one engine. Their towers then hold the same weights
+        and compute the same states (bit for bit on base; each is held to the torch reference at the
+        FP32 tolerance), so the itm head's own towers need not run, nor even open. Quantized
+        towers are calibrated per head and differ."""
+        itm, itc = self.itm, self.itc
+        if not isinstance(itm, SplitRuntime) or not isinstance(itc, SplitRuntime):
+            return False
+        weights = weights_identity(itm.manifest)
+        one_checkpoint = weights is not None and weights == weights_identity(itc.manifest)
+        fp32 = itm.backend.precision == itc.backend.precision == Precision.FP32
+        return one_checkpoint and fp32 and itm.backend.name == itc.backend.name
+
     def rank(
         self, images: list[Any], texts: list[str], top_k: int | None = None, reader: ItemReader | None = None
     ) -> Ranking:
@@ -177,14 +196,22 @@ class Ranker:
         cosines: dict[int, float] = {}
         stages = []
         on = f" ({self.graphs})" if self.graphs else ""
+        # The best candidates' tower features, kept for the itm stage where the heads share towers
+        # and they are few enough (at most one batch: memory stays flat in the candidates).
+        keep = top_k or count
+        kept = _Kept(keep) if self.shares_towers and keep <= self.batch_size else None
         if self.itc is not None:
-            similarity = self._scores(self.itc, query, candidates, COSINE)
+            similarity = self._scores(self.itc, query, candidates, COSINE, kept=kept)
             chosen = np.argsort(-similarity, kind="stable")[: top_k or count]
             cosines = {int(index): float(similarity[index]) for index in chosen}
             stages.append(f"ITC cosine over {count}{on}, top {len(chosen)} to ITM")
-        scored = _Side(source, candidates.is_image, [candidates.items[i] for i in chosen])
-        probability = self._scores(self.itm, query, scored, MATCH, [int(i) for i in chosen])
         where = [w for w in ("split graphs" if isinstance(self.itm, SplitRuntime) else "", self.graphs) if w]
+        if kept is not None and kept.holds_states(query.is_image):
+            probability = self._kept_scores(kept, [int(i) for i in chosen], query.is_image)
+            where.append("the itc towers' features")
+        else:
+            scored = _Side(source, candidates.is_image, [candidates.items[i] for i in chosen])
+            probability = self._scores(self.itm, query, scored, MATCH, [int(i) for i in chosen])
         stages.append(f"ITM on {len(chosen)}" + (f" ({', '.join(where)})" if where else ""))
         rows = [
             RankedItem(labels[index], float(p), cosines.get(int(index)), int(index))
@@ -194,19 +221,30 @@ class Ranker:
         return Ranking("image" if image_query else "text", "; ".join(stages), rows[: top_k or len(rows)])
 
     def _scores(
-        self, runtime: Runtime, query: _Side, candidates: _Side, stage: _Stage, indices: list[int] | None = None
+        self,
+        runtime: Runtime,
+        query: _Side,
+        candidates: _Side,
+        stage: _Stage,
+        indices: list[int] | None = None,
+        kept: _Kept | None = None,
     ) -> np.ndarray:
         """One score per candidate against the query; split graphs run the query's tower once.
-        `indices`: the candidates' places among all of them (for messages and image names)."""
+        `indices`: the candidates' places among all of them (for messages and image names);
+        `kept`: where the query's and the best candidates' features are kept."""
         values = np.empty(len(candidates.items), dtype=np.float32)
         places = indices if indices is not None else list(range(len(candidates.items)))
         if isinstance(runtime, SplitRuntime):
             query_features = query.features(runtime, query.items, 0)
+            if kept is not None:
+                kept.query = query_features
             for start, items in candidates.batches(self.batch_size):
                 batch = candidates.features(runtime, items, places[start])
                 images, texts = (query_features, batch) if query.is_image else (batch, query_features)
                 found = stage.on_features(runtime, images, texts)
                 values[start : start + len(found)] = found
+                if kept is not None:
+                    kept.offer(np.arange(start, start + len(found)), found, batch)
             return values
         query_inputs = query.inputs(query.items, 0)
         for start, items in candidates.batches(self.batch_size):
@@ -214,6 +252,52 @@ class Ranker:
             found = stage.on_outputs(runtime(**repeated, **candidates.inputs(items, places[start])))
             values[start : start + len(found)] = found
         return values
+
+    def _kept_scores(self, kept: _Kept, chosen: list[int], image_query: bool) -> np.ndarray:
+        """The itm stage on the features the itc stage kept (`shares_towers`): its fusion graph alone."""
+        itm = self.itm
+        assert isinstance(itm, SplitRuntime) and kept.query is not None  # shares_towers, holds_states
+        query, chosen_features = kept.query, kept.rows_of(chosen)
+        images, texts = (query, chosen_features) if image_query else (chosen_features, query)
+        return MATCH.on_features(itm, self.as_itm_features(images), self.as_itm_features(texts))
+
+    def as_itm_features(self, features: Features) -> Features:
+        """Features of the itc head's towers named as the itm head's, which `shares_towers` says they are."""
+        assert isinstance(self.itm, SplitRuntime)
+        return Features(features.kind, features.arrays, dict(self.itm.backend.origin(TOWER_OF[features.kind])))
+
+
+class _Kept:
+    """The itc stage's tower features that the itm stage scores where the heads share towers:
+    the query's, and those of the best `size` candidates so far (ties: the earlier one, as the
+    stage's stable sort keeps it)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.query: Features | None = None
+        self.places = np.empty(0, dtype=np.int64)
+        self.scores = np.empty(0, dtype=np.float32)
+        self.features: Features | None = None
+
+    def offer(self, places: np.ndarray, scores: np.ndarray, features: Features) -> None:
+        places = np.concatenate([self.places, places])
+        scores = np.concatenate([self.scores, np.asarray(scores, dtype=np.float32)])
+        joined = features if self.features is None else Features.concat([self.features, features])
+        best = np.lexsort((places, -scores))[: self.size]
+        self.places, self.scores, self.features = places[best], scores[best], joined[best]
+
+    def holds_states(self, image_query: bool) -> bool:
+        """Whether the kept features are states the fusion graph reads (a gallery keeps embeddings only)."""
+        needed = {"image": "image_states", "text": "text_states"}
+        sides = [(self.query, "image" if image_query else "text"), (self.features, "text" if image_query else "image")]
+        return all(features is not None and needed[kind] in features.arrays for features, kind in sides)
+
+    def rows_of(self, chosen: list[int]) -> Features:
+        """The kept features of the `chosen` candidates, in that order; texts padded as the
+        tokenizer pads them alone, so that the fusion graph runs what it would run on them."""
+        assert self.features is not None
+        row = {int(place): position for position, place in enumerate(self.places)}
+        return self.features[[row[place] for place in chosen]].without_padding()
 
 
 @dataclass(frozen=True)

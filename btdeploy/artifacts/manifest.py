@@ -209,14 +209,20 @@ class Manifest:
             )
 
 
+def weights_identity(manifest: Manifest) -> str | None:
+    """The hash of the weights a head was exported from (None: exported before btdeploy recorded it)."""
+    model = manifest.data["model"]
+    identity = model.get("weights_sha256") or model.get("checkpoint_sha256")
+    return str(identity) if identity is not None else None
+
+
 def require_one_checkpoint(manifests: list[Manifest], why: str) -> None:
     """Heads a command uses together must be exports of one checkpoint (the same weight files):
     a head exported again from a fine-tune into the same folder beside an older one would
     otherwise be combined with it without a word (`why`: what combines them)."""
     groups: dict[str, list[Manifest]] = {}
     for manifest in manifests:
-        model = manifest.data["model"]
-        identity = model.get("weights_sha256") or model.get("checkpoint_sha256")
+        identity = weights_identity(manifest)
         if identity is None:
             continue  # exported before btdeploy recorded it: nothing to compare
         groups.setdefault(identity, []).append(manifest)

@@ -291,11 +291,10 @@ def _may_hold_fp16(manifest: Any, options: Any) -> bool:
 def open_recorded_graph(
     manifest: Any, path: Path, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], options: Any
 ) -> OnnxRuntimeBackend:
-    """A session on one of a head's graphs, held to its manifest first (size, or the full hash with
-    `options.verify_hash`) and then to its declared inputs and outputs; `options` are RunOptions."""
+    """A session on one of a head's graphs (already held to its manifest record), held to its
+    declared inputs and outputs; `options` are RunOptions."""
     from btdeploy.backends.targets import multiplies_uint8_by_int8
 
-    manifest.verify_graph(path, full=options.verify_hash)
     names = [entry["name"] for entry in outputs]
     reduced = _may_hold_fp16(manifest, options)
     backend = OnnxRuntimeBackend(

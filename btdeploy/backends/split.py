@@ -1,14 +1,16 @@
-"""The split graphs as one backend: text and vision towers, then the fusion graph, each opened by
-the target that runs them (ONNX Runtime or OpenVINO)."""
+"""The split graphs as one backend: text and vision towers, then the fusion graph, each opened on
+its first use by the target that runs them (ONNX Runtime or OpenVINO)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from btdeploy.artifacts.graph_names import Precision
 from btdeploy.artifacts.manifest import Manifest
 from btdeploy.backends.base import Backend
 from btdeploy.errors import BtDeployError
@@ -21,15 +23,40 @@ GraphOpener = Callable[[Path, list[dict[str, Any]], list[dict[str, Any]]], Backe
 
 
 class SplitBackend:
-    """Backend protocol over the three graphs: text and vision towers, then the fusion graph."""
+    """Backend protocol over the three graphs: text and vision towers, then the fusion graph.
 
-    def __init__(self, manifest: Manifest, parts: dict[str, Backend], paths: dict[str, Path]) -> None:
+    Each graph is opened on its first use, so a caller that needs only towers never pays for the
+    rest: the ranking's itc stage reads the two towers alone, `index` one (on base the itc fusion
+    graph is 460 MB and a second and a half to open). The files are held to their manifest
+    records before this is made, so a missing or damaged graph is still named at load."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        paths: dict[str, Path],
+        open_part: Callable[[str], Backend],
+        engine: str,
+        precision: Precision,
+    ) -> None:
         self.manifest = manifest
-        self.parts = parts
         self.paths = paths
-        self.name = f"{parts['fusion'].name}-split"
-        self.description = ", ".join(paths[s].name for s in SPLIT_STEMS) + f" (split, {parts['fusion'].name})"
+        self.precision = precision  # what its graphs compute in (the option: bf16 is OpenVINO's on FP32 graphs)
+        self.parts: dict[str, Backend] = {}  # the graphs opened so far, by stem
+        self._open_part = open_part
+        self._opening = threading.Lock()  # two first requests at once open a graph once
+        self.name = f"{engine}-split"
+        self.description = ", ".join(paths[s].name for s in SPLIT_STEMS) + f" (split, {engine})"
         self._origins: dict[str, dict[str, Any]] = {}
+
+    def part(self, stem: str) -> Backend:
+        """The graph `stem` ("text", "vision" or "fusion"), opened on the first call."""
+        opened = self.parts.get(stem)
+        if opened is None:
+            with self._opening:
+                opened = self.parts.get(stem)
+                if opened is None:
+                    opened = self.parts[stem] = self._open_part(stem)
+        return opened
 
     def origin(self, stem: str) -> dict[str, Any]:
         """What a tower's features come from: checkpoint, graph file and its hash (the manifest's
@@ -39,11 +66,11 @@ class SplitBackend:
         return self._origins[stem]
 
     def text(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.parts["text"].run({"input_ids": feeds["input_ids"], "attention_mask": feeds["attention_mask"]})
+        values = self.part("text").run({"input_ids": feeds["input_ids"], "attention_mask": feeds["attention_mask"]})
         return {**values, "attention_mask": np.asarray(feeds["attention_mask"])}
 
     def vision(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.parts["vision"].run({"pixel_values": feeds["pixel_values"]})
+        return self.part("vision").run({"pixel_values": feeds["pixel_values"]})
 
     def fusion(self, text: Mapping[str, np.ndarray], image: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {
@@ -51,7 +78,7 @@ class SplitBackend:
             "image_states": image["image_states"],
             "attention_mask": text["attention_mask"],
         }
-        return self.parts["fusion"].run(feeds)
+        return self.part("fusion").run(feeds)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         text, image = self.text(feeds), self.vision(feeds)
@@ -84,12 +111,17 @@ def split_paths(manifest: Manifest, options: Any) -> dict[str, Path]:
     return {stem: manifest.graph_path(options.flavour, options.precision, stem) for stem in SPLIT_STEMS}
 
 
-def build_split_backend(manifest: Manifest, options: Any, open_graph: GraphOpener) -> SplitBackend:
-    """The three graphs under one backend, each opened by the target's `open_graph`."""
+def build_split_backend(manifest: Manifest, options: Any, open_graph: GraphOpener, engine: str) -> SplitBackend:
+    """The three graphs under one backend, each held to its manifest record now (the full hash with
+    `options.verify_hash`) and opened by the target's `open_graph` on its first use; `engine`
+    names the target that opens them."""
     paths = split_paths(manifest, options)
-    parts: dict[str, Backend] = {}
-    for stem, path in paths.items():
+    for path in paths.values():
+        manifest.verify_graph(path, full=options.verify_hash)
+
+    def open_part(stem: str) -> Backend:
         record = manifest.data["split"][stem]
         inputs, outputs = ([{"name": name} for name in record[side]] for side in ("inputs", "outputs"))
-        parts[stem] = open_graph(path, inputs, outputs)
-    return SplitBackend(manifest, parts, paths)
+        return open_graph(paths[stem], inputs, outputs)
+
+    return SplitBackend(manifest, paths, open_part, engine, options.precision)

@@ -216,20 +216,24 @@ def _graph_artifact(manifest: Manifest, options: RunOptions) -> Path:
     return manifest.graph_path(options.flavour, options.precision)
 
 
-def _open_graphs(manifest: Manifest, options: RunOptions, open_graph: GraphOpener) -> Backend:
+def _open_graphs(manifest: Manifest, options: RunOptions, open_graph: GraphOpener, engine: str) -> Backend:
     """The head's whole graph, or with `split` its three graphs as one backend, each opened by the
-    target's `open_graph` (a file, and the inputs and outputs the manifest records for it)."""
+    target's `open_graph` (a file, and the inputs and outputs the manifest records for it). Every
+    graph is held to its manifest record here, before any is opened (the full hash with
+    `verify_hash`); split graphs open on their first use."""
     if options.split:
         from btdeploy.backends.split import build_split_backend
 
-        return build_split_backend(manifest, options, open_graph)
-    return open_graph(_graph_artifact(manifest, options), manifest.data["inputs"], manifest.data["outputs"])
+        return build_split_backend(manifest, options, open_graph, engine)
+    path = _graph_artifact(manifest, options)
+    manifest.verify_graph(path, full=options.verify_hash)  # a truncated or replaced graph is named, not opened
+    return open_graph(path, manifest.data["inputs"], manifest.data["outputs"])
 
 
 def _ort_make(manifest: Manifest, options: RunOptions) -> Backend:
     from btdeploy.backends.onnxruntime import open_recorded_graph
 
-    return _open_graphs(manifest, options, partial(open_recorded_graph, manifest, options=options))
+    return _open_graphs(manifest, options, partial(open_recorded_graph, manifest, options=options), "onnxruntime")
 
 
 # The precisions whose ort graphs hold uint8 x int8 GEMMs, which `exact_sums` recodes.
@@ -464,10 +468,9 @@ def _openvino_make(manifest: Manifest, options: RunOptions) -> Backend:
     precision = "bf16" if options.precision == Precision.BF16 else "f32"
 
     def open_graph(path: Path, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]]) -> Backend:
-        manifest.verify_graph(path)  # a truncated or replaced graph is named, not compiled
         return OpenVinoBackend(path, [output["name"] for output in outputs], options.threads, precision)
 
-    return _open_graphs(manifest, options, open_graph)
+    return _open_graphs(manifest, options, open_graph, "openvino")
 
 
 OPENVINO = Target(

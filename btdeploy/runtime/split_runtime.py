@@ -80,6 +80,19 @@ class Features:
         joined = {name: np.concatenate([a[name] for a in arrays]) for name in first.arrays}
         return Features(first.kind, joined, dict(first.origin))
 
+    def without_padding(self) -> Features:
+        """Text features without the token columns that no row attends to, as the tokenizer pads
+        these texts alone (the reverse of concat's padding); image features as they are."""
+        if self.kind != "text" or not len(self):
+            return self
+        attended = np.flatnonzero(self.arrays["attention_mask"].any(axis=0))
+        if not attended.size:
+            return self
+        columns = slice(int(attended[0]), int(attended[-1]) + 1)  # the tokenizer pads at one end
+        arrays = {**self.arrays, "attention_mask": self.arrays["attention_mask"][:, columns]}
+        arrays["text_states"] = self.arrays["text_states"][:, :, columns]
+        return Features(self.kind, arrays, dict(self.origin))
+
     def __repr__(self) -> str:
         # The arrays' shapes, not their values: a base image feature is megabytes of numbers.
         arrays = ", ".join(f"{name} {array.dtype} {list(array.shape)}" for name, array in self.arrays.items())

@@ -162,24 +162,30 @@ def _warm_up_head(runtime: Any, backend: str, max_batch: int) -> None:
         runtime(**sample_inputs(runtime.config, count, _warm_up_length(runtime), pad=False))
 
 
-def _warm_up_rank(itm: Any, itc: Any | None) -> None:
+def _warm_up_rank(ranker: Any, gallery: bool) -> None:
     """Run a rank request's shapes once: one image, a fusion batch of captions, and their scores
     (on the itc head its towers alone, whose embeddings give the cosines; a whole head one row).
     The first multi-row run of the text and fusion graphs paid 0.4 s and up to 0.9 s more on OpenVINO
-    (base itm, bf16) and 0.2 s more for the text graph on ONNX Runtime."""
+    (base itm, bf16) and 0.2 s more for the text graph on ONNX Runtime. Where the itm stage scores
+    the itc towers' features (`Ranker.shares_towers`) its own towers are left unopened (850 MB on
+    base) unless a gallery is served, whose images ITM reads again; a request that needs them
+    anyway (more candidates than one batch) opens them then."""
     from btdeploy.model.inputs import sample_inputs
     from btdeploy.runtime.runtime import SplitRuntime
     from btdeploy.runtime.split_runtime import SCORE_BATCH
 
+    itm, itc = ranker.itm, ranker.itc
     feeds = sample_inputs(itm.config, SCORE_BATCH, _warm_up_length(itm), pad=False)
-    images = itm.encode_images(feeds["pixel_values"][:1])
-    texts = itm.encode_texts(input_ids=feeds["input_ids"], attention_mask=feeds["attention_mask"])
-    itm.score(images, texts)
+    pixels = feeds["pixel_values"][:1]
+    text = {"input_ids": feeds["input_ids"], "attention_mask": feeds["attention_mask"]}
     if isinstance(itc, SplitRuntime):
-        itc.encode_images(feeds["pixel_values"][:1])
-        itc.encode_texts(input_ids=feeds["input_ids"], attention_mask=feeds["attention_mask"])
+        images, texts = itc.encode_images(pixels), itc.encode_texts(text)
+        if ranker.shares_towers:
+            itm.score(ranker.as_itm_features(images), ranker.as_itm_features(texts))
     elif itc is not None:
         itc(**{name: values[:1] for name, values in feeds.items()})
+    if not ranker.shares_towers or gallery:
+        itm.score(itm.encode_images(pixels), itm.encode_texts(text))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -245,8 +251,8 @@ class RankModel:
 
         itm = _load_runtime(folder, backend, options)
         itc = _load_runtime(itc_folder, backend, itc_options) if itc_folder else None
-        _warm_up_rank(itm, itc)
         self.ranker = Ranker(itm, itc, describe_graphs(backend, options))
+        _warm_up_rank(self.ranker, gallery is not None)
         self.cache = FeatureCache(cache_size)
         self.gallery = ServedGallery(Path(gallery)) if gallery else None
         self.collector = collector()

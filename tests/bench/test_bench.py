@@ -1226,3 +1226,37 @@ def test_fork_stress_forks_right_after_runs_and_counts_the_children_that_end(tin
         "at most 0.5 s): 0 of 8 hung; another thread running at the fork in 0 of 8"
     )
     assert "8 of 8 forks, 0 hung" in done.stderr
+
+
+def test_command_ab_times_two_checkouts_in_turns_and_shows_what_differs(tiny_export: Path, tmp_path: Path) -> None:
+    """benchmarks/command_ab.py: every command run by both checkouts in fresh processes, medians of
+    wall time and peak memory, whether both printed the same, and the lines only one side printed."""
+    import shutil
+
+    repository = Path(__file__).resolve().parents[2]
+    before = tmp_path / "before"
+    shutil.copytree(repository / "btdeploy", before / "btdeploy", ignore=shutil.ignore_patterns("__pycache__"))
+    version = before / "btdeploy" / "version.py"
+    version.write_text(version.read_text().replace('__version__ = "', '__version__ = "0.0.1-old-'))
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(picture)
+    score = f"run {tiny_export} --head itm --image {picture} --text 'a cat' --json"
+    done = run_benchmark(
+        "command_ab.py", "--before", before, "--after", repository, "--rounds", "2",
+        "--command", score, "--command=--version", timeout=600,
+    )  # fmt: skip
+    rows = {row[0].strip("`"): row[1:] for row in markdown_table(done.stdout, "command")}
+    assert list(rows) == [score, "--version"]
+    for cells in rows.values():
+        before_s, after_s, ratio = float(cells[0]), float(cells[1]), float(cells[2].rstrip("x"))
+        assert before_s > 0 and after_s > 0 and is_quotient_of_printed(ratio, before_s, after_s, 0.005, 0.005)
+        assert 20 < float(cells[3]) < 4000 and 20 < float(cells[4]) < 4000  # MB of one child, not the parent
+    assert rows[score][5] == "yes" and rows["--version"][5] == "no"
+    assert "before: btdeploy 0.0.1-old-" in done.stdout and "after: btdeploy " in done.stdout
+    assert done.stderr.count("round ") == 2 * 2 * 2  # rounds x commands x sides
+    refused = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "command_ab.py"), "--before", str(tmp_path), "--command=--version"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"--before {tmp_path} holds no btdeploy package" in refused.stderr

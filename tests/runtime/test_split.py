@@ -3,6 +3,7 @@ and all-pairs scoring that runs each tower once per item."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -233,6 +234,15 @@ def test_features_encoded_in_parts_join_and_slice_to_the_same_scores(split_expor
                 if head == "mlm":  # per-token logits: compare the tokens the short texts have
                     got = got[:, :, : values.shape[2]]
                 np.testing.assert_allclose(got, values, atol=1e-5, rtol=0, err_msg=f"{head} {name}")
+        # Rows taken back out of the join lose the padding no row of theirs attends to, as when
+        # tokenized alone: the short texts' 5 columns, the second long text's first 3.
+        short_again = joined_texts[:2].without_padding()
+        assert short_again.arrays["attention_mask"].shape == (2, 5)
+        np.testing.assert_array_equal(short_again.arrays["attention_mask"], short["attention_mask"])
+        np.testing.assert_array_equal(short_again.arrays["text_states"], joined_texts.arrays["text_states"][:2, :, :5])
+        assert joined_texts[[3, 1]].without_padding().arrays["attention_mask"].shape == (2, 3)
+        assert joined_texts[2:].without_padding().arrays["attention_mask"].shape == (3, 9)
+        assert whole_images.without_padding() is whole_images
         picked = [whole_images[3], whole_images[1:3], whole_images[[0, -1]]]
         assert [len(p) for p in picked] == [1, 2, 2] and len(list(whole_images)) == 4
         for part, rows in zip(picked, ([3], [1, 2], [0, 3]), strict=True):
@@ -353,7 +363,7 @@ def test_rank_one_image_against_captions(
     image = images / "img0.png"
     assert main(["rank", str(split_export), "--image", str(image), "--texts", str(texts), "--top-k", "3"]) == 0
     printed = capsys.readouterr().out
-    assert "ITC cosine over 5, top 3 to ITM; ITM on 3 (split graphs)" in printed
+    assert "ITC cosine over 5, top 3 to ITM; ITM on 3 (split graphs, the itc towers' features)" in printed
     rows = rank(split_export, [image], captions, top_k=3).rows
     table = [line.split(maxsplit=3)[3] for line in printed.splitlines()[3:]]
     assert len(rows) == 3 and [r.label for r in rows] == table
@@ -385,6 +395,66 @@ def test_rank_one_image_against_captions(
     np.testing.assert_allclose([row["match_probability"] for row in ranking], expected, atol=1e-5)
     cosines_in_order = [c for r in rows if (c := r.itc_cosine) is not None]
     np.testing.assert_allclose([row["itc_cosine"] for row in ranking], cosines_in_order, atol=1e-6)
+
+
+def test_rank_and_index_open_only_the_graphs_they_run(
+    split_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Split graphs open on their first use: a ranking runs the itc head's towers and the itm
+    head's fusion graph (the towers are shared), `index` one tower; a damaged graph is still
+    refused at load."""
+    import btdeploy.backends.onnxruntime as onnxruntime_backend
+    from btdeploy.apps.gallery import index_images
+    from btdeploy.apps.rank import rank
+
+    opened: list[str] = []
+    real = onnxruntime_backend.open_recorded_graph
+    spy = spying(real, lambda manifest, path, *rest, **options: opened.append(f"{path.parent.name}/{path.name}"))
+    monkeypatch.setattr(onnxruntime_backend, "open_recorded_graph", spy)
+    images, _, captions = _rank_inputs(tmp_path)
+    ranking = rank(split_export, [images / "img0.png"], captions, top_k=2)
+    assert len(ranking.rows) == 2 and ranking.stages.endswith("ITM on 2 (split graphs, the itc towers' features)")
+    assert sorted(opened) == ["itc/text.onnx", "itc/vision.onnx", "itm/fusion.onnx"]
+    opened.clear()
+    index_images(split_export, images, tmp_path / "gallery.npz")
+    assert opened == ["itc/vision.onnx"]
+    runtime = btdeploy.load(split_export, head="itc", split=True)
+    assert runtime.backend.parts == {}  # nothing opened before a call
+    damaged = tmp_path / "damaged"
+    shutil.copytree(split_export / "itc", damaged)
+    with (damaged / "fusion.onnx").open("ab") as graph:
+        graph.write(b"\0")
+    with pytest.raises(BtDeployError, match=r"fusion.onnx is not the graph its manifest recorded \(\d+ bytes"):
+        btdeploy.load(damaged, split=True)
+
+
+def test_rank_scores_the_itc_towers_features_as_the_itm_towers_own(split_export: Path, tmp_path: Path) -> None:
+    """FP32 heads of one checkpoint share their towers: ITM scores the features the ITC stage kept.
+    Where more candidates reach ITM than one batch holds, or a head is quantized, each head runs
+    its own towers; the rankings agree, images against a caption and captions against an image."""
+    from btdeploy.apps.rank import Ranker, rank
+
+    images, _, captions = _rank_inputs(tmp_path)
+    files = sorted(images.iterdir())
+    queries: list[tuple[list[Path], list[str]]] = [(files, [captions[1]]), ([files[0]], captions)]
+    # (top K, a batch where the K are kept, one where they are not): (2, 2, 1) keeps the best
+    # over three batches of candidates.
+    for (pictures, texts), (top_k, kept, not_kept) in itertools.product(queries, [(3, 64, 2), (2, 2, 1)]):
+        shared = rank(split_export, pictures, texts, top_k=top_k, batch_size=kept)
+        own = rank(split_export, pictures, texts, top_k=top_k, batch_size=not_kept)
+        assert shared.stages.endswith(f"ITM on {top_k} (split graphs, the itc towers' features)")
+        assert own.stages.endswith(f"ITM on {top_k} (split graphs)")
+        assert [(r.label, r.index) for r in shared.rows] == [(r.label, r.index) for r in own.rows]
+        for mine, theirs in zip(shared.rows, own.rows, strict=True):
+            assert abs(mine.itm_probability - theirs.itm_probability) <= 1e-6  # type: ignore[operator]
+            assert abs(mine.itc_cosine - theirs.itc_cosine) <= 1e-6  # type: ignore[operator]
+    itm = btdeploy.load(split_export, head="itm", split=True)
+    assert Ranker(itm, btdeploy.load(split_export, head="itc", split=True)).shares_towers
+    assert not Ranker(itm, btdeploy.load(split_export, head="itc")).shares_towers  # the whole itc graph
+    quantized = tmp_path / "quantized"
+    shutil.copytree(split_export / "itc", quantized)
+    quantize_head(quantized, "int8-dynamic", "ort")
+    assert not Ranker(itm, btdeploy.load(quantized, split=True, flavour="ort", precision="int8-dynamic")).shares_towers
 
 
 def test_rank_images_against_one_caption_and_bad_arguments(
@@ -439,7 +509,8 @@ def test_rank_on_openvino_orders_as_onnx_runtime_does(
     image = images / "img0.png"
     argv = ["rank", str(split_export), "--image", str(image), "--texts", str(texts), "--top-k", "3"]
     assert main([*argv, "--backend", "openvino"]) == 0
-    assert "ITC cosine over 5 (openvino), top 3 to ITM; ITM on 3 (split graphs, openvino)" in capsys.readouterr().out
+    stages = "ITC cosine over 5 (openvino), top 3 to ITM; ITM on 3 (split graphs, openvino, the itc towers' features)"
+    assert stages in capsys.readouterr().out
     ort = rank(split_export, [image], captions, top_k=5).rows
     openvino = rank(split_export, [image], captions, top_k=5, backend="openvino").rows
     assert [row.label for row in openvino] == [row.label for row in ort]

@@ -241,7 +241,7 @@ def test_rank_uses_cached_image_features(server: Server) -> None:
     assert (first["cached_images"], second["cached_images"]) == (0, 1)
     assert second["ranking"] == first["ranking"]
     # Without top_k every caption reaches ITM, ordered as /v1/itm scores them; each with its /v1/itc cosine.
-    assert first["stages"] == "ITC cosine over 3, top 3 to ITM; ITM on 3 (split graphs)"
+    assert first["stages"] == "ITC cosine over 3, top 3 to ITM; ITM on 3 (split graphs, the itc towers' features)"
     _, itm = server.json("/v1/itm", body)
     _, itc = server.json("/v1/itc", body)
     expected = sorted((-a["match_probability"], i) for i, a in enumerate(itm["answers"]))
@@ -274,7 +274,7 @@ def test_rank_answers_as_the_rank_command_ranks(server: Server, tmp_path: Path) 
     assert status == 200, served
     ranked = rank(server.export, [image], texts, top_k=2)
     assert served["query"] == "image" and served["stages"] == ranked.stages
-    assert ranked.stages == "ITC cosine over 6, top 2 to ITM; ITM on 2 (split graphs)"
+    assert ranked.stages == "ITC cosine over 6, top 2 to ITM; ITM on 2 (split graphs, the itc towers' features)"
     _assert_same_rows(served["ranking"], ranked.rows)
     # Images against a caption: the same candidates chosen, named by their place in the request.
     files = []

@@ -311,17 +311,21 @@ class GalleryItems(ItemReader):
         rows = [self.rows[item] for item in items]
         return Features(self.gallery.kind, {output: self.gallery.embeddings[rows]}, dict(expected))
 
-    def image_features(self, runtime: SplitRuntime, items: list[Any], first: int) -> Features:
+    def image_features(
+        self, runtime: SplitRuntime, items: list[Any], first: int, embeddings_only: bool = False
+    ) -> Features:
         if not self.of_images:
-            return self.others.image_features(runtime, items, first)
-        if runtime.head.name == CANDIDATE_HEAD:
+            return self.others.image_features(runtime, items, first, embeddings_only)
+        if embeddings_only:  # the ITC stage: the stored embeddings (held to the runtime's graph)
             return self._stored(runtime, items)
         return super().image_features(runtime, items, first)
 
-    def text_features(self, runtime: SplitRuntime, texts: list[str], first: int) -> Features:
-        if not self.of_images and runtime.head.name == CANDIDATE_HEAD:
+    def text_features(
+        self, runtime: SplitRuntime, texts: list[str], first: int, embeddings_only: bool = False
+    ) -> Features:
+        if not self.of_images and embeddings_only:
             return self._stored(runtime, texts)
-        return self.others.text_features(runtime, texts, first)
+        return self.others.text_features(runtime, texts, first, embeddings_only)
 
 
 def gallery_kind(path: Path) -> str:

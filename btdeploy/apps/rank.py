@@ -5,8 +5,9 @@ First stage, where the itc head is there: text-image cosine of the contrastive e
 tower once per item), its top K to the second. Second stage: ITM match probability, on the split
 graphs where the export has them (the query's tower once), else on the whole ITM head; where the
 two heads share their towers (`Ranker.shares_towers`) on the features the first stage kept for its
-top K, so that only the itm fusion graph runs. Without the itc head every candidate goes to ITM;
-without K, every candidate the first stage scored.
+top K (or made again by the itc towers), so that of the itm head only the fusion graph runs.
+Without the itc head every candidate goes to ITM; without K, every candidate the first stage
+scored.
 
 Candidates stream through in batches of `batch_size`: the query is preprocessed and encoded
 once, each batch of candidates is read, preprocessed, scored and dropped, and only one score
@@ -90,8 +91,11 @@ class ItemReader:
     def pixels(self, items: list[Any], first: int) -> np.ndarray:
         return image_inputs(self.processor, self.pictures(items, first))
 
-    def image_features(self, runtime: SplitRuntime, items: list[Any], first: int) -> Features:
-        """The vision tower's features of the items, on `runtime`'s split graphs."""
+    def image_features(
+        self, runtime: SplitRuntime, items: list[Any], first: int, embeddings_only: bool = False
+    ) -> Features:
+        """The vision tower's features of the items, on `runtime`'s split graphs. `embeddings_only`:
+        the caller reads only the contrastive embeddings (a gallery hands its stored ones)."""
         return runtime.encode_images(self.pixels(items, first))
 
     def check_texts(self, ranker: Ranker, texts: list[str]) -> None:
@@ -102,8 +106,11 @@ class ItemReader:
         encoding = self.processor.tokenizer(texts, padding=True, return_tensors="np")
         return {name: np.asarray(encoding[name], dtype=np.int64) for name in ("input_ids", "attention_mask")}
 
-    def text_features(self, runtime: SplitRuntime, texts: list[str], first: int) -> Features:
-        """The text tower's features of the texts, on `runtime`'s split graphs."""
+    def text_features(
+        self, runtime: SplitRuntime, texts: list[str], first: int, embeddings_only: bool = False
+    ) -> Features:
+        """The text tower's features of the texts, on `runtime`'s split graphs (`embeddings_only`:
+        as for images)."""
         return runtime.encode_texts(self.text_inputs(texts))
 
 
@@ -125,10 +132,10 @@ class _Side:
             return {"pixel_values": self.reader.pixels(items, first)}
         return self.reader.text_inputs(items)
 
-    def features(self, runtime: SplitRuntime, items: list[Any], first: int) -> Features:
+    def features(self, runtime: SplitRuntime, items: list[Any], first: int, embeddings_only: bool) -> Features:
         if self.is_image:
-            return self.reader.image_features(runtime, items, first)
-        return self.reader.text_features(runtime, items, first)
+            return self.reader.image_features(runtime, items, first, embeddings_only)
+        return self.reader.text_features(runtime, items, first, embeddings_only)
 
 
 def describe_graphs(backend: str, options: dict[str, Any]) -> str:
@@ -196,22 +203,32 @@ class Ranker:
         cosines: dict[int, float] = {}
         stages = []
         on = f" ({self.graphs})" if self.graphs else ""
-        # The best candidates' tower features, kept for the itm stage where the heads share towers
-        # and they are few enough (at most one batch: memory stays flat in the candidates).
+        # Where the heads share towers, the itc stage keeps the query's features and, where they
+        # are few enough (one batch at most: memory stays flat in the candidates), its best ones'.
+        shared = self.shares_towers
         keep = top_k or count
-        kept = _Kept(keep) if self.shares_towers and keep <= self.batch_size else None
+        kept = _Kept(keep if keep <= self.batch_size else 0) if shared else None
         if self.itc is not None:
             similarity = self._scores(self.itc, query, candidates, COSINE, kept=kept)
             chosen = np.argsort(-similarity, kind="stable")[: top_k or count]
             cosines = {int(index): float(similarity[index]) for index in chosen}
             stages.append(f"ITC cosine over {count}{on}, top {len(chosen)} to ITM")
         where = [w for w in ("split graphs" if isinstance(self.itm, SplitRuntime) else "", self.graphs) if w]
-        if kept is not None and kept.holds_states(query.is_image):
-            probability = self._kept_scores(kept, [int(i) for i in chosen], query.is_image)
-            where.append("the itc towers' features")
-        else:
+        places = [int(i) for i in chosen]
+        query_states = kept.query_states(query.is_image) if kept is not None else None
+        chosen_states = kept.candidate_states(places, query.is_image) if kept is not None else None
+        if query_states is not None and chosen_states is not None:
+            assert isinstance(self.itm, SplitRuntime)  # as shares_towers requires
+            pair = (query_states, chosen_states) if image_query else (chosen_states, query_states)
+            probability = MATCH.on_features(self.itm, *(self.as_itm_features(side) for side in pair))
+        else:  # a gallery's stored embeddings, or more candidates than were kept: their towers run again
             scored = _Side(source, candidates.is_image, [candidates.items[i] for i in chosen])
-            probability = self._scores(self.itm, query, scored, MATCH, [int(i) for i in chosen])
+            towers = self.itc if shared and isinstance(self.itc, SplitRuntime) else None
+            probability = self._scores(
+                self.itm, query, scored, MATCH, places, towers=towers, query_features=query_states
+            )
+        if shared:
+            where.append("the itc towers' features")
         stages.append(f"ITM on {len(chosen)}" + (f" ({', '.join(where)})" if where else ""))
         rows = [
             RankedItem(labels[index], float(p), cosines.get(int(index)), int(index))
@@ -228,19 +245,28 @@ class Ranker:
         stage: _Stage,
         indices: list[int] | None = None,
         kept: _Kept | None = None,
+        towers: SplitRuntime | None = None,
+        query_features: Features | None = None,
     ) -> np.ndarray:
         """One score per candidate against the query; split graphs run the query's tower once.
         `indices`: the candidates' places among all of them (for messages and image names);
-        `kept`: where the query's and the best candidates' features are kept."""
+        `kept`: where the query's and the best candidates' features are kept; `towers`: whose
+        towers make the features (default `runtime`'s own; the itc head's where they are shared);
+        `query_features`: the query's, where already made."""
         values = np.empty(len(candidates.items), dtype=np.float32)
         places = indices if indices is not None else list(range(len(candidates.items)))
         if isinstance(runtime, SplitRuntime):
-            query_features = query.features(runtime, query.items, 0)
+            encoder = towers or runtime
+            embeddings_only = stage is COSINE
+            if query_features is None:
+                query_features = query.features(encoder, query.items, 0, embeddings_only)
             if kept is not None:
                 kept.query = query_features
             for start, items in candidates.batches(self.batch_size):
-                batch = candidates.features(runtime, items, places[start])
+                batch = candidates.features(encoder, items, places[start], embeddings_only)
                 images, texts = (query_features, batch) if query.is_image else (batch, query_features)
+                if encoder is not runtime:
+                    images, texts = self.as_itm_features(images), self.as_itm_features(texts)
                 found = stage.on_features(runtime, images, texts)
                 values[start : start + len(found)] = found
                 if kept is not None:
@@ -253,14 +279,6 @@ class Ranker:
             values[start : start + len(found)] = found
         return values
 
-    def _kept_scores(self, kept: _Kept, chosen: list[int], image_query: bool) -> np.ndarray:
-        """The itm stage on the features the itc stage kept (`shares_towers`): its fusion graph alone."""
-        itm = self.itm
-        assert isinstance(itm, SplitRuntime) and kept.query is not None  # shares_towers, holds_states
-        query, chosen_features = kept.query, kept.rows_of(chosen)
-        images, texts = (query, chosen_features) if image_query else (chosen_features, query)
-        return MATCH.on_features(itm, self.as_itm_features(images), self.as_itm_features(texts))
-
     def as_itm_features(self, features: Features) -> Features:
         """Features of the itc head's towers named as the itm head's, which `shares_towers` says they are."""
         assert isinstance(self.itm, SplitRuntime)
@@ -270,7 +288,7 @@ class Ranker:
 class _Kept:
     """The itc stage's tower features that the itm stage scores where the heads share towers:
     the query's, and those of the best `size` candidates so far (ties: the earlier one, as the
-    stage's stable sort keeps it)."""
+    stage's stable sort keeps it; none with size 0)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -280,24 +298,31 @@ class _Kept:
         self.features: Features | None = None
 
     def offer(self, places: np.ndarray, scores: np.ndarray, features: Features) -> None:
+        if not self.size:
+            return
         places = np.concatenate([self.places, places])
         scores = np.concatenate([self.scores, np.asarray(scores, dtype=np.float32)])
         joined = features if self.features is None else Features.concat([self.features, features])
         best = np.lexsort((places, -scores))[: self.size]
         self.places, self.scores, self.features = places[best], scores[best], joined[best]
 
-    def holds_states(self, image_query: bool) -> bool:
-        """Whether the kept features are states the fusion graph reads (a gallery keeps embeddings only)."""
-        needed = {"image": "image_states", "text": "text_states"}
-        sides = [(self.query, "image" if image_query else "text"), (self.features, "text" if image_query else "image")]
-        return all(features is not None and needed[kind] in features.arrays for features, kind in sides)
+    def query_states(self, image_query: bool) -> Features | None:
+        """The query's features, where they hold the states the fusion graph reads."""
+        return self.query if _holds_states(self.query, "image" if image_query else "text") else None
 
-    def rows_of(self, chosen: list[int]) -> Features:
-        """The kept features of the `chosen` candidates, in that order; texts padded as the
-        tokenizer pads them alone, so that the fusion graph runs what it would run on them."""
+    def candidate_states(self, chosen: list[int], image_query: bool) -> Features | None:
+        """The kept features of the `chosen` candidates in that order, where all were kept with
+        their states (a gallery keeps embeddings only); texts padded as the tokenizer pads them
+        alone, so that the fusion graph runs what it would run on them."""
+        if not _holds_states(self.features, "text" if image_query else "image") or len(chosen) > len(self.places):
+            return None
         assert self.features is not None
         row = {int(place): position for position, place in enumerate(self.places)}
         return self.features[[row[place] for place in chosen]].without_padding()
+
+
+def _holds_states(features: Features | None, kind: str) -> bool:
+    return features is not None and {"image": "image_states", "text": "text_states"}[kind] in features.arrays
 
 
 @dataclass(frozen=True)

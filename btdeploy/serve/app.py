@@ -162,14 +162,13 @@ def _warm_up_head(runtime: Any, backend: str, max_batch: int) -> None:
         runtime(**sample_inputs(runtime.config, count, _warm_up_length(runtime), pad=False))
 
 
-def _warm_up_rank(ranker: Any, gallery: bool) -> None:
+def _warm_up_rank(ranker: Any) -> None:
     """Run a rank request's shapes once: one image, a fusion batch of captions, and their scores
     (on the itc head its towers alone, whose embeddings give the cosines; a whole head one row).
     The first multi-row run of the text and fusion graphs paid 0.4 s and up to 0.9 s more on OpenVINO
     (base itm, bf16) and 0.2 s more for the text graph on ONNX Runtime. Where the itm stage scores
-    the itc towers' features (`Ranker.shares_towers`) its own towers are left unopened (850 MB on
-    base) unless a gallery is served, whose images ITM reads again; a request that needs them
-    anyway (more candidates than one batch) opens them then."""
+    the itc towers' features (`Ranker.shares_towers`) its own towers are never run, nor opened
+    (850 MB on base)."""
     from btdeploy.model.inputs import sample_inputs
     from btdeploy.runtime.runtime import SplitRuntime
     from btdeploy.runtime.split_runtime import SCORE_BATCH
@@ -184,7 +183,7 @@ def _warm_up_rank(ranker: Any, gallery: bool) -> None:
             itm.score(ranker.as_itm_features(images), ranker.as_itm_features(texts))
     elif itc is not None:
         itc(**{name: values[:1] for name, values in feeds.items()})
-    if not ranker.shares_towers or gallery:
+    if not ranker.shares_towers:
         itm.score(itm.encode_images(pixels), itm.encode_texts(text))
 
 
@@ -252,7 +251,7 @@ class RankModel:
         itm = _load_runtime(folder, backend, options)
         itc = _load_runtime(itc_folder, backend, itc_options) if itc_folder else None
         self.ranker = Ranker(itm, itc, describe_graphs(backend, options))
-        _warm_up_rank(self.ranker, gallery is not None)
+        _warm_up_rank(self.ranker)
         self.cache = FeatureCache(cache_size)
         self.gallery = ServedGallery(Path(gallery)) if gallery else None
         self.collector = collector()

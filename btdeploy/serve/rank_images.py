@@ -34,9 +34,12 @@ class RequestImages(ItemReader):
         self.encoded.update(content_key(data) for data in items)  # a whole head runs their tower again
         return super().pixels(items, first)
 
-    def image_features(self, runtime: SplitRuntime, items: list[Any], first: int) -> Features:
+    def image_features(
+        self, runtime: SplitRuntime, items: list[Any], first: int, embeddings_only: bool = False
+    ) -> Features:
         """Each image's features for this runtime's head: from the cache, or its tower run once (an
-        image given twice in a request included). A cache entry holds every head's for the image."""
+        image given twice in a request included). A cache entry holds every head's for the image,
+        whole: the itm stage reads the itc head's states where the heads share towers."""
         head = runtime.head.name
         keys = [content_key(data) for data in items]
         entries: dict[str, dict[str, Features]] = {key: dict(self.cache.get(key) or {}) for key in dict.fromkeys(keys)}

@@ -76,9 +76,11 @@ def test_the_gallery_ranks_as_the_folder_does(export: Path, tmp_path: Path) -> N
     np.testing.assert_allclose(gallery.embeddings, expected, rtol=0, atol=1e-6)
     stored = rank_gallery(export, tmp_path / "gallery.npz", CAPTION, top_k=3, batch_size=4)
     direct = rank(export, files, [CAPTION], top_k=3, batch_size=4)
-    # The gallery keeps embeddings, not states: its ITM stage runs the itm towers again.
-    assert stored.stages == "ITC cosine over 9, top 3 to ITM; ITM on 3 (split graphs)"
-    assert direct.stages == stored.stages[:-1] + ", the itc towers' features)"
+    assert (
+        stored.stages
+        == direct.stages
+        == "ITC cosine over 9, top 3 to ITM; ITM on 3 (split graphs, the itc towers' features)"
+    )
     assert [(row.label, row.index) for row in stored.rows] == [(row.label, row.index) for row in direct.rows]
     for mine, theirs in zip(stored.rows, direct.rows, strict=True):
         assert abs(mine.itc_cosine - theirs.itc_cosine) <= 1e-6  # type: ignore[operator]
@@ -330,9 +332,11 @@ def test_a_gallery_of_captions_ranks_as_the_captions_file_does(
     stored = rank_gallery(export, out, image, top_k=2)
     assert texts == [2]  # the text tower ran on the two labels ITM scores, not on all five
     direct = rank(export, [image], LABELS, top_k=2)
-    # The gallery keeps embeddings, not states: its ITM stage runs the itm towers again.
-    assert stored.stages == "ITC cosine over 5, top 2 to ITM; ITM on 2 (split graphs)"
-    assert direct.stages == stored.stages[:-1] + ", the itc towers' features)"
+    assert (
+        stored.stages
+        == direct.stages
+        == "ITC cosine over 5, top 2 to ITM; ITM on 2 (split graphs, the itc towers' features)"
+    )
     assert [(r.label, r.index) for r in stored.rows] == [(r.label, r.index) for r in direct.rows]
     for mine, theirs in zip(stored.rows, direct.rows, strict=True):
         assert abs(mine.itc_cosine - theirs.itc_cosine) <= 1e-6  # type: ignore[operator]
@@ -439,15 +443,15 @@ def test_a_running_rank_replica_searches_the_gallery_index_replaced(
     assert len(searched(3)) == 3
 
 
-def test_the_rank_replica_opens_the_itm_towers_only_where_a_gallery_needs_them(
+def test_the_rank_replica_never_opens_the_itm_towers_it_shares(
     export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The rank replica warms up what its rankings run: the itc towers and the itm fusion graph
-    (ITM scores the itc towers' features), and the itm towers too where a gallery is served (its
-    stored embeddings hold no states); its answers are the rank command's."""
+    (ITM scores the itc towers' features), a gallery served or not; its rankings and searches are
+    the rank command's, and still open no itm tower."""
     from types import SimpleNamespace
 
-    from btdeploy.apps.gallery import index_images
+    from btdeploy.apps.gallery import index_images, rank_gallery
     from btdeploy.apps.rank import rank
     from btdeploy.serve import app
     from btdeploy.serve.settings import ServeSettings
@@ -455,18 +459,23 @@ def test_the_rank_replica_opens_the_itm_towers_only_where_a_gallery_needs_them(
     monkeypatch.setattr(app, "collector", lambda: SimpleNamespace(record_batch=SimpleNamespace(remote=print)))
     files = _photos(tmp_path / "photos", range(4))
     index_images(export, tmp_path / "photos", tmp_path / "gallery.npz")
-    opened = {}
-    for gallery in (None, str(tmp_path / "gallery.npz")):
-        settings = ServeSettings(export_dir=str(export), gallery=gallery)
+    for gallery in (None, tmp_path / "gallery.npz"):
+        settings = ServeSettings(export_dir=str(export), gallery=str(gallery) if gallery else None)
         arguments = app.rank_model_arguments(settings, str(export / "itm"), str(export / "itc"))
         replica = app.RankModel.func_or_class(*arguments)  # type: ignore[attr-defined]
         itm, itc = replica.ranker.itm.backend, replica.ranker.itc.backend
-        opened[gallery is not None] = (sorted(itm.parts), sorted(itc.parts))
-        answer = replica._rank([path.read_bytes() for path in files], [CAPTION], 2)
-        expected = rank(export, files, [CAPTION], top_k=2)
-        assert answer["stages"] == expected.stages
-        for mine, theirs in zip(answer["ranking"], expected.rows, strict=True):
-            assert mine["index"] == theirs.index
-            assert abs(mine["match_probability"] - theirs.itm_probability) <= 1e-6
-    assert opened[False] == (["fusion"], ["text", "vision"])
-    assert opened[True] == (["fusion", "text", "vision"], ["text", "vision"])
+        assert (sorted(itm.parts), sorted(itc.parts)) == (["fusion"], ["text", "vision"])
+        answers = [
+            (
+                replica._rank([path.read_bytes() for path in files], [CAPTION], 2),
+                rank(export, files, [CAPTION], top_k=2),
+            )
+        ]
+        if gallery:
+            answers.append((replica._search([], [CAPTION], 2), rank_gallery(export, gallery, CAPTION, top_k=2)))
+        for answer, expected in answers:
+            assert answer["stages"] == expected.stages and expected.stages.endswith(", the itc towers' features)")
+            for mine, theirs in zip(answer["ranking"], expected.rows, strict=True):
+                assert mine["index"] == theirs.index
+                assert abs(mine["match_probability"] - theirs.itm_probability) <= 1e-6
+        assert sorted(itm.parts) == ["fusion"]

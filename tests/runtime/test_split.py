@@ -429,9 +429,10 @@ def test_rank_and_index_open_only_the_graphs_they_run(
 
 
 def test_rank_scores_the_itc_towers_features_as_the_itm_towers_own(split_export: Path, tmp_path: Path) -> None:
-    """FP32 heads of one checkpoint share their towers: ITM scores the features the ITC stage kept.
-    Where more candidates reach ITM than one batch holds, or a head is quantized, each head runs
-    its own towers; the rankings agree, images against a caption and captions against an image."""
+    """FP32 heads of one checkpoint share their towers: their states agree, and ITM scores the
+    features the ITC stage kept; where more candidates reach ITM than one batch holds, the itc
+    towers run again on them, to the same ranking, images against a caption and captions against
+    an image. A quantized or whole itc head shares nothing."""
     from btdeploy.apps.rank import Ranker, rank
 
     images, _, captions = _rank_inputs(tmp_path)
@@ -441,15 +442,20 @@ def test_rank_scores_the_itc_towers_features_as_the_itm_towers_own(split_export:
     # over three batches of candidates.
     for (pictures, texts), (top_k, kept, not_kept) in itertools.product(queries, [(3, 64, 2), (2, 2, 1)]):
         shared = rank(split_export, pictures, texts, top_k=top_k, batch_size=kept)
-        own = rank(split_export, pictures, texts, top_k=top_k, batch_size=not_kept)
+        again = rank(split_export, pictures, texts, top_k=top_k, batch_size=not_kept)
         assert shared.stages.endswith(f"ITM on {top_k} (split graphs, the itc towers' features)")
-        assert own.stages.endswith(f"ITM on {top_k} (split graphs)")
-        assert [(r.label, r.index) for r in shared.rows] == [(r.label, r.index) for r in own.rows]
-        for mine, theirs in zip(shared.rows, own.rows, strict=True):
+        assert again.stages == shared.stages  # the itc towers run again on the candidates ITM scores
+        assert [(r.label, r.index) for r in shared.rows] == [(r.label, r.index) for r in again.rows]
+        for mine, theirs in zip(shared.rows, again.rows, strict=True):
             assert abs(mine.itm_probability - theirs.itm_probability) <= 1e-6  # type: ignore[operator]
             assert abs(mine.itc_cosine - theirs.itc_cosine) <= 1e-6  # type: ignore[operator]
-    itm = btdeploy.load(split_export, head="itm", split=True)
-    assert Ranker(itm, btdeploy.load(split_export, head="itc", split=True)).shares_towers
+    itm, itc = (btdeploy.load(split_export, head=head, split=True) for head in ("itm", "itc"))
+    feeds = sample_inputs(itm.config, 2, 7, seed=21)
+    pixels, ids, mask = feeds["pixel_values"], feeds["input_ids"], feeds["attention_mask"]
+    of_itc, of_itm = ((runtime.encode_images(pixels), runtime.encode_texts(ids, mask)) for runtime in (itc, itm))
+    for side, states in enumerate(("image_states", "text_states")):
+        np.testing.assert_allclose(of_itc[side].arrays[states], of_itm[side].arrays[states], rtol=0, atol=1e-6)
+    assert Ranker(itm, itc).shares_towers
     assert not Ranker(itm, btdeploy.load(split_export, head="itc")).shares_towers  # the whole itc graph
     quantized = tmp_path / "quantized"
     shutil.copytree(split_export / "itc", quantized)

@@ -300,12 +300,15 @@ def test_search_ranks_the_gallery_as_the_rank_command_does(server: Server) -> No
     assert status == 200, served
     ranked = rank_gallery(server.export, server.export / "gallery.npz", caption, top_k=3)
     assert served["query"] == "text" and served["stages"] == ranked.stages
-    assert ranked.stages == "ITC cosine over 6, top 3 to ITM; ITM on 3 (split graphs)"
+    assert ranked.stages == "ITC cosine over 6, top 3 to ITM; ITM on 3 (split graphs, the itc towers' features)"
     _assert_same_rows(served["ranking"], ranked.rows)
     # The query form, without top_k: every image to ITM, each with the probability it had above.
     status, reply = server.request("/v1/search?" + urllib.parse.urlencode({"text": caption}), b"")
     every = json.loads(reply)
-    assert status == 200 and every["stages"] == "ITC cosine over 6, top 6 to ITM; ITM on 6 (split graphs)", every
+    assert (
+        status == 200
+        and every["stages"] == "ITC cosine over 6, top 6 to ITM; ITM on 6 (split graphs, the itc towers' features)"
+    ), every
     assert sorted(r["index"] for r in every["ranking"]) == list(range(6))
     probabilities = [r["match_probability"] for r in every["ranking"]]
     assert probabilities == sorted(probabilities, reverse=True)
@@ -333,7 +336,10 @@ def test_search_reads_the_gallery_index_replaced_while_serving(server: Server) -
         added.unlink()
         index_images(server.export, photos, gallery)
     status, reply = server.json("/v1/search", {"text": "a cat", "top_k": 2})
-    assert status == 200 and reply["stages"] == "ITC cosine over 6, top 2 to ITM; ITM on 2 (split graphs)", reply
+    assert (
+        status == 200
+        and reply["stages"] == "ITC cosine over 6, top 2 to ITM; ITM on 2 (split graphs, the itc towers' features)"
+    ), reply
 
 
 def test_200_concurrent_requests_each_get_their_own_answer(server: Server, runtimes: dict[str, Any]) -> None:

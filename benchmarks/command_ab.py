@@ -48,17 +48,20 @@ def run_once(source: Path, command: list[str], scratch: Path) -> tuple[float, fl
     """The command as `python -m btdeploy.cli ...` with `source` first on its path: its wall
     seconds, its own peak resident MB (its rusage, not the parent's) and its standard output."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(source), os.environ.get("PYTHONPATH")]))}
-    with tempfile.TemporaryFile(mode="w+") as out:
+    # Both streams to files, not pipes: a pipe nobody reads while the child runs fills (64 KB of
+    # progress lines) and stops the child.
+    with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryFile(mode="w+") as errors:
         started = time.perf_counter()
         child = subprocess.Popen(
-            [sys.executable, "-m", "btdeploy.cli", *command], cwd=scratch, env=env, stdout=out, stderr=subprocess.PIPE
+            [sys.executable, "-m", "btdeploy.cli", *command], cwd=scratch, env=env, stdout=out, stderr=errors
         )
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - started
         child.returncode = os.waitstatus_to_exitcode(status)
-        errors = child.stderr.read().decode(errors="replace") if child.stderr else ""
         if child.returncode != 0:
-            raise BtDeployError(f"{shlex.join(command)} with {source} exited {child.returncode}: {errors[-800:]}")
+            errors.seek(0)
+            said = errors.read()[-800:]
+            raise BtDeployError(f"{shlex.join(command)} with {source} exited {child.returncode}: {said}")
         out.seek(0)
         return seconds, usage.ru_maxrss / 1024, out.read()
 

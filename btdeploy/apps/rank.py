@@ -33,13 +33,11 @@ from btdeploy.model.heads import match_probability, text_image_cosine
 from btdeploy.model.media import export_processor, image_inputs, load_image, require_readable_images
 from btdeploy.progress import say
 from btdeploy.runtime.runtime import Runtime, SplitRuntime, load
-from btdeploy.runtime.split_runtime import Features
+from btdeploy.runtime.split_runtime import TOWER_OF, Features
 
 DEFAULT_BATCH_SIZE = 64
 # What ranks: the targets that run a head whole or as its split towers (ONNX Runtime, OpenVINO).
 BACKENDS = tuple(name for name, target in TARGETS.items() if target.runs_split)
-# The split graph that makes each kind of features.
-TOWER_OF = {"image": "vision", "text": "text"}
 # The heads of the two stages.
 CANDIDATE_HEAD = "itc"
 SCORING_HEAD = "itm"
@@ -215,8 +213,8 @@ class Ranker:
             stages.append(f"ITC cosine over {count}{on}, top {len(chosen)} to ITM")
         where = [w for w in ("split graphs" if isinstance(self.itm, SplitRuntime) else "", self.graphs) if w]
         places = [int(i) for i in chosen]
-        query_states = kept.query_states(query.is_image) if kept is not None else None
-        chosen_states = kept.candidate_states(places, query.is_image) if kept is not None else None
+        query_states = kept.query_states() if kept is not None else None
+        chosen_states = kept.candidate_states(places) if kept is not None else None
         if query_states is not None and chosen_states is not None:
             assert isinstance(self.itm, SplitRuntime)  # as shares_towers requires
             pair = (query_states, chosen_states) if image_query else (chosen_states, query_states)
@@ -306,23 +304,19 @@ class _Kept:
         best = np.lexsort((places, -scores))[: self.size]
         self.places, self.scores, self.features = places[best], scores[best], joined[best]
 
-    def query_states(self, image_query: bool) -> Features | None:
+    def query_states(self) -> Features | None:
         """The query's features, where they hold the states the fusion graph reads."""
-        return self.query if _holds_states(self.query, "image" if image_query else "text") else None
+        return self.query if self.query is not None and self.query.holds_states else None
 
-    def candidate_states(self, chosen: list[int], image_query: bool) -> Features | None:
-        """The kept features of the `chosen` candidates in that order, where all were kept with
-        their states (a gallery keeps embeddings only); texts padded as the tokenizer pads them
-        alone, so that the fusion graph runs what it would run on them."""
-        if not _holds_states(self.features, "text" if image_query else "image") or len(chosen) > len(self.places):
+    def candidate_states(self, chosen: list[int]) -> Features | None:
+        """The kept features of the `chosen` candidates (the best `size`) in that order, where they
+        were kept with their states (a gallery keeps embeddings only; size 0 keeps none); texts
+        padded as the tokenizer pads them alone, so that the fusion graph runs what it would run
+        on them."""
+        if self.features is None or not self.features.holds_states:
             return None
-        assert self.features is not None
         row = {int(place): position for position, place in enumerate(self.places)}
         return self.features[[row[place] for place in chosen]].without_padding()
-
-
-def _holds_states(features: Features | None, kind: str) -> bool:
-    return features is not None and {"image": "image_states", "text": "text_states"}[kind] in features.arrays
 
 
 @dataclass(frozen=True)

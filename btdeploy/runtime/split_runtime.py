@@ -25,6 +25,9 @@ from btdeploy.runtime.validation import check_pixels, check_text
 
 FEATURES_FORMAT = 1
 SCORE_BATCH = 16  # pairs per run of the fusion graph in score()
+# Per kind of features: the split graph that makes them, and the states the fusion graph reads.
+TOWER_OF = {"image": "vision", "text": "text"}
+STATES = {"image": "image_states", "text": "text_states"}
 
 
 @dataclass
@@ -80,6 +83,12 @@ class Features:
         joined = {name: np.concatenate([a[name] for a in arrays]) for name in first.arrays}
         return Features(first.kind, joined, dict(first.origin))
 
+    @property
+    def holds_states(self) -> bool:
+        """Whether these are a tower's features the fusion graph reads, not contrastive embeddings alone
+        (what a gallery stores)."""
+        return STATES.get(self.kind, "") in self.arrays
+
     def without_padding(self) -> Features:
         """Text features without the token columns that no row attends to, as the tokenizer pads
         these texts alone (the reverse of concat's padding); image features as they are."""
@@ -127,7 +136,7 @@ class Features:
 
     def validate(self, where: str = "these features") -> None:
         """Arrays that agree with each other: a known kind, float32 states, int64 masks, one row count."""
-        expected = {"image": ("image_states",), "text": ("text_states", "attention_mask")}.get(self.kind)
+        expected = {"image": (STATES["image"],), "text": (STATES["text"], "attention_mask")}.get(self.kind)
         if expected is None or any(name not in self.arrays for name in expected):
             raise BtDeployError(f"{where}: {self.kind!r} features need arrays {expected}: encode the items again")
         rows = {name: int(array.shape[0]) if array.ndim else -1 for name, array in self.arrays.items()}
@@ -162,7 +171,7 @@ class SplitRuntimeMixin:
     config: Any
     check_finite: bool
 
-    def _check(self, features: Features, kind: str, stem: str) -> None:
+    def _check(self, features: Features, kind: str) -> None:
         if not isinstance(features, Features) or features.kind != kind:
             given = f"{features.kind} features" if isinstance(features, Features) else type(features).__name__
             raise BtDeployError(
@@ -171,7 +180,7 @@ class SplitRuntimeMixin:
             )
         features.validate(f"the {kind} features")
         self._check_shapes(features)
-        expected = self.backend.origin(stem)
+        expected = self.backend.origin(TOWER_OF[kind])
         if features.origin != expected:
             raise BtDeployError(
                 f"these {kind} features were computed by {_describe(features.origin)}, this runtime uses "
@@ -182,7 +191,7 @@ class SplitRuntimeMixin:
         """States shaped as this model's towers make them: [rows, cross layers, tokens, hidden]."""
         config = self.config
         cross, hidden = int(config.num_hidden_layers), int(config.hidden_size)
-        name = "image_states" if features.kind == "image" else "text_states"
+        name = STATES[features.kind]
         states = features.arrays[name]
         tokens = num_image_tokens(config) if features.kind == "image" else None
         if features.kind == "text":
@@ -232,8 +241,8 @@ class SplitRuntimeMixin:
 
         Each tower ran once per item (in encode_*); here only the fusion graph runs, on
         batches of up to batch_size pairs."""
-        self._check(images, "image", "vision")
-        self._check(texts, "text", "text")
+        self._check(images, "image")
+        self._check(texts, "text")
         if not len(images) or not len(texts):
             raise BtDeployError(f"nothing to score: {len(images)} image(s) and {len(texts)} text(s)")
         batch_size = _checked_batch_size(batch_size)
